@@ -1,0 +1,211 @@
+//! The JSON API, `/metrics` and `/healthz`, on the API listener.
+//!
+//! Read endpoints are open; write endpoints need `Authorization: Bearer <token>` with the
+//! token from `[api] token_file` (compared in constant time). Handlers only read shared
+//! state (the log, the edge registry) or append to the log like the purge listener does.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use proto::edge::{purge_entry::Op, All, TagSet, UrlPurge};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::fanout::edges::{fmt_time, EdgeRegistry};
+use crate::metrics::Metrics;
+use crate::purge::log::{NewPurge, PurgeLog};
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub log: PurgeLog,
+    pub edges: Arc<EdgeRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub token: Option<Arc<str>>,
+}
+
+/// The API's routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/edges", get(edges))
+        .route("/api/v1/purges", axum::routing::post(post_purge))
+        .route("/api/v1/purges/:seq", get(purge))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "status": "ok",
+        "head_seq": s.log.head(),
+        "edges_connected": s.edges.connected(),
+    }))
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(&s.log, &s.edges),
+    )
+        .into_response()
+}
+
+async fn edges(State(s): State<ApiState>) -> Response {
+    Json(s.edges.list(s.log.head())).into_response()
+}
+
+async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {
+    let Ok(seq) = seq.parse::<u64>() else {
+        return error(StatusCode::BAD_REQUEST, "seq must be a number");
+    };
+    let entry = match s.log.get(seq) {
+        Ok(Some(e)) => e,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("purge {seq} is not in the log (future or past retention)"),
+            )
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let edges: serde_json::Map<String, serde_json::Value> = s
+        .edges
+        .progress(seq)
+        .into_iter()
+        .map(|(id, p)| (id, json!({ "applied_at": p.applied_at, "error": p.error })))
+        .collect();
+    let received = std::time::UNIX_EPOCH + std::time::Duration::from_micros(entry.received_at_us);
+    Json(json!({
+        "seq": seq,
+        "received_at": fmt_time(received),
+        "received_at_us": entry.received_at_us,
+        "op": op_json(entry.op.as_ref()),
+        "soft": entry.soft,
+        "edges": edges,
+    }))
+    .into_response()
+}
+
+fn op_json(op: Option<&Op>) -> serde_json::Value {
+    match op {
+        Some(Op::Tags(t)) => json!({ "tags": t.tags }),
+        Some(Op::TagsRegex(r)) => json!({ "tags_regex": r }),
+        Some(Op::PoolRegex(r)) => json!({ "pool_regex": r }),
+        Some(Op::All(_)) => json!({ "all": true }),
+        Some(Op::Url(u)) => json!({ "url": u.path, "host": u.host }),
+        None => json!(null),
+    }
+}
+
+/// Body of `POST /api/v1/purges`: exactly one of `tags`, `url`, `all`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeBody {
+    #[serde(default)]
+    tags: Vec<String>,
+    url: Option<String>,
+    host: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    soft: bool,
+}
+
+async fn post_purge(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let body: PurgeBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
+    };
+    let chosen = usize::from(!body.tags.is_empty())
+        + usize::from(body.url.is_some())
+        + usize::from(body.all);
+    if chosen != 1 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give exactly one of tags, url, all",
+        );
+    }
+    let op = if body.all {
+        Op::All(All {})
+    } else if let Some(path) = body.url {
+        if !path.starts_with('/') || path.chars().any(char::is_control) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "url must be a path starting with /",
+            );
+        }
+        Op::Url(UrlPurge {
+            path,
+            host: body.host.unwrap_or_default(),
+        })
+    } else {
+        if body.tags.iter().any(|t| {
+            t.is_empty()
+                || t.chars()
+                    .any(|c| c.is_control() || c == ',' || c.is_whitespace())
+        }) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "tags must be non-empty without commas, spaces or control characters",
+            );
+        }
+        Op::Tags(TagSet { tags: body.tags })
+    };
+    match s
+        .log
+        .append(vec![NewPurge {
+            op,
+            soft: body.soft,
+        }])
+        .await
+    {
+        Ok(seq) => Json(json!({ "seq": seq })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &s.token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "write API disabled: no [api] token_file configured",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,242 @@
+//! `coordinator.toml`: explicit structs, defaults for everything optional, `validate()`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::purge::listener::ListenerConfig;
+use crate::purge::log::Retention;
+use crate::purge::wire::Limits;
+
+/// The whole coordinator configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub purge: PurgeConfig,
+    pub grpc: GrpcConfig,
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub regions: Vec<RegionConfig>,
+}
+
+/// `[purge]`: the Magento-facing listener and the log's retention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeConfig {
+    pub listen: SocketAddr,
+    /// Sources allowed to purge; others get 405.
+    #[serde(default = "default_allow")]
+    pub allow: Vec<IpNet>,
+    /// Request line plus headers; Magento's tag chunks are up to ~7.7 KB, 64 KiB lines pass.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_header_timeout_s")]
+    pub header_timeout_s: u64,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Keep at most this many log entries...
+    #[serde(default = "default_retention_entries")]
+    pub retention_entries: u64,
+    /// ...and none older than this; an edge further behind gets a full ban.
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
+}
+
+/// `[grpc]`: where agents connect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub listen: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[grpc.tls]`: certificate files for mutual TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[api]`: JSON API, metrics and dashboard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for write endpoints; without it writes are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[[regions]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub name: String,
+    #[serde(default)]
+    pub lat: f64,
+    #[serde(default)]
+    pub lon: f64,
+}
+
+fn default_allow() -> Vec<IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+fn default_max_header_bytes() -> usize {
+    72 * 1024
+}
+fn default_header_timeout_s() -> u64 {
+    10
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_retention_entries() -> u64 {
+    1_000_000
+}
+fn default_retention_hours() -> u64 {
+    24 * 7
+}
+
+/// A configuration that cannot be used, with one clear line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl CoordinatorConfig {
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.purge.max_header_bytes < 8 * 1024 {
+            return invalid(
+                "purge.max_header_bytes must be at least 8192 (Magento sends ~7.7 KB headers)"
+                    .into(),
+            );
+        }
+        if self.purge.retention_entries == 0 {
+            return invalid("purge.retention_entries must be at least 1".into());
+        }
+        if self.purge.max_connections == 0 || self.purge.header_timeout_s == 0 {
+            return invalid(
+                "purge.max_connections and purge.header_timeout_s must be positive".into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.regions {
+            if r.name.is_empty()
+                || !r
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return invalid(format!(
+                    "region name {:?} must be non-empty [A-Za-z0-9_-]",
+                    r.name
+                ));
+            }
+            if !seen.insert(&r.name) {
+                return invalid(format!("region {:?} is listed twice", r.name));
+            }
+            if !(-90.0..=90.0).contains(&r.lat) || !(-180.0..=180.0).contains(&r.lon) {
+                return invalid(format!("region {:?} has lat/lon out of range", r.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listener settings derived from `[purge]`.
+    pub fn listener(&self) -> ListenerConfig {
+        ListenerConfig {
+            allow: self.purge.allow.clone(),
+            limits: Limits {
+                max_head_bytes: self.purge.max_header_bytes,
+                head_timeout: Duration::from_secs(self.purge.header_timeout_s),
+                ..Limits::default()
+            },
+            max_connections: self.purge.max_connections,
+        }
+    }
+
+    /// The log's retention derived from `[purge]`.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            max_entries: self.purge.retention_entries,
+            max_age: Duration::from_secs(self.purge.retention_hours.saturating_mul(3600)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[purge]
+listen = "0.0.0.0:6091"
+allow = ["127.0.0.0/8", "10.0.0.0/8"]
+[grpc]
+listen = "0.0.0.0:6092"
+[api]
+listen = "127.0.0.1:6093"
+token_file = "/etc/coordinator/token"
+[[regions]]
+name = "eu-west"
+lat = 53.35
+lon = -6.26
+"#;
+
+    #[test]
+    fn design_sample_parses() {
+        let c: CoordinatorConfig = toml::from_str(SAMPLE).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.purge.allow.len(), 2);
+        assert_eq!(c.purge.retention_entries, 1_000_000);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let bad = SAMPLE.replace("[grpc]", "[grpc]\nlisten_typo = 1");
+        assert!(toml::from_str::<CoordinatorConfig>(&bad).is_err());
+    }
+
+    #[test]
+    fn duplicate_regions_are_refused() {
+        let bad = format!("{SAMPLE}\n[[regions]]\nname = \"eu-west\"\n");
+        let c: CoordinatorConfig = toml::from_str(&bad).unwrap();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,364 @@
+//! `coordinator demo`: a whole cluster on 127.0.0.1 for a first look.
+//!
+//! Starts the sample [`origin`] (unless `--origin` names one), a coordinator in this
+//! process, and per region a `varnishd` plus an `edge-agent` ([`process`]). Ports follow
+//! DESIGN.md: origin `P`, purge `P+1`, gRPC `P+2`, API `P+3`, region `i` varnish HTTP
+//! `P+10+10i` and admin `P+11+10i`. Every generated file lands under the state dir, and
+//! `cluster.json` is written once every agent is connected. Children are not restarted;
+//! SIGINT/SIGTERM stops them all.
+
+pub mod origin;
+pub mod process;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ApiConfig, CoordinatorConfig, GrpcConfig, PurgeConfig, RegionConfig};
+use crate::server::{self, Listeners, ServeError};
+use process::{Child, ProcessError, VarnishSpec};
+
+/// The project's Magento VCL, with `${backend_host}` / `${backend_port}` placeholders.
+pub const MAGENTO_VCL: &str = include_str!("../../../edge-agent/vcl/main.vcl");
+
+/// Region names and coordinates used for the first regions.
+const REGIONS: [(&str, f64, f64); 8] = [
+    ("eu-west", 53.35, -6.26),
+    ("us-east", 38.9, -77.04),
+    ("ap-southeast", 1.35, 103.82),
+    ("sa-east", -23.55, -46.63),
+    ("us-west", 45.52, -122.68),
+    ("eu-central", 50.11, 8.68),
+    ("ap-northeast", 35.68, 139.69),
+    ("af-south", -33.92, 18.42),
+];
+
+/// `coordinator demo` arguments.
+#[derive(Debug, Clone)]
+pub struct DemoArgs {
+    pub regions: usize,
+    pub base_port: u16,
+    pub state_dir: PathBuf,
+    pub origin: Option<String>,
+    pub tiered: bool,
+    pub purge_mode: String,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
+/// Renders the VCL template for a backend.
+pub fn render_vcl(backend: SocketAddr) -> String {
+    MAGENTO_VCL
+        .replace("${backend_host}", &backend.ip().to_string())
+        .replace("${backend_port}", &backend.port().to_string())
+}
+
+struct Region {
+    name: String,
+    http: SocketAddr,
+    admin: SocketAddr,
+    dir: PathBuf,
+    varnish: Child,
+    agent: Child,
+    agent_config: PathBuf,
+}
+
+/// Runs the demo until `shutdown`.
+pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), DemoError> {
+    if args.regions == 0 || args.regions > 50 {
+        return Err(DemoError::Invalid("--regions must be 1..=50".into()));
+    }
+    let top = args.base_port as u32 + 11 + 10 * (args.regions as u32 - 1);
+    if args.base_port < 1024 || top > 65535 {
+        return Err(DemoError::Invalid(format!(
+            "--base-port must leave room for ports up to {top} (<= 65535)"
+        )));
+    }
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(io(format!("cannot create {}", args.state_dir.display())))?;
+    let dir = args
+        .state_dir
+        .canonicalize()
+        .map_err(io("cannot resolve --state-dir"))?;
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let port = |off: u32| SocketAddr::new(lo, (args.base_port as u32 + off) as u16);
+
+    // Origin.
+    let origin_addr = match &args.origin {
+        Some(url) => resolve_origin(url)?,
+        None => {
+            let listener = TcpListener::bind(port(0))
+                .await
+                .map_err(io(format!("cannot listen on {}", port(0))))?;
+            let origin = Arc::new(origin::Origin::default());
+            tokio::spawn(origin::serve(listener, origin, shutdown.clone()));
+            port(0)
+        }
+    };
+    let origin_url = args
+        .origin
+        .clone()
+        .unwrap_or_else(|| format!("http://{origin_addr}"));
+
+    // Coordinator, in this process.
+    let token = hex::encode(rand::random::<[u8; 24]>());
+    let token_file = dir.join("api-token");
+    std::fs::write(&token_file, format!("{token}\n")).map_err(io("cannot write api-token"))?;
+    let names: Vec<String> = (0..args.regions)
+        .map(|i| {
+            REGIONS
+                .get(i)
+                .map(|r| r.0.to_owned())
+                .unwrap_or_else(|| format!("region-{i}"))
+        })
+        .collect();
+    let config = CoordinatorConfig {
+        purge: toml::from_str::<PurgeConfig>(&format!("listen = \"{}\"", port(1)))
+            .map_err(|e| DemoError::Invalid(e.to_string()))?,
+        grpc: GrpcConfig {
+            listen: port(2),
+            tls: None,
+        },
+        api: ApiConfig {
+            listen: port(3),
+            token_file: Some(token_file.clone()),
+        },
+        regions: names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| RegionConfig {
+                name: name.clone(),
+                lat: REGIONS.get(i).map(|r| r.1).unwrap_or(0.0),
+                lon: REGIONS.get(i).map(|r| r.2).unwrap_or(0.0),
+            })
+            .collect(),
+    };
+    let config_path = dir.join("coordinator.toml");
+    std::fs::write(
+        &config_path,
+        toml::to_string_pretty(&config).unwrap_or_default(),
+    )
+    .map_err(io("cannot write coordinator.toml"))?;
+    let listeners = Listeners::bind(&config).await.map_err(io("coordinator"))?;
+    let handles = server::open(&config, &dir.join("coordinator-state"))?;
+    let edges = handles.edges.clone();
+    let coordinator = tokio::spawn(server::run(
+        config.clone(),
+        handles,
+        listeners,
+        true,
+        shutdown.clone(),
+    ));
+
+    // Sample bundle (rolled out by the config issue's machinery; written now for users).
+    let bundle_dir = dir.join("bundle");
+    std::fs::create_dir_all(&bundle_dir).map_err(io("cannot create bundle dir"))?;
+    std::fs::write(bundle_dir.join("main.vcl"), MAGENTO_VCL).map_err(io("cannot write bundle"))?;
+
+    // Regions.
+    let agent_bin = process::sibling_binary("edge-agent");
+    let mut regions: Vec<Region> = Vec::new();
+    let started = async {
+        for (i, name) in names.iter().enumerate() {
+            let rdir = dir.join(name);
+            std::fs::create_dir_all(&rdir)
+                .map_err(io(format!("cannot create {}", rdir.display())))?;
+            let http = port(10 + 10 * i as u32);
+            let admin = port(11 + 10 * i as u32);
+            let backend = if args.tiered && i > 0 {
+                regions[0].http
+            } else {
+                origin_addr
+            };
+            let vcl_file = rdir.join("main.vcl");
+            std::fs::write(&vcl_file, render_vcl(backend)).map_err(io("cannot write VCL"))?;
+            let secret_file = rdir.join("secret");
+            process::write_secret(&secret_file)?;
+            let spec = VarnishSpec {
+                workdir: rdir.join("varnish"),
+                http,
+                admin,
+                secret_file: secret_file.clone(),
+                vcl_file,
+                storage_mb: 64,
+            };
+            let varnish = process::start_varnishd(&spec, &rdir.join("varnishd.log")).await?;
+            let agent_config = rdir.join("edge-agent.toml");
+            let agent_toml = format!(
+                "id = \"{name}-1\"\nregion = \"{name}\"\ncoordinator = \"http://{grpc}\"\nstate_dir = \"{state}\"\n\n[varnish]\nhttp = \"{http}\"\nadmin = \"{admin}\"\nsecret_file = \"{secret}\"\npurge_mode = \"{mode}\"\n",
+                grpc = port(2),
+                state = rdir.join("agent-state").display(),
+                secret = secret_file.display(),
+                mode = args.purge_mode,
+            );
+            std::fs::write(&agent_config, agent_toml)
+                .map_err(io("cannot write edge-agent.toml"))?;
+            let agent = process::spawn(
+                &agent_bin,
+                &[
+                    "--config".into(),
+                    agent_config.display().to_string(),
+                    "--insecure".into(),
+                ],
+                &rdir.join("edge-agent.log"),
+                "edge-agent",
+            )?;
+            regions.push(Region {
+                name: name.clone(),
+                http,
+                admin,
+                dir: rdir,
+                varnish,
+                agent,
+                agent_config,
+            });
+        }
+        // Wait for every agent.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while edges.connected() < names.len() {
+            for r in regions.iter_mut() {
+                if let Some(status) = r.agent.try_status() {
+                    return Err(DemoError::Process(ProcessError::Exited {
+                        program: "edge-agent".into(),
+                        status,
+                        log: r.agent.log_path().display().to_string(),
+                    }));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(DemoError::Invalid(
+                    "not every edge agent connected within 60s; see */edge-agent.log".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok::<(), DemoError>(())
+    };
+    let outcome = tokio::select! {
+        r = started => r,
+        _ = shutdown.cancelled() => Ok(()),
+    };
+    if let Err(e) = outcome {
+        stop_all(&mut regions).await;
+        shutdown.cancel();
+        return Err(e);
+    }
+
+    if !shutdown.is_cancelled() {
+        let cluster = json!({
+            "origin": origin_url,
+            "purge": port(1).to_string(),
+            "grpc": port(2).to_string(),
+            "api": format!("http://{}", port(3)),
+            "api_token": token,
+            "bundle_dir": bundle_dir,
+            "coordinator_config": config_path,
+            "tiered": args.tiered,
+            "regions": regions.iter().map(|r| json!({
+                "name": r.name,
+                "varnish_http": r.http.to_string(),
+                "varnish_admin": r.admin.to_string(),
+                "varnish_dir": r.dir.join("varnish"),
+                "varnish_secret": r.dir.join("secret"),
+                "varnish_pid": r.varnish.pid(),
+                "agent_pid": r.agent.pid(),
+                "agent_config": r.agent_config,
+            })).collect::<Vec<_>>(),
+        });
+        let text = serde_json::to_string_pretty(&cluster).unwrap_or_default();
+        std::fs::write(dir.join("cluster.json"), &text).map_err(io("cannot write cluster.json"))?;
+        print_howto(&dir, &regions, port(1), port(3), origin_addr);
+    }
+
+    shutdown.cancelled().await;
+    stop_all(&mut regions).await;
+    let _ = tokio::time::timeout(server::GRACE, coordinator).await;
+    Ok(())
+}
+
+async fn stop_all(regions: &mut [Region]) {
+    for r in regions.iter_mut() {
+        r.agent.stop(Duration::from_secs(5)).await;
+    }
+    for r in regions.iter_mut() {
+        r.varnish.stop(Duration::from_secs(10)).await;
+    }
+}
+
+fn resolve_origin(url: &str) -> Result<SocketAddr, DemoError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| DemoError::Invalid(format!("--origin {url:?} must be an http:// URL")))?;
+    let hostport = rest.split('/').next().unwrap_or_default();
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:80")
+    };
+    hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| DemoError::Invalid(format!("cannot resolve --origin {url:?}")))
+}
+
+fn print_howto(
+    dir: &Path,
+    regions: &[Region],
+    purge: SocketAddr,
+    api: SocketAddr,
+    origin: SocketAddr,
+) {
+    let first = regions
+        .first()
+        .map(|r| r.http.to_string())
+        .unwrap_or_default();
+    println!(
+        "\nDemo cluster is up ({} regions). Files: {}/cluster.json\n",
+        regions.len(),
+        dir.display()
+    );
+    println!("  origin           http://{origin}");
+    println!("  purge listener   {purge}   (Magento: bin/magento setup:config:set --http-cache-hosts={purge})");
+    println!("  API / metrics    http://{api}/api/v1/edges   http://{api}/metrics");
+    for r in regions {
+        println!(
+            "  {:<16} varnish http://{}  admin {}",
+            r.name, r.http, r.admin
+        );
+    }
+    println!("\nTry it:");
+    println!("  curl -si http://{first}/p/42 | grep -i cache-debug     # MISS, then HIT");
+    println!(
+        "  curl -si -X PURGE -H 'X-Magento-Tags-Pattern: ((^|,)cat_p_42(,|$))' http://{purge}/"
+    );
+    println!(
+        "  curl -si http://{first}/p/42 | grep -i cache-debug     # MISS again, in every region"
+    );
+    println!("  curl -s  http://{api}/api/v1/purges/1");
+    println!("\nCtrl-C stops everything.");
+}

@@ -1,0 +1,292 @@
+//! Who the edges are and how far each has applied the purge log.
+//!
+//! [`EdgeRegistry`] is the coordinator's in-memory view of every edge that has connected
+//! since it started: identity, connection state, applied sequence, and a bounded history
+//! of *ack points* `(applied_seq, time)`. Acks are cumulative, so the time an edge applied
+//! purge `S` is the time of its first ack point at or beyond `S`; that answers
+//! `GET /api/v1/purges/{seq}` without storing anything per purge per edge.
+//!
+//! Entries are `DashMap` values; no guard is ever held across an `.await`.
+
+use std::collections::VecDeque;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+const ACK_POINTS: usize = 8192;
+
+/// One edge as the registry knows it.
+#[derive(Debug)]
+struct Edge {
+    region: String,
+    connected: bool,
+    session: u64,
+    cancel: CancellationToken,
+    applied_seq: u64,
+    acks: VecDeque<(u64, SystemTime)>,
+    last_seen: SystemTime,
+    last_error: Option<(u64, String)>,
+    varnish_version: String,
+    purge_mode: String,
+    agent_version: String,
+    applied_total: u64,
+}
+
+/// What the API shows for one edge.
+#[derive(Debug, Clone, Serialize)]
+pub struct EdgeView {
+    pub id: String,
+    pub region: String,
+    pub connected: bool,
+    pub applied_seq: u64,
+    pub lag: u64,
+    pub config_version: Option<String>,
+    pub last_seen: String,
+    pub purge_mode: String,
+    pub varnish_version: String,
+    pub agent_version: String,
+    pub last_error: Option<String>,
+    pub applied_total: u64,
+}
+
+/// Per-edge state of one purge, as `GET /api/v1/purges/{seq}` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PurgeProgress {
+    pub applied_at: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Details an agent gives in its Hello.
+#[derive(Debug, Clone)]
+pub struct EdgeHello {
+    pub id: String,
+    pub region: String,
+    pub varnish_version: String,
+    pub purge_mode: String,
+    pub agent_version: String,
+}
+
+/// The registry of edges; share it behind an `Arc`.
+#[derive(Debug, Default)]
+pub struct EdgeRegistry {
+    edges: DashMap<String, Edge>,
+    sessions: std::sync::atomic::AtomicU64,
+}
+
+/// A connected session's claim on its edge entry.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub edge_id: String,
+    pub session: u64,
+    pub cancel: CancellationToken,
+}
+
+impl EdgeRegistry {
+    /// Marks the edge connected under a new session, cancelling any older session of the
+    /// same edge (an agent that reconnected before its old stream timed out).
+    pub fn connect(
+        &self,
+        hello: EdgeHello,
+        applied_seq: u64,
+        parent: &CancellationToken,
+    ) -> SessionHandle {
+        let session = self
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let cancel = parent.child_token();
+        let now = SystemTime::now();
+        let old = {
+            let mut entry = self.edges.entry(hello.id.clone()).or_insert_with(|| Edge {
+                region: hello.region.clone(),
+                connected: false,
+                session: 0,
+                cancel: CancellationToken::new(),
+                applied_seq,
+                acks: VecDeque::new(),
+                last_seen: now,
+                last_error: None,
+                varnish_version: String::new(),
+                purge_mode: String::new(),
+                agent_version: String::new(),
+                applied_total: 0,
+            });
+            let e = entry.value_mut();
+            let old = std::mem::replace(&mut e.cancel, cancel.clone());
+            e.region = hello.region;
+            e.connected = true;
+            e.session = session;
+            e.last_seen = now;
+            e.varnish_version = hello.varnish_version;
+            e.purge_mode = hello.purge_mode;
+            e.agent_version = hello.agent_version;
+            if applied_seq != e.applied_seq {
+                // A different cursor (state lost, other log): history no longer applies.
+                e.acks.clear();
+                e.applied_seq = applied_seq;
+            }
+            old
+        };
+        old.cancel();
+        SessionHandle {
+            edge_id: hello.id,
+            session,
+            cancel,
+        }
+    }
+
+    /// Marks the edge disconnected if `handle` is still its current session.
+    pub fn disconnect(&self, handle: &SessionHandle) {
+        if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
+            if e.session == handle.session {
+                e.connected = false;
+                e.last_seen = SystemTime::now();
+            }
+        }
+    }
+
+    /// Records that the edge applied everything up to `seq`.
+    pub fn ack(&self, handle: &SessionHandle, seq: u64) {
+        let now = SystemTime::now();
+        if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
+            e.last_seen = now;
+            if seq > e.applied_seq {
+                e.applied_total += seq - e.applied_seq;
+                e.applied_seq = seq;
+                e.acks.push_back((seq, now));
+                while e.acks.len() > ACK_POINTS {
+                    e.acks.pop_front();
+                }
+                if e.last_error.as_ref().is_some_and(|(s, _)| *s <= seq) {
+                    e.last_error = None;
+                }
+            }
+        }
+    }
+
+    /// Records a failure the agent reported (it keeps retrying).
+    pub fn error(&self, handle: &SessionHandle, seq: u64, error: String) {
+        if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
+            e.last_seen = SystemTime::now();
+            e.last_error = Some((seq, error));
+        }
+    }
+
+    /// Refreshes `last_seen`.
+    pub fn seen(&self, handle: &SessionHandle) {
+        if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
+            e.last_seen = SystemTime::now();
+        }
+    }
+
+    /// All edges, sorted by id, with lag computed against `head`.
+    pub fn list(&self, head: u64) -> Vec<EdgeView> {
+        let mut out: Vec<EdgeView> = self
+            .edges
+            .iter()
+            .map(|kv| {
+                let e = kv.value();
+                EdgeView {
+                    id: kv.key().clone(),
+                    region: e.region.clone(),
+                    connected: e.connected,
+                    applied_seq: e.applied_seq,
+                    lag: head.saturating_sub(e.applied_seq),
+                    config_version: None,
+                    last_seen: fmt_time(e.last_seen),
+                    purge_mode: e.purge_mode.clone(),
+                    varnish_version: e.varnish_version.clone(),
+                    agent_version: e.agent_version.clone(),
+                    last_error: e.last_error.as_ref().map(|(_, m)| m.clone()),
+                    applied_total: e.applied_total,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Where purge `seq` stands on every edge.
+    pub fn progress(&self, seq: u64) -> Vec<(String, PurgeProgress)> {
+        let mut out: Vec<_> = self
+            .edges
+            .iter()
+            .map(|kv| {
+                let e = kv.value();
+                let applied_at = if e.applied_seq >= seq {
+                    // First ack point covering seq; if history was trimmed, the oldest known.
+                    let t = e
+                        .acks
+                        .iter()
+                        .find(|(s, _)| *s >= seq)
+                        .or(e.acks.front())
+                        .map(|(_, t)| *t)
+                        .unwrap_or(e.last_seen);
+                    Some(fmt_time(t))
+                } else {
+                    None
+                };
+                let error = match &e.last_error {
+                    Some((s, msg)) if applied_at.is_none() && *s <= seq => Some(msg.clone()),
+                    _ => None,
+                };
+                (kv.key().clone(), PurgeProgress { applied_at, error })
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The number of edges currently connected.
+    pub fn connected(&self) -> usize {
+        self.edges.iter().filter(|kv| kv.value().connected).count()
+    }
+}
+
+/// RFC 3339 with microseconds, UTC.
+pub fn fmt_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(id: &str) -> EdgeHello {
+        EdgeHello {
+            id: id.into(),
+            region: "eu".into(),
+            varnish_version: String::new(),
+            purge_mode: "ban".into(),
+            agent_version: String::new(),
+        }
+    }
+
+    #[test]
+    fn cumulative_acks_answer_progress() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let h = reg.connect(hello("a"), 0, &root);
+        reg.ack(&h, 3);
+        reg.ack(&h, 7);
+        let p = reg.progress(5);
+        assert!(p[0].1.applied_at.is_some());
+        assert!(reg.progress(8)[0].1.applied_at.is_none());
+        assert_eq!(reg.list(10)[0].lag, 3);
+    }
+
+    #[test]
+    fn reconnect_cancels_old_session_and_old_disconnect_is_ignored() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let old = reg.connect(hello("a"), 0, &root);
+        let new = reg.connect(hello("a"), 0, &root);
+        assert!(old.cancel.is_cancelled());
+        reg.disconnect(&old);
+        assert!(reg.list(0)[0].connected);
+        reg.disconnect(&new);
+        assert!(!reg.list(0)[0].connected);
+    }
+}

@@ -1,0 +1,321 @@
+//! Fan-out: one gRPC session per edge agent, streaming the purge log down and acks up.
+//!
+//! An agent opens `Session` and says Hello with its cursor (`log_id`, `applied_seq`).
+//! [`FanoutService`] decides where it resumes ([`resume_point`]): right after its cursor
+//! when the log still holds everything after it, or with a [`FullBan`] when it does not
+//! (cursor older than retention, a different log, a brand-new edge whose cache may hold
+//! anything). Then two tasks run per session:
+//!
+//! * the *sender* waits on the log's head and sends every entry after the cursor, in
+//!   batches, into a small bounded channel: a slow agent fills it, the sender waits, and
+//!   by the time there is room the next batch is bigger, so the agent coalesces more;
+//! * the *receiver* reads acks, errors and heartbeats and updates the [`EdgeRegistry`].
+//!
+//! The purge listener never waits on an edge: it only appends to the log.
+
+pub mod edges;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::edge::AgentMessage;
+use proto::edge::{
+    agent_message, coordinator_message, CoordinatorMessage, FullBan, PurgeBatch, Welcome,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::purge::log::PurgeLog;
+use edges::{EdgeHello, EdgeRegistry, SessionHandle};
+
+/// Entries per batch message.
+const BATCH_ENTRIES: usize = 2048;
+/// Batches in flight towards one agent before the sender waits.
+const OUTBOUND_DEPTH: usize = 2;
+/// Time an agent has to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a session starts.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ResumePoint {
+    /// Send entries from this sequence on.
+    From(u64),
+    /// Ban everything, count as applied up to `head`, then send from `head + 1`.
+    FullBan { head: u64, reason: &'static str },
+}
+
+/// Decides how an agent with cursor (`log_id`, `applied`) resumes against the log.
+pub fn resume_point(
+    log_id: &str,
+    first: u64,
+    head: u64,
+    cursor_log: &str,
+    applied: u64,
+) -> ResumePoint {
+    if cursor_log.is_empty() && applied == 0 {
+        return ResumePoint::FullBan {
+            head,
+            reason: "new edge: its cache may hold pages purged before it joined",
+        };
+    }
+    if cursor_log != log_id {
+        return ResumePoint::FullBan {
+            head,
+            reason: "cursor refers to another purge log",
+        };
+    }
+    if applied > head {
+        return ResumePoint::FullBan {
+            head,
+            reason: "cursor is ahead of the log",
+        };
+    }
+    if applied + 1 < first {
+        return ResumePoint::FullBan {
+            head,
+            reason: "cursor is older than the log's retention",
+        };
+    }
+    ResumePoint::From(applied + 1)
+}
+
+/// The gRPC service agents connect to.
+#[derive(Clone)]
+pub struct FanoutService {
+    log: PurgeLog,
+    edges: Arc<EdgeRegistry>,
+    shutdown: CancellationToken,
+}
+
+impl FanoutService {
+    pub fn new(log: PurgeLog, edges: Arc<EdgeRegistry>, shutdown: CancellationToken) -> Self {
+        FanoutService {
+            log,
+            edges,
+            shutdown,
+        }
+    }
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::Coordinator for FanoutService {
+    type SessionStream = OutStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(agent_message::Msg::Hello(h)) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        validate_id(&hello.edge_id, "edge_id")?;
+        validate_id(&hello.region, "region")?;
+
+        let resume = resume_point(
+            self.log.log_id(),
+            self.log.first(),
+            self.log.head(),
+            &hello.log_id,
+            hello.applied_seq,
+        );
+        let start_seq = match resume {
+            ResumePoint::From(_) => hello.applied_seq,
+            ResumePoint::FullBan { .. } => 0,
+        };
+        let handle = self.edges.connect(
+            EdgeHello {
+                id: hello.edge_id.clone(),
+                region: hello.region.clone(),
+                varnish_version: hello.varnish_version.clone(),
+                purge_mode: hello.purge_mode.clone(),
+                agent_version: hello.agent_version.clone(),
+            },
+            start_seq,
+            &self.shutdown,
+        );
+        tracing::info!(edge = %hello.edge_id, region = %hello.region, peer = ?peer,
+            applied_seq = hello.applied_seq, resume = ?resume, "edge connected");
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
+        let welcome = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Welcome(Welcome {
+                log_id: self.log.log_id().to_owned(),
+                head_seq: self.log.head(),
+                coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+
+        let sender = tokio::spawn(send_loop(self.log.clone(), resume, tx, handle.clone()));
+        let edges = self.edges.clone();
+        tokio::spawn(async move {
+            receive_loop(&edges, &handle, inbound).await;
+            handle.cancel.cancel();
+            let _ = sender.await;
+            edges.disconnect(&handle);
+            tracing::info!(edge = %handle.edge_id, "edge disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn validate_id(value: &str, what: &str) -> Result<(), Status> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{what} must be 1-128 characters of [A-Za-z0-9._-]"
+        )))
+    }
+}
+
+async fn receive_loop(
+    edges: &EdgeRegistry,
+    handle: &SessionHandle,
+    mut inbound: Streaming<AgentMessage>,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            m = inbound.message() => m,
+        };
+        match msg {
+            Ok(Some(AgentMessage { msg: Some(m) })) => match m {
+                agent_message::Msg::Ack(ack) => edges.ack(handle, ack.applied_seq),
+                agent_message::Msg::Heartbeat(_) => edges.seen(handle),
+                agent_message::Msg::PurgeError(e) => {
+                    tracing::warn!(edge = %handle.edge_id, seq = e.seq, error = %e.error, "edge failed to apply purge; it retries");
+                    edges.error(handle, e.seq, e.error);
+                }
+                agent_message::Msg::Hello(_) => {
+                    tracing::warn!(edge = %handle.edge_id, "second Hello on a session; closing it");
+                    return;
+                }
+            },
+            // Unknown payload from a newer agent: ignore it.
+            Ok(Some(AgentMessage { msg: None })) => {}
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(edge = %handle.edge_id, %status, "session stream ended");
+                return;
+            }
+        }
+    }
+}
+
+async fn send_loop(
+    log: PurgeLog,
+    resume: ResumePoint,
+    tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    handle: SessionHandle,
+) {
+    let mut head_rx = log.subscribe();
+    let mut next = match resume {
+        ResumePoint::From(seq) => seq,
+        ResumePoint::FullBan { head, reason } => {
+            let msg = CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::FullBan(FullBan {
+                    up_to_seq: head,
+                    log_id: log.log_id().to_owned(),
+                    reason: reason.to_owned(),
+                })),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
+            head + 1
+        }
+    };
+    loop {
+        while next <= log.head() {
+            if next < log.first() {
+                // Retention overtook a live session that fell this far behind.
+                let head = log.head();
+                let msg = CoordinatorMessage {
+                    msg: Some(coordinator_message::Msg::FullBan(FullBan {
+                        up_to_seq: head,
+                        log_id: log.log_id().to_owned(),
+                        reason: "edge fell behind the log's retention".to_owned(),
+                    })),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+                next = head + 1;
+                continue;
+            }
+            let entries = match log.read_from(next, BATCH_ENTRIES) {
+                Ok(e) if !e.is_empty() => e,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, edge = %handle.edge_id, "reading the purge log failed");
+                    let _ = tx
+                        .send(Err(Status::unavailable("purge log unavailable")))
+                        .await;
+                    return;
+                }
+            };
+            next = entries.last().map(|e| e.seq + 1).unwrap_or(next);
+            let msg = CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::Purges(PurgeBatch {
+                    entries: entries.iter().map(|e| (**e).clone()).collect(),
+                })),
+            };
+            tokio::select! {
+                _ = handle.cancel.cancelled() => return,
+                r = tx.send(Ok(msg)) => if r.is_err() { return },
+            }
+        }
+        tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            changed = head_rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_rules() {
+        assert!(matches!(
+            resume_point("L", 1, 10, "", 0),
+            ResumePoint::FullBan { .. }
+        ));
+        assert_eq!(resume_point("L", 1, 10, "L", 4), ResumePoint::From(5));
+        assert_eq!(resume_point("L", 5, 10, "L", 4), ResumePoint::From(5));
+        assert!(matches!(
+            resume_point("L", 6, 10, "L", 4),
+            ResumePoint::FullBan { .. }
+        ));
+        assert!(matches!(
+            resume_point("L", 1, 10, "X", 4),
+            ResumePoint::FullBan { .. }
+        ));
+        assert!(matches!(
+            resume_point("L", 1, 10, "L", 11),
+            ResumePoint::FullBan { .. }
+        ));
+        assert_eq!(resume_point("L", 11, 10, "L", 10), ResumePoint::From(11));
+    }
+}

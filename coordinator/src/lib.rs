@@ -1,0 +1,17 @@
+//! The coordinator: Magento's purge target and the hub every edge agent dials.
+//!
+//! Flow of a purge: [`purge::listener`] reads Magento's request ([`purge::wire`]), turns
+//! its headers into operations ([`purge::pattern`]), appends them to the durable
+//! [`purge::log`] and answers once they are on disk. [`fanout`] streams the log to every
+//! connected agent and tracks what each has applied ([`fanout::edges`]). [`api`] exposes
+//! it as JSON and Prometheus metrics ([`metrics`]). [`server`] wires these together;
+//! [`demo`] starts a whole local cluster around them.
+
+pub mod api;
+pub mod config;
+pub mod demo;
+pub mod fanout;
+pub mod metrics;
+pub mod purge;
+pub mod server;
+pub mod telemetry;

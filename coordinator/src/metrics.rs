@@ -1,0 +1,131 @@
+//! Prometheus metrics, rendered by hand in the text exposition format.
+//!
+//! Counters are plain atomics bumped on the hot path; per-edge gauges are read from the
+//! [`EdgeRegistry`] at scrape time, so nothing is kept twice. Names follow
+//! `coordinator_<what>_<unit>[_total]` with labels `region` and `edge`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::fanout::edges::EdgeRegistry;
+use crate::purge::log::PurgeLog;
+
+const REQUEST_RESULTS: [&str; 5] = [
+    "accepted",
+    "bad_request",
+    "bad_method",
+    "forbidden",
+    "unavailable",
+];
+const PURGE_KINDS: [&str; 4] = ["tags", "regex", "pool", "all"];
+
+/// Process-wide counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: [AtomicU64; 5],
+    logged: [AtomicU64; 4],
+}
+
+impl Metrics {
+    /// Counts one purge request by its outcome.
+    pub fn purge_request(&self, result: &str) {
+        if let Some(i) = REQUEST_RESULTS.iter().position(|r| *r == result) {
+            self.requests[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one logged purge by kind.
+    pub fn purge_logged(&self, kind: &str) {
+        if let Some(i) = PURGE_KINDS.iter().position(|k| *k == kind) {
+            self.logged[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The whole exposition.
+    pub fn render(&self, log: &PurgeLog, edges: &EdgeRegistry) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP coordinator_purge_requests_total PURGE requests received, by result."
+        );
+        let _ = writeln!(out, "# TYPE coordinator_purge_requests_total counter");
+        for (i, r) in REQUEST_RESULTS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "coordinator_purge_requests_total{{result=\"{r}\"}} {}",
+                self.requests[i].load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP coordinator_purges_received_total Purges durably logged, by kind."
+        );
+        let _ = writeln!(out, "# TYPE coordinator_purges_received_total counter");
+        for (i, k) in PURGE_KINDS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "coordinator_purges_received_total{{kind=\"{k}\"}} {}",
+                self.logged[i].load(Ordering::Relaxed)
+            );
+        }
+        let head = log.head();
+        let _ = writeln!(
+            out,
+            "# HELP coordinator_purge_log_head_seq Newest durable purge sequence."
+        );
+        let _ = writeln!(out, "# TYPE coordinator_purge_log_head_seq gauge");
+        let _ = writeln!(out, "coordinator_purge_log_head_seq {head}");
+        let _ = writeln!(
+            out,
+            "# HELP coordinator_purge_log_first_seq Oldest retained purge sequence."
+        );
+        let _ = writeln!(out, "# TYPE coordinator_purge_log_first_seq gauge");
+        let _ = writeln!(out, "coordinator_purge_log_first_seq {}", log.first());
+        let list = edges.list(head);
+        let _ = writeln!(out, "# HELP coordinator_purges_applied_total Purge log entries applied, per edge (since coordinator start).");
+        let _ = writeln!(out, "# TYPE coordinator_purges_applied_total counter");
+        for e in &list {
+            let _ = writeln!(
+                out,
+                "coordinator_purges_applied_total{{region=\"{}\",edge=\"{}\"}} {}",
+                e.region, e.id, e.applied_total
+            );
+        }
+        let _ = writeln!(out, "# HELP coordinator_edge_purge_lag_entries Purge log entries not yet applied, per edge.");
+        let _ = writeln!(out, "# TYPE coordinator_edge_purge_lag_entries gauge");
+        for e in &list {
+            let _ = writeln!(
+                out,
+                "coordinator_edge_purge_lag_entries{{region=\"{}\",edge=\"{}\"}} {}",
+                e.region, e.id, e.lag
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP coordinator_edge_applied_seq Highest purge sequence applied, per edge."
+        );
+        let _ = writeln!(out, "# TYPE coordinator_edge_applied_seq gauge");
+        for e in &list {
+            let _ = writeln!(
+                out,
+                "coordinator_edge_applied_seq{{region=\"{}\",edge=\"{}\"}} {}",
+                e.region, e.id, e.applied_seq
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP coordinator_edge_connected Whether the edge's session is up (1) or not (0)."
+        );
+        let _ = writeln!(out, "# TYPE coordinator_edge_connected gauge");
+        for e in &list {
+            let _ = writeln!(
+                out,
+                "coordinator_edge_connected{{region=\"{}\",edge=\"{}\"}} {}",
+                e.region,
+                e.id,
+                u8::from(e.connected)
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,225 @@
+//! The purge listener: Magento's only `http-cache-hosts` target.
+//!
+//! Each connection is read with [`wire::Conn`]; each request is checked against the CIDR
+//! allow-list, parsed into [`PurgeOp`]s and appended to the [`PurgeLog`]. Magento gets
+//! `200 {"seq": N}` only once the entry is durable, `400` with a reason for input it
+//! cannot use, `405` for a source outside the allow-list, `503` when the log cannot
+//! write (a full disk): never a `200` for something that is not on disk.
+//!
+//! The listener never waits on an edge; its latency is the log's group-commit latency.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::log::{NewPurge, PurgeLog};
+use super::pattern::{self, PurgeOp};
+use super::wire::{Conn, Limits, Request};
+use crate::metrics::Metrics;
+
+/// What the listener needs besides its socket.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub allow: Vec<IpNet>,
+    pub limits: Limits,
+    pub max_connections: usize,
+}
+
+/// Accepts connections until `shutdown`, then lets in-flight requests finish.
+pub async fn run(
+    listener: TcpListener,
+    config: ListenerConfig,
+    log: PurgeLog,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "purge listener accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (config, log, metrics, shutdown) = (
+            config.clone(),
+            log.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            serve_conn(stream, peer, &config, &log, &metrics, &shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: &ListenerConfig,
+    log: &PurgeLog,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) {
+    let allowed = is_allowed(&config.allow, peer.ip());
+    let mut conn = Conn::new(stream, config.limits);
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = conn.next_request() => r,
+        };
+        let request = match request {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                metrics.purge_request("bad_request");
+                tracing::info!(peer = %peer, error = %e, "unusable purge request");
+                if let Some(status) = e.status() {
+                    let _ = conn
+                        .respond(status, &error_body(&e.to_string()), &[], false)
+                        .await;
+                }
+                return;
+            }
+        };
+        let (status, body, headers) = if !allowed {
+            metrics.purge_request("forbidden");
+            tracing::warn!(peer = %peer, "purge from a source outside the allow-list");
+            (
+                405,
+                error_body(&format!("source {} is not allowed to purge", peer.ip())),
+                vec![],
+            )
+        } else {
+            handle(&request, log, metrics).await
+        };
+        let keep_alive = request.keep_alive && allowed && status != 405;
+        if conn
+            .respond(status, &body, &headers, keep_alive)
+            .await
+            .is_err()
+            || !keep_alive
+        {
+            return;
+        }
+    }
+}
+
+async fn handle(
+    request: &Request,
+    log: &PurgeLog,
+    metrics: &Metrics,
+) -> (u16, String, Vec<(&'static str, String)>) {
+    if !request.method.eq_ignore_ascii_case("PURGE") {
+        metrics.purge_request("bad_method");
+        return (
+            405,
+            error_body("only PURGE is accepted here"),
+            vec![("Allow", "PURGE".to_owned())],
+        );
+    }
+    let ops = match parse(request) {
+        Ok(ops) => ops,
+        Err(reason) => {
+            metrics.purge_request("bad_request");
+            tracing::info!(error = %reason, "purge refused");
+            return (400, error_body(&reason), vec![]);
+        }
+    };
+    let soft = request
+        .header("x-magento-purge-soft")
+        .is_some_and(|v| matches!(v.trim_ascii(), b"1" | b"true" | b"yes"));
+    let kinds: Vec<&'static str> = ops.iter().map(PurgeOp::kind).collect();
+    let purges = ops
+        .into_iter()
+        .map(|op| NewPurge {
+            op: op.into_proto(),
+            soft,
+        })
+        .collect();
+    match log.append(purges).await {
+        Ok(seq) => {
+            metrics.purge_request("accepted");
+            for kind in &kinds {
+                metrics.purge_logged(kind);
+            }
+            tracing::debug!(seq, kinds = ?kinds, soft, "purge logged");
+            (
+                200,
+                format!("{{\"seq\":{seq}}}"),
+                vec![("X-Purge-Seq", seq.to_string())],
+            )
+        }
+        Err(e) => {
+            metrics.purge_request("unavailable");
+            tracing::error!(error = %e, "purge not logged");
+            (
+                503,
+                error_body(&e.to_string()),
+                vec![("Retry-After", "1".to_owned())],
+            )
+        }
+    }
+}
+
+/// The operations a PURGE asks for: one per header present, like Magento's stock VCL.
+fn parse(request: &Request) -> Result<Vec<PurgeOp>, String> {
+    let tags = request.header("x-magento-tags-pattern");
+    let pool = request.header("x-pool");
+    if tags.is_none() && pool.is_none() {
+        return Err("X-Magento-Tags-Pattern or X-Pool header required (single-URL purges go through the API)".into());
+    }
+    let mut ops = Vec::new();
+    if let Some(raw) = tags {
+        ops.push(pattern::parse_tags_pattern(raw).map_err(|e| e.to_string())?);
+    }
+    if let Some(raw) = pool {
+        ops.push(pattern::parse_pool(raw).map_err(|e| e.to_string())?);
+    }
+    Ok(ops)
+}
+
+fn is_allowed(allow: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    allow.iter().any(|net| net.contains(&ip))
+}
+
+/// `{"error": "..."}` with proper JSON escaping.
+pub fn error_body(reason: &str) -> String {
+    serde_json::json!({ "error": reason }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_handles_mapped_v6() {
+        let allow: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        assert!(is_allowed(&allow, "127.0.0.1".parse().unwrap()));
+        assert!(is_allowed(&allow, "::ffff:127.0.0.5".parse().unwrap()));
+        assert!(!is_allowed(&allow, "10.1.1.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,497 @@
+//! The durable purge log: every acknowledged purge, in order, on disk.
+//!
+//! Entries live in one redb file (`purges.redb` under `--state-dir`), keyed by a dense
+//! sequence number and stored as the protobuf [`PurgeEntry`] the agents receive, so there
+//! is one encoding from disk to wire. A single writer thread owns all writes and does
+//! *group commit*: it takes every append that queued up while the previous fsync ran and
+//! commits them in one transaction, so a burst of thousands of purges costs a few fsyncs,
+//! not thousands. [`PurgeLog::append`] resolves only after the commit is durable; a
+//! failed commit (a full disk) resolves with an error and assigns no sequence number.
+//!
+//! Readers never touch the writer: the newest entries sit in an in-memory tail
+//! ([`PurgeLog::read_from`] serves from it and falls back to the file for old cursors),
+//! and the head sequence is published on a `watch` channel that fan-out sessions await.
+//!
+//! Retention deletes the oldest entries beyond a count or an age. An agent whose cursor
+//! falls behind the oldest retained entry gets a full ban instead (see `fanout`).
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use proto::edge::{purge_entry::Op, PurgeEntry};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{oneshot, watch};
+
+const PURGES: TableDefinition<u64, &[u8]> = TableDefinition::new("purges");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// How long the log keeps entries.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_entries: u64,
+    pub max_age: Duration,
+}
+
+/// Errors from the purge log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("purge log storage error: {0}")]
+    Storage(String),
+    #[error("purge log is overloaded (write queue full)")]
+    Overloaded,
+    #[error("purge log writer has stopped")]
+    Closed,
+}
+
+impl From<redb::Error> for LogError {
+    fn from(e: redb::Error) -> Self {
+        LogError::Storage(e.to_string())
+    }
+}
+
+fn storage<E: Into<redb::Error>>(e: E) -> LogError {
+    LogError::from(e.into())
+}
+
+/// A purge to append: the operation and whether it is soft.
+#[derive(Debug, Clone)]
+pub struct NewPurge {
+    pub op: Op,
+    pub soft: bool,
+}
+
+struct AppendReq {
+    purges: Vec<NewPurge>,
+    received_at_us: u64,
+    reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+/// Handle to the log; cheap to clone.
+#[derive(Clone)]
+pub struct PurgeLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    log_id: String,
+    queue: std_mpsc::SyncSender<AppendReq>,
+    head: watch::Receiver<u64>,
+    /// Oldest sequence still stored (head + 1 when the log is empty).
+    first: Arc<AtomicU64>,
+    tail: Arc<Mutex<VecDeque<Arc<PurgeEntry>>>>,
+}
+
+const TAIL_ENTRIES: usize = 65_536;
+const MAX_BATCH_REQUESTS: usize = 4096;
+const QUEUE_DEPTH: usize = 65_536;
+
+impl PurgeLog {
+    /// Opens (or creates) the log in `dir` and starts its writer thread. The thread stops
+    /// when every handle is dropped.
+    pub fn open(dir: &Path, retention: Retention) -> Result<Self, LogError> {
+        std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(e.to_string()))?;
+        let db = Database::create(dir.join("purges.redb")).map_err(storage)?;
+        let (log_id, head, first) = init_meta(&db)?;
+        let db = Arc::new(db);
+        let tail = Arc::new(Mutex::new(load_tail(&db, head)?));
+        let (head_tx, head_rx) = watch::channel(head);
+        let first = Arc::new(AtomicU64::new(first));
+        let (queue, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
+        let writer = Writer {
+            db: db.clone(),
+            head,
+            head_tx,
+            first: first.clone(),
+            tail: tail.clone(),
+            retention,
+            last_prune: Instant::now() - Duration::from_secs(3600),
+        };
+        std::thread::Builder::new()
+            .name("purge-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| LogError::Storage(e.to_string()))?;
+        Ok(PurgeLog {
+            inner: Arc::new(Inner {
+                db,
+                log_id,
+                queue,
+                head: head_rx,
+                first,
+                tail,
+            }),
+        })
+    }
+
+    /// Appends purges as consecutive entries and resolves with the last sequence once
+    /// they are durable on disk.
+    pub async fn append(&self, purges: Vec<NewPurge>) -> Result<u64, LogError> {
+        let (reply, rx) = oneshot::channel();
+        let req = AppendReq {
+            purges,
+            received_at_us: now_us(),
+            reply,
+        };
+        self.inner.queue.try_send(req).map_err(|e| match e {
+            std_mpsc::TrySendError::Full(_) => LogError::Overloaded,
+            std_mpsc::TrySendError::Disconnected(_) => LogError::Closed,
+        })?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Identity of this log: a cursor is meaningful only against the same log.
+    pub fn log_id(&self) -> &str {
+        &self.inner.log_id
+    }
+
+    /// Newest durable sequence (0 when nothing was ever logged).
+    pub fn head(&self) -> u64 {
+        *self.inner.head.borrow()
+    }
+
+    /// Oldest sequence still stored; `head + 1` when everything was pruned.
+    pub fn first(&self) -> u64 {
+        self.inner.first.load(Ordering::Acquire)
+    }
+
+    /// A receiver that changes whenever the head moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.head.clone()
+    }
+
+    /// Up to `max` consecutive entries starting at `from` (fewer at the head).
+    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Arc<PurgeEntry>>, LogError> {
+        {
+            let tail = self.inner.tail.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(front) = tail.front() {
+                if front.seq <= from {
+                    let skip = (from - front.seq) as usize;
+                    return Ok(tail.iter().skip(skip).take(max).cloned().collect());
+                }
+            }
+        }
+        let read = self.inner.db.begin_read().map_err(storage)?;
+        let table = read.open_table(PURGES).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.range(from..).map_err(storage)? {
+            let (_, value) = item.map_err(storage)?;
+            let entry = PurgeEntry::decode(value.value())
+                .map_err(|e| LogError::Storage(format!("corrupt entry: {e}")))?;
+            out.push(Arc::new(entry));
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One entry, if it is still retained.
+    pub fn get(&self, seq: u64) -> Result<Option<Arc<PurgeEntry>>, LogError> {
+        Ok(self
+            .read_from(seq, 1)?
+            .into_iter()
+            .next()
+            .filter(|e| e.seq == seq))
+    }
+}
+
+fn init_meta(db: &Database) -> Result<(String, u64, u64), LogError> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_durability(Durability::Immediate);
+    let (log_id, head, first) = {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let purges = txn.open_table(PURGES).map_err(storage)?;
+        let existing = meta
+            .get("log_id")
+            .map_err(storage)?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+        let log_id = match existing {
+            Some(id) => id,
+            None => {
+                let id = hex::encode(rand::random::<[u8; 16]>());
+                meta.insert("log_id", id.as_bytes()).map_err(storage)?;
+                id
+            }
+        };
+        let stored_head = meta
+            .get("head")
+            .map_err(storage)?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let last = purges.last().map_err(storage)?.map(|(k, _)| k.value());
+        let head = stored_head.max(last.unwrap_or(0));
+        let first = purges
+            .first()
+            .map_err(storage)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(head + 1);
+        (log_id, head, first)
+    };
+    txn.commit().map_err(storage)?;
+    Ok((log_id, head, first))
+}
+
+fn load_tail(db: &Database, head: u64) -> Result<VecDeque<Arc<PurgeEntry>>, LogError> {
+    let from = head.saturating_sub(TAIL_ENTRIES as u64 - 1).max(1);
+    let read = db.begin_read().map_err(storage)?;
+    let table = read.open_table(PURGES).map_err(storage)?;
+    let mut tail = VecDeque::new();
+    for item in table.range(from..).map_err(storage)? {
+        let (_, value) = item.map_err(storage)?;
+        if let Ok(entry) = PurgeEntry::decode(value.value()) {
+            tail.push_back(Arc::new(entry));
+        }
+    }
+    Ok(tail)
+}
+
+struct Writer {
+    db: Arc<Database>,
+    head: u64,
+    head_tx: watch::Sender<u64>,
+    first: Arc<AtomicU64>,
+    tail: Arc<Mutex<VecDeque<Arc<PurgeEntry>>>>,
+    retention: Retention,
+    last_prune: Instant,
+}
+
+impl Writer {
+    fn run(mut self, rx: std_mpsc::Receiver<AppendReq>) {
+        loop {
+            let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(req) => req,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    self.maybe_prune();
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_REQUESTS {
+                match rx.try_recv() {
+                    Ok(req) => batch.push(req),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+            self.maybe_prune();
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<AppendReq>) {
+        let mut entries = Vec::new();
+        let mut last_seqs = Vec::with_capacity(batch.len());
+        let mut seq = self.head;
+        for req in &batch {
+            for p in &req.purges {
+                seq += 1;
+                entries.push(PurgeEntry {
+                    seq,
+                    received_at_us: req.received_at_us,
+                    op: Some(p.op.clone()),
+                    soft: p.soft,
+                });
+            }
+            last_seqs.push(seq);
+        }
+        match self.write(&entries, seq) {
+            Ok(()) => {
+                self.head = seq;
+                {
+                    let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+                    for e in entries {
+                        tail.push_back(Arc::new(e));
+                    }
+                    while tail.len() > TAIL_ENTRIES {
+                        tail.pop_front();
+                    }
+                }
+                self.head_tx.send_replace(seq);
+                for (req, last) in batch.into_iter().zip(last_seqs) {
+                    let _ = req.reply.send(Ok(last));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, purges = entries.len(), "purge log commit failed; nothing acknowledged");
+                for req in batch {
+                    let _ = req.reply.send(Err(LogError::Storage(e.to_string())));
+                }
+            }
+        }
+    }
+
+    fn write(&self, entries: &[PurgeEntry], head: u64) -> Result<(), LogError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut table = txn.open_table(PURGES).map_err(storage)?;
+            let mut buf = Vec::with_capacity(256);
+            for e in entries {
+                buf.clear();
+                e.encode(&mut buf)
+                    .map_err(|e| LogError::Storage(e.to_string()))?;
+                table.insert(e.seq, buf.as_slice()).map_err(storage)?;
+            }
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert("head", head.to_be_bytes().as_slice())
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        if self.first.load(Ordering::Acquire) > head {
+            // The log was empty: its first entry is the first one just written.
+            if let Some(e) = entries.first() {
+                self.first.store(e.seq, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes entries beyond the retention count or age, at most once a second.
+    fn maybe_prune(&mut self) {
+        if self.last_prune.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_prune = Instant::now();
+        if let Err(e) = self.prune() {
+            tracing::warn!(error = %e, "purge log retention pass failed");
+        }
+    }
+
+    fn prune(&mut self) -> Result<(), LogError> {
+        let first = self.first.load(Ordering::Acquire);
+        let by_count = (self.head + 1).saturating_sub(self.retention.max_entries);
+        let cutoff_us = now_us().saturating_sub(self.retention.max_age.as_micros() as u64);
+        let mut keep_from = first.max(by_count);
+        // Age: walk forward from the oldest entry while it is too old (bounded per pass).
+        {
+            let read = self.db.begin_read().map_err(storage)?;
+            let table = read.open_table(PURGES).map_err(storage)?;
+            for item in table.range(keep_from..).map_err(storage)?.take(100_000) {
+                let (k, v) = item.map_err(storage)?;
+                let old = PurgeEntry::decode(v.value())
+                    .map(|e| e.received_at_us < cutoff_us)
+                    .unwrap_or(false);
+                if !old {
+                    break;
+                }
+                keep_from = k.value() + 1;
+            }
+            if table.len().map_err(storage)? == 0 {
+                return Ok(());
+            }
+        }
+        if keep_from <= first {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut table = txn.open_table(PURGES).map_err(storage)?;
+            table
+                .retain_in(..keep_from, |_, _| false)
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        self.first.store(keep_from, Ordering::Release);
+        {
+            let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            while tail.front().is_some_and(|e| e.seq < keep_from) {
+                tail.pop_front();
+            }
+        }
+        tracing::debug!(first = keep_from, head = self.head, "purge log pruned");
+        Ok(())
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::edge::TagSet;
+
+    fn tag(t: &str) -> NewPurge {
+        NewPurge {
+            op: Op::Tags(TagSet {
+                tags: vec![t.into()],
+            }),
+            soft: false,
+        }
+    }
+
+    fn forever() -> Retention {
+        Retention {
+            max_entries: u64::MAX,
+            max_age: Duration::from_secs(u32::MAX as u64),
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_are_dense_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = PurgeLog::open(dir.path(), forever()).unwrap();
+        let id = log.log_id().to_owned();
+        assert_eq!(log.append(vec![tag("a")]).await.unwrap(), 1);
+        assert_eq!(log.append(vec![tag("b"), tag("c")]).await.unwrap(), 3);
+        let many: Vec<_> = (0..100)
+            .map(|i| log.append(vec![tag(&format!("t{i}"))]))
+            .collect();
+        for f in many {
+            f.await.unwrap();
+        }
+        assert_eq!(log.head(), 103);
+        drop(log);
+        // The writer thread releases the file once it sees the queue closed.
+        let mut reopened = PurgeLog::open(dir.path(), forever());
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            reopened = PurgeLog::open(dir.path(), forever());
+        }
+        let log = reopened.unwrap();
+        assert_eq!(log.log_id(), id);
+        assert_eq!(log.head(), 103);
+        let all = log.read_from(1, 1000).unwrap();
+        assert_eq!(all.len(), 103);
+        assert!(all.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1));
+    }
+
+    #[tokio::test]
+    async fn retention_by_count_moves_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = PurgeLog::open(
+            dir.path(),
+            Retention {
+                max_entries: 5,
+                max_age: Duration::from_secs(3600),
+            },
+        )
+        .unwrap();
+        for i in 0..20 {
+            log.append(vec![tag(&format!("t{i}"))]).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while log.first() != 16 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(log.first(), 16);
+        assert_eq!(
+            log.read_from(1, 100).unwrap().first().map(|e| e.seq),
+            Some(16)
+        );
+    }
+}

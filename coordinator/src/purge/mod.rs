@@ -1,0 +1,6 @@
+//! The Magento-facing side: wire format, pattern parsing, the durable log, the listener.
+
+pub mod listener;
+pub mod log;
+pub mod pattern;
+pub mod wire;

@@ -1,0 +1,251 @@
+//! Turning Magento's purge headers into a [`PurgeOp`].
+//!
+//! Magento wraps every tag as `((^|,)TAG(,|$))` and joins the wrapped tags with `|`
+//! (`Magento\CacheInvalidate\Model\PurgeCache`). We parse that canonical form into a
+//! tag set, because a set can be merged with other sets, deduplicated and sent to xkey;
+//! anything else is kept as an *opaque* regex and validated before it is acknowledged,
+//! so a pattern varnishd would reject never gets a `200`.
+//!
+//! The one dangerous input is the empty pattern Magento sends in a corner case: it is an
+//! error here, never "purge everything". Only the literal `.*` means a full flush.
+
+use std::collections::BTreeSet;
+
+use proto::edge::{purge_entry::Op, All, TagSet};
+
+/// The longest pattern we accept (the listener's header limit is the real bound).
+pub const MAX_PATTERN_BYTES: usize = 64 * 1024;
+
+/// What one purge asks the edges to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeOp {
+    /// Objects whose `X-Magento-Tags` contains any of these tags.
+    Tags(BTreeSet<String>),
+    /// Objects whose `X-Magento-Tags` matches this regex.
+    TagsRegex(String),
+    /// Objects whose `X-Pool` matches this regex.
+    PoolRegex(String),
+    /// Everything.
+    All,
+}
+
+impl PurgeOp {
+    /// The wire form stored in the log and sent to agents.
+    pub fn into_proto(self) -> Op {
+        match self {
+            PurgeOp::Tags(tags) => Op::Tags(TagSet {
+                tags: tags.into_iter().collect(),
+            }),
+            PurgeOp::TagsRegex(re) => Op::TagsRegex(re),
+            PurgeOp::PoolRegex(re) => Op::PoolRegex(re),
+            PurgeOp::All => Op::All(All {}),
+        }
+    }
+
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PurgeOp::Tags(_) => "tags",
+            PurgeOp::TagsRegex(_) => "regex",
+            PurgeOp::PoolRegex(_) => "pool",
+            PurgeOp::All => "all",
+        }
+    }
+}
+
+/// Why a pattern cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PatternError {
+    #[error("{header} is empty; refusing to treat it as a full flush")]
+    Empty { header: &'static str },
+    #[error("{header} is longer than {MAX_PATTERN_BYTES} bytes")]
+    TooLong { header: &'static str },
+    #[error("{header} contains a control character")]
+    ControlChar { header: &'static str },
+    #[error("{header} is not valid UTF-8")]
+    NotUtf8 { header: &'static str },
+    #[error("{header} is not a valid regex: {reason}")]
+    InvalidRegex {
+        header: &'static str,
+        reason: String,
+    },
+}
+
+/// Parses an `X-Magento-Tags-Pattern` value.
+pub fn parse_tags_pattern(raw: &[u8]) -> Result<PurgeOp, PatternError> {
+    const H: &str = "X-Magento-Tags-Pattern";
+    let value = clean(raw, H)?;
+    if value == ".*" {
+        return Ok(PurgeOp::All);
+    }
+    if let Some(tags) = parse_canonical(value) {
+        return Ok(PurgeOp::Tags(tags));
+    }
+    validate_regex(value, H)?;
+    Ok(PurgeOp::TagsRegex(value.to_owned()))
+}
+
+/// Parses an `X-Pool` value (always a regex).
+pub fn parse_pool(raw: &[u8]) -> Result<PurgeOp, PatternError> {
+    const H: &str = "X-Pool";
+    let value = clean(raw, H)?;
+    validate_regex(value, H)?;
+    Ok(PurgeOp::PoolRegex(value.to_owned()))
+}
+
+fn clean<'a>(raw: &'a [u8], header: &'static str) -> Result<&'a str, PatternError> {
+    if raw.len() > MAX_PATTERN_BYTES {
+        return Err(PatternError::TooLong { header });
+    }
+    let value = std::str::from_utf8(raw)
+        .map_err(|_| PatternError::NotUtf8 { header })?
+        .trim_matches([' ', '\t']);
+    if value.is_empty() {
+        return Err(PatternError::Empty { header });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(PatternError::ControlChar { header });
+    }
+    Ok(value)
+}
+
+/// Checks that varnishd will accept the regex. Varnish uses PCRE2; we accept the common
+/// subset the `regex` crate understands and refuse the rest with a clear reason, rather
+/// than acknowledging a purge that would fail on every edge.
+fn validate_regex(value: &str, header: &'static str) -> Result<(), PatternError> {
+    regex::RegexBuilder::new(value)
+        .size_limit(1 << 22)
+        .build()
+        .map(|_| ())
+        .map_err(|e| PatternError::InvalidRegex {
+            header,
+            reason: e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        })
+}
+
+const PREFIX: &str = "((^|,)";
+const SUFFIX: &str = "(,|$))";
+
+/// `((^|,)a(,|$))|((^|,)b(,|$))` -> {a, b}; `None` when the value is not exactly that
+/// shape with plain tags (no regex metacharacters), so it must be treated as a regex.
+fn parse_canonical(mut rest: &str) -> Option<BTreeSet<String>> {
+    let mut tags = BTreeSet::new();
+    loop {
+        rest = rest.strip_prefix(PREFIX)?;
+        let end = rest.find(SUFFIX)?;
+        let tag = &rest[..end];
+        if tag.is_empty() || !tag.bytes().all(is_plain_tag_byte) {
+            return None;
+        }
+        tags.insert(tag.to_owned());
+        rest = &rest[end + SUFFIX.len()..];
+        if rest.is_empty() {
+            return Some(tags);
+        }
+        rest = rest.strip_prefix('|')?;
+    }
+}
+
+/// Bytes that mean themselves in a regex and cannot break the canonical frame.
+fn is_plain_tag_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'/' | b'@' | b'=' | b'%' | b'!')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(list: &[&str]) -> PurgeOp {
+        PurgeOp::Tags(list.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn canonical_magento_pattern_becomes_tag_set() {
+        let op = parse_tags_pattern(b"((^|,)cat_p_42(,|$))|((^|,)cat_c_p_7(,|$))").unwrap();
+        assert_eq!(op, tags(&["cat_p_42", "cat_c_p_7"]));
+        assert_eq!(
+            parse_tags_pattern(b"((^|,)cat_p(,|$))").unwrap(),
+            tags(&["cat_p"])
+        );
+    }
+
+    #[test]
+    fn full_flush_only_for_dot_star() {
+        assert_eq!(parse_tags_pattern(b".*").unwrap(), PurgeOp::All);
+        assert_eq!(parse_tags_pattern(b"  .* ").unwrap(), PurgeOp::All);
+        assert_eq!(
+            parse_tags_pattern(b"^.*$").unwrap(),
+            PurgeOp::TagsRegex("^.*$".into())
+        );
+    }
+
+    #[test]
+    fn empty_pattern_is_an_error_not_a_flush() {
+        for raw in [&b""[..], b"   ", b"\t"] {
+            assert!(matches!(
+                parse_tags_pattern(raw),
+                Err(PatternError::Empty { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn non_canonical_patterns_stay_opaque_regexes() {
+        for raw in [
+            "cat_p_1",
+            "((^|,)cat.p(,|$))",
+            "((^|,)a(,|$))|",
+            "((^|,)a(,|$))x",
+            "((^|,)(,|$))",
+        ] {
+            assert_eq!(
+                parse_tags_pattern(raw.as_bytes()).unwrap(),
+                PurgeOp::TagsRegex(raw.into()),
+                "{raw}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_regex_is_refused_with_reason() {
+        let err = parse_tags_pattern(b"((^|,)cat_p_1(,|$)").unwrap_err();
+        assert!(matches!(err, PatternError::InvalidRegex { .. }), "{err}");
+        assert!(err.to_string().contains("not a valid regex"));
+        assert!(parse_pool(b"[a-").is_err());
+    }
+
+    #[test]
+    fn control_chars_and_bad_utf8_are_refused() {
+        assert!(matches!(
+            parse_tags_pattern(b"a\nb"),
+            Err(PatternError::ControlChar { .. })
+        ));
+        assert!(matches!(
+            parse_tags_pattern(b"\xff\xfe"),
+            Err(PatternError::NotUtf8 { .. })
+        ));
+    }
+
+    #[test]
+    fn big_magento_chunk_parses() {
+        let mut raw = String::new();
+        let mut n = 0;
+        while raw.len() < 7600 {
+            if n > 0 {
+                raw.push('|');
+            }
+            raw.push_str(&format!("((^|,)cat_p_{n}(,|$))"));
+            n += 1;
+        }
+        match parse_tags_pattern(raw.as_bytes()).unwrap() {
+            PurgeOp::Tags(t) => assert_eq!(t.len(), n),
+            other => panic!("{other:?}"),
+        }
+    }
+}

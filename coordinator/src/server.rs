@@ -1,0 +1,163 @@
+//! `coordinator serve`: wires the log, the purge listener, the gRPC fan-out and the API
+//! together on sockets the caller has already bound (tests bind port 0).
+//!
+//! Shutdown: cancelling the token stops accepting, ends every agent session (agents
+//! reconnect elsewhere or later and resume from their cursor), and waits at most
+//! [`GRACE`] for in-flight requests.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::config::CoordinatorConfig;
+use crate::fanout::edges::EdgeRegistry;
+use crate::fanout::FanoutService;
+use crate::metrics::Metrics;
+use crate::purge::listener;
+use crate::purge::log::{LogError, PurgeLog};
+
+/// Longest wait for in-flight work after shutdown is requested.
+pub const GRACE: Duration = Duration::from_secs(10);
+
+/// The three sockets, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    pub purge: TcpListener,
+    pub grpc: TcpListener,
+    pub api: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses the config names.
+    pub async fn bind(config: &CoordinatorConfig) -> std::io::Result<Self> {
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+        };
+        Ok(Listeners {
+            purge: bind(config.purge.listen).await?,
+            grpc: bind(config.grpc.listen).await?,
+            api: bind(config.api.listen).await?,
+        })
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("cannot read api.token_file {path}: {source}")]
+    Token {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "gRPC without TLS needs --insecure (mutual TLS is not implemented in this version yet)"
+    )]
+    NeedsInsecure,
+}
+
+/// Shared handles of a running coordinator (the demo and tests look inside).
+#[derive(Clone)]
+pub struct Handles {
+    pub log: PurgeLog,
+    pub edges: Arc<EdgeRegistry>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Opens the state and returns the handles; [`run`] serves them.
+pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, ServeError> {
+    let log = PurgeLog::open(state_dir, config.retention())?;
+    Ok(Handles {
+        log,
+        edges: Arc::new(EdgeRegistry::default()),
+        metrics: Arc::new(Metrics::default()),
+    })
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn run(
+    config: CoordinatorConfig,
+    handles: Handles,
+    listeners: Listeners,
+    insecure: bool,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    if !insecure {
+        return Err(ServeError::NeedsInsecure);
+    }
+    let token = match &config.api.token_file {
+        Some(path) => {
+            let t = std::fs::read_to_string(path).map_err(|source| ServeError::Token {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Some(Arc::<str>::from(t.trim()))
+        }
+        None => None,
+    };
+    tracing::warn!("gRPC runs in plaintext (--insecure): agents are not authenticated");
+    tracing::info!(
+        purge = %config.purge.listen, grpc = %config.grpc.listen, api = %config.api.listen,
+        log_id = handles.log.log_id(), head_seq = handles.log.head(), "coordinator serving"
+    );
+
+    let purge_task = tokio::spawn(listener::run(
+        listeners.purge,
+        config.listener(),
+        handles.log.clone(),
+        handles.metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let service = FanoutService::new(handles.log.clone(), handles.edges.clone(), shutdown.clone());
+    let grpc_shutdown = shutdown.clone();
+    let grpc_task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(proto::CoordinatorServer::new(service))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listeners.grpc),
+                grpc_shutdown.cancelled_owned(),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+
+    let app = api::router(ApiState {
+        log: handles.log.clone(),
+        edges: handles.edges.clone(),
+        metrics: handles.metrics.clone(),
+        token,
+    });
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(async move {
+        let result = axum::serve(listeners.api, app)
+            .with_graceful_shutdown(api_shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let all = async {
+        let _ = tokio::join!(purge_task, grpc_task, api_task);
+    };
+    if tokio::time::timeout(GRACE, all).await.is_err() {
+        tracing::warn!("grace period over; abandoning in-flight work");
+    }
+    Ok(())
+}

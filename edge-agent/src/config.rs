@@ -1,0 +1,162 @@
+//! `edge-agent.toml`: explicit structs, defaults, `validate()`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This edge's identity (unique in the cluster).
+    pub id: String,
+    pub region: String,
+    /// `https://host:port` (mTLS) or `http://host:port` (needs `--insecure`).
+    pub coordinator: String,
+    /// Where the purge cursor is kept.
+    pub state_dir: PathBuf,
+    pub varnish: VarnishConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[varnish]`: the local varnishd.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VarnishConfig {
+    /// varnishd's HTTP listener (xkey purges go here).
+    pub http: SocketAddr,
+    /// varnishd's admin CLI (`-T`).
+    pub admin: SocketAddr,
+    /// varnishd's `-S` secret file.
+    pub secret_file: PathBuf,
+    #[serde(default)]
+    pub purge_mode: PurgeMode,
+    /// Timeout for one admin or HTTP exchange with varnishd.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// `[tls]`: the agent's client certificate and the cluster CA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How purges reach varnish.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PurgeMode {
+    /// `ban obj.http.X-Magento-Tags ~ ...` over the admin CLI; works with any VCL.
+    #[default]
+    Ban,
+    /// Tag purges through the xkey vmod (the project's VCL); regexes still use bans.
+    Xkey,
+}
+
+impl PurgeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PurgeMode::Ban => "ban",
+            PurgeMode::Xkey => "xkey",
+        }
+    }
+}
+
+fn default_timeout_ms() -> u64 {
+    5000
+}
+
+/// A configuration that cannot be used, with one clear line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ident = |v: &str| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        if !ident(&self.id) {
+            return Err(ConfigError::Invalid(format!(
+                "id {:?} must be 1-128 characters of [A-Za-z0-9._-]",
+                self.id
+            )));
+        }
+        if !ident(&self.region) {
+            return Err(ConfigError::Invalid(format!(
+                "region {:?} must be 1-128 characters of [A-Za-z0-9._-]",
+                self.region
+            )));
+        }
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "coordinator {:?} must start with https:// or http://",
+                self.coordinator
+            )));
+        }
+        if self.varnish.timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "varnish.timeout_ms must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_sample_parses() {
+        let c: AgentConfig = toml::from_str(
+            r#"
+id = "eu-west-1"
+region = "eu-west"
+coordinator = "https://coordinator.internal:6092"
+state_dir = "/var/lib/edge-agent"
+[varnish]
+http = "127.0.0.1:6081"
+admin = "127.0.0.1:6082"
+secret_file = "/etc/varnish/secret"
+purge_mode = "ban"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.varnish.purge_mode, PurgeMode::Ban);
+        assert!(toml::from_str::<AgentConfig>("id = 1").is_err());
+    }
+}

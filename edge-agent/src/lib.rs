@@ -1,0 +1,14 @@
+//! The edge agent: runs beside one varnishd and keeps it in step with the coordinator.
+//!
+//! [`session`] holds the long-lived gRPC stream (dial out, Hello with the cursor, apply,
+//! ack, redial with backoff). [`plan`] coalesces purge entries into few varnish
+//! operations; [`varnish`] applies them (admin CLI protocol spoken directly, xkey over
+//! HTTP). [`cursor`] keeps the applied sequence on disk. [`config`] is the TOML file.
+
+pub mod config;
+pub mod cursor;
+pub mod plan;
+pub mod session;
+pub mod varnish;
+
+pub use session::run;

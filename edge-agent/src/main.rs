@@ -1,0 +1,73 @@
+//! `edge-agent --config edge-agent.toml [--insecure]`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use edge_agent::config::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Runs beside a regional varnishd and applies what the coordinator sends.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Path to edge-agent.toml.
+    #[arg(long)]
+    config: PathBuf,
+    /// Allow a plaintext http:// coordinator (no TLS).
+    #[arg(long)]
+    insecure: bool,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match AgentConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edge-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(args.log_format == "json");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    match edge_agent::run(config, args.insecure, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-agent: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,229 @@
+//! Coalescing: turning a run of purge log entries into as few varnish operations as fit.
+//!
+//! While an edge is behind, it receives many entries at once. Applying them one by one
+//! would add one ban per entry to varnish's ban list (each one checked on every lookup of
+//! an older object). Instead [`plan`] merges them: all tag sets into one alternation
+//! (chunked to stay under [`MAX_EXPR_BYTES`]), identical regexes once, and a single
+//! "ban everything" that subsumes the rest when any entry asked for a full flush.
+//! Applying the merged operations at one instant purges a superset of what applying the
+//! entries in order would have, so the result is never staler.
+
+use std::collections::BTreeSet;
+
+use proto::edge::{purge_entry::Op, PurgeEntry};
+
+use crate::config::PurgeMode;
+
+/// Bound on one ban expression or xkey header (Magento's own chunk size).
+pub const MAX_EXPR_BYTES: usize = 7680;
+
+/// One thing to do to varnish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VarnishOp {
+    /// `ban obj.status != 0`: everything.
+    BanAll,
+    /// `ban obj.http.X-Magento-Tags ~ <regex>`.
+    BanTags(String),
+    /// `ban obj.http.X-Pool ~ <regex>`.
+    BanPool(String),
+    /// `ban req.url == <path> [&& req.http.host == <host>]`.
+    BanUrl { path: String, host: String },
+    /// `PURGE` with `X-Xkey-Purge: <space-separated tags>` to the local varnish.
+    Xkey { tags: Vec<String>, soft: bool },
+}
+
+/// The operations that apply `entries`, in a safe order.
+pub fn plan(entries: &[PurgeEntry], mode: PurgeMode) -> Vec<VarnishOp> {
+    if entries.iter().any(|e| matches!(e.op, Some(Op::All(_)))) {
+        return vec![VarnishOp::BanAll];
+    }
+    let mut hard = BTreeSet::new();
+    let mut soft = BTreeSet::new();
+    let mut ops = Vec::new();
+    for e in entries {
+        match &e.op {
+            Some(Op::Tags(set)) => {
+                let target = if e.soft && mode == PurgeMode::Xkey {
+                    &mut soft
+                } else {
+                    &mut hard
+                };
+                target.extend(set.tags.iter().filter(|t| !t.is_empty()).cloned());
+            }
+            Some(Op::TagsRegex(re)) => push_unique(&mut ops, VarnishOp::BanTags(re.clone())),
+            Some(Op::PoolRegex(re)) => push_unique(&mut ops, VarnishOp::BanPool(re.clone())),
+            Some(Op::Url(u)) => push_unique(
+                &mut ops,
+                VarnishOp::BanUrl {
+                    path: u.path.clone(),
+                    host: u.host.clone(),
+                },
+            ),
+            Some(Op::All(_)) | None => {}
+        }
+    }
+    soft.retain(|t| !hard.contains(t));
+    match mode {
+        PurgeMode::Ban => {
+            for chunk in chunk_tags(&hard, |t| tag_regex(t).len() + 1) {
+                let pattern: Vec<String> = chunk.iter().map(|t| tag_regex(t)).collect();
+                ops.push(VarnishOp::BanTags(pattern.join("|")));
+            }
+        }
+        PurgeMode::Xkey => {
+            for (set, is_soft) in [(&hard, false), (&soft, true)] {
+                for chunk in chunk_tags(set, |t| t.len() + 1) {
+                    ops.push(VarnishOp::Xkey {
+                        tags: chunk,
+                        soft: is_soft,
+                    });
+                }
+            }
+        }
+    }
+    ops
+}
+
+fn push_unique(ops: &mut Vec<VarnishOp>, op: VarnishOp) {
+    if !ops.contains(&op) {
+        ops.push(op);
+    }
+}
+
+fn chunk_tags(tags: &BTreeSet<String>, cost: impl Fn(&str) -> usize) -> Vec<Vec<String>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for t in tags {
+        let c = cost(t);
+        if !current.is_empty() && size + c > MAX_EXPR_BYTES {
+            chunks.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += c;
+        current.push(t.clone());
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+/// Magento's wrapping of one tag, with regex metacharacters escaped.
+pub fn tag_regex(tag: &str) -> String {
+    let mut out = String::with_capacity(tag.len() + 14);
+    out.push_str("((^|,)");
+    for c in tag.chars() {
+        if c.is_ascii_punctuation() && c != '_' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push_str("(,|$))");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::edge::{All, TagSet};
+
+    fn tags(seq: u64, t: &[&str], soft: bool) -> PurgeEntry {
+        PurgeEntry {
+            seq,
+            received_at_us: 0,
+            op: Some(Op::Tags(TagSet {
+                tags: t.iter().map(|s| s.to_string()).collect(),
+            })),
+            soft,
+        }
+    }
+
+    #[test]
+    fn tag_sets_merge_into_one_ban() {
+        let ops = plan(
+            &[tags(1, &["a", "b"], false), tags(2, &["b", "c"], false)],
+            PurgeMode::Ban,
+        );
+        assert_eq!(
+            ops,
+            vec![VarnishOp::BanTags(
+                "((^|,)a(,|$))|((^|,)b(,|$))|((^|,)c(,|$))".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn full_flush_subsumes_everything() {
+        let all = PurgeEntry {
+            seq: 2,
+            received_at_us: 0,
+            op: Some(Op::All(All {})),
+            soft: false,
+        };
+        assert_eq!(
+            plan(&[tags(1, &["a"], false), all], PurgeMode::Xkey),
+            vec![VarnishOp::BanAll]
+        );
+    }
+
+    #[test]
+    fn regexes_deduplicate_and_keep_order() {
+        let re = |seq, r: &str| PurgeEntry {
+            seq,
+            received_at_us: 0,
+            op: Some(Op::TagsRegex(r.into())),
+            soft: false,
+        };
+        let ops = plan(&[re(1, "x"), re(2, "y"), re(3, "x")], PurgeMode::Ban);
+        assert_eq!(
+            ops,
+            vec![
+                VarnishOp::BanTags("x".into()),
+                VarnishOp::BanTags("y".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn big_sets_are_chunked_under_the_limit() {
+        let many: Vec<String> = (0..5000).map(|i| format!("cat_p_{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let ops = plan(&[tags(1, &refs, false)], PurgeMode::Ban);
+        assert!(ops.len() > 1);
+        let mut seen = 0;
+        for op in &ops {
+            let VarnishOp::BanTags(p) = op else { panic!() };
+            assert!(p.len() <= MAX_EXPR_BYTES);
+            seen += p.matches("(,|$))").count();
+        }
+        assert_eq!(seen, 5000);
+    }
+
+    #[test]
+    fn xkey_soft_and_hard_split_hard_wins() {
+        let ops = plan(
+            &[tags(1, &["a", "b"], true), tags(2, &["b"], false)],
+            PurgeMode::Xkey,
+        );
+        assert_eq!(
+            ops,
+            vec![
+                VarnishOp::Xkey {
+                    tags: vec!["b".into()],
+                    soft: false
+                },
+                VarnishOp::Xkey {
+                    tags: vec!["a".into()],
+                    soft: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn tags_are_escaped() {
+        assert_eq!(tag_regex("a.b"), r"((^|,)a\.b(,|$))");
+        assert_eq!(tag_regex("cat_p_1"), "((^|,)cat_p_1(,|$))");
+    }
+}

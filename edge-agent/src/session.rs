@@ -1,0 +1,364 @@
+//! The agent's side of the session: dial, say Hello, apply what comes down, ack.
+//!
+//! [`run`] loops forever: connect to the coordinator, send Hello with the cursor from
+//! disk, then apply purge batches in order. Each batch is coalesced ([`plan`]), applied
+//! to varnish (retrying until it works: an unapplied purge is never acked), the cursor is
+//! stored durably, and only then the ack goes up. A dropped session is redialled with
+//! exponential backoff and full jitter; the coordinator resumes from the cursor, so a
+//! purge can be applied twice after a crash (harmless) but never skipped.
+
+use std::time::Duration;
+
+use proto::edge::{
+    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Heartbeat, Hello,
+    PurgeAck, PurgeEntry, PurgeError,
+};
+use proto::CoordinatorClient;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::config::AgentConfig;
+use crate::cursor::{Cursor, CursorFile};
+use crate::plan::{plan, VarnishOp};
+use crate::varnish::Varnish;
+
+const HEARTBEAT: Duration = Duration::from_secs(10);
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot use state_dir: {0}")]
+    State(std::io::Error),
+}
+
+/// Why one session ended (the loop redials after any of these).
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("connect failed: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("session refused or broken: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("coordinator closed the session")]
+    Closed,
+    #[error("cursor could not be stored: {0}")]
+    Cursor(std::io::Error),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("shutting down")]
+    Shutdown,
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(
+    config: AgentConfig,
+    insecure: bool,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    if config.coordinator.starts_with("https://") || config.tls.is_some() {
+        return Err(AgentError::Config(
+            "mutual TLS is not implemented in this version yet; use an http:// coordinator with --insecure".into(),
+        ));
+    }
+    if !insecure {
+        return Err(AgentError::Config(
+            "a plaintext (http://) coordinator needs --insecure".into(),
+        ));
+    }
+    tracing::warn!("plaintext gRPC (--insecure): the coordinator is not authenticated");
+    let cursor_file = CursorFile::open(&config.state_dir).map_err(AgentError::State)?;
+    let mut agent = Agent {
+        cursor: cursor_file.load(),
+        cursor_file,
+        varnish: Varnish::new(config.varnish.clone()),
+        config,
+    };
+    tracing::info!(edge = %agent.config.id, region = %agent.config.region,
+        applied_seq = agent.cursor.applied_seq, "edge agent starting");
+    let mut failures: u32 = 0;
+    loop {
+        let result = agent.session(&shutdown).await;
+        match result {
+            Err(SessionEnd::Shutdown) => return Ok(()),
+            Ok(()) => failures = 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "session ended");
+            }
+        }
+        failures = failures.saturating_add(1);
+        let delay = backoff(failures);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Full-jitter exponential backoff.
+fn backoff(attempt: u32) -> Duration {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    rand::thread_rng().gen_range(Duration::ZERO..=cap)
+}
+
+struct Agent {
+    config: AgentConfig,
+    cursor_file: CursorFile,
+    cursor: Cursor,
+    varnish: Varnish,
+}
+
+type Outbound = mpsc::Sender<AgentMessage>;
+
+impl Agent {
+    /// One connected session; `Ok(())` means it was established and later ended cleanly.
+    async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
+        let endpoint = Endpoint::from_shared(self.config.coordinator.clone())
+            .map_err(|e| SessionEnd::Protocol(format!("bad coordinator URL: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let channel = tokio::select! {
+            _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+            c = endpoint.connect() => c?,
+        };
+        let varnish_version = match self.varnish.version().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "varnish admin not reachable yet");
+                String::new()
+            }
+        };
+        let (out, out_rx) = mpsc::channel(64);
+        let hello = Hello {
+            edge_id: self.config.id.clone(),
+            region: self.config.region.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            log_id: self.cursor.log_id.clone(),
+            applied_seq: self.cursor.applied_seq,
+            varnish_version,
+            purge_mode: self.config.varnish.purge_mode.as_str().to_owned(),
+            capabilities: vec![
+                proto::CAP_FULL_BAN.to_owned(),
+                proto::CAP_SOFT_PURGE.to_owned(),
+            ],
+        };
+        send(&out, agent_message::Msg::Hello(hello)).await?;
+        let mut client = CoordinatorClient::new(channel);
+        let mut inbound = tokio::select! {
+            _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+            r = client.session(ReceiverStream::new(out_rx)) => r?.into_inner(),
+        };
+
+        // Read the stream in its own task so batches queue up while we apply: whatever
+        // queued is coalesced into the next apply.
+        let (in_tx, mut in_rx) = mpsc::channel::<Result<CoordinatorMessage, tonic::Status>>(8);
+        let reader = tokio::spawn(async move {
+            loop {
+                let item = match inbound.message().await {
+                    Ok(Some(m)) => Ok(m),
+                    Ok(None) => break,
+                    Err(s) => Err(s),
+                };
+                let stop = item.is_err();
+                if in_tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let _abort_reader = AbortOnDrop(reader);
+
+        let mut log_id = String::new();
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                _ = heartbeat.tick() => {
+                    send(&out, agent_message::Msg::Heartbeat(Heartbeat { applied_seq: self.cursor.applied_seq })).await?;
+                    continue;
+                }
+                m = in_rx.recv() => m,
+            };
+            let msg = match msg {
+                None => return Err(SessionEnd::Closed),
+                Some(Err(status)) => return Err(status.into()),
+                Some(Ok(CoordinatorMessage { msg: None })) => continue, // unknown kind: ignore
+                Some(Ok(CoordinatorMessage { msg: Some(m) })) => m,
+            };
+            match msg {
+                coordinator_message::Msg::Welcome(w) => {
+                    tracing::info!(log_id = %w.log_id, head_seq = w.head_seq, applied_seq = self.cursor.applied_seq, "session established");
+                    log_id = w.log_id;
+                }
+                coordinator_message::Msg::FullBan(fb) => {
+                    tracing::warn!(up_to_seq = fb.up_to_seq, reason = %fb.reason, "coordinator asked for a full ban");
+                    self.apply_ops(&[VarnishOp::BanAll], fb.up_to_seq, &out, shutdown)
+                        .await?;
+                    self.commit(
+                        Cursor {
+                            log_id: fb.log_id,
+                            applied_seq: fb.up_to_seq,
+                        },
+                        &out,
+                    )
+                    .await?;
+                }
+                coordinator_message::Msg::Purges(batch) => {
+                    let mut entries = batch.entries;
+                    // Coalesce whatever else already arrived.
+                    let mut deferred = None;
+                    while let Ok(next) = in_rx.try_recv() {
+                        match next {
+                            Ok(CoordinatorMessage {
+                                msg: Some(coordinator_message::Msg::Purges(b)),
+                            }) => entries.extend(b.entries),
+                            other => {
+                                deferred = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    self.apply_entries(entries, &log_id, &out, shutdown).await?;
+                    if let Some(other) = deferred {
+                        // Put a non-purge message back in order by handling it next round.
+                        match other {
+                            Ok(CoordinatorMessage {
+                                msg: Some(coordinator_message::Msg::FullBan(fb)),
+                            }) => {
+                                self.apply_ops(&[VarnishOp::BanAll], fb.up_to_seq, &out, shutdown)
+                                    .await?;
+                                self.commit(
+                                    Cursor {
+                                        log_id: fb.log_id,
+                                        applied_seq: fb.up_to_seq,
+                                    },
+                                    &out,
+                                )
+                                .await?;
+                            }
+                            Ok(_) => {}
+                            Err(status) => return Err(status.into()),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_entries(
+        &mut self,
+        entries: Vec<PurgeEntry>,
+        log_id: &str,
+        out: &Outbound,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        if log_id.is_empty() {
+            return Err(SessionEnd::Protocol("purges before Welcome".into()));
+        }
+        let applied = if self.cursor.log_id == log_id {
+            self.cursor.applied_seq
+        } else {
+            0
+        };
+        let fresh: Vec<PurgeEntry> = entries.into_iter().filter(|e| e.seq > applied).collect();
+        let Some(last) = fresh.last().map(|e| e.seq) else {
+            return Ok(());
+        };
+        let first = fresh[0].seq;
+        if applied != 0 && first != applied + 1 {
+            return Err(SessionEnd::Protocol(format!(
+                "gap in purge stream: applied {applied}, got {first}"
+            )));
+        }
+        let ops = plan(&fresh, self.config.varnish.purge_mode);
+        tracing::debug!(
+            first,
+            last,
+            entries = fresh.len(),
+            ops = ops.len(),
+            "applying purges"
+        );
+        self.apply_ops(&ops, first, out, shutdown).await?;
+        self.commit(
+            Cursor {
+                log_id: log_id.to_owned(),
+                applied_seq: last,
+            },
+            out,
+        )
+        .await
+    }
+
+    /// Applies every op, retrying each until it succeeds (reporting failures upstream).
+    async fn apply_ops(
+        &mut self,
+        ops: &[VarnishOp],
+        first_seq: u64,
+        out: &Outbound,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        for op in ops {
+            let mut attempt = 0u32;
+            loop {
+                match self.varnish.apply(op).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        attempt += 1;
+                        tracing::warn!(error = %e, attempt, seq = first_seq, "purge not applied; retrying");
+                        if attempt == 1 || attempt % 10 == 0 {
+                            let _ = out.try_send(AgentMessage {
+                                msg: Some(agent_message::Msg::PurgeError(PurgeError {
+                                    seq: first_seq,
+                                    error: e.to_string(),
+                                })),
+                            });
+                        }
+                        let delay = (BACKOFF_BASE * attempt.min(50)).min(RETRY_MAX);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the cursor durably, then acks it.
+    async fn commit(&mut self, cursor: Cursor, out: &Outbound) -> Result<(), SessionEnd> {
+        self.cursor_file
+            .store(&cursor)
+            .map_err(SessionEnd::Cursor)?;
+        let ack = PurgeAck {
+            applied_seq: cursor.applied_seq,
+            log_id: cursor.log_id.clone(),
+        };
+        self.cursor = cursor;
+        send(out, agent_message::Msg::Ack(ack)).await
+    }
+}
+
+async fn send(out: &Outbound, msg: agent_message::Msg) -> Result<(), SessionEnd> {
+    out.send(AgentMessage { msg: Some(msg) })
+        .await
+        .map_err(|_| SessionEnd::Closed)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

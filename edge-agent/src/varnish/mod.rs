@@ -1,0 +1,146 @@
+//! Everything the agent does to its varnishd: the admin CLI client ([`admin`]) and
+//! [`Varnish`], which applies planned operations: bans over the CLI, xkey purges as a
+//! `PURGE` request to varnish's own HTTP port (the project's VCL turns it into
+//! `xkey.purge`/`xkey.softpurge`).
+
+pub mod admin;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::VarnishConfig;
+use crate::plan::VarnishOp;
+use admin::{quote, AdminClient, AdminError};
+
+/// Errors applying an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("cannot read varnish secret file {path}: {source}")]
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("xkey purge via {addr} failed: {reason}")]
+    Xkey { addr: SocketAddr, reason: String },
+}
+
+/// The local varnishd, with a lazily (re)connected admin session.
+#[derive(Debug)]
+pub struct Varnish {
+    config: VarnishConfig,
+    admin: Option<AdminClient>,
+}
+
+impl Varnish {
+    pub fn new(config: VarnishConfig) -> Self {
+        Varnish {
+            config,
+            admin: None,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.timeout_ms)
+    }
+
+    /// The admin session, connecting (and reading the secret) if there is none.
+    async fn admin(&mut self) -> Result<&mut AdminClient, ApplyError> {
+        if self.admin.is_none() {
+            let secret =
+                std::fs::read(&self.config.secret_file).map_err(|source| ApplyError::Secret {
+                    path: self.config.secret_file.clone(),
+                    source,
+                })?;
+            let client = AdminClient::connect(self.config.admin, &secret, self.timeout()).await?;
+            self.admin = Some(client);
+        }
+        self.admin
+            .as_mut()
+            .ok_or_else(|| ApplyError::Admin(AdminError::Protocol("no admin session".into())))
+    }
+
+    /// Connects if needed and returns varnishd's version.
+    pub async fn version(&mut self) -> Result<String, ApplyError> {
+        Ok(self.admin().await?.version().unwrap_or_default())
+    }
+
+    /// Applies one operation. On error the admin session is dropped so the next attempt
+    /// reconnects (varnishd may have restarted).
+    pub async fn apply(&mut self, op: &VarnishOp) -> Result<(), ApplyError> {
+        let result = match op {
+            VarnishOp::Xkey { tags, soft } => self.xkey(tags, *soft).await,
+            _ => match ban_command(op) {
+                Ok(line) => match self.admin().await {
+                    Ok(admin) => admin
+                        .command(&line)
+                        .await
+                        .map(|_| ())
+                        .map_err(ApplyError::from),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.into()),
+            },
+        };
+        if result.is_err() {
+            self.admin = None;
+        }
+        result
+    }
+
+    async fn xkey(&self, tags: &[String], soft: bool) -> Result<(), ApplyError> {
+        let addr = self.config.http;
+        let fail = |reason: String| ApplyError::Xkey { addr, reason };
+        let header = tags.join(" ");
+        if header.chars().any(char::is_control) {
+            return Err(fail("tag with a control character".into()));
+        }
+        let request = format!(
+            "PURGE / HTTP/1.1\r\nHost: localhost\r\nX-Xkey-Purge: {header}\r\n{}Content-Length: 0\r\nConnection: close\r\n\r\n",
+            if soft { "X-Magento-Purge-Soft: 1\r\n" } else { "" }
+        );
+        let exchange = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = Vec::new();
+            stream.take(64 * 1024).read_to_end(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(self.timeout(), exchange)
+            .await
+            .map_err(|_| fail("timed out".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let head = String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned();
+        let status_line = head.lines().next().unwrap_or_default();
+        if status_line.starts_with("HTTP/1.1 200") && status_line.contains("Invalidated") {
+            Ok(())
+        } else {
+            Err(fail(format!(
+                "varnish answered {status_line:?}; is the project's VCL (with xkey) loaded?"
+            )))
+        }
+    }
+}
+
+/// The CLI line for a ban operation.
+pub fn ban_command(op: &VarnishOp) -> Result<String, AdminError> {
+    Ok(match op {
+        VarnishOp::BanAll => "ban obj.status != 0".to_owned(),
+        VarnishOp::BanTags(re) => format!("ban obj.http.X-Magento-Tags ~ {}", quote(re)?),
+        VarnishOp::BanPool(re) => format!("ban obj.http.X-Pool ~ {}", quote(re)?),
+        VarnishOp::BanUrl { path, host } if host.is_empty() => {
+            format!("ban req.url == {}", quote(path)?)
+        }
+        VarnishOp::BanUrl { path, host } => format!(
+            "ban req.url == {} && req.http.host == {}",
+            quote(path)?,
+            quote(host)?
+        ),
+        VarnishOp::Xkey { .. } => return Err(AdminError::Protocol("xkey is not a ban".into())),
+    })
+}

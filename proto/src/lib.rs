@@ -1,0 +1,23 @@
+//! The gRPC contract between the coordinator and its edge agents.
+//!
+//! `proto/edge.proto` is the source of truth; `build.rs` compiles it with protox (pure
+//! Rust) so no system `protoc` is needed. Everything is re-exported under [`edge`].
+//!
+//! One bidirectional stream per agent (`Coordinator/Session`): the agent dials out, says
+//! [`edge::Hello`] with its cursor, and the coordinator answers [`edge::Welcome`] followed
+//! by purge batches. Payloads are `oneof` members, so new kinds of message can be added
+//! without breaking old peers (see the rules at the top of the `.proto`).
+
+/// Generated types and service stubs for package `edge.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod edge {
+    tonic::include_proto!("edge.v1");
+}
+
+pub use edge::coordinator_client::CoordinatorClient;
+pub use edge::coordinator_server::{Coordinator, CoordinatorServer};
+
+/// Capability an agent announces when it understands [`edge::FullBan`].
+pub const CAP_FULL_BAN: &str = "full_ban";
+/// Capability an agent announces when it can apply soft purges (xkey mode).
+pub const CAP_SOFT_PURGE: &str = "soft_purge";
