@@ -315,7 +315,7 @@ impl Agent {
                     Err(e) => {
                         attempt += 1;
                         tracing::warn!(error = %e, attempt, seq = first_seq, "purge not applied; retrying");
-                        if attempt == 1 || attempt % 10 == 0 {
+                        if attempt == 1 || attempt.is_multiple_of(10) {
                             let _ = out.try_send(AgentMessage {
                                 msg: Some(agent_message::Msg::PurgeError(PurgeError {
                                     seq: first_seq,

@@ -1,1 +1,567 @@
+//! Shared helpers for the end-to-end tests and the benchmark: real `varnishd`, the real
+//! `coordinator` and `edge-agent` binaries, the sample origin, and a tiny HTTP client.
+//!
+//! Nothing here fakes a component. A test that needs varnishd panics with a clear message
+//! when it is missing (`scripts/test.sh` installs it); it never skips.
 
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use coordinator::demo::origin::{self, Origin};
+use coordinator::demo::process::{self, Child, VarnishSpec};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Retries `$cond` (an expression, may `.await`) until it is true or `$secs` pass.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($secs:expr, $cond:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64($secs as f64);
+        loop {
+            if $cond {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("not true after {}s: {}", $secs, format!($($msg)+));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }};
+}
+
+/// Panics unless varnishd (with xkey) is installed.
+pub fn require_varnish() {
+    let ok = std::process::Command::new("varnishd")
+        .arg("-V")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "varnishd is not installed: these tests need Debian's varnish and varnish-modules (run scripts/test.sh, which installs them)"
+    );
+}
+
+/// The `target/<profile>` directory holding the workspace binaries, (re)built once per
+/// test process so a test never runs a stale binary (`cargo test -p tests` alone does not
+/// rebuild other packages' binaries).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/debug/deps/e2e-hash -> target/debug
+        let dir = exe
+            .parent()
+            .and_then(|d| {
+                if d.ends_with("deps") {
+                    d.parent()
+                } else {
+                    Some(d)
+                }
+            })
+            .expect("binary directory")
+            .to_owned();
+        {
+            let release = dir.ends_with("release");
+            let mut cmd = std::process::Command::new(env!("CARGO"));
+            cmd.args(["build", "--workspace", "--bins"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("cargo build");
+            assert!(status.success(), "building the binaries failed");
+        }
+        dir
+    })
+}
+
+/// A port that was free a moment ago (for varnishd, which binds its own sockets).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn lo(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A temp dir others (varnishd's workers) can traverse.
+pub fn temp_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-")
+        .tempdir()
+        .expect("tempdir");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
+    }
+    dir
+}
+
+/// The sample origin, in this process.
+pub struct OriginServer {
+    pub addr: SocketAddr,
+    pub origin: Arc<Origin>,
+    stop: CancellationToken,
+}
+
+impl OriginServer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let origin = Arc::new(Origin::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(origin::serve(listener, origin.clone(), stop.clone()));
+        OriginServer { addr, origin, stop }
+    }
+}
+
+impl Drop for OriginServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One varnishd with the project's VCL.
+pub struct VarnishNode {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub secret: PathBuf,
+    pub child: Child,
+}
+
+impl VarnishNode {
+    pub async fn start(dir: &Path, backend: SocketAddr) -> Self {
+        require_varnish();
+        std::fs::create_dir_all(dir).expect("varnish dir");
+        let secret = dir.join("secret");
+        process::write_secret(&secret).expect("secret");
+        let vcl = dir.join("main.vcl");
+        std::fs::write(&vcl, coordinator::demo::render_vcl(backend)).expect("vcl");
+        let mut last_err = None;
+        for _ in 0..3 {
+            let spec = VarnishSpec {
+                workdir: dir.join("varnish"),
+                http: lo(free_port()),
+                admin: lo(free_port()),
+                secret_file: secret.clone(),
+                vcl_file: vcl.clone(),
+                storage_mb: 32,
+            };
+            match process::start_varnishd(&spec, &dir.join("varnishd.log")).await {
+                Ok(child) => {
+                    return VarnishNode {
+                        http: spec.http,
+                        admin: spec.admin,
+                        secret,
+                        child,
+                    };
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        panic!("varnishd did not start: {last_err:?}");
+    }
+
+    /// Runs an admin CLI command (through the agent's own protocol client).
+    pub async fn admin(&self, command: &str) -> String {
+        let secret = std::fs::read(&self.secret).expect("secret");
+        let mut c = edge_agent::varnish::admin::AdminClient::connect(
+            self.admin,
+            &secret,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("admin connect");
+        c.command(command).await.expect("admin command")
+    }
+}
+
+/// Options for a coordinator under test.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOpts {
+    pub allow: Vec<String>,
+    pub retention_entries: u64,
+}
+
+impl Default for CoordinatorOpts {
+    fn default() -> Self {
+        CoordinatorOpts {
+            allow: vec!["127.0.0.0/8".into()],
+            retention_entries: 1_000_000,
+        }
+    }
+}
+
+/// The real `coordinator serve` binary.
+pub struct CoordinatorProc {
+    pub purge: SocketAddr,
+    pub grpc: SocketAddr,
+    pub api: SocketAddr,
+    pub config: PathBuf,
+    pub state: PathBuf,
+    pub token: String,
+    pub child: Child,
+}
+
+impl CoordinatorProc {
+    pub async fn start(dir: &Path, opts: &CoordinatorOpts) -> Self {
+        std::fs::create_dir_all(dir).expect("coordinator dir");
+        let (purge, grpc, api) = (lo(free_port()), lo(free_port()), lo(free_port()));
+        let token = "test-token-0123456789".to_owned();
+        std::fs::write(dir.join("token"), &token).expect("token");
+        let allow: Vec<String> = opts.allow.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\n",
+                allow.join(", "),
+                opts.retention_entries,
+                dir.join("token").display()
+            ),
+        )
+        .expect("config");
+        let state = dir.join("state");
+        let child = spawn_coordinator(&config, &state, api).await;
+        CoordinatorProc {
+            purge,
+            grpc,
+            api,
+            config,
+            state,
+            token,
+            child,
+        }
+    }
+
+    /// SIGKILL and start again on the same ports and state.
+    pub async fn kill9_and_restart(&mut self) {
+        self.child.kill9().await;
+        self.child = spawn_coordinator(&self.config, &self.state, self.api).await;
+    }
+
+    pub async fn edges(&self) -> Vec<Value> {
+        get_json(self.api, "/api/v1/edges")
+            .await
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    pub async fn head(&self) -> u64 {
+        get_json(self.api, "/healthz")
+            .await
+            .and_then(|v| v["head_seq"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// True when every listed edge is connected and has applied `seq`.
+    pub async fn applied_everywhere(&self, seq: u64, edges: usize) -> bool {
+        let list = self.edges().await;
+        list.len() == edges
+            && list
+                .iter()
+                .all(|e| e["connected"] == true && e["applied_seq"].as_u64().unwrap_or(0) >= seq)
+    }
+}
+
+/// Starts `coordinator serve` and waits for `/healthz`.
+async fn spawn_coordinator(config: &Path, state: &Path, api: SocketAddr) -> Child {
+    let log = config.with_file_name("coordinator.log");
+    let args = vec![
+        "serve".to_owned(),
+        "--config".into(),
+        config.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--insecure".into(),
+    ];
+    let mut child = process::spawn(&bin_dir().join("coordinator"), &args, &log, "coordinator")
+        .expect("spawn coordinator");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_status() {
+            panic!("coordinator exited ({status}); see {}", log.display());
+        }
+        if get_json(api, "/healthz").await.is_some() {
+            return child;
+        }
+        assert!(Instant::now() < deadline, "coordinator did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The real `edge-agent` binary.
+pub struct AgentProc {
+    pub id: String,
+    pub config: PathBuf,
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn start(
+        dir: &Path,
+        id: &str,
+        region: &str,
+        grpc: SocketAddr,
+        varnish: &VarnishNode,
+        mode: &str,
+    ) -> Self {
+        std::fs::create_dir_all(dir).expect("agent dir");
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"http://{grpc}\"\nstate_dir = \"{}\"\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\n",
+                dir.join(format!("{id}-state")).display(),
+                varnish.http,
+                varnish.admin,
+                varnish.secret.display()
+            ),
+        )
+        .expect("agent config");
+        let log = dir.join(format!("{id}.log"));
+        let child = Self::spawn(&config, &log);
+        AgentProc {
+            id: id.to_owned(),
+            config,
+            child,
+            log,
+        }
+    }
+
+    fn spawn(config: &Path, log: &Path) -> Child {
+        let args = vec![
+            "--config".to_owned(),
+            config.display().to_string(),
+            "--insecure".into(),
+        ];
+        process::spawn(&bin_dir().join("edge-agent"), &args, log, "edge-agent")
+            .expect("spawn edge-agent")
+    }
+
+    pub async fn kill9(&mut self) {
+        self.child.kill9().await;
+    }
+
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.config, &self.log);
+    }
+}
+
+/// Origin + coordinator + one varnishd and agent per region.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub origin: OriginServer,
+    pub coordinator: CoordinatorProc,
+    pub varnish: Vec<VarnishNode>,
+    pub agents: Vec<AgentProc>,
+}
+
+impl Cluster {
+    pub async fn start(regions: usize, mode: &str, opts: CoordinatorOpts) -> Self {
+        require_varnish();
+        let dir = temp_dir();
+        let origin = OriginServer::start().await;
+        let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;
+        let mut varnish = Vec::new();
+        let mut agents = Vec::new();
+        for i in 0..regions {
+            let rdir = dir.path().join(format!("r{i}"));
+            let v = VarnishNode::start(&rdir, origin.addr).await;
+            agents.push(AgentProc::start(
+                &rdir,
+                &format!("edge-{i}"),
+                &format!("region-{i}"),
+                coordinator.grpc,
+                &v,
+                mode,
+            ));
+            varnish.push(v);
+        }
+        let cluster = Cluster {
+            dir,
+            origin,
+            coordinator,
+            varnish,
+            agents,
+        };
+        assert_eventually!(
+            30,
+            cluster.coordinator.applied_everywhere(0, regions).await,
+            "agents did not connect"
+        );
+        cluster
+    }
+
+    /// Waits until every edge applied `seq`.
+    pub async fn wait_applied(&self, seq: u64) {
+        let n = self.agents.len();
+        assert_eventually!(
+            30,
+            self.coordinator.applied_everywhere(seq, n).await,
+            "seq {seq} not applied on all {n} edges: {:?}",
+            self.coordinator.edges().await
+        );
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn cache(&self) -> &str {
+        self.header("x-magento-cache-debug").unwrap_or("")
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// Writes `request` on a new connection and reads one response (by Content-Length, or
+/// to EOF).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<Resp> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        if let Some(resp) = parse_response(&buf) {
+            return Ok(resp);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response timeout"))??;
+        if n == 0 {
+            return parse_response_eof(&buf).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no complete response")
+            });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+type Head = (usize, u16, Vec<(String, String)>);
+
+fn parse_head(buf: &[u8]) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Response::new(&mut headers);
+    match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Some((
+            n,
+            r.code.unwrap_or(0),
+            r.headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_owned(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect(),
+        )),
+        _ => None,
+    }
+}
+
+fn parse_response(buf: &[u8]) -> Option<Resp> {
+    let (n, status, headers) = parse_head(buf)?;
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))?
+        .1
+        .trim()
+        .parse()
+        .ok()?;
+    if buf.len() < n + len {
+        return None;
+    }
+    Some(Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&buf[n..n + len]).into_owned(),
+    })
+}
+
+fn parse_response_eof(buf: &[u8]) -> Option<Resp> {
+    let (n, status, headers) = parse_head(buf)?;
+    Some(Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&buf[n..]).into_owned(),
+    })
+}
+
+/// `GET path` with `Connection: close`.
+pub async fn get(addr: SocketAddr, path: &str) -> Resp {
+    raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+}
+
+/// `GET path` and the JSON body, or `None` on any failure.
+pub async fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
+    let r = raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    (r.status == 200).then(|| r.json())
+}
+
+/// Exactly the bytes Magento 2.4 writes for a tag purge (no Content-Length, Host without
+/// port, two headers in this order).
+pub fn magento_purge(pattern: &str) -> Vec<u8> {
+    format!("PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: {pattern}\r\nHost: coordinator.internal\r\n\r\n").into_bytes()
+}
+
+/// Magento's canonical pattern for these tags.
+pub fn tags_pattern(tags: &[&str]) -> String {
+    tags.iter()
+        .map(|t| format!("((^|,){t}(,|$))"))
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// Sends a Magento purge and returns the acknowledged sequence.
+pub async fn purge_tags(purge: SocketAddr, tags: &[&str]) -> u64 {
+    let r = raw(purge, &magento_purge(&tags_pattern(tags)))
+        .await
+        .expect("purge");
+    assert_eq!(r.status, 200, "purge answered {}: {}", r.status, r.body);
+    r.json()["seq"].as_u64().expect("seq in purge answer")
+}
+
+/// Percentile (0..=100) of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}

@@ -13,8 +13,8 @@ use std::collections::BTreeSet;
 
 use proto::edge::{purge_entry::Op, All, TagSet};
 
-/// The longest pattern we accept (the listener's header limit is the real bound).
-pub const MAX_PATTERN_BYTES: usize = 64 * 1024;
+/// A sanity bound on one pattern; the listener's header limit (`purge.max_header_bytes`) is the real one.
+pub const MAX_PATTERN_BYTES: usize = 1024 * 1024;
 
 /// What one purge asks the edges to do.
 #[derive(Debug, Clone, PartialEq, Eq)]

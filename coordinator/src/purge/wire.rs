@@ -184,9 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 return Err(WireError::HeadTooLarge(self.limits.max_head_bytes));
             }
             // An early look at the request line turns binary garbage into a 400 quickly.
-            if let Err(e) = sniff_request_line(&self.buf) {
-                return Err(e);
-            }
+            sniff_request_line(&self.buf)?;
             scanned = self.buf.len().saturating_sub(3);
             if self.fill().await? == 0 {
                 return Err(if self.buf.is_empty() {

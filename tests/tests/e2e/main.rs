@@ -1,1 +1,7 @@
+//! End-to-end tests: real varnishd, the real `coordinator` and `edge-agent` binaries,
+//! the sample origin, all on 127.0.0.1. One test binary; helpers live in the `tests`
+//! crate's library.
 
+mod durability;
+mod purge;
+mod robustness;

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need when it is missing: Debian's varnish (7.1)
+# and varnish-modules (xkey, vsthrottle). No protoc is needed (protox compiles .proto).
+set -euo pipefail
+need=()
+command -v varnishd >/dev/null 2>&1 || need+=(varnish)
+vmods=$(pkg-config --variable=vmoddir varnishapi 2>/dev/null || echo /usr/lib/x86_64-linux-gnu/varnish/vmods)
+if ! ls "$vmods"/libvmod_xkey.so >/dev/null 2>&1 && ! ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null 2>&1; then
+  need+=(varnish-modules)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  # The package starts a system varnishd on :6081; the project runs its own.
+  $SUDO systemctl disable --now varnish >/dev/null 2>&1 || true
+fi
+varnishd -V 2>&1 | head -1

@@ -1,0 +1,138 @@
+//! Nothing acknowledged is ever lost: agent SIGKILL, coordinator SIGKILL, retention.
+
+use std::time::Duration;
+
+use tests::{assert_eventually, get, get_json, purge_tags, Cluster, CoordinatorOpts};
+
+/// Every acknowledged sequence is applied on every edge; returns how many were lost.
+async fn lost(c: &Cluster, acked: &[u64]) -> usize {
+    let mut lost = 0;
+    for seq in acked {
+        let p = get_json(c.coordinator.api, &format!("/api/v1/purges/{seq}")).await;
+        let ok = p
+            .as_ref()
+            .and_then(|p| p["edges"].as_object().cloned())
+            .is_some_and(|edges| {
+                edges.len() == c.agents.len() && edges.values().all(|e| e["applied_at"].is_string())
+            });
+        if !ok {
+            lost += 1;
+        }
+    }
+    lost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_purges_arrive_converges_after_restart() {
+    let mut c = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    for v in &c.varnish {
+        for p in ["/p/100", "/p/101"] {
+            get(v.http, p).await;
+        }
+    }
+    let mut acked = Vec::new();
+    for i in 0..300u64 {
+        if i == 100 {
+            c.agents[1].kill9().await;
+        }
+        if i == 150 {
+            // Purged while region 1's agent is down.
+            acked.push(purge_tags(c.coordinator.purge, &["cat_p_100"]).await);
+        }
+        if i == 250 {
+            c.agents[1].restart();
+        }
+        acked.push(purge_tags(c.coordinator.purge, &[&format!("bulk_{i}")]).await);
+    }
+    let head = *acked.iter().max().unwrap();
+    c.wait_applied(head).await;
+    assert_eq!(lost(&c, &acked).await, 0, "purges lost");
+    for v in &c.varnish {
+        assert_eq!(
+            get(v.http, "/p/100").await.cache(),
+            "MISS",
+            "purge during downtime not applied on {}",
+            v.http
+        );
+        // Resumed from its cursor: no full ban, unrelated pages stay cached.
+        assert_eq!(
+            get(v.http, "/p/101").await.cache(),
+            "HIT",
+            "unexpected flush on {}",
+            v.http
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_right_after_acks_delivers_everything_after_restart() {
+    let mut c = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    for v in &c.varnish {
+        get(v.http, "/p/200").await;
+    }
+    // Stop one agent so the purges cannot all have been delivered before the crash.
+    c.agents[0].kill9().await;
+    let mut acked = Vec::new();
+    for i in 0..200u64 {
+        acked.push(purge_tags(c.coordinator.purge, &[&format!("bulk_{i}")]).await);
+    }
+    acked.push(purge_tags(c.coordinator.purge, &["cat_p_200"]).await);
+    c.coordinator.kill9_and_restart().await;
+    assert!(
+        c.coordinator.head().await >= *acked.last().unwrap(),
+        "acknowledged entries vanished"
+    );
+    c.agents[0].restart();
+    let head = *acked.iter().max().unwrap();
+    c.wait_applied(head).await;
+    assert_eq!(lost(&c, &acked).await, 0, "purges lost");
+    for v in &c.varnish {
+        assert_eq!(get(v.http, "/p/200").await.cache(), "MISS", "on {}", v.http);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_older_than_retention_leads_to_a_full_ban() {
+    let mut c = Cluster::start(
+        1,
+        "ban",
+        CoordinatorOpts {
+            retention_entries: 5,
+            ..Default::default()
+        },
+    )
+    .await;
+    let v = c.varnish[0].http;
+    get(v, "/untagged/keep").await;
+    assert_eq!(get(v, "/untagged/keep").await.cache(), "HIT");
+    let seq = purge_tags(c.coordinator.purge, &["warmup"]).await;
+    c.wait_applied(seq).await;
+
+    c.agents[0].kill9().await;
+    let mut last = 0;
+    for i in 0..20 {
+        last = purge_tags(c.coordinator.purge, &[&format!("other_{i}")]).await;
+    }
+    // Retention runs about once a second.
+    let api = c.coordinator.api;
+    assert_eventually!(
+        10,
+        {
+            let m = get(api, "/metrics").await.body;
+            m.lines().any(|l| {
+                l.starts_with("coordinator_purge_log_first_seq ")
+                    && l.split(' ')
+                        .nth(1)
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0)
+                        > seq + 1
+            })
+        },
+        "log not pruned"
+    );
+    c.agents[0].restart();
+    c.wait_applied(last).await;
+    // The untagged page was not named by any purge: only a full ban removes it.
+    assert_eq!(get(v, "/untagged/keep").await.cache(), "MISS");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}

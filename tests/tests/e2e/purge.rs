@@ -1,0 +1,199 @@
+//! Magento's purges reach every region and purge exactly what they name.
+
+use tests::{
+    assert_eventually, get, magento_purge, purge_tags, raw, tags_pattern, Cluster, CoordinatorOpts,
+};
+
+/// Caches `paths` in every region (MISS then HIT).
+async fn warm(cluster: &Cluster, paths: &[&str]) {
+    for v in &cluster.varnish {
+        for p in paths {
+            get(v.http, p).await;
+            let r = get(v.http, p).await;
+            assert_eq!(r.cache(), "HIT", "{p} not cached on {}", v.http);
+        }
+    }
+}
+
+async fn cache_state(cluster: &Cluster, path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in &cluster.varnish {
+        out.push(get(v.http, path).await.cache().to_owned());
+    }
+    out
+}
+
+async fn assert_purged(cluster: &Cluster, path: &str) {
+    for v in &cluster.varnish {
+        let r = get(v.http, path).await;
+        assert_eq!(
+            r.cache(),
+            "MISS",
+            "{path} should have been purged on {}",
+            v.http
+        );
+    }
+}
+
+async fn assert_cached(cluster: &Cluster, path: &str) {
+    let states = cache_state(cluster, path).await;
+    assert!(
+        states.iter().all(|s| s == "HIT"),
+        "{path} should still be cached everywhere: {states:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn magento_bytes_purge_exactly_the_tagged_pages_in_every_region() {
+    let c = Cluster::start(3, "ban", CoordinatorOpts::default()).await;
+    warm(&c, &["/p/1", "/p/2", "/c/1", "/untagged/a"]).await;
+
+    // Magento's exact request, on a fresh connection, no Content-Length.
+    let r = raw(
+        c.coordinator.purge,
+        &magento_purge(&tags_pattern(&["cat_p_1", "cat_c_1"])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-length")
+            .map(|v| v.parse::<usize>().unwrap()),
+        Some(r.body.len())
+    );
+    let seq = r.json()["seq"].as_u64().expect("seq");
+    assert_eq!(r.header("x-purge-seq"), Some(seq.to_string().as_str()));
+
+    c.wait_applied(seq).await;
+    let p = tests::get_json(c.coordinator.api, &format!("/api/v1/purges/{seq}"))
+        .await
+        .expect("purge status");
+    let edges = p["edges"].as_object().expect("edges");
+    assert_eq!(edges.len(), 3);
+    assert!(edges.values().all(|e| e["applied_at"].is_string()), "{p}");
+    assert_eq!(p["op"]["tags"], serde_json::json!(["cat_c_1", "cat_p_1"]));
+
+    assert_purged(&c, "/p/1").await;
+    assert_purged(&c, "/c/1").await;
+    assert_cached(&c, "/p/2").await;
+    assert_cached(&c, "/untagged/a").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_full_flush_regex_and_pool() {
+    let c = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    warm(
+        &c,
+        &[
+            "/p/3",
+            "/p/399",
+            "/p/5000",
+            "/p/1007",
+            "/p/1008",
+            "/p/1009",
+            "/untagged/x?pool=blue",
+            "/untagged/y?pool=green",
+        ],
+    )
+    .await;
+
+    // A ~7.7 KB multi-tag chunk, as Magento splits big tag lists.
+    let tags: Vec<String> = (0..400).map(|i| format!("cat_p_{i}")).collect();
+    let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+    let pattern = tags_pattern(&refs);
+    assert!(pattern.len() > 7000, "{}", pattern.len());
+    let seq = purge_tags(c.coordinator.purge, &refs).await;
+    c.wait_applied(seq).await;
+    assert_purged(&c, "/p/3").await;
+    assert_purged(&c, "/p/399").await;
+    assert_cached(&c, "/p/5000").await;
+
+    // An opaque regex (not Magento's canonical form).
+    let r = raw(c.coordinator.purge, &magento_purge("cat_p_100(7|8)(,|$)"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    c.wait_applied(r.json()["seq"].as_u64().unwrap()).await;
+    assert_purged(&c, "/p/1007").await;
+    assert_purged(&c, "/p/1008").await;
+    assert_cached(&c, "/p/1009").await;
+
+    // X-Pool.
+    let r = raw(
+        c.coordinator.purge,
+        b"PURGE / HTTP/1.1\r\nX-Pool: ^blue$\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    c.wait_applied(r.json()["seq"].as_u64().unwrap()).await;
+    assert_purged(&c, "/untagged/x?pool=blue").await;
+    assert_cached(&c, "/untagged/y?pool=green").await;
+
+    // Full flush: everything goes, tagged or not.
+    let r = raw(c.coordinator.purge, &magento_purge(".*"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    c.wait_applied(r.json()["seq"].as_u64().unwrap()).await;
+    assert_purged(&c, "/p/5000").await;
+    assert_purged(&c, "/untagged/y?pool=green").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xkey_mode_purges_without_bans_and_soft_purge_serves_stale() {
+    let c = Cluster::start(2, "xkey", CoordinatorOpts::default()).await;
+    warm(&c, &["/p/11", "/p/12", "/p/13"]).await;
+    let bans_before: Vec<usize> = {
+        let mut v = Vec::new();
+        for n in &c.varnish {
+            v.push(n.admin("ban.list").await.lines().count());
+        }
+        v
+    };
+
+    // Hard purge through xkey: a MISS, and the ban list did not grow.
+    let seq = purge_tags(c.coordinator.purge, &["cat_p_12"]).await;
+    c.wait_applied(seq).await;
+    assert_purged(&c, "/p/12").await;
+    assert_cached(&c, "/p/13").await;
+    for (n, before) in c.varnish.iter().zip(&bans_before) {
+        assert_eq!(
+            n.admin("ban.list").await.lines().count(),
+            *before,
+            "xkey purge added a ban"
+        );
+    }
+
+    // Soft purge: the stale copy is served while a background fetch refreshes it.
+    let renders_before = c.origin.origin.renders("/p/11");
+    let mut bodies_before = Vec::new();
+    for v in &c.varnish {
+        bodies_before.push(get(v.http, "/p/11").await.body);
+    }
+    let req = format!(
+        "PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: {}\r\nX-Magento-Purge-Soft: 1\r\nHost: x\r\n\r\n",
+        tags_pattern(&["cat_p_11"])
+    );
+    let r = raw(c.coordinator.purge, req.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 200);
+    c.wait_applied(r.json()["seq"].as_u64().unwrap()).await;
+    for (v, before) in c.varnish.iter().zip(&bodies_before) {
+        let r = get(v.http, "/p/11").await;
+        assert_eq!(
+            r.cache(),
+            "HIT",
+            "soft-purged page should be served from grace"
+        );
+        assert_eq!(
+            &r.body, before,
+            "the stale copy is served while it refreshes"
+        );
+    }
+    let origin = c.origin.origin.clone();
+    assert_eventually!(
+        10,
+        origin.renders("/p/11") >= renders_before + 2,
+        "background refresh in both regions"
+    );
+}
