@@ -81,7 +81,7 @@ async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {
         .edges
         .progress(seq)
         .into_iter()
-        .map(|(id, p)| (id, json!({ "applied_at": p.applied_at, "error": p.error })))
+        .map(|(id, p)| (id, json!({ "applied_at": p.applied_at, "applied_at_us": p.applied_at_us, "error": p.error })))
         .collect();
     let received = std::time::UNIX_EPOCH + std::time::Duration::from_micros(entry.received_at_us);
     Json(json!({

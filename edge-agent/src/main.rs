@@ -22,7 +22,8 @@ struct Args {
     log_format: String,
 }
 
-#[tokio::main]
+// One thread is plenty: the agent waits on the network and on varnishd.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     let config = match AgentConfig::load(&args.config) {

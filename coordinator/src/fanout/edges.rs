@@ -55,6 +55,8 @@ pub struct EdgeView {
 #[derive(Debug, Clone, Serialize)]
 pub struct PurgeProgress {
     pub applied_at: Option<String>,
+    /// The same instant in microseconds since the Unix epoch.
+    pub applied_at_us: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -224,7 +226,7 @@ impl EdgeRegistry {
                         .or(e.acks.front())
                         .map(|(_, t)| *t)
                         .unwrap_or(e.last_seen);
-                    Some(fmt_time(t))
+                    Some(t)
                 } else {
                     None
                 };
@@ -232,7 +234,16 @@ impl EdgeRegistry {
                     Some((s, msg)) if applied_at.is_none() && *s <= seq => Some(msg.clone()),
                     _ => None,
                 };
-                (kv.key().clone(), PurgeProgress { applied_at, error })
+                let progress = PurgeProgress {
+                    applied_at: applied_at.map(fmt_time),
+                    applied_at_us: applied_at.and_then(|t| {
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_micros() as u64)
+                    }),
+                    error,
+                };
+                (kv.key().clone(), progress)
             })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
