@@ -91,3 +91,66 @@ async fn sources_outside_the_allow_list_get_405() {
         .contains("not allowed"));
     assert_eq!(c.head().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_protocol_violations_on_grpc_are_refused_and_harmless() {
+    use proto::edge::{agent_message, AgentMessage, Hello, PurgeAck};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = temp_dir();
+    let c = CoordinatorProc::start(dir.path(), &CoordinatorOpts::default()).await;
+
+    // Raw garbage on the gRPC port: the connection is dropped.
+    let mut s = tokio::net::TcpStream::connect(c.grpc).await.unwrap();
+    s.write_all(b"\x00\xffnot http2 at all\r\n\r\n\x16\x03\x01garbage")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await;
+
+    let session = |msgs: Vec<AgentMessage>| async move {
+        let mut client = proto::CoordinatorClient::connect(format!("http://{}", c.grpc))
+            .await
+            .unwrap();
+        let stream = tokio_stream::iter(msgs);
+        match client.session(stream).await {
+            Ok(r) => {
+                let mut inbound = r.into_inner();
+                inbound.message().await.map(|_| ())
+            }
+            Err(status) => Err(status),
+        }
+    };
+    // An ack before Hello.
+    let ack = AgentMessage {
+        msg: Some(agent_message::Msg::Ack(PurgeAck {
+            applied_seq: 5,
+            log_id: String::new(),
+        })),
+    };
+    let err = session(vec![ack]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    // An identity that could break labels or paths.
+    let hello = |id: &str| AgentMessage {
+        msg: Some(agent_message::Msg::Hello(Hello {
+            edge_id: id.into(),
+            region: "r".into(),
+            ..Default::default()
+        })),
+    };
+    let err = session(vec![hello("bad id\"}\n")]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    // A message with no payload (what an unknown future kind decodes to) is ignored.
+    session(vec![hello("good-1"), AgentMessage { msg: None }])
+        .await
+        .expect("valid session");
+
+    // Still serving purges.
+    assert_eq!(purge_tags(c.purge, &["cat_p_1"]).await, 1);
+    let edges = get_json(c.api, "/api/v1/edges").await.unwrap();
+    assert_eq!(
+        edges.as_array().map(Vec::len),
+        Some(1),
+        "only the valid edge registered: {edges}"
+    );
+}

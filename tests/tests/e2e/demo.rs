@@ -1,0 +1,113 @@
+//! README's first command: `coordinator demo` brings up a working cluster, writes
+//! cluster.json, and stops every child on SIGTERM.
+
+use std::time::{Duration, Instant};
+
+use coordinator::demo::process;
+use tests::{assert_eventually, bin_dir, get, purge_tags, temp_dir};
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_a_cluster_that_purges_everywhere_and_stops_cleanly() {
+    tests::require_varnish();
+    let dir = temp_dir();
+    let state = dir.path().join("demo");
+    // A base port whose 32-port block is free right now.
+    let base = (tests::free_port() / 100).clamp(100, 600) * 100;
+    let args: Vec<String> = [
+        "demo",
+        "--regions",
+        "2",
+        "--base-port",
+        &base.to_string(),
+        "--state-dir",
+        &state.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut demo = process::spawn(
+        &bin_dir().join("coordinator"),
+        &args,
+        &dir.path().join("demo.log"),
+        "demo",
+    )
+    .expect("spawn demo");
+    let cluster_json = state.join("cluster.json");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !cluster_json.is_file() {
+        assert!(
+            demo.try_status().is_none(),
+            "demo exited; see {}",
+            dir.path().join("demo.log").display()
+        );
+        assert!(Instant::now() < deadline, "no cluster.json");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cluster: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cluster_json).unwrap()).unwrap();
+    assert!(cluster["api_token"].as_str().is_some_and(|t| t.len() >= 32));
+    assert!(
+        std::path::Path::new(cluster["bundle_dir"].as_str().unwrap())
+            .join("main.vcl")
+            .is_file()
+    );
+    let regions = cluster["regions"].as_array().unwrap().clone();
+    assert_eq!(regions.len(), 2);
+    let varnish: Vec<std::net::SocketAddr> = regions
+        .iter()
+        .map(|r| r["varnish_http"].as_str().unwrap().parse().unwrap())
+        .collect();
+    for r in &regions {
+        assert!(std::path::Path::new(r["agent_config"].as_str().unwrap()).is_file());
+    }
+
+    for v in &varnish {
+        get(*v, "/p/42").await;
+        assert_eq!(get(*v, "/p/42").await.cache(), "HIT");
+    }
+    let purge: std::net::SocketAddr = cluster["purge"].as_str().unwrap().parse().unwrap();
+    let api: std::net::SocketAddr = cluster["api"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let seq = purge_tags(purge, &["cat_p_42"]).await;
+    assert_eventually!(
+        20,
+        {
+            let p = tests::get_json(api, &format!("/api/v1/purges/{seq}")).await;
+            p.and_then(|p| p["edges"].as_object().cloned())
+                .is_some_and(|e| e.len() == 2 && e.values().all(|x| x["applied_at"].is_string()))
+        },
+        "purge not applied in both regions"
+    );
+    for v in &varnish {
+        assert_eq!(get(*v, "/p/42").await.cache(), "MISS");
+    }
+
+    let pids: Vec<u64> = regions
+        .iter()
+        .flat_map(|r| {
+            [
+                r["agent_pid"].as_u64().unwrap(),
+                r["varnish_pid"].as_u64().unwrap(),
+            ]
+        })
+        .collect();
+    demo.stop(Duration::from_secs(30)).await;
+    assert_eventually!(
+        10,
+        pids.iter().all(|p| !alive(*p)),
+        "children left running: {pids:?}"
+    );
+}
