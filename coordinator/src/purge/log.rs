@@ -12,13 +12,17 @@
 //! ([`PurgeLog::read_from`] serves from it and falls back to the file for old cursors),
 //! and the head sequence is published on a `watch` channel that fan-out sessions await.
 //!
+//! After a failed commit (a full disk) redb refuses further use of the open file, so the
+//! writer closes and reopens it ([`SharedDb`]): once space is back, appends succeed again
+//! without a restart.
+//!
 //! Retention deletes the oldest entries beyond a count or an age. An agent whose cursor
 //! falls behind the oldest retained entry gets a full ban instead (see `fanout`).
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -37,7 +41,7 @@ pub struct Retention {
 }
 
 /// Errors from the purge log.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
     #[error("purge log storage error: {0}")]
     Storage(String),
@@ -55,6 +59,39 @@ impl From<redb::Error> for LogError {
 
 fn storage<E: Into<redb::Error>>(e: E) -> LogError {
     LogError::from(e.into())
+}
+
+/// The database file, closed and reopened by the writer after an I/O error. Readers and
+/// the writer take the read lock for one synchronous operation; only a reopen takes the
+/// write lock. Never held across an `.await`.
+struct SharedDb {
+    path: PathBuf,
+    db: RwLock<Option<Database>>,
+}
+
+impl SharedDb {
+    fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, LogError>) -> Result<T, LogError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(LogError::Storage(
+                "purge log is reopening after an I/O error".into(),
+            )),
+        }
+    }
+
+    /// Drops the handle (releasing the file lock) and opens the file again.
+    fn reopen(&self) {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        *guard = None;
+        match Database::create(&self.path) {
+            Ok(db) => {
+                *guard = Some(db);
+                tracing::info!(path = %self.path.display(), "purge log reopened");
+            }
+            Err(e) => tracing::warn!(error = %e, "purge log cannot be reopened yet"),
+        }
+    }
 }
 
 /// A purge to append: the operation and whether it is soft.
@@ -77,7 +114,7 @@ pub struct PurgeLog {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    db: Arc<SharedDb>,
     log_id: String,
     queue: std_mpsc::SyncSender<AppendReq>,
     head: watch::Receiver<u64>,
@@ -95,10 +132,14 @@ impl PurgeLog {
     /// when every handle is dropped.
     pub fn open(dir: &Path, retention: Retention) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(e.to_string()))?;
-        let db = Database::create(dir.join("purges.redb")).map_err(storage)?;
+        let path = dir.join("purges.redb");
+        let db = Database::create(&path).map_err(storage)?;
         let (log_id, head, first) = init_meta(&db)?;
-        let db = Arc::new(db);
         let tail = Arc::new(Mutex::new(load_tail(&db, head)?));
+        let db = Arc::new(SharedDb {
+            path,
+            db: RwLock::new(Some(db)),
+        });
         let (head_tx, head_rx) = watch::channel(head);
         let first = Arc::new(AtomicU64::new(first));
         let (queue, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
@@ -174,19 +215,21 @@ impl PurgeLog {
                 }
             }
         }
-        let read = self.inner.db.begin_read().map_err(storage)?;
-        let table = read.open_table(PURGES).map_err(storage)?;
-        let mut out = Vec::new();
-        for item in table.range(from..).map_err(storage)? {
-            let (_, value) = item.map_err(storage)?;
-            let entry = PurgeEntry::decode(value.value())
-                .map_err(|e| LogError::Storage(format!("corrupt entry: {e}")))?;
-            out.push(Arc::new(entry));
-            if out.len() >= max {
-                break;
+        self.inner.db.with(|db| {
+            let read = db.begin_read().map_err(storage)?;
+            let table = read.open_table(PURGES).map_err(storage)?;
+            let mut out = Vec::new();
+            for item in table.range(from..).map_err(storage)? {
+                let (_, value) = item.map_err(storage)?;
+                let entry = PurgeEntry::decode(value.value())
+                    .map_err(|e| LogError::Storage(format!("corrupt entry: {e}")))?;
+                out.push(Arc::new(entry));
+                if out.len() >= max {
+                    break;
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// One entry, if it is still retained.
@@ -251,7 +294,7 @@ fn load_tail(db: &Database, head: u64) -> Result<VecDeque<Arc<PurgeEntry>>, LogE
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<SharedDb>,
     head: u64,
     head_tx: watch::Sender<u64>,
     first: Arc<AtomicU64>,
@@ -319,14 +362,26 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, purges = entries.len(), "purge log commit failed; nothing acknowledged");
                 for req in batch {
-                    let _ = req.reply.send(Err(LogError::Storage(e.to_string())));
+                    let _ = req.reply.send(Err(e.clone()));
                 }
+                self.db.reopen();
             }
         }
     }
 
     fn write(&self, entries: &[PurgeEntry], head: u64) -> Result<(), LogError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        self.db.with(|db| Self::write_txn(db, entries, head))?;
+        if self.first.load(Ordering::Acquire) > head {
+            // The log was empty: its first entry is the first one just written.
+            if let Some(e) = entries.first() {
+                self.first.store(e.seq, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_txn(db: &Database, entries: &[PurgeEntry], head: u64) -> Result<(), LogError> {
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
         {
             let mut table = txn.open_table(PURGES).map_err(storage)?;
@@ -341,14 +396,7 @@ impl Writer {
             meta.insert("head", head.to_be_bytes().as_slice())
                 .map_err(storage)?;
         }
-        txn.commit().map_err(storage)?;
-        if self.first.load(Ordering::Acquire) > head {
-            // The log was empty: its first entry is the first one just written.
-            if let Some(e) = entries.first() {
-                self.first.store(e.seq, Ordering::Release);
-            }
-        }
-        Ok(())
+        txn.commit().map_err(storage)
     }
 
     /// Deletes entries beyond the retention count or age, at most once a second.
@@ -363,13 +411,18 @@ impl Writer {
     }
 
     fn prune(&mut self) -> Result<(), LogError> {
+        let db = self.db.clone();
+        db.with(|db| self.prune_in(db))
+    }
+
+    fn prune_in(&mut self, db: &Database) -> Result<(), LogError> {
         let first = self.first.load(Ordering::Acquire);
         let by_count = (self.head + 1).saturating_sub(self.retention.max_entries);
         let cutoff_us = now_us().saturating_sub(self.retention.max_age.as_micros() as u64);
         let mut keep_from = first.max(by_count);
         // Age: walk forward from the oldest entry while it is too old (bounded per pass).
         {
-            let read = self.db.begin_read().map_err(storage)?;
+            let read = db.begin_read().map_err(storage)?;
             let table = read.open_table(PURGES).map_err(storage)?;
             for item in table.range(keep_from..).map_err(storage)?.take(100_000) {
                 let (k, v) = item.map_err(storage)?;
@@ -388,7 +441,7 @@ impl Writer {
         if keep_from <= first {
             return Ok(());
         }
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
         {
             let mut table = txn.open_table(PURGES).map_err(storage)?;

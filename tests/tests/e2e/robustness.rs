@@ -154,3 +154,108 @@ async fn garbage_and_protocol_violations_on_grpc_are_refused_and_harmless() {
         "only the valid edge registered: {edges}"
     );
 }
+
+/// A tmpfs of a given size, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "this test mounts a small tmpfs to fill the disk: it needs root (CI runs as root)"
+        );
+        SmallDisk(path.to_owned())
+    }
+
+    fn grow(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount failed");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
+    let dir = temp_dir();
+    let disk = SmallDisk::mount(&dir.path().join("state"), "3m");
+    let mut c = CoordinatorProc::start(dir.path(), &CoordinatorOpts::default()).await;
+    let tags: Vec<String> = (0..400).map(|i| format!("cat_p_{i}")).collect();
+    let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+    let request = magento_purge(&tests::tags_pattern(&refs));
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for _ in 0..5000 {
+        let r = raw(c.purge, &request).await.unwrap();
+        match r.status {
+            200 => acked.push(r.json()["seq"].as_u64().unwrap()),
+            503 => {
+                refused = Some(r);
+                break;
+            }
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    let refused = refused.expect("the disk never filled up");
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{}",
+        refused.body
+    );
+    assert!(acked.len() > 10, "only {} purges fit", acked.len());
+    // Still answering (not hung, not crashed) while the disk is full.
+    let again = raw(c.purge, &request).await.unwrap();
+    assert!(
+        again.status == 503 || again.status == 200,
+        "{}",
+        again.status
+    );
+    if again.status == 200 {
+        acked.push(again.json()["seq"].as_u64().unwrap());
+    }
+
+    // Space comes back: appends succeed again without a restart...
+    disk.grow("64m");
+    let mut recovered = false;
+    for _ in 0..50 {
+        let r = raw(c.purge, &request).await.unwrap();
+        if r.status == 200 {
+            acked.push(r.json()["seq"].as_u64().unwrap());
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the log did not recover once space was back");
+    // ...and after a crash every acknowledged purge is there.
+    c.kill9_and_restart().await;
+    for seq in &acked {
+        assert!(
+            get_json(c.api, &format!("/api/v1/purges/{seq}"))
+                .await
+                .is_some(),
+            "acknowledged purge {seq} lost"
+        );
+    }
+    let next = tests::purge_tags(c.purge, &["cat_p_1"]).await;
+    assert!(next > *acked.iter().max().unwrap());
+}
