@@ -29,6 +29,8 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Most entries merged into one apply while catching up.
+const COALESCE_MAX_ENTRIES: usize = 20_000;
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +164,7 @@ impl Agent {
 
         // Read the stream in its own task so batches queue up while we apply: whatever
         // queued is coalesced into the next apply.
-        let (in_tx, mut in_rx) = mpsc::channel::<Result<CoordinatorMessage, tonic::Status>>(8);
+        let (in_tx, mut in_rx) = mpsc::channel::<Result<CoordinatorMessage, tonic::Status>>(64);
         let reader = tokio::spawn(async move {
             loop {
                 let item = match inbound.message().await {
@@ -215,17 +217,24 @@ impl Agent {
                 }
                 coordinator_message::Msg::Purges(batch) => {
                     let mut entries = batch.entries;
-                    // Coalesce whatever else already arrived.
+                    // Coalesce whatever else already arrived. Yielding lets the reader
+                    // move more of a backlog out of the HTTP/2 buffers into the channel.
                     let mut deferred = None;
-                    while let Ok(next) = in_rx.try_recv() {
-                        match next {
-                            Ok(CoordinatorMessage {
-                                msg: Some(coordinator_message::Msg::Purges(b)),
-                            }) => entries.extend(b.entries),
-                            other => {
-                                deferred = Some(other);
-                                break;
+                    'drain: while entries.len() < COALESCE_MAX_ENTRIES {
+                        while let Ok(next) = in_rx.try_recv() {
+                            match next {
+                                Ok(CoordinatorMessage {
+                                    msg: Some(coordinator_message::Msg::Purges(b)),
+                                }) => entries.extend(b.entries),
+                                other => {
+                                    deferred = Some(other);
+                                    break 'drain;
+                                }
                             }
+                        }
+                        tokio::task::yield_now().await;
+                        if in_rx.is_empty() {
+                            break;
                         }
                     }
                     self.apply_entries(entries, &log_id, &out, shutdown).await?;

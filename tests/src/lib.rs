@@ -131,6 +131,7 @@ impl Drop for OriginServer {
 
 /// One varnishd with the project's VCL.
 pub struct VarnishNode {
+    pub workdir: PathBuf,
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub secret: PathBuf,
@@ -158,6 +159,7 @@ impl VarnishNode {
             match process::start_varnishd(&spec, &dir.join("varnishd.log")).await {
                 Ok(child) => {
                     return VarnishNode {
+                        workdir: spec.workdir.clone(),
                         http: spec.http,
                         admin: spec.admin,
                         secret,
@@ -168,6 +170,22 @@ impl VarnishNode {
             }
         }
         panic!("varnishd did not start: {last_err:?}");
+    }
+
+    /// One counter from `varnishstat -1` (e.g. `MAIN.bans_added`).
+    pub fn counter(&self, name: &str) -> u64 {
+        let out = std::process::Command::new("varnishstat")
+            .arg("-n")
+            .arg(&self.workdir)
+            .args(["-1", "-f", name])
+            .output()
+            .expect("varnishstat");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} in varnishstat output: {text}"))
     }
 
     /// Runs an admin CLI command (through the agent's own protocol client).

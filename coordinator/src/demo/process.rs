@@ -75,6 +75,21 @@ impl Child {
         let _ = self.inner.kill().await;
     }
 
+    /// SIGSTOP: the process freezes with its sockets open, like a peer behind a stalled
+    /// network path (for partition tests).
+    pub fn suspend(&self) {
+        if let Some(pid) = self.inner.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`Child::suspend`].
+    pub fn resume(&self) {
+        if let Some(pid) = self.inner.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+        }
+    }
+
     /// `Some(status)` if it has exited.
     pub fn try_status(&mut self) -> Option<String> {
         self.inner.try_wait().ok().flatten().map(|s| s.to_string())

@@ -136,3 +136,55 @@ async fn cursor_older_than_retention_leads_to_a_full_ban() {
     assert_eq!(get(v, "/untagged/keep").await.cache(), "MISS");
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_stalls_nothing_and_catches_up_coalesced() {
+    let c = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    let frozen = &c.varnish[1];
+    get(frozen.http, "/p/300").await;
+    let bans_before = frozen.counter("MAIN.bans_added");
+
+    // Region 1's agent stops answering with its connection open (a stalled path).
+    c.agents[1].child.suspend();
+    let mut acked = Vec::new();
+    let started = std::time::Instant::now();
+    for i in 0..200u64 {
+        acked.push(purge_tags(c.coordinator.purge, &[&format!("frozen_{i}")]).await);
+    }
+    acked.push(purge_tags(c.coordinator.purge, &["cat_p_300"]).await);
+    let sending = started.elapsed();
+    let head = *acked.last().unwrap();
+    // The healthy region is not held back by the frozen one.
+    let api = c.coordinator.api;
+    assert_eventually!(
+        10,
+        {
+            let edges = c.coordinator.edges().await;
+            edges
+                .iter()
+                .any(|e| e["id"] == "edge-0" && e["applied_seq"].as_u64() == Some(head))
+                && edges
+                    .iter()
+                    .any(|e| e["id"] == "edge-1" && e["lag"].as_u64().unwrap_or(0) > 0)
+        },
+        "edge-0 should be caught up and edge-1 lagging: {:?}",
+        get_json(api, "/api/v1/edges").await
+    );
+    assert!(
+        sending < Duration::from_secs(20),
+        "Magento-facing acks slowed down: {sending:?}"
+    );
+
+    c.agents[1].child.resume();
+    c.wait_applied(head).await;
+    assert_eq!(lost(&c, &acked).await, 0, "purges lost");
+    assert_eq!(get(frozen.http, "/p/300").await.cache(), "MISS");
+    // The backlog was coalesced: far fewer bans than purges.
+    let added = frozen.counter("MAIN.bans_added") - bans_before;
+    eprintln!("frozen agent: {added} bans for {} purges", acked.len());
+    assert!(
+        added <= 5,
+        "{added} bans for {} purges: backlog was not coalesced",
+        acked.len()
+    );
+}
