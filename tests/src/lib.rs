@@ -230,40 +230,51 @@ pub struct CoordinatorProc {
 }
 
 impl CoordinatorProc {
+    /// Starts on fresh loopback ports (retrying if another process grabbed one first).
     pub async fn start(dir: &Path, opts: &CoordinatorOpts) -> Self {
         std::fs::create_dir_all(dir).expect("coordinator dir");
-        let (purge, grpc, api) = (lo(free_port()), lo(free_port()), lo(free_port()));
         let token = "test-token-0123456789".to_owned();
         std::fs::write(dir.join("token"), &token).expect("token");
         let allow: Vec<String> = opts.allow.iter().map(|a| format!("\"{a}\"")).collect();
         let config = dir.join("coordinator.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\n",
-                allow.join(", "),
-                opts.retention_entries,
-                dir.join("token").display()
-            ),
-        )
-        .expect("config");
         let state = dir.join("state");
-        let child = spawn_coordinator(&config, &state, api).await;
-        CoordinatorProc {
-            purge,
-            grpc,
-            api,
-            config,
-            state,
-            token,
-            child,
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            let (purge, grpc, api) = (lo(free_port()), lo(free_port()), lo(free_port()));
+            std::fs::write(
+                &config,
+                format!(
+                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\n",
+                    allow.join(", "),
+                    opts.retention_entries,
+                    dir.join("token").display()
+                ),
+            )
+            .expect("config");
+            match spawn_coordinator(&config, &state, api).await {
+                Ok(child) => {
+                    return CoordinatorProc {
+                        purge,
+                        grpc,
+                        api,
+                        config,
+                        state,
+                        token,
+                        child,
+                    }
+                }
+                Err(e) => last_err = e,
+            }
         }
+        panic!("{last_err}");
     }
 
     /// SIGKILL and start again on the same ports and state.
     pub async fn kill9_and_restart(&mut self) {
         self.child.kill9().await;
-        self.child = spawn_coordinator(&self.config, &self.state, self.api).await;
+        self.child = spawn_coordinator(&self.config, &self.state, self.api)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub async fn edges(&self) -> Vec<Value> {
@@ -291,7 +302,7 @@ impl CoordinatorProc {
 }
 
 /// Starts `coordinator serve` and waits for `/healthz`.
-async fn spawn_coordinator(config: &Path, state: &Path, api: SocketAddr) -> Child {
+async fn spawn_coordinator(config: &Path, state: &Path, api: SocketAddr) -> Result<Child, String> {
     let log = config.with_file_name("coordinator.log");
     let args = vec![
         "serve".to_owned(),
@@ -306,10 +317,14 @@ async fn spawn_coordinator(config: &Path, state: &Path, api: SocketAddr) -> Chil
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_status() {
-            panic!("coordinator exited ({status}); see {}", log.display());
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!(
+                "coordinator exited ({status}): {}",
+                tail.lines().last().unwrap_or_default()
+            ));
         }
         if get_json(api, "/healthz").await.is_some() {
-            return child;
+            return Ok(child);
         }
         assert!(Instant::now() < deadline, "coordinator did not come up");
         tokio::time::sleep(Duration::from_millis(50)).await;
