@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use proto::edge::{
-    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Heartbeat, Hello,
-    PurgeAck, PurgeEntry, PurgeError,
+    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, FullBan, Heartbeat,
+    Hello, PurgeAck, PurgeEntry, PurgeError,
 };
 use proto::CoordinatorClient;
 use rand::Rng;
@@ -202,19 +202,7 @@ impl Agent {
                     tracing::info!(log_id = %w.log_id, head_seq = w.head_seq, applied_seq = self.cursor.applied_seq, "session established");
                     log_id = w.log_id;
                 }
-                coordinator_message::Msg::FullBan(fb) => {
-                    tracing::warn!(up_to_seq = fb.up_to_seq, reason = %fb.reason, "coordinator asked for a full ban");
-                    self.apply_ops(&[VarnishOp::BanAll], fb.up_to_seq, &out, shutdown)
-                        .await?;
-                    self.commit(
-                        Cursor {
-                            log_id: fb.log_id,
-                            applied_seq: fb.up_to_seq,
-                        },
-                        &out,
-                    )
-                    .await?;
-                }
+                coordinator_message::Msg::FullBan(fb) => self.full_ban(fb, &out, shutdown).await?,
                 coordinator_message::Msg::Purges(batch) => {
                     let mut entries = batch.entries;
                     // Coalesce whatever else already arrived. Yielding lets the reader
@@ -243,18 +231,7 @@ impl Agent {
                         match other {
                             Ok(CoordinatorMessage {
                                 msg: Some(coordinator_message::Msg::FullBan(fb)),
-                            }) => {
-                                self.apply_ops(&[VarnishOp::BanAll], fb.up_to_seq, &out, shutdown)
-                                    .await?;
-                                self.commit(
-                                    Cursor {
-                                        log_id: fb.log_id,
-                                        applied_seq: fb.up_to_seq,
-                                    },
-                                    &out,
-                                )
-                                .await?;
-                            }
+                            }) => self.full_ban(fb, &out, shutdown).await?,
                             Ok(_) => {}
                             Err(status) => return Err(status.into()),
                         }
@@ -306,6 +283,23 @@ impl Agent {
             out,
         )
         .await
+    }
+
+    /// Bans everything, then counts the log as applied up to `fb.up_to_seq`.
+    async fn full_ban(
+        &mut self,
+        fb: FullBan,
+        out: &Outbound,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        tracing::warn!(up_to_seq = fb.up_to_seq, reason = %fb.reason, "coordinator asked for a full ban");
+        self.apply_ops(&[VarnishOp::BanAll], fb.up_to_seq, out, shutdown)
+            .await?;
+        let cursor = Cursor {
+            log_id: fb.log_id,
+            applied_seq: fb.up_to_seq,
+        };
+        self.commit(cursor, out).await
     }
 
     /// Applies every op, retrying each until it succeeds (reporting failures upstream).
