@@ -182,14 +182,19 @@ impl Agent {
 
         let mut log_id = String::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        // A message taken off the channel while coalescing but not part of the batch.
+        let mut pending = None;
         loop {
-            let msg = tokio::select! {
-                _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
-                _ = heartbeat.tick() => {
-                    send(&out, agent_message::Msg::Heartbeat(Heartbeat { applied_seq: self.cursor.applied_seq })).await?;
-                    continue;
-                }
-                m = in_rx.recv() => m,
+            let msg = match pending.take() {
+                Some(m) => Some(m),
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                    _ = heartbeat.tick() => {
+                        send(&out, agent_message::Msg::Heartbeat(Heartbeat { applied_seq: self.cursor.applied_seq })).await?;
+                        continue;
+                    }
+                    m = in_rx.recv() => m,
+                },
             };
             let msg = match msg {
                 None => return Err(SessionEnd::Closed),
@@ -207,7 +212,6 @@ impl Agent {
                     let mut entries = batch.entries;
                     // Coalesce whatever else already arrived. Yielding lets the reader
                     // move more of a backlog out of the HTTP/2 buffers into the channel.
-                    let mut deferred = None;
                     'drain: while entries.len() < COALESCE_MAX_ENTRIES {
                         while let Ok(next) = in_rx.try_recv() {
                             match next {
@@ -215,7 +219,7 @@ impl Agent {
                                     msg: Some(coordinator_message::Msg::Purges(b)),
                                 }) => entries.extend(b.entries),
                                 other => {
-                                    deferred = Some(other);
+                                    pending = Some(other);
                                     break 'drain;
                                 }
                             }
@@ -226,16 +230,6 @@ impl Agent {
                         }
                     }
                     self.apply_entries(entries, &log_id, &out, shutdown).await?;
-                    if let Some(other) = deferred {
-                        // Put a non-purge message back in order by handling it next round.
-                        match other {
-                            Ok(CoordinatorMessage {
-                                msg: Some(coordinator_message::Msg::FullBan(fb)),
-                            }) => self.full_ban(fb, &out, shutdown).await?,
-                            Ok(_) => {}
-                            Err(status) => return Err(status.into()),
-                        }
-                    }
                 }
             }
         }
