@@ -3,6 +3,9 @@
 //! Read endpoints are open; write endpoints need `Authorization: Bearer <token>` with the
 //! token from `[api] token_file` (compared in constant time). Handlers only read shared
 //! state (the log, the edge registry) or append to the log like the purge listener does.
+//! Config pushes are validated and stored on a blocking thread; the rollout itself runs
+//! in [`crate::rollout`]. Stored bundle contents may hold credentials (basic auth in
+//! `waf.toml`), so reading them needs the token too.
 
 use std::sync::Arc;
 
@@ -15,9 +18,11 @@ use proto::edge::{purge_entry::Op, All, TagSet, UrlPurge};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::bundle::Bundle;
 use crate::fanout::edges::{fmt_time, EdgeRegistry};
 use crate::metrics::Metrics;
 use crate::purge::log::{NewPurge, PurgeLog};
+use crate::rollout::{RolloutError, Rollouts};
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -25,8 +30,12 @@ pub struct ApiState {
     pub log: PurgeLog,
     pub edges: Arc<EdgeRegistry>,
     pub metrics: Arc<Metrics>,
+    pub rollouts: Arc<Rollouts>,
     pub token: Option<Arc<str>>,
 }
+
+/// Largest request body (a config bundle is at most 2 MiB of text, JSON-escaped).
+const MAX_BODY: usize = 8 * 1024 * 1024;
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
@@ -36,6 +45,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/edges", get(edges))
         .route("/api/v1/purges", axum::routing::post(post_purge))
         .route("/api/v1/purges/:seq", get(purge))
+        .route("/api/v1/config", get(config_view).post(config_push))
+        .route(
+            "/api/v1/config/rollback",
+            axum::routing::post(config_rollback),
+        )
+        .route("/api/v1/config/versions", get(config_versions))
+        .route("/api/v1/config/versions/:version", get(config_version))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
@@ -54,13 +71,118 @@ async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&s.log, &s.edges),
+        s.metrics.render(&s.log, &s.edges, &s.rollouts),
     )
         .into_response()
 }
 
 async fn edges(State(s): State<ApiState>) -> Response {
-    Json(s.edges.list(s.log.head())).into_response()
+    let mut list = s.edges.list(s.log.head());
+    for e in &mut list {
+        e.config_version = s.rollouts.active_version(&e.id);
+    }
+    Json(list).into_response()
+}
+
+async fn config_view(State(s): State<ApiState>) -> Response {
+    Json(s.rollouts.view()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushQuery {
+    /// `false` skips the canary stage.
+    canary: Option<bool>,
+}
+
+async fn config_push(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<PushQuery>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let bundle: Bundle = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"files\": {{name: text}}}}: {e}"),
+            )
+        }
+    };
+    let rollouts = s.rollouts.clone();
+    let canary = q.canary.unwrap_or(true);
+    rollout_answer(tokio::task::spawn_blocking(move || rollouts.push(&bundle, canary)).await)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: Option<String>,
+}
+
+async fn config_rollback(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let body: RollbackBody = if body.is_empty() {
+        RollbackBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
+        }
+    };
+    let rollouts = s.rollouts.clone();
+    rollout_answer(tokio::task::spawn_blocking(move || rollouts.rollback(body.version)).await)
+}
+
+fn rollout_answer(
+    result: Result<Result<crate::rollout::Started, RolloutError>, tokio::task::JoinError>,
+) -> Response {
+    match result {
+        Ok(Ok(started)) => Json(started).into_response(),
+        Ok(Err(RolloutError::Bundle(e))) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": e.to_string(), "file": e.file, "line": e.line })),
+        )
+            .into_response(),
+        Ok(Err(e @ RolloutError::UnknownVersion(_))) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Ok(Err(e @ RolloutError::Nothing(_))) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e @ RolloutError::Store(_))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn config_versions(State(s): State<ApiState>) -> Response {
+    match s.rollouts.store().list() {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn config_version(
+    State(s): State<ApiState>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    match s.rollouts.store().get(&version) {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown version {version}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {

@@ -20,6 +20,8 @@ pub struct CoordinatorConfig {
     pub api: ApiConfig,
     #[serde(default)]
     pub regions: Vec<RegionConfig>,
+    #[serde(default)]
+    pub rollout: RolloutConfig,
 }
 
 /// `[purge]`: the Magento-facing listener and the log's retention.
@@ -82,6 +84,69 @@ pub struct RegionConfig {
     pub lat: f64,
     #[serde(default)]
     pub lon: f64,
+    /// Values substituted for `${name}` in this region's rendering of a config bundle
+    /// (`region` is always defined as the region's name).
+    #[serde(default)]
+    pub vars: std::collections::BTreeMap<String, String>,
+}
+
+/// `[rollout]`: how config bundles reach the edges.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Region that gets a new bundle first; without one a push goes everywhere at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_region: Option<String>,
+    /// How long the canary must stay healthy before the rest of the fleet follows.
+    #[serde(default = "default_canary_wait_s")]
+    pub canary_wait_s: u64,
+    /// Path the agents GET through their varnish after switching (and periodically);
+    /// a 5xx or no answer makes the canary unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
+    /// Host header for that request.
+    #[serde(default = "default_health_host")]
+    pub health_host: String,
+    /// What to do when an edge runs something else than the desired version.
+    #[serde(default)]
+    pub drift: DriftPolicy,
+    /// Coordinator VCLs each varnishd keeps loaded (the active one included).
+    #[serde(default = "default_keep_vcls")]
+    pub keep_vcls: u32,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            canary_region: None,
+            canary_wait_s: default_canary_wait_s(),
+            health_path: None,
+            health_host: default_health_host(),
+            drift: DriftPolicy::default(),
+            keep_vcls: default_keep_vcls(),
+        }
+    }
+}
+
+/// `rollout.drift`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftPolicy {
+    /// Put the desired version back on a drifted edge.
+    #[default]
+    Enforce,
+    /// Only flag it (a restarted varnishd running its boot VCL is still brought back).
+    Report,
+}
+
+fn default_canary_wait_s() -> u64 {
+    60
+}
+fn default_health_host() -> String {
+    "localhost".into()
+}
+fn default_keep_vcls() -> u32 {
+    3
 }
 
 fn default_allow() -> Vec<IpNet> {
@@ -171,11 +236,56 @@ impl CoordinatorConfig {
             if !seen.insert(&r.name) {
                 return invalid(format!("region {:?} is listed twice", r.name));
             }
+            for name in r.vars.keys() {
+                if !crate::bundle::vars::is_name(name) || name == "region" {
+                    return invalid(format!(
+                        "region {:?}: variable name {name:?} must match [A-Za-z_][A-Za-z0-9_]* and not be `region`",
+                        r.name
+                    ));
+                }
+            }
             if !(-90.0..=90.0).contains(&r.lat) || !(-180.0..=180.0).contains(&r.lon) {
                 return invalid(format!("region {:?} has lat/lon out of range", r.name));
             }
         }
+        if let Some(canary) = &self.rollout.canary_region {
+            if !self.regions.iter().any(|r| &r.name == canary) {
+                return invalid(format!(
+                    "rollout.canary_region {canary:?} is not one of [[regions]]"
+                ));
+            }
+        }
+        if let Some(path) = &self.rollout.health_path {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' ') {
+                return invalid("rollout.health_path must be a path starting with /".into());
+            }
+        }
+        if self.rollout.health_host.is_empty()
+            || self
+                .rollout
+                .health_host
+                .chars()
+                .any(|c| c.is_control() || c == ' ')
+        {
+            return invalid("rollout.health_host must be a host name".into());
+        }
+        if !(1..=50).contains(&self.rollout.keep_vcls) {
+            return invalid("rollout.keep_vcls must be 1..=50".into());
+        }
         Ok(())
+    }
+
+    /// Per-region substitution values for config bundles (`region` included).
+    pub fn region_vars(&self) -> std::collections::BTreeMap<String, crate::bundle::vars::Vars> {
+        self.regions
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    crate::bundle::vars::Vars::for_region(&r.name, &r.vars),
+                )
+            })
+            .collect()
     }
 
     /// The listener settings derived from `[purge]`.

@@ -6,12 +6,19 @@
 //! connected agent and tracks what each has applied ([`fanout::edges`]). [`api`] exposes
 //! it as JSON and Prometheus metrics ([`metrics`]). [`server`] wires these together;
 //! [`demo`] starts a whole local cluster around them.
+//!
+//! Flow of a config bundle: the API takes a pushed [`bundle::Bundle`], checks it renders
+//! for every region ([`bundle::vars`], [`bundle::waf`]), stores it ([`bundle::store`]),
+//! and [`rollout`] decides per edge which version to send over the same agent sessions.
 
 pub mod api;
+pub mod bundle;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod fanout;
 pub mod metrics;
 pub mod purge;
+pub mod rollout;
 pub mod server;
 pub mod telemetry;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use coordinator::cli::{self, ApiClient};
 use coordinator::config::CoordinatorConfig;
 use coordinator::{demo, server, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +52,83 @@ enum Command {
         #[arg(long, default_value = "ban", value_parser = ["ban", "xkey"])]
         purge_mode: String,
     },
+    /// Push, inspect and roll back config bundles (VCL + WAF) through the API.
+    Config {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Purge through the API (the same log Magento's PURGE requests go to).
+    Purge {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Cache tags (X-Magento-Tags), e.g. cat_p_42.
+        #[arg(long = "tag", conflicts_with_all = ["url", "all"])]
+        tags: Vec<String>,
+        /// One URL path.
+        #[arg(long)]
+        url: Option<String>,
+        /// Only on this Host (with --url).
+        #[arg(long, requires = "url")]
+        host: Option<String>,
+        /// Everything.
+        #[arg(long)]
+        all: bool,
+        /// Keep stale copies for grace (xkey mode).
+        #[arg(long)]
+        soft: bool,
+    },
+}
+
+/// Where the API is and how to authenticate.
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// The coordinator's API, e.g. http://127.0.0.1:6093.
+    #[arg(
+        long,
+        global = true,
+        env = "COORDINATOR_API",
+        default_value = "http://127.0.0.1:6093"
+    )]
+    api: String,
+    /// Bearer token for write endpoints.
+    #[arg(long, global = true, env = "COORDINATOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the token (used when --token is not given).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Upload a bundle directory (main.vcl, *.vcl, waf.toml) and roll it out.
+    Push {
+        dir: PathBuf,
+        /// Go to every region at once instead of the canary region first.
+        #[arg(long)]
+        no_canary: bool,
+        /// Follow the rollout until it is done (non-zero exit if it fails).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List stored versions.
+    List,
+    /// Print a version's files (or one of them).
+    Show {
+        version: String,
+        file: Option<String>,
+    },
+    /// Unified diff between two versions.
+    Diff { a: String, b: String },
+    /// Roll back to VERSION, or to the version before the current one.
+    Rollback {
+        version: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Desired version, rollout state and every edge's active version.
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -106,7 +184,61 @@ fn main() -> ExitCode {
                 };
                 exit(demo::run(args, shutdown).await.map_err(anyhow::Error::from))
             }
+            Command::Config { api, command } => {
+                let client = match client(&api) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                let result = match command {
+                    ConfigCommand::Push {
+                        dir,
+                        no_canary,
+                        wait,
+                    } => cli::config_push(&client, &dir, !no_canary, wait).await,
+                    ConfigCommand::List => cli::config_list(&client).await,
+                    ConfigCommand::Show { version, file } => {
+                        cli::config_show(&client, &version, file.as_deref()).await
+                    }
+                    ConfigCommand::Diff { a, b } => cli::config_diff(&client, &a, &b).await,
+                    ConfigCommand::Rollback { version, wait } => {
+                        cli::config_rollback(&client, version, wait).await
+                    }
+                    ConfigCommand::Status => cli::config_status(&client).await,
+                };
+                exit(result.map_err(anyhow::Error::from))
+            }
+            Command::Purge {
+                api,
+                tags,
+                url,
+                host,
+                all,
+                soft,
+            } => {
+                let client = match client(&api) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                let body = if all {
+                    serde_json::json!({ "all": true, "soft": soft })
+                } else if let Some(url) = url {
+                    serde_json::json!({ "url": url, "host": host, "soft": soft })
+                } else if !tags.is_empty() {
+                    serde_json::json!({ "tags": tags, "soft": soft })
+                } else {
+                    eprintln!("coordinator: give --tag, --url or --all");
+                    return ExitCode::from(2);
+                };
+                exit(cli::purge(&client, body).await.map_err(anyhow::Error::from))
+            }
         }
+    })
+}
+
+fn client(api: &ApiArgs) -> Result<ApiClient, ExitCode> {
+    ApiClient::new(&api.api, api.token.clone(), api.token_file.as_deref()).map_err(|e| {
+        eprintln!("coordinator: {e}");
+        ExitCode::from(2)
     })
 }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::fanout::edges::EdgeRegistry;
 use crate::purge::log::PurgeLog;
+use crate::rollout::Rollouts;
 
 const REQUEST_RESULTS: [&str; 5] = [
     "accepted",
@@ -42,7 +43,7 @@ impl Metrics {
     }
 
     /// The whole exposition.
-    pub fn render(&self, log: &PurgeLog, edges: &EdgeRegistry) -> String {
+    pub fn render(&self, log: &PurgeLog, edges: &EdgeRegistry, rollouts: &Rollouts) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
             out,
@@ -126,6 +127,57 @@ impl Metrics {
                 u8::from(e.connected)
             );
         }
+        render_config(&mut out, rollouts);
         out
+    }
+}
+
+fn render_config(out: &mut String, rollouts: &Rollouts) {
+    let view = rollouts.view();
+    let _ = writeln!(out, "# HELP coordinator_config_edge_in_sync Whether the edge runs its target config version (1) or not (0).");
+    let _ = writeln!(out, "# TYPE coordinator_config_edge_in_sync gauge");
+    for e in &view.edges {
+        let _ = writeln!(
+            out,
+            "coordinator_config_edge_in_sync{{region=\"{}\",edge=\"{}\"}} {}",
+            e.region,
+            e.id,
+            u8::from(e.state == "in_sync")
+        );
+    }
+    let _ = writeln!(out, "# HELP coordinator_config_edge_drift Whether the edge runs a VCL the coordinator did not push (1) or not (0).");
+    let _ = writeln!(out, "# TYPE coordinator_config_edge_drift gauge");
+    for e in &view.edges {
+        let _ = writeln!(
+            out,
+            "coordinator_config_edge_drift{{region=\"{}\",edge=\"{}\"}} {}",
+            e.region,
+            e.id,
+            u8::from(e.drift)
+        );
+    }
+    let _ = writeln!(out, "# HELP coordinator_config_drift_events_total Times the edge was seen leaving its config version (since coordinator start).");
+    let _ = writeln!(out, "# TYPE coordinator_config_drift_events_total counter");
+    for e in &view.edges {
+        let _ = writeln!(
+            out,
+            "coordinator_config_drift_events_total{{region=\"{}\",edge=\"{}\"}} {}",
+            e.region, e.id, e.drift_events
+        );
+    }
+    let phase = view.rollout.as_ref().map(|r| r.phase);
+    let _ = writeln!(out, "# HELP coordinator_config_rollout_phase The latest rollout's phase (1 for the current one).");
+    let _ = writeln!(out, "# TYPE coordinator_config_rollout_phase gauge");
+    for (name, p) in [
+        ("canary", crate::rollout::Phase::Canary),
+        ("fleet", crate::rollout::Phase::Fleet),
+        ("done", crate::rollout::Phase::Done),
+        ("failed", crate::rollout::Phase::Failed),
+    ] {
+        let _ = writeln!(
+            out,
+            "coordinator_config_rollout_phase{{phase=\"{name}\"}} {}",
+            u8::from(phase == Some(p))
+        );
     }
 }

@@ -14,12 +14,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
+use crate::bundle::store::{ConfigStore, StoreError};
 use crate::config::CoordinatorConfig;
 use crate::fanout::edges::EdgeRegistry;
 use crate::fanout::FanoutService;
 use crate::metrics::Metrics;
 use crate::purge::listener;
 use crate::purge::log::{LogError, PurgeLog};
+use crate::rollout::Rollouts;
 
 /// Longest wait for in-flight work after shutdown is requested.
 pub const GRACE: Duration = Duration::from_secs(10);
@@ -53,6 +55,8 @@ impl Listeners {
 pub enum ServeError {
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("cannot read api.token_file {path}: {source}")]
     Token {
         path: String,
@@ -70,13 +74,17 @@ pub struct Handles {
     pub log: PurgeLog,
     pub edges: Arc<EdgeRegistry>,
     pub metrics: Arc<Metrics>,
+    pub rollouts: Arc<Rollouts>,
 }
 
 /// Opens the state and returns the handles; [`run`] serves them.
 pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, ServeError> {
     let log = PurgeLog::open(state_dir, config.retention())?;
+    let store = Arc::new(ConfigStore::open(state_dir)?);
+    let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars())?;
     Ok(Handles {
         log,
+        rollouts,
         edges: Arc::new(EdgeRegistry::default()),
         metrics: Arc::new(Metrics::default()),
     })
@@ -117,7 +125,13 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let service = FanoutService::new(handles.log.clone(), handles.edges.clone(), shutdown.clone());
+    let driver = tokio::spawn(handles.rollouts.clone().drive(shutdown.clone()));
+    let service = FanoutService::new(
+        handles.log.clone(),
+        handles.edges.clone(),
+        handles.rollouts.clone(),
+        shutdown.clone(),
+    );
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
@@ -139,6 +153,7 @@ pub async fn run(
         log: handles.log.clone(),
         edges: handles.edges.clone(),
         metrics: handles.metrics.clone(),
+        rollouts: handles.rollouts.clone(),
         token,
     });
     let api_shutdown = shutdown.clone();
@@ -154,7 +169,7 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     let all = async {
-        let _ = tokio::join!(purge_task, grpc_task, api_task);
+        let _ = tokio::join!(purge_task, grpc_task, api_task, driver);
     };
     if tokio::time::timeout(GRACE, all).await.is_err() {
         tracing::warn!("grace period over; abandoning in-flight work");

@@ -14,11 +14,18 @@ pub struct AgentConfig {
     pub region: String,
     /// `https://host:port` (mTLS) or `http://host:port` (needs `--insecure`).
     pub coordinator: String,
-    /// Where the purge cursor is kept.
+    /// Where the purge cursor and loaded config bundles are kept.
     pub state_dir: PathBuf,
     pub varnish: VarnishConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// How often the agent reports its active VCL (and probes health) to the coordinator.
+    #[serde(default = "default_report_interval_s")]
+    pub report_interval_s: u64,
+}
+
+fn default_report_interval_s() -> u64 {
+    5
 }
 
 /// `[varnish]`: the local varnishd.
@@ -125,6 +132,11 @@ impl AgentConfig {
                 "coordinator {:?} must start with https:// or http://",
                 self.coordinator
             )));
+        }
+        if self.report_interval_s == 0 || self.report_interval_s > 3600 {
+            return Err(ConfigError::Invalid(
+                "report_interval_s must be 1..=3600".into(),
+            ));
         }
         if self.varnish.timeout_ms == 0 {
             return Err(ConfigError::Invalid(

@@ -3,12 +3,15 @@
 //! [`session`] holds the long-lived gRPC stream (dial out, Hello with the cursor, apply,
 //! ack, redial with backoff). [`plan`] coalesces purge entries into few varnish
 //! operations; [`varnish`] applies them (admin CLI protocol spoken directly, xkey over
-//! HTTP). [`cursor`] keeps the applied sequence on disk. [`config`] is the TOML file.
+//! HTTP). [`cursor`] keeps the applied sequence on disk. [`vcl`] loads pushed config
+//! bundles in a task of its own and reports what varnishd runs. [`config`] is the TOML
+//! file.
 
 pub mod config;
 pub mod cursor;
 pub mod plan;
 pub mod session;
 pub mod varnish;
+pub mod vcl;
 
 pub use session::run;

@@ -5,7 +5,8 @@
 //! to varnish (retrying until it works: an unapplied purge is never acked), the cursor is
 //! stored durably, and only then the ack goes up. A dropped session is redialled with
 //! exponential backoff and full jitter; the coordinator resumes from the cursor, so a
-//! purge can be applied twice after a crash (harmless) but never skipped.
+//! purge can be applied twice after a crash (harmless) but never skipped. Config bundles
+//! arriving on the same stream are handed to the [`crate::vcl`] worker.
 
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Largest message accepted from the coordinator (a config bundle is at most 2 MiB).
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Most entries merged into one apply while catching up.
 const COALESCE_MAX_ENTRIES: usize = 20_000;
 
@@ -153,10 +156,12 @@ impl Agent {
             capabilities: vec![
                 proto::CAP_FULL_BAN.to_owned(),
                 proto::CAP_SOFT_PURGE.to_owned(),
+                proto::CAP_CONFIG.to_owned(),
             ],
         };
         send(&out, agent_message::Msg::Hello(hello)).await?;
-        let mut client = CoordinatorClient::new(channel);
+        let mut client =
+            CoordinatorClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let mut inbound = tokio::select! {
             _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
             r = client.session(ReceiverStream::new(out_rx)) => r?.into_inner(),
@@ -179,6 +184,18 @@ impl Agent {
             }
         });
         let _abort_reader = AbortOnDrop(reader);
+
+        // Config bundles are applied by their own task (its own admin connection), so a
+        // VCL compile never holds up a purge.
+        let (config_tx, config_rx) = mpsc::channel(4);
+        let worker = tokio::spawn({
+            let varnish = self.config.varnish.clone();
+            let state_dir = self.config.state_dir.clone();
+            let out = out.clone();
+            let every = Duration::from_secs(self.config.report_interval_s);
+            async move { crate::vcl::run(varnish, &state_dir, config_rx, out, every).await }
+        });
+        let _abort_worker = AbortOnDrop(worker);
 
         let mut log_id = String::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -208,6 +225,12 @@ impl Agent {
                     log_id = w.log_id;
                 }
                 coordinator_message::Msg::FullBan(fb) => self.full_ban(fb, &out, shutdown).await?,
+                coordinator_message::Msg::ApplyConfig(apply) => {
+                    tracing::info!(version = %apply.version, files = apply.files.len(), "config bundle received");
+                    if config_tx.try_send(apply).is_err() {
+                        tracing::warn!("config worker busy; the coordinator will resend");
+                    }
+                }
                 coordinator_message::Msg::Purges(batch) => {
                     let mut entries = batch.entries;
                     // Coalesce whatever else already arrived. Yielding lets the reader

@@ -4,12 +4,16 @@
 # ACL), plus an xkey index of every page's tags so the edge agent can purge by tag
 # without growing the ban list, and soft purges that keep the stale copy for grace.
 #
-# ${backend_host} / ${backend_port} are substituted when the bundle is rendered for a
-# region (the demo does it; see README).
+# This directory is a config bundle: `coordinator config push edge-agent/vcl`.
+# ${backend_host} / ${backend_port} are substituted from each region's [regions.vars]
+# in coordinator.toml when the bundle is rendered for it. waf.vcl is compiled from
+# waf.toml; including it before vcl_recv makes the WAF run first on every request.
 vcl 4.1;
 
 import std;
 import xkey;
+
+include "./waf.vcl";
 
 backend default {
     .host = "${backend_host}";

@@ -21,3 +21,5 @@ pub use edge::coordinator_server::{Coordinator, CoordinatorServer};
 pub const CAP_FULL_BAN: &str = "full_ban";
 /// Capability an agent announces when it can apply soft purges (xkey mode).
 pub const CAP_SOFT_PURGE: &str = "soft_purge";
+/// Capability an agent announces when it applies [`edge::ApplyConfig`] bundles.
+pub const CAP_CONFIG: &str = "config";

@@ -135,7 +135,11 @@ pub struct VarnishNode {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub secret: PathBuf,
+    /// The boot VCL (`main.vcl` of the sample bundle rendered for this node).
+    pub boot_vcl: PathBuf,
     pub child: Child,
+    spec: VarnishSpec,
+    log: PathBuf,
 }
 
 impl VarnishNode {
@@ -144,8 +148,8 @@ impl VarnishNode {
         std::fs::create_dir_all(dir).expect("varnish dir");
         let secret = dir.join("secret");
         process::write_secret(&secret).expect("secret");
-        let vcl = dir.join("main.vcl");
-        std::fs::write(&vcl, coordinator::demo::render_vcl(backend)).expect("vcl");
+        let vcl = coordinator::demo::write_boot_vcl(&dir.join("boot-vcl"), "boot", backend)
+            .expect("boot vcl");
         let mut last_err = None;
         for _ in 0..3 {
             let spec = VarnishSpec {
@@ -156,20 +160,43 @@ impl VarnishNode {
                 vcl_file: vcl.clone(),
                 storage_mb: 32,
             };
-            match process::start_varnishd(&spec, &dir.join("varnishd.log")).await {
+            let log = dir.join("varnishd.log");
+            match process::start_varnishd(&spec, &log).await {
                 Ok(child) => {
                     return VarnishNode {
                         workdir: spec.workdir.clone(),
                         http: spec.http,
                         admin: spec.admin,
                         secret,
+                        boot_vcl: vcl,
                         child,
+                        spec,
+                        log,
                     };
                 }
                 Err(e) => last_err = Some(e),
             }
         }
         panic!("varnishd did not start: {last_err:?}");
+    }
+
+    /// SIGKILL varnishd and start it again on the same ports: it comes back with its
+    /// boot VCL and an empty cache.
+    pub async fn kill9_and_restart(&mut self) {
+        self.child.kill9().await;
+        self.child = process::start_varnishd(&self.spec, &self.log)
+            .await
+            .unwrap_or_else(|e| panic!("varnishd did not restart: {e}"));
+    }
+
+    /// The name of the active VCL (`vcl.list`).
+    pub async fn active_vcl(&self) -> String {
+        let list = self.admin("vcl.list").await;
+        list.lines()
+            .find(|l| l.starts_with("active"))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// One counter from `varnishstat -1` (e.g. `MAIN.bans_added`).
@@ -207,6 +234,8 @@ impl VarnishNode {
 pub struct CoordinatorOpts {
     pub allow: Vec<String>,
     pub retention_entries: u64,
+    /// More TOML appended to coordinator.toml (e.g. a `[rollout]` table).
+    pub extra: String,
 }
 
 impl Default for CoordinatorOpts {
@@ -214,6 +243,7 @@ impl Default for CoordinatorOpts {
         CoordinatorOpts {
             allow: vec!["127.0.0.0/8".into()],
             retention_entries: 1_000_000,
+            extra: String::new(),
         }
     }
 }
@@ -244,10 +274,11 @@ impl CoordinatorProc {
             std::fs::write(
                 &config,
                 format!(
-                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\n",
+                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\n{}\n",
                     allow.join(", "),
                     opts.retention_entries,
-                    dir.join("token").display()
+                    dir.join("token").display(),
+                    opts.extra,
                 ),
             )
             .expect("config");
@@ -289,6 +320,61 @@ impl CoordinatorProc {
             .await
             .and_then(|v| v["head_seq"].as_u64())
             .unwrap_or(0)
+    }
+
+    /// A JSON API call with the token; the response.
+    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
+        api_call(self.api, method, path, Some(&self.token), body).await
+    }
+
+    /// `GET /api/v1/config`.
+    pub async fn config(&self) -> Value {
+        get_json(self.api, "/api/v1/config")
+            .await
+            .unwrap_or(Value::Null)
+    }
+
+    /// Waits until rollout `id` has finished; returns the config view.
+    pub async fn wait_rollout(&self, id: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let view = self.config().await;
+            let r = &view["rollout"];
+            if r["id"].as_u64() == Some(id)
+                && matches!(r["phase"].as_str(), Some("done" | "failed"))
+            {
+                return view;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rollout {id} did not finish: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Pushes a bundle through the API and waits for its rollout; returns
+    /// (version, final config view).
+    pub async fn push_and_wait(
+        &self,
+        bundle: &coordinator::bundle::Bundle,
+        canary: bool,
+    ) -> (String, Value) {
+        let body = serde_json::to_value(bundle).expect("bundle json");
+        let r = self
+            .call(
+                "POST",
+                &format!("/api/v1/config?canary={canary}"),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(r.status, 200, "push answered {}: {}", r.status, r.body);
+        let started = r.json();
+        let version = started["version"].as_str().expect("version").to_owned();
+        let id = started["rollout"]["id"]
+            .as_u64()
+            .expect("a rollout started");
+        (version, self.wait_rollout(id).await)
     }
 
     /// True when every listed edge is connected and has applied `seq`.
@@ -353,7 +439,7 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"http://{grpc}\"\nstate_dir = \"{}\"\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\n",
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"http://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\n",
                 dir.join(format!("{id}-state")).display(),
                 varnish.http,
                 varnish.admin,
@@ -404,6 +490,14 @@ impl Cluster {
         require_varnish();
         let dir = temp_dir();
         let origin = OriginServer::start().await;
+        let mut opts = opts;
+        for i in 0..regions {
+            opts.extra.push_str(&format!(
+                "\n[[regions]]\nname = \"region-{i}\"\n[regions.vars]\nbackend_host = \"{}\"\nbackend_port = \"{}\"\n",
+                origin.addr.ip(),
+                origin.addr.port()
+            ));
+        }
         let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;
         let mut varnish = Vec::new();
         let mut agents = Vec::new();
@@ -475,7 +569,23 @@ impl Resp {
 /// Writes `request` on a new connection and reads one response (by Content-Length, or
 /// to EOF).
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<Resp> {
-    let mut s = TcpStream::connect(addr).await?;
+    raw_from(None, addr, request).await
+}
+
+/// Like [`raw`], from a chosen local address (any 127.x.y.z works on loopback).
+pub async fn raw_from(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    request: &[u8],
+) -> std::io::Result<Resp> {
+    let mut s = match local {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
     s.write_all(request).await?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16384];
@@ -565,6 +675,27 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
     .await
     .ok()?;
     (r.status == 200).then(|| r.json())
+}
+
+/// An API request (JSON body, optional bearer token) with `Connection: close`.
+pub async fn api_call(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Resp {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    raw(api, request.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 /// Exactly the bytes Magento 2.4 writes for a tag purge (no Content-Length, Host without

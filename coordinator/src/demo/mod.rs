@@ -10,6 +10,7 @@
 pub mod origin;
 pub mod process;
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,12 +20,49 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ApiConfig, CoordinatorConfig, GrpcConfig, PurgeConfig, RegionConfig};
+use crate::bundle::{self, vars::Vars, Bundle};
+use crate::config::{
+    ApiConfig, CoordinatorConfig, GrpcConfig, PurgeConfig, RegionConfig, RolloutConfig,
+};
+use crate::rollout::Phase;
 use crate::server::{self, Listeners, ServeError};
 use process::{Child, ProcessError, VarnishSpec};
 
 /// The project's Magento VCL, with `${backend_host}` / `${backend_port}` placeholders.
 pub const MAGENTO_VCL: &str = include_str!("../../../edge-agent/vcl/main.vcl");
+/// The sample bundle's WAF rules.
+pub const SAMPLE_WAF: &str = include_str!("../../../edge-agent/vcl/waf.toml");
+
+/// The project's sample bundle (`edge-agent/vcl/`): the Magento VCL and `waf.toml`.
+pub fn sample_bundle() -> Bundle {
+    Bundle {
+        files: [(bundle::MAIN, MAGENTO_VCL), (bundle::WAF_TOML, SAMPLE_WAF)]
+            .into_iter()
+            .map(|(n, t)| (n.to_owned(), t.to_owned()))
+            .collect(),
+    }
+}
+
+/// The region values that point a bundle's backend at `backend`.
+pub fn backend_vars(backend: SocketAddr) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    vars.insert("backend_host".to_owned(), backend.ip().to_string());
+    vars.insert("backend_port".to_owned(), backend.port().to_string());
+    vars
+}
+
+/// Writes the sample bundle rendered for `backend` into `dir` (varnishd's boot VCL);
+/// returns the path of its `main.vcl`.
+pub fn write_boot_vcl(dir: &Path, region: &str, backend: SocketAddr) -> Result<PathBuf, DemoError> {
+    let vars = Vars::for_region(region, &backend_vars(backend));
+    let files = bundle::render(&sample_bundle(), &vars)
+        .map_err(|e| DemoError::Invalid(format!("sample bundle: {e}")))?;
+    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    for (name, text) in files {
+        std::fs::write(dir.join(&name), text).map_err(io(format!("cannot write {name}")))?;
+    }
+    Ok(dir.join(bundle::MAIN))
+}
 
 /// Region names and coordinates used for the first regions.
 const REGIONS: [(&str, f64, f64); 8] = [
@@ -68,13 +106,6 @@ pub enum DemoError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
     let what = what.into();
     move |source| DemoError::Io { what, source }
-}
-
-/// Renders the VCL template for a backend.
-pub fn render_vcl(backend: SocketAddr) -> String {
-    MAGENTO_VCL
-        .replace("${backend_host}", &backend.ip().to_string())
-        .replace("${backend_port}", &backend.port().to_string())
 }
 
 struct Region {
@@ -136,6 +167,14 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                 .unwrap_or_else(|| format!("region-{i}"))
         })
         .collect();
+    // In tiered mode region 0 (the shield) fetches from the origin, the others from it.
+    let backend_of = |i: usize| {
+        if args.tiered && i > 0 {
+            port(10)
+        } else {
+            origin_addr
+        }
+    };
     let config = CoordinatorConfig {
         purge: toml::from_str::<PurgeConfig>(&format!("listen = \"{}\"", port(1)))
             .map_err(|e| DemoError::Invalid(e.to_string()))?,
@@ -154,8 +193,15 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                 name: name.clone(),
                 lat: REGIONS.get(i).map(|r| r.1).unwrap_or(0.0),
                 lon: REGIONS.get(i).map(|r| r.2).unwrap_or(0.0),
+                vars: backend_vars(backend_of(i)),
             })
             .collect(),
+        rollout: RolloutConfig {
+            canary_region: (args.regions > 1).then(|| names[0].clone()),
+            canary_wait_s: 10,
+            health_path: Some("/health_check.php".into()),
+            ..RolloutConfig::default()
+        },
     };
     let config_path = dir.join("coordinator.toml");
     std::fs::write(
@@ -166,6 +212,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
     let listeners = Listeners::bind(&config).await.map_err(io("coordinator"))?;
     let handles = server::open(&config, &dir.join("coordinator-state"))?;
     let edges = handles.edges.clone();
+    let rollouts = handles.rollouts.clone();
     let coordinator = tokio::spawn(server::run(
         config.clone(),
         handles,
@@ -174,10 +221,12 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         shutdown.clone(),
     ));
 
-    // Sample bundle (rolled out by the config issue's machinery; written now for users).
+    // The sample bundle, for users to edit and push; rolled out once agents are up.
     let bundle_dir = dir.join("bundle");
     std::fs::create_dir_all(&bundle_dir).map_err(io("cannot create bundle dir"))?;
-    std::fs::write(bundle_dir.join("main.vcl"), MAGENTO_VCL).map_err(io("cannot write bundle"))?;
+    for (name, text) in &sample_bundle().files {
+        std::fs::write(bundle_dir.join(name), text).map_err(io("cannot write bundle"))?;
+    }
 
     // Regions.
     let agent_bin = process::sibling_binary("edge-agent");
@@ -189,13 +238,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                 .map_err(io(format!("cannot create {}", rdir.display())))?;
             let http = port(10 + 10 * i as u32);
             let admin = port(11 + 10 * i as u32);
-            let backend = if args.tiered && i > 0 {
-                regions[0].http
-            } else {
-                origin_addr
-            };
-            let vcl_file = rdir.join("main.vcl");
-            std::fs::write(&vcl_file, render_vcl(backend)).map_err(io("cannot write VCL"))?;
+            let vcl_file = write_boot_vcl(&rdir.join("boot-vcl"), name, backend_of(i))?;
             let secret_file = rdir.join("secret");
             process::write_secret(&secret_file)?;
             let spec = VarnishSpec {
@@ -256,17 +299,46 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok::<(), DemoError>(())
+        // Roll the sample bundle out everywhere (no canary wait for the first one).
+        let bundle =
+            Bundle::from_dir(&bundle_dir).map_err(|e| DemoError::Invalid(e.to_string()))?;
+        let pushed = rollouts
+            .push(&bundle, false)
+            .map_err(|e| DemoError::Invalid(format!("pushing the sample bundle: {e}")))?;
+        loop {
+            let view = rollouts.view();
+            match view.rollout.as_ref().map(|r| r.phase) {
+                None | Some(Phase::Done) => break,
+                Some(Phase::Failed) => {
+                    return Err(DemoError::Invalid(format!(
+                        "the sample bundle failed to roll out: {}",
+                        view.rollout.and_then(|r| r.error).unwrap_or_default()
+                    )))
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline + Duration::from_secs(60) {
+                return Err(DemoError::Invalid(
+                    "the sample bundle did not reach every edge within 60s; see */edge-agent.log"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok::<String, DemoError>(pushed.version)
     };
     let outcome = tokio::select! {
-        r = started => r,
-        _ = shutdown.cancelled() => Ok(()),
+        r = started => r.map(Some),
+        _ = shutdown.cancelled() => Ok(None),
     };
-    if let Err(e) = outcome {
-        stop_all(&mut regions).await;
-        shutdown.cancel();
-        return Err(e);
-    }
+    let config_version = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            stop_all(&mut regions).await;
+            shutdown.cancel();
+            return Err(e);
+        }
+    };
 
     if !shutdown.is_cancelled() {
         let cluster = json!({
@@ -276,6 +348,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             "api": format!("http://{}", port(3)),
             "api_token": token,
             "bundle_dir": bundle_dir,
+            "config_version": config_version,
             "coordinator_config": config_path,
             "tiered": args.tiered,
             "regions": regions.iter().map(|r| json!({
@@ -360,5 +433,13 @@ fn print_howto(
         "  curl -si http://{first}/p/42 | grep -i cache-debug     # MISS again, in every region"
     );
     println!("  curl -s  http://{api}/api/v1/purges/1");
+    println!("\nChange config (VCL + WAF), canary region first:");
+    println!("  $EDITOR {}/bundle/waf.toml", dir.display());
+    println!(
+        "  coordinator config push {}/bundle --api http://{api} --token-file {}/api-token",
+        dir.display(),
+        dir.display()
+    );
+    println!("  curl -s  http://{api}/api/v1/config");
     println!("\nCtrl-C stops everything.");
 }

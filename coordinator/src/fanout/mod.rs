@@ -9,7 +9,10 @@
 //! * the *sender* waits on the log's head and sends every entry after the cursor, in
 //!   batches, into a small bounded channel: a slow agent fills it, the sender waits, and
 //!   by the time there is room the next batch is bigger, so the agent coalesces more;
-//! * the *receiver* reads acks, errors and heartbeats and updates the [`EdgeRegistry`].
+//! * the *receiver* reads acks, errors and heartbeats and updates the [`EdgeRegistry`];
+//!   config reports go to [`Rollouts`];
+//! * for agents with the config capability, the *config sender* sends whatever
+//!   [`Rollouts::next_apply`] hands it, waking on every rollout change.
 //!
 //! The purge listener never waits on an edge: it only appends to the log.
 
@@ -30,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::purge::log::PurgeLog;
+use crate::rollout::Rollouts;
 use edges::{EdgeHello, EdgeRegistry, SessionHandle};
 
 /// Entries per batch message.
@@ -88,14 +92,21 @@ pub fn resume_point(
 pub struct FanoutService {
     log: PurgeLog,
     edges: Arc<EdgeRegistry>,
+    rollouts: Arc<Rollouts>,
     shutdown: CancellationToken,
 }
 
 impl FanoutService {
-    pub fn new(log: PurgeLog, edges: Arc<EdgeRegistry>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        log: PurgeLog,
+        edges: Arc<EdgeRegistry>,
+        rollouts: Arc<Rollouts>,
+        shutdown: CancellationToken,
+    ) -> Self {
         FanoutService {
             log,
             edges,
+            rollouts,
             shutdown,
         }
     }
@@ -160,13 +171,28 @@ impl proto::Coordinator for FanoutService {
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
 
+        let capable = hello.capabilities.iter().any(|c| c == proto::CAP_CONFIG);
+        self.rollouts
+            .connect(&hello.edge_id, &hello.region, handle.session, capable);
+        let configurer = capable.then(|| {
+            tokio::spawn(config_loop(
+                self.rollouts.clone(),
+                tx.clone(),
+                handle.clone(),
+            ))
+        });
         let sender = tokio::spawn(send_loop(self.log.clone(), resume, tx, handle.clone()));
         let edges = self.edges.clone();
+        let rollouts = self.rollouts.clone();
         tokio::spawn(async move {
-            receive_loop(&edges, &handle, inbound).await;
+            receive_loop(&edges, &rollouts, &handle, inbound).await;
             handle.cancel.cancel();
             let _ = sender.await;
+            if let Some(c) = configurer {
+                let _ = c.await;
+            }
             edges.disconnect(&handle);
+            rollouts.disconnect(&handle.edge_id, handle.session);
             tracing::info!(edge = %handle.edge_id, "edge disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -191,6 +217,7 @@ fn validate_id(value: &str, what: &str) -> Result<(), Status> {
 
 async fn receive_loop(
     edges: &EdgeRegistry,
+    rollouts: &Rollouts,
     handle: &SessionHandle,
     mut inbound: Streaming<AgentMessage>,
 ) {
@@ -207,6 +234,13 @@ async fn receive_loop(
                     tracing::warn!(edge = %handle.edge_id, seq = e.seq, error = %e.error, "edge failed to apply purge; it retries");
                     edges.error(handle, e.seq, e.error);
                 }
+                agent_message::Msg::ConfigStatus(status) => {
+                    edges.seen(handle);
+                    rollouts.on_status(&handle.edge_id, handle.session, status);
+                }
+                agent_message::Msg::ConfigResult(result) => {
+                    rollouts.on_result(&handle.edge_id, handle.session, result);
+                }
                 agent_message::Msg::Hello(_) => {
                     tracing::warn!(edge = %handle.edge_id, "second Hello on a session; closing it");
                     return;
@@ -219,6 +253,31 @@ async fn receive_loop(
                 tracing::debug!(edge = %handle.edge_id, %status, "session stream ended");
                 return;
             }
+        }
+    }
+}
+
+/// Sends this edge the config bundles the rollout wants it to run.
+async fn config_loop(
+    rollouts: Arc<Rollouts>,
+    tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    handle: SessionHandle,
+) {
+    let mut changed = rollouts.subscribe();
+    loop {
+        while let Some(apply) = rollouts.next_apply(&handle.edge_id, handle.session) {
+            tracing::info!(edge = %handle.edge_id, version = %apply.version, "sending config");
+            let msg = CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::ApplyConfig(apply)),
+            };
+            tokio::select! {
+                _ = handle.cancel.cancelled() => return,
+                r = tx.send(Ok(msg)) => if r.is_err() { return },
+            }
+        }
+        tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            c = changed.changed() => if c.is_err() { return },
         }
     }
 }

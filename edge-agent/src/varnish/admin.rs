@@ -111,6 +111,18 @@ impl AdminClient {
             .map(|w| w.trim_start_matches("varnish-").to_owned())
     }
 
+    /// Runs one command with a longer timeout (a `vcl.load` compiles with a C compiler).
+    pub async fn command_slow(
+        &mut self,
+        line: &str,
+        timeout: Duration,
+    ) -> Result<String, AdminError> {
+        let normal = std::mem::replace(&mut self.timeout, timeout);
+        let result = self.command(line).await;
+        self.timeout = normal;
+        result
+    }
+
     /// Runs one command line; a non-200 status is an error carrying varnish's message.
     pub async fn command(&mut self, line: &str) -> Result<String, AdminError> {
         if line.chars().any(char::is_control) {

@@ -28,6 +28,8 @@ pub enum ApplyError {
     },
     #[error("xkey purge via {addr} failed: {reason}")]
     Xkey { addr: SocketAddr, reason: String },
+    #[error("HTTP request to varnish at {addr} failed: {reason}")]
+    Http { addr: SocketAddr, reason: String },
 }
 
 /// The local varnishd, with a lazily (re)connected admin session.
@@ -70,6 +72,80 @@ impl Varnish {
         Ok(self.admin().await?.version().unwrap_or_default())
     }
 
+    /// Runs one admin command (reconnecting first if needed); `timeout` overrides the
+    /// configured one for slow commands. On error the session is dropped.
+    pub async fn command(
+        &mut self,
+        line: &str,
+        timeout: Option<Duration>,
+    ) -> Result<String, ApplyError> {
+        let result = match self.admin().await {
+            Ok(admin) => match timeout {
+                Some(t) => admin.command_slow(line, t).await,
+                None => admin.command(line).await,
+            }
+            .map_err(ApplyError::from),
+            Err(e) => Err(e),
+        };
+        if matches!(
+            result,
+            Err(ApplyError::Admin(
+                AdminError::Io(_) | AdminError::Timeout | AdminError::Protocol(_)
+            )) | Err(ApplyError::Secret { .. })
+        ) {
+            self.admin = None;
+        }
+        result
+    }
+
+    /// Sends one raw HTTP/1.1 request (with `Connection: close`) to varnish's HTTP port
+    /// and returns the response's status line and up to 64 KiB of it.
+    async fn http(&self, request: &str) -> Result<(String, Vec<u8>), ApplyError> {
+        let addr = self.config.http;
+        let exchange = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = Vec::new();
+            stream.take(64 * 1024).read_to_end(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let fail = |reason: String| ApplyError::Http { addr, reason };
+        let response = tokio::time::timeout(self.timeout(), exchange)
+            .await
+            .map_err(|_| fail("timed out".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let head = String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned();
+        let status_line = head.lines().next().unwrap_or_default().to_owned();
+        Ok((status_line, response))
+    }
+
+    /// `GET path` with `Host: host` through varnish; the response status.
+    pub async fn probe(&self, path: &str, host: &str) -> Result<u16, ApplyError> {
+        let addr = self.config.http;
+        if path
+            .chars()
+            .chain(host.chars())
+            .any(|c| c.is_control() || c == ' ')
+        {
+            return Err(ApplyError::Http {
+                addr,
+                reason: "bad probe path or host".into(),
+            });
+        }
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edge-agent-probe\r\nConnection: close\r\n\r\n"
+        );
+        let (status_line, _) = self.http(&request).await?;
+        status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ApplyError::Http {
+                addr,
+                reason: format!("not an HTTP answer: {status_line:?}"),
+            })
+    }
+
     /// Applies one operation. On error the admin session is dropped so the next attempt
     /// reconnects (varnishd may have restarted).
     pub async fn apply(&mut self, op: &VarnishOp) -> Result<(), ApplyError> {
@@ -104,19 +180,7 @@ impl Varnish {
             "PURGE / HTTP/1.1\r\nHost: localhost\r\nX-Xkey-Purge: {header}\r\n{}Content-Length: 0\r\nConnection: close\r\n\r\n",
             if soft { "X-Magento-Purge-Soft: 1\r\n" } else { "" }
         );
-        let exchange = async {
-            let mut stream = TcpStream::connect(addr).await?;
-            stream.write_all(request.as_bytes()).await?;
-            let mut response = Vec::new();
-            stream.take(64 * 1024).read_to_end(&mut response).await?;
-            Ok::<_, std::io::Error>(response)
-        };
-        let response = tokio::time::timeout(self.timeout(), exchange)
-            .await
-            .map_err(|_| fail("timed out".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        let head = String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned();
-        let status_line = head.lines().next().unwrap_or_default();
+        let (status_line, _) = self.http(&request).await.map_err(|e| fail(e.to_string()))?;
         if status_line.starts_with("HTTP/1.1 200") && status_line.contains("Invalidated") {
             Ok(())
         } else {

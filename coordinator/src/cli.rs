@@ -1,0 +1,380 @@
+//! The ops commands: `coordinator config ...` and `coordinator purge ...` talk to a
+//! running coordinator's JSON API ([`ApiClient`]); nothing here touches its state.
+//!
+//! The token comes from `--token`, `$COORDINATOR_TOKEN` or `--token-file` (in that
+//! order) and is only ever sent in the `Authorization` header, never printed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use crate::bundle::Bundle;
+
+/// What can go wrong talking to the API.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the API at {api}: {reason}")]
+    Unreachable { api: String, reason: String },
+    #[error("{status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A client for one coordinator API.
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ApiClient {
+    /// `api` is `http://host:port`; the token is resolved from the three sources.
+    pub fn new(
+        api: &str,
+        token: Option<String>,
+        token_file: Option<&Path>,
+    ) -> Result<Self, CliError> {
+        if !api.starts_with("http://") {
+            return Err(CliError::Usage(format!(
+                "--api {api:?} must be an http:// URL"
+            )));
+        }
+        let token = match (token, token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| {
+                        CliError::Usage(format!("cannot read --token-file {}: {e}", f.display()))
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        Ok(ApiClient {
+            base: api.trim_end_matches('/').to_owned(),
+            token,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    /// One request; a non-2xx answer becomes [`CliError::Api`] with the JSON `error`.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CliError> {
+        let unreachable = |reason: String| CliError::Unreachable {
+            api: self.base.clone(),
+            reason,
+        };
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let exchange = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, CliError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(Duration::from_secs(60), exchange)
+            .await
+            .map_err(|_| unreachable("timed out".into()))??;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
+            Ok(value)
+        } else {
+            let message = value["error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            Err(CliError::Api { status, message })
+        }
+    }
+}
+
+/// `config push DIR`: prints the version and, with `wait`, follows the rollout to its end.
+pub async fn config_push(
+    api: &ApiClient,
+    dir: &Path,
+    canary: bool,
+    wait: bool,
+) -> Result<(), CliError> {
+    let bundle =
+        Bundle::from_dir(dir).map_err(|e| CliError::Failed(format!("{}: {e}", dir.display())))?;
+    let body = serde_json::to_value(&bundle).map_err(|e| CliError::Failed(e.to_string()))?;
+    let started = api
+        .call(
+            "POST",
+            &format!("/api/v1/config?canary={canary}"),
+            Some(body),
+        )
+        .await?;
+    report_started(&started);
+    if wait && !started["rollout"].is_null() {
+        follow(api, started["rollout"]["id"].as_u64().unwrap_or(0)).await?;
+    }
+    Ok(())
+}
+
+/// `config rollback [VERSION]`.
+pub async fn config_rollback(
+    api: &ApiClient,
+    version: Option<String>,
+    wait: bool,
+) -> Result<(), CliError> {
+    let started = api
+        .call(
+            "POST",
+            "/api/v1/config/rollback",
+            Some(json!({ "version": version })),
+        )
+        .await?;
+    report_started(&started);
+    if wait && !started["rollout"].is_null() {
+        follow(api, started["rollout"]["id"].as_u64().unwrap_or(0)).await?;
+    }
+    Ok(())
+}
+
+fn report_started(started: &Value) {
+    let version = started["version"].as_str().unwrap_or("?");
+    let fresh = if started["new_version"] == true {
+        " (new)"
+    } else {
+        ""
+    };
+    match started["rollout"]["phase"].as_str() {
+        None => println!("version {version}{fresh} already runs everywhere; nothing to roll out"),
+        Some("canary") => println!(
+            "version {version}{fresh}: rolling out, canary region {} first",
+            started["rollout"]["canary_region"].as_str().unwrap_or("?")
+        ),
+        Some(_) => println!("version {version}{fresh}: rolling out to every edge"),
+    }
+}
+
+/// Polls `/api/v1/config` until rollout `id` is done or failed.
+async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let view = api.call("GET", "/api/v1/config", None).await?;
+        let rollout = &view["rollout"];
+        if rollout["id"].as_u64() != Some(id) {
+            return Err(CliError::Failed(
+                "another rollout superseded this one".into(),
+            ));
+        }
+        let phase = rollout["phase"].as_str().unwrap_or("?");
+        let line = format!("{phase}: {}", view["waiting"].as_str().unwrap_or(""));
+        if line != last {
+            println!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+            last = line;
+        }
+        match phase {
+            "done" => return Ok(()),
+            "failed" => {
+                return Err(CliError::Failed(format!(
+                    "rollout failed: {}",
+                    rollout["error"].as_str().unwrap_or("unknown error")
+                )))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// `config status`: the desired version and every edge's state.
+pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
+    let view = api.call("GET", "/api/v1/config", None).await?;
+    println!(
+        "desired {}  current {}  drift policy {}",
+        view["desired"].as_str().unwrap_or("-"),
+        view["current"].as_str().unwrap_or("-"),
+        view["drift_policy"].as_str().unwrap_or("-")
+    );
+    if let Some(r) = view["rollout"].as_object() {
+        println!(
+            "rollout #{} {} {}: {}{}",
+            r["id"],
+            r["kind"].as_str().unwrap_or(""),
+            r["version"].as_str().unwrap_or(""),
+            r["phase"].as_str().unwrap_or(""),
+            r["error"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "{:<24} {:<16} {:<12} {:<18} ERROR",
+        "EDGE", "REGION", "STATE", "ACTIVE"
+    );
+    for e in view["edges"].as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<16} {:<12} {:<18} {}",
+            e["id"].as_str().unwrap_or(""),
+            e["region"].as_str().unwrap_or(""),
+            e["state"].as_str().unwrap_or(""),
+            e["active_version"].as_str().unwrap_or("-"),
+            e["error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `config list`.
+pub async fn config_list(api: &ApiClient) -> Result<(), CliError> {
+    let view = api.call("GET", "/api/v1/config", None).await?;
+    let list = api.call("GET", "/api/v1/config/versions", None).await?;
+    println!(
+        "{:<18} {:<20} {:>8}  FILES",
+        "VERSION", "CREATED (UTC)", "BYTES"
+    );
+    for v in list.as_array().into_iter().flatten() {
+        let version = v["version"].as_str().unwrap_or("");
+        let mark = if view["current"].as_str() == Some(version) {
+            " (current)"
+        } else if view["desired"].as_str() == Some(version) {
+            " (rolling out)"
+        } else {
+            ""
+        };
+        let created = v["created_at_ms"].as_u64().unwrap_or(0);
+        let when =
+            crate::fanout::edges::fmt_time(std::time::UNIX_EPOCH + Duration::from_millis(created));
+        let files: Vec<&str> = v["files"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "{:<18} {:<20} {:>8}  {}{mark}",
+            version,
+            when.get(..19).unwrap_or(&when),
+            v["bytes"],
+            files.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn fetch(api: &ApiClient, version: &str) -> Result<Bundle, CliError> {
+    let v = api
+        .call("GET", &format!("/api/v1/config/versions/{version}"), None)
+        .await?;
+    serde_json::from_value(v["bundle"].clone())
+        .map_err(|e| CliError::Failed(format!("bad answer: {e}")))
+}
+
+/// `config show VERSION [FILE]`.
+pub async fn config_show(
+    api: &ApiClient,
+    version: &str,
+    file: Option<&str>,
+) -> Result<(), CliError> {
+    let bundle = fetch(api, version).await?;
+    for (name, text) in &bundle.files {
+        if file.is_some_and(|f| f != name) {
+            continue;
+        }
+        if file.is_none() {
+            println!("==> {name} <==");
+        }
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
+    }
+    Ok(())
+}
+
+/// `config diff A B`: a unified diff per changed file.
+pub async fn config_diff(api: &ApiClient, a: &str, b: &str) -> Result<(), CliError> {
+    let (old, new) = (fetch(api, a).await?, fetch(api, b).await?);
+    print!("{}", diff(&old, &new, a, b));
+    Ok(())
+}
+
+/// The unified diff between two bundles (empty when identical).
+pub fn diff(old: &Bundle, new: &Bundle, a: &str, b: &str) -> String {
+    let mut names: Vec<&String> = old.files.keys().chain(new.files.keys()).collect();
+    names.sort();
+    names.dedup();
+    let mut out = String::new();
+    for name in names {
+        let x = old.files.get(name).map(String::as_str).unwrap_or("");
+        let y = new.files.get(name).map(String::as_str).unwrap_or("");
+        if x == y {
+            continue;
+        }
+        let text = similar::TextDiff::from_lines(x, y)
+            .unified_diff()
+            .context_radius(3)
+            .header(&format!("{a}/{name}"), &format!("{b}/{name}"))
+            .to_string();
+        out.push_str(&text);
+    }
+    out
+}
+
+/// `purge --tag T... | --url U [--host H] | --all`.
+pub async fn purge(api: &ApiClient, body: Value) -> Result<(), CliError> {
+    let answer = api.call("POST", "/api/v1/purges", Some(body)).await?;
+    println!("logged as purge {}", answer["seq"]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_shows_changed_files_only() {
+        let mut a = Bundle {
+            files: Default::default(),
+        };
+        a.files
+            .insert("main.vcl".into(), "vcl 4.1;\nsub x {}\n".into());
+        a.files.insert("waf.toml".into(), "".into());
+        let mut b = a.clone();
+        b.files
+            .insert("main.vcl".into(), "vcl 4.1;\nsub y {}\n".into());
+        let d = diff(&a, &b, "v1", "v2");
+        assert!(
+            d.contains("--- v1/main.vcl") && d.contains("+++ v2/main.vcl"),
+            "{d}"
+        );
+        assert!(d.contains("-sub x {}") && d.contains("+sub y {}"), "{d}");
+        assert!(!d.contains("waf.toml"));
+        assert_eq!(diff(&a, &a, "v1", "v1"), "");
+    }
+}
