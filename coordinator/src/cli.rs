@@ -194,9 +194,11 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
         }
         let phase = rollout["phase"].as_str().unwrap_or("?");
         let line = format!("{phase}: {}", view["waiting"].as_str().unwrap_or(""));
-        if line != last {
+        // Countdowns change every second; print when the words change.
+        let key: String = line.chars().filter(|c| !c.is_ascii_digit()).collect();
+        if key != last {
             println!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
-            last = line;
+            last = key;
         }
         match phase {
             "done" => return Ok(()),
