@@ -202,7 +202,7 @@ pub fn compile(source: &str) -> Result<String, BundleError> {
             base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", r.user, r.password));
         let _ = writeln!(
             c.recv,
-            "    # basic_auth[{i}] (waf.toml line {line})\n    if ({cond} && req.http.Authorization != \"Basic {token}\") {{\n        set req.http.X-Waf-Rule = \"basic_auth[{i}]\";\n        set req.http.X-Waf-Realm = \"{realm}\";\n        return (synth(401, \"Unauthorized\"));\n    }}",
+            "    # basic_auth[{i}] (waf.toml line {line})\n    if ({cond} && req.http.Authorization != \"Basic {token}\") {{\n        set req.http.X-Waf-Rule = \"basic_auth[{i}]\";\n        set req.http.X-Waf-Realm = {{\"\"{realm}\"\"}};\n        return (synth(401, \"Unauthorized\"));\n    }}",
             line = c.line(rule),
         );
     }

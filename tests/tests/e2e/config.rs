@@ -376,3 +376,111 @@ async fn report_mode_only_flags_drift() {
         node.active_vcl().await
     );
 }
+
+/// Every WAF rule kind, compiled by the coordinator and by a real varnishd, answers as
+/// the rule says; values with quotes, backslashes and regex metacharacters stay literal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_waf_rule_kind_on_a_real_varnishd() {
+    let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let waf = r#"
+[limits]
+max_url_bytes = 200
+max_header_bytes = { Cookie = 100 }
+[deny]
+cidrs = ["127.0.0.9/32"]
+[allow]
+cidrs = ["127.0.0.0/8", "::1/128"]
+[methods]
+allow = ["GET", "HEAD", "POST"]
+[[block]]
+prefix = '/q"uo\te.(x)'
+[[block]]
+path = '^/re\"gex\d+$'
+status = 410
+[[basic_auth]]
+prefix = "/staging"
+user = "staging"
+password = 'p"a\ss:word'
+realm = "Staging shop"
+"#;
+    let (_, view) = cluster
+        .coordinator
+        .push_and_wait(&bundle_with_waf(waf), false)
+        .await;
+    assert_eq!(view["rollout"]["phase"], "done", "{view}");
+    let http = cluster.varnish[0].http;
+    let send = |req: String, ip: [u8; 4]| async move {
+        raw_from(Some(IpAddr::V4(Ipv4Addr::from(ip))), http, req.as_bytes())
+            .await
+            .expect("request")
+    };
+    let get_req = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\n{extra}Connection: close\r\n\r\n")
+    };
+    let one = [127, 0, 0, 1];
+    assert_eq!(send(get_req("/p/1", ""), one).await.status, 200);
+    assert_eq!(
+        send(get_req(&format!("/p/{}", "x".repeat(200)), ""), one)
+            .await
+            .status,
+        414
+    );
+    assert_eq!(
+        send(
+            get_req("/p/1", &format!("Cookie: {}\r\n", "c".repeat(101))),
+            one
+        )
+        .await
+        .status,
+        431
+    );
+    assert_eq!(
+        send(get_req("/p/1", "Cookie: short=1\r\n"), one)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(send(get_req("/p/1", ""), [127, 0, 0, 9]).await.status, 403);
+    assert_eq!(
+        send(
+            "DELETE /p/1 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n".into(),
+            one
+        )
+        .await
+        .status,
+        405
+    );
+    // Literal prefix: quote, backslash and metacharacters mean themselves.
+    assert_eq!(send(get_req("/q\"uo\\te.(x)/1", ""), one).await.status, 403);
+    assert_ne!(send(get_req("/q\"uo\\te.xx/1", ""), one).await.status, 403);
+    // Regex with an escaped quote and \d.
+    assert_eq!(send(get_req("/re\"gex42", ""), one).await.status, 410);
+    assert_ne!(send(get_req("/re\"gexx", ""), one).await.status, 410);
+    // Basic auth.
+    let denied = send(get_req("/staging/p", ""), one).await;
+    assert_eq!(denied.status, 401);
+    assert_eq!(
+        denied.header("www-authenticate"),
+        Some("Basic realm=\"Staging shop\"")
+    );
+    use base64::Engine as _;
+    let creds = base64::engine::general_purpose::STANDARD.encode("staging:p\"a\\ss:word");
+    let ok = send(
+        get_req("/staging/p", &format!("Authorization: Basic {creds}\r\n")),
+        one,
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let wrong = base64::engine::general_purpose::STANDARD.encode("staging:nope");
+    let bad = send(
+        get_req("/staging/p", &format!("Authorization: Basic {wrong}\r\n")),
+        one,
+    )
+    .await;
+    assert_eq!(bad.status, 401);
+    assert_eq!(
+        cluster.origin.origin.renders("/staging/p"),
+        1,
+        "only the authorised request reached the origin"
+    );
+}
