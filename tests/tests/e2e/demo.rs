@@ -99,6 +99,54 @@ async fn demo_runs_a_cluster_that_purges_everywhere_and_stops_cleanly() {
         assert_eq!(get(*v, "/p/42").await.cache(), "MISS");
     }
 
+    // The sample bundle was rolled out before cluster.json was written: every edge runs
+    // it, and its WAF blocks the installer path in every region.
+    let version = cluster["config_version"]
+        .as_str()
+        .expect("config_version")
+        .to_owned();
+    let edges = tests::get_json(api, "/api/v1/edges").await.expect("edges");
+    for e in edges.as_array().unwrap() {
+        assert_eq!(e["config_version"], version.as_str(), "{e}");
+    }
+    for v in &varnish {
+        assert_eq!(get(*v, "/downloader/").await.status, 403);
+    }
+    // README's how-to: edit waf.toml in the bundle dir and push it with the CLI.
+    let bundle_dir = std::path::Path::new(cluster["bundle_dir"].as_str().unwrap()).to_owned();
+    let waf = bundle_dir.join("waf.toml");
+    let text = std::fs::read_to_string(&waf).unwrap();
+    std::fs::write(
+        &waf,
+        format!(
+            "{text}
+[[block]]
+prefix = \"/secret\"
+"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin_dir().join("coordinator"))
+        .args([
+            "config",
+            "push",
+            bundle_dir.to_str().unwrap(),
+            "--no-canary",
+            "--wait",
+        ])
+        .args(["--api", cluster["api"].as_str().unwrap()])
+        .args(["--token", cluster["api_token"].as_str().unwrap()])
+        .output()
+        .expect("config push");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for v in &varnish {
+        assert_eq!(get(*v, "/secret").await.status, 403);
+    }
+
     let pids: Vec<u64> = regions
         .iter()
         .flat_map(|r| {
