@@ -1,7 +1,8 @@
 //! The JSON API, `/metrics` and `/healthz`, on the API listener.
 //!
-//! Read endpoints are open; write endpoints need `Authorization: Bearer <token>` with the
-//! token from `[api] token_file` (compared in constant time). Handlers only read shared
+//! Write endpoints need `Authorization: Bearer <token>` with the token from
+//! `[api] token_file` (compared in constant time); read endpoints too when
+//! `[api] read_requires_token` is set (`/healthz` always stays open). Handlers only read shared
 //! state (the log, the edge registry) or append to the log like the purge listener does.
 //! Config pushes are validated and stored on a blocking thread; the rollout itself runs
 //! in [`crate::rollout`]. Stored bundle contents may hold credentials (basic auth in
@@ -31,6 +32,8 @@ pub struct ApiState {
     pub edges: Arc<EdgeRegistry>,
     pub metrics: Arc<Metrics>,
     pub rollouts: Arc<Rollouts>,
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
+    pub read_requires_token: bool,
     pub token: Option<Arc<str>>,
 }
 
@@ -52,12 +55,43 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/config/versions", get(config_versions))
         .route("/api/v1/config/versions/:version", get(config_version))
+        .route("/api/v1/tls", get(tls_view))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_guard,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// With `read_requires_token`, every GET but `/healthz` needs the token.
+async fn read_guard(
+    State(s): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let read = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if s.read_requires_token && read && request.uri().path() != "/healthz" {
+        if let Err(r) = authorize(&s, request.headers()) {
+            return r;
+        }
+    }
+    next.run(request).await
+}
+
+/// `GET /api/v1/tls`: the certificates in use and when they expire.
+async fn tls_view(State(s): State<ApiState>) -> Response {
+    match &s.tls {
+        None => Json(json!({ "mode": "plaintext" })).into_response(),
+        Some(t) => Json(json!({ "mode": "mutual_tls", "expiry": t.expiry(), "handshakes_refused": t.refused.load(std::sync::atomic::Ordering::Relaxed) })).into_response(),
+    }
 }
 
 async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
@@ -71,7 +105,8 @@ async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&s.log, &s.edges, &s.rollouts),
+        s.metrics
+            .render(&s.log, &s.edges, &s.rollouts, s.tls.as_deref()),
     )
         .into_response()
 }

@@ -45,6 +45,18 @@ pub struct PurgeConfig {
     /// ...and none older than this; an edge further behind gets a full ban.
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u64,
+    /// Proxies in front of the listener whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// A file holding a shared secret every PURGE must carry in `secret_header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default = "default_secret_header")]
+    pub secret_header: String,
+}
+
+fn default_secret_header() -> String {
+    "X-Purge-Secret".into()
 }
 
 /// `[grpc]`: where agents connect.
@@ -73,6 +85,9 @@ pub struct ApiConfig {
     /// Bearer token for write endpoints; without it writes are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// Require the token on read endpoints too (`/healthz` stays open).
+    #[serde(default)]
+    pub read_requires_token: bool,
 }
 
 /// `[[regions]]`.
@@ -248,6 +263,18 @@ impl CoordinatorConfig {
                 return invalid(format!("region {:?} has lat/lon out of range", r.name));
             }
         }
+        if self.purge.secret_header.is_empty()
+            || !self
+                .purge
+                .secret_header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return invalid("purge.secret_header must be a header name".into());
+        }
+        if self.api.read_requires_token && self.api.token_file.is_none() {
+            return invalid("api.read_requires_token needs api.token_file".into());
+        }
         if let Some(canary) = &self.rollout.canary_region {
             if !self.regions.iter().any(|r| &r.name == canary) {
                 return invalid(format!(
@@ -288,9 +315,28 @@ impl CoordinatorConfig {
             .collect()
     }
 
-    /// The listener settings derived from `[purge]`.
-    pub fn listener(&self) -> ListenerConfig {
-        ListenerConfig {
+    /// The listener settings derived from `[purge]` (reads `secret_file`).
+    pub fn listener(&self) -> Result<ListenerConfig, ConfigError> {
+        let secret = match &self.purge.secret_file {
+            Some(path) => {
+                let value = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let value = value.trim().to_owned();
+                if value.is_empty() || value.chars().any(char::is_control) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{}: the purge secret must be one non-empty line",
+                        path.display()
+                    )));
+                }
+                Some((self.purge.secret_header.clone(), value))
+            }
+            None => None,
+        };
+        Ok(ListenerConfig {
+            trusted_proxies: self.purge.trusted_proxies.clone(),
+            secret,
             allow: self.purge.allow.clone(),
             limits: Limits {
                 max_head_bytes: self.purge.max_header_bytes,
@@ -298,7 +344,7 @@ impl CoordinatorConfig {
                 ..Limits::default()
             },
             max_connections: self.purge.max_connections,
-        }
+        })
     }
 
     /// The log's retention derived from `[purge]`.

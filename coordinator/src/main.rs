@@ -30,9 +30,15 @@ enum Command {
         /// Where the purge log and other state live.
         #[arg(long)]
         state_dir: PathBuf,
-        /// Plaintext gRPC between coordinator and agents.
+        /// Allow plaintext gRPC when [grpc.tls] is not configured (agents are then not
+        /// authenticated).
         #[arg(long)]
         insecure: bool,
+    },
+    /// Mint the cluster's certificates (CA, coordinator, agents) for mutual TLS.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
     },
     /// Run a local demo cluster: origin, N x (varnishd + edge-agent), coordinator.
     Demo {
@@ -51,6 +57,9 @@ enum Command {
         /// How agents purge: ban or xkey.
         #[arg(long, default_value = "ban", value_parser = ["ban", "xkey"])]
         purge_mode: String,
+        /// Plaintext gRPC between coordinator and agents instead of mutual TLS.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Push, inspect and roll back config bundles (VCL + WAF) through the API.
     Config {
@@ -98,6 +107,30 @@ struct ApiArgs {
     /// File holding the token (used when --token is not given).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Write DIR/ca.pem, ca.key (kept if present), coordinator.pem, coordinator.key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// More names or IPs for the coordinator's certificate (localhost and 127.0.0.1
+        /// are always in it).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Write DIR/ID.pem and DIR/ID.key: an agent's certificate for edge ID in REGION.
+    Issue {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = coordinator::pki::LEAF_DAYS)]
+        days: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +204,7 @@ fn main() -> ExitCode {
                 origin,
                 tiered,
                 purge_mode,
+                insecure,
             } => {
                 telemetry::init(cli.log_format == "json");
                 let shutdown = stop_on_signal();
@@ -181,8 +215,22 @@ fn main() -> ExitCode {
                     origin,
                     tiered,
                     purge_mode,
+                    insecure,
                 };
                 exit(demo::run(args, shutdown).await.map_err(anyhow::Error::from))
+            }
+            Command::Pki { command } => {
+                let result = match command {
+                    PkiCommand::Init { dir, san } => coordinator::pki::init(&dir, &san).map(|()| {
+                        println!("wrote {0}/ca.pem, {0}/ca.key, {0}/coordinator.pem, {0}/coordinator.key", dir.display());
+                    }),
+                    PkiCommand::Issue { id, region, dir, days } => {
+                        coordinator::pki::issue(&dir, &id, &region, days).map(|()| {
+                            println!("wrote {0}/{id}.pem and {0}/{id}.key (edge {id} in {region})", dir.display());
+                        })
+                    }
+                };
+                exit(result.map_err(anyhow::Error::from))
             }
             Command::Config { api, command } => {
                 let client = match client(&api) {

@@ -43,7 +43,13 @@ impl Metrics {
     }
 
     /// The whole exposition.
-    pub fn render(&self, log: &PurgeLog, edges: &EdgeRegistry, rollouts: &Rollouts) -> String {
+    pub fn render(
+        &self,
+        log: &PurgeLog,
+        edges: &EdgeRegistry,
+        rollouts: &Rollouts,
+        tls: Option<&crate::tls::ServerTls>,
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
             out,
@@ -128,8 +134,57 @@ impl Metrics {
             );
         }
         render_config(&mut out, rollouts);
+        render_tls(&mut out, &list, tls);
         out
     }
+}
+
+fn render_tls(
+    out: &mut String,
+    edges: &[crate::fanout::edges::EdgeView],
+    tls: Option<&crate::tls::ServerTls>,
+) {
+    let Some(tls) = tls else { return };
+    let e = tls.expiry();
+    let _ = writeln!(out, "# HELP coordinator_tls_cert_expiry_timestamp_seconds When a certificate in use expires (Unix time).");
+    let _ = writeln!(
+        out,
+        "# TYPE coordinator_tls_cert_expiry_timestamp_seconds gauge"
+    );
+    let _ = writeln!(
+        out,
+        "coordinator_tls_cert_expiry_timestamp_seconds{{cert=\"server\"}} {}",
+        e.server_not_after
+    );
+    let _ = writeln!(
+        out,
+        "coordinator_tls_cert_expiry_timestamp_seconds{{cert=\"ca\"}} {}",
+        e.ca_not_after
+    );
+    let _ = writeln!(out, "# HELP coordinator_edge_cert_expiry_timestamp_seconds When the client certificate an edge presented expires (Unix time).");
+    let _ = writeln!(
+        out,
+        "# TYPE coordinator_edge_cert_expiry_timestamp_seconds gauge"
+    );
+    for edge in edges {
+        if let Some(t) = edge.cert_not_after {
+            let _ = writeln!(
+                out,
+                "coordinator_edge_cert_expiry_timestamp_seconds{{region=\"{}\",edge=\"{}\"}} {t}",
+                edge.region, edge.id
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP coordinator_tls_handshakes_refused_total gRPC connections refused during the TLS handshake.");
+    let _ = writeln!(
+        out,
+        "# TYPE coordinator_tls_handshakes_refused_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "coordinator_tls_handshakes_refused_total {}",
+        tls.refused.load(Ordering::Relaxed)
+    );
 }
 
 fn render_config(out: &mut String, rollouts: &Rollouts) {

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::purge::listener;
 use crate::purge::log::{LogError, PurgeLog};
 use crate::rollout::Rollouts;
+use crate::tls::{self, ServerTls};
 
 /// Longest wait for in-flight work after shutdown is requested.
 pub const GRACE: Duration = Duration::from_secs(10);
@@ -62,10 +63,12 @@ pub enum ServeError {
         path: String,
         source: std::io::Error,
     },
-    #[error(
-        "gRPC without TLS needs --insecure (mutual TLS is not implemented in this version yet)"
-    )]
+    #[error("gRPC needs [grpc.tls] (ca, cert, key) for mutual TLS, or --insecure for plaintext")]
     NeedsInsecure,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Config(crate::config::ConfigError),
 }
 
 /// Shared handles of a running coordinator (the demo and tests look inside).
@@ -75,6 +78,8 @@ pub struct Handles {
     pub edges: Arc<EdgeRegistry>,
     pub metrics: Arc<Metrics>,
     pub rollouts: Arc<Rollouts>,
+    /// Present when `[grpc.tls]` is configured.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// Opens the state and returns the handles; [`run`] serves them.
@@ -82,9 +87,14 @@ pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, Ser
     let log = PurgeLog::open(state_dir, config.retention())?;
     let store = Arc::new(ConfigStore::open(state_dir)?);
     let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars())?;
+    let tls = match &config.grpc.tls {
+        Some(files) => Some(ServerTls::load(files)?),
+        None => None,
+    };
     Ok(Handles {
         log,
         rollouts,
+        tls,
         edges: Arc::new(EdgeRegistry::default()),
         metrics: Arc::new(Metrics::default()),
     })
@@ -98,7 +108,7 @@ pub async fn run(
     insecure: bool,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    if !insecure {
+    if handles.tls.is_none() && !insecure {
         return Err(ServeError::NeedsInsecure);
     }
     let token = match &config.api.token_file {
@@ -111,15 +121,25 @@ pub async fn run(
         }
         None => None,
     };
-    tracing::warn!("gRPC runs in plaintext (--insecure): agents are not authenticated");
+    match &handles.tls {
+        Some(t) => {
+            let e = t.expiry();
+            tracing::info!(server_not_after = e.server_not_after, ca_not_after = e.ca_not_after,
+                "gRPC requires mutual TLS; SIGHUP reloads the certificate files");
+        }
+        None => tracing::warn!(
+            "gRPC runs in plaintext (--insecure): agents are not authenticated, anyone who reaches the port can purge and push config"
+        ),
+    }
     tracing::info!(
         purge = %config.purge.listen, grpc = %config.grpc.listen, api = %config.api.listen,
         log_id = handles.log.log_id(), head_seq = handles.log.head(), "coordinator serving"
     );
 
+    let listener_config = config.listener().map_err(ServeError::Config)?;
     let purge_task = tokio::spawn(listener::run(
         listeners.purge,
-        config.listener(),
+        listener_config,
         handles.log.clone(),
         handles.metrics.clone(),
         shutdown.clone(),
@@ -130,30 +150,48 @@ pub async fn run(
         handles.log.clone(),
         handles.edges.clone(),
         handles.rollouts.clone(),
+        handles.tls.is_some(),
         shutdown.clone(),
     );
     let grpc_shutdown = shutdown.clone();
+    let server_tls = handles.tls.clone();
     let grpc_task = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(proto::CoordinatorServer::new(service))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listeners.grpc),
-                grpc_shutdown.cancelled_owned(),
-            )
-            .await;
+            .add_service(proto::CoordinatorServer::new(service));
+        let result = match server_tls {
+            Some(t) => {
+                let incoming = tls::incoming(listeners.grpc, t, grpc_shutdown.clone());
+                router
+                    .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listeners.grpc),
+                        grpc_shutdown.cancelled_owned(),
+                    )
+                    .await
+            }
+        };
         if let Err(e) = result {
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
+    if let Some(t) = handles.tls.clone() {
+        tokio::spawn(reload_on_sighup(t, shutdown.clone()));
+    }
 
     let app = api::router(ApiState {
         log: handles.log.clone(),
         edges: handles.edges.clone(),
         metrics: handles.metrics.clone(),
         rollouts: handles.rollouts.clone(),
+        tls: handles.tls.clone(),
+        read_requires_token: config.api.read_requires_token,
         token,
     });
     let api_shutdown = shutdown.clone();
@@ -175,4 +213,32 @@ pub async fn run(
         tracing::warn!("grace period over; abandoning in-flight work");
     }
     Ok(())
+}
+
+/// Reloads the TLS files on every SIGHUP (certificate rotation without a restart).
+async fn reload_on_sighup(tls: Arc<ServerTls>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; certificates reload only on restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = hup.recv() => if s.is_none() { return },
+        }
+        match tls.reload() {
+            Ok(()) => {
+                let e = tls.expiry();
+                tracing::info!(
+                    server_not_after = e.server_not_after,
+                    ca_not_after = e.ca_not_after,
+                    "TLS certificates reloaded"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates")
+            }
+        }
+    }
 }

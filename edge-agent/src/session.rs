@@ -19,7 +19,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::AgentConfig;
 use crate::cursor::{Cursor, CursorFile};
@@ -67,17 +67,32 @@ pub async fn run(
     insecure: bool,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    if config.coordinator.starts_with("https://") || config.tls.is_some() {
-        return Err(AgentError::Config(
-            "mutual TLS is not implemented in this version yet; use an http:// coordinator with --insecure".into(),
-        ));
+    let https = config.coordinator.starts_with("https://");
+    match (https, &config.tls) {
+        (true, None) => {
+            return Err(AgentError::Config(
+                "an https:// coordinator needs a [tls] table (ca, cert, key)".into(),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(AgentError::Config(
+                "[tls] is set but the coordinator URL is http://; use https://".into(),
+            ))
+        }
+        (false, None) if !insecure => {
+            return Err(AgentError::Config(
+                "a plaintext (http://) coordinator needs --insecure".into(),
+            ))
+        }
+        (false, None) => {
+            tracing::warn!("plaintext gRPC (--insecure): the coordinator is not authenticated")
+        }
+        (true, Some(tls)) => {
+            // Fail at start on unreadable files; they are read again at every dial, so a
+            // rotated certificate is picked up on the next reconnect.
+            client_tls(tls).map_err(AgentError::Config)?;
+        }
     }
-    if !insecure {
-        return Err(AgentError::Config(
-            "a plaintext (http://) coordinator needs --insecure".into(),
-        ));
-    }
-    tracing::warn!("plaintext gRPC (--insecure): the coordinator is not authenticated");
     let cursor_file = CursorFile::open(&config.state_dir).map_err(AgentError::State)?;
     let mut agent = Agent {
         cursor: cursor_file.load(),
@@ -106,6 +121,16 @@ pub async fn run(
     }
 }
 
+/// The client side of mutual TLS, read fresh from the files.
+fn client_tls(tls: &crate::config::TlsConfig) -> Result<ClientTlsConfig, String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?)))
+}
+
 /// Full-jitter exponential backoff.
 fn backoff(attempt: u32) -> Duration {
     let cap = BACKOFF_BASE
@@ -126,8 +151,14 @@ type Outbound = mpsc::Sender<AgentMessage>;
 impl Agent {
     /// One connected session; `Ok(())` means it was established and later ended cleanly.
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
-        let endpoint = Endpoint::from_shared(self.config.coordinator.clone())
-            .map_err(|e| SessionEnd::Protocol(format!("bad coordinator URL: {e}")))?
+        let mut endpoint = Endpoint::from_shared(self.config.coordinator.clone())
+            .map_err(|e| SessionEnd::Protocol(format!("bad coordinator URL: {e}")))?;
+        if let Some(tls) = &self.config.tls {
+            endpoint = endpoint
+                .tls_config(client_tls(tls).map_err(SessionEnd::Protocol)?)
+                .map_err(SessionEnd::Connect)?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

@@ -236,6 +236,12 @@ pub struct CoordinatorOpts {
     pub retention_entries: u64,
     /// More TOML appended to coordinator.toml (e.g. a `[rollout]` table).
     pub extra: String,
+    /// Plaintext gRPC (`--insecure`) instead of mutual TLS with a fresh cluster PKI.
+    pub insecure: bool,
+    /// `[api] read_requires_token`.
+    pub read_requires_token: bool,
+    /// More keys for the `[purge]` table.
+    pub purge_extra: String,
 }
 
 impl Default for CoordinatorOpts {
@@ -244,6 +250,9 @@ impl Default for CoordinatorOpts {
             allow: vec!["127.0.0.0/8".into()],
             retention_entries: 1_000_000,
             extra: String::new(),
+            insecure: false,
+            read_requires_token: false,
+            purge_extra: String::new(),
         }
     }
 }
@@ -257,6 +266,9 @@ pub struct CoordinatorProc {
     pub state: PathBuf,
     pub token: String,
     pub child: Child,
+    /// The cluster PKI (`ca.pem`, `coordinator.pem`, agents' certificates); `None` when
+    /// gRPC is plaintext.
+    pub pki: Option<PathBuf>,
 }
 
 impl CoordinatorProc {
@@ -267,6 +279,17 @@ impl CoordinatorProc {
         std::fs::write(dir.join("token"), &token).expect("token");
         let allow: Vec<String> = opts.allow.iter().map(|a| format!("\"{a}\"")).collect();
         let config = dir.join("coordinator.toml");
+        let pki = (!opts.insecure).then(|| dir.join("pki"));
+        let tls = match &pki {
+            Some(p) => {
+                coordinator::pki::init(p, &[]).expect("pki init");
+                format!(
+                    "[grpc.tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/coordinator.pem\"\nkey = \"{0}/coordinator.key\"\n",
+                    p.display()
+                )
+            }
+            None => String::new(),
+        };
         let state = dir.join("state");
         let mut last_err = String::new();
         for _ in 0..3 {
@@ -274,15 +297,17 @@ impl CoordinatorProc {
             std::fs::write(
                 &config,
                 format!(
-                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\n{}\n",
+                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n{}[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\nread_requires_token = {}\n{}\n",
                     allow.join(", "),
                     opts.retention_entries,
+                    opts.purge_extra,
                     dir.join("token").display(),
-                    opts.extra,
+                    opts.read_requires_token,
+                    opts.extra.clone() + &tls,
                 ),
             )
             .expect("config");
-            match spawn_coordinator(&config, &state, api).await {
+            match spawn_coordinator(&config, &state, api, opts.insecure).await {
                 Ok(child) => {
                     return CoordinatorProc {
                         purge,
@@ -292,6 +317,7 @@ impl CoordinatorProc {
                         state,
                         token,
                         child,
+                        pki,
                     }
                 }
                 Err(e) => last_err = e,
@@ -303,16 +329,20 @@ impl CoordinatorProc {
     /// SIGKILL and start again on the same ports and state.
     pub async fn kill9_and_restart(&mut self) {
         self.child.kill9().await;
-        self.child = spawn_coordinator(&self.config, &self.state, self.api)
+        self.child = spawn_coordinator(&self.config, &self.state, self.api, self.pki.is_none())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub async fn edges(&self) -> Vec<Value> {
-        get_json(self.api, "/api/v1/edges")
-            .await
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
+        let req = format!(
+            "GET /api/v1/edges HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            self.token
+        );
+        match raw(self.api, req.as_bytes()).await {
+            Ok(r) if r.status == 200 => r.json().as_array().cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        }
     }
 
     pub async fn head(&self) -> u64 {
@@ -388,16 +418,23 @@ impl CoordinatorProc {
 }
 
 /// Starts `coordinator serve` and waits for `/healthz`.
-async fn spawn_coordinator(config: &Path, state: &Path, api: SocketAddr) -> Result<Child, String> {
+async fn spawn_coordinator(
+    config: &Path,
+    state: &Path,
+    api: SocketAddr,
+    insecure: bool,
+) -> Result<Child, String> {
     let log = config.with_file_name("coordinator.log");
-    let args = vec![
+    let mut args = vec![
         "serve".to_owned(),
         "--config".into(),
         config.display().to_string(),
         "--state-dir".into(),
         state.display().to_string(),
-        "--insecure".into(),
     ];
+    if insecure {
+        args.push("--insecure".into());
+    }
     let mut child = process::spawn(&bin_dir().join("coordinator"), &args, &log, "coordinator")
         .expect("spawn coordinator");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -422,24 +459,60 @@ pub struct AgentProc {
     pub id: String,
     pub config: PathBuf,
     pub child: Child,
-    log: PathBuf,
+    pub log: PathBuf,
+    insecure: bool,
 }
 
 impl AgentProc {
+    /// An agent for `coordinator`, with a certificate from its PKI (issued for `id` in
+    /// `region`) unless the coordinator runs plaintext.
     pub fn start(
         dir: &Path,
         id: &str,
         region: &str,
+        coordinator: &CoordinatorProc,
+        varnish: &VarnishNode,
+        mode: &str,
+    ) -> Self {
+        let tls = coordinator.pki.as_ref().map(|pki| {
+            coordinator::pki::issue(pki, id, region, 30).expect("issue agent certificate");
+            (
+                pki.join("ca.pem"),
+                pki.join(format!("{id}.pem")),
+                pki.join(format!("{id}.key")),
+            )
+        });
+        Self::start_with(dir, id, region, coordinator.grpc, tls, varnish, mode)
+    }
+
+    /// An agent with explicit TLS files (`None`: plaintext with `--insecure`).
+    pub fn start_with(
+        dir: &Path,
+        id: &str,
+        region: &str,
         grpc: SocketAddr,
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
         varnish: &VarnishNode,
         mode: &str,
     ) -> Self {
         std::fs::create_dir_all(dir).expect("agent dir");
         let config = dir.join(format!("{id}.toml"));
+        let (scheme, tls_table) = match &tls {
+            Some((ca, cert, key)) => (
+                "https",
+                format!(
+                    "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    ca.display(),
+                    cert.display(),
+                    key.display()
+                ),
+            ),
+            None => ("http", String::new()),
+        };
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"http://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\n",
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\n{tls_table}",
                 dir.join(format!("{id}-state")).display(),
                 varnish.http,
                 varnish.admin,
@@ -448,21 +521,22 @@ impl AgentProc {
         )
         .expect("agent config");
         let log = dir.join(format!("{id}.log"));
-        let child = Self::spawn(&config, &log);
+        let insecure = tls.is_none();
+        let child = Self::spawn(&config, &log, insecure);
         AgentProc {
             id: id.to_owned(),
             config,
             child,
             log,
+            insecure,
         }
     }
 
-    fn spawn(config: &Path, log: &Path) -> Child {
-        let args = vec![
-            "--config".to_owned(),
-            config.display().to_string(),
-            "--insecure".into(),
-        ];
+    fn spawn(config: &Path, log: &Path, insecure: bool) -> Child {
+        let mut args = vec!["--config".to_owned(), config.display().to_string()];
+        if insecure {
+            args.push("--insecure".into());
+        }
         process::spawn(&bin_dir().join("edge-agent"), &args, log, "edge-agent")
             .expect("spawn edge-agent")
     }
@@ -472,7 +546,7 @@ impl AgentProc {
     }
 
     pub fn restart(&mut self) {
-        self.child = Self::spawn(&self.config, &self.log);
+        self.child = Self::spawn(&self.config, &self.log, self.insecure);
     }
 }
 
@@ -508,7 +582,7 @@ impl Cluster {
                 &rdir,
                 &format!("edge-{i}"),
                 &format!("region-{i}"),
-                coordinator.grpc,
+                &coordinator,
                 &v,
                 mode,
             ));

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bundle::{self, vars::Vars, Bundle};
 use crate::config::{
-    ApiConfig, CoordinatorConfig, GrpcConfig, PurgeConfig, RegionConfig, RolloutConfig,
+    ApiConfig, CoordinatorConfig, GrpcConfig, PurgeConfig, RegionConfig, RolloutConfig, TlsConfig,
 };
 use crate::rollout::Phase;
 use crate::server::{self, Listeners, ServeError};
@@ -85,6 +85,8 @@ pub struct DemoArgs {
     pub origin: Option<String>,
     pub tiered: bool,
     pub purge_mode: String,
+    /// Plaintext gRPC instead of mutual TLS.
+    pub insecure: bool,
 }
 
 /// Why the demo could not run.
@@ -175,16 +177,30 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             origin_addr
         }
     };
+    // Mutual TLS unless --insecure: a CA, the coordinator's and each agent's certificate.
+    let pki_dir = dir.join("pki");
+    let tls_files = if args.insecure {
+        tracing::warn!("--insecure: agents talk to the coordinator in plaintext, unauthenticated");
+        None
+    } else {
+        crate::pki::init(&pki_dir, &[]).map_err(|e| DemoError::Invalid(e.to_string()))?;
+        Some(TlsConfig {
+            ca: pki_dir.join("ca.pem"),
+            cert: pki_dir.join("coordinator.pem"),
+            key: pki_dir.join("coordinator.key"),
+        })
+    };
     let config = CoordinatorConfig {
         purge: toml::from_str::<PurgeConfig>(&format!("listen = \"{}\"", port(1)))
             .map_err(|e| DemoError::Invalid(e.to_string()))?,
         grpc: GrpcConfig {
             listen: port(2),
-            tls: None,
+            tls: tls_files.clone(),
         },
         api: ApiConfig {
             listen: port(3),
             token_file: Some(token_file.clone()),
+            read_requires_token: false,
         },
         regions: names
             .iter()
@@ -217,7 +233,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         config.clone(),
         handles,
         listeners,
-        true,
+        args.insecure,
         shutdown.clone(),
     ));
 
@@ -251,8 +267,23 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             };
             let varnish = process::start_varnishd(&spec, &rdir.join("varnishd.log")).await?;
             let agent_config = rdir.join("edge-agent.toml");
+            let id = format!("{name}-1");
+            let (scheme, tls_table) = if args.insecure {
+                ("http", String::new())
+            } else {
+                crate::pki::issue(&pki_dir, &id, name, crate::pki::LEAF_DAYS)
+                    .map_err(|e| DemoError::Invalid(e.to_string()))?;
+                (
+                    "https",
+                    format!(
+                        "\n[tls]\nca = \"{ca}\"\ncert = \"{dir}/{id}.pem\"\nkey = \"{dir}/{id}.key\"\n",
+                        ca = pki_dir.join("ca.pem").display(),
+                        dir = pki_dir.display()
+                    ),
+                )
+            };
             let agent_toml = format!(
-                "id = \"{name}-1\"\nregion = \"{name}\"\ncoordinator = \"http://{grpc}\"\nstate_dir = \"{state}\"\n\n[varnish]\nhttp = \"{http}\"\nadmin = \"{admin}\"\nsecret_file = \"{secret}\"\npurge_mode = \"{mode}\"\n",
+                "id = \"{id}\"\nregion = \"{name}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{state}\"\n\n[varnish]\nhttp = \"{http}\"\nadmin = \"{admin}\"\nsecret_file = \"{secret}\"\npurge_mode = \"{mode}\"\n{tls_table}",
                 grpc = port(2),
                 state = rdir.join("agent-state").display(),
                 secret = secret_file.display(),
@@ -260,13 +291,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             );
             std::fs::write(&agent_config, agent_toml)
                 .map_err(io("cannot write edge-agent.toml"))?;
+            let mut agent_args = vec!["--config".to_owned(), agent_config.display().to_string()];
+            if args.insecure {
+                agent_args.push("--insecure".into());
+            }
             let agent = process::spawn(
                 &agent_bin,
-                &[
-                    "--config".into(),
-                    agent_config.display().to_string(),
-                    "--insecure".into(),
-                ],
+                &agent_args,
                 &rdir.join("edge-agent.log"),
                 "edge-agent",
             )?;
@@ -351,6 +382,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             "config_version": config_version,
             "coordinator_config": config_path,
             "tiered": args.tiered,
+            "grpc_tls": !args.insecure,
+            "pki_dir": (!args.insecure).then(|| pki_dir.clone()),
             "regions": regions.iter().map(|r| json!({
                 "name": r.name,
                 "varnish_http": r.http.to_string(),

@@ -32,6 +32,8 @@ struct Edge {
     purge_mode: String,
     agent_version: String,
     applied_total: u64,
+    sessions: u64,
+    cert_not_after: Option<u64>,
 }
 
 /// What the API shows for one edge.
@@ -49,6 +51,10 @@ pub struct EdgeView {
     pub agent_version: String,
     pub last_error: Option<String>,
     pub applied_total: u64,
+    /// Sessions this edge opened since the coordinator started.
+    pub sessions: u64,
+    /// Expiry of the client certificate it presented (Unix seconds; null without TLS).
+    pub cert_not_after: Option<u64>,
 }
 
 /// Per-edge state of one purge, as `GET /api/v1/purges/{seq}` reports it.
@@ -68,6 +74,8 @@ pub struct EdgeHello {
     pub varnish_version: String,
     pub purge_mode: String,
     pub agent_version: String,
+    /// notAfter of the verified client certificate (Unix seconds), with mTLS.
+    pub cert_not_after: Option<u64>,
 }
 
 /// The registry of edges; share it behind an `Arc`.
@@ -114,6 +122,8 @@ impl EdgeRegistry {
                 purge_mode: String::new(),
                 agent_version: String::new(),
                 applied_total: 0,
+                sessions: 0,
+                cert_not_after: None,
             });
             let e = entry.value_mut();
             let old = std::mem::replace(&mut e.cancel, cancel.clone());
@@ -124,6 +134,8 @@ impl EdgeRegistry {
             e.varnish_version = hello.varnish_version;
             e.purge_mode = hello.purge_mode;
             e.agent_version = hello.agent_version;
+            e.cert_not_after = hello.cert_not_after;
+            e.sessions += 1;
             if applied_seq != e.applied_seq {
                 // A different cursor (state lost, other log): history no longer applies.
                 e.acks.clear();
@@ -203,6 +215,8 @@ impl EdgeRegistry {
                     agent_version: e.agent_version.clone(),
                     last_error: e.last_error.as_ref().map(|(_, m)| m.clone()),
                     applied_total: e.applied_total,
+                    sessions: e.sessions,
+                    cert_not_after: e.cert_not_after,
                 }
             })
             .collect();
@@ -272,6 +286,7 @@ mod tests {
             varnish_version: String::new(),
             purge_mode: "ban".into(),
             agent_version: String::new(),
+            cert_not_after: None,
         }
     }
 

@@ -93,6 +93,8 @@ pub struct FanoutService {
     log: PurgeLog,
     edges: Arc<EdgeRegistry>,
     rollouts: Arc<Rollouts>,
+    /// With mTLS: the Hello must claim the identity in the client certificate.
+    require_identity: bool,
     shutdown: CancellationToken,
 }
 
@@ -101,14 +103,41 @@ impl FanoutService {
         log: PurgeLog,
         edges: Arc<EdgeRegistry>,
         rollouts: Arc<Rollouts>,
+        require_identity: bool,
         shutdown: CancellationToken,
     ) -> Self {
         FanoutService {
             log,
             edges,
             rollouts,
+            require_identity,
             shutdown,
         }
+    }
+
+    /// Checks the Hello against the verified client certificate; returns its expiry.
+    #[allow(clippy::result_large_err)]
+    fn check_identity(
+        &self,
+        certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+        hello: &proto::edge::Hello,
+    ) -> Result<Option<u64>, Status> {
+        if !self.require_identity {
+            return Ok(None);
+        }
+        let cert = certs
+            .and_then(|c| c.first())
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let (region, id) = crate::tls::peer_identity(cert).map_err(Status::unauthenticated)?;
+        if region != hello.region || id != hello.edge_id {
+            tracing::warn!(cert_edge = %id, cert_region = %region, claimed_edge = %hello.edge_id,
+                claimed_region = %hello.region, "session refused: Hello does not match the certificate");
+            return Err(Status::permission_denied(format!(
+                "certificate is for edge {id:?} in region {region:?}, Hello claims edge {:?} in region {:?}",
+                hello.edge_id, hello.region
+            )));
+        }
+        Ok(crate::tls::not_after(cert))
     }
 }
 
@@ -123,6 +152,7 @@ impl proto::Coordinator for FanoutService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
+        let certs = request.peer_certs();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -133,6 +163,7 @@ impl proto::Coordinator for FanoutService {
         };
         validate_id(&hello.edge_id, "edge_id")?;
         validate_id(&hello.region, "region")?;
+        let cert_not_after = self.check_identity(certs.as_deref().map(Vec::as_slice), &hello)?;
 
         let resume = resume_point(
             self.log.log_id(),
@@ -152,6 +183,7 @@ impl proto::Coordinator for FanoutService {
                 varnish_version: hello.varnish_version.clone(),
                 purge_mode: hello.purge_mode.clone(),
                 agent_version: hello.agent_version.clone(),
+                cert_not_after,
             },
             start_seq,
             &self.shutdown,

@@ -7,6 +7,12 @@
 //! write (a full disk): never a `200` for something that is not on disk.
 //!
 //! The listener never waits on an edge; its latency is the log's group-commit latency.
+//!
+//! Hardening: a connection from outside the allow-list (and not from a trusted proxy)
+//! gets one second to send its head, then 405 and close, so strangers cannot hold
+//! connection slots (slowloris). Behind a proxy, `X-Forwarded-For` is believed only when
+//! the peer is in `trusted_proxies` (the client is the rightmost untrusted hop). An
+//! optional shared secret header is checked in constant time after the allow-list.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -27,7 +33,14 @@ pub struct ListenerConfig {
     pub allow: Vec<IpNet>,
     pub limits: Limits,
     pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `(header name, value)` every purge must carry, if configured.
+    pub secret: Option<(String, String)>,
 }
+
+/// How long a source outside the allow-list may take to send its head.
+const STRANGER_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish.
 pub async fn run(
@@ -77,8 +90,14 @@ async fn serve_conn(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) {
-    let allowed = is_allowed(&config.allow, peer.ip());
-    let mut conn = Conn::new(stream, config.limits);
+    let via_proxy = is_allowed(&config.trusted_proxies, peer.ip());
+    let peer_allowed = is_allowed(&config.allow, peer.ip());
+    let mut limits = config.limits;
+    if !peer_allowed && !via_proxy {
+        limits.head_timeout = limits.head_timeout.min(STRANGER_HEAD_TIMEOUT);
+        limits.idle_timeout = limits.idle_timeout.min(STRANGER_HEAD_TIMEOUT);
+    }
+    let mut conn = Conn::new(stream, limits);
     loop {
         let request = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -98,18 +117,33 @@ async fn serve_conn(
                 return;
             }
         };
+        let client = if via_proxy {
+            client_ip(request.header("x-forwarded-for"), &config.trusted_proxies)
+                .unwrap_or(peer.ip())
+        } else {
+            peer.ip()
+        };
+        let allowed = is_allowed(&config.allow, client);
         let (status, body, headers) = if !allowed {
             metrics.purge_request("forbidden");
-            tracing::warn!(peer = %peer, "purge from a source outside the allow-list");
+            tracing::warn!(peer = %peer, client = %client, "purge from a source outside the allow-list");
             (
                 405,
-                error_body(&format!("source {} is not allowed to purge", peer.ip())),
+                error_body(&format!("source {client} is not allowed to purge")),
+                vec![],
+            )
+        } else if !secret_ok(config.secret.as_ref(), &request) {
+            metrics.purge_request("forbidden");
+            tracing::warn!(peer = %peer, client = %client, "purge without the right shared secret");
+            (
+                403,
+                error_body("missing or wrong purge secret header"),
                 vec![],
             )
         } else {
             handle(&request, log, metrics).await
         };
-        let keep_alive = request.keep_alive && allowed && status != 405;
+        let keep_alive = request.keep_alive && allowed && status != 405 && status != 403;
         if conn
             .respond(status, &body, &headers, keep_alive)
             .await
@@ -195,6 +229,34 @@ fn parse(request: &Request) -> Result<Vec<PurgeOp>, String> {
     Ok(ops)
 }
 
+/// The client behind trusted proxies: the rightmost `X-Forwarded-For` hop that is not a
+/// trusted proxy itself. `None` when the header is absent or malformed.
+pub fn client_ip(xff: Option<&[u8]>, trusted: &[IpNet]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(xff?).ok()?;
+    let mut last = None;
+    for hop in text.rsplit(',') {
+        let ip: IpAddr = hop.trim().parse().ok()?;
+        last = Some(ip);
+        if !is_allowed(trusted, ip) {
+            return Some(ip);
+        }
+    }
+    last
+}
+
+fn secret_ok(secret: Option<&(String, String)>, request: &Request) -> bool {
+    let Some((name, expected)) = secret else {
+        return true;
+    };
+    let given = request.header(name).unwrap_or_default();
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 fn is_allowed(allow: &[IpNet], ip: IpAddr) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => v6
@@ -221,5 +283,23 @@ mod tests {
         assert!(is_allowed(&allow, "127.0.0.1".parse().unwrap()));
         assert!(is_allowed(&allow, "::ffff:127.0.0.5".parse().unwrap()));
         assert!(!is_allowed(&allow, "10.1.1.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn forwarded_for_is_read_right_to_left_past_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // Client-supplied hops on the left are not believed.
+        assert_eq!(
+            client_ip(Some(b"1.2.3.4, 192.0.2.7, 10.0.0.2"), &trusted),
+            ip("192.0.2.7")
+        );
+        assert_eq!(client_ip(Some(b"192.0.2.7"), &trusted), ip("192.0.2.7"));
+        assert_eq!(
+            client_ip(Some(b"10.0.0.3, 10.0.0.2"), &trusted),
+            ip("10.0.0.3")
+        );
+        assert_eq!(client_ip(Some(b"garbage, 10.0.0.2"), &trusted), None);
+        assert_eq!(client_ip(None, &trusted), None);
     }
 }

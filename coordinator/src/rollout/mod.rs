@@ -263,7 +263,9 @@ impl Rollouts {
         };
         let target = target(plan, &e.region).map(str::to_owned);
         let active = status.active_version.clone();
-        if target.as_deref() == Some(active.as_str()) && !active.is_empty() {
+        if !status.admin_error.is_empty() {
+            // Nothing known about varnishd right now; judge drift when it answers again.
+        } else if target.as_deref() == Some(active.as_str()) && !active.is_empty() {
             if e.sent
                 .as_ref()
                 .is_some_and(|s| Some(&s.version) == target.as_ref())
@@ -318,8 +320,8 @@ impl Rollouts {
         }
         let target = target(plan, &e.region)?.to_owned();
         let status = e.status.as_ref()?; // wait for the agent's first report
-        if status.active_version == target {
-            return None;
+        if status.active_version == target || !status.admin_error.is_empty() {
+            return None; // in sync, or varnishd unreachable (restarting): wait for it
         }
         if let Some(sent) = e.sent.as_ref().filter(|s| s.version == target) {
             let wait = match sent.result {
@@ -870,6 +872,28 @@ mod tests {
                 assert_eq!(r.next_apply("eu-1", 1).map(|a| a.version), Some(v1));
             }
         }
+    }
+
+    #[test]
+    fn an_unreachable_varnish_is_waited_for_not_sent_to() {
+        let (_d, r) = setup(None, DriftPolicy::Enforce);
+        r.connect("eu-1", "eu", 1, true);
+        report(&r, "eu-1", "boot", "");
+        let v1 = r.push(&bundle("v1"), false).unwrap().version;
+        obey(&r, "eu-1");
+        r.on_status(
+            "eu-1",
+            1,
+            ConfigStatus {
+                admin_error: "connection refused".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.next_apply("eu-1", 1), None);
+        assert_eq!(r.view().edges[0].drift_events, 0);
+        // varnishd is back on its boot VCL: drift, and the version goes out at once.
+        report(&r, "eu-1", "boot", "");
+        assert_eq!(r.next_apply("eu-1", 1).map(|a| a.version), Some(v1));
     }
 
     #[test]

@@ -61,7 +61,7 @@ async fn main() {
             &dir.path().join(format!("a{i}")),
             &format!("edge-{i}"),
             &format!("region-{i}"),
-            coordinator.grpc,
+            &coordinator,
             node,
             "ban",
         ));

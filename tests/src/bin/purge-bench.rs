@@ -82,7 +82,7 @@ async fn main() {
             &dir.path().join("agents"),
             &format!("edge-{a}"),
             &format!("region-{}", a % varnishes),
-            coordinator.grpc,
+            &coordinator,
             node,
             &args.mode,
         ));

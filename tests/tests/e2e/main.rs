@@ -7,3 +7,4 @@ mod demo;
 mod durability;
 mod purge;
 mod robustness;
+mod security;

@@ -98,7 +98,14 @@ async fn garbage_and_protocol_violations_on_grpc_are_refused_and_harmless() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let dir = temp_dir();
-    let c = CoordinatorProc::start(dir.path(), &CoordinatorOpts::default()).await;
+    let c = CoordinatorProc::start(
+        dir.path(),
+        &CoordinatorOpts {
+            insecure: true,
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await;
 
     // Raw garbage on the gRPC port: the connection is dropped.
     let mut s = tokio::net::TcpStream::connect(c.grpc).await.unwrap();
