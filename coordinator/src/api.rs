@@ -34,7 +34,8 @@ pub struct ApiState {
     pub rollouts: Arc<Rollouts>,
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     pub read_requires_token: bool,
-    pub token: Option<Arc<str>>,
+    /// The bearer token (`None`: writes disabled); replaced on SIGHUP.
+    pub token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
 }
 
 /// Largest request body (a config bundle is at most 2 MiB of text, JSON-escaped).
@@ -339,7 +340,12 @@ async fn post_purge(
 
 #[allow(clippy::result_large_err)]
 fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(expected) = &s.token else {
+    let current = s
+        .token
+        .read()
+        .map(|t| t.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    let Some(expected) = current else {
         return Err(error(
             StatusCode::FORBIDDEN,
             "write API disabled: no [api] token_file configured",

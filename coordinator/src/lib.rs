@@ -17,6 +17,8 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod fanout;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod pki;
 pub mod purge;

@@ -111,16 +111,9 @@ pub async fn run(
     if handles.tls.is_none() && !insecure {
         return Err(ServeError::NeedsInsecure);
     }
-    let token = match &config.api.token_file {
-        Some(path) => {
-            let t = std::fs::read_to_string(path).map_err(|source| ServeError::Token {
-                path: path.display().to_string(),
-                source,
-            })?;
-            Some(Arc::<str>::from(t.trim()))
-        }
-        None => None,
-    };
+    let token = Arc::new(std::sync::RwLock::new(read_token(
+        config.api.token_file.as_deref(),
+    )?));
     match &handles.tls {
         Some(t) => {
             let e = t.expiry();
@@ -181,9 +174,12 @@ pub async fn run(
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
-    if let Some(t) = handles.tls.clone() {
-        tokio::spawn(reload_on_sighup(t, shutdown.clone()));
-    }
+    tokio::spawn(reload_on_sighup(
+        handles.tls.clone(),
+        token.clone(),
+        config.api.token_file.clone(),
+        shutdown.clone(),
+    ));
 
     let app = api::router(ApiState {
         log: handles.log.clone(),
@@ -215,11 +211,26 @@ pub async fn run(
     Ok(())
 }
 
-/// Reloads the TLS files on every SIGHUP (certificate rotation without a restart).
-async fn reload_on_sighup(tls: Arc<ServerTls>, shutdown: CancellationToken) {
+fn read_token(path: Option<&Path>) -> Result<Option<Arc<str>>, ServeError> {
+    let Some(path) = path else { return Ok(None) };
+    let t = std::fs::read_to_string(path).map_err(|source| ServeError::Token {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Some(Arc::<str>::from(t.trim())))
+}
+
+/// On every SIGHUP: reload the TLS files and the API token (rotation without a restart).
+/// A reload that fails keeps what was loaded before.
+async fn reload_on_sighup(
+    tls: Option<Arc<ServerTls>>,
+    token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
+    token_file: Option<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; certificates reload only on restart");
+        tracing::warn!("cannot listen for SIGHUP; certificates and token reload only on restart");
         return;
     };
     loop {
@@ -227,17 +238,28 @@ async fn reload_on_sighup(tls: Arc<ServerTls>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             s = hup.recv() => if s.is_none() { return },
         }
-        match tls.reload() {
-            Ok(()) => {
-                let e = tls.expiry();
-                tracing::info!(
-                    server_not_after = e.server_not_after,
-                    ca_not_after = e.ca_not_after,
-                    "TLS certificates reloaded"
-                );
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => {
+                    let e = tls.expiry();
+                    tracing::info!(
+                        server_not_after = e.server_not_after,
+                        ca_not_after = e.ca_not_after,
+                        "TLS certificates reloaded"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates")
+                }
+            }
+        }
+        match read_token(token_file.as_deref()) {
+            Ok(new) => {
+                *token.write().unwrap_or_else(|p| p.into_inner()) = new;
+                tracing::info!("API token reloaded");
             }
             Err(e) => {
-                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates")
+                tracing::error!(error = %e, "API token reload failed; keeping the previous token")
             }
         }
     }

@@ -73,11 +73,13 @@ pub struct CursorFile {
 }
 
 impl CursorFile {
-    /// Opens (creating) `state_dir/cursor` with owner-only permissions.
+    /// Opens (creating) `state_dir/cursor` with owner-only permissions. The state dir is
+    /// 0711: others cannot list or write it, but varnishd's VCL compiler (user vcache)
+    /// can reach the bundle files under `vcl/` that the agent makes readable.
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         std::fs::create_dir_all(state_dir)?;
-        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711))?;
         let path = state_dir.join("cursor");
         let file = std::fs::OpenOptions::new()
             .read(true)

@@ -9,6 +9,8 @@
 
 pub mod config;
 pub mod cursor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod plan;
 pub mod session;
 pub mod varnish;

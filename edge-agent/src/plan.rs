@@ -63,6 +63,18 @@ pub fn plan(entries: &[PurgeEntry], mode: PurgeMode) -> Vec<VarnishOp> {
         }
     }
     soft.retain(|t| !hard.contains(t));
+    // xkey takes a space-separated list: a tag with whitespace or a control character
+    // (never from Magento, but the stream is input) is purged by a ban instead.
+    let (odd, hard): (BTreeSet<String>, BTreeSet<String>) = if mode == PurgeMode::Xkey {
+        hard.into_iter().partition(|t| !xkey_safe(t))
+    } else {
+        (BTreeSet::new(), hard)
+    };
+    let soft: BTreeSet<String> = soft.into_iter().filter(|t| xkey_safe(t)).collect();
+    for chunk in chunk_tags(&odd, |t| tag_regex(t).len() + 1) {
+        let pattern: Vec<String> = chunk.iter().map(|t| tag_regex(t)).collect();
+        ops.push(VarnishOp::BanTags(pattern.join("|")));
+    }
     match mode {
         PurgeMode::Ban => {
             for chunk in chunk_tags(&hard, |t| tag_regex(t).len() + 1) {
@@ -82,6 +94,10 @@ pub fn plan(entries: &[PurgeEntry], mode: PurgeMode) -> Vec<VarnishOp> {
         }
     }
     ops
+}
+
+fn xkey_safe(tag: &str) -> bool {
+    !tag.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn push_unique(ops: &mut Vec<VarnishOp>, op: VarnishOp) {

@@ -102,6 +102,25 @@ fn safe_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Checks a bundle before anything is written: an alphanumeric version, a `main.vcl`,
+/// flat file names only.
+pub fn validate(apply: &ApplyConfig) -> Result<(), String> {
+    let bad = |m: &str| Err(format!("refusing bundle {}: {m}", apply.version));
+    if apply.version.is_empty()
+        || apply.version.len() > 64
+        || !apply.version.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return bad("version must be 1-64 alphanumeric characters");
+    }
+    if !apply.files.contains_key("main.vcl") {
+        return bad("no main.vcl");
+    }
+    if let Some(f) = apply.files.keys().find(|f| !safe_name(f)) {
+        return bad(&format!("unsafe file name {f:?}"));
+    }
+    Ok(())
+}
+
 /// Replaces the agent's directory in varnishd's messages by bundle-relative names.
 fn relative(message: &str, dir: &Path) -> String {
     let prefix = format!("{}/", dir.display());
@@ -186,16 +205,7 @@ impl Worker {
     }
 
     async fn load_and_use(&mut self, name: &str, apply: ApplyConfig) -> Result<(), String> {
-        let bad = |m: &str| Err(format!("refusing bundle {}: {m}", apply.version));
-        if version_of(name).is_none() || !apply.version.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return bad("version must be alphanumeric");
-        }
-        if !apply.files.contains_key("main.vcl") {
-            return bad("no main.vcl");
-        }
-        if let Some(f) = apply.files.keys().find(|f| !safe_name(f)) {
-            return bad(&format!("unsafe file name {f:?}"));
-        }
+        validate(&apply)?;
         let dir = self.dir.join(name);
         write_files(&dir, &apply.files)
             .map_err(|e| format!("cannot write {}: {e}", dir.display()))?;

@@ -232,7 +232,7 @@ impl proto::Coordinator for FanoutService {
 }
 
 #[allow(clippy::result_large_err)] // tonic's Status is what the handler returns anyway
-fn validate_id(value: &str, what: &str) -> Result<(), Status> {
+pub fn validate_id(value: &str, what: &str) -> Result<(), Status> {
     let ok = !value.is_empty()
         && value.len() <= 128
         && value

@@ -213,7 +213,7 @@ async fn handle(
 }
 
 /// The operations a PURGE asks for: one per header present, like Magento's stock VCL.
-fn parse(request: &Request) -> Result<Vec<PurgeOp>, String> {
+pub fn parse(request: &Request) -> Result<Vec<PurgeOp>, String> {
     let tags = request.header("x-magento-tags-pattern");
     let pool = request.header("x-pool");
     if tags.is_none() && pool.is_none() {

@@ -48,6 +48,9 @@ struct Args {
     /// Agent purge mode.
     #[arg(long, default_value = "ban")]
     mode: String,
+    /// Plaintext gRPC instead of mutual TLS (to compare the two).
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn summary(name: &str, mut ms: Vec<f64>) {
@@ -69,8 +72,22 @@ async fn main() {
     let varnishes = args.varnishes.unwrap_or(args.agents.min(5)).max(1);
     let dir = tests::temp_dir();
     let origin = OriginServer::start().await;
-    let coordinator =
-        CoordinatorProc::start(&dir.path().join("coordinator"), &CoordinatorOpts::default()).await;
+    let coordinator = CoordinatorProc::start(
+        &dir.path().join("coordinator"),
+        &CoordinatorOpts {
+            insecure: args.insecure,
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await;
+    println!(
+        "gRPC: {}",
+        if args.insecure {
+            "plaintext (--insecure)"
+        } else {
+            "mutual TLS"
+        }
+    );
     let mut nodes = Vec::new();
     for v in 0..varnishes {
         nodes.push(VarnishNode::start(&dir.path().join(format!("v{v}")), origin.addr).await);

@@ -108,7 +108,10 @@ async fn demo_runs_a_cluster_that_purges_everywhere_and_stops_cleanly() {
     let edges = tests::get_json(api, "/api/v1/edges").await.expect("edges");
     for e in edges.as_array().unwrap() {
         assert_eq!(e["config_version"], version.as_str(), "{e}");
+        // The demo's agents authenticate with certificates from its own PKI.
+        assert!(e["cert_not_after"].as_u64().is_some(), "{e}");
     }
+    assert_eq!(cluster["grpc_tls"], true);
     for v in &varnish {
         assert_eq!(get(*v, "/downloader/").await.status, 403);
     }

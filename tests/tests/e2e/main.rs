@@ -5,6 +5,7 @@
 mod config;
 mod demo;
 mod durability;
+mod fuzz_corpus;
 mod purge;
 mod robustness;
 mod security;

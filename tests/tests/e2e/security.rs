@@ -258,6 +258,29 @@ async fn api_needs_the_token_for_writes_and_optionally_reads() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(c.call("GET", "/api/v1/edges", None).await.status, 200);
+
+    // Rotation: a new token in token_file and SIGHUP; the old one stops working.
+    std::fs::write(dir.path().join("token"), "rotated-token-9876543210\n").expect("token");
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &c.child.pid().expect("pid").to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    assert_eventually!(
+        10,
+        api_call(
+            c.api,
+            "GET",
+            "/api/v1/edges",
+            Some("rotated-token-9876543210"),
+            None
+        )
+        .await
+        .status
+            == 200,
+        "the rotated token is not accepted"
+    );
+    assert_eq!(c.call("GET", "/api/v1/edges", None).await.status, 401);
 }
 
 /// Sends `head` a byte at a time, slowly, until `stop` is cancelled or the peer closes.

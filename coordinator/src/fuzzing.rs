@@ -1,0 +1,249 @@
+//! Entry points for the fuzz targets (`fuzz/`) and for the test that replays their
+//! corpora on every `scripts/test.sh` run. Each takes arbitrary bytes, drives the real
+//! code, and panics only when a stated property breaks:
+//!
+//! * [`purge_request`]: the purge listener's reader and header parsing, with the input
+//!   delivered in chunks the first byte chooses. Property: a request never turns into a
+//!   full flush unless a header says exactly `.*`; canonical tag sets round-trip.
+//! * [`waf`]: the WAF compiler. Property: the VCL it emits is lexically intact (every
+//!   string closes on its line, braces balance), so no rule value can break out.
+//! * [`agent_message`]: a gRPC message from an agent, decoded and fed to the rollout
+//!   state machine and the identity checks.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use prost::Message;
+use proto::edge::{agent_message, AgentMessage};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::bundle::store::ConfigStore;
+use crate::purge::pattern::PurgeOp;
+use crate::purge::wire::{Conn, Limits};
+use crate::rollout::Rollouts;
+
+/// Serves the fuzzer's bytes `chunk` at a time, then EOF; swallows writes.
+struct Script {
+    data: Vec<u8>,
+    pos: usize,
+    chunk: usize,
+}
+
+impl AsyncRead for Script {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let n = self
+            .chunk
+            .min(self.data.len() - self.pos)
+            .min(buf.remaining());
+        let start = self.pos;
+        buf.put_slice(&self.data[start..start + n]);
+        self.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Script {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(b.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("fuzz runtime")
+    })
+}
+
+/// Bytes on the purge port.
+pub fn purge_request(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let script = Script {
+        data: rest.to_vec(),
+        pos: 0,
+        chunk: usize::from(first).max(1) * 64,
+    };
+    runtime().block_on(async move {
+        let mut conn = Conn::new(script, Limits::default());
+        for _ in 0..16 {
+            let Ok(Some(request)) = conn.next_request().await else {
+                return;
+            };
+            let Ok(ops) = crate::purge::listener::parse(&request) else {
+                continue;
+            };
+            let tags_header = request.header("x-magento-tags-pattern").map(|v| {
+                String::from_utf8_lossy(v)
+                    .trim_matches([' ', '\t'])
+                    .to_owned()
+            });
+            for op in ops {
+                match &op {
+                    PurgeOp::All => assert_eq!(
+                        tags_header.as_deref(),
+                        Some(".*"),
+                        "a full flush from something other than `.*`"
+                    ),
+                    PurgeOp::Tags(tags) => {
+                        assert!(!tags.is_empty() && tags.iter().all(|t| !t.is_empty()));
+                        let canonical: Vec<String> =
+                            tags.iter().map(|t| format!("((^|,){t}(,|$))")).collect();
+                        let again = crate::purge::pattern::parse_tags_pattern(
+                            canonical.join("|").as_bytes(),
+                        );
+                        assert_eq!(
+                            again,
+                            Ok(op.clone()),
+                            "canonical tag set does not round-trip"
+                        );
+                    }
+                    PurgeOp::TagsRegex(_) | PurgeOp::PoolRegex(_) => {}
+                }
+                let _ = op.into_proto();
+            }
+        }
+    });
+}
+
+/// A `waf.toml`.
+pub fn waf(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(vcl) = crate::bundle::waf::compile(text) {
+        if let Err(e) = check_vcl_lexically(&vcl) {
+            panic!("compiled VCL is broken ({e}):\n{vcl}");
+        }
+    }
+}
+
+/// A minimal VCL lexer: `"..."` strings end on their line, `{"..."}` long strings end,
+/// `#` and `//` comments run to the end of the line, braces balance.
+pub fn check_vcl_lexically(vcl: &str) -> Result<(), String> {
+    let b = vcl.as_bytes();
+    let (mut i, mut depth) = (0usize, 0i64);
+    while i < b.len() {
+        match b[i] {
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'{' if b.get(i + 1) == Some(&b'"') => {
+                let end = vcl[i + 2..]
+                    .find("\"}")
+                    .ok_or_else(|| format!("unterminated long string at byte {i}"))?;
+                i += 2 + end + 2;
+                continue;
+            }
+            b'"' => {
+                let end = vcl[i + 1..]
+                    .find(['"', '\n'])
+                    .ok_or_else(|| format!("unterminated string at byte {i}"))?;
+                if b[i + 1 + end] == b'\n' {
+                    return Err(format!("newline inside a string at byte {i}"));
+                }
+                i += 1 + end + 1;
+                continue;
+            }
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(format!("unbalanced '}}' at byte {i}"));
+                }
+            }
+            c if c < 0x20 && c != b'\n' && c != b'\t' => {
+                return Err(format!("control byte {c:#x} at {i}"))
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if depth != 0 {
+        return Err("unbalanced braces".into());
+    }
+    Ok(())
+}
+
+fn rollouts() -> &'static Arc<Rollouts> {
+    static R: OnceLock<Arc<Rollouts>> = OnceLock::new();
+    R.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("coordinator-fuzz-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let store = Arc::new(ConfigStore::open(&dir).expect("fuzz store"));
+        let r = Rollouts::new(store, Default::default(), BTreeMap::new()).expect("rollouts");
+        r.connect("fuzz-edge", "fuzz-region", 1, true);
+        r
+    })
+}
+
+/// A protobuf `AgentMessage` as it arrives on a session.
+pub fn agent_message(data: &[u8]) {
+    let Ok(msg) = AgentMessage::decode(data) else {
+        return;
+    };
+    let r = rollouts();
+    match msg.msg {
+        Some(agent_message::Msg::Hello(h)) => {
+            let _ = crate::fanout::validate_id(&h.edge_id, "edge_id");
+            let _ = crate::fanout::validate_id(&h.region, "region");
+        }
+        Some(agent_message::Msg::ConfigStatus(s)) => r.on_status("fuzz-edge", 1, s),
+        Some(agent_message::Msg::ConfigResult(res)) => r.on_result("fuzz-edge", 1, res),
+        _ => {}
+    }
+    let _ = r.next_apply("fuzz-edge", 1);
+    r.tick();
+    let _ = serde_json::to_string(&r.view());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lexer_catches_breakouts() {
+        assert!(check_vcl_lexically("sub x { set a = \"b\"; }").is_ok());
+        assert!(check_vcl_lexically("sub x { set a = {\"b\"\n\"}; }").is_ok());
+        assert!(check_vcl_lexically("sub x { set a = \"b\n\"; }").is_err());
+        assert!(check_vcl_lexically("sub x { set a = \"b\"; }}").is_err());
+        assert!(check_vcl_lexically("sub x { # }\n }").is_ok());
+    }
+
+    #[test]
+    fn harnesses_accept_samples() {
+        purge_request(
+            b"\x01PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: ((^|,)cat_p_1(,|$))\r\n\r\n",
+        );
+        purge_request(b"\x00PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: .*\r\n\r\n");
+        waf(crate::demo::SAMPLE_WAF.as_bytes());
+        agent_message(&[0x82, 0x01, 0x02, 0x0a, 0x00]);
+    }
+}
