@@ -397,6 +397,8 @@ prefix = '/q"uo\te.(x)'
 [[block]]
 path = '^/re\"gex\d+$'
 status = 410
+[[block]]
+path = "^/new\nline\t\"}"
 [[basic_auth]]
 prefix = "/staging"
 user = "staging"
