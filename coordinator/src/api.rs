@@ -33,6 +33,9 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub rollouts: Arc<Rollouts>,
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    pub traffic: Arc<crate::traffic::Traffic>,
+    /// Region names from coordinator.toml (edges may add others).
+    pub regions: Arc<Vec<String>>,
     pub read_requires_token: bool,
     /// The bearer token (`None`: writes disabled); replaced on SIGHUP.
     pub token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
@@ -57,6 +60,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/config/versions", get(config_versions))
         .route("/api/v1/config/versions/:version", get(config_version))
         .route("/api/v1/tls", get(tls_view))
+        .route("/api/v1/regions", get(regions))
+        .route("/api/v1/regions/:name/history", get(region_history))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             read_guard,
@@ -87,6 +92,55 @@ async fn read_guard(
     next.run(request).await
 }
 
+/// `GET /api/v1/regions`: per region, its edges, hit ratios, rates and purge lag.
+async fn regions(State(s): State<ApiState>) -> Response {
+    Json(region_views(&s)).into_response()
+}
+
+/// The per-region rows (also used by `/metrics`).
+pub fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
+    let now = crate::bundle::store::now_ms();
+    let traffic = s.traffic.regions(now);
+    let edges = s.edges.list(s.log.head());
+    let mut names: std::collections::BTreeSet<String> = s.regions.iter().cloned().collect();
+    names.extend(edges.iter().map(|e| e.region.clone()));
+    names.extend(traffic.keys().cloned());
+    names
+        .into_iter()
+        .map(|name| {
+            let mine: Vec<_> = edges.iter().filter(|e| e.region == name).collect();
+            let connected = mine.iter().filter(|e| e.connected).count();
+            let health = if mine.is_empty() || connected == 0 {
+                "down"
+            } else if connected < mine.len() {
+                "degraded"
+            } else {
+                "up"
+            };
+            let t = traffic.get(&name);
+            json!({
+                "name": name,
+                "edges": mine.len(),
+                "edges_connected": connected,
+                "health": health,
+                "hit_ratio": t.map(|t| json!(t.hit_ratio)).unwrap_or(json!({"m1": null, "m5": null, "h1": null})),
+                "requests_per_s": t.map(|t| t.requests_per_s).unwrap_or(0.0),
+                "last_minute": t.map(|t| json!(t.last_minute)),
+                "objects": t.map(|t| t.objects).unwrap_or(0),
+                "bans": t.map(|t| t.bans).unwrap_or(0),
+                "varnish_restarts": t.map(|t| t.restarts).unwrap_or(0),
+                "purge_lag": mine.iter().map(|e| e.lag).max().unwrap_or(0),
+                "probes": [],
+            })
+        })
+        .collect()
+}
+
+/// `GET /api/v1/regions/{name}/history`: per-minute hit ratio and traffic for 24 h.
+async fn region_history(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+    Json(json!({ "name": name, "minutes": s.traffic.history(&name) })).into_response()
+}
+
 /// `GET /api/v1/tls`: the certificates in use and when they expire.
 async fn tls_view(State(s): State<ApiState>) -> Response {
     match &s.tls {
@@ -107,7 +161,7 @@ async fn metrics(State(s): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics
-            .render(&s.log, &s.edges, &s.rollouts, s.tls.as_deref()),
+            .render(&s.log, &s.edges, &s.rollouts, s.tls.as_deref(), &s.traffic),
     )
         .into_response()
 }

@@ -26,3 +26,4 @@ pub mod rollout;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod traffic;

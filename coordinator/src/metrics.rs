@@ -49,6 +49,7 @@ impl Metrics {
         edges: &EdgeRegistry,
         rollouts: &Rollouts,
         tls: Option<&crate::tls::ServerTls>,
+        traffic: &crate::traffic::Traffic,
     ) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
@@ -135,7 +136,91 @@ impl Metrics {
         }
         render_config(&mut out, rollouts);
         render_tls(&mut out, &list, tls);
+        render_traffic(&mut out, traffic);
         out
+    }
+}
+
+fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
+    let now = crate::bundle::store::now_ms();
+    let edges = traffic.edges(now);
+    type Get = fn(&crate::traffic::Delta) -> u64;
+    let counters: [(&str, &str, Get); 6] = [
+        (
+            "coordinator_varnish_requests_total",
+            "Client requests varnish received (since coordinator start).",
+            |d| d.requests,
+        ),
+        ("coordinator_varnish_cache_hits_total", "Cache hits.", |d| {
+            d.hits
+        }),
+        (
+            "coordinator_varnish_cache_misses_total",
+            "Cache misses.",
+            |d| d.misses,
+        ),
+        (
+            "coordinator_varnish_passes_total",
+            "Requests passed to the backend uncached.",
+            |d| d.passes,
+        ),
+        (
+            "coordinator_varnish_backend_fetches_total",
+            "Backend fetches.",
+            |d| d.backend_fetches,
+        ),
+        (
+            "coordinator_varnish_backend_failures_total",
+            "Failed backend connections and fetches.",
+            |d| d.backend_failures,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (id, (region, _, total)) in &edges {
+            let _ = writeln!(
+                out,
+                "{name}{{region=\"{region}\",edge=\"{id}\"}} {}",
+                get(total)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP coordinator_varnish_objects Objects in the cache."
+    );
+    let _ = writeln!(out, "# TYPE coordinator_varnish_objects gauge");
+    for (id, (region, summary, _)) in &edges {
+        let _ = writeln!(
+            out,
+            "coordinator_varnish_objects{{region=\"{region}\",edge=\"{id}\"}} {}",
+            summary.objects
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP coordinator_varnish_bans Length of the ban list."
+    );
+    let _ = writeln!(out, "# TYPE coordinator_varnish_bans gauge");
+    for (id, (region, summary, _)) in &edges {
+        let _ = writeln!(
+            out,
+            "coordinator_varnish_bans{{region=\"{region}\",edge=\"{id}\"}} {}",
+            summary.bans
+        );
+    }
+    let _ = writeln!(out, "# HELP coordinator_region_hit_ratio Σhits / Σ(hits + misses) over the region's edges in the window.");
+    let _ = writeln!(out, "# TYPE coordinator_region_hit_ratio gauge");
+    for (region, summary) in traffic.regions(now) {
+        for (window, ratio) in &summary.hit_ratio {
+            if let Some(r) = ratio {
+                let _ = writeln!(
+                    out,
+                    "coordinator_region_hit_ratio{{region=\"{region}\",window=\"{window}\"}} {r}"
+                );
+            }
+        }
     }
 }
 

@@ -80,6 +80,7 @@ pub struct Handles {
     pub rollouts: Arc<Rollouts>,
     /// Present when `[grpc.tls]` is configured.
     pub tls: Option<Arc<ServerTls>>,
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 /// Opens the state and returns the handles; [`run`] serves them.
@@ -95,6 +96,7 @@ pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, Ser
         log,
         rollouts,
         tls,
+        traffic: Arc::default(),
         edges: Arc::new(EdgeRegistry::default()),
         metrics: Arc::new(Metrics::default()),
     })
@@ -143,6 +145,7 @@ pub async fn run(
         handles.log.clone(),
         handles.edges.clone(),
         handles.rollouts.clone(),
+        handles.traffic.clone(),
         handles.tls.is_some(),
         shutdown.clone(),
     );
@@ -187,6 +190,8 @@ pub async fn run(
         metrics: handles.metrics.clone(),
         rollouts: handles.rollouts.clone(),
         tls: handles.tls.clone(),
+        traffic: handles.traffic.clone(),
+        regions: Arc::new(config.regions.iter().map(|r| r.name.clone()).collect()),
         read_requires_token: config.api.read_requires_token,
         token,
     });

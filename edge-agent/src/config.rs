@@ -22,6 +22,13 @@ pub struct AgentConfig {
     /// How often the agent reports its active VCL (and probes health) to the coordinator.
     #[serde(default = "default_report_interval_s")]
     pub report_interval_s: u64,
+    /// How often varnishstat counters are read and sent (hit ratios, rates).
+    #[serde(default = "default_stats_interval_s")]
+    pub stats_interval_s: u64,
+}
+
+fn default_stats_interval_s() -> u64 {
+    5
 }
 
 fn default_report_interval_s() -> u64 {
@@ -40,6 +47,9 @@ pub struct VarnishConfig {
     pub secret_file: PathBuf,
     #[serde(default)]
     pub purge_mode: PurgeMode,
+    /// varnishd's `-n` instance (working directory) for varnishstat; default: varnish's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<PathBuf>,
     /// Timeout for one admin or HTTP exchange with varnishd.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -132,6 +142,11 @@ impl AgentConfig {
                 "coordinator {:?} must start with https:// or http://",
                 self.coordinator
             )));
+        }
+        if self.stats_interval_s == 0 || self.stats_interval_s > 3600 {
+            return Err(ConfigError::Invalid(
+                "stats_interval_s must be 1..=3600".into(),
+            ));
         }
         if self.report_interval_s == 0 || self.report_interval_s > 3600 {
             return Err(ConfigError::Invalid(

@@ -4,15 +4,18 @@
 //! ack, redial with backoff). [`plan`] coalesces purge entries into few varnish
 //! operations; [`varnish`] applies them (admin CLI protocol spoken directly, xkey over
 //! HTTP). [`cursor`] keeps the applied sequence on disk. [`vcl`] loads pushed config
-//! bundles in a task of its own and reports what varnishd runs. [`config`] is the TOML
-//! file.
+//! bundles in a task of its own and reports what varnishd runs. [`stats`] streams
+//! varnishstat counters; [`command`] is the only place another program is run.
+//! [`config`] is the TOML file.
 
+pub mod command;
 pub mod config;
 pub mod cursor;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod plan;
 pub mod session;
+pub mod stats;
 pub mod varnish;
 pub mod vcl;
 

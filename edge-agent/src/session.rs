@@ -227,6 +227,12 @@ impl Agent {
             async move { crate::vcl::run(varnish, &state_dir, config_rx, out, every).await }
         });
         let _abort_worker = AbortOnDrop(worker);
+        let stats = tokio::spawn(crate::stats::run(
+            self.config.varnish.instance.clone(),
+            Duration::from_secs(self.config.stats_interval_s),
+            out.clone(),
+        ));
+        let _abort_stats = AbortOnDrop(stats);
 
         let mut log_id = String::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);

@@ -184,9 +184,23 @@ impl VarnishNode {
     /// boot VCL and an empty cache.
     pub async fn kill9_and_restart(&mut self) {
         self.child.kill9().await;
-        self.child = process::start_varnishd(&self.spec, &self.log)
-            .await
-            .unwrap_or_else(|e| panic!("varnishd did not restart: {e}"));
+        // The killed manager's cache process may serve and hold the ports for a moment.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while process::http_answers(self.http).await && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut last = None;
+        for _ in 0..40 {
+            match process::start_varnishd(&self.spec, &self.log).await {
+                Ok(child) => {
+                    self.child = child;
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("varnishd did not restart: {last:?}");
     }
 
     /// The name of the active VCL (`vcl.list`).
@@ -512,11 +526,12 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\n{tls_table}",
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
                 dir.join(format!("{id}-state")).display(),
                 varnish.http,
                 varnish.admin,
-                varnish.secret.display()
+                varnish.secret.display(),
+                varnish.workdir.display()
             ),
         )
         .expect("agent config");

@@ -283,7 +283,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                 )
             };
             let agent_toml = format!(
-                "id = \"{id}\"\nregion = \"{name}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{state}\"\n\n[varnish]\nhttp = \"{http}\"\nadmin = \"{admin}\"\nsecret_file = \"{secret}\"\npurge_mode = \"{mode}\"\n{tls_table}",
+                "id = \"{id}\"\nregion = \"{name}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{state}\"\n\n[varnish]\nhttp = \"{http}\"\nadmin = \"{admin}\"\nsecret_file = \"{secret}\"\npurge_mode = \"{mode}\"\ninstance = \"{instance}\"\n{tls_table}",
+                instance = rdir.join("varnish").display(),
                 grpc = port(2),
                 state = rdir.join("agent-state").display(),
                 secret = secret_file.display(),

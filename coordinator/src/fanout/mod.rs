@@ -34,6 +34,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::purge::log::PurgeLog;
 use crate::rollout::Rollouts;
+use crate::traffic::Traffic;
 use edges::{EdgeHello, EdgeRegistry, SessionHandle};
 
 /// Entries per batch message.
@@ -93,6 +94,7 @@ pub struct FanoutService {
     log: PurgeLog,
     edges: Arc<EdgeRegistry>,
     rollouts: Arc<Rollouts>,
+    traffic: Arc<Traffic>,
     /// With mTLS: the Hello must claim the identity in the client certificate.
     require_identity: bool,
     shutdown: CancellationToken,
@@ -103,6 +105,7 @@ impl FanoutService {
         log: PurgeLog,
         edges: Arc<EdgeRegistry>,
         rollouts: Arc<Rollouts>,
+        traffic: Arc<Traffic>,
         require_identity: bool,
         shutdown: CancellationToken,
     ) -> Self {
@@ -110,6 +113,7 @@ impl FanoutService {
             log,
             edges,
             rollouts,
+            traffic,
             require_identity,
             shutdown,
         }
@@ -203,6 +207,7 @@ impl proto::Coordinator for FanoutService {
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
 
+        self.traffic.connect(&hello.edge_id, &hello.region);
         let capable = hello.capabilities.iter().any(|c| c == proto::CAP_CONFIG);
         self.rollouts
             .connect(&hello.edge_id, &hello.region, handle.session, capable);
@@ -216,8 +221,10 @@ impl proto::Coordinator for FanoutService {
         let sender = tokio::spawn(send_loop(self.log.clone(), resume, tx, handle.clone()));
         let edges = self.edges.clone();
         let rollouts = self.rollouts.clone();
+        let traffic = self.traffic.clone();
+        let region = hello.region.clone();
         tokio::spawn(async move {
-            receive_loop(&edges, &rollouts, &handle, inbound).await;
+            receive_loop(&edges, &rollouts, &traffic, &region, &handle, inbound).await;
             handle.cancel.cancel();
             let _ = sender.await;
             if let Some(c) = configurer {
@@ -250,6 +257,8 @@ pub fn validate_id(value: &str, what: &str) -> Result<(), Status> {
 async fn receive_loop(
     edges: &EdgeRegistry,
     rollouts: &Rollouts,
+    traffic: &Traffic,
+    region: &str,
     handle: &SessionHandle,
     mut inbound: Streaming<AgentMessage>,
 ) {
@@ -269,6 +278,10 @@ async fn receive_loop(
                 agent_message::Msg::ConfigStatus(status) => {
                     edges.seen(handle);
                     rollouts.on_status(&handle.edge_id, handle.session, status);
+                }
+                agent_message::Msg::Stats(stats) => {
+                    edges.seen(handle);
+                    traffic.record(&handle.edge_id, region, stats);
                 }
                 agent_message::Msg::ConfigResult(result) => {
                     rollouts.on_result(&handle.edge_id, handle.session, result);

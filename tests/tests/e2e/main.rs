@@ -9,3 +9,4 @@ mod fuzz_corpus;
 mod purge;
 mod robustness;
 mod security;
+mod traffic;

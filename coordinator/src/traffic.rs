@@ -1,0 +1,341 @@
+//! Traffic and hit ratios from the edges' varnishstat counters.
+//!
+//! Agents send cumulative counters ([`VarnishStats`]) every few seconds. [`Traffic`]
+//! turns consecutive samples of one edge into *deltas* and keeps them twice: every
+//! sample of the last hour (for the 1 min / 5 min / 1 h windows) and per-minute sums for
+//! 24 h (history). Counters that go backwards (a varnishd restart) are counted from zero
+//! again: the new values are what happened since the restart. A gap longer than
+//! [`MAX_GAP`] (an agent that was away) only re-baselines, so nothing lands as a spike.
+//!
+//! A region's hit ratio is `Σhits / Σ(hits + misses)` over all its edges' deltas in the
+//! window — never the mean of per-edge ratios, which overweights idle edges.
+//!
+//! One `std::sync::Mutex`, held for map updates only, never across an `.await`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+
+use proto::edge::VarnishStats;
+use serde::Serialize;
+
+/// Samples older than this are dropped (the longest window).
+const SAMPLE_KEEP_MS: u64 = 3_600_000;
+/// Per-minute history kept.
+const MINUTES_KEEP: usize = 24 * 60;
+/// Two samples further apart than this are not subtracted.
+pub const MAX_GAP_MS: u64 = 120_000;
+/// The windows reported.
+pub const WINDOWS: [(&str, u64); 3] = [("m1", 60_000), ("m5", 300_000), ("h1", 3_600_000)];
+
+/// What happened between two samples (or in a minute, or a window).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Delta {
+    pub requests: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub hitpass: u64,
+    pub hitmiss: u64,
+    pub passes: u64,
+    pub backend_fetches: u64,
+    pub backend_failures: u64,
+}
+
+impl Delta {
+    fn add(&mut self, o: &Delta) {
+        self.requests += o.requests;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.hitpass += o.hitpass;
+        self.hitmiss += o.hitmiss;
+        self.passes += o.passes;
+        self.backend_fetches += o.backend_fetches;
+        self.backend_failures += o.backend_failures;
+    }
+
+    /// `hits / (hits + misses)`, or `None` without lookups.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let total = self.hits + self.misses;
+        (total > 0).then(|| self.hits as f64 / total as f64)
+    }
+}
+
+fn counters(s: &VarnishStats) -> Delta {
+    Delta {
+        requests: s.requests,
+        hits: s.hits,
+        misses: s.misses,
+        hitpass: s.hitpass,
+        hitmiss: s.hitmiss,
+        passes: s.passes,
+        backend_fetches: s.backend_fetches,
+        backend_failures: s.backend_failures,
+    }
+}
+
+/// The delta from `prev` to `next`; `None` when they cannot be compared.
+pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
+    if next.taken_at_ms <= prev.taken_at_ms || next.taken_at_ms - prev.taken_at_ms > MAX_GAP_MS {
+        return None;
+    }
+    let (a, b) = (counters(prev), counters(next));
+    let went_back = next.uptime_s < prev.uptime_s
+        || b.requests < a.requests
+        || b.hits < a.hits
+        || b.misses < a.misses
+        || b.hitpass < a.hitpass
+        || b.hitmiss < a.hitmiss
+        || b.passes < a.passes
+        || b.backend_fetches < a.backend_fetches
+        || b.backend_failures < a.backend_failures;
+    if went_back {
+        // varnishd restarted in between: everything it counted is new.
+        return Some(b);
+    }
+    Some(Delta {
+        requests: b.requests - a.requests,
+        hits: b.hits - a.hits,
+        misses: b.misses - a.misses,
+        hitpass: b.hitpass - a.hitpass,
+        hitmiss: b.hitmiss - a.hitmiss,
+        passes: b.passes - a.passes,
+        backend_fetches: b.backend_fetches - a.backend_fetches,
+        backend_failures: b.backend_failures - a.backend_failures,
+    })
+}
+
+#[derive(Debug, Default)]
+struct EdgeTraffic {
+    region: String,
+    last: Option<VarnishStats>,
+    samples: VecDeque<(u64, Delta)>,
+    minutes: VecDeque<(u64, Delta)>,
+    total: Delta,
+    restarts: u64,
+}
+
+/// Per-edge traffic; share it behind an `Arc`.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    edges: Mutex<HashMap<String, EdgeTraffic>>,
+}
+
+/// One region (or edge) over the windows.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    /// Hit ratio per window (`m1`, `m5`, `h1`); null without lookups in it.
+    pub hit_ratio: BTreeMap<&'static str, Option<f64>>,
+    /// Client requests per second over the last minute.
+    pub requests_per_s: f64,
+    /// Sums over the last minute.
+    pub last_minute: Delta,
+    /// Cached objects and ban-list length, summed over the latest samples.
+    pub objects: u64,
+    pub bans: u64,
+    /// varnishd restarts seen (counters going back).
+    pub restarts: u64,
+}
+
+/// One minute of a region's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct MinutePoint {
+    /// Unix seconds of the minute's start.
+    pub t: u64,
+    pub hit_ratio: Option<f64>,
+    pub requests_per_s: f64,
+    #[serde(flatten)]
+    pub delta: Delta,
+}
+
+impl Traffic {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, EdgeTraffic>> {
+        self.edges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new session: the next sample is a baseline.
+    pub fn connect(&self, edge: &str, region: &str) {
+        let mut edges = self.lock();
+        let e = edges.entry(edge.to_owned()).or_default();
+        e.region = region.to_owned();
+        e.last = None;
+    }
+
+    /// Records one sample from `edge`.
+    pub fn record(&self, edge: &str, region: &str, stats: VarnishStats) {
+        let mut edges = self.lock();
+        let e = edges.entry(edge.to_owned()).or_default();
+        e.region = region.to_owned();
+        let at = stats.taken_at_ms;
+        if let Some(prev) = &e.last {
+            if stats.uptime_s < prev.uptime_s {
+                e.restarts += 1;
+            }
+            if let Some(d) = delta(prev, &stats) {
+                e.total.add(&d);
+                e.samples.push_back((at, d));
+                let minute = at / 60_000 * 60_000;
+                match e.minutes.back_mut() {
+                    Some((m, sum)) if *m == minute => sum.add(&d),
+                    _ => e.minutes.push_back((minute, d)),
+                }
+            }
+        }
+        while e
+            .samples
+            .front()
+            .is_some_and(|(t, _)| *t + SAMPLE_KEEP_MS < at)
+        {
+            e.samples.pop_front();
+        }
+        while e.minutes.len() > MINUTES_KEEP {
+            e.minutes.pop_front();
+        }
+        e.last = Some(stats);
+    }
+
+    /// Summaries per region at `now_ms`.
+    pub fn regions(&self, now_ms: u64) -> BTreeMap<String, Summary> {
+        let edges = self.lock();
+        let mut by_region: BTreeMap<String, Vec<&EdgeTraffic>> = BTreeMap::new();
+        for e in edges.values() {
+            by_region.entry(e.region.clone()).or_default().push(e);
+        }
+        by_region
+            .into_iter()
+            .map(|(r, list)| (r, summarize(&list, now_ms)))
+            .collect()
+    }
+
+    /// Per-edge summaries at `now_ms`, by edge id.
+    pub fn edges(&self, now_ms: u64) -> BTreeMap<String, (String, Summary, Delta)> {
+        let edges = self.lock();
+        edges
+            .iter()
+            .map(|(id, e)| {
+                (
+                    id.clone(),
+                    (e.region.clone(), summarize(&[e], now_ms), e.total),
+                )
+            })
+            .collect()
+    }
+
+    /// A region's per-minute history (oldest first).
+    pub fn history(&self, region: &str) -> Vec<MinutePoint> {
+        let edges = self.lock();
+        let mut minutes: BTreeMap<u64, Delta> = BTreeMap::new();
+        for e in edges.values().filter(|e| e.region == region) {
+            for (m, d) in &e.minutes {
+                minutes.entry(*m).or_default().add(d);
+            }
+        }
+        minutes
+            .into_iter()
+            .map(|(m, d)| MinutePoint {
+                t: m / 1000,
+                hit_ratio: d.hit_ratio(),
+                requests_per_s: d.requests as f64 / 60.0,
+                delta: d,
+            })
+            .collect()
+    }
+}
+
+fn summarize(list: &[&EdgeTraffic], now_ms: u64) -> Summary {
+    let window = |ms: u64| {
+        let mut sum = Delta::default();
+        for e in list {
+            for (t, d) in e.samples.iter().rev() {
+                if *t + ms <= now_ms {
+                    break;
+                }
+                sum.add(d);
+            }
+        }
+        sum
+    };
+    let hit_ratio = WINDOWS
+        .iter()
+        .map(|(name, ms)| (*name, window(*ms).hit_ratio()))
+        .collect();
+    let last_minute = window(60_000);
+    Summary {
+        hit_ratio,
+        requests_per_s: last_minute.requests as f64 / 60.0,
+        last_minute,
+        objects: list
+            .iter()
+            .filter_map(|e| e.last.as_ref())
+            .map(|s| s.objects)
+            .sum(),
+        bans: list
+            .iter()
+            .filter_map(|e| e.last.as_ref())
+            .map(|s| s.bans)
+            .sum(),
+        restarts: list.iter().map(|e| e.restarts).sum(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(at: u64, uptime: u64, hits: u64, misses: u64) -> VarnishStats {
+        VarnishStats {
+            taken_at_ms: at,
+            uptime_s: uptime,
+            requests: hits + misses,
+            hits,
+            misses,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn region_ratio_is_summed_not_averaged() {
+        let t = Traffic::default();
+        // Edge a: 90 hits, 10 misses. Edge b: 0 hits, 1 miss (idle).
+        t.record("a", "eu", s(1_000, 10, 0, 0));
+        t.record("a", "eu", s(3_000, 12, 90, 10));
+        t.record("b", "eu", s(1_000, 10, 0, 0));
+        t.record("b", "eu", s(3_000, 12, 0, 1));
+        t.record("c", "us", s(1_000, 10, 0, 0));
+        let r = t.regions(4_000);
+        // Σ: 90 / 101, not (0.9 + 0.0) / 2.
+        let eu = r["eu"].hit_ratio["m1"].unwrap();
+        assert!((eu - 90.0 / 101.0).abs() < 1e-9, "{eu}");
+        assert_eq!(r["us"].hit_ratio["m1"], None);
+        assert!((r["eu"].requests_per_s - 101.0 / 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn restarts_never_go_negative_and_gaps_rebaseline() {
+        let t = Traffic::default();
+        t.record("a", "eu", s(0, 100, 500, 500));
+        t.record("a", "eu", s(2_000, 102, 510, 500)); // +10 hits
+        t.record("a", "eu", s(4_000, 1, 3, 1)); // restart: 3 hits, 1 miss since
+        t.record("a", "eu", s(6_000, 3, 5, 1)); // +2 hits
+        let e = &t.edges(7_000)["a"];
+        assert_eq!((e.2.hits, e.2.misses), (15, 1));
+        assert_eq!(e.1.restarts, 1);
+        // An agent away for 10 minutes: its next sample only re-baselines.
+        t.record("a", "eu", s(606_000, 603, 100_000, 1));
+        assert_eq!(t.edges(607_000)["a"].2.hits, 15);
+        // Windows exclude old samples.
+        let r = t.regions(606_000 + 1);
+        assert_eq!(r["eu"].hit_ratio["m1"], None);
+        assert!(r["eu"].hit_ratio["h1"].is_some());
+    }
+
+    #[test]
+    fn history_is_per_minute() {
+        let t = Traffic::default();
+        t.record("a", "eu", s(0, 1, 0, 0));
+        t.record("a", "eu", s(30_000, 31, 6, 0));
+        t.record("a", "eu", s(70_000, 71, 6, 6));
+        let h = t.history("eu");
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[0].t, h[0].delta.hits, h[1].delta.misses), (0, 6, 6));
+        assert_eq!(h[1].hit_ratio, Some(0.0));
+    }
+}

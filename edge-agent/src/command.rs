@@ -1,0 +1,118 @@
+//! The one place the agent runs other programs (today: `varnishstat`).
+//!
+//! Every run has a timeout, its child is killed if the future is dropped
+//! (`kill_on_drop`), and its output is bounded. Everything that talks to varnishd's admin
+//! port does so in-process ([`crate::varnish::admin`]), not through `varnishadm`.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+/// Largest output read from a command.
+const MAX_OUTPUT: u64 = 4 * 1024 * 1024;
+
+/// Why a command gave nothing usable.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} timed out after {0:?}", .timeout)]
+    Timeout { program: String, timeout: Duration },
+    #[error("{program} failed ({status}): {stderr}")]
+    Failed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("reading {program}'s output: {source}")]
+    Io {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+/// Runs `program args...` and returns its stdout (at most 4 MiB).
+pub async fn run(
+    program: &Path,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<Vec<u8>, CommandError> {
+    let name = program.display().to_string();
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| CommandError::Spawn {
+            program: name.clone(),
+            source,
+        })?;
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let work = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            s.take(MAX_OUTPUT).read_to_end(&mut out).await?;
+        }
+        if let Some(s) = stderr.as_mut() {
+            s.take(64 * 1024).read_to_end(&mut err).await?;
+        }
+        let status = child.wait().await?;
+        Ok::<_, std::io::Error>((status, out, err))
+    };
+    let (status, out, err) = tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| CommandError::Timeout {
+            program: name.clone(),
+            timeout,
+        })?
+        .map_err(|source| CommandError::Io {
+            program: name.clone(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(CommandError::Failed {
+            program: name,
+            status: status.to_string(),
+            stderr: String::from_utf8_lossy(&err)
+                .trim()
+                .chars()
+                .take(500)
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn output_failure_and_timeout() {
+        let out = run(Path::new("echo"), &["hi"], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(out, b"hi\n");
+        assert!(matches!(
+            run(Path::new("false"), &[], Duration::from_secs(5)).await,
+            Err(CommandError::Failed { .. })
+        ));
+        assert!(matches!(
+            run(Path::new("sleep"), &["5"], Duration::from_millis(100)).await,
+            Err(CommandError::Timeout { .. })
+        ));
+        assert!(matches!(
+            run(Path::new("/nonexistent/x"), &[], Duration::from_secs(1)).await,
+            Err(CommandError::Spawn { .. })
+        ));
+    }
+}

@@ -1,0 +1,127 @@
+//! varnishd's counters, read with `varnishstat -j` every `stats_interval_s` and sent up
+//! as [`VarnishStats`]. The agent sends raw cumulative counters; turning them into rates
+//! (and surviving a varnishd restart, which resets them) is the coordinator's job, so a
+//! lost message costs resolution, never correctness.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proto::edge::{agent_message, AgentMessage, VarnishStats};
+use tokio::sync::mpsc;
+
+use crate::command;
+
+/// The counters read, by name.
+const FIELDS: [&str; 12] = [
+    "MAIN.uptime",
+    "MAIN.client_req",
+    "MAIN.cache_hit",
+    "MAIN.cache_miss",
+    "MAIN.cache_hitpass",
+    "MAIN.cache_hitmiss",
+    "MAIN.s_pass",
+    "MAIN.backend_req",
+    "MAIN.backend_fail",
+    "MAIN.fetch_failed",
+    "MAIN.n_object",
+    "MAIN.bans",
+];
+
+/// Parses `varnishstat -j` output (Varnish 6.5+: counters under `"counters"`; older
+/// versions put them at the top level).
+pub fn parse(json: &[u8], taken_at_ms: u64) -> Result<VarnishStats, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("varnishstat output is not JSON: {e}"))?;
+    let counters = v.get("counters").unwrap_or(&v);
+    let get = |name: &str| counters[name]["value"].as_u64().unwrap_or(0);
+    if counters.get("MAIN.uptime").is_none() {
+        return Err("varnishstat output has no MAIN.uptime".into());
+    }
+    Ok(VarnishStats {
+        taken_at_ms,
+        uptime_s: get("MAIN.uptime"),
+        requests: get("MAIN.client_req"),
+        hits: get("MAIN.cache_hit"),
+        misses: get("MAIN.cache_miss"),
+        hitpass: get("MAIN.cache_hitpass"),
+        hitmiss: get("MAIN.cache_hitmiss"),
+        passes: get("MAIN.s_pass"),
+        backend_fetches: get("MAIN.backend_req"),
+        backend_failures: get("MAIN.backend_fail") + get("MAIN.fetch_failed"),
+        objects: get("MAIN.n_object"),
+        bans: get("MAIN.bans"),
+    })
+}
+
+/// Reads the counters once.
+pub async fn read(varnishstat: &Path, instance: Option<&Path>) -> Result<VarnishStats, String> {
+    let mut args: Vec<String> = vec!["-j".into()];
+    if let Some(n) = instance {
+        args.push("-n".into());
+        args.push(n.display().to_string());
+    }
+    for f in FIELDS {
+        args.push("-f".into());
+        args.push(f.into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = command::run(varnishstat, &args, Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    parse(&out, now)
+}
+
+/// Sends a sample every `every` until `out` closes; a failed read is logged and skipped.
+pub async fn run(instance: Option<PathBuf>, every: Duration, out: mpsc::Sender<AgentMessage>) {
+    let program = PathBuf::from("varnishstat");
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match read(&program, instance.as_deref()).await {
+            Ok(stats) => {
+                failing = false;
+                let msg = AgentMessage {
+                    msg: Some(agent_message::Msg::Stats(stats)),
+                };
+                if out.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read varnish counters");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_varnish_7_and_6_layouts() {
+        let v7 = br#"{"version":1,"timestamp":"x","counters":{
+            "MAIN.uptime":{"value":30},"MAIN.client_req":{"value":100},
+            "MAIN.cache_hit":{"value":90},"MAIN.cache_miss":{"value":10},
+            "MAIN.backend_fail":{"value":1},"MAIN.fetch_failed":{"value":2},"MAIN.bans":{"value":1}}}"#;
+        let s = parse(v7, 5).unwrap();
+        assert_eq!(
+            (s.uptime_s, s.requests, s.hits, s.misses),
+            (30, 100, 90, 10)
+        );
+        assert_eq!((s.backend_failures, s.bans, s.taken_at_ms), (3, 1, 5));
+        let v6 = br#"{"timestamp":"x","MAIN.uptime":{"value":3},"MAIN.cache_hit":{"value":4}}"#;
+        assert_eq!(parse(v6, 0).unwrap().hits, 4);
+        assert!(parse(b"{}", 0).is_err());
+        assert!(parse(b"not json", 0).is_err());
+    }
+}

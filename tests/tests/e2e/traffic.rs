@@ -1,0 +1,178 @@
+//! Hit ratios and traffic from real varnishstat counters, per region, through restarts,
+//! and `/metrics` as valid Prometheus text.
+
+use serde_json::Value;
+use tests::{assert_eventually, get, Cluster, CoordinatorOpts};
+
+async fn region(cluster: &Cluster, name: &str) -> Value {
+    let r = cluster
+        .coordinator
+        .call("GET", "/api/v1/regions", None)
+        .await;
+    r.json()
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// A strict reading of the Prometheus text format: every sample belongs to a family with
+/// a TYPE line before it, names and labels follow the grammar, values parse as floats.
+fn check_prometheus_text(text: &str) -> Result<usize, String> {
+    let mut typed = std::collections::HashMap::new();
+    let mut samples = 0;
+    let name_ok = |n: &str| {
+        let mut c = n.chars();
+        c.next()
+            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+            && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+    };
+    for (i, line) in text.lines().enumerate() {
+        let msg = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
+        let bad = |why: &str| Err(msg(why));
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let (Some(name), Some(kind), None) = (parts.next(), parts.next(), parts.next()) else {
+                return bad("malformed TYPE");
+            };
+            if !name_ok(name)
+                || !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind)
+            {
+                return bad("bad TYPE");
+            }
+            if typed.insert(name.to_owned(), kind.to_owned()).is_some() {
+                return bad("family typed twice");
+            }
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').ok_or_else(|| msg("no value"))?;
+        if value.parse::<f64>().is_err() {
+            return bad("value is not a float");
+        }
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (
+                n,
+                Some(l.strip_suffix('}').ok_or_else(|| msg("unclosed labels"))?),
+            ),
+            None => (series, None),
+        };
+        if !name_ok(name) {
+            return bad("bad metric name");
+        }
+        if !typed.contains_key(name) {
+            return bad("sample before its TYPE line");
+        }
+        if name.ends_with("_total") && typed[name] != "counter" {
+            return bad("_total on a non-counter");
+        }
+        for pair in labels
+            .into_iter()
+            .flat_map(|l| l.split("\","))
+            .filter(|p| !p.is_empty())
+        {
+            let (k, v) = pair
+                .split_once("=\"")
+                .ok_or_else(|| msg("label without =\""))?;
+            if !name_ok(k) || v.trim_end_matches('"').contains('"') {
+                return bad("bad label");
+            }
+        }
+        samples += 1;
+    }
+    Ok(samples)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
+    let mut cluster = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    // Both regions have sent a baseline sample.
+    for name in ["region-0", "region-1"] {
+        assert_eventually!(
+            20,
+            !region(&cluster, name).await["last_minute"].is_null(),
+            "no varnishstat sample from {name}"
+        );
+    }
+    // 10 misses, then 90 hits, on region-0 only.
+    let v0 = cluster.varnish[0].http;
+    for i in 0..10 {
+        assert_eq!(get(v0, &format!("/p/{i}")).await.cache(), "MISS");
+    }
+    for _ in 0..9 {
+        for i in 0..10 {
+            assert_eq!(get(v0, &format!("/p/{i}")).await.cache(), "HIT");
+        }
+    }
+    assert_eventually!(
+        10,
+        region(&cluster, "region-0").await["last_minute"]["hits"] == 90,
+        "hits not reported: {}",
+        region(&cluster, "region-0").await
+    );
+    let r0 = region(&cluster, "region-0").await;
+    let ratio = r0["hit_ratio"]["m1"].as_f64().expect("m1 ratio");
+    assert!(
+        (ratio - 0.90).abs() <= 0.01,
+        "region-0 hit ratio {ratio}: {r0}"
+    );
+    assert_eq!(r0["last_minute"]["misses"], 10);
+    assert!(r0["requests_per_s"].as_f64() > Some(0.0));
+    let r1 = region(&cluster, "region-1").await;
+    assert!(
+        r1["hit_ratio"]["m1"].is_null(),
+        "region-1 had no traffic: {r1}"
+    );
+    assert_eq!(r1["last_minute"]["requests"], 0);
+
+    // varnishd restarts: counters reset; nothing negative, and new traffic counts.
+    let ready_before = cluster.origin.origin.renders("/__ready");
+    cluster.varnish[0].kill9_and_restart().await;
+    // The restart helper's readiness request (`/__ready`) is a miss too.
+    let ready = cluster.origin.origin.renders("/__ready") - ready_before;
+    for i in 0..10 {
+        get(v0, &format!("/p/{i}")).await;
+        get(v0, &format!("/p/{i}")).await;
+    }
+    assert_eventually!(
+        15,
+        region(&cluster, "region-0").await["last_minute"]["hits"] == 100,
+        "post-restart traffic not counted: {}",
+        region(&cluster, "region-0").await
+    );
+    let r0 = region(&cluster, "region-0").await;
+    assert!(r0["varnish_restarts"].as_u64() >= Some(1), "{r0}");
+    assert_eq!(
+        r0["last_minute"]["misses"].as_u64(),
+        Some(20 + ready),
+        "{r0}"
+    );
+    let ratio = r0["hit_ratio"]["m1"].as_f64().expect("ratio");
+    let expected = 100.0 / (120 + ready) as f64;
+    assert!((ratio - expected).abs() < 0.001, "{ratio} vs {expected}");
+    let history = cluster
+        .coordinator
+        .call("GET", "/api/v1/regions/region-0/history", None)
+        .await
+        .json();
+    let minutes = history["minutes"].as_array().cloned().unwrap_or_default();
+    let hits: u64 = minutes
+        .iter()
+        .map(|m| m["hits"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(hits, 100, "{history}");
+
+    // /metrics is valid Prometheus text and carries the new families.
+    let metrics = get(cluster.coordinator.api, "/metrics").await.body;
+    let samples = check_prometheus_text(&metrics).unwrap_or_else(|e| panic!("{e}\n{metrics}"));
+    assert!(samples > 20);
+    assert!(metrics
+        .contains("coordinator_varnish_cache_hits_total{region=\"region-0\",edge=\"edge-0\"} 100"));
+    assert!(metrics.contains("coordinator_region_hit_ratio{region=\"region-0\",window=\"m1\"}"));
+    assert!(check_prometheus_text("x_total 1\n").is_err());
+    assert!(check_prometheus_text("# TYPE x gauge\nx{a=\"b\" 1\n").is_err());
+}
