@@ -348,6 +348,41 @@ pub fn diff(old: &Bundle, new: &Bundle, a: &str, b: &str) -> String {
     out
 }
 
+/// `status`: one line per region.
+pub async fn status(api: &ApiClient) -> Result<(), CliError> {
+    let regions = api.call("GET", "/api/v1/regions", None).await?;
+    print!("{}", status_table(&regions));
+    Ok(())
+}
+
+/// The per-region table `status` prints.
+pub fn status_table(regions: &Value) -> String {
+    let pct = |v: &Value| {
+        v.as_f64()
+            .map(|r| format!("{:.1}%", r * 100.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut out = format!(
+        "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8}\n",
+        "REGION", "HEALTH", "EDGES", "HIT 1M", "HIT 5M", "HIT 1H", "REQ/S", "OBJECTS", "PURGE LAG"
+    );
+    for r in regions.as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9.1} {:>9} {:>8}\n",
+            r["name"].as_str().unwrap_or(""),
+            r["health"].as_str().unwrap_or(""),
+            format!("{}/{}", r["edges_connected"], r["edges"]),
+            pct(&r["hit_ratio"]["m1"]),
+            pct(&r["hit_ratio"]["m5"]),
+            pct(&r["hit_ratio"]["h1"]),
+            r["requests_per_s"].as_f64().unwrap_or(0.0),
+            r["objects"],
+            r["purge_lag"],
+        ));
+    }
+    out
+}
+
 /// `purge --tag T... | --url U [--host H] | --all`.
 pub async fn purge(api: &ApiClient, body: Value) -> Result<(), CliError> {
     let answer = api.call("POST", "/api/v1/purges", Some(body)).await?;
@@ -358,6 +393,28 @@ pub async fn purge(api: &ApiClient, body: Value) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_table_shows_every_region() {
+        let regions = json!([
+            {"name": "eu-west", "health": "up", "edges": 2, "edges_connected": 2,
+             "hit_ratio": {"m1": 0.9, "m5": 0.875, "h1": null}, "requests_per_s": 12.5,
+             "objects": 40, "purge_lag": 0},
+            {"name": "us-east", "health": "down", "edges": 1, "edges_connected": 0,
+             "hit_ratio": {"m1": null, "m5": null, "h1": null}, "requests_per_s": 0.0,
+             "objects": 0, "purge_lag": 7}
+        ]);
+        let t = status_table(&regions);
+        assert!(t.lines().count() == 3, "{t}");
+        assert!(
+            t.contains("eu-west") && t.contains("90.0%") && t.contains("87.5%"),
+            "{t}"
+        );
+        assert!(
+            t.contains("us-east") && t.contains("down") && t.contains("0/1"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn diff_shows_changed_files_only() {

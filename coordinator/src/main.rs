@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Per-region health, hit ratios, traffic and purge lag.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Purge through the API (the same log Magento's PURGE requests go to).
     Purge {
         #[command(flatten)]
@@ -254,6 +259,13 @@ fn main() -> ExitCode {
                     ConfigCommand::Status => cli::config_status(&client).await,
                 };
                 exit(result.map_err(anyhow::Error::from))
+            }
+            Command::Status { api } => {
+                let client = match client(&api) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                exit(cli::status(&client).await.map_err(anyhow::Error::from))
             }
             Command::Purge {
                 api,
