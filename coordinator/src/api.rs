@@ -34,6 +34,7 @@ pub struct ApiState {
     pub rollouts: Arc<Rollouts>,
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     pub traffic: Arc<crate::traffic::Traffic>,
+    pub monitor: Arc<crate::monitor::Monitor>,
     /// Region names from coordinator.toml (edges may add others).
     pub regions: Arc<Vec<String>>,
     pub read_requires_token: bool,
@@ -102,20 +103,29 @@ pub fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
     let now = crate::bundle::store::now_ms();
     let traffic = s.traffic.regions(now);
     let edges = s.edges.list(s.log.head());
+    let health = s.monitor.health();
     let mut names: std::collections::BTreeSet<String> = s.regions.iter().cloned().collect();
     names.extend(edges.iter().map(|e| e.region.clone()));
     names.extend(traffic.keys().cloned());
+    names.extend(health.keys().cloned());
     names
         .into_iter()
         .map(|name| {
             let mine: Vec<_> = edges.iter().filter(|e| e.region == name).collect();
             let connected = mine.iter().filter(|e| e.connected).count();
-            let health = if mine.is_empty() || connected == 0 {
-                "down"
-            } else if connected < mine.len() {
-                "degraded"
-            } else {
-                "up"
+            // With [[checks]], health comes from the probes; without, from the sessions.
+            let (health, diagnosis) = match health.get(&name) {
+                Some(h) if s.monitor.enabled() => (
+                    match h.health {
+                        crate::monitor::Health::Unknown | crate::monitor::Health::Up => "up",
+                        crate::monitor::Health::Degraded => "degraded",
+                        crate::monitor::Health::Down => "down",
+                    },
+                    h.diagnosis,
+                ),
+                _ if mine.is_empty() || connected == 0 => ("down", Some("agent_lost")),
+                _ if connected < mine.len() => ("degraded", None),
+                _ => ("up", None),
             };
             let t = traffic.get(&name);
             json!({
@@ -123,6 +133,7 @@ pub fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
                 "edges": mine.len(),
                 "edges_connected": connected,
                 "health": health,
+                "diagnosis": diagnosis,
                 "hit_ratio": t.map(|t| json!(t.hit_ratio)).unwrap_or(json!({"m1": null, "m5": null, "h1": null})),
                 "requests_per_s": t.map(|t| t.requests_per_s).unwrap_or(0.0),
                 "last_minute": t.map(|t| json!(t.last_minute)),
@@ -130,7 +141,7 @@ pub fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
                 "bans": t.map(|t| t.bans).unwrap_or(0),
                 "varnish_restarts": t.map(|t| t.restarts).unwrap_or(0),
                 "purge_lag": mine.iter().map(|e| e.lag).max().unwrap_or(0),
-                "probes": [],
+                "probes": s.monitor.probes(&name),
             })
         })
         .collect()
@@ -138,7 +149,12 @@ pub fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
 
 /// `GET /api/v1/regions/{name}/history`: per-minute hit ratio and traffic for 24 h.
 async fn region_history(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
-    Json(json!({ "name": name, "minutes": s.traffic.history(&name) })).into_response()
+    Json(json!({
+        "name": name,
+        "minutes": s.traffic.history(&name),
+        "probes": s.monitor.minutes(&name),
+    }))
+    .into_response()
 }
 
 /// `GET /api/v1/tls`: the certificates in use and when they expire.
@@ -160,8 +176,14 @@ async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics
-            .render(&s.log, &s.edges, &s.rollouts, s.tls.as_deref(), &s.traffic),
+        s.metrics.render(
+            &s.log,
+            &s.edges,
+            &s.rollouts,
+            s.tls.as_deref(),
+            &s.traffic,
+            &s.monitor,
+        ),
     )
         .into_response()
 }

@@ -22,6 +22,110 @@ pub struct CoordinatorConfig {
     pub regions: Vec<RegionConfig>,
     #[serde(default)]
     pub rollout: RolloutConfig,
+    #[serde(default)]
+    pub monitoring: MonitoringConfig,
+    /// Synthetic checks every agent runs from its region.
+    #[serde(default)]
+    pub checks: Vec<CheckConfig>,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// `[monitoring]`: how probe results become region health.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringConfig {
+    /// `host:port` of the origin, probed straight from every region (besides through
+    /// its varnish) to tell an edge failure from an origin failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// Consecutive failures (or slow answers) before a check is down (or degraded).
+    #[serde(default = "default_failures_to_down")]
+    pub failures_to_down: u32,
+    /// Consecutive good answers before it is up again.
+    #[serde(default = "default_successes_to_up")]
+    pub successes_to_up: u32,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        MonitoringConfig {
+            origin: None,
+            failures_to_down: default_failures_to_down(),
+            successes_to_up: default_successes_to_up(),
+        }
+    }
+}
+
+/// `[[checks]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    pub name: String,
+    pub path: String,
+    #[serde(default = "default_health_host")]
+    pub host: String,
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_contains: Option<String>,
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u32,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u32,
+    /// Answers slower than this (total time) count towards `degraded`.
+    #[serde(default = "default_slow_ms")]
+    pub slow_ms: u32,
+}
+
+/// `[alerts]`: where state changes are sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// `http://` URLs receiving a JSON POST (with a Slack-compatible `text`).
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+    /// Changes within this long are sent as one grouped alert.
+    #[serde(default = "default_group_ms")]
+    pub group_ms: u64,
+    /// Delivery attempts per webhook.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            webhooks: Vec::new(),
+            group_ms: default_group_ms(),
+            attempts: default_attempts(),
+        }
+    }
+}
+
+fn default_failures_to_down() -> u32 {
+    3
+}
+fn default_successes_to_up() -> u32 {
+    2
+}
+fn default_expect_status() -> u16 {
+    200
+}
+fn default_interval_ms() -> u32 {
+    10_000
+}
+fn default_timeout_ms() -> u32 {
+    2_000
+}
+fn default_slow_ms() -> u32 {
+    1_000
+}
+fn default_group_ms() -> u64 {
+    3_000
+}
+fn default_attempts() -> u32 {
+    4
 }
 
 /// `[purge]`: the Magento-facing listener and the log's retention.
@@ -295,6 +399,56 @@ impl CoordinatorConfig {
                 .any(|c| c.is_control() || c == ' ')
         {
             return invalid("rollout.health_host must be a host name".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for c in &self.checks {
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                || !names.insert(&c.name)
+            {
+                return invalid(format!(
+                    "check name {:?} must be unique [A-Za-z0-9_-]",
+                    c.name
+                ));
+            }
+            if !c.path.starts_with('/') || c.path.chars().any(|ch| ch.is_control() || ch == ' ') {
+                return invalid(format!("check {}: path must start with /", c.name));
+            }
+            if c.host.is_empty() || c.host.chars().any(|ch| ch.is_control() || ch == ' ') {
+                return invalid(format!("check {}: host must be a host name", c.name));
+            }
+            if c.interval_ms < 100
+                || c.timeout_ms == 0
+                || c.timeout_ms > c.interval_ms.max(1000) * 10
+            {
+                return invalid(format!(
+                    "check {}: interval_ms >= 100 and a sane timeout_ms",
+                    c.name
+                ));
+            }
+        }
+        if self.monitoring.failures_to_down == 0 || self.monitoring.successes_to_up == 0 {
+            return invalid(
+                "monitoring.failures_to_down and successes_to_up must be positive".into(),
+            );
+        }
+        if let Some(o) = &self.monitoring.origin {
+            if o.contains('/') || !o.contains(':') {
+                return invalid("monitoring.origin must be host:port".into());
+            }
+        }
+        for w in &self.alerts.webhooks {
+            if !w.starts_with("http://") {
+                return invalid(format!(
+                    "alerts.webhooks: {w:?} must be an http:// URL (put an https relay in front)"
+                ));
+            }
+        }
+        if self.alerts.attempts == 0 {
+            return invalid("alerts.attempts must be at least 1".into());
         }
         if !(1..=50).contains(&self.rollout.keep_vcls) {
             return invalid("rollout.keep_vcls must be 1..=50".into());

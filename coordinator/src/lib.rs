@@ -20,6 +20,7 @@ pub mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod monitor;
 pub mod pki;
 pub mod purge;
 pub mod rollout;

@@ -50,6 +50,7 @@ impl Metrics {
         rollouts: &Rollouts,
         tls: Option<&crate::tls::ServerTls>,
         traffic: &crate::traffic::Traffic,
+        monitor: &crate::monitor::Monitor,
     ) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
@@ -137,8 +138,62 @@ impl Metrics {
         render_config(&mut out, rollouts);
         render_tls(&mut out, &list, tls);
         render_traffic(&mut out, traffic);
+        render_monitor(&mut out, monitor);
         out
     }
+}
+
+fn render_monitor(out: &mut String, monitor: &crate::monitor::Monitor) {
+    use crate::monitor::{Health, BUCKETS};
+    let _ = writeln!(out, "# HELP coordinator_region_health Region health from the synthetic checks (1 for the current state).");
+    let _ = writeln!(out, "# TYPE coordinator_region_health gauge");
+    for (region, h) in monitor.health() {
+        for (name, state) in [
+            ("up", Health::Up),
+            ("degraded", Health::Degraded),
+            ("down", Health::Down),
+        ] {
+            let _ = writeln!(
+                out,
+                "coordinator_region_health{{region=\"{region}\",state=\"{name}\"}} {}",
+                u8::from(h.health == state)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP coordinator_probe_duration_seconds Synthetic probe response time, through the edge or straight to the origin.");
+    let _ = writeln!(out, "# TYPE coordinator_probe_duration_seconds histogram");
+    for (region, check, target, counts, total, sum) in monitor.histograms() {
+        let labels = format!("region=\"{region}\",check=\"{check}\",target=\"{target}\"");
+        for (b, c) in BUCKETS.iter().zip(&counts) {
+            let _ = writeln!(
+                out,
+                "coordinator_probe_duration_seconds_bucket{{{labels},le=\"{b}\"}} {c}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "coordinator_probe_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(
+            out,
+            "coordinator_probe_duration_seconds_sum{{{labels}}} {sum}"
+        );
+        let _ = writeln!(
+            out,
+            "coordinator_probe_duration_seconds_count{{{labels}}} {total}"
+        );
+    }
+    let (sent, failed) = monitor.alert_counts();
+    let _ = writeln!(
+        out,
+        "# HELP coordinator_alerts_total Alert deliveries, by result."
+    );
+    let _ = writeln!(out, "# TYPE coordinator_alerts_total counter");
+    let _ = writeln!(out, "coordinator_alerts_total{{result=\"sent\"}} {sent}");
+    let _ = writeln!(
+        out,
+        "coordinator_alerts_total{{result=\"failed\"}} {failed}"
+    );
 }
 
 fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {

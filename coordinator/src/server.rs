@@ -81,6 +81,7 @@ pub struct Handles {
     /// Present when `[grpc.tls]` is configured.
     pub tls: Option<Arc<ServerTls>>,
     pub traffic: Arc<crate::traffic::Traffic>,
+    pub monitor: Arc<crate::monitor::Monitor>,
 }
 
 /// Opens the state and returns the handles; [`run`] serves them.
@@ -92,12 +93,21 @@ pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, Ser
         Some(files) => Some(ServerTls::load(files)?),
         None => None,
     };
+    let edges = Arc::new(EdgeRegistry::default());
+    let monitor = crate::monitor::Monitor::new(
+        config.monitoring.clone(),
+        config.checks.clone(),
+        config.alerts.clone(),
+        config.regions.iter().map(|r| r.name.clone()).collect(),
+        edges.clone(),
+    );
     Ok(Handles {
         log,
         rollouts,
         tls,
         traffic: Arc::default(),
-        edges: Arc::new(EdgeRegistry::default()),
+        monitor,
+        edges,
         metrics: Arc::new(Metrics::default()),
     })
 }
@@ -141,11 +151,13 @@ pub async fn run(
     ));
 
     let driver = tokio::spawn(handles.rollouts.clone().drive(shutdown.clone()));
+    let monitor_task = tokio::spawn(handles.monitor.clone().drive(shutdown.clone()));
     let service = FanoutService::new(
         handles.log.clone(),
         handles.edges.clone(),
         handles.rollouts.clone(),
         handles.traffic.clone(),
+        handles.monitor.clone(),
         handles.tls.is_some(),
         shutdown.clone(),
     );
@@ -191,6 +203,7 @@ pub async fn run(
         rollouts: handles.rollouts.clone(),
         tls: handles.tls.clone(),
         traffic: handles.traffic.clone(),
+        monitor: handles.monitor.clone(),
         regions: Arc::new(config.regions.iter().map(|r| r.name.clone()).collect()),
         read_requires_token: config.api.read_requires_token,
         token,
@@ -208,7 +221,7 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     let all = async {
-        let _ = tokio::join!(purge_task, grpc_task, api_task, driver);
+        let _ = tokio::join!(purge_task, grpc_task, api_task, driver, monitor_task);
     };
     if tokio::time::timeout(GRACE, all).await.is_err() {
         tracing::warn!("grace period over; abandoning in-flight work");

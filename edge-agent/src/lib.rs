@@ -14,6 +14,7 @@ pub mod cursor;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod plan;
+pub mod probe;
 pub mod session;
 pub mod stats;
 pub mod varnish;

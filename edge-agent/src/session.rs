@@ -188,6 +188,7 @@ impl Agent {
                 proto::CAP_FULL_BAN.to_owned(),
                 proto::CAP_SOFT_PURGE.to_owned(),
                 proto::CAP_CONFIG.to_owned(),
+                proto::CAP_PROBES.to_owned(),
             ],
         };
         send(&out, agent_message::Msg::Hello(hello)).await?;
@@ -233,6 +234,8 @@ impl Agent {
             out.clone(),
         ));
         let _abort_stats = AbortOnDrop(stats);
+        // Synthetic probes: restarted whenever a new plan arrives.
+        let mut _probes: Option<AbortOnDrop> = None;
 
         let mut log_id = String::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -262,6 +265,14 @@ impl Agent {
                     log_id = w.log_id;
                 }
                 coordinator_message::Msg::FullBan(fb) => self.full_ban(fb, &out, shutdown).await?,
+                coordinator_message::Msg::ProbePlan(plan) => {
+                    tracing::info!(checks = plan.checks.len(), origin = %plan.origin, "probe plan received");
+                    _probes = Some(AbortOnDrop(tokio::spawn(crate::probe::run(
+                        plan,
+                        self.config.varnish.http,
+                        out.clone(),
+                    ))));
+                }
                 coordinator_message::Msg::ApplyConfig(apply) => {
                     tracing::info!(version = %apply.version, files = apply.files.len(), "config bundle received");
                     if config_tx.try_send(apply).is_err() {

@@ -23,3 +23,5 @@ pub const CAP_FULL_BAN: &str = "full_ban";
 pub const CAP_SOFT_PURGE: &str = "soft_purge";
 /// Capability an agent announces when it applies [`edge::ApplyConfig`] bundles.
 pub const CAP_CONFIG: &str = "config";
+/// Capability an agent announces when it runs [`edge::ProbePlan`]s.
+pub const CAP_PROBES: &str = "probes";

@@ -121,6 +121,11 @@ impl OriginServer {
         tokio::spawn(origin::serve(listener, origin.clone(), stop.clone()));
         OriginServer { addr, origin, stop }
     }
+
+    /// Stops serving: new connections are refused (an origin outage).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
 }
 
 impl Drop for OriginServer {
@@ -580,6 +585,8 @@ impl Cluster {
         let dir = temp_dir();
         let origin = OriginServer::start().await;
         let mut opts = opts;
+        // `{origin}` in the extra TOML is the sample origin's address.
+        opts.extra = opts.extra.replace("{origin}", &origin.addr.to_string());
         for i in 0..regions {
             opts.extra.push_str(&format!(
                 "\n[[regions]]\nname = \"region-{i}\"\n[regions.vars]\nbackend_host = \"{}\"\nbackend_port = \"{}\"\n",

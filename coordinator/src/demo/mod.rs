@@ -218,6 +218,21 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             health_path: Some("/health_check.php".into()),
             ..RolloutConfig::default()
         },
+        monitoring: crate::config::MonitoringConfig {
+            origin: Some(origin_addr.to_string()),
+            ..Default::default()
+        },
+        checks: vec![crate::config::CheckConfig {
+            name: "health".into(),
+            path: "/health_check.php".into(),
+            host: "localhost".into(),
+            expect_status: 200,
+            body_contains: None,
+            interval_ms: 2_000,
+            timeout_ms: 2_000,
+            slow_ms: 1_000,
+        }],
+        alerts: Default::default(),
     };
     let config_path = dir.join("coordinator.toml");
     std::fs::write(

@@ -95,6 +95,7 @@ pub struct FanoutService {
     edges: Arc<EdgeRegistry>,
     rollouts: Arc<Rollouts>,
     traffic: Arc<Traffic>,
+    monitor: Arc<crate::monitor::Monitor>,
     /// With mTLS: the Hello must claim the identity in the client certificate.
     require_identity: bool,
     shutdown: CancellationToken,
@@ -106,6 +107,7 @@ impl FanoutService {
         edges: Arc<EdgeRegistry>,
         rollouts: Arc<Rollouts>,
         traffic: Arc<Traffic>,
+        monitor: Arc<crate::monitor::Monitor>,
         require_identity: bool,
         shutdown: CancellationToken,
     ) -> Self {
@@ -114,6 +116,7 @@ impl FanoutService {
             edges,
             rollouts,
             traffic,
+            monitor,
             require_identity,
             shutdown,
         }
@@ -206,6 +209,14 @@ impl proto::Coordinator for FanoutService {
         tx.send(Ok(welcome))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
+        if self.monitor.enabled() && hello.capabilities.iter().any(|c| c == proto::CAP_PROBES) {
+            let plan = CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::ProbePlan(self.monitor.plan())),
+            };
+            tx.send(Ok(plan))
+                .await
+                .map_err(|_| Status::cancelled("agent went away"))?;
+        }
 
         self.traffic.connect(&hello.edge_id, &hello.region);
         let capable = hello.capabilities.iter().any(|c| c == proto::CAP_CONFIG);
@@ -222,9 +233,16 @@ impl proto::Coordinator for FanoutService {
         let edges = self.edges.clone();
         let rollouts = self.rollouts.clone();
         let traffic = self.traffic.clone();
+        let monitor = self.monitor.clone();
         let region = hello.region.clone();
         tokio::spawn(async move {
-            receive_loop(&edges, &rollouts, &traffic, &region, &handle, inbound).await;
+            let sinks = Sinks {
+                edges: &edges,
+                rollouts: &rollouts,
+                traffic: &traffic,
+                monitor: &monitor,
+            };
+            receive_loop(&sinks, &region, &handle, inbound).await;
             handle.cancel.cancel();
             let _ = sender.await;
             if let Some(c) = configurer {
@@ -254,14 +272,26 @@ pub fn validate_id(value: &str, what: &str) -> Result<(), Status> {
     }
 }
 
+/// Where an agent's reports go.
+struct Sinks<'a> {
+    edges: &'a EdgeRegistry,
+    rollouts: &'a Rollouts,
+    traffic: &'a Traffic,
+    monitor: &'a crate::monitor::Monitor,
+}
+
 async fn receive_loop(
-    edges: &EdgeRegistry,
-    rollouts: &Rollouts,
-    traffic: &Traffic,
+    sinks: &Sinks<'_>,
     region: &str,
     handle: &SessionHandle,
     mut inbound: Streaming<AgentMessage>,
 ) {
+    let Sinks {
+        edges,
+        rollouts,
+        traffic,
+        monitor,
+    } = sinks;
     loop {
         let msg = tokio::select! {
             _ = handle.cancel.cancelled() => return,
@@ -278,6 +308,10 @@ async fn receive_loop(
                 agent_message::Msg::ConfigStatus(status) => {
                     edges.seen(handle);
                     rollouts.on_status(&handle.edge_id, handle.session, status);
+                }
+                agent_message::Msg::Probe(result) => {
+                    edges.seen(handle);
+                    monitor.record(region, result);
                 }
                 agent_message::Msg::Stats(stats) => {
                     edges.seen(handle);

@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod durability;
 mod fuzz_corpus;
+mod monitor;
 mod purge;
 mod robustness;
 mod security;

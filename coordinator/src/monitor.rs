@@ -1,0 +1,744 @@
+//! Synthetic monitoring: probe results in, region health and grouped alerts out.
+//!
+//! Every agent probes each `[[checks]]` entry through its varnish (`edge`) and straight
+//! at the origin (`origin`). Per region, check and target, [`Monitor`] keeps a small
+//! state machine: `failures_to_down` consecutive failures make it `down`, as many slow
+//! answers make an up edge `degraded`, `successes_to_up` good answers bring it back, so
+//! one blip changes nothing. It also keeps per-minute count, mean and standard deviation
+//! of the edge response time.
+//!
+//! A region's health is its worst check; when it is down, [`diagnose`] tells why:
+//! `agent_lost` (no connected agent), `edge_down` (edge fails, origin reachable from
+//! there), `origin_unreachable` (origin fails from this region only) or
+//! `origin_down_everywhere` (every region that probes the origin fails it).
+//!
+//! Changes of a region's health or diagnosis are queued; [`Monitor::drive`] sends them
+//! to the webhooks once no new change arrived for `group_ms`... or at the latest after
+//! `4 x group_ms`, all together in one message, so everything failing at once is one
+//! alert, not one per region. Delivery is retried with backoff.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use proto::edge::{Check, ProbePlan, ProbeResult};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::bundle::store::now_ms;
+use crate::config::{AlertsConfig, CheckConfig, MonitoringConfig};
+use crate::fanout::edges::EdgeRegistry;
+
+/// Histogram buckets for probe durations (seconds).
+pub const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const MINUTES_KEEP: usize = 24 * 60;
+
+/// Health of a check, a target or a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    #[default]
+    Unknown,
+    Up,
+    Degraded,
+    Down,
+}
+
+#[derive(Debug, Default)]
+struct Target {
+    health: Health,
+    fails: u32,
+    oks: u32,
+    slow: u32,
+    last: Option<ProbeResult>,
+}
+
+/// One probe-duration histogram: region, check, target, bucket counts, count, sum.
+pub type Histogram = (String, String, &'static str, Vec<u64>, u64, f64);
+
+/// Count, sum and sum of squares of response times (ms) in one minute.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MinuteStats {
+    pub t: u64,
+    pub count: u64,
+    pub mean_ms: f64,
+    pub std_ms: f64,
+    #[serde(skip)]
+    sum: f64,
+    #[serde(skip)]
+    sumsq: f64,
+}
+
+impl MinuteStats {
+    fn add(&mut self, ms: f64) {
+        self.count += 1;
+        self.sum += ms;
+        self.sumsq += ms * ms;
+        let n = self.count as f64;
+        self.mean_ms = self.sum / n;
+        self.std_ms = (self.sumsq / n - self.mean_ms * self.mean_ms)
+            .max(0.0)
+            .sqrt();
+    }
+}
+
+#[derive(Debug, Default)]
+struct RegionCheck {
+    edge: Target,
+    origin: Target,
+    minutes: VecDeque<MinuteStats>,
+    /// Histogram counts per target: (bucket counts, +Inf count, sum seconds).
+    hist: HashMap<&'static str, (Vec<u64>, u64, f64)>,
+}
+
+/// One check in a region, for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeView {
+    pub check: String,
+    pub state: Health,
+    pub origin_state: Health,
+    pub last_status: Option<u32>,
+    pub last_error: Option<String>,
+    pub cache: Option<String>,
+    pub ttfb_ms: Option<f64>,
+    /// The current minute's response time (edge target).
+    pub minute: Option<MinuteStats>,
+}
+
+/// A region's health as alerts see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RegionHealth {
+    pub health: Health,
+    pub diagnosis: Option<&'static str>,
+    pub check: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// One change in an alert.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub region: String,
+    pub previous: Health,
+    pub state: Health,
+    pub diagnosis: Option<&'static str>,
+    pub check: Option<String>,
+    pub last_error: Option<String>,
+    pub at_ms: u64,
+}
+
+struct Inner {
+    checks: HashMap<(String, String), RegionCheck>,
+    announced: BTreeMap<String, RegionHealth>,
+    pending: Vec<Change>,
+    pending_since: Option<u64>,
+    last_change: u64,
+    sent: u64,
+    failed: u64,
+}
+
+/// Probe results → health → alerts; share behind an `Arc`.
+pub struct Monitor {
+    config: MonitoringConfig,
+    checks: Vec<CheckConfig>,
+    alerts: AlertsConfig,
+    regions: Vec<String>,
+    edges: Arc<EdgeRegistry>,
+    inner: Mutex<Inner>,
+}
+
+impl Monitor {
+    pub fn new(
+        config: MonitoringConfig,
+        checks: Vec<CheckConfig>,
+        alerts: AlertsConfig,
+        regions: Vec<String>,
+        edges: Arc<EdgeRegistry>,
+    ) -> Arc<Self> {
+        Arc::new(Monitor {
+            config,
+            checks,
+            alerts,
+            regions,
+            edges,
+            inner: Mutex::new(Inner {
+                checks: HashMap::new(),
+                announced: BTreeMap::new(),
+                pending: Vec::new(),
+                pending_since: None,
+                last_change: 0,
+                sent: 0,
+                failed: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether any check is configured.
+    pub fn enabled(&self) -> bool {
+        !self.checks.is_empty()
+    }
+
+    /// The plan every agent runs.
+    pub fn plan(&self) -> ProbePlan {
+        ProbePlan {
+            checks: self
+                .checks
+                .iter()
+                .map(|c| Check {
+                    name: c.name.clone(),
+                    path: c.path.clone(),
+                    host: c.host.clone(),
+                    expect_status: u32::from(c.expect_status),
+                    body_contains: c.body_contains.clone().unwrap_or_default(),
+                    interval_ms: c.interval_ms,
+                    timeout_ms: c.timeout_ms,
+                })
+                .collect(),
+            origin: self.config.origin.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Records one result from an edge of `region`.
+    pub fn record(&self, region: &str, result: ProbeResult) {
+        let Some(check) = self.checks.iter().find(|c| c.name == result.check) else {
+            return; // a check from an older plan
+        };
+        let (down_after, up_after) = (self.config.failures_to_down, self.config.successes_to_up);
+        let slow_ms = f64::from(check.slow_ms);
+        let mut inner = self.lock();
+        let rc = inner
+            .checks
+            .entry((region.to_owned(), result.check.clone()))
+            .or_default();
+        let total_ms = f64::from(result.total_us) / 1000.0;
+        let (target, name): (&mut Target, &'static str) = match result.target.as_str() {
+            "origin" => (&mut rc.origin, "origin"),
+            _ => (&mut rc.edge, "edge"),
+        };
+        if result.ok {
+            target.fails = 0;
+            target.oks += 1;
+            target.slow = if total_ms > slow_ms {
+                target.slow + 1
+            } else {
+                0
+            };
+            let slow = target.slow >= down_after;
+            target.health = match target.health {
+                Health::Unknown => Health::Up,
+                Health::Down if target.oks < up_after => Health::Down,
+                _ if slow => Health::Degraded,
+                Health::Degraded if target.slow > 0 => Health::Degraded,
+                _ => Health::Up,
+            };
+        } else {
+            target.oks = 0;
+            target.fails += 1;
+            if target.fails >= down_after {
+                target.health = Health::Down;
+            }
+        }
+        target.last = Some(result.clone());
+        let (counts, inf, sum) = rc
+            .hist
+            .entry(name)
+            .or_insert_with(|| (vec![0; BUCKETS.len()], 0, 0.0));
+        let secs = total_ms / 1000.0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                counts[i] += 1;
+            }
+        }
+        *inf += 1;
+        *sum += secs;
+        if name == "edge" && result.ok {
+            let minute = result.at_ms / 60_000 * 60;
+            match rc.minutes.back_mut() {
+                Some(m) if m.t == minute => m.add(total_ms),
+                _ => {
+                    let mut m = MinuteStats {
+                        t: minute,
+                        ..Default::default()
+                    };
+                    m.add(total_ms);
+                    rc.minutes.push_back(m);
+                    if rc.minutes.len() > MINUTES_KEEP {
+                        rc.minutes.pop_front();
+                    }
+                }
+            }
+        }
+        drop(inner);
+        self.evaluate();
+    }
+
+    /// Every region's health now.
+    pub fn health(&self) -> BTreeMap<String, RegionHealth> {
+        let inner = self.lock();
+        self.health_locked(&inner)
+    }
+
+    fn health_locked(&self, inner: &Inner) -> BTreeMap<String, RegionHealth> {
+        let edges = self.edges.list(0);
+        let mut names: std::collections::BTreeSet<String> = self.regions.iter().cloned().collect();
+        names.extend(edges.iter().map(|e| e.region.clone()));
+        names.extend(inner.checks.keys().map(|(r, _)| r.clone()));
+        // Origin health per region (worst over checks), for the "everywhere" diagnosis.
+        let mut origin_by_region: BTreeMap<&str, Health> = BTreeMap::new();
+        for ((r, _), rc) in &inner.checks {
+            if rc.origin.health != Health::Unknown {
+                let h = origin_by_region.entry(r.as_str()).or_default();
+                *h = (*h).max(rc.origin.health);
+            }
+        }
+        let origin_everywhere_down =
+            !origin_by_region.is_empty() && origin_by_region.values().all(|h| *h == Health::Down);
+        names
+            .into_iter()
+            .map(|name| {
+                let connected = edges.iter().any(|e| e.region == name && e.connected);
+                let known = edges.iter().any(|e| e.region == name);
+                let mut worst: Option<(&String, &RegionCheck)> = None;
+                for ((r, c), rc) in &inner.checks {
+                    if *r == name && worst.is_none_or(|(_, w)| rc.edge.health > w.edge.health) {
+                        worst = Some((c, rc));
+                    }
+                }
+                // A region whose agent never connected is unknown, not lost: no alert at
+                // start-up while agents dial in.
+                let h = if known && !connected {
+                    RegionHealth {
+                        health: Health::Down,
+                        diagnosis: Some("agent_lost"),
+                        check: None,
+                        last_error: Some("no connected edge agent in this region".into()),
+                    }
+                } else if let Some((check, rc)) = worst {
+                    let diagnosis =
+                        (rc.edge.health == Health::Down).then_some(match rc.origin.health {
+                            Health::Down if origin_everywhere_down => "origin_down_everywhere",
+                            Health::Down => "origin_unreachable",
+                            _ => "edge_down",
+                        });
+                    RegionHealth {
+                        health: rc.edge.health,
+                        diagnosis,
+                        check: Some(check.clone()),
+                        last_error: rc
+                            .edge
+                            .last
+                            .as_ref()
+                            .map(|l| l.error.clone())
+                            .filter(|e| !e.is_empty()),
+                    }
+                } else {
+                    RegionHealth {
+                        health: if connected {
+                            Health::Up
+                        } else {
+                            Health::Unknown
+                        },
+                        diagnosis: None,
+                        check: None,
+                        last_error: None,
+                    }
+                };
+                (name, h)
+            })
+            .collect()
+    }
+
+    /// Per region, every check's view.
+    pub fn probes(&self, region: &str) -> Vec<ProbeView> {
+        let inner = self.lock();
+        let mut out: Vec<ProbeView> = inner
+            .checks
+            .iter()
+            .filter(|((r, _), _)| r == region)
+            .map(|((_, c), rc)| ProbeView {
+                check: c.clone(),
+                state: rc.edge.health,
+                origin_state: rc.origin.health,
+                last_status: rc.edge.last.as_ref().map(|l| l.status).filter(|s| *s != 0),
+                last_error: rc
+                    .edge
+                    .last
+                    .as_ref()
+                    .map(|l| l.error.clone())
+                    .filter(|e| !e.is_empty()),
+                cache: rc
+                    .edge
+                    .last
+                    .as_ref()
+                    .map(|l| l.cache.clone())
+                    .filter(|c| !c.is_empty()),
+                ttfb_ms: rc.edge.last.as_ref().map(|l| f64::from(l.ttfb_us) / 1000.0),
+                minute: rc.minutes.back().copied(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.check.cmp(&b.check));
+        out
+    }
+
+    /// A region's per-minute response times for one check.
+    pub fn minutes(&self, region: &str) -> BTreeMap<String, Vec<MinuteStats>> {
+        let inner = self.lock();
+        inner
+            .checks
+            .iter()
+            .filter(|((r, _), _)| r == region)
+            .map(|((_, c), rc)| (c.clone(), rc.minutes.iter().copied().collect()))
+            .collect()
+    }
+
+    /// Compares health with what was last announced and queues changes.
+    pub fn evaluate(&self) {
+        let mut inner = self.lock();
+        let now = now_ms();
+        let current = self.health_locked(&inner);
+        for (region, h) in current {
+            let previous = inner.announced.get(&region).cloned();
+            let prev_health = previous.as_ref().map(|p| p.health).unwrap_or_default();
+            let changed = previous.as_ref() != Some(&h);
+            if !changed {
+                continue;
+            }
+            // Unknown -> up (a region coming online) is not news; the rest is.
+            let coming_up = prev_health == Health::Unknown && h.health <= Health::Up;
+            let newsworthy = !coming_up
+                && h.health != Health::Unknown
+                && (prev_health != h.health
+                    || h.diagnosis != previous.as_ref().and_then(|p| p.diagnosis));
+            if newsworthy {
+                inner.pending.push(Change {
+                    region: region.clone(),
+                    previous: prev_health,
+                    state: h.health,
+                    diagnosis: h.diagnosis,
+                    check: h.check.clone(),
+                    last_error: h.last_error.clone(),
+                    at_ms: now,
+                });
+                inner.pending_since.get_or_insert(now);
+                inner.last_change = now;
+            }
+            inner.announced.insert(region, h);
+        }
+    }
+
+    /// The pending changes once they have settled (or waited long enough).
+    fn take_due(&self) -> Option<Vec<Change>> {
+        let mut inner = self.lock();
+        let since = inner.pending_since?;
+        let now = now_ms();
+        let quiet = now.saturating_sub(inner.last_change) >= self.alerts.group_ms;
+        let too_long = now.saturating_sub(since) >= self.alerts.group_ms * 4;
+        if !(quiet || too_long) {
+            return None;
+        }
+        inner.pending_since = None;
+        // Per region: from the state before the group to its latest state; a region that
+        // flapped back within the group is dropped.
+        let mut latest: BTreeMap<String, Change> = BTreeMap::new();
+        for c in inner.pending.drain(..) {
+            match latest.get_mut(&c.region) {
+                Some(first) => {
+                    let previous = first.previous;
+                    *first = Change { previous, ..c };
+                }
+                None => {
+                    latest.insert(c.region.clone(), c);
+                }
+            }
+        }
+        let changes: Vec<Change> = latest
+            .into_values()
+            .filter(|c| c.previous != c.state || c.diagnosis.is_some())
+            .collect();
+        (!changes.is_empty()).then_some(changes)
+    }
+
+    /// Alerts sent and failed (after all attempts).
+    pub fn alert_counts(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.sent, inner.failed)
+    }
+
+    /// Histograms per (region, check, target).
+    pub fn histograms(&self) -> Vec<Histogram> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for ((r, c), rc) in &inner.checks {
+            for (t, (counts, inf, sum)) in &rc.hist {
+                out.push((r.clone(), c.clone(), *t, counts.clone(), *inf, *sum));
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
+        out
+    }
+
+    /// Evaluates periodically (agent loss has no probe result) and delivers alerts.
+    pub async fn drive(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<axum::body::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if !self.enabled() {
+                continue;
+            }
+            self.evaluate();
+            let Some(changes) = self.take_due() else {
+                continue;
+            };
+            let body = alert_body(&changes);
+            tracing::warn!(changes = changes.len(), text = %body["text"], "alert");
+            for url in &self.alerts.webhooks {
+                let ok = deliver(&client, url, &body, self.alerts.attempts).await;
+                let mut inner = self.lock();
+                if ok {
+                    inner.sent += 1;
+                } else {
+                    inner.failed += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The webhook payload: a Slack-compatible `text` and the structured changes.
+pub fn alert_body(changes: &[Change]) -> serde_json::Value {
+    let icon = |h: Health| match h {
+        Health::Down => "🔴",
+        Health::Degraded => "🟠",
+        Health::Up => "🟢",
+        Health::Unknown => "⚪",
+    };
+    let everywhere = changes.len() > 1
+        && changes
+            .iter()
+            .all(|c| c.diagnosis == Some("origin_down_everywhere"));
+    let mut text = if everywhere {
+        format!(
+            "🔴 origin down everywhere: {} regions cannot reach it\n",
+            changes.len()
+        )
+    } else {
+        String::new()
+    };
+    for c in changes {
+        text.push_str(&format!(
+            "{} {}: {:?} → {:?}{}{}{}\n",
+            icon(c.state),
+            c.region,
+            c.previous,
+            c.state,
+            c.diagnosis.map(|d| format!(" ({d})")).unwrap_or_default(),
+            c.check
+                .as_ref()
+                .map(|k| format!(", check {k}"))
+                .unwrap_or_default(),
+            c.last_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default(),
+        ));
+    }
+    serde_json::json!({ "text": text.trim_end(), "grouped": changes.len() > 1, "alerts": changes })
+}
+
+async fn deliver(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<axum::body::Bytes>,
+    >,
+    url: &str,
+    body: &serde_json::Value,
+    attempts: u32,
+) -> bool {
+    let payload = axum::body::Bytes::from(body.to_string());
+    for attempt in 0..attempts {
+        let req = hyper::Request::post(url)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(payload.clone()));
+        let Ok(req) = req else {
+            tracing::error!(url, "bad webhook URL");
+            return false;
+        };
+        match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => return true,
+            Ok(Ok(resp)) => tracing::warn!(
+                url,
+                status = resp.status().as_u16(),
+                attempt,
+                "webhook refused the alert"
+            ),
+            Ok(Err(e)) => tracing::warn!(url, error = %e, attempt, "webhook unreachable"),
+            Err(_) => tracing::warn!(url, attempt, "webhook timed out"),
+        }
+        tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(attempt.min(6))).await;
+    }
+    tracing::error!(url, "alert not delivered after all attempts");
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::edges::EdgeHello;
+
+    fn monitor() -> (Arc<Monitor>, Arc<EdgeRegistry>) {
+        let edges = Arc::new(EdgeRegistry::default());
+        let shutdown = CancellationToken::new();
+        for (id, region) in [("a-1", "a"), ("b-1", "b")] {
+            edges.connect(
+                EdgeHello {
+                    id: id.into(),
+                    region: region.into(),
+                    varnish_version: String::new(),
+                    purge_mode: String::new(),
+                    agent_version: String::new(),
+                    cert_not_after: None,
+                },
+                0,
+                &shutdown,
+            );
+        }
+        let check = CheckConfig {
+            name: "health".into(),
+            path: "/".into(),
+            host: "x".into(),
+            expect_status: 200,
+            body_contains: None,
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            slow_ms: 100,
+        };
+        let m = Monitor::new(
+            MonitoringConfig::default(),
+            vec![check],
+            AlertsConfig::default(),
+            vec!["a".into(), "b".into()],
+            edges.clone(),
+        );
+        (m, edges)
+    }
+
+    fn result(target: &str, ok: bool, ms: u32) -> ProbeResult {
+        ProbeResult {
+            check: "health".into(),
+            target: target.into(),
+            ok,
+            status: if ok { 200 } else { 0 },
+            total_us: ms * 1000,
+            ttfb_us: ms * 500,
+            error: if ok {
+                String::new()
+            } else {
+                "connect refused".into()
+            },
+            at_ms: 120_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn thresholds_diagnosis_and_stats() {
+        let (m, _) = monitor();
+        for r in ["a", "b"] {
+            m.record(r, result("edge", true, 10));
+            m.record(r, result("origin", true, 10));
+        }
+        assert_eq!(m.health()["a"].health, Health::Up);
+        // Two failures change nothing; the third makes it down: the edge, not the origin.
+        m.record("a", result("edge", false, 0));
+        m.record("a", result("edge", false, 0));
+        assert_eq!(m.health()["a"].health, Health::Up);
+        m.record("a", result("edge", false, 0));
+        let h = &m.health()["a"];
+        assert_eq!((h.health, h.diagnosis), (Health::Down, Some("edge_down")));
+        // One success is not enough to recover; two are.
+        m.record("a", result("edge", true, 10));
+        assert_eq!(m.health()["a"].health, Health::Down);
+        m.record("a", result("edge", true, 30));
+        assert_eq!(m.health()["a"].health, Health::Up);
+        // Slow answers degrade.
+        for _ in 0..3 {
+            m.record("b", result("edge", true, 500));
+        }
+        assert_eq!(m.health()["b"].health, Health::Degraded);
+        let minute = m.probes("a")[0].minute.unwrap();
+        assert_eq!(minute.count, 3);
+        assert!((minute.mean_ms - 50.0 / 3.0).abs() < 1e-9);
+        assert!(minute.std_ms > 0.0);
+    }
+
+    #[test]
+    fn origin_down_everywhere_is_one_grouped_change_set() {
+        let (m, _) = monitor();
+        for r in ["a", "b"] {
+            m.record(r, result("edge", true, 10));
+            m.record(r, result("origin", true, 10));
+        }
+        m.evaluate();
+        for _ in 0..3 {
+            for r in ["a", "b"] {
+                m.record(r, result("edge", false, 0));
+                m.record(r, result("origin", false, 0));
+            }
+        }
+        let h = m.health();
+        assert!(
+            h.values()
+                .all(|h| h.diagnosis == Some("origin_down_everywhere")),
+            "{h:?}"
+        );
+        {
+            let mut inner = m.lock();
+            inner.last_change = 0; // settled
+        }
+        let changes = m.take_due().unwrap();
+        assert_eq!(changes.len(), 2);
+        let body = alert_body(&changes);
+        assert!(body["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("🔴 origin down everywhere"));
+        assert_eq!(body["grouped"], true);
+        assert!(m.take_due().is_none());
+    }
+
+    #[test]
+    fn a_lost_agent_is_told_apart() {
+        let (m, edges) = monitor();
+        m.record("a", result("edge", true, 10));
+        let list = edges.list(0);
+        assert!(list.iter().all(|e| e.connected));
+        // Disconnect a-1 by replacing its session and dropping the new handle's claim.
+        let shutdown = CancellationToken::new();
+        let handle = edges.connect(
+            EdgeHello {
+                id: "a-1".into(),
+                region: "a".into(),
+                varnish_version: String::new(),
+                purge_mode: String::new(),
+                agent_version: String::new(),
+                cert_not_after: None,
+            },
+            0,
+            &shutdown,
+        );
+        edges.disconnect(&handle);
+        let h = &m.health()["a"];
+        assert_eq!((h.health, h.diagnosis), (Health::Down, Some("agent_lost")));
+    }
+}
