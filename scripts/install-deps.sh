@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need when it is missing: Debian's varnish (7.1)
-# and varnish-modules (xkey, vsthrottle). No protoc is needed (protox compiles .proto).
+# and varnish-modules (xkey, vsthrottle), and chromium for the dashboard test. No protoc
+# is needed (protox compiles .proto).
 set -euo pipefail
 need=()
 command -v varnishd >/dev/null 2>&1 || need+=(varnish)
@@ -8,6 +9,7 @@ vmods=$(pkg-config --variable=vmoddir varnishapi 2>/dev/null || echo /usr/lib/x8
 if ! ls "$vmods"/libvmod_xkey.so >/dev/null 2>&1 && ! ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null 2>&1; then
   need+=(varnish-modules)
 fi
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

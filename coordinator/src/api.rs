@@ -48,6 +48,7 @@ const MAX_BODY: usize = 8 * 1024 * 1024;
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/edges", get(edges))
@@ -75,7 +76,21 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// With `read_requires_token`, every GET but `/healthz` needs the token.
+/// The dashboard: one self-contained page (no external assets) reading the JSON API.
+/// With `read_requires_token`, open it as `/?token=...` (kept in the tab's session).
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// With `read_requires_token`, every GET but `/healthz` and the dashboard page itself
+/// (which holds no data) needs the token.
 async fn read_guard(
     State(s): State<ApiState>,
     request: axum::extract::Request,
@@ -85,7 +100,8 @@ async fn read_guard(
         *request.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     );
-    if s.read_requires_token && read && request.uri().path() != "/healthz" {
+    let open = matches!(request.uri().path(), "/healthz" | "/");
+    if s.read_requires_token && read && !open {
         if let Err(r) = authorize(&s, request.headers()) {
             return r;
         }

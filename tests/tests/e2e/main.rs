@@ -3,6 +3,7 @@
 //! crate's library.
 
 mod config;
+mod dashboard;
 mod demo;
 mod durability;
 mod fuzz_corpus;

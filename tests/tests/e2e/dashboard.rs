@@ -1,0 +1,123 @@
+//! The dashboard at `/`, loaded in headless Chromium (Debian's `chromium`): no console
+//! errors, every region in the table. The screenshot is kept as a test artifact in
+//! `target/test-artifacts/dashboard.png`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use tests::{assert_eventually, get, Cluster, CoordinatorOpts};
+
+fn chromium(args: &[&str], profile: &std::path::Path) -> std::process::Output {
+    let found = Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "chromium is not installed: scripts/test.sh installs Debian's chromium"
+    );
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=8000",
+            "--window-size=1280,800",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .output()
+        .expect("run chromium")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_every_region_without_console_errors() {
+    let extra = "[monitoring]\norigin = \"{origin}\"\n[[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\n".to_owned();
+    let cluster = Cluster::start(
+        3,
+        "ban",
+        CoordinatorOpts {
+            extra,
+            read_requires_token: true,
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await;
+    for v in &cluster.varnish {
+        for i in 0..5 {
+            get(v.http, &format!("/p/{i}")).await;
+            get(v.http, &format!("/p/{i}")).await;
+        }
+    }
+    assert_eventually!(
+        15,
+        {
+            let r = cluster
+                .coordinator
+                .call("GET", "/api/v1/regions", None)
+                .await
+                .json();
+            r.as_array().is_some_and(|a| {
+                a.len() == 3
+                    && a.iter().all(|r| {
+                        !r["hit_ratio"]["m1"].is_null() && r["probes"][0]["minute"].is_object()
+                    })
+            })
+        },
+        "no traffic or probe data yet"
+    );
+    let url = format!(
+        "http://{}/?token={}",
+        cluster.coordinator.api, cluster.coordinator.token
+    );
+    let profile = cluster.dir.path().join("chromium");
+    let out = chromium(&["--dump-dom", &url], &profile);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "chromium failed: {stderr}");
+    let console: Vec<&str> = stderr.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "console messages: {console:#?}");
+    for i in 0..3 {
+        assert!(
+            dom.contains(&format!("data-region=\"region-{i}\"")),
+            "region-{i} missing:\n{dom}"
+        );
+    }
+    assert!(dom.contains("3 regions · updated"), "status line:\n{dom}");
+    assert!(dom.contains("50.0%"), "hit ratios shown:\n{dom}");
+    assert!(
+        dom.contains("<polyline") || dom.contains("<circle"),
+        "charts drawn:\n{dom}"
+    );
+
+    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let shot = artifacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = chromium(
+        &[&format!("--screenshot={}", shot.display()), &url],
+        &profile,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real screenshot"
+    );
+
+    // Without the token the data stays closed (the page itself is open).
+    let r = get(cluster.coordinator.api, "/api/v1/regions").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(get(cluster.coordinator.api, "/").await.status, 200);
+}
