@@ -473,6 +473,10 @@ async fn spawn_coordinator(
     }
 }
 
+/// `stats_interval_s` for agents started from now on (tests: 1 s; benchmarks set more).
+pub static AGENT_STATS_INTERVAL_S: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(1);
+
 /// The real `edge-agent` binary.
 pub struct AgentProc {
     pub id: String,
@@ -531,8 +535,9 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
                 dir.join(format!("{id}-state")).display(),
+                AGENT_STATS_INTERVAL_S.load(std::sync::atomic::Ordering::Relaxed),
                 varnish.http,
                 varnish.admin,
                 varnish.secret.display(),
