@@ -58,29 +58,34 @@ struct Target {
 /// One probe-duration histogram: region, check, target, bucket counts, count, sum.
 pub type Histogram = (String, String, &'static str, Vec<u64>, u64, f64);
 
-/// Count, sum and sum of squares of response times (ms) in one minute.
+/// One minute of successful edge probes: mean and standard deviation of the total
+/// response time and of the time to first byte (ms).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct MinuteStats {
     pub t: u64,
     pub count: u64,
     pub mean_ms: f64,
     pub std_ms: f64,
+    pub ttfb_mean_ms: f64,
+    pub ttfb_std_ms: f64,
     #[serde(skip)]
-    sum: f64,
-    #[serde(skip)]
-    sumsq: f64,
+    sums: [f64; 4],
 }
 
 impl MinuteStats {
-    fn add(&mut self, ms: f64) {
+    fn add(&mut self, ms: f64, ttfb_ms: f64) {
         self.count += 1;
-        self.sum += ms;
-        self.sumsq += ms * ms;
         let n = self.count as f64;
-        self.mean_ms = self.sum / n;
-        self.std_ms = (self.sumsq / n - self.mean_ms * self.mean_ms)
-            .max(0.0)
-            .sqrt();
+        self.sums[0] += ms;
+        self.sums[1] += ms * ms;
+        self.sums[2] += ttfb_ms;
+        self.sums[3] += ttfb_ms * ttfb_ms;
+        let stats = |sum: f64, sumsq: f64| {
+            let mean = sum / n;
+            (mean, (sumsq / n - mean * mean).max(0.0).sqrt())
+        };
+        (self.mean_ms, self.std_ms) = stats(self.sums[0], self.sums[1]);
+        (self.ttfb_mean_ms, self.ttfb_std_ms) = stats(self.sums[2], self.sums[3]);
     }
 }
 
@@ -258,14 +263,15 @@ impl Monitor {
         *sum += secs;
         if name == "edge" && result.ok {
             let minute = result.at_ms / 60_000 * 60;
+            let ttfb_ms = f64::from(result.ttfb_us) / 1000.0;
             match rc.minutes.back_mut() {
-                Some(m) if m.t == minute => m.add(total_ms),
+                Some(m) if m.t == minute => m.add(total_ms, ttfb_ms),
                 _ => {
                     let mut m = MinuteStats {
                         t: minute,
                         ..Default::default()
                     };
-                    m.add(total_ms);
+                    m.add(total_ms, ttfb_ms);
                     rc.minutes.push_back(m);
                     if rc.minutes.len() > MINUTES_KEEP {
                         rc.minutes.pop_front();
@@ -680,6 +686,7 @@ mod tests {
         assert_eq!(minute.count, 3);
         assert!((minute.mean_ms - 50.0 / 3.0).abs() < 1e-9);
         assert!(minute.std_ms > 0.0);
+        assert!((minute.ttfb_mean_ms - 25.0 / 3.0).abs() < 1e-9);
     }
 
     #[test]

@@ -146,13 +146,15 @@ async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
     );
     let r0 = region(&cluster, "region-0").await;
     assert!(r0["varnish_restarts"].as_u64() >= Some(1), "{r0}");
-    assert_eq!(
-        r0["last_minute"]["misses"].as_u64(),
-        Some(20 + ready),
-        "{r0}"
+    // Our 20 misses plus the readiness requests that were misses (a repeated 404 may be a
+    // hit-for-miss instead, so at most `ready` of them).
+    let misses = r0["last_minute"]["misses"].as_u64().expect("misses");
+    assert!(
+        (20..=20 + ready).contains(&misses),
+        "misses {misses}, ready {ready}: {r0}"
     );
     let ratio = r0["hit_ratio"]["m1"].as_f64().expect("ratio");
-    let expected = 100.0 / (120 + ready) as f64;
+    let expected = 100.0 / (100 + misses) as f64;
     assert!((ratio - expected).abs() < 0.001, "{ratio} vs {expected}");
     let history = cluster
         .coordinator
