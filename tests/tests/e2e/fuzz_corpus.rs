@@ -5,7 +5,7 @@ use std::path::Path;
 
 type Harness = fn(&[u8]);
 
-const TARGETS: [(&str, Harness); 4] = [
+const TARGETS: [(&str, Harness); 5] = [
     ("purge_request", coordinator::fuzzing::purge_request),
     ("waf_compile", coordinator::fuzzing::waf),
     ("agent_message", coordinator::fuzzing::agent_message),
@@ -13,6 +13,7 @@ const TARGETS: [(&str, Harness); 4] = [
         "coordinator_message",
         edge_agent::fuzzing::coordinator_message,
     ),
+    ("sitemap", warmer::fuzzing::sitemap),
 ];
 
 #[test]

@@ -1,0 +1,35 @@
+//! The warming engine (issue #5 builds it out: jobs, shards, origin budget, tiered mode,
+//! the `warmer` binary). What exists today is its input: [`sitemap`], the bounded reader
+//! of Magento's sitemaps, fuzzed by `fuzz/` (`sitemap` target) through [`fuzzing`].
+
+pub mod sitemap;
+
+#[doc(hidden)]
+pub mod fuzzing {
+    //! Entry point for the `sitemap` fuzz target and the corpus replay test. Property:
+    //! parsing never panics, and whatever it returns respects the limits (absolute
+    //! http(s) URLs, bounded length and count).
+
+    use crate::sitemap::{parse, Limits, Sitemap};
+
+    pub fn sitemap(data: &[u8]) {
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_urls: 1000,
+            max_url_bytes: 512,
+        };
+        let urls: Vec<String> = match parse(data, &limits) {
+            Ok(Sitemap::Index(v)) => v,
+            Ok(Sitemap::Pages(p)) => p.into_iter().map(|p| p.loc).collect(),
+            Err(_) => return,
+        };
+        assert!(urls.len() <= limits.max_urls);
+        for u in urls {
+            assert!(u.len() <= limits.max_url_bytes, "{u:?}");
+            assert!(
+                u.starts_with("http://") || u.starts_with("https://"),
+                "{u:?}"
+            );
+        }
+    }
+}
