@@ -51,7 +51,9 @@ pub fn coordinator_message(data: &[u8]) {
                 for tag in tags.iter().take(32) {
                     let covered = ops.iter().any(|op| match op {
                         VarnishOp::Xkey { tags, .. } => tags.contains(tag),
-                        VarnishOp::BanTags(re) => regex::Regex::new(re)
+                        VarnishOp::BanTags(re) => regex::RegexBuilder::new(re)
+                            .nest_limit(64)
+                            .build()
                             .map(|r| r.is_match(&format!("a,{tag},b")) && r.is_match(tag))
                             .unwrap_or(false),
                         _ => false,

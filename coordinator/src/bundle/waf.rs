@@ -402,7 +402,10 @@ pub fn vcl_regex(regex: &str) -> Result<String, String> {
     if !regex.is_ascii() {
         return Err("regex must be ASCII (percent-encode other characters as in the URL)".into());
     }
-    regex::Regex::new(regex)
+    regex::RegexBuilder::new(regex)
+        .nest_limit(crate::purge::pattern::REGEX_NEST_LIMIT)
+        .size_limit(1 << 22)
+        .build()
         .map_err(|e| format!("invalid regex: {}", e.to_string().replace('\n', " ")))?;
     let mut out = String::with_capacity(regex.len() + 2);
     out.push('"');

@@ -13,6 +13,11 @@ use std::collections::BTreeSet;
 
 use proto::edge::{purge_entry::Op, All, TagSet};
 
+/// How deeply a regex may nest (groups, repetitions of repetitions). Real patterns use a
+/// handful; the bound keeps parsing a hostile one from exhausting the stack (a fuzzer
+/// found `a*****…` overflowing a debug build at the `regex` crate's default of 250).
+pub const REGEX_NEST_LIMIT: u32 = 64;
+
 /// A sanity bound on one pattern; the listener's header limit (`purge.max_header_bytes`) is the real one.
 pub const MAX_PATTERN_BYTES: usize = 1024 * 1024;
 
@@ -114,6 +119,7 @@ fn clean<'a>(raw: &'a [u8], header: &'static str) -> Result<&'a str, PatternErro
 /// than acknowledging a purge that would fail on every edge.
 fn validate_regex(value: &str, header: &'static str) -> Result<(), PatternError> {
     regex::RegexBuilder::new(value)
+        .nest_limit(REGEX_NEST_LIMIT)
         .size_limit(1 << 22)
         .build()
         .map(|_| ())
@@ -183,6 +189,20 @@ mod tests {
             parse_tags_pattern(b"^.*$").unwrap(),
             PurgeOp::TagsRegex("^.*$".into())
         );
+    }
+
+    #[test]
+    fn deeply_nested_regexes_are_refused_not_a_stack_overflow() {
+        // Found by the waf_compile fuzzer: 150 stacked repetitions overflowed the stack
+        // of a debug build under the regex crate's default nest limit.
+        let pattern = format!("a{}", "*".repeat(200));
+        assert!(matches!(
+            parse_tags_pattern(pattern.as_bytes()),
+            Err(PatternError::InvalidRegex { .. })
+        ));
+        let groups = format!("{}a{}", "(".repeat(100), ")".repeat(100));
+        assert!(parse_tags_pattern(groups.as_bytes()).is_err());
+        assert!(parse_tags_pattern(b"((^|,)cat_p_1(,|$))|cat_(c|p)_[0-9]+").is_ok());
     }
 
     #[test]

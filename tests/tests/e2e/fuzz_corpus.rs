@@ -33,6 +33,9 @@ fn fuzz_corpora_and_regressions_replay_cleanly() {
                     continue;
                 }
                 let data = std::fs::read(&path).expect("read input");
+                if std::env::var_os("FUZZ_REPLAY_VERBOSE").is_some() {
+                    eprintln!("{target}: {}", path.display());
+                }
                 if std::panic::catch_unwind(|| harness(&data)).is_err() {
                     panic!("{target}: {} breaks the harness", path.display());
                 }
