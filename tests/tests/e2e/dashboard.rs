@@ -3,39 +3,8 @@
 //! `target/test-artifacts/dashboard.png`.
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use tests::{assert_eventually, get, Cluster, CoordinatorOpts};
-
-fn chromium(args: &[&str], profile: &std::path::Path) -> std::process::Output {
-    let found = Command::new("chromium")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "chromium is not installed: scripts/test.sh installs Debian's chromium"
-    );
-    Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=8000",
-            "--window-size=1280,800",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .output()
-        .expect("run chromium")
-}
+use tests::{assert_eventually, chromium, get, Cluster, CoordinatorOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_every_region_without_console_errors() {

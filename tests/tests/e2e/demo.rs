@@ -150,6 +150,26 @@ prefix = \"/secret\"
         assert_eq!(get(*v, "/secret").await.status, 403);
     }
 
+    // The dashboard, as a newcomer opens it: every demo region, no console errors.
+    let out = tests::chromium(
+        &["--dump-dom", cluster["api"].as_str().unwrap()],
+        &dir.path().join("chromium"),
+    );
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let console: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains(":CONSOLE"))
+        .map(str::to_owned)
+        .collect();
+    assert!(console.is_empty(), "console messages: {console:#?}");
+    for r in &regions {
+        let name = r["name"].as_str().unwrap();
+        assert!(
+            dom.contains(&format!("data-region=\"{name}\"")),
+            "{name} missing:\n{dom}"
+        );
+    }
+
     let pids: Vec<u64> = regions
         .iter()
         .flat_map(|r| {
