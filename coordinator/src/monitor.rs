@@ -724,6 +724,37 @@ mod tests {
         assert!(m.take_due().is_none());
     }
 
+    #[tokio::test]
+    async fn webhook_delivery_retries_until_accepted() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                let seen = seen.clone();
+                async move {
+                    if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        axum::http::StatusCode::OK
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let body = serde_json::json!({"text": "x"});
+        assert!(deliver(&client, &format!("http://{addr}/hook"), &body, 4).await);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // Never accepted: gives up after the attempts.
+        assert!(!deliver(&client, &format!("http://{addr}/missing"), &body, 2).await);
+    }
+
     #[test]
     fn a_lost_agent_is_told_apart() {
         let (m, edges) = monitor();
