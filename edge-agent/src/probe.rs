@@ -2,8 +2,8 @@
 //! [`ProbePlan`] is probed through the local varnish (`edge`) and straight at the origin
 //! (`origin`), and each result goes up as a [`ProbeResult`].
 //!
-//! A probe is one HTTP/1.1 GET on a fresh connection, timed to the first byte and to the
-//! end of the body (bounded), under the check's timeout. It fails on a connection error,
+//! A probe is one HTTP/1.1 GET on a fresh connection ([`warmer::fetch::get`]), timed to
+//! the first byte and to the end of the body (bounded), under the check's timeout. It fails on a connection error,
 //! a timeout, an unexpected status or a missing body substring. A new plan replaces the
 //! old one (the task is restarted by the session).
 
@@ -11,12 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::edge::{agent_message, AgentMessage, Check, ProbePlan, ProbeResult};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-
-/// Most of a response body read.
-const MAX_BODY: usize = 256 * 1024;
 
 /// Runs the plan until the task is dropped.
 pub async fn run(plan: ProbePlan, varnish: SocketAddr, out: mpsc::Sender<AgentMessage>) {
@@ -76,18 +71,17 @@ pub async fn probe(check: &Check, target: &str, addr: SocketAddr) -> ProbeResult
     };
     let timeout = Duration::from_millis(u64::from(check.timeout_ms.max(1)));
     let started = Instant::now();
-    match tokio::time::timeout(timeout, exchange(check, addr, started)).await {
-        Err(_) => result.error = format!("timed out after {timeout:?}"),
-        Ok(Err(e)) => result.error = e,
-        Ok(Ok((status, ttfb, head, body))) => {
-            result.status = u32::from(status);
-            result.ttfb_us = micros(ttfb);
-            result.total_us = micros(started.elapsed());
-            result.cache = cache_status(&head);
-            if u32::from(status) != check.expect_status {
-                result.error = format!("status {status}, expected {}", check.expect_status);
+    match warmer::fetch::get(addr, &check.path, &check.host, &[], timeout).await {
+        Err(e) => result.error = e,
+        Ok(f) => {
+            result.status = u32::from(f.status);
+            result.ttfb_us = micros(f.ttfb);
+            result.total_us = micros(f.total);
+            result.cache = f.cache.clone();
+            if u32::from(f.status) != check.expect_status {
+                result.error = format!("status {}, expected {}", f.status, check.expect_status);
             } else if !check.body_contains.is_empty()
-                && !String::from_utf8_lossy(&body).contains(&check.body_contains)
+                && !String::from_utf8_lossy(&f.body).contains(&check.body_contains)
             {
                 result.error = format!("body does not contain {:?}", check.body_contains);
             } else {
@@ -105,81 +99,10 @@ fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
-async fn exchange(
-    check: &Check,
-    addr: SocketAddr,
-    started: Instant,
-) -> Result<(u16, Duration, String, Vec<u8>), String> {
-    if check
-        .path
-        .chars()
-        .chain(check.host.chars())
-        .any(|c| c.is_control() || c == ' ')
-    {
-        return Err("bad path or host".into());
-    }
-    let mut s = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: edge-agent-probe\r\nConnection: close\r\n\r\n",
-        check.path, check.host
-    );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 8192];
-    let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-    if n == 0 {
-        return Err("connection closed without an answer".into());
-    }
-    let ttfb = started.elapsed();
-    buf.extend_from_slice(&chunk[..n]);
-    while buf.len() < MAX_BODY {
-        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head_end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no complete response head")?;
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let status = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "not an HTTP answer: {:?}",
-                head.lines().next().unwrap_or("")
-            )
-        })?;
-    Ok((status, ttfb, head, buf[head_end + 4..].to_vec()))
-}
-
-/// HIT / MISS / … from the Magento VCL's debug header or a common `X-Cache`.
-fn cache_status(head: &str) -> String {
-    for line in head.lines().skip(1) {
-        if let Some((name, value)) = line.split_once(':') {
-            let name = name.trim();
-            if name.eq_ignore_ascii_case("x-magento-cache-debug")
-                || name.eq_ignore_ascii_case("x-cache")
-            {
-                return value.trim().chars().take(32).collect();
-            }
-        }
-    }
-    String::new()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn probes_time_status_body_and_failures() {

@@ -1,7 +1,10 @@
-//! The warming engine (issue #5 builds it out: jobs, shards, origin budget, tiered mode,
-//! the `warmer` binary). What exists today is its input: [`sitemap`], the bounded reader
-//! of Magento's sitemaps, fuzzed by `fuzz/` (`sitemap` target) through [`fuzzing`].
+//! The warming engine. Today: [`sitemap`] (the bounded reader of Magento's sitemaps,
+//! fuzzed by `fuzz/` through [`fuzzing`]), [`fetch`] (one timed GET through a varnish)
+//! and [`engine`] (a rate- and concurrency-bounded pass, behind the `warmer` binary).
+//! Issue #5 adds distributed jobs, the global origin budget and tiered warming.
 
+pub mod engine;
+pub mod fetch;
 pub mod sitemap;
 
 #[doc(hidden)]

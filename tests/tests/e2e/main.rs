@@ -12,3 +12,4 @@ mod purge;
 mod robustness;
 mod security;
 mod traffic;
+mod warmer;
