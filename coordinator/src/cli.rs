@@ -363,12 +363,12 @@ pub fn status_table(regions: &Value) -> String {
             .unwrap_or_else(|| "-".into())
     };
     let mut out = format!(
-        "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8}\n",
+        "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
         "REGION", "HEALTH", "EDGES", "HIT 1M", "HIT 5M", "HIT 1H", "REQ/S", "OBJECTS", "PURGE LAG"
     );
     for r in regions.as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9.1} {:>9} {:>8}\n",
+            "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9.1} {:>9} {:>9}\n",
             r["name"].as_str().unwrap_or(""),
             r["health"].as_str().unwrap_or(""),
             format!("{}/{}", r["edges_connected"], r["edges"]),
@@ -376,8 +376,8 @@ pub fn status_table(regions: &Value) -> String {
             pct(&r["hit_ratio"]["m5"]),
             pct(&r["hit_ratio"]["h1"]),
             r["requests_per_s"].as_f64().unwrap_or(0.0),
-            r["objects"],
-            r["purge_lag"],
+            r["objects"].as_u64().unwrap_or(0),
+            r["purge_lag"].as_u64().unwrap_or(0),
         ));
     }
     out
@@ -414,6 +414,9 @@ mod tests {
             t.contains("us-east") && t.contains("down") && t.contains("0/1"),
             "{t}"
         );
+        // Columns line up: every row is as wide as the header.
+        let widths: Vec<usize> = t.lines().map(|l| l.chars().count()).collect();
+        assert!(widths.iter().all(|w| *w == widths[0]), "{t}");
     }
 
     #[test]
