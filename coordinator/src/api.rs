@@ -114,8 +114,8 @@ async fn regions(State(s): State<ApiState>) -> Response {
     Json(region_views(&s)).into_response()
 }
 
-/// The per-region rows (also used by `/metrics`).
-pub fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
+/// The per-region rows.
+fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
     let now = crate::bundle::store::now_ms();
     let traffic = s.traffic.regions(now);
     let edges = s.edges.list(s.log.head());
@@ -232,14 +232,9 @@ async fn config_push(
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
-    let bundle: Bundle = match serde_json::from_slice(&body) {
+    let bundle: Bundle = match json_body(&body, "body must be {\"files\": {name: text}}") {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("body must be {{\"files\": {{name: text}}}}: {e}"),
-            )
-        }
+        Err(r) => return r,
     };
     let rollouts = s.rollouts.clone();
     let canary = q.canary.unwrap_or(true);
@@ -263,13 +258,20 @@ async fn config_rollback(
     let body: RollbackBody = if body.is_empty() {
         RollbackBody::default()
     } else {
-        match serde_json::from_slice(&body) {
+        match json_body(&body, "invalid body") {
             Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
+            Err(r) => return r,
         }
     };
     let rollouts = s.rollouts.clone();
     rollout_answer(tokio::task::spawn_blocking(move || rollouts.rollback(body.version)).await)
+}
+
+/// Parses a JSON request body, or the 400 answer saying why not.
+#[allow(clippy::result_large_err)]
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Response> {
+    serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("{expected}: {e}")))
 }
 
 fn rollout_answer(
@@ -378,9 +380,9 @@ async fn post_purge(
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
-    let body: PurgeBody = match serde_json::from_slice(&body) {
+    let body: PurgeBody = match json_body(&body, "invalid body") {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
+        Err(r) => return r,
     };
     let chosen = usize::from(!body.tags.is_empty())
         + usize::from(body.url.is_some())
@@ -458,7 +460,8 @@ fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares secrets without leaking where they differ (also the purge listener's).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -11,6 +11,7 @@
 //! for every region ([`bundle::vars`], [`bundle::waf`]), stores it ([`bundle::store`]),
 //! and [`rollout`] decides per edge which version to send over the same agent sessions.
 
+pub mod accept;
 pub mod api;
 pub mod bundle;
 pub mod cli;

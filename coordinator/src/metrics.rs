@@ -53,11 +53,12 @@ impl Metrics {
         monitor: &crate::monitor::Monitor,
     ) -> String {
         let mut out = String::with_capacity(4096);
-        let _ = writeln!(
-            out,
-            "# HELP coordinator_purge_requests_total PURGE requests received, by result."
+        family(
+            &mut out,
+            "coordinator_purge_requests_total",
+            "counter",
+            "PURGE requests received, by result.",
         );
-        let _ = writeln!(out, "# TYPE coordinator_purge_requests_total counter");
         for (i, r) in REQUEST_RESULTS.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -65,11 +66,12 @@ impl Metrics {
                 self.requests[i].load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP coordinator_purges_received_total Purges durably logged, by kind."
+        family(
+            &mut out,
+            "coordinator_purges_received_total",
+            "counter",
+            "Purges durably logged, by kind.",
         );
-        let _ = writeln!(out, "# TYPE coordinator_purges_received_total counter");
         for (i, k) in PURGE_KINDS.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -78,21 +80,27 @@ impl Metrics {
             );
         }
         let head = log.head();
-        let _ = writeln!(
-            out,
-            "# HELP coordinator_purge_log_head_seq Newest durable purge sequence."
+        family(
+            &mut out,
+            "coordinator_purge_log_head_seq",
+            "gauge",
+            "Newest durable purge sequence.",
         );
-        let _ = writeln!(out, "# TYPE coordinator_purge_log_head_seq gauge");
         let _ = writeln!(out, "coordinator_purge_log_head_seq {head}");
-        let _ = writeln!(
-            out,
-            "# HELP coordinator_purge_log_first_seq Oldest retained purge sequence."
+        family(
+            &mut out,
+            "coordinator_purge_log_first_seq",
+            "gauge",
+            "Oldest retained purge sequence.",
         );
-        let _ = writeln!(out, "# TYPE coordinator_purge_log_first_seq gauge");
         let _ = writeln!(out, "coordinator_purge_log_first_seq {}", log.first());
         let list = edges.list(head);
-        let _ = writeln!(out, "# HELP coordinator_purges_applied_total Purge log entries applied, per edge (since coordinator start).");
-        let _ = writeln!(out, "# TYPE coordinator_purges_applied_total counter");
+        family(
+            &mut out,
+            "coordinator_purges_applied_total",
+            "counter",
+            "Purge log entries applied, per edge (since coordinator start).",
+        );
         for e in &list {
             let _ = writeln!(
                 out,
@@ -100,8 +108,12 @@ impl Metrics {
                 e.region, e.id, e.applied_total
             );
         }
-        let _ = writeln!(out, "# HELP coordinator_edge_purge_lag_entries Purge log entries not yet applied, per edge.");
-        let _ = writeln!(out, "# TYPE coordinator_edge_purge_lag_entries gauge");
+        family(
+            &mut out,
+            "coordinator_edge_purge_lag_entries",
+            "gauge",
+            "Purge log entries not yet applied, per edge.",
+        );
         for e in &list {
             let _ = writeln!(
                 out,
@@ -109,11 +121,12 @@ impl Metrics {
                 e.region, e.id, e.lag
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP coordinator_edge_applied_seq Highest purge sequence applied, per edge."
+        family(
+            &mut out,
+            "coordinator_edge_applied_seq",
+            "gauge",
+            "Highest purge sequence applied, per edge.",
         );
-        let _ = writeln!(out, "# TYPE coordinator_edge_applied_seq gauge");
         for e in &list {
             let _ = writeln!(
                 out,
@@ -121,11 +134,12 @@ impl Metrics {
                 e.region, e.id, e.applied_seq
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP coordinator_edge_connected Whether the edge's session is up (1) or not (0)."
+        family(
+            &mut out,
+            "coordinator_edge_connected",
+            "gauge",
+            "Whether the edge's session is up (1) or not (0).",
         );
-        let _ = writeln!(out, "# TYPE coordinator_edge_connected gauge");
         for e in &list {
             let _ = writeln!(
                 out,
@@ -143,10 +157,20 @@ impl Metrics {
     }
 }
 
+/// The `# HELP` and `# TYPE` lines that open a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
 fn render_monitor(out: &mut String, monitor: &crate::monitor::Monitor) {
     use crate::monitor::{Health, BUCKETS};
-    let _ = writeln!(out, "# HELP coordinator_region_health Region health from the synthetic checks (1 for the current state).");
-    let _ = writeln!(out, "# TYPE coordinator_region_health gauge");
+    family(
+        out,
+        "coordinator_region_health",
+        "gauge",
+        "Region health from the synthetic checks (1 for the current state).",
+    );
     for (region, h) in monitor.health() {
         for (name, state) in [
             ("up", Health::Up),
@@ -160,8 +184,12 @@ fn render_monitor(out: &mut String, monitor: &crate::monitor::Monitor) {
             );
         }
     }
-    let _ = writeln!(out, "# HELP coordinator_probe_duration_seconds Synthetic probe response time, through the edge or straight to the origin.");
-    let _ = writeln!(out, "# TYPE coordinator_probe_duration_seconds histogram");
+    family(
+        out,
+        "coordinator_probe_duration_seconds",
+        "histogram",
+        "Synthetic probe response time, through the edge or straight to the origin.",
+    );
     for (region, check, target, counts, total, sum) in monitor.histograms() {
         let labels = format!("region=\"{region}\",check=\"{check}\",target=\"{target}\"");
         for (b, c) in BUCKETS.iter().zip(&counts) {
@@ -184,11 +212,12 @@ fn render_monitor(out: &mut String, monitor: &crate::monitor::Monitor) {
         );
     }
     let (sent, failed) = monitor.alert_counts();
-    let _ = writeln!(
+    family(
         out,
-        "# HELP coordinator_alerts_total Alert deliveries, by result."
+        "coordinator_alerts_total",
+        "counter",
+        "Alert deliveries, by result.",
     );
-    let _ = writeln!(out, "# TYPE coordinator_alerts_total counter");
     let _ = writeln!(out, "coordinator_alerts_total{{result=\"sent\"}} {sent}");
     let _ = writeln!(
         out,
@@ -231,8 +260,7 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
         ),
     ];
     for (name, help, get) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} counter");
+        family(out, name, "counter", help);
         for (id, (region, _, total)) in &edges {
             let _ = writeln!(
                 out,
@@ -241,11 +269,12 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
             );
         }
     }
-    let _ = writeln!(
+    family(
         out,
-        "# HELP coordinator_varnish_objects Objects in the cache."
+        "coordinator_varnish_objects",
+        "gauge",
+        "Objects in the cache.",
     );
-    let _ = writeln!(out, "# TYPE coordinator_varnish_objects gauge");
     for (id, (region, summary, _)) in &edges {
         let _ = writeln!(
             out,
@@ -253,11 +282,12 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
             summary.objects
         );
     }
-    let _ = writeln!(
+    family(
         out,
-        "# HELP coordinator_varnish_bans Length of the ban list."
+        "coordinator_varnish_bans",
+        "gauge",
+        "Length of the ban list.",
     );
-    let _ = writeln!(out, "# TYPE coordinator_varnish_bans gauge");
     for (id, (region, summary, _)) in &edges {
         let _ = writeln!(
             out,
@@ -265,8 +295,12 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
             summary.bans
         );
     }
-    let _ = writeln!(out, "# HELP coordinator_region_hit_ratio Σhits / Σ(hits + misses) over the region's edges in the window.");
-    let _ = writeln!(out, "# TYPE coordinator_region_hit_ratio gauge");
+    family(
+        out,
+        "coordinator_region_hit_ratio",
+        "gauge",
+        "Σhits / Σ(hits + misses) over the region's edges in the window.",
+    );
     for (region, summary) in traffic.regions(now) {
         for (window, ratio) in &summary.hit_ratio {
             if let Some(r) = ratio {
@@ -286,10 +320,11 @@ fn render_tls(
 ) {
     let Some(tls) = tls else { return };
     let e = tls.expiry();
-    let _ = writeln!(out, "# HELP coordinator_tls_cert_expiry_timestamp_seconds When a certificate in use expires (Unix time).");
-    let _ = writeln!(
+    family(
         out,
-        "# TYPE coordinator_tls_cert_expiry_timestamp_seconds gauge"
+        "coordinator_tls_cert_expiry_timestamp_seconds",
+        "gauge",
+        "When a certificate in use expires (Unix time).",
     );
     let _ = writeln!(
         out,
@@ -301,10 +336,11 @@ fn render_tls(
         "coordinator_tls_cert_expiry_timestamp_seconds{{cert=\"ca\"}} {}",
         e.ca_not_after
     );
-    let _ = writeln!(out, "# HELP coordinator_edge_cert_expiry_timestamp_seconds When the client certificate an edge presented expires (Unix time).");
-    let _ = writeln!(
+    family(
         out,
-        "# TYPE coordinator_edge_cert_expiry_timestamp_seconds gauge"
+        "coordinator_edge_cert_expiry_timestamp_seconds",
+        "gauge",
+        "When the client certificate an edge presented expires (Unix time).",
     );
     for edge in edges {
         if let Some(t) = edge.cert_not_after {
@@ -315,10 +351,11 @@ fn render_tls(
             );
         }
     }
-    let _ = writeln!(out, "# HELP coordinator_tls_handshakes_refused_total gRPC connections refused during the TLS handshake.");
-    let _ = writeln!(
+    family(
         out,
-        "# TYPE coordinator_tls_handshakes_refused_total counter"
+        "coordinator_tls_handshakes_refused_total",
+        "counter",
+        "gRPC connections refused during the TLS handshake.",
     );
     let _ = writeln!(
         out,
@@ -329,8 +366,12 @@ fn render_tls(
 
 fn render_config(out: &mut String, rollouts: &Rollouts) {
     let view = rollouts.view();
-    let _ = writeln!(out, "# HELP coordinator_config_edge_in_sync Whether the edge runs its target config version (1) or not (0).");
-    let _ = writeln!(out, "# TYPE coordinator_config_edge_in_sync gauge");
+    family(
+        out,
+        "coordinator_config_edge_in_sync",
+        "gauge",
+        "Whether the edge runs its target config version (1) or not (0).",
+    );
     for e in &view.edges {
         let _ = writeln!(
             out,
@@ -340,8 +381,12 @@ fn render_config(out: &mut String, rollouts: &Rollouts) {
             u8::from(e.state == "in_sync")
         );
     }
-    let _ = writeln!(out, "# HELP coordinator_config_edge_drift Whether the edge runs a VCL the coordinator did not push (1) or not (0).");
-    let _ = writeln!(out, "# TYPE coordinator_config_edge_drift gauge");
+    family(
+        out,
+        "coordinator_config_edge_drift",
+        "gauge",
+        "Whether the edge runs a VCL the coordinator did not push (1) or not (0).",
+    );
     for e in &view.edges {
         let _ = writeln!(
             out,
@@ -351,8 +396,12 @@ fn render_config(out: &mut String, rollouts: &Rollouts) {
             u8::from(e.drift)
         );
     }
-    let _ = writeln!(out, "# HELP coordinator_config_drift_events_total Times the edge was seen leaving its config version (since coordinator start).");
-    let _ = writeln!(out, "# TYPE coordinator_config_drift_events_total counter");
+    family(
+        out,
+        "coordinator_config_drift_events_total",
+        "counter",
+        "Times the edge was seen leaving its config version (since coordinator start).",
+    );
     for e in &view.edges {
         let _ = writeln!(
             out,
@@ -361,8 +410,12 @@ fn render_config(out: &mut String, rollouts: &Rollouts) {
         );
     }
     let phase = view.rollout.as_ref().map(|r| r.phase);
-    let _ = writeln!(out, "# HELP coordinator_config_rollout_phase The latest rollout's phase (1 for the current one).");
-    let _ = writeln!(out, "# TYPE coordinator_config_rollout_phase gauge");
+    family(
+        out,
+        "coordinator_config_rollout_phase",
+        "gauge",
+        "The latest rollout's phase (1 for the current one).",
+    );
     for (name, p) in [
         ("canary", crate::rollout::Phase::Canary),
         ("fleet", crate::rollout::Phase::Fleet),

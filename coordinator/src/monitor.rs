@@ -55,6 +55,16 @@ struct Target {
     last: Option<ProbeResult>,
 }
 
+impl Target {
+    /// The last probe's error, if it failed.
+    fn last_error(&self) -> Option<String> {
+        self.last
+            .as_ref()
+            .map(|l| l.error.clone())
+            .filter(|e| !e.is_empty())
+    }
+}
+
 /// One probe-duration histogram: region, check, target, bucket counts, count, sum.
 pub type Histogram = (String, String, &'static str, Vec<u64>, u64, f64);
 
@@ -290,9 +300,9 @@ impl Monitor {
     }
 
     fn health_locked(&self, inner: &Inner) -> BTreeMap<String, RegionHealth> {
-        let edges = self.edges.list(0);
+        let connectivity = self.edges.regions_connected();
         let mut names: std::collections::BTreeSet<String> = self.regions.iter().cloned().collect();
-        names.extend(edges.iter().map(|e| e.region.clone()));
+        names.extend(connectivity.keys().cloned());
         names.extend(inner.checks.keys().map(|(r, _)| r.clone()));
         // Origin health per region (worst over checks), for the "everywhere" diagnosis.
         let mut origin_by_region: BTreeMap<&str, Health> = BTreeMap::new();
@@ -307,8 +317,8 @@ impl Monitor {
         names
             .into_iter()
             .map(|name| {
-                let connected = edges.iter().any(|e| e.region == name && e.connected);
-                let known = edges.iter().any(|e| e.region == name);
+                let known = connectivity.contains_key(&name);
+                let connected = connectivity.get(&name).copied().unwrap_or(false);
                 let mut worst: Option<(&String, &RegionCheck)> = None;
                 for ((r, c), rc) in &inner.checks {
                     if *r == name && worst.is_none_or(|(_, w)| rc.edge.health > w.edge.health) {
@@ -335,12 +345,7 @@ impl Monitor {
                         health: rc.edge.health,
                         diagnosis,
                         check: Some(check.clone()),
-                        last_error: rc
-                            .edge
-                            .last
-                            .as_ref()
-                            .map(|l| l.error.clone())
-                            .filter(|e| !e.is_empty()),
+                        last_error: rc.edge.last_error(),
                     }
                 } else {
                     RegionHealth {
@@ -371,12 +376,7 @@ impl Monitor {
                 state: rc.edge.health,
                 origin_state: rc.origin.health,
                 last_status: rc.edge.last.as_ref().map(|l| l.status).filter(|s| *s != 0),
-                last_error: rc
-                    .edge
-                    .last
-                    .as_ref()
-                    .map(|l| l.error.clone())
-                    .filter(|e| !e.is_empty()),
+                last_error: rc.edge.last_error(),
                 cache: rc
                     .edge
                     .last

@@ -192,23 +192,9 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            };
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gRPC accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
+        while let Some((tcp, peer, permit)) =
+            crate::accept::next(&listener, &slots, &shutdown, "grpc").await
+        {
             let acceptor = tls.acceptor();
             let (tx, tls) = (tx.clone(), tls.clone());
             tokio::spawn(async move {

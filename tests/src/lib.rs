@@ -575,6 +575,19 @@ impl AgentProc {
     }
 }
 
+/// `[[regions]]` tables `region-0..n`, each fetching from `backend` (bundle vars).
+pub fn regions_toml(n: usize, backend: SocketAddr) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "\n[[regions]]\nname = \"region-{i}\"\n[regions.vars]\nbackend_host = \"{}\"\nbackend_port = \"{}\"\n",
+                backend.ip(),
+                backend.port()
+            )
+        })
+        .collect()
+}
+
 /// Origin + coordinator + one varnishd and agent per region.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -592,13 +605,7 @@ impl Cluster {
         let mut opts = opts;
         // `{origin}` in the extra TOML is the sample origin's address.
         opts.extra = opts.extra.replace("{origin}", &origin.addr.to_string());
-        for i in 0..regions {
-            opts.extra.push_str(&format!(
-                "\n[[regions]]\nname = \"region-{i}\"\n[regions.vars]\nbackend_host = \"{}\"\nbackend_port = \"{}\"\n",
-                origin.addr.ip(),
-                origin.addr.port()
-            ));
-        }
+        opts.extra.push_str(&regions_toml(regions, origin.addr));
         let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;
         let mut varnish = Vec::new();
         let mut agents = Vec::new();

@@ -268,6 +268,16 @@ impl EdgeRegistry {
     pub fn connected(&self) -> usize {
         self.edges.iter().filter(|kv| kv.value().connected).count()
     }
+
+    /// Every region with an edge, and whether any of its edges is connected.
+    pub fn regions_connected(&self) -> std::collections::BTreeMap<String, bool> {
+        let mut out = std::collections::BTreeMap::new();
+        for kv in self.edges.iter() {
+            let e = kv.value();
+            *out.entry(e.region.clone()).or_insert(false) |= e.connected;
+        }
+        out
+    }
 }
 
 /// RFC 3339 with microseconds, UTC.

@@ -230,26 +230,17 @@ impl proto::Coordinator for FanoutService {
             ))
         });
         let sender = tokio::spawn(send_loop(self.log.clone(), resume, tx, handle.clone()));
-        let edges = self.edges.clone();
-        let rollouts = self.rollouts.clone();
-        let traffic = self.traffic.clone();
-        let monitor = self.monitor.clone();
+        let service = self.clone();
         let region = hello.region.clone();
         tokio::spawn(async move {
-            let sinks = Sinks {
-                edges: &edges,
-                rollouts: &rollouts,
-                traffic: &traffic,
-                monitor: &monitor,
-            };
-            receive_loop(&sinks, &region, &handle, inbound).await;
+            receive_loop(&service, &region, &handle, inbound).await;
             handle.cancel.cancel();
             let _ = sender.await;
             if let Some(c) = configurer {
                 let _ = c.await;
             }
-            edges.disconnect(&handle);
-            rollouts.disconnect(&handle.edge_id, handle.session);
+            service.edges.disconnect(&handle);
+            service.rollouts.disconnect(&handle.edge_id, handle.session);
             tracing::info!(edge = %handle.edge_id, "edge disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -272,26 +263,20 @@ pub fn validate_id(value: &str, what: &str) -> Result<(), Status> {
     }
 }
 
-/// Where an agent's reports go.
-struct Sinks<'a> {
-    edges: &'a EdgeRegistry,
-    rollouts: &'a Rollouts,
-    traffic: &'a Traffic,
-    monitor: &'a crate::monitor::Monitor,
-}
-
+/// Reads one agent's messages into the registry, the rollout, traffic and monitoring.
 async fn receive_loop(
-    sinks: &Sinks<'_>,
+    service: &FanoutService,
     region: &str,
     handle: &SessionHandle,
     mut inbound: Streaming<AgentMessage>,
 ) {
-    let Sinks {
+    let FanoutService {
         edges,
         rollouts,
         traffic,
         monitor,
-    } = sinks;
+        ..
+    } = service;
     loop {
         let msg = tokio::select! {
             _ = handle.cancel.cancelled() => return,
@@ -336,6 +321,18 @@ async fn receive_loop(
     }
 }
 
+/// Sends one message unless the session is being torn down; false when it is over.
+async fn send(
+    tx: &mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    handle: &SessionHandle,
+    msg: coordinator_message::Msg,
+) -> bool {
+    tokio::select! {
+        _ = handle.cancel.cancelled() => false,
+        r = tx.send(Ok(CoordinatorMessage { msg: Some(msg) })) => r.is_ok(),
+    }
+}
+
 /// Sends this edge the config bundles the rollout wants it to run.
 async fn config_loop(
     rollouts: Arc<Rollouts>,
@@ -346,12 +343,8 @@ async fn config_loop(
     loop {
         while let Some(apply) = rollouts.next_apply(&handle.edge_id, handle.session) {
             tracing::info!(edge = %handle.edge_id, version = %apply.version, "sending config");
-            let msg = CoordinatorMessage {
-                msg: Some(coordinator_message::Msg::ApplyConfig(apply)),
-            };
-            tokio::select! {
-                _ = handle.cancel.cancelled() => return,
-                r = tx.send(Ok(msg)) => if r.is_err() { return },
+            if !send(&tx, &handle, coordinator_message::Msg::ApplyConfig(apply)).await {
+                return;
             }
         }
         tokio::select! {
@@ -371,14 +364,12 @@ async fn send_loop(
     let mut next = match resume {
         ResumePoint::From(seq) => seq,
         ResumePoint::FullBan { head, reason } => {
-            let msg = CoordinatorMessage {
-                msg: Some(coordinator_message::Msg::FullBan(FullBan {
-                    up_to_seq: head,
-                    log_id: log.log_id().to_owned(),
-                    reason: reason.to_owned(),
-                })),
+            let ban = FullBan {
+                up_to_seq: head,
+                log_id: log.log_id().to_owned(),
+                reason: reason.to_owned(),
             };
-            if tx.send(Ok(msg)).await.is_err() {
+            if !send(&tx, &handle, coordinator_message::Msg::FullBan(ban)).await {
                 return;
             }
             head + 1
@@ -389,14 +380,12 @@ async fn send_loop(
             if next < log.first() {
                 // Retention overtook a live session that fell this far behind.
                 let head = log.head();
-                let msg = CoordinatorMessage {
-                    msg: Some(coordinator_message::Msg::FullBan(FullBan {
-                        up_to_seq: head,
-                        log_id: log.log_id().to_owned(),
-                        reason: "edge fell behind the log's retention".to_owned(),
-                    })),
+                let ban = FullBan {
+                    up_to_seq: head,
+                    log_id: log.log_id().to_owned(),
+                    reason: "edge fell behind the log's retention".to_owned(),
                 };
-                if tx.send(Ok(msg)).await.is_err() {
+                if !send(&tx, &handle, coordinator_message::Msg::FullBan(ban)).await {
                     return;
                 }
                 next = head + 1;
@@ -414,14 +403,11 @@ async fn send_loop(
                 }
             };
             next = entries.last().map(|e| e.seq + 1).unwrap_or(next);
-            let msg = CoordinatorMessage {
-                msg: Some(coordinator_message::Msg::Purges(PurgeBatch {
-                    entries: entries.iter().map(|e| (**e).clone()).collect(),
-                })),
+            let batch = PurgeBatch {
+                entries: entries.iter().map(|e| (**e).clone()).collect(),
             };
-            tokio::select! {
-                _ = handle.cancel.cancelled() => return,
-                r = tx.send(Ok(msg)) => if r.is_err() { return },
+            if !send(&tx, &handle, coordinator_message::Msg::Purges(batch)).await {
+                return;
             }
         }
         tokio::select! {

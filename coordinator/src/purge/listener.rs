@@ -52,23 +52,9 @@ pub async fn run(
 ) {
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "purge listener accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer, permit)) =
+        crate::accept::next(&listener, &slots, &shutdown, "purge").await
+    {
         let (config, log, metrics, shutdown) = (
             config.clone(),
             log.clone(),
@@ -248,13 +234,10 @@ fn secret_ok(secret: Option<&(String, String)>, request: &Request) -> bool {
     let Some((name, expected)) = secret else {
         return true;
     };
-    let given = request.header(name).unwrap_or_default();
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected.as_bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    crate::api::constant_time_eq(
+        request.header(name).unwrap_or_default(),
+        expected.as_bytes(),
+    )
 }
 
 fn is_allowed(allow: &[IpNet], ip: IpAddr) -> bool {

@@ -42,8 +42,10 @@ use crate::config::{DriftPolicy, RolloutConfig};
 const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(180);
 /// A failed apply (not a compile error on a rollout, which stops it) is retried after this.
 const RETRY_FAILED: Duration = Duration::from_secs(30);
-/// How often the driver re-evaluates phases and timeouts.
+/// How often the driver re-evaluates phases.
 const TICK: Duration = Duration::from_millis(250);
+/// How often sessions are woken regardless, so in-flight and retry timeouts are noticed.
+const WAKE_EVERY_TICKS: u32 = 20;
 /// Versions remembered as having completed a rollout (for `rollback` without a version).
 const HISTORY: usize = 100;
 
@@ -61,7 +63,7 @@ pub struct Plan {
 }
 
 /// One rollout.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     pub id: u64,
     pub version: String,
@@ -304,6 +306,7 @@ impl Rollouts {
         }
         drop(inner);
         self.tick();
+        self.bump(); // the edge's apply state changed
     }
 
     /// The apply this session should send now, if any (and marks it in flight).
@@ -471,27 +474,35 @@ impl Rollouts {
     }
 
     /// Moves the rollout along its phases; called on every result and periodically.
+    /// Stores the plan and wakes the sessions when it changed.
     pub fn tick(&self) {
         let mut inner = self.lock();
-        let before = serde_json::to_string(&inner.plan.rollout).unwrap_or_default();
+        let before = inner.plan.rollout.clone();
         advance(&mut inner, &self.config);
-        let after = serde_json::to_string(&inner.plan.rollout).unwrap_or_default();
-        if before != after {
+        let changed = inner.plan.rollout != before;
+        if changed {
             if let Err(e) = self.store.save_plan(&inner.plan) {
                 tracing::error!(error = %e, "cannot store the rollout plan; it is kept in memory");
             }
         }
         drop(inner);
-        self.bump();
+        if changed {
+            self.bump();
+        }
     }
 
-    /// Runs [`Self::tick`] until shutdown.
+    /// Runs [`Self::tick`] until shutdown, waking every session now and then.
     pub async fn drive(self: Arc<Self>, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(TICK);
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = every.tick() => self.tick(),
+            }
+            ticks = ticks.wrapping_add(1);
+            if ticks.is_multiple_of(WAKE_EVERY_TICKS) {
+                self.bump();
             }
         }
     }

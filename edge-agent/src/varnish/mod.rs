@@ -99,8 +99,8 @@ impl Varnish {
     }
 
     /// Sends one raw HTTP/1.1 request (with `Connection: close`) to varnish's HTTP port
-    /// and returns the response's status line and up to 64 KiB of it.
-    async fn http(&self, request: &str) -> Result<(String, Vec<u8>), ApplyError> {
+    /// and returns the response's status line.
+    async fn http(&self, request: &str) -> Result<String, ApplyError> {
         let addr = self.config.http;
         let exchange = async {
             let mut stream = TcpStream::connect(addr).await?;
@@ -115,35 +115,16 @@ impl Varnish {
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         let head = String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned();
-        let status_line = head.lines().next().unwrap_or_default().to_owned();
-        Ok((status_line, response))
+        Ok(head.lines().next().unwrap_or_default().to_owned())
     }
 
     /// `GET path` with `Host: host` through varnish; the response status.
     pub async fn probe(&self, path: &str, host: &str) -> Result<u16, ApplyError> {
         let addr = self.config.http;
-        if path
-            .chars()
-            .chain(host.chars())
-            .any(|c| c.is_control() || c == ' ')
-        {
-            return Err(ApplyError::Http {
-                addr,
-                reason: "bad probe path or host".into(),
-            });
-        }
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edge-agent-probe\r\nConnection: close\r\n\r\n"
-        );
-        let (status_line, _) = self.http(&request).await?;
-        status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| ApplyError::Http {
-                addr,
-                reason: format!("not an HTTP answer: {status_line:?}"),
-            })
+        warmer::fetch::get(addr, path, host, &[], self.timeout())
+            .await
+            .map(|f| f.status)
+            .map_err(|reason| ApplyError::Http { addr, reason })
     }
 
     /// Applies one operation. On error the admin session is dropped so the next attempt
@@ -180,7 +161,7 @@ impl Varnish {
             "PURGE / HTTP/1.1\r\nHost: localhost\r\nX-Xkey-Purge: {header}\r\n{}Content-Length: 0\r\nConnection: close\r\n\r\n",
             if soft { "X-Magento-Purge-Soft: 1\r\n" } else { "" }
         );
-        let (status_line, _) = self.http(&request).await.map_err(|e| fail(e.to_string()))?;
+        let status_line = self.http(&request).await.map_err(|e| fail(e.to_string()))?;
         if status_line.starts_with("HTTP/1.1 200") && status_line.contains("Invalidated") {
             Ok(())
         } else {

@@ -42,14 +42,10 @@ async fn main() {
     tests::require_varnish();
     let dir = tests::temp_dir();
     let origin = OriginServer::start().await;
-    let mut opts = CoordinatorOpts::default();
-    for i in 0..args.agents {
-        opts.extra.push_str(&format!(
-            "\n[[regions]]\nname = \"region-{i}\"\n[regions.vars]\nbackend_host = \"{}\"\nbackend_port = \"{}\"\n",
-            origin.addr.ip(),
-            origin.addr.port()
-        ));
-    }
+    let opts = CoordinatorOpts {
+        extra: tests::regions_toml(args.agents, origin.addr),
+        ..CoordinatorOpts::default()
+    };
     let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;
     let mut nodes = Vec::new();
     for i in 0..args.agents {
