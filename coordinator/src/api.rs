@@ -229,10 +229,12 @@ async fn config_push(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
-    let bundle: Bundle = match json_body(&body, "body must be {\"files\": {name: text}}") {
+    let bundle: Bundle = match authorized_json(
+        &s,
+        &headers,
+        &body,
+        "body must be {\"files\": {name: text}}",
+    ) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -272,6 +274,18 @@ async fn config_rollback(
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Response> {
     serde_json::from_slice(body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("{expected}: {e}")))
+}
+
+/// A write request's JSON body once the caller is authorized (401/403/400 otherwise).
+#[allow(clippy::result_large_err)]
+fn authorized_json<T: serde::de::DeserializeOwned>(
+    s: &ApiState,
+    headers: &HeaderMap,
+    body: &[u8],
+    expected: &str,
+) -> Result<T, Response> {
+    authorize(s, headers)?;
+    json_body(body, expected)
 }
 
 fn rollout_answer(
@@ -377,10 +391,7 @@ async fn post_purge(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
-    let body: PurgeBody = match json_body(&body, "invalid body") {
+    let body: PurgeBody = match authorized_json(&s, &headers, &body, "invalid body") {
         Ok(b) => b,
         Err(r) => return r,
     };

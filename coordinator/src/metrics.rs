@@ -269,31 +269,26 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
             );
         }
     }
-    family(
-        out,
-        "coordinator_varnish_objects",
-        "gauge",
-        "Objects in the cache.",
-    );
-    for (id, (region, summary, _)) in &edges {
-        let _ = writeln!(
-            out,
-            "coordinator_varnish_objects{{region=\"{region}\",edge=\"{id}\"}} {}",
-            summary.objects
-        );
-    }
-    family(
-        out,
-        "coordinator_varnish_bans",
-        "gauge",
-        "Length of the ban list.",
-    );
-    for (id, (region, summary, _)) in &edges {
-        let _ = writeln!(
-            out,
-            "coordinator_varnish_bans{{region=\"{region}\",edge=\"{id}\"}} {}",
-            summary.bans
-        );
+    type Gauge = fn(&crate::traffic::Summary) -> u64;
+    let gauges: [(&str, &str, Gauge); 2] = [
+        (
+            "coordinator_varnish_objects",
+            "Objects in the cache.",
+            |s| s.objects,
+        ),
+        ("coordinator_varnish_bans", "Length of the ban list.", |s| {
+            s.bans
+        }),
+    ];
+    for (name, help, get) in gauges {
+        family(out, name, "gauge", help);
+        for (id, (region, summary, _)) in &edges {
+            let _ = writeln!(
+                out,
+                "{name}{{region=\"{region}\",edge=\"{id}\"}} {}",
+                get(summary)
+            );
+        }
     }
     family(
         out,

@@ -152,15 +152,7 @@ pub async fn run(
 
     let driver = tokio::spawn(handles.rollouts.clone().drive(shutdown.clone()));
     let monitor_task = tokio::spawn(handles.monitor.clone().drive(shutdown.clone()));
-    let service = FanoutService::new(
-        handles.log.clone(),
-        handles.edges.clone(),
-        handles.rollouts.clone(),
-        handles.traffic.clone(),
-        handles.monitor.clone(),
-        handles.tls.is_some(),
-        shutdown.clone(),
-    );
+    let service = FanoutService::new(&handles, shutdown.clone());
     let grpc_shutdown = shutdown.clone();
     let server_tls = handles.tls.clone();
     let grpc_task = tokio::spawn(async move {

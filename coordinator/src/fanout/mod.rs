@@ -102,22 +102,16 @@ pub struct FanoutService {
 }
 
 impl FanoutService {
-    pub fn new(
-        log: PurgeLog,
-        edges: Arc<EdgeRegistry>,
-        rollouts: Arc<Rollouts>,
-        traffic: Arc<Traffic>,
-        monitor: Arc<crate::monitor::Monitor>,
-        require_identity: bool,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// The service over a running coordinator's shared state; with TLS configured, every
+    /// Hello must match its client certificate.
+    pub fn new(handles: &crate::server::Handles, shutdown: CancellationToken) -> Self {
         FanoutService {
-            log,
-            edges,
-            rollouts,
-            traffic,
-            monitor,
-            require_identity,
+            log: handles.log.clone(),
+            edges: handles.edges.clone(),
+            rollouts: handles.rollouts.clone(),
+            traffic: handles.traffic.clone(),
+            monitor: handles.monitor.clone(),
+            require_identity: handles.tls.is_some(),
             shutdown,
         }
     }
