@@ -35,6 +35,7 @@ pub struct ApiState {
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     pub traffic: Arc<crate::traffic::Traffic>,
     pub monitor: Arc<crate::monitor::Monitor>,
+    pub warm: Arc<crate::warm::Warm>,
     /// Region names from coordinator.toml (edges may add others).
     pub regions: Arc<Vec<String>>,
     pub read_requires_token: bool,
@@ -64,6 +65,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/tls", get(tls_view))
         .route("/api/v1/regions", get(regions))
         .route("/api/v1/regions/:name/history", get(region_history))
+        .route("/api/v1/warm/jobs", get(warm_jobs).post(warm_start))
+        .route("/api/v1/warm/jobs/:id", get(warm_job))
+        .route(
+            "/api/v1/warm/jobs/:id/cancel",
+            axum::routing::post(warm_cancel),
+        )
+        .route("/api/v1/warm/top", get(warm_top))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             read_guard,
@@ -192,14 +200,15 @@ async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(
-            &s.log,
-            &s.edges,
-            &s.rollouts,
-            s.tls.as_deref(),
-            &s.traffic,
-            &s.monitor,
-        ),
+        s.metrics.render(&crate::metrics::Sources {
+            log: &s.log,
+            edges: &s.edges,
+            rollouts: &s.rollouts,
+            tls: s.tls.as_deref(),
+            traffic: &s.traffic,
+            monitor: &s.monitor,
+            warm: &s.warm,
+        }),
     )
         .into_response()
 }
@@ -270,6 +279,80 @@ async fn config_rollback(
 }
 
 /// Parses a JSON request body, or the 400 answer saying why not.
+#[allow(clippy::result_large_err)]
+/// `POST /api/v1/warm/jobs`: queue a job; answers `{"id": N}`.
+async fn warm_start(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let spec: crate::warm::job::JobSpec = match authorized_json(
+        &s,
+        &headers,
+        &body,
+        "body must be a warm job: {\"sitemap\": URL, \"regions\": [...], \"rate\": R, ...}",
+    ) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match s.warm.create(spec, crate::warm::job::Origin::Api) {
+        Ok(id) => Json(json!({ "id": id })).into_response(),
+        Err(e) => warm_error(e),
+    }
+}
+
+fn warm_error(e: crate::warm::WarmError) -> Response {
+    use crate::warm::WarmError;
+    match e {
+        WarmError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        WarmError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        WarmError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `GET /api/v1/warm/jobs`: the newest jobs first.
+async fn warm_jobs(State(s): State<ApiState>) -> Response {
+    Json(json!({ "jobs": s.warm.list(50) })).into_response()
+}
+
+/// `GET /api/v1/warm/jobs/{id}`: `{id, state, regions: {NAME: {done, total, errors, eta_s}}}`.
+async fn warm_job(State(s): State<ApiState>, Path(id): Path<u64>) -> Response {
+    match s.warm.view(id) {
+        Some(v) => Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no warm job {id}")),
+    }
+}
+
+/// `POST /api/v1/warm/jobs/{id}/cancel`.
+async fn warm_cancel(
+    State(s): State<ApiState>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    match s.warm.cancel(id) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => warm_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopQuery {
+    n: Option<usize>,
+}
+
+/// `GET /api/v1/warm/top?n=`: each region's most requested URLs (what `top` warms).
+async fn warm_top(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<TopQuery>,
+) -> Response {
+    let n = q.n.unwrap_or(100).min(10_000);
+    Json(s.warm.top(&s.regions, n)).into_response()
+}
+
 #[allow(clippy::result_large_err)]
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Response> {
     serde_json::from_slice(body)

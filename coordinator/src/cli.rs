@@ -390,6 +390,160 @@ pub async fn purge(api: &ApiClient, body: Value) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `warm start`: queue the job, print its id; with `wait`, follow it to the end.
+pub async fn warm_start(
+    api: &ApiClient,
+    spec: &crate::warm::job::JobSpec,
+    wait: bool,
+) -> Result<(), CliError> {
+    let body = serde_json::to_value(spec).map_err(|e| CliError::Failed(e.to_string()))?;
+    let started = api.call("POST", "/api/v1/warm/jobs", Some(body)).await?;
+    let id = started["id"].as_u64().unwrap_or(0);
+    println!("{id}");
+    if wait {
+        warm_follow(api, id).await?;
+    }
+    Ok(())
+}
+
+/// Polls the job until it ends, drawing one progress line per region (a bar on a tty).
+async fn warm_follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let mut drawn = 0usize;
+    let mut last_plain = Instant::now() - Duration::from_secs(60);
+    loop {
+        let job = api
+            .call("GET", &format!("/api/v1/warm/jobs/{id}"), None)
+            .await?;
+        let state = job["state"].as_str().unwrap_or("?").to_owned();
+        let lines = warm_lines(&job);
+        let finished = matches!(state.as_str(), "done" | "failed" | "cancelled");
+        if tty {
+            let mut err = std::io::stderr();
+            if drawn > 0 {
+                let _ = write!(err, "\x1b[{drawn}A");
+            }
+            for l in &lines {
+                let _ = writeln!(err, "\x1b[2K{l}");
+            }
+            drawn = lines.len();
+        } else if finished || last_plain.elapsed() >= Duration::from_secs(5) {
+            for l in &lines {
+                eprintln!("{l}");
+            }
+            last_plain = Instant::now();
+        }
+        match state.as_str() {
+            "done" => return Ok(()),
+            "failed" => {
+                return Err(CliError::Failed(format!(
+                    "warm job {id} failed: {}",
+                    job["error"].as_str().unwrap_or("unknown error")
+                )))
+            }
+            "cancelled" => return Err(CliError::Failed(format!("warm job {id} was cancelled"))),
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// One line for the job and one per region: `[=====     ] done/total errors ETA`.
+pub fn warm_lines(job: &Value) -> Vec<String> {
+    let mut lines = vec![format!(
+        "job {} {}: {} URLs x {} variations{}{}",
+        job["id"],
+        job["state"].as_str().unwrap_or("?"),
+        job["urls"],
+        job["variations"],
+        if job["tiered"] == true {
+            ", tiered"
+        } else {
+            ""
+        },
+        job["rate"]
+            .as_f64()
+            .map(|r| format!(
+                ", origin {r:.1}/{:.1} req/s",
+                job["budget"].as_f64().unwrap_or(0.0)
+            ))
+            .unwrap_or_default()
+    )];
+    if let Some(regions) = job["regions"].as_object() {
+        let width = regions.keys().map(String::len).max().unwrap_or(0);
+        for (name, p) in regions {
+            let done = p["done"].as_u64().unwrap_or(0);
+            let total = p["total"].as_u64().unwrap_or(0);
+            let filled = (done * 30).checked_div(total).unwrap_or(0) as usize;
+            let eta = p["eta_s"]
+                .as_u64()
+                .map(|s| format!("  ETA {s}s"))
+                .unwrap_or_default();
+            lines.push(format!(
+                "  {name:<width$} [{}{}] {done:>6}/{total:<6} errors {}{eta}",
+                "=".repeat(filled),
+                " ".repeat(30 - filled.min(30)),
+                p["errors"].as_u64().unwrap_or(0)
+            ));
+        }
+    }
+    lines
+}
+
+/// `warm status [ID]`.
+pub async fn warm_status(api: &ApiClient, id: Option<u64>) -> Result<(), CliError> {
+    match id {
+        Some(id) => {
+            let job = api
+                .call("GET", &format!("/api/v1/warm/jobs/{id}"), None)
+                .await?;
+            for l in warm_lines(&job) {
+                println!("{l}");
+            }
+            if let Some(e) = job["error"].as_str() {
+                println!("  error: {e}");
+            }
+        }
+        None => {
+            let all = api.call("GET", "/api/v1/warm/jobs", None).await?;
+            println!(
+                "{:>5}  {:<10} {:<10} {:>8}  progress",
+                "id", "state", "kind", "urls"
+            );
+            for job in all["jobs"].as_array().into_iter().flatten() {
+                let (done, total) = job["regions"]
+                    .as_object()
+                    .map(|r| {
+                        r.values().fold((0, 0), |(d, t), p| {
+                            (
+                                d + p["done"].as_u64().unwrap_or(0),
+                                t + p["total"].as_u64().unwrap_or(0),
+                            )
+                        })
+                    })
+                    .unwrap_or((0, 0));
+                println!(
+                    "{:>5}  {:<10} {:<10} {:>8}  {done}/{total}",
+                    job["id"],
+                    job["state"].as_str().unwrap_or("?"),
+                    job["kind"].as_str().unwrap_or("?"),
+                    job["urls"]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `warm cancel ID`.
+pub async fn warm_cancel(api: &ApiClient, id: u64) -> Result<(), CliError> {
+    let job = api
+        .call("POST", &format!("/api/v1/warm/jobs/{id}/cancel"), None)
+        .await?;
+    println!("job {id}: {}", job["state"].as_str().unwrap_or("?"));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

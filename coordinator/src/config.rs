@@ -29,6 +29,176 @@ pub struct CoordinatorConfig {
     pub checks: Vec<CheckConfig>,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub warm: WarmConfig,
+}
+
+/// `[warm]`: the cache warmer's budget and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmConfig {
+    /// Requests per second warming may send to the Magento backend, all edges together.
+    #[serde(default = "default_origin_budget_rps")]
+    pub origin_budget_rps: f64,
+    /// Requests per second per satellite edge in tiered jobs (they fetch from the shield).
+    #[serde(default = "default_satellite_rate")]
+    pub satellite_rate: f64,
+    /// Concurrent fetches per edge.
+    #[serde(default = "default_warm_concurrency")]
+    pub concurrency: u32,
+    /// URLs per shard (the unit handed to an edge, reported and persisted).
+    #[serde(default = "default_shard_urls")]
+    pub shard_urls: usize,
+    /// A miss slower than this to its first byte counts as origin overload (AIMD).
+    #[serde(default = "default_slow_ttfb_ms")]
+    pub slow_ttfb_ms: u64,
+    #[serde(default = "default_warm_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Most URLs in one job (a sitemap index may list many sitemaps).
+    #[serde(default = "default_warm_max_urls")]
+    pub max_urls: usize,
+    /// The region beside the origin; when set, jobs run tiered by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shield: Option<String>,
+    /// Host header for warm requests (default: each URL's own host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Default variations (`Header: value`, several joined by `;;`).
+    #[serde(default)]
+    pub variations: Vec<String>,
+    /// File with the secret the warmer sends as `X-Warm-Token` (the VCL's `${warm_token}`);
+    /// default: generated once under the state dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Learn every job's tags and re-warm the URLs of purged tags.
+    #[serde(default)]
+    pub rewarm_after_purge: bool,
+    /// Purges within this quiet time coalesce into one re-warm (a reindex is one pass).
+    #[serde(default = "default_rewarm_debounce_ms")]
+    pub rewarm_debounce_ms: u64,
+    /// (tag, URL) pairs the re-warm index keeps.
+    #[serde(default = "default_tag_index_pairs")]
+    pub tag_index_pairs: usize,
+    /// Cron-scheduled jobs.
+    #[serde(default)]
+    pub schedule: Vec<ScheduleConfig>,
+}
+
+/// `[[warm.schedule]]`: a job started on a cron schedule (5 fields, UTC).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "toml::Table")]
+pub struct ScheduleConfig {
+    pub name: String,
+    pub cron: String,
+    /// The job, as `POST /api/v1/warm/jobs` takes it (`sitemap`, `regions`, `rate`...).
+    #[serde(flatten)]
+    pub job: crate::warm::job::JobSpec,
+}
+
+impl TryFrom<toml::Table> for ScheduleConfig {
+    type Error = String;
+
+    /// `name` and `cron`, and the rest is the job (whose unknown keys are errors, which
+    /// `#[serde(flatten)]` alone would let through).
+    fn try_from(mut t: toml::Table) -> Result<Self, String> {
+        let mut take = |key: &str| match t.remove(key) {
+            Some(toml::Value::String(s)) => Ok(s),
+            Some(_) => Err(format!("warm.schedule: `{key}` must be a string")),
+            None => Err(format!("warm.schedule: `{key}` is missing")),
+        };
+        let name = take("name")?;
+        let cron = take("cron")?;
+        let job = crate::warm::job::JobSpec::deserialize(toml::Value::Table(t))
+            .map_err(|e| format!("warm.schedule {name:?}: {}", e.message()))?;
+        Ok(ScheduleConfig { name, cron, job })
+    }
+}
+
+fn default_origin_budget_rps() -> f64 {
+    20.0
+}
+fn default_satellite_rate() -> f64 {
+    50.0
+}
+fn default_warm_concurrency() -> u32 {
+    4
+}
+fn default_shard_urls() -> usize {
+    20
+}
+fn default_slow_ttfb_ms() -> u64 {
+    2000
+}
+fn default_warm_timeout_ms() -> u64 {
+    30_000
+}
+fn default_warm_max_urls() -> usize {
+    1_000_000
+}
+fn default_rewarm_debounce_ms() -> u64 {
+    2000
+}
+fn default_tag_index_pairs() -> usize {
+    500_000
+}
+
+impl Default for WarmConfig {
+    fn default() -> Self {
+        WarmConfig {
+            origin_budget_rps: default_origin_budget_rps(),
+            satellite_rate: default_satellite_rate(),
+            concurrency: default_warm_concurrency(),
+            shard_urls: default_shard_urls(),
+            slow_ttfb_ms: default_slow_ttfb_ms(),
+            timeout_ms: default_warm_timeout_ms(),
+            max_urls: default_warm_max_urls(),
+            shield: None,
+            host: None,
+            variations: Vec::new(),
+            token_file: None,
+            rewarm_after_purge: false,
+            rewarm_debounce_ms: default_rewarm_debounce_ms(),
+            tag_index_pairs: default_tag_index_pairs(),
+            schedule: Vec::new(),
+        }
+    }
+}
+
+impl WarmConfig {
+    fn validate(&self, regions: &[String]) -> Result<(), String> {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.origin_budget_rps) || !positive(self.satellite_rate) {
+            return Err("warm.origin_budget_rps and warm.satellite_rate must be positive".into());
+        }
+        if self.concurrency == 0 || self.concurrency > 64 {
+            return Err("warm.concurrency must be 1..=64".into());
+        }
+        if self.shard_urls == 0 || self.shard_urls > 10_000 {
+            return Err("warm.shard_urls must be 1..=10000".into());
+        }
+        if self.slow_ttfb_ms == 0 || self.timeout_ms == 0 || self.max_urls == 0 {
+            return Err(
+                "warm.slow_ttfb_ms, warm.timeout_ms and warm.max_urls must be positive".into(),
+            );
+        }
+        if let Some(s) = &self.shield {
+            if !regions.contains(s) {
+                return Err(format!("warm.shield {s:?} is not a configured region"));
+            }
+        }
+        for v in &self.variations {
+            warmer::engine::parse_variation(v).map_err(|e| format!("warm.variations: {e}"))?;
+        }
+        for s in &self.schedule {
+            croner::Cron::new(&s.cron)
+                .parse()
+                .map_err(|e| format!("warm.schedule {:?}: cron {:?}: {e}", s.name, s.cron))?;
+            s.job
+                .validate(regions)
+                .map_err(|e| format!("warm.schedule {:?}: {e}", s.name))?;
+        }
+        Ok(())
+    }
 }
 
 /// `[monitoring]`: how probe results become region health.
@@ -325,6 +495,8 @@ impl CoordinatorConfig {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let names: Vec<String> = self.regions.iter().map(|r| r.name.clone()).collect();
+        self.warm.validate(&names).map_err(ConfigError::Invalid)?;
         if self.purge.max_header_bytes < 8 * 1024 {
             return invalid(
                 "purge.max_header_bytes must be at least 8192 (Magento sends ~7.7 KB headers)"
@@ -356,9 +528,9 @@ impl CoordinatorConfig {
                 return invalid(format!("region {:?} is listed twice", r.name));
             }
             for name in r.vars.keys() {
-                if !crate::bundle::vars::is_name(name) || name == "region" {
+                if !crate::bundle::vars::is_name(name) || name == "region" || name == "warm_token" {
                     return invalid(format!(
-                        "region {:?}: variable name {name:?} must match [A-Za-z_][A-Za-z0-9_]* and not be `region`",
+                        "region {:?}: variable name {name:?} must match [A-Za-z_][A-Za-z0-9_]* and not be `region` or `warm_token`",
                         r.name
                     ));
                 }
@@ -457,13 +629,17 @@ impl CoordinatorConfig {
     }
 
     /// Per-region substitution values for config bundles (`region` included).
-    pub fn region_vars(&self) -> std::collections::BTreeMap<String, crate::bundle::vars::Vars> {
+    pub fn region_vars(
+        &self,
+        warm_token: &str,
+    ) -> std::collections::BTreeMap<String, crate::bundle::vars::Vars> {
         self.regions
             .iter()
             .map(|r| {
                 (
                     r.name.clone(),
-                    crate::bundle::vars::Vars::for_region(&r.name, &r.vars),
+                    crate::bundle::vars::Vars::for_region(&r.name, &r.vars)
+                        .with_warm_token(warm_token),
                 )
             })
             .collect()

@@ -29,3 +29,4 @@ pub mod server;
 pub mod telemetry;
 pub mod tls;
 pub mod traffic;
+pub mod warm;

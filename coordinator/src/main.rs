@@ -73,6 +73,13 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Warm every region's cache: start, follow and cancel warm jobs.
+    Warm {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: WarmCommand,
+    },
     /// Purge through the API (the same log Magento's PURGE requests go to).
     Purge {
         #[command(flatten)]
@@ -169,6 +176,53 @@ enum ConfigCommand {
     Status,
 }
 
+#[derive(Debug, Subcommand)]
+enum WarmCommand {
+    /// Queue a warm job and print its id.
+    Start {
+        /// A sitemap or sitemap index (http://; .gz children allowed).
+        #[arg(long)]
+        sitemap: Option<String>,
+        /// A file with one absolute URL per line.
+        #[arg(long)]
+        urls_file: Option<PathBuf>,
+        /// The N most requested URLs of each target region.
+        #[arg(long)]
+        top: Option<usize>,
+        /// Comma-separated regions, or `all`.
+        #[arg(long, default_value = "all")]
+        regions: String,
+        /// Origin budget for this job, requests per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Concurrent fetches per edge.
+        #[arg(long)]
+        concurrency: Option<u32>,
+        /// 'Header: value' (several joined by ';;'); each URL is fetched once per variation.
+        #[arg(long)]
+        variation: Vec<String>,
+        /// Host header for every request.
+        #[arg(long)]
+        host: Option<String>,
+        /// Warm every region from the origin, even with a shield configured.
+        #[arg(long)]
+        flat: bool,
+        /// Force a miss on every URL (refresh pages in place).
+        #[arg(long)]
+        refresh: bool,
+        /// Learn the pages' tags so a purge of them re-warms them.
+        #[arg(long)]
+        rewarm: bool,
+        /// Show a progress bar until the job ends (non-zero exit unless it is done).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// One job in detail, or the recent jobs.
+    Status { id: Option<u64> },
+    /// Cancel a queued or running job.
+    Cancel { id: u64 },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -257,6 +311,59 @@ fn main() -> ExitCode {
                         cli::config_rollback(&client, version, wait).await
                     }
                     ConfigCommand::Status => cli::config_status(&client).await,
+                };
+                exit(result.map_err(anyhow::Error::from))
+            }
+            Command::Warm { api, command } => {
+                let client = match client(&api) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                let result = match command {
+                    WarmCommand::Start {
+                        sitemap,
+                        urls_file,
+                        top,
+                        regions,
+                        rate,
+                        concurrency,
+                        variation,
+                        host,
+                        flat,
+                        refresh,
+                        rewarm,
+                        wait,
+                    } => {
+                        let urls = match urls_file.map(std::fs::read_to_string).transpose() {
+                            Ok(text) => text
+                                .unwrap_or_default()
+                                .lines()
+                                .map(str::trim)
+                                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                                .map(str::to_owned)
+                                .collect(),
+                            Err(e) => {
+                                eprintln!("coordinator: --urls-file: {e}");
+                                return ExitCode::from(2);
+                            }
+                        };
+                        let spec = coordinator::warm::job::JobSpec {
+                            sitemap,
+                            urls,
+                            top,
+                            regions: Some(regions.split(',').map(|r| r.trim().to_owned()).collect()),
+                            rate,
+                            concurrency,
+                            variations: (!variation.is_empty()).then_some(variation),
+                            host,
+                            tiered: flat.then_some(false),
+                            refresh,
+                            rewarm: rewarm.then_some(true),
+                        };
+                        cli::warm_start(&client, &spec, wait).await
+                    }
+                    WarmCommand::Status { id } => cli::warm_status(&client, id).await,
+                    WarmCommand::Cancel { id } => cli::warm_cancel(&client, id).await,
                 };
                 exit(result.map_err(anyhow::Error::from))
             }

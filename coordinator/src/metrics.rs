@@ -27,6 +27,18 @@ pub struct Metrics {
     logged: [AtomicU64; 4],
 }
 
+/// What the exposition reads besides the purge counters.
+#[derive(Clone, Copy)]
+pub struct Sources<'a> {
+    pub log: &'a PurgeLog,
+    pub edges: &'a EdgeRegistry,
+    pub rollouts: &'a Rollouts,
+    pub tls: Option<&'a crate::tls::ServerTls>,
+    pub traffic: &'a crate::traffic::Traffic,
+    pub monitor: &'a crate::monitor::Monitor,
+    pub warm: &'a crate::warm::Warm,
+}
+
 impl Metrics {
     /// Counts one purge request by its outcome.
     pub fn purge_request(&self, result: &str) {
@@ -43,15 +55,16 @@ impl Metrics {
     }
 
     /// The whole exposition.
-    pub fn render(
-        &self,
-        log: &PurgeLog,
-        edges: &EdgeRegistry,
-        rollouts: &Rollouts,
-        tls: Option<&crate::tls::ServerTls>,
-        traffic: &crate::traffic::Traffic,
-        monitor: &crate::monitor::Monitor,
-    ) -> String {
+    pub fn render(&self, sources: &Sources<'_>) -> String {
+        let Sources {
+            log,
+            edges,
+            rollouts,
+            tls,
+            traffic,
+            monitor,
+            warm,
+        } = *sources;
         let mut out = String::with_capacity(4096);
         family(
             &mut out,
@@ -153,8 +166,43 @@ impl Metrics {
         render_tls(&mut out, &list, tls);
         render_traffic(&mut out, traffic);
         render_monitor(&mut out, monitor);
+        render_warm(&mut out, warm);
         out
     }
+}
+
+fn render_warm(out: &mut String, warm: &crate::warm::Warm) {
+    let (totals, states, rate) = warm.metrics();
+    family(
+        out,
+        "coordinator_warm_fetches_total",
+        "counter",
+        "Warm fetches reported by the edges, per region and result (since coordinator start).",
+    );
+    for (region, t) in &totals {
+        for (result, v) in [("hit", t[1]), ("miss", t[2]), ("error", t[3])] {
+            let _ = writeln!(
+                out,
+                "coordinator_warm_fetches_total{{region=\"{region}\",result=\"{result}\"}} {v}"
+            );
+        }
+    }
+    family(
+        out,
+        "coordinator_warm_jobs",
+        "gauge",
+        "Warm jobs known, by state.",
+    );
+    for (state, n) in states {
+        let _ = writeln!(out, "coordinator_warm_jobs{{state=\"{state}\"}} {n}");
+    }
+    family(
+        out,
+        "coordinator_warm_origin_rate_rps",
+        "gauge",
+        "Origin requests per second the running warm job may send now (AIMD; 0 when idle).",
+    );
+    let _ = writeln!(out, "coordinator_warm_origin_rate_rps {rate}");
 }
 
 /// The `# HELP` and `# TYPE` lines that open a metric family.

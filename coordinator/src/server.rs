@@ -5,6 +5,7 @@
 //! reconnect elsewhere or later and resume from their cursor), and waits at most
 //! [`GRACE`] for in-flight requests.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +70,13 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Config(crate::config::ConfigError),
+    #[error(transparent)]
+    Warm(#[from] crate::warm::store::WarmStoreError),
+    #[error("warm token {path}: {source}")]
+    WarmToken {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Shared handles of a running coordinator (the demo and tests look inside).
@@ -82,13 +90,45 @@ pub struct Handles {
     pub tls: Option<Arc<ServerTls>>,
     pub traffic: Arc<crate::traffic::Traffic>,
     pub monitor: Arc<crate::monitor::Monitor>,
+    pub warm: Arc<crate::warm::Warm>,
+}
+
+/// The secret warm requests carry (`X-Warm-Token`, the VCL's `${warm_token}`): read from
+/// `[warm] token_file`, or generated once into `STATE_DIR/warm.token` (mode 0600).
+pub fn warm_token(config: &CoordinatorConfig, state_dir: &Path) -> Result<String, ServeError> {
+    let (path, generate) = match &config.warm.token_file {
+        Some(p) => (p.clone(), false),
+        None => (state_dir.join("warm.token"), true),
+    };
+    let err = |source| ServeError::WarmToken {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+        Err(e) if !(generate && e.kind() == std::io::ErrorKind::NotFound) => Err(err(e)),
+        _ if !generate => Err(err(std::io::Error::other("is empty"))),
+        _ => {
+            let token = hex::encode(rand::random::<[u8; 24]>());
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            f.write_all(token.as_bytes()).map_err(err)?;
+            Ok(token)
+        }
+    }
 }
 
 /// Opens the state and returns the handles; [`run`] serves them.
 pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, ServeError> {
     let log = PurgeLog::open(state_dir, config.retention())?;
     let store = Arc::new(ConfigStore::open(state_dir)?);
-    let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars())?;
+    let token = warm_token(config, state_dir)?;
+    let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars(&token))?;
     let tls = match &config.grpc.tls {
         Some(files) => Some(ServerTls::load(files)?),
         None => None,
@@ -101,7 +141,15 @@ pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, Ser
         config.regions.iter().map(|r| r.name.clone()).collect(),
         edges.clone(),
     );
+    let warm = crate::warm::Warm::open(
+        config.warm.clone(),
+        token,
+        config.regions.iter().map(|r| r.name.clone()).collect(),
+        state_dir,
+        edges.clone(),
+    )?;
     Ok(Handles {
+        warm,
         log,
         rollouts,
         tls,
@@ -152,6 +200,12 @@ pub async fn run(
 
     let driver = tokio::spawn(handles.rollouts.clone().drive(shutdown.clone()));
     let monitor_task = tokio::spawn(handles.monitor.clone().drive(shutdown.clone()));
+    let warm_task = tokio::spawn(
+        handles
+            .warm
+            .clone()
+            .run(handles.log.clone(), shutdown.clone()),
+    );
     let service = FanoutService::new(&handles, shutdown.clone());
     let grpc_shutdown = shutdown.clone();
     let server_tls = handles.tls.clone();
@@ -196,6 +250,7 @@ pub async fn run(
         tls: handles.tls.clone(),
         traffic: handles.traffic.clone(),
         monitor: handles.monitor.clone(),
+        warm: handles.warm.clone(),
         regions: Arc::new(config.regions.iter().map(|r| r.name.clone()).collect()),
         read_requires_token: config.api.read_requires_token,
         token,
@@ -213,7 +268,14 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     let all = async {
-        let _ = tokio::join!(purge_task, grpc_task, api_task, driver, monitor_task);
+        let _ = tokio::join!(
+            purge_task,
+            grpc_task,
+            api_task,
+            driver,
+            monitor_task,
+            warm_task
+        );
     };
     if tokio::time::timeout(GRACE, all).await.is_err() {
         tracing::warn!("grace period over; abandoning in-flight work");

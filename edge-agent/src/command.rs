@@ -1,7 +1,9 @@
-//! The one place the agent runs other programs (today: `varnishstat`).
+//! The one place the agent runs other programs (`varnishstat`, and `varnishncsa` for the
+//! popular URLs).
 //!
-//! Every run has a timeout, its child is killed if the future is dropped
-//! (`kill_on_drop`), and its output is bounded. Everything that talks to varnishd's admin
+//! Every [`run`] has a timeout, its child is killed if the future is dropped
+//! (`kill_on_drop`), and its output is bounded. A long-running child ([`lines`]) is killed
+//! when its reader is dropped, and its lines are bounded. Everything that talks to varnishd's admin
 //! port does so in-process ([`crate::varnish::admin`]), not through `varnishadm`.
 
 use std::path::Path;
@@ -92,6 +94,82 @@ pub async fn run(
     Ok(out)
 }
 
+/// Longest line kept from a long-running child (longer ones are skipped).
+const MAX_LINE: usize = 64 * 1024;
+
+/// A long-running child whose stdout is read line by line; dropping it kills the child.
+#[derive(Debug)]
+pub struct Lines {
+    program: String,
+    _child: tokio::process::Child,
+    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+    buf: Vec<u8>,
+}
+
+/// Starts `program args...` for [`Lines::next`]; stderr is discarded.
+pub fn lines(program: &Path, args: &[&str]) -> Result<Lines, CommandError> {
+    let name = program.display().to_string();
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| CommandError::Spawn {
+            program: name.clone(),
+            source,
+        })?;
+    let stdout = child.stdout.take().ok_or_else(|| CommandError::Io {
+        program: name.clone(),
+        source: std::io::Error::other("no stdout"),
+    })?;
+    Ok(Lines {
+        program: name,
+        _child: child,
+        stdout: tokio::io::BufReader::new(stdout),
+        buf: Vec::new(),
+    })
+}
+
+impl Lines {
+    /// The next line (without its newline), or `None` when the child closed its output.
+    pub async fn next(&mut self) -> Result<Option<String>, CommandError> {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            self.buf.clear();
+            let n = (&mut self.stdout)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut self.buf)
+                .await
+                .map_err(|source| CommandError::Io {
+                    program: self.program.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if self.buf.last() != Some(&b'\n') {
+                // Too long: skip to its end, a bounded chunk at a time.
+                loop {
+                    self.buf.clear();
+                    let n = (&mut self.stdout)
+                        .take(MAX_LINE as u64)
+                        .read_until(b'\n', &mut self.buf)
+                        .await
+                        .unwrap_or(0);
+                    if n == 0 || self.buf.last() == Some(&b'\n') {
+                        break;
+                    }
+                }
+                continue;
+            }
+            self.buf.pop();
+            return Ok(Some(String::from_utf8_lossy(&self.buf).into_owned()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +192,13 @@ mod tests {
             run(Path::new("/nonexistent/x"), &[], Duration::from_secs(1)).await,
             Err(CommandError::Spawn { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn lines_of_a_long_running_child() {
+        let mut l = lines(Path::new("printf"), &["a\\nb\\n"]).unwrap();
+        assert_eq!(l.next().await.unwrap().as_deref(), Some("a"));
+        assert_eq!(l.next().await.unwrap().as_deref(), Some("b"));
+        assert_eq!(l.next().await.unwrap(), None);
     }
 }

@@ -25,6 +25,20 @@ pub struct AgentConfig {
     /// How often varnishstat counters are read and sent (hit ratios, rates).
     #[serde(default = "default_stats_interval_s")]
     pub stats_interval_s: u64,
+    /// How many of the region's most requested URLs to report (0: do not run varnishncsa).
+    #[serde(default = "default_top_urls")]
+    pub top_urls: usize,
+    /// How often the popular URLs are reported.
+    #[serde(default = "default_top_urls_interval_s")]
+    pub top_urls_interval_s: u64,
+}
+
+fn default_top_urls() -> usize {
+    100
+}
+
+fn default_top_urls_interval_s() -> u64 {
+    30
 }
 
 fn default_stats_interval_s() -> u64 {
@@ -151,6 +165,16 @@ impl AgentConfig {
         if self.report_interval_s == 0 || self.report_interval_s > 3600 {
             return Err(ConfigError::Invalid(
                 "report_interval_s must be 1..=3600".into(),
+            ));
+        }
+        if self.top_urls_interval_s == 0 || self.top_urls_interval_s > 3600 {
+            return Err(ConfigError::Invalid(
+                "top_urls_interval_s must be 1..=3600".into(),
+            ));
+        }
+        if self.top_urls > 10_000 {
+            return Err(ConfigError::Invalid(
+                "top_urls must be at most 10000".into(),
             ));
         }
         if self.varnish.timeout_ms == 0 {

@@ -17,7 +17,9 @@ pub mod plan;
 pub mod probe;
 pub mod session;
 pub mod stats;
+pub mod top;
 pub mod varnish;
 pub mod vcl;
+pub mod warm;
 
 pub use session::run;

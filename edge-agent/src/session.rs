@@ -189,6 +189,7 @@ impl Agent {
                 proto::CAP_SOFT_PURGE.to_owned(),
                 proto::CAP_CONFIG.to_owned(),
                 proto::CAP_PROBES.to_owned(),
+                proto::CAP_WARM.to_owned(),
             ],
         };
         send(&out, agent_message::Msg::Hello(hello)).await?;
@@ -234,6 +235,23 @@ impl Agent {
             out.clone(),
         ));
         let _abort_stats = AbortOnDrop(stats);
+        // Warm shards run beside purges, never in front of them.
+        let (warm_tx, warm_rx) = mpsc::channel(64);
+        let warm = tokio::spawn(crate::warm::run(
+            self.config.varnish.http,
+            warm_rx,
+            out.clone(),
+        ));
+        let _abort_warm = AbortOnDrop(warm);
+        let _abort_top = (self.config.top_urls > 0).then(|| {
+            AbortOnDrop(tokio::spawn(crate::top::run(
+                "varnishncsa".into(),
+                self.config.varnish.instance.clone(),
+                self.config.top_urls,
+                Duration::from_secs(self.config.top_urls_interval_s),
+                out.clone(),
+            )))
+        });
         // Synthetic probes: restarted whenever a new plan arrives.
         let mut _probes: Option<AbortOnDrop> = None;
 
@@ -278,6 +296,21 @@ impl Agent {
                     if config_tx.try_send(apply).is_err() {
                         tracing::warn!("config worker busy; the coordinator will resend");
                     }
+                }
+                coordinator_message::Msg::WarmShard(shard) => {
+                    forward_warm(&warm_tx, crate::warm::Command::Shard(shard));
+                }
+                coordinator_message::Msg::WarmRate(r) => {
+                    forward_warm(
+                        &warm_tx,
+                        crate::warm::Command::Rate {
+                            job_id: r.job_id,
+                            rate: r.rate,
+                        },
+                    );
+                }
+                coordinator_message::Msg::WarmCancel(c) => {
+                    forward_warm(&warm_tx, crate::warm::Command::Cancel { job_id: c.job_id });
                 }
                 coordinator_message::Msg::Purges(batch) => {
                     let mut entries = batch.entries;
@@ -421,6 +454,14 @@ async fn send(out: &Outbound, msg: agent_message::Msg) -> Result<(), SessionEnd>
     out.send(AgentMessage { msg: Some(msg) })
         .await
         .map_err(|_| SessionEnd::Closed)
+}
+
+/// Hands a warm command to the worker without ever blocking purges; a shard dropped
+/// here is handed out again after the session ends.
+fn forward_warm(tx: &mpsc::Sender<crate::warm::Command>, cmd: crate::warm::Command) {
+    if tx.try_send(cmd).is_err() {
+        tracing::warn!("warm worker is behind; a shard is left for the coordinator to resend");
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -8,6 +8,10 @@
 # ${backend_host} / ${backend_port} are substituted from each region's [regions.vars]
 # in coordinator.toml when the bundle is rendered for it. waf.vcl is compiled from
 # waf.toml; including it before vcl_recv makes the WAF run first on every request.
+# ${warm_token} is the coordinator's warm secret: requests carrying it as X-Warm-Token
+# (the warmer's, and a satellite region's fetches from its shield) see the page's
+# X-Magento-Tags, so agents learn what to re-warm after a purge and satellites can ban by
+# tag; with X-Warm-Refresh: 1 they force a miss to refresh a cached page in place.
 vcl 4.1;
 
 import std;
@@ -36,6 +40,18 @@ acl purge {
 }
 
 sub vcl_recv {
+    unset req.http.X-Warm-Auth;
+    if (req.http.X-Warm-Token) {
+        if (req.http.X-Warm-Token == "${warm_token}") {
+            set req.http.X-Warm-Auth = "1";
+            if (req.http.X-Warm-Refresh == "1") {
+                set req.hash_always_miss = true;
+            }
+        }
+        unset req.http.X-Warm-Token;
+    }
+    unset req.http.X-Warm-Refresh;
+
     if (req.method == "PURGE") {
         if (client.ip !~ purge) {
             return (synth(405, "Method not allowed"));
@@ -96,6 +112,13 @@ sub vcl_hash {
     }
 }
 
+sub vcl_backend_fetch {
+    # Upstream may be a shield varnish: let it show this page's tags (Magento ignores the
+    # header).
+    unset bereq.http.X-Warm-Auth;
+    set bereq.http.X-Warm-Token = "${warm_token}";
+}
+
 sub vcl_backend_response {
     set beresp.grace = 3d;
     # Index the page's tags for xkey (space-separated).
@@ -137,7 +160,9 @@ sub vcl_deliver {
     } else {
         set resp.http.X-Magento-Cache-Debug = "MISS";
     }
-    unset resp.http.X-Magento-Tags;
+    if (req.http.X-Warm-Auth != "1") {
+        unset resp.http.X-Magento-Tags;
+    }
     unset resp.http.X-Magento-Debug;
     unset resp.http.xkey;
     unset resp.http.X-Powered-By;

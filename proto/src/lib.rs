@@ -25,3 +25,5 @@ pub const CAP_SOFT_PURGE: &str = "soft_purge";
 pub const CAP_CONFIG: &str = "config";
 /// Capability an agent announces when it runs [`edge::ProbePlan`]s.
 pub const CAP_PROBES: &str = "probes";
+/// Capability an agent announces when it runs [`edge::WarmShard`]s.
+pub const CAP_WARM: &str = "warm";

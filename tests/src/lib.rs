@@ -153,8 +153,9 @@ impl VarnishNode {
         std::fs::create_dir_all(dir).expect("varnish dir");
         let secret = dir.join("secret");
         process::write_secret(&secret).expect("secret");
-        let vcl = coordinator::demo::write_boot_vcl(&dir.join("boot-vcl"), "boot", backend)
-            .expect("boot vcl");
+        let vcl =
+            coordinator::demo::write_boot_vcl(&dir.join("boot-vcl"), "boot", backend, WARM_TOKEN)
+                .expect("boot vcl");
         let mut last_err = None;
         for _ in 0..3 {
             let spec = VarnishSpec {
@@ -261,7 +262,12 @@ pub struct CoordinatorOpts {
     pub read_requires_token: bool,
     /// More keys for the `[purge]` table.
     pub purge_extra: String,
+    /// More keys for the `[warm]` table (its `token_file` is always set).
+    pub warm_extra: String,
 }
+
+/// The warm secret every test cluster shares (boot VCL and `[warm] token_file`).
+pub const WARM_TOKEN: &str = "test-warm-token-0123456789abcdef";
 
 impl Default for CoordinatorOpts {
     fn default() -> Self {
@@ -272,6 +278,7 @@ impl Default for CoordinatorOpts {
             insecure: false,
             read_requires_token: false,
             purge_extra: String::new(),
+            warm_extra: String::new(),
         }
     }
 }
@@ -296,6 +303,7 @@ impl CoordinatorProc {
         std::fs::create_dir_all(dir).expect("coordinator dir");
         let token = "test-token-0123456789".to_owned();
         std::fs::write(dir.join("token"), &token).expect("token");
+        std::fs::write(dir.join("warm-token"), WARM_TOKEN).expect("warm token");
         let allow: Vec<String> = opts.allow.iter().map(|a| format!("\"{a}\"")).collect();
         let config = dir.join("coordinator.toml");
         let pki = (!opts.insecure).then(|| dir.join("pki"));
@@ -316,12 +324,14 @@ impl CoordinatorProc {
             std::fs::write(
                 &config,
                 format!(
-                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n{}[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\nread_requires_token = {}\n{}\n",
+                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n{}[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\nread_requires_token = {}\n[warm]\ntoken_file = \"{}\"\n{}\n{}\n",
                     allow.join(", "),
                     opts.retention_entries,
                     opts.purge_extra,
                     dir.join("token").display(),
                     opts.read_requires_token,
+                    dir.join("warm-token").display(),
+                    opts.warm_extra,
                     opts.extra.clone() + &tls,
                 ),
             )
@@ -535,7 +545,7 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\ntop_urls_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
                 dir.join(format!("{id}-state")).display(),
                 AGENT_STATS_INTERVAL_S.load(std::sync::atomic::Ordering::Relaxed),
                 varnish.http,
@@ -599,19 +609,47 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(regions: usize, mode: &str, opts: CoordinatorOpts) -> Self {
+        Self::start_as(regions, mode, opts, false).await
+    }
+
+    /// With `tiered`, region-0 is the shield: it fetches from the origin, every other
+    /// region's varnish fetches from region-0's varnish, and `[warm] shield` names it.
+    pub async fn start_as(regions: usize, mode: &str, opts: CoordinatorOpts, tiered: bool) -> Self {
         require_varnish();
         let dir = temp_dir();
         let origin = OriginServer::start().await;
         let mut opts = opts;
         // `{origin}` in the extra TOML is the sample origin's address.
         opts.extra = opts.extra.replace("{origin}", &origin.addr.to_string());
-        opts.extra.push_str(&regions_toml(regions, origin.addr));
+        if tiered {
+            opts.warm_extra.push_str("shield = \"region-0\"\n");
+        }
+        // Region-0's varnish first: in tiered mode the others point at it.
+        let first = VarnishNode::start(&dir.path().join("r0"), origin.addr).await;
+        for i in 0..regions {
+            let backend = if tiered && i > 0 {
+                first.http
+            } else {
+                origin.addr
+            };
+            opts.extra
+                .push_str(&regions_toml(1, backend).replace("region-0", &format!("region-{i}")));
+        }
         let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;
         let mut varnish = Vec::new();
         let mut agents = Vec::new();
+        let mut first = Some(first);
         for i in 0..regions {
             let rdir = dir.path().join(format!("r{i}"));
-            let v = VarnishNode::start(&rdir, origin.addr).await;
+            let backend = if tiered && i > 0 {
+                varnish_http(&varnish)
+            } else {
+                origin.addr
+            };
+            let v = match first.take() {
+                Some(v) => v,
+                None => VarnishNode::start(&rdir, backend).await,
+            };
             agents.push(AgentProc::start(
                 &rdir,
                 &format!("edge-{i}"),
@@ -647,6 +685,10 @@ impl Cluster {
             self.coordinator.edges().await
         );
     }
+}
+
+fn varnish_http(nodes: &[VarnishNode]) -> SocketAddr {
+    nodes.first().map(|v| v.http).expect("region-0 varnish")
 }
 
 /// A parsed HTTP response.

@@ -2,17 +2,22 @@
 //! variation) through one varnish at a bounded rate and concurrency, and summarise what
 //! the cache said (hits, misses) and what the origin paid (misses per second).
 //!
-//! The rate is a fixed schedule (request `n` starts no earlier than `n / rate` seconds
-//! after the start), so bursts never exceed it however fast varnish answers; the
-//! concurrency is a semaphore.
+//! [`fetch_all`] is the part the edge agents share: it fetches a list of (URL, variation)
+//! items paced by a [`Throttle`] (bursts never exceed the rate however fast varnish
+//! answers, and 5xx or slow misses slow it down) with a semaphore for concurrency, and
+//! tallies what came back, including each page's `X-Magento-Tags` when the VCL shows
+//! them to the warmer.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
+
 use crate::fetch;
+use crate::pace::{Aimd, Throttle};
 use crate::sitemap::{self, Limits, Sitemap};
 
 /// Most sitemaps followed from one index.
@@ -31,6 +36,8 @@ pub struct Options {
     /// Header sets; every URL is fetched once per variation (none: once, plain).
     pub variations: Vec<Vec<(String, String)>>,
     pub timeout: Duration,
+    /// A miss slower than this to its first byte makes the pass slow down.
+    pub slow_ttfb: Duration,
 }
 
 /// What a pass did.
@@ -42,10 +49,17 @@ pub struct Summary {
     pub misses: usize,
     /// Answers without a HIT/MISS verdict (pass, synth, no debug header).
     pub other: usize,
+    /// Failed fetches (no answer, 5xx, 429).
     pub errors: usize,
+    /// 5xx and 429 answers among the errors.
+    pub throttled: usize,
+    /// Time to first byte summed over the misses (what the origin took).
+    pub miss_ttfb: Duration,
     pub total_ms: Vec<f64>,
     pub elapsed: Duration,
     pub first_errors: Vec<String>,
+    /// `X-Magento-Tags` of each fetched URL, when asked for.
+    pub tags: Vec<(String, Vec<String>)>,
 }
 
 impl Summary {
@@ -99,7 +113,15 @@ pub async fn collect_urls(
             }
             for child in children {
                 match load(&child, limits, timeout).await? {
-                    Sitemap::Pages(p) => pages.extend(p),
+                    Sitemap::Pages(p) => {
+                        pages.extend(p);
+                        if pages.len() > limits.max_total_urls {
+                            return Err(format!(
+                                "sitemap index lists more than {} URLs",
+                                limits.max_total_urls
+                            ));
+                        }
+                    }
                     Sitemap::Index(_) => {
                         return Err(format!("{child}: nested sitemap indexes are not followed"))
                     }
@@ -138,77 +160,82 @@ async fn load(source: &str, limits: &Limits, timeout: Duration) -> Result<Sitema
     sitemap::parse(&bytes, limits).map_err(|e| format!("{source}: {e}"))
 }
 
-/// Fetches every URL in every variation through `opts.via`; `progress(done, total)` is
-/// called after each request.
-pub async fn warm(
-    urls: &[String],
-    opts: &Options,
+/// How each fetch of a pass is made.
+#[derive(Debug, Clone)]
+pub struct FetchSpec {
+    pub via: SocketAddr,
+    /// Host header; default: each URL's own host.
+    pub host: Option<String>,
+    pub timeout: Duration,
+    /// Sent as `X-Warm-Token`: the project's VCL then shows `X-Magento-Tags` and honours
+    /// `refresh`.
+    pub token: Option<String>,
+    /// Ask for a forced miss (`X-Warm-Refresh: 1`): refresh a cached page in place.
+    pub refresh: bool,
+    /// Keep each URL's `X-Magento-Tags`.
+    pub want_tags: bool,
+}
+
+/// Most tags kept per URL, and longest tag.
+const MAX_TAGS: usize = 512;
+const MAX_TAG_BYTES: usize = 200;
+
+/// Fetches every (URL, variation headers) item through `spec.via`, pacing starts with
+/// `throttle` (which each outcome feeds) and at most `slots` at once;
+/// `progress(done, total)` is called as fetches end.
+pub async fn fetch_all(
+    items: Vec<(String, Vec<(String, String)>)>,
+    spec: Arc<FetchSpec>,
+    throttle: Arc<Throttle>,
+    slots: Arc<Semaphore>,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Summary {
-    let variations: Vec<Vec<(String, String)>> = if opts.variations.is_empty() {
-        vec![Vec::new()]
-    } else {
-        opts.variations.clone()
-    };
-    let jobs: Vec<(String, usize)> = urls
-        .iter()
-        .flat_map(|u| (0..variations.len()).map(move |v| (u.clone(), v)))
-        .collect();
-    let total = jobs.len();
+    let total = items.len();
     let start = Instant::now();
-    let next_slot = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let summary = Arc::new(Mutex::new(Summary {
-        urls: urls.len(),
-        ..Summary::default()
-    }));
-    let slots = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
-    let interval = Duration::from_secs_f64(1.0 / opts.rate.max(0.001));
+    let summary = Arc::new(Mutex::new(Summary::default()));
     let mut tasks = tokio::task::JoinSet::new();
-    for (url, v) in jobs {
+    for (url, variation) in items {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let slot = next_slot.fetch_add(1, Ordering::Relaxed);
-        let due = start + interval.mul_f64(slot as f64);
+        throttle.wait().await;
         // Browsers send Accept-Encoding; varnish stores the gzip variant shoppers get.
         let mut headers = vec![("Accept-Encoding".to_owned(), "gzip".to_owned())];
-        headers.extend(variations[v].iter().cloned());
-        let host = opts
+        headers.extend(variation);
+        if let Some(t) = &spec.token {
+            headers.push(("X-Warm-Token".to_owned(), t.clone()));
+            if spec.refresh {
+                headers.push(("X-Warm-Refresh".to_owned(), "1".to_owned()));
+            }
+        }
+        let host = spec
             .host
             .clone()
             .unwrap_or_else(|| url.split('/').nth(2).unwrap_or("localhost").to_owned());
-        let (via, timeout) = (opts.via, opts.timeout);
+        let (spec, throttle) = (spec.clone(), throttle.clone());
         let (summary, finished) = (summary.clone(), done.clone());
         tasks.spawn(async move {
-            tokio::time::sleep_until(due.into()).await;
-            let result = fetch::get(via, fetch::path_of(&url), &host, &headers, timeout).await;
+            let result = fetch::get(
+                spec.via,
+                fetch::path_of(&url),
+                &host,
+                &headers,
+                spec.timeout,
+            )
+            .await;
             drop(permit);
-            let mut s = summary.lock().unwrap_or_else(|p| p.into_inner());
-            match result {
-                Ok(f) if f.status < 500 => {
-                    s.fetched += 1;
-                    s.total_ms.push(f.total.as_secs_f64() * 1000.0);
-                    match f.cache.to_ascii_uppercase().as_str() {
-                        c if c.starts_with("HIT") => s.hits += 1,
-                        c if c.starts_with("MISS") => s.misses += 1,
-                        _ => s.other += 1,
-                    }
-                }
-                Ok(f) => {
-                    s.errors += 1;
-                    if s.first_errors.len() < 5 {
-                        s.first_errors.push(format!("{url}: HTTP {}", f.status));
-                    }
-                }
-                Err(e) => {
-                    s.errors += 1;
-                    if s.first_errors.len() < 5 {
-                        s.first_errors.push(format!("{url}: {e}"));
-                    }
-                }
-            }
-            drop(s);
+            let status = result.as_ref().ok().map(|f| f.status);
+            let miss_ttfb = result
+                .as_ref()
+                .ok()
+                .filter(|f| f.cache.to_ascii_uppercase().starts_with("MISS"))
+                .map(|f| f.ttfb);
+            throttle.observe(status, miss_ttfb);
+            summary
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(&url, &result, spec.want_tags);
             finished.fetch_add(1, Ordering::Relaxed);
         });
         progress(done.load(Ordering::Relaxed), total);
@@ -219,6 +246,79 @@ pub async fn warm(
     }
     let mut s = summary.lock().unwrap_or_else(|p| p.into_inner()).clone();
     s.elapsed = start.elapsed();
+    s
+}
+
+impl Summary {
+    /// Counts one fetch's outcome.
+    fn record(&mut self, url: &str, result: &Result<fetch::Fetched, String>, want_tags: bool) {
+        let error = match result {
+            Ok(f) if f.status < 500 && f.status != 429 => {
+                self.fetched += 1;
+                self.total_ms.push(f.total.as_secs_f64() * 1000.0);
+                match f.cache.to_ascii_uppercase().as_str() {
+                    c if c.starts_with("HIT") => self.hits += 1,
+                    c if c.starts_with("MISS") => {
+                        self.misses += 1;
+                        self.miss_ttfb += f.ttfb;
+                    }
+                    _ => self.other += 1,
+                }
+                if want_tags {
+                    if let Some(tags) = f.header("X-Magento-Tags") {
+                        let tags: Vec<String> = tags
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|t| !t.is_empty() && t.len() <= MAX_TAG_BYTES)
+                            .take(MAX_TAGS)
+                            .map(str::to_owned)
+                            .collect();
+                        self.tags.push((url.to_owned(), tags));
+                    }
+                }
+                return;
+            }
+            Ok(f) => {
+                self.throttled += 1;
+                format!("{url}: HTTP {}", f.status)
+            }
+            Err(e) => format!("{url}: {e}"),
+        };
+        self.errors += 1;
+        if self.first_errors.len() < 5 {
+            self.first_errors.push(error);
+        }
+    }
+}
+
+/// Fetches every URL in every variation through `opts.via` at `opts.rate` (slowing down
+/// when the origin suffers); `progress(done, total)` is called as fetches end.
+pub async fn warm(
+    urls: &[String],
+    opts: &Options,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Summary {
+    let variations: Vec<Vec<(String, String)>> = if opts.variations.is_empty() {
+        vec![Vec::new()]
+    } else {
+        opts.variations.clone()
+    };
+    let items = urls
+        .iter()
+        .flat_map(|u| variations.iter().map(move |v| (u.clone(), v.clone())))
+        .collect();
+    let spec = Arc::new(FetchSpec {
+        via: opts.via,
+        host: opts.host.clone(),
+        timeout: opts.timeout,
+        token: None,
+        refresh: false,
+        want_tags: false,
+    });
+    let throttle = Arc::new(Throttle::new(Aimd::new(opts.rate, opts.slow_ttfb)));
+    let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut s = fetch_all(items, spec, throttle, slots, progress).await;
+    s.urls = urls.len();
     s
 }
 

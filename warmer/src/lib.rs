@@ -1,10 +1,12 @@
-//! The warming engine. Today: [`sitemap`] (the bounded reader of Magento's sitemaps,
-//! fuzzed by `fuzz/` through [`fuzzing`]), [`fetch`] (one timed GET through a varnish)
-//! and [`engine`] (a rate- and concurrency-bounded pass, behind the `warmer` binary).
-//! Issue #5 adds distributed jobs, the global origin budget and tiered warming.
+//! The warming engine: [`sitemap`] (the bounded reader of Magento's sitemaps, fuzzed by
+//! `fuzz/` through [`fuzzing`]), [`fetch`] (one timed GET through a varnish), [`pace`]
+//! (the AIMD-controlled throttle that keeps the origin within its budget) and [`engine`]
+//! (a paced, concurrency-bounded pass: behind the `warmer` binary, and what the edge
+//! agents run for each shard of a coordinator's warm job).
 
 pub mod engine;
 pub mod fetch;
+pub mod pace;
 pub mod sitemap;
 
 #[doc(hidden)]
@@ -20,6 +22,7 @@ pub mod fuzzing {
             max_bytes: 1 << 20,
             max_urls: 1000,
             max_url_bytes: 512,
+            max_total_urls: 1000,
         };
         let urls: Vec<String> = match parse(data, &limits) {
             Ok(Sitemap::Index(v)) => v,

@@ -34,6 +34,10 @@ struct Args {
     variation: Vec<String>,
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
+    /// Halve the rate when a miss takes longer than this to its first byte (or on a 5xx
+    /// or 429); regain 5 % of --rate per second otherwise.
+    #[arg(long, default_value_t = 2_000)]
+    slow_ttfb_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -75,6 +79,7 @@ async fn main() -> ExitCode {
         concurrency: args.concurrency,
         variations,
         timeout,
+        slow_ttfb: Duration::from_millis(args.slow_ttfb_ms),
     };
     let tty = std::io::stderr().is_terminal();
     let progress = move |done: usize, total: usize| {
@@ -105,6 +110,9 @@ async fn main() -> ExitCode {
         s.elapsed.as_secs_f64(),
         s.origin_rps()
     );
+    if s.throttled > 0 {
+        println!("origin answered 5xx/429 {} times: slowed down", s.throttled);
+    }
     for e in &s.first_errors {
         println!("error: {e}");
     }

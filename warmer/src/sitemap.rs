@@ -19,8 +19,11 @@ use quick_xml::Reader;
 pub struct Limits {
     /// Bytes after decompression.
     pub max_bytes: usize,
+    /// URLs in one sitemap file (the sitemaps.org limit is 50,000).
     pub max_urls: usize,
     pub max_url_bytes: usize,
+    /// URLs from an index's sitemaps together.
+    pub max_total_urls: usize,
 }
 
 impl Default for Limits {
@@ -29,6 +32,7 @@ impl Default for Limits {
             max_bytes: 50 * 1024 * 1024,
             max_urls: 50_000,
             max_url_bytes: 2048,
+            max_total_urls: 1_000_000,
         }
     }
 }
@@ -357,6 +361,7 @@ mod tests {
             max_bytes: 10_000,
             max_urls: 2,
             max_url_bytes: 100,
+            max_total_urls: 2,
         };
         let err = parse(
             b"<urlset>\n<url><loc>https://a/</loc></url>\n<url><loc>/relative</loc></url></urlset>",

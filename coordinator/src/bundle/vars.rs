@@ -4,7 +4,8 @@
 //!
 //! * `${name}` — the value of `name` from the region's `[regions.vars]` in
 //!   coordinator.toml; `name` is `[A-Za-z_][A-Za-z0-9_]*`. `${region}` is always the
-//!   region's name.
+//!   region's name, and `${warm_token}` the secret the coordinator's warmer sends as
+//!   `X-Warm-Token` (the VCL shows cache tags and honours refreshes only with it).
 //! * `$${` — a literal `${` (nothing is substituted).
 //!
 //! A `${` that does not form a valid reference, or a name some region does not define,
@@ -30,6 +31,12 @@ impl Vars {
             region: region.into(),
             values,
         }
+    }
+
+    /// Adds the built-in `warm_token`.
+    pub fn with_warm_token(mut self, token: &str) -> Self {
+        self.values.insert("warm_token".into(), token.into());
+        self
     }
 
     pub fn region(&self) -> &str {

@@ -53,8 +53,13 @@ pub fn backend_vars(backend: SocketAddr) -> BTreeMap<String, String> {
 
 /// Writes the sample bundle rendered for `backend` into `dir` (varnishd's boot VCL);
 /// returns the path of its `main.vcl`.
-pub fn write_boot_vcl(dir: &Path, region: &str, backend: SocketAddr) -> Result<PathBuf, DemoError> {
-    let vars = Vars::for_region(region, &backend_vars(backend));
+pub fn write_boot_vcl(
+    dir: &Path,
+    region: &str,
+    backend: SocketAddr,
+    warm_token: &str,
+) -> Result<PathBuf, DemoError> {
+    let vars = Vars::for_region(region, &backend_vars(backend)).with_warm_token(warm_token);
     let files = bundle::render(&sample_bundle(), &vars)
         .map_err(|e| DemoError::Invalid(format!("sample bundle: {e}")))?;
     std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
@@ -63,6 +68,9 @@ pub fn write_boot_vcl(dir: &Path, region: &str, backend: SocketAddr) -> Result<P
     }
     Ok(dir.join(bundle::MAIN))
 }
+
+/// The shop's Host header in the demo (warm jobs use it; so should `curl -H`).
+pub const DEMO_HOST: &str = "shop.test";
 
 /// Region names and coordinates used for the first regions.
 const REGIONS: [(&str, f64, f64); 8] = [
@@ -161,6 +169,9 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
     let token = hex::encode(rand::random::<[u8; 24]>());
     let token_file = dir.join("api-token");
     std::fs::write(&token_file, format!("{token}\n")).map_err(io("cannot write api-token"))?;
+    let warm_token = hex::encode(rand::random::<[u8; 24]>());
+    let warm_token_file = dir.join("warm-token");
+    std::fs::write(&warm_token_file, &warm_token).map_err(io("cannot write warm-token"))?;
     let names: Vec<String> = (0..args.regions)
         .map(|i| {
             REGIONS
@@ -233,6 +244,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             slow_ms: 1_000,
         }],
         alerts: Default::default(),
+        warm: crate::config::WarmConfig {
+            token_file: Some(warm_token_file),
+            shield: args.tiered.then(|| names[0].clone()),
+            host: Some(DEMO_HOST.into()),
+            rewarm_after_purge: true,
+            ..Default::default()
+        },
     };
     let config_path = dir.join("coordinator.toml");
     std::fs::write(
@@ -269,7 +287,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                 .map_err(io(format!("cannot create {}", rdir.display())))?;
             let http = port(10 + 10 * i as u32);
             let admin = port(11 + 10 * i as u32);
-            let vcl_file = write_boot_vcl(&rdir.join("boot-vcl"), name, backend_of(i))?;
+            let vcl_file =
+                write_boot_vcl(&rdir.join("boot-vcl"), name, backend_of(i), &warm_token)?;
             let secret_file = rdir.join("secret");
             process::write_secret(&secret_file)?;
             let spec = VarnishSpec {
@@ -398,6 +417,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             "config_version": config_version,
             "coordinator_config": config_path,
             "tiered": args.tiered,
+            "warm_host": DEMO_HOST,
             "grpc_tls": !args.insecure,
             "pki_dir": (!args.insecure).then(|| pki_dir.clone()),
             "regions": regions.iter().map(|r| json!({
@@ -490,5 +510,14 @@ fn print_howto(
         dir.display()
     );
     println!("  curl -s  http://{api}/api/v1/config");
+    println!(
+        "\nWarm every region from the sitemap (tiered with --tiered: one origin render per page):"
+    );
+    println!(
+        "  coordinator warm start --sitemap http://{origin}/sitemap.xml --wait --api http://{api} --token-file {}/api-token",
+        dir.display()
+    );
+    println!("  curl -si -H 'Host: {DEMO_HOST}' http://{first}/p/7 | grep -i cache-debug   # HIT");
+    println!("  curl -s  http://{origin}/__origin/renders?url=/p/7     # rendered once per region (once if tiered)");
     println!("\nCtrl-C stops everything.");
 }

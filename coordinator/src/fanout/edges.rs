@@ -151,6 +151,11 @@ impl EdgeRegistry {
         }
     }
 
+    /// The highest purge sequence the edge has applied, if it is known.
+    pub fn applied_seq(&self, edge_id: &str) -> Option<u64> {
+        self.edges.get(edge_id).map(|e| e.applied_seq)
+    }
+
     /// Marks the edge disconnected if `handle` is still its current session.
     pub fn disconnect(&self, handle: &SessionHandle) {
         if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {

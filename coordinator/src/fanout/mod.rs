@@ -12,7 +12,9 @@
 //! * the *receiver* reads acks, errors and heartbeats and updates the [`EdgeRegistry`];
 //!   config reports go to [`Rollouts`];
 //! * for agents with the config capability, the *config sender* sends whatever
-//!   [`Rollouts::next_apply`] hands it, waking on every rollout change.
+//!   [`Rollouts::next_apply`] hands it, waking on every rollout change;
+//! * for agents with the warm capability, the *warm sender* sends what
+//!   [`crate::warm::Warm::next_for`] hands it (shards, rate changes, cancels).
 //!
 //! The purge listener never waits on an edge: it only appends to the log.
 
@@ -96,6 +98,7 @@ pub struct FanoutService {
     rollouts: Arc<Rollouts>,
     traffic: Arc<Traffic>,
     monitor: Arc<crate::monitor::Monitor>,
+    warm: Arc<crate::warm::Warm>,
     /// With mTLS: the Hello must claim the identity in the client certificate.
     require_identity: bool,
     shutdown: CancellationToken,
@@ -111,6 +114,7 @@ impl FanoutService {
             rollouts: handles.rollouts.clone(),
             traffic: handles.traffic.clone(),
             monitor: handles.monitor.clone(),
+            warm: handles.warm.clone(),
             require_identity: handles.tls.is_some(),
             shutdown,
         }
@@ -223,6 +227,12 @@ impl proto::Coordinator for FanoutService {
                 handle.clone(),
             ))
         });
+        let warmable = hello.capabilities.iter().any(|c| c == proto::CAP_WARM);
+        let warmer = warmable.then(|| {
+            self.warm
+                .connect(&hello.edge_id, &hello.region, handle.session);
+            tokio::spawn(warm_loop(self.warm.clone(), tx.clone(), handle.clone()))
+        });
         let sender = tokio::spawn(send_loop(self.log.clone(), resume, tx, handle.clone()));
         let service = self.clone();
         let region = hello.region.clone();
@@ -232,6 +242,10 @@ impl proto::Coordinator for FanoutService {
             let _ = sender.await;
             if let Some(c) = configurer {
                 let _ = c.await;
+            }
+            if let Some(w) = warmer {
+                let _ = w.await;
+                service.warm.disconnect(&handle.edge_id, handle.session);
             }
             service.edges.disconnect(&handle);
             service.rollouts.disconnect(&handle.edge_id, handle.session);
@@ -269,6 +283,7 @@ async fn receive_loop(
         rollouts,
         traffic,
         monitor,
+        warm,
         ..
     } = service;
     loop {
@@ -296,6 +311,11 @@ async fn receive_loop(
                     edges.seen(handle);
                     traffic.record(&handle.edge_id, region, stats);
                 }
+                agent_message::Msg::WarmProgress(p) => {
+                    edges.seen(handle);
+                    warm.on_progress(&handle.edge_id, handle.session, p);
+                }
+                agent_message::Msg::TopUrls(top) => warm.on_top(&handle.edge_id, region, top),
                 agent_message::Msg::ConfigResult(result) => {
                     rollouts.on_result(&handle.edge_id, handle.session, result);
                 }
@@ -343,6 +363,29 @@ async fn config_loop(
         }
         tokio::select! {
             _ = handle.cancel.cancelled() => return,
+            c = changed.changed() => if c.is_err() { return },
+        }
+    }
+}
+
+/// Sends this edge the warm shards (and rate changes, cancels) the running job has for
+/// it; wakes on every warm change, and every second for purge-gated re-warms.
+async fn warm_loop(
+    warm: Arc<crate::warm::Warm>,
+    tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    handle: SessionHandle,
+) {
+    let mut changed = warm.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        for msg in warm.next_for(&handle.edge_id, handle.session) {
+            if !send(&tx, &handle, msg).await {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            _ = tick.tick() => {}
             c = changed.changed() => if c.is_err() { return },
         }
     }

@@ -12,4 +12,5 @@ mod purge;
 mod robustness;
 mod security;
 mod traffic;
+mod warm_jobs;
 mod warmer;

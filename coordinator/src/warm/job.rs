@@ -1,0 +1,403 @@
+//! A warm job as the API takes it ([`JobSpec`]), as the store keeps it ([`Job`]: state,
+//! the edges it targets and which shards each has done) and as the API shows it
+//! ([`JobView`]: done / total / errors / ETA per region).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What `POST /api/v1/warm/jobs` (and `warm start`, and `[[warm.schedule]]`) asks for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A sitemap or sitemap index (`http://`; gzip allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sitemap: Option<String>,
+    /// Explicit absolute URLs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// The N most requested URLs of each target region (from the agents' request logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top: Option<usize>,
+    /// Target regions; none (or `["all"]`): every configured region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<Vec<String>>,
+    /// Origin budget for this job, requests/s (at most `[warm] origin_budget_rps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// Concurrent fetches per edge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// `Header: value` sets (several headers joined by `;;`); each URL is fetched once per
+    /// variation. Default: `[warm] variations`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variations: Option<Vec<String>>,
+    /// Host header (default: `[warm] host`, else each URL's own host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Shield first, satellites from the shield (default: when `[warm] shield` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiered: Option<bool>,
+    /// Force a miss on every URL: refresh cached pages in place.
+    #[serde(default)]
+    pub refresh: bool,
+    /// Learn these URLs' tags so a tag purge re-warms them (default:
+    /// `[warm] rewarm_after_purge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewarm: Option<bool>,
+}
+
+impl JobSpec {
+    /// Checks what serde cannot; `known` are the configured region names.
+    pub fn validate(&self, known: &[String]) -> Result<(), String> {
+        let sources = usize::from(self.sitemap.is_some())
+            + usize::from(!self.urls.is_empty())
+            + usize::from(self.top.is_some());
+        if sources == 0 {
+            return Err("a job needs a source: sitemap, urls or top".into());
+        }
+        if let Some(s) = &self.sitemap {
+            if !s.starts_with("http://") {
+                return Err(format!("sitemap {s:?} must be an http:// URL"));
+            }
+        }
+        for u in &self.urls {
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.len() > 2048
+                || u.chars().any(|c| c.is_control() || c == ' ')
+            {
+                return Err(format!("url {u:?} must be an absolute http(s) URL"));
+            }
+        }
+        if self.urls.len() > 1_000_000 {
+            return Err("at most 1000000 urls in one job".into());
+        }
+        if matches!(self.top, Some(0) | Some(10_001..)) {
+            return Err("top must be 1..=10000".into());
+        }
+        if let Some(r) = self.rate {
+            if !r.is_finite() || r <= 0.0 {
+                return Err("rate must be a positive number".into());
+            }
+        }
+        if matches!(self.concurrency, Some(0) | Some(65..)) {
+            return Err("concurrency must be 1..=64".into());
+        }
+        for v in self.variations.iter().flatten() {
+            warmer::engine::parse_variation(v)?;
+        }
+        if let Some(h) = &self.host {
+            if h.is_empty() || h.chars().any(|c| c.is_control() || c == ' ' || c == '/') {
+                return Err(format!("host {h:?} is not a host name"));
+            }
+        }
+        for r in self.regions.iter().flatten() {
+            if r != "all" && !known.contains(r) {
+                return Err(format!("unknown region {r:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Done | State::Failed | State::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Done => "done",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Why a job exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "name")]
+pub enum Origin {
+    /// Asked for through the API or CLI.
+    Api,
+    /// A `[[warm.schedule]]` entry fired.
+    Schedule(String),
+    /// Tags were purged; these are the URLs known to carry them.
+    Rewarm,
+}
+
+/// One edge's part of a running job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EdgeWork {
+    pub region: String,
+    /// Bit `i` set: shard `i` is done.
+    pub done: Vec<u64>,
+    pub fetched: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub errors: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+}
+
+impl EdgeWork {
+    pub fn is_done(&self, shard: u32) -> bool {
+        self.done
+            .get(shard as usize / 64)
+            .is_some_and(|w| w & (1 << (shard % 64)) != 0)
+    }
+
+    pub fn set_done(&mut self, shard: u32) {
+        let word = shard as usize / 64;
+        if self.done.len() <= word {
+            self.done.resize(word + 1, 0);
+        }
+        self.done[word] |= 1 << (shard % 64);
+    }
+
+    pub fn shards_done(&self) -> u32 {
+        self.done.iter().map(|w| w.count_ones()).sum()
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub spec: JobSpec,
+    pub origin: Origin,
+    pub state: State,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// Resolved when the job starts: URL count, shards, URLs per shard, variations.
+    #[serde(default)]
+    pub urls: usize,
+    #[serde(default)]
+    pub shards: u32,
+    #[serde(default)]
+    pub per_shard: usize,
+    #[serde(default)]
+    pub variations: Vec<Vec<(String, String)>>,
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The shield region when the job runs tiered.
+    #[serde(default)]
+    pub shield: Option<String>,
+    #[serde(default)]
+    pub want_tags: bool,
+    /// Start on an edge only once it applied this purge sequence (re-warm after purge).
+    #[serde(default)]
+    pub after_seq: u64,
+    /// Origin budget (requests/s).
+    pub budget: f64,
+    pub regions: Vec<String>,
+    /// Target edges by id.
+    #[serde(default)]
+    pub edges: BTreeMap<String, EdgeWork>,
+}
+
+impl Job {
+    /// Fetches shard `shard` stands for on one edge (URLs times variations).
+    pub fn shard_fetches(&self, shard: u32) -> u64 {
+        let start = shard as usize * self.per_shard;
+        let urls = self.urls.saturating_sub(start).min(self.per_shard);
+        (urls * self.variations.len().max(1)) as u64
+    }
+
+    pub fn edge_done(&self, w: &EdgeWork) -> bool {
+        w.shards_done() >= self.shards
+    }
+
+    pub fn all_done(&self) -> bool {
+        self.edges.values().all(|w| self.edge_done(w))
+    }
+
+    /// Whether `shard` is done on every shield edge (tiered jobs).
+    pub fn shield_done(&self, shard: u32) -> bool {
+        let Some(shield) = &self.shield else {
+            return true;
+        };
+        self.edges
+            .values()
+            .filter(|w| &w.region == shield)
+            .all(|w| w.is_done(shard))
+    }
+}
+
+/// One region's progress in a job.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RegionProgress {
+    pub done: u64,
+    pub total: u64,
+    pub errors: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub edges: usize,
+    /// Seconds left at the pace so far (null until there is a pace).
+    pub eta_s: Option<u64>,
+}
+
+/// What the API shows for a job.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub id: u64,
+    pub state: &'static str,
+    #[serde(flatten)]
+    pub origin: Origin,
+    pub error: Option<String>,
+    pub spec: JobSpec,
+    pub urls: usize,
+    pub variations: usize,
+    pub tiered: bool,
+    pub budget: f64,
+    /// The origin rate the AIMD controller allows now.
+    pub rate: Option<f64>,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub regions: BTreeMap<String, RegionProgress>,
+}
+
+impl JobView {
+    pub fn of(job: &Job, rate: Option<f64>, now_ms: u64) -> Self {
+        let mut regions: BTreeMap<String, RegionProgress> = job
+            .regions
+            .iter()
+            .map(|r| (r.clone(), RegionProgress::default()))
+            .collect();
+        for w in job.edges.values() {
+            let p = regions.entry(w.region.clone()).or_default();
+            p.edges += 1;
+            p.total += (0..job.shards).map(|s| job.shard_fetches(s)).sum::<u64>();
+            p.done += (0..job.shards)
+                .filter(|&s| w.is_done(s))
+                .map(|s| job.shard_fetches(s))
+                .sum::<u64>();
+            p.errors += w.errors;
+            p.hits += w.hits;
+            p.misses += w.misses;
+        }
+        if let (Some(started), State::Running) = (job.started_ms, job.state) {
+            let elapsed = now_ms.saturating_sub(started) as f64 / 1000.0;
+            for p in regions.values_mut() {
+                if p.done > 0 && elapsed > 0.0 {
+                    let per_s = p.done as f64 / elapsed;
+                    p.eta_s = Some(((p.total - p.done) as f64 / per_s).ceil() as u64);
+                }
+            }
+        }
+        JobView {
+            id: job.id,
+            state: job.state.as_str(),
+            origin: job.origin.clone(),
+            error: job.error.clone(),
+            spec: job.spec.clone(),
+            urls: job.urls,
+            variations: job.variations.len().max(1),
+            tiered: job.shield.is_some(),
+            budget: job.budget,
+            rate,
+            created_ms: job.created_ms,
+            started_ms: job.started_ms,
+            finished_ms: job.finished_ms,
+            regions,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_validation() {
+        let known = vec!["eu".to_owned()];
+        let ok = JobSpec {
+            sitemap: Some("http://shop/sitemap.xml".into()),
+            ..JobSpec::default()
+        };
+        assert!(ok.validate(&known).is_ok());
+        assert!(JobSpec::default().validate(&known).is_err());
+        let bad = |f: &dyn Fn(&mut JobSpec)| {
+            let mut s = ok.clone();
+            f(&mut s);
+            s.validate(&known).unwrap_err()
+        };
+        assert!(bad(&|s| s.sitemap = Some("/etc/passwd".into())).contains("http://"));
+        assert!(bad(&|s| s.regions = Some(vec!["mars".into()])).contains("mars"));
+        assert!(bad(&|s| s.rate = Some(f64::NAN)).contains("rate"));
+        assert!(bad(&|s| s.variations = Some(vec!["nocolon".into()])).contains("Header"));
+        assert!(bad(&|s| s.urls = vec!["ftp://x".into()]).contains("absolute"));
+        assert!(bad(&|s| s.concurrency = Some(0)).contains("concurrency"));
+    }
+
+    #[test]
+    fn shard_bits_and_progress() {
+        let mut job = Job {
+            id: 1,
+            spec: JobSpec::default(),
+            origin: Origin::Api,
+            state: State::Running,
+            error: None,
+            created_ms: 0,
+            started_ms: Some(0),
+            finished_ms: None,
+            urls: 25,
+            shards: 3,
+            per_shard: 10,
+            variations: vec![vec![], vec![]],
+            host: None,
+            shield: Some("eu".into()),
+            want_tags: false,
+            after_seq: 0,
+            budget: 10.0,
+            regions: vec!["eu".into(), "us".into()],
+            edges: BTreeMap::new(),
+        };
+        job.edges.insert(
+            "eu-1".into(),
+            EdgeWork {
+                region: "eu".into(),
+                ..Default::default()
+            },
+        );
+        job.edges.insert(
+            "us-1".into(),
+            EdgeWork {
+                region: "us".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(job.shard_fetches(2), 10);
+        assert!(!job.shield_done(0));
+        let eu = job.edges.get_mut("eu-1").unwrap();
+        eu.set_done(0);
+        eu.set_done(2);
+        assert!(eu.is_done(2) && !eu.is_done(1) && !eu.is_done(70));
+        assert!(job.shield_done(0) && !job.shield_done(1));
+        let v = JobView::of(&job, None, 1000);
+        assert_eq!(v.regions["eu"].total, 50);
+        assert_eq!(v.regions["eu"].done, 30);
+        assert_eq!(v.regions["eu"].eta_s, Some(1));
+        assert_eq!(v.regions["us"].done, 0);
+        assert!(!job.all_done());
+    }
+}

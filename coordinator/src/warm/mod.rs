@@ -1,0 +1,860 @@
+//! Warm jobs: every region's cache filled from Magento's sitemaps, the origin rendering
+//! each page once, never past its budget.
+//!
+//! A job ([`job::JobSpec`]) is queued by the API, a cron entry ([`schedule`]) or a tag
+//! purge. [`Warm::run`] starts one job at a time: it resolves the URLs (sitemap, list, or
+//! the regions' popular URLs), splits them into shards of `shard_urls` in the store
+//! ([`store`]), and fixes the target edges. From then on dispatch is pull-based, like
+//! config: each agent session's warm loop asks [`Warm::next_for`], which hands the edge
+//! at most [`IN_FLIGHT`] shards it has not done, each carrying the edge's rate. An edge
+//! answers a shard with one progress report ([`Warm::on_progress`]); the shard is then
+//! marked done for that edge, durably, so a coordinator restart resumes the job and an
+//! agent restart only repeats the shards it had in flight.
+//!
+//! **Budget.** A job's origin budget is shared by the edges that reach the origin: all of
+//! them in a flat job, the shield's in a tiered one (satellites fetch from the shield at
+//! `satellite_rate`). One [`Aimd`] per job halves the budget actually used when any report
+//! shows 5xx/429 or slow misses, and regains it slowly; each edge gets
+//! `rate / origin-bound edges still working`, so the sum never exceeds the budget.
+//!
+//! **Tiered.** A satellite gets shard `i` only after every shield edge has done it, so
+//! each page is rendered by the origin once (for the shield) and served to the satellites
+//! from the shield's cache.
+//!
+//! **Re-warm.** Jobs that want tags get each URL's `X-Magento-Tags` back; the [`tags`]
+//! index maps tags to URLs. The schedule loop watches the purge log, and a quiet
+//! `rewarm_debounce_ms` after tag purges queues one job for the URLs carrying them, which
+//! starts on each edge only once that edge has applied the purge.
+//!
+//! Nothing here runs on the purge path: the listener never waits on warming.
+
+pub mod job;
+pub mod schedule;
+pub mod store;
+pub mod tags;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use proto::edge::{
+    coordinator_message::Msg, Header, TopUrls, Variation, WarmCancel, WarmProgress, WarmRate,
+    WarmShard,
+};
+use tokio::sync::watch;
+use warmer::pace::Aimd;
+
+use crate::config::WarmConfig;
+use crate::fanout::edges::EdgeRegistry;
+use job::{EdgeWork, Job, JobSpec, JobView, Origin, State};
+use store::{WarmStore, WarmStoreError};
+use tags::{Profile, TagIndex};
+
+/// Shards handed to one edge at a time.
+pub const IN_FLIGHT: usize = 2;
+/// Finished jobs kept in memory (and listed); older ones stay in the store only.
+const KEEP_FINISHED: usize = 200;
+/// Most popular URLs kept per edge.
+const MAX_TOP_PER_EDGE: usize = 10_000;
+
+/// Warming's shared state; share it behind an `Arc`.
+pub struct Warm {
+    config: WarmConfig,
+    token: String,
+    regions: Vec<String>,
+    store: WarmStore,
+    edges: Arc<EdgeRegistry>,
+    inner: Mutex<Inner>,
+    changed: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Warm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warm").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: BTreeMap<u64, Job>,
+    next_id: u64,
+    /// Warm-capable edges connected now: edge → (region, session).
+    sessions: HashMap<String, (String, u64)>,
+    /// Shards out on an edge's current session: edge → (job, shard).
+    in_flight: HashMap<String, Vec<(u64, u32)>>,
+    /// The rate last sent to each edge, per job.
+    sent_rate: HashMap<String, (u64, f64)>,
+    /// Jobs to tell an edge to drop.
+    cancels: HashMap<String, Vec<u64>>,
+    /// The running job's controller.
+    aimd: Option<(u64, Aimd)>,
+    tags: Option<TagIndex>,
+    /// Latest popular-URL report per region and edge.
+    top: BTreeMap<String, BTreeMap<String, Vec<(String, u64)>>>,
+    /// Fetch results per region: [fetched, hits, misses, errors].
+    totals: BTreeMap<String, [u64; 4]>,
+}
+
+/// Why an API call on warming failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no warm job {0}")]
+    NotFound(u64),
+    #[error(transparent)]
+    Store(#[from] WarmStoreError),
+}
+
+impl Warm {
+    /// Loads stored jobs (running ones resume) from `state_dir`.
+    pub fn open(
+        config: WarmConfig,
+        token: String,
+        regions: Vec<String>,
+        state_dir: &Path,
+        edges: Arc<EdgeRegistry>,
+    ) -> Result<Arc<Self>, WarmStoreError> {
+        let store = WarmStore::open(state_dir)?;
+        let mut inner = Inner {
+            tags: Some(TagIndex::new(config.tag_index_pairs)),
+            ..Inner::default()
+        };
+        let all = store.jobs()?;
+        inner.next_id = all.iter().map(|j| j.id).max().unwrap_or(0) + 1;
+        let finished: Vec<u64> = all
+            .iter()
+            .filter(|j| j.state.is_final())
+            .map(|j| j.id)
+            .collect();
+        let keep_from = finished.len().saturating_sub(KEEP_FINISHED);
+        for job in all {
+            if job.state.is_final() && finished[..keep_from].contains(&job.id) {
+                continue;
+            }
+            if job.state == State::Running {
+                tracing::info!(job_id = job.id, "resuming warm job");
+                inner.aimd = Some((job.id, Aimd::new(job.budget, slow(&config))));
+            }
+            inner.jobs.insert(job.id, job);
+        }
+        Ok(Arc::new(Warm {
+            config,
+            token,
+            regions,
+            store,
+            edges,
+            inner: Mutex::new(inner),
+            changed: watch::channel(0).0,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Wakes on every change that may give a session something to send.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Queues a job; returns its id.
+    pub fn create(&self, spec: JobSpec, origin: Origin) -> Result<u64, WarmError> {
+        spec.validate(&self.regions).map_err(WarmError::Invalid)?;
+        self.create_after(spec, origin, 0)
+    }
+
+    fn create_after(
+        &self,
+        spec: JobSpec,
+        origin: Origin,
+        after_seq: u64,
+    ) -> Result<u64, WarmError> {
+        let budget = spec
+            .rate
+            .unwrap_or(self.config.origin_budget_rps)
+            .min(self.config.origin_budget_rps);
+        let regions = match &spec.regions {
+            Some(r) if !r.iter().any(|r| r == "all") => r.clone(),
+            _ => self.regions.clone(),
+        };
+        let mut inner = self.lock();
+        let id = inner.next_id;
+        let job = Job {
+            id,
+            spec,
+            origin,
+            state: State::Queued,
+            error: None,
+            created_ms: crate::bundle::store::now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            urls: 0,
+            shards: 0,
+            per_shard: self.config.shard_urls,
+            variations: Vec::new(),
+            host: None,
+            shield: None,
+            want_tags: false,
+            after_seq,
+            budget,
+            regions,
+            edges: BTreeMap::new(),
+        };
+        self.store.put_job(&job)?;
+        inner.next_id += 1;
+        tracing::info!(job_id = id, origin = ?job.origin, "warm job queued");
+        inner.jobs.insert(id, job);
+        drop(inner);
+        self.bump();
+        Ok(id)
+    }
+
+    /// Cancels a queued or running job.
+    pub fn cancel(&self, id: u64) -> Result<JobView, WarmError> {
+        let mut inner = self.lock();
+        let Some(job) = inner.jobs.get_mut(&id) else {
+            return Err(WarmError::NotFound(id));
+        };
+        if !job.state.is_final() {
+            job.state = State::Cancelled;
+            job.finished_ms = Some(crate::bundle::store::now_ms());
+            let job = job.clone();
+            self.store.put_job(&job)?;
+            let holders: Vec<String> = inner
+                .in_flight
+                .iter_mut()
+                .filter_map(|(edge, shards)| {
+                    let had = shards.iter().any(|(j, _)| *j == id);
+                    shards.retain(|(j, _)| *j != id);
+                    had.then(|| edge.clone())
+                })
+                .collect();
+            for edge in holders {
+                inner.cancels.entry(edge).or_default().push(id);
+            }
+            tracing::info!(job_id = id, "warm job cancelled");
+            let _ = self.store.drop_shards(id);
+        }
+        let view = JobView::of(&inner.jobs[&id], None, crate::bundle::store::now_ms());
+        drop(inner);
+        self.bump();
+        Ok(view)
+    }
+
+    pub fn view(&self, id: u64) -> Option<JobView> {
+        let inner = self.lock();
+        let rate = inner
+            .aimd
+            .as_ref()
+            .filter(|(j, _)| *j == id)
+            .map(|(_, a)| a.rate());
+        inner
+            .jobs
+            .get(&id)
+            .map(|j| JobView::of(j, rate, crate::bundle::store::now_ms()))
+    }
+
+    /// The newest jobs first.
+    pub fn list(&self, limit: usize) -> Vec<JobView> {
+        let inner = self.lock();
+        let now = crate::bundle::store::now_ms();
+        inner
+            .jobs
+            .values()
+            .rev()
+            .take(limit)
+            .map(|j| {
+                let rate = inner
+                    .aimd
+                    .as_ref()
+                    .filter(|(id, _)| *id == j.id)
+                    .map(|(_, a)| a.rate());
+                JobView::of(j, rate, now)
+            })
+            .collect()
+    }
+
+    /// Fetch results per region ([fetched, hits, misses, errors]) and jobs per state.
+    pub fn metrics(
+        &self,
+    ) -> (
+        BTreeMap<String, [u64; 4]>,
+        BTreeMap<&'static str, usize>,
+        f64,
+    ) {
+        let inner = self.lock();
+        let mut states: BTreeMap<&'static str, usize> = [
+            State::Queued,
+            State::Running,
+            State::Done,
+            State::Failed,
+            State::Cancelled,
+        ]
+        .iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+        for j in inner.jobs.values() {
+            *states.entry(j.state.as_str()).or_default() += 1;
+        }
+        let rate = inner.aimd.as_ref().map(|(_, a)| a.rate()).unwrap_or(0.0);
+        (inner.totals.clone(), states, rate)
+    }
+
+    /// A warm-capable session started.
+    pub fn connect(&self, edge: &str, region: &str, session: u64) {
+        let mut inner = self.lock();
+        inner
+            .sessions
+            .insert(edge.to_owned(), (region.to_owned(), session));
+        inner.in_flight.remove(edge);
+        inner.sent_rate.remove(edge);
+        drop(inner);
+        self.bump();
+    }
+
+    /// The session ended: its shards go back to the pool.
+    pub fn disconnect(&self, edge: &str, session: u64) {
+        let mut inner = self.lock();
+        if inner.sessions.get(edge).is_some_and(|(_, s)| *s == session) {
+            inner.sessions.remove(edge);
+            inner.in_flight.remove(edge);
+            inner.sent_rate.remove(edge);
+            inner.cancels.remove(edge);
+        }
+        drop(inner);
+        self.bump();
+    }
+
+    /// What this edge's session should send now: cancels, a rate change, new shards.
+    pub fn next_for(&self, edge: &str, session: u64) -> Vec<Msg> {
+        let mut out = Vec::new();
+        let mut picks = Vec::new();
+        let (job_id, spec) = {
+            let mut inner = self.lock();
+            if inner.sessions.get(edge).is_none_or(|(_, s)| *s != session) {
+                return out;
+            }
+            for job_id in inner.cancels.remove(edge).unwrap_or_default() {
+                out.push(Msg::WarmCancel(WarmCancel { job_id }));
+            }
+            let Some(job) = inner.jobs.values().find(|j| j.state == State::Running) else {
+                return out;
+            };
+            let Some(work) = job.edges.get(edge) else {
+                return out;
+            };
+            if job.after_seq > 0 && self.edges.applied_seq(edge).unwrap_or(0) < job.after_seq {
+                return out;
+            }
+            let job_id = job.id;
+            let rate = self.share(&inner, job, &work.region);
+            let busy: Vec<u32> = inner
+                .in_flight
+                .get(edge)
+                .map(|v| {
+                    v.iter()
+                        .filter(|(j, _)| *j == job_id)
+                        .map(|(_, s)| *s)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let is_shield = job.shield.as_ref() == Some(&work.region);
+            let mut free = IN_FLIGHT.saturating_sub(busy.len());
+            for shard in 0..job.shards {
+                if free == 0 {
+                    break;
+                }
+                if work.is_done(shard) || busy.contains(&shard) {
+                    continue;
+                }
+                if !is_shield && !job.shield_done(shard) {
+                    // Tiered: the shield has not rendered this one yet.
+                    break;
+                }
+                picks.push(shard);
+                free -= 1;
+            }
+            let spec = ShardSpec {
+                rate,
+                concurrency: job.spec.concurrency.unwrap_or(self.config.concurrency),
+                host: job.host.clone().unwrap_or_default(),
+                variations: job.variations.clone(),
+                refresh: job.spec.refresh,
+                want_tags: job.want_tags,
+            };
+            let last = inner.sent_rate.get(edge).copied();
+            let rate_changed =
+                last.is_none_or(|(j, r)| j != job_id || (r - rate).abs() > rate * 0.05);
+            if rate_changed {
+                if !busy.is_empty() {
+                    out.push(Msg::WarmRate(WarmRate { job_id, rate }));
+                }
+                inner.sent_rate.insert(edge.to_owned(), (job_id, rate));
+            }
+            let slot = inner.in_flight.entry(edge.to_owned()).or_default();
+            slot.extend(picks.iter().map(|s| (job_id, *s)));
+            (job_id, spec)
+        };
+        // The store is read without the lock held.
+        for shard in picks {
+            match self.store.shard(job_id, shard) {
+                Ok(urls) => out.push(Msg::WarmShard(
+                    self.shard_message(job_id, shard, urls, &spec),
+                )),
+                Err(e) => {
+                    tracing::error!(job_id, shard, error = %e, "cannot read a warm shard");
+                    self.fail(job_id, format!("cannot read shard {shard}: {e}"));
+                }
+            }
+        }
+        out
+    }
+
+    fn shard_message(
+        &self,
+        job_id: u64,
+        shard: u32,
+        urls: Vec<String>,
+        spec: &ShardSpec,
+    ) -> WarmShard {
+        WarmShard {
+            job_id,
+            shard,
+            urls,
+            host: spec.host.clone(),
+            variations: spec
+                .variations
+                .iter()
+                .map(|v| Variation {
+                    headers: v
+                        .iter()
+                        .map(|(name, value)| Header {
+                            name: name.clone(),
+                            value: value.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            rate: spec.rate,
+            concurrency: spec.concurrency,
+            timeout_ms: u32::try_from(self.config.timeout_ms).unwrap_or(u32::MAX),
+            refresh: spec.refresh,
+            token: self.token.clone(),
+            want_tags: spec.want_tags,
+            slow_ttfb_ms: u32::try_from(self.config.slow_ttfb_ms).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// This edge's rate: its share of the controller's rate among the origin-bound edges
+    /// still working, or the satellite rate.
+    fn share(&self, inner: &Inner, job: &Job, region: &str) -> f64 {
+        if job.shield.as_deref().is_some_and(|s| s != region) {
+            return self.config.satellite_rate;
+        }
+        let rate = inner
+            .aimd
+            .as_ref()
+            .filter(|(j, _)| *j == job.id)
+            .map(|(_, a)| a.rate())
+            .unwrap_or(job.budget);
+        let working = job
+            .edges
+            .values()
+            .filter(|w| job.shield.as_ref().is_none_or(|s| s == &w.region) && !job.edge_done(w))
+            .count()
+            .max(1);
+        rate / working as f64
+    }
+
+    /// An edge reported a shard.
+    pub fn on_progress(&self, edge: &str, session: u64, p: WarmProgress) {
+        let persist = {
+            let mut inner = self.lock();
+            if inner.sessions.get(edge).is_none_or(|(_, s)| *s != session) {
+                return;
+            }
+            let Some(slot) = inner.in_flight.get_mut(edge) else {
+                return;
+            };
+            let Some(at) = slot
+                .iter()
+                .position(|&(j, s)| j == p.job_id && s == p.shard)
+            else {
+                tracing::debug!(
+                    edge,
+                    job_id = p.job_id,
+                    shard = p.shard,
+                    "report for a shard not handed out; ignored"
+                );
+                return;
+            };
+            slot.swap_remove(at);
+            let inner = &mut *inner;
+            let Some(job) = inner
+                .jobs
+                .get_mut(&p.job_id)
+                .filter(|j| j.state == State::Running)
+            else {
+                return;
+            };
+            let Some(work) = job.edges.get_mut(edge) else {
+                return;
+            };
+            if work.is_done(p.shard) {
+                return;
+            }
+            work.set_done(p.shard);
+            work.fetched += u64::from(p.fetched);
+            work.hits += u64::from(p.hits);
+            work.misses += u64::from(p.misses);
+            work.errors += u64::from(p.errors);
+            if work.first_error.is_none() && !p.first_error.is_empty() {
+                work.first_error = Some(p.first_error.chars().take(300).collect());
+            }
+            let region = work.region.clone();
+            let t = inner.totals.entry(region.clone()).or_default();
+            t[0] += u64::from(p.fetched);
+            t[1] += u64::from(p.hits);
+            t[2] += u64::from(p.misses);
+            t[3] += u64::from(p.errors);
+            let origin_bound = job.shield.as_ref().is_none_or(|s| s == &region);
+            if let Some((_, aimd)) = inner.aimd.as_mut().filter(|(j, _)| *j == job.id) {
+                if origin_bound {
+                    let slow_miss = p.misses > 0
+                        && p.miss_ttfb_us / u64::from(p.misses) > self.config.slow_ttfb_ms * 1000;
+                    let overloaded = p.throttled > 0 || slow_miss;
+                    if overloaded {
+                        tracing::info!(
+                            job_id = job.id,
+                            edge,
+                            throttled = p.throttled,
+                            slow_miss,
+                            rate = aimd.rate(),
+                            "origin overloaded; warming slows down"
+                        );
+                    }
+                    aimd.observe(overloaded, Instant::now());
+                }
+            }
+            if job.want_tags {
+                let profile = Profile {
+                    host: job.host.clone(),
+                    variations: job.variations.clone(),
+                };
+                if let Some(index) = inner.tags.as_mut() {
+                    for t in p.tags.iter().take(self.config.shard_urls) {
+                        index.add(&profile, &t.url, &t.tags);
+                    }
+                }
+            }
+            let mut finished = false;
+            if job.all_done() {
+                job.state = State::Done;
+                job.finished_ms = Some(crate::bundle::store::now_ms());
+                finished = true;
+                tracing::info!(job_id = job.id, "warm job done");
+            }
+            let snapshot = job.clone();
+            if finished {
+                inner.aimd = None;
+            }
+            (snapshot, finished)
+        };
+        let (job, finished) = persist;
+        if let Err(e) = self.store.put_job(&job) {
+            tracing::error!(job_id = job.id, error = %e, "cannot record warm progress; the shard will be redone after a restart");
+        }
+        if finished {
+            let _ = self.store.drop_shards(job.id);
+        }
+        self.bump();
+    }
+
+    /// An edge's popular URLs.
+    pub fn on_top(&self, edge: &str, region: &str, top: TopUrls) {
+        let list: Vec<(String, u64)> = top
+            .urls
+            .into_iter()
+            .take(MAX_TOP_PER_EDGE)
+            .filter(|u| u.url.len() <= 2048 && !u.url.chars().any(|c| c.is_control() || c == ' '))
+            .map(|u| (u.url, u.count))
+            .collect();
+        let mut inner = self.lock();
+        if !self.regions.iter().any(|r| r == region) {
+            return;
+        }
+        inner
+            .top
+            .entry(region.to_owned())
+            .or_default()
+            .insert(edge.to_owned(), list);
+    }
+
+    /// The `n` most requested URLs of each region (counts summed over its edges), as
+    /// absolute URLs.
+    pub fn top(&self, regions: &[String], n: usize) -> BTreeMap<String, Vec<(String, u64)>> {
+        let inner = self.lock();
+        regions
+            .iter()
+            .map(|r| {
+                let mut sum: HashMap<&str, u64> = HashMap::new();
+                for list in inner.top.get(r).into_iter().flat_map(|e| e.values()) {
+                    for (u, c) in list {
+                        *sum.entry(u.as_str()).or_default() += c;
+                    }
+                }
+                let mut all: Vec<(String, u64)> = sum
+                    .into_iter()
+                    .filter_map(|(u, c)| absolute(u, self.config.host.as_deref()).map(|u| (u, c)))
+                    .collect();
+                all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                all.truncate(n);
+                (r.clone(), all)
+            })
+            .collect()
+    }
+
+    fn fail(&self, id: u64, error: String) {
+        let job = {
+            let mut inner = self.lock();
+            let Some(job) = inner.jobs.get_mut(&id) else {
+                return;
+            };
+            if job.state.is_final() {
+                return;
+            }
+            job.state = State::Failed;
+            job.error = Some(error);
+            job.finished_ms = Some(crate::bundle::store::now_ms());
+            let job = job.clone();
+            if inner.aimd.as_ref().is_some_and(|(j, _)| *j == id) {
+                inner.aimd = None;
+            }
+            job
+        };
+        tracing::warn!(job_id = id, error = ?job.error, "warm job failed");
+        let _ = self.store.put_job(&job);
+        let _ = self.store.drop_shards(id);
+        self.bump();
+    }
+
+    /// Re-warm: queues jobs for the URLs known to carry `tags`, to start on each edge
+    /// once it applied purge `after_seq`.
+    pub fn rewarm(&self, tags: &[String], after_seq: u64) -> Vec<u64> {
+        let groups = {
+            let inner = self.lock();
+            match inner.tags.as_ref() {
+                Some(index) => index.lookup(tags),
+                None => return Vec::new(),
+            }
+        };
+        let mut ids = Vec::new();
+        for (profile, urls) in groups {
+            let spec = JobSpec {
+                urls,
+                host: profile.host.clone(),
+                variations: Some(
+                    profile
+                        .variations
+                        .iter()
+                        .map(|v| {
+                            v.iter()
+                                .map(|(n, v)| format!("{n}: {v}"))
+                                .collect::<Vec<_>>()
+                                .join(";;")
+                        })
+                        .collect(),
+                ),
+                rewarm: Some(true),
+                ..JobSpec::default()
+            };
+            if let Err(e) = spec.validate(&self.regions) {
+                tracing::warn!(error = %e, "re-warm skipped");
+                continue;
+            }
+            match self.create_after(spec, Origin::Rewarm, after_seq) {
+                Ok(id) => ids.push(id),
+                Err(e) => tracing::error!(error = %e, "cannot queue a re-warm"),
+            }
+        }
+        if !ids.is_empty() {
+            tracing::info!(tags = tags.len(), jobs = ?ids, after_seq, "re-warming purged URLs");
+        }
+        ids
+    }
+
+    /// Starts the oldest queued job if none runs: resolves its URLs and edges.
+    async fn start_next(&self) {
+        let (id, spec, regions) = {
+            let inner = self.lock();
+            if inner.jobs.values().any(|j| j.state == State::Running) {
+                return;
+            }
+            let Some(job) = inner.jobs.values().find(|j| j.state == State::Queued) else {
+                return;
+            };
+            (job.id, job.spec.clone(), job.regions.clone())
+        };
+        let urls = match self.resolve_urls(&spec, &regions).await {
+            Ok(u) if u.is_empty() => Err("the job's sources hold no URLs".to_owned()),
+            other => other,
+        };
+        let urls = match urls {
+            Ok(u) => u,
+            Err(e) => return self.fail(id, e),
+        };
+        let variations: Vec<Vec<(String, String)>> = spec
+            .variations
+            .as_ref()
+            .unwrap_or(&self.config.variations)
+            .iter()
+            .filter_map(|v| warmer::engine::parse_variation(v).ok())
+            .collect();
+        let job = {
+            let inner = self.lock();
+            let edges: BTreeMap<String, EdgeWork> = inner
+                .sessions
+                .iter()
+                .filter(|(_, (r, _))| regions.contains(r))
+                .map(|(e, (r, _))| {
+                    (
+                        e.clone(),
+                        EdgeWork {
+                            region: r.clone(),
+                            ..EdgeWork::default()
+                        },
+                    )
+                })
+                .collect();
+            if !inner
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.state == State::Queued)
+            {
+                return; // cancelled meanwhile
+            }
+            if edges.is_empty() {
+                drop(inner);
+                return self.fail(
+                    id,
+                    "no warm-capable edge is connected in the target regions".into(),
+                );
+            }
+            let Some(mut job) = inner.jobs.get(&id).cloned() else {
+                return;
+            };
+            let tiered = spec.tiered.unwrap_or(self.config.shield.is_some());
+            job.shield = self
+                .config
+                .shield
+                .clone()
+                .filter(|s| tiered && edges.values().any(|w| &w.region == s));
+            job.urls = urls.len();
+            job.per_shard = self.config.shard_urls;
+            job.shards = u32::try_from(urls.len().div_ceil(job.per_shard)).unwrap_or(u32::MAX);
+            job.variations = variations;
+            job.host = spec.host.clone().or_else(|| self.config.host.clone());
+            job.want_tags = spec.rewarm.unwrap_or(self.config.rewarm_after_purge);
+            job.edges = edges;
+            job.state = State::Running;
+            job.started_ms = Some(crate::bundle::store::now_ms());
+            job
+        };
+        // The shards are durable before any session can be handed one.
+        if let Err(e) = self.store.put_shards(&job, &urls, job.per_shard) {
+            return self.fail(id, format!("cannot store the job's shards: {e}"));
+        }
+        {
+            let mut inner = self.lock();
+            match inner.jobs.get_mut(&id) {
+                Some(current) if current.state == State::Queued => *current = job.clone(),
+                _ => {
+                    // Cancelled while its shards were being written.
+                    drop(inner);
+                    let _ = self.store.drop_shards(id);
+                    return;
+                }
+            }
+            inner.aimd = Some((id, Aimd::new(job.budget, slow(&self.config))));
+        }
+        tracing::info!(
+            job_id = id,
+            urls = job.urls,
+            shards = job.shards,
+            edges = job.edges.len(),
+            tiered = job.shield.is_some(),
+            budget = job.budget,
+            "warm job running"
+        );
+        self.bump();
+    }
+
+    /// The job's URLs from its sources, de-duplicated, sitemap priority order first.
+    async fn resolve_urls(
+        &self,
+        spec: &JobSpec,
+        regions: &[String],
+    ) -> Result<Vec<String>, String> {
+        let mut urls = Vec::new();
+        if let Some(sitemap) = &spec.sitemap {
+            let limits = warmer::sitemap::Limits {
+                max_total_urls: self.config.max_urls,
+                ..warmer::sitemap::Limits::default()
+            };
+            let timeout = Duration::from_millis(self.config.timeout_ms);
+            urls = warmer::engine::collect_urls(sitemap, &limits, timeout).await?;
+        }
+        urls.extend(spec.urls.iter().cloned());
+        if let Some(n) = spec.top {
+            for list in self.top(regions, n).into_values() {
+                urls.extend(list.into_iter().map(|(u, _)| u));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        urls.retain(|u| seen.insert(u.clone()));
+        if urls.len() > self.config.max_urls {
+            return Err(format!(
+                "the job lists {} URLs; warm.max_urls is {}",
+                urls.len(),
+                self.config.max_urls
+            ));
+        }
+        Ok(urls)
+    }
+}
+
+/// What every shard of the running job carries for one edge.
+struct ShardSpec {
+    rate: f64,
+    concurrency: u32,
+    host: String,
+    variations: Vec<Vec<(String, String)>>,
+    refresh: bool,
+    want_tags: bool,
+}
+
+fn slow(config: &WarmConfig) -> Duration {
+    Duration::from_millis(config.slow_ttfb_ms)
+}
+
+/// `host/path` as varnishncsa prints it → `http://host/path` (`-` host: the configured
+/// one).
+fn absolute(url: &str, default_host: Option<&str>) -> Option<String> {
+    let slash = url.find('/')?;
+    let (host, path) = url.split_at(slash);
+    let host = if host.is_empty() || host == "-" {
+        default_host?
+    } else {
+        host
+    };
+    Some(format!("http://{host}{path}"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,131 @@
+//! What starts warm jobs besides the API: the queue itself, `[[warm.schedule]]` cron
+//! entries, and tag purges (re-warm).
+//!
+//! [`Warm::run`] ticks every [`TICK`]: it starts the next queued job when none runs,
+//! queues a job for every schedule whose next time (5-field cron, UTC) has come (a
+//! schedule whose previous job is still queued or running is skipped: a slow nightly
+//! warm never piles up), and follows the purge log. Tag purges accumulate until
+//! `rewarm_debounce_ms` pass without one (at most four times that in a steady stream), so
+//! a reindex that purges a thousand tags in a burst becomes one re-warm pass.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use proto::edge::purge_entry::Op;
+use tokio_util::sync::CancellationToken;
+
+use super::job::{Origin, State};
+use super::Warm;
+use crate::purge::log::PurgeLog;
+
+/// How often the schedule loop looks.
+pub const TICK: Duration = Duration::from_millis(250);
+/// Most tags one re-warm pass collects (a full reindex is a warm job, not a re-warm).
+const MAX_PENDING_TAGS: usize = 100_000;
+
+/// Tag purges waiting for the quiet time.
+#[derive(Debug, Default)]
+struct Pending {
+    tags: BTreeSet<String>,
+    last_seq: u64,
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
+}
+
+impl Warm {
+    /// Runs the queue, the cron schedules and re-warming until `shutdown`.
+    pub async fn run(self: Arc<Self>, log: PurgeLog, shutdown: CancellationToken) {
+        let mut crons: Vec<(String, croner::Cron, Option<DateTime<Utc>>)> = self
+            .config
+            .schedule
+            .iter()
+            .filter_map(|s| {
+                let cron = croner::Cron::new(&s.cron).parse().ok()?;
+                let next = cron.find_next_occurrence(&Utc::now(), false).ok();
+                Some((s.name.clone(), cron, next))
+            })
+            .collect();
+        let mut seen_seq = log.head();
+        let mut pending = Pending::default();
+        let debounce = Duration::from_millis(self.config.rewarm_debounce_ms);
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.start_next().await;
+            let now = Utc::now();
+            for (name, cron, next) in crons.iter_mut() {
+                if next.is_some_and(|t| t <= now) {
+                    *next = cron.find_next_occurrence(&now, false).ok();
+                    self.fire(name);
+                }
+            }
+            seen_seq = self.follow_log(&log, seen_seq, &mut pending);
+            let quiet = pending.last_at.is_some_and(|t| t.elapsed() >= debounce);
+            let overdue = pending
+                .first_at
+                .is_some_and(|t| t.elapsed() >= debounce * 4);
+            if !pending.tags.is_empty() && (quiet || overdue) {
+                let p = std::mem::take(&mut pending);
+                let tags: Vec<String> = p.tags.into_iter().collect();
+                self.rewarm(&tags, p.last_seq);
+            }
+        }
+    }
+
+    /// Queues the job of schedule `name` unless its previous one is still pending.
+    fn fire(&self, name: &str) {
+        let Some(s) = self.config.schedule.iter().find(|s| s.name == name) else {
+            return;
+        };
+        let origin = Origin::Schedule(name.to_owned());
+        let busy = self
+            .lock()
+            .jobs
+            .values()
+            .any(|j| j.origin == origin && matches!(j.state, State::Queued | State::Running));
+        if busy {
+            tracing::warn!(
+                schedule = name,
+                "previous scheduled warm job still pending; skipped"
+            );
+            return;
+        }
+        match self.create(s.job.clone(), origin) {
+            Ok(id) => tracing::info!(schedule = name, job_id = id, "scheduled warm job queued"),
+            Err(e) => tracing::error!(schedule = name, error = %e, "scheduled warm job not queued"),
+        }
+    }
+
+    /// Reads purges after `seen`, collecting tags when anything is indexed for re-warm.
+    fn follow_log(&self, log: &PurgeLog, mut seen: u64, pending: &mut Pending) -> u64 {
+        let indexed = self.lock().tags.as_ref().is_some_and(|t| !t.is_empty());
+        while seen < log.head() {
+            let entries = match log.read_from(seen + 1, 10_000) {
+                Ok(e) if !e.is_empty() => e,
+                // Retention moved past us (or the log failed): skip ahead.
+                _ => return log.head(),
+            };
+            for e in &entries {
+                seen = e.seq;
+                if !indexed {
+                    continue;
+                }
+                if let Some(Op::Tags(t)) = &e.op {
+                    if pending.tags.len() < MAX_PENDING_TAGS {
+                        pending.tags.extend(t.tags.iter().cloned());
+                    }
+                    pending.last_seq = e.seq;
+                    let now = Instant::now();
+                    pending.first_at.get_or_insert(now);
+                    pending.last_at = Some(now);
+                }
+            }
+        }
+        seen
+    }
+}

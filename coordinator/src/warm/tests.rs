@@ -1,0 +1,425 @@
+//! The job state machine without a network: dispatch, tiered gating, the budget split,
+//! persistence across a reopen, re-warm gating on the purge cursor.
+
+use super::*;
+use crate::fanout::edges::EdgeHello;
+use proto::edge::UrlTags;
+use tokio_util::sync::CancellationToken;
+
+fn config() -> WarmConfig {
+    WarmConfig {
+        shard_urls: 10,
+        origin_budget_rps: 30.0,
+        ..WarmConfig::default()
+    }
+}
+
+fn regions() -> Vec<String> {
+    vec!["eu".into(), "us".into(), "ap".into()]
+}
+
+fn urls(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("http://shop/p/{i}")).collect()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    edges: Arc<EdgeRegistry>,
+    warm: Arc<Warm>,
+}
+
+fn fixture(config: WarmConfig) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let edges = Arc::new(EdgeRegistry::default());
+    let warm = Warm::open(config, "tok".into(), regions(), dir.path(), edges.clone()).unwrap();
+    Fixture { dir, edges, warm }
+}
+
+fn connect_all(f: &Fixture) {
+    for (i, r) in regions().iter().enumerate() {
+        let h = f.edges.connect(
+            EdgeHello {
+                id: format!("{r}-1"),
+                region: r.clone(),
+                varnish_version: String::new(),
+                purge_mode: "ban".into(),
+                agent_version: String::new(),
+                cert_not_after: None,
+            },
+            0,
+            &CancellationToken::new(),
+        );
+        f.warm.connect(&h.edge_id, r, i as u64 + 1);
+    }
+}
+
+fn session(edge: &str) -> u64 {
+    regions()
+        .iter()
+        .position(|r| edge.starts_with(r.as_str()))
+        .unwrap() as u64
+        + 1
+}
+
+fn shards(msgs: &[Msg]) -> Vec<WarmShard> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            Msg::WarmShard(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn report(f: &Fixture, edge: &str, s: &WarmShard) {
+    let progress = WarmProgress {
+        job_id: s.job_id,
+        shard: s.shard,
+        fetched: s.urls.len() as u32,
+        misses: s.urls.len() as u32,
+        tags: s
+            .urls
+            .iter()
+            .map(|u| UrlTags {
+                url: u.clone(),
+                tags: vec![format!("t_{}", u.rsplit('/').next().unwrap())],
+            })
+            .collect(),
+        ..WarmProgress::default()
+    };
+    f.warm.on_progress(edge, session(edge), progress);
+}
+
+async fn running(f: &Fixture, spec: JobSpec) -> u64 {
+    let id = f.warm.create(spec, Origin::Api).unwrap();
+    f.warm.start_next().await;
+    assert_eq!(f.warm.view(id).unwrap().state, "running");
+    id
+}
+
+/// Runs every edge's work to the end; returns the shards each edge was handed.
+fn drain(f: &Fixture) -> BTreeMap<String, Vec<u32>> {
+    let mut handed: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    loop {
+        let mut any = false;
+        for r in regions() {
+            let edge = format!("{r}-1");
+            for s in shards(&f.warm.next_for(&edge, session(&edge))) {
+                any = true;
+                handed.entry(edge.clone()).or_default().push(s.shard);
+                report(f, &edge, &s);
+            }
+        }
+        if !any {
+            return handed;
+        }
+    }
+}
+
+#[tokio::test]
+async fn flat_job_hands_every_shard_to_every_edge_once_and_splits_the_budget() {
+    let f = fixture(config());
+    connect_all(&f);
+    let id = running(
+        &f,
+        JobSpec {
+            urls: urls(45),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    // Two shards in flight per edge, each carrying a third of the budget.
+    let first = shards(&f.warm.next_for("eu-1", 1));
+    assert_eq!(
+        first.iter().map(|s| s.shard).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert!((first[0].rate - 10.0).abs() < 1e-9, "{}", first[0].rate);
+    assert_eq!(first[0].token, "tok");
+    assert!(
+        shards(&f.warm.next_for("eu-1", 1)).is_empty(),
+        "nothing beyond IN_FLIGHT"
+    );
+    // A report from another session is ignored.
+    f.warm.on_progress(
+        "eu-1",
+        99,
+        WarmProgress {
+            job_id: id,
+            shard: 0,
+            ..Default::default()
+        },
+    );
+    assert_eq!(f.warm.view(id).unwrap().regions["eu"].done, 0);
+    for s in &first {
+        report(&f, "eu-1", s);
+    }
+    let handed = drain(&f);
+    assert_eq!(handed["eu-1"], vec![2, 3, 4]);
+    assert_eq!(handed["us-1"], vec![0, 1, 2, 3, 4]);
+    let v = f.warm.view(id).unwrap();
+    assert_eq!(v.state, "done");
+    for r in regions() {
+        assert_eq!((v.regions[&r].done, v.regions[&r].total), (45, 45));
+    }
+}
+
+#[tokio::test]
+async fn tiered_satellites_wait_for_the_shield() {
+    let f = fixture(WarmConfig {
+        shield: Some("eu".into()),
+        satellite_rate: 77.0,
+        ..config()
+    });
+    connect_all(&f);
+    let id = running(
+        &f,
+        JobSpec {
+            urls: urls(30),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    assert!(f.warm.view(id).unwrap().tiered);
+    assert!(
+        shards(&f.warm.next_for("us-1", 2)).is_empty(),
+        "shield first"
+    );
+    let eu = shards(&f.warm.next_for("eu-1", 1));
+    // The shield alone reaches the origin: the whole budget.
+    assert!((eu[0].rate - 30.0).abs() < 1e-9);
+    report(&f, "eu-1", &eu[1]);
+    assert!(shards(&f.warm.next_for("us-1", 2)).is_empty(), "in order");
+    report(&f, "eu-1", &eu[0]);
+    let us = shards(&f.warm.next_for("us-1", 2));
+    assert_eq!(us.iter().map(|s| s.shard).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(us[0].rate, 77.0);
+    for s in &us {
+        report(&f, "us-1", s);
+    }
+    drain(&f);
+    assert_eq!(f.warm.view(id).unwrap().state, "done");
+}
+
+#[tokio::test]
+async fn a_reopened_coordinator_resumes_without_redoing_reported_shards() {
+    let f = fixture(config());
+    connect_all(&f);
+    let id = running(
+        &f,
+        JobSpec {
+            urls: urls(40),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    for s in shards(&f.warm.next_for("eu-1", 1)) {
+        report(&f, "eu-1", &s);
+    }
+    // Handed out but never reported: redone after the restart.
+    let lost = shards(&f.warm.next_for("eu-1", 1));
+    assert_eq!(lost.len(), 2);
+    let dir = f.dir;
+    drop(f.warm);
+    let edges = Arc::new(EdgeRegistry::default());
+    let warm = Warm::open(config(), "tok".into(), regions(), dir.path(), edges.clone()).unwrap();
+    let f = Fixture { dir, edges, warm };
+    assert_eq!(f.warm.view(id).unwrap().state, "running");
+    assert_eq!(f.warm.view(id).unwrap().regions["eu"].done, 20);
+    connect_all(&f);
+    let handed = drain(&f);
+    assert_eq!(
+        handed["eu-1"],
+        vec![2, 3],
+        "only the unreported shards again"
+    );
+    assert_eq!(f.warm.view(id).unwrap().state, "done");
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_edges_holding_shards() {
+    let f = fixture(config());
+    connect_all(&f);
+    let id = running(
+        &f,
+        JobSpec {
+            urls: urls(40),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    assert_eq!(shards(&f.warm.next_for("us-1", 2)).len(), 2);
+    assert_eq!(f.warm.cancel(id).unwrap().state, "cancelled");
+    let msgs = f.warm.next_for("us-1", 2);
+    assert!(matches!(msgs.as_slice(), [Msg::WarmCancel(WarmCancel { job_id })] if *job_id == id));
+    assert!(f.warm.next_for("eu-1", 1).is_empty());
+}
+
+#[tokio::test]
+async fn overload_halves_the_rate_the_edges_get() {
+    let f = fixture(config());
+    connect_all(&f);
+    let id = running(
+        &f,
+        JobSpec {
+            urls: urls(100),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    let s = shards(&f.warm.next_for("eu-1", 1));
+    f.warm.on_progress(
+        "eu-1",
+        1,
+        WarmProgress {
+            job_id: id,
+            shard: s[0].shard,
+            fetched: 5,
+            errors: 5,
+            throttled: 5,
+            ..Default::default()
+        },
+    );
+    assert!((f.warm.view(id).unwrap().rate.unwrap() - 15.0).abs() < 0.5);
+    // eu-1 still holds a shard: it is told its new rate (a third of 15).
+    let msgs = f.warm.next_for("eu-1", 1);
+    let rate = msgs.iter().find_map(|m| match m {
+        Msg::WarmRate(r) => Some(r.rate),
+        _ => None,
+    });
+    assert!(rate.is_some_and(|r| (r - 5.0).abs() < 0.2), "{msgs:?}");
+    assert_eq!(f.warm.view(id).unwrap().regions["eu"].errors, 5);
+}
+
+#[tokio::test]
+async fn rewarm_waits_for_the_purge_and_targets_only_the_tagged_urls() {
+    let f = fixture(WarmConfig {
+        rewarm_after_purge: true,
+        ..config()
+    });
+    connect_all(&f);
+    let id = running(
+        &f,
+        JobSpec {
+            urls: urls(20),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    drain(&f);
+    assert_eq!(f.warm.view(id).unwrap().state, "done");
+    let ids = f
+        .warm
+        .rewarm(&["t_7".to_owned(), "t_unknown".to_owned()], 5);
+    assert_eq!(ids.len(), 1);
+    f.warm.start_next().await;
+    let v = f.warm.view(ids[0]).unwrap();
+    assert_eq!((v.state, v.urls), ("running", 1));
+    // No edge applied purge 5 yet.
+    assert!(f.warm.next_for("eu-1", 1).is_empty());
+    let h = f.edges.connect(
+        EdgeHello {
+            id: "eu-1".into(),
+            region: "eu".into(),
+            varnish_version: String::new(),
+            purge_mode: "ban".into(),
+            agent_version: String::new(),
+            cert_not_after: None,
+        },
+        4,
+        &CancellationToken::new(),
+    );
+    f.edges.ack(&h, 5);
+    let s = shards(&f.warm.next_for("eu-1", 1));
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].urls, vec!["http://shop/p/7".to_owned()]);
+}
+
+#[tokio::test]
+async fn a_job_with_no_edges_or_no_urls_fails_with_a_reason() {
+    let f = fixture(config());
+    let id = f
+        .warm
+        .create(
+            JobSpec {
+                urls: urls(3),
+                ..JobSpec::default()
+            },
+            Origin::Api,
+        )
+        .unwrap();
+    f.warm.start_next().await;
+    let v = f.warm.view(id).unwrap();
+    assert_eq!(v.state, "failed");
+    assert!(v.error.unwrap().contains("no warm-capable edge"));
+    connect_all(&f);
+    let id = f
+        .warm
+        .create(
+            JobSpec {
+                top: Some(10),
+                ..JobSpec::default()
+            },
+            Origin::Api,
+        )
+        .unwrap();
+    f.warm.start_next().await;
+    assert!(f.warm.view(id).unwrap().error.unwrap().contains("no URLs"));
+    assert!(matches!(
+        f.warm.create(JobSpec::default(), Origin::Api),
+        Err(WarmError::Invalid(_))
+    ));
+}
+
+#[test]
+fn popular_urls_are_summed_per_region() {
+    let f = fixture(WarmConfig {
+        host: Some("shop.test".into()),
+        ..config()
+    });
+    let top = |v: &[(&str, u64)]| TopUrls {
+        urls: v
+            .iter()
+            .map(|(u, c)| proto::edge::UrlCount {
+                url: u.to_string(),
+                count: *c,
+            })
+            .collect(),
+    };
+    f.warm.on_top(
+        "eu-1",
+        "eu",
+        top(&[("shop.test/p/1", 5), ("shop.test/p/2", 3)]),
+    );
+    f.warm
+        .on_top("eu-2", "eu", top(&[("shop.test/p/2", 4), ("-/p/3", 1)]));
+    f.warm.on_top("x", "mars", top(&[("a/b", 1)]));
+    let t = f.warm.top(&regions(), 2);
+    assert_eq!(
+        t["eu"],
+        vec![
+            ("http://shop.test/p/2".to_owned(), 7),
+            ("http://shop.test/p/1".to_owned(), 5)
+        ]
+    );
+    assert!(t["us"].is_empty());
+    assert_eq!(absolute("-/p/3", None), None);
+}
+
+#[test]
+fn schedule_entries_parse_with_the_job_flattened() {
+    let c: crate::config::ScheduleConfig = toml::from_str(
+        r#"
+name = "nightly"
+cron = "0 3 * * *"
+sitemap = "http://shop/sitemap.xml"
+regions = ["eu"]
+rate = 5.0
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.job.rate, Some(5.0));
+    assert!(toml::from_str::<crate::config::ScheduleConfig>(
+        "name = \"x\"\ncron = \"* * * * *\"\nsitemap = \"http://s/\"\nbogus = 1\n"
+    )
+    .is_err());
+}
