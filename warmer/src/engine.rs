@@ -78,6 +78,15 @@ impl Summary {
     }
 }
 
+/// Drops repeated URLs, keeping the first; remembers 8-byte hashes rather than copies, so a
+/// million-URL list costs 8 MB to de-duplicate, not a second copy of every URL.
+pub fn dedup<T>(items: &mut Vec<T>, url: impl Fn(&T) -> &str) {
+    use std::hash::{BuildHasher, RandomState};
+    let state = RandomState::new();
+    let mut seen = HashSet::with_capacity(items.len());
+    items.retain(|i| seen.insert(state.hash_one(url(i))));
+}
+
 /// Parses `Name: value` into a header pair.
 pub fn parse_variation(spec: &str) -> Result<Vec<(String, String)>, String> {
     spec.split(";;")
@@ -129,8 +138,7 @@ pub async fn collect_urls(
             }
         }
     }
-    let mut seen = HashSet::new();
-    pages.retain(|p| seen.insert(p.loc.clone()));
+    dedup(&mut pages, |p| &p.loc);
     pages.sort_by(|a, b| {
         b.priority
             .unwrap_or(0.5)
@@ -325,6 +333,13 @@ pub async fn warm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dedup_keeps_the_first_of_each() {
+        let mut v = vec!["a", "b", "a", "c", "b"];
+        dedup(&mut v, |s| s);
+        assert_eq!(v, vec!["a", "b", "c"]);
+    }
 
     #[test]
     fn variations_parse() {

@@ -816,8 +816,7 @@ impl Warm {
                 urls.extend(list.into_iter().map(|(u, _)| u));
             }
         }
-        let mut seen = std::collections::HashSet::new();
-        urls.retain(|u| seen.insert(u.clone()));
+        warmer::engine::dedup(&mut urls, |u| u);
         if urls.len() > self.config.max_urls {
             return Err(format!(
                 "the job lists {} URLs; warm.max_urls is {}",

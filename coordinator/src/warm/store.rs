@@ -1,6 +1,6 @@
 //! Warm jobs in `warm.redb` in the state dir: one JSON record per job (its spec, state
-//! and which shards each edge has done) and each shard's URLs under `(job, shard)`, so a
-//! million-URL job is never held in memory. The record is rewritten whenever a shard is
+//! and which shards each edge has done) and each shard's URLs (one per line) under
+//! `(job, shard)`, so a running million-URL job is not held in memory. The record is rewritten whenever a shard is
 //! reported, in a durable transaction: after kill -9 the job resumes from its last
 //! recorded shard.
 
@@ -12,6 +12,10 @@ use super::job::Job;
 
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const SHARDS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("shards");
+/// redb's page cache for this file.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// Shards written per transaction (bounds the memory of one commit).
+const SHARDS_PER_TXN: usize = 2000;
 
 /// Storage failures (a full disk among them).
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +37,11 @@ pub struct WarmStore {
 
 impl WarmStore {
     pub fn open(dir: &Path) -> Result<Self, WarmStoreError> {
-        let db = Database::create(dir.join("warm.redb")).map_err(storage)?;
+        // Shards are read once each: a small page cache (redb's default is 1 GiB).
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join("warm.redb"))
+            .map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(JOBS).map_err(storage)?;
@@ -68,34 +76,34 @@ impl WarmStore {
         txn.commit().map_err(storage)
     }
 
-    /// Stores a job's URLs split into shards of `per_shard`, and the job, in one
-    /// transaction; returns the number of shards.
+    /// Stores a job's URLs split into shards of `per_shard` (one URL per line), then the
+    /// job record; returns the number of shards. Shards go in batches of transactions, and
+    /// the job record last: until it says `running` with its shard count, the shards are
+    /// never read.
     pub fn put_shards(
         &self,
         job: &Job,
         urls: &[String],
         per_shard: usize,
     ) -> Result<u32, WarmStoreError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        let mut n = 0u32;
-        {
-            let mut table = txn.open_table(SHARDS).map_err(storage)?;
-            for (i, chunk) in urls.chunks(per_shard.max(1)).enumerate() {
-                let bytes = serde_json::to_vec(chunk).map_err(storage)?;
-                let i = u32::try_from(i).map_err(storage)?;
-                table
-                    .insert((job.id, i), bytes.as_slice())
-                    .map_err(storage)?;
-                n = i + 1;
+        let chunks: Vec<&[String]> = urls.chunks(per_shard.max(1)).collect();
+        let mut index = 0u32;
+        for batch in chunks.chunks(SHARDS_PER_TXN) {
+            let txn = self.db.begin_write().map_err(storage)?;
+            {
+                let mut table = txn.open_table(SHARDS).map_err(storage)?;
+                for chunk in batch {
+                    let text = chunk.join("\n");
+                    table
+                        .insert((job.id, index), text.as_bytes())
+                        .map_err(storage)?;
+                    index += 1;
+                }
             }
-            let bytes = serde_json::to_vec(job).map_err(storage)?;
-            txn.open_table(JOBS)
-                .map_err(storage)?
-                .insert(job.id, bytes.as_slice())
-                .map_err(storage)?;
+            txn.commit().map_err(storage)?;
         }
-        txn.commit().map_err(storage)?;
-        Ok(n)
+        self.put_job(job)?;
+        Ok(index)
     }
 
     pub fn shard(&self, job: u64, shard: u32) -> Result<Vec<String>, WarmStoreError> {
@@ -105,18 +113,34 @@ impl WarmStore {
             .get((job, shard))
             .map_err(storage)?
             .ok_or_else(|| WarmStoreError::Corrupt(format!("job {job} has no shard {shard}")))?;
-        serde_json::from_slice(v.value()).map_err(|e| WarmStoreError::Corrupt(e.to_string()))
+        let text = std::str::from_utf8(v.value())
+            .map_err(|e| WarmStoreError::Corrupt(format!("shard {job}/{shard}: {e}")))?;
+        Ok(text.lines().map(str::to_owned).collect())
     }
 
-    /// Drops a finished job's URLs (its record stays for the API).
+    /// Drops a finished job's URLs (its record stays for the API), in batches of
+    /// transactions so that freed pages are reused rather than the file growing.
     pub fn drop_shards(&self, job: u64) -> Result<(), WarmStoreError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut table = txn.open_table(SHARDS).map_err(storage)?;
-            table
-                .retain_in((job, 0)..=(job, u32::MAX), |_, _| false)
-                .map_err(storage)?;
+        loop {
+            let txn = self.db.begin_write().map_err(storage)?;
+            let removed = {
+                let mut table = txn.open_table(SHARDS).map_err(storage)?;
+                let keys: Vec<(u64, u32)> = table
+                    .range((job, 0)..=(job, u32::MAX))
+                    .map_err(storage)?
+                    .take(SHARDS_PER_TXN)
+                    .map(|r| r.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(storage)?;
+                for k in &keys {
+                    table.remove(k).map_err(storage)?;
+                }
+                keys.len()
+            };
+            txn.commit().map_err(storage)?;
+            if removed < SHARDS_PER_TXN {
+                return Ok(());
+            }
         }
-        txn.commit().map_err(storage)
     }
 }

@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --release -p tests --bin warm-bench -- --regions 3 --urls 500 --render-ms 20
 //! cargo run --release -p tests --bin warm-bench -- --regions 5 --urls 500 --render-ms 20
+//! cargo run --release -p tests --bin warm-bench -- --regions 3 --urls 500 --budget 100
 //! cargo run --release -p tests --bin warm-bench -- --memory-urls 1000000
 //! ```
 //!
@@ -30,6 +31,10 @@ struct Args {
     /// Concurrent fetches per edge.
     #[arg(long, default_value_t = 16)]
     concurrency: u32,
+    /// Origin budget, requests per second (satellites fetch from the shield at this rate
+    /// too).
+    #[arg(long, default_value_t = 2000.0)]
+    budget: f64,
     /// Only measure coordinator memory for a sitemap index of this many URLs.
     #[arg(long)]
     memory_urls: Option<u64>,
@@ -46,8 +51,8 @@ async fn view(cluster: &Cluster, id: u64) -> Value {
 async fn run(args: &Args, tiered: bool) {
     let opts = CoordinatorOpts {
         warm_extra: format!(
-            "origin_budget_rps = 2000\nsatellite_rate = 2000\nconcurrency = {}\n",
-            args.concurrency
+            "origin_budget_rps = {0}\nsatellite_rate = {0}\nconcurrency = {1}\n",
+            args.budget, args.concurrency
         ),
         ..CoordinatorOpts::default()
     };
@@ -93,11 +98,12 @@ async fn run(args: &Args, tiered: bool) {
         .map(|t| format!("{:.0}", urls / t.unwrap_or(f64::NAN)))
         .collect();
     println!(
-        "{:<7} regions={} urls={} render={}ms  URLs/s per region [{}]  whole job {:.1}s  origin renders/URL {:.2}",
+        "{:<7} regions={} urls={} render={}ms budget={}  URLs/s per region [{}]  whole job {:.1}s  origin renders/URL {:.2}",
         if tiered { "tiered" } else { "flat" },
         args.regions,
         urls,
         args.render_ms,
+        args.budget,
         per_region.join(", "),
         start.elapsed().as_secs_f64(),
         renders / urls

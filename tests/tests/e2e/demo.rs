@@ -31,6 +31,7 @@ async fn demo_runs_a_cluster_that_purges_everywhere_and_stops_cleanly() {
             "demo",
             "--regions",
             "2",
+            "--tiered",
             "--base-port",
             &base.to_string(),
             "--state-dir",
@@ -150,6 +151,45 @@ prefix = \"/secret\"
         assert_eq!(get(*v, "/secret").await.status, 403);
     }
 
+    // The how-to's warm job, tiered: region 0 is the shield, so the origin renders each
+    // page once for both regions.
+    let origin = cluster["origin"].as_str().unwrap().to_owned();
+    assert_eq!(cluster["tiered"], true);
+    let out = std::process::Command::new(bin_dir().join("coordinator"))
+        .args([
+            "warm",
+            "start",
+            "--sitemap",
+            &format!("{origin}/sitemap.xml"),
+            "--wait",
+        ])
+        .args(["--api", cluster["api"].as_str().unwrap()])
+        .args(["--token", cluster["api_token"].as_str().unwrap()])
+        .output()
+        .expect("warm start");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("tiered") && text.contains("111/111"),
+        "{text}"
+    );
+    let origin_addr: std::net::SocketAddr = origin.trim_start_matches("http://").parse().unwrap();
+    for path in ["/p/77", "/c/9"] {
+        for v in &varnish {
+            let r = get(*v, path).await;
+            assert_eq!(
+                r.header("X-Magento-Cache-Debug"),
+                Some("HIT"),
+                "{path} on {v}"
+            );
+        }
+        let renders = tests::get_json(origin_addr, &format!("/__origin/renders?url={path}"))
+            .await
+            .expect("renders");
+        assert_eq!(renders["renders"], 1, "{path}: {renders}");
+    }
+
     // The dashboard, as a newcomer opens it: every demo region, no console errors.
     let out = tests::chromium(
         &["--dump-dom", cluster["api"].as_str().unwrap()],
@@ -169,6 +209,10 @@ prefix = \"/secret\"
             "{name} missing:\n{dom}"
         );
     }
+    assert!(
+        dom.contains("Warm jobs") && dom.contains("111 / 111"),
+        "warm job missing:\n{dom}"
+    );
 
     let pids: Vec<u64> = regions
         .iter()
