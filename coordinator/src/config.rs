@@ -84,7 +84,8 @@ pub struct WarmConfig {
     pub schedule: Vec<ScheduleConfig>,
 }
 
-/// `[[warm.schedule]]`: a job started on a cron schedule (5 fields, UTC).
+/// `[[warm.schedule]]`: a job started on a cron schedule (5 fields, or 6 with seconds
+/// first; UTC).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(try_from = "toml::Table")]
 pub struct ScheduleConfig {
@@ -191,6 +192,7 @@ impl WarmConfig {
         }
         for s in &self.schedule {
             croner::Cron::new(&s.cron)
+                .with_seconds_optional()
                 .parse()
                 .map_err(|e| format!("warm.schedule {:?}: cron {:?}: {e}", s.name, s.cron))?;
             s.job
@@ -724,5 +726,26 @@ lon = -6.26
         let bad = format!("{SAMPLE}\n[[regions]]\nname = \"eu-west\"\n");
         let c: CoordinatorConfig = toml::from_str(&bad).unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn warm_table_is_checked() {
+        let ok = format!(
+            "{SAMPLE}\n[warm]\nshield = \"eu-west\"\n[[warm.schedule]]\nname = \"n\"\ncron = \"30 3 * * *\"\nsitemap = \"http://s/sitemap.xml\"\n[[warm.schedule]]\nname = \"fast\"\ncron = \"*/5 * * * * *\"\ntop = 10\n"
+        );
+        let c: CoordinatorConfig = toml::from_str(&ok).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.warm.schedule.len(), 2);
+        for (from, to, what) in [
+            ("30 3 * * *", "61 3 * * *", "cron"),
+            ("shield = \"eu-west\"", "shield = \"mars\"", "shield"),
+            ("top = 10", "top = 0", "top"),
+        ] {
+            let bad: CoordinatorConfig = toml::from_str(&ok.replace(from, to)).unwrap();
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        }
+        let typo = ok.replace("top = 10", "tpo = 10");
+        assert!(toml::from_str::<CoordinatorConfig>(&typo).is_err());
     }
 }

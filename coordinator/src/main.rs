@@ -198,7 +198,7 @@ enum WarmCommand {
         /// Concurrent fetches per edge.
         #[arg(long)]
         concurrency: Option<u32>,
-        /// 'Header: value' (several joined by ';;'); each URL is fetched once per variation.
+        /// 'Header: value' (several joined by ';;'); each URL is also fetched once per variation.
         #[arg(long)]
         variation: Vec<String>,
         /// Host header for every request.

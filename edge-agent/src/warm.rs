@@ -105,9 +105,7 @@ async fn run_shard(
     slots: Arc<Semaphore>,
     out: mpsc::Sender<AgentMessage>,
 ) {
-    let variations: Vec<Vec<(String, String)>> = if shard.variations.is_empty() {
-        vec![Vec::new()]
-    } else {
+    let variations = warmer::engine::with_plain(
         shard
             .variations
             .iter()
@@ -117,8 +115,8 @@ async fn run_shard(
                     .map(|h| (h.name.clone(), h.value.clone()))
                     .collect()
             })
-            .collect()
-    };
+            .collect(),
+    );
     let items = shard
         .urls
         .iter()

@@ -33,7 +33,7 @@ pub struct Options {
     /// Requests per second (all variations together).
     pub rate: f64,
     pub concurrency: usize,
-    /// Header sets; every URL is fetched once per variation (none: once, plain).
+    /// Header sets; every URL is fetched plain and once more per variation.
     pub variations: Vec<Vec<(String, String)>>,
     pub timeout: Duration,
     /// A miss slower than this to its first byte makes the pass slow down.
@@ -85,6 +85,14 @@ pub fn dedup<T>(items: &mut Vec<T>, url: impl Fn(&T) -> &str) {
     let state = RandomState::new();
     let mut seen = HashSet::with_capacity(items.len());
     items.retain(|i| seen.insert(state.hash_one(url(i))));
+}
+
+/// The header sets each URL is fetched with: plain (what a first-time visitor sends), then
+/// once per variation.
+pub fn with_plain(variations: Vec<Vec<(String, String)>>) -> Vec<Vec<(String, String)>> {
+    std::iter::once(Vec::new())
+        .chain(variations.into_iter().filter(|v| !v.is_empty()))
+        .collect()
 }
 
 /// Parses `Name: value` into a header pair.
@@ -306,11 +314,7 @@ pub async fn warm(
     opts: &Options,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Summary {
-    let variations: Vec<Vec<(String, String)>> = if opts.variations.is_empty() {
-        vec![Vec::new()]
-    } else {
-        opts.variations.clone()
-    };
+    let variations = with_plain(opts.variations.clone());
     let items = urls
         .iter()
         .flat_map(|u| variations.iter().map(move |v| (u.clone(), v.clone())))

@@ -28,8 +28,8 @@ pub struct JobSpec {
     /// Concurrent fetches per edge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
-    /// `Header: value` sets (several headers joined by `;;`); each URL is fetched once per
-    /// variation. Default: `[warm] variations`.
+    /// `Header: value` sets (several headers joined by `;;`); each URL is fetched plain and
+    /// once more per variation. Default: `[warm] variations`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variations: Option<Vec<String>>,
     /// Host header (default: `[warm] host`, else each URL's own host).
@@ -215,11 +215,12 @@ pub struct Job {
 }
 
 impl Job {
-    /// Fetches shard `shard` stands for on one edge (URLs times variations).
+    /// Fetches shard `shard` stands for on one edge (URLs times header sets: plain, then
+    /// each variation).
     pub fn shard_fetches(&self, shard: u32) -> u64 {
         let start = shard as usize * self.per_shard;
         let urls = self.urls.saturating_sub(start).min(self.per_shard);
-        (urls * self.variations.len().max(1)) as u64
+        (urls * (self.variations.len() + 1)) as u64
     }
 
     pub fn edge_done(&self, w: &EdgeWork) -> bool {
@@ -265,6 +266,7 @@ pub struct JobView {
     pub error: Option<String>,
     pub spec: JobSpec,
     pub urls: usize,
+    /// Header sets per URL: plain plus each variation.
     pub variations: usize,
     pub tiered: bool,
     pub budget: f64,
@@ -311,7 +313,7 @@ impl JobView {
             error: job.error.clone(),
             spec: job.spec.clone(),
             urls: job.urls,
-            variations: job.variations.len().max(1),
+            variations: job.variations.len() + 1,
             tiered: job.shield.is_some(),
             budget: job.budget,
             rate,
@@ -386,7 +388,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(job.shard_fetches(2), 10);
+        assert_eq!(job.shard_fetches(2), 15);
         assert!(!job.shield_done(0));
         let eu = job.edges.get_mut("eu-1").unwrap();
         eu.set_done(0);
@@ -394,8 +396,9 @@ mod tests {
         assert!(eu.is_done(2) && !eu.is_done(1) && !eu.is_done(70));
         assert!(job.shield_done(0) && !job.shield_done(1));
         let v = JobView::of(&job, None, 1000);
-        assert_eq!(v.regions["eu"].total, 50);
-        assert_eq!(v.regions["eu"].done, 30);
+        // 25 URLs x (plain + 2 variations).
+        assert_eq!(v.regions["eu"].total, 75);
+        assert_eq!(v.regions["eu"].done, 45);
         assert_eq!(v.regions["eu"].eta_s, Some(1));
         assert_eq!(v.regions["us"].done, 0);
         assert!(!job.all_done());

@@ -2,7 +2,8 @@
 //! entries, and tag purges (re-warm).
 //!
 //! [`Warm::run`] ticks every [`TICK`]: it starts the next queued job when none runs,
-//! queues a job for every schedule whose next time (5-field cron, UTC) has come (a
+//! queues a job for every schedule whose next time (cron: 5 fields, or 6 with seconds
+//! first; UTC) has come (a
 //! schedule whose previous job is still queued or running is skipped: a slow nightly
 //! warm never piles up), and follows the purge log. Tag purges accumulate until
 //! `rewarm_debounce_ms` pass without one (at most four times that in a steady stream), so
@@ -42,7 +43,10 @@ impl Warm {
             .schedule
             .iter()
             .filter_map(|s| {
-                let cron = croner::Cron::new(&s.cron).parse().ok()?;
+                let cron = croner::Cron::new(&s.cron)
+                    .with_seconds_optional()
+                    .parse()
+                    .ok()?;
                 let next = cron.find_next_occurrence(&Utc::now(), false).ok();
                 Some((s.name.clone(), cron, next))
             })

@@ -396,7 +396,7 @@ async fn a_tag_purge_rewarms_exactly_its_pages_in_every_region() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_killed_mid_job_resumes_without_refetching() {
+async fn a_coordinator_and_an_agent_killed_mid_job_resume_without_refetching() {
     let mut cluster =
         Cluster::start(1, "ban", opts("origin_budget_rps = 25\nshard_urls = 10\n")).await;
     let id = start_job(
@@ -414,14 +414,27 @@ async fn a_coordinator_killed_mid_job_resumes_without_refetching() {
         "job did not progress"
     );
     cluster.coordinator.kill9_and_restart().await;
+    // And the agent, later in the job.
+    assert_eventually!(
+        30,
+        job(&cluster.coordinator, id).await["regions"]["region-0"]["done"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 140,
+        "job did not resume after the coordinator restart"
+    );
+    cluster.agents[0].kill9().await;
+    cluster.agents[0].restart();
     let view = finished(&cluster.coordinator, id, 60).await;
     assert_eq!(view["state"], "done", "{view}");
     assert_eq!(view["regions"]["region-0"]["done"], 200);
-    // Every page was requested once, plus at most the shards in flight at the kill.
+    // Every page was requested once, plus at most the shards in flight at each kill.
     let requests = cluster.varnish[0].counter("MAIN.client_req");
-    println!("varnish saw {requests} requests for 200 pages across a coordinator kill -9");
+    println!(
+        "varnish saw {requests} requests for 200 pages across a coordinator and an agent kill -9"
+    );
     assert!(
-        (200..=200 + 2 * 10).contains(&requests),
+        (200..=200 + 2 * 2 * 10).contains(&requests),
         "{requests} requests"
     );
     assert_eq!(cluster.origin.origin.total_renders(), 200);
@@ -441,6 +454,34 @@ async fn sitemap_index_with_gzip_children_popular_urls_cancel_and_bad_input() {
     assert_eq!(view["state"], "done", "{view}");
     assert_eq!(view["urls"], 100, "both gzipped halves");
     assert_eq!(cluster.origin.origin.renders("/p/100"), 1);
+
+    // A variation (Magento's store-view cookie) is a second cache key: both are warmed.
+    let id = start_job(
+        c,
+        json!({"urls": [format!("http://{origin}/c/5")], "host": "shop.test",
+               "variations": ["Cookie: X-Magento-Vary=store_de"]}),
+    )
+    .await;
+    let view = finished(c, id, 30).await;
+    assert_eq!(
+        (view["state"].as_str(), view["variations"].as_u64()),
+        (Some("done"), Some(2)),
+        "{view}"
+    );
+    assert_eq!(cluster.origin.origin.renders("/c/5"), 2);
+    let with_cookie = tests::raw(
+        cluster.varnish[0].http,
+        b"GET /c/5 HTTP/1.1\r\nHost: shop.test\r\nCookie: X-Magento-Vary=store_de\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("GET");
+    assert_eq!(with_cookie.header("X-Magento-Cache-Debug"), Some("HIT"));
+    assert_eq!(
+        get(cluster.varnish[0].http, "/c/5")
+            .await
+            .header("X-Magento-Cache-Debug"),
+        Some("HIT")
+    );
 
     // Not a sitemap: the job fails and says why.
     let id = start_job(c, json!({"sitemap": format!("http://{origin}/p/1")})).await;
@@ -526,4 +567,45 @@ async fn sitemap_index_with_gzip_children_popular_urls_cancel_and_bad_input() {
     );
     let (ok, out) = cli(c, &["warm", "status", &id.to_string()]);
     assert!(ok && out.contains("cancelled"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_schedule_queues_jobs_and_never_piles_them_up() {
+    let opts = CoordinatorOpts {
+        warm_extra: "origin_budget_rps = 300\n".into(),
+        extra: "[[warm.schedule]]\nname = \"often\"\ncron = \"*/2 * * * * *\"\nurls = [\"http://{origin}/p/3\"]\nhost = \"shop.test\"\n".into(),
+        ..CoordinatorOpts::default()
+    };
+    let cluster = Cluster::start(1, "ban", opts).await;
+    let mut jobs;
+    assert_eventually!(
+        20,
+        {
+            jobs = cluster
+                .coordinator
+                .call("GET", "/api/v1/warm/jobs", None)
+                .await
+                .json();
+            jobs["jobs"].as_array().is_some_and(|j| {
+                j.iter()
+                    .filter(|j| j["kind"] == "schedule" && j["state"] == "done")
+                    .count()
+                    >= 2
+            })
+        },
+        "scheduled jobs: {jobs}"
+    );
+    let all = jobs["jobs"].as_array().expect("jobs");
+    assert!(all.iter().all(|j| j["name"] == "often"), "{jobs}");
+    let pending = all
+        .iter()
+        .filter(|j| j["state"] == "queued" || j["state"] == "running")
+        .count();
+    assert!(pending <= 1, "scheduled jobs piled up: {jobs}");
+    assert_eq!(
+        get(cluster.varnish[0].http, "/p/3")
+            .await
+            .header("X-Magento-Cache-Debug"),
+        Some("HIT")
+    );
 }
