@@ -204,13 +204,54 @@ fn rollouts() -> &'static Arc<Rollouts> {
     })
 }
 
-/// A protobuf `AgentMessage` as it arrives on a session.
+/// Warming with one connected edge and a running job of 100 URLs.
+fn warm() -> &'static Arc<crate::warm::Warm> {
+    static W: OnceLock<Arc<crate::warm::Warm>> = OnceLock::new();
+    W.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("coordinator-fuzz-warm-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let regions = vec!["fuzz-region".to_owned()];
+        let w = crate::warm::Warm::open(
+            crate::config::WarmConfig {
+                rewarm_after_purge: true,
+                ..Default::default()
+            },
+            "t".into(),
+            regions,
+            &dir,
+            Arc::default(),
+        )
+        .expect("fuzz warm store");
+        w.connect("fuzz-edge", "fuzz-region", 1);
+        let spec = crate::warm::job::JobSpec {
+            urls: (0..100).map(|i| format!("http://shop/p/{i}")).collect(),
+            ..Default::default()
+        };
+        if w.create(spec, crate::warm::job::Origin::Api).is_ok() {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
+                rt.block_on(w.start_next());
+            }
+        }
+        w
+    })
+}
+
+/// A protobuf `AgentMessage` as it arrives on a session. Properties: nothing panics, and
+/// a warm job never shows more done than total, whatever progress reports say.
 pub fn agent_message(data: &[u8]) {
     let Ok(msg) = AgentMessage::decode(data) else {
         return;
     };
     let r = rollouts();
+    let w = warm();
+    // Hand out whatever the edge may have, so reports can match shards in flight.
+    let _ = w.next_for("fuzz-edge", 1);
     match msg.msg {
+        Some(agent_message::Msg::WarmProgress(p)) => w.on_progress("fuzz-edge", 1, p),
+        Some(agent_message::Msg::TopUrls(t)) => {
+            w.on_top("fuzz-edge", "fuzz-region", t);
+            let _ = w.top(&["fuzz-region".to_owned()], 10);
+        }
         Some(agent_message::Msg::Hello(h)) => {
             let _ = crate::fanout::validate_id(&h.edge_id, "edge_id");
             let _ = crate::fanout::validate_id(&h.region, "region");
@@ -222,6 +263,11 @@ pub fn agent_message(data: &[u8]) {
     let _ = r.next_apply("fuzz-edge", 1);
     r.tick();
     let _ = serde_json::to_string(&r.view());
+    for job in w.list(5) {
+        for p in job.regions.values() {
+            assert!(p.done <= p.total, "{job:?}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -245,5 +291,17 @@ mod tests {
         purge_request(b"\x00PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: .*\r\n\r\n");
         waf(crate::demo::SAMPLE_WAF.as_bytes());
         agent_message(&[0x82, 0x01, 0x02, 0x0a, 0x00]);
+        // A WarmProgress for job 1, shard 0 (in flight once the harness handed it out).
+        let progress = AgentMessage {
+            msg: Some(agent_message::Msg::WarmProgress(proto::edge::WarmProgress {
+                job_id: 1,
+                shard: 0,
+                fetched: 20,
+                ..Default::default()
+            })),
+        };
+        agent_message(&progress.encode_to_vec());
+        let done = warm().view(1).expect("job 1").regions["fuzz-region"].done;
+        assert_eq!(done, 20);
     }
 }

@@ -690,7 +690,7 @@ impl Warm {
     }
 
     /// Starts the oldest queued job if none runs: resolves its URLs and edges.
-    async fn start_next(&self) {
+    pub(crate) async fn start_next(&self) {
         let (id, spec, regions) = {
             let inner = self.lock();
             if inner.jobs.values().any(|j| j.state == State::Running) {
