@@ -208,7 +208,8 @@ fn rollouts() -> &'static Arc<Rollouts> {
 fn warm() -> &'static Arc<crate::warm::Warm> {
     static W: OnceLock<Arc<crate::warm::Warm>> = OnceLock::new();
     W.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("coordinator-fuzz-warm-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("coordinator-fuzz-warm-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let regions = vec!["fuzz-region".to_owned()];
         let w = crate::warm::Warm::open(
@@ -293,12 +294,14 @@ mod tests {
         agent_message(&[0x82, 0x01, 0x02, 0x0a, 0x00]);
         // A WarmProgress for job 1, shard 0 (in flight once the harness handed it out).
         let progress = AgentMessage {
-            msg: Some(agent_message::Msg::WarmProgress(proto::edge::WarmProgress {
-                job_id: 1,
-                shard: 0,
-                fetched: 20,
-                ..Default::default()
-            })),
+            msg: Some(agent_message::Msg::WarmProgress(
+                proto::edge::WarmProgress {
+                    job_id: 1,
+                    shard: 0,
+                    fetched: 20,
+                    ..Default::default()
+                },
+            )),
         };
         agent_message(&progress.encode_to_vec());
         let done = warm().view(1).expect("job 1").regions["fuzz-region"].done;

@@ -43,6 +43,8 @@ use edges::{EdgeHello, EdgeRegistry, SessionHandle};
 const BATCH_ENTRIES: usize = 2048;
 /// Batches in flight towards one agent before the sender waits.
 const OUTBOUND_DEPTH: usize = 2;
+/// Shortest time between two warm lookups of one session.
+const WARM_LOOK_INTERVAL: Duration = Duration::from_millis(20);
 /// Time an agent has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -382,6 +384,12 @@ async fn warm_loop(
             if !send(&tx, &handle, msg).await {
                 return;
             }
+        }
+        // Every report wakes every session; at most one look per 20 ms each keeps a
+        // thousand edges from turning one report into a thousand lookups at once.
+        tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            _ = tokio::time::sleep(WARM_LOOK_INTERVAL) => {}
         }
         tokio::select! {
             _ = handle.cancel.cancelled() => return,

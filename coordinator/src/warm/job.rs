@@ -209,8 +209,8 @@ pub struct Job {
     /// Origin budget (requests/s).
     pub budget: f64,
     pub regions: Vec<String>,
-    /// Target edges by id.
-    #[serde(default)]
+    /// Target edges by id (stored under their own keys, see [`super::store`]).
+    #[serde(skip)]
     pub edges: BTreeMap<String, EdgeWork>,
 }
 
@@ -285,14 +285,19 @@ impl JobView {
             .iter()
             .map(|r| (r.clone(), RegionProgress::default()))
             .collect();
+        let per_url = (job.variations.len() + 1) as u64;
+        let total = job.urls as u64 * per_url;
+        // Every shard is full except perhaps the last.
+        let short_last = (job.shards as usize * job.per_shard).saturating_sub(job.urls) as u64;
         for w in job.edges.values() {
             let p = regions.entry(w.region.clone()).or_default();
             p.edges += 1;
-            p.total += (0..job.shards).map(|s| job.shard_fetches(s)).sum::<u64>();
-            p.done += (0..job.shards)
-                .filter(|&s| w.is_done(s))
-                .map(|s| job.shard_fetches(s))
-                .sum::<u64>();
+            p.total += total;
+            let mut done = u64::from(w.shards_done()) * job.per_shard as u64;
+            if job.shards > 0 && w.is_done(job.shards - 1) {
+                done -= short_last;
+            }
+            p.done += done * per_url;
             p.errors += w.errors;
             p.hits += w.hits;
             p.misses += w.misses;

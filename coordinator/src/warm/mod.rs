@@ -87,6 +87,8 @@ struct Inner {
     sent_rate: HashMap<String, (u64, f64)>,
     /// Jobs to tell an edge to drop.
     cancels: HashMap<String, Vec<u64>>,
+    /// Per edge: (job, a shard below which all are done).
+    hints: HashMap<String, (u64, u32)>,
     /// The running job's controller.
     aimd: Option<(u64, Aimd)>,
     tags: Option<TagIndex>,
@@ -366,11 +368,22 @@ impl Warm {
                 .unwrap_or_default();
             let is_shield = job.shield.as_ref() == Some(&work.region);
             let mut free = IN_FLIGHT.saturating_sub(busy.len());
-            for shard in 0..job.shards {
+            // Shards below the hint are done: scans start there, not at 0.
+            let from = inner
+                .hints
+                .get(edge)
+                .filter(|(j, _)| *j == job_id)
+                .map_or(0, |(_, h)| *h);
+            let mut first_open = None;
+            for shard in from..job.shards {
                 if free == 0 {
                     break;
                 }
-                if work.is_done(shard) || busy.contains(&shard) {
+                if work.is_done(shard) {
+                    continue;
+                }
+                first_open.get_or_insert(shard);
+                if busy.contains(&shard) {
                     continue;
                 }
                 if !is_shield && !job.shield_done(shard) {
@@ -396,6 +409,9 @@ impl Warm {
                     out.push(Msg::WarmRate(WarmRate { job_id, rate }));
                 }
                 inner.sent_rate.insert(edge.to_owned(), (job_id, rate));
+            }
+            if let Some(h) = first_open {
+                inner.hints.insert(edge.to_owned(), (job_id, h));
             }
             let slot = inner.in_flight.entry(edge.to_owned()).or_default();
             slot.extend(picks.iter().map(|s| (job_id, *s)));
@@ -553,25 +569,28 @@ impl Warm {
                     }
                 }
             }
-            let mut finished = false;
+            let work = job.edges.get(edge).cloned().unwrap_or_default();
+            let mut finished = None;
             if job.all_done() {
                 job.state = State::Done;
                 job.finished_ms = Some(crate::bundle::store::now_ms());
-                finished = true;
                 tracing::info!(job_id = job.id, "warm job done");
-            }
-            let snapshot = job.clone();
-            if finished {
+                let mut meta = job.clone();
+                meta.edges.clear();
+                finished = Some(meta);
                 inner.aimd = None;
             }
-            (snapshot, finished)
+            (p.job_id, work, finished)
         };
-        let (job, finished) = persist;
-        if let Err(e) = self.store.put_job(&job) {
-            tracing::error!(job_id = job.id, error = %e, "cannot record warm progress; the shard will be redone after a restart");
+        let (job_id, work, finished) = persist;
+        if let Err(e) = self.store.put_edge(job_id, edge, &work) {
+            tracing::error!(job_id, edge, error = %e, "cannot record warm progress; the shard will be redone after a restart");
         }
-        if finished {
-            let _ = self.store.drop_shards(job.id);
+        if let Some(job) = finished {
+            if let Err(e) = self.store.put_job(&job) {
+                tracing::error!(job_id, error = %e, "cannot record the end of a warm job");
+            }
+            let _ = self.store.drop_shards(job_id);
         }
         self.bump();
     }

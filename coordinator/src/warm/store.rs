@@ -1,16 +1,19 @@
-//! Warm jobs in `warm.redb` in the state dir: one JSON record per job (its spec, state
-//! and which shards each edge has done) and each shard's URLs (one per line) under
-//! `(job, shard)`, so a running million-URL job is not held in memory. The record is rewritten whenever a shard is
-//! reported, in a durable transaction: after kill -9 the job resumes from its last
-//! recorded shard.
+//! Warm jobs in `warm.redb` in the state dir: one JSON record per job (spec, state), one
+//! per target edge under `(job, edge)` (which shards it has done), and each shard's URLs
+//! (one per line) under `(job, shard)`, so a running million-URL job is not held in
+//! memory. An edge's record is rewritten when it reports a shard; job state changes are
+//! durable commits, which also make every earlier progress write durable. After kill -9
+//! a job resumes from its recorded shards.
 
 use std::path::Path;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 
-use super::job::Job;
+use super::job::{EdgeWork, Job};
 
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+/// Each target edge's part of a job, `(job, edge)`: rewritten alone when that edge reports.
+const EDGES: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("edges");
 const SHARDS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("shards");
 /// redb's page cache for this file.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
@@ -45,33 +48,56 @@ impl WarmStore {
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(JOBS).map_err(storage)?;
+            txn.open_table(EDGES).map_err(storage)?;
             txn.open_table(SHARDS).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
         Ok(WarmStore { db })
     }
 
-    /// Every stored job, oldest first.
+    /// Every stored job with its edges, oldest first.
     pub fn jobs(&self) -> Result<Vec<Job>, WarmStoreError> {
+        let corrupt = |e: serde_json::Error| WarmStoreError::Corrupt(e.to_string());
         let txn = self.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(JOBS).map_err(storage)?;
+        let jobs = txn.open_table(JOBS).map_err(storage)?;
+        let edges = txn.open_table(EDGES).map_err(storage)?;
         let mut out = Vec::new();
-        for row in table.iter().map_err(storage)? {
+        for row in jobs.iter().map_err(storage)? {
             let (_, v) = row.map_err(storage)?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| WarmStoreError::Corrupt(e.to_string()))?,
-            );
+            let mut job: Job = serde_json::from_slice(v.value()).map_err(corrupt)?;
+            for row in edges
+                .range((job.id, "")..(job.id + 1, ""))
+                .map_err(storage)?
+            {
+                let (k, v) = row.map_err(storage)?;
+                let work: EdgeWork = serde_json::from_slice(v.value()).map_err(corrupt)?;
+                job.edges.insert(k.value().1.to_owned(), work);
+            }
+            out.push(job);
         }
         Ok(out)
     }
 
+    /// Stores the job record (not its edges), durably.
     pub fn put_job(&self, job: &Job) -> Result<(), WarmStoreError> {
         let bytes = serde_json::to_vec(job).map_err(storage)?;
         let txn = self.db.begin_write().map_err(storage)?;
         txn.open_table(JOBS)
             .map_err(storage)?
             .insert(job.id, bytes.as_slice())
+            .map_err(storage)?;
+        txn.commit().map_err(storage)
+    }
+
+    /// Stores one edge's part of a job. Not fsynced on its own (the next durable commit
+    /// carries it): losing the last moments of progress in a crash only repeats shards.
+    pub fn put_edge(&self, job: u64, edge: &str, work: &EdgeWork) -> Result<(), WarmStoreError> {
+        let bytes = serde_json::to_vec(work).map_err(storage)?;
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Eventual);
+        txn.open_table(EDGES)
+            .map_err(storage)?
+            .insert((job, edge), bytes.as_slice())
             .map_err(storage)?;
         txn.commit().map_err(storage)
     }
@@ -102,7 +128,22 @@ impl WarmStore {
             }
             txn.commit().map_err(storage)?;
         }
-        self.put_job(job)?;
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut table = txn.open_table(EDGES).map_err(storage)?;
+            for (edge, work) in &job.edges {
+                let bytes = serde_json::to_vec(work).map_err(storage)?;
+                table
+                    .insert((job.id, edge.as_str()), bytes.as_slice())
+                    .map_err(storage)?;
+            }
+            let bytes = serde_json::to_vec(job).map_err(storage)?;
+            txn.open_table(JOBS)
+                .map_err(storage)?
+                .insert(job.id, bytes.as_slice())
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
         Ok(index)
     }
 
