@@ -308,7 +308,8 @@ impl Warm {
         (inner.totals.clone(), states, rate)
     }
 
-    /// A warm-capable session started.
+    /// A warm-capable session started. An edge new to a running job's regions (added to
+    /// the fleet mid-job) joins the job.
     pub fn connect(&self, edge: &str, region: &str, session: u64) {
         let mut inner = self.lock();
         inner
@@ -316,7 +317,26 @@ impl Warm {
             .insert(edge.to_owned(), (region.to_owned(), session));
         inner.in_flight.remove(edge);
         inner.sent_rate.remove(edge);
+        let joined = inner
+            .jobs
+            .values_mut()
+            .find(|j| j.state == State::Running)
+            .filter(|j| j.regions.iter().any(|r| r == region) && !j.edges.contains_key(edge))
+            .map(|job| {
+                let work = EdgeWork {
+                    region: region.to_owned(),
+                    ..EdgeWork::default()
+                };
+                job.edges.insert(edge.to_owned(), work.clone());
+                (job.id, work)
+            });
         drop(inner);
+        if let Some((job_id, work)) = joined {
+            tracing::info!(job_id, edge, region, "edge joined a running warm job");
+            if let Err(e) = self.store.put_edge(job_id, edge, &work) {
+                tracing::error!(job_id, edge, error = %e, "cannot record an edge joining a warm job");
+            }
+        }
         self.bump();
     }
 

@@ -423,3 +423,26 @@ rate = 5.0
     )
     .is_err());
 }
+
+#[tokio::test]
+async fn an_edge_added_mid_job_joins_it() {
+    let f = fixture(config());
+    connect_all(&f);
+    let id = running(
+        &f,
+        JobSpec {
+            urls: urls(20),
+            regions: Some(vec!["eu".into()]),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    assert_eq!(f.warm.view(id).unwrap().regions["eu"].edges, 1);
+    f.warm.connect("eu-2", "eu", 7);
+    f.warm.connect("us-9", "us", 8);
+    let v = f.warm.view(id).unwrap();
+    assert_eq!((v.regions["eu"].edges, v.regions["eu"].total), (2, 40));
+    assert!(!v.regions.contains_key("us"), "not a target region");
+    assert_eq!(shards(&f.warm.next_for("eu-2", 7)).len(), 2);
+    assert!(shards(&f.warm.next_for("us-9", 8)).is_empty());
+}

@@ -201,6 +201,15 @@ async fn tiered_job_renders_each_page_once_and_every_region_serves_it_from_cache
         201,
         "nothing else rendered"
     );
+    // Every region, satellites included, serves the new render: the purge reached the
+    // satellites' copies (they carry the tags the shield showed them).
+    for (i, v) in cluster.varnish.iter().enumerate() {
+        let body = get(v.http, "/p/5").await.body;
+        assert!(
+            body.contains("render 2"),
+            "region-{i} serves a stale page: {body}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
