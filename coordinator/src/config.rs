@@ -96,6 +96,15 @@ pub struct ScheduleConfig {
     pub job: crate::warm::job::JobSpec,
 }
 
+impl ScheduleConfig {
+    /// The parsed cron expression (5 fields, or 6 with seconds first).
+    pub fn cron(&self) -> Result<croner::Cron, croner::errors::CronError> {
+        croner::Cron::new(&self.cron)
+            .with_seconds_optional()
+            .parse()
+    }
+}
+
 impl TryFrom<toml::Table> for ScheduleConfig {
     type Error = String;
 
@@ -191,9 +200,7 @@ impl WarmConfig {
             warmer::engine::parse_variation(v).map_err(|e| format!("warm.variations: {e}"))?;
         }
         for s in &self.schedule {
-            croner::Cron::new(&s.cron)
-                .with_seconds_optional()
-                .parse()
+            s.cron()
                 .map_err(|e| format!("warm.schedule {:?}: cron {:?}: {e}", s.name, s.cron))?;
             s.job
                 .validate(regions)

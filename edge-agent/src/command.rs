@@ -38,6 +38,25 @@ pub enum CommandError {
     },
 }
 
+/// Starts `program args...` with stdout piped, no stdin, killed when dropped.
+fn spawn(
+    program: &Path,
+    args: &[&str],
+    stderr: Stdio,
+) -> Result<tokio::process::Child, CommandError> {
+    tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| CommandError::Spawn {
+            program: program.display().to_string(),
+            source,
+        })
+}
+
 /// Runs `program args...` and returns its stdout (at most 4 MiB).
 pub async fn run(
     program: &Path,
@@ -45,17 +64,7 @@ pub async fn run(
     timeout: Duration,
 ) -> Result<Vec<u8>, CommandError> {
     let name = program.display().to_string();
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| CommandError::Spawn {
-            program: name.clone(),
-            source,
-        })?;
+    let mut child = spawn(program, args, Stdio::piped())?;
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let work = async {
@@ -109,17 +118,7 @@ pub struct Lines {
 /// Starts `program args...` for [`Lines::next`]; stderr is discarded.
 pub fn lines(program: &Path, args: &[&str]) -> Result<Lines, CommandError> {
     let name = program.display().to_string();
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| CommandError::Spawn {
-            program: name.clone(),
-            source,
-        })?;
+    let mut child = spawn(program, args, Stdio::null())?;
     let stdout = child.stdout.take().ok_or_else(|| CommandError::Io {
         program: name.clone(),
         source: std::io::Error::other("no stdout"),

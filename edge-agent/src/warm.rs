@@ -105,24 +105,18 @@ async fn run_shard(
     slots: Arc<Semaphore>,
     out: mpsc::Sender<AgentMessage>,
 ) {
-    let variations = warmer::engine::with_plain(
-        shard
-            .variations
-            .iter()
-            .map(|v| {
-                v.headers
-                    .iter()
-                    .map(|h| (h.name.clone(), h.value.clone()))
-                    .collect()
-            })
-            .collect(),
-    );
-    let items = shard
-        .urls
+    let variations: Vec<Vec<(String, String)>> = shard
+        .variations
         .iter()
-        .take(MAX_SHARD_URLS)
-        .flat_map(|u| variations.iter().map(move |v| (u.clone(), v.clone())))
+        .map(|v| {
+            v.headers
+                .iter()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect()
+        })
         .collect();
+    let urls = &shard.urls[..shard.urls.len().min(MAX_SHARD_URLS)];
+    let items = warmer::engine::items(urls, &variations);
     let spec = Arc::new(FetchSpec {
         via,
         host: Some(shard.host.clone()).filter(|h| !h.is_empty()),

@@ -625,40 +625,28 @@ impl Cluster {
             opts.warm_extra.push_str("shield = \"region-0\"\n");
         }
         // Region-0's varnish first: in tiered mode the others point at it.
-        let first = VarnishNode::start(&dir.path().join("r0"), origin.addr).await;
+        let mut varnish: Vec<VarnishNode> = Vec::new();
         for i in 0..regions {
-            let backend = if tiered && i > 0 {
-                first.http
-            } else {
-                origin.addr
+            let backend = match varnish.first() {
+                Some(shield) if tiered => shield.http,
+                _ => origin.addr,
             };
             opts.extra
                 .push_str(&regions_toml(1, backend).replace("region-0", &format!("region-{i}")));
+            varnish.push(VarnishNode::start(&dir.path().join(format!("r{i}")), backend).await);
         }
         let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;
-        let mut varnish = Vec::new();
         let mut agents = Vec::new();
-        let mut first = Some(first);
-        for i in 0..regions {
+        for (i, v) in varnish.iter().enumerate() {
             let rdir = dir.path().join(format!("r{i}"));
-            let backend = if tiered && i > 0 {
-                varnish_http(&varnish)
-            } else {
-                origin.addr
-            };
-            let v = match first.take() {
-                Some(v) => v,
-                None => VarnishNode::start(&rdir, backend).await,
-            };
             agents.push(AgentProc::start(
                 &rdir,
                 &format!("edge-{i}"),
                 &format!("region-{i}"),
                 &coordinator,
-                &v,
+                v,
                 mode,
             ));
-            varnish.push(v);
         }
         let cluster = Cluster {
             dir,
@@ -685,10 +673,6 @@ impl Cluster {
             self.coordinator.edges().await
         );
     }
-}
-
-fn varnish_http(nodes: &[VarnishNode]) -> SocketAddr {
-    nodes.first().map(|v| v.http).expect("region-0 varnish")
 }
 
 /// A parsed HTTP response.

@@ -87,12 +87,32 @@ pub fn dedup<T>(items: &mut Vec<T>, url: impl Fn(&T) -> &str) {
     items.retain(|i| seen.insert(state.hash_one(url(i))));
 }
 
-/// The header sets each URL is fetched with: plain (what a first-time visitor sends), then
-/// once per variation.
-pub fn with_plain(variations: Vec<Vec<(String, String)>>) -> Vec<Vec<(String, String)>> {
-    std::iter::once(Vec::new())
-        .chain(variations.into_iter().filter(|v| !v.is_empty()))
+/// Every (URL, headers) fetch of a pass: each URL plain (what a first-time visitor
+/// sends), then once per variation.
+pub fn items(
+    urls: &[String],
+    variations: &[Vec<(String, String)>],
+) -> Vec<(String, Vec<(String, String)>)> {
+    let sets: Vec<&[(String, String)]> = std::iter::once(&[][..])
+        .chain(
+            variations
+                .iter()
+                .filter(|v| !v.is_empty())
+                .map(Vec::as_slice),
+        )
+        .collect();
+    urls.iter()
+        .flat_map(|u| sets.iter().map(move |v| (u.clone(), v.to_vec())))
         .collect()
+}
+
+/// The `'Name: value;;Name: value'` form [`parse_variation`] reads.
+pub fn format_variation(headers: &[(String, String)]) -> String {
+    headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}"))
+        .collect::<Vec<_>>()
+        .join(";;")
 }
 
 /// Parses `Name: value` into a header pair.
@@ -314,11 +334,7 @@ pub async fn warm(
     opts: &Options,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Summary {
-    let variations = with_plain(opts.variations.clone());
-    let items = urls
-        .iter()
-        .flat_map(|u| variations.iter().map(move |v| (u.clone(), v.clone())))
-        .collect();
+    let items = items(urls, &opts.variations);
     let spec = Arc::new(FetchSpec {
         via: opts.via,
         host: opts.host.clone(),
@@ -358,6 +374,8 @@ mod tests {
             2
         );
         assert!(parse_variation("nocolon").is_err());
+        let two = parse_variation("Cookie: a=1;;X-Device: mobile").unwrap();
+        assert_eq!(parse_variation(&format_variation(&two)).unwrap(), two);
         assert!(parse_variation("Bad Name: x").is_err());
     }
 }

@@ -223,6 +223,26 @@ impl Job {
         (urls * (self.variations.len() + 1)) as u64
     }
 
+    /// Fetches the whole job stands for on one edge.
+    pub fn fetches_total(&self) -> u64 {
+        (self.urls * (self.variations.len() + 1)) as u64
+    }
+
+    /// Fetches behind the shards `w` has done: every shard is full but perhaps the last.
+    pub fn fetches_done(&self, w: &EdgeWork) -> u64 {
+        let Some(last) = self.shards.checked_sub(1) else {
+            return 0;
+        };
+        let last_done = w.is_done(last);
+        let full_done = u64::from(w.shards_done()) - u64::from(last_done);
+        full_done * self.shard_fetches(0)
+            + if last_done {
+                self.shard_fetches(last)
+            } else {
+                0
+            }
+    }
+
     pub fn edge_done(&self, w: &EdgeWork) -> bool {
         w.shards_done() >= self.shards
     }
@@ -285,19 +305,11 @@ impl JobView {
             .iter()
             .map(|r| (r.clone(), RegionProgress::default()))
             .collect();
-        let per_url = (job.variations.len() + 1) as u64;
-        let total = job.urls as u64 * per_url;
-        // Every shard is full except perhaps the last.
-        let short_last = (job.shards as usize * job.per_shard).saturating_sub(job.urls) as u64;
         for w in job.edges.values() {
             let p = regions.entry(w.region.clone()).or_default();
             p.edges += 1;
-            p.total += total;
-            let mut done = u64::from(w.shards_done()) * job.per_shard as u64;
-            if job.shards > 0 && w.is_done(job.shards - 1) {
-                done -= short_last;
-            }
-            p.done += done * per_url;
+            p.total += job.fetches_total();
+            p.done += job.fetches_done(w);
             p.errors += w.errors;
             p.hits += w.hits;
             p.misses += w.misses;

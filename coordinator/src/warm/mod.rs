@@ -75,7 +75,6 @@ impl std::fmt::Debug for Warm {
     }
 }
 
-#[derive(Default)]
 struct Inner {
     jobs: BTreeMap<u64, Job>,
     next_id: u64,
@@ -91,11 +90,26 @@ struct Inner {
     hints: HashMap<String, (u64, u32)>,
     /// The running job's controller.
     aimd: Option<(u64, Aimd)>,
-    tags: Option<TagIndex>,
+    tags: TagIndex,
     /// Latest popular-URL report per region and edge.
     top: BTreeMap<String, BTreeMap<String, Vec<(String, u64)>>>,
     /// Fetch results per region: [fetched, hits, misses, errors].
     totals: BTreeMap<String, [u64; 4]>,
+}
+
+impl Inner {
+    /// The job that runs now (at most one does).
+    fn running(&self) -> Option<&Job> {
+        self.jobs.values().find(|j| j.state == State::Running)
+    }
+
+    /// The origin rate job `id`'s controller allows now, if it runs.
+    fn rate_of(&self, id: u64) -> Option<f64> {
+        self.aimd
+            .as_ref()
+            .filter(|(j, _)| *j == id)
+            .map(|(_, a)| a.rate())
+    }
 }
 
 /// Why an API call on warming failed.
@@ -120,8 +134,17 @@ impl Warm {
     ) -> Result<Arc<Self>, WarmStoreError> {
         let store = WarmStore::open(state_dir)?;
         let mut inner = Inner {
-            tags: Some(TagIndex::new(config.tag_index_pairs)),
-            ..Inner::default()
+            jobs: BTreeMap::new(),
+            next_id: 0,
+            sessions: HashMap::new(),
+            in_flight: HashMap::new(),
+            sent_rate: HashMap::new(),
+            cancels: HashMap::new(),
+            hints: HashMap::new(),
+            aimd: None,
+            tags: TagIndex::new(config.tag_index_pairs),
+            top: BTreeMap::new(),
+            totals: BTreeMap::new(),
         };
         let all = store.jobs()?;
         inner.next_id = all.iter().map(|j| j.id).max().unwrap_or(0) + 1;
@@ -251,15 +274,10 @@ impl Warm {
 
     pub fn view(&self, id: u64) -> Option<JobView> {
         let inner = self.lock();
-        let rate = inner
-            .aimd
-            .as_ref()
-            .filter(|(j, _)| *j == id)
-            .map(|(_, a)| a.rate());
         inner
             .jobs
             .get(&id)
-            .map(|j| JobView::of(j, rate, crate::bundle::store::now_ms()))
+            .map(|j| JobView::of(j, inner.rate_of(id), crate::bundle::store::now_ms()))
     }
 
     /// The newest jobs first.
@@ -271,14 +289,7 @@ impl Warm {
             .values()
             .rev()
             .take(limit)
-            .map(|j| {
-                let rate = inner
-                    .aimd
-                    .as_ref()
-                    .filter(|(id, _)| *id == j.id)
-                    .map(|(_, a)| a.rate());
-                JobView::of(j, rate, now)
-            })
+            .map(|j| JobView::of(j, inner.rate_of(j.id), now))
             .collect()
     }
 
@@ -365,7 +376,7 @@ impl Warm {
             for job_id in inner.cancels.remove(edge).unwrap_or_default() {
                 out.push(Msg::WarmCancel(WarmCancel { job_id }));
             }
-            let Some(job) = inner.jobs.values().find(|j| j.state == State::Running) else {
+            let Some(job) = inner.running() else {
                 return out;
             };
             let Some(work) = job.edges.get(edge) else {
@@ -413,14 +424,14 @@ impl Warm {
                 picks.push(shard);
                 free -= 1;
             }
-            let spec = ShardSpec {
+            let spec = (!picks.is_empty()).then(|| ShardSpec {
                 rate,
                 concurrency: job.spec.concurrency.unwrap_or(self.config.concurrency),
                 host: job.host.clone().unwrap_or_default(),
                 variations: job.variations.clone(),
                 refresh: job.spec.refresh,
                 want_tags: job.want_tags,
-            };
+            });
             let last = inner.sent_rate.get(edge).copied();
             let rate_changed =
                 last.is_none_or(|(j, r)| j != job_id || (r - rate).abs() > rate * 0.05);
@@ -438,6 +449,9 @@ impl Warm {
             (job_id, spec)
         };
         // The store is read without the lock held.
+        let Some(spec) = spec else {
+            return out;
+        };
         for shard in picks {
             match self.store.shard(job_id, shard) {
                 Ok(urls) => out.push(Msg::WarmShard(
@@ -493,12 +507,7 @@ impl Warm {
         if job.shield.as_deref().is_some_and(|s| s != region) {
             return self.config.satellite_rate;
         }
-        let rate = inner
-            .aimd
-            .as_ref()
-            .filter(|(j, _)| *j == job.id)
-            .map(|(_, a)| a.rate())
-            .unwrap_or(job.budget);
+        let rate = inner.rate_of(job.id).unwrap_or(job.budget);
         let working = job
             .edges
             .values()
@@ -583,10 +592,8 @@ impl Warm {
                     host: job.host.clone(),
                     variations: job.variations.clone(),
                 };
-                if let Some(index) = inner.tags.as_mut() {
-                    for t in p.tags.iter().take(self.config.shard_urls) {
-                        index.add(&profile, &t.url, &t.tags);
-                    }
+                for t in p.tags.iter().take(self.config.shard_urls) {
+                    inner.tags.add(&profile, &t.url, &t.tags);
                 }
             }
             let work = job.edges.get(edge).cloned().unwrap_or_default();
@@ -686,13 +693,7 @@ impl Warm {
     /// Re-warm: queues jobs for the URLs known to carry `tags`, to start on each edge
     /// once it applied purge `after_seq`.
     pub fn rewarm(&self, tags: &[String], after_seq: u64) -> Vec<u64> {
-        let groups = {
-            let inner = self.lock();
-            match inner.tags.as_ref() {
-                Some(index) => index.lookup(tags),
-                None => return Vec::new(),
-            }
-        };
+        let groups = self.lock().tags.lookup(tags);
         let mut ids = Vec::new();
         for (profile, urls) in groups {
             let spec = JobSpec {
@@ -702,12 +703,7 @@ impl Warm {
                     profile
                         .variations
                         .iter()
-                        .map(|v| {
-                            v.iter()
-                                .map(|(n, v)| format!("{n}: {v}"))
-                                .collect::<Vec<_>>()
-                                .join(";;")
-                        })
+                        .map(|v| warmer::engine::format_variation(v))
                         .collect(),
                 ),
                 rewarm: Some(true),
@@ -732,7 +728,7 @@ impl Warm {
     pub(crate) async fn start_next(&self) {
         let (id, spec, regions) = {
             let inner = self.lock();
-            if inner.jobs.values().any(|j| j.state == State::Running) {
+            if inner.running().is_some() {
                 return;
             }
             let Some(job) = inner.jobs.values().find(|j| j.state == State::Queued) else {
@@ -757,6 +753,14 @@ impl Warm {
             .collect();
         let job = {
             let inner = self.lock();
+            let Some(mut job) = inner
+                .jobs
+                .get(&id)
+                .filter(|j| j.state == State::Queued)
+                .cloned()
+            else {
+                return; // cancelled meanwhile
+            };
             let edges: BTreeMap<String, EdgeWork> = inner
                 .sessions
                 .iter()
@@ -771,13 +775,6 @@ impl Warm {
                     )
                 })
                 .collect();
-            if !inner
-                .jobs
-                .get(&id)
-                .is_some_and(|j| j.state == State::Queued)
-            {
-                return; // cancelled meanwhile
-            }
             if edges.is_empty() {
                 drop(inner);
                 return self.fail(
@@ -785,9 +782,6 @@ impl Warm {
                     "no warm-capable edge is connected in the target regions".into(),
                 );
             }
-            let Some(mut job) = inner.jobs.get(&id).cloned() else {
-                return;
-            };
             let tiered = spec.tiered.unwrap_or(self.config.shield.is_some());
             job.shield = self
                 .config
@@ -806,7 +800,7 @@ impl Warm {
             job
         };
         // The shards are durable before any session can be handed one.
-        if let Err(e) = self.store.put_shards(&job, &urls, job.per_shard) {
+        if let Err(e) = self.store.put_shards(&job, &urls) {
             return self.fail(id, format!("cannot store the job's shards: {e}"));
         }
         {

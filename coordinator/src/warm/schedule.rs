@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::job::{Origin, State};
 use super::Warm;
+use crate::config::ScheduleConfig;
 use crate::purge::log::PurgeLog;
 
 /// How often the schedule loop looks.
@@ -38,17 +39,14 @@ struct Pending {
 impl Warm {
     /// Runs the queue, the cron schedules and re-warming until `shutdown`.
     pub async fn run(self: Arc<Self>, log: PurgeLog, shutdown: CancellationToken) {
-        let mut crons: Vec<(String, croner::Cron, Option<DateTime<Utc>>)> = self
+        let mut crons: Vec<(&ScheduleConfig, croner::Cron, Option<DateTime<Utc>>)> = self
             .config
             .schedule
             .iter()
             .filter_map(|s| {
-                let cron = croner::Cron::new(&s.cron)
-                    .with_seconds_optional()
-                    .parse()
-                    .ok()?;
+                let cron = s.cron().ok()?;
                 let next = cron.find_next_occurrence(&Utc::now(), false).ok();
-                Some((s.name.clone(), cron, next))
+                Some((s, cron, next))
             })
             .collect();
         let mut seen_seq = log.head();
@@ -62,10 +60,10 @@ impl Warm {
             }
             self.start_next().await;
             let now = Utc::now();
-            for (name, cron, next) in crons.iter_mut() {
+            for (schedule, cron, next) in crons.iter_mut() {
                 if next.is_some_and(|t| t <= now) {
                     *next = cron.find_next_occurrence(&now, false).ok();
-                    self.fire(name);
+                    self.fire(schedule);
                 }
             }
             seen_seq = self.follow_log(&log, seen_seq, &mut pending);
@@ -81,11 +79,9 @@ impl Warm {
         }
     }
 
-    /// Queues the job of schedule `name` unless its previous one is still pending.
-    fn fire(&self, name: &str) {
-        let Some(s) = self.config.schedule.iter().find(|s| s.name == name) else {
-            return;
-        };
+    /// Queues the schedule's job unless its previous one is still pending.
+    fn fire(&self, s: &ScheduleConfig) {
+        let name = s.name.as_str();
         let origin = Origin::Schedule(name.to_owned());
         let busy = self
             .lock()
@@ -105,9 +101,12 @@ impl Warm {
         }
     }
 
-    /// Reads purges after `seen`, collecting tags when anything is indexed for re-warm.
+    /// Reads purges after `seen`, collecting their tags; with nothing indexed for re-warm
+    /// there is nothing to look up, so it only moves to the head.
     fn follow_log(&self, log: &PurgeLog, mut seen: u64, pending: &mut Pending) -> u64 {
-        let indexed = self.lock().tags.as_ref().is_some_and(|t| !t.is_empty());
+        if self.lock().tags.is_empty() {
+            return log.head();
+        }
         while seen < log.head() {
             let entries = match log.read_from(seen + 1, 10_000) {
                 Ok(e) if !e.is_empty() => e,
@@ -116,9 +115,6 @@ impl Warm {
             };
             for e in &entries {
                 seen = e.seq;
-                if !indexed {
-                    continue;
-                }
                 if let Some(Op::Tags(t)) = &e.op {
                     if pending.tags.len() < MAX_PENDING_TAGS {
                         pending.tags.extend(t.tags.iter().cloned());

@@ -80,12 +80,8 @@ impl WarmStore {
 
     /// Stores the job record (not its edges), durably.
     pub fn put_job(&self, job: &Job) -> Result<(), WarmStoreError> {
-        let bytes = serde_json::to_vec(job).map_err(storage)?;
         let txn = self.db.begin_write().map_err(storage)?;
-        txn.open_table(JOBS)
-            .map_err(storage)?
-            .insert(job.id, bytes.as_slice())
-            .map_err(storage)?;
+        insert_job(&txn, job)?;
         txn.commit().map_err(storage)
     }
 
@@ -102,17 +98,11 @@ impl WarmStore {
         txn.commit().map_err(storage)
     }
 
-    /// Stores a job's URLs split into shards of `per_shard` (one URL per line), then the
-    /// job record; returns the number of shards. Shards go in batches of transactions, and
-    /// the job record last: until it says `running` with its shard count, the shards are
-    /// never read.
-    pub fn put_shards(
-        &self,
-        job: &Job,
-        urls: &[String],
-        per_shard: usize,
-    ) -> Result<u32, WarmStoreError> {
-        let chunks: Vec<&[String]> = urls.chunks(per_shard.max(1)).collect();
+    /// Stores a job's URLs split into shards of `job.per_shard` (one URL per line), then
+    /// its edges and record. Shards go in batches of transactions, and the record last:
+    /// until it says `running` with its shard count, the shards are never read.
+    pub fn put_shards(&self, job: &Job, urls: &[String]) -> Result<(), WarmStoreError> {
+        let chunks: Vec<&[String]> = urls.chunks(job.per_shard.max(1)).collect();
         let mut index = 0u32;
         for batch in chunks.chunks(SHARDS_PER_TXN) {
             let txn = self.db.begin_write().map_err(storage)?;
@@ -137,14 +127,9 @@ impl WarmStore {
                     .insert((job.id, edge.as_str()), bytes.as_slice())
                     .map_err(storage)?;
             }
-            let bytes = serde_json::to_vec(job).map_err(storage)?;
-            txn.open_table(JOBS)
-                .map_err(storage)?
-                .insert(job.id, bytes.as_slice())
-                .map_err(storage)?;
         }
-        txn.commit().map_err(storage)?;
-        Ok(index)
+        insert_job(&txn, job)?;
+        txn.commit().map_err(storage)
     }
 
     pub fn shard(&self, job: u64, shard: u32) -> Result<Vec<String>, WarmStoreError> {
@@ -184,4 +169,14 @@ impl WarmStore {
             }
         }
     }
+}
+
+/// Writes the job record (its edges are skipped by serde) in `txn`.
+fn insert_job(txn: &redb::WriteTransaction, job: &Job) -> Result<(), WarmStoreError> {
+    let bytes = serde_json::to_vec(job).map_err(storage)?;
+    txn.open_table(JOBS)
+        .map_err(storage)?
+        .insert(job.id, bytes.as_slice())
+        .map_err(storage)?;
+    Ok(())
 }
