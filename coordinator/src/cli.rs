@@ -524,10 +524,10 @@ pub async fn warm_status(api: &ApiClient, id: Option<u64>) -> Result<(), CliErro
                     .unwrap_or((0, 0));
                 println!(
                     "{:>5}  {:<10} {:<10} {:>8}  {done}/{total}",
-                    job["id"],
+                    job["id"].as_u64().unwrap_or(0),
                     job["state"].as_str().unwrap_or("?"),
                     job["kind"].as_str().unwrap_or("?"),
-                    job["urls"]
+                    job["urls"].as_u64().unwrap_or(0)
                 );
             }
         }
