@@ -137,32 +137,28 @@ fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
         .map(|name| {
             let mine: Vec<_> = edges.iter().filter(|e| e.region == name).collect();
             let connected = mine.iter().filter(|e| e.connected).count();
-            // With [[checks]], health comes from the probes; without, from the sessions.
-            let (health, diagnosis) = match health.get(&name) {
-                Some(h) if s.monitor.enabled() => (
-                    match h.health {
-                        crate::monitor::Health::Unknown | crate::monitor::Health::Up => "up",
-                        crate::monitor::Health::Degraded => "degraded",
-                        crate::monitor::Health::Down => "down",
-                    },
-                    h.diagnosis,
-                ),
-                _ if mine.is_empty() || connected == 0 => ("down", Some("agent_lost")),
-                _ if connected < mine.len() => ("degraded", None),
-                _ => ("up", None),
+            // One rule decides health: the monitor's (sessions, purge lag, probes).
+            let h = health.get(&name);
+            let (state, diagnosis, last_error) = match h {
+                Some(h) => (h.health, h.diagnosis, h.last_error.clone()),
+                None => (crate::monitor::Health::Down, Some("no_agents"), None),
             };
             let t = traffic.get(&name);
             json!({
                 "name": name,
                 "edges": mine.len(),
                 "edges_connected": connected,
-                "health": health,
+                "health": state,
                 "diagnosis": diagnosis,
+                "health_error": last_error,
                 "hit_ratio": t.map(|t| json!(t.hit_ratio)).unwrap_or(json!({"m1": null, "m5": null, "h1": null})),
-                "requests_per_s": t.map(|t| t.requests_per_s).unwrap_or(0.0),
+                "requests_per_s": t.and_then(|t| t.requests_per_s),
+                "synthetic_hit_ratio": t.map(|t| json!(t.synthetic_hit_ratio)),
+                "stats_stale": t.is_none_or(|t| t.stale),
+                "stats_age_s": t.and_then(|t| t.stats_age_s),
                 "last_minute": t.map(|t| json!(t.last_minute)),
-                "objects": t.map(|t| t.objects).unwrap_or(0),
-                "bans": t.map(|t| t.bans).unwrap_or(0),
+                "objects": t.and_then(|t| t.objects),
+                "bans": t.and_then(|t| t.bans),
                 "varnish_restarts": t.map(|t| t.restarts).unwrap_or(0),
                 "purge_lag": mine.iter().map(|e| e.lag).max().unwrap_or(0),
                 "probes": s.monitor.probes(&name),
@@ -189,11 +185,33 @@ async fn tls_view(State(s): State<ApiState>) -> Response {
     }
 }
 
+/// `GET /healthz`: always 200 while the coordinator serves (load balancers keep sending
+/// it purges); `status` is the fleet's worst region health (`ok`, `degraded`, `down`)
+/// with every region that is not up and why, so a check reading it sees the truth.
 async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    use crate::monitor::Health;
+    let health = s.monitor.health();
+    let worst = health.values().map(|h| h.health).max().unwrap_or(Health::Up);
+    let problems: serde_json::Map<String, serde_json::Value> = health
+        .iter()
+        .filter(|(_, h)| h.health != Health::Up)
+        .map(|(name, h)| {
+            (
+                name.clone(),
+                json!({"health": h.health, "diagnosis": h.diagnosis, "error": h.last_error}),
+            )
+        })
+        .collect();
     Json(json!({
-        "status": "ok",
+        "status": match worst {
+            Health::Up | Health::Unknown => "ok",
+            Health::Degraded => "degraded",
+            Health::Down => "down",
+        },
+        "coordinator": "ok",
         "head_seq": s.log.head(),
         "edges_connected": s.edges.connected(),
+        "regions_not_up": problems,
     }))
 }
 
@@ -490,10 +508,10 @@ async fn post_purge(
     let op = if body.all {
         Op::All(All {})
     } else if let Some(path) = body.url {
-        if !path.starts_with('/') || path.chars().any(char::is_control) {
+        if !path.starts_with('/') || path.chars().any(char::is_control) || path.len() > 8192 {
             return error(
                 StatusCode::BAD_REQUEST,
-                "url must be a path starting with /",
+                "url must be a path starting with /, at most 8192 bytes",
             );
         }
         Op::Url(UrlPurge {
@@ -501,15 +519,12 @@ async fn post_purge(
             host: body.host.unwrap_or_default(),
         })
     } else {
-        if body.tags.iter().any(|t| {
-            t.is_empty()
-                || t.chars()
-                    .any(|c| c.is_control() || c == ',' || c.is_whitespace())
-        }) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "tags must be non-empty without commas, spaces or control characters",
-            );
+        if let Err(e) = body
+            .tags
+            .iter()
+            .try_for_each(|t| crate::purge::pattern::validate_tag(t))
+        {
+            return error(StatusCode::BAD_REQUEST, e);
         }
         Op::Tags(TagSet { tags: body.tags })
     };

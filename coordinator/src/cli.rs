@@ -348,11 +348,35 @@ pub fn diff(old: &Bundle, new: &Bundle, a: &str, b: &str) -> String {
     out
 }
 
-/// `status`: one line per region.
-pub async fn status(api: &ApiClient) -> Result<(), CliError> {
+/// `status`: one line per region (or the JSON); the exit code is the worst health:
+/// 0 up, 1 degraded, 2 down.
+pub async fn status(api: &ApiClient, json: bool) -> Result<u8, CliError> {
     let regions = api.call("GET", "/api/v1/regions", None).await?;
-    print!("{}", status_table(&regions));
-    Ok(())
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&regions).unwrap_or_default()
+        );
+    } else {
+        print!("{}", status_table(&regions));
+    }
+    Ok(status_code(&regions))
+}
+
+/// The Nagios-style code for a set of regions: 0 all up, 1 any degraded, 2 any down
+/// (or a state this CLI does not know).
+pub fn status_code(regions: &Value) -> u8 {
+    regions
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| match r["health"].as_str() {
+            Some("up") => 0,
+            Some("degraded") => 1,
+            _ => 2,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The per-region table `status` prints.
@@ -363,24 +387,48 @@ pub fn status_table(regions: &Value) -> String {
             .unwrap_or_else(|| "-".into())
     };
     let mut out = format!(
-        "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9}\n",
-        "REGION", "HEALTH", "EDGES", "HIT 1M", "HIT 5M", "HIT 1H", "REQ/S", "OBJECTS", "PURGE LAG"
+        "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9}  {}\n",
+        "REGION",
+        "HEALTH",
+        "EDGES",
+        "HIT 1M",
+        "HIT 5M",
+        "HIT 1H",
+        "REQ/S",
+        "OBJECTS",
+        "PURGE LAG",
+        "WHY"
     );
+    let mut notes = String::new();
     for r in regions.as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9.1} {:>9} {:>9}\n",
-            r["name"].as_str().unwrap_or(""),
-            r["health"].as_str().unwrap_or(""),
-            format!("{}/{}", r["edges_connected"], r["edges"]),
-            pct(&r["hit_ratio"]["m1"]),
-            pct(&r["hit_ratio"]["m5"]),
-            pct(&r["hit_ratio"]["h1"]),
-            r["requests_per_s"].as_f64().unwrap_or(0.0),
-            r["objects"].as_u64().unwrap_or(0),
-            r["purge_lag"].as_u64().unwrap_or(0),
-        ));
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let why = r["diagnosis"].as_str().unwrap_or("");
+        out.push_str(
+            format!(
+                "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9}  {}",
+                r["name"].as_str().unwrap_or(""),
+                r["health"].as_str().unwrap_or(""),
+                format!("{}/{}", r["edges_connected"], r["edges"]),
+                pct(&r["hit_ratio"]["m1"]),
+                pct(&r["hit_ratio"]["m5"]),
+                pct(&r["hit_ratio"]["h1"]),
+                or_dash(r["requests_per_s"].as_f64().map(|v| format!("{v:.1}"))),
+                or_dash(r["objects"].as_u64().map(|v| v.to_string())),
+                r["purge_lag"].as_u64().unwrap_or(0),
+                if r["stats_stale"].as_bool() == Some(true) && why.is_empty() {
+                    "stats_stale"
+                } else {
+                    why
+                },
+            )
+            .trim_end(),
+        );
+        out.push('\n');
+        if let Some(e) = r["health_error"].as_str() {
+            notes.push_str(&format!("  {}: {e}\n", r["name"].as_str().unwrap_or("")));
+        }
     }
-    out
+    out + &notes
 }
 
 /// `purge --tag T... | --url U [--host H] | --all`.
@@ -554,9 +602,9 @@ mod tests {
             {"name": "eu-west", "health": "up", "edges": 2, "edges_connected": 2,
              "hit_ratio": {"m1": 0.9, "m5": 0.875, "h1": null}, "requests_per_s": 12.5,
              "objects": 40, "purge_lag": 0},
-            {"name": "us-east", "health": "down", "edges": 1, "edges_connected": 0,
-             "hit_ratio": {"m1": null, "m5": null, "h1": null}, "requests_per_s": 0.0,
-             "objects": 0, "purge_lag": 7}
+            {"name": "us-east", "health": "down", "diagnosis": "agent_lost", "edges": 1,
+             "edges_connected": 0, "hit_ratio": {"m1": null, "m5": null, "h1": null},
+             "requests_per_s": null, "objects": null, "purge_lag": 7, "stats_stale": true}
         ]);
         let t = status_table(&regions);
         assert!(t.lines().count() == 3, "{t}");
@@ -568,9 +616,15 @@ mod tests {
             t.contains("us-east") && t.contains("down") && t.contains("0/1"),
             "{t}"
         );
-        // Columns line up: every row is as wide as the header.
-        let widths: Vec<usize> = t.lines().map(|l| l.chars().count()).collect();
-        assert!(widths.iter().all(|w| *w == widths[0]), "{t}");
+        // Columns line up: the WHY column starts at the same place on every row.
+        let at: Vec<Option<usize>> = t
+            .lines()
+            .map(|l| l.find("WHY").or_else(|| l.find("agent_lost")))
+            .collect();
+        assert_eq!(at[0], at[2], "{t}");
+        assert_eq!(status_code(&regions), 2);
+        assert_eq!(status_code(&json!([{"health": "up"}, {"health": "degraded"}])), 1);
+        assert_eq!(status_code(&json!([{"health": "up"}])), 0);
     }
 
     #[test]

@@ -224,6 +224,14 @@ pub struct MonitoringConfig {
     /// Consecutive good answers before it is up again.
     #[serde(default = "default_successes_to_up")]
     pub successes_to_up: u32,
+    /// A connected edge whose oldest unapplied purge waited longer than this is
+    /// `purge_stalled`, its region `degraded` (seconds).
+    #[serde(default = "default_purge_lag_s")]
+    pub purge_lag_s: u64,
+    /// After the coordinator starts, a region with no agent yet reads `down`
+    /// (`no_agents`) but alerts only once this passed (agents are still dialling in).
+    #[serde(default = "default_startup_grace_s")]
+    pub startup_grace_s: u64,
 }
 
 impl Default for MonitoringConfig {
@@ -232,8 +240,18 @@ impl Default for MonitoringConfig {
             origin: None,
             failures_to_down: default_failures_to_down(),
             successes_to_up: default_successes_to_up(),
+            purge_lag_s: default_purge_lag_s(),
+            startup_grace_s: default_startup_grace_s(),
         }
     }
+}
+
+fn default_purge_lag_s() -> u64 {
+    30
+}
+
+fn default_startup_grace_s() -> u64 {
+    30
 }
 
 /// `[[checks]]`.

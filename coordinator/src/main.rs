@@ -68,10 +68,15 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Per-region health, hit ratios, traffic and purge lag.
+    /// Per-region health, hit ratios, traffic and purge lag. Exits 0 when every region
+    /// is up, 1 when one is degraded, 2 when one is down, 3 when the API cannot be read
+    /// (the Nagios convention).
     Status {
         #[command(flatten)]
         api: ApiArgs,
+        /// Print the regions as JSON (what /api/v1/regions answers) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Warm every region's cache: start, follow and cancel warm jobs.
     Warm {
@@ -367,12 +372,18 @@ fn main() -> ExitCode {
                 };
                 exit(result.map_err(anyhow::Error::from))
             }
-            Command::Status { api } => {
+            Command::Status { api, json } => {
                 let client = match client(&api) {
                     Ok(c) => c,
                     Err(code) => return code,
                 };
-                exit(cli::status(&client).await.map_err(anyhow::Error::from))
+                match cli::status(&client, json).await {
+                    Ok(code) => ExitCode::from(code),
+                    Err(e) => {
+                        eprintln!("coordinator: {e:#}");
+                        ExitCode::from(3)
+                    }
+                }
             }
             Command::Purge {
                 api,

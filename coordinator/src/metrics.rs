@@ -107,7 +107,7 @@ impl Metrics {
             "Oldest retained purge sequence.",
         );
         let _ = writeln!(out, "coordinator_purge_log_first_seq {}", log.first());
-        let list = edges.list(head);
+        let list = edges.list_with_lag(log);
         family(
             &mut out,
             "coordinator_purges_applied_total",
@@ -160,6 +160,62 @@ impl Metrics {
                 e.region,
                 e.id,
                 u8::from(e.connected)
+            );
+        }
+        family(
+            &mut out,
+            "coordinator_edge_purge_lag_seconds",
+            "gauge",
+            "How long the oldest purge an edge has not applied has waited (0: none).",
+        );
+        for e in &list {
+            let _ = writeln!(
+                out,
+                "coordinator_edge_purge_lag_seconds{{region=\"{}\",edge=\"{}\"}} {}",
+                e.region,
+                e.id,
+                e.lag_s.unwrap_or(0.0)
+            );
+        }
+        family(
+            &mut out,
+            "coordinator_edge_purge_failing",
+            "gauge",
+            "1 while the edge reports that it cannot apply its next purge (it retries).",
+        );
+        for e in &list {
+            let _ = writeln!(
+                out,
+                "coordinator_edge_purge_failing{{region=\"{}\",edge=\"{}\"}} {}",
+                e.region,
+                e.id,
+                u8::from(e.purge_failing)
+            );
+        }
+        family(
+            &mut out,
+            "coordinator_edge_purge_full_bans_total",
+            "counter",
+            "Purges varnish refused for good that the edge applied as a full ban instead.",
+        );
+        for e in &list {
+            let _ = writeln!(
+                out,
+                "coordinator_edge_purge_full_bans_total{{region=\"{}\",edge=\"{}\"}} {}",
+                e.region, e.id, e.full_bans
+            );
+        }
+        family(
+            &mut out,
+            "coordinator_edge_acks_refused_total",
+            "counter",
+            "Acks beyond the log head (or for another log) refused; each dropped the session.",
+        );
+        for e in &list {
+            let _ = writeln!(
+                out,
+                "coordinator_edge_acks_refused_total{{region=\"{}\",edge=\"{}\"}} {}",
+                e.region, e.id, e.refused_acks
             );
         }
         render_config(&mut out, rollouts);
@@ -217,7 +273,7 @@ fn render_monitor(out: &mut String, monitor: &crate::monitor::Monitor) {
         out,
         "coordinator_region_health",
         "gauge",
-        "Region health from the synthetic checks (1 for the current state).",
+        "Region health: agents connected, purges applied within the lag bound, probes passing (1 for the current state).",
     );
     for (region, h) in monitor.health() {
         for (name, state) in [
@@ -277,7 +333,7 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
     let now = crate::bundle::store::now_ms();
     let edges = traffic.edges(now);
     type Get = fn(&crate::traffic::Delta) -> u64;
-    let counters: [(&str, &str, Get); 6] = [
+    let counters: [(&str, &str, Get); 9] = [
         (
             "coordinator_varnish_requests_total",
             "Client requests varnish received (since coordinator start).",
@@ -306,6 +362,21 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
             "Failed backend connections and fetches.",
             |d| d.backend_failures,
         ),
+        (
+            "coordinator_varnish_synthetic_requests_total",
+            "The agent's own requests (warm shards, probes) among the client requests.",
+            |d| d.synthetic_requests,
+        ),
+        (
+            "coordinator_varnish_synthetic_hits_total",
+            "Cache hits of the agent's own requests.",
+            |d| d.synthetic_hits,
+        ),
+        (
+            "coordinator_varnish_synthetic_misses_total",
+            "Cache misses of the agent's own requests (warming).",
+            |d| d.synthetic_misses,
+        ),
     ];
     for (name, help, get) in counters {
         family(out, name, "counter", help);
@@ -317,7 +388,7 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
             );
         }
     }
-    type Gauge = fn(&crate::traffic::Summary) -> u64;
+    type Gauge = fn(&crate::traffic::Summary) -> Option<u64>;
     let gauges: [(&str, &str, Gauge); 2] = [
         (
             "coordinator_varnish_objects",
@@ -331,18 +402,17 @@ fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
     for (name, help, get) in gauges {
         family(out, name, "gauge", help);
         for (id, (region, summary, _)) in &edges {
-            let _ = writeln!(
-                out,
-                "{name}{{region=\"{region}\",edge=\"{id}\"}} {}",
-                get(summary)
-            );
+            // A stale edge has no live value: no sample rather than its last one.
+            if let Some(v) = get(summary) {
+                let _ = writeln!(out, "{name}{{region=\"{region}\",edge=\"{id}\"}} {v}");
+            }
         }
     }
     family(
         out,
         "coordinator_region_hit_ratio",
         "gauge",
-        "Σhits / Σ(hits + misses) over the region's edges in the window.",
+        "Shoppers' Σhits / Σ(hits + misses) over the region's edges in the window (the agents' warm and probe requests excluded).",
     );
     for (region, summary) in traffic.regions(now) {
         for (window, ratio) in &summary.hit_ratio {

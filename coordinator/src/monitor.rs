@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bundle::store::now_ms;
 use crate::config::{AlertsConfig, CheckConfig, MonitoringConfig};
-use crate::fanout::edges::EdgeRegistry;
+use crate::fanout::edges::{EdgeRegistry, EdgeView};
+use crate::purge::log::PurgeLog;
 
 /// Histogram buckets for probe durations (seconds).
 pub const BUCKETS: [f64; 11] = [
@@ -160,6 +161,8 @@ pub struct Monitor {
     alerts: AlertsConfig,
     regions: Vec<String>,
     edges: Arc<EdgeRegistry>,
+    log: PurgeLog,
+    started: std::time::Instant,
     inner: Mutex<Inner>,
 }
 
@@ -170,6 +173,7 @@ impl Monitor {
         alerts: AlertsConfig,
         regions: Vec<String>,
         edges: Arc<EdgeRegistry>,
+        log: PurgeLog,
     ) -> Arc<Self> {
         Arc::new(Monitor {
             config,
@@ -177,6 +181,8 @@ impl Monitor {
             alerts,
             regions,
             edges,
+            log,
+            started: std::time::Instant::now(),
             inner: Mutex::new(Inner {
                 checks: HashMap::new(),
                 announced: BTreeMap::new(),
@@ -300,9 +306,9 @@ impl Monitor {
     }
 
     fn health_locked(&self, inner: &Inner) -> BTreeMap<String, RegionHealth> {
-        let connectivity = self.edges.regions_connected();
+        let edges = self.edges.list_with_lag(&self.log);
         let mut names: std::collections::BTreeSet<String> = self.regions.iter().cloned().collect();
-        names.extend(connectivity.keys().cloned());
+        names.extend(edges.iter().map(|e| e.region.clone()));
         names.extend(inner.checks.keys().map(|(r, _)| r.clone()));
         // Origin health per region (worst over checks), for the "everywhere" diagnosis.
         let mut origin_by_region: BTreeMap<&str, Health> = BTreeMap::new();
@@ -314,51 +320,24 @@ impl Monitor {
         }
         let origin_everywhere_down =
             !origin_by_region.is_empty() && origin_by_region.values().all(|h| *h == Health::Down);
+        let lag_limit_s = self.config.purge_lag_s as f64;
         names
             .into_iter()
             .map(|name| {
-                let known = connectivity.contains_key(&name);
-                let connected = connectivity.get(&name).copied().unwrap_or(false);
+                let mine: Vec<&EdgeView> = edges.iter().filter(|e| e.region == name).collect();
                 let mut worst: Option<(&String, &RegionCheck)> = None;
                 for ((r, c), rc) in &inner.checks {
                     if *r == name && worst.is_none_or(|(_, w)| rc.edge.health > w.edge.health) {
                         worst = Some((c, rc));
                     }
                 }
-                // A region whose agent never connected is unknown, not lost: no alert at
-                // start-up while agents dial in.
-                let h = if known && !connected {
-                    RegionHealth {
-                        health: Health::Down,
-                        diagnosis: Some("agent_lost"),
-                        check: None,
-                        last_error: Some("no connected edge agent in this region".into()),
-                    }
-                } else if let Some((check, rc)) = worst {
-                    let diagnosis =
-                        (rc.edge.health == Health::Down).then_some(match rc.origin.health {
-                            Health::Down if origin_everywhere_down => "origin_down_everywhere",
-                            Health::Down => "origin_unreachable",
-                            _ => "edge_down",
-                        });
-                    RegionHealth {
-                        health: rc.edge.health,
-                        diagnosis,
-                        check: Some(check.clone()),
-                        last_error: rc.edge.last_error(),
-                    }
-                } else {
-                    RegionHealth {
-                        health: if connected {
-                            Health::Up
-                        } else {
-                            Health::Unknown
-                        },
-                        diagnosis: None,
-                        check: None,
-                        last_error: None,
-                    }
-                };
+                let probe = worst.map(|(check, rc)| ProbeHealth {
+                    check: check.clone(),
+                    edge: rc.edge.health,
+                    origin: rc.origin.health,
+                    last_error: rc.edge.last_error(),
+                });
+                let h = decide(&mine, probe, origin_everywhere_down, lag_limit_s);
                 (name, h)
             })
             .collect()
@@ -383,8 +362,18 @@ impl Monitor {
                     .as_ref()
                     .map(|l| l.cache.clone())
                     .filter(|c| !c.is_empty()),
-                ttfb_ms: rc.edge.last.as_ref().map(|l| f64::from(l.ttfb_us) / 1000.0),
-                minute: rc.minutes.back().copied(),
+                // Live figures only: nothing from a failed probe or an earlier minute.
+                ttfb_ms: rc
+                    .edge
+                    .last
+                    .as_ref()
+                    .filter(|l| l.ok && now_ms().saturating_sub(l.at_ms) < 60_000)
+                    .map(|l| f64::from(l.ttfb_us) / 1000.0),
+                minute: rc
+                    .minutes
+                    .back()
+                    .filter(|m| m.t + 120 >= now_ms() / 1000)
+                    .copied(),
             })
             .collect();
         out.sort_by(|a, b| a.check.cmp(&b.check));
@@ -412,6 +401,11 @@ impl Monitor {
             let prev_health = previous.as_ref().map(|p| p.health).unwrap_or_default();
             let changed = previous.as_ref() != Some(&h);
             if !changed {
+                continue;
+            }
+            // Agents are still dialling in: not news yet (the state itself is shown).
+            let starting = self.started.elapsed().as_secs() < self.config.startup_grace_s;
+            if starting && previous.is_none() && h.diagnosis == Some("no_agents") {
                 continue;
             }
             // Unknown -> up (a region coming online) is not news; the rest is.
@@ -499,9 +493,6 @@ impl Monitor {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if !self.enabled() {
-                continue;
-            }
             self.evaluate();
             let Some(changes) = self.take_due() else {
                 continue;
@@ -518,6 +509,138 @@ impl Monitor {
                 }
             }
         }
+    }
+}
+
+/// A region's worst check, as [`decide`] reads it.
+#[derive(Debug, Clone)]
+struct ProbeHealth {
+    check: String,
+    edge: Health,
+    origin: Health,
+    last_error: Option<String>,
+}
+
+/// The one rule for a region's health. `up` needs a connected agent, purges applied
+/// within the lag bound and passing probes; the first thing that fails names the state:
+///
+/// * `down`: `no_agents` (none ever connected), `agent_lost` (none connected now, or
+///   silent: the session layer drops a silent one), or the probes' `edge_down`,
+///   `origin_unreachable`, `origin_down_everywhere`;
+/// * `degraded`: `purge_failing` (an edge reports it cannot apply the next purge),
+///   `purge_stalled` (an edge's oldest unapplied purge waited past the bound),
+///   `varnish_unreachable` (an agent cannot reach its varnishd's admin port), `slow`
+///   (probes), `edge_lost` (some of the region's edges are disconnected).
+fn decide(
+    edges: &[&EdgeView],
+    probe: Option<ProbeHealth>,
+    origin_everywhere_down: bool,
+    lag_limit_s: f64,
+) -> RegionHealth {
+    let state = |health, diagnosis, check: Option<String>, error: String| RegionHealth {
+        health,
+        diagnosis: Some(diagnosis),
+        check,
+        last_error: Some(error),
+    };
+    let connected: Vec<&&EdgeView> = edges.iter().filter(|e| e.connected).collect();
+    if edges.is_empty() {
+        return state(
+            Health::Down,
+            "no_agents",
+            None,
+            "no edge agent has connected in this region".into(),
+        );
+    }
+    if connected.is_empty() {
+        return state(
+            Health::Down,
+            "agent_lost",
+            None,
+            "no connected edge agent in this region".into(),
+        );
+    }
+    if let Some(p) = probe.as_ref().filter(|p| p.edge == Health::Down) {
+        let diagnosis = match p.origin {
+            Health::Down if origin_everywhere_down => "origin_down_everywhere",
+            Health::Down => "origin_unreachable",
+            _ => "edge_down",
+        };
+        return RegionHealth {
+            health: Health::Down,
+            diagnosis: Some(diagnosis),
+            check: Some(p.check.clone()),
+            last_error: p.last_error.clone(),
+        };
+    }
+    if let Some(e) = connected.iter().find(|e| e.purge_failing) {
+        let error = e.last_error.as_deref().unwrap_or("cannot apply purges");
+        return state(
+            Health::Degraded,
+            "purge_failing",
+            None,
+            format!("edge {}: {error}", e.id),
+        );
+    }
+    if let Some(e) = connected
+        .iter()
+        .find(|e| e.lag_s.is_some_and(|s| s > lag_limit_s))
+    {
+        return state(
+            Health::Degraded,
+            "purge_stalled",
+            None,
+            format!(
+                "edge {} is {} purges behind; the oldest has waited {:.0} s",
+                e.id,
+                e.lag,
+                e.lag_s.unwrap_or_default()
+            ),
+        );
+    }
+    if let Some(e) = connected.iter().find(|e| e.varnish_error.is_some()) {
+        return state(
+            Health::Degraded,
+            "varnish_unreachable",
+            None,
+            format!(
+                "edge {}: {}",
+                e.id,
+                e.varnish_error.as_deref().unwrap_or_default()
+            ),
+        );
+    }
+    if let Some(p) = probe.as_ref().filter(|p| p.edge == Health::Degraded) {
+        return RegionHealth {
+            health: Health::Degraded,
+            diagnosis: Some("slow"),
+            check: Some(p.check.clone()),
+            last_error: p.last_error.clone(),
+        };
+    }
+    if connected.len() < edges.len() {
+        let lost: Vec<&str> = edges
+            .iter()
+            .filter(|e| !e.connected)
+            .map(|e| e.id.as_str())
+            .collect();
+        return state(
+            Health::Degraded,
+            "edge_lost",
+            None,
+            format!(
+                "{} of {} edges disconnected: {}",
+                lost.len(),
+                edges.len(),
+                lost.join(", ")
+            ),
+        );
+    }
+    RegionHealth {
+        health: Health::Up,
+        diagnosis: None,
+        check: probe.map(|p| p.check),
+        last_error: None,
     }
 }
 
@@ -635,8 +758,82 @@ mod tests {
             AlertsConfig::default(),
             vec!["a".into(), "b".into()],
             edges.clone(),
+            test_log(),
         );
         (m, edges)
+    }
+
+    fn test_log() -> PurgeLog {
+        let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
+        PurgeLog::open(
+            dir.path(),
+            crate::purge::log::Retention {
+                max_entries: 1000,
+                max_age: Duration::from_secs(3600),
+            },
+        )
+        .unwrap()
+    }
+
+    fn view(id: &str, connected: bool) -> EdgeView {
+        EdgeView {
+            id: id.into(),
+            region: "a".into(),
+            connected,
+            applied_seq: 10,
+            lag: 0,
+            config_version: None,
+            last_seen: String::new(),
+            purge_mode: "ban".into(),
+            varnish_version: String::new(),
+            agent_version: String::new(),
+            last_error: None,
+            purge_failing: false,
+            full_bans: 0,
+            varnish_error: None,
+            lag_s: None,
+            refused_acks: 0,
+            applied_total: 0,
+            sessions: 1,
+            cert_not_after: None,
+        }
+    }
+
+    #[test]
+    fn one_rule_for_region_health() {
+        let d = |edges: &[&EdgeView]| {
+            let h = decide(edges, None, false, 30.0);
+            (h.health, h.diagnosis)
+        };
+        assert_eq!(d(&[]), (Health::Down, Some("no_agents")));
+        let lost = view("a-1", false);
+        assert_eq!(d(&[&lost]), (Health::Down, Some("agent_lost")));
+        let ok = view("a-2", true);
+        assert_eq!(d(&[&ok]), (Health::Up, None));
+        assert_eq!(d(&[&ok, &lost]), (Health::Degraded, Some("edge_lost")));
+        let mut failing = view("a-3", true);
+        failing.purge_failing = true;
+        failing.last_error = Some("varnish admin authentication failed".into());
+        assert_eq!(d(&[&ok, &failing]), (Health::Degraded, Some("purge_failing")));
+        let mut stalled = view("a-4", true);
+        (stalled.lag, stalled.lag_s) = (40, Some(31.0));
+        assert_eq!(d(&[&stalled]), (Health::Degraded, Some("purge_stalled")));
+        stalled.lag_s = Some(29.0);
+        assert_eq!(d(&[&stalled]), (Health::Up, None));
+        let mut blind = view("a-5", true);
+        blind.varnish_error = Some("connection refused".into());
+        assert_eq!(d(&[&blind]), (Health::Degraded, Some("varnish_unreachable")));
+        // Failing probes outrank purge trouble; a lost agent outranks everything.
+        let probe = ProbeHealth {
+            check: "home".into(),
+            edge: Health::Down,
+            origin: Health::Up,
+            last_error: None,
+        };
+        let h = decide(&[&failing], Some(probe.clone()), false, 30.0);
+        assert_eq!((h.health, h.diagnosis), (Health::Down, Some("edge_down")));
+        let h = decide(&[&lost], Some(probe), false, 30.0);
+        assert_eq!(h.diagnosis, Some("agent_lost"));
     }
 
     fn result(target: &str, ok: bool, ms: u32) -> ProbeResult {
@@ -652,7 +849,11 @@ mod tests {
             } else {
                 "connect refused".into()
             },
-            at_ms: 120_000,
+            at_ms: {
+                // One instant for every result of a test run: they share one minute.
+                static AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+                *AT.get_or_init(now_ms)
+            },
             ..Default::default()
         }
     }

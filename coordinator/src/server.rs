@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
@@ -140,6 +139,7 @@ pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, Ser
         config.alerts.clone(),
         config.regions.iter().map(|r| r.name.clone()).collect(),
         edges.clone(),
+        log.clone(),
     );
     let warm = crate::warm::Warm::open(
         config.warm.clone(),
@@ -223,12 +223,26 @@ pub async fn run(
                     .await
             }
             None => {
-                router
-                    .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(listeners.grpc),
-                        grpc_shutdown.cancelled_owned(),
-                    )
-                    .await
+                // `Server::tcp_nodelay` only applies to sockets tonic binds itself; an
+                // already-bound listener needs its accepted sockets set here.
+                match tonic::transport::server::TcpIncoming::from_listener(
+                    listeners.grpc,
+                    true,
+                    None,
+                ) {
+                    Ok(incoming) => {
+                        router
+                            .serve_with_incoming_shutdown(
+                                incoming,
+                                grpc_shutdown.cancelled_owned(),
+                            )
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "gRPC listener unusable");
+                        return;
+                    }
+                }
             }
         };
         if let Err(e) = result {

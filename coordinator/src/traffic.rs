@@ -38,6 +38,11 @@ pub struct Delta {
     pub passes: u64,
     pub backend_fetches: u64,
     pub backend_failures: u64,
+    /// The agent's own requests (warm shards, probes) among the above, and their
+    /// hits and misses: subtracted for the shoppers' ratio, reported as their own series.
+    pub synthetic_requests: u64,
+    pub synthetic_hits: u64,
+    pub synthetic_misses: u64,
 }
 
 impl Delta {
@@ -50,12 +55,35 @@ impl Delta {
         self.passes += o.passes;
         self.backend_fetches += o.backend_fetches;
         self.backend_failures += o.backend_failures;
+        self.synthetic_requests += o.synthetic_requests;
+        self.synthetic_hits += o.synthetic_hits;
+        self.synthetic_misses += o.synthetic_misses;
     }
 
-    /// `hits / (hits + misses)`, or `None` without lookups.
+    /// Shoppers' hits and misses: varnish's counts less the agent's own requests.
+    pub fn shopper_lookups(&self) -> (u64, u64) {
+        (
+            self.hits.saturating_sub(self.synthetic_hits),
+            self.misses.saturating_sub(self.synthetic_misses),
+        )
+    }
+
+    /// Shoppers' requests.
+    pub fn shopper_requests(&self) -> u64 {
+        self.requests.saturating_sub(self.synthetic_requests)
+    }
+
+    /// The shoppers' `hits / (hits + misses)`, or `None` without lookups.
     pub fn hit_ratio(&self) -> Option<f64> {
-        let total = self.hits + self.misses;
-        (total > 0).then(|| self.hits as f64 / total as f64)
+        let (hits, misses) = self.shopper_lookups();
+        let total = hits + misses;
+        (total > 0).then(|| hits as f64 / total as f64)
+    }
+
+    /// The same for the agent's own (warm and probe) requests.
+    pub fn synthetic_hit_ratio(&self) -> Option<f64> {
+        let total = self.synthetic_hits + self.synthetic_misses;
+        (total > 0).then(|| self.synthetic_hits as f64 / total as f64)
     }
 }
 
@@ -69,6 +97,7 @@ fn counters(s: &VarnishStats) -> Delta {
         passes: s.passes,
         backend_fetches: s.backend_fetches,
         backend_failures: s.backend_failures,
+        ..Delta::default()
     }
 }
 
@@ -87,9 +116,17 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
         || b.passes < a.passes
         || b.backend_fetches < a.backend_fetches
         || b.backend_failures < a.backend_failures;
+    // The agent's counters run since the agent started (a new session re-baselines).
+    let since = |n: u64, p: u64| if n >= p { n - p } else { n };
+    let synthetic = Delta {
+        synthetic_requests: since(next.synthetic_requests, prev.synthetic_requests),
+        synthetic_hits: since(next.synthetic_hits, prev.synthetic_hits),
+        synthetic_misses: since(next.synthetic_misses, prev.synthetic_misses),
+        ..Delta::default()
+    };
     if went_back {
         // varnishd restarted in between: everything it counted is new.
-        return Some(b);
+        return Some(Delta { ..b }.with_synthetic(&synthetic));
     }
     Some(Delta {
         requests: b.requests - a.requests,
@@ -100,7 +137,18 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
         passes: b.passes - a.passes,
         backend_fetches: b.backend_fetches - a.backend_fetches,
         backend_failures: b.backend_failures - a.backend_failures,
-    })
+        ..Delta::default()
+    }
+    .with_synthetic(&synthetic))
+}
+
+impl Delta {
+    fn with_synthetic(mut self, s: &Delta) -> Delta {
+        self.synthetic_requests = s.synthetic_requests;
+        self.synthetic_hits = s.synthetic_hits;
+        self.synthetic_misses = s.synthetic_misses;
+        self
+    }
 }
 
 #[derive(Debug, Default)]
@@ -111,7 +159,12 @@ struct EdgeTraffic {
     minutes: VecDeque<(u64, Delta)>,
     total: Delta,
     restarts: u64,
+    /// Time between the last two samples: the edge's reporting interval.
+    interval_ms: u64,
 }
+
+/// Samples this many intervals old are no longer live figures.
+const STALE_INTERVALS: u64 = 3;
 
 /// Per-edge traffic; share it behind an `Arc`.
 #[derive(Debug, Default)]
@@ -122,15 +175,23 @@ pub struct Traffic {
 /// One region (or edge) over the windows.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Summary {
-    /// Hit ratio per window (`m1`, `m5`, `h1`); null without lookups in it.
+    /// Shoppers' hit ratio per window (`m1`, `m5`, `h1`): the agents' own warm and
+    /// probe requests are not in it; null without lookups in it, or when stale.
     pub hit_ratio: BTreeMap<&'static str, Option<f64>>,
-    /// Client requests per second over the last minute.
-    pub requests_per_s: f64,
+    /// The hit ratio of the agents' own (warm, probe) requests per window.
+    pub synthetic_hit_ratio: BTreeMap<&'static str, Option<f64>>,
+    /// Shoppers' requests per second over the last minute (null when stale).
+    pub requests_per_s: Option<f64>,
     /// Sums over the last minute.
     pub last_minute: Delta,
-    /// Cached objects and ban-list length, summed over the latest samples.
-    pub objects: u64,
-    pub bans: u64,
+    /// Cached objects and ban-list length, summed over the live latest samples.
+    pub objects: Option<u64>,
+    pub bans: Option<u64>,
+    /// No edge has reported counters for three of its intervals: the figures above are
+    /// not live (varnishd or the agent is gone) and are null.
+    pub stale: bool,
+    /// Seconds since the newest sample.
+    pub stats_age_s: Option<f64>,
     /// varnishd restarts seen (counters going back).
     pub restarts: u64,
 }
@@ -166,6 +227,9 @@ impl Traffic {
         e.region = region.to_owned();
         let at = stats.taken_at_ms;
         if let Some(prev) = &e.last {
+            if at > prev.taken_at_ms {
+                e.interval_ms = at - prev.taken_at_ms;
+            }
             if stats.uptime_s < prev.uptime_s {
                 e.restarts += 1;
             }
@@ -233,17 +297,33 @@ impl Traffic {
             .map(|(m, d)| MinutePoint {
                 t: m / 1000,
                 hit_ratio: d.hit_ratio(),
-                requests_per_s: d.requests as f64 / 60.0,
+                requests_per_s: d.shopper_requests() as f64 / 60.0,
                 delta: d,
             })
             .collect()
     }
 }
 
-fn summarize(list: &[&EdgeTraffic], now_ms: u64) -> Summary {
+fn summarize(all: &[&EdgeTraffic], now_ms: u64) -> Summary {
+    // Only edges whose counters are live count; a dead varnishd shows no figures.
+    let live: Vec<&EdgeTraffic> = all
+        .iter()
+        .copied()
+        .filter(|e| {
+            e.last.as_ref().is_some_and(|l| {
+                let every = if e.interval_ms == 0 { 5_000 } else { e.interval_ms };
+                now_ms.saturating_sub(l.taken_at_ms) <= every.max(1_000) * STALE_INTERVALS
+            })
+        })
+        .collect();
+    let newest = all
+        .iter()
+        .filter_map(|e| e.last.as_ref().map(|l| l.taken_at_ms))
+        .max();
+    let stale = live.is_empty();
     let window = |ms: u64| {
         let mut sum = Delta::default();
-        for e in list {
+        for e in &live {
             for (t, d) in e.samples.iter().rev() {
                 if *t + ms <= now_ms {
                     break;
@@ -257,22 +337,24 @@ fn summarize(list: &[&EdgeTraffic], now_ms: u64) -> Summary {
         .iter()
         .map(|(name, ms)| (*name, window(*ms).hit_ratio()))
         .collect();
+    let synthetic_hit_ratio = WINDOWS
+        .iter()
+        .map(|(name, ms)| (*name, window(*ms).synthetic_hit_ratio()))
+        .collect();
     let last_minute = window(60_000);
+    let gauge = |f: fn(&VarnishStats) -> u64| {
+        (!stale).then(|| live.iter().filter_map(|e| e.last.as_ref()).map(f).sum())
+    };
     Summary {
         hit_ratio,
-        requests_per_s: last_minute.requests as f64 / 60.0,
+        synthetic_hit_ratio,
+        requests_per_s: (!stale).then(|| last_minute.shopper_requests() as f64 / 60.0),
         last_minute,
-        objects: list
-            .iter()
-            .filter_map(|e| e.last.as_ref())
-            .map(|s| s.objects)
-            .sum(),
-        bans: list
-            .iter()
-            .filter_map(|e| e.last.as_ref())
-            .map(|s| s.bans)
-            .sum(),
-        restarts: list.iter().map(|e| e.restarts).sum(),
+        objects: gauge(|s| s.objects),
+        bans: gauge(|s| s.bans),
+        restarts: all.iter().map(|e| e.restarts).sum(),
+        stale,
+        stats_age_s: newest.map(|t| now_ms.saturating_sub(t) as f64 / 1000.0),
     }
 }
 
@@ -305,7 +387,47 @@ mod tests {
         let eu = r["eu"].hit_ratio["m1"].unwrap();
         assert!((eu - 90.0 / 101.0).abs() < 1e-9, "{eu}");
         assert_eq!(r["us"].hit_ratio["m1"], None);
-        assert!((r["eu"].requests_per_s - 101.0 / 60.0).abs() < 1e-9);
+        assert!((r["eu"].requests_per_s.unwrap() - 101.0 / 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn warm_and_probe_requests_are_not_shoppers() {
+        let t = Traffic::default();
+        let mut a = s(1_000, 10, 0, 0);
+        t.record("a", "eu", a.clone());
+        // 100 warm misses and 20 warm hits, plus shoppers: 60 hits, 20 misses.
+        a = VarnishStats {
+            taken_at_ms: 3_000,
+            uptime_s: 12,
+            requests: 200,
+            hits: 80,
+            misses: 120,
+            synthetic_requests: 120,
+            synthetic_hits: 20,
+            synthetic_misses: 100,
+            ..Default::default()
+        };
+        t.record("a", "eu", a);
+        let eu = &t.regions(4_000)["eu"];
+        assert_eq!(eu.hit_ratio["m1"], Some(0.75));
+        assert_eq!(eu.synthetic_hit_ratio["m1"], Some(20.0 / 120.0));
+        assert!((eu.requests_per_s.unwrap() - 80.0 / 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_silent_edge_shows_no_live_figures() {
+        let t = Traffic::default();
+        t.record("a", "eu", s(1_000, 10, 0, 0));
+        t.record("a", "eu", s(6_000, 15, 9, 1));
+        let live = &t.regions(7_000)["eu"];
+        assert!(!live.stale);
+        assert_eq!(live.hit_ratio["m1"], Some(0.9));
+        // Three intervals (15 s) later with nothing new: stale, no figures.
+        let dead = &t.regions(6_000 + 15_001)["eu"];
+        assert!(dead.stale);
+        assert_eq!(dead.hit_ratio["m1"], None);
+        assert_eq!((dead.requests_per_s, dead.objects), (None, None));
+        assert!(dead.stats_age_s.unwrap() > 15.0);
     }
 
     #[test]

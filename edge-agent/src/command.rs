@@ -2,8 +2,9 @@
 //! popular URLs).
 //!
 //! Every [`run`] has a timeout, its child is killed if the future is dropped
-//! (`kill_on_drop`), and its output is bounded. A long-running child ([`lines`]) is killed
-//! when its reader is dropped, and its lines are bounded. Everything that talks to varnishd's admin
+//! (`kill_on_drop`), and its output is bounded. A long-running child ([`lines`]) runs
+//! under a small `sh` watchdog that stops it when its reader is dropped *or the agent
+//! dies* (its stdin pipe closes), and its lines are bounded. Everything that talks to varnishd's admin
 //! port does so in-process ([`crate::varnish::admin`]), not through `varnishadm`.
 
 use std::path::Path;
@@ -106,25 +107,51 @@ pub async fn run(
 /// Longest line kept from a long-running child (longer ones are skipped).
 const MAX_LINE: usize = 64 * 1024;
 
-/// A long-running child whose stdout is read line by line; dropping it kills the child.
+/// A long-running child whose stdout is read line by line; dropping it stops the child.
 #[derive(Debug)]
 pub struct Lines {
     program: String,
+    // Field order matters: the watchdog's stdin closes first, so it stops the child.
+    _watchdog_stdin: Option<tokio::process::ChildStdin>,
     _child: tokio::process::Child,
     stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
     buf: Vec<u8>,
 }
 
-/// Starts `program args...` for [`Lines::next`]; stderr is discarded.
+/// The watchdog around a long-running child: `sh` starts the program in the background,
+/// gives up its own copy of the output pipe, and waits for its stdin (a pipe only this
+/// agent holds) to close, then stops the program. The agent closes it when it drops
+/// [`Lines`]; the kernel closes it when the agent dies, however it dies (even SIGKILL,
+/// which no handler sees), so a child never outlives its agent, traffic or none.
+const WATCHDOG: &str = r#""$0" "$@" & child=$!; exec >/dev/null; read _ignored; kill "$child" 2>/dev/null"#;
+
+/// Starts `program args...` for [`Lines::next`] under the [`WATCHDOG`]; stderr is
+/// discarded.
 pub fn lines(program: &Path, args: &[&str]) -> Result<Lines, CommandError> {
     let name = program.display().to_string();
-    let mut child = spawn(program, args, Stdio::null())?;
+    let program_arg = program.to_string_lossy();
+    let mut sh_args = vec!["-c", WATCHDOG, program_arg.as_ref()];
+    sh_args.extend_from_slice(args);
+    // Not killed on drop: SIGKILL would stop the shell before it stops the child. Closing
+    // its stdin makes it stop the child and exit; tokio reaps it.
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .args(&sh_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|source| CommandError::Spawn {
+            program: name.clone(),
+            source,
+        })?;
     let stdout = child.stdout.take().ok_or_else(|| CommandError::Io {
         program: name.clone(),
         source: std::io::Error::other("no stdout"),
     })?;
     Ok(Lines {
         program: name,
+        _watchdog_stdin: child.stdin.take(),
         _child: child,
         stdout: tokio::io::BufReader::new(stdout),
         buf: Vec::new(),
@@ -199,5 +226,31 @@ mod tests {
         assert_eq!(l.next().await.unwrap().as_deref(), Some("a"));
         assert_eq!(l.next().await.unwrap().as_deref(), Some("b"));
         assert_eq!(l.next().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_long_running_child_stops_when_its_reader_is_dropped() {
+        let marker = format!("{}", std::process::id() as u64 * 1000 + 7);
+        let l = lines(Path::new("sleep"), &[&marker]).unwrap();
+        let running = || {
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|d| std::fs::read(d.path().join("cmdline")).ok())
+                .any(|c| c.starts_with(b"sleep\0") && c.ends_with(format!("{marker}\0").as_bytes()))
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(running());
+        drop(l);
+        let mut gone = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !running() {
+                gone = true;
+                break;
+            }
+        }
+        assert!(gone, "the child outlived its reader");
     }
 }

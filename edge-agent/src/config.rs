@@ -132,6 +132,38 @@ impl AgentConfig {
     }
 
     /// Checks what serde cannot.
+    /// What can be checked on this machine at start: the varnish secret is readable (an
+    /// agent that cannot read it fails every purge), the varnishd instance directory
+    /// exists when given as a path. Each failure is one line for the operator.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let v = &self.varnish;
+        match std::fs::read(&v.secret_file) {
+            Ok(s) if s.is_empty() => {
+                return Err(ConfigError::Invalid(format!(
+                    "varnish.secret_file {} is empty",
+                    v.secret_file.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(ConfigError::Invalid(format!(
+                    "cannot read varnish.secret_file {}: {e} (it must be readable by the user edge-agent runs as)",
+                    v.secret_file.display()
+                )))
+            }
+        }
+        if let Some(dir) = v.instance.as_deref().filter(|d| d.is_absolute()) {
+            if !dir.is_dir() {
+                return Err(ConfigError::Invalid(format!(
+                    "varnish.instance {}: no such directory (is varnishd running with -n {}?)",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let ident = |v: &str| {
             !v.is_empty()
@@ -156,6 +188,21 @@ impl AgentConfig {
                 "coordinator {:?} must start with https:// or http://",
                 self.coordinator
             )));
+        }
+        match self.coordinator.parse::<tonic::codegen::http::Uri>() {
+            Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {}
+            Ok(_) => {
+                return Err(ConfigError::Invalid(format!(
+                    "coordinator {:?} names no host",
+                    self.coordinator
+                )))
+            }
+            Err(e) => {
+                return Err(ConfigError::Invalid(format!(
+                    "coordinator {:?} is not a valid URL: {e}",
+                    self.coordinator
+                )))
+            }
         }
         if self.stats_interval_s == 0 || self.stats_interval_s > 3600 {
             return Err(ConfigError::Invalid(

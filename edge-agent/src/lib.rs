@@ -17,6 +17,7 @@ pub mod plan;
 pub mod probe;
 pub mod session;
 pub mod stats;
+pub mod synthetic;
 pub mod top;
 pub mod varnish;
 pub mod vcl;

@@ -26,7 +26,7 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match AgentConfig::load(&args.config) {
+    let config = match AgentConfig::load(&args.config).and_then(|c| c.check_files().map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edge-agent: {e}");

@@ -96,8 +96,12 @@ pub fn plan(entries: &[PurgeEntry], mode: PurgeMode) -> Vec<VarnishOp> {
     ops
 }
 
+/// Longest tag sent to xkey: varnishd refuses a request header past its limits, and the
+/// coordinator accepts none longer; a longer one (an older log) goes to a ban instead.
+const MAX_XKEY_TAG: usize = 1024;
+
 fn xkey_safe(tag: &str) -> bool {
-    !tag.chars().any(|c| c.is_whitespace() || c.is_control())
+    tag.len() <= MAX_XKEY_TAG && !tag.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn push_unique(ops: &mut Vec<VarnishOp>, op: VarnishOp) {

@@ -14,7 +14,12 @@ use proto::edge::{agent_message, AgentMessage, Check, ProbePlan, ProbeResult};
 use tokio::sync::mpsc;
 
 /// Runs the plan until the task is dropped.
-pub async fn run(plan: ProbePlan, varnish: SocketAddr, out: mpsc::Sender<AgentMessage>) {
+pub async fn run(
+    plan: ProbePlan,
+    varnish: SocketAddr,
+    synthetic: crate::synthetic::Synthetic,
+    out: mpsc::Sender<AgentMessage>,
+) {
     let origin: Option<SocketAddr> = if plan.origin.is_empty() {
         None
     } else {
@@ -31,7 +36,7 @@ pub async fn run(plan: ProbePlan, varnish: SocketAddr, out: mpsc::Sender<AgentMe
     };
     let mut tasks = tokio::task::JoinSet::new();
     for check in plan.checks {
-        let out = out.clone();
+        let (out, synthetic) = (out.clone(), synthetic.clone());
         tasks.spawn(async move {
             let every = Duration::from_millis(u64::from(check.interval_ms.max(100)));
             let mut tick = tokio::time::interval(every);
@@ -44,6 +49,13 @@ pub async fn run(plan: ProbePlan, varnish: SocketAddr, out: mpsc::Sender<AgentMe
                 }
                 for (target, addr) in targets {
                     let result = probe(&check, target, addr).await;
+                    if target == "edge" {
+                        if result.status == 0 {
+                            synthetic.record_failed();
+                        } else {
+                            synthetic.record(&result.cache.to_ascii_uppercase());
+                        }
+                    }
                     let msg = AgentMessage {
                         msg: Some(agent_message::Msg::Probe(result)),
                     };

@@ -8,7 +8,9 @@
 //! purge can be applied twice after a crash (harmless) but never skipped. Config bundles
 //! arriving on the same stream are handed to the [`crate::vcl`] worker.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use proto::edge::{
     agent_message, coordinator_message, AgentMessage, CoordinatorMessage, FullBan, Heartbeat,
@@ -26,7 +28,9 @@ use crate::cursor::{Cursor, CursorFile};
 use crate::plan::{plan, VarnishOp};
 use crate::varnish::Varnish;
 
-const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A session that stayed up this long was healthy: the next redial starts the backoff
+/// over instead of waiting as after many failures in a row.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -95,6 +99,9 @@ pub async fn run(
     }
     let cursor_file = CursorFile::open(&config.state_dir).map_err(AgentError::State)?;
     let mut agent = Agent {
+        welcomed_at: None,
+        applied: Arc::new(AtomicU64::new(0)),
+        synthetic: crate::synthetic::Synthetic::new(),
         cursor: cursor_file.load(),
         cursor_file,
         varnish: Varnish::new(config.varnish.clone()),
@@ -104,13 +111,20 @@ pub async fn run(
         applied_seq = agent.cursor.applied_seq, "edge agent starting");
     let mut failures: u32 = 0;
     loop {
+        agent.welcomed_at = None;
         let result = agent.session(&shutdown).await;
         match result {
             Err(SessionEnd::Shutdown) => return Ok(()),
-            Ok(()) => failures = 0,
+            Ok(()) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "session ended");
             }
+        }
+        if agent
+            .welcomed_at
+            .is_some_and(|t| t.elapsed() >= STABLE_SESSION)
+        {
+            failures = 0;
         }
         failures = failures.saturating_add(1);
         let delay = backoff(failures);
@@ -140,6 +154,12 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 struct Agent {
+    /// When the current session's Welcome arrived.
+    welcomed_at: Option<Instant>,
+    /// The cursor's sequence, for the heartbeat task.
+    applied: Arc<AtomicU64>,
+    /// The agent's own requests through varnish, subtracted from the hit ratio.
+    synthetic: crate::synthetic::Synthetic,
     config: AgentConfig,
     cursor_file: CursorFile,
     cursor: Cursor,
@@ -184,6 +204,8 @@ impl Agent {
             applied_seq: self.cursor.applied_seq,
             varnish_version,
             purge_mode: self.config.varnish.purge_mode.as_str().to_owned(),
+            report_interval_ms: u32::try_from(self.config.report_interval_s * 1000)
+                .unwrap_or(u32::MAX),
             capabilities: vec![
                 proto::CAP_FULL_BAN.to_owned(),
                 proto::CAP_SOFT_PURGE.to_owned(),
@@ -232,14 +254,37 @@ impl Agent {
         let stats = tokio::spawn(crate::stats::run(
             self.config.varnish.instance.clone(),
             Duration::from_secs(self.config.stats_interval_s),
+            self.synthetic.clone(),
             out.clone(),
         ));
+        // Heartbeats run beside the purge loop, so a long apply (a backlog, a varnishd
+        // restarting) never looks like a silent agent.
+        self.applied
+            .store(self.cursor.applied_seq, Ordering::Relaxed);
+        let heartbeat = tokio::spawn({
+            let (out, applied) = (out.clone(), self.applied.clone());
+            let every = Duration::from_secs(self.config.report_interval_s);
+            async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let beat = Heartbeat {
+                        applied_seq: applied.load(Ordering::Relaxed),
+                    };
+                    if send(&out, agent_message::Msg::Heartbeat(beat)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let _abort_heartbeat = AbortOnDrop(heartbeat);
         let _abort_stats = AbortOnDrop(stats);
         // Warm shards run beside purges, never in front of them.
         let (warm_tx, warm_rx) = mpsc::channel(64);
         let warm = tokio::spawn(crate::warm::run(
             self.config.varnish.http,
             warm_rx,
+            self.synthetic.clone(),
             out.clone(),
         ));
         let _abort_warm = AbortOnDrop(warm);
@@ -256,7 +301,6 @@ impl Agent {
         let mut _probes: Option<AbortOnDrop> = None;
 
         let mut log_id = String::new();
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
         // A message taken off the channel while coalescing but not part of the batch.
         let mut pending = None;
         loop {
@@ -264,10 +308,6 @@ impl Agent {
                 Some(m) => Some(m),
                 None => tokio::select! {
                     _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
-                    _ = heartbeat.tick() => {
-                        send(&out, agent_message::Msg::Heartbeat(Heartbeat { applied_seq: self.cursor.applied_seq })).await?;
-                        continue;
-                    }
                     m = in_rx.recv() => m,
                 },
             };
@@ -281,6 +321,7 @@ impl Agent {
                 coordinator_message::Msg::Welcome(w) => {
                     tracing::info!(log_id = %w.log_id, head_seq = w.head_seq, applied_seq = self.cursor.applied_seq, "session established");
                     log_id = w.log_id;
+                    self.welcomed_at = Some(Instant::now());
                 }
                 coordinator_message::Msg::FullBan(fb) => self.full_ban(fb, &out, shutdown).await?,
                 coordinator_message::Msg::ProbePlan(plan) => {
@@ -288,6 +329,7 @@ impl Agent {
                     _probes = Some(AbortOnDrop(tokio::spawn(crate::probe::run(
                         plan,
                         self.config.varnish.http,
+                        self.synthetic.clone(),
                         out.clone(),
                     ))));
                 }
@@ -372,7 +414,7 @@ impl Agent {
             ops = ops.len(),
             "applying purges"
         );
-        self.apply_ops(&ops, first, out, shutdown).await?;
+        self.apply_ops(&ops, first, last, out, shutdown).await?;
         self.commit(
             Cursor {
                 log_id: log_id.to_owned(),
@@ -391,7 +433,7 @@ impl Agent {
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         tracing::warn!(up_to_seq = fb.up_to_seq, reason = %fb.reason, "coordinator asked for a full ban");
-        self.apply_ops(&[VarnishOp::BanAll], fb.up_to_seq, out, shutdown)
+        self.apply_ops(&[VarnishOp::BanAll], fb.up_to_seq, fb.up_to_seq, out, shutdown)
             .await?;
         let cursor = Cursor {
             log_id: fb.log_id,
@@ -400,35 +442,63 @@ impl Agent {
         self.commit(cursor, out).await
     }
 
-    /// Applies every op, retrying each until it succeeds (reporting failures upstream).
+    /// Applies every op of the entries `first_seq..=last_seq`. A transient failure (the
+    /// admin connection lost, varnishd restarting, a wrong secret) is retried with backoff
+    /// until it works, reported upstream. An op varnish refuses for good (a regex it
+    /// cannot compile) would stall every later purge: it is replaced by a full ban of this
+    /// edge, which keeps the promise made to Magento (nothing stale survives), reported
+    /// with `full_ban` before the ack.
     async fn apply_ops(
         &mut self,
         ops: &[VarnishOp],
         first_seq: u64,
+        last_seq: u64,
         out: &Outbound,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
-        for op in ops {
-            let mut attempt = 0u32;
-            loop {
-                match self.varnish.apply(op).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        attempt += 1;
-                        tracing::warn!(error = %e, attempt, seq = first_seq, "purge not applied; retrying");
-                        if attempt == 1 || attempt.is_multiple_of(10) {
-                            let _ = out.try_send(AgentMessage {
-                                msg: Some(agent_message::Msg::PurgeError(PurgeError {
-                                    seq: first_seq,
-                                    error: e.to_string(),
-                                })),
-                            });
-                        }
-                        let delay = (BACKOFF_BASE * attempt.min(50)).min(RETRY_MAX);
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+        let mut ops = ops.to_vec();
+        let mut i = 0;
+        let mut attempt = 0u32;
+        while let Some(op) = ops.get(i) {
+            match self.varnish.apply(op).await {
+                Ok(()) => {
+                    i += 1;
+                    attempt = 0;
+                }
+                Err(e) if e.is_permanent() && *op != VarnishOp::BanAll => {
+                    tracing::error!(error = %e, first_seq, last_seq,
+                        "varnish refused purges for good; banning everything on this edge instead");
+                    send(
+                        out,
+                        agent_message::Msg::PurgeError(PurgeError {
+                            seq: first_seq,
+                            error: e.to_string(),
+                            last_seq,
+                            full_ban: true,
+                        }),
+                    )
+                    .await?;
+                    // A full ban subsumes this op and every other one of the batch.
+                    ops = vec![VarnishOp::BanAll];
+                    i = 0;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, seq = first_seq, "purge not applied; retrying");
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        let _ = out.try_send(AgentMessage {
+                            msg: Some(agent_message::Msg::PurgeError(PurgeError {
+                                seq: first_seq,
+                                error: e.to_string(),
+                                last_seq,
+                                full_ban: false,
+                            })),
+                        });
+                    }
+                    let delay = (BACKOFF_BASE * attempt.min(50)).min(RETRY_MAX);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
@@ -445,6 +515,7 @@ impl Agent {
             applied_seq: cursor.applied_seq,
             log_id: cursor.log_id.clone(),
         };
+        self.applied.store(cursor.applied_seq, Ordering::Relaxed);
         self.cursor = cursor;
         send(out, agent_message::Msg::Ack(ack)).await
     }

@@ -50,6 +50,7 @@ pub fn parse(json: &[u8], taken_at_ms: u64) -> Result<VarnishStats, String> {
         backend_failures: get("MAIN.backend_fail") + get("MAIN.fetch_failed"),
         objects: get("MAIN.n_object"),
         bans: get("MAIN.bans"),
+        ..VarnishStats::default()
     })
 }
 
@@ -76,7 +77,12 @@ pub async fn read(varnishstat: &Path, instance: Option<&Path>) -> Result<Varnish
 }
 
 /// Sends a sample every `every` until `out` closes; a failed read is logged and skipped.
-pub async fn run(instance: Option<PathBuf>, every: Duration, out: mpsc::Sender<AgentMessage>) {
+pub async fn run(
+    instance: Option<PathBuf>,
+    every: Duration,
+    synthetic: crate::synthetic::Synthetic,
+    out: mpsc::Sender<AgentMessage>,
+) {
     let program = PathBuf::from("varnishstat");
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -84,8 +90,14 @@ pub async fn run(instance: Option<PathBuf>, every: Duration, out: mpsc::Sender<A
     loop {
         tick.tick().await;
         match read(&program, instance.as_deref()).await {
-            Ok(stats) => {
+            Ok(mut stats) => {
                 failing = false;
+                // Read right after varnishstat, so both describe nearly the same moment.
+                (
+                    stats.synthetic_requests,
+                    stats.synthetic_hits,
+                    stats.synthetic_misses,
+                ) = synthetic.read();
                 let msg = AgentMessage {
                     msg: Some(agent_message::Msg::Stats(stats)),
                 };

@@ -45,6 +45,7 @@ struct Job {
 pub async fn run(
     via: SocketAddr,
     mut commands: mpsc::Receiver<Command>,
+    synthetic: crate::synthetic::Synthetic,
     out: mpsc::Sender<AgentMessage>,
 ) {
     let mut jobs: HashMap<u64, Job> = HashMap::new();
@@ -72,6 +73,7 @@ pub async fn run(
                     via,
                     job.throttle.clone(),
                     job.slots.clone(),
+                    synthetic.clone(),
                     out.clone(),
                 ));
             }
@@ -103,6 +105,7 @@ async fn run_shard(
     via: SocketAddr,
     throttle: Arc<Throttle>,
     slots: Arc<Semaphore>,
+    synthetic: crate::synthetic::Synthetic,
     out: mpsc::Sender<AgentMessage>,
 ) {
     let variations: Vec<Vec<(String, String)>> = shard
@@ -126,6 +129,11 @@ async fn run_shard(
         want_tags: shard.want_tags,
     });
     let s = fetch_all(items, spec, throttle, slots, &|_, _| {}).await;
+    synthetic.add(
+        (s.fetched + s.errors) as u64,
+        s.hits as u64,
+        s.misses as u64,
+    );
     tracing::debug!(
         job_id = shard.job_id,
         shard = shard.shard,

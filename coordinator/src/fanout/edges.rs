@@ -16,6 +16,19 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 const ACK_POINTS: usize = 8192;
+/// Purges an edge could only apply as a full ban, remembered per edge.
+const FAILURES_KEPT: usize = 256;
+
+/// Purges varnish refused for good on one edge: the agent banned everything instead, so
+/// the promise made to Magento holds, and says so here.
+#[derive(Debug, Clone, Serialize)]
+pub struct PurgeFailure {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub error: String,
+    pub full_ban: bool,
+    pub at: String,
+}
 
 /// One edge as the registry knows it.
 #[derive(Debug)]
@@ -28,6 +41,11 @@ struct Edge {
     acks: VecDeque<(u64, SystemTime)>,
     last_seen: SystemTime,
     last_error: Option<(u64, String)>,
+    failures: VecDeque<PurgeFailure>,
+    full_bans: u64,
+    refused_acks: u64,
+    /// What the agent last said about varnishd's admin port (None: reachable).
+    varnish_error: Option<String>,
     varnish_version: String,
     purge_mode: String,
     agent_version: String,
@@ -50,6 +68,16 @@ pub struct EdgeView {
     pub varnish_version: String,
     pub agent_version: String,
     pub last_error: Option<String>,
+    /// True while the agent reports that it cannot apply the next purge (it retries).
+    pub purge_failing: bool,
+    /// Purges varnish refused that this edge applied as a full ban instead.
+    pub full_bans: u64,
+    /// The agent cannot talk to its varnishd's admin port (last report).
+    pub varnish_error: Option<String>,
+    /// Seconds the oldest purge this edge has not applied has waited (null: none).
+    pub lag_s: Option<f64>,
+    /// Acks refused because they claimed more than the log holds (each dropped a session).
+    pub refused_acks: u64,
     pub applied_total: u64,
     /// Sessions this edge opened since the coordinator started.
     pub sessions: u64,
@@ -118,6 +146,10 @@ impl EdgeRegistry {
                 acks: VecDeque::new(),
                 last_seen: now,
                 last_error: None,
+                failures: VecDeque::new(),
+                full_bans: 0,
+                refused_acks: 0,
+                varnish_error: None,
                 varnish_version: String::new(),
                 purge_mode: String::new(),
                 agent_version: String::new(),
@@ -185,12 +217,52 @@ impl EdgeRegistry {
         }
     }
 
-    /// Records a failure the agent reported (it keeps retrying).
-    pub fn error(&self, handle: &SessionHandle, seq: u64, error: String) {
+    /// Records a failure the agent reported: one it retries (`full_ban` false), or
+    /// purges `seq..=last_seq` that varnish refused for good and the agent applied as a
+    /// full ban (the ack follows).
+    pub fn error(&self, handle: &SessionHandle, seq: u64, last_seq: u64, error: String, full_ban: bool) {
+        let now = SystemTime::now();
+        if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
+            e.last_seen = now;
+            if full_ban {
+                e.full_bans += 1;
+                e.failures.push_back(PurgeFailure {
+                    first_seq: seq,
+                    last_seq: last_seq.max(seq),
+                    error,
+                    full_ban,
+                    at: fmt_time(now),
+                });
+                while e.failures.len() > FAILURES_KEPT {
+                    e.failures.pop_front();
+                }
+            } else {
+                e.last_error = Some((seq, error));
+            }
+        }
+    }
+
+    /// Counts an ack that was refused (beyond the head, or for another log).
+    pub fn refused_ack(&self, handle: &SessionHandle) {
+        if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
+            e.refused_acks += 1;
+        }
+    }
+
+    /// What the agent reports about its varnishd's admin port.
+    pub fn varnish_status(&self, handle: &SessionHandle, admin_error: &str) {
         if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
             e.last_seen = SystemTime::now();
-            e.last_error = Some((seq, error));
+            e.varnish_error = (!admin_error.is_empty()).then(|| admin_error.to_owned());
         }
+    }
+
+    /// The purges an edge applied as a full ban, newest last.
+    pub fn failures(&self, edge_id: &str) -> Vec<PurgeFailure> {
+        self.edges
+            .get(edge_id)
+            .map(|e| e.failures.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Refreshes `last_seen`.
@@ -219,6 +291,11 @@ impl EdgeRegistry {
                     varnish_version: e.varnish_version.clone(),
                     agent_version: e.agent_version.clone(),
                     last_error: e.last_error.as_ref().map(|(_, m)| m.clone()),
+                    purge_failing: e.connected && e.last_error.is_some(),
+                    full_bans: e.full_bans,
+                    varnish_error: e.varnish_error.clone().filter(|_| e.connected),
+                    lag_s: None,
+                    refused_acks: e.refused_acks,
                     applied_total: e.applied_total,
                     sessions: e.sessions,
                     cert_not_after: e.cert_not_after,
@@ -227,6 +304,19 @@ impl EdgeRegistry {
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// [`Self::list`] with each lagging edge's `lag_s`: how long the oldest purge it has
+    /// not applied has waited.
+    pub fn list_with_lag(&self, log: &crate::purge::log::PurgeLog) -> Vec<EdgeView> {
+        let now = crate::purge::log::now_us();
+        let mut list = self.list(log.head());
+        for e in list.iter_mut().filter(|e| e.lag > 0) {
+            e.lag_s = log
+                .received_at_us(e.applied_seq + 1)
+                .map(|t| now.saturating_sub(t) as f64 / 1e6);
+        }
+        list
     }
 
     /// Where purge `seq` stands on every edge.
@@ -249,7 +339,13 @@ impl EdgeRegistry {
                 } else {
                     None
                 };
+                let refused = e
+                    .failures
+                    .iter()
+                    .find(|f| f.first_seq <= seq && seq <= f.last_seq)
+                    .map(|f| format!("varnish refused it; applied as a full ban: {}", f.error));
                 let error = match &e.last_error {
+                    _ if refused.is_some() => refused,
                     Some((s, msg)) if applied_at.is_none() && *s <= seq => Some(msg.clone()),
                     _ => None,
                 };

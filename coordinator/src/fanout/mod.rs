@@ -235,11 +235,12 @@ impl proto::Coordinator for FanoutService {
                 .connect(&hello.edge_id, &hello.region, handle.session);
             tokio::spawn(warm_loop(self.warm.clone(), tx.clone(), handle.clone()))
         });
+        let silence = silence_limit(hello.report_interval_ms);
         let sender = tokio::spawn(send_loop(self.log.clone(), resume, tx, handle.clone()));
         let service = self.clone();
         let region = hello.region.clone();
         tokio::spawn(async move {
-            receive_loop(&service, &region, &handle, inbound).await;
+            receive_loop(&service, &region, &handle, silence, inbound).await;
             handle.cancel.cancel();
             let _ = sender.await;
             if let Some(c) = configurer {
@@ -254,6 +255,16 @@ impl proto::Coordinator for FanoutService {
             tracing::info!(edge = %handle.edge_id, "edge disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// How long an agent may stay silent before it counts as lost: three of its report
+/// intervals (it heartbeats every interval), at least 3 s; 30 s for agents that do not
+/// say (they heartbeat every 10 s).
+pub fn silence_limit(report_interval_ms: u32) -> Duration {
+    match report_interval_ms {
+        0 => Duration::from_secs(30),
+        ms => Duration::from_millis(u64::from(ms) * 3).max(Duration::from_secs(3)),
     }
 }
 
@@ -278,6 +289,7 @@ async fn receive_loop(
     service: &FanoutService,
     region: &str,
     handle: &SessionHandle,
+    silence: Duration,
     mut inbound: Streaming<AgentMessage>,
 ) {
     let FanoutService {
@@ -291,18 +303,46 @@ async fn receive_loop(
     loop {
         let msg = tokio::select! {
             _ = handle.cancel.cancelled() => return,
-            m = inbound.message() => m,
+            m = tokio::time::timeout(silence, inbound.message()) => match m {
+                Ok(m) => m,
+                Err(_) => {
+                    // Frozen, or cut off by a partition that keeps the socket open: the
+                    // transport's keepalive would take far longer to notice.
+                    tracing::warn!(edge = %handle.edge_id, silent_s = silence.as_secs_f64(),
+                        "edge agent silent; counting it as lost");
+                    return;
+                }
+            },
         };
         match msg {
             Ok(Some(AgentMessage { msg: Some(m) })) => match m {
-                agent_message::Msg::Ack(ack) => edges.ack(handle, ack.applied_seq),
+                agent_message::Msg::Ack(ack) => {
+                    // An ack past the head (or for another log) is a bug or a lie; taking
+                    // it would make the purge status claim what never happened.
+                    let head = service.log.head();
+                    if ack.applied_seq > head
+                        || (!ack.log_id.is_empty() && ack.log_id != service.log.log_id())
+                    {
+                        tracing::warn!(edge = %handle.edge_id, acked = ack.applied_seq, head,
+                            log_id = %ack.log_id, "ack beyond the log head or for another log; dropping the session");
+                        edges.refused_ack(handle);
+                        return;
+                    }
+                    edges.ack(handle, ack.applied_seq)
+                }
                 agent_message::Msg::Heartbeat(_) => edges.seen(handle),
                 agent_message::Msg::PurgeError(e) => {
-                    tracing::warn!(edge = %handle.edge_id, seq = e.seq, error = %e.error, "edge failed to apply purge; it retries");
-                    edges.error(handle, e.seq, e.error);
+                    let error: String = e.error.chars().take(1000).collect();
+                    if e.full_ban {
+                        tracing::error!(edge = %handle.edge_id, seq = e.seq, last_seq = e.last_seq, error = %error,
+                            "varnish refused purges for good; the edge banned everything instead");
+                    } else {
+                        tracing::warn!(edge = %handle.edge_id, seq = e.seq, error = %error, "edge failed to apply purge; it retries");
+                    }
+                    edges.error(handle, e.seq, e.last_seq, error, e.full_ban);
                 }
                 agent_message::Msg::ConfigStatus(status) => {
-                    edges.seen(handle);
+                    edges.varnish_status(handle, &status.admin_error);
                     rollouts.on_status(&handle.edge_id, handle.session, status);
                 }
                 agent_message::Msg::Probe(result) => {

@@ -118,6 +118,9 @@ struct Inner {
     log_id: String,
     queue: std_mpsc::SyncSender<AppendReq>,
     head: watch::Receiver<u64>,
+    /// The newest durable sequence, set before the appenders are answered (the watch
+    /// above only wakes the sessions, after them).
+    durable: Arc<AtomicU64>,
     /// Oldest sequence still stored (head + 1 when the log is empty).
     first: Arc<AtomicU64>,
     tail: Arc<Mutex<VecDeque<Arc<PurgeEntry>>>>,
@@ -142,11 +145,13 @@ impl PurgeLog {
         });
         let (head_tx, head_rx) = watch::channel(head);
         let first = Arc::new(AtomicU64::new(first));
+        let durable = Arc::new(AtomicU64::new(head));
         let (queue, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
         let writer = Writer {
             db: db.clone(),
             head,
             head_tx,
+            durable: durable.clone(),
             first: first.clone(),
             tail: tail.clone(),
             retention,
@@ -162,6 +167,7 @@ impl PurgeLog {
                 log_id,
                 queue,
                 head: head_rx,
+                durable,
                 first,
                 tail,
             }),
@@ -191,7 +197,19 @@ impl PurgeLog {
 
     /// Newest durable sequence (0 when nothing was ever logged).
     pub fn head(&self) -> u64 {
-        *self.inner.head.borrow()
+        self.inner.durable.load(Ordering::Acquire)
+    }
+
+    /// When purge `seq` was received (microseconds since the epoch), if it is stored.
+    pub fn received_at_us(&self, seq: u64) -> Option<u64> {
+        if seq == 0 || seq > self.head() {
+            return None;
+        }
+        self.read_from(seq, 1)
+            .ok()?
+            .first()
+            .filter(|e| e.seq == seq)
+            .map(|e| e.received_at_us)
     }
 
     /// Oldest sequence still stored; `head + 1` when everything was pruned.
@@ -297,6 +315,7 @@ struct Writer {
     db: Arc<SharedDb>,
     head: u64,
     head_tx: watch::Sender<u64>,
+    durable: Arc<AtomicU64>,
     first: Arc<AtomicU64>,
     tail: Arc<Mutex<VecDeque<Arc<PurgeEntry>>>>,
     retention: Retention,
@@ -354,10 +373,14 @@ impl Writer {
                         tail.pop_front();
                     }
                 }
-                self.head_tx.send_replace(seq);
+                self.durable.store(seq, Ordering::Release);
+                // Answer the appenders before waking the sessions: with a thousand edges
+                // the wake-ups are a thousand tasks, and Magento must not queue behind
+                // them (the purge listener never waits on an edge).
                 for (req, last) in batch.into_iter().zip(last_seqs) {
                     let _ = req.reply.send(Ok(last));
                 }
+                self.head_tx.send_replace(seq);
             }
             Err(e) => {
                 tracing::error!(error = %e, purges = entries.len(), "purge log commit failed; nothing acknowledged");

@@ -21,6 +21,10 @@ pub const REGEX_NEST_LIMIT: u32 = 64;
 /// A sanity bound on one pattern; the listener's header limit (`purge.max_header_bytes`) is the real one.
 pub const MAX_PATTERN_BYTES: usize = 1024 * 1024;
 
+/// Longest tag accepted. Magento's are a few dozen bytes (`cat_p_123`); one of kilobytes
+/// cannot be sent to xkey or fit the agents' ban chunks, so it is refused up front.
+pub const MAX_TAG_BYTES: usize = 1024;
+
 /// What one purge asks the edges to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PurgeOp {
@@ -69,7 +73,9 @@ pub enum PatternError {
     ControlChar { header: &'static str },
     #[error("{header} is not valid UTF-8")]
     NotUtf8 { header: &'static str },
-    #[error("{header} is not a valid regex: {reason}")]
+    #[error("{header} holds a tag of {len} bytes; at most {MAX_TAG_BYTES} are accepted")]
+    TagTooLong { header: &'static str, len: usize },
+    #[error("{header} is not a regex varnish (PCRE2) can use: {reason}")]
     InvalidRegex {
         header: &'static str,
         reason: String,
@@ -84,10 +90,31 @@ pub fn parse_tags_pattern(raw: &[u8]) -> Result<PurgeOp, PatternError> {
         return Ok(PurgeOp::All);
     }
     if let Some(tags) = parse_canonical(value) {
+        if let Some(long) = tags.iter().find(|t| t.len() > MAX_TAG_BYTES) {
+            return Err(PatternError::TagTooLong {
+                header: H,
+                len: long.len(),
+            });
+        }
         return Ok(PurgeOp::Tags(tags));
     }
     validate_regex(value, H)?;
     Ok(PurgeOp::TagsRegex(value.to_owned()))
+}
+
+/// Checks one tag given by name (the API's tag purges): what Magento could send in its
+/// canonical pattern, and no longer than [`MAX_TAG_BYTES`].
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    if tag.is_empty() || tag.chars().any(|c| c.is_control() || c == ',' || c.is_whitespace()) {
+        return Err("tags must be non-empty without commas, spaces or control characters".into());
+    }
+    if tag.len() > MAX_TAG_BYTES {
+        return Err(format!(
+            "a tag of {} bytes; at most {MAX_TAG_BYTES} are accepted",
+            tag.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Parses an `X-Pool` value (always a regex).
@@ -114,24 +141,18 @@ fn clean<'a>(raw: &'a [u8], header: &'static str) -> Result<&'a str, PatternErro
     Ok(value)
 }
 
-/// Checks that varnishd will accept the regex. Varnish uses PCRE2; we accept the common
-/// subset the `regex` crate understands and refuse the rest with a clear reason, rather
-/// than acknowledging a purge that would fail on every edge.
-fn validate_regex(value: &str, header: &'static str) -> Result<(), PatternError> {
-    regex::RegexBuilder::new(value)
-        .nest_limit(REGEX_NEST_LIMIT)
-        .size_limit(1 << 22)
-        .build()
+/// Checks that varnishd will accept the regex, with the engine varnishd uses: PCRE2,
+/// default options, its default compiled-size limit (a Magento-style alternation of about
+/// 30 KB is "too large" for it, and a ban varnishd refuses is one no edge can ever apply).
+/// Lookarounds and backreferences PCRE2 takes are fine; syntax only another engine knows
+/// is refused here, with PCRE2's own reason.
+pub fn validate_regex(value: &str, header: &'static str) -> Result<(), PatternError> {
+    pcre2::bytes::RegexBuilder::new()
+        .build(value)
         .map(|_| ())
         .map_err(|e| PatternError::InvalidRegex {
             header,
-            reason: e
-                .to_string()
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
+            reason: e.to_string(),
         })
 }
 
@@ -200,8 +221,10 @@ mod tests {
             parse_tags_pattern(pattern.as_bytes()),
             Err(PatternError::InvalidRegex { .. })
         ));
-        let groups = format!("{}a{}", "(".repeat(100), ")".repeat(100));
-        assert!(parse_tags_pattern(groups.as_bytes()).is_err());
+        // PCRE2 (varnish's engine) takes 100 nested groups and refuses past its limit.
+        let groups = |n| format!("{}a{}", "(".repeat(n), ")".repeat(n));
+        assert!(parse_tags_pattern(groups(100).as_bytes()).is_ok());
+        assert!(parse_tags_pattern(groups(300).as_bytes()).is_err());
         assert!(parse_tags_pattern(b"((^|,)cat_p_1(,|$))|cat_(c|p)_[0-9]+").is_ok());
     }
 
@@ -236,8 +259,37 @@ mod tests {
     fn invalid_regex_is_refused_with_reason() {
         let err = parse_tags_pattern(b"((^|,)cat_p_1(,|$)").unwrap_err();
         assert!(matches!(err, PatternError::InvalidRegex { .. }), "{err}");
-        assert!(err.to_string().contains("not a valid regex"));
+        assert!(err.to_string().contains("PCRE2"), "{err}");
         assert!(parse_pool(b"[a-").is_err());
+    }
+
+    #[test]
+    fn what_varnish_cannot_compile_is_refused_up_front() {
+        // A Magento-style alternation of 40 KB with a non-tag tail: PCRE2's default
+        // compiled-size limit refuses it, as every varnishd would.
+        let mut raw = String::new();
+        let mut n = 0;
+        while raw.len() < 40_000 {
+            raw.push_str(&format!("((^|,)cat_p_{n}(,|$))|"));
+            n += 1;
+        }
+        raw.push_str("cat_.*");
+        let err = parse_tags_pattern(raw.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+        // The same alternation at 8 KB compiles.
+        let small: String = raw[raw.len() - 8000..].to_owned();
+        let small = &small[small.find("((").unwrap()..];
+        assert!(parse_tags_pattern(small.as_bytes()).is_ok());
+        // One 60 KB tag: a canonical pattern, refused for its size.
+        let big = format!("((^|,){}(,|$))", "x".repeat(60_000));
+        assert!(matches!(
+            parse_tags_pattern(big.as_bytes()),
+            Err(PatternError::TagTooLong { len: 60_000, .. })
+        ));
+        // PCRE2 and Rust's regex disagree both ways; PCRE2 (varnish's engine) decides.
+        assert!(parse_tags_pattern(b"(?u:cat)_p").is_err(), "Rust-only flag");
+        assert!(parse_tags_pattern(b"(cat)_\\1|(?=x)y").is_ok(), "PCRE2-only syntax");
+        assert!(parse_pool(b"(?<=a)b").is_ok());
     }
 
     #[test]

@@ -32,6 +32,16 @@ pub enum ApplyError {
     Http { addr: SocketAddr, reason: String },
 }
 
+impl ApplyError {
+    /// Whether varnish refused the operation itself (a syntax or parameter error, such
+    /// as a regex PCRE2 cannot compile): sending it again can never work. Everything else
+    /// (connection, timeout, authentication, a child not running) may pass.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ApplyError::Admin(AdminError::Refused { status, .. }) if (100..200).contains(status))
+            || matches!(self, ApplyError::Admin(AdminError::BadArgument))
+    }
+}
+
 /// The local varnishd, with a lazily (re)connected admin session.
 #[derive(Debug)]
 pub struct Varnish {
