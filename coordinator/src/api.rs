@@ -248,6 +248,8 @@ async fn config_view(State(s): State<ApiState>) -> Response {
 struct PushQuery {
     /// `false` skips the canary stage.
     canary: Option<bool>,
+    /// `true` supersedes a rollout in progress (else 409).
+    force: Option<bool>,
 }
 
 async fn config_push(
@@ -267,7 +269,10 @@ async fn config_push(
     };
     let rollouts = s.rollouts.clone();
     let canary = q.canary.unwrap_or(true);
-    rollout_answer(tokio::task::spawn_blocking(move || rollouts.push(&bundle, canary)).await)
+    let force = q.force.unwrap_or(false);
+    rollout_answer(
+        tokio::task::spawn_blocking(move || rollouts.push(&bundle, canary, force)).await,
+    )
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -400,7 +405,9 @@ fn rollout_answer(
         )
             .into_response(),
         Ok(Err(e @ RolloutError::UnknownVersion(_))) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Ok(Err(e @ RolloutError::Nothing(_))) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e @ (RolloutError::Nothing(_) | RolloutError::InFlight(_)))) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
         Ok(Err(e @ RolloutError::Store(_))) => {
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }

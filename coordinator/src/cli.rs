@@ -125,6 +125,7 @@ pub async fn config_push(
     dir: &Path,
     canary: bool,
     wait: bool,
+    force: bool,
 ) -> Result<(), CliError> {
     let bundle =
         Bundle::from_dir(dir).map_err(|e| CliError::Failed(format!("{}: {e}", dir.display())))?;
@@ -132,7 +133,7 @@ pub async fn config_push(
     let started = api
         .call(
             "POST",
-            &format!("/api/v1/config?canary={canary}"),
+            &format!("/api/v1/config?canary={canary}&force={force}"),
             Some(body),
         )
         .await?;
@@ -200,13 +201,22 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
             println!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
             last = key;
         }
+        let version = rollout["version"].as_str().unwrap_or("?");
+        let edges = view["edges"].as_array().map_or(0, Vec::len);
         match phase {
-            "done" => return Ok(()),
+            "done" => {
+                println!("rollout {id} done: version {version} runs on every connected edge ({edges})");
+                return Ok(());
+            }
             "failed" => {
+                println!(
+                    "rollout {id} failed: every edge goes back to the version it ran before ({})",
+                    rollout["previous"].as_str().unwrap_or("its boot VCL")
+                );
                 return Err(CliError::Failed(format!(
                     "rollout failed: {}",
                     rollout["error"].as_str().unwrap_or("unknown error")
-                )))
+                )));
             }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
@@ -523,10 +533,15 @@ pub fn warm_lines(job: &Value) -> Vec<String> {
             let done = p["done"].as_u64().unwrap_or(0);
             let total = p["total"].as_u64().unwrap_or(0);
             let filled = (done * 30).checked_div(total).unwrap_or(0) as usize;
-            let eta = p["eta_s"]
-                .as_u64()
-                .map(|s| format!("  ETA {s}s"))
-                .unwrap_or_default();
+            let eta = match (p["status"].as_str(), p["eta_s"].as_u64()) {
+                (_, Some(s)) => format!("  ETA {s}s"),
+                (Some("dropped"), _) => format!(
+                    "  dropped: {}",
+                    p["error"].as_str().unwrap_or("no reason recorded")
+                ),
+                (Some(status @ ("done" | "waiting")), _) => format!("  {status}"),
+                _ => String::new(),
+            };
             lines.push(format!(
                 "  {name:<width$} [{}{}] {done:>6}/{total:<6} errors {}{eta}",
                 "=".repeat(filled),

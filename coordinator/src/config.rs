@@ -76,6 +76,12 @@ pub struct WarmConfig {
     /// Purges within this quiet time coalesce into one re-warm (a reindex is one pass).
     #[serde(default = "default_rewarm_debounce_ms")]
     pub rewarm_debounce_ms: u64,
+    /// A target edge that is disconnected, or makes no progress (a re-warm waiting on a
+    /// purge it cannot apply, say), for this long is dropped from the job with the reason
+    /// recorded, so no job waits on a dead edge (seconds; stretched for a shard that is
+    /// slow at its rate).
+    #[serde(default = "default_warm_edge_timeout_s")]
+    pub edge_timeout_s: u64,
     /// (tag, URL) pairs the re-warm index keeps.
     #[serde(default = "default_tag_index_pairs")]
     pub tag_index_pairs: usize,
@@ -145,6 +151,10 @@ fn default_warm_timeout_ms() -> u64 {
 fn default_warm_max_urls() -> usize {
     1_000_000
 }
+fn default_warm_edge_timeout_s() -> u64 {
+    60
+}
+
 fn default_rewarm_debounce_ms() -> u64 {
     2000
 }
@@ -168,6 +178,7 @@ impl Default for WarmConfig {
             token_file: None,
             rewarm_after_purge: false,
             rewarm_debounce_ms: default_rewarm_debounce_ms(),
+            edge_timeout_s: default_warm_edge_timeout_s(),
             tag_index_pairs: default_tag_index_pairs(),
             schedule: Vec::new(),
         }
@@ -177,6 +188,9 @@ impl Default for WarmConfig {
 impl WarmConfig {
     fn validate(&self, regions: &[String]) -> Result<(), String> {
         let positive = |v: f64| v.is_finite() && v > 0.0;
+        if self.edge_timeout_s == 0 {
+            return Err("warm.edge_timeout_s must be positive".into());
+        }
         if !positive(self.origin_budget_rps) || !positive(self.satellite_rate) {
             return Err("warm.origin_budget_rps and warm.satellite_rate must be positive".into());
         }
@@ -628,6 +642,9 @@ impl CoordinatorConfig {
                     c.name
                 ));
             }
+        }
+        if self.monitoring.purge_lag_s == 0 {
+            return invalid("monitoring.purge_lag_s must be positive".into());
         }
         if self.monitoring.failures_to_down == 0 || self.monitoring.successes_to_up == 0 {
             return invalid(

@@ -161,6 +161,9 @@ enum ConfigCommand {
         /// Follow the rollout until it is done (non-zero exit if it fails).
         #[arg(long)]
         wait: bool,
+        /// Supersede a rollout still in progress (without it such a push is refused).
+        #[arg(long)]
+        force: bool,
     },
     /// List stored versions.
     List,
@@ -306,7 +309,8 @@ fn main() -> ExitCode {
                         dir,
                         no_canary,
                         wait,
-                    } => cli::config_push(&client, &dir, !no_canary, wait).await,
+                        force,
+                    } => cli::config_push(&client, &dir, !no_canary, wait, force).await,
                     ConfigCommand::List => cli::config_list(&client).await,
                     ConfigCommand::Show { version, file } => {
                         cli::config_show(&client, &version, file.as_deref()).await

@@ -369,7 +369,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         let bundle =
             Bundle::from_dir(&bundle_dir).map_err(|e| DemoError::Invalid(e.to_string()))?;
         let pushed = rollouts
-            .push(&bundle, false)
+            .push(&bundle, false, true)
             .map_err(|e| DemoError::Invalid(format!("pushing the sample bundle: {e}")))?;
         loop {
             let view = rollouts.view();

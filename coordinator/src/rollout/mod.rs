@@ -76,6 +76,11 @@ pub struct Rollout {
     pub error: Option<String>,
     /// `push` or `rollback`.
     pub kind: String,
+    /// What each edge ran when this rollout started, where that was the rollout it
+    /// superseded: a failure puts every edge back on what it ran, never older than the
+    /// fleet's `previous`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub previous_by_edge: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +103,8 @@ pub enum RolloutError {
     UnknownVersion(String),
     #[error("{0}")]
     Nothing(String),
+    #[error("rollout of {0} is still in progress; wait for it, or push with --force to supersede it")]
+    InFlight(String),
 }
 
 /// What a push or rollback started.
@@ -263,7 +270,7 @@ impl Rollouts {
         let Some(e) = edges.get_mut(edge).filter(|e| e.session == session) else {
             return;
         };
-        let target = target(plan, &e.region).map(str::to_owned);
+        let target = target(plan, &e.region, edge).map(str::to_owned);
         let active = status.active_version.clone();
         if !status.admin_error.is_empty() {
             // Nothing known about varnishd right now; judge drift when it answers again.
@@ -321,7 +328,7 @@ impl Rollouts {
         if !e.connected || !e.capable || e.session != session {
             return None;
         }
-        let target = target(plan, &e.region)?.to_owned();
+        let target = target(plan, &e.region, edge)?.to_owned();
         let status = e.status.as_ref()?; // wait for the agent's first report
         if status.active_version == target || !status.admin_error.is_empty() {
             return None; // in sync, or varnishd unreachable (restarting): wait for it
@@ -390,9 +397,17 @@ impl Rollouts {
         })
     }
 
-    /// Validates, stores and starts rolling out a pushed bundle.
-    pub fn push(&self, bundle: &Bundle, canary: bool) -> Result<Started, RolloutError> {
+    /// Validates, stores and starts rolling out a pushed bundle. While another rollout is
+    /// in progress the push is refused ([`RolloutError::InFlight`]) unless `force`: then
+    /// it supersedes it, and a failure returns each edge to what it was running.
+    pub fn push(&self, bundle: &Bundle, canary: bool, force: bool) -> Result<Started, RolloutError> {
         bundle::check(bundle, &self.regions)?;
+        if !force {
+            self.tick();
+            if let Some(r) = self.in_flight() {
+                return Err(RolloutError::InFlight(r));
+            }
+        }
         let (version, new_version) = self.store.put(bundle)?;
         let rollout = self.start(&version, canary, "push")?;
         Ok(Started {
@@ -435,6 +450,17 @@ impl Rollouts {
         })
     }
 
+    /// The version of the rollout in progress, if one is.
+    fn in_flight(&self) -> Option<String> {
+        let inner = self.lock();
+        inner
+            .plan
+            .rollout
+            .as_ref()
+            .filter(|r| matches!(r.phase, Phase::Canary | Phase::Fleet))
+            .map(|r| r.version.clone())
+    }
+
     fn start(
         &self,
         version: &str,
@@ -442,6 +468,26 @@ impl Rollouts {
         kind: &str,
     ) -> Result<Option<Rollout>, RolloutError> {
         let mut inner = self.lock();
+        // A rollout that has in fact reached every edge is done before it is superseded.
+        advance(&mut inner, &self.config);
+        // Where an edge already runs the rollout being superseded, that is what it goes
+        // back to if this one fails; any other edge goes back to the fleet's version.
+        let superseded = inner
+            .plan
+            .rollout
+            .as_ref()
+            .filter(|r| matches!(r.phase, Phase::Canary | Phase::Fleet))
+            .map(|r| r.version.clone());
+        let previous_by_edge: BTreeMap<String, String> = superseded
+            .map(|v| {
+                inner
+                    .edges
+                    .iter()
+                    .filter(|(_, e)| e.status.as_ref().is_some_and(|s| s.active_version == v))
+                    .map(|(id, _)| (id.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
         let plan = &mut inner.plan;
         let settled = plan.rollout.as_ref().is_none_or(|r| r.phase == Phase::Done);
         if settled && plan.current.as_deref() == Some(version) {
@@ -464,6 +510,7 @@ impl Rollouts {
             finished_at_ms: None,
             error: None,
             kind: kind.to_owned(),
+            previous_by_edge,
         };
         tracing::info!(version, kind, phase = ?rollout.phase, "rollout started");
         plan.rollout = Some(rollout.clone());
@@ -528,7 +575,7 @@ impl Rollouts {
         let mut edges: Vec<EdgeConfigView> = inner
             .edges
             .iter()
-            .map(|(id, e)| edge_view(id, e, target(plan, &e.region)))
+            .map(|(id, e)| edge_view(id, e, target(plan, &e.region, id)))
             .collect();
         edges.sort_by(|a, b| (&a.region, &a.id).cmp(&(&b.region, &b.id)));
         ConfigView {
@@ -544,13 +591,17 @@ impl Rollouts {
     }
 }
 
-/// The version an edge of `region` should run.
-fn target<'a>(plan: &'a Plan, region: &str) -> Option<&'a str> {
+/// The version edge `edge` of `region` should run.
+fn target<'a>(plan: &'a Plan, region: &str, edge: &str) -> Option<&'a str> {
     match &plan.rollout {
         None => plan.current.as_deref(),
         Some(r) => match r.phase {
             Phase::Canary if r.canary_region.as_deref() == Some(region) => Some(&r.version),
-            Phase::Canary | Phase::Failed => r.previous.as_deref(),
+            Phase::Canary | Phase::Failed => r
+                .previous_by_edge
+                .get(edge)
+                .map(String::as_str)
+                .or(r.previous.as_deref()),
             Phase::Fleet | Phase::Done => Some(&r.version),
         },
     }
@@ -816,7 +867,7 @@ mod tests {
         r.connect("us-1", "us", 1, true);
         report(&r, "eu-1", "boot", "");
         report(&r, "us-1", "boot", "");
-        let v1 = r.push(&bundle("v1"), true).unwrap().version;
+        let v1 = r.push(&bundle("v1"), true, false).unwrap().version;
         assert_eq!(r.next_apply("us-1", 1), None, "fleet waits for the canary");
         assert_eq!(obey(&r, "eu-1").as_deref(), Some(v1.as_str()));
         r.tick(); // canary healthy, wait 0 s -> fleet
@@ -829,17 +880,72 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_push_over_a_rollout_in_flight_goes_back_to_what_ran() {
+        let (_d, r) = setup(Some("eu"), DriftPolicy::Enforce);
+        for (e, region) in [("eu-1", "eu"), ("us-1", "us"), ("us-2", "us")] {
+            r.connect(e, region, 1, true);
+            report(&r, e, "boot", "");
+        }
+        let v0 = r.push(&bundle("v0"), false, false).unwrap().version;
+        for e in ["eu-1", "us-1", "us-2"] {
+            obey(&r, e);
+        }
+        r.tick();
+        // v1 (say, a new WAF rule) reaches the canary and one fleet edge, not yet us-2.
+        let v1 = r.push(&bundle("v1"), true, false).unwrap().version;
+        obey(&r, "eu-1");
+        r.tick();
+        obey(&r, "us-1");
+        r.tick();
+        // A second push while v1 is in flight is refused without --force...
+        assert!(matches!(
+            r.push(&bundle("broken"), true, false),
+            Err(RolloutError::InFlight(v)) if v == v1
+        ));
+        // ...and with it, supersedes v1; the canary rejects it.
+        let v2 = r.push(&bundle("broken"), true, true).unwrap().version;
+        let apply = r.next_apply("eu-1", 1).unwrap();
+        assert_eq!(apply.version, v2);
+        r.on_result(
+            "eu-1",
+            1,
+            ConfigResult {
+                version: v2.clone(),
+                ok: false,
+                error: "main.vcl line 1: syntax".into(),
+                ..Default::default()
+            },
+        );
+        r.tick();
+        let view = r.view();
+        assert_eq!(view.rollout.as_ref().map(|r| r.phase), Some(Phase::Failed));
+        let target = |id: &str| {
+            view.edges
+                .iter()
+                .find(|e| e.id == id)
+                .and_then(|e| e.target_version.clone())
+        };
+        // Each edge goes back to what it ran: v1 where v1 had arrived, never older.
+        assert_eq!(target("eu-1").as_deref(), Some(v1.as_str()));
+        assert_eq!(target("us-1").as_deref(), Some(v1.as_str()));
+        assert_eq!(target("us-2").as_deref(), Some(v0.as_str()));
+        for e in ["eu-1", "us-1", "us-2"] {
+            assert_eq!(r.next_apply(e, 1), None, "{e} keeps what it runs");
+        }
+    }
+
+    #[test]
     fn canary_failure_stops_and_reverts() {
         let (_d, r) = setup(Some("eu"), DriftPolicy::Enforce);
         r.connect("eu-1", "eu", 1, true);
         r.connect("us-1", "us", 1, true);
         report(&r, "eu-1", "boot", "");
         report(&r, "us-1", "boot", "");
-        let v1 = r.push(&bundle("v1"), false).unwrap().version;
+        let v1 = r.push(&bundle("v1"), false, false).unwrap().version;
         obey(&r, "eu-1");
         obey(&r, "us-1");
         r.tick();
-        let v2 = r.push(&bundle("broken"), true).unwrap().version;
+        let v2 = r.push(&bundle("broken"), true, false).unwrap().version;
         let apply = r.next_apply("eu-1", 1).unwrap();
         assert_eq!(apply.version, v2);
         r.on_result(
@@ -867,7 +973,7 @@ mod tests {
             let (_d, r) = setup(None, policy);
             r.connect("eu-1", "eu", 1, true);
             report(&r, "eu-1", "boot", "");
-            let v1 = r.push(&bundle("v1"), false).unwrap().version;
+            let v1 = r.push(&bundle("v1"), false, false).unwrap().version;
             obey(&r, "eu-1");
             report(&r, "eu-1", "hand_edit", "");
             let view = r.view();
@@ -890,7 +996,7 @@ mod tests {
         let (_d, r) = setup(None, DriftPolicy::Enforce);
         r.connect("eu-1", "eu", 1, true);
         report(&r, "eu-1", "boot", "");
-        let v1 = r.push(&bundle("v1"), false).unwrap().version;
+        let v1 = r.push(&bundle("v1"), false, false).unwrap().version;
         obey(&r, "eu-1");
         r.on_status(
             "eu-1",
@@ -912,10 +1018,10 @@ mod tests {
         let (d, r) = setup(None, DriftPolicy::Enforce);
         r.connect("eu-1", "eu", 1, true);
         report(&r, "eu-1", "boot", "");
-        let v1 = r.push(&bundle("v1"), false).unwrap().version;
+        let v1 = r.push(&bundle("v1"), false, false).unwrap().version;
         obey(&r, "eu-1");
         r.tick();
-        let v2 = r.push(&bundle("v2"), false).unwrap().version;
+        let v2 = r.push(&bundle("v2"), false, false).unwrap().version;
         obey(&r, "eu-1");
         r.tick();
         assert_eq!(r.view().current.as_deref(), Some(v2.as_str()));
@@ -939,7 +1045,7 @@ mod tests {
     #[test]
     fn push_refuses_unknown_variables() {
         let (_d, r) = setup(None, DriftPolicy::Enforce);
-        let err = r.push(&bundle("x ${nope}"), false).unwrap_err().to_string();
+        let err = r.push(&bundle("x ${nope}"), false, false).unwrap_err().to_string();
         assert!(err.contains("main.vcl:1") && err.contains("nope"), "{err}");
         assert!(r.store().list().unwrap().is_empty(), "nothing stored");
     }

@@ -151,6 +151,10 @@ pub struct EdgeWork {
     pub errors: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// Why this edge was taken out of the job (disconnected, stuck, every fetch
+    /// failing); its remaining shards are not waited for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<String>,
 }
 
 impl EdgeWork {
@@ -243,8 +247,9 @@ impl Job {
             }
     }
 
+    /// Whether nothing more is waited for from `w`: every shard done, or dropped.
     pub fn edge_done(&self, w: &EdgeWork) -> bool {
-        w.shards_done() >= self.shards
+        w.dropped.is_some() || w.shards_done() >= self.shards
     }
 
     pub fn all_done(&self) -> bool {
@@ -256,9 +261,11 @@ impl Job {
         let Some(shield) = &self.shield else {
             return true;
         };
+        // A dropped shield edge is not waited for (satellites then fetch through the
+        // shield's remaining edges, or find it dead and are dropped in turn).
         self.edges
             .values()
-            .filter(|w| &w.region == shield)
+            .filter(|w| &w.region == shield && w.dropped.is_none())
             .all(|w| w.is_done(shard))
     }
 }
@@ -272,8 +279,14 @@ pub struct RegionProgress {
     pub hits: u64,
     pub misses: u64,
     pub edges: usize,
-    /// Seconds left at the pace so far (null until there is a pace).
+    /// Seconds left at the pace so far (null until there is a pace, and once the region
+    /// is finished or dropped: `status` says which).
     pub eta_s: Option<u64>,
+    /// `waiting` (nothing done yet), `warming`, `done`, or `dropped` (every edge of the
+    /// region was taken out of the job: `error` says why).
+    pub status: &'static str,
+    /// Why the region's edges were dropped, if any were.
+    pub error: Option<String>,
 }
 
 /// What the API shows for a job.
@@ -305,7 +318,9 @@ impl JobView {
             .iter()
             .map(|r| (r.clone(), RegionProgress::default()))
             .collect();
-        for w in job.edges.values() {
+        let mut open: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut dropped: BTreeMap<&str, usize> = BTreeMap::new();
+        for (id, w) in &job.edges {
             let p = regions.entry(w.region.clone()).or_default();
             p.edges += 1;
             p.total += job.fetches_total();
@@ -313,13 +328,36 @@ impl JobView {
             p.errors += w.errors;
             p.hits += w.hits;
             p.misses += w.misses;
+            if let Some(reason) = &w.dropped {
+                *dropped.entry(&w.region).or_default() += 1;
+                let line = format!("{id}: {reason}");
+                p.error = Some(match p.error.take() {
+                    Some(e) => format!("{e}; {line}"),
+                    None => line,
+                });
+            } else if !job.edge_done(w) {
+                *open.entry(&w.region).or_default() += 1;
+            }
         }
-        if let (Some(started), State::Running) = (job.started_ms, job.state) {
-            let elapsed = now_ms.saturating_sub(started) as f64 / 1000.0;
-            for p in regions.values_mut() {
-                if p.done > 0 && elapsed > 0.0 {
+        let elapsed = job
+            .started_ms
+            .map(|s| now_ms.saturating_sub(s) as f64 / 1000.0);
+        for (name, p) in regions.iter_mut() {
+            let open = open.get(name.as_str()).copied().unwrap_or(0);
+            let all_dropped = p.edges > 0 && dropped.get(name.as_str()) == Some(&p.edges);
+            p.status = if all_dropped {
+                "dropped"
+            } else if p.edges > 0 && open == 0 {
+                "done"
+            } else if p.done > 0 {
+                "warming"
+            } else {
+                "waiting"
+            };
+            if let (Some(elapsed), State::Running, "warming") = (elapsed, job.state, p.status) {
+                if elapsed > 0.0 {
                     let per_s = p.done as f64 / elapsed;
-                    p.eta_s = Some(((p.total - p.done) as f64 / per_s).ceil() as u64);
+                    p.eta_s = Some(((p.total.saturating_sub(p.done)) as f64 / per_s).ceil() as u64);
                 }
             }
         }

@@ -57,6 +57,8 @@ pub const IN_FLIGHT: usize = 2;
 const KEEP_FINISHED: usize = 200;
 /// Most popular URLs kept per edge.
 const MAX_TOP_PER_EDGE: usize = 10_000;
+/// Shards in a row that failed every fetch before an edge is dropped from a job.
+const FAILED_SHARDS_TO_DROP: u32 = 3;
 
 /// Warming's shared state; share it behind an `Arc`.
 pub struct Warm {
@@ -83,13 +85,16 @@ struct Inner {
     /// Shards out on an edge's current session: edge → (job, shard).
     in_flight: HashMap<String, Vec<(u64, u32)>>,
     /// The rate last sent to each edge, per job.
-    sent_rate: HashMap<String, (u64, f64)>,
+    sent_rate: HashMap<(String, u64), f64>,
     /// Jobs to tell an edge to drop.
     cancels: HashMap<String, Vec<u64>>,
-    /// Per edge: (job, a shard below which all are done).
-    hints: HashMap<String, (u64, u32)>,
-    /// The running job's controller.
-    aimd: Option<(u64, Aimd)>,
+    /// Per edge and job: a shard below which all are done.
+    hints: HashMap<(String, u64), u32>,
+    /// Each running job's controller.
+    aimd: HashMap<u64, Aimd>,
+    /// Per running job and edge: the last shard handed out or reported, and how many
+    /// reported shards in a row failed every fetch (a dead varnish, say).
+    activity: HashMap<(u64, String), (Instant, u32)>,
     tags: TagIndex,
     /// Latest popular-URL report per region and edge.
     top: BTreeMap<String, BTreeMap<String, Vec<(String, u64)>>>,
@@ -98,17 +103,73 @@ struct Inner {
 }
 
 impl Inner {
-    /// The job that runs now (at most one does).
-    fn running(&self) -> Option<&Job> {
-        self.jobs.values().find(|j| j.state == State::Running)
+    /// The jobs that run now, oldest first.
+    fn running(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values().filter(|j| j.state == State::Running)
     }
 
     /// The origin rate job `id`'s controller allows now, if it runs.
     fn rate_of(&self, id: u64) -> Option<f64> {
-        self.aimd
-            .as_ref()
-            .filter(|(j, _)| *j == id)
-            .map(|(_, a)| a.rate())
+        self.aimd.get(&id).map(Aimd::rate)
+    }
+
+    /// Notes that `edge` did something for job `id` now.
+    fn touch(&mut self, id: u64, edge: &str) {
+        let slot = self
+            .activity
+            .entry((id, edge.to_owned()))
+            .or_insert((Instant::now(), 0));
+        slot.0 = Instant::now();
+    }
+
+    /// Takes `edge` out of job `id` with `reason`: its shards are no longer handed out or
+    /// waited for. Returns the edge's record to store.
+    fn drop_edge(&mut self, id: u64, edge: &str, reason: String) -> Option<EdgeWork> {
+        let job = self.jobs.get_mut(&id)?;
+        if job.edge_done(job.edges.get(edge)?) {
+            return None;
+        }
+        let work = job.edges.get_mut(edge)?;
+        tracing::warn!(job_id = id, edge, region = %work.region, reason = %reason,
+            "edge dropped from a warm job");
+        work.dropped = Some(reason);
+        let work = work.clone();
+        if let Some(slot) = self.in_flight.get_mut(edge) {
+            let had = slot.iter().any(|(j, _)| *j == id);
+            slot.retain(|(j, _)| *j != id);
+            if had {
+                self.cancels.entry(edge.to_owned()).or_default().push(id);
+            }
+        }
+        self.activity.remove(&(id, edge.to_owned()));
+        Some(work)
+    }
+
+    /// Ends job `id` if every edge is done or dropped: `done`, or `failed` when every
+    /// edge was dropped. Returns the job record to store.
+    fn finish_if_done(&mut self, id: u64) -> Option<Job> {
+        let job = self.jobs.get_mut(&id)?;
+        if job.state != State::Running || !job.all_done() {
+            return None;
+        }
+        let reasons: Vec<String> = job
+            .edges
+            .iter()
+            .filter_map(|(e, w)| w.dropped.as_ref().map(|r| format!("{e}: {r}")))
+            .collect();
+        if !job.edges.is_empty() && reasons.len() == job.edges.len() {
+            job.state = State::Failed;
+            job.error = Some(format!("no edge could warm: {}", reasons.join("; ")));
+        } else {
+            job.state = State::Done;
+        }
+        job.finished_ms = Some(crate::bundle::store::now_ms());
+        tracing::info!(job_id = id, state = job.state.as_str(), dropped = reasons.len(), "warm job ended");
+        let mut meta = job.clone();
+        meta.edges.clear();
+        self.aimd.remove(&id);
+        self.activity.retain(|(j, _), _| *j != id);
+        Some(meta)
     }
 }
 
@@ -141,7 +202,8 @@ impl Warm {
             sent_rate: HashMap::new(),
             cancels: HashMap::new(),
             hints: HashMap::new(),
-            aimd: None,
+            aimd: HashMap::new(),
+            activity: HashMap::new(),
             tags: TagIndex::new(config.tag_index_pairs),
             top: BTreeMap::new(),
             totals: BTreeMap::new(),
@@ -160,7 +222,9 @@ impl Warm {
             }
             if job.state == State::Running {
                 tracing::info!(job_id = job.id, "resuming warm job");
-                inner.aimd = Some((job.id, Aimd::new(job.budget, slow(&config))));
+                inner
+                    .aimd
+                    .insert(job.id, Aimd::new(job.budget, slow(&config)));
             }
             inner.jobs.insert(job.id, job);
         }
@@ -315,7 +379,7 @@ impl Warm {
         for j in inner.jobs.values() {
             *states.entry(j.state.as_str()).or_default() += 1;
         }
-        let rate = inner.aimd.as_ref().map(|(_, a)| a.rate()).unwrap_or(0.0);
+        let rate = inner.aimd.values().map(Aimd::rate).sum();
         (inner.totals.clone(), states, rate)
     }
 
@@ -327,11 +391,11 @@ impl Warm {
             .sessions
             .insert(edge.to_owned(), (region.to_owned(), session));
         inner.in_flight.remove(edge);
-        inner.sent_rate.remove(edge);
-        let joined = inner
+        inner.sent_rate.retain(|(e, _), _| e != edge);
+        let joined: Vec<(u64, EdgeWork)> = inner
             .jobs
             .values_mut()
-            .find(|j| j.state == State::Running)
+            .filter(|j| j.state == State::Running)
             .filter(|j| j.regions.iter().any(|r| r == region) && !j.edges.contains_key(edge))
             .map(|job| {
                 let work = EdgeWork {
@@ -340,9 +404,10 @@ impl Warm {
                 };
                 job.edges.insert(edge.to_owned(), work.clone());
                 (job.id, work)
-            });
+            })
+            .collect();
         drop(inner);
-        if let Some((job_id, work)) = joined {
+        for (job_id, work) in joined {
             tracing::info!(job_id, edge, region, "edge joined a running warm job");
             if let Err(e) = self.store.put_edge(job_id, edge, &work) {
                 tracing::error!(job_id, edge, error = %e, "cannot record an edge joining a warm job");
@@ -357,18 +422,19 @@ impl Warm {
         if inner.sessions.get(edge).is_some_and(|(_, s)| *s == session) {
             inner.sessions.remove(edge);
             inner.in_flight.remove(edge);
-            inner.sent_rate.remove(edge);
+            inner.sent_rate.retain(|(e, _), _| e != edge);
             inner.cancels.remove(edge);
         }
         drop(inner);
         self.bump();
     }
 
-    /// What this edge's session should send now: cancels, a rate change, new shards.
+    /// What this edge's session should send now: cancels, rate changes, new shards of
+    /// every running job it takes part in.
     pub fn next_for(&self, edge: &str, session: u64) -> Vec<Msg> {
         let mut out = Vec::new();
-        let mut picks = Vec::new();
-        let (job_id, spec) = {
+        let mut picks: Vec<(u64, u32, Arc<ShardSpec>)> = Vec::new();
+        {
             let mut inner = self.lock();
             if inner.sessions.get(edge).is_none_or(|(_, s)| *s != session) {
                 return out;
@@ -376,83 +442,17 @@ impl Warm {
             for job_id in inner.cancels.remove(edge).unwrap_or_default() {
                 out.push(Msg::WarmCancel(WarmCancel { job_id }));
             }
-            let Some(job) = inner.running() else {
-                return out;
-            };
-            let Some(work) = job.edges.get(edge) else {
-                return out;
-            };
-            if job.after_seq > 0 && self.edges.applied_seq(edge).unwrap_or(0) < job.after_seq {
-                return out;
+            let jobs: Vec<u64> = inner
+                .running()
+                .filter(|j| j.edges.get(edge).is_some_and(|w| w.dropped.is_none()))
+                .map(|j| j.id)
+                .collect();
+            for job_id in jobs {
+                self.next_of_job(&mut inner, edge, job_id, &mut out, &mut picks);
             }
-            let job_id = job.id;
-            let rate = self.share(&inner, job, &work.region);
-            let busy: Vec<u32> = inner
-                .in_flight
-                .get(edge)
-                .map(|v| {
-                    v.iter()
-                        .filter(|(j, _)| *j == job_id)
-                        .map(|(_, s)| *s)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let is_shield = job.shield.as_ref() == Some(&work.region);
-            let mut free = IN_FLIGHT.saturating_sub(busy.len());
-            // Shards below the hint are done: scans start there, not at 0.
-            let from = inner
-                .hints
-                .get(edge)
-                .filter(|(j, _)| *j == job_id)
-                .map_or(0, |(_, h)| *h);
-            let mut first_open = None;
-            for shard in from..job.shards {
-                if free == 0 {
-                    break;
-                }
-                if work.is_done(shard) {
-                    continue;
-                }
-                first_open.get_or_insert(shard);
-                if busy.contains(&shard) {
-                    continue;
-                }
-                if !is_shield && !job.shield_done(shard) {
-                    // Tiered: the shield has not rendered this one yet.
-                    break;
-                }
-                picks.push(shard);
-                free -= 1;
-            }
-            let spec = (!picks.is_empty()).then(|| ShardSpec {
-                rate,
-                concurrency: job.spec.concurrency.unwrap_or(self.config.concurrency),
-                host: job.host.clone().unwrap_or_default(),
-                variations: job.variations.clone(),
-                refresh: job.spec.refresh,
-                want_tags: job.want_tags,
-            });
-            let last = inner.sent_rate.get(edge).copied();
-            let rate_changed =
-                last.is_none_or(|(j, r)| j != job_id || (r - rate).abs() > rate * 0.05);
-            if rate_changed {
-                if !busy.is_empty() {
-                    out.push(Msg::WarmRate(WarmRate { job_id, rate }));
-                }
-                inner.sent_rate.insert(edge.to_owned(), (job_id, rate));
-            }
-            if let Some(h) = first_open {
-                inner.hints.insert(edge.to_owned(), (job_id, h));
-            }
-            let slot = inner.in_flight.entry(edge.to_owned()).or_default();
-            slot.extend(picks.iter().map(|s| (job_id, *s)));
-            (job_id, spec)
-        };
+        }
         // The store is read without the lock held.
-        let Some(spec) = spec else {
-            return out;
-        };
-        for shard in picks {
+        for (job_id, shard, spec) in picks {
             match self.store.shard(job_id, shard) {
                 Ok(urls) => out.push(Msg::WarmShard(
                     self.shard_message(job_id, shard, urls, &spec),
@@ -464,6 +464,89 @@ impl Warm {
             }
         }
         out
+    }
+
+    /// [`Self::next_for`] for one running job: a rate change and the shards to hand out.
+    fn next_of_job(
+        &self,
+        inner: &mut Inner,
+        edge: &str,
+        job_id: u64,
+        out: &mut Vec<Msg>,
+        picks: &mut Vec<(u64, u32, Arc<ShardSpec>)>,
+    ) {
+        let Some(job) = inner.jobs.get(&job_id) else {
+            return;
+        };
+        let Some(work) = job.edges.get(edge) else {
+            return;
+        };
+        if job.after_seq > 0 && self.edges.applied_seq(edge).unwrap_or(0) < job.after_seq {
+            return;
+        }
+        let rate = self.share(inner, job, &work.region);
+        let busy: Vec<u32> = inner
+            .in_flight
+            .get(edge)
+            .map(|v| {
+                v.iter()
+                    .filter(|(j, _)| *j == job_id)
+                    .map(|(_, s)| *s)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let is_shield = job.shield.as_ref() == Some(&work.region);
+        let mut free = IN_FLIGHT.saturating_sub(busy.len());
+        // Shards below the hint are done: scans start there, not at 0.
+        let key = (edge.to_owned(), job_id);
+        let from = inner.hints.get(&key).copied().unwrap_or(0);
+        let mut first_open = None;
+        let mut mine = Vec::new();
+        for shard in from..job.shards {
+            if free == 0 {
+                break;
+            }
+            if work.is_done(shard) {
+                continue;
+            }
+            first_open.get_or_insert(shard);
+            if busy.contains(&shard) {
+                continue;
+            }
+            if !is_shield && !job.shield_done(shard) {
+                // Tiered: the shield has not rendered this one yet.
+                break;
+            }
+            mine.push(shard);
+            free -= 1;
+        }
+        if !mine.is_empty() {
+            let spec = Arc::new(ShardSpec {
+                rate,
+                concurrency: job.spec.concurrency.unwrap_or(self.config.concurrency),
+                host: job.host.clone().unwrap_or_default(),
+                variations: job.variations.clone(),
+                refresh: job.spec.refresh,
+                want_tags: job.want_tags,
+            });
+            picks.extend(mine.iter().map(|s| (job_id, *s, spec.clone())));
+        }
+        let last = inner.sent_rate.get(&key).copied();
+        let rate_changed = last.is_none_or(|r| (r - rate).abs() > rate * 0.05);
+        if rate_changed {
+            if !busy.is_empty() {
+                out.push(Msg::WarmRate(WarmRate { job_id, rate }));
+            }
+            inner.sent_rate.insert(key.clone(), rate);
+        }
+        if let Some(h) = first_open {
+            inner.hints.insert(key, h);
+        }
+        if !mine.is_empty() {
+            inner.touch(job_id, edge);
+        }
+        let slot = inner.in_flight.entry(edge.to_owned()).or_default();
+        slot.extend(mine.iter().map(|s| (job_id, *s)));
     }
 
     fn shard_message(
@@ -551,7 +634,7 @@ impl Warm {
             let Some(work) = job.edges.get_mut(edge) else {
                 return;
             };
-            if work.is_done(p.shard) {
+            if work.is_done(p.shard) || work.dropped.is_some() {
                 return;
             }
             work.set_done(p.shard);
@@ -569,7 +652,7 @@ impl Warm {
             t[2] += u64::from(p.misses);
             t[3] += u64::from(p.errors);
             let origin_bound = job.shield.as_ref().is_none_or(|s| s == &region);
-            if let Some((_, aimd)) = inner.aimd.as_mut().filter(|(j, _)| *j == job.id) {
+            if let Some(aimd) = inner.aimd.get_mut(&job.id) {
                 if origin_bound {
                     let slow_miss = p.misses > 0
                         && p.miss_ttfb_us / u64::from(p.misses) > self.config.slow_ttfb_ms * 1000;
@@ -596,30 +679,125 @@ impl Warm {
                     inner.tags.add(&profile, &t.url, &t.tags);
                 }
             }
-            let work = job.edges.get(edge).cloned().unwrap_or_default();
-            let mut finished = None;
-            if job.all_done() {
-                job.state = State::Done;
-                job.finished_ms = Some(crate::bundle::store::now_ms());
-                tracing::info!(job_id = job.id, "warm job done");
-                let mut meta = job.clone();
-                meta.edges.clear();
-                finished = Some(meta);
-                inner.aimd = None;
+            let job_id = job.id;
+            // A shard whose every fetch failed (a dead varnish answers nothing): three in
+            // a row and the edge is dropped from the job instead of burning through it.
+            let failed_all = p.fetched == 0 && p.errors > 0;
+            inner.touch(job_id, edge);
+            let streak = inner
+                .activity
+                .get_mut(&(job_id, edge.to_owned()))
+                .map(|(_, n)| {
+                    *n = if failed_all { *n + 1 } else { 0 };
+                    *n
+                })
+                .unwrap_or(0);
+            let mut work = inner
+                .jobs
+                .get(&job_id)
+                .and_then(|j| j.edges.get(edge))
+                .cloned()
+                .unwrap_or_default();
+            if streak >= FAILED_SHARDS_TO_DROP {
+                let reason = format!(
+                    "{streak} shards in a row failed every fetch: {}",
+                    if p.first_error.is_empty() {
+                        "no answer"
+                    } else {
+                        p.first_error.as_str()
+                    }
+                );
+                if let Some(w) = inner.drop_edge(job_id, edge, reason) {
+                    work = w;
+                }
             }
-            (p.job_id, work, finished)
+            let finished = inner.finish_if_done(job_id);
+            (job_id, work, finished)
         };
         let (job_id, work, finished) = persist;
-        if let Err(e) = self.store.put_edge(job_id, edge, &work) {
-            tracing::error!(job_id, edge, error = %e, "cannot record warm progress; the shard will be redone after a restart");
-        }
-        if let Some(job) = finished {
-            if let Err(e) = self.store.put_job(&job) {
-                tracing::error!(job_id, error = %e, "cannot record the end of a warm job");
-            }
-            let _ = self.store.drop_shards(job_id);
-        }
+        self.persist(
+            &[(job_id, edge.to_owned(), work)],
+            finished.as_slice(),
+        );
         self.bump();
+    }
+
+    /// Drops, from every running job, the target edges that have been disconnected or
+    /// made no progress for longer than `warm.edge_timeout_s` (or three times a shard's
+    /// time at its rate, if that is longer); ends the jobs that then have nothing left
+    /// to wait for. Called by the schedule loop.
+    pub fn drop_stuck_edges(&self) {
+        let timeout = Duration::from_secs(self.config.edge_timeout_s);
+        let mut stored = Vec::new();
+        let mut finished = Vec::new();
+        {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            let now = Instant::now();
+            let mut stuck = Vec::new();
+            for job in inner.jobs.values().filter(|j| j.state == State::Running) {
+                let per_edge = job.edges.values().filter(|w| !job.edge_done(w)).count().max(1);
+                let rate = inner.rate_of(job.id).unwrap_or(job.budget) / per_edge as f64;
+                let shard_s = job.shard_fetches(0) as f64 / rate.max(0.01);
+                let limit = timeout.max(Duration::from_secs_f64((shard_s * 3.0).min(3600.0)));
+                for (edge, w) in &job.edges {
+                    if job.edge_done(w) {
+                        continue;
+                    }
+                    let since = inner
+                        .activity
+                        .entry((job.id, edge.clone()))
+                        .or_insert((now, 0))
+                        .0;
+                    let idle = now.duration_since(since);
+                    if idle < limit {
+                        continue;
+                    }
+                    let connected = inner.sessions.contains_key(edge);
+                    let applied = self.edges.applied_seq(edge).unwrap_or(0);
+                    let reason = if !connected {
+                        format!("agent disconnected for {} s", idle.as_secs())
+                    } else if job.after_seq > applied {
+                        format!(
+                            "has not applied purge {} for {} s (its varnish may be failing)",
+                            job.after_seq,
+                            idle.as_secs()
+                        )
+                    } else {
+                        format!("no warm progress for {} s", idle.as_secs())
+                    };
+                    stuck.push((job.id, edge.clone(), reason));
+                }
+            }
+            for (job_id, edge, reason) in stuck {
+                if let Some(w) = inner.drop_edge(job_id, &edge, reason) {
+                    stored.push((job_id, edge, w));
+                }
+                if let Some(job) = inner.finish_if_done(job_id) {
+                    finished.push(job);
+                }
+            }
+        }
+        if stored.is_empty() && finished.is_empty() {
+            return;
+        }
+        self.persist(&stored, &finished);
+        self.bump();
+    }
+
+    /// Stores edge records and ended jobs (their shards are dropped).
+    fn persist(&self, edges: &[(u64, String, EdgeWork)], finished: &[Job]) {
+        for (job_id, edge, work) in edges {
+            if let Err(e) = self.store.put_edge(*job_id, edge, work) {
+                tracing::error!(job_id, edge, error = %e, "cannot record a warm edge");
+            }
+        }
+        for job in finished {
+            if let Err(e) = self.store.put_job(job) {
+                tracing::error!(job_id = job.id, error = %e, "cannot record the end of a warm job");
+            }
+            let _ = self.store.drop_shards(job.id);
+        }
     }
 
     /// An edge's popular URLs.
@@ -679,9 +857,8 @@ impl Warm {
             job.error = Some(error);
             job.finished_ms = Some(crate::bundle::store::now_ms());
             let job = job.clone();
-            if inner.aimd.as_ref().is_some_and(|(j, _)| *j == id) {
-                inner.aimd = None;
-            }
+            inner.aimd.remove(&id);
+            inner.activity.retain(|(j, _), _| *j != id);
             job
         };
         tracing::warn!(job_id = id, error = ?job.error, "warm job failed");
@@ -728,10 +905,13 @@ impl Warm {
     pub(crate) async fn start_next(&self) {
         let (id, spec, regions) = {
             let inner = self.lock();
-            if inner.running().is_some() {
-                return;
-            }
-            let Some(job) = inner.jobs.values().find(|j| j.state == State::Queued) else {
+            // Jobs for other regions, and re-warms (small, and shoppers are waiting for
+            // them), never queue behind a running job; jobs for the same regions do.
+            let busy: Vec<&String> = inner.running().flat_map(|j| j.regions.iter()).collect();
+            let Some(job) = inner.jobs.values().find(|j| {
+                j.state == State::Queued
+                    && (j.origin == Origin::Rewarm || !j.regions.iter().any(|r| busy.contains(&r)))
+            }) else {
                 return;
             };
             (job.id, job.spec.clone(), job.regions.clone())
@@ -814,7 +994,9 @@ impl Warm {
                     return;
                 }
             }
-            inner.aimd = Some((id, Aimd::new(job.budget, slow(&self.config))));
+            inner
+                .aimd
+                .insert(id, Aimd::new(job.budget, slow(&self.config)));
         }
         tracing::info!(
             job_id = id,

@@ -58,6 +58,7 @@ impl Warm {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            self.drop_stuck_edges();
             self.start_next().await;
             let now = Utc::now();
             for (schedule, cron, next) in crons.iter_mut() {

@@ -446,3 +446,111 @@ async fn an_edge_added_mid_job_joins_it() {
     assert_eq!(shards(&f.warm.next_for("eu-2", 7)).len(), 2);
     assert!(shards(&f.warm.next_for("us-9", 8)).is_empty());
 }
+
+#[tokio::test]
+async fn a_dead_edge_is_dropped_and_the_job_ends_without_it() {
+    let f = fixture(WarmConfig {
+        edge_timeout_s: 1,
+        ..config()
+    });
+    connect_all(&f);
+    let id = running(
+        &f,
+        JobSpec {
+            urls: urls(60),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    // ap-1's varnish is dead: every fetch of its shards fails.
+    for _ in 0..3 {
+        for s in shards(&f.warm.next_for("ap-1", session("ap-1"))) {
+            let p = WarmProgress {
+                job_id: s.job_id,
+                shard: s.shard,
+                errors: s.urls.len() as u32,
+                first_error: "connection refused".into(),
+                ..WarmProgress::default()
+            };
+            f.warm.on_progress("ap-1", session("ap-1"), p);
+        }
+    }
+    // us-1 disconnects for good after its first shard.
+    let first = shards(&f.warm.next_for("us-1", session("us-1")));
+    report(&f, "us-1", &first[0]);
+    f.warm.disconnect("us-1", session("us-1"));
+    // eu-1 finishes; us-1 is dropped only once its timeout passes.
+    let mut done = 0;
+    loop {
+        let handed = shards(&f.warm.next_for("eu-1", session("eu-1")));
+        if handed.is_empty() {
+            break;
+        }
+        for s in handed {
+            report(&f, "eu-1", &s);
+            done += 1;
+        }
+    }
+    assert_eq!(done, 6);
+    let view = f.warm.view(id).unwrap();
+    assert_eq!(view.state, "running", "us-1 is still waited for");
+    assert_eq!(view.regions["ap"].status, "dropped");
+    assert!(view.regions["ap"].error.as_deref().unwrap().contains("connection refused"));
+    assert_eq!(view.regions["ap"].eta_s, None);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    f.warm.drop_stuck_edges();
+    let view = f.warm.view(id).unwrap();
+    assert_eq!(view.state, "done", "{view:?}");
+    assert_eq!(view.regions["eu"].status, "done");
+    assert_eq!(view.regions["us"].status, "dropped");
+    assert!(view.regions["us"].error.as_deref().unwrap().contains("disconnected"));
+}
+
+#[tokio::test]
+async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() {
+    let f = fixture(config());
+    connect_all(&f);
+    let long = running(
+        &f,
+        JobSpec {
+            urls: urls(100),
+            regions: Some(vec!["ap".into()]),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    let same = f
+        .warm
+        .create(
+            JobSpec {
+                urls: urls(5),
+                regions: Some(vec!["ap".into()]),
+                ..JobSpec::default()
+            },
+            Origin::Api,
+        )
+        .unwrap();
+    let other = f
+        .warm
+        .create(
+            JobSpec {
+                urls: urls(5),
+                regions: Some(vec!["eu".into(), "us".into()]),
+                ..JobSpec::default()
+            },
+            Origin::Api,
+        )
+        .unwrap();
+    f.warm.start_next().await;
+    assert_eq!(f.warm.view(other).unwrap().state, "running");
+    assert_eq!(f.warm.view(same).unwrap().state, "queued");
+    // The other regions' job completes while the long one still runs.
+    for edge in ["eu-1", "us-1"] {
+        for s in shards(&f.warm.next_for(edge, session(edge))) {
+            assert_eq!(s.job_id, other);
+            report(&f, edge, &s);
+        }
+    }
+    assert_eq!(f.warm.view(other).unwrap().state, "done");
+    assert_eq!(f.warm.view(long).unwrap().state, "running");
+}
