@@ -191,7 +191,11 @@ async fn tls_view(State(s): State<ApiState>) -> Response {
 async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
     use crate::monitor::Health;
     let health = s.monitor.health();
-    let worst = health.values().map(|h| h.health).max().unwrap_or(Health::Up);
+    let worst = health
+        .values()
+        .map(|h| h.health)
+        .max()
+        .unwrap_or(Health::Up);
     let problems: serde_json::Map<String, serde_json::Value> = health
         .iter()
         .filter(|(_, h)| h.health != Health::Up)
@@ -270,9 +274,7 @@ async fn config_push(
     let rollouts = s.rollouts.clone();
     let canary = q.canary.unwrap_or(true);
     let force = q.force.unwrap_or(false);
-    rollout_answer(
-        tokio::task::spawn_blocking(move || rollouts.push(&bundle, canary, force)).await,
-    )
+    rollout_answer(tokio::task::spawn_blocking(move || rollouts.push(&bundle, canary, force)).await)
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -205,7 +205,9 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
         let edges = view["edges"].as_array().map_or(0, Vec::len);
         match phase {
             "done" => {
-                println!("rollout {id} done: version {version} runs on every connected edge ({edges})");
+                println!(
+                    "rollout {id} done: version {version} runs on every connected edge ({edges})"
+                );
                 return Ok(());
             }
             "failed" => {
@@ -638,7 +640,10 @@ mod tests {
             .collect();
         assert_eq!(at[0], at[2], "{t}");
         assert_eq!(status_code(&regions), 2);
-        assert_eq!(status_code(&json!([{"health": "up"}, {"health": "degraded"}])), 1);
+        assert_eq!(
+            status_code(&json!([{"health": "up"}, {"health": "degraded"}])),
+            1
+        );
         assert_eq!(status_code(&json!([{"health": "up"}])), 0);
     }
 

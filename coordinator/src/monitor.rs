@@ -814,7 +814,10 @@ mod tests {
         let mut failing = view("a-3", true);
         failing.purge_failing = true;
         failing.last_error = Some("varnish admin authentication failed".into());
-        assert_eq!(d(&[&ok, &failing]), (Health::Degraded, Some("purge_failing")));
+        assert_eq!(
+            d(&[&ok, &failing]),
+            (Health::Degraded, Some("purge_failing"))
+        );
         let mut stalled = view("a-4", true);
         (stalled.lag, stalled.lag_s) = (40, Some(31.0));
         assert_eq!(d(&[&stalled]), (Health::Degraded, Some("purge_stalled")));
@@ -822,7 +825,10 @@ mod tests {
         assert_eq!(d(&[&stalled]), (Health::Up, None));
         let mut blind = view("a-5", true);
         blind.varnish_error = Some("connection refused".into());
-        assert_eq!(d(&[&blind]), (Health::Degraded, Some("varnish_unreachable")));
+        assert_eq!(
+            d(&[&blind]),
+            (Health::Degraded, Some("varnish_unreachable"))
+        );
         // Failing probes outrank purge trouble; a lost agent outranks everything.
         let probe = ProbeHealth {
             check: "home".into(),

@@ -232,10 +232,7 @@ pub async fn run(
                 ) {
                     Ok(incoming) => {
                         router
-                            .serve_with_incoming_shutdown(
-                                incoming,
-                                grpc_shutdown.cancelled_owned(),
-                            )
+                            .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
                             .await
                     }
                     Err(e) => {

@@ -128,18 +128,20 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
         // varnishd restarted in between: everything it counted is new.
         return Some(Delta { ..b }.with_synthetic(&synthetic));
     }
-    Some(Delta {
-        requests: b.requests - a.requests,
-        hits: b.hits - a.hits,
-        misses: b.misses - a.misses,
-        hitpass: b.hitpass - a.hitpass,
-        hitmiss: b.hitmiss - a.hitmiss,
-        passes: b.passes - a.passes,
-        backend_fetches: b.backend_fetches - a.backend_fetches,
-        backend_failures: b.backend_failures - a.backend_failures,
-        ..Delta::default()
-    }
-    .with_synthetic(&synthetic))
+    Some(
+        Delta {
+            requests: b.requests - a.requests,
+            hits: b.hits - a.hits,
+            misses: b.misses - a.misses,
+            hitpass: b.hitpass - a.hitpass,
+            hitmiss: b.hitmiss - a.hitmiss,
+            passes: b.passes - a.passes,
+            backend_fetches: b.backend_fetches - a.backend_fetches,
+            backend_failures: b.backend_failures - a.backend_failures,
+            ..Delta::default()
+        }
+        .with_synthetic(&synthetic),
+    )
 }
 
 impl Delta {
@@ -161,6 +163,9 @@ struct EdgeTraffic {
     restarts: u64,
     /// Time between the last two samples: the edge's reporting interval.
     interval_ms: u64,
+    /// When (sample time) varnishd's uptime last moved: a killed varnishd leaves its
+    /// shared memory behind, and varnishstat goes on reading the frozen counters.
+    alive_at_ms: u64,
 }
 
 /// Samples this many intervals old are no longer live figures.
@@ -226,6 +231,9 @@ impl Traffic {
         let e = edges.entry(edge.to_owned()).or_default();
         e.region = region.to_owned();
         let at = stats.taken_at_ms;
+        if e.last.as_ref().is_none_or(|p| p.uptime_s != stats.uptime_s) {
+            e.alive_at_ms = at;
+        }
         if let Some(prev) = &e.last {
             if at > prev.taken_at_ms {
                 e.interval_ms = at - prev.taken_at_ms;
@@ -310,9 +318,17 @@ fn summarize(all: &[&EdgeTraffic], now_ms: u64) -> Summary {
         .iter()
         .copied()
         .filter(|e| {
+            // Live: a sample within three intervals, from a varnishd whose uptime moves
+            // (uptime has one-second resolution, hence the 2 s floor).
+            let every = if e.interval_ms == 0 {
+                5_000
+            } else {
+                e.interval_ms
+            };
+            let limit = every.max(1_000) * STALE_INTERVALS;
             e.last.as_ref().is_some_and(|l| {
-                let every = if e.interval_ms == 0 { 5_000 } else { e.interval_ms };
-                now_ms.saturating_sub(l.taken_at_ms) <= every.max(1_000) * STALE_INTERVALS
+                now_ms.saturating_sub(l.taken_at_ms) <= limit
+                    && now_ms.saturating_sub(e.alive_at_ms) <= limit.max(2_000) + 1_000
             })
         })
         .collect();
@@ -425,6 +441,11 @@ mod tests {
         // Three intervals (15 s) later with nothing new: stale, no figures.
         let dead = &t.regions(6_000 + 15_001)["eu"];
         assert!(dead.stale);
+        // Samples that keep coming from a dead varnishd (its uptime frozen) are stale too.
+        for at in [11_000, 16_000, 21_000, 26_000] {
+            t.record("a", "eu", s(at, 15, 9, 1));
+        }
+        assert!(t.regions(26_001)["eu"].stale);
         assert_eq!(dead.hit_ratio["m1"], None);
         assert_eq!((dead.requests_per_s, dead.objects), (None, None));
         assert!(dead.stats_age_s.unwrap() > 15.0);

@@ -123,7 +123,8 @@ pub struct Lines {
 /// agent holds) to close, then stops the program. The agent closes it when it drops
 /// [`Lines`]; the kernel closes it when the agent dies, however it dies (even SIGKILL,
 /// which no handler sees), so a child never outlives its agent, traffic or none.
-const WATCHDOG: &str = r#""$0" "$@" & child=$!; exec >/dev/null; read _ignored; kill "$child" 2>/dev/null"#;
+const WATCHDOG: &str =
+    r#""$0" "$@" & child=$!; exec >/dev/null; read _ignored; kill "$child" 2>/dev/null"#;
 
 /// Starts `program args...` for [`Lines::next`] under the [`WATCHDOG`]; stderr is
 /// discarded.

@@ -248,7 +248,8 @@ impl Agent {
             let state_dir = self.config.state_dir.clone();
             let out = out.clone();
             let every = Duration::from_secs(self.config.report_interval_s);
-            async move { crate::vcl::run(varnish, &state_dir, config_rx, out, every).await }
+            let synthetic = self.synthetic.clone();
+            async move { crate::vcl::run(varnish, &state_dir, config_rx, out, every, synthetic).await }
         });
         let _abort_worker = AbortOnDrop(worker);
         let stats = tokio::spawn(crate::stats::run(
@@ -271,7 +272,10 @@ impl Agent {
                     let beat = Heartbeat {
                         applied_seq: applied.load(Ordering::Relaxed),
                     };
-                    if send(&out, agent_message::Msg::Heartbeat(beat)).await.is_err() {
+                    if send(&out, agent_message::Msg::Heartbeat(beat))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -433,8 +437,14 @@ impl Agent {
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         tracing::warn!(up_to_seq = fb.up_to_seq, reason = %fb.reason, "coordinator asked for a full ban");
-        self.apply_ops(&[VarnishOp::BanAll], fb.up_to_seq, fb.up_to_seq, out, shutdown)
-            .await?;
+        self.apply_ops(
+            &[VarnishOp::BanAll],
+            fb.up_to_seq,
+            fb.up_to_seq,
+            out,
+            shutdown,
+        )
+        .await?;
         let cursor = Cursor {
             log_id: fb.log_id,
             applied_seq: fb.up_to_seq,

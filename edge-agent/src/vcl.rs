@@ -133,6 +133,8 @@ struct Worker {
     dir: PathBuf,
     /// Health probe of the last applied plan: (path, host).
     probe: Option<(String, String)>,
+    /// Its requests go through varnish: counted as the agent's own.
+    synthetic: crate::synthetic::Synthetic,
     /// Source hashes of the VCLs this process loaded or found on disk.
     hashes: HashMap<String, String>,
 }
@@ -144,8 +146,10 @@ pub async fn run(
     mut rx: mpsc::Receiver<ApplyConfig>,
     out: mpsc::Sender<AgentMessage>,
     report_every: Duration,
+    synthetic: crate::synthetic::Synthetic,
 ) {
     let mut w = Worker {
+        synthetic,
         varnish: Varnish::new(varnish),
         dir: state_dir.join("vcl"),
         probe: None,
@@ -284,8 +288,14 @@ impl Worker {
         }
         if let Some((path, host)) = &self.probe {
             match self.varnish.probe(path, host).await {
-                Ok(code) => status.health_status = u32::from(code),
-                Err(e) => status.health_error = e.to_string(),
+                Ok((code, cache)) => {
+                    self.synthetic.record(&cache.to_ascii_uppercase());
+                    status.health_status = u32::from(code);
+                }
+                Err(e) => {
+                    self.synthetic.record_failed();
+                    status.health_error = e.to_string();
+                }
             }
         }
         status

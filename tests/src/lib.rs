@@ -189,12 +189,22 @@ impl VarnishNode {
     /// SIGKILL varnishd and start it again on the same ports: it comes back with its
     /// boot VCL and an empty cache.
     pub async fn kill9_and_restart(&mut self) {
+        self.kill9().await;
+        self.restart().await;
+    }
+
+    /// SIGKILL varnishd (manager and cache process) and wait until it no longer answers.
+    pub async fn kill9(&mut self) {
         self.child.kill9().await;
         // The killed manager's cache process may serve and hold the ports for a moment.
         let deadline = Instant::now() + Duration::from_secs(15);
         while process::http_answers(self.http).await && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Starts a killed varnishd again on the same ports.
+    pub async fn restart(&mut self) {
         let mut last = None;
         for _ in 0..40 {
             match process::start_varnishd(&self.spec, &self.log).await {
@@ -358,9 +368,47 @@ impl CoordinatorProc {
     /// SIGKILL and start again on the same ports and state.
     pub async fn kill9_and_restart(&mut self) {
         self.child.kill9().await;
+        self.restart().await;
+    }
+
+    /// Starts a killed coordinator again on the same ports and state.
+    pub async fn restart(&mut self) {
         self.child = spawn_coordinator(&self.config, &self.state, self.api, self.pki.is_none())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The TLS files for an agent `id` in `region` (`None` with plaintext gRPC).
+    pub fn agent_tls(&self, id: &str, region: &str) -> Option<(PathBuf, PathBuf, PathBuf)> {
+        self.pki.as_ref().map(|pki| {
+            coordinator::pki::issue(pki, id, region, 30).expect("issue agent certificate");
+            (
+                pki.join("ca.pem"),
+                pki.join(format!("{id}.pem")),
+                pki.join(format!("{id}.key")),
+            )
+        })
+    }
+
+    /// `GET /api/v1/regions` as a map by region name.
+    pub async fn regions(&self) -> std::collections::BTreeMap<String, Value> {
+        get_json(self.api, "/api/v1/regions")
+            .await
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r["name"].as_str().unwrap_or("").to_owned(), r))
+            .collect()
+    }
+
+    /// One region's `health` from `GET /api/v1/regions`.
+    pub async fn health(&self, region: &str) -> String {
+        self.regions()
+            .await
+            .get(region)
+            .map_or_else(String::new, |r| {
+                r["health"].as_str().unwrap_or("").to_owned()
+            })
     }
 
     pub async fn edges(&self) -> Vec<Value> {
@@ -507,14 +555,7 @@ impl AgentProc {
         varnish: &VarnishNode,
         mode: &str,
     ) -> Self {
-        let tls = coordinator.pki.as_ref().map(|pki| {
-            coordinator::pki::issue(pki, id, region, 30).expect("issue agent certificate");
-            (
-                pki.join("ca.pem"),
-                pki.join(format!("{id}.pem")),
-                pki.join(format!("{id}.key")),
-            )
-        });
+        let tls = coordinator.agent_tls(id, region);
         Self::start_with(dir, id, region, coordinator.grpc, tls, varnish, mode)
     }
 
@@ -673,6 +714,112 @@ impl Cluster {
             self.coordinator.edges().await
         );
     }
+}
+
+/// A TCP proxy on loopback that can be *cut*: it stops forwarding in both directions
+/// without closing anything (a partition, not a crash), and forwards again when healed.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = Arc::new(tokio::sync::watch::channel(false).0);
+        let stop = CancellationToken::new();
+        let (c, s) = (cut.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = s.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((down, _)) = accepted else { continue };
+                let (c, s) = (c.clone(), s.clone());
+                tokio::spawn(async move {
+                    let Ok(up) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = down.set_nodelay(true);
+                    let _ = up.set_nodelay(true);
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::select! {
+                        _ = s.cancelled() => {}
+                        _ = pump(dr, uw, c.subscribe()) => {}
+                        _ = pump(ur, dw, c.subscribe()) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut, stop }
+    }
+
+    /// Stop forwarding (connections stay open; new ones are accepted and held).
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Copies `from` to `to`, holding everything (EOF included) while cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while *cut.borrow_and_update() {
+            if cut.changed().await.is_err() {
+                return;
+            }
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r { Ok(n) => n, Err(_) => 0 },
+            _ = cut.changed() => continue,
+        };
+        // Data read just as the cut began waits for the heal, like a queue in a dead link.
+        while *cut.borrow_and_update() {
+            if cut.changed().await.is_err() {
+                return;
+            }
+        }
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Pids of running programs named `name` whose command line contains `needle`.
+pub fn pids_of(name: &str, needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|d| {
+            let pid: u32 = d.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(d.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let prog = args.first()?.rsplit('/').next()?.to_owned();
+            (prog == name && args.iter().any(|a| a.contains(needle))).then_some(pid)
+        })
+        .collect()
 }
 
 /// A parsed HTTP response.

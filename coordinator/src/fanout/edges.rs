@@ -220,7 +220,14 @@ impl EdgeRegistry {
     /// Records a failure the agent reported: one it retries (`full_ban` false), or
     /// purges `seq..=last_seq` that varnish refused for good and the agent applied as a
     /// full ban (the ack follows).
-    pub fn error(&self, handle: &SessionHandle, seq: u64, last_seq: u64, error: String, full_ban: bool) {
+    pub fn error(
+        &self,
+        handle: &SessionHandle,
+        seq: u64,
+        last_seq: u64,
+        error: String,
+        full_ban: bool,
+    ) {
         let now = SystemTime::now();
         if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
             e.last_seen = now;

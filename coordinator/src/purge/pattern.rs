@@ -105,7 +105,11 @@ pub fn parse_tags_pattern(raw: &[u8]) -> Result<PurgeOp, PatternError> {
 /// Checks one tag given by name (the API's tag purges): what Magento could send in its
 /// canonical pattern, and no longer than [`MAX_TAG_BYTES`].
 pub fn validate_tag(tag: &str) -> Result<(), String> {
-    if tag.is_empty() || tag.chars().any(|c| c.is_control() || c == ',' || c.is_whitespace()) {
+    if tag.is_empty()
+        || tag
+            .chars()
+            .any(|c| c.is_control() || c == ',' || c.is_whitespace())
+    {
         return Err("tags must be non-empty without commas, spaces or control characters".into());
     }
     if tag.len() > MAX_TAG_BYTES {
@@ -288,7 +292,10 @@ mod tests {
         ));
         // PCRE2 and Rust's regex disagree both ways; PCRE2 (varnish's engine) decides.
         assert!(parse_tags_pattern(b"(?u:cat)_p").is_err(), "Rust-only flag");
-        assert!(parse_tags_pattern(b"(cat)_\\1|(?=x)y").is_ok(), "PCRE2-only syntax");
+        assert!(
+            parse_tags_pattern(b"(cat)_\\1|(?=x)y").is_ok(),
+            "PCRE2-only syntax"
+        );
         assert!(parse_pool(b"(?<=a)b").is_ok());
     }
 

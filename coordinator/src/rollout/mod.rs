@@ -103,7 +103,9 @@ pub enum RolloutError {
     UnknownVersion(String),
     #[error("{0}")]
     Nothing(String),
-    #[error("rollout of {0} is still in progress; wait for it, or push with --force to supersede it")]
+    #[error(
+        "rollout of {0} is still in progress; wait for it, or push with --force to supersede it"
+    )]
     InFlight(String),
 }
 
@@ -400,7 +402,12 @@ impl Rollouts {
     /// Validates, stores and starts rolling out a pushed bundle. While another rollout is
     /// in progress the push is refused ([`RolloutError::InFlight`]) unless `force`: then
     /// it supersedes it, and a failure returns each edge to what it was running.
-    pub fn push(&self, bundle: &Bundle, canary: bool, force: bool) -> Result<Started, RolloutError> {
+    pub fn push(
+        &self,
+        bundle: &Bundle,
+        canary: bool,
+        force: bool,
+    ) -> Result<Started, RolloutError> {
         bundle::check(bundle, &self.regions)?;
         if !force {
             self.tick();
@@ -1045,7 +1052,10 @@ mod tests {
     #[test]
     fn push_refuses_unknown_variables() {
         let (_d, r) = setup(None, DriftPolicy::Enforce);
-        let err = r.push(&bundle("x ${nope}"), false, false).unwrap_err().to_string();
+        let err = r
+            .push(&bundle("x ${nope}"), false, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("main.vcl:1") && err.contains("nope"), "{err}");
         assert!(r.store().list().unwrap().is_empty(), "nothing stored");
     }

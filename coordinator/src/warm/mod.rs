@@ -164,7 +164,12 @@ impl Inner {
             job.state = State::Done;
         }
         job.finished_ms = Some(crate::bundle::store::now_ms());
-        tracing::info!(job_id = id, state = job.state.as_str(), dropped = reasons.len(), "warm job ended");
+        tracing::info!(
+            job_id = id,
+            state = job.state.as_str(),
+            dropped = reasons.len(),
+            "warm job ended"
+        );
         let mut meta = job.clone();
         meta.edges.clear();
         self.aimd.remove(&id);
@@ -698,7 +703,23 @@ impl Warm {
                 .and_then(|j| j.edges.get(edge))
                 .cloned()
                 .unwrap_or_default();
-            if streak >= FAILED_SHARDS_TO_DROP {
+            let reported_all = inner
+                .jobs
+                .get(&job_id)
+                .is_some_and(|j| work.shards_done() >= j.shards);
+            if reported_all && work.fetched == 0 && work.errors > 0 {
+                // Done in name only: nothing was warmed there.
+                let reason = format!(
+                    "every fetch failed: {}",
+                    work.first_error.as_deref().unwrap_or("no answer")
+                );
+                if let Some(j) = inner.jobs.get_mut(&job_id) {
+                    if let Some(w) = j.edges.get_mut(edge) {
+                        w.dropped = Some(reason);
+                        work = w.clone();
+                    }
+                }
+            } else if streak >= FAILED_SHARDS_TO_DROP {
                 let reason = format!(
                     "{streak} shards in a row failed every fetch: {}",
                     if p.first_error.is_empty() {
@@ -715,10 +736,7 @@ impl Warm {
             (job_id, work, finished)
         };
         let (job_id, work, finished) = persist;
-        self.persist(
-            &[(job_id, edge.to_owned(), work)],
-            finished.as_slice(),
-        );
+        self.persist(&[(job_id, edge.to_owned(), work)], finished.as_slice());
         self.bump();
     }
 
@@ -736,7 +754,12 @@ impl Warm {
             let now = Instant::now();
             let mut stuck = Vec::new();
             for job in inner.jobs.values().filter(|j| j.state == State::Running) {
-                let per_edge = job.edges.values().filter(|w| !job.edge_done(w)).count().max(1);
+                let per_edge = job
+                    .edges
+                    .values()
+                    .filter(|w| !job.edge_done(w))
+                    .count()
+                    .max(1);
                 let rate = inner.rate_of(job.id).unwrap_or(job.budget) / per_edge as f64;
                 let shard_s = job.shard_fetches(0) as f64 / rate.max(0.01);
                 let limit = timeout.max(Duration::from_secs_f64((shard_s * 3.0).min(3600.0)));

@@ -495,7 +495,11 @@ async fn a_dead_edge_is_dropped_and_the_job_ends_without_it() {
     let view = f.warm.view(id).unwrap();
     assert_eq!(view.state, "running", "us-1 is still waited for");
     assert_eq!(view.regions["ap"].status, "dropped");
-    assert!(view.regions["ap"].error.as_deref().unwrap().contains("connection refused"));
+    assert!(view.regions["ap"]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("connection refused"));
     assert_eq!(view.regions["ap"].eta_s, None);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     f.warm.drop_stuck_edges();
@@ -503,7 +507,11 @@ async fn a_dead_edge_is_dropped_and_the_job_ends_without_it() {
     assert_eq!(view.state, "done", "{view:?}");
     assert_eq!(view.regions["eu"].status, "done");
     assert_eq!(view.regions["us"].status, "dropped");
-    assert!(view.regions["us"].error.as_deref().unwrap().contains("disconnected"));
+    assert!(view.regions["us"]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("disconnected"));
 }
 
 #[tokio::test]

@@ -128,12 +128,13 @@ impl Varnish {
         Ok(head.lines().next().unwrap_or_default().to_owned())
     }
 
-    /// `GET path` with `Host: host` through varnish; the response status.
-    pub async fn probe(&self, path: &str, host: &str) -> Result<u16, ApplyError> {
+    /// `GET path` with `Host: host` through varnish; the response status and varnish's
+    /// cache verdict.
+    pub async fn probe(&self, path: &str, host: &str) -> Result<(u16, String), ApplyError> {
         let addr = self.config.http;
         warmer::fetch::get(addr, path, host, &[], self.timeout())
             .await
-            .map(|f| f.status)
+            .map(|f| (f.status, f.cache))
             .map_err(|reason| ApplyError::Http { addr, reason })
     }
 

@@ -2,6 +2,7 @@
 //! the sample origin, all on 127.0.0.1. One test binary; helpers live in the `tests`
 //! crate's library.
 
+mod chaos;
 mod config;
 mod dashboard;
 mod demo;
