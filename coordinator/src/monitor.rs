@@ -800,6 +800,42 @@ mod tests {
     }
 
     #[test]
+    fn failing_purges_are_news() {
+        let (m, edges) = monitor();
+        for r in ["a", "b"] {
+            m.record(r, result("edge", true, 10));
+        }
+        m.evaluate();
+        assert!(m.lock().pending.is_empty());
+        let handle = edges.connect(
+            EdgeHello {
+                id: "a-1".into(),
+                region: "a".into(),
+                varnish_version: String::new(),
+                purge_mode: String::new(),
+                agent_version: String::new(),
+                cert_not_after: None,
+            },
+            0,
+            &CancellationToken::new(),
+        );
+        edges.error(
+            &handle,
+            1,
+            1,
+            "varnish admin authentication failed".into(),
+            false,
+        );
+        m.evaluate();
+        let pending = m.lock().pending.clone();
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert_eq!(
+            (pending[0].state, pending[0].diagnosis),
+            (Health::Degraded, Some("purge_failing"))
+        );
+    }
+
+    #[test]
     fn one_rule_for_region_health() {
         let d = |edges: &[&EdgeView]| {
             let h = decide(edges, None, false, 30.0);

@@ -410,7 +410,7 @@ mod tests {
     fn warm_and_probe_requests_are_not_shoppers() {
         let t = Traffic::default();
         let mut a = s(1_000, 10, 0, 0);
-        t.record("a", "eu", a.clone());
+        t.record("a", "eu", a);
         // 100 warm misses and 20 warm hits, plus shoppers: 60 hits, 20 misses.
         a = VarnishStats {
             taken_at_ms: 3_000,

@@ -788,7 +788,7 @@ async fn pump(
             }
         }
         let n = tokio::select! {
-            r = from.read(&mut buf) => match r { Ok(n) => n, Err(_) => 0 },
+            r = from.read(&mut buf) => r.unwrap_or(0),
             _ = cut.changed() => continue,
         };
         // Data read just as the cut began waits for the heal, like a queue in a dead link.

@@ -160,6 +160,37 @@ async fn garbage_and_protocol_violations_on_grpc_are_refused_and_harmless() {
         Some(1),
         "only the valid edge registered: {edges}"
     );
+
+    // An ack beyond the log head (a buggy or hostile agent) is refused: the session is
+    // dropped and the purge status does not lie.
+    let lie = AgentMessage {
+        msg: Some(agent_message::Msg::Ack(PurgeAck {
+            applied_seq: 16_500,
+            log_id: String::new(),
+        })),
+    };
+    let _ = session(vec![hello("liar-1"), lie]).await;
+    let mut liar = serde_json::Value::Null;
+    tests::assert_eventually!(
+        10,
+        {
+            let edges = get_json(c.api, "/api/v1/edges").await.unwrap_or_default();
+            liar = edges
+                .as_array()
+                .and_then(|a| a.iter().find(|e| e["id"] == "liar-1").cloned())
+                .unwrap_or_default();
+            liar["refused_acks"] == 1
+        },
+        "the lie was not refused: {liar}"
+    );
+    assert_eq!(liar["applied_seq"], 0, "{liar}");
+    assert_eq!(liar["connected"], false, "{liar}");
+    let p = get_json(c.api, "/api/v1/purges/1").await.unwrap();
+    assert_eq!(
+        p["edges"]["liar-1"]["applied_at"],
+        serde_json::Value::Null,
+        "{p}"
+    );
 }
 
 /// A tmpfs of a given size, unmounted on drop.
