@@ -170,7 +170,7 @@ async fn garbage_and_protocol_violations_on_grpc_are_refused_and_harmless() {
         })),
     };
     let _ = session(vec![hello("liar-1"), lie]).await;
-    let mut liar = serde_json::Value::Null;
+    let mut liar;
     tests::assert_eventually!(
         10,
         {
