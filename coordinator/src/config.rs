@@ -261,7 +261,7 @@ impl Default for MonitoringConfig {
 }
 
 fn default_purge_lag_s() -> u64 {
-    30
+    10
 }
 
 fn default_startup_grace_s() -> u64 {

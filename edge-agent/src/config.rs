@@ -257,4 +257,46 @@ purge_mode = "ban"
         assert_eq!(c.varnish.purge_mode, PurgeMode::Ban);
         assert!(toml::from_str::<AgentConfig>("id = 1").is_err());
     }
+
+    #[test]
+    fn what_can_be_checked_at_start_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let text = |coordinator: &str, secret: &std::path::Path, instance: &std::path::Path| {
+            format!(
+                "id = \"e\"\nregion = \"r\"\ncoordinator = \"{coordinator}\"\nstate_dir = \"/tmp/x\"\n[varnish]\nhttp = \"127.0.0.1:6081\"\nadmin = \"127.0.0.1:6082\"\nsecret_file = \"{}\"\ninstance = \"{}\"\n",
+                secret.display(),
+                instance.display()
+            )
+        };
+        let ok: AgentConfig = toml::from_str(&text("https://c:6092", &secret, dir.path())).unwrap();
+        ok.validate().unwrap();
+        ok.check_files().unwrap();
+        let bad_url: AgentConfig =
+            toml::from_str(&text("https://exa mple:6092", &secret, dir.path())).unwrap();
+        assert!(bad_url
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid URL"));
+        let no_host: AgentConfig =
+            toml::from_str(&text("https://:6092", &secret, dir.path())).unwrap();
+        assert!(no_host.validate().is_err());
+        let missing = dir.path().join("missing");
+        let no_secret: AgentConfig =
+            toml::from_str(&text("https://c:6092", &missing, dir.path())).unwrap();
+        assert!(no_secret
+            .check_files()
+            .unwrap_err()
+            .to_string()
+            .contains("secret_file"));
+        let no_instance: AgentConfig =
+            toml::from_str(&text("https://c:6092", &secret, &missing)).unwrap();
+        assert!(no_instance
+            .check_files()
+            .unwrap_err()
+            .to_string()
+            .contains("varnish.instance"));
+    }
 }
