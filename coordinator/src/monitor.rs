@@ -372,7 +372,10 @@ impl Monitor {
                 minute: rc
                     .minutes
                     .back()
-                    .filter(|m| m.t + 120 >= now_ms() / 1000)
+                    .filter(|m| {
+                        m.t + 120 >= now_ms() / 1000
+                            && rc.edge.last.as_ref().is_some_and(|l| l.ok)
+                    })
                     .copied(),
             })
             .collect();

@@ -928,9 +928,18 @@ impl Warm {
     pub(crate) async fn start_next(&self) {
         let (id, spec, regions) = {
             let inner = self.lock();
-            // Jobs for other regions, and re-warms (small, and shoppers are waiting for
-            // them), never queue behind a running job; jobs for the same regions do.
-            let busy: Vec<&String> = inner.running().flat_map(|j| j.regions.iter()).collect();
+            // A job waits only for regions a running job is still warming: jobs for other
+            // regions, for regions whose part is done (a stuck edge elsewhere holds nobody),
+            // and re-warms (small, and shoppers are waiting for them) start at once.
+            let busy: Vec<&String> = inner
+                .running()
+                .flat_map(|j| {
+                    j.edges
+                        .values()
+                        .filter(|w| !j.edge_done(w))
+                        .map(|w| &w.region)
+                })
+                .collect();
             let Some(job) = inner.jobs.values().find(|j| {
                 j.state == State::Queued
                     && (j.origin == Origin::Rewarm || !j.regions.iter().any(|r| busy.contains(&r)))

@@ -561,4 +561,32 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
     }
     assert_eq!(f.warm.view(other).unwrap().state, "done");
     assert_eq!(f.warm.view(long).unwrap().state, "running");
+    // A job over regions whose part of a running job is done starts too: us-1 still
+    // works on `both`, eu-1 finished its part, so a job for eu alone need not wait.
+    let both = running(
+        &f,
+        JobSpec {
+            urls: urls(5),
+            regions: Some(vec!["eu".into(), "us".into()]),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    for s in shards(&f.warm.next_for("eu-1", session("eu-1"))) {
+        report(&f, "eu-1", &s);
+    }
+    let after = f
+        .warm
+        .create(
+            JobSpec {
+                urls: urls(5),
+                regions: Some(vec!["eu".into()]),
+                ..JobSpec::default()
+            },
+            Origin::Api,
+        )
+        .unwrap();
+    f.warm.start_next().await;
+    assert_eq!(f.warm.view(both).unwrap().state, "running", "us-1 still works on it");
+    assert_eq!(f.warm.view(after).unwrap().state, "running");
 }
