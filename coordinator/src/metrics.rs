@@ -108,115 +108,68 @@ impl Metrics {
         );
         let _ = writeln!(out, "coordinator_purge_log_first_seq {}", log.first());
         let list = edges.list_with_lag(log);
-        family(
-            &mut out,
-            "coordinator_purges_applied_total",
-            "counter",
-            "Purge log entries applied, per edge (since coordinator start).",
-        );
-        for e in &list {
-            let _ = writeln!(
-                out,
-                "coordinator_purges_applied_total{{region=\"{}\",edge=\"{}\"}} {}",
-                e.region, e.id, e.applied_total
-            );
-        }
-        family(
-            &mut out,
-            "coordinator_edge_purge_lag_entries",
-            "gauge",
-            "Purge log entries not yet applied, per edge.",
-        );
-        for e in &list {
-            let _ = writeln!(
-                out,
-                "coordinator_edge_purge_lag_entries{{region=\"{}\",edge=\"{}\"}} {}",
-                e.region, e.id, e.lag
-            );
-        }
-        family(
-            &mut out,
-            "coordinator_edge_applied_seq",
-            "gauge",
-            "Highest purge sequence applied, per edge.",
-        );
-        for e in &list {
-            let _ = writeln!(
-                out,
-                "coordinator_edge_applied_seq{{region=\"{}\",edge=\"{}\"}} {}",
-                e.region, e.id, e.applied_seq
-            );
-        }
-        family(
-            &mut out,
-            "coordinator_edge_connected",
-            "gauge",
-            "Whether the edge's session is up (1) or not (0).",
-        );
-        for e in &list {
-            let _ = writeln!(
-                out,
-                "coordinator_edge_connected{{region=\"{}\",edge=\"{}\"}} {}",
-                e.region,
-                e.id,
-                u8::from(e.connected)
-            );
-        }
-        family(
-            &mut out,
-            "coordinator_edge_purge_lag_seconds",
-            "gauge",
-            "How long the oldest purge an edge has not applied has waited (0: none).",
-        );
-        for e in &list {
-            let _ = writeln!(
-                out,
-                "coordinator_edge_purge_lag_seconds{{region=\"{}\",edge=\"{}\"}} {}",
-                e.region,
-                e.id,
-                e.lag_s.unwrap_or(0.0)
-            );
-        }
-        family(
-            &mut out,
-            "coordinator_edge_purge_failing",
-            "gauge",
-            "1 while the edge reports that it cannot apply its next purge (it retries).",
-        );
-        for e in &list {
-            let _ = writeln!(
-                out,
-                "coordinator_edge_purge_failing{{region=\"{}\",edge=\"{}\"}} {}",
-                e.region,
-                e.id,
-                u8::from(e.purge_failing)
-            );
-        }
-        family(
-            &mut out,
-            "coordinator_edge_purge_full_bans_total",
-            "counter",
-            "Purges varnish refused for good that the edge applied as a full ban instead.",
-        );
-        for e in &list {
-            let _ = writeln!(
-                out,
-                "coordinator_edge_purge_full_bans_total{{region=\"{}\",edge=\"{}\"}} {}",
-                e.region, e.id, e.full_bans
-            );
-        }
-        family(
-            &mut out,
-            "coordinator_edge_acks_refused_total",
-            "counter",
-            "Acks beyond the log head (or for another log) refused; each dropped the session.",
-        );
-        for e in &list {
-            let _ = writeln!(
-                out,
-                "coordinator_edge_acks_refused_total{{region=\"{}\",edge=\"{}\"}} {}",
-                e.region, e.id, e.refused_acks
-            );
+        type PerEdge = fn(&crate::fanout::edges::EdgeView) -> f64;
+        let per_edge: [(&str, &str, &str, PerEdge); 8] = [
+            (
+                "coordinator_purges_applied_total",
+                "counter",
+                "Purge log entries applied, per edge (since coordinator start).",
+                |e| e.applied_total as f64,
+            ),
+            (
+                "coordinator_edge_purge_lag_entries",
+                "gauge",
+                "Purge log entries not yet applied, per edge.",
+                |e| e.lag as f64,
+            ),
+            (
+                "coordinator_edge_applied_seq",
+                "gauge",
+                "Highest purge sequence applied, per edge.",
+                |e| e.applied_seq as f64,
+            ),
+            (
+                "coordinator_edge_connected",
+                "gauge",
+                "Whether the edge's session is up (1) or not (0).",
+                |e| f64::from(u8::from(e.connected)),
+            ),
+            (
+                "coordinator_edge_purge_lag_seconds",
+                "gauge",
+                "How long the oldest purge an edge has not applied has waited (0: none).",
+                |e| e.lag_s.unwrap_or(0.0),
+            ),
+            (
+                "coordinator_edge_purge_failing",
+                "gauge",
+                "1 while the edge reports that it cannot apply its next purge (it retries).",
+                |e| f64::from(u8::from(e.purge_failing)),
+            ),
+            (
+                "coordinator_edge_purge_full_bans_total",
+                "counter",
+                "Purges varnish refused for good that the edge applied as a full ban instead.",
+                |e| e.full_bans as f64,
+            ),
+            (
+                "coordinator_edge_acks_refused_total",
+                "counter",
+                "Acks beyond the log head (or for another log) refused; each dropped the session.",
+                |e| e.refused_acks as f64,
+            ),
+        ];
+        for (name, kind, help, value) in per_edge {
+            family(&mut out, name, kind, help);
+            for e in &list {
+                let _ = writeln!(
+                    out,
+                    "{name}{{region=\"{}\",edge=\"{}\"}} {}",
+                    e.region,
+                    e.id,
+                    value(e)
+                );
+            }
         }
         render_config(&mut out, rollouts);
         render_tls(&mut out, &list, tls);

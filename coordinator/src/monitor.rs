@@ -373,8 +373,7 @@ impl Monitor {
                     .minutes
                     .back()
                     .filter(|m| {
-                        m.t + 120 >= now_ms() / 1000
-                            && rc.edge.last.as_ref().is_some_and(|l| l.ok)
+                        m.t + 120 >= now_ms() / 1000 && rc.edge.last.as_ref().is_some_and(|l| l.ok)
                     })
                     .copied(),
             })
@@ -728,22 +727,22 @@ mod tests {
     use super::*;
     use crate::fanout::edges::EdgeHello;
 
+    fn hello(id: &str, region: &str) -> EdgeHello {
+        EdgeHello {
+            id: id.into(),
+            region: region.into(),
+            varnish_version: String::new(),
+            purge_mode: String::new(),
+            agent_version: String::new(),
+            cert_not_after: None,
+        }
+    }
+
     fn monitor() -> (Arc<Monitor>, Arc<EdgeRegistry>) {
         let edges = Arc::new(EdgeRegistry::default());
         let shutdown = CancellationToken::new();
         for (id, region) in [("a-1", "a"), ("b-1", "b")] {
-            edges.connect(
-                EdgeHello {
-                    id: id.into(),
-                    region: region.into(),
-                    varnish_version: String::new(),
-                    purge_mode: String::new(),
-                    agent_version: String::new(),
-                    cert_not_after: None,
-                },
-                0,
-                &shutdown,
-            );
+            edges.connect(hello(id, region), 0, &shutdown);
         }
         let check = CheckConfig {
             name: "health".into(),
@@ -810,18 +809,7 @@ mod tests {
         }
         m.evaluate();
         assert!(m.lock().pending.is_empty());
-        let handle = edges.connect(
-            EdgeHello {
-                id: "a-1".into(),
-                region: "a".into(),
-                varnish_version: String::new(),
-                purge_mode: String::new(),
-                agent_version: String::new(),
-                cert_not_after: None,
-            },
-            0,
-            &CancellationToken::new(),
-        );
+        let handle = edges.connect(hello("a-1", "a"), 0, &CancellationToken::new());
         edges.error(
             &handle,
             1,
@@ -1009,18 +997,7 @@ mod tests {
         assert!(list.iter().all(|e| e.connected));
         // Disconnect a-1 by replacing its session and dropping the new handle's claim.
         let shutdown = CancellationToken::new();
-        let handle = edges.connect(
-            EdgeHello {
-                id: "a-1".into(),
-                region: "a".into(),
-                varnish_version: String::new(),
-                purge_mode: String::new(),
-                agent_version: String::new(),
-                cert_not_after: None,
-            },
-            0,
-            &shutdown,
-        );
+        let handle = edges.connect(hello("a-1", "a"), 0, &shutdown);
         edges.disconnect(&handle);
         let h = &m.health()["a"];
         assert_eq!((h.health, h.diagnosis), (Health::Down, Some("agent_lost")));

@@ -484,6 +484,37 @@ impl CoordinatorProc {
         (version, self.wait_rollout(id).await)
     }
 
+    /// `POST /api/v1/warm/jobs`; the job id (panics unless accepted).
+    pub async fn start_warm_job(&self, spec: &Value) -> u64 {
+        let r = self.call("POST", "/api/v1/warm/jobs", Some(spec)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["id"].as_u64().expect("job id")
+    }
+
+    /// `GET /api/v1/warm/jobs/{id}`.
+    pub async fn warm_job(&self, id: u64) -> Value {
+        self.call("GET", &format!("/api/v1/warm/jobs/{id}"), None)
+            .await
+            .json()
+    }
+
+    /// Waits up to `secs` for warm job `id` to end; its final view.
+    pub async fn warm_finished(&self, id: u64, secs: u64) -> Value {
+        let mut last;
+        assert_eventually!(
+            secs,
+            {
+                last = self.warm_job(id).await;
+                matches!(
+                    last["state"].as_str(),
+                    Some("done" | "failed" | "cancelled")
+                )
+            },
+            "job {id} still {last}"
+        );
+        last
+    }
+
     /// True when every listed edge is connected and has applied `seq`.
     pub async fn applied_everywhere(&self, seq: u64, edges: usize) -> bool {
         let list = self.edges().await;
@@ -1009,6 +1040,19 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// One benchmark line: `name n=… p50=… p90=… p99=… max=… ms` over `ms` (any order).
+pub fn percentiles_line(name: &str, mut ms: Vec<f64>) -> String {
+    ms.sort_by(f64::total_cmp);
+    format!(
+        "{name:<46} n={:<6} p50={:>8.3} p90={:>8.3} p99={:>8.3} max={:>8.3} ms",
+        ms.len(),
+        percentile(&ms, 50.0),
+        percentile(&ms, 90.0),
+        percentile(&ms, 99.0),
+        percentile(&ms, 100.0)
+    )
 }
 
 /// Runs Debian's headless chromium with the flags this machine needs (no sandbox as root,

@@ -587,6 +587,10 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
         )
         .unwrap();
     f.warm.start_next().await;
-    assert_eq!(f.warm.view(both).unwrap().state, "running", "us-1 still works on it");
+    assert_eq!(
+        f.warm.view(both).unwrap().state,
+        "running",
+        "us-1 still works on it"
+    );
     assert_eq!(f.warm.view(after).unwrap().state, "running");
 }

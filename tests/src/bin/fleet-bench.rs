@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use proto::edge::{agent_message, coordinator_message, AgentMessage, Hello, PurgeAck};
-use tests::{magento_purge, percentile, raw, tags_pattern, CoordinatorOpts, CoordinatorProc};
+use tests::{magento_purge, raw, tags_pattern, CoordinatorOpts, CoordinatorProc};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -111,16 +111,8 @@ async fn simulate(
     }))
 }
 
-fn summary(name: &str, mut ms: Vec<f64>) {
-    ms.sort_by(f64::total_cmp);
-    println!(
-        "  {name:<34} n={:<7} p50={:>7.2} p90={:>7.2} p99={:>7.2} max={:>8.2} ms",
-        ms.len(),
-        percentile(&ms, 50.0),
-        percentile(&ms, 90.0),
-        percentile(&ms, 99.0),
-        percentile(&ms, 100.0)
-    );
+fn summary(name: &str, ms: Vec<f64>) {
+    println!("  {}", tests::percentiles_line(name, ms));
 }
 
 #[tokio::main]

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tests::{
-    get_json, magento_purge, percentile, raw, tags_pattern, AgentProc, CoordinatorOpts,
-    CoordinatorProc, OriginServer, VarnishNode,
+    get_json, magento_purge, raw, tags_pattern, AgentProc, CoordinatorOpts, CoordinatorProc,
+    OriginServer, VarnishNode,
 };
 
 #[derive(Debug, Parser)]
@@ -53,16 +53,8 @@ struct Args {
     insecure: bool,
 }
 
-fn summary(name: &str, mut ms: Vec<f64>) {
-    ms.sort_by(f64::total_cmp);
-    println!(
-        "{name:<46} n={:<6} p50={:>8.3} p90={:>8.3} p99={:>8.3} max={:>8.3} ms",
-        ms.len(),
-        percentile(&ms, 50.0),
-        percentile(&ms, 90.0),
-        percentile(&ms, 99.0),
-        percentile(&ms, 100.0)
-    );
+fn summary(name: &str, ms: Vec<f64>) {
+    println!("{}", tests::percentiles_line(name, ms));
 }
 
 #[tokio::main]

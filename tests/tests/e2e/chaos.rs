@@ -291,34 +291,6 @@ async fn varnishd_restarting_under_a_backlog_delays_only_its_own_edge() {
     );
 }
 
-async fn start_job(c: &CoordinatorProc, spec: Value) -> u64 {
-    let r = c.call("POST", "/api/v1/warm/jobs", Some(&spec)).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["id"].as_u64().expect("job id")
-}
-
-async fn job(c: &CoordinatorProc, id: u64) -> Value {
-    c.call("GET", &format!("/api/v1/warm/jobs/{id}"), None)
-        .await
-        .json()
-}
-
-async fn finished(c: &CoordinatorProc, id: u64, secs: u64) -> Value {
-    let mut last;
-    assert_eventually!(
-        secs,
-        {
-            last = job(c, id).await;
-            matches!(
-                last["state"].as_str(),
-                Some("done" | "failed" | "cancelled")
-            )
-        },
-        "job {id} still {last}"
-    );
-    last
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_varnishd_never_holds_warm_jobs() {
     let mut cluster = Cluster::start(
@@ -332,8 +304,10 @@ async fn a_dead_varnishd_never_holds_warm_jobs() {
     .await;
     let sitemap = format!("http://{}/sitemap.xml?products=40", cluster.origin.addr);
     let c = &cluster.coordinator;
-    let id = start_job(c, json!({"sitemap": sitemap, "host": "shop.test"})).await;
-    assert_eq!(finished(c, id, 60).await["state"], "done");
+    let id = c
+        .start_warm_job(&json!({"sitemap": sitemap, "host": "shop.test"}))
+        .await;
+    assert_eq!(c.warm_finished(id, 60).await["state"], "done");
 
     // Region-2's varnishd dies. A tag purge queues a re-warm that region-2 cannot start
     // (it cannot apply the purge), and a job for the healthy regions comes after it.
@@ -356,14 +330,14 @@ async fn a_dead_varnishd_never_holds_warm_jobs() {
         "no re-warm queued for seq {seq}"
     );
     let started = Instant::now();
-    let healthy = start_job(
-        c,
-        json!({"urls": [format!("http://{}/p/1", cluster.origin.addr)], "host": "shop.test",
+    let healthy = c
+        .start_warm_job(
+            &json!({"urls": [format!("http://{}/p/1", cluster.origin.addr)], "host": "shop.test",
                "regions": ["region-0", "region-1"]}),
-    )
-    .await;
+        )
+        .await;
     let rewarm = rewarm.expect("re-warm id");
-    let view = finished(c, rewarm, 30).await;
+    let view = c.warm_finished(rewarm, 30).await;
     let rewarm_took = started.elapsed();
     assert_eq!(view["state"], "done", "{view}");
     assert_eq!(view["regions"]["region-2"]["status"], "dropped", "{view}");
@@ -373,14 +347,16 @@ async fn a_dead_varnishd_never_holds_warm_jobs() {
     assert!(why.contains("has not applied purge"), "{view}");
     assert_eq!(view["regions"]["region-2"]["eta_s"], Value::Null);
     assert_eq!(view["regions"]["region-0"]["status"], "done");
-    let view = finished(c, healthy, 30).await;
+    let view = c.warm_finished(healthy, 30).await;
     assert_eq!(view["state"], "done", "{view}");
     let healthy_took = started.elapsed();
 
     // A full job while region-2 is still dead: its edge is dropped (every fetch fails),
     // the job ends done with that region's reason.
-    let id = start_job(c, json!({"sitemap": sitemap, "host": "shop.test"})).await;
-    let view = finished(c, id, 60).await;
+    let id = c
+        .start_warm_job(&json!({"sitemap": sitemap, "host": "shop.test"}))
+        .await;
+    let view = c.warm_finished(id, 60).await;
     assert_eq!(view["state"], "done", "{view}");
     assert_eq!(view["regions"]["region-2"]["status"], "dropped", "{view}");
     assert_eq!(view["regions"]["region-1"]["status"], "done", "{view}");
@@ -636,13 +612,13 @@ async fn the_shopper_hit_ratio_excludes_warm_traffic_exactly() {
     .await;
     let c = &cluster.coordinator;
     tokio::time::sleep(Duration::from_secs(2)).await; // a baseline sample first
-    let id = start_job(
-        c,
-        json!({"sitemap": format!("http://{}/sitemap.xml?products=40", cluster.origin.addr),
+    let id = c
+        .start_warm_job(
+            &json!({"sitemap": format!("http://{}/sitemap.xml?products=40", cluster.origin.addr),
                "host": "shop.test"}),
-    )
-    .await;
-    assert_eq!(finished(c, id, 60).await["state"], "done");
+        )
+        .await;
+    assert_eq!(c.warm_finished(id, 60).await["state"], "done");
     // Shoppers: 30 warmed pages (hits) and 10 pages nobody warmed (misses).
     let v = &cluster.varnish[0];
     for p in 1..=30 {

@@ -27,32 +27,15 @@ fn opts(warm: &str) -> CoordinatorOpts {
 }
 
 async fn start_job(c: &CoordinatorProc, spec: Value) -> u64 {
-    let r = c.call("POST", "/api/v1/warm/jobs", Some(&spec)).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["id"].as_u64().expect("job id")
+    c.start_warm_job(&spec).await
 }
 
 async fn job(c: &CoordinatorProc, id: u64) -> Value {
-    c.call("GET", &format!("/api/v1/warm/jobs/{id}"), None)
-        .await
-        .json()
+    c.warm_job(id).await
 }
 
-/// Waits for the job to end; returns its final view.
 async fn finished(c: &CoordinatorProc, id: u64, secs: u64) -> Value {
-    let mut last;
-    assert_eventually!(
-        secs,
-        {
-            last = job(c, id).await;
-            matches!(
-                last["state"].as_str(),
-                Some("done" | "failed" | "cancelled")
-            )
-        },
-        "job {id} still {last}"
-    );
-    last
+    c.warm_finished(id, secs).await
 }
 
 fn cli(c: &CoordinatorProc, args: &[&str]) -> (bool, String) {
