@@ -484,6 +484,26 @@ impl CoordinatorProc {
         (version, self.wait_rollout(id).await)
     }
 
+    /// Runs the real `coordinator` CLI against this coordinator's API with its token:
+    /// (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = std::process::Command::new(bin_dir().join("coordinator"))
+            .args(args)
+            .args([
+                "--api",
+                &format!("http://{}", self.api),
+                "--token",
+                &self.token,
+            ])
+            .output()
+            .expect("run the coordinator CLI");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// `POST /api/v1/warm/jobs`; the job id (panics unless accepted).
     pub async fn start_warm_job(&self, spec: &Value) -> u64 {
         let r = self.call("POST", "/api/v1/warm/jobs", Some(spec)).await;

@@ -851,6 +851,20 @@ mod tests {
         );
     }
 
+    /// Plays an agent whose varnishd refuses `version` to compile.
+    fn reject(r: &Rollouts, edge: &str, version: &str, error: &str) {
+        r.on_result(
+            edge,
+            1,
+            ConfigResult {
+                version: version.to_owned(),
+                ok: false,
+                error: error.into(),
+                ..Default::default()
+            },
+        );
+    }
+
     /// Plays an agent that applies whatever it is sent.
     fn obey(r: &Rollouts, edge: &str) -> Option<String> {
         let apply = r.next_apply(edge, 1)?;
@@ -913,16 +927,7 @@ mod tests {
         let v2 = r.push(&bundle("broken"), true, true).unwrap().version;
         let apply = r.next_apply("eu-1", 1).unwrap();
         assert_eq!(apply.version, v2);
-        r.on_result(
-            "eu-1",
-            1,
-            ConfigResult {
-                version: v2.clone(),
-                ok: false,
-                error: "main.vcl line 1: syntax".into(),
-                ..Default::default()
-            },
-        );
+        reject(&r, "eu-1", &v2, "main.vcl line 1: syntax");
         r.tick();
         let view = r.view();
         assert_eq!(view.rollout.as_ref().map(|r| r.phase), Some(Phase::Failed));
@@ -955,16 +960,7 @@ mod tests {
         let v2 = r.push(&bundle("broken"), true, false).unwrap().version;
         let apply = r.next_apply("eu-1", 1).unwrap();
         assert_eq!(apply.version, v2);
-        r.on_result(
-            "eu-1",
-            1,
-            ConfigResult {
-                version: v2.clone(),
-                ok: false,
-                error: "main.vcl line 3: syntax".into(),
-                ..Default::default()
-            },
-        );
+        reject(&r, "eu-1", &v2, "main.vcl line 3: syntax");
         let view = r.view();
         let rollout = view.rollout.unwrap();
         assert_eq!(rollout.phase, Phase::Failed);

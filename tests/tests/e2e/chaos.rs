@@ -15,16 +15,12 @@ use tests::{
 
 /// `coordinator status` (optionally `--json`) against the cluster: (exit code, stdout).
 fn status(c: &CoordinatorProc, json: bool) -> (i32, String) {
-    let mut cmd = Command::new(bin_dir().join("coordinator"));
-    cmd.args(["status", "--api", &format!("http://{}", c.api)]);
-    if json {
-        cmd.arg("--json");
-    }
-    let out = cmd.output().expect("run coordinator status");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let (code, out, _) = c.cli(if json {
+        &["status", "--json"]
+    } else {
+        &["status"]
+    });
+    (code, out)
 }
 
 async fn healthz(c: &CoordinatorProc) -> Value {
@@ -390,16 +386,8 @@ async fn a_broken_push_over_a_rollout_in_flight_keeps_what_each_edge_ran() {
     .await;
     let c = &cluster.coordinator;
     let cli = |args: &[&str]| {
-        let out = Command::new(bin_dir().join("coordinator"))
-            .args(args)
-            .args(["--api", &format!("http://{}", c.api), "--token", &c.token])
-            .output()
-            .expect("run coordinator");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, out, err) = c.cli(args);
+        (code == 0, out, err)
     };
     // B0 everywhere, then B1 (a new WAF rule) held on the canary (canary_wait_s = 600).
     let b0 = waf_bundle(&cluster.dir.path().join("b0"), "");

@@ -3,13 +3,10 @@
 //! the budget; tiered jobs render each page once; a tag purge re-warms exactly its pages;
 //! a coordinator killed mid-job resumes without starting over.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tests::{
-    assert_eventually, bin_dir, get, purge_tags, Cluster, CoordinatorOpts, CoordinatorProc,
-};
+use tests::{assert_eventually, get, purge_tags, Cluster, CoordinatorOpts, CoordinatorProc};
 
 /// Every page of `/sitemap.xml?products=N`: `/`, ten categories, N products.
 fn pages(products: u32) -> Vec<String> {
@@ -39,15 +36,8 @@ async fn finished(c: &CoordinatorProc, id: u64, secs: u64) -> Value {
 }
 
 fn cli(c: &CoordinatorProc, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin_dir().join("coordinator"))
-        .args(args)
-        .args(["--api", &format!("http://{}", c.api), "--token", &c.token])
-        .output()
-        .expect("run coordinator");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    let (code, out, err) = c.cli(args);
+    (code == 0, out + &err)
 }
 
 /// Every page answers HIT in every region.
