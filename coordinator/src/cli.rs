@@ -212,8 +212,7 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
             }
             "failed" => {
                 println!(
-                    "rollout {id} failed: every edge goes back to the version it ran before ({})",
-                    rollout["previous"].as_str().unwrap_or("its boot VCL")
+                    "rollout {id} of {version} failed: every edge goes back to the version it ran before it"
                 );
                 return Err(CliError::Failed(format!(
                     "rollout failed: {}",

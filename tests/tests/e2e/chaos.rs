@@ -332,7 +332,11 @@ async fn a_dead_varnishd_never_holds_warm_jobs() {
                "regions": ["region-0", "region-1"]}),
         )
         .await;
+    let view = c.warm_finished(healthy, 30).await;
+    assert_eq!(view["state"], "done", "{view}");
+    let healthy_took = started.elapsed();
     let rewarm = rewarm.expect("re-warm id");
+    assert_eq!(c.warm_job(rewarm).await["state"], "running", "region-2 is still waited for");
     let view = c.warm_finished(rewarm, 30).await;
     let rewarm_took = started.elapsed();
     assert_eq!(view["state"], "done", "{view}");
@@ -343,9 +347,6 @@ async fn a_dead_varnishd_never_holds_warm_jobs() {
     assert!(why.contains("has not applied purge"), "{view}");
     assert_eq!(view["regions"]["region-2"]["eta_s"], Value::Null);
     assert_eq!(view["regions"]["region-0"]["status"], "done");
-    let view = c.warm_finished(healthy, 30).await;
-    assert_eq!(view["state"], "done", "{view}");
-    let healthy_took = started.elapsed();
 
     // A full job while region-2 is still dead: its edge is dropped (every fetch fails),
     // the job ends done with that region's reason.
