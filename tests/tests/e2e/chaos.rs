@@ -336,7 +336,11 @@ async fn a_dead_varnishd_never_holds_warm_jobs() {
     assert_eq!(view["state"], "done", "{view}");
     let healthy_took = started.elapsed();
     let rewarm = rewarm.expect("re-warm id");
-    assert_eq!(c.warm_job(rewarm).await["state"], "running", "region-2 is still waited for");
+    assert_eq!(
+        c.warm_job(rewarm).await["state"],
+        "running",
+        "region-2 is still waited for"
+    );
     let view = c.warm_finished(rewarm, 30).await;
     let rewarm_took = started.elapsed();
     assert_eq!(view["state"], "done", "{view}");

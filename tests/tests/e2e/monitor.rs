@@ -170,4 +170,28 @@ async fn a_region_down_alerts_once_and_origin_down_is_one_grouped_alert() {
         metrics.contains("coordinator_alerts_total{result=\"sent\"} 3"),
         "{metrics}"
     );
+
+    // Every series the shipped Grafana dashboard queries is exported.
+    let dashboard = include_str!("../../../grafana/varnish-coordinator.json");
+    let mut names: Vec<&str> = dashboard
+        .match_indices("coordinator_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() > 10, "{names:?}");
+    for name in names {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "the dashboard queries {name}, which /metrics does not export"
+        );
+    }
 }
