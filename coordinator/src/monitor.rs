@@ -7,10 +7,13 @@
 //! one blip changes nothing. It also keeps per-minute count, mean and standard deviation
 //! of the edge response time.
 //!
-//! A region's health is its worst check; when it is down, [`diagnose`] tells why:
-//! `agent_lost` (no connected agent), `edge_down` (edge fails, origin reachable from
-//! there), `origin_unreachable` (origin fails from this region only) or
-//! `origin_down_everywhere` (every region that probes the origin fails it).
+//! A region's health is decided in one place, [`decide`], from its sessions and its
+//! worst check: `up` needs a connected agent, purges applied within `purge_lag_s` and
+//! passing probes. Otherwise the diagnosis says why: `no_agents`, `agent_lost`,
+//! `edge_down` (edge fails, origin reachable from there), `origin_unreachable` (origin
+//! fails from this region only), `origin_down_everywhere` (every region that probes the
+//! origin fails it), or, degraded, `purge_failing`, `purge_stalled`,
+//! `varnish_unreachable`, `slow`, `edge_lost`.
 //!
 //! Changes of a region's health or diagnosis are queued; [`Monitor::drive`] sends them
 //! to the webhooks once no new change arrived for `group_ms`... or at the latest after

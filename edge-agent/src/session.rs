@@ -2,11 +2,15 @@
 //!
 //! [`run`] loops forever: connect to the coordinator, send Hello with the cursor from
 //! disk, then apply purge batches in order. Each batch is coalesced ([`plan`]), applied
-//! to varnish (retrying until it works: an unapplied purge is never acked), the cursor is
-//! stored durably, and only then the ack goes up. A dropped session is redialled with
-//! exponential backoff and full jitter; the coordinator resumes from the cursor, so a
-//! purge can be applied twice after a crash (harmless) but never skipped. Config bundles
-//! arriving on the same stream are handed to the [`crate::vcl`] worker.
+//! to varnish (a transient failure is retried until it works: an unapplied purge is never
+//! acked; an op varnish refuses for good becomes a full ban of this edge, so one bad entry
+//! never stalls the ones behind it), the cursor is stored durably, and only then the ack
+//! goes up. A heartbeat task reports every `report_interval_s` whatever the purge loop is
+//! doing, so only a frozen or cut-off agent looks silent. A dropped session is redialled
+//! with exponential backoff and full jitter (reset after a session that stayed up); the
+//! coordinator resumes from the cursor, so a purge can be applied twice after a crash
+//! (harmless) but never skipped. Config bundles arriving on the same stream are handed to
+//! the [`crate::vcl`] worker.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -10,6 +10,9 @@
 //!   batches, into a small bounded channel: a slow agent fills it, the sender waits, and
 //!   by the time there is room the next batch is bigger, so the agent coalesces more;
 //! * the *receiver* reads acks, errors and heartbeats and updates the [`EdgeRegistry`];
+//!   it refuses an ack beyond the log head, and ends the session when the agent has been
+//!   silent for three of its report intervals ([`silence_limit`]): a frozen or
+//!   partitioned agent is lost in seconds, not when the transport's keepalive gives up;
 //!   config reports go to [`Rollouts`];
 //! * for agents with the config capability, the *config sender* sends whatever
 //!   [`Rollouts::next_apply`] hands it, waking on every rollout change;
