@@ -4,6 +4,9 @@
 //! Nothing here fakes a component. A test that needs varnishd panics with a clear message
 //! when it is missing (`scripts/test.sh` installs it); it never skips.
 
+// The test harness starts real programs (varnishd, the binaries, chromium) by design.
+#![allow(clippy::disallowed_methods)]
+
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

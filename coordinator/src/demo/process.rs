@@ -2,6 +2,9 @@
 //! for the demo (and the tests, which reuse it). Children are killed when dropped;
 //! [`Child::stop`] asks politely first (SIGTERM), then kills after a bound.
 
+// The one module allowed to start programs (clippy.toml disallows it elsewhere).
+#![allow(clippy::disallowed_methods)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -11,6 +11,9 @@
 //! reference it also times one bare `vcl.load` + `vcl.use` of the same VCL over the admin
 //! CLI: the part of a rollout that is varnishd compiling C.
 
+// The test harness starts real programs (varnishd, the binaries, chromium) by design.
+#![allow(clippy::disallowed_methods)]
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;

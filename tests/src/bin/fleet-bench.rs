@@ -13,6 +13,9 @@
 //! shows there). Plaintext gRPC by default (where `TCP_NODELAY` matters most); `--tls`
 //! for mutual TLS with a certificate per simulated edge.
 
+// The test harness starts real programs (varnishd, the binaries, chromium) by design.
+#![allow(clippy::disallowed_methods)]
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

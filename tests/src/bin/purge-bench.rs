@@ -14,6 +14,9 @@
 //!    largest edge lag seen, and how long the edges took to catch up afterwards;
 //! 4. Magento's way: one PURGE to each varnishd, one after the other, per "save".
 
+// The test harness starts real programs (varnishd, the binaries, chromium) by design.
+#![allow(clippy::disallowed_methods)]
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -10,6 +10,9 @@
 //! coordinator's CPU (from /proc over `--seconds`) and resident memory, and the delay from
 //! a burst of cache hits in varnish to the burst showing in `/api/v1/regions`.
 
+// The test harness starts real programs (varnishd, the binaries, chromium) by design.
+#![allow(clippy::disallowed_methods)]
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;

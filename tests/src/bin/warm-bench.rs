@@ -12,6 +12,9 @@
 //! complete) and origin renders per URL. With `--memory-urls N`, the coordinator's peak
 //! RSS while it resolves an N-URL sitemap index (gzipped parts of 50,000) into shards.
 
+// The test harness starts real programs (varnishd, the binaries, chromium) by design.
+#![allow(clippy::disallowed_methods)]
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;

@@ -2,6 +2,9 @@
 //! the sample origin, all on 127.0.0.1. One test binary; helpers live in the `tests`
 //! crate's library.
 
+// The test harness starts real programs (varnishd, the binaries, chromium) by design.
+#![allow(clippy::disallowed_methods)]
+
 mod chaos;
 mod config;
 mod dashboard;
