@@ -7,7 +7,8 @@
 //!    by varnishd, writable only by the agent), refusing any file name with a path in it;
 //! 2. `vcl.load <name> <dir>/main.vcl` — varnishd compiles it; a compile error is
 //!    reported with the bundle's file names and nothing changes;
-//! 3. `vcl.use <name>`, then records a hash of `vcl.show -v <name>` so later reports can
+//! 3. records a hash of `vcl.show -v <name>` (before switching, so an agent killed right
+//!    after the switch still knows it), then `vcl.use <name>`, so later reports can
 //!    prove the active VCL is the one loaded;
 //! 4. discards coordinator VCLs beyond `keep` (never the active one), keeping the
 //!    previous ones loaded for an instant rollback.
@@ -223,14 +224,8 @@ impl Worker {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(relative(&message(e), &dir));
         }
-        if let Err(e) = self.varnish.command(&format!("vcl.use {name}"), None).await {
-            let _ = self
-                .varnish
-                .command(&format!("vcl.discard {name}"), None)
-                .await;
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(format!("vcl.use failed: {}", message(e)));
-        }
+        // The proof of what is loaded is on disk before the switch: an agent killed right
+        // after `vcl.use` still recognises the VCL when it comes back (no reload).
         if let Ok(source) = self
             .varnish
             .command(&format!("vcl.show -v {name}"), None)
@@ -239,6 +234,15 @@ impl Worker {
             let hash = hex::encode(Sha256::digest(source.as_bytes()));
             let _ = std::fs::write(dir.join(SOURCE_HASH), &hash);
             self.hashes.insert(name.to_owned(), hash);
+        }
+        if let Err(e) = self.varnish.command(&format!("vcl.use {name}"), None).await {
+            let _ = self
+                .varnish
+                .command(&format!("vcl.discard {name}"), None)
+                .await;
+            let _ = std::fs::remove_dir_all(&dir);
+            self.hashes.remove(name);
+            return Err(format!("vcl.use failed: {}", message(e)));
         }
         self.probe = (!apply.health_path.is_empty())
             .then(|| (apply.health_path.clone(), apply.health_host.clone()));
