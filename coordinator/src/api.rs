@@ -124,7 +124,7 @@ async fn regions(State(s): State<ApiState>) -> Response {
 
 /// The per-region rows.
 fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
-    let now = crate::bundle::store::now_ms();
+    let now = crate::clock::now_ms();
     let traffic = s.traffic.regions(now);
     let edges = s.edges.list(s.log.head());
     let health = s.monitor.health();
@@ -568,7 +568,7 @@ fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+    if crate::secret::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         Ok(())
     } else {
         Err(error(
@@ -576,12 +576,4 @@ fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
             "missing or wrong bearer token",
         ))
     }
-}
-
-/// Compares secrets without leaking where they differ (also the purge listener's).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -283,7 +283,7 @@ fn render_monitor(out: &mut String, monitor: &crate::monitor::Monitor) {
 }
 
 fn render_traffic(out: &mut String, traffic: &crate::traffic::Traffic) {
-    let now = crate::bundle::store::now_ms();
+    let now = crate::clock::now_ms();
     let edges = traffic.edges(now);
     type Get = fn(&crate::traffic::Delta) -> u64;
     let counters: [(&str, &str, Get); 9] = [

@@ -28,7 +28,7 @@ use proto::edge::{Check, ProbePlan, ProbeResult};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::bundle::store::now_ms;
+use crate::clock::now_ms;
 use crate::config::{AlertsConfig, CheckConfig, MonitoringConfig};
 use crate::fanout::edges::{EdgeRegistry, EdgeView};
 use crate::purge::log::PurgeLog;

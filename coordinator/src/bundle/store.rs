@@ -5,8 +5,8 @@
 //! each phase change, so a coordinator restart resumes a rollout where it was. Every
 //! write is a durable redb transaction: a push that answered 200 survives kill -9.
 
+use crate::clock::now_ms;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -141,13 +141,6 @@ impl ConfigStore {
         }
         txn.commit().map_err(storage)
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

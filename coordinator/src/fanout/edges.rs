@@ -316,7 +316,7 @@ impl EdgeRegistry {
     /// [`Self::list`] with each lagging edge's `lag_s`: how long the oldest purge it has
     /// not applied has waited.
     pub fn list_with_lag(&self, log: &crate::purge::log::PurgeLog) -> Vec<EdgeView> {
-        let now = crate::purge::log::now_us();
+        let now = crate::clock::now_us();
         let mut list = self.list(log.head());
         for e in list.iter_mut().filter(|e| e.lag > 0) {
             e.lag_s = log

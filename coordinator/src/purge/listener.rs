@@ -234,7 +234,7 @@ fn secret_ok(secret: Option<&(String, String)>, request: &Request) -> bool {
     let Some((name, expected)) = secret else {
         return true;
     };
-    crate::api::constant_time_eq(
+    crate::secret::constant_time_eq(
         request.header(name).unwrap_or_default(),
         expected.as_bytes(),
     )

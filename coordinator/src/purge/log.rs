@@ -23,7 +23,9 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::clock::now_us;
 
 use prost::Message;
 use proto::edge::{purge_entry::Op, PurgeEntry};
@@ -483,14 +485,6 @@ impl Writer {
         tracing::debug!(first = keep_from, head = self.head, "purge log pruned");
         Ok(())
     }
-}
-
-/// Microseconds since the Unix epoch.
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

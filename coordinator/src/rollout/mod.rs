@@ -33,9 +33,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::bundle::store::{now_ms, ConfigStore, StoreError};
+use crate::bundle::store::{ConfigStore, StoreError};
 use crate::bundle::vars::Vars;
 use crate::bundle::{self, Bundle, BundleError};
+use crate::clock::now_ms;
 use crate::config::{DriftPolicy, RolloutConfig};
 
 /// An apply with no answer is sent again after this long.

@@ -163,7 +163,7 @@ impl Inner {
         } else {
             job.state = State::Done;
         }
-        job.finished_ms = Some(crate::bundle::store::now_ms());
+        job.finished_ms = Some(crate::clock::now_ms());
         tracing::info!(
             job_id = id,
             state = job.state.as_str(),
@@ -285,7 +285,7 @@ impl Warm {
             origin,
             state: State::Queued,
             error: None,
-            created_ms: crate::bundle::store::now_ms(),
+            created_ms: crate::clock::now_ms(),
             started_ms: None,
             finished_ms: None,
             urls: 0,
@@ -317,7 +317,7 @@ impl Warm {
         };
         if !job.state.is_final() {
             job.state = State::Cancelled;
-            job.finished_ms = Some(crate::bundle::store::now_ms());
+            job.finished_ms = Some(crate::clock::now_ms());
             let job = job.clone();
             self.store.put_job(&job)?;
             let holders: Vec<String> = inner
@@ -335,7 +335,7 @@ impl Warm {
             tracing::info!(job_id = id, "warm job cancelled");
             let _ = self.store.drop_shards(id);
         }
-        let view = JobView::of(&inner.jobs[&id], None, crate::bundle::store::now_ms());
+        let view = JobView::of(&inner.jobs[&id], None, crate::clock::now_ms());
         drop(inner);
         self.bump();
         Ok(view)
@@ -346,13 +346,13 @@ impl Warm {
         inner
             .jobs
             .get(&id)
-            .map(|j| JobView::of(j, inner.rate_of(id), crate::bundle::store::now_ms()))
+            .map(|j| JobView::of(j, inner.rate_of(id), crate::clock::now_ms()))
     }
 
     /// The newest jobs first.
     pub fn list(&self, limit: usize) -> Vec<JobView> {
         let inner = self.lock();
-        let now = crate::bundle::store::now_ms();
+        let now = crate::clock::now_ms();
         inner
             .jobs
             .values()
@@ -878,7 +878,7 @@ impl Warm {
             }
             job.state = State::Failed;
             job.error = Some(error);
-            job.finished_ms = Some(crate::bundle::store::now_ms());
+            job.finished_ms = Some(crate::clock::now_ms());
             let job = job.clone();
             inner.aimd.remove(&id);
             inner.activity.retain(|(j, _), _| *j != id);
@@ -1008,7 +1008,7 @@ impl Warm {
             job.want_tags = spec.rewarm.unwrap_or(self.config.rewarm_after_purge);
             job.edges = edges;
             job.state = State::Running;
-            job.started_ms = Some(crate::bundle::store::now_ms());
+            job.started_ms = Some(crate::clock::now_ms());
             job
         };
         // The shards are durable before any session can be handed one.
