@@ -113,6 +113,15 @@ impl Inner {
         self.aimd.get(&id).map(Aimd::rate)
     }
 
+    /// Drops the per-edge bookkeeping of a job that ended (it would grow with every
+    /// re-warm otherwise).
+    fn forget(&mut self, id: u64) {
+        self.aimd.remove(&id);
+        self.activity.retain(|(j, _), _| *j != id);
+        self.hints.retain(|(_, j), _| *j != id);
+        self.sent_rate.retain(|(_, j), _| *j != id);
+    }
+
     /// Notes that `edge` did something for job `id` now.
     fn touch(&mut self, id: u64, edge: &str) {
         let slot = self
@@ -172,8 +181,7 @@ impl Inner {
         );
         let mut meta = job.clone();
         meta.edges.clear();
-        self.aimd.remove(&id);
-        self.activity.retain(|(j, _), _| *j != id);
+        self.forget(id);
         Some(meta)
     }
 }
@@ -333,6 +341,7 @@ impl Warm {
                 inner.cancels.entry(edge).or_default().push(id);
             }
             tracing::info!(job_id = id, "warm job cancelled");
+            inner.forget(id);
             let _ = self.store.drop_shards(id);
         }
         let view = JobView::of(&inner.jobs[&id], None, crate::clock::now_ms());
@@ -880,8 +889,7 @@ impl Warm {
             job.error = Some(error);
             job.finished_ms = Some(crate::clock::now_ms());
             let job = job.clone();
-            inner.aimd.remove(&id);
-            inner.activity.retain(|(j, _), _| *j != id);
+            inner.forget(id);
             job
         };
         tracing::warn!(job_id = id, error = ?job.error, "warm job failed");

@@ -594,3 +594,33 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
     );
     assert_eq!(f.warm.view(after).unwrap().state, "running");
 }
+
+#[tokio::test]
+async fn an_ended_job_leaves_no_per_edge_bookkeeping() {
+    let f = fixture(config());
+    connect_all(&f);
+    let done = running(
+        &f,
+        JobSpec {
+            urls: urls(30),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    drain(&f);
+    assert_eq!(f.warm.view(done).unwrap().state, "done");
+    let cancelled = running(
+        &f,
+        JobSpec {
+            urls: urls(30),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    let _ = f.warm.next_for("eu-1", session("eu-1"));
+    f.warm.cancel(cancelled).unwrap();
+    let inner = f.warm.lock();
+    assert!(inner.hints.is_empty(), "{:?}", inner.hints);
+    assert!(inner.sent_rate.is_empty(), "{:?}", inner.sent_rate);
+    assert!(inner.activity.is_empty() && inner.aimd.is_empty());
+}
