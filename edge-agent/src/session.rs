@@ -124,13 +124,7 @@ pub async fn run(
                 tracing::warn!(error = %e, "session ended");
             }
         }
-        if agent
-            .welcomed_at
-            .is_some_and(|t| t.elapsed() >= STABLE_SESSION)
-        {
-            failures = 0;
-        }
-        failures = failures.saturating_add(1);
+        failures = failures_after(failures, agent.welcomed_at.map(|t| t.elapsed()));
         let delay = backoff(failures);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -147,6 +141,17 @@ fn client_tls(tls: &crate::config::TlsConfig) -> Result<ClientTlsConfig, String>
     Ok(ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
         .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?)))
+}
+
+/// The failure count after a session that ended having stayed up `up` since its Welcome
+/// (`None`: never established): a healthy session starts the count over, so an agent
+/// that lost a few sessions over the days does not redial at the slowest pace forever.
+fn failures_after(failures: u32, up: Option<Duration>) -> u32 {
+    if up.is_some_and(|d| d >= STABLE_SESSION) {
+        1
+    } else {
+        failures.saturating_add(1)
+    }
 }
 
 /// Full-jitter exponential backoff.
@@ -554,5 +559,27 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_healthy_session_resets_the_backoff() {
+        let mut failures = 0;
+        for _ in 0..7 {
+            failures = failures_after(failures, None);
+        }
+        assert_eq!(failures, 7);
+        assert!(BACKOFF_BASE.saturating_mul(1 << failures).min(BACKOFF_MAX) == BACKOFF_MAX);
+        // A short session is not proof of health; one that stayed up is.
+        assert_eq!(failures_after(failures, Some(Duration::from_secs(2))), 8);
+        let after = failures_after(failures, Some(STABLE_SESSION));
+        assert_eq!(after, 1);
+        for _ in 0..100 {
+            assert!(backoff(after) <= BACKOFF_BASE * 2);
+        }
     }
 }
