@@ -542,18 +542,23 @@ fn decide(
     origin_everywhere_down: bool,
     lag_limit_s: f64,
 ) -> RegionHealth {
-    let state = |health, diagnosis, check: Option<String>, error: String| RegionHealth {
+    let state = |health, diagnosis, error: String| RegionHealth {
         health,
         diagnosis: Some(diagnosis),
-        check,
+        check: None,
         last_error: Some(error),
+    };
+    let from_probe = |p: &ProbeHealth, health, diagnosis| RegionHealth {
+        health,
+        diagnosis: Some(diagnosis),
+        check: Some(p.check.clone()),
+        last_error: p.last_error.clone(),
     };
     let connected: Vec<&&EdgeView> = edges.iter().filter(|e| e.connected).collect();
     if edges.is_empty() {
         return state(
             Health::Down,
             "no_agents",
-            None,
             "no edge agent has connected in this region".into(),
         );
     }
@@ -561,7 +566,6 @@ fn decide(
         return state(
             Health::Down,
             "agent_lost",
-            None,
             "no connected edge agent in this region".into(),
         );
     }
@@ -571,19 +575,13 @@ fn decide(
             Health::Down => "origin_unreachable",
             _ => "edge_down",
         };
-        return RegionHealth {
-            health: Health::Down,
-            diagnosis: Some(diagnosis),
-            check: Some(p.check.clone()),
-            last_error: p.last_error.clone(),
-        };
+        return from_probe(p, Health::Down, diagnosis);
     }
     if let Some(e) = connected.iter().find(|e| e.purge_failing) {
         let error = e.last_error.as_deref().unwrap_or("cannot apply purges");
         return state(
             Health::Degraded,
             "purge_failing",
-            None,
             format!("edge {}: {error}", e.id),
         );
     }
@@ -594,7 +592,6 @@ fn decide(
         return state(
             Health::Degraded,
             "purge_stalled",
-            None,
             format!(
                 "edge {} is {} purges behind; the oldest has waited {:.0} s",
                 e.id,
@@ -607,7 +604,6 @@ fn decide(
         return state(
             Health::Degraded,
             "varnish_unreachable",
-            None,
             format!(
                 "edge {}: {}",
                 e.id,
@@ -616,12 +612,7 @@ fn decide(
         );
     }
     if let Some(p) = probe.as_ref().filter(|p| p.edge == Health::Degraded) {
-        return RegionHealth {
-            health: Health::Degraded,
-            diagnosis: Some("slow"),
-            check: Some(p.check.clone()),
-            last_error: p.last_error.clone(),
-        };
+        return from_probe(p, Health::Degraded, "slow");
     }
     if connected.len() < edges.len() {
         let lost: Vec<&str> = edges
@@ -632,7 +623,6 @@ fn decide(
         return state(
             Health::Degraded,
             "edge_lost",
-            None,
             format!(
                 "{} of {} edges disconnected: {}",
                 lost.len(),

@@ -43,20 +43,29 @@ pub enum CommandError {
 }
 
 /// Starts `program args...` with stdout piped, no stdin, killed when dropped.
+/// Starts `program args...` with stdout piped. `watched`: stdin is a pipe held by the
+/// caller (the [`WATCHDOG`]'s) and the child is not killed on drop; else no stdin, killed
+/// when dropped. Errors name `name`.
 fn spawn(
+    name: &str,
     program: &Path,
     args: &[&str],
     stderr: Stdio,
+    watched: bool,
 ) -> Result<tokio::process::Child, CommandError> {
     tokio::process::Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if watched {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(stderr)
-        .kill_on_drop(true)
+        .kill_on_drop(!watched)
         .spawn()
         .map_err(|source| CommandError::Spawn {
-            program: program.display().to_string(),
+            program: name.to_owned(),
             source,
         })
 }
@@ -68,7 +77,7 @@ pub async fn run(
     timeout: Duration,
 ) -> Result<Vec<u8>, CommandError> {
     let name = program.display().to_string();
-    let mut child = spawn(program, args, Stdio::piped())?;
+    let mut child = spawn(&name, program, args, Stdio::piped(), false)?;
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let work = async {
@@ -138,17 +147,7 @@ pub fn lines(program: &Path, args: &[&str]) -> Result<Lines, CommandError> {
     sh_args.extend_from_slice(args);
     // Not killed on drop: SIGKILL would stop the shell before it stops the child. Closing
     // its stdin makes it stop the child and exit; tokio reaps it.
-    let mut child = tokio::process::Command::new("/bin/sh")
-        .args(&sh_args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|source| CommandError::Spawn {
-            program: name.clone(),
-            source,
-        })?;
+    let mut child = spawn(&name, Path::new("/bin/sh"), &sh_args, Stdio::null(), true)?;
     let stdout = child.stdout.take().ok_or_else(|| CommandError::Io {
         program: name.clone(),
         source: std::io::Error::other("no stdout"),

@@ -26,7 +26,6 @@ pub struct PurgeFailure {
     pub first_seq: u64,
     pub last_seq: u64,
     pub error: String,
-    pub full_ban: bool,
     pub at: String,
 }
 
@@ -237,7 +236,6 @@ impl EdgeRegistry {
                     first_seq: seq,
                     last_seq: last_seq.max(seq),
                     error,
-                    full_ban,
                     at: fmt_time(now),
                 });
                 while e.failures.len() > FAILURES_KEPT {
@@ -262,14 +260,6 @@ impl EdgeRegistry {
             e.last_seen = SystemTime::now();
             e.varnish_error = (!admin_error.is_empty()).then(|| admin_error.to_owned());
         }
-    }
-
-    /// The purges an edge applied as a full ban, newest last.
-    pub fn failures(&self, edge_id: &str) -> Vec<PurgeFailure> {
-        self.edges
-            .get(edge_id)
-            .map(|e| e.failures.iter().cloned().collect())
-            .unwrap_or_default()
     }
 
     /// Refreshes `last_seen`.
@@ -375,16 +365,6 @@ impl EdgeRegistry {
     /// The number of edges currently connected.
     pub fn connected(&self) -> usize {
         self.edges.iter().filter(|kv| kv.value().connected).count()
-    }
-
-    /// Every region with an edge, and whether any of its edges is connected.
-    pub fn regions_connected(&self) -> std::collections::BTreeMap<String, bool> {
-        let mut out = std::collections::BTreeMap::new();
-        for kv in self.edges.iter() {
-            let e = kv.value();
-            *out.entry(e.region.clone()).or_insert(false) |= e.connected;
-        }
-        out
     }
 }
 

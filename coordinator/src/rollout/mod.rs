@@ -410,14 +410,8 @@ impl Rollouts {
         force: bool,
     ) -> Result<Started, RolloutError> {
         bundle::check(bundle, &self.regions)?;
-        if !force {
-            self.tick();
-            if let Some(r) = self.in_flight() {
-                return Err(RolloutError::InFlight(r));
-            }
-        }
         let (version, new_version) = self.store.put(bundle)?;
-        let rollout = self.start(&version, canary, "push")?;
+        let rollout = self.start(&version, canary, "push", force)?;
         Ok(Started {
             version,
             new_version,
@@ -450,7 +444,7 @@ impl Rollouts {
         if self.store.get(&version)?.is_none() {
             return Err(RolloutError::UnknownVersion(version));
         }
-        let rollout = self.start(&version, false, "rollback")?;
+        let rollout = self.start(&version, false, "rollback", true)?;
         Ok(Started {
             version,
             new_version: false,
@@ -458,34 +452,39 @@ impl Rollouts {
         })
     }
 
-    /// The version of the rollout in progress, if one is.
-    fn in_flight(&self) -> Option<String> {
-        let inner = self.lock();
-        inner
-            .plan
-            .rollout
-            .as_ref()
-            .filter(|r| matches!(r.phase, Phase::Canary | Phase::Fleet))
-            .map(|r| r.version.clone())
-    }
-
+    /// Starts a rollout of `version`. One in flight is superseded only with `supersede`
+    /// (checked under the same lock that starts the new one, so two pushes cannot both
+    /// pass); otherwise [`RolloutError::InFlight`].
     fn start(
         &self,
         version: &str,
         canary: bool,
         kind: &str,
+        supersede: bool,
     ) -> Result<Option<Rollout>, RolloutError> {
         let mut inner = self.lock();
         // A rollout that has in fact reached every edge is done before it is superseded.
+        let before = inner.plan.rollout.clone();
         advance(&mut inner, &self.config);
-        // Where an edge already runs the rollout being superseded, that is what it goes
-        // back to if this one fails; any other edge goes back to the fleet's version.
         let superseded = inner
             .plan
             .rollout
             .as_ref()
             .filter(|r| matches!(r.phase, Phase::Canary | Phase::Fleet))
             .map(|r| r.version.clone());
+        let plan = &inner.plan;
+        let settled = plan.rollout.as_ref().is_none_or(|r| r.phase == Phase::Done);
+        let refused = superseded.clone().filter(|_| !supersede);
+        if refused.is_some() || (settled && plan.current.as_deref() == Some(version)) {
+            if inner.plan.rollout != before {
+                self.store.save_plan(&inner.plan)?;
+                drop(inner);
+                self.bump();
+            }
+            return refused.map_or(Ok(None), |v| Err(RolloutError::InFlight(v)));
+        }
+        // Where an edge already runs the rollout being superseded, that is what it goes
+        // back to if this one fails; any other edge goes back to the fleet's version.
         let previous_by_edge: BTreeMap<String, String> = superseded
             .map(|v| {
                 inner
@@ -497,10 +496,6 @@ impl Rollouts {
             })
             .unwrap_or_default();
         let plan = &mut inner.plan;
-        let settled = plan.rollout.as_ref().is_none_or(|r| r.phase == Phase::Done);
-        if settled && plan.current.as_deref() == Some(version) {
-            return Ok(None);
-        }
         let canary_region = self.config.canary_region.clone().filter(|_| canary);
         plan.next_id += 1;
         let rollout = Rollout {

@@ -134,11 +134,7 @@ impl Inner {
     /// Takes `edge` out of job `id` with `reason`: its shards are no longer handed out or
     /// waited for. Returns the edge's record to store.
     fn drop_edge(&mut self, id: u64, edge: &str, reason: String) -> Option<EdgeWork> {
-        let job = self.jobs.get_mut(&id)?;
-        if job.edge_done(job.edges.get(edge)?) {
-            return None;
-        }
-        let work = job.edges.get_mut(edge)?;
+        let work = self.jobs.get_mut(&id)?.edges.get_mut(edge)?;
         tracing::warn!(job_id = id, edge, region = %work.region, reason = %reason,
             "edge dropped from a warm job");
         work.dropped = Some(reason);
@@ -716,30 +712,27 @@ impl Warm {
                 .jobs
                 .get(&job_id)
                 .is_some_and(|j| work.shards_done() >= j.shards);
-            if reported_all && work.fetched == 0 && work.errors > 0 {
+            let or_no_answer = |e: &str| {
+                if e.is_empty() {
+                    "no answer".to_owned()
+                } else {
+                    e.to_owned()
+                }
+            };
+            let reason = if reported_all && work.fetched == 0 && work.errors > 0 {
                 // Done in name only: nothing was warmed there.
-                let reason = format!(
-                    "every fetch failed: {}",
-                    work.first_error.as_deref().unwrap_or("no answer")
-                );
-                if let Some(j) = inner.jobs.get_mut(&job_id) {
-                    if let Some(w) = j.edges.get_mut(edge) {
-                        w.dropped = Some(reason);
-                        work = w.clone();
-                    }
-                }
+                let first = work.first_error.as_deref().unwrap_or_default();
+                Some(format!("every fetch failed: {}", or_no_answer(first)))
             } else if streak >= FAILED_SHARDS_TO_DROP {
-                let reason = format!(
+                Some(format!(
                     "{streak} shards in a row failed every fetch: {}",
-                    if p.first_error.is_empty() {
-                        "no answer"
-                    } else {
-                        p.first_error.as_str()
-                    }
-                );
-                if let Some(w) = inner.drop_edge(job_id, edge, reason) {
-                    work = w;
-                }
+                    or_no_answer(&p.first_error)
+                ))
+            } else {
+                None
+            };
+            if let Some(w) = reason.and_then(|r| inner.drop_edge(job_id, edge, r)) {
+                work = w;
             }
             let finished = inner.finish_if_done(job_id);
             (job_id, work, finished)
