@@ -254,8 +254,8 @@ pub fn agent_message(data: &[u8]) {
             let _ = w.top(&["fuzz-region".to_owned()], 10);
         }
         Some(agent_message::Msg::Hello(h)) => {
-            let _ = crate::fanout::validate_id(&h.edge_id, "edge_id");
-            let _ = crate::fanout::validate_id(&h.region, "region");
+            let _ = crate::session::validate_id(&h.edge_id, "edge_id");
+            let _ = crate::session::validate_id(&h.region, "region");
         }
         Some(agent_message::Msg::ConfigStatus(s)) => r.on_status("fuzz-edge", 1, s),
         Some(agent_message::Msg::ConfigResult(res)) => r.on_result("fuzz-edge", 1, res),
@@ -290,7 +290,7 @@ mod tests {
             b"\x01PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: ((^|,)cat_p_1(,|$))\r\n\r\n",
         );
         purge_request(b"\x00PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: .*\r\n\r\n");
-        waf(crate::demo::SAMPLE_WAF.as_bytes());
+        waf(include_str!("../../edge-agent/vcl/waf.toml").as_bytes());
         agent_message(&[0x82, 0x01, 0x02, 0x0a, 0x00]);
         // A WarmProgress for job 1, shard 0 (in flight once the harness handed it out).
         let progress = AgentMessage {

@@ -1,11 +1,10 @@
-//! `coordinator serve`: wires the log, the purge listener, the gRPC fan-out and the API
-//! together on sockets the caller has already bound (tests bind port 0).
+//! `coordinator serve`: serves the [`State`] on three sockets the caller has already bound
+//! (tests bind port 0): the purge listener, the agents' gRPC sessions and the API.
 //!
 //! Shutdown: cancelling the token stops accepting, ends every agent session (agents
 //! reconnect elsewhere or later and resume from their cursor), and waits at most
 //! [`GRACE`] for in-flight requests.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,14 +13,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
-use crate::bundle::store::{ConfigStore, StoreError};
 use crate::config::CoordinatorConfig;
-use crate::fanout::edges::EdgeRegistry;
-use crate::fanout::FanoutService;
-use crate::metrics::Metrics;
 use crate::purge::listener;
-use crate::purge::log::{LogError, PurgeLog};
-use crate::rollout::Rollouts;
+use crate::session::SessionService;
+use crate::state::{OpenError, State};
 use crate::tls::{self, ServerTls};
 
 /// Longest wait for in-flight work after shutdown is requested.
@@ -55,9 +50,7 @@ impl Listeners {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
-    Log(#[from] LogError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    Open(#[from] OpenError),
     #[error("cannot read api.token_file {path}: {source}")]
     Token {
         path: String,
@@ -66,115 +59,29 @@ pub enum ServeError {
     #[error("gRPC needs [grpc.tls] (ca, cert, key) for mutual TLS, or --insecure for plaintext")]
     NeedsInsecure,
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    #[error(transparent)]
-    Config(crate::config::ConfigError),
-    #[error(transparent)]
-    Warm(#[from] crate::warm::store::WarmStoreError),
-    #[error("warm token {path}: {source}")]
-    WarmToken {
-        path: String,
-        source: std::io::Error,
-    },
+    Config(#[from] crate::config::ConfigError),
 }
 
-/// Shared handles of a running coordinator (the demo and tests look inside).
-#[derive(Clone)]
-pub struct Handles {
-    pub log: PurgeLog,
-    pub edges: Arc<EdgeRegistry>,
-    pub metrics: Arc<Metrics>,
-    pub rollouts: Arc<Rollouts>,
-    /// Present when `[grpc.tls]` is configured.
-    pub tls: Option<Arc<ServerTls>>,
-    pub traffic: Arc<crate::traffic::Traffic>,
-    pub monitor: Arc<crate::monitor::Monitor>,
-    pub warm: Arc<crate::warm::Warm>,
-}
-
-/// The secret warm requests carry (`X-Warm-Token`, the VCL's `${warm_token}`): read from
-/// `[warm] token_file`, or generated once into `STATE_DIR/warm.token` (mode 0600).
-pub fn warm_token(config: &CoordinatorConfig, state_dir: &Path) -> Result<String, ServeError> {
-    let (path, generate) = match &config.warm.token_file {
-        Some(p) => (p.clone(), false),
-        None => (state_dir.join("warm.token"), true),
-    };
-    let err = |source| ServeError::WarmToken {
-        path: path.display().to_string(),
-        source,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
-        Err(e) if !(generate && e.kind() == std::io::ErrorKind::NotFound) => Err(err(e)),
-        _ if !generate => Err(err(std::io::Error::other("is empty"))),
-        _ => {
-            let token = hex::encode(rand::random::<[u8; 24]>());
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(err)?;
-            f.write_all(token.as_bytes()).map_err(err)?;
-            Ok(token)
-        }
-    }
-}
-
-/// Opens the state and returns the handles; [`run`] serves them.
-pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Handles, ServeError> {
-    let log = PurgeLog::open(state_dir, config.retention())?;
-    let store = Arc::new(ConfigStore::open(state_dir)?);
-    let token = warm_token(config, state_dir)?;
-    let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars(&token))?;
-    let tls = match &config.grpc.tls {
-        Some(files) => Some(ServerTls::load(files)?),
-        None => None,
-    };
-    let edges = Arc::new(EdgeRegistry::default());
-    let monitor = crate::monitor::Monitor::new(
-        config.monitoring.clone(),
-        config.checks.clone(),
-        config.alerts.clone(),
-        config.regions.iter().map(|r| r.name.clone()).collect(),
-        edges.clone(),
-        log.clone(),
-    );
-    let warm = crate::warm::Warm::open(
-        config.warm.clone(),
-        token,
-        config.regions.iter().map(|r| r.name.clone()).collect(),
-        state_dir,
-        edges.clone(),
-    )?;
-    Ok(Handles {
-        warm,
-        log,
-        rollouts,
-        tls,
-        traffic: Arc::default(),
-        monitor,
-        edges,
-        metrics: Arc::new(Metrics::default()),
-    })
+/// Opens the state ([`State::open`]); [`run`] serves it.
+pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, ServeError> {
+    Ok(State::open(config, state_dir)?)
 }
 
 /// Serves until `shutdown` is cancelled.
 pub async fn run(
     config: CoordinatorConfig,
-    handles: Handles,
+    state: State,
     listeners: Listeners,
     insecure: bool,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    if handles.tls.is_none() && !insecure {
+    if state.tls.is_none() && !insecure {
         return Err(ServeError::NeedsInsecure);
     }
     let token = Arc::new(std::sync::RwLock::new(read_token(
         config.api.token_file.as_deref(),
     )?));
-    match &handles.tls {
+    match &state.tls {
         Some(t) => {
             let e = t.expiry();
             tracing::info!(server_not_after = e.server_not_after, ca_not_after = e.ca_not_after,
@@ -186,29 +93,24 @@ pub async fn run(
     }
     tracing::info!(
         purge = %config.purge.listen, grpc = %config.grpc.listen, api = %config.api.listen,
-        log_id = handles.log.log_id(), head_seq = handles.log.head(), "coordinator serving"
+        log_id = state.log.log_id(), head_seq = state.log.head(), "coordinator serving"
     );
 
-    let listener_config = config.listener().map_err(ServeError::Config)?;
+    let listener_config = config.purge.listener()?;
     let purge_task = tokio::spawn(listener::run(
         listeners.purge,
         listener_config,
-        handles.log.clone(),
-        handles.metrics.clone(),
+        state.log.clone(),
+        state.purge_counters.clone(),
         shutdown.clone(),
     ));
 
-    let driver = tokio::spawn(handles.rollouts.clone().drive(shutdown.clone()));
-    let monitor_task = tokio::spawn(handles.monitor.clone().drive(shutdown.clone()));
-    let warm_task = tokio::spawn(
-        handles
-            .warm
-            .clone()
-            .run(handles.log.clone(), shutdown.clone()),
-    );
-    let service = FanoutService::new(&handles, shutdown.clone());
+    let driver = tokio::spawn(state.rollouts.clone().drive(shutdown.clone()));
+    let monitor_task = tokio::spawn(state.monitor.clone().drive(shutdown.clone()));
+    let warm_task = tokio::spawn(state.warm.clone().run(state.log.clone(), shutdown.clone()));
+    let service = SessionService::new(state.clone(), shutdown.clone());
     let grpc_shutdown = shutdown.clone();
-    let server_tls = handles.tls.clone();
+    let server_tls = state.tls.clone();
     let grpc_task = tokio::spawn(async move {
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -247,22 +149,14 @@ pub async fn run(
         }
     });
     tokio::spawn(reload_on_sighup(
-        handles.tls.clone(),
+        state.tls.clone(),
         token.clone(),
         config.api.token_file.clone(),
         shutdown.clone(),
     ));
 
     let app = api::router(ApiState {
-        log: handles.log.clone(),
-        edges: handles.edges.clone(),
-        metrics: handles.metrics.clone(),
-        rollouts: handles.rollouts.clone(),
-        tls: handles.tls.clone(),
-        traffic: handles.traffic.clone(),
-        monitor: handles.monitor.clone(),
-        warm: handles.warm.clone(),
-        regions: Arc::new(config.regions.iter().map(|r| r.name.clone()).collect()),
+        state: state.clone(),
         read_requires_token: config.api.read_requires_token,
         token,
     });
@@ -311,16 +205,7 @@ async fn reload_on_sighup(
     token_file: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; certificates and token reload only on restart");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            s = hup.recv() => if s.is_none() { return },
-        }
+    daemon::signal::on_hangup(shutdown, move || {
         if let Some(tls) = &tls {
             match tls.reload() {
                 Ok(()) => {
@@ -345,5 +230,6 @@ async fn reload_on_sighup(
                 tracing::error!(error = %e, "API token reload failed; keeping the previous token")
             }
         }
-    }
+    })
+    .await
 }

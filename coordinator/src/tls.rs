@@ -28,8 +28,20 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TlsConfig;
+use prometheus_client::encoding::DescriptorEncoder;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{counter, gauge, Collector, Label, Registry};
 use crate::pki::EDGE_URI_PREFIX;
+
+/// `[grpc.tls]`: certificate files for mutual TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 /// A TLS handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,7 +84,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// Expiry of the certificates in use, for `/metrics` and the API.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct CertExpiry {
     /// The coordinator's own certificate (Unix seconds).
     pub server_not_after: u64,
@@ -217,6 +229,43 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+impl ServerTls {
+    /// Registers the certificate expiry and refused-handshake families.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register_collector(Box::new(TlsMetrics(self.clone())));
+    }
+}
+
+struct TlsMetrics(Arc<ServerTls>);
+
+impl std::fmt::Debug for TlsMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsMetrics")
+    }
+}
+
+impl Collector for TlsMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let expiry = self.0.expiry();
+        gauge(
+            &mut e,
+            "coordinator_tls_cert_expiry_timestamp_seconds",
+            "When a certificate in use expires (Unix time).",
+            [
+                ([("cert", Label("server"))], expiry.server_not_after),
+                ([("cert", Label("ca"))], expiry.ca_not_after),
+            ],
+        )?;
+        let none: [(&str, &str); 0] = [];
+        counter(
+            &mut e,
+            "coordinator_tls_handshakes_refused_total",
+            "gRPC connections refused during the TLS handshake.",
+            [(none, self.0.refused.load(Ordering::Relaxed))],
+        )
+    }
 }
 
 #[cfg(test)]

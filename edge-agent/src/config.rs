@@ -102,33 +102,18 @@ fn default_timeout_ms() -> u64 {
     5000
 }
 
-/// A configuration that cannot be used, with one clear line.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid config: {0}")]
-    Invalid(String),
+pub use daemon::ConfigError;
+
+impl daemon::Validate for AgentConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        AgentConfig::validate(self)
+    }
 }
 
 impl AgentConfig {
     /// Reads, parses and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.message().to_owned(),
-        })?;
-        config.validate()?;
-        Ok(config)
+        daemon::load(path)
     }
 
     /// Checks what serde cannot.

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use coordinator::demo::origin::{self, Origin};
-use coordinator::demo::process::{self, Child, VarnishSpec};
+use coordinator_cli::demo::origin::{self, Origin};
+use coordinator_cli::demo::process::{self, Child, VarnishSpec};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -156,9 +156,13 @@ impl VarnishNode {
         std::fs::create_dir_all(dir).expect("varnish dir");
         let secret = dir.join("secret");
         process::write_secret(&secret).expect("secret");
-        let vcl =
-            coordinator::demo::write_boot_vcl(&dir.join("boot-vcl"), "boot", backend, WARM_TOKEN)
-                .expect("boot vcl");
+        let vcl = coordinator_cli::demo::write_boot_vcl(
+            &dir.join("boot-vcl"),
+            "boot",
+            backend,
+            WARM_TOKEN,
+        )
+        .expect("boot vcl");
         let mut last_err = None;
         for _ in 0..3 {
             let spec = VarnishSpec {

@@ -39,7 +39,7 @@ pub struct StoredVersion {
 }
 
 /// A version as listed (without contents).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VersionInfo {
     pub version: String,
     pub created_at_ms: u64,

@@ -22,10 +22,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::counters::PurgeCounters;
 use super::log::{NewPurge, PurgeLog};
 use super::pattern::{self, PurgeOp};
 use super::wire::{Conn, Limits, Request};
-use crate::metrics::Metrics;
 
 /// What the listener needs besides its socket.
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ pub async fn run(
     listener: TcpListener,
     config: ListenerConfig,
     log: PurgeLog,
-    metrics: Arc<Metrics>,
+    metrics: PurgeCounters,
     shutdown: CancellationToken,
 ) {
     let config = Arc::new(config);
@@ -73,7 +73,7 @@ async fn serve_conn(
     peer: SocketAddr,
     config: &ListenerConfig,
     log: &PurgeLog,
-    metrics: &Metrics,
+    metrics: &PurgeCounters,
     shutdown: &CancellationToken,
 ) {
     let via_proxy = is_allowed(&config.trusted_proxies, peer.ip());
@@ -93,7 +93,7 @@ async fn serve_conn(
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
-                metrics.purge_request("bad_request");
+                metrics.request("bad_request");
                 tracing::info!(peer = %peer, error = %e, "unusable purge request");
                 if let Some(status) = e.status() {
                     let _ = conn
@@ -111,7 +111,7 @@ async fn serve_conn(
         };
         let allowed = is_allowed(&config.allow, client);
         let (status, body, headers) = if !allowed {
-            metrics.purge_request("forbidden");
+            metrics.request("forbidden");
             tracing::warn!(peer = %peer, client = %client, "purge from a source outside the allow-list");
             (
                 405,
@@ -119,7 +119,7 @@ async fn serve_conn(
                 vec![],
             )
         } else if !secret_ok(config.secret.as_ref(), &request) {
-            metrics.purge_request("forbidden");
+            metrics.request("forbidden");
             tracing::warn!(peer = %peer, client = %client, "purge without the right shared secret");
             (
                 403,
@@ -144,10 +144,10 @@ async fn serve_conn(
 async fn handle(
     request: &Request,
     log: &PurgeLog,
-    metrics: &Metrics,
+    metrics: &PurgeCounters,
 ) -> (u16, String, Vec<(&'static str, String)>) {
     if !request.method.eq_ignore_ascii_case("PURGE") {
-        metrics.purge_request("bad_method");
+        metrics.request("bad_method");
         return (
             405,
             error_body("only PURGE is accepted here"),
@@ -157,7 +157,7 @@ async fn handle(
     let ops = match parse(request) {
         Ok(ops) => ops,
         Err(reason) => {
-            metrics.purge_request("bad_request");
+            metrics.request("bad_request");
             tracing::info!(error = %reason, "purge refused");
             return (400, error_body(&reason), vec![]);
         }
@@ -175,9 +175,9 @@ async fn handle(
         .collect();
     match log.append(purges).await {
         Ok(seq) => {
-            metrics.purge_request("accepted");
+            metrics.request("accepted");
             for kind in &kinds {
-                metrics.purge_logged(kind);
+                metrics.logged(kind);
             }
             tracing::debug!(seq, kinds = ?kinds, soft, "purge logged");
             (
@@ -187,7 +187,7 @@ async fn handle(
             )
         }
         Err(e) => {
-            metrics.purge_request("unavailable");
+            metrics.request("unavailable");
             tracing::error!(error = %e, "purge not logged");
             (
                 503,

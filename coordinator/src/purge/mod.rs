@@ -1,5 +1,7 @@
 //! The Magento-facing side: wire format, pattern parsing, the durable log, the listener.
 
+pub mod config;
+pub mod counters;
 pub mod listener;
 pub mod log;
 pub mod pattern;

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 
-use proto::edge::{purge_entry::Op, All, TagSet};
+use proto::edge::{purge_entry::Op, All, TagSet, UrlPurge};
 
 /// How deeply a regex may nest (groups, repetitions of repetitions). Real patterns use a
 /// handful; the bound keeps parsing a hostile one from exhausting the stack (a fuzzer
@@ -100,6 +100,44 @@ pub fn parse_tags_pattern(raw: &[u8]) -> Result<PurgeOp, PatternError> {
     }
     validate_regex(value, H)?;
     Ok(PurgeOp::TagsRegex(value.to_owned()))
+}
+
+/// Longest URL path an API purge may name.
+pub const MAX_URL_BYTES: usize = 8192;
+
+/// A purge asked for through the API (`POST /api/v1/purges`, `coordinator purge`):
+/// exactly one of `tags`, `url` (with an optional `host`) and `all`, checked by the same
+/// rules as Magento's headers. Returns the operation and its kind for the metrics.
+pub fn api_op(
+    tags: Vec<String>,
+    url: Option<String>,
+    host: Option<String>,
+    all: bool,
+) -> Result<(Op, &'static str), String> {
+    let chosen = usize::from(!tags.is_empty()) + usize::from(url.is_some()) + usize::from(all);
+    if chosen != 1 {
+        return Err("give exactly one of tags, url, all".into());
+    }
+    if all {
+        return Ok((Op::All(All {}), "all"));
+    }
+    if let Some(path) = url {
+        if !path.starts_with('/')
+            || path.chars().any(char::is_control)
+            || path.len() > MAX_URL_BYTES
+        {
+            return Err(format!(
+                "url must be a path starting with /, at most {MAX_URL_BYTES} bytes"
+            ));
+        }
+        let host = host.unwrap_or_default();
+        if host.chars().any(|c| c.is_control() || c == ' ') {
+            return Err("host must be a host name".into());
+        }
+        return Ok((Op::Url(UrlPurge { path, host }), "url"));
+    }
+    tags.iter().try_for_each(|t| validate_tag(t))?;
+    Ok((Op::Tags(TagSet { tags }), "tags"))
 }
 
 /// Checks one tag given by name (the API's tag purges): what Magento could send in its
@@ -325,6 +363,29 @@ mod tests {
         match parse_tags_pattern(raw.as_bytes()).unwrap() {
             PurgeOp::Tags(t) => assert_eq!(t.len(), n),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn api_purges_follow_the_header_rules() {
+        let ok = |r: Result<(Op, &'static str), String>| r.map(|(_, kind)| kind);
+        assert_eq!(
+            ok(api_op(vec!["cat_p_1".into()], None, None, false)),
+            Ok("tags")
+        );
+        assert_eq!(
+            ok(api_op(vec![], Some("/a".into()), None, false)),
+            Ok("url")
+        );
+        assert_eq!(ok(api_op(vec![], None, None, true)), Ok("all"));
+        for bad in [
+            api_op(vec![], None, None, false),
+            api_op(vec!["a".into()], None, None, true),
+            api_op(vec![], Some("no-slash".into()), None, false),
+            api_op(vec![], Some("/a".into()), Some("h st".into()), false),
+            api_op(vec!["x".repeat(MAX_TAG_BYTES + 1)], None, None, false),
+        ] {
+            assert!(bad.is_err(), "{bad:?}");
         }
     }
 }

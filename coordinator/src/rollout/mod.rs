@@ -37,7 +37,10 @@ use crate::bundle::store::{ConfigStore, StoreError};
 use crate::bundle::vars::Vars;
 use crate::bundle::{self, Bundle, BundleError};
 use crate::clock::now_ms;
-use crate::config::{DriftPolicy, RolloutConfig};
+pub mod config;
+mod metrics;
+
+pub use config::{DriftPolicy, RolloutConfig};
 
 /// An apply with no answer is sent again after this long.
 const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -111,7 +114,7 @@ pub enum RolloutError {
 }
 
 /// What a push or rollback started.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Started {
     pub version: String,
     /// False when the same content was pushed before.
@@ -157,15 +160,34 @@ pub struct Rollouts {
     changed: watch::Sender<u64>,
 }
 
+/// Where one edge's config is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigState {
+    /// Runs its target version.
+    InSync,
+    /// The target was sent; no result yet.
+    Applying,
+    /// The agent could not load the target (`error` says why).
+    Failed,
+    /// Runs something the coordinator did not push.
+    Drift,
+    /// The target is not sent yet.
+    Pending,
+    Disconnected,
+    /// The agent has no config support.
+    Unsupported,
+    /// Nothing was ever pushed.
+    NoTarget,
+}
+
 /// One edge in `GET /api/v1/config`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EdgeConfigView {
     pub id: String,
     pub region: String,
     pub connected: bool,
-    /// `in_sync`, `applying`, `failed`, `drift`, `pending`, `disconnected`,
-    /// `unsupported` (agent without config support) or `no_target` (nothing pushed).
-    pub state: &'static str,
+    pub state: ConfigState,
     pub target_version: Option<String>,
     pub active_version: Option<String>,
     pub active_vcl: Option<String>,
@@ -177,7 +199,7 @@ pub struct EdgeConfigView {
 }
 
 /// `GET /api/v1/config`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigView {
     /// The version the fleet is heading to (the rollout's, else `current`).
     pub desired: Option<String>,
@@ -617,22 +639,22 @@ fn edge_view(id: &str, e: &EdgeState, target: Option<&str>) -> EdgeConfigView {
         .as_ref()
         .filter(|s| Some(s.version.as_str()) == target);
     let state = if !e.connected {
-        "disconnected"
+        ConfigState::Disconnected
     } else if !e.capable {
-        "unsupported"
+        ConfigState::Unsupported
     } else if target.is_none() {
-        "no_target"
+        ConfigState::NoTarget
     } else if active == target {
-        "in_sync"
+        ConfigState::InSync
     } else if let Some(s) = sent {
         match s.result {
-            Some(Err(_)) => "failed",
-            _ => "applying",
+            Some(Err(_)) => ConfigState::Failed,
+            _ => ConfigState::Applying,
         }
     } else if e.drifting {
-        "drift"
+        ConfigState::Drift
     } else {
-        "pending"
+        ConfigState::Pending
     };
     let error = sent
         .and_then(|s| s.result.as_ref())
@@ -893,7 +915,7 @@ mod tests {
         let view = r.view();
         assert_eq!(view.current.as_deref(), Some(v1.as_str()));
         assert_eq!(view.rollout.unwrap().phase, Phase::Done);
-        assert!(view.edges.iter().all(|e| e.state == "in_sync"));
+        assert!(view.edges.iter().all(|e| e.state == ConfigState::InSync));
     }
 
     #[test]

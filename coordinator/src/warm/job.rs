@@ -270,8 +270,21 @@ impl Job {
     }
 }
 
+/// Where one region of a job is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegionStatus {
+    /// Nothing done yet.
+    #[default]
+    Waiting,
+    Warming,
+    Done,
+    /// Every edge of the region was taken out of the job (`error` says why).
+    Dropped,
+}
+
 /// One region's progress in a job.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RegionProgress {
     pub done: u64,
     pub total: u64,
@@ -284,16 +297,16 @@ pub struct RegionProgress {
     pub eta_s: Option<u64>,
     /// `waiting` (nothing done yet), `warming`, `done`, or `dropped` (every edge of the
     /// region was taken out of the job: `error` says why).
-    pub status: &'static str,
+    pub status: RegionStatus,
     /// Why the region's edges were dropped, if any were.
     pub error: Option<String>,
 }
 
 /// What the API shows for a job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobView {
     pub id: u64,
-    pub state: &'static str,
+    pub state: State,
     #[serde(flatten)]
     pub origin: Origin,
     pub error: Option<String>,
@@ -346,15 +359,17 @@ impl JobView {
             let open = open.get(name.as_str()).copied().unwrap_or(0);
             let all_dropped = p.edges > 0 && dropped.get(name.as_str()) == Some(&p.edges);
             p.status = if all_dropped {
-                "dropped"
+                RegionStatus::Dropped
             } else if p.edges > 0 && open == 0 {
-                "done"
+                RegionStatus::Done
             } else if p.done > 0 {
-                "warming"
+                RegionStatus::Warming
             } else {
-                "waiting"
+                RegionStatus::Waiting
             };
-            if let (Some(elapsed), State::Running, "warming") = (elapsed, job.state, p.status) {
+            if let (Some(elapsed), State::Running, RegionStatus::Warming) =
+                (elapsed, job.state, p.status)
+            {
                 if elapsed > 0.0 {
                     let per_s = p.done as f64 / elapsed;
                     p.eta_s = Some(((p.total.saturating_sub(p.done)) as f64 / per_s).ceil() as u64);
@@ -363,7 +378,7 @@ impl JobView {
         }
         JobView {
             id: job.id,
-            state: job.state.as_str(),
+            state: job.state,
             origin: job.origin.clone(),
             error: job.error.clone(),
             spec: job.spec.clone(),

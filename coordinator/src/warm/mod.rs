@@ -28,7 +28,9 @@
 //!
 //! Nothing here runs on the purge path: the listener never waits on warming.
 
+pub mod config;
 pub mod job;
+mod metrics;
 pub mod schedule;
 pub mod store;
 pub mod tags;
@@ -45,9 +47,10 @@ use proto::edge::{
 use tokio::sync::watch;
 use warmer::pace::Aimd;
 
-use crate::config::WarmConfig;
-use crate::fanout::edges::EdgeRegistry;
+use crate::edges::EdgeRegistry;
+pub use config::{ScheduleConfig, WarmConfig};
 use job::{EdgeWork, Job, JobSpec, JobView, Origin, State};
+pub use metrics::{FetchTotals, WarmMetrics};
 use store::{WarmStore, WarmStoreError};
 use tags::{Profile, TagIndex};
 
@@ -99,7 +102,7 @@ struct Inner {
     /// Latest popular-URL report per region and edge.
     top: BTreeMap<String, BTreeMap<String, Vec<(String, u64)>>>,
     /// Fetch results per region: [fetched, hits, misses, errors].
-    totals: BTreeMap<String, [u64; 4]>,
+    totals: BTreeMap<String, FetchTotals>,
 }
 
 impl Inner {
@@ -367,16 +370,10 @@ impl Warm {
             .collect()
     }
 
-    /// Fetch results per region ([fetched, hits, misses, errors]) and jobs per state.
-    pub fn metrics(
-        &self,
-    ) -> (
-        BTreeMap<String, [u64; 4]>,
-        BTreeMap<&'static str, usize>,
-        f64,
-    ) {
+    /// What the metrics export: fetch results per region, jobs per state, the rate.
+    pub fn metrics(&self) -> WarmMetrics {
         let inner = self.lock();
-        let mut states: BTreeMap<&'static str, usize> = [
+        let mut jobs: BTreeMap<&'static str, usize> = [
             State::Queued,
             State::Running,
             State::Done,
@@ -387,10 +384,14 @@ impl Warm {
         .map(|s| (s.as_str(), 0))
         .collect();
         for j in inner.jobs.values() {
-            *states.entry(j.state.as_str()).or_default() += 1;
+            *jobs.entry(j.state.as_str()).or_default() += 1;
         }
-        let rate = inner.aimd.values().map(Aimd::rate).sum();
-        (inner.totals.clone(), states, rate)
+        let fetches = inner.totals.clone();
+        WarmMetrics {
+            fetches,
+            jobs,
+            origin_rate_rps: inner.aimd.values().map(Aimd::rate).sum(),
+        }
     }
 
     /// A warm-capable session started. An edge new to a running job's regions (added to
@@ -657,10 +658,10 @@ impl Warm {
             }
             let region = work.region.clone();
             let t = inner.totals.entry(region.clone()).or_default();
-            t[0] += u64::from(p.fetched);
-            t[1] += u64::from(p.hits);
-            t[2] += u64::from(p.misses);
-            t[3] += u64::from(p.errors);
+            t.fetched += u64::from(p.fetched);
+            t.hits += u64::from(p.hits);
+            t.misses += u64::from(p.misses);
+            t.errors += u64::from(p.errors);
             let origin_bound = job.shield.as_ref().is_none_or(|s| s == &region);
             if let Some(aimd) = inner.aimd.get_mut(&job.id) {
                 if origin_bound {

@@ -17,9 +17,9 @@ use chrono::{DateTime, Utc};
 use proto::edge::purge_entry::Op;
 use tokio_util::sync::CancellationToken;
 
+use super::config::ScheduleConfig;
 use super::job::{Origin, State};
 use super::Warm;
-use crate::config::ScheduleConfig;
 use crate::purge::log::PurgeLog;
 
 /// How often the schedule loop looks.

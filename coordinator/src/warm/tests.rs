@@ -2,7 +2,7 @@
 //! persistence across a reopen, re-warm gating on the purge cursor.
 
 use super::*;
-use crate::fanout::edges::EdgeHello;
+use crate::edges::EdgeHello;
 use proto::edge::UrlTags;
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +92,7 @@ fn report(f: &Fixture, edge: &str, s: &WarmShard) {
 async fn running(f: &Fixture, spec: JobSpec) -> u64 {
     let id = f.warm.create(spec, Origin::Api).unwrap();
     f.warm.start_next().await;
-    assert_eq!(f.warm.view(id).unwrap().state, "running");
+    assert_eq!(f.warm.view(id).unwrap().state, State::Running);
     id
 }
 
@@ -157,7 +157,7 @@ async fn flat_job_hands_every_shard_to_every_edge_once_and_splits_the_budget() {
     assert_eq!(handed["eu-1"], vec![2, 3, 4]);
     assert_eq!(handed["us-1"], vec![0, 1, 2, 3, 4]);
     let v = f.warm.view(id).unwrap();
-    assert_eq!(v.state, "done");
+    assert_eq!(v.state, State::Done);
     for r in regions() {
         assert_eq!((v.regions[&r].done, v.regions[&r].total), (45, 45));
     }
@@ -197,7 +197,7 @@ async fn tiered_satellites_wait_for_the_shield() {
         report(&f, "us-1", s);
     }
     drain(&f);
-    assert_eq!(f.warm.view(id).unwrap().state, "done");
+    assert_eq!(f.warm.view(id).unwrap().state, State::Done);
 }
 
 #[tokio::test]
@@ -223,7 +223,7 @@ async fn a_reopened_coordinator_resumes_without_redoing_reported_shards() {
     let edges = Arc::new(EdgeRegistry::default());
     let warm = Warm::open(config(), "tok".into(), regions(), dir.path(), edges.clone()).unwrap();
     let f = Fixture { dir, edges, warm };
-    assert_eq!(f.warm.view(id).unwrap().state, "running");
+    assert_eq!(f.warm.view(id).unwrap().state, State::Running);
     assert_eq!(f.warm.view(id).unwrap().regions["eu"].done, 20);
     connect_all(&f);
     let handed = drain(&f);
@@ -232,7 +232,7 @@ async fn a_reopened_coordinator_resumes_without_redoing_reported_shards() {
         vec![2, 3],
         "only the unreported shards again"
     );
-    assert_eq!(f.warm.view(id).unwrap().state, "done");
+    assert_eq!(f.warm.view(id).unwrap().state, State::Done);
 }
 
 #[tokio::test]
@@ -248,7 +248,7 @@ async fn cancel_reaches_the_edges_holding_shards() {
     )
     .await;
     assert_eq!(shards(&f.warm.next_for("us-1", 2)).len(), 2);
-    assert_eq!(f.warm.cancel(id).unwrap().state, "cancelled");
+    assert_eq!(f.warm.cancel(id).unwrap().state, State::Cancelled);
     let msgs = f.warm.next_for("us-1", 2);
     assert!(matches!(msgs.as_slice(), [Msg::WarmCancel(WarmCancel { job_id })] if *job_id == id));
     assert!(f.warm.next_for("eu-1", 1).is_empty());
@@ -306,14 +306,14 @@ async fn rewarm_waits_for_the_purge_and_targets_only_the_tagged_urls() {
     )
     .await;
     drain(&f);
-    assert_eq!(f.warm.view(id).unwrap().state, "done");
+    assert_eq!(f.warm.view(id).unwrap().state, State::Done);
     let ids = f
         .warm
         .rewarm(&["t_7".to_owned(), "t_unknown".to_owned()], 5);
     assert_eq!(ids.len(), 1);
     f.warm.start_next().await;
     let v = f.warm.view(ids[0]).unwrap();
-    assert_eq!((v.state, v.urls), ("running", 1));
+    assert_eq!((v.state, v.urls), (State::Running, 1));
     // No edge applied purge 5 yet.
     assert!(f.warm.next_for("eu-1", 1).is_empty());
     let h = f.edges.connect(
@@ -349,7 +349,7 @@ async fn a_job_with_no_edges_or_no_urls_fails_with_a_reason() {
         .unwrap();
     f.warm.start_next().await;
     let v = f.warm.view(id).unwrap();
-    assert_eq!(v.state, "failed");
+    assert_eq!(v.state, State::Failed);
     assert!(v.error.unwrap().contains("no warm-capable edge"));
     connect_all(&f);
     let id = f
@@ -407,7 +407,7 @@ fn popular_urls_are_summed_per_region() {
 
 #[test]
 fn schedule_entries_parse_with_the_job_flattened() {
-    let c: crate::config::ScheduleConfig = toml::from_str(
+    let c: super::config::ScheduleConfig = toml::from_str(
         r#"
 name = "nightly"
 cron = "0 3 * * *"
@@ -418,7 +418,7 @@ rate = 5.0
     )
     .unwrap();
     assert_eq!(c.job.rate, Some(5.0));
-    assert!(toml::from_str::<crate::config::ScheduleConfig>(
+    assert!(toml::from_str::<super::config::ScheduleConfig>(
         "name = \"x\"\ncron = \"* * * * *\"\nsitemap = \"http://s/\"\nbogus = 1\n"
     )
     .is_err());
@@ -493,8 +493,8 @@ async fn a_dead_edge_is_dropped_and_the_job_ends_without_it() {
     }
     assert_eq!(done, 6);
     let view = f.warm.view(id).unwrap();
-    assert_eq!(view.state, "running", "us-1 is still waited for");
-    assert_eq!(view.regions["ap"].status, "dropped");
+    assert_eq!(view.state, State::Running, "us-1 is still waited for");
+    assert_eq!(view.regions["ap"].status, job::RegionStatus::Dropped);
     assert!(view.regions["ap"]
         .error
         .as_deref()
@@ -504,9 +504,9 @@ async fn a_dead_edge_is_dropped_and_the_job_ends_without_it() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     f.warm.drop_stuck_edges();
     let view = f.warm.view(id).unwrap();
-    assert_eq!(view.state, "done", "{view:?}");
-    assert_eq!(view.regions["eu"].status, "done");
-    assert_eq!(view.regions["us"].status, "dropped");
+    assert_eq!(view.state, State::Done, "{view:?}");
+    assert_eq!(view.regions["eu"].status, job::RegionStatus::Done);
+    assert_eq!(view.regions["us"].status, job::RegionStatus::Dropped);
     assert!(view.regions["us"]
         .error
         .as_deref()
@@ -550,8 +550,8 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
         )
         .unwrap();
     f.warm.start_next().await;
-    assert_eq!(f.warm.view(other).unwrap().state, "running");
-    assert_eq!(f.warm.view(same).unwrap().state, "queued");
+    assert_eq!(f.warm.view(other).unwrap().state, State::Running);
+    assert_eq!(f.warm.view(same).unwrap().state, State::Queued);
     // The other regions' job completes while the long one still runs.
     for edge in ["eu-1", "us-1"] {
         for s in shards(&f.warm.next_for(edge, session(edge))) {
@@ -559,8 +559,8 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
             report(&f, edge, &s);
         }
     }
-    assert_eq!(f.warm.view(other).unwrap().state, "done");
-    assert_eq!(f.warm.view(long).unwrap().state, "running");
+    assert_eq!(f.warm.view(other).unwrap().state, State::Done);
+    assert_eq!(f.warm.view(long).unwrap().state, State::Running);
     // A job over regions whose part of a running job is done starts too: us-1 still
     // works on `both`, eu-1 finished its part, so a job for eu alone need not wait.
     let both = running(
@@ -589,10 +589,10 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
     f.warm.start_next().await;
     assert_eq!(
         f.warm.view(both).unwrap().state,
-        "running",
+        State::Running,
         "us-1 still works on it"
     );
-    assert_eq!(f.warm.view(after).unwrap().state, "running");
+    assert_eq!(f.warm.view(after).unwrap().state, State::Running);
 }
 
 #[tokio::test]
@@ -608,7 +608,7 @@ async fn an_ended_job_leaves_no_per_edge_bookkeeping() {
     )
     .await;
     drain(&f);
-    assert_eq!(f.warm.view(done).unwrap().state, "done");
+    assert_eq!(f.warm.view(done).unwrap().state, State::Done);
     let cancelled = running(
         &f,
         JobSpec {

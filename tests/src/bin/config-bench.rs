@@ -96,7 +96,7 @@ async fn main() {
 
     let mut totals = Vec::new();
     for i in 0..args.pushes {
-        let mut bundle = coordinator::demo::sample_bundle();
+        let mut bundle = coordinator_cli::demo::sample_bundle();
         if let Some(main) = bundle.files.get_mut("main.vcl") {
             main.push_str(&format!("\n# bench push {i} {}\n", std::process::id()));
         }

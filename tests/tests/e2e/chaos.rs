@@ -370,7 +370,7 @@ async fn a_dead_varnishd_never_holds_warm_jobs() {
 
 fn waf_bundle(dir: &std::path::Path, waf: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).expect("bundle dir");
-    let mut b = coordinator::demo::sample_bundle();
+    let mut b = coordinator_cli::demo::sample_bundle();
     b.files.insert("waf.toml".into(), waf.into());
     for (name, text) in &b.files {
         std::fs::write(dir.join(name), text).expect("write bundle");

@@ -10,7 +10,7 @@ use tests::{assert_eventually, bin_dir, get, raw_from, Cluster, CoordinatorOpts}
 
 /// The sample bundle with these WAF rules instead of the sample ones.
 fn bundle_with_waf(waf: &str) -> Bundle {
-    let mut b = coordinator::demo::sample_bundle();
+    let mut b = coordinator_cli::demo::sample_bundle();
     b.files.insert("waf.toml".into(), waf.into());
     b
 }
@@ -213,7 +213,7 @@ async fn push_is_checked_before_any_edge_sees_it() {
     let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
     let c = &cluster.coordinator;
     // Unknown variable, invalid WAF rule, no token: refused, nothing stored.
-    let mut unknown = coordinator::demo::sample_bundle();
+    let mut unknown = coordinator_cli::demo::sample_bundle();
     unknown
         .files
         .insert("extra.vcl".into(), "# ${shield_host}\n".into());
@@ -246,7 +246,7 @@ async fn push_is_checked_before_any_edge_sees_it() {
         "POST",
         "/api/v1/config",
         Some("wrong-token"),
-        Some(&serde_json::to_value(coordinator::demo::sample_bundle()).expect("json")),
+        Some(&serde_json::to_value(coordinator_cli::demo::sample_bundle()).expect("json")),
     )
     .await;
     assert_eq!(r.status, 401);

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use coordinator::demo::process;
+use coordinator_cli::demo::process;
 use tests::{assert_eventually, bin_dir, get, purge_tags, temp_dir};
 
 fn alive(pid: u64) -> bool {

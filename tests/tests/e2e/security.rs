@@ -237,7 +237,7 @@ async fn api_needs_the_token_for_writes_and_optionally_reads() {
         assert_eq!(r.status, 401);
         let r = api_call(c.api, "GET", "/metrics", token, None).await;
         assert_eq!(r.status, 401);
-        let bundle = serde_json::to_value(coordinator::demo::sample_bundle()).expect("json");
+        let bundle = serde_json::to_value(coordinator_cli::demo::sample_bundle()).expect("json");
         let r = api_call(c.api, "POST", "/api/v1/config", token, Some(&bundle)).await;
         assert_eq!(r.status, 401);
     }

@@ -20,12 +20,12 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::bundle::{self, vars::Vars, Bundle};
-use crate::config::{
+use coordinator::bundle::{self, vars::Vars, Bundle};
+use coordinator::config::{
     ApiConfig, CoordinatorConfig, GrpcConfig, PurgeConfig, RegionConfig, RolloutConfig, TlsConfig,
 };
-use crate::rollout::Phase;
-use crate::server::{self, Listeners, ServeError};
+use coordinator::rollout::Phase;
+use coordinator::server::{self, Listeners, ServeError};
 use process::{Child, ProcessError, VarnishSpec};
 
 /// The project's Magento VCL, with `${backend_host}` / `${backend_port}` placeholders.
@@ -194,7 +194,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         tracing::warn!("--insecure: agents talk to the coordinator in plaintext, unauthenticated");
         None
     } else {
-        crate::pki::init(&pki_dir, &[]).map_err(|e| DemoError::Invalid(e.to_string()))?;
+        coordinator::pki::init(&pki_dir, &[]).map_err(|e| DemoError::Invalid(e.to_string()))?;
         Some(TlsConfig {
             ca: pki_dir.join("ca.pem"),
             cert: pki_dir.join("coordinator.pem"),
@@ -229,11 +229,11 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             health_path: Some("/health_check.php".into()),
             ..RolloutConfig::default()
         },
-        monitoring: crate::config::MonitoringConfig {
+        monitoring: coordinator::config::MonitoringConfig {
             origin: Some(origin_addr.to_string()),
             ..Default::default()
         },
-        checks: vec![crate::config::CheckConfig {
+        checks: vec![coordinator::config::CheckConfig {
             name: "health".into(),
             path: "/health_check.php".into(),
             host: "localhost".into(),
@@ -244,7 +244,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             slow_ms: 1_000,
         }],
         alerts: Default::default(),
-        warm: crate::config::WarmConfig {
+        warm: coordinator::config::WarmConfig {
             token_file: Some(warm_token_file),
             shield: args.tiered.then(|| names[0].clone()),
             host: Some(DEMO_HOST.into()),
@@ -305,7 +305,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             let (scheme, tls_table) = if args.insecure {
                 ("http", String::new())
             } else {
-                crate::pki::issue(&pki_dir, &id, name, crate::pki::LEAF_DAYS)
+                coordinator::pki::issue(&pki_dir, &id, name, coordinator::pki::LEAF_DAYS)
                     .map_err(|e| DemoError::Invalid(e.to_string()))?;
                 (
                     "https",

@@ -25,13 +25,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use proto::edge::{Check, ProbePlan, ProbeResult};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::config::{AlertsConfig, CheckConfig, MonitoringConfig};
-use crate::fanout::edges::{EdgeRegistry, EdgeView};
+pub mod config;
+mod metrics;
+
+use crate::edges::{EdgeRegistry, EdgeView};
 use crate::purge::log::PurgeLog;
+pub use config::{AlertsConfig, CheckConfig, MonitoringConfig};
 
 /// Histogram buckets for probe durations (seconds).
 pub const BUCKETS: [f64; 11] = [
@@ -40,7 +43,7 @@ pub const BUCKETS: [f64; 11] = [
 const MINUTES_KEEP: usize = 24 * 60;
 
 /// Health of a check, a target or a region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     #[default]
@@ -48,6 +51,56 @@ pub enum Health {
     Up,
     Degraded,
     Down,
+}
+
+/// Why a region is not `up` (or, for a probe, which check says so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Diagnosis {
+    /// No edge agent ever connected in the region.
+    NoAgents,
+    /// None is connected now (or they went silent).
+    AgentLost,
+    /// Probes through varnish fail while the origin answers.
+    EdgeDown,
+    /// Probes fail and the origin does not answer from this region.
+    OriginUnreachable,
+    /// The origin does not answer from any region.
+    OriginDownEverywhere,
+    /// An edge reports it cannot apply its next purge.
+    PurgeFailing,
+    /// An edge's oldest unapplied purge waited past `monitoring.purge_lag_s`.
+    PurgeStalled,
+    /// An agent cannot reach its varnishd's admin port.
+    VarnishUnreachable,
+    /// Probes answer, slower than the check's `slow_ms`.
+    Slow,
+    /// Some of the region's edges are disconnected.
+    EdgeLost,
+}
+
+impl Diagnosis {
+    /// The name the API and alerts use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Diagnosis::NoAgents => "no_agents",
+            Diagnosis::AgentLost => "agent_lost",
+            Diagnosis::EdgeDown => "edge_down",
+            Diagnosis::OriginUnreachable => "origin_unreachable",
+            Diagnosis::OriginDownEverywhere => "origin_down_everywhere",
+            Diagnosis::PurgeFailing => "purge_failing",
+            Diagnosis::PurgeStalled => "purge_stalled",
+            Diagnosis::VarnishUnreachable => "varnish_unreachable",
+            Diagnosis::Slow => "slow",
+            Diagnosis::EdgeLost => "edge_lost",
+        }
+    }
+}
+
+impl std::fmt::Display for Diagnosis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -69,12 +122,26 @@ impl Target {
     }
 }
 
-/// One probe-duration histogram: region, check, target, bucket counts, count, sum.
-pub type Histogram = (String, String, &'static str, Vec<u64>, u64, f64);
+/// One probe-duration histogram: which series, and its cumulative counts.
+#[derive(Debug, Clone)]
+pub struct ProbeHistogram {
+    pub region: String,
+    pub check: String,
+    /// `edge` (through varnish) or `origin` (straight to the origin).
+    pub target: &'static str,
+    pub durations: crate::metrics::HistogramSample,
+}
+
+/// Alert deliveries since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AlertCounts {
+    pub sent: u64,
+    pub failed: u64,
+}
 
 /// One minute of successful edge probes: mean and standard deviation of the total
 /// response time and of the time to first byte (ms).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct MinuteStats {
     pub t: u64,
     pub count: u64,
@@ -113,7 +180,7 @@ struct RegionCheck {
 }
 
 /// One check in a region, for the API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbeView {
     pub check: String,
     pub state: Health,
@@ -130,7 +197,7 @@ pub struct ProbeView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RegionHealth {
     pub health: Health,
-    pub diagnosis: Option<&'static str>,
+    pub diagnosis: Option<Diagnosis>,
     pub check: Option<String>,
     pub last_error: Option<String>,
 }
@@ -141,7 +208,7 @@ pub struct Change {
     pub region: String,
     pub previous: Health,
     pub state: Health,
-    pub diagnosis: Option<&'static str>,
+    pub diagnosis: Option<Diagnosis>,
     pub check: Option<String>,
     pub last_error: Option<String>,
     pub at_ms: u64,
@@ -410,7 +477,7 @@ impl Monitor {
             }
             // Agents are still dialling in: not news yet (the state itself is shown).
             let starting = self.started.elapsed().as_secs() < self.config.startup_grace_s;
-            if starting && previous.is_none() && h.diagnosis == Some("no_agents") {
+            if starting && previous.is_none() && h.diagnosis == Some(Diagnosis::NoAgents) {
                 continue;
             }
             // Unknown -> up (a region coming online) is not news; the rest is.
@@ -469,21 +536,37 @@ impl Monitor {
     }
 
     /// Alerts sent and failed (after all attempts).
-    pub fn alert_counts(&self) -> (u64, u64) {
+    pub fn alert_counts(&self) -> AlertCounts {
         let inner = self.lock();
-        (inner.sent, inner.failed)
+        AlertCounts {
+            sent: inner.sent,
+            failed: inner.failed,
+        }
     }
 
     /// Histograms per (region, check, target).
-    pub fn histograms(&self) -> Vec<Histogram> {
+    pub fn histograms(&self) -> Vec<ProbeHistogram> {
         let inner = self.lock();
         let mut out = Vec::new();
         for ((r, c), rc) in &inner.checks {
             for (t, (counts, inf, sum)) in &rc.hist {
-                out.push((r.clone(), c.clone(), *t, counts.clone(), *inf, *sum));
+                out.push(ProbeHistogram {
+                    region: r.clone(),
+                    check: c.clone(),
+                    target: t,
+                    durations: crate::metrics::HistogramSample {
+                        sum: *sum,
+                        count: *inf,
+                        buckets: BUCKETS
+                            .iter()
+                            .copied()
+                            .zip(counts.iter().copied())
+                            .collect(),
+                    },
+                });
             }
         }
-        out.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
+        out.sort_by(|a, b| (&a.region, &a.check, a.target).cmp(&(&b.region, &b.check, b.target)));
         out
     }
 
@@ -558,22 +641,22 @@ fn decide(
     if edges.is_empty() {
         return state(
             Health::Down,
-            "no_agents",
+            Diagnosis::NoAgents,
             "no edge agent has connected in this region".into(),
         );
     }
     if connected.is_empty() {
         return state(
             Health::Down,
-            "agent_lost",
+            Diagnosis::AgentLost,
             "no connected edge agent in this region".into(),
         );
     }
     if let Some(p) = probe.as_ref().filter(|p| p.edge == Health::Down) {
         let diagnosis = match p.origin {
-            Health::Down if origin_everywhere_down => "origin_down_everywhere",
-            Health::Down => "origin_unreachable",
-            _ => "edge_down",
+            Health::Down if origin_everywhere_down => Diagnosis::OriginDownEverywhere,
+            Health::Down => Diagnosis::OriginUnreachable,
+            _ => Diagnosis::EdgeDown,
         };
         return from_probe(p, Health::Down, diagnosis);
     }
@@ -581,7 +664,7 @@ fn decide(
         let error = e.last_error.as_deref().unwrap_or("cannot apply purges");
         return state(
             Health::Degraded,
-            "purge_failing",
+            Diagnosis::PurgeFailing,
             format!("edge {}: {error}", e.id),
         );
     }
@@ -591,7 +674,7 @@ fn decide(
     {
         return state(
             Health::Degraded,
-            "purge_stalled",
+            Diagnosis::PurgeStalled,
             format!(
                 "edge {} is {} purges behind; the oldest has waited {:.0} s",
                 e.id,
@@ -603,7 +686,7 @@ fn decide(
     if let Some(e) = connected.iter().find(|e| e.varnish_error.is_some()) {
         return state(
             Health::Degraded,
-            "varnish_unreachable",
+            Diagnosis::VarnishUnreachable,
             format!(
                 "edge {}: {}",
                 e.id,
@@ -612,7 +695,7 @@ fn decide(
         );
     }
     if let Some(p) = probe.as_ref().filter(|p| p.edge == Health::Degraded) {
-        return from_probe(p, Health::Degraded, "slow");
+        return from_probe(p, Health::Degraded, Diagnosis::Slow);
     }
     if connected.len() < edges.len() {
         let lost: Vec<&str> = edges
@@ -622,7 +705,7 @@ fn decide(
             .collect();
         return state(
             Health::Degraded,
-            "edge_lost",
+            Diagnosis::EdgeLost,
             format!(
                 "{} of {} edges disconnected: {}",
                 lost.len(),
@@ -650,7 +733,7 @@ pub fn alert_body(changes: &[Change]) -> serde_json::Value {
     let everywhere = changes.len() > 1
         && changes
             .iter()
-            .all(|c| c.diagnosis == Some("origin_down_everywhere"));
+            .all(|c| c.diagnosis == Some(Diagnosis::OriginDownEverywhere));
     let mut text = if everywhere {
         format!(
             "🔴 origin down everywhere: {} regions cannot reach it\n",
@@ -718,7 +801,7 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fanout::edges::EdgeHello;
+    use crate::edges::EdgeHello;
 
     fn hello(id: &str, region: &str) -> EdgeHello {
         EdgeHello {
@@ -815,7 +898,7 @@ mod tests {
         assert_eq!(pending.len(), 1, "{pending:?}");
         assert_eq!(
             (pending[0].state, pending[0].diagnosis),
-            (Health::Degraded, Some("purge_failing"))
+            (Health::Degraded, Some(Diagnosis::PurgeFailing))
         );
     }
 
@@ -825,29 +908,35 @@ mod tests {
             let h = decide(edges, None, false, 30.0);
             (h.health, h.diagnosis)
         };
-        assert_eq!(d(&[]), (Health::Down, Some("no_agents")));
+        assert_eq!(d(&[]), (Health::Down, Some(Diagnosis::NoAgents)));
         let lost = view("a-1", false);
-        assert_eq!(d(&[&lost]), (Health::Down, Some("agent_lost")));
+        assert_eq!(d(&[&lost]), (Health::Down, Some(Diagnosis::AgentLost)));
         let ok = view("a-2", true);
         assert_eq!(d(&[&ok]), (Health::Up, None));
-        assert_eq!(d(&[&ok, &lost]), (Health::Degraded, Some("edge_lost")));
+        assert_eq!(
+            d(&[&ok, &lost]),
+            (Health::Degraded, Some(Diagnosis::EdgeLost))
+        );
         let mut failing = view("a-3", true);
         failing.purge_failing = true;
         failing.last_error = Some("varnish admin authentication failed".into());
         assert_eq!(
             d(&[&ok, &failing]),
-            (Health::Degraded, Some("purge_failing"))
+            (Health::Degraded, Some(Diagnosis::PurgeFailing))
         );
         let mut stalled = view("a-4", true);
         (stalled.lag, stalled.lag_s) = (40, Some(31.0));
-        assert_eq!(d(&[&stalled]), (Health::Degraded, Some("purge_stalled")));
+        assert_eq!(
+            d(&[&stalled]),
+            (Health::Degraded, Some(Diagnosis::PurgeStalled))
+        );
         stalled.lag_s = Some(29.0);
         assert_eq!(d(&[&stalled]), (Health::Up, None));
         let mut blind = view("a-5", true);
         blind.varnish_error = Some("connection refused".into());
         assert_eq!(
             d(&[&blind]),
-            (Health::Degraded, Some("varnish_unreachable"))
+            (Health::Degraded, Some(Diagnosis::VarnishUnreachable))
         );
         // Failing probes outrank purge trouble; a lost agent outranks everything.
         let probe = ProbeHealth {
@@ -857,9 +946,12 @@ mod tests {
             last_error: None,
         };
         let h = decide(&[&failing], Some(probe.clone()), false, 30.0);
-        assert_eq!((h.health, h.diagnosis), (Health::Down, Some("edge_down")));
+        assert_eq!(
+            (h.health, h.diagnosis),
+            (Health::Down, Some(Diagnosis::EdgeDown))
+        );
         let h = decide(&[&lost], Some(probe), false, 30.0);
-        assert_eq!(h.diagnosis, Some("agent_lost"));
+        assert_eq!(h.diagnosis, Some(Diagnosis::AgentLost));
     }
 
     fn result(target: &str, ok: bool, ms: u32) -> ProbeResult {
@@ -898,7 +990,10 @@ mod tests {
         assert_eq!(m.health()["a"].health, Health::Up);
         m.record("a", result("edge", false, 0));
         let h = &m.health()["a"];
-        assert_eq!((h.health, h.diagnosis), (Health::Down, Some("edge_down")));
+        assert_eq!(
+            (h.health, h.diagnosis),
+            (Health::Down, Some(Diagnosis::EdgeDown))
+        );
         // One success is not enough to recover; two are.
         m.record("a", result("edge", true, 10));
         assert_eq!(m.health()["a"].health, Health::Down);
@@ -933,7 +1028,7 @@ mod tests {
         let h = m.health();
         assert!(
             h.values()
-                .all(|h| h.diagnosis == Some("origin_down_everywhere")),
+                .all(|h| h.diagnosis == Some(Diagnosis::OriginDownEverywhere)),
             "{h:?}"
         );
         {
@@ -993,6 +1088,9 @@ mod tests {
         let handle = edges.connect(hello("a-1", "a"), 0, &shutdown);
         edges.disconnect(&handle);
         let h = &m.health()["a"];
-        assert_eq!((h.health, h.diagnosis), (Health::Down, Some("agent_lost")));
+        assert_eq!(
+            (h.health, h.diagnosis),
+            (Health::Down, Some(Diagnosis::AgentLost))
+        );
     }
 }

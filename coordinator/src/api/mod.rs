@@ -15,29 +15,26 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use proto::edge::{purge_entry::Op, All, TagSet, UrlPurge};
+use proto::edge::purge_entry::Op;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::bundle::Bundle;
-use crate::fanout::edges::{fmt_time, EdgeRegistry};
-use crate::metrics::Metrics;
-use crate::purge::log::{NewPurge, PurgeLog};
-use crate::rollout::{RolloutError, Rollouts};
+use crate::edges::fmt_time;
+use crate::monitor::Health;
+use crate::purge::log::NewPurge;
+use crate::rollout::RolloutError;
+use crate::state::State as Shared;
+use views::{
+    ApiError, FleetStatus, Healthz, HitRatio, JobList, PurgeAccepted, PurgeBody, PurgeOpView,
+    PurgeView, RegionHistory, RegionProblem, RegionView, TlsMode, TlsView, WarmStarted,
+};
+
+pub mod views;
 
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    pub log: PurgeLog,
-    pub edges: Arc<EdgeRegistry>,
-    pub metrics: Arc<Metrics>,
-    pub rollouts: Arc<Rollouts>,
-    pub tls: Option<Arc<crate::tls::ServerTls>>,
-    pub traffic: Arc<crate::traffic::Traffic>,
-    pub monitor: Arc<crate::monitor::Monitor>,
-    pub warm: Arc<crate::warm::Warm>,
-    /// Region names from coordinator.toml (edges may add others).
-    pub regions: Arc<Vec<String>>,
+    pub state: Shared,
     pub read_requires_token: bool,
     /// The bearer token (`None`: writes disabled); replaced on SIGHUP.
     pub token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
@@ -81,7 +78,12 @@ pub fn router(state: ApiState) -> Router {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    let body = ApiError {
+        error: message.into(),
+        file: None,
+        line: None,
+    };
+    (status, Json(body)).into_response()
 }
 
 /// The dashboard: one self-contained page (no external assets) reading the JSON API.
@@ -119,132 +121,129 @@ async fn read_guard(
 
 /// `GET /api/v1/regions`: per region, its edges, hit ratios, rates and purge lag.
 async fn regions(State(s): State<ApiState>) -> Response {
-    Json(region_views(&s)).into_response()
+    Json(region_views(&s.state)).into_response()
 }
 
-/// The per-region rows.
-fn region_views(s: &ApiState) -> Vec<serde_json::Value> {
+/// The per-region rows: every region the monitor knows (configured, or with an edge that
+/// connected), with the health it decided.
+fn region_views(s: &Shared) -> Vec<RegionView> {
     let now = crate::clock::now_ms();
     let traffic = s.traffic.regions(now);
     let edges = s.edges.list(s.log.head());
-    let health = s.monitor.health();
-    let mut names: std::collections::BTreeSet<String> = s.regions.iter().cloned().collect();
-    names.extend(edges.iter().map(|e| e.region.clone()));
-    names.extend(traffic.keys().cloned());
-    names.extend(health.keys().cloned());
-    names
+    s.monitor
+        .health()
         .into_iter()
-        .map(|name| {
+        .map(|(name, h)| {
             let mine: Vec<_> = edges.iter().filter(|e| e.region == name).collect();
-            let connected = mine.iter().filter(|e| e.connected).count();
-            // One rule decides health: the monitor's (sessions, purge lag, probes).
-            let h = health.get(&name);
-            let (state, diagnosis, last_error) = match h {
-                Some(h) => (h.health, h.diagnosis, h.last_error.clone()),
-                None => (crate::monitor::Health::Down, Some("no_agents"), None),
-            };
             let t = traffic.get(&name);
-            json!({
-                "name": name,
-                "edges": mine.len(),
-                "edges_connected": connected,
-                "health": state,
-                "diagnosis": diagnosis,
-                "health_error": last_error,
-                "hit_ratio": t.map(|t| json!(t.hit_ratio)).unwrap_or(json!({"m1": null, "m5": null, "h1": null})),
-                "requests_per_s": t.and_then(|t| t.requests_per_s),
-                "synthetic_hit_ratio": t.map(|t| json!(t.synthetic_hit_ratio)),
-                "stats_stale": t.is_none_or(|t| t.stale),
-                "stats_age_s": t.and_then(|t| t.stats_age_s),
-                "last_minute": t.map(|t| json!(t.last_minute)),
-                "objects": t.and_then(|t| t.objects),
-                "bans": t.and_then(|t| t.bans),
-                "varnish_restarts": t.map(|t| t.restarts).unwrap_or(0),
-                "purge_lag": mine.iter().map(|e| e.lag).max().unwrap_or(0),
-                "probes": s.monitor.probes(&name),
-            })
+            RegionView {
+                edges: mine.len(),
+                edges_connected: mine.iter().filter(|e| e.connected).count(),
+                health: h.health,
+                diagnosis: h.diagnosis,
+                health_error: h.last_error,
+                hit_ratio: t
+                    .map(|t| HitRatio::from_windows(&t.hit_ratio))
+                    .unwrap_or_default(),
+                requests_per_s: t.and_then(|t| t.requests_per_s),
+                synthetic_hit_ratio: t.map(|t| HitRatio::from_windows(&t.synthetic_hit_ratio)),
+                stats_stale: t.is_none_or(|t| t.stale),
+                stats_age_s: t.and_then(|t| t.stats_age_s),
+                last_minute: t.map(|t| t.last_minute),
+                objects: t.and_then(|t| t.objects),
+                bans: t.and_then(|t| t.bans),
+                varnish_restarts: t.map(|t| t.restarts).unwrap_or(0),
+                purge_lag: mine.iter().map(|e| e.lag).max().unwrap_or(0),
+                probes: s.monitor.probes(&name),
+                name,
+            }
         })
         .collect()
 }
 
 /// `GET /api/v1/regions/{name}/history`: per-minute hit ratio and traffic for 24 h.
 async fn region_history(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
-    Json(json!({
-        "name": name,
-        "minutes": s.traffic.history(&name),
-        "probes": s.monitor.minutes(&name),
-    }))
+    Json(RegionHistory {
+        minutes: s.state.traffic.history(&name),
+        probes: s.state.monitor.minutes(&name),
+        name,
+    })
     .into_response()
 }
 
 /// `GET /api/v1/tls`: the certificates in use and when they expire.
 async fn tls_view(State(s): State<ApiState>) -> Response {
-    match &s.tls {
-        None => Json(json!({ "mode": "plaintext" })).into_response(),
-        Some(t) => Json(json!({ "mode": "mutual_tls", "expiry": t.expiry(), "handshakes_refused": t.refused.load(std::sync::atomic::Ordering::Relaxed) })).into_response(),
-    }
+    let view = match &s.state.tls {
+        None => TlsView {
+            mode: TlsMode::Plaintext,
+            expiry: None,
+            handshakes_refused: None,
+        },
+        Some(t) => TlsView {
+            mode: TlsMode::MutualTls,
+            expiry: Some(t.expiry()),
+            handshakes_refused: Some(t.refused.load(std::sync::atomic::Ordering::Relaxed)),
+        },
+    };
+    Json(view).into_response()
 }
 
 /// `GET /healthz`: always 200 while the coordinator serves (load balancers keep sending
 /// it purges); `status` is the fleet's worst region health (`ok`, `degraded`, `down`)
 /// with every region that is not up and why, so a check reading it sees the truth.
-async fn healthz(State(s): State<ApiState>) -> Json<serde_json::Value> {
-    use crate::monitor::Health;
-    let health = s.monitor.health();
+async fn healthz(State(s): State<ApiState>) -> Json<Healthz> {
+    let health = s.state.monitor.health();
     let worst = health
         .values()
         .map(|h| h.health)
         .max()
         .unwrap_or(Health::Up);
-    let problems: serde_json::Map<String, serde_json::Value> = health
-        .iter()
+    let regions_not_up = health
+        .into_iter()
         .filter(|(_, h)| h.health != Health::Up)
         .map(|(name, h)| {
-            (
-                name.clone(),
-                json!({"health": h.health, "diagnosis": h.diagnosis, "error": h.last_error}),
-            )
+            let problem = RegionProblem {
+                health: h.health,
+                diagnosis: h.diagnosis,
+                error: h.last_error,
+            };
+            (name, problem)
         })
         .collect();
-    Json(json!({
-        "status": match worst {
-            Health::Up | Health::Unknown => "ok",
-            Health::Degraded => "degraded",
-            Health::Down => "down",
+    Json(Healthz {
+        status: match worst {
+            Health::Up | Health::Unknown => FleetStatus::Ok,
+            Health::Degraded => FleetStatus::Degraded,
+            Health::Down => FleetStatus::Down,
         },
-        "coordinator": "ok",
-        "head_seq": s.log.head(),
-        "edges_connected": s.edges.connected(),
-        "regions_not_up": problems,
-    }))
+        coordinator: "ok".into(),
+        head_seq: s.state.log.head(),
+        edges_connected: s.state.edges.connected(),
+        regions_not_up,
+    })
 }
 
-async fn metrics(State(s): State<ApiState>) -> Response {
+/// `GET /metrics`: every subsystem's families; OpenMetrics when the scraper asks for it.
+async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::from_accept(accept);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&crate::metrics::Sources {
-            log: &s.log,
-            edges: &s.edges,
-            rollouts: &s.rollouts,
-            tls: s.tls.as_deref(),
-            traffic: &s.traffic,
-            monitor: &s.monitor,
-            warm: &s.warm,
-        }),
+        [(header::CONTENT_TYPE, format.content_type())],
+        crate::metrics::render(&s.state.metrics, format),
     )
         .into_response()
 }
 
 async fn edges(State(s): State<ApiState>) -> Response {
-    let mut list = s.edges.list(s.log.head());
+    let mut list = s.state.edges.list(s.state.log.head());
     for e in &mut list {
-        e.config_version = s.rollouts.active_version(&e.id);
+        e.config_version = s.state.rollouts.active_version(&e.id);
     }
     Json(list).into_response()
 }
 
 async fn config_view(State(s): State<ApiState>) -> Response {
-    Json(s.rollouts.view()).into_response()
+    Json(s.state.rollouts.view()).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,7 +270,7 @@ async fn config_push(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let rollouts = s.rollouts.clone();
+    let rollouts = s.state.rollouts.clone();
     let canary = q.canary.unwrap_or(true);
     let force = q.force.unwrap_or(false);
     rollout_answer(tokio::task::spawn_blocking(move || rollouts.push(&bundle, canary, force)).await)
@@ -299,7 +298,7 @@ async fn config_rollback(
             Err(r) => return r,
         }
     };
-    let rollouts = s.rollouts.clone();
+    let rollouts = s.state.rollouts.clone();
     rollout_answer(tokio::task::spawn_blocking(move || rollouts.rollback(body.version)).await)
 }
 
@@ -320,8 +319,8 @@ async fn warm_start(
         Ok(b) => b,
         Err(r) => return r,
     };
-    match s.warm.create(spec, crate::warm::job::Origin::Api) {
-        Ok(id) => Json(json!({ "id": id })).into_response(),
+    match s.state.warm.create(spec, crate::warm::job::Origin::Api) {
+        Ok(id) => Json(WarmStarted { id }).into_response(),
         Err(e) => warm_error(e),
     }
 }
@@ -337,12 +336,15 @@ fn warm_error(e: crate::warm::WarmError) -> Response {
 
 /// `GET /api/v1/warm/jobs`: the newest jobs first.
 async fn warm_jobs(State(s): State<ApiState>) -> Response {
-    Json(json!({ "jobs": s.warm.list(50) })).into_response()
+    Json(JobList {
+        jobs: s.state.warm.list(50),
+    })
+    .into_response()
 }
 
 /// `GET /api/v1/warm/jobs/{id}`: `{id, state, regions: {NAME: {done, total, errors, eta_s}}}`.
 async fn warm_job(State(s): State<ApiState>, Path(id): Path<u64>) -> Response {
-    match s.warm.view(id) {
+    match s.state.warm.view(id) {
         Some(v) => Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no warm job {id}")),
     }
@@ -357,7 +359,7 @@ async fn warm_cancel(
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
-    match s.warm.cancel(id) {
+    match s.state.warm.cancel(id) {
         Ok(v) => Json(v).into_response(),
         Err(e) => warm_error(e),
     }
@@ -375,7 +377,7 @@ async fn warm_top(
     axum::extract::Query(q): axum::extract::Query<TopQuery>,
 ) -> Response {
     let n = q.n.unwrap_or(100).min(10_000);
-    Json(s.warm.top(&s.regions, n)).into_response()
+    Json(s.state.warm.top(&s.state.regions, n)).into_response()
 }
 
 #[allow(clippy::result_large_err)]
@@ -401,11 +403,14 @@ fn rollout_answer(
 ) -> Response {
     match result {
         Ok(Ok(started)) => Json(started).into_response(),
-        Ok(Err(RolloutError::Bundle(e))) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": e.to_string(), "file": e.file, "line": e.line })),
-        )
-            .into_response(),
+        Ok(Err(RolloutError::Bundle(e))) => {
+            let body = ApiError {
+                error: e.to_string(),
+                file: Some(e.file.clone()),
+                line: e.line,
+            };
+            (StatusCode::BAD_REQUEST, Json(body)).into_response()
+        }
         Ok(Err(e @ RolloutError::UnknownVersion(_))) => error(StatusCode::NOT_FOUND, e.to_string()),
         Ok(Err(e @ (RolloutError::Nothing(_) | RolloutError::InFlight(_)))) => {
             error(StatusCode::CONFLICT, e.to_string())
@@ -418,7 +423,7 @@ fn rollout_answer(
 }
 
 async fn config_versions(State(s): State<ApiState>) -> Response {
-    match s.rollouts.store().list() {
+    match s.state.rollouts.store().list() {
         Ok(list) => Json(list).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -432,7 +437,7 @@ async fn config_version(
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
-    match s.rollouts.store().get(&version) {
+    match s.state.rollouts.store().get(&version) {
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown version {version}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -443,7 +448,7 @@ async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {
     let Ok(seq) = seq.parse::<u64>() else {
         return error(StatusCode::BAD_REQUEST, "seq must be a number");
     };
-    let entry = match s.log.get(seq) {
+    let entry = match s.state.log.get(seq) {
         Ok(Some(e)) => e,
         Ok(None) => {
             return error(
@@ -453,49 +458,47 @@ async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {
         }
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let edges: serde_json::Map<String, serde_json::Value> = s
-        .edges
-        .progress(seq)
-        .into_iter()
-        .map(|(id, p)| (id, json!({ "applied_at": p.applied_at, "applied_at_us": p.applied_at_us, "error": p.error })))
-        .collect();
     let received = std::time::UNIX_EPOCH + std::time::Duration::from_micros(entry.received_at_us);
-    Json(json!({
-        "seq": seq,
-        "received_at": fmt_time(received),
-        "received_at_us": entry.received_at_us,
-        "op": op_json(entry.op.as_ref()),
-        "soft": entry.soft,
-        "edges": edges,
-    }))
+    Json(PurgeView {
+        seq,
+        received_at: fmt_time(received),
+        received_at_us: entry.received_at_us,
+        op: entry.op.as_ref().map(op_view),
+        soft: entry.soft,
+        edges: s.state.edges.progress(seq).into_iter().collect(),
+    })
     .into_response()
 }
 
-fn op_json(op: Option<&Op>) -> serde_json::Value {
+fn op_view(op: &Op) -> PurgeOpView {
+    let none = PurgeOpView::default();
     match op {
-        Some(Op::Tags(t)) => json!({ "tags": t.tags }),
-        Some(Op::TagsRegex(r)) => json!({ "tags_regex": r }),
-        Some(Op::PoolRegex(r)) => json!({ "pool_regex": r }),
-        Some(Op::All(_)) => json!({ "all": true }),
-        Some(Op::Url(u)) => json!({ "url": u.path, "host": u.host }),
-        None => json!(null),
+        Op::Tags(t) => PurgeOpView {
+            tags: Some(t.tags.clone()),
+            ..none
+        },
+        Op::TagsRegex(r) => PurgeOpView {
+            tags_regex: Some(r.clone()),
+            ..none
+        },
+        Op::PoolRegex(r) => PurgeOpView {
+            pool_regex: Some(r.clone()),
+            ..none
+        },
+        Op::All(_) => PurgeOpView {
+            all: Some(true),
+            ..none
+        },
+        Op::Url(u) => PurgeOpView {
+            url: Some(u.path.clone()),
+            host: Some(u.host.clone()),
+            ..none
+        },
     }
 }
 
-/// Body of `POST /api/v1/purges`: exactly one of `tags`, `url`, `all`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PurgeBody {
-    #[serde(default)]
-    tags: Vec<String>,
-    url: Option<String>,
-    host: Option<String>,
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    soft: bool,
-}
-
+/// `POST /api/v1/purges`: checked by the purge module's rules, logged like Magento's
+/// PURGEs and counted in the same metrics.
 async fn post_purge(
     State(s): State<ApiState>,
     headers: HeaderMap,
@@ -505,47 +508,19 @@ async fn post_purge(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let chosen = usize::from(!body.tags.is_empty())
-        + usize::from(body.url.is_some())
-        + usize::from(body.all);
-    if chosen != 1 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "give exactly one of tags, url, all",
-        );
-    }
-    let op = if body.all {
-        Op::All(All {})
-    } else if let Some(path) = body.url {
-        if !path.starts_with('/') || path.chars().any(char::is_control) || path.len() > 8192 {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "url must be a path starting with /, at most 8192 bytes",
-            );
-        }
-        Op::Url(UrlPurge {
-            path,
-            host: body.host.unwrap_or_default(),
-        })
-    } else {
-        if let Err(e) = body
-            .tags
-            .iter()
-            .try_for_each(|t| crate::purge::pattern::validate_tag(t))
-        {
-            return error(StatusCode::BAD_REQUEST, e);
-        }
-        Op::Tags(TagSet { tags: body.tags })
+    let (op, kind) = match crate::purge::pattern::api_op(body.tags, body.url, body.host, body.all) {
+        Ok(op) => op,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    match s
-        .log
-        .append(vec![NewPurge {
-            op,
-            soft: body.soft,
-        }])
-        .await
-    {
-        Ok(seq) => Json(json!({ "seq": seq })).into_response(),
+    let purge = NewPurge {
+        op,
+        soft: body.soft,
+    };
+    match s.state.log.append(vec![purge]).await {
+        Ok(seq) => {
+            s.state.purge_counters.logged(kind);
+            Json(PurgeAccepted { seq }).into_response()
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

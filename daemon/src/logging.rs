@@ -1,9 +1,11 @@
-//! Tracing setup shared by the binaries: human-readable or JSON lines on stderr,
-//! filtered by `RUST_LOG` (default `info`).
+//! Tracing setup: human-readable or JSON lines on stderr, filtered by `RUST_LOG`
+//! (default `info`). Events carry structured fields; the format only changes how they
+//! are printed.
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber; `json` selects one JSON object per line.
+/// Installs the global subscriber; `json` selects one JSON object per line. A second
+/// call (tests starting several servers in one process) keeps the first.
 pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -9,11 +9,16 @@
 //! Entries are `DashMap` values; no guard is ever held across an `.await`.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
-use serde::Serialize;
+use prometheus_client::encoding::DescriptorEncoder;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{counter, edge_labels, gauge, Collector, Label, Registry};
+use crate::purge::log::PurgeLog;
 
 const ACK_POINTS: usize = 8192;
 /// Purges an edge could only apply as a full ban, remembered per edge.
@@ -21,7 +26,7 @@ const FAILURES_KEPT: usize = 256;
 
 /// Purges varnish refused for good on one edge: the agent banned everything instead, so
 /// the promise made to Magento holds, and says so here.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PurgeFailure {
     pub first_seq: u64,
     pub last_seq: u64,
@@ -54,7 +59,7 @@ struct Edge {
 }
 
 /// What the API shows for one edge.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EdgeView {
     pub id: String,
     pub region: String,
@@ -85,7 +90,7 @@ pub struct EdgeView {
 }
 
 /// Per-edge state of one purge, as `GET /api/v1/purges/{seq}` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PurgeProgress {
     pub applied_at: Option<String>,
     /// The same instant in microseconds since the Unix epoch.
@@ -305,7 +310,7 @@ impl EdgeRegistry {
 
     /// [`Self::list`] with each lagging edge's `lag_s`: how long the oldest purge it has
     /// not applied has waited.
-    pub fn list_with_lag(&self, log: &crate::purge::log::PurgeLog) -> Vec<EdgeView> {
+    pub fn list_with_lag(&self, log: &PurgeLog) -> Vec<EdgeView> {
         let now = crate::clock::now_us();
         let mut list = self.list(log.head());
         for e in list.iter_mut().filter(|e| e.lag > 0) {
@@ -365,6 +370,116 @@ impl EdgeRegistry {
     /// The number of edges currently connected.
     pub fn connected(&self) -> usize {
         self.edges.iter().filter(|kv| kv.value().connected).count()
+    }
+}
+
+impl EdgeRegistry {
+    /// Registers the per-edge families, read from the registry at scrape time;
+    /// `with_certs` adds the client certificates' expiry (mutual TLS only).
+    pub fn register_metrics(
+        self: &Arc<Self>,
+        log: &PurgeLog,
+        with_certs: bool,
+        registry: &mut Registry,
+    ) {
+        registry.register_collector(Box::new(EdgeMetrics {
+            edges: self.clone(),
+            log: log.clone(),
+            with_certs,
+        }));
+    }
+}
+
+struct EdgeMetrics {
+    edges: Arc<EdgeRegistry>,
+    log: PurgeLog,
+    with_certs: bool,
+}
+
+impl std::fmt::Debug for EdgeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EdgeMetrics")
+    }
+}
+
+impl Collector for EdgeMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let list = self.edges.list_with_lag(&self.log);
+        fn labels(v: &EdgeView) -> [(&'static str, Label<'_>); 2] {
+            edge_labels(&v.region, &v.id)
+        }
+        type PerEdge = fn(&EdgeView) -> u64;
+        let counters: [(&str, &str, PerEdge); 3] = [
+            (
+                "coordinator_purges_applied_total",
+                "Purge log entries applied, per edge (since coordinator start).",
+                |v| v.applied_total,
+            ),
+            (
+                "coordinator_edge_purge_full_bans_total",
+                "Purges varnish refused for good that the edge applied as a full ban instead.",
+                |v| v.full_bans,
+            ),
+            (
+                "coordinator_edge_acks_refused_total",
+                "Acks beyond the log head (or for another log) refused; each dropped the session.",
+                |v| v.refused_acks,
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(
+                &mut e,
+                name,
+                help,
+                list.iter().map(|v| (labels(v), value(v))),
+            )?;
+        }
+        let gauges: [(&str, &str, PerEdge); 4] = [
+            (
+                "coordinator_edge_purge_lag_entries",
+                "Purge log entries not yet applied, per edge.",
+                |v| v.lag,
+            ),
+            (
+                "coordinator_edge_applied_seq",
+                "Highest purge sequence applied, per edge.",
+                |v| v.applied_seq,
+            ),
+            (
+                "coordinator_edge_connected",
+                "Whether the edge's session is up (1) or not (0).",
+                |v| u64::from(v.connected),
+            ),
+            (
+                "coordinator_edge_purge_failing",
+                "1 while the edge reports that it cannot apply its next purge (it retries).",
+                |v| u64::from(v.purge_failing),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            gauge(
+                &mut e,
+                name,
+                help,
+                list.iter().map(|v| (labels(v), value(v))),
+            )?;
+        }
+        gauge(
+            &mut e,
+            "coordinator_edge_purge_lag_seconds",
+            "How long the oldest purge an edge has not applied has waited (0: none).",
+            list.iter().map(|v| (labels(v), v.lag_s.unwrap_or(0.0))),
+        )?;
+        if self.with_certs {
+            gauge(
+                &mut e,
+                "coordinator_edge_cert_expiry_timestamp_seconds",
+                "When the client certificate an edge presented expires (Unix time).",
+                list.iter()
+                    .filter_map(|v| v.cert_not_after.map(|t| (labels(v), t))),
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -11,9 +11,17 @@ use axum::body::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use crate::bundle::Bundle;
+use coordinator::api::views::{
+    ApiError, ConfigView, JobList, JobState, JobView, PurgeAccepted, PurgeBody, RegionStatus,
+    RegionView, Started, VersionInfo, WarmStarted,
+};
+use coordinator::bundle::store::StoredVersion;
+use coordinator::bundle::Bundle;
+use coordinator::monitor::Health;
+use coordinator::rollout::Phase;
 
 /// What can go wrong talking to the API.
 #[derive(Debug, thiserror::Error)]
@@ -66,13 +74,14 @@ impl ApiClient {
         })
     }
 
-    /// One request; a non-2xx answer becomes [`CliError::Api`] with the JSON `error`.
-    pub async fn call(
+    /// One request, its answer read as `T`; a non-2xx answer becomes [`CliError::Api`]
+    /// with the JSON `error`.
+    pub async fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, CliError> {
+        body: Option<&impl Serialize>,
+    ) -> Result<T, CliError> {
         let unreachable = |reason: String| CliError::Unreachable {
             api: self.base.clone(),
             reason,
@@ -84,7 +93,10 @@ impl ApiClient {
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| CliError::Usage(e.to_string()))?,
+            None => Vec::new(),
+        };
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -106,14 +118,14 @@ impl ApiClient {
         let (status, bytes) = tokio::time::timeout(Duration::from_secs(60), exchange)
             .await
             .map_err(|_| unreachable("timed out".into()))??;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if (200..300).contains(&status) {
-            Ok(value)
+            serde_json::from_slice(&bytes).map_err(|e| {
+                CliError::Failed(format!("unexpected answer from {method} {path}: {e}"))
+            })
         } else {
-            let message = value["error"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            let message = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
             Err(CliError::Api { status, message })
         }
     }
@@ -129,19 +141,18 @@ pub async fn config_push(
 ) -> Result<(), CliError> {
     let bundle =
         Bundle::from_dir(dir).map_err(|e| CliError::Failed(format!("{}: {e}", dir.display())))?;
-    let body = serde_json::to_value(&bundle).map_err(|e| CliError::Failed(e.to_string()))?;
-    let started = api
+    let started: Started = api
         .call(
             "POST",
             &format!("/api/v1/config?canary={canary}&force={force}"),
-            Some(body),
+            Some(&bundle),
         )
         .await?;
     report_started(&started);
-    if wait && !started["rollout"].is_null() {
-        follow(api, started["rollout"]["id"].as_u64().unwrap_or(0)).await?;
+    match &started.rollout {
+        Some(r) if wait => follow(api, r.id).await,
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `config rollback [VERSION]`.
@@ -150,34 +161,42 @@ pub async fn config_rollback(
     version: Option<String>,
     wait: bool,
 ) -> Result<(), CliError> {
-    let started = api
+    #[derive(Serialize)]
+    struct Rollback {
+        version: Option<String>,
+    }
+    let started: Started = api
         .call(
             "POST",
             "/api/v1/config/rollback",
-            Some(json!({ "version": version })),
+            Some(&Rollback { version }),
         )
         .await?;
     report_started(&started);
-    if wait && !started["rollout"].is_null() {
-        follow(api, started["rollout"]["id"].as_u64().unwrap_or(0)).await?;
+    match &started.rollout {
+        Some(r) if wait => follow(api, r.id).await,
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-fn report_started(started: &Value) {
-    let version = started["version"].as_str().unwrap_or("?");
-    let fresh = if started["new_version"] == true {
-        " (new)"
-    } else {
-        ""
-    };
-    match started["rollout"]["phase"].as_str() {
+fn report_started(started: &Started) {
+    let version = &started.version;
+    let fresh = if started.new_version { " (new)" } else { "" };
+    match &started.rollout {
         None => println!("version {version}{fresh} already runs everywhere; nothing to roll out"),
-        Some("canary") => println!(
+        Some(r) if r.phase == Phase::Canary => println!(
             "version {version}{fresh}: rolling out, canary region {} first",
-            started["rollout"]["canary_region"].as_str().unwrap_or("?")
+            r.canary_region.as_deref().unwrap_or("?")
         ),
         Some(_) => println!("version {version}{fresh}: rolling out to every edge"),
+    }
+}
+
+/// The API's snake_case name of a serde enum value (a phase, a state).
+fn name_of(value: &impl Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".into(),
     }
 }
 
@@ -186,37 +205,40 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        let view = api.call("GET", "/api/v1/config", None).await?;
-        let rollout = &view["rollout"];
-        if rollout["id"].as_u64() != Some(id) {
+        let view: ConfigView = api.call("GET", "/api/v1/config", NO_BODY).await?;
+        let Some(rollout) = view.rollout.as_ref().filter(|r| r.id == id) else {
             return Err(CliError::Failed(
                 "another rollout superseded this one".into(),
             ));
-        }
-        let phase = rollout["phase"].as_str().unwrap_or("?");
-        let line = format!("{phase}: {}", view["waiting"].as_str().unwrap_or(""));
+        };
+        let phase = rollout.phase;
+        let line = format!(
+            "{}: {}",
+            name_of(&phase),
+            view.waiting.as_deref().unwrap_or("")
+        );
         // Countdowns change every second; print when the words change.
         let key: String = line.chars().filter(|c| !c.is_ascii_digit()).collect();
         if key != last {
             println!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
             last = key;
         }
-        let version = rollout["version"].as_str().unwrap_or("?");
-        let edges = view["edges"].as_array().map_or(0, Vec::len);
+        let version = &rollout.version;
+        let edges = view.edges.len();
         match phase {
-            "done" => {
+            Phase::Done => {
                 println!(
                     "rollout {id} done: version {version} runs on every connected edge ({edges})"
                 );
                 return Ok(());
             }
-            "failed" => {
+            Phase::Failed => {
                 println!(
                     "rollout {id} of {version} failed: every edge goes back to the version it ran before it"
                 );
                 return Err(CliError::Failed(format!(
                     "rollout failed: {}",
-                    rollout["error"].as_str().unwrap_or("unknown error")
+                    rollout.error.as_deref().unwrap_or("unknown error")
                 )));
             }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
@@ -226,22 +248,22 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
 
 /// `config status`: the desired version and every edge's state.
 pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
-    let view = api.call("GET", "/api/v1/config", None).await?;
+    let view: ConfigView = api.call("GET", "/api/v1/config", NO_BODY).await?;
     println!(
         "desired {}  current {}  drift policy {}",
-        view["desired"].as_str().unwrap_or("-"),
-        view["current"].as_str().unwrap_or("-"),
-        view["drift_policy"].as_str().unwrap_or("-")
+        view.desired.as_deref().unwrap_or("-"),
+        view.current.as_deref().unwrap_or("-"),
+        name_of(&view.drift_policy)
     );
-    if let Some(r) = view["rollout"].as_object() {
+    if let Some(r) = &view.rollout {
         println!(
             "rollout #{} {} {}: {}{}",
-            r["id"],
-            r["kind"].as_str().unwrap_or(""),
-            r["version"].as_str().unwrap_or(""),
-            r["phase"].as_str().unwrap_or(""),
-            r["error"]
-                .as_str()
+            r.id,
+            r.kind,
+            r.version,
+            name_of(&r.phase),
+            r.error
+                .as_deref()
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default()
         );
@@ -250,14 +272,14 @@ pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
         "{:<24} {:<16} {:<12} {:<18} ERROR",
         "EDGE", "REGION", "STATE", "ACTIVE"
     );
-    for e in view["edges"].as_array().into_iter().flatten() {
+    for e in &view.edges {
         println!(
             "{:<24} {:<16} {:<12} {:<18} {}",
-            e["id"].as_str().unwrap_or(""),
-            e["region"].as_str().unwrap_or(""),
-            e["state"].as_str().unwrap_or(""),
-            e["active_version"].as_str().unwrap_or("-"),
-            e["error"].as_str().unwrap_or("")
+            e.id,
+            e.region,
+            name_of(&e.state),
+            e.active_version.as_deref().unwrap_or("-"),
+            e.error.as_deref().unwrap_or("")
         );
     }
     Ok(())
@@ -265,47 +287,44 @@ pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
 
 /// `config list`.
 pub async fn config_list(api: &ApiClient) -> Result<(), CliError> {
-    let view = api.call("GET", "/api/v1/config", None).await?;
-    let list = api.call("GET", "/api/v1/config/versions", None).await?;
+    let view: ConfigView = api.call("GET", "/api/v1/config", NO_BODY).await?;
+    let list: Vec<VersionInfo> = api.call("GET", "/api/v1/config/versions", NO_BODY).await?;
     println!(
         "{:<18} {:<20} {:>8}  FILES",
         "VERSION", "CREATED (UTC)", "BYTES"
     );
-    for v in list.as_array().into_iter().flatten() {
-        let version = v["version"].as_str().unwrap_or("");
-        let mark = if view["current"].as_str() == Some(version) {
+    for v in &list {
+        let version = Some(v.version.as_str());
+        let mark = if view.current.as_deref() == version {
             " (current)"
-        } else if view["desired"].as_str() == Some(version) {
+        } else if view.desired.as_deref() == version {
             " (rolling out)"
         } else {
             ""
         };
-        let created = v["created_at_ms"].as_u64().unwrap_or(0);
-        let when =
-            crate::fanout::edges::fmt_time(std::time::UNIX_EPOCH + Duration::from_millis(created));
-        let files: Vec<&str> = v["files"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let when = coordinator::edges::fmt_time(
+            std::time::UNIX_EPOCH + Duration::from_millis(v.created_at_ms),
+        );
         println!(
             "{:<18} {:<20} {:>8}  {}{mark}",
-            version,
+            v.version,
             when.get(..19).unwrap_or(&when),
-            v["bytes"],
-            files.join(", ")
+            v.bytes,
+            v.files.join(", ")
         );
     }
     Ok(())
 }
 
 async fn fetch(api: &ApiClient, version: &str) -> Result<Bundle, CliError> {
-    let v = api
-        .call("GET", &format!("/api/v1/config/versions/{version}"), None)
+    let v: StoredVersion = api
+        .call(
+            "GET",
+            &format!("/api/v1/config/versions/{version}"),
+            NO_BODY,
+        )
         .await?;
-    serde_json::from_value(v["bundle"].clone())
-        .map_err(|e| CliError::Failed(format!("bad answer: {e}")))
+    Ok(v.bundle)
 }
 
 /// `config show VERSION [FILE]`.
@@ -362,7 +381,7 @@ pub fn diff(old: &Bundle, new: &Bundle, a: &str, b: &str) -> String {
 /// `status`: one line per region (or the JSON); the exit code is the worst health:
 /// 0 up, 1 degraded, 2 down.
 pub async fn status(api: &ApiClient, json: bool) -> Result<u8, CliError> {
-    let regions = api.call("GET", "/api/v1/regions", None).await?;
+    let regions: Vec<RegionView> = api.call("GET", "/api/v1/regions", NO_BODY).await?;
     if json {
         println!(
             "{}",
@@ -375,26 +394,23 @@ pub async fn status(api: &ApiClient, json: bool) -> Result<u8, CliError> {
 }
 
 /// The Nagios-style code for a set of regions: 0 all up, 1 any degraded, 2 any down
-/// (or a state this CLI does not know).
-pub fn status_code(regions: &Value) -> u8 {
+/// (or not known yet).
+pub fn status_code(regions: &[RegionView]) -> u8 {
     regions
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| match r["health"].as_str() {
-            Some("up") => 0,
-            Some("degraded") => 1,
-            _ => 2,
+        .iter()
+        .map(|r| match r.health {
+            Health::Up => 0,
+            Health::Degraded => 1,
+            Health::Down | Health::Unknown => 2,
         })
         .max()
         .unwrap_or(0)
 }
 
 /// The per-region table `status` prints.
-pub fn status_table(regions: &Value) -> String {
-    let pct = |v: &Value| {
-        v.as_f64()
-            .map(|r| format!("{:.1}%", r * 100.0))
+pub fn status_table(regions: &[RegionView]) -> String {
+    let pct = |v: Option<f64>| {
+        v.map(|r| format!("{:.1}%", r * 100.0))
             .unwrap_or_else(|| "-".into())
     };
     let mut out = format!(
@@ -411,56 +427,54 @@ pub fn status_table(regions: &Value) -> String {
         "WHY"
     );
     let mut notes = String::new();
-    for r in regions.as_array().into_iter().flatten() {
+    for r in regions {
         let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-        let why = r["diagnosis"].as_str().unwrap_or("");
+        let why = match (r.diagnosis, r.stats_stale) {
+            (Some(d), _) => d.as_str(),
+            (None, true) => "stats_stale",
+            (None, false) => "",
+        };
         out.push_str(
             format!(
                 "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9}  {}",
-                r["name"].as_str().unwrap_or(""),
-                r["health"].as_str().unwrap_or(""),
-                format!("{}/{}", r["edges_connected"], r["edges"]),
-                pct(&r["hit_ratio"]["m1"]),
-                pct(&r["hit_ratio"]["m5"]),
-                pct(&r["hit_ratio"]["h1"]),
-                or_dash(r["requests_per_s"].as_f64().map(|v| format!("{v:.1}"))),
-                or_dash(r["objects"].as_u64().map(|v| v.to_string())),
-                r["purge_lag"].as_u64().unwrap_or(0),
-                if r["stats_stale"].as_bool() == Some(true) && why.is_empty() {
-                    "stats_stale"
-                } else {
-                    why
-                },
+                r.name,
+                name_of(&r.health),
+                format!("{}/{}", r.edges_connected, r.edges),
+                pct(r.hit_ratio.m1),
+                pct(r.hit_ratio.m5),
+                pct(r.hit_ratio.h1),
+                or_dash(r.requests_per_s.map(|v| format!("{v:.1}"))),
+                or_dash(r.objects.map(|v| v.to_string())),
+                r.purge_lag,
+                why,
             )
             .trim_end(),
         );
         out.push('\n');
-        if let Some(e) = r["health_error"].as_str() {
-            notes.push_str(&format!("  {}: {e}\n", r["name"].as_str().unwrap_or("")));
+        if let Some(e) = &r.health_error {
+            notes.push_str(&format!("  {}: {e}\n", r.name));
         }
     }
     out + &notes
 }
 
 /// `purge --tag T... | --url U [--host H] | --all`.
-pub async fn purge(api: &ApiClient, body: Value) -> Result<(), CliError> {
-    let answer = api.call("POST", "/api/v1/purges", Some(body)).await?;
-    println!("logged as purge {}", answer["seq"]);
+pub async fn purge(api: &ApiClient, body: &PurgeBody) -> Result<(), CliError> {
+    let answer: PurgeAccepted = api.call("POST", "/api/v1/purges", Some(body)).await?;
+    println!("logged as purge {}", answer.seq);
     Ok(())
 }
 
 /// `warm start`: queue the job, print its id; with `wait`, follow it to the end.
 pub async fn warm_start(
     api: &ApiClient,
-    spec: &crate::warm::job::JobSpec,
+    spec: &coordinator::warm::job::JobSpec,
     wait: bool,
 ) -> Result<(), CliError> {
-    let body = serde_json::to_value(spec).map_err(|e| CliError::Failed(e.to_string()))?;
-    let started = api.call("POST", "/api/v1/warm/jobs", Some(body)).await?;
-    let id = started["id"].as_u64().unwrap_or(0);
-    println!("{id}");
+    let started: WarmStarted = api.call("POST", "/api/v1/warm/jobs", Some(spec)).await?;
+    println!("{}", started.id);
     if wait {
-        warm_follow(api, id).await?;
+        warm_follow(api, started.id).await?;
     }
     Ok(())
 }
@@ -472,12 +486,11 @@ async fn warm_follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
     let mut drawn = 0usize;
     let mut last_plain = Instant::now() - Duration::from_secs(60);
     loop {
-        let job = api
-            .call("GET", &format!("/api/v1/warm/jobs/{id}"), None)
+        let job: JobView = api
+            .call("GET", &format!("/api/v1/warm/jobs/{id}"), NO_BODY)
             .await?;
-        let state = job["state"].as_str().unwrap_or("?").to_owned();
         let lines = warm_lines(&job);
-        let finished = matches!(state.as_str(), "done" | "failed" | "cancelled");
+        let finished = job.state.is_final();
         if tty {
             let mut err = std::io::stderr();
             if drawn > 0 {
@@ -493,63 +506,58 @@ async fn warm_follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
             }
             last_plain = Instant::now();
         }
-        match state.as_str() {
-            "done" => return Ok(()),
-            "failed" => {
+        match job.state {
+            JobState::Done => return Ok(()),
+            JobState::Failed => {
                 return Err(CliError::Failed(format!(
                     "warm job {id} failed: {}",
-                    job["error"].as_str().unwrap_or("unknown error")
+                    job.error.as_deref().unwrap_or("unknown error")
                 )))
             }
-            "cancelled" => return Err(CliError::Failed(format!("warm job {id} was cancelled"))),
-            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            JobState::Cancelled => {
+                return Err(CliError::Failed(format!("warm job {id} was cancelled")))
+            }
+            JobState::Queued | JobState::Running => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
         }
     }
 }
 
 /// One line for the job and one per region: `[=====     ] done/total errors ETA`.
-pub fn warm_lines(job: &Value) -> Vec<String> {
+pub fn warm_lines(job: &JobView) -> Vec<String> {
     let mut lines = vec![format!(
         "job {} {}: {} URLs x {} variations{}{}",
-        job["id"],
-        job["state"].as_str().unwrap_or("?"),
-        job["urls"],
-        job["variations"],
-        if job["tiered"] == true {
-            ", tiered"
-        } else {
-            ""
-        },
-        job["rate"]
-            .as_f64()
-            .map(|r| format!(
-                ", origin {r:.1}/{:.1} req/s",
-                job["budget"].as_f64().unwrap_or(0.0)
-            ))
+        job.id,
+        job.state.as_str(),
+        job.urls,
+        job.variations,
+        if job.tiered { ", tiered" } else { "" },
+        job.rate
+            .map(|r| format!(", origin {r:.1}/{:.1} req/s", job.budget))
             .unwrap_or_default()
     )];
-    if let Some(regions) = job["regions"].as_object() {
-        let width = regions.keys().map(String::len).max().unwrap_or(0);
-        for (name, p) in regions {
-            let done = p["done"].as_u64().unwrap_or(0);
-            let total = p["total"].as_u64().unwrap_or(0);
-            let filled = (done * 30).checked_div(total).unwrap_or(0) as usize;
-            let eta = match (p["status"].as_str(), p["eta_s"].as_u64()) {
-                (_, Some(s)) => format!("  ETA {s}s"),
-                (Some("dropped"), _) => format!(
-                    "  dropped: {}",
-                    p["error"].as_str().unwrap_or("no reason recorded")
-                ),
-                (Some(status @ ("done" | "waiting")), _) => format!("  {status}"),
-                _ => String::new(),
-            };
-            lines.push(format!(
-                "  {name:<width$} [{}{}] {done:>6}/{total:<6} errors {}{eta}",
-                "=".repeat(filled),
-                " ".repeat(30 - filled.min(30)),
-                p["errors"].as_u64().unwrap_or(0)
-            ));
-        }
+    let width = job.regions.keys().map(String::len).max().unwrap_or(0);
+    for (name, p) in &job.regions {
+        let filled = (p.done * 30).checked_div(p.total).unwrap_or(0) as usize;
+        let eta = match (p.status, p.eta_s) {
+            (_, Some(s)) => format!("  ETA {s}s"),
+            (RegionStatus::Dropped, _) => format!(
+                "  dropped: {}",
+                p.error.as_deref().unwrap_or("no reason recorded")
+            ),
+            (RegionStatus::Done, _) => "  done".into(),
+            (RegionStatus::Waiting, _) => "  waiting".into(),
+            (RegionStatus::Warming, None) => String::new(),
+        };
+        lines.push(format!(
+            "  {name:<width$} [{}{}] {:>6}/{:<6} errors {}{eta}",
+            "=".repeat(filled),
+            " ".repeat(30 - filled.min(30)),
+            p.done,
+            p.total,
+            p.errors
+        ));
     }
     lines
 }
@@ -558,40 +566,38 @@ pub fn warm_lines(job: &Value) -> Vec<String> {
 pub async fn warm_status(api: &ApiClient, id: Option<u64>) -> Result<(), CliError> {
     match id {
         Some(id) => {
-            let job = api
-                .call("GET", &format!("/api/v1/warm/jobs/{id}"), None)
+            let job: JobView = api
+                .call("GET", &format!("/api/v1/warm/jobs/{id}"), NO_BODY)
                 .await?;
             for l in warm_lines(&job) {
                 println!("{l}");
             }
-            if let Some(e) = job["error"].as_str() {
+            if let Some(e) = &job.error {
                 println!("  error: {e}");
             }
         }
         None => {
-            let all = api.call("GET", "/api/v1/warm/jobs", None).await?;
+            let all: JobList = api.call("GET", "/api/v1/warm/jobs", NO_BODY).await?;
             println!(
                 "{:>5}  {:<10} {:<10} {:>8}  progress",
                 "id", "state", "kind", "urls"
             );
-            for job in all["jobs"].as_array().into_iter().flatten() {
-                let (done, total) = job["regions"]
-                    .as_object()
-                    .map(|r| {
-                        r.values().fold((0, 0), |(d, t), p| {
-                            (
-                                d + p["done"].as_u64().unwrap_or(0),
-                                t + p["total"].as_u64().unwrap_or(0),
-                            )
-                        })
-                    })
-                    .unwrap_or((0, 0));
+            for job in &all.jobs {
+                let (done, total) = job
+                    .regions
+                    .values()
+                    .fold((0, 0), |(d, t), p| (d + p.done, t + p.total));
+                let kind = match &job.origin {
+                    coordinator::warm::job::Origin::Api => "api",
+                    coordinator::warm::job::Origin::Schedule(_) => "schedule",
+                    coordinator::warm::job::Origin::Rewarm => "rewarm",
+                };
                 println!(
                     "{:>5}  {:<10} {:<10} {:>8}  {done}/{total}",
-                    job["id"].as_u64().unwrap_or(0),
-                    job["state"].as_str().unwrap_or("?"),
-                    job["kind"].as_str().unwrap_or("?"),
-                    job["urls"].as_u64().unwrap_or(0)
+                    job.id,
+                    job.state.as_str(),
+                    kind,
+                    job.urls
                 );
             }
         }
@@ -601,16 +607,20 @@ pub async fn warm_status(api: &ApiClient, id: Option<u64>) -> Result<(), CliErro
 
 /// `warm cancel ID`.
 pub async fn warm_cancel(api: &ApiClient, id: u64) -> Result<(), CliError> {
-    let job = api
-        .call("POST", &format!("/api/v1/warm/jobs/{id}/cancel"), None)
+    let job: JobView = api
+        .call("POST", &format!("/api/v1/warm/jobs/{id}/cancel"), NO_BODY)
         .await?;
-    println!("job {id}: {}", job["state"].as_str().unwrap_or("?"));
+    println!("job {id}: {}", job.state.as_str());
     Ok(())
 }
+
+/// No request body (`call`'s `body` for GETs and body-less POSTs).
+pub const NO_BODY: Option<&()> = None;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn status_table_shows_every_region() {
@@ -622,6 +632,7 @@ mod tests {
              "edges_connected": 0, "hit_ratio": {"m1": null, "m5": null, "h1": null},
              "requests_per_s": null, "objects": null, "purge_lag": 7, "stats_stale": true}
         ]);
+        let regions: Vec<RegionView> = serde_json::from_value(regions).expect("regions");
         let t = status_table(&regions);
         assert!(t.lines().count() == 3, "{t}");
         assert!(
@@ -639,11 +650,10 @@ mod tests {
             .collect();
         assert_eq!(at[0], at[2], "{t}");
         assert_eq!(status_code(&regions), 2);
-        assert_eq!(
-            status_code(&json!([{"health": "up"}, {"health": "degraded"}])),
-            1
-        );
-        assert_eq!(status_code(&json!([{"health": "up"}])), 0);
+        let mut two = regions.clone();
+        two[1].health = Health::Degraded;
+        assert_eq!(status_code(&two), 1);
+        assert_eq!(status_code(&regions[..1]), 0);
     }
 
     #[test]

@@ -1,0 +1,253 @@
+//! The command line: clap types only. Each subcommand is run by a function in
+//! [`crate::run`]; nothing here does work.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Coordinator for geo-distributed Varnish clusters in front of Magento 2.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator.
+    Serve {
+        /// coordinator.toml (every key: README, "Configuration").
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the purge log and other state live.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Allow plaintext gRPC when [grpc.tls] is not configured (agents are then not
+        /// authenticated).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Mint the cluster's certificates (CA, coordinator, agents) for mutual TLS.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Run a local demo cluster: origin, N x (varnishd + edge-agent), coordinator.
+    Demo {
+        /// How many regions (each one varnishd + one edge-agent), 1 to 8.
+        #[arg(long, default_value_t = 3)]
+        regions: usize,
+        /// First port: origin P, purge P+1, gRPC P+2, API P+3, region i varnish P+10+10i.
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        /// Where every generated file goes (configs, certificates, logs, cluster.json).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Use an existing origin instead of the sample one.
+        #[arg(long)]
+        origin: Option<String>,
+        /// Region 0 is the shield beside the origin; the others fetch from it.
+        #[arg(long)]
+        tiered: bool,
+        /// How agents purge: ban or xkey.
+        #[arg(long, default_value = "ban", value_parser = ["ban", "xkey"])]
+        purge_mode: String,
+        /// Plaintext gRPC between coordinator and agents instead of mutual TLS.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Push, inspect and roll back config bundles (VCL + WAF) through the API.
+    Config {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Per-region health, hit ratios, traffic and purge lag. Exits 0 when every region
+    /// is up, 1 when one is degraded, 2 when one is down, 3 when the API cannot be read
+    /// (the Nagios convention).
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print the regions as JSON (what /api/v1/regions answers) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Warm every region's cache: start, follow and cancel warm jobs.
+    Warm {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: WarmCommand,
+    },
+    /// Purge through the API (the same log Magento's PURGE requests go to).
+    Purge {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Cache tags (X-Magento-Tags), e.g. cat_p_42.
+        #[arg(long = "tag", conflicts_with_all = ["url", "all"])]
+        tags: Vec<String>,
+        /// One URL path.
+        #[arg(long)]
+        url: Option<String>,
+        /// Only on this Host (with --url).
+        #[arg(long, requires = "url")]
+        host: Option<String>,
+        /// Everything.
+        #[arg(long)]
+        all: bool,
+        /// Keep stale copies for grace (xkey mode).
+        #[arg(long)]
+        soft: bool,
+    },
+}
+
+/// Where the API is and how to authenticate.
+#[derive(Debug, clap::Args)]
+pub struct ApiArgs {
+    /// The coordinator's API, e.g. http://127.0.0.1:6093.
+    #[arg(
+        long,
+        global = true,
+        env = "COORDINATOR_API",
+        default_value = "http://127.0.0.1:6093"
+    )]
+    pub api: String,
+    /// Bearer token for the write endpoints (config push/rollback, purge, warm start/cancel,
+    /// config show) and for every read when the API has `read_requires_token`.
+    #[arg(long, global = true, env = "COORDINATOR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the token (used when --token is not given).
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Write DIR/ca.pem, ca.key (kept if present), coordinator.pem, coordinator.key.
+    Init {
+        /// Directory for the files (created; keys are written 0600).
+        #[arg(long)]
+        dir: PathBuf,
+        /// More names or IPs for the coordinator's certificate (localhost and 127.0.0.1
+        /// are always in it).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Write DIR/ID.pem and DIR/ID.key: an agent's certificate for edge ID in REGION.
+    Issue {
+        /// The edge's id (its `id` in edge-agent.toml).
+        #[arg(long)]
+        id: String,
+        /// The edge's region (its `region` in edge-agent.toml).
+        #[arg(long)]
+        region: String,
+        /// The directory `pki init` wrote (holds ca.pem and ca.key).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = coordinator::pki::LEAF_DAYS)]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Upload a bundle directory (main.vcl, *.vcl, waf.toml) and roll it out.
+    Push {
+        /// The bundle directory, e.g. edge-agent/vcl.
+        dir: PathBuf,
+        /// Go to every region at once instead of the canary region first.
+        #[arg(long)]
+        no_canary: bool,
+        /// Follow the rollout until it is done (non-zero exit if it fails).
+        #[arg(long)]
+        wait: bool,
+        /// Supersede a rollout still in progress (without it such a push is refused).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List stored versions.
+    List,
+    /// Print a version's files (or one of them).
+    Show {
+        /// A version, as `config list` prints it.
+        version: String,
+        /// One file of it (e.g. main.vcl); default: all of them.
+        file: Option<String>,
+    },
+    /// Unified diff between two versions.
+    Diff {
+        /// The older version.
+        a: String,
+        /// The newer version.
+        b: String,
+    },
+    /// Roll back to VERSION, or to the version before the current one.
+    Rollback {
+        /// The version to go back to; default: the one before the current one.
+        version: Option<String>,
+        /// Follow the rollout until it is done (non-zero exit if it fails).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Desired version, rollout state and every edge's active version.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WarmCommand {
+    /// Queue a warm job and print its id.
+    Start {
+        /// A sitemap or sitemap index (http://; .gz children allowed).
+        #[arg(long)]
+        sitemap: Option<String>,
+        /// A file with one absolute URL per line.
+        #[arg(long)]
+        urls_file: Option<PathBuf>,
+        /// The N most requested URLs of each target region.
+        #[arg(long)]
+        top: Option<usize>,
+        /// Comma-separated regions, or `all`.
+        #[arg(long, default_value = "all")]
+        regions: String,
+        /// Origin budget for this job, requests per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Concurrent fetches per edge.
+        #[arg(long)]
+        concurrency: Option<u32>,
+        /// 'Header: value' (several joined by ';;'); each URL is also fetched once per variation.
+        #[arg(long)]
+        variation: Vec<String>,
+        /// Host header for every request.
+        #[arg(long)]
+        host: Option<String>,
+        /// Warm every region from the origin, even with a shield configured.
+        #[arg(long)]
+        flat: bool,
+        /// Force a miss on every URL (refresh pages in place).
+        #[arg(long)]
+        refresh: bool,
+        /// Learn the pages' tags so a purge of them re-warms them.
+        #[arg(long)]
+        rewarm: bool,
+        /// Show a progress bar until the job ends (non-zero exit unless it is done).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// One job in detail, or the recent jobs.
+    Status {
+        /// A job id; default: the recent jobs.
+        id: Option<u64>,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        /// The job id `warm start` printed.
+        id: u64,
+    },
+}

@@ -1,0 +1,267 @@
+//! One function per subcommand. Each returns the process exit status: 0 on success,
+//! 1 when the work failed, 2 for a bad config or bad arguments (one line on stderr),
+//! and `status`'s own 0/1/2/3.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use coordinator::config::CoordinatorConfig;
+use coordinator::server;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::{ApiArgs, Cli, Command, ConfigCommand, PkiCommand, WarmCommand};
+use crate::cli::{self, ApiClient};
+use crate::demo;
+
+/// Runs the parsed command line to its exit status.
+pub fn main(args: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("coordinator: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json_logs = args.log_format == "json";
+    runtime.block_on(async move {
+        match args.command {
+            Command::Serve {
+                config,
+                state_dir,
+                insecure,
+            } => serve(&config, &state_dir, insecure, json_logs).await,
+            Command::Demo {
+                regions,
+                base_port,
+                state_dir,
+                origin,
+                tiered,
+                purge_mode,
+                insecure,
+            } => {
+                let args = demo::DemoArgs {
+                    regions,
+                    base_port,
+                    state_dir,
+                    origin,
+                    tiered,
+                    purge_mode,
+                    insecure,
+                };
+                run_demo(args, json_logs).await
+            }
+            Command::Pki { command } => pki(command),
+            Command::Config { api, command } => match client(&api) {
+                Ok(c) => config(&c, command).await,
+                Err(code) => code,
+            },
+            Command::Warm { api, command } => match client(&api) {
+                Ok(c) => warm(&c, command).await,
+                Err(code) => code,
+            },
+            Command::Status { api, json } => match client(&api) {
+                Ok(c) => status(&c, json).await,
+                Err(code) => code,
+            },
+            Command::Purge {
+                api,
+                tags,
+                url,
+                host,
+                all,
+                soft,
+            } => match client(&api) {
+                Ok(c) => purge(&c, tags, url, host, all, soft).await,
+                Err(code) => code,
+            },
+        }
+    })
+}
+
+/// `coordinator serve`: load and validate the config (exit 2 on a bad one), bind, serve
+/// until SIGTERM/SIGINT.
+pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: bool) -> ExitCode {
+    let config = match daemon::load::<CoordinatorConfig>(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coordinator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    daemon::logging::init(json_logs);
+    let shutdown = stop_on_signal();
+    let result = async {
+        let listeners = server::Listeners::bind(&config).await?;
+        let state = server::open(&config, state_dir)?;
+        server::run(config, state, listeners, insecure, shutdown).await?;
+        Ok::<(), anyhow::Error>(())
+    };
+    exit(result.await)
+}
+
+/// `coordinator demo`: the whole local cluster until SIGTERM/SIGINT.
+pub async fn run_demo(args: demo::DemoArgs, json_logs: bool) -> ExitCode {
+    daemon::logging::init(json_logs);
+    let shutdown = stop_on_signal();
+    exit(demo::run(args, shutdown).await.map_err(anyhow::Error::from))
+}
+
+/// `coordinator pki init|issue`.
+pub fn pki(command: PkiCommand) -> ExitCode {
+    let result = match command {
+        PkiCommand::Init { dir, san } => coordinator::pki::init(&dir, &san).map(|()| {
+            println!(
+                "wrote {0}/ca.pem, {0}/ca.key, {0}/coordinator.pem, {0}/coordinator.key",
+                dir.display()
+            );
+        }),
+        PkiCommand::Issue {
+            id,
+            region,
+            dir,
+            days,
+        } => coordinator::pki::issue(&dir, &id, &region, days).map(|()| {
+            println!(
+                "wrote {0}/{id}.pem and {0}/{id}.key (edge {id} in {region})",
+                dir.display()
+            );
+        }),
+    };
+    exit(result.map_err(anyhow::Error::from))
+}
+
+/// `coordinator config …`.
+pub async fn config(client: &ApiClient, command: ConfigCommand) -> ExitCode {
+    let result = match command {
+        ConfigCommand::Push {
+            dir,
+            no_canary,
+            wait,
+            force,
+        } => cli::config_push(client, &dir, !no_canary, wait, force).await,
+        ConfigCommand::List => cli::config_list(client).await,
+        ConfigCommand::Show { version, file } => {
+            cli::config_show(client, &version, file.as_deref()).await
+        }
+        ConfigCommand::Diff { a, b } => cli::config_diff(client, &a, &b).await,
+        ConfigCommand::Rollback { version, wait } => {
+            cli::config_rollback(client, version, wait).await
+        }
+        ConfigCommand::Status => cli::config_status(client).await,
+    };
+    exit(result.map_err(anyhow::Error::from))
+}
+
+/// `coordinator warm …`.
+pub async fn warm(client: &ApiClient, command: WarmCommand) -> ExitCode {
+    let result = match command {
+        WarmCommand::Start {
+            sitemap,
+            urls_file,
+            top,
+            regions,
+            rate,
+            concurrency,
+            variation,
+            host,
+            flat,
+            refresh,
+            rewarm,
+            wait,
+        } => {
+            let urls = match read_urls(urls_file) {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("coordinator: --urls-file: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let spec = coordinator::warm::job::JobSpec {
+                sitemap,
+                urls,
+                top,
+                regions: Some(regions.split(',').map(|r| r.trim().to_owned()).collect()),
+                rate,
+                concurrency,
+                variations: (!variation.is_empty()).then_some(variation),
+                host,
+                tiered: flat.then_some(false),
+                refresh,
+                rewarm: rewarm.then_some(true),
+            };
+            cli::warm_start(client, &spec, wait).await
+        }
+        WarmCommand::Status { id } => cli::warm_status(client, id).await,
+        WarmCommand::Cancel { id } => cli::warm_cancel(client, id).await,
+    };
+    exit(result.map_err(anyhow::Error::from))
+}
+
+/// One absolute URL per line; blank lines and `#` comments skipped.
+fn read_urls(file: Option<PathBuf>) -> std::io::Result<Vec<String>> {
+    let text = file.map(std::fs::read_to_string).transpose()?;
+    Ok(text
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// `coordinator status`: 0 every region up, 1 one degraded, 2 one down, 3 API unreadable.
+pub async fn status(client: &ApiClient, json: bool) -> ExitCode {
+    match cli::status(client, json).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("coordinator: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// `coordinator purge --tag …|--url …|--all`.
+pub async fn purge(
+    client: &ApiClient,
+    tags: Vec<String>,
+    url: Option<String>,
+    host: Option<String>,
+    all: bool,
+    soft: bool,
+) -> ExitCode {
+    let body = if all {
+        coordinator::api::views::PurgeBody::all(soft)
+    } else if let Some(url) = url {
+        coordinator::api::views::PurgeBody::url(url, host, soft)
+    } else if !tags.is_empty() {
+        coordinator::api::views::PurgeBody::tags(tags, soft)
+    } else {
+        eprintln!("coordinator: give --tag, --url or --all");
+        return ExitCode::from(2);
+    };
+    exit(cli::purge(client, &body).await.map_err(anyhow::Error::from))
+}
+
+fn client(api: &ApiArgs) -> Result<ApiClient, ExitCode> {
+    ApiClient::new(&api.api, api.token.clone(), api.token_file.as_deref()).map_err(|e| {
+        eprintln!("coordinator: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coordinator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn stop_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    tokio::spawn(daemon::signal::stop_on_signal(token.clone()));
+    token
+}

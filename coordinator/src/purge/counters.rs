@@ -1,0 +1,90 @@
+//! The purge path's own metrics: every request the listener answers, by result, and
+//! every purge logged, by kind — Magento's PURGEs and the API's `POST /api/v1/purges`
+//! alike, so a purge counts once whichever door it came through. The log's head and
+//! first sequence are read from the [`PurgeLog`] at scrape time.
+
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use super::log::PurgeLog;
+use crate::metrics::{gauge, Collector, Registry};
+
+/// Results a PURGE request can end with (every one is exported from the start at 0).
+pub const REQUEST_RESULTS: [&str; 5] = [
+    "accepted",
+    "bad_request",
+    "bad_method",
+    "forbidden",
+    "unavailable",
+];
+/// Kinds a logged purge has (`url` only comes from the API).
+pub const PURGE_KINDS: [&str; 5] = ["tags", "regex", "pool", "all", "url"];
+
+type ByLabel = Family<[(&'static str, &'static str); 1], Counter>;
+
+/// Counters bumped on the hot path; cheap to clone (shared families).
+#[derive(Debug, Clone, Default)]
+pub struct PurgeCounters {
+    requests: ByLabel,
+    logged: ByLabel,
+}
+
+impl PurgeCounters {
+    /// Counts one PURGE request by its outcome (one of [`REQUEST_RESULTS`]).
+    pub fn request(&self, result: &'static str) {
+        self.requests.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Counts one logged purge by kind (one of [`PURGE_KINDS`]).
+    pub fn logged(&self, kind: &'static str) {
+        self.logged.get_or_create(&[("kind", kind)]).inc();
+    }
+
+    /// Registers the families (every known label at 0) and the log's gauges.
+    pub fn register(&self, log: &PurgeLog, registry: &mut Registry) {
+        for r in REQUEST_RESULTS {
+            let _ = self.requests.get_or_create(&[("result", r)]);
+        }
+        for k in PURGE_KINDS {
+            let _ = self.logged.get_or_create(&[("kind", k)]);
+        }
+        registry.register(
+            "coordinator_purge_requests",
+            "PURGE requests received, by result",
+            self.requests.clone(),
+        );
+        registry.register(
+            "coordinator_purges_received",
+            "Purges durably logged, by kind",
+            self.logged.clone(),
+        );
+        registry.register_collector(Box::new(LogGauges(log.clone())));
+    }
+}
+
+struct LogGauges(PurgeLog);
+
+impl std::fmt::Debug for LogGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogGauges")
+    }
+}
+
+impl Collector for LogGauges {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let none: [(&str, &str); 0] = [];
+        gauge(
+            &mut e,
+            "coordinator_purge_log_head_seq",
+            "Newest durable purge sequence.",
+            [(none, self.0.head())],
+        )?;
+        gauge(
+            &mut e,
+            "coordinator_purge_log_first_seq",
+            "Oldest retained purge sequence.",
+            [(none, self.0.first())],
+        )
+    }
+}

@@ -1,0 +1,27 @@
+//! Config down the stream: the bundles [`Rollouts::next_apply`] wants this edge to run,
+//! sent whenever the rollout changes.
+
+use std::sync::Arc;
+
+use proto::edge::coordinator_message;
+
+use super::{send, Outbound};
+use crate::edges::SessionHandle;
+use crate::rollout::Rollouts;
+
+/// Sends this edge the config bundles the rollout wants it to run.
+pub(super) async fn config_loop(rollouts: Arc<Rollouts>, tx: Outbound, handle: SessionHandle) {
+    let mut changed = rollouts.subscribe();
+    loop {
+        while let Some(apply) = rollouts.next_apply(&handle.edge_id, handle.session) {
+            tracing::info!(edge = %handle.edge_id, version = %apply.version, "sending config");
+            if !send(&tx, &handle, coordinator_message::Msg::ApplyConfig(apply)).await {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            c = changed.changed() => if c.is_err() { return },
+        }
+    }
+}

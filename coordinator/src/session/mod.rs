@@ -1,0 +1,255 @@
+//! Sessions: one long-lived gRPC stream per edge agent, carrying everything the
+//! coordinator tells an edge down and everything it reports up.
+//!
+//! An agent opens `Session` and says Hello with its cursor (`log_id`, `applied_seq`).
+//! [`SessionService`] checks the Hello against the client certificate, decides where the
+//! purges resume ([`resume_point`]) and starts one task per flow:
+//!
+//! * [`purges`]: the log from the cursor on, in batches, behind a small bounded channel;
+//! * [`config`]: the bundles the rollout wants this edge to run (config-capable agents);
+//! * [`warm`]: warm shards, rate changes and cancels (warm-capable agents);
+//! * [`reports`]: acks, errors, heartbeats, stats, probe results and warm progress up,
+//!   each handed to its subsystem; it refuses an ack beyond the log head and ends the
+//!   session when the agent has been silent for three of its report intervals
+//!   ([`silence_limit`]), so a frozen or partitioned agent is lost in seconds.
+//!
+//! The purge listener never waits on an edge: it only appends to the log.
+
+mod config;
+mod purges;
+mod reports;
+mod warm;
+
+pub use purges::{resume_point, ResumePoint};
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use proto::edge::AgentMessage;
+use proto::edge::{agent_message, coordinator_message, CoordinatorMessage, Welcome};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::edges::{EdgeHello, SessionHandle};
+use crate::state::State;
+
+/// Batches in flight towards one agent before the sender waits.
+const OUTBOUND_DEPTH: usize = 2;
+/// Time an agent has to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The sending half of one session's stream.
+type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// The gRPC service agents connect to.
+#[derive(Clone)]
+pub struct SessionService {
+    state: State,
+    /// With mTLS: the Hello must claim the identity in the client certificate.
+    require_identity: bool,
+    shutdown: CancellationToken,
+}
+
+impl SessionService {
+    /// The service over a running coordinator's shared state; with TLS configured, every
+    /// Hello must match its client certificate.
+    pub fn new(state: State, shutdown: CancellationToken) -> Self {
+        SessionService {
+            require_identity: state.tls.is_some(),
+            state,
+            shutdown,
+        }
+    }
+
+    /// Checks the Hello against the verified client certificate; returns its expiry.
+    #[allow(clippy::result_large_err)]
+    fn check_identity(
+        &self,
+        certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+        hello: &proto::edge::Hello,
+    ) -> Result<Option<u64>, Status> {
+        if !self.require_identity {
+            return Ok(None);
+        }
+        let cert = certs
+            .and_then(|c| c.first())
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let (region, id) = crate::tls::peer_identity(cert).map_err(Status::unauthenticated)?;
+        if region != hello.region || id != hello.edge_id {
+            tracing::warn!(cert_edge = %id, cert_region = %region, claimed_edge = %hello.edge_id,
+                claimed_region = %hello.region, "session refused: Hello does not match the certificate");
+            return Err(Status::permission_denied(format!(
+                "certificate is for edge {id:?} in region {region:?}, Hello claims edge {:?} in region {:?}",
+                hello.edge_id, hello.region
+            )));
+        }
+        Ok(crate::tls::not_after(cert))
+    }
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::Coordinator for SessionService {
+    type SessionStream = OutStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let certs = request.peer_certs();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(agent_message::Msg::Hello(h)) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        validate_id(&hello.edge_id, "edge_id")?;
+        validate_id(&hello.region, "region")?;
+        let cert_not_after = self.check_identity(certs.as_deref().map(Vec::as_slice), &hello)?;
+
+        let resume = resume_point(
+            self.state.log.log_id(),
+            self.state.log.first(),
+            self.state.log.head(),
+            &hello.log_id,
+            hello.applied_seq,
+        );
+        let start_seq = match resume {
+            ResumePoint::From(_) => hello.applied_seq,
+            ResumePoint::FullBan { .. } => 0,
+        };
+        let handle = self.state.edges.connect(
+            EdgeHello {
+                id: hello.edge_id.clone(),
+                region: hello.region.clone(),
+                varnish_version: hello.varnish_version.clone(),
+                purge_mode: hello.purge_mode.clone(),
+                agent_version: hello.agent_version.clone(),
+                cert_not_after,
+            },
+            start_seq,
+            &self.shutdown,
+        );
+        tracing::info!(edge = %hello.edge_id, region = %hello.region, peer = ?peer,
+            applied_seq = hello.applied_seq, resume = ?resume, "edge connected");
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
+        let welcome = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Welcome(Welcome {
+                log_id: self.state.log.log_id().to_owned(),
+                head_seq: self.state.log.head(),
+                coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        if self.state.monitor.enabled() && hello.capabilities.iter().any(|c| c == proto::CAP_PROBES)
+        {
+            let plan = CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::ProbePlan(
+                    self.state.monitor.plan(),
+                )),
+            };
+            tx.send(Ok(plan))
+                .await
+                .map_err(|_| Status::cancelled("agent went away"))?;
+        }
+
+        self.state.traffic.connect(&hello.edge_id, &hello.region);
+        let capable = hello.capabilities.iter().any(|c| c == proto::CAP_CONFIG);
+        self.state
+            .rollouts
+            .connect(&hello.edge_id, &hello.region, handle.session, capable);
+        let configurer = capable.then(|| {
+            tokio::spawn(config::config_loop(
+                self.state.rollouts.clone(),
+                tx.clone(),
+                handle.clone(),
+            ))
+        });
+        let warmable = hello.capabilities.iter().any(|c| c == proto::CAP_WARM);
+        let warmer = warmable.then(|| {
+            self.state
+                .warm
+                .connect(&hello.edge_id, &hello.region, handle.session);
+            tokio::spawn(warm::warm_loop(
+                self.state.warm.clone(),
+                tx.clone(),
+                handle.clone(),
+            ))
+        });
+        let silence = silence_limit(hello.report_interval_ms);
+        let sender = tokio::spawn(purges::send_loop(
+            self.state.log.clone(),
+            resume,
+            tx,
+            handle.clone(),
+        ));
+        let service = self.clone();
+        let region = hello.region.clone();
+        tokio::spawn(async move {
+            reports::receive_loop(&service.state, &region, &handle, silence, inbound).await;
+            handle.cancel.cancel();
+            let _ = sender.await;
+            if let Some(c) = configurer {
+                let _ = c.await;
+            }
+            if let Some(w) = warmer {
+                let _ = w.await;
+                service
+                    .state
+                    .warm
+                    .disconnect(&handle.edge_id, handle.session);
+            }
+            service.state.edges.disconnect(&handle);
+            service
+                .state
+                .rollouts
+                .disconnect(&handle.edge_id, handle.session);
+            tracing::info!(edge = %handle.edge_id, "edge disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// How long an agent may stay silent before it counts as lost: three of its report
+/// intervals (it heartbeats every interval), at least 3 s; 30 s for agents that do not
+/// say (they heartbeat every 10 s).
+pub fn silence_limit(report_interval_ms: u32) -> Duration {
+    match report_interval_ms {
+        0 => Duration::from_secs(30),
+        ms => Duration::from_millis(u64::from(ms) * 3).max(Duration::from_secs(3)),
+    }
+}
+
+#[allow(clippy::result_large_err)] // tonic's Status is what the handler returns anyway
+pub fn validate_id(value: &str, what: &str) -> Result<(), Status> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{what} must be 1-128 characters of [A-Za-z0-9._-]"
+        )))
+    }
+}
+
+/// Sends one message unless the session is being torn down; false when it is over.
+async fn send(tx: &Outbound, handle: &SessionHandle, msg: coordinator_message::Msg) -> bool {
+    tokio::select! {
+        _ = handle.cancel.cancelled() => false,
+        r = tx.send(Ok(CoordinatorMessage { msg: Some(msg) })) => r.is_ok(),
+    }
+}

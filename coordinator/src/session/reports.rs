@@ -1,0 +1,108 @@
+//! Reports up the stream: acks, purge errors, heartbeats, config status and results,
+//! probe results, varnish stats, warm progress and top URLs, each handed to the
+//! subsystem that owns it.
+//!
+//! An ack beyond the log head (or for another log) is refused and ends the session; an
+//! agent silent for [`super::silence_limit`] is counted as lost.
+
+use std::time::Duration;
+
+use proto::edge::{agent_message, AgentMessage};
+use tonic::Streaming;
+
+use crate::edges::SessionHandle;
+use crate::state::State;
+
+/// Reads one agent's messages into the registry, the rollout, traffic and monitoring.
+pub(super) async fn receive_loop(
+    state: &State,
+    region: &str,
+    handle: &SessionHandle,
+    silence: Duration,
+    mut inbound: Streaming<AgentMessage>,
+) {
+    let State {
+        edges,
+        rollouts,
+        traffic,
+        monitor,
+        warm,
+        log,
+        ..
+    } = state;
+    loop {
+        let msg = tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            m = tokio::time::timeout(silence, inbound.message()) => match m {
+                Ok(m) => m,
+                Err(_) => {
+                    // Frozen, or cut off by a partition that keeps the socket open: the
+                    // transport's keepalive would take far longer to notice.
+                    tracing::warn!(edge = %handle.edge_id, silent_s = silence.as_secs_f64(),
+                        "edge agent silent; counting it as lost");
+                    return;
+                }
+            },
+        };
+        match msg {
+            Ok(Some(AgentMessage { msg: Some(m) })) => match m {
+                agent_message::Msg::Ack(ack) => {
+                    // An ack past the head (or for another log) is a bug or a lie; taking
+                    // it would make the purge status claim what never happened.
+                    let head = log.head();
+                    if ack.applied_seq > head
+                        || (!ack.log_id.is_empty() && ack.log_id != log.log_id())
+                    {
+                        tracing::warn!(edge = %handle.edge_id, acked = ack.applied_seq, head,
+                            log_id = %ack.log_id, "ack beyond the log head or for another log; dropping the session");
+                        edges.refused_ack(handle);
+                        return;
+                    }
+                    edges.ack(handle, ack.applied_seq)
+                }
+                agent_message::Msg::Heartbeat(_) => edges.seen(handle),
+                agent_message::Msg::PurgeError(e) => {
+                    let error: String = e.error.chars().take(1000).collect();
+                    if e.full_ban {
+                        tracing::error!(edge = %handle.edge_id, seq = e.seq, last_seq = e.last_seq, error = %error,
+                            "varnish refused purges for good; the edge banned everything instead");
+                    } else {
+                        tracing::warn!(edge = %handle.edge_id, seq = e.seq, error = %error, "edge failed to apply purge; it retries");
+                    }
+                    edges.error(handle, e.seq, e.last_seq, error, e.full_ban);
+                }
+                agent_message::Msg::ConfigStatus(status) => {
+                    edges.varnish_status(handle, &status.admin_error);
+                    rollouts.on_status(&handle.edge_id, handle.session, status);
+                }
+                agent_message::Msg::Probe(result) => {
+                    edges.seen(handle);
+                    monitor.record(region, result);
+                }
+                agent_message::Msg::Stats(stats) => {
+                    edges.seen(handle);
+                    traffic.record(&handle.edge_id, region, stats);
+                }
+                agent_message::Msg::WarmProgress(p) => {
+                    edges.seen(handle);
+                    warm.on_progress(&handle.edge_id, handle.session, p);
+                }
+                agent_message::Msg::TopUrls(top) => warm.on_top(&handle.edge_id, region, top),
+                agent_message::Msg::ConfigResult(result) => {
+                    rollouts.on_result(&handle.edge_id, handle.session, result);
+                }
+                agent_message::Msg::Hello(_) => {
+                    tracing::warn!(edge = %handle.edge_id, "second Hello on a session; closing it");
+                    return;
+                }
+            },
+            // Unknown payload from a newer agent: ignore it.
+            Ok(Some(AgentMessage { msg: None })) => {}
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(edge = %handle.edge_id, %status, "session stream ended");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The running coordinator's shared state: one handle per subsystem, opened once by
+//! [`State::open`] and cloned (every field is a cheap handle) into the agent sessions
+//! ([`crate::session`]), the API ([`crate::api`]) and the server's tasks.
+//!
+//! It sits below the sessions, the API and the server and above every subsystem, so
+//! each of those reads the same handles instead of keeping its own copy of them. It also
+//! builds the metrics [`Registry`]: each subsystem registers its own families into it.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::bundle::store::{ConfigStore, StoreError};
+use crate::config::CoordinatorConfig;
+use crate::edges::EdgeRegistry;
+use crate::metrics::Registry;
+use crate::monitor::Monitor;
+use crate::purge::counters::PurgeCounters;
+use crate::purge::log::{LogError, PurgeLog};
+use crate::rollout::Rollouts;
+use crate::tls::{ServerTls, TlsError};
+use crate::traffic::Traffic;
+use crate::warm::store::WarmStoreError;
+use crate::warm::Warm;
+
+/// Why the state could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Warm(#[from] WarmStoreError),
+    #[error("warm token {path}: {source}")]
+    WarmToken {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Shared handles of a running coordinator.
+#[derive(Clone)]
+pub struct State {
+    pub log: PurgeLog,
+    /// What the purge listener and the API count (one set for both doors).
+    pub purge_counters: PurgeCounters,
+    pub edges: Arc<EdgeRegistry>,
+    pub rollouts: Arc<Rollouts>,
+    /// Present when `[grpc.tls]` is configured.
+    pub tls: Option<Arc<ServerTls>>,
+    pub traffic: Arc<Traffic>,
+    pub monitor: Arc<Monitor>,
+    pub warm: Arc<Warm>,
+    /// Region names from coordinator.toml (edges may add others).
+    pub regions: Arc<Vec<String>>,
+    /// Every subsystem's metric families.
+    pub metrics: Arc<Registry>,
+}
+
+impl State {
+    /// Opens the purge log, config store and warm store under `state_dir`, loads the
+    /// TLS files, and builds every subsystem and its metrics.
+    pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, OpenError> {
+        let log = PurgeLog::open(state_dir, config.purge.retention())?;
+        let store = Arc::new(ConfigStore::open(state_dir)?);
+        let token = warm_token(config, state_dir)?;
+        let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars(&token))?;
+        let tls = match &config.grpc.tls {
+            Some(files) => Some(ServerTls::load(files)?),
+            None => None,
+        };
+        let edges = Arc::new(EdgeRegistry::default());
+        let monitor = Monitor::new(
+            config.monitoring.clone(),
+            config.checks.clone(),
+            config.alerts.clone(),
+            config.region_names(),
+            edges.clone(),
+            log.clone(),
+        );
+        let warm = Warm::open(
+            config.warm.clone(),
+            token,
+            config.region_names(),
+            state_dir,
+            edges.clone(),
+        )?;
+        let traffic = Arc::new(Traffic::default());
+        let purge_counters = PurgeCounters::default();
+
+        let mut registry = Registry::default();
+        purge_counters.register(&log, &mut registry);
+        edges.register_metrics(&log, tls.is_some(), &mut registry);
+        rollouts.register_metrics(&mut registry);
+        if let Some(tls) = &tls {
+            tls.register_metrics(&mut registry);
+        }
+        traffic.register_metrics(&mut registry);
+        monitor.register_metrics(&mut registry);
+        warm.register_metrics(&mut registry);
+
+        Ok(State {
+            log,
+            purge_counters,
+            edges,
+            rollouts,
+            tls,
+            traffic,
+            monitor,
+            warm,
+            regions: Arc::new(config.region_names()),
+            metrics: Arc::new(registry),
+        })
+    }
+}
+
+/// The secret warm requests carry (`X-Warm-Token`, the VCL's `${warm_token}`): read from
+/// `[warm] token_file`, or generated once into `STATE_DIR/warm.token` (mode 0600).
+pub fn warm_token(config: &CoordinatorConfig, state_dir: &Path) -> Result<String, OpenError> {
+    let (path, generate) = match &config.warm.token_file {
+        Some(p) => (p.clone(), false),
+        None => (state_dir.join("warm.token"), true),
+    };
+    let err = |source| OpenError::WarmToken {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+        Err(e) if !(generate && e.kind() == std::io::ErrorKind::NotFound) => Err(err(e)),
+        _ if !generate => Err(err(std::io::Error::other("is empty"))),
+        _ => {
+            let token = hex::encode(rand::random::<[u8; 24]>());
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            f.write_all(token.as_bytes()).map_err(err)?;
+            Ok(token)
+        }
+    }
+}

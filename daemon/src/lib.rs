@@ -1,0 +1,12 @@
+//! What the `coordinator` and the `edge-agent` binaries share, written once: reading a
+//! TOML config file into its serde struct and validating it ([`config`]), the tracing
+//! subscriber ([`logging`]) and the signals that stop or reload a daemon ([`signal`]).
+//!
+//! Nothing here knows about purges, varnish or gRPC; both binaries' `main.rs` stay thin
+//! by calling these.
+
+pub mod config;
+pub mod logging;
+pub mod signal;
+
+pub use config::{load, ConfigError, Validate};
