@@ -77,6 +77,31 @@ pub fn counter<L: EncodeLabelSet>(
     Ok(())
 }
 
+/// A gauge family of one unlabelled sample (`name value`).
+pub fn gauge_value<V: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: V,
+) -> std::fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+/// A counter family of one unlabelled sample; `name` ends in `_total`.
+pub fn counter_value(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let base = name.strip_suffix("_total").unwrap_or(name);
+    encoder
+        .encode_descriptor(base, help, None, MetricType::Counter)?
+        .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&value, None)
+}
+
 /// A histogram's state as its owner keeps it: cumulative counts per upper bound.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistogramSample {
@@ -227,6 +252,8 @@ mod tests {
                 "Lag.",
                 [([("edge", Label("a"))], 0.5)],
             )?;
+            gauge_value(&mut e, "t_head_seq", "Head.", 7u64)?;
+            counter_value(&mut e, "t_refused_total", "Refused.", 2)?;
             histogram(
                 &mut e,
                 "t_duration_seconds",
@@ -258,6 +285,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE t_lag_seconds gauge\nt_lag_seconds{edge=\"a\"} 0.5\n"));
+        assert!(
+            text.contains("# TYPE t_head_seq gauge\nt_head_seq 7\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE t_refused_total counter\nt_refused_total 2\n"));
         assert!(!text.contains("# EOF"));
     }
 

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{counter, gauge, Collector, Label, Registry};
+use crate::metrics::{counter_value, gauge, Collector, Label, Registry};
 use crate::pki::EDGE_URI_PREFIX;
 
 /// `[grpc.tls]`: certificate files for mutual TLS.
@@ -258,12 +258,11 @@ impl Collector for TlsMetrics {
                 ([("cert", Label("ca"))], expiry.ca_not_after),
             ],
         )?;
-        let none: [(&str, &str); 0] = [];
-        counter(
+        counter_value(
             &mut e,
             "coordinator_tls_handshakes_refused_total",
             "gRPC connections refused during the TLS handshake.",
-            [(none, self.0.refused.load(Ordering::Relaxed))],
+            self.0.refused.load(Ordering::Relaxed),
         )
     }
 }

@@ -84,7 +84,7 @@ pub async fn probe(check: &Check, target: &str, addr: SocketAddr) -> ProbeResult
     let timeout = Duration::from_millis(u64::from(check.timeout_ms.max(1)));
     let started = Instant::now();
     match warmer::fetch::get(addr, &check.path, &check.host, &[], timeout).await {
-        Err(e) => result.error = e,
+        Err(e) => result.error = e.to_string(),
         Ok(f) => {
             result.status = u32::from(f.status);
             result.ttfb_us = micros(f.ttfb);

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use crate::fetch;
+use crate::error::WarmError;
+use crate::fetch::{self, FetchError, TlsRoots};
 use crate::pace::{Aimd, Throttle};
 use crate::sitemap::{self, Limits, Sitemap};
 
@@ -116,52 +117,56 @@ pub fn format_variation(headers: &[(String, String)]) -> String {
 }
 
 /// Parses `Name: value` into a header pair.
-pub fn parse_variation(spec: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_variation(spec: &str) -> Result<Vec<(String, String)>, WarmError> {
     spec.split(";;")
         .map(|h| {
-            let (n, v) = h
-                .split_once(':')
-                .ok_or_else(|| format!("variation {h:?} must look like 'Header: value'"))?;
+            let (n, v) = h.split_once(':').ok_or_else(|| {
+                WarmError::Variation(format!("variation {h:?} must look like 'Header: value'"))
+            })?;
             let n = n.trim();
             if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                return Err(format!("bad header name {n:?}"));
+                return Err(WarmError::Variation(format!("bad header name {n:?}")));
             }
             Ok((n.to_owned(), v.trim().to_owned()))
         })
         .collect()
 }
 
-/// Every page URL reachable from `source` (an `http://` sitemap URL or a local file),
-/// following one level of sitemap index, de-duplicated, highest priority first.
+/// Every page URL reachable from `source` (an `http://` or `https://` sitemap URL, or a
+/// local file), following one level of sitemap index, de-duplicated, highest priority
+/// first. https servers are verified against the system's trust store.
 pub async fn collect_urls(
     source: &str,
     limits: &Limits,
     timeout: Duration,
-) -> Result<Vec<String>, String> {
-    let first = load(source, limits, timeout).await?;
+) -> Result<Vec<String>, WarmError> {
+    collect_urls_trusting(source, limits, timeout, &TlsRoots::system()).await
+}
+
+/// [`collect_urls`] with https servers verified against `roots`.
+pub async fn collect_urls_trusting(
+    source: &str,
+    limits: &Limits,
+    timeout: Duration,
+    roots: &TlsRoots,
+) -> Result<Vec<String>, WarmError> {
+    let first = load(source, limits, timeout, roots).await?;
     let mut pages = Vec::new();
     match first {
         Sitemap::Pages(p) => pages.extend(p),
         Sitemap::Index(children) => {
             if children.len() > MAX_CHILD_SITEMAPS {
-                return Err(format!(
-                    "sitemap index lists more than {MAX_CHILD_SITEMAPS} sitemaps"
-                ));
+                return Err(WarmError::TooManySitemaps(MAX_CHILD_SITEMAPS));
             }
             for child in children {
-                match load(&child, limits, timeout).await? {
+                match load(&child, limits, timeout, roots).await? {
                     Sitemap::Pages(p) => {
                         pages.extend(p);
                         if pages.len() > limits.max_total_urls {
-                            return Err(format!(
-                                "sitemap index lists more than {} URLs",
-                                limits.max_total_urls
-                            ));
+                            return Err(WarmError::TooManyUrls(limits.max_total_urls));
                         }
                     }
-                    Sitemap::Index(_) => {
-                        return Err(format!("{child}: nested sitemap indexes are not followed"))
-                    }
+                    Sitemap::Index(_) => return Err(WarmError::NestedIndex(child)),
                 }
             }
         }
@@ -175,25 +180,34 @@ pub async fn collect_urls(
     Ok(pages.into_iter().map(|p| p.loc).collect())
 }
 
-async fn load(source: &str, limits: &Limits, timeout: Duration) -> Result<Sitemap, String> {
-    let bytes = if source.starts_with("http://") {
-        let (host, addr, path) = fetch::split_url(source).await?;
-        let got = fetch::get(addr, &path, &host, &[], timeout)
+async fn load(
+    source: &str,
+    limits: &Limits,
+    timeout: Duration,
+    roots: &TlsRoots,
+) -> Result<Sitemap, WarmError> {
+    let url = || source.to_owned();
+    let bytes = if source.starts_with("http://") || source.starts_with("https://") {
+        let got = fetch::get_url(source, timeout, roots)
             .await
-            .map_err(|e| format!("{source}: {e}"))?;
+            .map_err(|error| WarmError::Fetch { url: url(), error })?;
         if got.status != 200 {
-            return Err(format!("{source}: HTTP {}", got.status));
+            return Err(WarmError::Status {
+                url: url(),
+                status: got.status,
+            });
         }
         if got.body.len() >= fetch::MAX_BODY {
-            return Err(format!("{source}: larger than {} bytes", fetch::MAX_BODY));
+            return Err(WarmError::TooLarge {
+                url: url(),
+                limit: fetch::MAX_BODY,
+            });
         }
         got.body
-    } else if source.starts_with("https://") {
-        return Err(format!("{source}: https sitemaps are not fetched directly; give its http:// URL or a local file"));
     } else {
-        std::fs::read(source).map_err(|e| format!("{source}: {e}"))?
+        std::fs::read(source).map_err(|error| WarmError::Read { path: url(), error })?
     };
-    sitemap::parse(&bytes, limits).map_err(|e| format!("{source}: {e}"))
+    sitemap::parse(&bytes, limits).map_err(|error| WarmError::Sitemap { url: url(), error })
 }
 
 /// How each fetch of a pass is made.
@@ -287,7 +301,7 @@ pub async fn fetch_all(
 
 impl Summary {
     /// Counts one fetch's outcome.
-    fn record(&mut self, url: &str, result: &Result<fetch::Fetched, String>, want_tags: bool) {
+    fn record(&mut self, url: &str, result: &Result<fetch::Fetched, FetchError>, want_tags: bool) {
         let error = match result {
             Ok(f) if f.status < 500 && f.status != 429 => {
                 self.fetched += 1;

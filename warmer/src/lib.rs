@@ -5,6 +5,7 @@
 //! agents run for each shard of a coordinator's warm job).
 
 pub mod engine;
+pub mod error;
 pub mod fetch;
 pub mod pace;
 pub mod sitemap;
@@ -39,3 +40,6 @@ pub mod fuzzing {
         }
     }
 }
+
+#[cfg(test)]
+mod fetch_tests;

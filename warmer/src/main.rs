@@ -64,13 +64,13 @@ async fn main() -> ExitCode {
     for v in &args.variation {
         match engine::parse_variation(v) {
             Ok(h) => variations.push(h),
-            Err(e) => return fail(e),
+            Err(e) => return fail(e.to_string()),
         }
     }
     let timeout = Duration::from_millis(args.timeout_ms);
     let urls = match engine::collect_urls(&args.sitemap, &Limits::default(), timeout).await {
         Ok(u) => u,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let opts = Options {
         via,

@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use super::log::PurgeLog;
-use crate::metrics::{gauge, Collector, Registry};
+use crate::metrics::{gauge_value, Collector, Registry};
 
 /// Results a PURGE request can end with (every one is exported from the start at 0).
 pub const REQUEST_RESULTS: [&str; 5] = [
@@ -73,18 +73,17 @@ impl std::fmt::Debug for LogGauges {
 
 impl Collector for LogGauges {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let none: [(&str, &str); 0] = [];
-        gauge(
+        gauge_value(
             &mut e,
             "coordinator_purge_log_head_seq",
             "Newest durable purge sequence.",
-            [(none, self.0.head())],
+            self.0.head(),
         )?;
-        gauge(
+        gauge_value(
             &mut e,
             "coordinator_purge_log_first_seq",
             "Oldest retained purge sequence.",
-            [(none, self.0.first())],
+            self.0.first(),
         )
     }
 }

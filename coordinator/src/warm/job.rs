@@ -84,7 +84,7 @@ impl JobSpec {
             return Err("concurrency must be 1..=64".into());
         }
         for v in self.variations.iter().flatten() {
-            warmer::engine::parse_variation(v)?;
+            warmer::engine::parse_variation(v).map_err(|e| e.to_string())?;
         }
         if let Some(h) = &self.host {
             if h.is_empty() || h.chars().any(|c| c.is_control() || c == ' ' || c == '/') {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use super::Warm;
-use crate::metrics::{counter, gauge, Collector, Label, Registry};
+use crate::metrics::{counter, gauge, gauge_value, Collector, Label, Registry};
 
 /// Warm fetches the edges reported for one region (since coordinator start).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,12 +66,11 @@ impl Collector for Collect {
                 .iter()
                 .map(|(state, n)| ([("state", Label(state))], *n as u64)),
         )?;
-        let none: [(&str, &str); 0] = [];
-        gauge(
+        gauge_value(
             &mut e,
             "coordinator_warm_origin_rate_rps",
             "Origin requests per second the running warm job may send now (AIMD; 0 when idle).",
-            [(none, m.origin_rate_rps)],
+            m.origin_rate_rps,
         )
     }
 }

@@ -1057,7 +1057,9 @@ impl Warm {
                 ..warmer::sitemap::Limits::default()
             };
             let timeout = Duration::from_millis(self.config.timeout_ms);
-            urls = warmer::engine::collect_urls(sitemap, &limits, timeout).await?;
+            urls = warmer::engine::collect_urls(sitemap, &limits, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         urls.extend(spec.urls.iter().cloned());
         if let Some(n) = spec.top {

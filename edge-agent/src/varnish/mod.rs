@@ -9,9 +9,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use crate::config::VarnishConfig;
 use crate::plan::VarnishOp;
 use admin::{quote, AdminClient, AdminError};
@@ -108,26 +105,6 @@ impl Varnish {
         result
     }
 
-    /// Sends one raw HTTP/1.1 request (with `Connection: close`) to varnish's HTTP port
-    /// and returns the response's status line.
-    async fn http(&self, request: &str) -> Result<String, ApplyError> {
-        let addr = self.config.http;
-        let exchange = async {
-            let mut stream = TcpStream::connect(addr).await?;
-            stream.write_all(request.as_bytes()).await?;
-            let mut response = Vec::new();
-            stream.take(64 * 1024).read_to_end(&mut response).await?;
-            Ok::<_, std::io::Error>(response)
-        };
-        let fail = |reason: String| ApplyError::Http { addr, reason };
-        let response = tokio::time::timeout(self.timeout(), exchange)
-            .await
-            .map_err(|_| fail("timed out".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        let head = String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned();
-        Ok(head.lines().next().unwrap_or_default().to_owned())
-    }
-
     /// `GET path` with `Host: host` through varnish; the response status and varnish's
     /// cache verdict.
     pub async fn probe(&self, path: &str, host: &str) -> Result<(u16, String), ApplyError> {
@@ -135,7 +112,10 @@ impl Varnish {
         warmer::fetch::get(addr, path, host, &[], self.timeout())
             .await
             .map(|f| (f.status, f.cache))
-            .map_err(|reason| ApplyError::Http { addr, reason })
+            .map_err(|e| ApplyError::Http {
+                addr,
+                reason: e.to_string(),
+            })
     }
 
     /// Applies one operation. On error the admin session is dropped so the next attempt
@@ -161,6 +141,8 @@ impl Varnish {
         result
     }
 
+    /// `PURGE /` with `X-Xkey-Purge: TAGS` to varnish's HTTP port: the project's VCL
+    /// answers `200 Invalidated N` (xkey's count) when it took it.
     async fn xkey(&self, tags: &[String], soft: bool) -> Result<(), ApplyError> {
         let addr = self.config.http;
         let fail = |reason: String| ApplyError::Xkey { addr, reason };
@@ -168,16 +150,20 @@ impl Varnish {
         if header.chars().any(char::is_control) {
             return Err(fail("tag with a control character".into()));
         }
-        let request = format!(
-            "PURGE / HTTP/1.1\r\nHost: localhost\r\nX-Xkey-Purge: {header}\r\n{}Content-Length: 0\r\nConnection: close\r\n\r\n",
-            if soft { "X-Magento-Purge-Soft: 1\r\n" } else { "" }
-        );
-        let status_line = self.http(&request).await.map_err(|e| fail(e.to_string()))?;
-        if status_line.starts_with("HTTP/1.1 200") && status_line.contains("Invalidated") {
+        let mut headers = vec![("X-Xkey-Purge".to_owned(), header)];
+        if soft {
+            headers.push(("X-Magento-Purge-Soft".to_owned(), "1".to_owned()));
+        }
+        let answer =
+            warmer::fetch::request("PURGE", addr, "/", "localhost", &headers, self.timeout())
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        if answer.status == 200 && answer.reason.contains("Invalidated") {
             Ok(())
         } else {
             Err(fail(format!(
-                "varnish answered {status_line:?}; is the project's VCL (with xkey) loaded?"
+                "varnish answered {} {:?}; is the project's VCL (with xkey) loaded?",
+                answer.status, answer.reason
             )))
         }
     }
