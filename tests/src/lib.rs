@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use coordinator::api::views::RegionView;
 use coordinator_cli::demo::origin::{self, Origin};
 use coordinator_cli::demo::process::{self, Child, VarnishSpec};
 use serde_json::Value;
@@ -47,6 +48,14 @@ pub fn require_varnish() {
         ok,
         "varnishd is not installed: these tests need Debian's varnish and varnish-modules (run scripts/test.sh, which installs them)"
     );
+}
+
+/// The API's snake_case name of a serde enum value (a health, a diagnosis, a state).
+pub fn name_of(value: &impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => s,
+        _ => String::new(),
+    }
 }
 
 /// The `target/<profile>` directory holding the workspace binaries, (re)built once per
@@ -398,24 +407,24 @@ impl CoordinatorProc {
     }
 
     /// `GET /api/v1/regions` as a map by region name.
-    pub async fn regions(&self) -> std::collections::BTreeMap<String, Value> {
-        get_json(self.api, "/api/v1/regions")
-            .await
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| (r["name"].as_str().unwrap_or("").to_owned(), r))
-            .collect()
+    /// `GET /api/v1/regions` read as the API's own typed views, by name: an answer that
+    /// does not parse as [`RegionView`] (a field renamed on one side only) fails the test.
+    pub async fn regions(&self) -> std::collections::BTreeMap<String, RegionView> {
+        let r = get(self.api, "/api/v1/regions").await;
+        if r.status != 200 {
+            return Default::default();
+        }
+        let rows: Vec<RegionView> = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("/api/v1/regions is not Vec<RegionView>: {e}: {}", r.body));
+        rows.into_iter().map(|r| (r.name.clone(), r)).collect()
     }
 
-    /// One region's `health` from `GET /api/v1/regions`.
+    /// One region's `health` from `GET /api/v1/regions` (`up`, `degraded`, `down`).
     pub async fn health(&self, region: &str) -> String {
         self.regions()
             .await
             .get(region)
-            .map_or_else(String::new, |r| {
-                r["health"].as_str().unwrap_or("").to_owned()
-            })
+            .map_or_else(String::new, |r| name_of(&r.health))
     }
 
     pub async fn edges(&self) -> Vec<Value> {

@@ -7,6 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use coordinator::api::views::{Diagnosis, Health};
 use serde_json::{json, Value};
 use tests::{
     assert_eventually, bin_dir, get, magento_purge, pids_of, purge_tags, raw, AgentProc, Cluster,
@@ -188,11 +189,12 @@ async fn a_partitioned_region_is_lost_in_seconds_catches_up_and_holds_nobody_bac
         15,
         {
             let r = c.regions().await;
-            let h = &r["region-2"];
-            if h["health"] == "down" && lost_after.is_none() {
+            let h = r.get("region-2");
+            let down = h.is_some_and(|h| h.health == Health::Down);
+            if down && lost_after.is_none() {
                 lost_after = Some(cut_at.elapsed());
             }
-            h["health"] == "down" && h["diagnosis"] == "agent_lost"
+            down && h.is_some_and(|h| h.diagnosis == Some(Diagnosis::AgentLost))
         },
         "a silent agent was not counted as lost: {:?}",
         c.regions().await.get("region-2")
@@ -253,18 +255,19 @@ async fn varnishd_restarting_under_a_backlog_delays_only_its_own_edge() {
         20,
         {
             let r = c.regions().await;
-            diagnosis = r["region-0"]["diagnosis"].clone();
-            r["region-0"]["health"] == "degraded"
+            diagnosis = r.get("region-0").and_then(|r| r.diagnosis);
+            r.get("region-0")
+                .is_some_and(|r| r.health == Health::Degraded)
         },
         "region-0 reads {:?} with its varnishd down",
         c.regions().await.get("region-0")
     );
     assert!(
         matches!(
-            diagnosis.as_str(),
-            Some("purge_failing" | "varnish_unreachable")
+            diagnosis,
+            Some(Diagnosis::PurgeFailing | Diagnosis::VarnishUnreachable)
         ),
-        "{diagnosis}"
+        "{diagnosis:?}"
     );
     let (code, table) = status(c, false);
     assert_eq!(
@@ -282,7 +285,7 @@ async fn varnishd_restarting_under_a_backlog_delays_only_its_own_edge() {
     );
     eprintln!(
         "figure: varnishd down under a 300-purge backlog: region-0 {} ; backlog applied {:.1} s after varnishd came back; 0 lost",
-        diagnosis,
+        diagnosis.map(Diagnosis::as_str).unwrap_or("-"),
         caught_up.as_secs_f64()
     );
 }
@@ -476,13 +479,10 @@ async fn health_is_the_truth_for_missing_frozen_and_misconfigured_agents() {
     // A configured region with no agent.
     let r = c.regions().await;
     assert_eq!(
-        (
-            r["region-9"]["health"].as_str(),
-            r["region-9"]["diagnosis"].as_str()
-        ),
-        (Some("down"), Some("no_agents")),
+        r.get("region-9").map(|r| (r.health, r.diagnosis)),
+        Some((Health::Down, Some(Diagnosis::NoAgents))),
         "{:?}",
-        r["region-9"]
+        r.get("region-9")
     );
     let (code, out) = status(c, true);
     assert_eq!(code, 2);
@@ -501,7 +501,9 @@ async fn health_is_the_truth_for_missing_frozen_and_misconfigured_agents() {
         10,
         {
             let r = c.regions().await;
-            r["region-1"]["health"] == "down" && r["region-1"]["diagnosis"] == "agent_lost"
+            r.get("region-1").is_some_and(|r| {
+                r.health == Health::Down && r.diagnosis == Some(Diagnosis::AgentLost)
+            })
         },
         "frozen agent still counted: {:?}",
         c.regions().await.get("region-1")
@@ -533,7 +535,9 @@ async fn health_is_the_truth_for_missing_frozen_and_misconfigured_agents() {
         15,
         {
             let r = c.regions().await;
-            r["region-0"]["health"] == "degraded" && r["region-0"]["diagnosis"] == "purge_failing"
+            r.get("region-0").is_some_and(|r| {
+                r.health == Health::Degraded && r.diagnosis == Some(Diagnosis::PurgeFailing)
+            })
         },
         "an agent failing every purge reads {:?}",
         c.regions().await.get("region-0")
@@ -576,11 +580,12 @@ async fn health_is_the_truth_for_missing_frozen_and_misconfigured_agents() {
         15,
         {
             let r = c.regions().await;
-            let r1 = &r["region-1"];
-            r1["stats_stale"] == true
-                && r1["objects"].is_null()
-                && r1["hit_ratio"]["m1"].is_null()
-                && r1["health"] != "up"
+            r.get("region-1").is_some_and(|r1| {
+                r1.stats_stale
+                    && r1.objects.is_none()
+                    && r1.hit_ratio.m1.is_none()
+                    && r1.health != Health::Up
+            })
         },
         "a dead varnishd's region still shows live figures: {:?}",
         c.regions().await.get("region-1")
@@ -624,22 +629,28 @@ async fn the_shopper_hit_ratio_excludes_warm_traffic_exactly() {
     assert_eventually!(
         15,
         {
-            region = c.regions().await["region-0"].clone();
-            region["hit_ratio"]["m5"].as_f64() == Some(0.75)
+            region = c.regions().await.get("region-0").cloned();
+            region.as_ref().and_then(|r| r.hit_ratio.m5) == Some(0.75)
         },
-        "shopper hit ratio is not 30/40: {region}"
+        "shopper hit ratio is not 30/40: {region:?}"
     );
-    let warm_ratio = region["synthetic_hit_ratio"]["m5"].as_f64();
+    let warm_ratio = region
+        .as_ref()
+        .and_then(|r| r.synthetic_hit_ratio)
+        .and_then(|h| h.m5);
     assert_eq!(
         warm_ratio,
         Some(0.0),
-        "the warm pass was all misses: {region}"
+        "the warm pass was all misses: {region:?}"
     );
     let raw_hits = v.counter("MAIN.cache_hit");
     let raw_misses = v.counter("MAIN.cache_miss");
     eprintln!(
         "figure: shopper hit ratio {:.3} (exactly 30/40) where varnish's own counters say {:.3} ({raw_hits} hits, {raw_misses} misses with the warm pass)",
-        region["hit_ratio"]["m5"].as_f64().unwrap_or(f64::NAN),
+        region
+            .as_ref()
+            .and_then(|r| r.hit_ratio.m5)
+            .unwrap_or(f64::NAN),
         raw_hits as f64 / (raw_hits + raw_misses) as f64
     );
 }
