@@ -203,7 +203,7 @@ pub enum ConfigCommand {
 pub enum WarmCommand {
     /// Queue a warm job and print its id.
     Start {
-        /// A sitemap or sitemap index (http://; .gz children allowed).
+        /// A sitemap or sitemap index (http:// or https://; .gz children allowed).
         #[arg(long)]
         sitemap: Option<String>,
         /// A file with one absolute URL per line.

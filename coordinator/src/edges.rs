@@ -13,11 +13,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
-use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{counter, edge_labels, gauge, Collector, Label, Registry};
+use crate::metrics::{collector, counter, edge_labels, gauge, DescriptorEncoder, Label, Registry};
 use crate::purge::log::PurgeLog;
 
 const ACK_POINTS: usize = 8192;
@@ -382,105 +381,81 @@ impl EdgeRegistry {
         with_certs: bool,
         registry: &mut Registry,
     ) {
-        registry.register_collector(Box::new(EdgeMetrics {
-            edges: self.clone(),
-            log: log.clone(),
-            with_certs,
-        }));
+        let source = (self.clone(), log.clone(), with_certs);
+        registry.register_collector(collector(source, encode_edges));
     }
 }
 
-struct EdgeMetrics {
-    edges: Arc<EdgeRegistry>,
-    log: PurgeLog,
-    with_certs: bool,
-}
+type EdgeSource = (Arc<EdgeRegistry>, PurgeLog, bool);
 
-impl std::fmt::Debug for EdgeMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EdgeMetrics")
+fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let (edges, log, with_certs) = source;
+    let list = edges.list_with_lag(log);
+    fn labels(v: &EdgeView) -> [(&'static str, Label<'_>); 2] {
+        edge_labels(&v.region, &v.id)
     }
-}
-
-impl Collector for EdgeMetrics {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let list = self.edges.list_with_lag(&self.log);
-        fn labels(v: &EdgeView) -> [(&'static str, Label<'_>); 2] {
-            edge_labels(&v.region, &v.id)
-        }
-        type PerEdge = fn(&EdgeView) -> u64;
-        let counters: [(&str, &str, PerEdge); 3] = [
-            (
-                "coordinator_purges_applied_total",
-                "Purge log entries applied, per edge (since coordinator start).",
-                |v| v.applied_total,
-            ),
-            (
-                "coordinator_edge_purge_full_bans_total",
-                "Purges varnish refused for good that the edge applied as a full ban instead.",
-                |v| v.full_bans,
-            ),
-            (
-                "coordinator_edge_acks_refused_total",
-                "Acks beyond the log head (or for another log) refused; each dropped the session.",
-                |v| v.refused_acks,
-            ),
-        ];
-        for (name, help, value) in counters {
-            counter(
-                &mut e,
-                name,
-                help,
-                list.iter().map(|v| (labels(v), value(v))),
-            )?;
-        }
-        let gauges: [(&str, &str, PerEdge); 4] = [
-            (
-                "coordinator_edge_purge_lag_entries",
-                "Purge log entries not yet applied, per edge.",
-                |v| v.lag,
-            ),
-            (
-                "coordinator_edge_applied_seq",
-                "Highest purge sequence applied, per edge.",
-                |v| v.applied_seq,
-            ),
-            (
-                "coordinator_edge_connected",
-                "Whether the edge's session is up (1) or not (0).",
-                |v| u64::from(v.connected),
-            ),
-            (
-                "coordinator_edge_purge_failing",
-                "1 while the edge reports that it cannot apply its next purge (it retries).",
-                |v| u64::from(v.purge_failing),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            gauge(
-                &mut e,
-                name,
-                help,
-                list.iter().map(|v| (labels(v), value(v))),
-            )?;
-        }
+    type PerEdge = fn(&EdgeView) -> u64;
+    let counters: [(&str, &str, PerEdge); 3] = [
+        (
+            "coordinator_purges_applied_total",
+            "Purge log entries applied, per edge (since coordinator start).",
+            |v| v.applied_total,
+        ),
+        (
+            "coordinator_edge_purge_full_bans_total",
+            "Purges varnish refused for good that the edge applied as a full ban instead.",
+            |v| v.full_bans,
+        ),
+        (
+            "coordinator_edge_acks_refused_total",
+            "Acks beyond the log head (or for another log) refused; each dropped the session.",
+            |v| v.refused_acks,
+        ),
+    ];
+    for (name, help, value) in counters {
+        counter(e, name, help, list.iter().map(|v| (labels(v), value(v))))?;
+    }
+    let gauges: [(&str, &str, PerEdge); 4] = [
+        (
+            "coordinator_edge_purge_lag_entries",
+            "Purge log entries not yet applied, per edge.",
+            |v| v.lag,
+        ),
+        (
+            "coordinator_edge_applied_seq",
+            "Highest purge sequence applied, per edge.",
+            |v| v.applied_seq,
+        ),
+        (
+            "coordinator_edge_connected",
+            "Whether the edge's session is up (1) or not (0).",
+            |v| u64::from(v.connected),
+        ),
+        (
+            "coordinator_edge_purge_failing",
+            "1 while the edge reports that it cannot apply its next purge (it retries).",
+            |v| u64::from(v.purge_failing),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        gauge(e, name, help, list.iter().map(|v| (labels(v), value(v))))?;
+    }
+    gauge(
+        e,
+        "coordinator_edge_purge_lag_seconds",
+        "How long the oldest purge an edge has not applied has waited (0: none).",
+        list.iter().map(|v| (labels(v), v.lag_s.unwrap_or(0.0))),
+    )?;
+    if *with_certs {
         gauge(
-            &mut e,
-            "coordinator_edge_purge_lag_seconds",
-            "How long the oldest purge an edge has not applied has waited (0: none).",
-            list.iter().map(|v| (labels(v), v.lag_s.unwrap_or(0.0))),
+            e,
+            "coordinator_edge_cert_expiry_timestamp_seconds",
+            "When the client certificate an edge presented expires (Unix time).",
+            list.iter()
+                .filter_map(|v| v.cert_not_after.map(|t| (labels(v), t))),
         )?;
-        if self.with_certs {
-            gauge(
-                &mut e,
-                "coordinator_edge_cert_expiry_timestamp_seconds",
-                "When the client certificate an edge presented expires (Unix time).",
-                list.iter()
-                    .filter_map(|v| v.cert_not_after.map(|t| (labels(v), t))),
-            )?;
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 /// RFC 3339 with microseconds, UTC.

@@ -14,13 +14,40 @@
 
 use std::fmt::Write;
 
+pub use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
+    EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
 };
 use prometheus_client::metrics::MetricType;
 
 pub use prometheus_client::collector::Collector;
 pub use prometheus_client::registry::Registry;
+
+/// A collector that reads `source` with `encode` on every scrape: how a module exports
+/// the gauges and counters it already keeps, without a second copy of them.
+pub fn collector<T: Send + Sync + 'static>(
+    source: T,
+    encode: fn(&T, &mut DescriptorEncoder) -> std::fmt::Result,
+) -> Box<dyn Collector> {
+    Box::new(FromFn { source, encode })
+}
+
+struct FromFn<T> {
+    source: T,
+    encode: fn(&T, &mut DescriptorEncoder) -> std::fmt::Result,
+}
+
+impl<T> std::fmt::Debug for FromFn<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Collector")
+    }
+}
+
+impl<T: Send + Sync + 'static> Collector for FromFn<T> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        (self.encode)(&self.source, &mut encoder)
+    }
+}
 
 /// A label value, escaped as the text formats require (`\`, `"`, newline).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

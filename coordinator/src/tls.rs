@@ -28,10 +28,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{counter_value, gauge, Collector, Label, Registry};
+use crate::metrics::{collector, counter_value, gauge, DescriptorEncoder, Label, Registry};
 use crate::pki::EDGE_URI_PREFIX;
 
 /// `[grpc.tls]`: certificate files for mutual TLS.
@@ -234,37 +233,27 @@ pub fn incoming(
 impl ServerTls {
     /// Registers the certificate expiry and refused-handshake families.
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
-        registry.register_collector(Box::new(TlsMetrics(self.clone())));
+        registry.register_collector(collector(self.clone(), encode_metrics));
     }
 }
 
-struct TlsMetrics(Arc<ServerTls>);
-
-impl std::fmt::Debug for TlsMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TlsMetrics")
-    }
-}
-
-impl Collector for TlsMetrics {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let expiry = self.0.expiry();
-        gauge(
-            &mut e,
-            "coordinator_tls_cert_expiry_timestamp_seconds",
-            "When a certificate in use expires (Unix time).",
-            [
-                ([("cert", Label("server"))], expiry.server_not_after),
-                ([("cert", Label("ca"))], expiry.ca_not_after),
-            ],
-        )?;
-        counter_value(
-            &mut e,
-            "coordinator_tls_handshakes_refused_total",
-            "gRPC connections refused during the TLS handshake.",
-            self.0.refused.load(Ordering::Relaxed),
-        )
-    }
+fn encode_metrics(source: &Arc<ServerTls>, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let expiry = source.expiry();
+    gauge(
+        e,
+        "coordinator_tls_cert_expiry_timestamp_seconds",
+        "When a certificate in use expires (Unix time).",
+        [
+            ([("cert", Label("server"))], expiry.server_not_after),
+            ([("cert", Label("ca"))], expiry.ca_not_after),
+        ],
+    )?;
+    counter_value(
+        e,
+        "coordinator_tls_handshakes_refused_total",
+        "gRPC connections refused during the TLS handshake.",
+        source.refused.load(Ordering::Relaxed),
+    )
 }
 
 #[cfg(test)]

@@ -15,11 +15,10 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use prometheus_client::encoding::DescriptorEncoder;
 use proto::edge::VarnishStats;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{counter, edge_labels, gauge, Collector, Label, Registry};
+use crate::metrics::{collector, counter, edge_labels, gauge, DescriptorEncoder, Label, Registry};
 
 /// Samples older than this are dropped (the longest window).
 const SAMPLE_KEEP_MS: u64 = 3_600_000;
@@ -380,95 +379,86 @@ fn summarize(all: &[&EdgeTraffic], now_ms: u64) -> Summary {
 impl Traffic {
     /// Registers the varnish counter families (per edge) and the regions' hit ratios.
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
-        registry.register_collector(Box::new(TrafficMetrics(self.clone())));
+        registry.register_collector(collector(self.clone(), encode_metrics));
     }
 }
 
-struct TrafficMetrics(Arc<Traffic>);
-
-impl std::fmt::Debug for TrafficMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TrafficMetrics")
+fn encode_metrics(source: &Arc<Traffic>, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let now = crate::clock::now_ms();
+    let edges = source.edges(now);
+    type Get = fn(&Delta) -> u64;
+    let counters: [(&str, &str, Get); 9] = [
+        (
+            "coordinator_varnish_requests_total",
+            "Client requests varnish received (since coordinator start).",
+            |d| d.requests,
+        ),
+        ("coordinator_varnish_cache_hits_total", "Cache hits.", |d| {
+            d.hits
+        }),
+        (
+            "coordinator_varnish_cache_misses_total",
+            "Cache misses.",
+            |d| d.misses,
+        ),
+        (
+            "coordinator_varnish_passes_total",
+            "Requests passed to the backend uncached.",
+            |d| d.passes,
+        ),
+        (
+            "coordinator_varnish_backend_fetches_total",
+            "Backend fetches.",
+            |d| d.backend_fetches,
+        ),
+        (
+            "coordinator_varnish_backend_failures_total",
+            "Failed backend connections and fetches.",
+            |d| d.backend_failures,
+        ),
+        (
+            "coordinator_varnish_synthetic_requests_total",
+            "The agent's own requests (warm shards, probes) among the client requests.",
+            |d| d.synthetic_requests,
+        ),
+        (
+            "coordinator_varnish_synthetic_hits_total",
+            "Cache hits of the agent's own requests.",
+            |d| d.synthetic_hits,
+        ),
+        (
+            "coordinator_varnish_synthetic_misses_total",
+            "Cache misses of the agent's own requests (warming).",
+            |d| d.synthetic_misses,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let samples = edges
+            .iter()
+            .map(|(id, (region, _, total))| (edge_labels(region, id), get(total)));
+        counter(e, name, help, samples)?;
     }
-}
-
-impl Collector for TrafficMetrics {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let now = crate::clock::now_ms();
-        let edges = self.0.edges(now);
-        type Get = fn(&Delta) -> u64;
-        let counters: [(&str, &str, Get); 9] = [
-            (
-                "coordinator_varnish_requests_total",
-                "Client requests varnish received (since coordinator start).",
-                |d| d.requests,
-            ),
-            ("coordinator_varnish_cache_hits_total", "Cache hits.", |d| {
-                d.hits
-            }),
-            (
-                "coordinator_varnish_cache_misses_total",
-                "Cache misses.",
-                |d| d.misses,
-            ),
-            (
-                "coordinator_varnish_passes_total",
-                "Requests passed to the backend uncached.",
-                |d| d.passes,
-            ),
-            (
-                "coordinator_varnish_backend_fetches_total",
-                "Backend fetches.",
-                |d| d.backend_fetches,
-            ),
-            (
-                "coordinator_varnish_backend_failures_total",
-                "Failed backend connections and fetches.",
-                |d| d.backend_failures,
-            ),
-            (
-                "coordinator_varnish_synthetic_requests_total",
-                "The agent's own requests (warm shards, probes) among the client requests.",
-                |d| d.synthetic_requests,
-            ),
-            (
-                "coordinator_varnish_synthetic_hits_total",
-                "Cache hits of the agent's own requests.",
-                |d| d.synthetic_hits,
-            ),
-            (
-                "coordinator_varnish_synthetic_misses_total",
-                "Cache misses of the agent's own requests (warming).",
-                |d| d.synthetic_misses,
-            ),
-        ];
-        for (name, help, get) in counters {
-            let samples = edges
-                .iter()
-                .map(|(id, (region, _, total))| (edge_labels(region, id), get(total)));
-            counter(&mut e, name, help, samples)?;
-        }
-        type Current = fn(&Summary) -> Option<u64>;
-        let gauges: [(&str, &str, Current); 2] = [
-            (
-                "coordinator_varnish_objects",
-                "Objects in the cache.",
-                |s| s.objects,
-            ),
-            ("coordinator_varnish_bans", "Length of the ban list.", |s| {
-                s.bans
-            }),
-        ];
-        for (name, help, get) in gauges {
-            // A stale edge has no live value: no sample rather than its last one.
-            let samples = edges.iter().filter_map(|(id, (region, summary, _))| {
-                get(summary).map(|v| (edge_labels(region, id), v))
-            });
-            gauge(&mut e, name, help, samples)?;
-        }
-        let regions = self.0.regions(now);
-        gauge(
-            &mut e,
+    type Current = fn(&Summary) -> Option<u64>;
+    let gauges: [(&str, &str, Current); 2] = [
+        (
+            "coordinator_varnish_objects",
+            "Objects in the cache.",
+            |s| s.objects,
+        ),
+        ("coordinator_varnish_bans", "Length of the ban list.", |s| {
+            s.bans
+        }),
+    ];
+    for (name, help, get) in gauges {
+        // A stale edge has no live value: no sample rather than its last one.
+        let samples = edges.iter().filter_map(|(id, (region, summary, _))| {
+            get(summary).map(|v| (edge_labels(region, id), v))
+        });
+        gauge(e, name, help, samples)?;
+    }
+    let regions = source.regions(now);
+    gauge(
+            e,
             "coordinator_region_hit_ratio",
             "Shoppers' Σhits / Σ(hits + misses) over the region's edges in the window (the agents' warm and probe requests excluded).",
             regions.iter().flat_map(|(region, summary)| {
@@ -482,7 +472,6 @@ impl Collector for TrafficMetrics {
                 })
             }),
         )
-    }
 }
 
 #[cfg(test)]

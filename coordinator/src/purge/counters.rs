@@ -3,12 +3,11 @@
 //! alike, so a purge counts once whichever door it came through. The log's head and
 //! first sequence are read from the [`PurgeLog`] at scrape time.
 
-use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use super::log::PurgeLog;
-use crate::metrics::{gauge_value, Collector, Registry};
+use crate::metrics::{collector, gauge_value, DescriptorEncoder, Registry};
 
 /// Results a PURGE request can end with (every one is exported from the start at 0).
 pub const REQUEST_RESULTS: [&str; 5] = [
@@ -59,31 +58,21 @@ impl PurgeCounters {
             "Purges durably logged, by kind",
             self.logged.clone(),
         );
-        registry.register_collector(Box::new(LogGauges(log.clone())));
+        registry.register_collector(collector(log.clone(), encode_log));
     }
 }
 
-struct LogGauges(PurgeLog);
-
-impl std::fmt::Debug for LogGauges {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LogGauges")
-    }
-}
-
-impl Collector for LogGauges {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        gauge_value(
-            &mut e,
-            "coordinator_purge_log_head_seq",
-            "Newest durable purge sequence.",
-            self.0.head(),
-        )?;
-        gauge_value(
-            &mut e,
-            "coordinator_purge_log_first_seq",
-            "Oldest retained purge sequence.",
-            self.0.first(),
-        )
-    }
+fn encode_log(source: &PurgeLog, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    gauge_value(
+        e,
+        "coordinator_purge_log_head_seq",
+        "Newest durable purge sequence.",
+        source.head(),
+    )?;
+    gauge_value(
+        e,
+        "coordinator_purge_log_first_seq",
+        "Oldest retained purge sequence.",
+        source.first(),
+    )
 }

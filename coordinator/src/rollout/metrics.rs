@@ -3,65 +3,53 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::DescriptorEncoder;
-
 use super::{Phase, Rollouts};
-use crate::metrics::{counter, edge_labels, gauge, Collector, Label, Registry};
+use crate::metrics::{collector, counter, edge_labels, gauge, DescriptorEncoder, Label, Registry};
 
 impl Rollouts {
     /// Registers the config families.
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
-        registry.register_collector(Box::new(RolloutMetrics(self.clone())));
+        registry.register_collector(collector(self.clone(), encode));
     }
 }
 
-struct RolloutMetrics(Arc<Rollouts>);
-
-impl std::fmt::Debug for RolloutMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RolloutMetrics")
+fn encode(source: &Arc<Rollouts>, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let view = source.view();
+    fn labels(v: &super::EdgeConfigView) -> [(&'static str, Label<'_>); 2] {
+        edge_labels(&v.region, &v.id)
     }
-}
-
-impl Collector for RolloutMetrics {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let view = self.0.view();
-        fn labels(v: &super::EdgeConfigView) -> [(&'static str, Label<'_>); 2] {
-            edge_labels(&v.region, &v.id)
-        }
-        gauge(
-            &mut e,
-            "coordinator_config_edge_in_sync",
-            "Whether the edge runs its target config version (1) or not (0).",
-            view.edges
-                .iter()
-                .map(|v| (labels(v), u64::from(v.state == super::ConfigState::InSync))),
-        )?;
-        gauge(
-            &mut e,
-            "coordinator_config_edge_drift",
-            "Whether the edge runs a VCL the coordinator did not push (1) or not (0).",
-            view.edges.iter().map(|v| (labels(v), u64::from(v.drift))),
-        )?;
-        counter(
-            &mut e,
-            "coordinator_config_drift_events_total",
-            "Times the edge was seen leaving its config version (since coordinator start).",
-            view.edges.iter().map(|v| (labels(v), v.drift_events)),
-        )?;
-        let phase = view.rollout.as_ref().map(|r| r.phase);
-        gauge(
-            &mut e,
-            "coordinator_config_rollout_phase",
-            "The latest rollout's phase (1 for the current one).",
-            [
-                ("canary", Phase::Canary),
-                ("fleet", Phase::Fleet),
-                ("done", Phase::Done),
-                ("failed", Phase::Failed),
-            ]
-            .into_iter()
-            .map(|(name, p)| ([("phase", Label(name))], u64::from(phase == Some(p)))),
-        )
-    }
+    gauge(
+        e,
+        "coordinator_config_edge_in_sync",
+        "Whether the edge runs its target config version (1) or not (0).",
+        view.edges
+            .iter()
+            .map(|v| (labels(v), u64::from(v.state == super::ConfigState::InSync))),
+    )?;
+    gauge(
+        e,
+        "coordinator_config_edge_drift",
+        "Whether the edge runs a VCL the coordinator did not push (1) or not (0).",
+        view.edges.iter().map(|v| (labels(v), u64::from(v.drift))),
+    )?;
+    counter(
+        e,
+        "coordinator_config_drift_events_total",
+        "Times the edge was seen leaving its config version (since coordinator start).",
+        view.edges.iter().map(|v| (labels(v), v.drift_events)),
+    )?;
+    let phase = view.rollout.as_ref().map(|r| r.phase);
+    gauge(
+        e,
+        "coordinator_config_rollout_phase",
+        "The latest rollout's phase (1 for the current one).",
+        [
+            ("canary", Phase::Canary),
+            ("fleet", Phase::Fleet),
+            ("done", Phase::Done),
+            ("failed", Phase::Failed),
+        ]
+        .into_iter()
+        .map(|(name, p)| ([("phase", Label(name))], u64::from(phase == Some(p)))),
+    )
 }

@@ -4,10 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use prometheus_client::encoding::DescriptorEncoder;
-
 use super::Warm;
-use crate::metrics::{counter, gauge, gauge_value, Collector, Label, Registry};
+use crate::metrics::{collector, counter, gauge, gauge_value, DescriptorEncoder, Label, Registry};
 
 /// Warm fetches the edges reported for one region (since coordinator start).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,46 +29,34 @@ pub struct WarmMetrics {
 impl Warm {
     /// Registers the warm families.
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
-        registry.register_collector(Box::new(Collect(self.clone())));
+        registry.register_collector(collector(self.clone(), encode));
     }
 }
 
-struct Collect(Arc<Warm>);
-
-impl std::fmt::Debug for Collect {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WarmMetrics")
-    }
-}
-
-impl Collector for Collect {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let m = self.0.metrics();
-        counter(
-            &mut e,
-            "coordinator_warm_fetches_total",
-            "Warm fetches reported by the edges, per region and result (since coordinator start).",
-            m.fetches.iter().flat_map(|(region, t)| {
-                [("hit", t.hits), ("miss", t.misses), ("error", t.errors)]
-                    .into_iter()
-                    .map(move |(result, v)| {
-                        ([("region", Label(region)), ("result", Label(result))], v)
-                    })
-            }),
-        )?;
-        gauge(
-            &mut e,
-            "coordinator_warm_jobs",
-            "Warm jobs known, by state.",
-            m.jobs
-                .iter()
-                .map(|(state, n)| ([("state", Label(state))], *n as u64)),
-        )?;
-        gauge_value(
-            &mut e,
-            "coordinator_warm_origin_rate_rps",
-            "Origin requests per second the running warm job may send now (AIMD; 0 when idle).",
-            m.origin_rate_rps,
-        )
-    }
+fn encode(source: &Arc<Warm>, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let m = source.metrics();
+    counter(
+        e,
+        "coordinator_warm_fetches_total",
+        "Warm fetches reported by the edges, per region and result (since coordinator start).",
+        m.fetches.iter().flat_map(|(region, t)| {
+            [("hit", t.hits), ("miss", t.misses), ("error", t.errors)]
+                .into_iter()
+                .map(move |(result, v)| ([("region", Label(region)), ("result", Label(result))], v))
+        }),
+    )?;
+    gauge(
+        e,
+        "coordinator_warm_jobs",
+        "Warm jobs known, by state.",
+        m.jobs
+            .iter()
+            .map(|(state, n)| ([("state", Label(state))], *n as u64)),
+    )?;
+    gauge_value(
+        e,
+        "coordinator_warm_origin_rate_rps",
+        "Origin requests per second the running warm job may send now (AIMD; 0 when idle).",
+        m.origin_rate_rps,
+    )
 }
