@@ -4,6 +4,7 @@
 //! (a paced, concurrency-bounded pass: behind the `warmer` binary, and what the edge
 //! agents run for each shard of a coordinator's warm job).
 
+pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod fetch;

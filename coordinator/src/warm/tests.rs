@@ -161,6 +161,13 @@ async fn flat_job_hands_every_shard_to_every_edge_once_and_splits_the_budget() {
     for r in regions() {
         assert_eq!((v.regions[&r].done, v.regions[&r].total), (45, 45));
     }
+    // The view the API answers reads back as the same typed view (what the CLI does).
+    let json = serde_json::to_value(&v).unwrap();
+    assert_eq!(json["state"], "done");
+    assert_eq!(json["kind"], "api");
+    let back: JobView = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(serde_json::to_value(&back).unwrap(), json);
+    assert_eq!(back.origin, Origin::Api);
 }
 
 #[tokio::test]

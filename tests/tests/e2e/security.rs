@@ -258,6 +258,31 @@ async fn api_needs_the_token_for_writes_and_optionally_reads() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(c.call("GET", "/api/v1/edges", None).await.status, 200);
+    // An API purge is counted with Magento's (one family, by kind); a refused one is not.
+    let bad = c
+        .call("POST", "/api/v1/purges", Some(&json!({"url": "no-slash"})))
+        .await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let metrics = c.call("GET", "/metrics", None).await.body;
+    assert!(
+        metrics.contains("coordinator_purges_received_total{kind=\"tags\"} 1\n")
+            && metrics.contains("coordinator_purges_received_total{kind=\"url\"} 0\n"),
+        "{metrics}"
+    );
+    // A scraper asking for OpenMetrics (Prometheus does) gets it.
+    let req = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        c.token
+    );
+    let open = tests::raw(c.api, req.as_bytes()).await.expect("/metrics");
+    assert!(
+        open.body.ends_with("# EOF\n")
+            && open
+                .body
+                .contains("# TYPE coordinator_purges_received counter\n"),
+        "{}",
+        open.body
+    );
 
     // Rotation: a new token in token_file and SIGHUP; the old one stops working.
     std::fs::write(dir.path().join("token"), "rotated-token-9876543210\n").expect("token");
