@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need when it is missing: Debian's varnish (7.1)
-# and varnish-modules (xkey, vsthrottle), and chromium for the dashboard test. No protoc
-# is needed (protox compiles .proto).
+# and varnish-modules (xkey, vsthrottle) for the demo and every end-to-end test;
+# chromium only for the tests (the dashboard is checked in headless Chromium); and
+# systemd's systemd-analyze only for the tests (the shipped units are verified with it).
+# No protoc is needed (protox compiles .proto).
 set -euo pipefail
 need=()
 command -v varnishd >/dev/null 2>&1 || need+=(varnish)
@@ -10,6 +12,7 @@ if ! ls "$vmods"/libvmod_xkey.so >/dev/null 2>&1 && ! ls /usr/lib/*/varnish/vmod
   need+=(varnish-modules)
 fi
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

@@ -103,6 +103,13 @@ pub enum Command {
         /// Keep stale copies for grace (xkey mode).
         #[arg(long)]
         soft: bool,
+        /// Wait until every connected edge applied it, printing each edge's time (exit 1
+        /// if some edge has not within --timeout-s).
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait with --wait, in seconds.
+        #[arg(long, default_value_t = 30, requires = "wait")]
+        timeout_s: u64,
     },
 }
 
@@ -221,7 +228,8 @@ pub enum WarmCommand {
         /// Concurrent fetches per edge.
         #[arg(long)]
         concurrency: Option<u32>,
-        /// 'Header: value' (several joined by ';;'); each URL is also fetched once per variation.
+        /// A variation: 'Header: value' (several headers joined by ';;'). Repeat the flag for
+        /// more variations; each URL is fetched plain and once more per variation.
         #[arg(long)]
         variation: Vec<String>,
         /// Host header for every request.

@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use coordinator::api::views::{
-    ApiError, ConfigView, JobList, JobState, JobView, PurgeAccepted, PurgeBody, RegionStatus,
-    RegionView, Started, VersionInfo, WarmStarted,
+    ApiError, ConfigView, EdgeView, JobList, JobState, JobView, PurgeAccepted, PurgeBody,
+    PurgeView, RegionStatus, RegionView, Started, VersionInfo, WarmStarted,
 };
 use coordinator::bundle::store::StoredVersion;
 use coordinator::bundle::Bundle;
@@ -458,11 +458,74 @@ pub fn status_table(regions: &[RegionView]) -> String {
     out + &notes
 }
 
-/// `purge --tag T... | --url U [--host H] | --all`.
-pub async fn purge(api: &ApiClient, body: &PurgeBody) -> Result<(), CliError> {
+/// `purge --tag T... | --url U [--host H] | --all [--wait]`: with `wait`, polls until
+/// every connected edge applied it and prints each edge's time from receipt.
+pub async fn purge(
+    api: &ApiClient,
+    body: &PurgeBody,
+    wait: Option<Duration>,
+) -> Result<(), CliError> {
     let answer: PurgeAccepted = api.call("POST", "/api/v1/purges", Some(body)).await?;
     println!("logged as purge {}", answer.seq);
-    Ok(())
+    let Some(limit) = wait else { return Ok(()) };
+    let started = Instant::now();
+    loop {
+        let view: PurgeView = api
+            .call("GET", &format!("/api/v1/purges/{}", answer.seq), NO_BODY)
+            .await?;
+        let edges: Vec<EdgeView> = api.call("GET", "/api/v1/edges", NO_BODY).await?;
+        let pending = pending_edges(&view, &edges);
+        if pending.is_empty() || started.elapsed() >= limit {
+            print!("{}", purge_lines(&view, &edges));
+            if pending.is_empty() {
+                return Ok(());
+            }
+            return Err(CliError::Failed(format!(
+                "purge {} not applied within {}s by {}",
+                answer.seq,
+                limit.as_secs(),
+                pending.join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Connected edges that have not applied the purge yet.
+pub fn pending_edges(view: &PurgeView, edges: &[EdgeView]) -> Vec<String> {
+    edges
+        .iter()
+        .filter(|e| e.connected)
+        .filter(|e| {
+            view.edges
+                .get(&e.id)
+                .is_none_or(|p| p.applied_at_us.is_none())
+        })
+        .map(|e| e.id.clone())
+        .collect()
+}
+
+/// One line per edge: when it applied the purge (ms after the coordinator received it),
+/// or why not yet.
+pub fn purge_lines(view: &PurgeView, edges: &[EdgeView]) -> String {
+    let mut out = String::new();
+    for e in edges {
+        let progress = view.edges.get(&e.id);
+        let state = match progress.and_then(|p| p.applied_at_us) {
+            Some(at) => format!(
+                "applied {:.1} ms after receipt",
+                at.saturating_sub(view.received_at_us) as f64 / 1000.0
+            ),
+            None if !e.connected => "not applied: disconnected".into(),
+            None => "not applied yet".into(),
+        };
+        let note = progress
+            .and_then(|p| p.error.as_deref())
+            .map(|m| format!("  ({m})"))
+            .unwrap_or_default();
+        out.push_str(&format!("  {:<24} {:<16} {state}{note}\n", e.id, e.region));
+    }
+    out
 }
 
 /// `warm start`: queue the job, print its id; with `wait`, follow it to the end.

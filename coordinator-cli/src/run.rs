@@ -70,8 +70,13 @@ pub fn main(args: Cli) -> ExitCode {
                 host,
                 all,
                 soft,
+                wait,
+                timeout_s,
             } => match client(&api) {
-                Ok(c) => purge(&c, tags, url, host, all, soft).await,
+                Ok(c) => {
+                    let wait = wait.then(|| std::time::Duration::from_secs(timeout_s));
+                    purge(&c, tags, url, host, all, soft, wait).await
+                }
                 Err(code) => code,
             },
         }
@@ -220,7 +225,7 @@ pub async fn status(client: &ApiClient, json: bool) -> ExitCode {
     }
 }
 
-/// `coordinator purge --tag …|--url …|--all`.
+/// `coordinator purge --tag …|--url …|--all [--wait]`.
 pub async fn purge(
     client: &ApiClient,
     tags: Vec<String>,
@@ -228,6 +233,7 @@ pub async fn purge(
     host: Option<String>,
     all: bool,
     soft: bool,
+    wait: Option<std::time::Duration>,
 ) -> ExitCode {
     let body = if all {
         coordinator::api::views::PurgeBody::all(soft)
@@ -239,7 +245,7 @@ pub async fn purge(
         eprintln!("coordinator: give --tag, --url or --all");
         return ExitCode::from(2);
     };
-    exit(cli::purge(client, &body).await.map_err(anyhow::Error::from))
+    exit(cli::purge(client, &body, wait).await.map_err(anyhow::Error::from))
 }
 
 fn client(api: &ApiArgs) -> Result<ApiClient, ExitCode> {

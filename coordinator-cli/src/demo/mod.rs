@@ -168,10 +168,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
     // Coordinator, in this process.
     let token = hex::encode(rand::random::<[u8; 24]>());
     let token_file = dir.join("api-token");
-    std::fs::write(&token_file, format!("{token}\n")).map_err(io("cannot write api-token"))?;
+    process::write_private(&token_file, format!("{token}\n").as_bytes())?;
     let warm_token = hex::encode(rand::random::<[u8; 24]>());
     let warm_token_file = dir.join("warm-token");
-    std::fs::write(&warm_token_file, &warm_token).map_err(io("cannot write warm-token"))?;
+    process::write_private(&warm_token_file, warm_token.as_bytes())?;
     let names: Vec<String> = (0..args.regions)
         .map(|i| {
             REGIONS
@@ -432,7 +432,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             })).collect::<Vec<_>>(),
         });
         let text = serde_json::to_string_pretty(&cluster).unwrap_or_default();
-        std::fs::write(dir.join("cluster.json"), &text).map_err(io("cannot write cluster.json"))?;
+        // It holds the API token.
+        process::write_private(&dir.join("cluster.json"), text.as_bytes())?;
         print_howto(&dir, &regions, port(1), port(3), origin_addr);
     }
 
@@ -475,49 +476,55 @@ fn print_howto(
     api: SocketAddr,
     origin: SocketAddr,
 ) {
-    let first = regions
-        .first()
-        .map(|r| r.http.to_string())
-        .unwrap_or_default();
+    let http = |i: usize| {
+        regions
+            .get(i)
+            .or(regions.first())
+            .map(|r| r.http.to_string())
+            .unwrap_or_default()
+    };
+    let (first, second) = (http(0), http(1));
+    // The binary that is running, so the lines work as pasted.
+    let bin = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "coordinator".into());
+    let d = dir.display();
+    let host = format!("-H 'Host: {DEMO_HOST}'");
     println!(
-        "\nDemo cluster is up ({} regions). Files: {}/cluster.json\n",
-        regions.len(),
-        dir.display()
+        "\nDemo cluster is up ({} regions). Files: {d}/cluster.json\n",
+        regions.len()
     );
     println!("  origin           http://{origin}");
     println!("  purge listener   {purge}   (Magento: bin/magento setup:config:set --http-cache-hosts={purge})");
-    println!("  API / metrics    http://{api}/api/v1/edges   http://{api}/metrics");
+    println!("  API / metrics    http://{api}/api/v1/edges   http://{api}/metrics   dashboard http://{api}/");
     for r in regions {
         println!(
             "  {:<16} varnish http://{}  admin {}",
             r.name, r.http, r.admin
         );
     }
-    println!("\nTry it:");
-    println!("  curl -si http://{first}/p/42 | grep -i cache-debug     # MISS, then HIT");
+    println!("\nTry it (every request as the shop's host, {DEMO_HOST}):");
+    println!("  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS, then HIT");
+    println!("  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS, then HIT in a second region");
     println!(
         "  curl -si -X PURGE -H 'X-Magento-Tags-Pattern: ((^|,)cat_p_42(,|$))' http://{purge}/"
     );
-    println!(
-        "  curl -si http://{first}/p/42 | grep -i cache-debug     # MISS again, in every region"
-    );
-    println!("  curl -s  http://{api}/api/v1/purges/1");
+    println!("  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS: purged");
+    println!("  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS: purged there too");
+    println!("  curl -s  http://{api}/api/v1/purges/1                         # when each edge applied it");
+    println!("  {bin} status --api http://{api}");
     println!("\nChange config (VCL + WAF), canary region first:");
-    println!("  $EDITOR {}/bundle/waf.toml", dir.display());
+    println!("  $EDITOR {d}/bundle/waf.toml");
     println!(
-        "  coordinator config push {}/bundle --api http://{api} --token-file {}/api-token",
-        dir.display(),
-        dir.display()
+        "  {bin} config push {d}/bundle --wait --api http://{api} --token-file {d}/api-token"
     );
-    println!("  curl -s  http://{api}/api/v1/config");
     println!(
         "\nWarm every region from the sitemap (tiered with --tiered: one origin render per page):"
     );
     println!(
-        "  coordinator warm start --sitemap http://{origin}/sitemap.xml --wait --api http://{api} --token-file {}/api-token",
-        dir.display()
+        "  {bin} warm start --sitemap http://{origin}/sitemap.xml --wait --api http://{api} --token-file {d}/api-token"
     );
-    println!("  curl -si -H 'Host: {DEMO_HOST}' http://{first}/p/7 | grep -i cache-debug   # HIT");
+    println!("  curl -si {host} http://{first}/p/7 | grep -i cache-debug     # HIT");
     println!("  curl -s  http://{origin}/__origin/renders?url=/p/7     # rendered once per region (once if tiered)");
     println!("\nCtrl-C stops everything.");
 }

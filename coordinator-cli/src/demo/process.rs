@@ -198,14 +198,29 @@ impl VarnishSpec {
 
 /// Writes a random admin secret readable only by the owner.
 pub fn write_secret(path: &Path) -> Result<(), ProcessError> {
-    use std::os::unix::fs::PermissionsExt;
+    write_private(path, (hex::encode(rand::random::<[u8; 32]>()) + "\n").as_bytes())
+}
+
+/// Writes `contents` to a file only its owner can read or write (mode 0600 from the
+/// moment it exists; an existing file is narrowed to 0600 before it is rewritten).
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), ProcessError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| ProcessError::Io {
         what: format!("cannot write {}", path.display()),
         source,
     };
-    std::fs::write(path, hex::encode(rand::random::<[u8; 32]>()) + "\n").map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    Ok(())
+    if path.exists() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(contents).map_err(io)
 }
 
 /// Starts varnishd and waits until it answers HTTP on its listen address.
@@ -248,4 +263,26 @@ pub async fn http_answers(addr: SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_secs(2), probe).await,
         Ok(Ok(true))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_files_are_0600_even_when_they_existed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("api-token");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private(&path, b"new").expect("write_private");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+        let fresh = dir.path().join("cluster.json");
+        write_private(&fresh, b"{}").expect("write_private");
+        let mode = std::fs::metadata(&fresh).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

@@ -9,6 +9,7 @@ mod chaos;
 mod config;
 mod dashboard;
 mod demo;
+mod deploy;
 mod durability;
 mod fuzz_corpus;
 mod monitor;
