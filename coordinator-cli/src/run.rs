@@ -245,7 +245,11 @@ pub async fn purge(
         eprintln!("coordinator: give --tag, --url or --all");
         return ExitCode::from(2);
     };
-    exit(cli::purge(client, &body, wait).await.map_err(anyhow::Error::from))
+    exit(
+        cli::purge(client, &body, wait)
+            .await
+            .map_err(anyhow::Error::from),
+    )
 }
 
 fn client(api: &ApiArgs) -> Result<ApiClient, ExitCode> {

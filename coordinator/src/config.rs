@@ -236,4 +236,21 @@ lon = -6.26
         let typo = ok.replace("top = 10", "tpo = 10");
         assert!(toml::from_str::<CoordinatorConfig>(&typo).is_err());
     }
+
+    #[test]
+    fn a_bad_value_is_named_by_line_column_key_and_value() {
+        let bad = SAMPLE.replace("\"10.0.0.0/8\"]", "\"10.0.0.0/33\"]");
+        let err = daemon::config::parse::<CoordinatorConfig>(&bad)
+            .expect_err("bad CIDR")
+            .to_string();
+        assert!(
+            err.starts_with("4:25: purge.allow[1]: \"10.0.0.0/33\": invalid IP address"),
+            "{err}"
+        );
+        let typo = SAMPLE.replace("[grpc]", "[grpc]\nlisten_typo = 1");
+        let err = daemon::config::parse::<CoordinatorConfig>(&typo)
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.starts_with("6:1: unknown field `listen_typo`"), "{err}");
+    }
 }

@@ -22,5 +22,6 @@ pub mod top;
 pub mod varnish;
 pub mod vcl;
 pub mod warm;
+pub mod why;
 
 pub use session::run;

@@ -55,9 +55,9 @@ pub enum AgentError {
 /// Why one session ended (the loop redials after any of these).
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
-    #[error("connect failed: {0}")]
+    #[error("cannot connect to the coordinator: {}", crate::why::describe(.0))]
     Connect(#[from] tonic::transport::Error),
-    #[error("session refused or broken: {0}")]
+    #[error("session refused or broken: {}", status_words(.0))]
     Status(#[from] tonic::Status),
     #[error("coordinator closed the session")]
     Closed,
@@ -67,6 +67,14 @@ enum SessionEnd {
     Protocol(String),
     #[error("shutting down")]
     Shutdown,
+}
+
+/// A status's message, or for a transport failure under it, its cause in words.
+fn status_words(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(cause) => format!("{}: {}", status.message(), crate::why::describe(cause)),
+        None => format!("{:?}: {}", status.code(), status.message()),
+    }
 }
 
 /// Runs the agent until `shutdown` is cancelled.

@@ -510,14 +510,14 @@ fn print_howto(
         "  curl -si -X PURGE -H 'X-Magento-Tags-Pattern: ((^|,)cat_p_42(,|$))' http://{purge}/"
     );
     println!("  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS: purged");
-    println!("  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS: purged there too");
+    println!(
+        "  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS: purged there too"
+    );
     println!("  curl -s  http://{api}/api/v1/purges/1                         # when each edge applied it");
     println!("  {bin} status --api http://{api}");
     println!("\nChange config (VCL + WAF), canary region first:");
     println!("  $EDITOR {d}/bundle/waf.toml");
-    println!(
-        "  {bin} config push {d}/bundle --wait --api http://{api} --token-file {d}/api-token"
-    );
+    println!("  {bin} config push {d}/bundle --wait --api http://{api} --token-file {d}/api-token");
     println!(
         "\nWarm every region from the sitemap (tiered with --tiered: one origin render per page):"
     );

@@ -198,7 +198,10 @@ impl VarnishSpec {
 
 /// Writes a random admin secret readable only by the owner.
 pub fn write_secret(path: &Path) -> Result<(), ProcessError> {
-    write_private(path, (hex::encode(rand::random::<[u8; 32]>()) + "\n").as_bytes())
+    write_private(
+        path,
+        (hex::encode(rand::random::<[u8; 32]>()) + "\n").as_bytes(),
+    )
 }
 
 /// Writes `contents` to a file only its owner can read or write (mode 0600 from the
@@ -282,7 +285,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
         let fresh = dir.path().join("cluster.json");
         write_private(&fresh, b"{}").expect("write_private");
-        let mode = std::fs::metadata(&fresh).expect("stat").permissions().mode();
+        let mode = std::fs::metadata(&fresh)
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

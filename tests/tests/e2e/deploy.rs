@@ -17,8 +17,8 @@ fn systemd_analyze(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .expect("systemd-analyze is missing: scripts/install-deps.sh installs Debian's systemd");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -30,8 +30,8 @@ fn systemd_units_verify_and_are_hardened() {
         ("coordinator.service", "coordinator"),
         ("edge-agent.service", "edge-agent"),
     ] {
-        let text = std::fs::read_to_string(repo().join("deploy/systemd").join(unit))
-            .expect("unit file");
+        let text =
+            std::fs::read_to_string(repo().join("deploy/systemd").join(unit)).expect("unit file");
         let installed = format!("/usr/local/bin/{bin}");
         assert!(text.contains(&installed), "{unit} runs {installed}");
         for key in [
@@ -51,7 +51,10 @@ fn systemd_units_verify_and_are_hardened() {
             .expect("write unit");
         let path = local.display().to_string();
         let (ok, out) = systemd_analyze(&["verify", &path]);
-        assert!(ok && out.trim().is_empty(), "systemd-analyze verify {unit}:\n{out}");
+        assert!(
+            ok && out.trim().is_empty(),
+            "systemd-analyze verify {unit}:\n{out}"
+        );
         let (ok, out) = systemd_analyze(&["security", "--offline=yes", "--threshold=30", &path]);
         assert!(ok, "{unit} is exposed above 3.0:\n{out}");
     }
@@ -76,7 +79,10 @@ fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
         }
     }
     for sub in cmd.get_subcommands() {
-        if sub.get_about().is_none_or(|a| a.to_string().trim().is_empty()) {
+        if sub
+            .get_about()
+            .is_none_or(|a| a.to_string().trim().is_empty())
+        {
             out.push(format!("{path} {} (no about)", sub.get_name()));
         }
         undocumented(sub, &format!("{path} {}", sub.get_name()), out);
@@ -95,9 +101,11 @@ fn every_cli_option_has_a_description() {
     assert!(missing.is_empty(), "no --help text for: {missing:?}");
     // The walk finds an undocumented option, so the check above can fail.
     let mut found = Vec::new();
-    let probe = clap::Command::new("x")
-        .about("x")
-        .subcommand(clap::Command::new("y").about("y").arg(clap::Arg::new("bare").long("bare")));
+    let probe = clap::Command::new("x").about("x").subcommand(
+        clap::Command::new("y")
+            .about("y")
+            .arg(clap::Arg::new("bare").long("bare")),
+    );
     undocumented(&probe, "x", &mut found);
     assert_eq!(found, vec!["x y bare".to_owned()]);
     // And the real binary prints it.

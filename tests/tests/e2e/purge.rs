@@ -79,9 +79,7 @@ async fn magento_bytes_purge_exactly_the_tagged_pages_in_every_region() {
     assert_cached(&c, "/untagged/a").await;
 
     // `coordinator purge --wait` returns once every connected edge applied it, per edge.
-    let (code, out, err) = c
-        .coordinator
-        .cli(&["purge", "--tag", "cat_p_2", "--wait"]);
+    let (code, out, err) = c.coordinator.cli(&["purge", "--tag", "cat_p_2", "--wait"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.matches("ms after receipt").count(), 3, "{out}");
     assert!(out.contains("edge-2"), "{out}");
@@ -90,18 +88,16 @@ async fn magento_bytes_purge_exactly_the_tagged_pages_in_every_region() {
     // An edge whose varnishd is gone: --wait gives up, names it and says why (exit 1).
     let mut c = c;
     c.varnish[2].kill9().await;
-    let (code, out, err) = c.coordinator.cli(&[
-        "purge",
-        "--tag",
-        "cat_p_3",
-        "--wait",
-        "--timeout-s",
-        "3",
-    ]);
+    let (code, out, err) =
+        c.coordinator
+            .cli(&["purge", "--tag", "cat_p_3", "--wait", "--timeout-s", "3"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("not applied within 3s by edge-2"), "{err}");
     assert_eq!(out.matches("ms after receipt").count(), 2, "{out}");
-    assert!(out.contains("edge-2") && out.contains("not applied yet"), "{out}");
+    assert!(
+        out.contains("edge-2") && out.contains("not applied yet"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -471,3 +471,60 @@ async fn forwarded_for_only_from_trusted_proxies_and_shared_secret() {
     }
     assert_eq!(c.head().await, 1, "only the first request was logged");
 }
+
+/// Restarts the agent with `edit` applied to its config; waits for `want` in its log.
+async fn agent_logs(agent: &mut AgentProc, edit: impl Fn(&str) -> String, want: &str) {
+    agent.kill9().await;
+    let original = std::fs::read_to_string(&agent.config).expect("agent config");
+    std::fs::write(&agent.config, edit(&original)).expect("agent config");
+    let _ = std::fs::write(&agent.log, "");
+    agent.restart();
+    assert_eventually!(
+        15,
+        read(&agent.log).contains(want),
+        "the agent did not say {want:?}: {}",
+        read(&agent.log)
+    );
+    agent.kill9().await;
+    std::fs::write(&agent.config, original).expect("agent config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_says_why_it_cannot_connect() {
+    let mut cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let grpc = cluster.coordinator.grpc.to_string();
+    let nothing = format!("127.0.0.1:{}", tests::free_port());
+    let agent = &mut cluster.agents[0];
+    // Nothing listens there.
+    agent_logs(
+        agent,
+        |c| c.replace(&grpc, &nothing),
+        "cannot connect to the coordinator: connection refused",
+    )
+    .await;
+    // A certificate from another CA: the coordinator refuses it during the handshake.
+    let dir = temp_dir();
+    let other_ca = pki::new_ca("someone else's CA", 1).expect("ca");
+    let (from, to) = pki::validity(1);
+    let foreign = pki::agent_cert(&other_ca, "edge-0", "region-0", from, to).expect("cert");
+    pki::write(dir.path(), "foreign", &foreign).expect("write");
+    let cert = agent.config.clone();
+    let text = std::fs::read_to_string(&cert).expect("config");
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .map(str::to_owned)
+            .expect("tls key")
+    };
+    let (cert_line, key_line) = (line("cert"), line("key"));
+    let foreign_dir = dir.path().display().to_string();
+    agent_logs(
+        agent,
+        |c| {
+            c.replace(&cert_line, &format!("cert = \"{foreign_dir}/foreign.pem\""))
+                .replace(&key_line, &format!("key = \"{foreign_dir}/foreign.key\""))
+        },
+        "certificate not accepted by the coordinator",
+    )
+    .await;
+}
