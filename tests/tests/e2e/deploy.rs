@@ -58,6 +58,22 @@ fn systemd_units_verify_and_are_hardened() {
         let (ok, out) = systemd_analyze(&["security", "--offline=yes", "--threshold=30", &path]);
         assert!(ok, "{unit} is exposed above 3.0:\n{out}");
     }
+    // The varnishd drop-in, over a stand-in for Debian's varnish.service.
+    let base = dir.path().join("varnish.service");
+    std::fs::write(
+        &base,
+        "[Unit]\nDescription=Varnish\n[Service]\nExecStart=/usr/sbin/varnishd -F\n",
+    )
+    .expect("base unit");
+    let dropins = dir.path().join("varnish.service.d");
+    std::fs::create_dir_all(&dropins).expect("drop-in dir");
+    std::fs::copy(
+        repo().join("deploy/systemd/varnish-edge.conf"),
+        dropins.join("coordinator.conf"),
+    )
+    .expect("drop-in");
+    let (ok, out) = systemd_analyze(&["verify", &base.display().to_string()]);
+    assert!(ok && out.trim().is_empty(), "the varnish drop-in:\n{out}");
     // A unit with a typo is caught, so the check above can fail.
     let bad = dir.path().join("bad.service");
     std::fs::write(&bad, "[Service]\nExecStart=/bin/true\nRestart=allways\n").expect("write");
@@ -115,4 +131,35 @@ fn every_cli_option_has_a_description() {
         .expect("coordinator purge --help");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("--token"), "{text}");
+}
+
+/// The boot VCL docs/production.md has varnishd start with: the bundle an agent rendered
+/// for its region (main.vcl with its ./waf.vcl beside it) compiles in Debian's varnishd,
+/// with its vmods, from the drop-in's `-f` path layout.
+#[test]
+fn the_guides_boot_vcl_compiles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dropin =
+        std::fs::read_to_string(repo().join("deploy/systemd/varnish-edge.conf")).expect("drop-in");
+    assert!(dropin.contains("-f /etc/varnish/boot/main.vcl"), "{dropin}");
+    let backend: std::net::SocketAddr = "10.0.1.5:8080".parse().expect("addr");
+    let main = coordinator_cli::demo::write_boot_vcl(
+        &dir.path().join("boot"),
+        "eu-west",
+        backend,
+        "0123456789abcdef",
+    )
+    .expect("render the bundle");
+    let out = Command::new("varnishd")
+        .args(["-C", "-n"])
+        .arg(dir.path().join("work"))
+        .arg("-f")
+        .arg(&main)
+        .output()
+        .expect("varnishd is missing: scripts/install-deps.sh installs it");
+    assert!(
+        out.status.success(),
+        "varnishd -C: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
