@@ -37,7 +37,7 @@ LAYERS = {
     ],
     "edge-agent": [
         # The one module that spawns programs, and plain helpers.
-        ["command", "synthetic", "cursor", "config", "why"],
+        ["command", "synthetic", "served", "cursor", "config", "why"],
         ["stats", "top", "plan"],
         ["varnish"],
         ["vcl", "probe", "warm"],

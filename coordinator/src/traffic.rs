@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use proto::edge::VarnishStats;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{collector, counter, edge_labels, gauge, DescriptorEncoder, Label, Registry};
+use crate::metrics::{
+    collector, counter, edge_labels, gauge, histogram, DescriptorEncoder, Label, Registry,
+};
 
 /// Samples older than this are dropped (the longest window).
 const SAMPLE_KEEP_MS: u64 = 3_600_000;
@@ -30,7 +32,8 @@ pub const MAX_GAP_MS: u64 = 120_000;
 pub const WINDOWS: [(&str, u64); 3] = [("m1", 60_000), ("m5", 300_000), ("h1", 3_600_000)];
 
 /// What happened between two samples (or in a minute, or a window).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Delta {
     pub requests: u64,
     pub hits: u64,
@@ -45,10 +48,21 @@ pub struct Delta {
     pub synthetic_requests: u64,
     pub synthetic_hits: u64,
     pub synthetic_misses: u64,
+    /// Shoppers' requests as varnish logged them (varnishncsa, the agents' own
+    /// excluded): how many, the time varnish took to serve them (Σ µs and Σ ms²) and how
+    /// many were answered 5xx.
+    pub served: u64,
+    pub served_time_us: u64,
+    pub served_time_sq_ms: f64,
+    pub served_5xx: u64,
 }
 
 impl Delta {
     fn add(&mut self, o: &Delta) {
+        self.served += o.served;
+        self.served_time_us += o.served_time_us;
+        self.served_time_sq_ms += o.served_time_sq_ms;
+        self.served_5xx += o.served_5xx;
         self.requests += o.requests;
         self.hits += o.hits;
         self.misses += o.misses;
@@ -80,6 +94,23 @@ impl Delta {
         let (hits, misses) = self.shopper_lookups();
         let total = hits + misses;
         (total > 0).then(|| hits as f64 / total as f64)
+    }
+
+    /// Mean time varnish took to serve a shopper's request (ms), `None` without any.
+    pub fn served_mean_ms(&self) -> Option<f64> {
+        (self.served > 0).then(|| self.served_time_us as f64 / 1000.0 / self.served as f64)
+    }
+
+    /// Standard deviation of that time (ms), `None` without any.
+    pub fn served_std_ms(&self) -> Option<f64> {
+        let mean = self.served_mean_ms()?;
+        let var = self.served_time_sq_ms / self.served as f64 - mean * mean;
+        Some(var.max(0.0).sqrt())
+    }
+
+    /// Share of shoppers' requests answered 5xx, `None` without any.
+    pub fn served_5xx_ratio(&self) -> Option<f64> {
+        (self.served > 0).then(|| self.served_5xx as f64 / self.served as f64)
     }
 
     /// The same for the agent's own (warm and probe) requests.
@@ -124,6 +155,14 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
         synthetic_requests: since(next.synthetic_requests, prev.synthetic_requests),
         synthetic_hits: since(next.synthetic_hits, prev.synthetic_hits),
         synthetic_misses: since(next.synthetic_misses, prev.synthetic_misses),
+        served: since(next.served_requests, prev.served_requests),
+        served_time_us: since(next.served_time_us, prev.served_time_us),
+        served_time_sq_ms: if next.served_requests >= prev.served_requests {
+            (next.served_time_sq_ms - prev.served_time_sq_ms).max(0.0)
+        } else {
+            next.served_time_sq_ms
+        },
+        served_5xx: since(next.served_5xx, prev.served_5xx),
         ..Delta::default()
     };
     if went_back {
@@ -147,10 +186,15 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
 }
 
 impl Delta {
+    /// The agent-counted fields (its own requests, and what shoppers were served).
     fn with_synthetic(mut self, s: &Delta) -> Delta {
         self.synthetic_requests = s.synthetic_requests;
         self.synthetic_hits = s.synthetic_hits;
         self.synthetic_misses = s.synthetic_misses;
+        self.served = s.served;
+        self.served_time_us = s.served_time_us;
+        self.served_time_sq_ms = s.served_time_sq_ms;
+        self.served_5xx = s.served_5xx;
         self
     }
 }
@@ -162,6 +206,9 @@ struct EdgeTraffic {
     samples: VecDeque<(u64, Delta)>,
     minutes: VecDeque<(u64, Delta)>,
     total: Delta,
+    /// Shoppers' requests within each bound of `proto::SERVED_BUCKETS_S`, since the
+    /// coordinator started (cumulative, as a Prometheus histogram wants them).
+    served_buckets: Vec<u64>,
     restarts: u64,
     /// Time between the last two samples: the edge's reporting interval.
     interval_ms: u64,
@@ -203,6 +250,15 @@ pub struct Summary {
     pub restarts: u64,
 }
 
+/// One edge's served-time histogram and 5xx count since the coordinator started.
+#[derive(Debug, Clone)]
+pub struct ServedEdge {
+    pub edge: String,
+    pub region: String,
+    pub histogram: crate::metrics::HistogramSample,
+    pub errors_5xx: u64,
+}
+
 /// One minute of a region's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MinutePoint {
@@ -210,6 +266,11 @@ pub struct MinutePoint {
     pub t: u64,
     pub hit_ratio: Option<f64>,
     pub requests_per_s: f64,
+    /// Mean and standard deviation of the time varnish took to serve shoppers (ms).
+    #[serde(default)]
+    pub served_mean_ms: Option<f64>,
+    #[serde(default)]
+    pub served_std_ms: Option<f64>,
     #[serde(flatten)]
     pub delta: Delta,
 }
@@ -245,6 +306,20 @@ impl Traffic {
             }
             if let Some(d) = delta(prev, &stats) {
                 e.total.add(&d);
+                let n = proto::SERVED_BUCKETS_S.len();
+                if e.served_buckets.len() != n {
+                    e.served_buckets = vec![0; n];
+                }
+                let restarted = stats.served_requests < prev.served_requests;
+                for (i, total) in e.served_buckets.iter_mut().enumerate() {
+                    let now = stats.served_buckets.get(i).copied().unwrap_or(0);
+                    let before = prev.served_buckets.get(i).copied().unwrap_or(0);
+                    *total += if restarted || now < before {
+                        now
+                    } else {
+                        now - before
+                    };
+                }
                 e.samples.push_back((at, d));
                 let minute = at / 60_000 * 60_000;
                 match e.minutes.back_mut() {
@@ -293,6 +368,35 @@ impl Traffic {
             .collect()
     }
 
+    /// Per edge, what shoppers were served since the coordinator started.
+    pub fn served(&self) -> Vec<ServedEdge> {
+        let edges = self.lock();
+        let mut out: Vec<_> = edges
+            .iter()
+            .filter(|(_, e)| !e.served_buckets.is_empty())
+            .map(|(id, e)| {
+                let buckets = proto::SERVED_BUCKETS_S
+                    .iter()
+                    .copied()
+                    .zip(e.served_buckets.iter().copied())
+                    .collect();
+                let histogram = crate::metrics::HistogramSample {
+                    sum: e.total.served_time_us as f64 / 1e6,
+                    count: e.total.served,
+                    buckets,
+                };
+                ServedEdge {
+                    edge: id.clone(),
+                    region: e.region.clone(),
+                    histogram,
+                    errors_5xx: e.total.served_5xx,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.region, &a.edge).cmp(&(&b.region, &b.edge)));
+        out
+    }
+
     /// A region's per-minute history (oldest first).
     pub fn history(&self, region: &str) -> Vec<MinutePoint> {
         let edges = self.lock();
@@ -308,6 +412,8 @@ impl Traffic {
                 t: m / 1000,
                 hit_ratio: d.hit_ratio(),
                 requests_per_s: d.shopper_requests() as f64 / 60.0,
+                served_mean_ms: d.served_mean_ms(),
+                served_std_ms: d.served_std_ms(),
                 delta: d,
             })
             .collect()
@@ -456,6 +562,23 @@ fn encode_metrics(source: &Arc<Traffic>, e: &mut DescriptorEncoder) -> std::fmt:
         });
         gauge(e, name, help, samples)?;
     }
+    let served = source.served();
+    histogram(
+        e,
+        "coordinator_shopper_response_seconds",
+        "Time varnish took to serve shoppers' requests (from its log; the agents' own excluded), since coordinator start.",
+        served
+            .iter()
+            .map(|s| (edge_labels(&s.region, &s.edge), s.histogram.clone())),
+    )?;
+    counter(
+        e,
+        "coordinator_shopper_responses_5xx_total",
+        "Shoppers' requests varnish answered with a 5xx (since coordinator start).",
+        served
+            .iter()
+            .map(|s| (edge_labels(&s.region, &s.edge), s.errors_5xx)),
+    )?;
     let regions = source.regions(now);
     gauge(
             e,

@@ -15,6 +15,7 @@ pub mod cursor;
 pub mod fuzzing;
 pub mod plan;
 pub mod probe;
+pub mod served;
 pub mod session;
 pub mod stats;
 pub mod synthetic;

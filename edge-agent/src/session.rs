@@ -114,6 +114,7 @@ pub async fn run(
         welcomed_at: None,
         applied: Arc::new(AtomicU64::new(0)),
         synthetic: crate::synthetic::Synthetic::new(),
+        served: crate::served::Served::new(),
         cursor: cursor_file.load(),
         cursor_file,
         varnish: Varnish::new(config.varnish.clone()),
@@ -177,6 +178,8 @@ struct Agent {
     applied: Arc<AtomicU64>,
     /// The agent's own requests through varnish, subtracted from the hit ratio.
     synthetic: crate::synthetic::Synthetic,
+    /// Shoppers' requests from varnishncsa, reported with every stats sample.
+    served: crate::served::Served,
     config: AgentConfig,
     cursor_file: CursorFile,
     cursor: Cursor,
@@ -273,6 +276,7 @@ impl Agent {
             self.config.varnish.instance.clone(),
             Duration::from_secs(self.config.stats_interval_s),
             self.synthetic.clone(),
+            self.served.clone(),
             out.clone(),
         ));
         // Heartbeats run beside the purge loop, so a long apply (a backlog, a varnishd
@@ -309,15 +313,15 @@ impl Agent {
             out.clone(),
         ));
         let _abort_warm = AbortOnDrop(warm);
-        let _abort_top = (self.config.top_urls > 0).then(|| {
-            AbortOnDrop(tokio::spawn(crate::top::run(
-                "varnishncsa".into(),
-                self.config.varnish.instance.clone(),
-                self.config.top_urls,
-                Duration::from_secs(self.config.top_urls_interval_s),
-                out.clone(),
-            )))
-        });
+        // varnish's own log: shoppers' served times always, popular URLs when asked.
+        let _abort_log = AbortOnDrop(tokio::spawn(crate::top::run(
+            "varnishncsa".into(),
+            self.config.varnish.instance.clone(),
+            self.config.top_urls,
+            Duration::from_secs(self.config.top_urls_interval_s),
+            self.served.clone(),
+            out.clone(),
+        )));
         // Synthetic probes: restarted whenever a new plan arrives.
         let mut _probes: Option<AbortOnDrop> = None;
 

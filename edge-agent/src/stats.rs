@@ -81,6 +81,7 @@ pub async fn run(
     instance: Option<PathBuf>,
     every: Duration,
     synthetic: crate::synthetic::Synthetic,
+    served: crate::served::Served,
     out: mpsc::Sender<AgentMessage>,
 ) {
     let program = PathBuf::from("varnishstat");
@@ -98,6 +99,12 @@ pub async fn run(
                     stats.synthetic_hits,
                     stats.synthetic_misses,
                 ) = synthetic.read();
+                let s = served.read();
+                stats.served_requests = s.requests;
+                stats.served_time_us = s.time_us;
+                stats.served_time_sq_ms = s.time_sq_ms;
+                stats.served_5xx = s.errors_5xx;
+                stats.served_buckets = s.buckets;
                 let msg = AgentMessage {
                     msg: Some(agent_message::Msg::Stats(stats)),
                 };

@@ -1,11 +1,15 @@
-//! Popular URLs: the region's most requested pages, as a warm job's source.
+//! Shoppers' requests from varnish's own log: the region's most requested pages (a warm
+//! job's source) and how each request was served (time, 5xx).
 //!
 //! `varnishncsa` (through [`crate::command::lines`], killed with the session) prints one
-//! line per shopper request: GET, answered below 400, not the warmer's own requests
-//! (those carry `X-Warm-Token`). [`TopCounter`] counts them in bounded memory: when it
-//! holds twice its capacity it keeps only the top half (a lossy "space-saving" count:
-//! exact for URLs that stay popular, approximate at the tail). Every interval the top
-//! entries go up as [`TopUrls`]. The coordinator merges them per region.
+//! line per client request that is not the agent's own: warm fetches carry
+//! `X-Warm-Token`, and every request the agent sends has `User-Agent:
+//! varnish-coordinator`. Each line is `METHOD STATUS MICROS HOST+URL`: every request
+//! goes to [`Served`] (time, 5xx); a GET answered below 400 is also counted by
+//! [`TopCounter`] in bounded memory: when it holds twice its capacity it keeps only the
+//! top half (a lossy "space-saving" count: exact for URLs that stay popular, approximate
+//! at the tail). Every interval the top entries go up as [`TopUrls`]; the coordinator
+//! merges them per region.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +19,33 @@ use proto::edge::{agent_message, AgentMessage, TopUrls, UrlCount};
 use tokio::sync::mpsc;
 
 use crate::command;
+use crate::served::Served;
+
+/// `varnishncsa -F`: method, status, time to serve (µs), host and URL.
+const FORMAT: &str = "%m %s %D %{Host}i%U%q";
+/// `varnishncsa -q`: everything but the agent's own requests.
+const QUERY: &str =
+    "not ReqHeader:X-Warm-Token and not ReqHeader:User-Agent eq \"varnish-coordinator\"";
+
+/// One logged request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged<'a> {
+    pub method: &'a str,
+    pub status: u16,
+    pub micros: u64,
+    pub url: &'a str,
+}
+
+/// Parses one [`FORMAT`] line (`None` for anything else).
+pub fn parse_line(line: &str) -> Option<Logged<'_>> {
+    let mut parts = line.trim().splitn(4, ' ');
+    Some(Logged {
+        method: parts.next()?,
+        status: parts.next()?.parse().ok()?,
+        micros: parts.next()?.parse().ok()?,
+        url: parts.next().unwrap_or(""),
+    })
+}
 
 /// Distinct URLs counted before pruning to the top half.
 const CAPACITY: usize = 4096;
@@ -55,12 +86,14 @@ impl TopCounter {
     }
 }
 
-/// Reads varnishncsa's lines for `instance` and sends the top `n` every `every`.
+/// Reads varnishncsa's lines for `instance`: counts every request in `served`, and sends
+/// the top `n` URLs every `every` (none when `n` is 0).
 pub async fn run(
     varnishncsa: PathBuf,
     instance: Option<PathBuf>,
     n: usize,
     every: Duration,
+    served: Served,
     out: mpsc::Sender<AgentMessage>,
 ) {
     let mut counter = TopCounter::default();
@@ -83,7 +116,14 @@ pub async fn run(
         };
         tokio::select! {
             line = reader.next() => match line {
-                Ok(Some(l)) => counter.add(l.trim()),
+                Ok(Some(l)) => {
+                    if let Some(r) = parse_line(&l) {
+                        served.record(r.status, r.micros);
+                        if n > 0 && r.method == "GET" && r.status < 400 && !r.url.is_empty() {
+                            counter.add(r.url);
+                        }
+                    }
+                }
                 Ok(None) | Err(_) => {
                     tracing::warn!("varnishncsa ended; restarting it");
                     lines = None;
@@ -117,12 +157,7 @@ fn start(
         args.push("-n".into());
         args.push(i.display().to_string());
     }
-    args.extend([
-        "-F".into(),
-        "%{Host}i%U%q".into(),
-        "-q".into(),
-        "ReqMethod eq \"GET\" and RespStatus < 400 and not ReqHeader:X-Warm-Token".into(),
-    ]);
+    args.extend(["-F".into(), FORMAT.into(), "-q".into(), QUERY.into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     command::lines(varnishncsa, &args)
 }
@@ -130,6 +165,25 @@ fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_parse() {
+        assert_eq!(
+            parse_line("GET 200 532 shop.test/p/1?x=2\n"),
+            Some(Logged {
+                method: "GET",
+                status: 200,
+                micros: 532,
+                url: "shop.test/p/1?x=2"
+            })
+        );
+        assert_eq!(
+            parse_line("POST 503 1200 shop.test/checkout").map(|l| l.status),
+            Some(503)
+        );
+        assert_eq!(parse_line("GET x 1 y"), None);
+        assert_eq!(parse_line(""), None);
+    }
 
     #[test]
     fn keeps_the_popular_ones_in_bounded_memory() {

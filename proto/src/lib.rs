@@ -27,3 +27,10 @@ pub const CAP_CONFIG: &str = "config";
 pub const CAP_PROBES: &str = "probes";
 /// Capability an agent announces when it runs [`edge::WarmShard`]s.
 pub const CAP_WARM: &str = "warm";
+
+/// Upper bounds (seconds) of the served-time histogram agents report in
+/// [`edge::VarnishStats::served_buckets`]: a cache hit is well under a millisecond, a
+/// Magento miss hundreds of milliseconds to seconds.
+pub const SERVED_BUCKETS_S: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];

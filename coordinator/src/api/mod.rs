@@ -26,7 +26,8 @@ use crate::rollout::RolloutError;
 use crate::state::State as Shared;
 use views::{
     ApiError, FleetStatus, Healthz, HitRatio, JobList, PurgeAccepted, PurgeBody, PurgeOpView,
-    PurgeView, RegionHistory, RegionProblem, RegionView, TlsMode, TlsView, WarmStarted,
+    PurgeView, RegionHistory, RegionProblem, RegionView, ServedMinute, TlsMode, TlsView,
+    WarmStarted,
 };
 
 pub mod views;
@@ -155,6 +156,10 @@ fn region_views(s: &Shared) -> Vec<RegionView> {
                 varnish_restarts: t.map(|t| t.restarts).unwrap_or(0),
                 purge_lag: mine.iter().map(|e| e.lag).max().unwrap_or(0),
                 probes: s.monitor.probes(&name),
+                served: t
+                    .filter(|t| !t.stale)
+                    .map(|t| ServedMinute::of(&t.last_minute))
+                    .unwrap_or_default(),
                 name,
             }
         })

@@ -64,6 +64,31 @@ pub struct RegionView {
     /// The largest purge lag (entries) of the region's edges.
     pub purge_lag: u64,
     pub probes: Vec<ProbeView>,
+    /// What shoppers were served in the last minute, from varnish's own log.
+    pub served: ServedMinute,
+}
+
+/// Shoppers' requests in a window as varnish logged them (the agents' own excluded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServedMinute {
+    pub requests: u64,
+    /// Mean and standard deviation of the time varnish took to serve them (ms); null
+    /// without requests (or when the figures are stale).
+    pub mean_ms: Option<f64>,
+    pub std_ms: Option<f64>,
+    pub errors_5xx: u64,
+}
+
+impl ServedMinute {
+    pub fn of(d: &Delta) -> Self {
+        ServedMinute {
+            requests: d.served,
+            mean_ms: d.served_mean_ms(),
+            std_ms: d.served_std_ms(),
+            errors_5xx: d.served_5xx,
+        }
+    }
 }
 
 /// `GET /api/v1/regions/{name}/history`: per-minute traffic and probe times for 24 h.

@@ -178,3 +178,109 @@ async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
     assert!(check_prometheus_text("x_total 1\n").is_err());
     assert!(check_prometheus_text("# TYPE x gauge\nx{a=\"b\" 1\n").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoppers_served_times_and_5xx_come_from_varnishs_log_without_the_agents_own() {
+    let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let c = &cluster.coordinator;
+    let v0 = cluster.varnish[0].http;
+    let served = || async {
+        c.call("GET", "/api/v1/regions", None)
+            .await
+            .json()
+            .as_array()
+            .and_then(|a| a.first().cloned())
+            .unwrap_or(Value::Null)["served"]
+            .clone()
+    };
+    // varnishncsa sees requests from when it attached: wait until it counts one.
+    let mut n = 0;
+    assert_eventually!(
+        20,
+        {
+            n += 1;
+            get(v0, &format!("/attach/{n}")).await;
+            served().await["requests"].as_u64() > Some(0)
+        },
+        "varnishncsa never counted a request"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let before = served().await["requests"].as_u64().unwrap_or(0);
+    // A warm job through the same varnish: the agent's own requests, not shoppers'.
+    let urls: Vec<String> = (0..10).map(|i| format!("http://shop.test/w/{i}")).collect();
+    let id = c
+        .start_warm_job(&serde_json::json!({ "urls": urls, "regions": ["region-0"] }))
+        .await;
+    let job = c.warm_finished(id, 30).await;
+    assert_eq!(job["state"], "done", "{job}");
+    // 20 misses the origin takes 60 ms each to render, then 5 it answers 503.
+    cluster
+        .origin
+        .origin
+        .set_delay(std::time::Duration::from_millis(60));
+    for i in 0..20 {
+        assert_eq!(get(v0, &format!("/slow/{i}")).await.cache(), "MISS");
+    }
+    cluster.origin.origin.set_delay(std::time::Duration::ZERO);
+    cluster.origin.origin.set_fail_every(1);
+    for i in 0..5 {
+        let r = get(v0, &format!("/broken/{i}")).await;
+        assert!(r.status >= 500, "{r:?}");
+    }
+    cluster.origin.origin.set_fail_every(0);
+    // The agent's own requests through the same varnish (probes, the config health
+    // check) are not shoppers: exactly 25 more are counted.
+    let mut region;
+    assert_eventually!(
+        20,
+        {
+            region = c
+                .call("GET", "/api/v1/regions", None)
+                .await
+                .json()
+                .as_array()
+                .and_then(|a| a.first().cloned())
+                .unwrap_or(Value::Null);
+            region["served"]["requests"].as_u64() == Some(before + 25)
+                && region["served"]["errors_5xx"] == 5
+        },
+        "served figures: {region}"
+    );
+    let mean = region["served"]["mean_ms"].as_f64().expect("mean");
+    let std = region["served"]["std_ms"].as_f64().expect("std");
+    // 20 of them took the origin's 60 ms at least: the served time summed is ≥ 1.2 s.
+    let sum_ms = mean * (before + 25) as f64;
+    assert!((1200.0..20_000.0).contains(&sum_ms), "mean {mean} ms");
+    assert!(std > 10.0, "std {std} ms");
+    let history = c
+        .call("GET", "/api/v1/regions/region-0/history", None)
+        .await
+        .json();
+    let minutes = history["minutes"].as_array().cloned().unwrap_or_default();
+    let total: u64 = minutes
+        .iter()
+        .map(|m| m["served"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, before + 25, "{history}");
+    assert!(minutes
+        .iter()
+        .any(|m| m["served_mean_ms"].as_f64().is_some()));
+    let metrics = get(c.api, "/metrics").await.body;
+    for want in [
+        format!(
+            "coordinator_shopper_response_seconds_count{{region=\"region-0\",edge=\"edge-0\"}} {}",
+            before + 25
+        ),
+        format!(
+            "coordinator_shopper_response_seconds_bucket{{region=\"region-0\",edge=\"edge-0\",le=\"0.05\"}} {}",
+            before + 5
+        ),
+        "coordinator_shopper_responses_5xx_total{region=\"region-0\",edge=\"edge-0\"} 5".to_owned(),
+    ] {
+        assert!(metrics.contains(&want), "{want} missing:\n{metrics}");
+    }
+    eprintln!(
+        "figure: served mean {mean:.1} ms std {std:.1} ms over {} shopper requests, 5 of them 5xx",
+        before + 25
+    );
+}
