@@ -14,7 +14,9 @@ use std::path::PathBuf;
 pub use daemon::ConfigError;
 use serde::{Deserialize, Serialize};
 
-pub use crate::monitor::config::{AlertsConfig, CheckConfig, MonitoringConfig};
+pub use crate::monitor::config::{
+    AlertRule, AlertsConfig, CheckConfig, MonitoringConfig, RuleMetric,
+};
 pub use crate::purge::config::PurgeConfig;
 pub use crate::rollout::config::{DriftPolicy, RolloutConfig};
 pub use crate::tls::TlsConfig;
@@ -120,6 +122,14 @@ impl daemon::Validate for CoordinatorConfig {
             return Err(ConfigError::invalid(
                 "api.read_requires_token needs api.token_file",
             ));
+        }
+        for rule in &self.alerts.rules {
+            if let Some(r) = rule.regions.iter().find(|r| !names.contains(r)) {
+                return Err(ConfigError::Invalid(format!(
+                    "alerts.rules {:?}: region {r:?} is not one of [[regions]]",
+                    rule.name
+                )));
+            }
         }
         if let Some(canary) = &self.rollout.canary_region {
             if !names.contains(canary) {

@@ -73,6 +73,7 @@ impl State {
             None => None,
         };
         let edges = Arc::new(EdgeRegistry::default());
+        let traffic = Arc::new(Traffic::default());
         let monitor = Monitor::new(
             config.monitoring.clone(),
             config.checks.clone(),
@@ -80,6 +81,7 @@ impl State {
             config.region_names(),
             edges.clone(),
             log.clone(),
+            traffic.clone(),
         );
         let warm = Warm::open(
             config.warm.clone(),
@@ -88,7 +90,6 @@ impl State {
             state_dir,
             edges.clone(),
         )?;
-        let traffic = Arc::new(Traffic::default());
         let purge_counters = PurgeCounters::default();
 
         let mut registry = Registry::default();

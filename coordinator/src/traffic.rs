@@ -368,6 +368,22 @@ impl Traffic {
             .collect()
     }
 
+    /// A region's minutes starting at or after `from_ms` (minute starts, Unix ms), summed
+    /// over its edges.
+    pub fn recent(&self, region: &str, from_ms: u64) -> BTreeMap<u64, Delta> {
+        let edges = self.lock();
+        let mut minutes: BTreeMap<u64, Delta> = BTreeMap::new();
+        for e in edges.values().filter(|e| e.region == region) {
+            for (m, d) in e.minutes.iter().rev() {
+                if *m < from_ms {
+                    break;
+                }
+                minutes.entry(*m).or_default().add(d);
+            }
+        }
+        minutes
+    }
+
     /// Per edge, what shoppers were served since the coordinator started.
     pub fn served(&self) -> Vec<ServedEdge> {
         let edges = self.lock();

@@ -82,12 +82,56 @@ pub struct AlertsConfig {
     /// Delivery attempts per webhook.
     #[serde(default = "default_attempts")]
     pub attempts: u32,
+    /// Rules on what shoppers are served (from varnish's log): a region breaching one
+    /// reads `degraded` and alerts like any other change.
+    #[serde(default)]
+    pub rules: Vec<AlertRule>,
+}
+
+/// `[[alerts.rules]]`: e.g. shoppers served slower than `above` ms on average, every
+/// minute for `for_minutes` minutes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    pub name: String,
+    pub metric: RuleMetric,
+    /// The threshold: milliseconds for `served_mean_ms`, a share (0..1) for
+    /// `served_5xx_ratio`.
+    pub above: f64,
+    /// Consecutive minutes over the threshold (the current one counts once it has
+    /// `min_requests`).
+    #[serde(default = "default_for_minutes")]
+    pub for_minutes: u32,
+    /// A minute with fewer shopper requests says nothing (too few to judge).
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// Regions it applies to (default: every region).
+    #[serde(default)]
+    pub regions: Vec<String>,
+}
+
+/// What an [`AlertRule`] measures, per region and minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleMetric {
+    /// Mean time varnish took to serve shoppers (ms).
+    ServedMeanMs,
+    /// Share of shoppers' requests answered 5xx.
+    Served5xxRatio,
+}
+
+fn default_for_minutes() -> u32 {
+    3
+}
+fn default_min_requests() -> u64 {
+    10
 }
 
 impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
             webhooks: Vec::new(),
+            rules: Vec::new(),
             group_ms: default_group_ms(),
             attempts: default_attempts(),
         }
@@ -189,6 +233,31 @@ impl AlertsConfig {
         }
         if self.attempts == 0 {
             return Err(ConfigError::invalid("alerts.attempts must be at least 1"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for r in &self.rules {
+            let bad = |m: &str| {
+                Err(ConfigError::Invalid(format!(
+                    "alerts.rules {:?}: {m}",
+                    r.name
+                )))
+            };
+            if r.name.is_empty() || r.name.chars().any(|c| c.is_control()) || !names.insert(&r.name)
+            {
+                return bad("name must be unique and non-empty");
+            }
+            if !r.above.is_finite() || r.above < 0.0 {
+                return bad("above must be a number >= 0");
+            }
+            if r.metric == RuleMetric::Served5xxRatio && r.above >= 1.0 {
+                return bad("above is a share for served_5xx_ratio: below 1 (0.05 = 5 %)");
+            }
+            if !(1..=60).contains(&r.for_minutes) {
+                return bad("for_minutes must be 1..=60");
+            }
+            if r.min_requests == 0 {
+                return bad("min_requests must be at least 1");
+            }
         }
         Ok(())
     }

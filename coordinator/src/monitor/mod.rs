@@ -34,7 +34,8 @@ mod metrics;
 
 use crate::edges::{EdgeRegistry, EdgeView};
 use crate::purge::log::PurgeLog;
-pub use config::{AlertsConfig, CheckConfig, MonitoringConfig};
+use crate::traffic::{Delta, Traffic};
+pub use config::{AlertRule, AlertsConfig, CheckConfig, MonitoringConfig, RuleMetric};
 
 /// Histogram buckets for probe durations (seconds).
 pub const BUCKETS: [f64; 11] = [
@@ -77,6 +78,10 @@ pub enum Diagnosis {
     Slow,
     /// Some of the region's edges are disconnected.
     EdgeLost,
+    /// An `[[alerts.rules]]` rule on shoppers' served time is breached.
+    ShoppersSlow,
+    /// An `[[alerts.rules]]` rule on shoppers' 5xx share is breached.
+    ShopperErrors,
 }
 
 impl Diagnosis {
@@ -93,6 +98,8 @@ impl Diagnosis {
             Diagnosis::VarnishUnreachable => "varnish_unreachable",
             Diagnosis::Slow => "slow",
             Diagnosis::EdgeLost => "edge_lost",
+            Diagnosis::ShoppersSlow => "shoppers_slow",
+            Diagnosis::ShopperErrors => "shopper_errors",
         }
     }
 }
@@ -232,6 +239,8 @@ pub struct Monitor {
     regions: Vec<String>,
     edges: Arc<EdgeRegistry>,
     log: PurgeLog,
+    /// Per-minute shopper figures, for `[[alerts.rules]]`.
+    traffic: Arc<Traffic>,
     started: std::time::Instant,
     inner: Mutex<Inner>,
 }
@@ -244,6 +253,7 @@ impl Monitor {
         regions: Vec<String>,
         edges: Arc<EdgeRegistry>,
         log: PurgeLog,
+        traffic: Arc<Traffic>,
     ) -> Arc<Self> {
         Arc::new(Monitor {
             config,
@@ -252,6 +262,7 @@ impl Monitor {
             regions,
             edges,
             log,
+            traffic,
             started: std::time::Instant::now(),
             inner: Mutex::new(Inner {
                 checks: HashMap::new(),
@@ -375,6 +386,23 @@ impl Monitor {
         self.health_locked(&inner)
     }
 
+    /// The first `[[alerts.rules]]` rule `region` breaches at `now_ms`, with its words.
+    fn rule_breach(&self, region: &str, now_ms: u64) -> Option<(Diagnosis, String)> {
+        let rules: Vec<&AlertRule> = self
+            .alerts
+            .rules
+            .iter()
+            .filter(|r| r.regions.is_empty() || r.regions.iter().any(|n| n == region))
+            .collect();
+        let longest = rules.iter().map(|r| r.for_minutes).max()?;
+        let this_minute = now_ms / 60_000 * 60_000;
+        let from = this_minute.saturating_sub(u64::from(longest) * 60_000);
+        let minutes = self.traffic.recent(region, from);
+        rules
+            .into_iter()
+            .find_map(|rule| breached(rule, &minutes, this_minute))
+    }
+
     fn health_locked(&self, inner: &Inner) -> BTreeMap<String, RegionHealth> {
         let edges = self.edges.list_with_lag(&self.log);
         let mut names: std::collections::BTreeSet<String> = self.regions.iter().cloned().collect();
@@ -407,7 +435,8 @@ impl Monitor {
                     origin: rc.origin.health,
                     last_error: rc.edge.last_error(),
                 });
-                let h = decide(&mine, probe, origin_everywhere_down, lag_limit_s);
+                let breach = self.rule_breach(&name, now_ms());
+                let h = decide(&mine, probe, breach, origin_everywhere_down, lag_limit_s);
                 (name, h)
             })
             .collect()
@@ -609,6 +638,60 @@ struct ProbeHealth {
     last_error: Option<String>,
 }
 
+/// Whether `rule` is breached by a region's `minutes` (minute start → sums): every minute
+/// of the last `for_minutes` over the threshold with at least `min_requests` requests.
+/// The minute in progress (`this_minute`) counts once it has `min_requests`; until then
+/// the window is the last complete minutes, so a rule does not flap at each minute's
+/// start. Returns the diagnosis and its words.
+pub fn breached(
+    rule: &AlertRule,
+    minutes: &BTreeMap<u64, Delta>,
+    this_minute: u64,
+) -> Option<(Diagnosis, String)> {
+    let enough = |m: u64| {
+        minutes
+            .get(&m)
+            .is_some_and(|d| d.served >= rule.min_requests)
+    };
+    let last = if enough(this_minute) {
+        this_minute
+    } else {
+        this_minute.checked_sub(60_000)?
+    };
+    let n = u64::from(rule.for_minutes);
+    let mut worst = f64::MIN;
+    for i in 0..n {
+        let m = last.checked_sub(i * 60_000)?;
+        let d = minutes.get(&m).filter(|d| d.served >= rule.min_requests)?;
+        let value = match rule.metric {
+            RuleMetric::ServedMeanMs => d.served_mean_ms()?,
+            RuleMetric::Served5xxRatio => d.served_5xx_ratio()?,
+        };
+        if value <= rule.above {
+            return None;
+        }
+        worst = worst.max(value);
+    }
+    Some(match rule.metric {
+        RuleMetric::ServedMeanMs => (
+            Diagnosis::ShoppersSlow,
+            format!(
+                "rule {}: shoppers served in {worst:.0} ms on average, over {} ms, for {n} min",
+                rule.name, rule.above
+            ),
+        ),
+        RuleMetric::Served5xxRatio => (
+            Diagnosis::ShopperErrors,
+            format!(
+                "rule {}: {:.1} % of shoppers' requests answered 5xx, over {:.1} %, for {n} min",
+                rule.name,
+                worst * 100.0,
+                rule.above * 100.0
+            ),
+        ),
+    })
+}
+
 /// The one rule for a region's health. `up` needs a connected agent, purges applied
 /// within the lag bound and passing probes; the first thing that fails names the state:
 ///
@@ -622,6 +705,7 @@ struct ProbeHealth {
 fn decide(
     edges: &[&EdgeView],
     probe: Option<ProbeHealth>,
+    breach: Option<(Diagnosis, String)>,
     origin_everywhere_down: bool,
     lag_limit_s: f64,
 ) -> RegionHealth {
@@ -693,6 +777,9 @@ fn decide(
                 e.varnish_error.as_deref().unwrap_or_default()
             ),
         );
+    }
+    if let Some((diagnosis, why)) = breach {
+        return state(Health::Degraded, diagnosis, why);
     }
     if let Some(p) = probe.as_ref().filter(|p| p.edge == Health::Degraded) {
         return from_probe(p, Health::Degraded, Diagnosis::Slow);
@@ -837,8 +924,62 @@ mod tests {
             vec!["a".into(), "b".into()],
             edges.clone(),
             test_log(),
+            Arc::default(),
         );
         (m, edges)
+    }
+
+    fn minute(served: u64, mean_ms: u64, errors: u64) -> Delta {
+        Delta {
+            served,
+            served_time_us: served * mean_ms * 1000,
+            served_time_sq_ms: (served * mean_ms * mean_ms) as f64,
+            served_5xx: errors,
+            ..Delta::default()
+        }
+    }
+
+    #[test]
+    fn rules_need_every_minute_of_the_window_and_enough_requests() {
+        let rule = AlertRule {
+            name: "slow".into(),
+            metric: RuleMetric::ServedMeanMs,
+            above: 500.0,
+            for_minutes: 2,
+            min_requests: 10,
+            regions: vec![],
+        };
+        let now = 10 * 60_000;
+        let at = |m: u64| now - m * 60_000;
+        let mut minutes = BTreeMap::new();
+        minutes.insert(at(2), minute(50, 900, 0));
+        minutes.insert(at(1), minute(50, 800, 0));
+        // Two slow complete minutes; the one in progress has too few requests to count.
+        minutes.insert(at(0), minute(3, 10, 0));
+        let (d, why) = breached(&rule, &minutes, now).expect("breached");
+        assert_eq!(d, Diagnosis::ShoppersSlow);
+        assert!(why.contains("900 ms") && why.contains("2 min"), "{why}");
+        // The minute in progress, once it has enough requests, decides with the last one.
+        minutes.insert(at(0), minute(20, 100, 0));
+        assert_eq!(breached(&rule, &minutes, now), None);
+        // A gap (no traffic) is no breach.
+        minutes.remove(&at(0));
+        minutes.remove(&at(1));
+        assert_eq!(breached(&rule, &minutes, now), None);
+        // 5xx share.
+        let errors = AlertRule {
+            metric: RuleMetric::Served5xxRatio,
+            above: 0.05,
+            for_minutes: 1,
+            ..rule
+        };
+        let mut m = BTreeMap::new();
+        m.insert(now, minute(100, 10, 7));
+        let (d, why) = breached(&errors, &m, now).expect("breached");
+        assert_eq!(d, Diagnosis::ShopperErrors);
+        assert!(why.contains("7.0 %"), "{why}");
+        m.insert(now, minute(100, 10, 5));
+        assert_eq!(breached(&errors, &m, now), None, "5 % is not over 5 %");
     }
 
     fn test_log() -> PurgeLog {
@@ -905,7 +1046,7 @@ mod tests {
     #[test]
     fn one_rule_for_region_health() {
         let d = |edges: &[&EdgeView]| {
-            let h = decide(edges, None, false, 30.0);
+            let h = decide(edges, None, None, false, 30.0);
             (h.health, h.diagnosis)
         };
         assert_eq!(d(&[]), (Health::Down, Some(Diagnosis::NoAgents)));
@@ -945,12 +1086,12 @@ mod tests {
             origin: Health::Up,
             last_error: None,
         };
-        let h = decide(&[&failing], Some(probe.clone()), false, 30.0);
+        let h = decide(&[&failing], Some(probe.clone()), None, false, 30.0);
         assert_eq!(
             (h.health, h.diagnosis),
             (Health::Down, Some(Diagnosis::EdgeDown))
         );
-        let h = decide(&[&lost], Some(probe), false, 30.0);
+        let h = decide(&[&lost], Some(probe), None, false, 30.0);
         assert_eq!(h.diagnosis, Some(Diagnosis::AgentLost));
     }
 

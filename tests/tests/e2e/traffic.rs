@@ -181,7 +181,16 @@ async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shoppers_served_times_and_5xx_come_from_varnishs_log_without_the_agents_own() {
-    let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let rule = "[[alerts.rules]]\nname = \"slow-shoppers\"\nmetric = \"served_mean_ms\"\nabove = 40.0\nfor_minutes = 1\nmin_requests = 5\n";
+    let cluster = Cluster::start(
+        1,
+        "ban",
+        CoordinatorOpts {
+            extra: rule.into(),
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await;
     let c = &cluster.coordinator;
     let v0 = cluster.varnish[0].http;
     let served = || async {
@@ -213,11 +222,12 @@ async fn shoppers_served_times_and_5xx_come_from_varnishs_log_without_the_agents
         .await;
     let job = c.warm_finished(id, 30).await;
     assert_eq!(job["state"], "done", "{job}");
-    // 20 misses the origin takes 60 ms each to render, then 5 it answers 503.
+    assert_eq!(c.health("region-0").await, "up");
+    // 20 misses the origin takes 150 ms each to render, then 5 it answers 503.
     cluster
         .origin
         .origin
-        .set_delay(std::time::Duration::from_millis(60));
+        .set_delay(std::time::Duration::from_millis(150));
     for i in 0..20 {
         assert_eq!(get(v0, &format!("/slow/{i}")).await.cache(), "MISS");
     }
@@ -248,9 +258,34 @@ async fn shoppers_served_times_and_5xx_come_from_varnishs_log_without_the_agents
     );
     let mean = region["served"]["mean_ms"].as_f64().expect("mean");
     let std = region["served"]["std_ms"].as_f64().expect("std");
-    // 20 of them took the origin's 60 ms at least: the served time summed is ≥ 1.2 s.
+    // 20 of them took the origin's 150 ms at least: the served time summed is ≥ 3 s.
     let sum_ms = mean * (before + 25) as f64;
-    assert!((1200.0..20_000.0).contains(&sum_ms), "mean {mean} ms");
+    assert!((3000.0..30_000.0).contains(&sum_ms), "mean {mean} ms");
+    // The rule on served time makes the region degraded, saying which rule and why.
+    let mut seen;
+    assert_eventually!(
+        15,
+        {
+            seen = c.regions().await.get("region-0").cloned();
+            seen.as_ref().is_some_and(|r| {
+                r.health == coordinator::api::views::Health::Degraded
+                    && r.diagnosis == Some(coordinator::api::views::Diagnosis::ShoppersSlow)
+            })
+        },
+        "no shoppers_slow: {seen:?}"
+    );
+    let why = seen.and_then(|r| r.health_error).unwrap_or_default();
+    assert!(
+        why.contains("rule slow-shoppers") && why.contains("over 40 ms"),
+        "{why}"
+    );
+    let healthz = tests::get_json(c.api, "/healthz")
+        .await
+        .unwrap_or(Value::Null);
+    assert_eq!(
+        healthz["regions_not_up"]["region-0"]["diagnosis"], "shoppers_slow",
+        "{healthz}"
+    );
     assert!(std > 10.0, "std {std} ms");
     let history = c
         .call("GET", "/api/v1/regions/region-0/history", None)
