@@ -1115,7 +1115,7 @@ pub fn chromium(args: &[&str], profile: &std::path::Path) -> std::process::Outpu
             "--enable-logging=stderr",
             "--v=0",
             "--virtual-time-budget=8000",
-            "--window-size=1280,800",
+            "--window-size=1280,2000",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)

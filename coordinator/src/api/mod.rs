@@ -62,6 +62,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/config/versions/:version", get(config_version))
         .route("/api/v1/tls", get(tls_view))
         .route("/api/v1/regions", get(regions))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/assets/uPlot.iife.min.js", get(asset_js))
+        .route("/assets/uPlot.min.css", get(asset_css))
         .route("/api/v1/regions/:name/history", get(region_history))
         .route("/api/v1/warm/jobs", get(warm_jobs).post(warm_start))
         .route("/api/v1/warm/jobs/:id", get(warm_job))
@@ -111,13 +114,47 @@ async fn read_guard(
         *request.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     );
-    let open = matches!(request.uri().path(), "/healthz" | "/");
+    let path = request.uri().path();
+    // The page and its library hold no data.
+    let open = matches!(path, "/healthz" | "/") || path.starts_with("/assets/");
     if s.read_requires_token && read && !open {
         if let Err(r) = authorize(&s, request.headers()) {
             return r;
         }
     }
     next.run(request).await
+}
+
+/// `GET /api/v1/alerts`: the newest grouped alerts (what changed, when, delivered).
+async fn alerts(State(s): State<ApiState>) -> Response {
+    Json(views::AlertList {
+        webhooks: s.state.monitor.webhook_count(),
+        alerts: s.state.monitor.recent_alerts(),
+    })
+    .into_response()
+}
+
+/// The dashboard's vendored charting library (uPlot, MIT): no network needed.
+async fn asset_js() -> Response {
+    asset(
+        "application/javascript",
+        include_str!("assets/uPlot.iife.min.js"),
+    )
+}
+
+async fn asset_css() -> Response {
+    asset("text/css", include_str!("assets/uPlot.min.css"))
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /api/v1/regions`: per region, its edges, hit ratios, rates and purge lag.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::bundle::store::VersionInfo;
 pub use crate::edges::{EdgeView, PurgeFailure, PurgeProgress};
-pub use crate::monitor::{Diagnosis, Health, MinuteStats, ProbeView};
+pub use crate::monitor::{AlertRecord, Change, Diagnosis, Health, MinuteStats, ProbeView};
 pub use crate::rollout::{ConfigState, ConfigView, EdgeConfigView, Phase, Rollout, Started};
 pub use crate::tls::CertExpiry;
 pub use crate::traffic::{Delta, MinutePoint};
@@ -245,4 +245,13 @@ pub struct ApiError {
     pub file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<usize>,
+}
+
+/// `GET /api/v1/alerts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertList {
+    /// Webhooks configured (0: alerts are only logged and listed here).
+    pub webhooks: usize,
+    /// Newest first.
+    pub alerts: Vec<AlertRecord>,
 }

@@ -210,7 +210,7 @@ pub struct RegionHealth {
 }
 
 /// One change in an alert.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub region: String,
     pub previous: Health,
@@ -221,9 +221,24 @@ pub struct Change {
     pub at_ms: u64,
 }
 
+/// Alerts kept for `GET /api/v1/alerts`.
+const ALERTS_KEPT: usize = 50;
+
+/// One grouped alert: its changes, when it went out, and whether every webhook took it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    pub at_ms: u64,
+    pub changes: Vec<Change>,
+    /// Webhooks that answered 2xx (within the attempts) and those that did not.
+    pub delivered: u32,
+    pub failed: u32,
+}
+
 struct Inner {
     checks: HashMap<(String, String), RegionCheck>,
     announced: BTreeMap<String, RegionHealth>,
+    /// The newest alerts, oldest first.
+    history: VecDeque<AlertRecord>,
     pending: Vec<Change>,
     pending_since: Option<u64>,
     last_change: u64,
@@ -267,6 +282,7 @@ impl Monitor {
             inner: Mutex::new(Inner {
                 checks: HashMap::new(),
                 announced: BTreeMap::new(),
+                history: VecDeque::new(),
                 pending: Vec::new(),
                 pending_since: None,
                 last_change: 0,
@@ -564,6 +580,16 @@ impl Monitor {
         (!changes.is_empty()).then_some(changes)
     }
 
+    /// Webhooks alerts go to.
+    pub fn webhook_count(&self) -> usize {
+        self.alerts.webhooks.len()
+    }
+
+    /// The newest alerts, newest first.
+    pub fn recent_alerts(&self) -> Vec<AlertRecord> {
+        self.lock().history.iter().rev().cloned().collect()
+    }
+
     /// Alerts sent and failed (after all attempts).
     pub fn alert_counts(&self) -> AlertCounts {
         let inner = self.lock();
@@ -616,14 +642,27 @@ impl Monitor {
             };
             let body = alert_body(&changes);
             tracing::warn!(changes = changes.len(), text = %body["text"], "alert");
+            let mut record = AlertRecord {
+                at_ms: now_ms(),
+                changes,
+                delivered: 0,
+                failed: 0,
+            };
             for url in &self.alerts.webhooks {
                 let ok = deliver(&client, url, &body, self.alerts.attempts).await;
                 let mut inner = self.lock();
                 if ok {
                     inner.sent += 1;
+                    record.delivered += 1;
                 } else {
                     inner.failed += 1;
+                    record.failed += 1;
                 }
+            }
+            let mut inner = self.lock();
+            inner.history.push_back(record);
+            while inner.history.len() > ALERTS_KEPT {
+                inner.history.pop_front();
             }
         }
     }

@@ -19,6 +19,24 @@ async fn dashboard_shows_every_region_without_console_errors() {
         },
     )
     .await;
+    // Until every agent's varnishncsa counts shoppers (a passed request: no hit or miss).
+    assert_eventually!(
+        20,
+        {
+            for v in &cluster.varnish {
+                get(v.http, "/health_check.php").await;
+            }
+            let r = cluster
+                .coordinator
+                .call("GET", "/api/v1/regions", None)
+                .await
+                .json();
+            r.as_array().is_some_and(|a| {
+                a.len() == 3 && a.iter().all(|r| r["served"]["requests"].as_u64() > Some(0))
+            })
+        },
+        "varnishncsa never counted a shopper"
+    );
     for v in &cluster.varnish {
         for i in 0..5 {
             get(v.http, &format!("/p/{i}")).await;
@@ -61,9 +79,47 @@ async fn dashboard_shows_every_region_without_console_errors() {
     }
     assert!(dom.contains("3 regions · updated"), "status line:\n{dom}");
     assert!(dom.contains("50.0%"), "hit ratios shown:\n{dom}");
+    // uPlot charts (the vendored library, no network): hit ratio, req/s, served time,
+    // 5xx, probe TTFB, purge lag; each with a legend naming the regions.
     assert!(
-        dom.contains("<polyline") || dom.contains("<circle"),
+        dom.matches("class=\"uplot").count() >= 6,
         "charts drawn:\n{dom}"
+    );
+    assert!(
+        dom.contains("u-legend") && dom.contains("region-2"),
+        "legends:\n{dom}"
+    );
+    // The panels hold what the API has.
+    let api = &cluster.coordinator;
+    let health = api.call("GET", "/healthz", None).await.json();
+    let fleet = format!("fleet {}", health["status"].as_str().unwrap_or("?"));
+    assert!(dom.contains(&fleet), "{fleet} missing:\n{dom}");
+    for e in api.edges().await {
+        let id = e["id"].as_str().unwrap_or("?");
+        assert!(
+            dom.contains(&format!("data-edge=\"{id}\"")),
+            "edge {id} missing:\n{dom}"
+        );
+    }
+    let config = api.call("GET", "/api/v1/config", None).await.json();
+    let policy = format!(
+        "drift policy {}",
+        config["drift_policy"].as_str().unwrap_or("?")
+    );
+    assert!(dom.contains(&policy), "config panel:\n{dom}");
+    assert!(
+        dom.contains("no webhooks configured"),
+        "alerts panel:\n{dom}"
+    );
+    // Shoppers' served time and the probes' TTFB in the region table (mean ± std).
+    let table = dom
+        .split("id=\"regions\"")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .unwrap_or("");
+    assert!(
+        table.matches(" ± ").count() >= 6,
+        "served and probe times:\n{table}"
     );
 
     let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
