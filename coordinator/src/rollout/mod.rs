@@ -64,7 +64,14 @@ pub struct Plan {
     pub rollout: Option<Rollout>,
     #[serde(default)]
     pub next_id: u64,
+    /// Earlier rollouts (done, failed or superseded), oldest first, at most
+    /// [`PAST_ROLLOUTS`].
+    #[serde(default)]
+    pub past: Vec<Rollout>,
 }
+
+/// Earlier rollouts the plan keeps for `GET /api/v1/config`.
+pub const PAST_ROLLOUTS: usize = 20;
 
 /// One rollout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +218,9 @@ pub struct ConfigView {
     pub canary_wait_s: u64,
     pub drift_policy: DriftPolicy,
     pub edges: Vec<EdgeConfigView>,
+    /// Earlier rollouts, newest first (a superseded one ended in the phase it was in).
+    #[serde(default)]
+    pub past_rollouts: Vec<Rollout>,
 }
 
 impl Rollouts {
@@ -538,7 +548,12 @@ impl Rollouts {
             previous_by_edge,
         };
         tracing::info!(version, kind, phase = ?rollout.phase, "rollout started");
-        plan.rollout = Some(rollout.clone());
+        if let Some(before) = plan.rollout.replace(rollout.clone()) {
+            plan.past.push(before);
+            if plan.past.len() > PAST_ROLLOUTS {
+                plan.past.remove(0);
+            }
+        }
         self.store.save_plan(&inner.plan)?;
         drop(inner);
         self.bump();
@@ -604,6 +619,7 @@ impl Rollouts {
             .collect();
         edges.sort_by(|a, b| (&a.region, &a.id).cmp(&(&b.region, &b.id)));
         ConfigView {
+            past_rollouts: plan.past.iter().rev().cloned().collect(),
             desired,
             current: plan.current.clone(),
             rollout: plan.rollout.clone(),
@@ -1055,6 +1071,19 @@ mod tests {
         let view = r.view();
         assert_eq!(view.rollout.as_ref().map(|r| r.phase), Some(Phase::Fleet));
         assert_eq!(view.desired.as_deref(), Some(v1.as_str()));
+        // The earlier rollouts survived the restart too, newest first, each as it ended.
+        let past: Vec<(&str, &str, Phase)> = view
+            .past_rollouts
+            .iter()
+            .map(|r| (r.kind.as_str(), r.version.as_str(), r.phase))
+            .collect();
+        assert_eq!(
+            past,
+            vec![
+                ("push", v2.as_str(), Phase::Done),
+                ("push", v1.as_str(), Phase::Done)
+            ]
+        );
         r.connect("eu-1", "eu", 1, true);
         report(&r, "eu-1", "cfg_v2", &v2);
         assert_eq!(obey(&r, "eu-1"), Some(v1.clone()));

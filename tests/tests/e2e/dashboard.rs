@@ -60,6 +60,16 @@ async fn dashboard_shows_every_region_without_console_errors() {
         },
         "no traffic or probe data yet"
     );
+    // A rollout, so the config panel has something to show.
+    let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../edge-agent/vcl");
+    let (code, out, err) = cluster.coordinator.cli(&[
+        "config",
+        "push",
+        &bundle.display().to_string(),
+        "--no-canary",
+        "--wait",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
     let url = format!(
         "http://{}/?token={}",
         cluster.coordinator.api, cluster.coordinator.token
@@ -107,6 +117,17 @@ async fn dashboard_shows_every_region_without_console_errors() {
         config["drift_policy"].as_str().unwrap_or("?")
     );
     assert!(dom.contains(&policy), "config panel:\n{dom}");
+    let version = config["current"]
+        .as_str()
+        .expect("a version runs everywhere");
+    assert!(
+        dom.contains("#1 push") && dom.matches(version).count() >= 4,
+        "rollout and per-edge versions ({version}):\n{dom}"
+    );
+    assert!(
+        dom.matches(">in sync<").count() >= 3,
+        "per-edge config state:\n{dom}"
+    );
     assert!(
         dom.contains("no webhooks configured"),
         "alerts panel:\n{dom}"
