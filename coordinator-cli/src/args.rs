@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand};
 
 /// Coordinator for geo-distributed Varnish clusters in front of Magento 2.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "Coordinator for geo-distributed Varnish clusters in front of Magento 2: purges, config rollout, monitoring, warming"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]

@@ -64,10 +64,22 @@ fn check_prometheus_text(text: &str) -> Result<usize, String> {
         if !name_ok(name) {
             return bad("bad metric name");
         }
-        if !typed.contains_key(name) {
+        // A histogram's (or summary's) samples are its family name plus a suffix.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                let base = name.strip_suffix(suffix)?;
+                matches!(
+                    typed.get(base).map(String::as_str),
+                    Some("histogram" | "summary")
+                )
+                .then_some(base)
+            })
+            .unwrap_or(name);
+        if !typed.contains_key(family) {
             return bad("sample before its TYPE line");
         }
-        if name.ends_with("_total") && typed[name] != "counter" {
+        if family == name && name.ends_with("_total") && typed[name] != "counter" {
             return bad("_total on a non-counter");
         }
         for pair in labels
@@ -176,6 +188,11 @@ async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
         .contains("coordinator_varnish_cache_hits_total{region=\"region-0\",edge=\"edge-0\"} 100"));
     assert!(metrics.contains("coordinator_region_hit_ratio{region=\"region-0\",window=\"m1\"}"));
     assert!(check_prometheus_text("x_total 1\n").is_err());
+    assert!(check_prometheus_text(
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n"
+    )
+    .is_ok());
+    assert!(check_prometheus_text("# TYPE g gauge\ng_sum 1\n").is_err());
     assert!(check_prometheus_text("# TYPE x gauge\nx{a=\"b\" 1\n").is_err());
 }
 
