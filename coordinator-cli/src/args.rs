@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the coordinator.
     Serve {
-        /// coordinator.toml (every key: README, "Configuration").
+        /// coordinator.toml (every key is explained in the README, section "coordinator.toml").
         #[arg(long)]
         config: PathBuf,
         /// Where the purge log and other state live.
