@@ -111,7 +111,7 @@ def imports_of(src: Path, file: Path) -> set:
         kind, rest = m.group(1), m.group(2)
         segs = [s for s in rest.split("::") if s]
         if kind == "super":
-            base = here[:-1] if file.stem not in ("mod",) else here[:-1]
+            base = here[:-1]
             # `super::super::x`
             while segs and segs[0] == "super":
                 base = base[:-1]

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use coordinator::api::views::{
-    ApiError, ConfigView, EdgeView, JobList, JobState, JobView, PurgeAccepted, PurgeBody,
+    name_of, ApiError, ConfigView, EdgeView, JobList, JobState, JobView, PurgeAccepted, PurgeBody,
     PurgeView, RegionStatus, RegionView, Started, VersionInfo, WarmStarted,
 };
 use coordinator::bundle::store::StoredVersion;
@@ -189,14 +189,6 @@ fn report_started(started: &Started) {
             r.canary_region.as_deref().unwrap_or("?")
         ),
         Some(_) => println!("version {version}{fresh}: rolling out to every edge"),
-    }
-}
-
-/// The API's snake_case name of a serde enum value (a phase, a state).
-fn name_of(value: &impl Serialize) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => "?".into(),
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use coordinator::api::views::RegionView;
+use coordinator::api::views::{name_of, RegionView};
 use coordinator_cli::demo::origin::{self, Origin};
 use coordinator_cli::demo::process::{self, Child, VarnishSpec};
 use serde_json::Value;
@@ -48,14 +48,6 @@ pub fn require_varnish() {
         ok,
         "varnishd is not installed: these tests need Debian's varnish and varnish-modules (run scripts/test.sh, which installs them)"
     );
-}
-
-/// The API's snake_case name of a serde enum value (a health, a diagnosis, a state).
-pub fn name_of(value: &impl serde::Serialize) -> String {
-    match serde_json::to_value(value) {
-        Ok(Value::String(s)) => s,
-        _ => String::new(),
-    }
 }
 
 /// The `target/<profile>` directory holding the workspace binaries, (re)built once per

@@ -120,22 +120,11 @@ impl TlsRoots {
     }
 
     fn from_store(roots: rustls::RootCertStore) -> TlsRoots {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-        match config {
-            Ok(c) => TlsRoots(Arc::new(c)),
-            // The ring provider supports the default versions; this is not reached.
-            Err(e) => {
-                tracing::error!(error = %e, "TLS client setup failed");
-                TlsRoots(Arc::new(
-                    rustls::ClientConfig::builder()
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                ))
-            }
-        }
+        // The workspace builds rustls with ring alone: that is the provider used.
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsRoots(Arc::new(config))
     }
 }
 

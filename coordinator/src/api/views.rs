@@ -18,6 +18,15 @@ pub use crate::tls::CertExpiry;
 pub use crate::traffic::{Delta, MinutePoint};
 pub use crate::warm::job::{JobSpec, JobView, RegionProgress, RegionStatus, State as JobState};
 
+/// The API's snake_case name of a view's enum value (a health, a phase, a state): what
+/// the JSON carries, for text output.
+pub fn name_of(value: &impl Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".into(),
+    }
+}
+
 /// Shoppers' hit ratio per window; null without lookups in the window, or when stale.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct HitRatio {
