@@ -29,7 +29,7 @@ LAYERS = {
         ["clock", "secret", "accept", "metrics", "pki"],
         ["tls", "purge"],
         ["edges", "bundle", "traffic"],
-        ["rollout", "monitor", "warm"],
+        ["rollout", "monitor", "warm", "geo"],
         ["config"],
         ["state"],
         ["session", "api"],
@@ -37,7 +37,8 @@ LAYERS = {
     ],
     "edge-agent": [
         # The one module that spawns programs, and plain helpers.
-        ["command", "synthetic", "served", "cursor", "config", "why"],
+        ["command", "synthetic", "served", "cursor", "why", "clients"],
+        ["config"],
         ["stats", "top", "plan"],
         ["varnish"],
         ["vcl", "probe", "warm"],

@@ -62,6 +62,10 @@ pub enum Command {
         /// Plaintext gRPC between coordinator and agents instead of mutual TLS.
         #[arg(long)]
         insecure: bool,
+        /// Geo routing with this MaxMind database (City or Country), and the PowerDNS
+        /// remote backend on P+4 (tests/data/geoip/GeoIP2-City-Test.mmdb is a small one).
+        #[arg(long, value_name = "MMDB")]
+        geoip: Option<PathBuf>,
     },
     /// Push, inspect and roll back config bundles (VCL + WAF) through the API.
     Config {
@@ -86,6 +90,17 @@ pub enum Command {
         api: ApiArgs,
         #[command(subcommand)]
         command: WarmCommand,
+    },
+    /// Which region serves a client IP (geo routing): the region, the reason, the
+    /// distance and every candidate with why it was not chosen.
+    Route {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The client's IPv4 or IPv6 address.
+        ip: String,
+        /// Print the answer as JSON (what /api/v1/route answers).
+        #[arg(long)]
+        json: bool,
     },
     /// Purge through the API (the same log Magento's PURGE requests go to).
     Purge {

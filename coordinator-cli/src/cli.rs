@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use coordinator::api::views::{
     name_of, ApiError, ConfigView, EdgeView, JobList, JobState, JobView, PurgeAccepted, PurgeBody,
-    PurgeView, RegionStatus, RegionView, Started, VersionInfo, WarmStarted,
+    PurgeView, RegionStatus, RegionView, RouteView, Started, VersionInfo, WarmStarted,
 };
 use coordinator::bundle::store::StoredVersion;
 use coordinator::bundle::Bundle;
@@ -129,6 +129,63 @@ impl ApiClient {
             Err(CliError::Api { status, message })
         }
     }
+}
+
+/// `route IP`: the region for a client and every candidate.
+pub async fn route(api: &ApiClient, ip: &str, json: bool) -> Result<(), CliError> {
+    let ip: std::net::IpAddr = ip
+        .trim()
+        .parse()
+        .map_err(|_| CliError::Usage(format!("{ip:?} is not an IPv4 or IPv6 address")))?;
+    let view: RouteView = api
+        .call("GET", &format!("/api/v1/route?ip={ip}"), None::<&()>)
+        .await?;
+    if json {
+        let text =
+            serde_json::to_string_pretty(&view).map_err(|e| CliError::Failed(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", route_lines(&view));
+    }
+    Ok(())
+}
+
+/// The text `route` prints.
+pub fn route_lines(view: &RouteView) -> String {
+    let km = |d: Option<f64>| d.map_or_else(|| "-".to_owned(), |d| format!("{d:.0} km"));
+    let addresses: Vec<String> = view.addresses.iter().map(|a| a.to_string()).collect();
+    let mut out = format!(
+        "{}: {} ({}), {}, country {}\naddresses: {}\n",
+        view.ip,
+        view.region,
+        name_of(&view.reason),
+        km(view.distance_km),
+        view.country.as_deref().unwrap_or("unknown"),
+        if addresses.is_empty() {
+            "-".to_owned()
+        } else {
+            addresses.join(" ")
+        },
+    );
+    out.push_str(&format!(
+        "{:<20} {:>10}  {}\n",
+        "REGION", "DISTANCE", "ELIGIBLE"
+    ));
+    for c in &view.candidates {
+        let why: Vec<String> = c.why_not.iter().map(name_of).collect();
+        let eligible = if c.eligible {
+            "yes".to_owned()
+        } else {
+            format!("no: {}", why.join(", "))
+        };
+        out.push_str(&format!(
+            "{:<20} {:>10}  {}\n",
+            c.region,
+            km(c.distance_km),
+            eligible
+        ));
+    }
+    out
 }
 
 /// `config push DIR`: prints the version and, with `wait`, follows the rollout to its end.

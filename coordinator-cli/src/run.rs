@@ -38,6 +38,7 @@ pub fn main(args: Cli) -> ExitCode {
                 tiered,
                 purge_mode,
                 insecure,
+                geoip,
             } => {
                 let args = demo::DemoArgs {
                     regions,
@@ -47,6 +48,7 @@ pub fn main(args: Cli) -> ExitCode {
                     tiered,
                     purge_mode,
                     insecure,
+                    geoip,
                 };
                 run_demo(args, json_logs).await
             }
@@ -61,6 +63,10 @@ pub fn main(args: Cli) -> ExitCode {
             },
             Command::Status { api, json } => match client(&api) {
                 Ok(c) => status(&c, json).await,
+                Err(code) => code,
+            },
+            Command::Route { api, ip, json } => match client(&api) {
+                Ok(c) => exit(cli::route(&c, &ip, json).await.map_err(anyhow::Error::from)),
                 Err(code) => code,
             },
             Command::Purge {
@@ -94,10 +100,18 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
         }
     };
     daemon::logging::init(json_logs);
+    // A GeoIP database that cannot be read is a configuration error too: one line, 2.
+    let state = match server::open(&config, state_dir) {
+        Ok(s) => s,
+        Err(e @ server::ServeError::Open(coordinator::state::OpenError::Geo(_))) => {
+            eprintln!("coordinator: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => return exit(Err(e.into())),
+    };
     let shutdown = stop_on_signal();
     let result = async {
         let listeners = server::Listeners::bind(&config).await?;
-        let state = server::open(&config, state_dir)?;
         server::run(config, state, listeners, insecure, shutdown).await?;
         Ok::<(), anyhow::Error>(())
     };

@@ -8,12 +8,13 @@
 //! canary region, the shield and scheduled jobs' regions exist in `[[regions]]`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 pub use daemon::ConfigError;
 use serde::{Deserialize, Serialize};
 
+pub use crate::geo::config::{DnsConfig, GeoConfig};
 pub use crate::monitor::config::{
     AlertRule, AlertsConfig, CheckConfig, MonitoringConfig, RuleMetric,
 };
@@ -42,6 +43,12 @@ pub struct CoordinatorConfig {
     pub alerts: AlertsConfig,
     #[serde(default)]
     pub warm: WarmConfig,
+    /// GeoIP routing (`/api/v1/route`, per-country traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geo: Option<GeoConfig>,
+    /// The PowerDNS remote backend (needs `[geo]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
 }
 
 /// `[grpc]`: where agents connect.
@@ -75,6 +82,9 @@ pub struct RegionConfig {
     pub lat: f64,
     #[serde(default)]
     pub lon: f64,
+    /// What DNS and `/api/v1/route` answer for this region (its public addresses).
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
     /// Values substituted for `${name}` in this region's rendering of a config bundle
     /// (`region` is always defined as the region's name).
     #[serde(default)]
@@ -90,6 +100,19 @@ impl CoordinatorConfig {
     /// The configured region names, in file order.
     pub fn region_names(&self) -> Vec<String> {
         self.regions.iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// Each region's place and addresses, for geo routing.
+    pub fn region_points(&self) -> Vec<crate::geo::RegionPoint> {
+        self.regions
+            .iter()
+            .map(|r| crate::geo::RegionPoint {
+                name: r.name.clone(),
+                lat: r.lat,
+                lon: r.lon,
+                addresses: r.addresses.clone(),
+            })
+            .collect()
     }
 
     /// Per-region substitution values for config bundles (`region` included).
@@ -128,6 +151,23 @@ impl daemon::Validate for CoordinatorConfig {
                 return Err(ConfigError::Invalid(format!(
                     "alerts.rules {:?}: region {r:?} is not one of [[regions]]",
                     rule.name
+                )));
+            }
+        }
+        if let Some(geo) = &self.geo {
+            geo.validate(&names)?;
+        }
+        if let Some(dns) = &self.dns {
+            dns.validate()?;
+            if self.geo.is_none() {
+                return Err(ConfigError::invalid(
+                    "[dns] needs [geo]: the answers come from geo routing",
+                ));
+            }
+            if let Some(r) = self.regions.iter().find(|r| r.addresses.is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "[dns] is set but region {:?} has no addresses: DNS would have nothing to answer for it",
+                    r.name
                 )));
             }
         }

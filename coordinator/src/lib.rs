@@ -21,6 +21,7 @@ pub mod config;
 pub mod edges;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod geo;
 pub mod metrics;
 pub mod monitor;
 pub mod pki;

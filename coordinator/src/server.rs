@@ -28,6 +28,8 @@ pub struct Listeners {
     pub purge: TcpListener,
     pub grpc: TcpListener,
     pub api: TcpListener,
+    /// The PowerDNS remote backend, when `[dns]` is configured.
+    pub dns: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -42,6 +44,10 @@ impl Listeners {
             purge: bind(config.purge.listen).await?,
             grpc: bind(config.grpc.listen).await?,
             api: bind(config.api.listen).await?,
+            dns: match &config.dns {
+                Some(d) => Some(bind(d.listen).await?),
+                None => None,
+            },
         })
     }
 }
@@ -148,7 +154,34 @@ pub async fn run(
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
+    let geo_task = state.geo.clone().map(|geo| {
+        tokio::spawn(geo.drive(
+            state.monitor.clone(),
+            state.edges.clone(),
+            state.log.clone(),
+            shutdown.clone(),
+        ))
+    });
+    let dns_task = match (
+        listeners.dns,
+        state.geo.clone().and_then(crate::geo::dns::router),
+    ) {
+        (Some(listener), Some(app)) => {
+            tracing::info!(dns = ?listener.local_addr().ok(), "PowerDNS remote backend serving at /dns");
+            let dns_shutdown = shutdown.clone();
+            Some(tokio::spawn(async move {
+                let result = axum::serve(listener, app)
+                    .with_graceful_shutdown(dns_shutdown.cancelled_owned())
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "DNS backend server failed");
+                }
+            }))
+        }
+        _ => None,
+    };
     tokio::spawn(reload_on_sighup(
+        state.geo.clone(),
         state.tls.clone(),
         token.clone(),
         config.api.token_file.clone(),
@@ -179,7 +212,17 @@ pub async fn run(
             api_task,
             driver,
             monitor_task,
-            warm_task
+            warm_task,
+            async {
+                if let Some(t) = geo_task {
+                    let _ = t.await;
+                }
+            },
+            async {
+                if let Some(t) = dns_task {
+                    let _ = t.await;
+                }
+            }
         );
     };
     if tokio::time::timeout(GRACE, all).await.is_err() {
@@ -197,15 +240,28 @@ fn read_token(path: Option<&Path>) -> Result<Option<Arc<str>>, ServeError> {
     Ok(Some(Arc::<str>::from(t.trim())))
 }
 
-/// On every SIGHUP: reload the TLS files and the API token (rotation without a restart).
-/// A reload that fails keeps what was loaded before.
+/// On every SIGHUP: reload the TLS files, the API token (rotation without a restart) and
+/// the GeoIP database. A reload that fails keeps what was loaded before.
 async fn reload_on_sighup(
+    geo: Option<Arc<crate::geo::Geo>>,
     tls: Option<Arc<ServerTls>>,
     token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
     token_file: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) {
     daemon::signal::on_hangup(shutdown, move || {
+        if let Some(geo) = &geo {
+            match geo.reload() {
+                Ok(_) => {
+                    let info = geo.database();
+                    tracing::info!(path = %info.path, database_type = %info.database_type,
+                        build_epoch = info.build_epoch, "GeoIP database reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "GeoIP reload failed; keeping the previous database")
+                }
+            }
+        }
         if let Some(tls) = &tls {
             match tls.reload() {
                 Ok(()) => {

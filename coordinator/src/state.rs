@@ -13,6 +13,8 @@ use std::sync::Arc;
 use crate::bundle::store::{ConfigStore, StoreError};
 use crate::config::CoordinatorConfig;
 use crate::edges::EdgeRegistry;
+use crate::geo::db::DbError;
+use crate::geo::Geo;
 use crate::metrics::Registry;
 use crate::monitor::Monitor;
 use crate::purge::counters::PurgeCounters;
@@ -34,6 +36,8 @@ pub enum OpenError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Warm(#[from] WarmStoreError),
+    #[error(transparent)]
+    Geo(#[from] DbError),
     #[error("warm token {path}: {source}")]
     WarmToken {
         path: String,
@@ -54,6 +58,8 @@ pub struct State {
     pub traffic: Arc<Traffic>,
     pub monitor: Arc<Monitor>,
     pub warm: Arc<Warm>,
+    /// Present when `[geo]` is configured.
+    pub geo: Option<Arc<Geo>>,
     /// Region names from coordinator.toml (edges may add others).
     pub regions: Arc<Vec<String>>,
     /// Every subsystem's metric families.
@@ -91,6 +97,14 @@ impl State {
             edges.clone(),
         )?;
         let purge_counters = PurgeCounters::default();
+        let geo = match &config.geo {
+            Some(g) => Some(Arc::new(Geo::open(
+                g.clone(),
+                config.dns.clone(),
+                config.region_points(),
+            )?)),
+            None => None,
+        };
 
         let mut registry = Registry::default();
         purge_counters.register(&log, &mut registry);
@@ -102,6 +116,9 @@ impl State {
         traffic.register_metrics(&mut registry);
         monitor.register_metrics(&mut registry);
         warm.register_metrics(&mut registry);
+        if let Some(geo) = &geo {
+            geo.register_metrics(&mut registry);
+        }
 
         Ok(State {
             log,
@@ -112,6 +129,7 @@ impl State {
             traffic,
             monitor,
             warm,
+            geo,
             regions: Arc::new(config.region_names()),
             metrics: Arc::new(registry),
         })

@@ -31,6 +31,21 @@ pub struct AgentConfig {
     /// How often the popular URLs are reported.
     #[serde(default = "default_top_urls_interval_s")]
     pub top_urls_interval_s: u64,
+    /// How many client networks (/24, /48) to report per interval for per-country
+    /// traffic (0: none).
+    #[serde(default = "default_client_nets")]
+    pub client_nets: usize,
+    /// How often client networks are reported.
+    #[serde(default = "default_client_nets_interval_s")]
+    pub client_nets_interval_s: u64,
+}
+
+fn default_client_nets() -> usize {
+    256
+}
+
+fn default_client_nets_interval_s() -> u64 {
+    30
 }
 
 fn default_top_urls() -> usize {
@@ -203,6 +218,17 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(
                 "top_urls_interval_s must be 1..=3600".into(),
             ));
+        }
+        if self.client_nets_interval_s == 0 || self.client_nets_interval_s > 3600 {
+            return Err(ConfigError::Invalid(
+                "client_nets_interval_s must be 1..=3600".into(),
+            ));
+        }
+        if self.client_nets > crate::clients::MAX_TRACKED {
+            return Err(ConfigError::Invalid(format!(
+                "client_nets must be at most {}",
+                crate::clients::MAX_TRACKED
+            )));
         }
         if self.top_urls > 10_000 {
             return Err(ConfigError::Invalid(

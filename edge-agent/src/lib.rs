@@ -8,6 +8,7 @@
 //! varnishstat counters; [`command`] is the only place another program is run.
 //! [`config`] is the TOML file.
 
+pub mod clients;
 pub mod command;
 pub mod config;
 pub mod cursor;

@@ -317,8 +317,12 @@ impl Agent {
         let _abort_log = AbortOnDrop(tokio::spawn(crate::top::run(
             "varnishncsa".into(),
             self.config.varnish.instance.clone(),
-            self.config.top_urls,
-            Duration::from_secs(self.config.top_urls_interval_s),
+            crate::top::Reports {
+                top_urls: self.config.top_urls,
+                top_every: Duration::from_secs(self.config.top_urls_interval_s),
+                client_nets: self.config.client_nets,
+                clients_every: Duration::from_secs(self.config.client_nets_interval_s),
+            },
             self.served.clone(),
             out.clone(),
         )));

@@ -1,11 +1,13 @@
 //! Shoppers' requests from varnish's own log: the region's most requested pages (a warm
-//! job's source) and how each request was served (time, 5xx).
+//! job's source), how each request was served (time, 5xx) and where its client is
+//! ([`crate::clients`]).
 //!
 //! `varnishncsa` (through [`crate::command::lines`], killed with the session) prints one
 //! line per client request that is not the agent's own: warm fetches carry
 //! `X-Warm-Token`, and every request the agent sends has `User-Agent:
-//! varnish-coordinator`. Each line is `METHOD STATUS MICROS HOST+URL`: every request
-//! goes to [`Served`] (time, 5xx); a GET answered below 400 is also counted by
+//! varnish-coordinator`. Each line is `METHOD STATUS MICROS HITMISS HOST+URL XFF`
+//! (tab-separated): every request goes to [`Served`] (time, 5xx) and the
+//! [`ClientCounter`]; a GET answered below 400 is also counted by
 //! [`TopCounter`] in bounded memory: when it holds twice its capacity it keeps only the
 //! top half (a lossy "space-saving" count: exact for URLs that stay popular, approximate
 //! at the tail). Every interval the top entries go up as [`TopUrls`]; the coordinator
@@ -18,11 +20,13 @@ use std::time::Duration;
 use proto::edge::{agent_message, AgentMessage, TopUrls, UrlCount};
 use tokio::sync::mpsc;
 
+use crate::clients::ClientCounter;
 use crate::command;
 use crate::served::Served;
 
-/// `varnishncsa -F`: method, status, time to serve (µs), host and URL.
-const FORMAT: &str = "%m %s %D %{Host}i%U%q";
+/// `varnishncsa -F`: method, status, time to serve (µs), hit or miss, host and URL, and
+/// `X-Forwarded-For` last (it may hold spaces), separated by tabs.
+const FORMAT: &str = "%m\t%s\t%D\t%{Varnish:hitmiss}x\t%{Host}i%U%q\t%{X-Forwarded-For}i";
 /// `varnishncsa -q`: everything but the agent's own requests.
 const QUERY: &str =
     "not ReqHeader:X-Warm-Token and not ReqHeader:User-Agent eq \"varnish-coordinator\"";
@@ -33,18 +37,34 @@ pub struct Logged<'a> {
     pub method: &'a str,
     pub status: u16,
     pub micros: u64,
+    pub hit: bool,
     pub url: &'a str,
+    /// `X-Forwarded-For` (`-` when absent).
+    pub forwarded: &'a str,
 }
 
 /// Parses one [`FORMAT`] line (`None` for anything else).
 pub fn parse_line(line: &str) -> Option<Logged<'_>> {
-    let mut parts = line.trim().splitn(4, ' ');
+    let mut parts = line.trim_end_matches(['\r', '\n']).splitn(6, '\t');
     Some(Logged {
         method: parts.next()?,
         status: parts.next()?.parse().ok()?,
         micros: parts.next()?.parse().ok()?,
+        hit: parts.next()? == "hit",
         url: parts.next().unwrap_or(""),
+        forwarded: parts.next().unwrap_or("-").trim(),
     })
+}
+
+/// What the log reader reports, and how often.
+#[derive(Debug, Clone)]
+pub struct Reports {
+    /// Most requested URLs to report (0: none).
+    pub top_urls: usize,
+    pub top_every: Duration,
+    /// Client networks to report (0: none).
+    pub client_nets: usize,
+    pub clients_every: Duration,
 }
 
 /// Distinct URLs counted before pruning to the top half.
@@ -87,18 +107,21 @@ impl TopCounter {
 }
 
 /// Reads varnishncsa's lines for `instance`: counts every request in `served`, and sends
-/// the top `n` URLs every `every` (none when `n` is 0).
+/// the top URLs and the client networks as `reports` says.
 pub async fn run(
     varnishncsa: PathBuf,
     instance: Option<PathBuf>,
-    n: usize,
-    every: Duration,
+    reports: Reports,
     served: Served,
     out: mpsc::Sender<AgentMessage>,
 ) {
+    let n = reports.top_urls;
     let mut counter = TopCounter::default();
-    let mut tick = tokio::time::interval(every);
+    let mut clients = ClientCounter::default();
+    let mut tick = tokio::time::interval(reports.top_every);
     tick.tick().await;
+    let mut clients_tick = tokio::time::interval(reports.clients_every);
+    clients_tick.tick().await;
     let mut lines = None;
     loop {
         if lines.is_none() {
@@ -119,6 +142,9 @@ pub async fn run(
                 Ok(Some(l)) => {
                     if let Some(r) = parse_line(&l) {
                         served.record(r.status, r.micros);
+                        if reports.client_nets > 0 {
+                            clients.add(r.forwarded, r.hit);
+                        }
                         if n > 0 && r.method == "GET" && r.status < 400 && !r.url.is_empty() {
                             counter.add(r.url);
                         }
@@ -140,6 +166,13 @@ pub async fn run(
                     continue;
                 }
                 let msg = AgentMessage { msg: Some(agent_message::Msg::TopUrls(TopUrls { urls })) };
+                if out.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            _ = clients_tick.tick() => {
+                let Some(nets) = clients.take(reports.client_nets) else { continue };
+                let msg = AgentMessage { msg: Some(agent_message::Msg::ClientNets(nets)) };
                 if out.send(msg).await.is_err() {
                     return;
                 }
@@ -169,19 +202,19 @@ mod tests {
     #[test]
     fn lines_parse() {
         assert_eq!(
-            parse_line("GET 200 532 shop.test/p/1?x=2\n"),
+            parse_line("GET\t200\t532\thit\tshop.test/p/1?x=2\t81.2.69.142, 127.0.0.1\n"),
             Some(Logged {
                 method: "GET",
                 status: 200,
                 micros: 532,
-                url: "shop.test/p/1?x=2"
+                hit: true,
+                url: "shop.test/p/1?x=2",
+                forwarded: "81.2.69.142, 127.0.0.1",
             })
         );
-        assert_eq!(
-            parse_line("POST 503 1200 shop.test/checkout").map(|l| l.status),
-            Some(503)
-        );
-        assert_eq!(parse_line("GET x 1 y"), None);
+        let post = parse_line("POST\t503\t1200\tmiss\tshop.test/checkout\t-").expect("line");
+        assert_eq!((post.status, post.hit, post.forwarded), (503, false, "-"));
+        assert_eq!(parse_line("GET\tx\t1\thit\ty\t-"), None);
         assert_eq!(parse_line(""), None);
     }
 

@@ -37,6 +37,123 @@ macro_rules! assert_eventually {
     }};
 }
 
+/// Panics unless PowerDNS with its remote backend and dig are installed.
+pub fn require_pdns() {
+    let ok = |program: &str, arg: &str| {
+        std::process::Command::new(program)
+            .arg(arg)
+            .output()
+            .map(|o| o.status.success() || !o.stdout.is_empty() || !o.stderr.is_empty())
+            .unwrap_or(false)
+    };
+    let backend = [
+        "/usr/lib/x86_64-linux-gnu/pdns",
+        "/usr/lib/aarch64-linux-gnu/pdns",
+        "/usr/lib/pdns",
+    ]
+    .iter()
+    .any(|d| Path::new(d).join("libremotebackend.so").exists());
+    assert!(
+        ok("pdns_server", "--version") && backend && ok("dig", "-v"),
+        "PowerDNS is not installed: these tests need Debian's pdns-server, pdns-backend-remote and bind9-dnsutils (run scripts/test.sh, which installs them)"
+    );
+}
+
+/// A real `pdns_server` on a free loopback port, serving what the remote backend at
+/// `backend` (`http://ADDR/dns`) answers, with every cache off and EDNS client subnet on.
+pub struct Pdns {
+    pub addr: SocketAddr,
+    pub child: Child,
+}
+
+impl Pdns {
+    pub async fn start(dir: &Path, backend: SocketAddr) -> Self {
+        require_pdns();
+        std::fs::create_dir_all(dir).expect("pdns dir");
+        let mut last = String::new();
+        for _ in 0..3 {
+            let addr = lo(free_port());
+            let conf = format!(
+                "launch=remote\nremote-connection-string=http:url=http://{backend}/dns,timeout=2000\n\
+                 local-address=127.0.0.1\nlocal-port={}\nsocket-dir={}\nsecurity-poll-suffix=\n\
+                 edns-subnet-processing=yes\ncache-ttl=0\nquery-cache-ttl=0\nnegquery-cache-ttl=0\n\
+                 zone-cache-refresh-interval=0\ndisable-syslog=yes\nloglevel=4\n\
+                 receiver-threads=1\ndistributor-threads=1\n",
+                addr.port(),
+                dir.display()
+            );
+            std::fs::write(dir.join("pdns.conf"), conf).expect("pdns.conf");
+            let args = vec![
+                format!("--config-dir={}", dir.display()),
+                "--daemon=no".into(),
+                "--guardian=no".into(),
+            ];
+            let log = dir.join("pdns.log");
+            let mut child = process::spawn(Path::new("pdns_server"), &args, &log, "pdns_server")
+                .expect("spawn pdns_server");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Some(status) = child.try_status() {
+                    last = format!(
+                        "pdns_server exited ({status}): {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    break;
+                }
+                // Any answer at all (dig exits 0) means it is serving.
+                if !dig_full(
+                    addr,
+                    &["+tries=1", "+time=1", "version.bind", "TXT", "CH"],
+                    None,
+                )
+                .await
+                .is_empty()
+                {
+                    return Pdns { addr, child };
+                }
+                if Instant::now() > deadline {
+                    last = format!(
+                        "pdns_server did not answer: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    child.kill9().await;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        panic!("{last}");
+    }
+}
+
+/// `dig @addr NAME TYPE +short [+subnet=S]`: the answer lines (empty on any failure).
+pub async fn dig(addr: SocketAddr, name: &str, qtype: &str, subnet: Option<&str>) -> Vec<String> {
+    let mut args = vec![name, qtype, "+short", "+tries=1", "+time=2"];
+    let subnet_arg = subnet.map(|s| format!("+subnet={s}"));
+    if let Some(s) = &subnet_arg {
+        args.push(s);
+    }
+    dig_full(addr, &args, None).await
+}
+
+/// `dig @addr ARGS...` output lines (empty on any failure); `port` overrides addr's.
+pub async fn dig_full(addr: SocketAddr, args: &[&str], port: Option<u16>) -> Vec<String> {
+    let mut cmd = tokio::process::Command::new("dig");
+    cmd.arg(format!("@{}", addr.ip()))
+        .arg("-p")
+        .arg(port.unwrap_or(addr.port()).to_string())
+        .args(args)
+        .kill_on_drop(true);
+    match tokio::time::timeout(Duration::from_secs(10), cmd.output()).await {
+        Ok(Ok(out)) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .filter(|l| !l.trim().is_empty())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Panics unless varnishd (with xkey) is installed.
 pub fn require_varnish() {
     let ok = std::process::Command::new("varnishd")
@@ -167,6 +284,7 @@ impl VarnishNode {
         let mut last_err = None;
         for _ in 0..3 {
             let spec = VarnishSpec {
+                also_listen: None,
                 workdir: dir.join("varnish"),
                 http: lo(free_port()),
                 admin: lo(free_port()),
@@ -282,6 +400,8 @@ pub struct CoordinatorOpts {
     pub purge_extra: String,
     /// More keys for the `[warm]` table (its `token_file` is always set).
     pub warm_extra: String,
+    /// More keys for region i's `[[regions]]` table (`lat`, `lon`, `addresses`), by index.
+    pub region_keys: Vec<String>,
 }
 
 /// The warm secret every test cluster shares (boot VCL and `[warm] token_file`).
@@ -297,6 +417,7 @@ impl Default for CoordinatorOpts {
             read_requires_token: false,
             purge_extra: String::new(),
             warm_extra: String::new(),
+            region_keys: Vec::new(),
         }
     }
 }
@@ -313,6 +434,8 @@ pub struct CoordinatorProc {
     /// The cluster PKI (`ca.pem`, `coordinator.pem`, agents' certificates); `None` when
     /// gRPC is plaintext.
     pub pki: Option<PathBuf>,
+    /// The DNS remote backend, when the extra TOML used the `{dns}` placeholder.
+    pub dns: Option<SocketAddr>,
 }
 
 impl CoordinatorProc {
@@ -339,6 +462,12 @@ impl CoordinatorProc {
         let mut last_err = String::new();
         for _ in 0..3 {
             let (purge, grpc, api) = (lo(free_port()), lo(free_port()), lo(free_port()));
+            // `{dns}` in the extra TOML: a fresh port for the DNS backend.
+            let dns = opts.extra.contains("{dns}").then(|| lo(free_port()));
+            let extra = match dns {
+                Some(d) => opts.extra.replace("{dns}", &d.to_string()),
+                None => opts.extra.clone(),
+            };
             std::fs::write(
                 &config,
                 format!(
@@ -350,7 +479,7 @@ impl CoordinatorProc {
                     opts.read_requires_token,
                     dir.join("warm-token").display(),
                     opts.warm_extra,
-                    opts.extra.clone() + &tls,
+                    extra + &tls,
                 ),
             )
             .expect("config");
@@ -365,6 +494,7 @@ impl CoordinatorProc {
                         token,
                         child,
                         pki,
+                        dns,
                     }
                 }
                 Err(e) => last_err = e,
@@ -645,7 +775,7 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\ntop_urls_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\ntop_urls_interval_s = 1\nclient_nets_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
                 dir.join(format!("{id}-state")).display(),
                 AGENT_STATS_INTERVAL_S.load(std::sync::atomic::Ordering::Relaxed),
                 varnish.http,
@@ -731,8 +861,12 @@ impl Cluster {
                 Some(shield) if tiered => shield.http,
                 _ => origin.addr,
             };
-            opts.extra
-                .push_str(&regions_toml(1, backend).replace("region-0", &format!("region-{i}")));
+            let name = format!("region-{i}");
+            let keys = opts.region_keys.get(i).cloned().unwrap_or_default();
+            opts.extra.push_str(&regions_toml(1, backend).replace(
+                "name = \"region-0\"\n",
+                &format!("name = \"{name}\"\n{keys}\n"),
+            ));
             varnish.push(VarnishNode::start(&dir.path().join(format!("r{i}")), backend).await);
         }
         let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;

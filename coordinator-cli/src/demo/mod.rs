@@ -95,7 +95,18 @@ pub struct DemoArgs {
     pub purge_mode: String,
     /// Plaintext gRPC instead of mutual TLS.
     pub insecure: bool,
+    /// Geo routing with this MaxMind database, and the DNS remote backend on `P+4`.
+    pub geoip: Option<PathBuf>,
 }
+
+/// The demo's address for region `i` (127.0.1.i+1): what routing and DNS answer, and a
+/// second listen address of that region's varnishd.
+pub fn demo_address(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 1, (i + 1).min(254) as u8))
+}
+
+/// The zone the demo's DNS backend serves.
+pub const DEMO_ZONE: &str = "shop.test.";
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +232,11 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                 lat: REGIONS.get(i).map(|r| r.1).unwrap_or(0.0),
                 lon: REGIONS.get(i).map(|r| r.2).unwrap_or(0.0),
                 vars: backend_vars(backend_of(i)),
+                addresses: if args.geoip.is_some() {
+                    vec![demo_address(i)]
+                } else {
+                    vec![]
+                },
             })
             .collect(),
         rollout: RolloutConfig {
@@ -251,7 +267,31 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             rewarm_after_purge: true,
             ..Default::default()
         },
+        geo: match &args.geoip {
+            Some(db) => Some(
+                toml::from_str::<coordinator::config::GeoConfig>(&format!(
+                    "database = {:?}\ndefault_region = {:?}\nrecover_s = 10",
+                    std::path::absolute(db).unwrap_or_else(|_| db.clone()),
+                    names[0]
+                ))
+                .map_err(|e| DemoError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        },
+        dns: match &args.geoip {
+            Some(_) => Some(
+                toml::from_str::<coordinator::config::DnsConfig>(&format!(
+                    "listen = \"{}\"\nzone = {DEMO_ZONE:?}\nnames = [\"www\", \"@\"]\nttl = 30",
+                    port(4)
+                ))
+                .map_err(|e| DemoError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        },
     };
+    config
+        .validate()
+        .map_err(|e| DemoError::Invalid(e.to_string()))?;
     let config_path = dir.join("coordinator.toml");
     std::fs::write(
         &config_path,
@@ -298,6 +338,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                 secret_file: secret_file.clone(),
                 vcl_file,
                 storage_mb: 64,
+                also_listen: args
+                    .geoip
+                    .is_some()
+                    .then(|| SocketAddr::new(demo_address(i), http.port())),
             };
             let varnish = process::start_varnishd(&spec, &rdir.join("varnishd.log")).await?;
             let agent_config = rdir.join("edge-agent.toml");
@@ -416,6 +460,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             "bundle_dir": bundle_dir,
             "config_version": config_version,
             "coordinator_config": config_path,
+            "dns": config.dns.as_ref().map(|d| d.listen.to_string()),
+            "geoip": config.geo.as_ref().map(|g| g.database.clone()),
             "tiered": args.tiered,
             "warm_host": DEMO_HOST,
             "grpc_tls": !args.insecure,
@@ -435,12 +481,32 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         // It holds the API token.
         process::write_private(&dir.join("cluster.json"), text.as_bytes())?;
         print_howto(&dir, &regions, port(1), port(3), origin_addr);
+        if config.geo.is_some() {
+            print_geo_howto(&dir, port(3), port(4));
+        }
     }
 
     shutdown.cancelled().await;
     stop_all(&mut regions).await;
     let _ = tokio::time::timeout(server::GRACE, coordinator).await;
     Ok(())
+}
+
+/// What to try with `--geoip`: routing over JSON and through a local PowerDNS.
+fn print_geo_howto(dir: &Path, api: SocketAddr, dns: SocketAddr) {
+    let bin = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "coordinator".into());
+    let d = dir.display();
+    println!("\nGeo routing (each region answers as 127.0.1.N; its varnish listens there too):");
+    println!("  {bin} route 81.2.69.142 --api http://{api}          # London: nearest region, why, every candidate");
+    println!("  curl -s 'http://{api}/api/v1/route?ip=175.16.199.1'");
+    println!(
+        "  PowerDNS remote backend on http://{dns}/dns (zone {DEMO_ZONE}); with pdns installed:"
+    );
+    println!("  printf 'launch=remote\\nremote-connection-string=http:url=http://{dns}/dns\\nlocal-address=127.0.0.1\\nlocal-port=5300\\nedns-subnet-processing=yes\\nsecurity-poll-suffix=\\nzone-cache-refresh-interval=0\\ncache-ttl=0\\nquery-cache-ttl=0\\nnegquery-cache-ttl=0\\nsocket-dir={d}\\n' > {d}/pdns.conf");
+    println!("  pdns_server --config-dir={d} --daemon=no --guardian=no &");
+    println!("  dig @127.0.0.1 -p 5300 www.shop.test A +subnet=81.2.69.142/32 +short");
 }
 
 async fn stop_all(regions: &mut [Region]) {

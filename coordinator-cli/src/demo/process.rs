@@ -158,12 +158,14 @@ pub struct VarnishSpec {
     pub secret_file: PathBuf,
     pub vcl_file: PathBuf,
     pub storage_mb: u32,
+    /// A second HTTP listen address (the demo's per-region address that DNS answers).
+    pub also_listen: Option<SocketAddr>,
 }
 
 impl VarnishSpec {
     /// varnishd arguments: foreground, no jail (works as root and as a user), small pools.
     pub fn args(&self) -> Vec<String> {
-        [
+        let mut args: Vec<String> = [
             "-F",
             "-j",
             "none",
@@ -192,7 +194,11 @@ impl VarnishSpec {
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect()
+        .collect();
+        if let Some(addr) = self.also_listen {
+            args.extend(["-a".to_owned(), addr.to_string()]);
+        }
+        args
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -66,6 +66,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/assets/uPlot.iife.min.js", get(asset_js))
         .route("/assets/uPlot.min.css", get(asset_css))
         .route("/api/v1/regions/:name/history", get(region_history))
+        .route("/api/v1/regions/:name/countries", get(region_countries))
+        .route("/api/v1/route", get(route))
+        .route("/api/v1/geo", get(geo_view))
         .route("/api/v1/warm/jobs", get(warm_jobs).post(warm_start))
         .route("/api/v1/warm/jobs/:id", get(warm_job))
         .route(
@@ -211,6 +214,61 @@ async fn region_history(State(s): State<ApiState>, Path(name): Path<String>) -> 
         name,
     })
     .into_response()
+}
+
+/// The 404 that says geo routing is not configured.
+fn no_geo() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "geo routing is not configured: add a [geo] section with a MaxMind database",
+    )
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct RouteQuery {
+    ip: Option<String>,
+}
+
+/// `GET /api/v1/route?ip=A`: the region for a client, why, and every candidate.
+async fn route(State(s): State<ApiState>, Query(q): Query<RouteQuery>) -> Response {
+    let Some(geo) = &s.state.geo else {
+        return no_geo();
+    };
+    let Some(raw) = q.ip else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing ?ip= (an IPv4 or IPv6 address)",
+        );
+    };
+    match raw.trim().parse::<std::net::IpAddr>() {
+        Ok(ip) => Json(geo.route(ip)).into_response(),
+        Err(_) => error(
+            StatusCode::BAD_REQUEST,
+            format!("ip {raw:?} is not an IPv4 or IPv6 address"),
+        ),
+    }
+}
+
+/// `GET /api/v1/regions/{name}/countries`: the region's shoppers by country.
+async fn region_countries(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+    let Some(geo) = &s.state.geo else {
+        return no_geo();
+    };
+    if !s.state.regions.contains(&name) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no region {name:?} in [[regions]]"),
+        );
+    }
+    Json(geo.countries(&name)).into_response()
+}
+
+/// `GET /api/v1/geo`: the database in use and its reloads.
+async fn geo_view(State(s): State<ApiState>) -> Response {
+    match &s.state.geo {
+        Some(g) => Json(g.database()).into_response(),
+        None => no_geo(),
+    }
 }
 
 /// `GET /api/v1/tls`: the certificates in use and when they expire.

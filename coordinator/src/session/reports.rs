@@ -13,6 +13,34 @@ use tonic::Streaming;
 use crate::edges::SessionHandle;
 use crate::state::State;
 
+/// The networks of a `ClientNets` report; an entry that is not an address is dropped.
+/// Networks beyond the reported ones count as `unknown`.
+fn client_nets(report: &proto::edge::ClientNets) -> Vec<crate::geo::NetCount> {
+    let mut out: Vec<crate::geo::NetCount> = report
+        .nets
+        .iter()
+        .take(MAX_NETS)
+        .filter_map(|n| {
+            Some(crate::geo::NetCount {
+                net: n.net.parse().ok()?,
+                hits: n.hits,
+                misses: n.misses,
+            })
+        })
+        .collect();
+    if report.other_hits + report.other_misses > 0 {
+        out.push(crate::geo::NetCount {
+            net: std::net::IpAddr::from([0, 0, 0, 0]),
+            hits: report.other_hits,
+            misses: report.other_misses,
+        });
+    }
+    out
+}
+
+/// Most networks taken from one report (an agent sends at most its `client_nets`).
+const MAX_NETS: usize = 4096;
+
 /// Reads one agent's messages into the registry, the rollout, traffic and monitoring.
 pub(super) async fn receive_loop(
     state: &State,
@@ -88,6 +116,11 @@ pub(super) async fn receive_loop(
                     warm.on_progress(&handle.edge_id, handle.session, p);
                 }
                 agent_message::Msg::TopUrls(top) => warm.on_top(&handle.edge_id, region, top),
+                agent_message::Msg::ClientNets(nets) => {
+                    if let Some(geo) = &state.geo {
+                        geo.record_clients(region, &client_nets(&nets));
+                    }
+                }
                 agent_message::Msg::ConfigResult(result) => {
                     rollouts.on_result(&handle.edge_id, handle.session, result);
                 }

@@ -12,6 +12,7 @@ mod demo;
 mod deploy;
 mod durability;
 mod fuzz_corpus;
+mod geo;
 mod monitor;
 mod purge;
 mod robustness;
