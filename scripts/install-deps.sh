@@ -2,7 +2,9 @@
 # Installs what the tests and the demo need when it is missing: Debian's varnish (7.1)
 # and varnish-modules (xkey, vsthrottle) for the demo and every end-to-end test;
 # chromium only for the tests (the dashboard is checked in headless Chromium); and
-# systemd's systemd-analyze only for the tests (the shipped units are verified with it).
+# systemd's systemd-analyze only for the tests (the shipped units are verified with it);
+# PowerDNS (pdns-server, pdns-backend-remote) and dig (bind9-dnsutils) only for the
+# tests (geo routing answers a real pdns, queried with dig).
 # No protoc is needed (protox compiles .proto).
 set -euo pipefail
 need=()
@@ -13,6 +15,10 @@ if ! ls "$vmods"/libvmod_xkey.so >/dev/null 2>&1 && ! ls /usr/lib/*/varnish/vmod
 fi
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+dns=()
+command -v pdns_server >/dev/null 2>&1 || dns+=(pdns-server)
+ls /usr/lib/*/pdns/libremotebackend.so >/dev/null 2>&1 || dns+=(pdns-backend-remote)
+command -v dig >/dev/null 2>&1 || dns+=(bind9-dnsutils)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""
@@ -21,5 +27,14 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
   # The package starts a system varnishd on :6081; the project runs its own.
   $SUDO systemctl disable --now varnish >/dev/null 2>&1 || true
+fi
+if [ ${#dns[@]} -gt 0 ]; then
+  echo "installing: ${dns[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  [ ${#need[@]} -gt 0 ] || $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${dns[@]}" >/dev/null
+  # The package may start a system pdns on :53 with the bind backend; tests run their own.
+  $SUDO systemctl disable --now pdns >/dev/null 2>&1 || true
 fi
 varnishd -V 2>&1 | head -1

@@ -263,11 +263,17 @@ async fn region_countries(State(s): State<ApiState>, Path(name): Path<String>) -
     Json(geo.countries(&name)).into_response()
 }
 
-/// `GET /api/v1/geo`: the database in use and its reloads.
+/// `GET /api/v1/geo`: whether geo routing is on, the database in use and its reloads,
+/// and each region's routing state (200 either way, so a dashboard can ask).
 async fn geo_view(State(s): State<ApiState>) -> Response {
     match &s.state.geo {
-        Some(g) => Json(g.database()).into_response(),
-        None => no_geo(),
+        Some(g) => Json(g.view()).into_response(),
+        None => Json(crate::geo::GeoView {
+            enabled: false,
+            database: None,
+            regions: Vec::new(),
+        })
+        .into_response(),
     }
 }
 

@@ -14,7 +14,7 @@ pub use crate::bundle::store::VersionInfo;
 pub use crate::edges::{EdgeView, PurgeFailure, PurgeProgress};
 pub use crate::geo::db::DbInfo as GeoDatabaseView;
 pub use crate::geo::route::{Candidate, Reason as RouteReason, WhyNot};
-pub use crate::geo::{CountryView, RouteView};
+pub use crate::geo::{CountryView, GeoView, RegionRouting, RouteView};
 pub use crate::monitor::{AlertRecord, Change, Diagnosis, Health, MinuteStats, ProbeView};
 pub use crate::rollout::{ConfigState, ConfigView, EdgeConfigView, Phase, Rollout, Started};
 pub use crate::tls::CertExpiry;

@@ -60,6 +60,23 @@ pub struct RouteView {
     pub candidates: Vec<Candidate>,
 }
 
+/// One region's routing state now (`GET /api/v1/geo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionRouting {
+    pub region: String,
+    pub eligible: bool,
+    pub why_not: Vec<WhyNot>,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// `GET /api/v1/geo`: whether geo routing is on, the database, and each region's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeoView {
+    pub enabled: bool,
+    pub database: Option<DbInfo>,
+    pub regions: Vec<RegionRouting>,
+}
+
 /// All reasons, for the decision counter.
 const REASONS: [Reason; 6] = [
     Reason::Nearest,
@@ -129,6 +146,24 @@ impl Geo {
 
     pub fn database(&self) -> DbInfo {
         self.db.info()
+    }
+
+    /// The database and every region's routing state now.
+    pub fn view(&self) -> GeoView {
+        GeoView {
+            enabled: true,
+            database: Some(self.db.info()),
+            regions: self
+                .snapshot()
+                .iter()
+                .map(|s| RegionRouting {
+                    region: s.name.clone(),
+                    eligible: s.why_not.is_empty(),
+                    why_not: s.why_not.clone(),
+                    addresses: s.addresses.clone(),
+                })
+                .collect(),
+        }
     }
 
     /// Reads the database file again (SIGHUP); the old one stays on failure.

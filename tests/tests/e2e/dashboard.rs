@@ -8,13 +8,27 @@ use tests::{assert_eventually, chromium, get, Cluster, CoordinatorOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_every_region_without_console_errors() {
-    let extra = "[monitoring]\norigin = \"{origin}\"\n[[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\n".to_owned();
+    let db = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/geoip/GeoIP2-City-Test.mmdb");
+    let extra = format!(
+        "[monitoring]\norigin = \"{{origin}}\"\n[[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\n\
+         [geo]\ndatabase = \"{}\"\ndefault_region = \"region-0\"\n",
+        db.display()
+    );
+    // Dublin, Seattle, Tokyo.
+    let region_keys = [
+        "lat = 53.35\nlon = -6.26",
+        "lat = 47.6\nlon = -122.3",
+        "lat = 35.68\nlon = 139.69",
+    ]
+    .map(|k| format!("{k}\naddresses = [\"198.51.100.1\"]"))
+    .to_vec();
     let cluster = Cluster::start(
         3,
         "ban",
         CoordinatorOpts {
             extra,
             read_requires_token: true,
+            region_keys,
             ..CoordinatorOpts::default()
         },
     )
@@ -43,6 +57,23 @@ async fn dashboard_shows_every_region_without_console_errors() {
             get(v.http, &format!("/p/{i}")).await;
         }
     }
+    // Shoppers in China (behind a load balancer) served from Dublin: a far country.
+    for _ in 0..3 {
+        let req = "GET /p/1 HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 175.16.199.9\r\nConnection: close\r\n\r\n";
+        tests::raw(cluster.varnish[0].http, req.as_bytes())
+            .await
+            .expect("request");
+    }
+    assert_eventually!(
+        15,
+        cluster
+            .coordinator
+            .call("GET", "/api/v1/regions/region-0/countries", None)
+            .await
+            .body
+            .contains("\"CN\""),
+        "no per-country traffic yet"
+    );
     assert_eventually!(
         15,
         {
@@ -131,6 +162,23 @@ async fn dashboard_shows_every_region_without_console_errors() {
     assert!(
         dom.contains("no webhooks configured"),
         "alerts panel:\n{dom}"
+    );
+    // Geo routing: each region's state, and China flagged as served from afar.
+    for i in 0..3 {
+        assert!(
+            dom.contains(&format!("data-routing=\"region-{i}\"")),
+            "routing panel:\n{dom}"
+        );
+    }
+    assert!(dom.contains("GeoIP2-City built"), "database line:\n{dom}");
+    let cn = dom
+        .split("data-country=\"region-0:CN\"")
+        .nth(1)
+        .and_then(|t| t.split("</tr>").next())
+        .unwrap_or("");
+    assert!(
+        cn.contains(">3<") && cn.contains("⚠ region-2"),
+        "China row: {cn}\n{dom}"
     );
     // Shoppers' served time and the probes' TTFB in the region table (mean ± std).
     let table = dom

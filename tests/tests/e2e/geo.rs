@@ -342,7 +342,7 @@ async fn the_database_is_replaced_under_a_lookup_loop_without_a_failed_lookup() 
     let db_type = |c: &CoordinatorProc| {
         let api = c.api;
         async move {
-            get_json(api, "/api/v1/geo").await.unwrap_or_default()["database_type"]
+            get_json(api, "/api/v1/geo").await.unwrap_or_default()["database"]["database_type"]
                 .as_str()
                 .unwrap_or("")
                 .to_owned()
@@ -390,7 +390,7 @@ async fn the_database_is_replaced_under_a_lookup_loop_without_a_failed_lookup() 
     std::fs::write(&tmp, b"\x00\x01 this is not a MaxMind database").expect("write");
     std::fs::rename(&tmp, &db).expect("rename");
     let errors = || async {
-        get_json(c.api, "/api/v1/geo").await.unwrap_or_default()["reload_errors"]
+        get_json(c.api, "/api/v1/geo").await.unwrap_or_default()["database"]["reload_errors"]
             .as_u64()
             .unwrap_or(0)
     };
