@@ -243,7 +243,47 @@ token_file = "/etc/coordinator/token"
 name = "eu-west"
 lat = 53.35
 lon = -6.26
+addresses = ["203.0.113.10", "2001:db8::10"]
 "#;
+
+    /// DESIGN.md's `[geo]` and `[dns]` blocks.
+    const GEO: &str = r#"
+[geo]
+database = "/var/lib/GeoIP/GeoLite2-City.mmdb"
+default_region = "eu-west"
+max_purge_lag = 1000
+max_purge_lag_s = 10
+recover_s = 30
+[dns]
+listen = "127.0.0.1:6094"
+zone = "shop.example."
+names = ["www", "@"]
+ttl = 30
+"#;
+
+    #[test]
+    fn geo_and_dns_blocks_parse_and_are_checked() {
+        let c: CoordinatorConfig = toml::from_str(&format!("{SAMPLE}{GEO}")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.region_points()[0].addresses.len(), 2);
+        let dns_only = format!("{SAMPLE}{}", &GEO[GEO.find("[dns]").unwrap()..]);
+        let c: CoordinatorConfig = toml::from_str(&dns_only).unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("[dns] needs [geo]"));
+        let no_addr = format!("{SAMPLE}{GEO}\n[[regions]]\nname = \"us-east\"\n");
+        let c: CoordinatorConfig = toml::from_str(&no_addr).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("\"us-east\" has no addresses"), "{err}");
+        let bad_default = format!("{SAMPLE}{GEO}")
+            .replace("default_region = \"eu-west\"", "default_region = \"mars\"");
+        let c: CoordinatorConfig = toml::from_str(&bad_default).unwrap();
+        assert!(c.validate().is_err());
+        let bad_addr = SAMPLE.replace("203.0.113.10", "not-an-ip");
+        assert!(toml::from_str::<CoordinatorConfig>(&bad_addr).is_err());
+    }
 
     #[test]
     fn design_sample_parses() {

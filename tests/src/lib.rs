@@ -77,8 +77,7 @@ impl Pdns {
                 "launch=remote\nremote-connection-string=http:url=http://{backend}/dns,timeout=2000\n\
                  local-address=127.0.0.1\nlocal-port={}\nsocket-dir={}\nsecurity-poll-suffix=\n\
                  edns-subnet-processing=yes\ncache-ttl=0\nquery-cache-ttl=0\nnegquery-cache-ttl=0\n\
-                 zone-cache-refresh-interval=0\ndisable-syslog=yes\nloglevel=4\n\
-                 receiver-threads=1\ndistributor-threads=1\n",
+                 zone-cache-refresh-interval=0\ndisable-syslog=yes\nloglevel=4\n",
                 addr.port(),
                 dir.display()
             );

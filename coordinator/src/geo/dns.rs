@@ -60,36 +60,41 @@ fn fqdn(name: &str, apex: &str) -> String {
 /// The backend's routes (`/dns/...`); `None` when `[dns]` is not configured.
 pub fn router(geo: Arc<Geo>) -> Option<Router> {
     let config = geo.dns_config()?.clone();
-    let apex = format!(
-        "{}.",
-        config.zone.trim_end_matches('.').to_ascii_lowercase()
-    );
-    let names = config.names.iter().map(|n| fqdn(n, &apex)).collect();
-    let nameservers = if config.nameservers.is_empty() {
-        vec![format!("ns1.{apex}")]
-    } else {
-        config.nameservers.iter().map(|n| fqdn(n, &apex)).collect()
-    };
-    let hostmaster = config
-        .hostmaster
-        .as_deref()
-        .map_or_else(|| format!("hostmaster.{apex}"), |h| fqdn(h, &apex));
-    let serial = u32::try_from(crate::clock::now_ms() / 1000).unwrap_or(1);
-    let zone = Zone {
-        geo,
-        apex,
-        names,
-        nameservers,
-        hostmaster,
-        ttl: config.ttl,
-        zone_ttl: config.zone_ttl,
-        serial,
-    };
     Some(
         Router::new()
             .route("/dns/*call", any(call))
-            .with_state(zone),
+            .with_state(Zone::new(geo, &config)),
     )
+}
+
+impl Zone {
+    fn new(geo: Arc<Geo>, config: &super::DnsConfig) -> Zone {
+        let apex = format!(
+            "{}.",
+            config.zone.trim_end_matches('.').to_ascii_lowercase()
+        );
+        let names = config.names.iter().map(|n| fqdn(n, &apex)).collect();
+        let nameservers = if config.nameservers.is_empty() {
+            vec![format!("ns1.{apex}")]
+        } else {
+            config.nameservers.iter().map(|n| fqdn(n, &apex)).collect()
+        };
+        let hostmaster = config
+            .hostmaster
+            .as_deref()
+            .map_or_else(|| format!("hostmaster.{apex}"), |h| fqdn(h, &apex));
+        let serial = u32::try_from(crate::clock::now_ms() / 1000).unwrap_or(1);
+        Zone {
+            geo,
+            apex,
+            names,
+            nameservers,
+            hostmaster,
+            ttl: config.ttl,
+            zone_ttl: config.zone_ttl,
+            serial,
+        }
+    }
 }
 
 async fn call(
@@ -201,4 +206,106 @@ fn lookup(zone: &Zone, qname: &str, qtype: &str, headers: &HeaderMap) -> Value {
         }
     }
     Value::Array(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zone() -> Zone {
+        let geo = Arc::new(super::super::tests::geo(30));
+        geo.observe(
+            &super::super::tests::all_up(),
+            &super::super::tests::all_edges(),
+            0.0,
+        );
+        let config: super::super::DnsConfig = toml::from_str(
+            "listen = \"127.0.0.1:0\"\nzone = \"Shop.Example\"\nnames = [\"www\", \"@\"]",
+        )
+        .expect("dns config");
+        Zone::new(geo, &config)
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("header value"));
+        }
+        h
+    }
+
+    async fn ask(path: &str, h: &HeaderMap) -> Value {
+        let Json(v) = call(State(zone()), Path(path.to_owned()), h.clone()).await;
+        v["result"].clone()
+    }
+
+    #[test]
+    fn the_client_is_the_real_remote_subnet_else_the_remote() {
+        let net = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let h = headers(&[("x-remotebackend-real-remote", "81.2.69.142/24")]);
+        assert_eq!(client_of(&h), Some((net("81.2.69.0"), 24)));
+        let h = headers(&[("X-RemoteBackend-Remote", "fe80::1%eth0")]);
+        assert_eq!(client_of(&h), Some((net("fe80::1"), 128)));
+        let h = headers(&[
+            ("x-remotebackend-real-remote", "garbage/99"),
+            ("x-remotebackend-remote", "127.0.0.1"),
+        ]);
+        assert_eq!(client_of(&h), Some((net("127.0.0.1"), 32)));
+        assert_eq!(client_of(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn pdns_calls_get_json_results() {
+        let h = headers(&[("x-remotebackend-real-remote", "81.2.69.142/32")]);
+        let domains = ask("getAllDomains", &h).await;
+        assert_eq!(domains[0]["zone"], "shop.example.");
+        assert_eq!(
+            ask("getDomainInfo/shop.example.", &h).await["kind"],
+            "native"
+        );
+        assert_eq!(ask("getDomainInfo/other.example.", &h).await, json!(false));
+        assert_eq!(
+            ask("getAllDomainMetadata/shop.example.", &h).await,
+            json!({})
+        );
+        assert_eq!(
+            ask("getDomainMetadata/shop.example./PRESIGNED", &h).await,
+            json!([])
+        );
+        assert_eq!(ask("someFutureCall/x", &h).await, json!(false));
+
+        let apex = ask("lookup/SHOP.example./ANY", &h).await;
+        let types: Vec<&str> = apex
+            .as_array()
+            .expect("records")
+            .iter()
+            .filter_map(|r| r["qtype"].as_str())
+            .collect();
+        assert_eq!(types, ["SOA", "NS", "A", "AAAA"], "{apex}");
+        let soa = &apex[0];
+        assert_eq!(soa["qname"], "shop.example.");
+        assert_eq!(soa["content"].as_str().expect("soa").split(' ').count(), 7);
+        assert!(
+            soa.get("scopeMask").is_none(),
+            "the SOA does not depend on the client"
+        );
+
+        let www = ask("lookup/www.shop.example./ANY", &h).await;
+        assert_eq!(www[0]["content"], "203.0.113.10", "London: eu-west");
+        assert_eq!(www[0]["scopeMask"], 32);
+        assert_eq!(www[1]["qtype"], "AAAA");
+        let only_a = ask("lookup/www.shop.example./A", &h).await;
+        assert_eq!(only_a.as_array().map(Vec::len), Some(1));
+        assert_eq!(ask("lookup/nope.shop.example./ANY", &h).await, json!([]));
+        assert_eq!(
+            ask("lookup/www.elsewhere.example./ANY", &h).await,
+            json!([])
+        );
+        // No client at all: the default region (us-west), scope 0.
+        let anon = ask("lookup/www.shop.example./A", &HeaderMap::new()).await;
+        assert_eq!(
+            (anon[0]["content"].as_str(), anon[0]["scopeMask"].as_u64()),
+            (Some("203.0.113.20"), Some(0))
+        );
+    }
 }

@@ -1,7 +1,7 @@
 use super::*;
 use crate::geo::db::tests::test_db;
 
-fn geo(recover_s: u64) -> Geo {
+pub(super) fn geo(recover_s: u64) -> Geo {
     let config = GeoConfig {
         database: test_db("GeoIP2-City-Test"),
         default_region: "us-west".into(),
@@ -77,7 +77,7 @@ fn health(states: &[(&str, Health, Option<Diagnosis>)]) -> BTreeMap<String, Regi
         .collect()
 }
 
-fn all_up() -> BTreeMap<String, RegionHealth> {
+pub(super) fn all_up() -> BTreeMap<String, RegionHealth> {
     health(&[
         ("eu-west", Health::Up, None),
         ("us-west", Health::Up, None),
@@ -85,7 +85,7 @@ fn all_up() -> BTreeMap<String, RegionHealth> {
     ])
 }
 
-fn all_edges() -> Vec<EdgeView> {
+pub(super) fn all_edges() -> Vec<EdgeView> {
     ["eu-west", "us-west", "ap-northeast"]
         .iter()
         .map(|r| edge(r, true, 0, None))

@@ -36,6 +36,11 @@ async fn demo_runs_a_cluster_that_purges_everywhere_and_stops_cleanly() {
             &base.to_string(),
             "--state-dir",
             &state.display().to_string(),
+            "--geoip",
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("data/geoip/GeoIP2-City-Test.mmdb")
+                .display()
+                .to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -99,6 +104,28 @@ async fn demo_runs_a_cluster_that_purges_everywhere_and_stops_cleanly() {
     for v in &varnish {
         assert_eq!(get(*v, "/p/42").await.cache(), "MISS");
     }
+
+    // --geoip (README's geo how-to): routing over JSON, and the DNS backend on P+4
+    // answering a real pdns with each region's own address, where its varnish listens.
+    let dns: std::net::SocketAddr = cluster["dns"].as_str().expect("dns").parse().unwrap();
+    assert_eq!(dns.port(), api.port() + 1);
+    let out = std::process::Command::new(bin_dir().join("coordinator"))
+        .args(["route", "81.2.69.142", "--api", &format!("http://{api}")])
+        .output()
+        .expect("coordinator route");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("eu-west (nearest)"), "{text}");
+    let pdns = tests::Pdns::start(&dir.path().join("pdns"), dns).await;
+    for (client, region_addr, i) in [
+        ("81.2.69.142/32", "127.0.1.1", 0),
+        ("216.160.83.56/32", "127.0.1.2", 1),
+    ] {
+        let answer = tests::dig(pdns.addr, "www.shop.test", "A", Some(client)).await;
+        assert_eq!(answer, vec![region_addr.to_owned()], "{client}");
+        let at = std::net::SocketAddr::new(region_addr.parse().unwrap(), varnish[i].port());
+        assert_eq!(get(at, "/p/42").await.status, 200, "varnish serves at {at}");
+    }
+    drop(pdns);
 
     // The sample bundle was rolled out before cluster.json was written: every edge runs
     // it, and its WAF blocks the installer path in every region.
