@@ -78,10 +78,11 @@ pub struct ApiConfig {
 #[serde(deny_unknown_fields)]
 pub struct RegionConfig {
     pub name: String,
-    #[serde(default)]
-    pub lat: f64,
-    #[serde(default)]
-    pub lon: f64,
+    /// Where the region is (degrees); geo routing needs both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lat: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lon: Option<f64>,
     /// What DNS and `/api/v1/route` answer for this region (its public addresses).
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
@@ -108,8 +109,8 @@ impl CoordinatorConfig {
             .iter()
             .map(|r| crate::geo::RegionPoint {
                 name: r.name.clone(),
-                lat: r.lat,
-                lon: r.lon,
+                lat: r.lat.unwrap_or(0.0),
+                lon: r.lon.unwrap_or(0.0),
                 addresses: r.addresses.clone(),
             })
             .collect()
@@ -156,6 +157,16 @@ impl daemon::Validate for CoordinatorConfig {
         }
         if let Some(geo) = &self.geo {
             geo.validate(&names)?;
+            if let Some(r) = self
+                .regions
+                .iter()
+                .find(|r| r.lat.is_none() || r.lon.is_none())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "[geo] is set but region {:?} has no lat and lon: routing measures distances to them",
+                    r.name
+                )));
+            }
         }
         if let Some(dns) = &self.dns {
             dns.validate()?;
@@ -218,7 +229,9 @@ impl RegionConfig {
                     ));
                 }
             }
-            if !(-90.0..=90.0).contains(&r.lat) || !(-180.0..=180.0).contains(&r.lon) {
+            if !r.lat.is_none_or(|lat| (-90.0..=90.0).contains(&lat))
+                || !r.lon.is_none_or(|lon| (-180.0..=180.0).contains(&lon))
+            {
                 return invalid(format!("region {:?} has lat/lon out of range", r.name));
             }
         }
@@ -273,7 +286,11 @@ ttl = 30
             .unwrap_err()
             .to_string()
             .contains("[dns] needs [geo]"));
-        let no_addr = format!("{SAMPLE}{GEO}\n[[regions]]\nname = \"us-east\"\n");
+        let no_place = format!("{SAMPLE}{GEO}\n[[regions]]\nname = \"us-east\"\n");
+        let c: CoordinatorConfig = toml::from_str(&no_place).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("\"us-east\" has no lat and lon"), "{err}");
+        let no_addr = format!("{no_place}lat = 38.9\nlon = -77.0\n");
         let c: CoordinatorConfig = toml::from_str(&no_addr).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("\"us-east\" has no addresses"), "{err}");

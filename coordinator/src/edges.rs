@@ -88,6 +88,34 @@ pub struct EdgeView {
     pub cert_not_after: Option<u64>,
 }
 
+impl EdgeView {
+    /// A connected edge with nothing behind and nothing wrong (for tests and benches that
+    /// feed views to health and routing decisions).
+    pub fn new(id: &str, region: &str) -> Self {
+        EdgeView {
+            id: id.to_owned(),
+            region: region.to_owned(),
+            connected: true,
+            applied_seq: 0,
+            lag: 0,
+            config_version: None,
+            last_seen: String::new(),
+            purge_mode: "ban".into(),
+            varnish_version: String::new(),
+            agent_version: String::new(),
+            last_error: None,
+            purge_failing: false,
+            full_bans: 0,
+            varnish_error: None,
+            lag_s: None,
+            refused_acks: 0,
+            applied_total: 0,
+            sessions: 1,
+            cert_not_after: None,
+        }
+    }
+}
+
 /// Per-edge state of one purge, as `GET /api/v1/purges/{seq}` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PurgeProgress {

@@ -250,8 +250,9 @@ async fn reload_on_sighup(
     shutdown: CancellationToken,
 ) {
     daemon::signal::on_hangup(shutdown, move || {
-        if let Some(geo) = &geo {
-            match geo.reload() {
+        if let Some(geo) = geo.clone() {
+            // Reading a large database is blocking work: off the runtime's threads.
+            tokio::task::spawn_blocking(move || match geo.reload() {
                 Ok(_) => {
                     let info = geo.database();
                     tracing::info!(path = %info.path, database_type = %info.database_type,
@@ -260,7 +261,7 @@ async fn reload_on_sighup(
                 Err(e) => {
                     tracing::error!(error = %e, "GeoIP reload failed; keeping the previous database")
                 }
-            }
+            });
         }
         if let Some(tls) = &tls {
             match tls.reload() {

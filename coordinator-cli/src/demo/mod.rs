@@ -229,8 +229,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             .enumerate()
             .map(|(i, name)| RegionConfig {
                 name: name.clone(),
-                lat: REGIONS.get(i).map(|r| r.1).unwrap_or(0.0),
-                lon: REGIONS.get(i).map(|r| r.2).unwrap_or(0.0),
+                lat: Some(REGIONS.get(i).map(|r| r.1).unwrap_or(0.0)),
+                lon: Some(REGIONS.get(i).map(|r| r.2).unwrap_or(0.0)),
                 vars: backend_vars(backend_of(i)),
                 addresses: if args.geoip.is_some() {
                     vec![demo_address(i)]

@@ -63,6 +63,8 @@ pub fn router(geo: Arc<Geo>) -> Option<Router> {
     Some(
         Router::new()
             .route("/dns/*call", any(call))
+            // Anything else still gets a JSON body with `result`, as pdns expects.
+            .fallback(|| async { Json(json!({ "result": false })) })
             .with_state(Zone::new(geo, &config)),
     )
 }

@@ -38,25 +38,10 @@ pub(super) fn geo(recover_s: u64) -> Geo {
 
 fn edge(region: &str, connected: bool, lag: u64, lag_s: Option<f64>) -> EdgeView {
     EdgeView {
-        id: format!("{region}-1"),
-        region: region.into(),
         connected,
-        applied_seq: 0,
         lag,
-        config_version: None,
-        last_seen: String::new(),
-        purge_mode: "ban".into(),
-        varnish_version: String::new(),
-        agent_version: String::new(),
-        last_error: None,
-        purge_failing: false,
-        full_bans: 0,
-        varnish_error: None,
         lag_s,
-        refused_acks: 0,
-        applied_total: 0,
-        sessions: 1,
-        cert_not_after: None,
+        ..EdgeView::new(&format!("{region}-1"), region)
     }
 }
 

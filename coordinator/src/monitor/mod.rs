@@ -1035,25 +1035,9 @@ mod tests {
 
     fn view(id: &str, connected: bool) -> EdgeView {
         EdgeView {
-            id: id.into(),
-            region: "a".into(),
             connected,
             applied_seq: 10,
-            lag: 0,
-            config_version: None,
-            last_seen: String::new(),
-            purge_mode: "ban".into(),
-            varnish_version: String::new(),
-            agent_version: String::new(),
-            last_error: None,
-            purge_failing: false,
-            full_bans: 0,
-            varnish_error: None,
-            lag_s: None,
-            refused_acks: 0,
-            applied_total: 0,
-            sessions: 1,
-            cert_not_after: None,
+            ..EdgeView::new(id, "a")
         }
     }
 

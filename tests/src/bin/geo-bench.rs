@@ -111,17 +111,7 @@ fn in_process(database: &PathBuf, n: usize) {
         .collect();
     let edges: Vec<EdgeView> = regions()
         .iter()
-        .map(|r| {
-            serde_json::from_value(serde_json::json!({
-                "id": format!("{}-1", r.name), "region": r.name, "connected": true,
-                "applied_seq": 0, "lag": 0, "config_version": null, "last_seen": "",
-                "purge_mode": "ban", "varnish_version": "", "agent_version": "",
-                "last_error": null, "purge_failing": false, "full_bans": 0,
-                "varnish_error": null, "lag_s": null, "refused_acks": 0,
-                "applied_total": 0, "sessions": 1, "cert_not_after": null
-            }))
-            .expect("edge view")
-        })
+        .map(|r| EdgeView::new(&format!("{}-1", r.name), &r.name))
         .collect();
     geo.observe(&health, &edges, 0.0);
     let ips: Vec<IpAddr> = CLIENTS.iter().map(|s| s.parse().expect("ip")).collect();

@@ -82,11 +82,22 @@ async fn a_region_down_alerts_once_and_origin_down_is_one_grouped_alert() {
         "regions not up: {:?}",
         health(&cluster).await
     );
-    let r = cluster
-        .coordinator
-        .call("GET", "/api/v1/regions", None)
-        .await
-        .json();
+    // A region with connected agents reads up before its first probe result arrives
+    // (slow under load): wait for the probes themselves.
+    let regions = || async {
+        cluster
+            .coordinator
+            .call("GET", "/api/v1/regions", None)
+            .await
+            .json()
+    };
+    assert_eventually!(
+        10,
+        regions().await[0]["probes"][0]["minute"]["mean_ms"].as_f64() > Some(0.0),
+        "no probe minute yet: {}",
+        regions().await
+    );
+    let r = regions().await;
     let probe = &r[0]["probes"][0];
     assert_eq!(probe["check"], "health");
     assert!(probe["minute"]["mean_ms"].as_f64() > Some(0.0), "{probe}");
