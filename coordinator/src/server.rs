@@ -167,7 +167,9 @@ pub async fn run(
         state.geo.clone().and_then(crate::geo::dns::router),
     ) {
         (Some(listener), Some(app)) => {
-            tracing::info!(dns = ?listener.local_addr().ok(), "PowerDNS remote backend serving at /dns");
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(dns = %addr, "PowerDNS remote backend serving at /dns");
+            }
             let dns_shutdown = shutdown.clone();
             Some(tokio::spawn(async move {
                 let result = axum::serve(listener, app)
