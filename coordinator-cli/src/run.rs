@@ -100,6 +100,13 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
         }
     };
     daemon::logging::init(json_logs);
+    // One descriptor per agent connection: use all the hard limit allows.
+    match daemon::limits::raise_nofile() {
+        Ok(l) if l.soft < 4096 => tracing::warn!(nofile = l.soft, hard = l.hard,
+            "file descriptor limit is low: about one per edge agent is needed; raise LimitNOFILE (or ulimit -Hn)"),
+        Ok(l) => tracing::info!(nofile = l.soft, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the file descriptor limit"),
+    }
     // A GeoIP database that cannot be read is a configuration error too: one line, 2.
     let state = match server::open(&config, state_dir) {
         Ok(s) => s,

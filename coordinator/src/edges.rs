@@ -19,7 +19,43 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{collector, counter, edge_labels, gauge, DescriptorEncoder, Label, Registry};
 use crate::purge::log::PurgeLog;
 
-const ACK_POINTS: usize = 8192;
+/// Ack points remembered per edge (16 bytes each: 16 KiB per edge, never more).
+const ACK_POINTS: usize = 1024;
+
+/// When an edge applied what: `(seq, unix µs)` ack points, oldest first, in a fixed
+/// budget. When full, every other point of the older half is dropped before the new one
+/// goes in (the oldest point always stays), so recent acks keep their precision, old ones
+/// a coarser one (an answer
+/// for an old sequence is the first remaining point at or after it: never earlier than
+/// the truth), and the buffer never grows past [`ACK_POINTS`] (no doubling).
+#[derive(Debug, Default)]
+struct AckHistory {
+    points: VecDeque<(u64, u64)>,
+}
+
+impl AckHistory {
+    fn push(&mut self, seq: u64, at_us: u64) {
+        if self.points.len() >= ACK_POINTS {
+            let half = self.points.len() / 2;
+            let mut i = 0;
+            self.points.retain(|_| {
+                i += 1;
+                i > half || i % 2 == 1
+            });
+        }
+        self.points.push_back((seq, at_us));
+    }
+
+    /// The first point at or after `seq` (the oldest known when history was thinned).
+    fn applied_at(&self, seq: u64) -> Option<u64> {
+        let i = self.points.partition_point(|(s, _)| *s < seq);
+        self.points.get(i).or(self.points.front()).map(|(_, t)| *t)
+    }
+
+    fn clear(&mut self) {
+        self.points.clear();
+    }
+}
 /// Purges an edge could only apply as a full ban, remembered per edge.
 const FAILURES_KEPT: usize = 256;
 
@@ -41,7 +77,7 @@ struct Edge {
     session: u64,
     cancel: CancellationToken,
     applied_seq: u64,
-    acks: VecDeque<(u64, SystemTime)>,
+    acks: AckHistory,
     last_seen: SystemTime,
     last_error: Option<(u64, String)>,
     failures: VecDeque<PurgeFailure>,
@@ -174,7 +210,7 @@ impl EdgeRegistry {
                 session: 0,
                 cancel: CancellationToken::new(),
                 applied_seq,
-                acks: VecDeque::new(),
+                acks: AckHistory::default(),
                 last_seen: now,
                 last_error: None,
                 failures: VecDeque::new(),
@@ -237,10 +273,7 @@ impl EdgeRegistry {
             if seq > e.applied_seq {
                 e.applied_total += seq - e.applied_seq;
                 e.applied_seq = seq;
-                e.acks.push_back((seq, now));
-                while e.acks.len() > ACK_POINTS {
-                    e.acks.pop_front();
-                }
+                e.acks.push(seq, unix_us(now));
                 if e.last_error.as_ref().is_some_and(|(s, _)| *s <= seq) {
                     e.last_error = None;
                 }
@@ -356,13 +389,11 @@ impl EdgeRegistry {
             .map(|kv| {
                 let e = kv.value();
                 let applied_at = if e.applied_seq >= seq {
-                    // First ack point covering seq; if history was trimmed, the oldest known.
+                    // First ack point covering seq; if history was thinned, the oldest known.
                     let t = e
                         .acks
-                        .iter()
-                        .find(|(s, _)| *s >= seq)
-                        .or(e.acks.front())
-                        .map(|(_, t)| *t)
+                        .applied_at(seq)
+                        .map(|us| SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us))
                         .unwrap_or(e.last_seen);
                     Some(t)
                 } else {
@@ -487,6 +518,12 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
 }
 
 /// RFC 3339 with microseconds, UTC.
+fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 pub fn fmt_time(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
@@ -504,6 +541,26 @@ mod tests {
             agent_version: String::new(),
             cert_not_after: None,
         }
+    }
+
+    #[test]
+    fn ack_history_stays_within_its_budget_and_never_answers_early() {
+        let mut h = AckHistory::default();
+        for seq in 1..=50_000u64 {
+            h.push(seq, seq * 10);
+            assert!(h.points.len() <= ACK_POINTS);
+        }
+        assert!(h.points.capacity() <= ACK_POINTS, "{}", h.points.capacity());
+        // Recent acks are exact; old ones are answered by a later point, never an earlier.
+        assert_eq!(h.applied_at(50_000), Some(500_000));
+        assert_eq!(h.applied_at(49_999), Some(499_990));
+        for seq in [1, 100, 10_000, 30_000] {
+            let t = h.applied_at(seq).expect("a point");
+            assert!(t >= seq * 10, "{seq}: {t}");
+        }
+        let seqs: Vec<u64> = h.points.iter().map(|p| p.0).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "ordered");
+        assert_eq!(seqs[0], 1, "old history thinned, the oldest point kept");
     }
 
     #[test]

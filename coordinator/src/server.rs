@@ -131,23 +131,13 @@ pub async fn run(
                     .await
             }
             None => {
-                // `Server::tcp_nodelay` only applies to sockets tonic binds itself; an
-                // already-bound listener needs its accepted sockets set here.
-                match tonic::transport::server::TcpIncoming::from_listener(
-                    listeners.grpc,
-                    true,
-                    None,
-                ) {
-                    Ok(incoming) => {
-                        router
-                            .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
-                            .await
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "gRPC listener unusable");
-                        return;
-                    }
-                }
+                // Our own accept loop (TCP_NODELAY set, failures counted and logged):
+                // `Server::tcp_nodelay` only applies to sockets tonic binds itself.
+                let incoming =
+                    crate::accept::incoming(listeners.grpc, grpc_shutdown.clone(), "grpc");
+                router
+                    .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
+                    .await
             }
         };
         if let Err(e) = result {

@@ -119,6 +119,16 @@ impl State {
         if let Some(geo) = &geo {
             geo.register_metrics(&mut registry);
         }
+        registry.register_collector(crate::metrics::collector((), |_, e| {
+            crate::metrics::counter(
+                e,
+                "coordinator_accept_errors_total",
+                "Connections the kernel could not hand over (out of file descriptors, ...), by listener.",
+                crate::accept::errors()
+                    .into_iter()
+                    .map(|(l, n)| ([("listener", crate::metrics::Label(l))], n)),
+            )
+        }));
 
         Ok(State {
             log,

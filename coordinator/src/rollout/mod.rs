@@ -150,6 +150,8 @@ struct EdgeState {
     /// Whether the active version differed from `synced` at the last report.
     drifting: bool,
     drift_events: u64,
+    /// Wakes this edge's session alone (its status or apply result changed).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 struct Inner {
@@ -255,9 +257,24 @@ impl Rollouts {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Wakes when anything changes that could produce an apply.
+    /// Wakes when something changes that could produce an apply on any edge (a push, a
+    /// rollback, a rollout phase, an edge joining or leaving).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Wakes when something changes that concerns `edge` alone (its status report or an
+    /// apply result): at a thousand edges a report must not wake every session. `None`
+    /// before the edge's first [`Rollouts::connect`].
+    pub fn subscribe_edge(&self, edge: &str) -> Option<Arc<tokio::sync::Notify>> {
+        self.lock().edges.get(edge).map(|e| e.wake.clone())
+    }
+
+    /// Wakes `edge`'s session (a stored permit if it is busy: no wake-up is lost).
+    fn wake(&self, edge: &str) {
+        if let Some(w) = self.subscribe_edge(edge) {
+            w.notify_one();
+        }
     }
 
     /// A session started for `edge` (`capable`: it announced the config capability).
@@ -276,6 +293,7 @@ impl Rollouts {
                 synced: None,
                 drifting: false,
                 drift_events: 0,
+                wake: Arc::new(tokio::sync::Notify::new()),
             });
         e.region = region.to_owned();
         e.session = session;
@@ -326,7 +344,7 @@ impl Rollouts {
         }
         e.status = Some(status);
         drop(inner);
-        self.bump();
+        self.wake(edge);
     }
 
     /// The agent's answer to an apply.
@@ -347,8 +365,9 @@ impl Rollouts {
             }
         }
         drop(inner);
+        // A phase change wakes everyone (tick); the edge's own apply state wakes it alone.
         self.tick();
-        self.bump(); // the edge's apply state changed
+        self.wake(edge);
     }
 
     /// The apply this session should send now, if any (and marks it in flight).
@@ -883,6 +902,43 @@ mod tests {
                 ..Default::default()
             },
         );
+    }
+
+    #[tokio::test]
+    async fn a_status_report_wakes_only_its_own_edge() {
+        let (_d, r) = setup(None, DriftPolicy::Enforce);
+        r.connect("eu-1", "eu", 1, true);
+        r.connect("us-1", "us", 1, true);
+        let mut everyone = r.subscribe();
+        everyone.mark_unchanged();
+        let (eu, us) = (
+            r.subscribe_edge("eu-1").unwrap(),
+            r.subscribe_edge("us-1").unwrap(),
+        );
+        report(&r, "eu-1", "boot", "");
+        let woke = |n: &tokio::sync::Notify| {
+            let fut = n.notified();
+            futures_ready(fut)
+        };
+        assert!(woke(&eu), "eu-1's session is woken");
+        assert!(!woke(&us), "us-1's is not");
+        assert!(!everyone.has_changed().unwrap(), "nor is every session");
+        // A push still wakes every session.
+        r.push(
+            &bundle("vcl 4.1; backend b { .host = \"127.0.0.1\"; }"),
+            false,
+            true,
+        )
+        .unwrap();
+        assert!(everyone.has_changed().unwrap());
+    }
+
+    /// Whether a future is ready at its first poll.
+    fn futures_ready<F: std::future::Future>(fut: F) -> bool {
+        let mut fut = std::pin::pin!(fut);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        fut.as_mut().poll(&mut cx).is_ready()
     }
 
     /// Plays an agent whose varnishd refuses `version` to compile.

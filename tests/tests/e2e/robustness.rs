@@ -297,3 +297,85 @@ async fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
     let next = tests::purge_tags(c.purge, &["cat_p_1"]).await;
     assert!(next > *acked.iter().max().unwrap());
 }
+
+/// Out of file descriptors (here a hard limit of 64, as a too-small `LimitNOFILE` would
+/// give at a thousand edges): the coordinator says so at start, keeps serving what it
+/// holds, logs and counts the refused connections, and takes new ones once some close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_is_logged_counted_and_survived() {
+    let dir = temp_dir();
+    let mut c = CoordinatorProc::start(
+        &dir.path().join("coordinator"),
+        &CoordinatorOpts {
+            insecure: true,
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await;
+    c.child.kill9().await;
+    let log = dir.path().join("limited.log");
+    let args: Vec<String> = [
+        "--nofile=64:64",
+        "--",
+        &tests::bin_dir().join("coordinator").display().to_string(),
+        "serve",
+        "--config",
+        &c.config.display().to_string(),
+        "--state-dir",
+        &c.state.display().to_string(),
+        "--insecure",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut limited = coordinator_cli::demo::process::spawn(
+        std::path::Path::new("prlimit"),
+        &args,
+        &log,
+        "coordinator",
+    )
+    .expect("prlimit (util-linux)");
+    tests::assert_eventually!(
+        20,
+        get_json(c.api, "/healthz").await.is_some(),
+        "not serving"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("file descriptor limit is low"), "{text}");
+
+    // 100 connections to the gRPC port, held open: past the limit, accept fails.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(s) = tokio::net::TcpStream::connect(c.grpc).await {
+            held.push(s);
+        }
+    }
+    tests::assert_eventually!(
+        15,
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("accept failing"),
+        "no log line for the refused connections"
+    );
+    // Once they close, the coordinator serves again and the count is there.
+    drop(held);
+    tests::assert_eventually!(
+        20,
+        get_json(c.api, "/healthz").await.is_some(),
+        "did not recover"
+    );
+    let metrics = c.call("GET", "/metrics", None).await.body;
+    let refused: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("coordinator_accept_errors_total{listener=\"grpc\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(refused > 0, "accept errors not counted:\n{metrics}");
+    assert_eq!(
+        purge_tags(c.purge, &["after_emfile"]).await,
+        1,
+        "purges still work"
+    );
+    limited.kill9().await;
+}
