@@ -5,6 +5,47 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The coordinators to dial: one URL (`coordinator = "https://c1:6092"`) or several
+/// (`coordinator = ["https://c1:6092", "https://c2:6092"]`), all with the same scheme.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Coordinators {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Coordinators {
+    pub fn urls(&self) -> &[String] {
+        match self {
+            Coordinators::One(u) => std::slice::from_ref(u),
+            Coordinators::Many(v) => v,
+        }
+    }
+
+    /// Whether they are `https://` (checked to be all or none by `validate`).
+    pub fn https(&self) -> bool {
+        self.urls().iter().all(|u| u.starts_with("https://"))
+    }
+}
+
+/// One coordinator URL: `http(s)://host:port`.
+fn check_coordinator_url(url: &str) -> Result<(), ConfigError> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(ConfigError::Invalid(format!(
+            "coordinator {url:?} must start with https:// or http://"
+        )));
+    }
+    match url.parse::<tonic::codegen::http::Uri>() {
+        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => Ok(()),
+        Ok(_) => Err(ConfigError::Invalid(format!(
+            "coordinator {url:?} names no host"
+        ))),
+        Err(e) => Err(ConfigError::Invalid(format!(
+            "coordinator {url:?} is not a valid URL: {e}"
+        ))),
+    }
+}
+
 /// The whole agent configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -12,8 +53,9 @@ pub struct AgentConfig {
     /// This edge's identity (unique in the cluster).
     pub id: String,
     pub region: String,
-    /// `https://host:port` (mTLS) or `http://host:port` (needs `--insecure`).
-    pub coordinator: String,
+    /// `https://host:port` (mTLS) or `http://host:port` (needs `--insecure`), or a list of
+    /// them: the agent uses one and fails over to the next.
+    pub coordinator: Coordinators,
     /// Where the purge cursor and loaded config bundles are kept.
     pub state_dir: PathBuf,
     pub varnish: VarnishConfig,
@@ -183,26 +225,19 @@ impl AgentConfig {
                 self.region
             )));
         }
-        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
-            return Err(ConfigError::Invalid(format!(
-                "coordinator {:?} must start with https:// or http://",
-                self.coordinator
-            )));
+        let urls = self.coordinator.urls();
+        if urls.is_empty() {
+            return Err(ConfigError::Invalid(
+                "coordinator is an empty list: name at least one".into(),
+            ));
         }
-        match self.coordinator.parse::<tonic::codegen::http::Uri>() {
-            Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {}
-            Ok(_) => {
-                return Err(ConfigError::Invalid(format!(
-                    "coordinator {:?} names no host",
-                    self.coordinator
-                )))
-            }
-            Err(e) => {
-                return Err(ConfigError::Invalid(format!(
-                    "coordinator {:?} is not a valid URL: {e}",
-                    self.coordinator
-                )))
-            }
+        for url in urls {
+            check_coordinator_url(url)?;
+        }
+        if !self.coordinator.https() && urls.iter().any(|u| u.starts_with("https://")) {
+            return Err(ConfigError::Invalid(
+                "coordinator URLs mix https:// and http://: use one scheme for all".into(),
+            ));
         }
         if self.stats_interval_s == 0 || self.stats_interval_s > 3600 {
             return Err(ConfigError::Invalid(
@@ -267,6 +302,31 @@ purge_mode = "ban"
         c.validate().unwrap();
         assert_eq!(c.varnish.purge_mode, PurgeMode::Ban);
         assert!(toml::from_str::<AgentConfig>("id = 1").is_err());
+    }
+
+    #[test]
+    fn one_coordinator_or_a_list() {
+        let with = |coordinator: &str| {
+            toml::from_str::<AgentConfig>(&format!(
+                "id = \"e\"\nregion = \"r\"\ncoordinator = {coordinator}\nstate_dir = \"/tmp/x\"\n[varnish]\nhttp = \"127.0.0.1:6081\"\nadmin = \"127.0.0.1:6082\"\nsecret_file = \"/s\"\n"
+            ))
+        };
+        let one = with("\"https://c1:6092\"").unwrap();
+        one.validate().unwrap();
+        assert_eq!(one.coordinator.urls(), ["https://c1:6092"]);
+        let two = with("[\"https://c1:6092\", \"https://c2:6092\"]").unwrap();
+        two.validate().unwrap();
+        assert_eq!(two.coordinator.urls().len(), 2);
+        assert!(two.coordinator.https());
+        let mixed = with("[\"https://c1:6092\", \"http://c2:6092\"]").unwrap();
+        assert!(mixed.validate().unwrap_err().to_string().contains("mix"));
+        assert!(with("[]").unwrap().validate().is_err());
+        let bad = with("[\"https://c1:6092\", \"c2:6092\"]").unwrap();
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("\"c2:6092\""));
     }
 
     #[test]

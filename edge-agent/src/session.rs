@@ -83,7 +83,7 @@ pub async fn run(
     insecure: bool,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let https = config.coordinator.starts_with("https://");
+    let https = config.coordinator.https();
     match (https, &config.tls) {
         (true, None) => {
             return Err(AgentError::Config(
@@ -123,18 +123,27 @@ pub async fn run(
     tracing::info!(edge = %agent.config.id, region = %agent.config.region,
         applied_seq = agent.cursor.applied_seq, "edge agent starting");
     let mut failures: u32 = 0;
+    // Several coordinators: start at a random one (spreads a fleet's reconnects) and move
+    // to the next after every failure; the cursor and log id resume wherever it lands.
+    let urls = agent.config.coordinator.urls().to_vec();
+    let mut next = rand::thread_rng().gen_range(0..urls.len().max(1));
     loop {
         agent.welcomed_at = None;
-        let result = agent.session(&shutdown).await;
+        let url = urls[next % urls.len().max(1)].clone();
+        next = next.wrapping_add(1);
+        let result = agent.session(&url, &shutdown).await;
         match result {
             Err(SessionEnd::Shutdown) => return Ok(()),
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "session ended");
+                tracing::warn!(error = %e, coordinator = %url, "session ended");
             }
         }
         failures = failures_after(failures, agent.welcomed_at.map(|t| t.elapsed()));
-        let delay = backoff(failures);
+        // The backoff grows per round through the list, so a dead coordinator costs a
+        // quick hop to the next one, not a long wait.
+        let rounds = failures.div_ceil(urls.len().max(1) as u32);
+        let delay = backoff(rounds);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
@@ -190,8 +199,9 @@ type Outbound = mpsc::Sender<AgentMessage>;
 
 impl Agent {
     /// One connected session; `Ok(())` means it was established and later ended cleanly.
-    async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
-        let mut endpoint = Endpoint::from_shared(self.config.coordinator.clone())
+    async fn session(&mut self, url: &str, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
+        tracing::debug!(coordinator = url, "dialling");
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| SessionEnd::Protocol(format!("bad coordinator URL: {e}")))?;
         if let Some(tls) = &self.config.tls {
             endpoint = endpoint
@@ -348,7 +358,7 @@ impl Agent {
             };
             match msg {
                 coordinator_message::Msg::Welcome(w) => {
-                    tracing::info!(log_id = %w.log_id, head_seq = w.head_seq, applied_seq = self.cursor.applied_seq, "session established");
+                    tracing::info!(coordinator = url, log_id = %w.log_id, head_seq = w.head_seq, applied_seq = self.cursor.applied_seq, "session established");
                     log_id = w.log_id;
                     self.welcomed_at = Some(Instant::now());
                 }

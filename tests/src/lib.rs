@@ -744,37 +744,43 @@ impl AgentProc {
         mode: &str,
     ) -> Self {
         let tls = coordinator.agent_tls(id, region);
-        Self::start_with(dir, id, region, coordinator.grpc, tls, varnish, mode)
+        Self::start_with(dir, id, region, &[coordinator.grpc], tls, varnish, mode)
     }
 
-    /// An agent with explicit TLS files (`None`: plaintext with `--insecure`).
+    /// An agent with explicit TLS files (`None`: plaintext with `--insecure`) dialling
+    /// `grpc` (several: the agent's coordinator list, failing over between them).
     pub fn start_with(
         dir: &Path,
         id: &str,
         region: &str,
-        grpc: SocketAddr,
+        grpc: &[SocketAddr],
         tls: Option<(PathBuf, PathBuf, PathBuf)>,
         varnish: &VarnishNode,
         mode: &str,
     ) -> Self {
         std::fs::create_dir_all(dir).expect("agent dir");
         let config = dir.join(format!("{id}.toml"));
-        let (scheme, tls_table) = match &tls {
-            Some((ca, cert, key)) => (
-                "https",
-                format!(
-                    "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                    ca.display(),
-                    cert.display(),
-                    key.display()
-                ),
+        let urls: Vec<String> = grpc
+            .iter()
+            .map(|g| format!("\"{}://{g}\"", if tls.is_some() { "https" } else { "http" }))
+            .collect();
+        let coordinators = match urls.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
+        let tls_table = match &tls {
+            Some((ca, cert, key)) => format!(
+                "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                ca.display(),
+                cert.display(),
+                key.display()
             ),
-            None => ("http", String::new()),
+            None => String::new(),
         };
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\ntop_urls_interval_s = 1\nclient_nets_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = {coordinators}\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\ntop_urls_interval_s = 1\nclient_nets_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
                 dir.join(format!("{id}-state")).display(),
                 AGENT_STATS_INTERVAL_S.load(std::sync::atomic::Ordering::Relaxed),
                 varnish.http,

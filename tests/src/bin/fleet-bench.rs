@@ -42,6 +42,20 @@ struct Args {
     tls: bool,
 }
 
+/// Deliveries recorded per session (the first ones; a long run only counts memory).
+const RECORDED: u64 = 2_000;
+
+/// The coordinator's resident memory (KiB), from /proc.
+fn rss_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// When each session received each sequence.
 type Received = Arc<Mutex<Vec<(u64, Instant)>>>;
 
@@ -96,7 +110,13 @@ async fn simulate(
                 Some(coordinator_message::Msg::FullBan(b)) => Some(b.up_to_seq),
                 Some(coordinator_message::Msg::Purges(batch)) => {
                     let mut r = received.lock().unwrap_or_else(|p| p.into_inner());
-                    r.extend(batch.entries.iter().map(|e| (e.seq, now)));
+                    r.extend(
+                        batch
+                            .entries
+                            .iter()
+                            .filter(|e| e.seq <= RECORDED)
+                            .map(|e| (e.seq, now)),
+                    );
                     batch.entries.last().map(|e| e.seq)
                 }
                 _ => None,
@@ -161,6 +181,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_connected = rss_kib(c.child.pid());
         let mut answer_ms = Vec::new();
         let mut sent = Vec::new();
         for i in 0..args.purges {
@@ -183,9 +204,17 @@ async fn main() {
                 }
             }
         }
-        let expected = n * args.purges;
+        let expected = n * args.purges.min(RECORDED as usize);
         let late = delivery_ms.iter().filter(|d| **d > 30.0).count();
+        let rss_after = rss_kib(c.child.pid());
         println!("{n} sessions:");
+        println!(
+            "  coordinator RSS: {} MiB connected, {} MiB after {} purges ({} KiB per session)",
+            rss_connected / 1024,
+            rss_after / 1024,
+            args.purges,
+            if n > 0 { rss_after / n as u64 } else { 0 }
+        );
         summary("Magento PURGE answered", answer_ms);
         if n > 0 {
             println!(

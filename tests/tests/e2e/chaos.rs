@@ -146,7 +146,7 @@ async fn a_partitioned_region_is_lost_in_seconds_catches_up_and_holds_nobody_bac
     let dir = cluster.dir.path().join("r2");
     let v2 = tests::VarnishNode::start(&dir, cluster.origin.addr).await;
     let tls = cluster.coordinator.agent_tls("edge-2", "region-2");
-    let _agent = AgentProc::start_with(&dir, "edge-2", "region-2", proxy.addr, tls, &v2, "ban");
+    let _agent = AgentProc::start_with(&dir, "edge-2", "region-2", &[proxy.addr], tls, &v2, "ban");
     let c = &cluster.coordinator;
     assert_eventually!(
         30,

@@ -132,7 +132,7 @@ async fn mtls_checks_identity_and_rotates_on_sighup() {
         &dir,
         "edge-b",
         "region-0",
-        c.grpc,
+        &[c.grpc],
         Some((
             pki_dir.join("ca.pem"),
             pki_dir.join("edge-a.pem"),
