@@ -4,7 +4,8 @@
 # chromium only for the tests (the dashboard is checked in headless Chromium); and
 # systemd's systemd-analyze only for the tests (the shipped units are verified with it);
 # PowerDNS (pdns-server, pdns-backend-remote) and dig (bind9-dnsutils) only for the
-# tests (geo routing answers a real pdns, queried with dig).
+# tests (geo routing answers a real pdns, queried with dig); etcd (etcd-server) only for
+# the tests (the etcd client and the HA store run against a real 3-member cluster).
 # No protoc is needed (protox compiles .proto).
 set -euo pipefail
 need=()
@@ -19,6 +20,7 @@ dns=()
 command -v pdns_server >/dev/null 2>&1 || dns+=(pdns-server)
 ls /usr/lib/*/pdns/libremotebackend.so >/dev/null 2>&1 || dns+=(pdns-backend-remote)
 command -v dig >/dev/null 2>&1 || dns+=(bind9-dnsutils)
+command -v etcd >/dev/null 2>&1 || dns+=(etcd-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""
@@ -34,7 +36,8 @@ if [ ${#dns[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   [ ${#need[@]} -gt 0 ] || $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${dns[@]}" >/dev/null
-  # The package may start a system pdns on :53 with the bind backend; tests run their own.
+  # The packages may start a system pdns on :53 and an etcd on :2379; tests run their own.
   $SUDO systemctl disable --now pdns >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
 fi
 varnishd -V 2>&1 | head -1

@@ -37,6 +37,84 @@ macro_rules! assert_eventually {
     }};
 }
 
+/// Panics unless etcd (Debian's etcd-server) is installed.
+pub fn require_etcd() {
+    let ok = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "etcd is not installed: these tests need Debian's etcd-server (run scripts/test.sh, which installs it)"
+    );
+}
+
+/// A real etcd cluster of `n` members on loopback, each with its own data dir.
+pub struct EtcdCluster {
+    /// Client URLs (`http://127.0.0.1:P`), one per member.
+    pub endpoints: Vec<String>,
+    pub members: Vec<Child>,
+}
+
+impl EtcdCluster {
+    pub async fn start(dir: &Path, n: usize) -> Self {
+        require_etcd();
+        let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let initial: Vec<String> = (0..n)
+            .map(|i| format!("m{i}=http://127.0.0.1:{}", peer[i]))
+            .collect();
+        let mut members = Vec::new();
+        for i in 0..n {
+            let data = dir.join(format!("m{i}"));
+            let args: Vec<String> = [
+                format!("--name=m{i}"),
+                format!("--data-dir={}", data.display()),
+                format!("--listen-client-urls=http://127.0.0.1:{}", client[i]),
+                format!("--advertise-client-urls=http://127.0.0.1:{}", client[i]),
+                format!("--listen-peer-urls=http://127.0.0.1:{}", peer[i]),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", peer[i]),
+                format!("--initial-cluster={}", initial.join(",")),
+                "--initial-cluster-state=new".into(),
+                "--initial-cluster-token=test".into(),
+                "--heartbeat-interval=50".into(),
+                "--election-timeout=500".into(),
+                "--log-level=warn".into(),
+                "--logger=zap".into(),
+            ]
+            .into();
+            let log = dir.join(format!("m{i}.log"));
+            members
+                .push(process::spawn(Path::new("etcd"), &args, &log, "etcd").expect("spawn etcd"));
+        }
+        let endpoints: Vec<String> = client
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        let cluster = EtcdCluster { endpoints, members };
+        // Serving once every member answers /health with a leader.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for p in &client {
+            loop {
+                let up = get_json(lo(*p), "/health")
+                    .await
+                    .is_some_and(|h| h["health"] == "true");
+                if up {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd member on {p} not healthy after 30 s; logs in {}",
+                    dir.display()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+}
+
 /// Panics unless PowerDNS with its remote backend and dig are installed.
 pub fn require_pdns() {
     let ok = |program: &str, arg: &str| {

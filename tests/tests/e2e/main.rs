@@ -11,6 +11,7 @@ mod dashboard;
 mod demo;
 mod deploy;
 mod durability;
+mod etcd;
 mod failover;
 mod fuzz_corpus;
 mod geo;
