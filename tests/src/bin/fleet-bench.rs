@@ -40,6 +40,40 @@ struct Args {
     /// Mutual TLS (a certificate per simulated edge) instead of plaintext.
     #[arg(long)]
     tls: bool,
+    /// Each session streams varnish counters this often (0: none), as agents do.
+    #[arg(long, default_value_t = 5)]
+    stats_interval_s: u64,
+    /// After the purges, kill -9 the coordinator, restart it, and time every session's
+    /// reconnect (jittered, as agents back off).
+    #[arg(long)]
+    restart: bool,
+}
+
+/// What a simulated edge keeps across its sessions (as an agent's cursor file does).
+#[derive(Debug, Default)]
+struct Cursor {
+    log_id: String,
+    applied: u64,
+    full_bans: u64,
+}
+
+/// Full-jitter backoff with the agent's constants (100 ms base, 10 s cap).
+fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_millis(100)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(Duration::from_secs(10));
+    Duration::from_secs_f64(rand::random::<f64>() * cap.as_secs_f64())
+}
+
+/// The coordinator's CPU time so far (user + system, seconds), from /proc.
+fn cpu_s(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Deliveries recorded per session (the first ones; a long run only counts memory).
@@ -59,18 +93,57 @@ fn rss_kib(pid: Option<u32>) -> u64 {
 /// When each session received each sequence.
 type Received = Arc<Mutex<Vec<(u64, Instant)>>>;
 
-async fn simulate(
+/// One simulated edge for the whole run: a session, and a jittered reconnect whenever it
+/// ends (resuming from its cursor), until aborted.
+fn simulate(
     c: &CoordinatorProc,
     id: usize,
     received: Received,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+    cursor: Arc<Mutex<Cursor>>,
+    stats_every: Option<Duration>,
+) -> tokio::task::JoinHandle<()> {
+    let grpc = c.grpc;
+    let tls = c.agent_tls(&format!("sim-{id}"), &format!("region-{}", id % 3));
+    tokio::spawn(async move {
+        let mut attempt = 0u32;
+        loop {
+            let welcomed = session(grpc, tls.clone(), id, &received, &cursor, stats_every).await;
+            attempt = if welcomed { 0 } else { attempt + 1 };
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    })
+}
+
+/// One session until it ends; whether it got a Welcome.
+async fn session(
+    grpc: std::net::SocketAddr,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+    id: usize,
+    received: &Received,
+    cursor: &Arc<Mutex<Cursor>>,
+    stats_every: Option<Duration>,
+) -> bool {
+    // A failed dial or handshake is a session that got no Welcome.
+    session_inner(grpc, tls, id, received, cursor, stats_every)
+        .await
+        .unwrap_or(false)
+}
+
+async fn session_inner(
+    grpc: std::net::SocketAddr,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+    id: usize,
+    received: &Received,
+    cursor: &Arc<Mutex<Cursor>>,
+    stats_every: Option<Duration>,
+) -> Result<bool, String> {
     let edge = format!("sim-{id}");
     let region = format!("region-{}", id % 3);
-    let scheme = if c.pki.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", c.grpc))
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{grpc}"))
         .map_err(|e| e.to_string())?
         .tcp_nodelay(true);
-    if let Some((ca, cert, key)) = c.agent_tls(&edge, &region) {
+    if let Some((ca, cert, key)) = tls {
         let read = |p| std::fs::read(p).map_err(|e| e.to_string());
         endpoint = endpoint
             .tls_config(
@@ -82,11 +155,17 @@ async fn simulate(
     }
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let (out, rx) = mpsc::channel(64);
+    let (log_id, applied) = {
+        let c = cursor.lock().unwrap_or_else(|p| p.into_inner());
+        (c.log_id.clone(), c.applied)
+    };
     let hello = Hello {
         edge_id: edge,
         region,
         capabilities: vec![proto::CAP_FULL_BAN.to_owned()],
         report_interval_ms: 60_000,
+        log_id,
+        applied_seq: applied,
         ..Hello::default()
     };
     let send = |msg| AgentMessage { msg: Some(msg) };
@@ -98,40 +177,87 @@ async fn simulate(
         .await
         .map_err(|e| e.to_string())?
         .into_inner();
-    Ok(tokio::spawn(async move {
-        let mut log_id = String::new();
-        while let Ok(Some(m)) = inbound.message().await {
-            let now = Instant::now();
-            let ack = match m.msg {
-                Some(coordinator_message::Msg::Welcome(w)) => {
-                    log_id = w.log_id;
-                    None
+    let mut welcomed = false;
+    let mut log_id = String::new();
+    let mut stats = stats_every.map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let started = std::time::SystemTime::now();
+    let mut requests = 0u64;
+    loop {
+        let tick = async {
+            match stats.as_mut() {
+                Some(t) => {
+                    t.tick().await;
                 }
-                Some(coordinator_message::Msg::FullBan(b)) => Some(b.up_to_seq),
-                Some(coordinator_message::Msg::Purges(batch)) => {
-                    let mut r = received.lock().unwrap_or_else(|p| p.into_inner());
-                    r.extend(
-                        batch
-                            .entries
-                            .iter()
-                            .filter(|e| e.seq <= RECORDED)
-                            .map(|e| (e.seq, now)),
-                    );
-                    batch.entries.last().map(|e| e.seq)
-                }
-                _ => None,
-            };
-            if let Some(seq) = ack {
-                let ack = PurgeAck {
-                    applied_seq: seq,
-                    log_id: log_id.clone(),
+                None => std::future::pending().await,
+            }
+        };
+        let m = tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(m)) => m,
+                _ => return Ok(welcomed),
+            },
+            _ = tick => {
+                // Counters as an agent streams them: cumulative, a few requests more each time.
+                requests += 50;
+                let uptime = started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+                let sample = proto::edge::VarnishStats {
+                    taken_at_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0),
+                    uptime_s: uptime + 1,
+                    requests,
+                    hits: requests * 9 / 10,
+                    misses: requests / 10,
+                    objects: 1000,
+                    ..Default::default()
                 };
-                if out.send(send(agent_message::Msg::Ack(ack))).await.is_err() {
-                    return;
+                if out.send(send(agent_message::Msg::Stats(sample))).await.is_err() {
+                    return Ok(welcomed);
                 }
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let ack = match m.msg {
+            Some(coordinator_message::Msg::Welcome(w)) => {
+                welcomed = true;
+                log_id = w.log_id.clone();
+                cursor.lock().unwrap_or_else(|p| p.into_inner()).log_id = w.log_id;
+                None
+            }
+            Some(coordinator_message::Msg::FullBan(b)) => {
+                cursor.lock().unwrap_or_else(|p| p.into_inner()).full_bans += 1;
+                Some(b.up_to_seq)
+            }
+            Some(coordinator_message::Msg::Purges(batch)) => {
+                let mut r = received.lock().unwrap_or_else(|p| p.into_inner());
+                r.extend(
+                    batch
+                        .entries
+                        .iter()
+                        .filter(|e| e.seq <= RECORDED)
+                        .map(|e| (e.seq, now)),
+                );
+                batch.entries.last().map(|e| e.seq)
+            }
+            _ => None,
+        };
+        if let Some(seq) = ack {
+            cursor.lock().unwrap_or_else(|p| p.into_inner()).applied = seq;
+            let ack = PurgeAck {
+                applied_seq: seq,
+                log_id: log_id.clone(),
+            };
+            if out.send(send(agent_message::Msg::Ack(ack))).await.is_err() {
+                return Ok(welcomed);
             }
         }
-    }))
+    }
 }
 
 fn summary(name: &str, ms: Vec<f64>) {
@@ -158,14 +284,16 @@ async fn main() {
         )
         .await;
         let received: Vec<Received> = (0..n).map(|_| Received::default()).collect();
-        let mut tasks = Vec::new();
+        let stats_every =
+            (args.stats_interval_s > 0).then(|| Duration::from_secs(args.stats_interval_s));
         let connecting = Instant::now();
-        for (i, r) in received.iter().enumerate() {
-            match simulate(&c, i, r.clone()).await {
-                Ok(t) => tasks.push(t),
-                Err(e) => panic!("session {i}: {e}"),
-            }
-        }
+        let cursors: Vec<Arc<Mutex<Cursor>>> = (0..n).map(|_| Arc::default()).collect();
+        let tasks: Vec<_> = received
+            .iter()
+            .zip(&cursors)
+            .enumerate()
+            .map(|(i, (r, cur))| simulate(&c, i, r.clone(), cur.clone(), stats_every))
+            .collect();
         while c
             .edges()
             .await
@@ -180,8 +308,11 @@ async fn main() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let connect_s = connecting.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_connected = rss_kib(c.child.pid());
+        let cpu_before = cpu_s(c.child.pid());
+        let purging = Instant::now();
         let mut answer_ms = Vec::new();
         let mut sent = Vec::new();
         for i in 0..args.purges {
@@ -195,6 +326,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let cpu_share = (cpu_s(c.child.pid()) - cpu_before) / purging.elapsed().as_secs_f64();
         let sent_at: std::collections::HashMap<u64, Instant> = sent.into_iter().collect();
         let mut delivery_ms = Vec::new();
         for r in &received {
@@ -207,7 +339,11 @@ async fn main() {
         let expected = n * args.purges.min(RECORDED as usize);
         let late = delivery_ms.iter().filter(|d| **d > 30.0).count();
         let rss_after = rss_kib(c.child.pid());
-        println!("{n} sessions:");
+        println!("{n} sessions (connected in {connect_s:.1} s):");
+        println!(
+            "  coordinator CPU during the purges: {:.0}% of one core",
+            cpu_share * 100.0
+        );
         println!(
             "  coordinator RSS: {} MiB connected, {} MiB after {} purges ({} KiB per session)",
             rss_connected / 1024,
@@ -224,8 +360,46 @@ async fn main() {
             );
             summary("PURGE sent -> entry at a session", delivery_ms);
         }
-        for t in tasks {
-            t.abort();
+        if args.restart && n > 0 {
+            let mut c = c;
+            c.kill9_and_restart().await;
+            let restarted = Instant::now();
+            while c
+                .edges()
+                .await
+                .iter()
+                .filter(|e| e["connected"] == true)
+                .count()
+                < n
+            {
+                assert!(
+                    restarted.elapsed() < Duration::from_secs(120),
+                    "sessions did not reconnect"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!(
+                "  kill -9 and restart: all {n} reconnected {:.1} s after the restart",
+                restarted.elapsed().as_secs_f64()
+            );
+            // The first full ban is a new edge's; another one would be a needless flush.
+            let needless = cursors
+                .iter()
+                .filter(|c| c.lock().unwrap_or_else(|p| p.into_inner()).full_bans > 1)
+                .count();
+            println!("  sessions given a full ban on reconnect: {needless} (resumed from their cursor: {})", n - needless);
+            let rss_restarted = rss_kib(c.child.pid());
+            println!(
+                "  coordinator RSS after the reconnect: {} MiB",
+                rss_restarted / 1024
+            );
+            for t in tasks {
+                t.abort();
+            }
+        } else {
+            for t in tasks {
+                t.abort();
+            }
         }
     }
 }
