@@ -64,6 +64,11 @@ pub struct AgentConfig {
     /// How often the agent reports its active VCL (and probes health) to the coordinator.
     #[serde(default = "default_report_interval_s")]
     pub report_interval_s: u64,
+    /// Purges arriving within this many milliseconds of the last apply wait and are
+    /// applied together: at most 1000/purge_window_ms applies (bans) per second however
+    /// fast purges come, for at most this much added delay (0: apply each batch at once).
+    #[serde(default = "default_purge_window_ms")]
+    pub purge_window_ms: u64,
     /// How often varnishstat counters are read and sent (hit ratios, rates).
     #[serde(default = "default_stats_interval_s")]
     pub stats_interval_s: u64,
@@ -80,6 +85,10 @@ pub struct AgentConfig {
     /// How often client networks are reported.
     #[serde(default = "default_client_nets_interval_s")]
     pub client_nets_interval_s: u64,
+}
+
+fn default_purge_window_ms() -> u64 {
+    20
 }
 
 fn default_client_nets() -> usize {
@@ -252,6 +261,11 @@ impl AgentConfig {
         if self.top_urls_interval_s == 0 || self.top_urls_interval_s > 3600 {
             return Err(ConfigError::Invalid(
                 "top_urls_interval_s must be 1..=3600".into(),
+            ));
+        }
+        if self.purge_window_ms > 1000 {
+            return Err(ConfigError::Invalid(
+                "purge_window_ms must be 0..=1000".into(),
             ));
         }
         if self.client_nets_interval_s == 0 || self.client_nets_interval_s > 3600 {

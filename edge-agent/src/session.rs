@@ -342,6 +342,8 @@ impl Agent {
         let mut log_id = String::new();
         // A message taken off the channel while coalescing but not part of the batch.
         let mut pending = None;
+        let window = Duration::from_millis(self.config.purge_window_ms);
+        let mut last_apply: Option<tokio::time::Instant> = None;
         loop {
             let msg = match pending.take() {
                 Some(m) => Some(m),
@@ -395,8 +397,12 @@ impl Agent {
                 }
                 coordinator_message::Msg::Purges(batch) => {
                     let mut entries = batch.entries;
-                    // Coalesce whatever else already arrived. Yielding lets the reader
-                    // move more of a backlog out of the HTTP/2 buffers into the channel.
+                    // Coalesce whatever else already arrived, and, within the purge
+                    // window after the last apply, whatever arrives until it closes: a
+                    // storm becomes one apply (one ban) per window, a lone purge goes at
+                    // once. Yielding lets the reader move more of a backlog out of the
+                    // HTTP/2 buffers into the channel.
+                    let window_ends = last_apply.map(|t| t + window);
                     'drain: while entries.len() < COALESCE_MAX_ENTRIES {
                         while let Ok(next) = in_rx.try_recv() {
                             match next {
@@ -410,11 +416,28 @@ impl Agent {
                             }
                         }
                         tokio::task::yield_now().await;
-                        if in_rx.is_empty() {
+                        if !in_rx.is_empty() {
+                            continue;
+                        }
+                        let Some(ends) = window_ends.filter(|e| *e > tokio::time::Instant::now())
+                        else {
                             break;
+                        };
+                        // Wait for more until the window closes.
+                        match tokio::time::timeout_at(ends, in_rx.recv()).await {
+                            Err(_) => break,
+                            Ok(None) => return Err(SessionEnd::Closed),
+                            Ok(Some(Ok(CoordinatorMessage {
+                                msg: Some(coordinator_message::Msg::Purges(b)),
+                            }))) => entries.extend(b.entries),
+                            Ok(Some(other)) => {
+                                pending = Some(other);
+                                break;
+                            }
                         }
                     }
                     self.apply_entries(entries, &log_id, &out, shutdown).await?;
+                    last_apply = Some(tokio::time::Instant::now());
                 }
             }
         }

@@ -218,3 +218,38 @@ async fn xkey_mode_purges_without_bans_and_soft_purge_serves_stale() {
         "background refresh in both regions"
     );
 }
+
+/// A purge storm (here ~1,000/s from 8 Magento-style clients) adds at most one ban per
+/// purge window (20 ms) to the edge's ban list, not one per batch, and every purge is
+/// still applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_storm_adds_at_most_one_ban_per_window() {
+    let cluster = tests::Cluster::start(1, "ban", tests::CoordinatorOpts::default()).await;
+    let c = &cluster.coordinator;
+    let bans_before = cluster.varnish[0].counter("MAIN.bans_added");
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for k in 0..8 {
+        let purge = c.purge;
+        clients.push(tokio::spawn(async move {
+            let mut last = 0;
+            for i in 0..60 {
+                last = tests::purge_tags(purge, &[&format!("storm_{k}_{i}")]).await;
+            }
+            last
+        }));
+    }
+    let mut head = 0;
+    for t in clients {
+        head = head.max(t.await.expect("client"));
+    }
+    cluster.wait_applied(head).await;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let added = cluster.varnish[0].counter("MAIN.bans_added") - bans_before;
+    let bound = (elapsed_ms / 20.0).ceil() as u64 + 2;
+    assert!(
+        added <= bound,
+        "{added} bans for 480 purges in {elapsed_ms:.0} ms: more than one per 20 ms window ({bound})"
+    );
+    eprintln!("480 purges in {elapsed_ms:.0} ms: {added} bans (bound {bound})");
+}
