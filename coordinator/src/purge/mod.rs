@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod counters;
+pub mod etcd_log;
 pub mod listener;
 pub mod log;
 pub mod pattern;

@@ -217,3 +217,107 @@ async fn the_etcd_client_does_cas_watch_election_and_survives_a_member() {
         .expect("put with a member down");
     }
 }
+
+/// The purge log on etcd (`coordinator::purge::etcd_log`): two coordinators appending at
+/// once get dense, ordered, never-duplicated sequences, every answered append is stored
+/// under the sequences it was given, a member's death changes nothing, and with etcd gone
+/// an append fails instead of pretending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_share_one_dense_purge_log_on_etcd() {
+    use coordinator::purge::etcd_log::{Append, EtcdLog};
+    use coordinator::purge::log::NewPurge;
+    use proto::edge::{purge_entry::Op, TagSet};
+
+    let dir = temp_dir();
+    let mut cluster = EtcdCluster::start(dir.path(), 3).await;
+    let etcd = Etcd::connect(&cluster.endpoints).expect("connect");
+    let c1 = EtcdLog::open(etcd.clone(), "/vc/").await.expect("open c1");
+    let c2 = EtcdLog::open(Etcd::connect(&cluster.endpoints).expect("connect"), "/vc/")
+        .await
+        .expect("open c2");
+    assert_eq!(c1.log_id(), c2.log_id(), "one log");
+
+    // 8 appenders, half through each coordinator, each stamping its purges with its own
+    // received_at so the stored entries can be traced back to the append answered.
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let log = if w % 2 == 0 { c1.clone() } else { c2.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut answered = Vec::new();
+            let mut head = 0;
+            for i in 0..25u64 {
+                let stamp = w * 1_000 + i;
+                let n = 1 + (i % 3) as usize;
+                let purges = (0..n)
+                    .map(|k| NewPurge {
+                        op: Op::Tags(TagSet {
+                            tags: vec![format!("w{w}_{i}_{k}")],
+                        }),
+                        soft: false,
+                    })
+                    .collect();
+                let last = log
+                    .append(
+                        &[Append {
+                            received_at_us: stamp,
+                            purges,
+                        }],
+                        head,
+                    )
+                    .await
+                    .expect("append");
+                head = last[0];
+                answered.push((stamp, last[0], n));
+            }
+            answered
+        }));
+    }
+    let mut answered = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        answered.extend(t.await.expect("appender"));
+        if i == 3 {
+            // Half way through collecting, a member dies; the rest must not notice.
+            cluster.members[1].kill9().await;
+        }
+    }
+    let total: usize = answered.iter().map(|a| a.2).sum();
+    let entries = c2.read_from(1, 10_000).await.expect("read");
+    let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "dense and ordered"
+    );
+    assert_eq!(c1.head().await.expect("head"), total as u64);
+    for (stamp, last, n) in &answered {
+        for k in 0..*n as u64 {
+            let e = &entries[(*last - k - 1) as usize];
+            assert_eq!(
+                e.received_at_us, *stamp,
+                "seq {} belongs to append {stamp}",
+                e.seq
+            );
+        }
+    }
+
+    // etcd gone: an append fails (the listener answers 503), it never claims success.
+    for m in cluster.members.iter_mut() {
+        m.kill9().await;
+    }
+    let one = Append {
+        received_at_us: 1,
+        purges: vec![NewPurge {
+            op: Op::Tags(TagSet {
+                tags: vec!["lost".into()],
+            }),
+            soft: false,
+        }],
+    };
+    let started = std::time::Instant::now();
+    assert!(c1.append(&[one], total as u64).await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
