@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "coordinator": [
         # Leaves: no domain knowledge.
-        ["clock", "secret", "accept", "metrics", "pki"],
+        ["clock", "secret", "accept", "metrics", "pki", "leader"],
         ["tls", "purge"],
         ["edges", "bundle", "traffic"],
         ["rollout", "monitor", "warm", "geo"],

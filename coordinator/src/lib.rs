@@ -22,6 +22,7 @@ pub mod edges;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod geo;
+pub mod leader;
 pub mod metrics;
 pub mod monitor;
 pub mod pki;

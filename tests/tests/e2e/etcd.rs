@@ -321,3 +321,77 @@ async fn two_coordinators_share_one_dense_purge_log_on_etcd() {
         started.elapsed()
     );
 }
+
+/// Leader election (`coordinator::leader`): one leader at a time, every campaigner knows
+/// who and its fencing revision; a leader that steps down hands over at once with a
+/// higher fencing revision; a leader cut off from etcd's quorum stops calling itself
+/// leader within its lease TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time_and_a_cut_off_leader_steps_down() {
+    use coordinator::leader::{campaign, Leadership};
+    use tokio_util::sync::CancellationToken;
+
+    let dir = temp_dir();
+    let mut cluster = EtcdCluster::start(dir.path(), 3).await;
+    let ttl = Duration::from_secs(2);
+    let (s1, s2) = (CancellationToken::new(), CancellationToken::new());
+    let etcd = |_| Etcd::connect(&cluster.endpoints).expect("connect");
+    let r1 = campaign(etcd(1), "/vc/leader", "c1", ttl, s1.clone());
+    let r2 = campaign(etcd(2), "/vc/leader", "c2", ttl, s2.clone());
+    let both = |r1: &tokio::sync::watch::Receiver<Leadership>,
+                r2: &tokio::sync::watch::Receiver<Leadership>| {
+        (r1.borrow().clone(), r2.borrow().clone())
+    };
+    tests::assert_eventually!(
+        10,
+        {
+            let (a, b) = both(&r1, &r2);
+            (a.me ^ b.me) && a.leader.is_some() && a.leader == b.leader && a.fencing == b.fencing
+        },
+        "no single agreed leader: {:?}",
+        both(&r1, &r2)
+    );
+    let (a, b) = both(&r1, &r2);
+    let (leader_stop, follower) = if a.me {
+        (s1.clone(), &r2)
+    } else {
+        (s2.clone(), &r1)
+    };
+    let first_fencing = a.fencing.expect("fencing");
+    // The leader steps down (a deploy): the other leads at once, with a later revision.
+    leader_stop.cancel();
+    tests::assert_eventually!(
+        5,
+        follower.borrow().me,
+        "no hand-over: {:?}",
+        both(&r1, &r2)
+    );
+    let now = follower.borrow().clone();
+    assert!(now.fencing.expect("fencing") > first_fencing, "{now:?}");
+    assert_ne!(
+        now.leader,
+        if a.me {
+            a.leader.clone()
+        } else {
+            b.leader.clone()
+        }
+    );
+
+    // Quorum lost (2 of 3 members gone): the leader cannot renew its lease and must stop
+    // acting as leader within the TTL.
+    cluster.members[0].kill9().await;
+    cluster.members[1].kill9().await;
+    let cut = std::time::Instant::now();
+    tests::assert_eventually!(
+        6,
+        !follower.borrow().me,
+        "a leader without quorum still says it leads"
+    );
+    assert!(
+        cut.elapsed() <= ttl + Duration::from_secs(2),
+        "{:?}",
+        cut.elapsed()
+    );
+    s1.cancel();
+    s2.cancel();
+}
