@@ -22,12 +22,13 @@
 use std::time::Duration;
 
 use etcd::etcdserverpb::{
-    compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp,
-    TxnRequest,
+    compare, kv_client::KvClient, request_op, watch_request, Compare, PutRequest, RangeRequest,
+    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
 };
 use etcd::Etcd;
 use prost::Message;
 use proto::edge::PurgeEntry;
+use tokio::sync::mpsc;
 
 use super::log::{LogError, NewPurge};
 
@@ -229,6 +230,124 @@ impl EtcdLog {
 
     /// Up to `max` entries from `from` on, in order.
     pub async fn read_from(&self, from: u64, max: usize) -> Result<Vec<PurgeEntry>, LogError> {
+        Ok(self.list(from, max).await?.0)
+    }
+}
+
+impl EtcdLog {
+    /// Every entry from `from` on, in order and exactly once, as they are committed by
+    /// any coordinator: the existing ones listed, then a watch from the listing's
+    /// revision. A watch that etcd cancels (compaction, a member lost) is re-created from
+    /// a fresh listing at the next expected sequence; an entry that is gone by then
+    /// (retention) shows as a jump in `seq`, which the reader treats as it treats a
+    /// trimmed log. The stream ends when the receiver is dropped.
+    pub fn follow(&self, from: u64) -> mpsc::Receiver<PurgeEntry> {
+        self.follow_at(from, None)
+    }
+
+    /// [`Self::follow`], with the first watch started at `revision` instead of after a
+    /// listing (to exercise the compacted-watch path).
+    #[doc(hidden)]
+    pub fn follow_at(&self, from: u64, revision: Option<i64>) -> mpsc::Receiver<PurgeEntry> {
+        let (tx, rx) = mpsc::channel(1024);
+        let log = self.clone();
+        tokio::spawn(async move {
+            let mut next = from.max(1);
+            let mut start_rev = revision;
+            while !tx.is_closed() {
+                match log.follow_once(&mut next, start_rev.take(), &tx).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, next, "purge log watch ended; re-listing");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    /// Lists from `next` (unless a start revision is given), then watches. `Ok` only
+    /// when the receiver is gone.
+    async fn follow_once(
+        &self,
+        next: &mut u64,
+        start_rev: Option<i64>,
+        tx: &mpsc::Sender<PurgeEntry>,
+    ) -> Result<(), LogError> {
+        let watch_from = match start_rev {
+            Some(r) => r,
+            None => {
+                let revision = loop {
+                    let (entries, revision) = self.list(*next, 1000).await?;
+                    let full = entries.len() == 1000;
+                    for e in entries {
+                        *next = e.seq + 1;
+                        if tx.send(e).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if !full {
+                        break revision;
+                    }
+                };
+                revision + 1
+            }
+        };
+        let prefix = self.key(b"log/e/");
+        let (req_tx, req_rx) = mpsc::channel(1);
+        let _ = req_tx
+            .send(WatchRequest {
+                request_union: Some(watch_request::RequestUnion::CreateRequest(
+                    WatchCreateRequest {
+                        key: self.entry_key(*next),
+                        range_end: etcd::prefix_end(&prefix),
+                        start_revision: watch_from,
+                        ..Default::default()
+                    },
+                )),
+            })
+            .await;
+        let mut stream = self
+            .etcd
+            .watch()
+            .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+            .await
+            .map_err(unavailable)?
+            .into_inner();
+        loop {
+            let resp = tokio::select! {
+                _ = tx.closed() => return Ok(()),
+                r = stream.message() => r.map_err(unavailable)?,
+            };
+            let Some(resp) = resp else {
+                return Err(LogError::Storage("etcd: watch stream closed".into()));
+            };
+            if resp.compact_revision > 0 || resp.canceled {
+                return Err(LogError::Storage(format!(
+                    "etcd: watch cancelled (compacted at revision {})",
+                    resp.compact_revision
+                )));
+            }
+            for ev in resp.events {
+                let Some(kv) = ev.kv.filter(|kv| !kv.value.is_empty()) else {
+                    continue; // a delete (retention)
+                };
+                let entry = PurgeEntry::decode(kv.value.as_slice())
+                    .map_err(|e| LogError::Storage(format!("corrupt entry in etcd: {e}")))?;
+                if entry.seq < *next {
+                    continue; // already delivered by the listing
+                }
+                *next = entry.seq + 1;
+                if tx.send(entry).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Up to `max` entries from `from`, and the revision they were read at.
+    async fn list(&self, from: u64, max: usize) -> Result<(Vec<PurgeEntry>, i64), LogError> {
         let (key, end) = (
             self.entry_key(from.max(1)),
             etcd::prefix_end(&self.key(b"log/e/")),
@@ -251,13 +370,16 @@ impl EtcdLog {
             .await
             .map_err(unavailable)?
             .into_inner();
-        resp.kvs
+        let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+        let entries = resp
+            .kvs
             .iter()
             .map(|kv| {
                 PurgeEntry::decode(kv.value.as_slice())
                     .map_err(|e| LogError::Storage(format!("corrupt entry in etcd: {e}")))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((entries, revision))
     }
 }
 
