@@ -260,6 +260,29 @@ async fn session_inner(
     }
 }
 
+/// Waits until the coordinator counts `n` connected edges (at most 120 s after `since`).
+async fn wait_connected(c: &CoordinatorProc, n: usize, since: Instant) {
+    while c
+        .edges()
+        .await
+        .iter()
+        .filter(|e| e["connected"] == true)
+        .count()
+        < n
+    {
+        assert!(
+            since.elapsed() < Duration::from_secs(120),
+            "only {} of {n} sessions connected",
+            c.edges()
+                .await
+                .iter()
+                .filter(|e| e["connected"] == true)
+                .count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn summary(name: &str, ms: Vec<f64>) {
     println!("  {}", tests::percentiles_line(name, ms));
 }
@@ -294,20 +317,7 @@ async fn main() {
             .enumerate()
             .map(|(i, (r, cur))| simulate(&c, i, r.clone(), cur.clone(), stats_every))
             .collect();
-        while c
-            .edges()
-            .await
-            .iter()
-            .filter(|e| e["connected"] == true)
-            .count()
-            < n
-        {
-            assert!(
-                connecting.elapsed() < Duration::from_secs(120),
-                "sessions did not connect"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_connected(&c, n, connecting).await;
         let connect_s = connecting.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_connected = rss_kib(c.child.pid());
@@ -364,20 +374,7 @@ async fn main() {
             let mut c = c;
             c.kill9_and_restart().await;
             let restarted = Instant::now();
-            while c
-                .edges()
-                .await
-                .iter()
-                .filter(|e| e["connected"] == true)
-                .count()
-                < n
-            {
-                assert!(
-                    restarted.elapsed() < Duration::from_secs(120),
-                    "sessions did not reconnect"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            wait_connected(&c, n, restarted).await;
             println!(
                 "  kill -9 and restart: all {n} reconnected {:.1} s after the restart",
                 restarted.elapsed().as_secs_f64()

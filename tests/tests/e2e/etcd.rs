@@ -446,15 +446,10 @@ async fn followers_see_every_entry_once_in_order_even_after_compaction() {
     for t in tasks {
         t.await.expect("appender");
     }
-    let mut seen = Vec::new();
-    while seen.len() < 80 {
-        let e = tokio::time::timeout(Duration::from_secs(15), follower.recv())
-            .await
-            .expect("entries in time")
-            .expect("follower open");
-        seen.push(e.seq);
-    }
-    assert_eq!(seen, (1..=80).collect::<Vec<u64>>());
+    assert_eq!(
+        seqs(&mut follower, 80).await,
+        (1..=80).collect::<Vec<u64>>()
+    );
 
     // Compact everything up to now, then follow from an old revision: the watch is
     // cancelled as compacted, the follower re-lists and still delivers every entry.
@@ -480,13 +475,21 @@ async fn followers_see_every_entry_once_in_order_even_after_compaction() {
         .await
         .expect("compact");
     let mut late = c1.follow_at(1, Some(start_rev));
-    let mut again = Vec::new();
-    while again.len() < 80 {
-        let e = tokio::time::timeout(Duration::from_secs(15), late.recv())
+    assert_eq!(seqs(&mut late, 80).await, (1..=80).collect::<Vec<u64>>());
+}
+
+/// The sequences of the next `n` entries a follower delivers (15 s each at most).
+async fn seqs(
+    follower: &mut tokio::sync::mpsc::Receiver<proto::edge::PurgeEntry>,
+    n: usize,
+) -> Vec<u64> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let e = tokio::time::timeout(Duration::from_secs(15), follower.recv())
             .await
-            .expect("entries after compaction")
+            .expect("entries in time")
             .expect("follower open");
-        again.push(e.seq);
+        out.push(e.seq);
     }
-    assert_eq!(again, (1..=80).collect::<Vec<u64>>());
+    out
 }
