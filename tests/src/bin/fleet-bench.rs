@@ -47,6 +47,89 @@ struct Args {
     /// reconnect (jittered, as agents back off).
     #[arg(long)]
     restart: bool,
+    /// After the paced purges, this many seconds of a storm: `--storm-clients` clients
+    /// purging as fast as they can, Magento-style (a new connection per PURGE), then the
+    /// same with keep-alive connections; reports durable purges/s accepted (0: none).
+    #[arg(long, default_value_t = 0)]
+    storm_s: u64,
+    #[arg(long, default_value_t = 16)]
+    storm_clients: usize,
+}
+
+/// PURGEs answered 200 per second by `clients` clients for `secs`, each on a new
+/// connection per PURGE (`keep_alive` false, as Magento does) or on one kept open.
+async fn storm(purge: std::net::SocketAddr, clients: usize, secs: u64, keep_alive: bool) -> f64 {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let until = Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..clients)
+        .map(|k| {
+            tokio::spawn(async move {
+                let mut ok = 0u64;
+                let mut i = 0u64;
+                let mut conn: Option<tokio::io::BufReader<tokio::net::TcpStream>> = None;
+                while Instant::now() < until {
+                    i += 1;
+                    let pattern = tags_pattern(&[&format!("storm_{k}_{i}")]);
+                    if !keep_alive {
+                        if let Ok(r) = raw(purge, &magento_purge(&pattern)).await {
+                            ok += u64::from(r.status == 200);
+                        }
+                        continue;
+                    }
+                    if conn.is_none() {
+                        let Ok(s) = tokio::net::TcpStream::connect(purge).await else {
+                            continue;
+                        };
+                        let _ = s.set_nodelay(true);
+                        conn = Some(tokio::io::BufReader::new(s));
+                    }
+                    let Some(c) = conn.as_mut() else { continue };
+                    let req = format!(
+                        "PURGE / HTTP/1.1\r\nHost: c\r\nX-Magento-Tags-Pattern: {pattern}\r\n\r\n"
+                    );
+                    let mut status = 0u16;
+                    let mut length = 0usize;
+                    let result: std::io::Result<()> = async {
+                        c.get_mut().write_all(req.as_bytes()).await?;
+                        let mut line = String::new();
+                        c.read_line(&mut line).await?;
+                        status = line
+                            .split(' ')
+                            .nth(1)
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        loop {
+                            line.clear();
+                            c.read_line(&mut line).await?;
+                            if line == "\r\n" || line.is_empty() {
+                                break;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        c.read_exact(&mut body).await?;
+                        Ok(())
+                    }
+                    .await;
+                    match result {
+                        Ok(()) => ok += u64::from(status == 200),
+                        Err(_) => conn = None,
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    total as f64 / started.elapsed().as_secs_f64().max(secs as f64)
 }
 
 /// What a simulated edge keeps across its sessions (as an agent's cursor file does).
@@ -369,6 +452,22 @@ async fn main() {
                 100.0 * late as f64 / delivery_ms.len().max(1) as f64
             );
             summary("PURGE sent -> entry at a session", delivery_ms);
+        }
+        if args.storm_s > 0 {
+            for keep_alive in [false, true] {
+                let cpu = cpu_s(c.child.pid());
+                let t = Instant::now();
+                let rate = storm(c.purge, args.storm_clients, args.storm_s, keep_alive).await;
+                let share = (cpu_s(c.child.pid()) - cpu) / t.elapsed().as_secs_f64();
+                println!(
+                    "  storm, {} clients, {}: {rate:.0} durable purges/s accepted with {n} sessions (coordinator {:.0}% of a core)",
+                    args.storm_clients,
+                    if keep_alive { "keep-alive" } else { "a new connection per PURGE" },
+                    share * 100.0
+                );
+            }
+            // Let the sessions drain the storm before anything else is measured.
+            tokio::time::sleep(Duration::from_secs(3)).await;
         }
         if args.restart && n > 0 {
             let mut c = c;
