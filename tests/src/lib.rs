@@ -1269,6 +1269,37 @@ pub fn tags_pattern(tags: &[&str]) -> String {
         .join("|")
 }
 
+/// One request on a kept-alive HTTP/1.1 connection: writes `request`, reads the status
+/// line, the headers and a `Content-Length` body; returns the status (for benches).
+pub async fn exchange_keepalive(
+    conn: &mut tokio::io::BufReader<TcpStream>,
+    request: &[u8],
+) -> std::io::Result<u16> {
+    use tokio::io::AsyncBufReadExt;
+    conn.get_mut().write_all(request).await?;
+    let mut line = String::new();
+    conn.read_line(&mut line).await?;
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        conn.read_line(&mut line).await?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    conn.read_exact(&mut body).await?;
+    Ok(status)
+}
+
 /// Sends a Magento purge and returns the acknowledged sequence.
 pub async fn purge_tags(purge: SocketAddr, tags: &[&str]) -> u64 {
     let r = raw(purge, &magento_purge(&tags_pattern(tags)))

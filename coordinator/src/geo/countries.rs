@@ -67,6 +67,7 @@ impl Countries {
         // Geolocate outside the lock.
         // (country, counts, (nearest region, distance to this one) when placed)
         type Placed<'a> = (String, &'a NetCount, Option<(String, f64)>);
+        let here = geo.regions.iter().find(|r| r.name == region);
         let placed: Vec<Placed<'_>> = nets
             .iter()
             .map(|n| {
@@ -75,7 +76,6 @@ impl Countries {
                     .as_ref()
                     .and_then(|l| l.country.clone())
                     .unwrap_or_else(|| UNKNOWN.to_owned());
-                let here = geo.regions.iter().find(|r| r.name == region);
                 let near = loc.and_then(|l| l.point).and_then(|p| {
                     let (nearest, _) = geo.nearest(p)?;
                     let d = here.map(|r| super::route::distance_km(p, (r.lat, r.lon)))?;

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use etcd::etcdserverpb::{
     compare, kv_client::KvClient, request_op, watch_request, Compare, PutRequest, RangeRequest,
-    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
+    RangeResponse, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
 };
 use etcd::Etcd;
 use prost::Message;
@@ -62,14 +62,8 @@ impl EtcdLog {
         let id_key = [prefix.as_slice(), b"log/id"].concat();
         let fresh = hex::encode(rand::random::<[u8; 16]>());
         // Create the id only if absent (create_revision == 0), else read the stored one.
-        let txn = TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Create as i32,
-                key: id_key.clone(),
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-                ..Default::default()
-            }],
+        let create = TxnRequest {
+            compare: vec![absent(&id_key)],
             success: vec![put(&id_key, fresh.as_bytes())],
             failure: vec![RequestOp {
                 request: Some(request_op::Request::RequestRange(RangeRequest {
@@ -78,14 +72,7 @@ impl EtcdLog {
                 })),
             }],
         };
-        let resp = etcd
-            .retry(|ch| {
-                let txn = txn.clone();
-                async move { KvClient::new(ch).txn(txn).await }
-            })
-            .await
-            .map_err(unavailable)?
-            .into_inner();
+        let resp = txn(&etcd, create).await?;
         let log_id = if resp.succeeded {
             fresh
         } else {
@@ -121,24 +108,12 @@ impl EtcdLog {
 
     /// The newest committed sequence (0 for an empty log).
     pub async fn head(&self) -> Result<u64, LogError> {
-        let key = self.key(b"log/head");
-        let resp = self
-            .etcd
-            .retry(|ch| {
-                let key = key.clone();
-                async move {
-                    KvClient::new(ch)
-                        .range(RangeRequest {
-                            key,
-                            ..Default::default()
-                        })
-                        .await
-                }
-            })
-            .await
-            .map_err(unavailable)?
-            .into_inner();
-        Ok(resp
+        let req = RangeRequest {
+            key: self.key(b"log/head"),
+            ..Default::default()
+        };
+        Ok(range(&self.etcd, req)
+            .await?
             .kvs
             .first()
             .and_then(|kv| <[u8; 8]>::try_from(kv.value.as_slice()).ok())
@@ -180,13 +155,7 @@ impl EtcdLog {
                 let new_head = head + chunk.len() as u64;
                 ops.push(put(&head_key, &new_head.to_be_bytes()));
                 let guard = if head == 0 {
-                    Compare {
-                        result: compare::CompareResult::Equal as i32,
-                        target: compare::CompareTarget::Create as i32,
-                        key: head_key.clone(),
-                        target_union: Some(compare::TargetUnion::CreateRevision(0)),
-                        ..Default::default()
-                    }
+                    absent(&head_key)
                 } else {
                     Compare {
                         result: compare::CompareResult::Equal as i32,
@@ -198,22 +167,14 @@ impl EtcdLog {
                         ..Default::default()
                     }
                 };
-                let txn = TxnRequest {
+                let req = TxnRequest {
                     compare: vec![guard],
                     success: ops,
                     failure: vec![],
                 };
-                let resp = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    self.etcd.retry(|ch| {
-                        let txn = txn.clone();
-                        async move { KvClient::new(ch).txn(txn).await }
-                    }),
-                )
-                .await
-                .map_err(|_| LogError::Storage("etcd: append timed out".into()))?
-                .map_err(unavailable)?
-                .into_inner();
+                let resp = tokio::time::timeout(Duration::from_secs(10), txn(&self.etcd, req))
+                    .await
+                    .map_err(|_| LogError::Storage("etcd: append timed out".into()))??;
                 if resp.succeeded {
                     for (k, (i, _, _)) in chunk.iter().enumerate() {
                         last[*i] = head + 1 + k as u64;
@@ -352,24 +313,13 @@ impl EtcdLog {
             self.entry_key(from.max(1)),
             etcd::prefix_end(&self.key(b"log/e/")),
         );
-        let resp = self
-            .etcd
-            .retry(|ch| {
-                let (key, range_end) = (key.clone(), end.clone());
-                async move {
-                    KvClient::new(ch)
-                        .range(RangeRequest {
-                            key,
-                            range_end,
-                            limit: max as i64,
-                            ..Default::default()
-                        })
-                        .await
-                }
-            })
-            .await
-            .map_err(unavailable)?
-            .into_inner();
+        let req = RangeRequest {
+            key,
+            range_end: end,
+            limit: max as i64,
+            ..Default::default()
+        };
+        let resp = range(&self.etcd, req).await?;
         let revision = resp.header.map(|h| h.revision).unwrap_or(0);
         let entries = resp
             .kvs
@@ -380,6 +330,42 @@ impl EtcdLog {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((entries, revision))
+    }
+}
+
+/// A range read, moving to another member when one is unavailable.
+async fn range(etcd: &Etcd, req: RangeRequest) -> Result<RangeResponse, LogError> {
+    Ok(etcd
+        .retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).range(req).await }
+        })
+        .await
+        .map_err(unavailable)?
+        .into_inner())
+}
+
+/// A transaction, moving to another member when one is unavailable (safe to repeat:
+/// every txn here is guarded by a compare that a committed first attempt falsifies).
+async fn txn(etcd: &Etcd, req: TxnRequest) -> Result<TxnResponse, LogError> {
+    Ok(etcd
+        .retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).txn(req).await }
+        })
+        .await
+        .map_err(unavailable)?
+        .into_inner())
+}
+
+/// "`key` does not exist" (its create revision is 0).
+fn absent(key: &[u8]) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Create as i32,
+        key: key.to_vec(),
+        target_union: Some(compare::TargetUnion::CreateRevision(0)),
+        ..Default::default()
     }
 }
 

@@ -59,7 +59,6 @@ struct Args {
 /// PURGEs answered 200 per second by `clients` clients for `secs`, each on a new
 /// connection per PURGE (`keep_alive` false, as Magento does) or on one kept open.
 async fn storm(purge: std::net::SocketAddr, clients: usize, secs: u64, keep_alive: bool) -> f64 {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let until = Instant::now() + Duration::from_secs(secs);
     let tasks: Vec<_> = (0..clients)
         .map(|k| {
@@ -87,36 +86,9 @@ async fn storm(purge: std::net::SocketAddr, clients: usize, secs: u64, keep_aliv
                     let req = format!(
                         "PURGE / HTTP/1.1\r\nHost: c\r\nX-Magento-Tags-Pattern: {pattern}\r\n\r\n"
                     );
-                    let mut status = 0u16;
-                    let mut length = 0usize;
-                    let result: std::io::Result<()> = async {
-                        c.get_mut().write_all(req.as_bytes()).await?;
-                        let mut line = String::new();
-                        c.read_line(&mut line).await?;
-                        status = line
-                            .split(' ')
-                            .nth(1)
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
-                        loop {
-                            line.clear();
-                            c.read_line(&mut line).await?;
-                            if line == "\r\n" || line.is_empty() {
-                                break;
-                            }
-                            if let Some(v) =
-                                line.to_ascii_lowercase().strip_prefix("content-length:")
-                            {
-                                length = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                        let mut body = vec![0; length];
-                        c.read_exact(&mut body).await?;
-                        Ok(())
-                    }
-                    .await;
+                    let result = tests::exchange_keepalive(c, req.as_bytes()).await;
                     match result {
-                        Ok(()) => ok += u64::from(status == 200),
+                        Ok(status) => ok += u64::from(status == 200),
                         Err(_) => conn = None,
                     }
                 }
@@ -190,29 +162,18 @@ fn simulate(
     tokio::spawn(async move {
         let mut attempt = 0u32;
         loop {
-            let welcomed = session(grpc, tls.clone(), id, &received, &cursor, stats_every).await;
+            let welcomed = session(grpc, tls.clone(), id, &received, &cursor, stats_every)
+                .await
+                .unwrap_or(false);
             attempt = if welcomed { 0 } else { attempt + 1 };
             tokio::time::sleep(backoff(attempt)).await;
         }
     })
 }
 
-/// One session until it ends; whether it got a Welcome.
+/// One session until it ends; whether it got a Welcome (`Err`: the dial or handshake
+/// failed).
 async fn session(
-    grpc: std::net::SocketAddr,
-    tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
-    id: usize,
-    received: &Received,
-    cursor: &Arc<Mutex<Cursor>>,
-    stats_every: Option<Duration>,
-) -> bool {
-    // A failed dial or handshake is a session that got no Welcome.
-    session_inner(grpc, tls, id, received, cursor, stats_every)
-        .await
-        .unwrap_or(false)
-}
-
-async fn session_inner(
     grpc: std::net::SocketAddr,
     tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
     id: usize,

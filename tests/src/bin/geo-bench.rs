@@ -28,7 +28,7 @@ use coordinator::edges::EdgeView;
 use coordinator::geo::{Geo, GeoConfig, RegionPoint};
 use coordinator::monitor::{Health, RegionHealth};
 use tests::{percentiles_line, CoordinatorOpts, CoordinatorProc, Pdns};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -139,36 +139,6 @@ fn in_process(database: &PathBuf, n: usize) {
     std::hint::black_box(sink);
 }
 
-/// One keep-alive HTTP/1.1 GET; returns the status.
-async fn get_keepalive(
-    reader: &mut BufReader<tokio::net::TcpStream>,
-    path: &str,
-) -> std::io::Result<u16> {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
-    reader.get_mut().write_all(req.as_bytes()).await?;
-    let mut line = String::new();
-    reader.read_line(&mut line).await?;
-    let status: u16 = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut length = 0usize;
-    loop {
-        line.clear();
-        reader.read_line(&mut line).await?;
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).await?;
-    Ok(status)
-}
-
 async fn api_client(api: SocketAddr, n: usize, offset: usize) -> Vec<f64> {
     let stream = tokio::net::TcpStream::connect(api).await.expect("connect");
     stream.set_nodelay(true).expect("nodelay");
@@ -176,8 +146,9 @@ async fn api_client(api: SocketAddr, n: usize, offset: usize) -> Vec<f64> {
     let mut ms = Vec::with_capacity(n);
     for i in 0..n {
         let path = format!("/api/v1/route?ip={}", CLIENTS[(i + offset) % CLIENTS.len()]);
+        let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
         let t = Instant::now();
-        let status = get_keepalive(&mut reader, &path)
+        let status = tests::exchange_keepalive(&mut reader, req.as_bytes())
             .await
             .expect("route request");
         assert_eq!(status, 200);

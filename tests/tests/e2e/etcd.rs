@@ -413,18 +413,7 @@ async fn followers_see_every_entry_once_in_order_even_after_compaction() {
     let c2 = EtcdLog::open(Etcd::connect(&cluster.endpoints).expect("connect"), "/f/")
         .await
         .expect("open");
-    let start_rev = etcd
-        .kv()
-        .range(RangeRequest {
-            key: b"/f/".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .header
-        .expect("header")
-        .revision;
+    let start_rev = revision(&etcd).await;
     let mut follower = c2.follow(1);
     let purge = |tag: String| NewPurge {
         op: Op::Tags(TagSet { tags: vec![tag] }),
@@ -455,18 +444,7 @@ async fn followers_see_every_entry_once_in_order_even_after_compaction() {
     // cancelled as compacted, the follower re-lists and still delivers every entry.
     let now = c1.head().await.expect("head");
     assert_eq!(now, 80);
-    let rev = etcd
-        .kv()
-        .range(RangeRequest {
-            key: b"/f/log/head".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .header
-        .expect("header")
-        .revision;
+    let rev = revision(&etcd).await;
     etcd.kv()
         .compact(CompactionRequest {
             revision: rev,
@@ -476,6 +454,21 @@ async fn followers_see_every_entry_once_in_order_even_after_compaction() {
         .expect("compact");
     let mut late = c1.follow_at(1, Some(start_rev));
     assert_eq!(seqs(&mut late, 80).await, (1..=80).collect::<Vec<u64>>());
+}
+
+/// The cluster's current revision.
+async fn revision(etcd: &Etcd) -> i64 {
+    etcd.kv()
+        .range(RangeRequest {
+            key: b"/".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .header
+        .expect("header")
+        .revision
 }
 
 /// The sequences of the next `n` entries a follower delivers (15 s each at most).
