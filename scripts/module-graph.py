@@ -28,7 +28,7 @@ LAYERS = {
         # Leaves: no domain knowledge.
         ["clock", "secret", "accept", "metrics", "pki", "leader"],
         ["tls", "purge"],
-        ["edges", "bundle", "traffic"],
+        ["edges", "bundle", "traffic", "cluster"],
         ["rollout", "monitor", "warm", "geo"],
         ["config"],
         ["state"],

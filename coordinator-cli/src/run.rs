@@ -108,7 +108,7 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
         Err(e) => tracing::warn!(error = %e, "cannot read the file descriptor limit"),
     }
     // A GeoIP database that cannot be read is a configuration error too: one line, 2.
-    let state = match server::open(&config, state_dir) {
+    let state = match server::open(&config, state_dir).await {
         Ok(s) => s,
         Err(e @ server::ServeError::Open(coordinator::state::OpenError::Geo(_))) => {
             eprintln!("coordinator: {e}");

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+pub use crate::cluster::config::{Backend as StoreBackend, StoreConfig};
 pub use daemon::ConfigError;
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +50,9 @@ pub struct CoordinatorConfig {
     /// The PowerDNS remote backend (needs `[geo]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsConfig>,
+    /// Where the purge log lives: the state dir (default) or etcd, shared by a cluster.
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 /// `[grpc]`: where agents connect.
@@ -136,6 +140,7 @@ impl daemon::Validate for CoordinatorConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let names = self.region_names();
         self.purge.validate()?;
+        self.store.validate(self.api.listen)?;
         self.rollout.validate()?;
         self.monitoring.validate()?;
         CheckConfig::validate_all(&self.checks)?;

@@ -122,6 +122,10 @@ pub struct EdgeView {
     pub sessions: u64,
     /// Expiry of the client certificate it presented (Unix seconds; null without TLS).
     pub cert_not_after: Option<u64>,
+    /// The coordinator holding this edge's session, when it is another one of the
+    /// cluster (absent: this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
 }
 
 impl EdgeView {
@@ -148,6 +152,7 @@ impl EdgeView {
             applied_total: 0,
             sessions: 1,
             cert_not_after: None,
+            coordinator: None,
         }
     }
 }
@@ -178,7 +183,14 @@ pub struct EdgeHello {
 pub struct EdgeRegistry {
     edges: DashMap<String, Edge>,
     sessions: std::sync::atomic::AtomicU64,
+    /// Edges other coordinators of the cluster hold sessions for, as each last told us
+    /// (see `cluster`): peer id → when, and its edges.
+    remote:
+        std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Vec<EdgeView>)>>,
 }
+
+/// How long another coordinator's list of edges stays in ours without a refresh.
+pub const REMOTE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A connected session's claim on its edge entry.
 #[derive(Debug, Clone)]
@@ -334,8 +346,38 @@ impl EdgeRegistry {
         }
     }
 
-    /// All edges, sorted by id, with lag computed against `head`.
+    /// Replaces what coordinator `peer` holds (its own sessions only).
+    pub fn set_remote(&self, peer: &str, edges: Vec<EdgeView>) {
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        remote.insert(peer.to_owned(), (std::time::Instant::now(), edges));
+    }
+
+    /// Every edge of the cluster, sorted by id, with lag computed against `head`: this
+    /// coordinator's own, and those other coordinators reported in the last
+    /// [`REMOTE_TTL`]. An edge both know (it moved) is shown where it is connected.
     pub fn list(&self, head: u64) -> Vec<EdgeView> {
+        let mut out = self.list_local(head);
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        remote.retain(|_, (at, _)| at.elapsed() < REMOTE_TTL);
+        for (peer, (_, edges)) in remote.iter() {
+            for e in edges {
+                let mut e = e.clone();
+                e.lag = head.saturating_sub(e.applied_seq);
+                e.coordinator = Some(peer.clone());
+                match out.iter_mut().find(|o| o.id == e.id) {
+                    Some(o) if !o.connected && e.connected => *o = e,
+                    Some(_) => {}
+                    None => out.push(e),
+                }
+            }
+        }
+        drop(remote);
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// The edges whose sessions this coordinator holds (or held), sorted by id.
+    pub fn list_local(&self, head: u64) -> Vec<EdgeView> {
         let mut out: Vec<EdgeView> = self
             .edges
             .iter()
@@ -361,6 +403,7 @@ impl EdgeRegistry {
                     applied_total: e.applied_total,
                     sessions: e.sessions,
                     cert_not_after: e.cert_not_after,
+                    coordinator: None,
                 }
             })
             .collect();

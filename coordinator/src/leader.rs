@@ -1,5 +1,5 @@
-//! Leader election on etcd, for the duties only one coordinator may run (rollout ticks,
-//! warm scheduling, alert delivery; issue 15, not yet wired into `serve`).
+//! Leader election on etcd, for the duties only one coordinator may run (purge-log
+//! retention; see ARCHITECTURE.md for what else is meant to move here).
 //!
 //! [`campaign`] runs etcd's election service: a lease of `ttl` kept alive from here, a
 //! campaign on the election name that returns once this coordinator holds the oldest key
@@ -14,7 +14,9 @@
 
 use std::time::{Duration, Instant};
 
-use etcd::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest};
+use etcd::etcdserverpb::{
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest,
+};
 use etcd::v3electionpb::{CampaignRequest, LeaderKey, LeaderRequest, ResignRequest};
 use etcd::Etcd;
 use tokio::sync::watch;
@@ -40,6 +42,19 @@ pub fn campaign(
     ttl: Duration,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Leadership> {
+    campaign_with_member(etcd, name, id, ttl, None, shutdown)
+}
+
+/// [`campaign`], also putting `member` (key, value) under each term's lease: the
+/// coordinator's membership record lives exactly as long as its lease.
+pub fn campaign_with_member(
+    etcd: Etcd,
+    name: &str,
+    id: &str,
+    ttl: Duration,
+    member: Option<(Vec<u8>, Vec<u8>)>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Leadership> {
     let (tx, rx) = watch::channel(Leadership::default());
     let (name, id) = (name.as_bytes().to_vec(), id.to_owned());
     tokio::spawn(observe(
@@ -51,7 +66,7 @@ pub fn campaign(
     tokio::spawn(async move {
         let ttl_s = ttl.as_secs().max(2) as i64;
         while !shutdown.is_cancelled() {
-            if let Err(e) = hold(&etcd, &name, &id, ttl_s, &tx, &shutdown).await {
+            if let Err(e) = hold(&etcd, &name, &id, ttl_s, member.as_ref(), &tx, &shutdown).await {
                 tracing::warn!(error = %e, "leader election: retrying");
             }
             tx.send_modify(|l| l.me = false);
@@ -70,6 +85,7 @@ async fn hold(
     name: &[u8],
     id: &str,
     ttl_s: i64,
+    member: Option<&(Vec<u8>, Vec<u8>)>,
     tx: &watch::Sender<Leadership>,
     shutdown: &CancellationToken,
 ) -> Result<(), tonic::Status> {
@@ -79,6 +95,16 @@ async fn hold(
         .await?
         .into_inner()
         .id;
+    if let Some((key, value)) = member {
+        etcd.kv()
+            .put(PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+                lease,
+                ..Default::default()
+            })
+            .await?;
+    }
     // Keep-alives every third of the TTL; `renewed` is when the last one was answered.
     let (ka_tx, ka_rx) = tokio::sync::mpsc::channel(4);
     // etcd answers a stream's headers with its first message: send one before waiting.

@@ -17,6 +17,7 @@ pub mod accept;
 pub mod api;
 pub mod bundle;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod edges;
 #[doc(hidden)]

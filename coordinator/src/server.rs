@@ -69,8 +69,8 @@ pub enum ServeError {
 }
 
 /// Opens the state ([`State::open`]); [`run`] serves it.
-pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, ServeError> {
-    Ok(State::open(config, state_dir)?)
+pub async fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, ServeError> {
+    Ok(State::open(config, state_dir).await?)
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -99,7 +99,8 @@ pub async fn run(
     }
     tracing::info!(
         purge = %config.purge.listen, grpc = %config.grpc.listen, api = %config.api.listen,
-        log_id = state.log.log_id(), head_seq = state.log.head(), "coordinator serving"
+        log_id = state.log.log_id(), head_seq = state.log.head(), id = state.cluster.id(),
+        store = if state.log.is_shared() { "etcd" } else { "embedded" }, "coordinator serving"
     );
 
     let listener_config = config.purge.listener()?;
@@ -111,8 +112,18 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let cluster_task = tokio::spawn(state.cluster.clone().drive(
+        state.edges.clone(),
+        token.clone(),
+        shutdown.clone(),
+    ));
     let driver = tokio::spawn(state.rollouts.clone().drive(shutdown.clone()));
-    let monitor_task = tokio::spawn(state.monitor.clone().drive(shutdown.clone()));
+    let monitor_task = tokio::spawn(
+        state
+            .monitor
+            .clone()
+            .drive(state.cluster.duty(), shutdown.clone()),
+    );
     let warm_task = tokio::spawn(state.warm.clone().run(state.log.clone(), shutdown.clone()));
     let service = SessionService::new(state.clone(), shutdown.clone());
     let grpc_shutdown = shutdown.clone();
@@ -203,6 +214,7 @@ pub async fn run(
             grpc_task,
             api_task,
             driver,
+            cluster_task,
             monitor_task,
             warm_task,
             async {

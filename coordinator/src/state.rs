@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::bundle::store::{ConfigStore, StoreError};
+use crate::cluster::{config::Backend, Cluster, ClusterError};
 use crate::config::CoordinatorConfig;
 use crate::edges::EdgeRegistry;
 use crate::geo::db::DbError;
@@ -38,6 +39,10 @@ pub enum OpenError {
     Warm(#[from] WarmStoreError),
     #[error(transparent)]
     Geo(#[from] DbError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("warm token in etcd: {0}")]
+    SharedToken(String),
     #[error("warm token {path}: {source}")]
     WarmToken {
         path: String,
@@ -49,6 +54,9 @@ pub enum OpenError {
 #[derive(Clone)]
 pub struct State {
     pub log: PurgeLog,
+    /// Who this coordinator is in its cluster and who leads (a cluster of one when
+    /// the store is embedded).
+    pub cluster: Arc<Cluster>,
     /// What the purge listener and the API count (one set for both doors).
     pub purge_counters: PurgeCounters,
     pub edges: Arc<EdgeRegistry>,
@@ -67,12 +75,48 @@ pub struct State {
 }
 
 impl State {
-    /// Opens the purge log, config store and warm store under `state_dir`, loads the
-    /// TLS files, and builds every subsystem and its metrics.
-    pub fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, OpenError> {
-        let log = PurgeLog::open(state_dir, config.purge.retention())?;
+    /// Opens the purge log (under `state_dir`, or the cluster's in etcd with
+    /// `[store] backend = "etcd"`), the config store and warm store under `state_dir`,
+    /// loads the TLS files, and builds every subsystem and its metrics.
+    pub async fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, OpenError> {
+        std::fs::create_dir_all(state_dir).map_err(|e| {
+            OpenError::Store(StoreError::Storage(format!("{}: {e}", state_dir.display())))
+        })?;
+        let id = config.store.id_or_default(config.api.listen);
+        let api_url = config.store.api_url(config.api.listen);
+        let (cluster, log, token) = match config.store.backend {
+            Backend::Embedded => (
+                Cluster::embedded(id, api_url),
+                PurgeLog::open(state_dir, config.purge.retention())?,
+                warm_token(config, state_dir)?,
+            ),
+            Backend::Etcd => {
+                let (cluster, etcd) = Cluster::open_etcd(&config.store, id, api_url)?;
+                let log = PurgeLog::open_etcd(
+                    etcd.clone(),
+                    &config.store.prefix,
+                    config.purge.retention(),
+                    cluster.duty(),
+                )
+                .await?;
+                // Every coordinator renders VCL for agents that may fail over to another:
+                // they must share the warm token.
+                let token = match &config.warm.token_file {
+                    Some(_) => warm_token(config, state_dir)?,
+                    None => {
+                        let key = format!("{}warm/token", config.store.prefix);
+                        let fresh = hex::encode(rand::random::<[u8; 24]>());
+                        let v = etcd
+                            .get_or_create(key.as_bytes(), fresh.as_bytes())
+                            .await
+                            .map_err(|e| OpenError::SharedToken(e.message().to_owned()))?;
+                        String::from_utf8_lossy(&v).into_owned()
+                    }
+                };
+                (cluster, log, token)
+            }
+        };
         let store = Arc::new(ConfigStore::open(state_dir)?);
-        let token = warm_token(config, state_dir)?;
         let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars(&token))?;
         let tls = match &config.grpc.tls {
             Some(files) => Some(ServerTls::load(files)?),
@@ -132,6 +176,7 @@ impl State {
 
         Ok(State {
             log,
+            cluster,
             purge_counters,
             edges,
             rollouts,

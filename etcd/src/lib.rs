@@ -32,8 +32,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcdserverpb::{kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient};
-use tonic::transport::{Channel, Endpoint};
+use etcdserverpb::{
+    kv_client::KvClient, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+    watch_client::WatchClient, StatusRequest,
+};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use v3electionpb::election_client::ElectionClient;
 
 /// Why etcd could not be used.
@@ -64,6 +67,15 @@ impl Etcd {
     /// A channel per member of `endpoints` (`http://host:2379`); they connect lazily, so
     /// a member that is down at start is skipped, not fatal.
     pub fn connect(endpoints: &[String]) -> Result<Etcd, EtcdError> {
+        Self::connect_with(endpoints, None)
+    }
+
+    /// [`Self::connect`], with TLS (`https://` endpoints: the CA that signed the
+    /// members' certificates, and optionally a client certificate) when given.
+    pub fn connect_with(
+        endpoints: &[String],
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Etcd, EtcdError> {
         if endpoints.is_empty() {
             return Err(EtcdError::NoEndpoints);
         }
@@ -80,6 +92,15 @@ impl Etcd {
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
                 .keep_alive_while_idle(true);
+            let endpoint = match &tls {
+                Some(t) => endpoint
+                    .tls_config(t.clone())
+                    .map_err(|err| EtcdError::Endpoint {
+                        endpoint: e.clone(),
+                        message: err.to_string(),
+                    })?,
+                None => endpoint,
+            };
             list.push((e.clone(), endpoint.connect_lazy()));
         }
         Ok(Etcd {
@@ -137,6 +158,98 @@ impl Etcd {
     pub fn election(&self) -> ElectionClient<Channel> {
         ElectionClient::new(self.channel())
     }
+
+    /// The value at `key`, putting `value` there first if the key does not exist (one
+    /// transaction: of two callers racing, both get the value that won).
+    pub async fn get_or_create(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        use etcdserverpb::{
+            compare, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp,
+            TxnRequest,
+        };
+        let req = TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Create as i32,
+                key: key.to_vec(),
+                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                ..Default::default()
+            }],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: key.to_vec(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        let resp = self
+            .retry(|ch| {
+                let req = req.clone();
+                async move { KvClient::new(ch).txn(req).await }
+            })
+            .await?
+            .into_inner();
+        if resp.succeeded {
+            return Ok(value.to_vec());
+        }
+        resp.responses
+            .into_iter()
+            .find_map(|r| match r.response {
+                Some(response_op::Response::ResponseRange(r)) => r.kvs.into_iter().next(),
+                _ => None,
+            })
+            .map(|kv| kv.value)
+            .ok_or_else(|| tonic::Status::not_found("key vanished"))
+    }
+
+    /// Each member's status, asked directly (not through the current member), within
+    /// `timeout` each: `Ok` with its version and whether it sees a raft leader, or why
+    /// it did not answer.
+    pub async fn member_status(&self, timeout: Duration) -> Vec<MemberStatus> {
+        let asks = self.members.iter().map(|(endpoint, ch)| {
+            let mut client = MaintenanceClient::new(ch.clone());
+            async move {
+                let answer = tokio::time::timeout(timeout, client.status(StatusRequest {})).await;
+                let (healthy, version, error) = match answer {
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        let err = (r.leader == 0)
+                            .then(|| "no raft leader".to_owned())
+                            .or_else(|| r.errors.first().cloned());
+                        (err.is_none(), Some(r.version), err)
+                    }
+                    Ok(Err(s)) => (false, None, Some(s.message().to_owned())),
+                    Err(_) => (false, None, Some("no answer".to_owned())),
+                };
+                MemberStatus {
+                    endpoint: endpoint.clone(),
+                    healthy,
+                    version,
+                    error,
+                }
+            }
+        });
+        let mut out = Vec::with_capacity(self.members.len());
+        for ask in asks {
+            out.push(ask.await);
+        }
+        out
+    }
+}
+
+/// One member's answer to a status request.
+#[derive(Debug, Clone)]
+pub struct MemberStatus {
+    pub endpoint: String,
+    pub healthy: bool,
+    pub version: Option<String>,
+    pub error: Option<String>,
 }
 
 /// The end of the key range that holds every key starting with `prefix` (etcd's

@@ -55,17 +55,21 @@ pub struct EtcdCluster {
     /// Client URLs (`http://127.0.0.1:P`), one per member.
     pub endpoints: Vec<String>,
     pub members: Vec<Child>,
+    /// Each member's command line and log, to start it again after a kill.
+    commands: Vec<(Vec<String>, PathBuf)>,
 }
 
 impl EtcdCluster {
     pub async fn start(dir: &Path, n: usize) -> Self {
         require_etcd();
+        std::fs::create_dir_all(dir).expect("etcd dir");
         let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let initial: Vec<String> = (0..n)
             .map(|i| format!("m{i}=http://127.0.0.1:{}", peer[i]))
             .collect();
         let mut members = Vec::new();
+        let mut commands = Vec::new();
         for i in 0..n {
             let data = dir.join(format!("m{i}"));
             let args: Vec<String> = [
@@ -87,12 +91,17 @@ impl EtcdCluster {
             let log = dir.join(format!("m{i}.log"));
             members
                 .push(process::spawn(Path::new("etcd"), &args, &log, "etcd").expect("spawn etcd"));
+            commands.push((args, log));
         }
         let endpoints: Vec<String> = client
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect();
-        let cluster = EtcdCluster { endpoints, members };
+        let cluster = EtcdCluster {
+            endpoints,
+            members,
+            commands,
+        };
         // Serving once every member answers /health with a leader.
         let deadline = Instant::now() + Duration::from_secs(30);
         for p in &client {
@@ -112,6 +121,25 @@ impl EtcdCluster {
             }
         }
         cluster
+    }
+}
+
+impl EtcdCluster {
+    /// SIGKILL member `i`.
+    pub async fn kill9(&mut self, i: usize) {
+        self.members[i].kill9().await;
+    }
+
+    /// Starts killed member `i` again on its data dir.
+    pub fn restart(&mut self, i: usize) {
+        let (args, log) = &self.commands[i];
+        self.members[i] = process::spawn(Path::new("etcd"), args, log, "etcd").expect("spawn etcd");
+    }
+
+    /// `endpoints` as a TOML array.
+    pub fn endpoints_toml(&self) -> String {
+        let quoted: Vec<String> = self.endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        format!("[{}]", quoted.join(", "))
     }
 }
 

@@ -288,6 +288,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             ),
             None => None,
         },
+        store: Default::default(),
     };
     config
         .validate()
@@ -299,7 +300,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
     )
     .map_err(io("cannot write coordinator.toml"))?;
     let listeners = Listeners::bind(&config).await.map_err(io("coordinator"))?;
-    let handles = server::open(&config, &dir.join("coordinator-state"))?;
+    let handles = server::open(&config, &dir.join("coordinator-state")).await?;
     let edges = handles.edges.clone();
     let rollouts = handles.rollouts.clone();
     let coordinator = tokio::spawn(server::run(

@@ -51,6 +51,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/edges", get(edges))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/purges", axum::routing::post(post_purge))
         .route("/api/v1/purges/:seq", get(purge))
         .route("/api/v1/config", get(config_view).post(config_push))
@@ -298,6 +299,7 @@ async fn tls_view(State(s): State<ApiState>) -> Response {
 /// it purges); `status` is the fleet's worst region health (`ok`, `degraded`, `down`)
 /// with every region that is not up and why, so a check reading it sees the truth.
 async fn healthz(State(s): State<ApiState>) -> Json<Healthz> {
+    let (role, leader) = s.state.cluster.role();
     let health = s.state.monitor.health();
     let worst = health
         .values()
@@ -323,6 +325,15 @@ async fn healthz(State(s): State<ApiState>) -> Json<Healthz> {
             Health::Down => FleetStatus::Down,
         },
         coordinator: "ok".into(),
+        role,
+        leader,
+        id: s.state.cluster.id().to_owned(),
+        store: match s.state.cluster.store_healthy() {
+            Some(true) => "ok",
+            Some(false) => "unavailable",
+            None => "unknown",
+        }
+        .into(),
         head_seq: s.state.log.head(),
         edges_connected: s.state.edges.connected(),
         regions_not_up,
@@ -340,12 +351,63 @@ async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
         .into_response()
 }
 
-async fn edges(State(s): State<ApiState>) -> Response {
-    let mut list = s.state.edges.list(s.state.log.head());
-    for e in &mut list {
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EdgesQuery {
+    /// `local`: only the edges whose sessions this coordinator holds (what the other
+    /// coordinators of a cluster ask for); default: every edge of the cluster.
+    scope: Option<String>,
+}
+
+async fn edges(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
+    let head = s.state.log.head();
+    let mut list = match q.scope.as_deref() {
+        None | Some("cluster") => s.state.edges.list(head),
+        Some("local") => s.state.edges.list_local(head),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("scope must be local or cluster, not {other:?}"),
+            )
+        }
+    };
+    for e in list.iter_mut().filter(|e| e.coordinator.is_none()) {
         e.config_version = s.state.rollouts.active_version(&e.id);
     }
     Json(list).into_response()
+}
+
+/// Config pushes and warm jobs live in the state of the coordinator that takes them
+/// (not yet in etcd): in a cluster only the leader takes them, so there is one desired
+/// version and one set of jobs. A follower answers 409 naming the leader.
+fn leader_only(s: &ApiState) -> Result<(), Response> {
+    if s.state.cluster.is_leader() {
+        return Ok(());
+    }
+    let view = s.state.cluster.view();
+    let leader = view
+        .leader
+        .clone()
+        .unwrap_or_else(|| "none elected yet".into());
+    let api = view
+        .members
+        .iter()
+        .find(|m| Some(&m.id) == view.leader.as_ref())
+        .map(|m| format!(" at {}", m.api))
+        .unwrap_or_default();
+    Err(error(
+        StatusCode::CONFLICT,
+        format!(
+            "coordinator {} is a follower: config pushes and warm jobs go to the leader ({leader}{api})",
+            view.id
+        ),
+    ))
+}
+
+/// `GET /api/v1/cluster`: this coordinator's role, the leader, the members and etcd's
+/// health.
+async fn cluster(State(s): State<ApiState>) -> Response {
+    Json(s.state.cluster.view()).into_response()
 }
 
 async fn config_view(State(s): State<ApiState>) -> Response {
@@ -367,6 +429,9 @@ async fn config_push(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    if let Err(r) = leader_only(&s) {
+        return r;
+    }
     let bundle: Bundle = match authorized_json(
         &s,
         &headers,
@@ -393,6 +458,9 @@ async fn config_rollback(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    if let Err(r) = leader_only(&s) {
+        return r;
+    }
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
@@ -416,6 +484,9 @@ async fn warm_start(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    if let Err(r) = leader_only(&s) {
+        return r;
+    }
     let spec: crate::warm::job::JobSpec = match authorized_json(
         &s,
         &headers,
@@ -462,6 +533,9 @@ async fn warm_cancel(
     Path(id): Path<u64>,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(r) = leader_only(&s) {
+        return r;
+    }
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
@@ -554,7 +628,7 @@ async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {
     let Ok(seq) = seq.parse::<u64>() else {
         return error(StatusCode::BAD_REQUEST, "seq must be a number");
     };
-    let entry = match s.state.log.get(seq) {
+    let entry = match s.state.log.get(seq).await {
         Ok(Some(e)) => e,
         Ok(None) => {
             return error(

@@ -135,6 +135,15 @@ pub struct Healthz {
     pub status: FleetStatus,
     /// `ok` whenever the process answers.
     pub coordinator: String,
+    /// `leader` or `follower` (always `leader` with the embedded store).
+    pub role: crate::cluster::Role,
+    /// The leader's id.
+    pub leader: Option<String>,
+    /// This coordinator's id.
+    pub id: String,
+    /// Whether the purge log's store answers: `ok`, `unavailable` (etcd: purges are
+    /// answered 503), `unknown` (not yet asked).
+    pub store: String,
     pub head_seq: u64,
     pub edges_connected: usize,
     pub regions_not_up: BTreeMap<String, RegionProblem>,

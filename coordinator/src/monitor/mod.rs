@@ -625,8 +625,14 @@ impl Monitor {
         out
     }
 
-    /// Evaluates periodically (agent loss has no probe result) and delivers alerts.
-    pub async fn drive(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Evaluates periodically (agent loss has no probe result) and delivers alerts —
+    /// while `duty` is `true` (the cluster's leader; every coordinator keeps evaluating,
+    /// so a new leader announces only what changes after it took over).
+    pub async fn drive(
+        self: Arc<Self>,
+        duty: tokio::sync::watch::Receiver<bool>,
+        shutdown: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let client: hyper_util::client::legacy::Client<_, http_body_util::Full<axum::body::Bytes>> =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -648,7 +654,11 @@ impl Monitor {
                 delivered: 0,
                 failed: 0,
             };
-            for url in &self.alerts.webhooks {
+            let leader = *duty.borrow();
+            if !leader {
+                tracing::debug!("alert left to the cluster's leader to deliver");
+            }
+            for url in self.alerts.webhooks.iter().filter(|_| leader) {
                 let ok = deliver(&client, url, &body, self.alerts.attempts).await;
                 let mut inner = self.lock();
                 if ok {

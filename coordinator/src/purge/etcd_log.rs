@@ -1,5 +1,5 @@
-//! The purge log in etcd, for several coordinators sharing one log (issue 15; not yet
-//! wired into `serve`, which runs the embedded [`super::log::PurgeLog`]).
+//! The purge log in etcd, for several coordinators sharing one log: the backend behind
+//! [`super::log::PurgeLog`] with `[store] backend = "etcd"`.
 //!
 //! Layout under the configured prefix:
 //!
@@ -16,8 +16,17 @@
 //! revision, so a reader that follows the entry prefix with a watch from a revision sees
 //! every sequence exactly once and in order, and a gap can only mean compaction (then it
 //! re-reads the range). A transaction etcd answered is committed on a quorum: that is
-//! when a purge may be answered 200. A retried transaction whose first attempt did
-//! commit fails its compare (the head moved), so a retry never writes an entry twice.
+//! when a purge may be answered 200. A transaction whose answer was lost (a member died
+//! after committing it) is tried again after the new head: those purges are then logged
+//! twice, which is harmless (a ban or an xkey purge applied twice removes nothing more),
+//! and their appender is answered with the second sequence.
+//!
+//! [`start`] runs two tasks per coordinator: a **writer** that takes every append
+//! queued while the previous transaction ran and commits them together (group commit),
+//! and a **follower** that watches the entries every coordinator commits and feeds the
+//! local tail and head the agents' sessions stream from. Retention runs on the leader
+//! only: it deletes the oldest entries by count and age, and every coordinator notices
+//! the new first entry within seconds.
 
 use std::time::Duration;
 
@@ -30,7 +39,30 @@ use prost::Message;
 use proto::edge::PurgeEntry;
 use tokio::sync::mpsc;
 
-use super::log::{LogError, NewPurge};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use etcd::etcdserverpb::DeleteRangeRequest;
+use tokio::sync::watch;
+
+use super::log::{
+    AppendReq, LogError, NewPurge, Retention, Shared, MAX_BATCH_REQUESTS, QUEUE_DEPTH,
+};
+use crate::clock::now_us;
+
+/// How many of the newest entries a coordinator loads into its tail at start (older
+/// ones are read from etcd when a lagging agent asks).
+const START_TAIL: u64 = 4096;
+/// How long one attempt at an append transaction may take. A proposal etcd accepted
+/// just before its raft leader died waits for etcd's own request timeout (about 6 s);
+/// trying again sooner goes to the new leader (a first attempt that commits after all
+/// makes the repeat fail its compare, so it is appended again after it: twice, harmless).
+const TXN_ATTEMPT: Duration = Duration::from_millis(1500);
+/// How long an append may take in all before its purges are answered 503.
+const APPEND_DEADLINE: Duration = Duration::from_secs(8);
+/// How long an append keeps trying while every member refuses the connection.
+const REFUSED_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Most entries written by one transaction (etcd's default request limit is 1.5 MiB and
 /// 128 operations per txn; each entry is a put).
@@ -61,32 +93,11 @@ impl EtcdLog {
         let prefix = prefix.as_bytes().to_vec();
         let id_key = [prefix.as_slice(), b"log/id"].concat();
         let fresh = hex::encode(rand::random::<[u8; 16]>());
-        // Create the id only if absent (create_revision == 0), else read the stored one.
-        let create = TxnRequest {
-            compare: vec![absent(&id_key)],
-            success: vec![put(&id_key, fresh.as_bytes())],
-            failure: vec![RequestOp {
-                request: Some(request_op::Request::RequestRange(RangeRequest {
-                    key: id_key.clone(),
-                    ..Default::default()
-                })),
-            }],
-        };
-        let resp = txn(&etcd, create).await?;
-        let log_id = if resp.succeeded {
-            fresh
-        } else {
-            resp.responses
-                .into_iter()
-                .find_map(|r| match r.response {
-                    Some(etcd::etcdserverpb::response_op::Response::ResponseRange(r)) => {
-                        r.kvs.into_iter().next()
-                    }
-                    _ => None,
-                })
-                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-                .ok_or_else(|| LogError::Storage("etcd: log id vanished".into()))?
-        };
+        let log_id = etcd
+            .get_or_create(&id_key, fresh.as_bytes())
+            .await
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .map_err(unavailable)?;
         Ok(EtcdLog {
             etcd,
             prefix,
@@ -134,6 +145,7 @@ impl EtcdLog {
             }
         }
         let mut last = vec![0u64; batch.len()];
+        let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
         for chunk in entries.chunks(MAX_TXN_ENTRIES) {
             loop {
                 let mut ops = Vec::with_capacity(chunk.len() + 1);
@@ -172,9 +184,7 @@ impl EtcdLog {
                     success: ops,
                     failure: vec![],
                 };
-                let resp = tokio::time::timeout(Duration::from_secs(10), txn(&self.etcd, req))
-                    .await
-                    .map_err(|_| LogError::Storage("etcd: append timed out".into()))??;
+                let resp = self.txn_within_deadline(req, deadline).await?;
                 if resp.succeeded {
                     for (k, (i, _, _)) in chunk.iter().enumerate() {
                         last[*i] = head + 1 + k as u64;
@@ -187,6 +197,36 @@ impl EtcdLog {
             }
         }
         Ok(last)
+    }
+
+    /// One append transaction, tried again after [`TXN_ATTEMPT`] without an answer,
+    /// until `deadline`.
+    async fn txn_within_deadline(
+        &self,
+        req: TxnRequest,
+        deadline: tokio::time::Instant,
+    ) -> Result<TxnResponse, LogError> {
+        // Every member refusing (etcd down, not electing) is answered sooner.
+        let refused_deadline = (tokio::time::Instant::now() + REFUSED_DEADLINE).min(deadline);
+        loop {
+            let attempt = (tokio::time::Instant::now() + TXN_ATTEMPT).min(deadline);
+            match tokio::time::timeout_at(attempt, txn(&self.etcd, req.clone())).await {
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e))
+                    if tokio::time::Instant::now() + Duration::from_millis(200)
+                        >= refused_deadline =>
+                {
+                    return Err(e)
+                }
+                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(_) if attempt >= deadline => {
+                    return Err(LogError::Storage("etcd: append timed out".into()))
+                }
+                Err(_) => {
+                    tracing::debug!("etcd append attempt unanswered; trying again");
+                }
+            }
+        }
     }
 
     /// Up to `max` entries from `from` on, in order.
@@ -215,12 +255,20 @@ impl EtcdLog {
         tokio::spawn(async move {
             let mut next = from.max(1);
             let mut start_rev = revision;
+            let mut backoff = Duration::from_millis(100);
             while !tx.is_closed() {
+                let before = next;
                 match log.follow_once(&mut next, start_rev.take(), &tx).await {
                     Ok(()) => return,
                     Err(e) => {
-                        tracing::warn!(error = %e, next, "purge log watch ended; re-listing");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if next > before {
+                            backoff = Duration::from_millis(100);
+                        }
+                        if backoff <= Duration::from_millis(100) {
+                            tracing::warn!(error = %e, next, "purge log watch ended; re-listing");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
                 }
             }
@@ -307,6 +355,67 @@ impl EtcdLog {
         }
     }
 
+    /// The oldest stored sequence (`None` for an empty log).
+    pub async fn first(&self) -> Result<Option<u64>, LogError> {
+        let prefix = self.key(b"log/e/");
+        let req = RangeRequest {
+            key: prefix.clone(),
+            range_end: etcd::prefix_end(&prefix),
+            limit: 1,
+            keys_only: true,
+            ..Default::default()
+        };
+        let resp = range(&self.etcd, req).await?;
+        Ok(resp.kvs.first().and_then(|kv| {
+            std::str::from_utf8(kv.key.get(prefix.len()..)?)
+                .ok()?
+                .parse()
+                .ok()
+        }))
+    }
+
+    /// Deletes every entry before `keep_from`.
+    pub async fn delete_before(&self, keep_from: u64) -> Result<(), LogError> {
+        let req = DeleteRangeRequest {
+            key: self.key(b"log/e/"),
+            range_end: self.entry_key(keep_from),
+            ..Default::default()
+        };
+        self.etcd
+            .retry(|ch| {
+                let req = req.clone();
+                async move { KvClient::new(ch).delete_range(req).await }
+            })
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The first sequence retention keeps: beyond the count, or older than the age.
+    async fn keep_from(&self, head: u64, retention: Retention) -> Result<Option<u64>, LogError> {
+        let Some(first) = self.first().await? else {
+            return Ok(None);
+        };
+        let mut keep = first.max((head + 1).saturating_sub(retention.max_entries));
+        let cutoff = now_us().saturating_sub(retention.max_age.as_micros() as u64);
+        // Age: walk forward while the oldest entries are too old (bounded per pass).
+        for _ in 0..10 {
+            let (entries, _) = self.list(keep, 1000).await?;
+            let full = entries.len() == 1000;
+            match entries.iter().find(|e| e.received_at_us >= cutoff) {
+                Some(e) => {
+                    keep = e.seq;
+                    break;
+                }
+                None => keep = entries.last().map(|e| e.seq + 1).unwrap_or(keep),
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok((keep > first).then_some(keep))
+    }
+
     /// Up to `max` entries from `from`, and the revision they were read at.
     async fn list(&self, from: u64, max: usize) -> Result<(Vec<PurgeEntry>, i64), LogError> {
         let (key, end) = (
@@ -376,5 +485,139 @@ fn put(key: &[u8], value: &[u8]) -> RequestOp {
             value: value.to_vec(),
             ..Default::default()
         })),
+    }
+}
+
+/// Starts the writer and the follower of `log`, with the tail loaded; returns what the
+/// [`super::log::PurgeLog`] handle reads and where it queues appends.
+pub(super) async fn start(
+    log: EtcdLog,
+    retention: Retention,
+    trim: watch::Receiver<bool>,
+) -> Result<(Arc<Shared>, mpsc::Sender<AppendReq>), LogError> {
+    let head = log.head().await?;
+    let first = log.first().await?.unwrap_or(head + 1);
+    let from = first.max((head + 1).saturating_sub(START_TAIL));
+    let mut tail = VecDeque::new();
+    let mut next = from;
+    while next <= head {
+        let batch = log.read_from(next, 1000).await?;
+        let Some(last) = batch.last().map(|e| e.seq) else {
+            break;
+        };
+        for e in batch.into_iter().filter(|e| e.seq <= head) {
+            if tail
+                .back()
+                .is_some_and(|b: &Arc<PurgeEntry>| b.seq + 1 != e.seq)
+            {
+                tail.clear();
+            }
+            tail.push_back(Arc::new(e));
+        }
+        next = last + 1;
+    }
+    let first = tail
+        .front()
+        .map(|e| e.seq)
+        .unwrap_or(head + 1)
+        .min(first.max(1));
+    let shared = Shared::new(head, first, tail);
+    let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
+    tokio::spawn(write_loop(log.clone(), shared.clone(), rx));
+    tokio::spawn(follow_loop(log.clone(), shared.clone(), head + 1));
+    tokio::spawn(retention_loop(log, shared.clone(), retention, trim));
+    Ok((shared, queue))
+}
+
+/// Group commit: every append queued while the previous transaction ran goes into the
+/// next one. Ends when every [`super::log::PurgeLog`] handle is dropped.
+async fn write_loop(log: EtcdLog, shared: Arc<Shared>, mut rx: mpsc::Receiver<AppendReq>) {
+    let mut written = 0u64;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_REQUESTS {
+            match rx.try_recv() {
+                Ok(req) => batch.push(req),
+                Err(_) => break,
+            }
+        }
+        let appends: Vec<Append> = batch
+            .iter_mut()
+            .map(|r| Append {
+                received_at_us: r.received_at_us,
+                purges: std::mem::take(&mut r.purges),
+            })
+            .collect();
+        let guess = written.max(shared.durable.load(Ordering::Acquire));
+        match log.append(&appends, guess).await {
+            Ok(lasts) => {
+                written = lasts.iter().copied().max().unwrap_or(written).max(written);
+                for (req, last) in batch.into_iter().zip(lasts) {
+                    let _ = req.reply.send(Ok(last));
+                }
+            }
+            Err(e) => {
+                let purges: usize = appends.iter().map(|a| a.purges.len()).sum();
+                tracing::error!(error = %e, purges, "purge log commit in etcd failed; answered 503");
+                for req in batch {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Feeds the tail and the head from etcd's watch, for as long as the log is open.
+async fn follow_loop(log: EtcdLog, shared: Arc<Shared>, from: u64) {
+    let mut rx = log.follow(from);
+    let weak = Arc::downgrade(&shared);
+    drop(shared);
+    while let Some(e) = rx.recv().await {
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        let mut batch = vec![Arc::new(e)];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(Arc::new(e)),
+                Err(_) => break,
+            }
+        }
+        shared.extend(batch);
+        shared.publish();
+    }
+}
+
+/// Every few seconds: learn the first stored entry (another coordinator may have
+/// trimmed), and, on the leader, apply retention.
+async fn retention_loop(
+    log: EtcdLog,
+    shared: Arc<Shared>,
+    retention: Retention,
+    trim: watch::Receiver<bool>,
+) {
+    let weak = Arc::downgrade(&shared);
+    drop(shared);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        let head = shared.durable.load(Ordering::Acquire);
+        if *trim.borrow() {
+            match log.keep_from(head, retention).await {
+                Ok(Some(keep)) => match log.delete_before(keep).await {
+                    Ok(()) => tracing::debug!(first = keep, head, "purge log pruned in etcd"),
+                    Err(e) => tracing::warn!(error = %e, "purge log retention pass failed"),
+                },
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "purge log retention pass skipped"),
+            }
+        }
+        if let Ok(first) = log.first().await {
+            shared.trim(first.unwrap_or(head + 1));
+        }
     }
 }

@@ -18,6 +18,11 @@
 //!
 //! Retention deletes the oldest entries beyond a count or an age. An agent whose cursor
 //! falls behind the oldest retained entry gets a full ban instead (see `fanout`).
+//!
+//! With `[store] backend = "etcd"` the same handle fronts the cluster's shared log
+//! ([`super::etcd_log`]): appends are committed in etcd by a writer task (group commit
+//! again), and a follower task feeds the tail and the head from etcd's watch, so every
+//! coordinator's sessions stream the entries every coordinator accepted, in one order.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -103,10 +108,87 @@ pub struct NewPurge {
     pub soft: bool,
 }
 
-struct AppendReq {
-    purges: Vec<NewPurge>,
-    received_at_us: u64,
-    reply: oneshot::Sender<Result<u64, LogError>>,
+pub(super) struct AppendReq {
+    pub(super) purges: Vec<NewPurge>,
+    pub(super) received_at_us: u64,
+    pub(super) reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+/// Where appends go and where old entries are read from.
+enum Backend {
+    /// `purges.redb`, written by the writer thread.
+    Embedded {
+        db: Arc<SharedDb>,
+        queue: std_mpsc::SyncSender<AppendReq>,
+    },
+    /// The cluster's log in etcd, written by the etcd writer task.
+    Etcd {
+        log: super::etcd_log::EtcdLog,
+        queue: tokio::sync::mpsc::Sender<AppendReq>,
+    },
+}
+
+/// What readers see, whichever backend fills it: the head, the oldest stored sequence
+/// and the newest entries.
+pub(super) struct Shared {
+    pub(super) head_tx: watch::Sender<u64>,
+    /// The newest durable sequence, set before the appenders are answered (the watch
+    /// only wakes the sessions, after them).
+    pub(super) durable: AtomicU64,
+    /// Oldest sequence still stored (head + 1 when the log is empty).
+    pub(super) first: AtomicU64,
+    /// The newest entries, consecutive.
+    pub(super) tail: Mutex<VecDeque<Arc<PurgeEntry>>>,
+}
+
+impl Shared {
+    pub(super) fn new(head: u64, first: u64, tail: VecDeque<Arc<PurgeEntry>>) -> Arc<Shared> {
+        Arc::new(Shared {
+            head_tx: watch::channel(head).0,
+            durable: AtomicU64::new(head),
+            first: AtomicU64::new(first),
+            tail: Mutex::new(tail),
+        })
+    }
+
+    /// Appends consecutive entries to the tail (dropping the oldest beyond its size) and
+    /// moves the durable head; the sessions are woken by [`Self::publish`].
+    pub(super) fn extend(&self, entries: impl IntoIterator<Item = Arc<PurgeEntry>>) {
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = None;
+        for e in entries {
+            if tail.back().is_some_and(|b| b.seq + 1 != e.seq) {
+                // A gap (entries trimmed before this reader saw them): the tail only
+                // ever holds consecutive entries.
+                tail.clear();
+                self.first.fetch_max(e.seq, Ordering::AcqRel);
+            }
+            last = Some(e.seq);
+            tail.push_back(e);
+        }
+        while tail.len() > TAIL_ENTRIES {
+            tail.pop_front();
+        }
+        drop(tail);
+        if let Some(seq) = last {
+            self.durable.fetch_max(seq, Ordering::AcqRel);
+        }
+    }
+
+    /// Wakes the sessions with the durable head.
+    pub(super) fn publish(&self) {
+        self.head_tx
+            .send_replace(self.durable.load(Ordering::Acquire));
+    }
+
+    /// Forgets entries before `first` (retention).
+    pub(super) fn trim(&self, first: u64) {
+        self.first.fetch_max(first, Ordering::AcqRel);
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        while tail.front().is_some_and(|e| e.seq < first) {
+            tail.pop_front();
+        }
+    }
 }
 
 /// Handle to the log; cheap to clone.
@@ -116,21 +198,14 @@ pub struct PurgeLog {
 }
 
 struct Inner {
-    db: Arc<SharedDb>,
+    backend: Backend,
     log_id: String,
-    queue: std_mpsc::SyncSender<AppendReq>,
-    head: watch::Receiver<u64>,
-    /// The newest durable sequence, set before the appenders are answered (the watch
-    /// above only wakes the sessions, after them).
-    durable: Arc<AtomicU64>,
-    /// Oldest sequence still stored (head + 1 when the log is empty).
-    first: Arc<AtomicU64>,
-    tail: Arc<Mutex<VecDeque<Arc<PurgeEntry>>>>,
+    shared: Arc<Shared>,
 }
 
-const TAIL_ENTRIES: usize = 65_536;
-const MAX_BATCH_REQUESTS: usize = 4096;
-const QUEUE_DEPTH: usize = 65_536;
+pub(super) const TAIL_ENTRIES: usize = 65_536;
+pub(super) const MAX_BATCH_REQUESTS: usize = 4096;
+pub(super) const QUEUE_DEPTH: usize = 65_536;
 
 impl PurgeLog {
     /// Opens (or creates) the log in `dir` and starts its writer thread. The thread stops
@@ -140,22 +215,16 @@ impl PurgeLog {
         let path = dir.join("purges.redb");
         let db = Database::create(&path).map_err(storage)?;
         let (log_id, head, first) = init_meta(&db)?;
-        let tail = Arc::new(Mutex::new(load_tail(&db, head)?));
+        let shared = Shared::new(head, first, load_tail(&db, head)?);
         let db = Arc::new(SharedDb {
             path,
             db: RwLock::new(Some(db)),
         });
-        let (head_tx, head_rx) = watch::channel(head);
-        let first = Arc::new(AtomicU64::new(first));
-        let durable = Arc::new(AtomicU64::new(head));
         let (queue, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
         let writer = Writer {
             db: db.clone(),
             head,
-            head_tx,
-            durable: durable.clone(),
-            first: first.clone(),
-            tail: tail.clone(),
+            shared: shared.clone(),
             retention,
             last_prune: Instant::now() - Duration::from_secs(3600),
         };
@@ -165,13 +234,29 @@ impl PurgeLog {
             .map_err(|e| LogError::Storage(e.to_string()))?;
         Ok(PurgeLog {
             inner: Arc::new(Inner {
-                db,
+                backend: Backend::Embedded { db, queue },
                 log_id,
-                queue,
-                head: head_rx,
-                durable,
-                first,
-                tail,
+                shared,
+            }),
+        })
+    }
+
+    /// Opens the cluster's log in etcd under `prefix` and starts its writer and follower
+    /// tasks (they stop when every handle is dropped). `trim` says when this coordinator
+    /// is the one that applies retention (the leader).
+    pub async fn open_etcd(
+        etcd: etcd::Etcd,
+        prefix: &str,
+        retention: Retention,
+        trim: watch::Receiver<bool>,
+    ) -> Result<Self, LogError> {
+        let log = super::etcd_log::EtcdLog::open(etcd, prefix).await?;
+        let (shared, queue) = super::etcd_log::start(log.clone(), retention, trim).await?;
+        Ok(PurgeLog {
+            inner: Arc::new(Inner {
+                log_id: log.log_id().to_owned(),
+                backend: Backend::Etcd { log, queue },
+                shared,
             }),
         })
     }
@@ -185,10 +270,16 @@ impl PurgeLog {
             received_at_us: now_us(),
             reply,
         };
-        self.inner.queue.try_send(req).map_err(|e| match e {
-            std_mpsc::TrySendError::Full(_) => LogError::Overloaded,
-            std_mpsc::TrySendError::Disconnected(_) => LogError::Closed,
-        })?;
+        match &self.inner.backend {
+            Backend::Embedded { queue, .. } => queue.try_send(req).map_err(|e| match e {
+                std_mpsc::TrySendError::Full(_) => LogError::Overloaded,
+                std_mpsc::TrySendError::Disconnected(_) => LogError::Closed,
+            })?,
+            Backend::Etcd { queue, .. } => queue.try_send(req).map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => LogError::Overloaded,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => LogError::Closed,
+            })?,
+        }
         rx.await.map_err(|_| LogError::Closed)?
     }
 
@@ -199,15 +290,16 @@ impl PurgeLog {
 
     /// Newest durable sequence (0 when nothing was ever logged).
     pub fn head(&self) -> u64 {
-        self.inner.durable.load(Ordering::Acquire)
+        self.inner.shared.durable.load(Ordering::Acquire)
     }
 
-    /// When purge `seq` was received (microseconds since the epoch), if it is stored.
+    /// When purge `seq` was received (microseconds since the epoch), if it is stored
+    /// locally (the tail, or the embedded file).
     pub fn received_at_us(&self, seq: u64) -> Option<u64> {
         if seq == 0 || seq > self.head() {
             return None;
         }
-        self.read_from(seq, 1)
+        self.read_local(seq, 1)?
             .ok()?
             .first()
             .filter(|e| e.seq == seq)
@@ -216,26 +308,56 @@ impl PurgeLog {
 
     /// Oldest sequence still stored; `head + 1` when everything was pruned.
     pub fn first(&self) -> u64 {
-        self.inner.first.load(Ordering::Acquire)
+        self.inner.shared.first.load(Ordering::Acquire)
     }
 
     /// A receiver that changes whenever the head moves.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.inner.head.clone()
+        self.inner.shared.head_tx.subscribe()
+    }
+
+    /// Whether the log is the cluster's shared one in etcd.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.inner.backend, Backend::Etcd { .. })
     }
 
     /// Up to `max` consecutive entries starting at `from` (fewer at the head).
-    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Arc<PurgeEntry>>, LogError> {
+    pub async fn read_from(&self, from: u64, max: usize) -> Result<Vec<Arc<PurgeEntry>>, LogError> {
+        if let Some(local) = self.read_local(from, max) {
+            return local;
+        }
+        match &self.inner.backend {
+            Backend::Etcd { log, .. } => Ok(log
+                .read_from(from, max)
+                .await?
+                .into_iter()
+                .map(Arc::new)
+                .collect()),
+            Backend::Embedded { .. } => Ok(Vec::new()),
+        }
+    }
+
+    /// [`Self::read_from`] without waiting: from the tail, else from the embedded file;
+    /// `None` when only etcd has the entries.
+    fn read_local(&self, from: u64, max: usize) -> Option<Result<Vec<Arc<PurgeEntry>>, LogError>> {
         {
-            let tail = self.inner.tail.lock().unwrap_or_else(|p| p.into_inner());
+            let tail = self
+                .inner
+                .shared
+                .tail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(front) = tail.front() {
                 if front.seq <= from {
                     let skip = (from - front.seq) as usize;
-                    return Ok(tail.iter().skip(skip).take(max).cloned().collect());
+                    return Some(Ok(tail.iter().skip(skip).take(max).cloned().collect()));
                 }
             }
         }
-        self.inner.db.with(|db| {
+        let Backend::Embedded { db, .. } = &self.inner.backend else {
+            return None;
+        };
+        Some(db.with(|db| {
             let read = db.begin_read().map_err(storage)?;
             let table = read.open_table(PURGES).map_err(storage)?;
             let mut out = Vec::new();
@@ -249,13 +371,14 @@ impl PurgeLog {
                 }
             }
             Ok(out)
-        })
+        }))
     }
 
     /// One entry, if it is still retained.
-    pub fn get(&self, seq: u64) -> Result<Option<Arc<PurgeEntry>>, LogError> {
+    pub async fn get(&self, seq: u64) -> Result<Option<Arc<PurgeEntry>>, LogError> {
         Ok(self
-            .read_from(seq, 1)?
+            .read_from(seq, 1)
+            .await?
             .into_iter()
             .next()
             .filter(|e| e.seq == seq))
@@ -316,10 +439,7 @@ fn load_tail(db: &Database, head: u64) -> Result<VecDeque<Arc<PurgeEntry>>, LogE
 struct Writer {
     db: Arc<SharedDb>,
     head: u64,
-    head_tx: watch::Sender<u64>,
-    durable: Arc<AtomicU64>,
-    first: Arc<AtomicU64>,
-    tail: Arc<Mutex<VecDeque<Arc<PurgeEntry>>>>,
+    shared: Arc<Shared>,
     retention: Retention,
     last_prune: Instant,
 }
@@ -366,23 +486,14 @@ impl Writer {
         match self.write(&entries, seq) {
             Ok(()) => {
                 self.head = seq;
-                {
-                    let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-                    for e in entries {
-                        tail.push_back(Arc::new(e));
-                    }
-                    while tail.len() > TAIL_ENTRIES {
-                        tail.pop_front();
-                    }
-                }
-                self.durable.store(seq, Ordering::Release);
+                self.shared.extend(entries.into_iter().map(Arc::new));
                 // Answer the appenders before waking the sessions: with a thousand edges
                 // the wake-ups are a thousand tasks, and Magento must not queue behind
                 // them (the purge listener never waits on an edge).
                 for (req, last) in batch.into_iter().zip(last_seqs) {
                     let _ = req.reply.send(Ok(last));
                 }
-                self.head_tx.send_replace(seq);
+                self.shared.publish();
             }
             Err(e) => {
                 tracing::error!(error = %e, purges = entries.len(), "purge log commit failed; nothing acknowledged");
@@ -396,10 +507,10 @@ impl Writer {
 
     fn write(&self, entries: &[PurgeEntry], head: u64) -> Result<(), LogError> {
         self.db.with(|db| Self::write_txn(db, entries, head))?;
-        if self.first.load(Ordering::Acquire) > head {
+        if self.shared.first.load(Ordering::Acquire) > head {
             // The log was empty: its first entry is the first one just written.
             if let Some(e) = entries.first() {
-                self.first.store(e.seq, Ordering::Release);
+                self.shared.first.store(e.seq, Ordering::Release);
             }
         }
         Ok(())
@@ -441,7 +552,7 @@ impl Writer {
     }
 
     fn prune_in(&mut self, db: &Database) -> Result<(), LogError> {
-        let first = self.first.load(Ordering::Acquire);
+        let first = self.shared.first.load(Ordering::Acquire);
         let by_count = (self.head + 1).saturating_sub(self.retention.max_entries);
         let cutoff_us = now_us().saturating_sub(self.retention.max_age.as_micros() as u64);
         let mut keep_from = first.max(by_count);
@@ -475,13 +586,7 @@ impl Writer {
                 .map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        self.first.store(keep_from, Ordering::Release);
-        {
-            let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-            while tail.front().is_some_and(|e| e.seq < keep_from) {
-                tail.pop_front();
-            }
-        }
+        self.shared.trim(keep_from);
         tracing::debug!(first = keep_from, head = self.head, "purge log pruned");
         Ok(())
     }
@@ -535,7 +640,7 @@ mod tests {
         let log = reopened.unwrap();
         assert_eq!(log.log_id(), id);
         assert_eq!(log.head(), 103);
-        let all = log.read_from(1, 1000).unwrap();
+        let all = log.read_from(1, 1000).await.unwrap();
         assert_eq!(all.len(), 103);
         assert!(all.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1));
     }
@@ -560,7 +665,7 @@ mod tests {
         }
         assert_eq!(log.first(), 16);
         assert_eq!(
-            log.read_from(1, 100).unwrap().first().map(|e| e.seq),
+            log.read_from(1, 100).await.unwrap().first().map(|e| e.seq),
             Some(16)
         );
     }

@@ -99,7 +99,7 @@ pub(super) async fn send_loop(
                 next = head + 1;
                 continue;
             }
-            let entries = match log.read_from(next, BATCH_ENTRIES) {
+            let entries = match log.read_from(next, BATCH_ENTRIES).await {
                 Ok(e) if !e.is_empty() => e,
                 Ok(_) => break,
                 Err(e) => {

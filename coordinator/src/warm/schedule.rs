@@ -67,7 +67,7 @@ impl Warm {
                     self.fire(schedule);
                 }
             }
-            seen_seq = self.follow_log(&log, seen_seq, &mut pending);
+            seen_seq = self.follow_log(&log, seen_seq, &mut pending).await;
             let quiet = pending.last_at.is_some_and(|t| t.elapsed() >= debounce);
             let overdue = pending
                 .first_at
@@ -104,12 +104,12 @@ impl Warm {
 
     /// Reads purges after `seen`, collecting their tags; with nothing indexed for re-warm
     /// there is nothing to look up, so it only moves to the head.
-    fn follow_log(&self, log: &PurgeLog, mut seen: u64, pending: &mut Pending) -> u64 {
+    async fn follow_log(&self, log: &PurgeLog, mut seen: u64, pending: &mut Pending) -> u64 {
         if self.lock().tags.is_empty() {
             return log.head();
         }
         while seen < log.head() {
-            let entries = match log.read_from(seen + 1, 10_000) {
+            let entries = match log.read_from(seen + 1, 10_000).await {
                 Ok(e) if !e.is_empty() => e,
                 // Retention moved past us (or the log failed): skip ahead.
                 _ => return log.head(),

@@ -11,7 +11,10 @@
 //! after the other), and the delivery delay from sending a PURGE to each session
 //! receiving its entry, with the share of deliveries later than 30 ms (Nagle's 40 ms
 //! shows there). Plaintext gRPC by default (where `TCP_NODELAY` matters most); `--tls`
-//! for mutual TLS with a certificate per simulated edge.
+//! for mutual TLS with a certificate per simulated edge. `--etcd` runs two coordinators
+//! sharing one purge log in a real etcd (a 3-member cluster on loopback), half the
+//! sessions on each and the purges sent to each in turn, so every delivery to the other
+//! half went through etcd's watch.
 
 // The test harness starts real programs (varnishd, the binaries, chromium) by design.
 #![allow(clippy::disallowed_methods)]
@@ -54,6 +57,9 @@ struct Args {
     storm_s: u64,
     #[arg(long, default_value_t = 16)]
     storm_clients: usize,
+    /// Two coordinators on a shared etcd log instead of one on the embedded store.
+    #[arg(long)]
+    etcd: bool,
 }
 
 /// PURGEs answered 200 per second by `clients` clients for `secs`, each on a new
@@ -340,16 +346,42 @@ async fn main() {
         args.interval_ms,
         if args.tls { "mutual TLS" } else { "plaintext" }
     );
+    assert!(
+        !(args.etcd && args.tls),
+        "--etcd runs plaintext gRPC (one PKI per coordinator)"
+    );
     for &n in &args.sessions {
         let dir = tests::temp_dir();
-        let c = CoordinatorProc::start(
-            &dir.path().join("coordinator"),
-            &CoordinatorOpts {
-                insecure: !args.tls,
-                ..CoordinatorOpts::default()
-            },
-        )
-        .await;
+        let etcd = if args.etcd {
+            Some(tests::EtcdCluster::start(&dir.path().join("etcd"), 3).await)
+        } else {
+            None
+        };
+        let mut cs = Vec::new();
+        for id in if args.etcd {
+            &["c1", "c2"][..]
+        } else {
+            &["c1"][..]
+        } {
+            let extra = match &etcd {
+                Some(e) => format!(
+                    "[store]\nbackend = \"etcd\"\nendpoints = {}\nid = \"{id}\"\n",
+                    e.endpoints_toml()
+                ),
+                None => String::new(),
+            };
+            cs.push(
+                CoordinatorProc::start(
+                    &dir.path().join(id),
+                    &CoordinatorOpts {
+                        insecure: !args.tls,
+                        extra,
+                        ..CoordinatorOpts::default()
+                    },
+                )
+                .await,
+            );
+        }
         let received: Vec<Received> = (0..n).map(|_| Received::default()).collect();
         let stats_every =
             (args.stats_interval_s > 0).then(|| Duration::from_secs(args.stats_interval_s));
@@ -359,9 +391,15 @@ async fn main() {
             .iter()
             .zip(&cursors)
             .enumerate()
-            .map(|(i, (r, cur))| simulate(&c, i, r.clone(), cur.clone(), stats_every))
+            .map(|(i, (r, cur))| {
+                simulate(&cs[i % cs.len()], i, r.clone(), cur.clone(), stats_every)
+            })
             .collect();
-        wait_connected(&c, n, connecting).await;
+        // Every coordinator shows the whole fleet (the others' edges through their API).
+        for c in &cs {
+            wait_connected(c, n, connecting).await;
+        }
+        let c = &cs[0];
         let connect_s = connecting.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_connected = rss_kib(c.child.pid());
@@ -372,7 +410,9 @@ async fn main() {
         for i in 0..args.purges {
             let pattern = tags_pattern(&[&format!("cat_p_{i}")]);
             let t = Instant::now();
-            let r = raw(c.purge, &magento_purge(&pattern)).await.expect("purge");
+            let r = raw(cs[i % cs.len()].purge, &magento_purge(&pattern))
+                .await
+                .expect("purge");
             answer_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             assert_eq!(r.status, 200, "{}", r.body);
             let seq = r.json()["seq"].as_u64().expect("seq");
@@ -393,7 +433,14 @@ async fn main() {
         let expected = n * args.purges.min(RECORDED as usize);
         let late = delivery_ms.iter().filter(|d| **d > 30.0).count();
         let rss_after = rss_kib(c.child.pid());
-        println!("{n} sessions (connected in {connect_s:.1} s):");
+        println!(
+            "{n} sessions (connected in {connect_s:.1} s){}:",
+            if args.etcd {
+                ", 2 coordinators on etcd, figures for c1"
+            } else {
+                ""
+            }
+        );
         println!(
             "  coordinator CPU during the purges: {:.0}% of one core",
             cpu_share * 100.0
@@ -431,10 +478,10 @@ async fn main() {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
         if args.restart && n > 0 {
-            let mut c = c;
+            let c = &mut cs[0];
             c.kill9_and_restart().await;
             let restarted = Instant::now();
-            wait_connected(&c, n, restarted).await;
+            wait_connected(c, n, restarted).await;
             println!(
                 "  kill -9 and restart: all {n} reconnected {:.1} s after the restart",
                 restarted.elapsed().as_secs_f64()

@@ -15,6 +15,7 @@ mod etcd;
 mod failover;
 mod fuzz_corpus;
 mod geo;
+mod ha;
 mod monitor;
 mod purge;
 mod robustness;

@@ -1,0 +1,344 @@
+//! The coordinators of one cluster, as this one sees them: who it is, who leads, who
+//! else is there, and the edges the others hold.
+//!
+//! With the embedded store a coordinator is a cluster of one and always its leader. With
+//! `[store] backend = "etcd"` ([`config::StoreConfig`]) [`Cluster::open_etcd`] joins the
+//! election ([`crate::leader`]) with a membership record, `members/<id>` = [`Member`],
+//! kept under the same lease, so the record disappears with a dead coordinator.
+//! [`Cluster::drive`] then, every second, lists the members and asks each other one for
+//! the edges whose sessions it holds (`GET /api/v1/edges?scope=local`), which the
+//! [`EdgeRegistry`] shows beside its own: every coordinator's API shows every edge, and
+//! nothing about an edge is written to etcd (no heartbeats there; at a thousand edges
+//! that would be the store's whole load). Every few seconds it also asks each etcd
+//! member for its status, for `/api/v1/cluster` and `/healthz`.
+//!
+//! [`Cluster::duty`] is the leader's flag for singleton work: a receiver that is `true`
+//! while this coordinator leads (always, embedded).
+
+pub mod config;
+mod peers;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd::etcdserverpb::RangeRequest;
+use etcd::Etcd;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::edges::EdgeRegistry;
+use crate::leader::{self, Leadership};
+use config::StoreConfig;
+
+/// Why the cluster could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("store.tls: cannot read {path}: {source}")]
+    TlsFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Etcd(#[from] etcd::EtcdError),
+}
+
+/// A coordinator's membership record in etcd.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Member {
+    pub id: String,
+    /// Where its API answers.
+    pub api: String,
+    pub started_at_ms: u64,
+}
+
+/// One etcd member's health, in `/api/v1/cluster`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EtcdMemberView {
+    pub endpoint: String,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `leader` or `follower`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+/// `GET /api/v1/cluster`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub role: Role,
+    /// The leader's id (null while none is known).
+    pub leader: Option<String>,
+    pub id: String,
+    /// `embedded` or `etcd`.
+    pub store: config::Backend,
+    /// The leader key's revision (etcd): the fencing token of the current term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing: Option<i64>,
+    pub members: Vec<Member>,
+    /// Each etcd member's health (absent with the embedded store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<Vec<EtcdMemberView>>,
+}
+
+/// This coordinator's view of its cluster; share it behind an `Arc`.
+pub struct Cluster {
+    me: Member,
+    backend: config::Backend,
+    etcd: Option<Etcd>,
+    prefix: String,
+    leadership: watch::Receiver<Leadership>,
+    duty: watch::Receiver<bool>,
+    members: Mutex<Vec<Member>>,
+    etcd_health: Mutex<Option<Vec<EtcdMemberView>>>,
+    /// Ends the campaign (resigning) when the coordinator stops.
+    stop: CancellationToken,
+}
+
+impl Cluster {
+    /// A cluster of one: this coordinator, always the leader.
+    pub fn embedded(id: String, api: String) -> Arc<Cluster> {
+        let me = Member {
+            id: id.clone(),
+            api,
+            started_at_ms: now_ms(),
+        };
+        let leadership = Leadership {
+            me: true,
+            leader: Some(id),
+            fencing: None,
+        };
+        Arc::new(Cluster {
+            members: Mutex::new(vec![me.clone()]),
+            me,
+            backend: config::Backend::Embedded,
+            etcd: None,
+            prefix: String::new(),
+            leadership: watch::channel(leadership).1,
+            duty: watch::channel(true).1,
+            etcd_health: Mutex::new(None),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Connects to etcd and joins the election as `id` (see the module docs).
+    pub fn open_etcd(
+        config: &StoreConfig,
+        id: String,
+        api: String,
+    ) -> Result<(Arc<Cluster>, Etcd), ClusterError> {
+        let tls = match &config.tls {
+            Some(t) => {
+                let read = |p: &std::path::Path| {
+                    std::fs::read(p).map_err(|source| ClusterError::TlsFile {
+                        path: p.display().to_string(),
+                        source,
+                    })
+                };
+                let mut tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read(&t.ca)?));
+                if let (Some(c), Some(k)) = (&t.cert, &t.key) {
+                    tls = tls.identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?));
+                }
+                Some(tls)
+            }
+            None => None,
+        };
+        let etcd = Etcd::connect_with(&config.endpoints, tls)?;
+        let me = Member {
+            id: id.clone(),
+            api,
+            started_at_ms: now_ms(),
+        };
+        let stop = CancellationToken::new();
+        let member_key = format!("{}members/{id}", config.prefix).into_bytes();
+        let member_value = serde_json::to_vec(&me).unwrap_or_default();
+        let leadership = leader::campaign_with_member(
+            etcd.clone(),
+            &format!("{}leader", config.prefix),
+            &id,
+            Duration::from_secs(config.lease_ttl_s),
+            Some((member_key, member_value)),
+            stop.clone(),
+        );
+        let (duty_tx, duty) = watch::channel(false);
+        let mut follow = leadership.clone();
+        tokio::spawn(async move {
+            loop {
+                let me = follow.borrow_and_update().me;
+                duty_tx.send_if_modified(|d| std::mem::replace(d, me) != me);
+                if follow.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let cluster = Arc::new(Cluster {
+            members: Mutex::new(vec![me.clone()]),
+            me,
+            backend: config::Backend::Etcd,
+            etcd: Some(etcd.clone()),
+            prefix: config.prefix.clone(),
+            leadership,
+            duty,
+            etcd_health: Mutex::new(None),
+            stop,
+        });
+        Ok((cluster, etcd))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.me.id
+    }
+
+    /// `true` while this coordinator leads (singleton duties run only then).
+    pub fn duty(&self) -> watch::Receiver<bool> {
+        self.duty.clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.duty.borrow()
+    }
+
+    /// This coordinator's role and the leader's id.
+    pub fn role(&self) -> (Role, Option<String>) {
+        let l = self.leadership.borrow();
+        let role = if l.me { Role::Leader } else { Role::Follower };
+        (role, l.leader.clone())
+    }
+
+    /// Whether the store answers: always with the embedded one; with etcd, whether a
+    /// member answered the last status round (`None` before the first).
+    pub fn store_healthy(&self) -> Option<bool> {
+        match self.backend {
+            config::Backend::Embedded => Some(true),
+            config::Backend::Etcd => self
+                .etcd_health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|members| members.iter().any(|m| m.healthy)),
+        }
+    }
+
+    pub fn view(&self) -> ClusterView {
+        let (role, leader) = self.role();
+        ClusterView {
+            role,
+            leader,
+            id: self.me.id.clone(),
+            store: self.backend,
+            fencing: self.leadership.borrow().fencing,
+            members: self
+                .members
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            etcd: self
+                .etcd_health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Follows the members, their edges and etcd's health until `shutdown`; then
+    /// resigns the leadership, so a successor need not wait for the lease.
+    pub async fn drive(
+        self: Arc<Self>,
+        edges: Arc<EdgeRegistry>,
+        token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
+        shutdown: CancellationToken,
+    ) {
+        let Some(etcd) = self.etcd.clone() else {
+            return;
+        };
+        let client = peers::client();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut round = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if round.is_multiple_of(5) {
+                let health = etcd
+                    .member_status(Duration::from_secs(1))
+                    .await
+                    .into_iter()
+                    .map(|m| EtcdMemberView {
+                        endpoint: m.endpoint,
+                        healthy: m.healthy,
+                        version: m.version,
+                        error: m.error,
+                    })
+                    .collect();
+                *self.etcd_health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+            }
+            round += 1;
+            match self.list_members(&etcd).await {
+                Ok(list) => {
+                    *self.members.lock().unwrap_or_else(|p| p.into_inner()) = list.clone();
+                    let bearer = token.read().unwrap_or_else(|p| p.into_inner()).clone();
+                    let asks = list.into_iter().filter(|m| m.id != self.me.id).map(|m| {
+                        let (client, edges, bearer) = (client.clone(), edges.clone(), bearer.clone());
+                        tokio::spawn(async move {
+                            match peers::edges(&client, &m.api, bearer.as_deref()).await {
+                                Ok(list) => edges.set_remote(&m.id, list),
+                                Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's edges not read"),
+                            }
+                        })
+                    });
+                    for ask in asks.collect::<Vec<_>>() {
+                        let _ = ask.await;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cluster members not listed"),
+            }
+        }
+        self.stop.cancel();
+        // The campaign resigns and revokes its lease as it ends (its tasks drop their
+        // senders then): wait for that, briefly, so a successor need not wait the TTL.
+        let mut l = self.leadership.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while l.changed().await.is_ok() {}
+        })
+        .await;
+    }
+
+    async fn list_members(&self, etcd: &Etcd) -> Result<Vec<Member>, tonic::Status> {
+        let prefix = format!("{}members/", self.prefix).into_bytes();
+        let req = RangeRequest {
+            range_end: etcd::prefix_end(&prefix),
+            key: prefix,
+            ..Default::default()
+        };
+        let resp = etcd
+            .retry(|ch| {
+                let req = req.clone();
+                async move {
+                    etcd::etcdserverpb::kv_client::KvClient::new(ch)
+                        .range(req)
+                        .await
+                }
+            })
+            .await?
+            .into_inner();
+        let mut list: Vec<Member> = resp
+            .kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(list)
+    }
+}

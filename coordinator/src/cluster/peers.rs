@@ -1,0 +1,48 @@
+//! Asking another coordinator of the cluster for the edges it holds: one `GET` on its
+//! API, bounded by a short timeout (a peer that does not answer is simply not shown
+//! after [`crate::edges::REMOTE_TTL`]).
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+
+use crate::edges::EdgeView;
+
+pub(super) type PeerClient = Client<HttpConnector, Empty<axum::body::Bytes>>;
+
+/// Largest answer read from a peer (a thousand edges are about 600 KB of JSON).
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
+pub(super) fn client() -> PeerClient {
+    Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// The edges whose sessions the coordinator at `api` holds.
+pub(super) async fn edges(
+    client: &PeerClient,
+    api: &str,
+    token: Option<&str>,
+) -> Result<Vec<EdgeView>, String> {
+    let mut req = hyper::Request::get(format!("{api}/api/v1/edges?scope=local"));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_millis(800), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("answered {}", resp.status()));
+    }
+    let body = tokio::time::timeout(
+        Duration::from_secs(2),
+        http_body_util::Limited::new(resp.into_body(), MAX_ANSWER).collect(),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())?
+    .map_err(|e| e.to_string())?
+    .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}

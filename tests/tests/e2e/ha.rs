@@ -1,0 +1,337 @@
+//! Several coordinators sharing one purge log in a real 3-member etcd, with real agents
+//! and varnishd: Magento lists every coordinator (each purge goes to both), the leader
+//! is killed -9 in the middle of a purge burst, and no purge any coordinator answered
+//! 200 is lost; one etcd member
+//! dying changes nothing; etcd gone entirely means 503, never a 200 that is not
+//! committed, and purging works again when it is back.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::{
+    assert_eventually, get, get_json, magento_purge, raw, tags_pattern, temp_dir, AgentProc,
+    CoordinatorOpts, CoordinatorProc, EtcdCluster, OriginServer, VarnishNode,
+};
+
+/// Coordinator options joining the etcd cluster as `id`, with two regions.
+fn ha_opts(etcd: &EtcdCluster, origin: &OriginServer, id: &str) -> CoordinatorOpts {
+    CoordinatorOpts {
+        insecure: true,
+        extra: format!(
+            "{}\n[store]\nbackend = \"etcd\"\nendpoints = {}\nprefix = \"/vc-test/\"\nid = \"{id}\"\nlease_ttl_s = 2\n",
+            tests::regions_toml(2, origin.addr),
+            etcd.endpoints_toml()
+        ),
+        ..CoordinatorOpts::default()
+    }
+}
+
+async fn cluster_view(c: &CoordinatorProc) -> Value {
+    get_json(c.api, "/api/v1/cluster")
+        .await
+        .unwrap_or(Value::Null)
+}
+
+/// The edges `c` holds sessions for itself.
+async fn local_edges(c: &CoordinatorProc) -> Vec<String> {
+    get_json(c.api, "/api/v1/edges?scope=local")
+        .await
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e["connected"] == true)
+        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Sends one Magento purge (new connection) for `tag`; the status, 0 if unreachable.
+async fn purge_status(c: &CoordinatorProc, tag: &str) -> u16 {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        raw(c.purge, &magento_purge(&tags_pattern(&[tag]))),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r.status,
+        _ => 0,
+    }
+}
+
+struct Ha {
+    _dir: tempfile::TempDir,
+    etcd: EtcdCluster,
+    _origin: OriginServer,
+    c: Vec<CoordinatorProc>,
+    varnish: Vec<VarnishNode>,
+    _agents: Vec<AgentProc>,
+}
+
+async fn start_ha() -> Ha {
+    tests::require_varnish();
+    let dir = temp_dir();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
+    let origin = OriginServer::start().await;
+    let mut c = Vec::new();
+    for id in ["c1", "c2"] {
+        c.push(CoordinatorProc::start(&dir.path().join(id), &ha_opts(&etcd, &origin, id)).await);
+    }
+    let mut varnish = Vec::new();
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        let v = VarnishNode::start(&dir.path().join(format!("v{i}")), origin.addr).await;
+        agents.push(AgentProc::start_with(
+            &dir.path().join(format!("a{i}")),
+            &format!("edge-{i}"),
+            &format!("region-{i}"),
+            &[c[0].grpc, c[1].grpc],
+            None,
+            &v,
+            "ban",
+        ));
+        varnish.push(v);
+    }
+    // Every coordinator shows every edge, whichever one the agent chose.
+    for co in &c {
+        assert_eventually!(
+            30,
+            co.applied_everywhere(0, 2).await,
+            "{} does not show both edges: {:?}",
+            co.api,
+            co.edges().await
+        );
+    }
+    Ha {
+        _dir: dir,
+        etcd,
+        _origin: origin,
+        c,
+        varnish,
+        _agents: agents,
+    }
+}
+
+/// Index of the coordinator that leads, once both agree on one.
+async fn leader_of(c: &[CoordinatorProc]) -> usize {
+    let mut leader: Option<usize>;
+    assert_eventually!(
+        20,
+        {
+            let views = [cluster_view(&c[0]).await, cluster_view(&c[1]).await];
+            let leads: Vec<usize> = (0..2).filter(|i| views[*i]["role"] == "leader").collect();
+            leader = leads.first().copied();
+            leads.len() == 1
+                && views[0]["leader"] == views[1]["leader"]
+                && !views[0]["leader"].is_null()
+        },
+        "no single agreed leader"
+    );
+    leader.unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_burst_loses_no_acknowledged_purge() {
+    let mut ha = start_ha().await;
+    let leader = leader_of(&ha.c).await;
+    let ids = ["c1", "c2"];
+    let view = cluster_view(&ha.c[1 - leader]).await;
+    assert_eq!(view["role"], "follower", "{view}");
+    assert_eq!(view["leader"], ids[leader], "{view}");
+    assert_eq!(view["id"], ids[1 - leader], "{view}");
+    assert_eq!(view["store"], "etcd", "{view}");
+    assert_eq!(view["members"].as_array().map(Vec::len), Some(2), "{view}");
+    assert_eventually!(
+        10,
+        cluster_view(&ha.c[0]).await["etcd"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["healthy"] == true)),
+        "etcd members not all healthy in /api/v1/cluster"
+    );
+    let health = get_json(ha.c[leader].api, "/healthz")
+        .await
+        .unwrap_or_default();
+    assert_eq!(health["role"], "leader", "{health}");
+    assert_eq!(health["id"], ids[leader], "{health}");
+    assert_eq!(health["leader"], ids[leader], "{health}");
+
+    // Every page cached on both edges.
+    const PAGES: usize = 240;
+    for v in &ha.varnish {
+        for i in 0..PAGES {
+            assert_eq!(get(v.http, &format!("/p/{i}")).await.status, 200);
+        }
+        assert_eq!(get(v.http, "/p/0").await.cache(), "HIT");
+    }
+
+    // Magento-style: each purge to the next coordinator in turn, a new connection each;
+    // the leader is killed -9 a third of the way in.
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    let mut killed_at = None;
+    for i in 0..PAGES {
+        if i == PAGES / 3 {
+            ha.c[leader].child.kill9().await;
+            killed_at = Some(Instant::now());
+        }
+        // Magento sends each purge to every host of `http-cache-hosts`, one after the
+        // other: acknowledged when any answered 200 (both did: it is logged twice).
+        let mut ok = false;
+        for target in [i % 2, 1 - i % 2] {
+            match purge_status(&ha.c[target], &format!("cat_p_{i}")).await {
+                200 => ok = true,
+                _ => refused += 1,
+            }
+        }
+        if ok {
+            acked.push(i);
+        }
+    }
+    let survivor = &ha.c[1 - leader];
+    eprintln!(
+        "{} purges acknowledged, {refused} not (sent to the dead coordinator)",
+        acked.len()
+    );
+    assert!(
+        acked.len() >= PAGES / 2,
+        "too few acknowledged: {}",
+        acked.len()
+    );
+
+    // Both agents on the survivor within seconds; it leads.
+    assert_eventually!(
+        15,
+        local_edges(survivor).await.len() == 2,
+        "agents not on the survivor: {:?}",
+        survivor.edges().await
+    );
+    let moved = killed_at.map(|t| t.elapsed()).unwrap_or_default();
+    assert_eventually!(
+        10,
+        cluster_view(survivor).await["role"] == "leader",
+        "the survivor did not take the lead: {}",
+        cluster_view(survivor).await
+    );
+    // Every acknowledged purge reached both varnishes: none of those pages is cached.
+    let head = survivor.head().await;
+    assert_eventually!(
+        30,
+        survivor.applied_everywhere(head, 2).await,
+        "head {head} not applied everywhere: {:?}",
+        survivor.edges().await
+    );
+    for v in &ha.varnish {
+        let mut stale = Vec::new();
+        for i in &acked {
+            let r = get(v.http, &format!("/p/{i}")).await;
+            if r.cache() == "HIT" {
+                stale.push(*i);
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "acknowledged purges lost on {}: {stale:?}",
+            v.http
+        );
+    }
+    // The agents resumed from their cursors on the shared log: no full ban.
+    for e in survivor.edges().await {
+        assert_eq!(e["full_bans"], 0, "{e}");
+    }
+
+    // The killed coordinator rejoins as a follower, sees both edges through its peer and
+    // accepts purges that reach them.
+    let dead = &mut ha.c[leader];
+    dead.restart().await;
+    assert_eventually!(
+        15,
+        {
+            let v = cluster_view(dead).await;
+            v["role"] == "follower" && v["members"].as_array().map(Vec::len) == Some(2)
+        },
+        "the restarted coordinator did not rejoin: {}",
+        cluster_view(dead).await
+    );
+    let seq = tests::purge_tags(dead.purge, &["cat_p_0"]).await;
+    assert_eventually!(
+        15,
+        dead.applied_everywhere(seq, 2).await,
+        "purge {seq} sent to the rejoined coordinator not applied: {:?}",
+        dead.edges().await
+    );
+    eprintln!("agents on the survivor {moved:?} after the kill");
+    drop(ha.etcd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_losing_a_member_serves_and_losing_quorum_answers_503() {
+    let mut ha = start_ha().await;
+    // One member down: still 200, still applied.
+    ha.etcd.kill9(0).await;
+    let mut seq = 0;
+    for i in 0..10 {
+        let c = &ha.c[i % 2];
+        let r = raw(
+            c.purge,
+            &magento_purge(&tags_pattern(&[&format!("cat_p_{i}")])),
+        )
+        .await
+        .expect("purge");
+        assert_eq!(r.status, 200, "with one etcd member down: {}", r.body);
+        seq = seq.max(r.json()["seq"].as_u64().unwrap_or(0));
+    }
+    assert_eventually!(
+        20,
+        ha.c[0].applied_everywhere(seq, 2).await,
+        "purges not applied with one etcd member down"
+    );
+
+    // All members down: purges are refused, never acknowledged.
+    ha.etcd.kill9(1).await;
+    ha.etcd.kill9(2).await;
+    let started = Instant::now();
+    for i in 0..4 {
+        let status = purge_status(&ha.c[i % 2], "cat_p_1").await;
+        assert_eq!(status, 503, "purge answered {status} with etcd down");
+    }
+    eprintln!("4 purges refused with etcd down in {:?}", started.elapsed());
+    assert_eventually!(
+        15,
+        get_json(ha.c[0].api, "/healthz")
+            .await
+            .is_some_and(|h| h["store"] == "unavailable"),
+        "/healthz does not say the store is unavailable: {:?}",
+        get_json(ha.c[0].api, "/healthz").await
+    );
+
+    // etcd back: purging works again on both, and reaches the edges.
+    for i in 0..3 {
+        ha.etcd.restart(i);
+    }
+    let mut last = 0;
+    assert_eventually!(
+        30,
+        {
+            let r = raw(ha.c[1].purge, &magento_purge(&tags_pattern(&["cat_p_2"]))).await;
+            match r {
+                Ok(r) if r.status == 200 => {
+                    last = r.json()["seq"].as_u64().unwrap_or(0);
+                    true
+                }
+                _ => false,
+            }
+        },
+        "purges still refused after etcd came back"
+    );
+    assert_eventually!(
+        20,
+        ha.c[0].applied_everywhere(last, 2).await && ha.c[1].applied_everywhere(last, 2).await,
+        "purge {last} not applied after etcd came back: {:?}",
+        ha.c[0].edges().await
+    );
+    assert_eventually!(
+        15,
+        get_json(ha.c[0].api, "/healthz")
+            .await
+            .is_some_and(|h| h["store"] == "ok"),
+        "/healthz does not say the store is back"
+    );
+}
