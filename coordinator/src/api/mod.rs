@@ -380,6 +380,7 @@ async fn edges(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Respon
 /// Config pushes and warm jobs live in the state of the coordinator that takes them
 /// (not yet in etcd): in a cluster only the leader takes them, so there is one desired
 /// version and one set of jobs. A follower answers 409 naming the leader.
+#[allow(clippy::result_large_err)] // the same shape as `authorize`
 fn leader_only(s: &ApiState) -> Result<(), Response> {
     if s.state.cluster.is_leader() {
         return Ok(());
