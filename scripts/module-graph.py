@@ -28,8 +28,8 @@ LAYERS = {
         # Leaves: no domain knowledge.
         ["clock", "secret", "accept", "metrics", "pki", "leader"],
         ["tls", "purge"],
-        ["edges", "bundle", "traffic", "cluster"],
-        ["rollout", "monitor", "warm", "geo"],
+        ["edges", "bundle", "traffic"],
+        ["rollout", "monitor", "warm", "geo", "cluster"],
         ["config"],
         ["state"],
         ["session", "api"],

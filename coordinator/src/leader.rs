@@ -31,6 +31,24 @@ pub struct Leadership {
     pub leader: Option<String>,
     /// The leader key's creation revision: the fencing token for singleton writes.
     pub fencing: Option<i64>,
+    /// This coordinator's leader key while it leads (what a fenced write compares).
+    pub key: Option<Vec<u8>>,
+}
+
+impl Leadership {
+    /// The guard a singleton write carries: "my leader key still exists with the
+    /// revision it was created at". `None` unless this coordinator leads.
+    pub fn fence(&self) -> Option<etcd::etcdserverpb::Compare> {
+        use etcd::etcdserverpb::compare;
+        let (key, rev) = (self.key.clone().filter(|_| self.me)?, self.fencing?);
+        Some(etcd::etcdserverpb::Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Create as i32,
+            key,
+            target_union: Some(compare::TargetUnion::CreateRevision(rev)),
+            ..Default::default()
+        })
+    }
 }
 
 /// Campaigns for `name` as `id` until `shutdown`, re-campaigning whenever leadership is
@@ -131,11 +149,13 @@ async fn hold(
             r = &mut campaign, if key.is_none() => {
                 let leader = r?.into_inner().leader;
                 let fencing = leader.as_ref().map(|l| l.rev);
+                let leader_key = leader.as_ref().map(|l| l.key.clone());
                 key = leader;
                 tx.send_modify(|l| {
                     l.me = true;
                     l.leader = Some(id.to_owned());
                     l.fencing = fencing;
+                    l.key = leader_key;
                 });
                 tracing::info!(fencing = ?fencing, "leader: this coordinator leads");
             }
@@ -158,7 +178,10 @@ async fn hold(
     if key.is_some() && lost {
         tracing::warn!("leader: lease not renewed in time; stepping down");
     }
-    tx.send_modify(|l| l.me = false);
+    tx.send_modify(|l| {
+        l.me = false;
+        l.key = None;
+    });
     // Best effort: resign and revoke so a successor need not wait for the TTL.
     if let Some(leader) = key {
         let _ = etcd

@@ -114,9 +114,11 @@ pub async fn run(
 
     let cluster_task = tokio::spawn(state.cluster.clone().drive(
         state.edges.clone(),
+        state.rollouts.clone(),
         token.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(state.rollouts.clone().follow_plan(shutdown.clone()));
     let driver = tokio::spawn(state.rollouts.clone().drive(shutdown.clone()));
     let monitor_task = tokio::spawn(
         state
@@ -124,7 +126,11 @@ pub async fn run(
             .clone()
             .drive(state.cluster.duty(), shutdown.clone()),
     );
-    let warm_task = tokio::spawn(state.warm.clone().run(state.log.clone(), shutdown.clone()));
+    let warm_task = tokio::spawn(state.warm.clone().run(
+        state.log.clone(),
+        state.cluster.duty(),
+        shutdown.clone(),
+    ));
     let service = SessionService::new(state.clone(), shutdown.clone());
     let grpc_shutdown = shutdown.clone();
     let server_tls = state.tls.clone();

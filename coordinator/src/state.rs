@@ -84,11 +84,12 @@ impl State {
         })?;
         let id = config.store.id_or_default(config.api.listen);
         let api_url = config.store.api_url(config.api.listen);
-        let (cluster, log, token) = match config.store.backend {
+        let (cluster, log, token, store) = match config.store.backend {
             Backend::Embedded => (
                 Cluster::embedded(id, api_url),
                 PurgeLog::open(state_dir, config.purge.retention())?,
                 warm_token(config, state_dir)?,
+                ConfigStore::open(state_dir)?,
             ),
             Backend::Etcd => {
                 let (cluster, etcd) = Cluster::open_etcd(&config.store, id, api_url)?;
@@ -113,11 +114,14 @@ impl State {
                         String::from_utf8_lossy(&v).into_owned()
                     }
                 };
-                (cluster, log, token)
+                let store =
+                    ConfigStore::etcd(etcd.clone(), &config.store.prefix, cluster.leadership());
+                (cluster, log, token, store)
             }
         };
-        let store = Arc::new(ConfigStore::open(state_dir)?);
+        let store = Arc::new(store);
         let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars(&token))?;
+        rollouts.set_duty(cluster.duty());
         let tls = match &config.grpc.tls {
             Some(files) => Some(ServerTls::load(files)?),
             None => None,

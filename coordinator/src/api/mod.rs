@@ -411,8 +411,18 @@ async fn cluster(State(s): State<ApiState>) -> Response {
     Json(s.state.cluster.view()).into_response()
 }
 
-async fn config_view(State(s): State<ApiState>) -> Response {
-    Json(s.state.rollouts.view()).into_response()
+async fn config_view(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
+    let local = match q.scope.as_deref() {
+        None | Some("cluster") => false,
+        Some("local") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("scope must be local or cluster, not {other:?}"),
+            )
+        }
+    };
+    Json(s.state.rollouts.view_scoped(local)).into_response()
 }
 
 #[derive(Debug, Deserialize)]

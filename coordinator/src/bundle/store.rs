@@ -1,4 +1,13 @@
-//! Every pushed bundle version, and the rollout plan, in `config.redb` in the state dir.
+//! Every pushed bundle version, and the rollout plan, in `config.redb` in the state dir,
+//! or in etcd with `[store] backend = "etcd"` (`config/versions/<v>` and `config/plan`
+//! under the prefix), shared by the cluster.
+//!
+//! With etcd the methods stay synchronous (they are called under the rollout lock, which
+//! is never held across an `.await`): each etcd call runs to completion on the calling
+//! worker thread (`block_in_place`), bounded by [`ETCD_CALL`]. Versions, immutable, are
+//! cached once read. The plan is written only with the leader's fence
+//! ([`crate::leader::Leadership::fence`]): a coordinator that is not (or no longer) the
+//! leader cannot overwrite it.
 //!
 //! Versions are immutable and never deleted (they are small and a rollback may want any
 //! of them). The rollout plan ([`crate::rollout::Plan`]) is one JSON value rewritten on
@@ -48,12 +57,103 @@ pub struct VersionInfo {
 }
 
 /// The store; cheap to share behind an `Arc`.
-#[derive(Debug)]
 pub struct ConfigStore {
-    db: Database,
+    backend: Backend,
+}
+
+enum Backend {
+    Redb(Database),
+    Etcd(EtcdStore),
+}
+
+struct EtcdStore {
+    etcd: etcd::Etcd,
+    prefix: String,
+    leadership: tokio::sync::watch::Receiver<crate::leader::Leadership>,
+    cache: std::sync::Mutex<std::collections::HashMap<String, StoredVersion>>,
+}
+
+/// The longest one etcd call from the config store may take.
+pub const ETCD_CALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl std::fmt::Debug for ConfigStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.backend {
+            Backend::Redb(_) => "ConfigStore(redb)",
+            Backend::Etcd(_) => "ConfigStore(etcd)",
+        })
+    }
+}
+
+impl EtcdStore {
+    /// Runs an etcd call to completion from synchronous code (see the module docs).
+    fn block<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, StoreError> {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                match tokio::time::timeout(ETCD_CALL, f).await {
+                    Ok(r) => r.map_err(|e| StoreError::Storage(format!("etcd: {}", e.message()))),
+                    Err(_) => Err(StoreError::Storage("etcd: no answer".into())),
+                }
+            })
+        })
+    }
+
+    fn key(&self, suffix: &str) -> Vec<u8> {
+        format!("{}config/{suffix}", self.prefix).into_bytes()
+    }
+
+    fn range(&self, key: Vec<u8>, prefix: bool) -> Result<Vec<Vec<u8>>, StoreError> {
+        use etcd::etcdserverpb::{kv_client::KvClient, RangeRequest};
+        let req = RangeRequest {
+            range_end: if prefix {
+                etcd::prefix_end(&key)
+            } else {
+                Vec::new()
+            },
+            key,
+            ..Default::default()
+        };
+        let resp = self.block(self.etcd.retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).range(req).await }
+        }))?;
+        Ok(resp
+            .into_inner()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.value)
+            .collect())
+    }
 }
 
 impl ConfigStore {
+    /// The cluster's store in etcd; `leadership` fences plan writes.
+    pub fn etcd(
+        etcd: etcd::Etcd,
+        prefix: &str,
+        leadership: tokio::sync::watch::Receiver<crate::leader::Leadership>,
+    ) -> Self {
+        ConfigStore {
+            backend: Backend::Etcd(EtcdStore {
+                etcd,
+                prefix: prefix.to_owned(),
+                leadership,
+                cache: Default::default(),
+            }),
+        }
+    }
+
+    /// The etcd key of the plan, for followers that watch it (`None`: embedded).
+    pub fn plan_key(&self) -> Option<(etcd::Etcd, Vec<u8>)> {
+        match &self.backend {
+            Backend::Etcd(e) => Some((e.etcd.clone(), e.key("plan"))),
+            Backend::Redb(_) => None,
+        }
+    }
+
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = Database::create(dir.join("config.redb")).map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
@@ -62,7 +162,9 @@ impl ConfigStore {
             txn.open_table(META).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        Ok(ConfigStore { db })
+        Ok(ConfigStore {
+            backend: Backend::Redb(db),
+        })
     }
 
     /// Stores a bundle; returns its version and whether it was new.
@@ -77,7 +179,15 @@ impl ConfigStore {
             bundle: bundle.clone(),
         };
         let bytes = serde_json::to_vec(&record).map_err(storage)?;
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Etcd(e) => {
+                let key = e.key(&format!("versions/{version}"));
+                let stored = e.block(e.etcd.get_or_create(&key, &bytes))?;
+                return Ok((version, stored == bytes));
+            }
+        };
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
         {
             let mut t = txn.open_table(VERSIONS).map_err(storage)?;
@@ -89,7 +199,31 @@ impl ConfigStore {
     }
 
     pub fn get(&self, version: &str) -> Result<Option<StoredVersion>, StoreError> {
-        let read = self.db.begin_read().map_err(storage)?;
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Etcd(e) => {
+                let cached = e
+                    .cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(version)
+                    .cloned();
+                if cached.is_some() {
+                    return Ok(cached);
+                }
+                let Some(v) = e.range(e.key(&format!("versions/{version}")), false)?.pop() else {
+                    return Ok(None);
+                };
+                let stored: StoredVersion = serde_json::from_slice(&v)
+                    .map_err(|err| StoreError::Corrupt(format!("version {version}: {err}")))?;
+                e.cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(version.to_owned(), stored.clone());
+                return Ok(Some(stored));
+            }
+        };
+        let read = db.begin_read().map_err(storage)?;
         let t = read.open_table(VERSIONS).map_err(storage)?;
         let Some(v) = t.get(version).map_err(storage)? else {
             return Ok(None);
@@ -101,13 +235,22 @@ impl ConfigStore {
 
     /// Every version, oldest first.
     pub fn list(&self) -> Result<Vec<VersionInfo>, StoreError> {
-        let read = self.db.begin_read().map_err(storage)?;
-        let t = read.open_table(VERSIONS).map_err(storage)?;
+        let records: Vec<Vec<u8>> = match &self.backend {
+            Backend::Etcd(e) => e.range(e.key("versions/"), true)?,
+            Backend::Redb(db) => {
+                let read = db.begin_read().map_err(storage)?;
+                let t = read.open_table(VERSIONS).map_err(storage)?;
+                let mut all = Vec::new();
+                for item in t.iter().map_err(storage)? {
+                    all.push(item.map_err(storage)?.1.value().to_vec());
+                }
+                all
+            }
+        };
         let mut out = Vec::new();
-        for item in t.iter().map_err(storage)? {
-            let (_, v) = item.map_err(storage)?;
-            let s: StoredVersion = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        for v in records {
+            let s: StoredVersion =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             out.push(VersionInfo {
                 version: s.version,
                 created_at_ms: s.created_at_ms,
@@ -121,7 +264,18 @@ impl ConfigStore {
 
     /// The stored plan, if any (as JSON the rollout module defines).
     pub fn load_plan<T: for<'de> Deserialize<'de>>(&self) -> Result<Option<T>, StoreError> {
-        let read = self.db.begin_read().map_err(storage)?;
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Etcd(e) => {
+                let Some(v) = e.range(e.key("plan"), false)?.pop() else {
+                    return Ok(None);
+                };
+                return serde_json::from_slice(&v)
+                    .map(Some)
+                    .map_err(|err| StoreError::Corrupt(format!("rollout plan: {err}")));
+            }
+        };
+        let read = db.begin_read().map_err(storage)?;
         let t = read.open_table(META).map_err(storage)?;
         let Some(v) = t.get(PLAN_KEY).map_err(storage)? else {
             return Ok(None);
@@ -133,13 +287,53 @@ impl ConfigStore {
 
     pub fn save_plan<T: Serialize>(&self, plan: &T) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(plan).map_err(storage)?;
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Etcd(e) => return e.save_fenced(e.key("plan"), bytes),
+        };
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
         {
             let mut t = txn.open_table(META).map_err(storage)?;
             t.insert(PLAN_KEY, bytes.as_slice()).map_err(storage)?;
         }
         txn.commit().map_err(storage)
+    }
+}
+
+impl EtcdStore {
+    /// Puts `value` at `key` only while this coordinator's leader key stands.
+    fn save_fenced(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        use etcd::etcdserverpb::{
+            kv_client::KvClient, request_op, PutRequest, RequestOp, TxnRequest,
+        };
+        let Some(fence) = self.leadership.borrow().fence() else {
+            return Err(StoreError::Storage(
+                "not the cluster's leader: the plan is written by the leader only".into(),
+            ));
+        };
+        let req = TxnRequest {
+            compare: vec![fence],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key,
+                    value,
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![],
+        };
+        let resp = self.block(self.etcd.retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).txn(req).await }
+        }))?;
+        if resp.into_inner().succeeded {
+            Ok(())
+        } else {
+            Err(StoreError::Storage(
+                "deposed: another coordinator leads now; the plan was not written".into(),
+            ))
+        }
     }
 }
 

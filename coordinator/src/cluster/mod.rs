@@ -9,7 +9,8 @@
 //! the edges whose sessions it holds (`GET /api/v1/edges?scope=local`), which the
 //! [`EdgeRegistry`] shows beside its own: every coordinator's API shows every edge, and
 //! nothing about an edge is written to etcd (no heartbeats there; at a thousand edges
-//! that would be the store's whole load). Every few seconds it also asks each etcd
+//! that would be the store's whole load). It asks for their edges' config state too
+//! (`GET /api/v1/config?scope=local`): the leader moves rollouts on the whole fleet's. Every few seconds it also asks each etcd
 //! member for its status, for `/api/v1/cluster` and `/healthz`.
 //!
 //! [`Cluster::duty`] is the leader's flag for singleton work: a receiver that is `true`
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::now_ms;
 use crate::edges::EdgeRegistry;
 use crate::leader::{self, Leadership};
+use crate::rollout::Rollouts;
 use config::StoreConfig;
 
 /// Why the cluster could not be joined.
@@ -116,6 +118,7 @@ impl Cluster {
             me: true,
             leader: Some(id),
             fencing: None,
+            key: None,
         };
         Arc::new(Cluster {
             members: Mutex::new(vec![me.clone()]),
@@ -199,6 +202,11 @@ impl Cluster {
         &self.me.id
     }
 
+    /// Who leads, as it changes (fenced writes read [`Leadership::fence`]).
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
     /// `true` while this coordinator leads (singleton duties run only then).
     pub fn duty(&self) -> watch::Receiver<bool> {
         self.duty.clone()
@@ -255,6 +263,7 @@ impl Cluster {
     pub async fn drive(
         self: Arc<Self>,
         edges: Arc<EdgeRegistry>,
+        rollouts: Arc<Rollouts>,
         token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
         shutdown: CancellationToken,
     ) {
@@ -290,11 +299,16 @@ impl Cluster {
                     *self.members.lock().unwrap_or_else(|p| p.into_inner()) = list.clone();
                     let bearer = token.read().unwrap_or_else(|p| p.into_inner()).clone();
                     let asks = list.into_iter().filter(|m| m.id != self.me.id).map(|m| {
-                        let (client, edges, bearer) = (client.clone(), edges.clone(), bearer.clone());
+                        let (client, edges, rollouts, bearer) =
+                            (client.clone(), edges.clone(), rollouts.clone(), bearer.clone());
                         tokio::spawn(async move {
                             match peers::edges(&client, &m.api, bearer.as_deref()).await {
                                 Ok(list) => edges.set_remote(&m.id, list),
                                 Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's edges not read"),
+                            }
+                            match peers::config(&client, &m.api, bearer.as_deref()).await {
+                                Ok(view) => rollouts.set_remote(&m.id, view.edges),
+                                Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's config state not read"),
                             }
                         })
                     });

@@ -1,5 +1,5 @@
-//! Asking another coordinator of the cluster for the edges it holds: one `GET` on its
-//! API, bounded by a short timeout (a peer that does not answer is simply not shown
+//! Asking another coordinator of the cluster for the edges it holds (and their config
+//! state): a `GET` on its API each, bounded by a short timeout (a peer that does not answer is simply not shown
 //! after [`crate::edges::REMOTE_TTL`]).
 
 use std::time::Duration;
@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 
 use crate::edges::EdgeView;
+use crate::rollout::ConfigView;
 
 pub(super) type PeerClient = Client<HttpConnector, Empty<axum::body::Bytes>>;
 
@@ -24,7 +25,24 @@ pub(super) async fn edges(
     api: &str,
     token: Option<&str>,
 ) -> Result<Vec<EdgeView>, String> {
-    let mut req = hyper::Request::get(format!("{api}/api/v1/edges?scope=local"));
+    get(client, &format!("{api}/api/v1/edges?scope=local"), token).await
+}
+
+/// The config state of the edges the coordinator at `api` holds.
+pub(super) async fn config(
+    client: &PeerClient,
+    api: &str,
+    token: Option<&str>,
+) -> Result<ConfigView, String> {
+    get(client, &format!("{api}/api/v1/config?scope=local"), token).await
+}
+
+async fn get<T: serde::de::DeserializeOwned>(
+    client: &PeerClient,
+    url: &str,
+    token: Option<&str>,
+) -> Result<T, String> {
+    let mut req = hyper::Request::get(url);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }

@@ -14,7 +14,7 @@ impl Rollouts {
 }
 
 fn encode(source: &Arc<Rollouts>, e: &mut DescriptorEncoder) -> std::fmt::Result {
-    let view = source.view();
+    let view = source.view_scoped(true);
     fn labels(v: &super::EdgeConfigView) -> [(&'static str, Label<'_>); 2] {
         edge_labels(&v.region, &v.id)
     }

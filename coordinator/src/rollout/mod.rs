@@ -152,7 +152,13 @@ struct EdgeState {
     drift_events: u64,
     /// Wakes this edge's session alone (its status or apply result changed).
     wake: Arc<tokio::sync::Notify>,
+    /// Set when another coordinator of the cluster holds this edge's session: its id and
+    /// when it last reported the edge (the leader decides phases over every edge).
+    remote: Option<(String, Instant)>,
 }
+
+/// How long a peer's report of its edges counts without a refresh.
+const REMOTE_TTL: Duration = Duration::from_secs(5);
 
 struct Inner {
     plan: Plan,
@@ -167,6 +173,9 @@ pub struct Rollouts {
     regions: BTreeMap<String, Vars>,
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    /// `true` while this coordinator leads its cluster (always, embedded): only then do
+    /// phases move and the plan get written. Followers take the leader's plan instead.
+    duty: std::sync::OnceLock<watch::Receiver<bool>>,
 }
 
 /// Where one edge's config is.
@@ -242,7 +251,158 @@ impl Rollouts {
                 rendered: HashMap::new(),
             }),
             changed: watch::Sender::new(0),
+            duty: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Makes phase changes depend on `duty` (the cluster's leadership).
+    pub fn set_duty(&self, duty: watch::Receiver<bool>) {
+        let _ = self.duty.set(duty);
+    }
+
+    fn leads(&self) -> bool {
+        self.duty.get().is_none_or(|d| *d.borrow())
+    }
+
+    /// A follower takes the plan the leader wrote (the leader's own copy is the truth).
+    pub fn replace_plan(&self, plan: Plan) {
+        if self.leads() {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.plan.rollout == plan.rollout && inner.plan.current == plan.current {
+            return;
+        }
+        inner.plan = plan;
+        drop(inner);
+        self.bump();
+    }
+
+    /// Follows the plan in etcd (a no-op with the embedded store) until `shutdown`.
+    pub async fn follow_plan(self: Arc<Self>, shutdown: CancellationToken) {
+        use etcd::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
+        let Some((etcd, key)) = self.store.plan_key() else {
+            return;
+        };
+        while !shutdown.is_cancelled() {
+            // Read, then watch from the next revision (a change in between is not missed).
+            let rev = match tokio::time::timeout(Duration::from_secs(5), async {
+                let resp = etcd
+                    .kv()
+                    .range(etcd::etcdserverpb::RangeRequest {
+                        key: key.clone(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                if let Some(plan) = resp
+                    .kvs
+                    .first()
+                    .and_then(|kv| serde_json::from_slice::<Plan>(&kv.value).ok())
+                {
+                    self.replace_plan(plan);
+                }
+                Ok::<i64, tonic::Status>(resp.header.map(|h| h.revision).unwrap_or(0))
+            })
+            .await
+            {
+                Ok(Ok(rev)) => rev,
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx
+                .send(WatchRequest {
+                    request_union: Some(watch_request::RequestUnion::CreateRequest(
+                        WatchCreateRequest {
+                            key: key.clone(),
+                            start_revision: rev + 1,
+                            ..Default::default()
+                        },
+                    )),
+                })
+                .await;
+            let Ok(stream) = etcd
+                .watch()
+                .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
+            let mut stream = stream.into_inner();
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = stream.message() => m,
+                };
+                let Ok(Some(resp)) = msg else { break };
+                if resp.canceled || resp.compact_revision > 0 {
+                    break;
+                }
+                for ev in resp.events {
+                    if let Some(plan) = ev
+                        .kv
+                        .and_then(|kv| serde_json::from_slice::<Plan>(&kv.value).ok())
+                    {
+                        self.replace_plan(plan);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replaces what coordinator `peer` reports of the edges it holds (their config
+    /// state from its `GET /api/v1/config?scope=local`), for the leader's phase decisions.
+    pub fn set_remote(&self, peer: &str, views: Vec<EdgeConfigView>) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner
+            .edges
+            .retain(|_, e| e.remote.as_ref().is_none_or(|(p, _)| p != peer));
+        for v in views {
+            if inner
+                .edges
+                .get(&v.id)
+                .is_some_and(|e| e.connected && e.remote.is_none())
+            {
+                continue; // this coordinator holds its session
+            }
+            let sent = (v.state == ConfigState::Failed)
+                .then(|| {
+                    Some(Sent {
+                        version: v.target_version.clone()?,
+                        at: now,
+                        result: Some(Err(v.error.clone().unwrap_or_default())),
+                    })
+                })
+                .flatten();
+            let status = ConfigStatus {
+                active_version: v.active_version.clone().unwrap_or_default(),
+                active_vcl: v.active_vcl.clone().unwrap_or_default(),
+                health_status: v.health_status.unwrap_or(0),
+                health_error: v.health_error.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            inner.edges.insert(
+                v.id.clone(),
+                EdgeState {
+                    region: v.region.clone(),
+                    session: u64::MAX,
+                    connected: v.connected,
+                    capable: v.state != ConfigState::Unsupported,
+                    status: Some(status),
+                    sent,
+                    synced: None,
+                    drifting: v.drift,
+                    drift_events: v.drift_events,
+                    wake: Arc::new(tokio::sync::Notify::new()),
+                    remote: Some((peer.to_owned(), now)),
+                },
+            );
+        }
     }
 
     pub fn store(&self) -> &ConfigStore {
@@ -294,7 +454,9 @@ impl Rollouts {
                 drifting: false,
                 drift_events: 0,
                 wake: Arc::new(tokio::sync::Notify::new()),
+                remote: None,
             });
+        e.remote = None;
         e.region = region.to_owned();
         e.session = session;
         e.connected = true;
@@ -583,16 +745,23 @@ impl Rollouts {
     /// Stores the plan and wakes the sessions when it changed.
     pub fn tick(&self) {
         let mut inner = self.lock();
+        inner.edges.retain(|_, e| {
+            e.remote
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() < REMOTE_TTL)
+        });
+        if !self.leads() {
+            return; // the leader moves phases; its plan arrives through `replace_plan`
+        }
         let before = inner.plan.rollout.clone();
         advance(&mut inner, &self.config);
         let changed = inner.plan.rollout != before;
-        if changed {
-            if let Err(e) = self.store.save_plan(&inner.plan) {
+        let plan = changed.then(|| inner.plan.clone());
+        drop(inner);
+        if let Some(plan) = plan {
+            if let Err(e) = self.store.save_plan(&plan) {
                 tracing::error!(error = %e, "cannot store the rollout plan; it is kept in memory");
             }
-        }
-        drop(inner);
-        if changed {
             self.bump();
         }
     }
@@ -625,6 +794,11 @@ impl Rollouts {
     }
 
     pub fn view(&self) -> ConfigView {
+        self.view_scoped(false)
+    }
+
+    /// [`Self::view`]; with `local`, only the edges whose sessions this coordinator holds.
+    pub fn view_scoped(&self, local: bool) -> ConfigView {
         let inner = self.lock();
         let plan = &inner.plan;
         let desired = match &plan.rollout {
@@ -634,6 +808,7 @@ impl Rollouts {
         let mut edges: Vec<EdgeConfigView> = inner
             .edges
             .iter()
+            .filter(|(_, e)| !local || e.remote.is_none())
             .map(|(id, e)| edge_view(id, e, target(plan, &e.region, id)))
             .collect();
         edges.sort_by(|a, b| (&a.region, &a.id).cmp(&(&b.region, &b.id)));

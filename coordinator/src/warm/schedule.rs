@@ -37,8 +37,15 @@ struct Pending {
 }
 
 impl Warm {
-    /// Runs the queue, the cron schedules and re-warming until `shutdown`.
-    pub async fn run(self: Arc<Self>, log: PurgeLog, shutdown: CancellationToken) {
+    /// Runs the queue, the cron schedules and re-warming until `shutdown`. Schedules
+    /// fire and purges start re-warms only while `duty` is true (the cluster's leader),
+    /// so a cluster queues each once.
+    pub async fn run(
+        self: Arc<Self>,
+        log: PurgeLog,
+        duty: tokio::sync::watch::Receiver<bool>,
+        shutdown: CancellationToken,
+    ) {
         let mut crons: Vec<(&ScheduleConfig, croner::Cron, Option<DateTime<Utc>>)> = self
             .config
             .schedule
@@ -64,7 +71,9 @@ impl Warm {
             for (schedule, cron, next) in crons.iter_mut() {
                 if next.is_some_and(|t| t <= now) {
                     *next = cron.find_next_occurrence(&now, false).ok();
-                    self.fire(schedule);
+                    if *duty.borrow() {
+                        self.fire(schedule);
+                    }
                 }
             }
             seen_seq = self.follow_log(&log, seen_seq, &mut pending).await;
@@ -75,7 +84,9 @@ impl Warm {
             if !pending.tags.is_empty() && (quiet || overdue) {
                 let p = std::mem::take(&mut pending);
                 let tags: Vec<String> = p.tags.into_iter().collect();
-                self.rewarm(&tags, p.last_seq);
+                if *duty.borrow() {
+                    self.rewarm(&tags, p.last_seq);
+                }
             }
         }
     }

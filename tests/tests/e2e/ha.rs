@@ -14,11 +14,11 @@ use tests::{
 };
 
 /// Coordinator options joining the etcd cluster as `id`, with two regions.
-fn ha_opts(etcd: &EtcdCluster, origin: &OriginServer, id: &str) -> CoordinatorOpts {
+fn ha_opts(etcd: &EtcdCluster, origin: &OriginServer, id: &str, rollout: &str) -> CoordinatorOpts {
     CoordinatorOpts {
         insecure: true,
         extra: format!(
-            "{}\n[store]\nbackend = \"etcd\"\nendpoints = {}\nprefix = \"/vc-test/\"\nid = \"{id}\"\nlease_ttl_s = 2\n",
+            "[rollout]\n{rollout}\n{}\n[store]\nbackend = \"etcd\"\nendpoints = {}\nprefix = \"/vc-test/\"\nid = \"{id}\"\nlease_ttl_s = 2\n",
             tests::regions_toml(2, origin.addr),
             etcd.endpoints_toml()
         ),
@@ -66,14 +66,17 @@ struct Ha {
     _agents: Vec<AgentProc>,
 }
 
-async fn start_ha() -> Ha {
+async fn start_ha(rollout: &str) -> Ha {
     tests::require_varnish();
     let dir = temp_dir();
     let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
     let origin = OriginServer::start().await;
     let mut c = Vec::new();
     for id in ["c1", "c2"] {
-        c.push(CoordinatorProc::start(&dir.path().join(id), &ha_opts(&etcd, &origin, id)).await);
+        c.push(
+            CoordinatorProc::start(&dir.path().join(id), &ha_opts(&etcd, &origin, id, rollout))
+                .await,
+        );
     }
     let mut varnish = Vec::new();
     let mut agents = Vec::new();
@@ -130,7 +133,7 @@ async fn leader_of(c: &[CoordinatorProc]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_burst_loses_no_acknowledged_purge() {
-    let mut ha = start_ha().await;
+    let mut ha = start_ha("").await;
     let leader = leader_of(&ha.c).await;
     let ids = ["c1", "c2"];
     let view = cluster_view(&ha.c[1 - leader]).await;
@@ -263,7 +266,7 @@ async fn killing_the_leader_mid_burst_loses_no_acknowledged_purge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_losing_a_member_serves_and_losing_quorum_answers_503() {
-    let mut ha = start_ha().await;
+    let mut ha = start_ha("").await;
     // One member down: still 200, still applied.
     ha.etcd.kill9(0).await;
     let mut seq = 0;
@@ -334,4 +337,50 @@ async fn etcd_losing_a_member_serves_and_losing_quorum_answers_503() {
             .is_some_and(|h| h["store"] == "ok"),
         "/healthz does not say the store is back"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_finishes_the_rollout_in_flight() {
+    let mut ha = start_ha("canary_region = \"region-0\"\ncanary_wait_s = 4").await;
+    let leader = leader_of(&ha.c).await;
+    let bundle = serde_json::to_value(coordinator_cli::demo::sample_bundle()).expect("bundle");
+    let r = ha.c[leader]
+        .call("POST", "/api/v1/config?canary=true", Some(&bundle))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let started = r.json();
+    let version = started["version"].as_str().expect("version").to_owned();
+    let id = started["rollout"]["id"].as_u64().expect("rollout id");
+    // The canary edge runs it (whichever coordinator holds its session); the follower
+    // follows the same plan and shows every edge's config state.
+    let survivor = 1 - leader;
+    assert_eventually!(
+        30,
+        {
+            let v = ha.c[survivor].config().await;
+            v["rollout"]["id"].as_u64() == Some(id)
+                && v["rollout"]["phase"] == "canary"
+                && v["edges"].as_array().is_some_and(|e| {
+                    e.len() == 2
+                        && e.iter()
+                            .any(|e| e["region"] == "region-0" && e["state"] == "in_sync")
+                })
+        },
+        "the canary did not take the new version: {}",
+        ha.c[survivor].config().await
+    );
+    // The leader dies during the canary wait; the survivor leads and finishes it.
+    ha.c[leader].child.kill9().await;
+    assert_eventually!(
+        15,
+        cluster_view(&ha.c[survivor]).await["role"] == "leader",
+        "no new leader"
+    );
+    let view = ha.c[survivor].wait_rollout(id).await;
+    assert_eq!(view["rollout"]["phase"], "done", "{view}");
+    assert_eq!(view["current"], version.as_str(), "{view}");
+    for v in &ha.varnish {
+        let active = v.active_vcl().await;
+        assert!(active.starts_with(&format!("cfg_{version}_")), "{active}");
+    }
 }
