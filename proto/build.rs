@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         .build_server(true)
         .build_client(true)
+        .codec_path("crate::codec::EdgeCodec")
+        .bytes([".edge.v1.PurgeBatch.encoded"])
         .compile_fds(fds)?;
     Ok(())
 }

@@ -39,15 +39,8 @@ impl Leadership {
     /// The guard a singleton write carries: "my leader key still exists with the
     /// revision it was created at". `None` unless this coordinator leads.
     pub fn fence(&self) -> Option<etcd::etcdserverpb::Compare> {
-        use etcd::etcdserverpb::compare;
-        let (key, rev) = (self.key.clone().filter(|_| self.me)?, self.fencing?);
-        Some(etcd::etcdserverpb::Compare {
-            result: compare::CompareResult::Equal as i32,
-            target: compare::CompareTarget::Create as i32,
-            key,
-            target_union: Some(compare::TargetUnion::CreateRevision(rev)),
-            ..Default::default()
-        })
+        let key = self.key.as_ref().filter(|_| self.me)?;
+        Some(etcd::op::created_at(key, self.fencing?))
     }
 }
 

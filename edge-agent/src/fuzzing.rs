@@ -96,6 +96,7 @@ mod tests {
                     })),
                     ..Default::default()
                 }],
+                encoded: Default::default(),
             })),
         };
         coordinator_message(&msg.encode_to_vec());

@@ -162,25 +162,10 @@ impl Etcd {
     /// The value at `key`, putting `value` there first if the key does not exist (one
     /// transaction: of two callers racing, both get the value that won).
     pub async fn get_or_create(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-        use etcdserverpb::{
-            compare, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp,
-            TxnRequest,
-        };
+        use etcdserverpb::{request_op, response_op, RangeRequest, RequestOp, TxnRequest};
         let req = TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Create as i32,
-                key: key.to_vec(),
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-                ..Default::default()
-            }],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestPut(PutRequest {
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                    ..Default::default()
-                })),
-            }],
+            compare: vec![op::created_at(key, 0)],
+            success: vec![op::put(key, value)],
             failure: vec![RequestOp {
                 request: Some(request_op::Request::RequestRange(RangeRequest {
                     key: key.to_vec(),
@@ -250,6 +235,34 @@ pub struct MemberStatus {
     pub healthy: bool,
     pub version: Option<String>,
     pub error: Option<String>,
+}
+
+/// The pieces of transactions every user here builds.
+pub mod op {
+    use crate::etcdserverpb::{compare, request_op, Compare, PutRequest, RequestOp};
+
+    /// "`key` was created at revision `rev`" (0: `key` does not exist). A leader's
+    /// fence is its key at the revision it was created at.
+    pub fn created_at(key: &[u8], rev: i64) -> Compare {
+        Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Create as i32,
+            key: key.to_vec(),
+            target_union: Some(compare::TargetUnion::CreateRevision(rev)),
+            ..Default::default()
+        }
+    }
+
+    /// Put `value` at `key`.
+    pub fn put(key: &[u8], value: &[u8]) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
 }
 
 /// The end of the key range that holds every key starting with `prefix` (etcd's

@@ -8,6 +8,8 @@
 //! by purge batches. Payloads are `oneof` members, so new kinds of message can be added
 //! without breaking old peers (see the rules at the top of the `.proto`).
 
+pub mod codec;
+
 /// Generated types and service stubs for package `edge.v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod edge {

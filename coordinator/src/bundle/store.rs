@@ -304,9 +304,7 @@ impl ConfigStore {
 impl EtcdStore {
     /// Puts `value` at `key` only while this coordinator's leader key stands.
     fn save_fenced(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        use etcd::etcdserverpb::{
-            kv_client::KvClient, request_op, PutRequest, RequestOp, TxnRequest,
-        };
+        use etcd::etcdserverpb::{kv_client::KvClient, TxnRequest};
         let Some(fence) = self.leadership.borrow().fence() else {
             return Err(StoreError::Storage(
                 "not the cluster's leader: the plan is written by the leader only".into(),
@@ -314,13 +312,7 @@ impl EtcdStore {
         };
         let req = TxnRequest {
             compare: vec![fence],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestPut(PutRequest {
-                    key,
-                    value,
-                    ..Default::default()
-                })),
-            }],
+            success: vec![etcd::op::put(&key, &value)],
             failure: vec![],
         };
         let resp = self.block(self.etcd.retry(|ch| {

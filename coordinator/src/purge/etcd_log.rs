@@ -31,8 +31,8 @@
 use std::time::Duration;
 
 use etcd::etcdserverpb::{
-    compare, kv_client::KvClient, request_op, watch_request, Compare, PutRequest, RangeRequest,
-    RangeResponse, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
+    compare, kv_client::KvClient, watch_request, Compare, RangeRequest, RangeResponse, RequestOp,
+    TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
 };
 use etcd::Etcd;
 use prost::Message;
@@ -469,23 +469,11 @@ async fn txn(etcd: &Etcd, req: TxnRequest) -> Result<TxnResponse, LogError> {
 
 /// "`key` does not exist" (its create revision is 0).
 fn absent(key: &[u8]) -> Compare {
-    Compare {
-        result: compare::CompareResult::Equal as i32,
-        target: compare::CompareTarget::Create as i32,
-        key: key.to_vec(),
-        target_union: Some(compare::TargetUnion::CreateRevision(0)),
-        ..Default::default()
-    }
+    etcd::op::created_at(key, 0)
 }
 
 fn put(key: &[u8], value: &[u8]) -> RequestOp {
-    RequestOp {
-        request: Some(request_op::Request::RequestPut(PutRequest {
-            key: key.to_vec(),
-            value: value.to_vec(),
-            ..Default::default()
-        })),
-    }
+    etcd::op::put(key, value)
 }
 
 /// Starts the writer and the follower of `log`, with the tail loaded; returns what the

@@ -138,7 +138,41 @@ pub(super) struct Shared {
     /// Oldest sequence still stored (head + 1 when the log is empty).
     pub(super) first: AtomicU64,
     /// The newest entries, consecutive.
-    pub(super) tail: Mutex<VecDeque<Arc<PurgeEntry>>>,
+    pub(super) tail: Mutex<Tail>,
+    /// The last batch encoded for a session, `(from, last, bytes)`: sessions at the same
+    /// cursor (a fleet in sync) share it.
+    wire_batch: Mutex<Option<(u64, u64, prost::bytes::Bytes)>>,
+}
+
+/// The newest entries, each also encoded once as it appears in a `PurgeBatch`.
+pub(super) struct Tail {
+    entries: VecDeque<Arc<PurgeEntry>>,
+    wire: VecDeque<prost::bytes::Bytes>,
+}
+
+impl Tail {
+    fn new(entries: VecDeque<Arc<PurgeEntry>>) -> Tail {
+        let wire = entries
+            .iter()
+            .map(|e| proto::codec::encode_entry(e).into())
+            .collect();
+        Tail { entries, wire }
+    }
+
+    fn push_back(&mut self, e: Arc<PurgeEntry>) {
+        self.wire.push_back(proto::codec::encode_entry(&e).into());
+        self.entries.push_back(e);
+    }
+
+    fn pop_front(&mut self) {
+        self.entries.pop_front();
+        self.wire.pop_front();
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.wire.clear();
+    }
 }
 
 impl Shared {
@@ -147,7 +181,8 @@ impl Shared {
             head_tx: watch::channel(head).0,
             durable: AtomicU64::new(head),
             first: AtomicU64::new(first),
-            tail: Mutex::new(tail),
+            tail: Mutex::new(Tail::new(tail)),
+            wire_batch: Mutex::new(None),
         })
     }
 
@@ -157,7 +192,7 @@ impl Shared {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let mut last = None;
         for e in entries {
-            if tail.back().is_some_and(|b| b.seq + 1 != e.seq) {
+            if tail.entries.back().is_some_and(|b| b.seq + 1 != e.seq) {
                 // A gap (entries trimmed before this reader saw them): the tail only
                 // ever holds consecutive entries.
                 tail.clear();
@@ -166,7 +201,7 @@ impl Shared {
             last = Some(e.seq);
             tail.push_back(e);
         }
-        while tail.len() > TAIL_ENTRIES {
+        while tail.entries.len() > TAIL_ENTRIES {
             tail.pop_front();
         }
         drop(tail);
@@ -185,7 +220,7 @@ impl Shared {
     pub(super) fn trim(&self, first: u64) {
         self.first.fetch_max(first, Ordering::AcqRel);
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        while tail.front().is_some_and(|e| e.seq < first) {
+        while tail.entries.front().is_some_and(|e| e.seq < first) {
             tail.pop_front();
         }
     }
@@ -347,10 +382,16 @@ impl PurgeLog {
                 .tail
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if let Some(front) = tail.front() {
+            if let Some(front) = tail.entries.front() {
                 if front.seq <= from {
                     let skip = (from - front.seq) as usize;
-                    return Some(Ok(tail.iter().skip(skip).take(max).cloned().collect()));
+                    return Some(Ok(tail
+                        .entries
+                        .iter()
+                        .skip(skip)
+                        .take(max)
+                        .cloned()
+                        .collect()));
                 }
             }
         }
@@ -372,6 +413,43 @@ impl PurgeLog {
             }
             Ok(out)
         }))
+    }
+
+    /// Up to `max` entries from `from`, already encoded for a `PurgeBatch`
+    /// (`PurgeBatch::encoded`), and the last sequence among them: `None` unless the tail
+    /// holds `from`. Sessions asking for the same range share one buffer.
+    pub fn read_encoded(&self, from: u64, max: usize) -> Option<(u64, prost::bytes::Bytes)> {
+        let shared = &self.inner.shared;
+        {
+            let cached = shared.wire_batch.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((f, last, bytes)) = cached.as_ref() {
+                // The same start, and nothing newer that this batch would leave out.
+                if *f == from && (*last == self.head() || (*last - from + 1) as usize >= max) {
+                    return Some((*last, bytes.clone()));
+                }
+            }
+        }
+        let tail = shared.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let front = tail.entries.front()?.seq;
+        if from < front {
+            return None;
+        }
+        let skip = (from - front) as usize;
+        let n = tail.entries.len().saturating_sub(skip).min(max);
+        if n == 0 {
+            return None;
+        }
+        let last = tail.entries[skip + n - 1].seq;
+        let size: usize = tail.wire.iter().skip(skip).take(n).map(|b| b.len()).sum();
+        let mut out = Vec::with_capacity(size);
+        for b in tail.wire.iter().skip(skip).take(n) {
+            out.extend_from_slice(b);
+        }
+        drop(tail);
+        let bytes = prost::bytes::Bytes::from(out);
+        *shared.wire_batch.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((from, last, bytes.clone()));
+        Some((last, bytes))
     }
 
     /// One entry, if it is still retained.
@@ -643,6 +721,46 @@ mod tests {
         let all = log.read_from(1, 1000).await.unwrap();
         assert_eq!(all.len(), 103);
         assert!(all.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1));
+    }
+
+    #[tokio::test]
+    async fn encoded_batches_decode_to_the_entries_and_are_shared() {
+        use proto::codec::WireEncode;
+        use proto::edge::{coordinator_message, CoordinatorMessage, PurgeBatch};
+        let dir = tempfile::tempdir().unwrap();
+        let log = PurgeLog::open(dir.path(), forever()).unwrap();
+        for i in 0..10 {
+            log.append(vec![tag(&format!("t{i}"))]).await.unwrap();
+        }
+        let (last, bytes) = log.read_encoded(3, 4).unwrap();
+        assert_eq!(last, 6);
+        let msg = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Purges(PurgeBatch {
+                entries: vec![],
+                encoded: bytes.clone(),
+            })),
+        };
+        let mut wire = Vec::new();
+        msg.encode_wire(&mut wire);
+        let Some(coordinator_message::Msg::Purges(batch)) =
+            CoordinatorMessage::decode(wire.as_slice()).unwrap().msg
+        else {
+            panic!("not a batch");
+        };
+        let want: Vec<PurgeEntry> = log
+            .read_from(3, 4)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| (**e).clone())
+            .collect();
+        assert_eq!(batch.entries, want);
+        // A second session at the same cursor gets the same buffer, not a copy.
+        let (_, again) = log.read_encoded(3, 4).unwrap();
+        assert_eq!(again.as_ptr(), bytes.as_ptr());
+        // To the head: everything after the cursor; past the head: nothing.
+        assert_eq!(log.read_encoded(8, 100).map(|(l, _)| l), Some(10));
+        assert!(log.read_encoded(11, 100).is_none());
     }
 
     #[tokio::test]

@@ -6,6 +6,13 @@
 //! the time there is room the next batch is bigger, so the agent coalesces more. A
 //! session that falls behind retention, or starts without a usable cursor, gets a
 //! [`FullBan`] first.
+//!
+//! Fan-out cost is per session, so two things keep it small with a thousand edges. A
+//! batch from the log's tail goes out as bytes encoded once for every session at that
+//! cursor ([`PurgeLog::read_encoded`], written as-is by `proto::codec`). And after a
+//! send, the next one waits until [`FANOUT_WINDOW`] has passed: a purge storm reaches
+//! each edge as one batch per window instead of one per commit, while a lone purge
+//! (nothing sent within the window) goes at once.
 
 use proto::edge::{coordinator_message, FullBan, PurgeBatch};
 use tonic::Status;
@@ -16,6 +23,9 @@ use crate::purge::log::PurgeLog;
 
 /// Entries per batch message.
 const BATCH_ENTRIES: usize = 2048;
+
+/// Least time between two batches to one session (see the module docs).
+pub const FANOUT_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Where a session starts.
 #[derive(Debug, PartialEq, Eq)]
@@ -83,7 +93,14 @@ pub(super) async fn send_loop(
             head + 1
         }
     };
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(at) = last_sent.filter(|at| at.elapsed() < FANOUT_WINDOW) {
+            tokio::select! {
+                _ = handle.cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(at + FANOUT_WINDOW) => {}
+            }
+        }
         while next <= log.head() {
             if next < log.first() {
                 // Retention overtook a live session that fell this far behind.
@@ -97,6 +114,18 @@ pub(super) async fn send_loop(
                     return;
                 }
                 next = head + 1;
+                continue;
+            }
+            if let Some((last, encoded)) = log.read_encoded(next, BATCH_ENTRIES) {
+                next = last + 1;
+                let batch = PurgeBatch {
+                    entries: Vec::new(),
+                    encoded,
+                };
+                if !send(&tx, &handle, coordinator_message::Msg::Purges(batch)).await {
+                    return;
+                }
+                last_sent = Some(tokio::time::Instant::now());
                 continue;
             }
             let entries = match log.read_from(next, BATCH_ENTRIES).await {
@@ -113,10 +142,12 @@ pub(super) async fn send_loop(
             next = entries.last().map(|e| e.seq + 1).unwrap_or(next);
             let batch = PurgeBatch {
                 entries: entries.iter().map(|e| (**e).clone()).collect(),
+                encoded: Default::default(),
             };
             if !send(&tx, &handle, coordinator_message::Msg::Purges(batch)).await {
                 return;
             }
+            last_sent = Some(tokio::time::Instant::now());
         }
         tokio::select! {
             _ = handle.cancel.cancelled() => return,
