@@ -66,6 +66,8 @@ pub enum ServeError {
     NeedsInsecure,
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("purge listener: {0}")]
+    Listener(String),
 }
 
 /// Opens the state ([`State::open`]); [`run`] serves it.
@@ -104,13 +106,14 @@ pub async fn run(
     );
 
     let listener_config = config.purge.listener()?;
-    let purge_task = tokio::spawn(listener::run(
+    let purge_task = listener::run_dedicated(
         listeners.purge,
         listener_config,
         state.log.clone(),
         state.purge_counters.clone(),
         shutdown.clone(),
-    ));
+    )
+    .map_err(|e| ServeError::Listener(e.to_string()))?;
 
     let cluster_task = tokio::spawn(state.cluster.clone().drive(
         state.edges.clone(),

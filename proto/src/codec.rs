@@ -10,7 +10,7 @@
 
 use std::marker::PhantomData;
 
-use prost::bytes::{Buf, BufMut};
+use prost::bytes::BufMut;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -114,7 +114,7 @@ impl<U: Message + Default> Decoder for EdgeDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf.copy_to_bytes(buf.remaining()))
+        U::decode(buf)
             .map(Some)
             .map_err(|e| Status::internal(e.to_string()))
     }

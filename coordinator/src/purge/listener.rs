@@ -42,6 +42,39 @@ pub struct ListenerConfig {
 /// How long a source outside the allow-list may take to send its head.
 const STRANGER_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// [`run`] on a thread and runtime of its own: the agents' sessions (a thousand tasks
+/// woken by every commit) never stand in the queue ahead of Magento's purges; the kernel
+/// shares the CPU between this thread and the main runtime's workers. Resolves when the
+/// listener has stopped.
+pub fn run_dedicated(
+    listener: TcpListener,
+    config: ListenerConfig,
+    log: PurgeLog,
+    metrics: PurgeCounters,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let listener = listener.into_std()?;
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("purge-listener".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(rt) => rt.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => run(l, config, log, metrics, shutdown).await,
+                        Err(e) => tracing::error!(error = %e, "purge listener cannot start"),
+                    }
+                }),
+                Err(e) => tracing::error!(error = %e, "purge listener runtime cannot start"),
+            }
+            let _ = done_tx.send(());
+        })?;
+    Ok(done)
+}
+
 /// Accepts connections until `shutdown`, then lets in-flight requests finish.
 pub async fn run(
     listener: TcpListener,

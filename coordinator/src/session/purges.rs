@@ -25,7 +25,7 @@ use crate::purge::log::PurgeLog;
 const BATCH_ENTRIES: usize = 2048;
 
 /// Least time between two batches to one session (see the module docs).
-pub const FANOUT_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+pub const FANOUT_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Where a session starts.
 #[derive(Debug, PartialEq, Eq)]
