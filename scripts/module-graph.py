@@ -27,7 +27,7 @@ LAYERS = {
     "coordinator": [
         # Leaves: no domain knowledge.
         ["clock", "secret", "accept", "metrics", "pki", "leader"],
-        ["tls", "purge"],
+        ["tls", "purge", "etcd_kv"],
         ["edges", "bundle", "traffic"],
         ["rollout", "monitor", "warm", "geo", "cluster"],
         ["config"],

@@ -20,6 +20,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod edges;
+pub mod etcd_kv;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod geo;

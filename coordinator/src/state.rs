@@ -84,12 +84,13 @@ impl State {
         })?;
         let id = config.store.id_or_default(config.api.listen);
         let api_url = config.store.api_url(config.api.listen);
-        let (cluster, log, token, store) = match config.store.backend {
+        let (cluster, log, token, store, etcd_kv) = match config.store.backend {
             Backend::Embedded => (
                 Cluster::embedded(id, api_url),
                 PurgeLog::open(state_dir, config.purge.retention())?,
                 warm_token(config, state_dir)?,
                 ConfigStore::open(state_dir)?,
+                None,
             ),
             Backend::Etcd => {
                 let (cluster, etcd) = Cluster::open_etcd(&config.store, id, api_url)?;
@@ -116,7 +117,12 @@ impl State {
                 };
                 let store =
                     ConfigStore::etcd(etcd.clone(), &config.store.prefix, cluster.leadership());
-                (cluster, log, token, store)
+                let kv = crate::etcd_kv::EtcdKv::new(
+                    etcd.clone(),
+                    &config.store.prefix,
+                    cluster.leadership(),
+                );
+                (cluster, log, token, store, Some(kv))
             }
         };
         let store = Arc::new(store);
@@ -137,13 +143,22 @@ impl State {
             log.clone(),
             traffic.clone(),
         );
-        let warm = Warm::open(
-            config.warm.clone(),
-            token,
-            config.region_names(),
-            state_dir,
-            edges.clone(),
-        )?;
+        let warm = match &etcd_kv {
+            None => Warm::open(
+                config.warm.clone(),
+                token,
+                config.region_names(),
+                state_dir,
+                edges.clone(),
+            )?,
+            Some(kv) => Warm::with_store(
+                config.warm.clone(),
+                token,
+                config.region_names(),
+                crate::warm::store::WarmStore::etcd(kv.clone()),
+                edges.clone(),
+            )?,
+        };
         let purge_counters = PurgeCounters::default();
         let geo = match &config.geo {
             Some(g) => Some(Arc::new(Geo::open(

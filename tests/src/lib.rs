@@ -507,6 +507,9 @@ pub struct CoordinatorOpts {
     pub warm_extra: String,
     /// More keys for region i's `[[regions]]` table (`lat`, `lon`, `addresses`), by index.
     pub region_keys: Vec<String>,
+    /// The gRPC address to listen on (default: a free loopback port), for agents that
+    /// list a coordinator before it starts.
+    pub grpc: Option<SocketAddr>,
 }
 
 /// The warm secret every test cluster shares (boot VCL and `[warm] token_file`).
@@ -523,6 +526,7 @@ impl Default for CoordinatorOpts {
             purge_extra: String::new(),
             warm_extra: String::new(),
             region_keys: Vec::new(),
+            grpc: None,
         }
     }
 }
@@ -566,7 +570,8 @@ impl CoordinatorProc {
         let state = dir.join("state");
         let mut last_err = String::new();
         for _ in 0..3 {
-            let (purge, grpc, api) = (lo(free_port()), lo(free_port()), lo(free_port()));
+            let (purge, api) = (lo(free_port()), lo(free_port()));
+            let grpc = opts.grpc.unwrap_or_else(|| lo(free_port()));
             // `{dns}` in the extra TOML: a fresh port for the DNS backend.
             let dns = opts.extra.contains("{dns}").then(|| lo(free_port()));
             let extra = match dns {

@@ -2,12 +2,9 @@
 //! or in etcd with `[store] backend = "etcd"` (`config/versions/<v>` and `config/plan`
 //! under the prefix), shared by the cluster.
 //!
-//! With etcd the methods stay synchronous (they are called under the rollout lock, which
-//! is never held across an `.await`): each etcd call runs to completion on the calling
-//! worker thread (`block_in_place`), bounded by [`ETCD_CALL`]. Versions, immutable, are
-//! cached once read. The plan is written only with the leader's fence
-//! ([`crate::leader::Leadership::fence`]): a coordinator that is not (or no longer) the
-//! leader cannot overwrite it.
+//! With etcd the methods stay synchronous ([`crate::etcd_kv`]: blocking, bounded, every
+//! write fenced on the leader key, so a coordinator that is not, or no longer, the leader
+//! cannot overwrite the plan). Versions, immutable, are cached once read.
 //!
 //! Versions are immutable and never deleted (they are small and a rollback may want any
 //! of them). The rollout plan ([`crate::rollout::Plan`]) is one JSON value rewritten on
@@ -67,14 +64,9 @@ enum Backend {
 }
 
 struct EtcdStore {
-    etcd: etcd::Etcd,
-    prefix: String,
-    leadership: tokio::sync::watch::Receiver<crate::leader::Leadership>,
+    kv: crate::etcd_kv::EtcdKv,
     cache: std::sync::Mutex<std::collections::HashMap<String, StoredVersion>>,
 }
-
-/// The longest one etcd call from the config store may take.
-pub const ETCD_CALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for ConfigStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,50 +74,6 @@ impl std::fmt::Debug for ConfigStore {
             Backend::Redb(_) => "ConfigStore(redb)",
             Backend::Etcd(_) => "ConfigStore(etcd)",
         })
-    }
-}
-
-impl EtcdStore {
-    /// Runs an etcd call to completion from synchronous code (see the module docs).
-    fn block<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, tonic::Status>>,
-    ) -> Result<T, StoreError> {
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async {
-                match tokio::time::timeout(ETCD_CALL, f).await {
-                    Ok(r) => r.map_err(|e| StoreError::Storage(format!("etcd: {}", e.message()))),
-                    Err(_) => Err(StoreError::Storage("etcd: no answer".into())),
-                }
-            })
-        })
-    }
-
-    fn key(&self, suffix: &str) -> Vec<u8> {
-        format!("{}config/{suffix}", self.prefix).into_bytes()
-    }
-
-    fn range(&self, key: Vec<u8>, prefix: bool) -> Result<Vec<Vec<u8>>, StoreError> {
-        use etcd::etcdserverpb::{kv_client::KvClient, RangeRequest};
-        let req = RangeRequest {
-            range_end: if prefix {
-                etcd::prefix_end(&key)
-            } else {
-                Vec::new()
-            },
-            key,
-            ..Default::default()
-        };
-        let resp = self.block(self.etcd.retry(|ch| {
-            let req = req.clone();
-            async move { KvClient::new(ch).range(req).await }
-        }))?;
-        Ok(resp
-            .into_inner()
-            .kvs
-            .into_iter()
-            .map(|kv| kv.value)
-            .collect())
     }
 }
 
@@ -138,9 +86,7 @@ impl ConfigStore {
     ) -> Self {
         ConfigStore {
             backend: Backend::Etcd(EtcdStore {
-                etcd,
-                prefix: prefix.to_owned(),
-                leadership,
+                kv: crate::etcd_kv::EtcdKv::new(etcd, prefix, leadership),
                 cache: Default::default(),
             }),
         }
@@ -149,7 +95,7 @@ impl ConfigStore {
     /// The etcd key of the plan, for followers that watch it (`None`: embedded).
     pub fn plan_key(&self) -> Option<(etcd::Etcd, Vec<u8>)> {
         match &self.backend {
-            Backend::Etcd(e) => Some((e.etcd.clone(), e.key("plan"))),
+            Backend::Etcd(e) => Some((e.kv.etcd().clone(), e.kv.key("config/plan"))),
             Backend::Redb(_) => None,
         }
     }
@@ -182,8 +128,21 @@ impl ConfigStore {
         let db = match &self.backend {
             Backend::Redb(db) => db,
             Backend::Etcd(e) => {
-                let key = e.key(&format!("versions/{version}"));
-                let stored = e.block(e.etcd.get_or_create(&key, &bytes))?;
+                let key = e.kv.key(&format!("config/versions/{version}"));
+                let stored = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(tokio::time::timeout(
+                        crate::etcd_kv::ETCD_CALL,
+                        e.kv.etcd().get_or_create(&key, &bytes),
+                    ))
+                })
+                .map_err(|_| StoreError::Storage("etcd: no answer".into()))?
+                .map_err(|err| StoreError::Storage(format!("etcd: {}", err.message())))?;
+                if let Ok(record) = serde_json::from_slice::<StoredVersion>(&stored) {
+                    e.cache
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(version.clone(), record);
+                }
                 return Ok((version, stored == bytes));
             }
         };
@@ -211,7 +170,10 @@ impl ConfigStore {
                 if cached.is_some() {
                     return Ok(cached);
                 }
-                let Some(v) = e.range(e.key(&format!("versions/{version}")), false)?.pop() else {
+                let Some(v) =
+                    e.kv.get(&format!("config/versions/{version}"))
+                        .map_err(StoreError::Storage)?
+                else {
                     return Ok(None);
                 };
                 let stored: StoredVersion = serde_json::from_slice(&v)
@@ -236,7 +198,13 @@ impl ConfigStore {
     /// Every version, oldest first.
     pub fn list(&self) -> Result<Vec<VersionInfo>, StoreError> {
         let records: Vec<Vec<u8>> = match &self.backend {
-            Backend::Etcd(e) => e.range(e.key("versions/"), true)?,
+            Backend::Etcd(e) => {
+                e.kv.list("config/versions/")
+                    .map_err(StoreError::Storage)?
+                    .into_iter()
+                    .map(|(_, v)| v)
+                    .collect()
+            }
             Backend::Redb(db) => {
                 let read = db.begin_read().map_err(storage)?;
                 let t = read.open_table(VERSIONS).map_err(storage)?;
@@ -267,7 +235,7 @@ impl ConfigStore {
         let db = match &self.backend {
             Backend::Redb(db) => db,
             Backend::Etcd(e) => {
-                let Some(v) = e.range(e.key("plan"), false)?.pop() else {
+                let Some(v) = e.kv.get("config/plan").map_err(StoreError::Storage)? else {
                     return Ok(None);
                 };
                 return serde_json::from_slice(&v)
@@ -289,7 +257,12 @@ impl ConfigStore {
         let bytes = serde_json::to_vec(plan).map_err(storage)?;
         let db = match &self.backend {
             Backend::Redb(db) => db,
-            Backend::Etcd(e) => return e.save_fenced(e.key("plan"), bytes),
+            Backend::Etcd(e) => {
+                return e
+                    .kv
+                    .put_fenced(&[("config/plan".to_owned(), bytes)])
+                    .map_err(StoreError::Storage)
+            }
         };
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
@@ -298,34 +271,6 @@ impl ConfigStore {
             t.insert(PLAN_KEY, bytes.as_slice()).map_err(storage)?;
         }
         txn.commit().map_err(storage)
-    }
-}
-
-impl EtcdStore {
-    /// Puts `value` at `key` only while this coordinator's leader key stands.
-    fn save_fenced(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        use etcd::etcdserverpb::{kv_client::KvClient, TxnRequest};
-        let Some(fence) = self.leadership.borrow().fence() else {
-            return Err(StoreError::Storage(
-                "not the cluster's leader: the plan is written by the leader only".into(),
-            ));
-        };
-        let req = TxnRequest {
-            compare: vec![fence],
-            success: vec![etcd::op::put(&key, &value)],
-            failure: vec![],
-        };
-        let resp = self.block(self.etcd.retry(|ch| {
-            let req = req.clone();
-            async move { KvClient::new(ch).txn(req).await }
-        }))?;
-        if resp.into_inner().succeeded {
-            Ok(())
-        } else {
-            Err(StoreError::Storage(
-                "deposed: another coordinator leads now; the plan was not written".into(),
-            ))
-        }
     }
 }
 

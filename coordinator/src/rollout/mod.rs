@@ -265,9 +265,21 @@ impl Rollouts {
     }
 
     /// A follower takes the plan the leader wrote (the leader's own copy is the truth).
+    /// The versions it names are read first, outside the lock, so that rendering them
+    /// for a session never waits on etcd.
     pub fn replace_plan(&self, plan: Plan) {
         if self.leads() {
             return;
+        }
+        let named = [
+            plan.current.clone(),
+            plan.rollout.as_ref().map(|r| r.version.clone()),
+            plan.rollout.as_ref().and_then(|r| r.previous.clone()),
+        ];
+        for v in named.into_iter().flatten() {
+            if let Err(e) = self.store.get(&v) {
+                tracing::warn!(version = %v, error = %e, "config version not readable yet");
+            }
         }
         let mut inner = self.lock();
         if inner.plan.rollout == plan.rollout && inner.plan.current == plan.current {

@@ -196,6 +196,36 @@ pub enum WarmError {
     Store(#[from] WarmStoreError),
 }
 
+/// Puts the stored jobs into `inner` (the newest finished ones, every unfinished one;
+/// running ones resume).
+fn load_jobs(
+    store: &WarmStore,
+    config: &WarmConfig,
+    inner: &mut Inner,
+) -> Result<(), WarmStoreError> {
+    let all = store.jobs()?;
+    inner.next_id = all.iter().map(|j| j.id).max().unwrap_or(0) + 1;
+    let finished: Vec<u64> = all
+        .iter()
+        .filter(|j| j.state.is_final())
+        .map(|j| j.id)
+        .collect();
+    let keep_from = finished.len().saturating_sub(KEEP_FINISHED);
+    for job in all {
+        if job.state.is_final() && finished[..keep_from].contains(&job.id) {
+            continue;
+        }
+        if job.state == State::Running {
+            tracing::info!(job_id = job.id, "resuming warm job");
+            inner
+                .aimd
+                .insert(job.id, Aimd::new(job.budget, slow(config)));
+        }
+        inner.jobs.insert(job.id, job);
+    }
+    Ok(())
+}
+
 impl Warm {
     /// Loads stored jobs (running ones resume) from `state_dir`.
     pub fn open(
@@ -205,7 +235,17 @@ impl Warm {
         state_dir: &Path,
         edges: Arc<EdgeRegistry>,
     ) -> Result<Arc<Self>, WarmStoreError> {
-        let store = WarmStore::open(state_dir)?;
+        Self::with_store(config, token, regions, WarmStore::open(state_dir)?, edges)
+    }
+
+    /// [`Self::open`] on a given store (the cluster's in etcd).
+    pub fn with_store(
+        config: WarmConfig,
+        token: String,
+        regions: Vec<String>,
+        store: WarmStore,
+        edges: Arc<EdgeRegistry>,
+    ) -> Result<Arc<Self>, WarmStoreError> {
         let mut inner = Inner {
             jobs: BTreeMap::new(),
             next_id: 0,
@@ -220,26 +260,7 @@ impl Warm {
             top: BTreeMap::new(),
             totals: BTreeMap::new(),
         };
-        let all = store.jobs()?;
-        inner.next_id = all.iter().map(|j| j.id).max().unwrap_or(0) + 1;
-        let finished: Vec<u64> = all
-            .iter()
-            .filter(|j| j.state.is_final())
-            .map(|j| j.id)
-            .collect();
-        let keep_from = finished.len().saturating_sub(KEEP_FINISHED);
-        for job in all {
-            if job.state.is_final() && finished[..keep_from].contains(&job.id) {
-                continue;
-            }
-            if job.state == State::Running {
-                tracing::info!(job_id = job.id, "resuming warm job");
-                inner
-                    .aimd
-                    .insert(job.id, Aimd::new(job.budget, slow(&config)));
-            }
-            inner.jobs.insert(job.id, job);
-        }
+        load_jobs(&store, &config, &mut inner)?;
         Ok(Arc::new(Warm {
             config,
             token,
@@ -253,6 +274,33 @@ impl Warm {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds no job (a follower: the leader runs them).
+    pub fn forget_jobs(&self) -> Result<(), WarmStoreError> {
+        let mut inner = self.lock();
+        inner.jobs.clear();
+        inner.aimd.clear();
+        inner.in_flight.clear();
+        inner.sent_rate.clear();
+        drop(inner);
+        self.bump();
+        Ok(())
+    }
+
+    /// Reads the jobs again from the store (a coordinator that has just become the
+    /// cluster's leader takes over what the last one left); shards that were out on
+    /// another coordinator's sessions are handed out again.
+    pub fn reload(&self) -> Result<(), WarmStoreError> {
+        let mut inner = self.lock();
+        inner.jobs.clear();
+        inner.aimd.clear();
+        inner.in_flight.clear();
+        inner.sent_rate.clear();
+        load_jobs(&self.store, &self.config, &mut inner)?;
+        drop(inner);
+        self.bump();
+        Ok(())
     }
 
     fn bump(&self) {

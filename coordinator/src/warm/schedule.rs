@@ -37,9 +37,9 @@ struct Pending {
 }
 
 impl Warm {
-    /// Runs the queue, the cron schedules and re-warming until `shutdown`. Schedules
-    /// fire and purges start re-warms only while `duty` is true (the cluster's leader),
-    /// so a cluster queues each once.
+    /// Runs the queue, the cron schedules and re-warming until `shutdown`, while `duty`
+    /// is true (the cluster's leader; always, embedded), so a cluster runs each job,
+    /// schedule and re-warm once.
     pub async fn run(
         self: Arc<Self>,
         log: PurgeLog,
@@ -60,10 +60,29 @@ impl Warm {
         let mut pending = Pending::default();
         let debounce = Duration::from_millis(self.config.rewarm_debounce_ms);
         let mut tick = tokio::time::interval(TICK);
+        let mut led = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            // In a cluster the jobs are the leader's: it takes them over from the store
+            // when it becomes leader, and a follower holds none (it hands out nothing).
+            let leads = *duty.borrow();
+            if self.store.is_shared() && led != Some(leads) {
+                let result = if leads {
+                    self.reload()
+                } else {
+                    self.forget_jobs()
+                };
+                match result {
+                    Ok(()) => led = Some(leads),
+                    Err(e) => tracing::warn!(error = %e, "warm jobs not taken over yet"),
+                }
+            }
+            if !leads {
+                seen_seq = log.head();
+                continue;
             }
             self.drop_stuck_edges();
             self.start_next().await;
@@ -71,9 +90,7 @@ impl Warm {
             for (schedule, cron, next) in crons.iter_mut() {
                 if next.is_some_and(|t| t <= now) {
                     *next = cron.find_next_occurrence(&now, false).ok();
-                    if *duty.borrow() {
-                        self.fire(schedule);
-                    }
+                    self.fire(schedule);
                 }
             }
             seen_seq = self.follow_log(&log, seen_seq, &mut pending).await;
@@ -84,9 +101,7 @@ impl Warm {
             if !pending.tags.is_empty() && (quiet || overdue) {
                 let p = std::mem::take(&mut pending);
                 let tags: Vec<String> = p.tags.into_iter().collect();
-                if *duty.borrow() {
-                    self.rewarm(&tags, p.last_seq);
-                }
+                self.rewarm(&tags, p.last_seq);
             }
         }
     }

@@ -4,6 +4,10 @@
 //! memory. An edge's record is rewritten when it reports a shard; job state changes are
 //! durable commits, which also make every earlier progress write durable. After kill -9
 //! a job resumes from its recorded shards.
+//!
+//! With `[store] backend = "etcd"` the same records live in etcd under `warm/jobs/<id>`,
+//! `warm/edges/<id>/<edge>` and `warm/shards/<id>/<n>` ([`crate::etcd_kv`]: written by
+//! the leader only, fenced), so the next leader resumes a job where the last one was.
 
 use std::path::Path;
 
@@ -35,10 +39,42 @@ fn storage<E: std::fmt::Display>(e: E) -> WarmStoreError {
 
 #[derive(Debug)]
 pub struct WarmStore {
-    db: Database,
+    db: Option<Database>,
+    etcd: Option<crate::etcd_kv::EtcdKv>,
+}
+
+fn job_key(id: u64) -> String {
+    format!("warm/jobs/{id:020}")
+}
+
+fn edges_key(id: u64) -> String {
+    format!("warm/edges/{id:020}/")
+}
+
+fn shards_key(id: u64) -> String {
+    format!("warm/shards/{id:020}/")
 }
 
 impl WarmStore {
+    /// The cluster's warm records in etcd.
+    pub fn etcd(kv: crate::etcd_kv::EtcdKv) -> Self {
+        WarmStore {
+            db: None,
+            etcd: Some(kv),
+        }
+    }
+
+    /// Whether the records are the cluster's (in etcd).
+    pub fn is_shared(&self) -> bool {
+        self.etcd.is_some()
+    }
+
+    fn db(&self) -> Result<&Database, WarmStoreError> {
+        self.db
+            .as_ref()
+            .ok_or_else(|| WarmStoreError::Storage("no database".into()))
+    }
+
     pub fn open(dir: &Path) -> Result<Self, WarmStoreError> {
         // Shards are read once each: a small page cache (redb's default is 1 GiB).
         let db = Database::builder()
@@ -52,13 +88,29 @@ impl WarmStore {
             txn.open_table(SHARDS).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        Ok(WarmStore { db })
+        Ok(WarmStore {
+            db: Some(db),
+            etcd: None,
+        })
     }
 
     /// Every stored job with its edges, oldest first.
     pub fn jobs(&self) -> Result<Vec<Job>, WarmStoreError> {
         let corrupt = |e: serde_json::Error| WarmStoreError::Corrupt(e.to_string());
-        let txn = self.db.begin_read().map_err(storage)?;
+        if let Some(kv) = &self.etcd {
+            let mut out = Vec::new();
+            for (_, v) in kv.list("warm/jobs/").map_err(WarmStoreError::Storage)? {
+                let mut job: Job = serde_json::from_slice(&v).map_err(corrupt)?;
+                let prefix = edges_key(job.id);
+                for (k, v) in kv.list(&prefix).map_err(WarmStoreError::Storage)? {
+                    let work: EdgeWork = serde_json::from_slice(&v).map_err(corrupt)?;
+                    job.edges.insert(k[prefix.len()..].to_owned(), work);
+                }
+                out.push(job);
+            }
+            return Ok(out);
+        }
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let jobs = txn.open_table(JOBS).map_err(storage)?;
         let edges = txn.open_table(EDGES).map_err(storage)?;
         let mut out = Vec::new();
@@ -80,7 +132,13 @@ impl WarmStore {
 
     /// Stores the job record (not its edges), durably.
     pub fn put_job(&self, job: &Job) -> Result<(), WarmStoreError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        if let Some(kv) = &self.etcd {
+            let bytes = serde_json::to_vec(job).map_err(storage)?;
+            return kv
+                .put_fenced(&[(job_key(job.id), bytes)])
+                .map_err(WarmStoreError::Storage);
+        }
+        let txn = self.db()?.begin_write().map_err(storage)?;
         insert_job(&txn, job)?;
         txn.commit().map_err(storage)
     }
@@ -89,7 +147,12 @@ impl WarmStore {
     /// carries it): losing the last moments of progress in a crash only repeats shards.
     pub fn put_edge(&self, job: u64, edge: &str, work: &EdgeWork) -> Result<(), WarmStoreError> {
         let bytes = serde_json::to_vec(work).map_err(storage)?;
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        if let Some(kv) = &self.etcd {
+            return kv
+                .put_fenced(&[(format!("{}{edge}", edges_key(job)), bytes)])
+                .map_err(WarmStoreError::Storage);
+        }
+        let mut txn = self.db()?.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Eventual);
         txn.open_table(EDGES)
             .map_err(storage)?
@@ -103,9 +166,29 @@ impl WarmStore {
     /// until it says `running` with its shard count, the shards are never read.
     pub fn put_shards(&self, job: &Job, urls: &[String]) -> Result<(), WarmStoreError> {
         let chunks: Vec<&[String]> = urls.chunks(job.per_shard.max(1)).collect();
+        if let Some(kv) = &self.etcd {
+            let mut puts: Vec<(String, Vec<u8>)> = chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        format!("{}{i:010}", shards_key(job.id)),
+                        c.join("\n").into_bytes(),
+                    )
+                })
+                .collect();
+            for (edge, work) in &job.edges {
+                let bytes = serde_json::to_vec(work).map_err(storage)?;
+                puts.push((format!("{}{edge}", edges_key(job.id)), bytes));
+            }
+            // The record last: until it says `running`, the shards are never read.
+            puts.push((job_key(job.id), serde_json::to_vec(job).map_err(storage)?));
+            return kv.put_fenced(&puts).map_err(WarmStoreError::Storage);
+        }
         let mut index = 0u32;
+        let db = self.db()?;
         for batch in chunks.chunks(SHARDS_PER_TXN) {
-            let txn = self.db.begin_write().map_err(storage)?;
+            let txn = db.begin_write().map_err(storage)?;
             {
                 let mut table = txn.open_table(SHARDS).map_err(storage)?;
                 for chunk in batch {
@@ -118,7 +201,7 @@ impl WarmStore {
             }
             txn.commit().map_err(storage)?;
         }
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
         {
             let mut table = txn.open_table(EDGES).map_err(storage)?;
             for (edge, work) in &job.edges {
@@ -133,7 +216,18 @@ impl WarmStore {
     }
 
     pub fn shard(&self, job: u64, shard: u32) -> Result<Vec<String>, WarmStoreError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        if let Some(kv) = &self.etcd {
+            let v = kv
+                .get(&format!("{}{shard:010}", shards_key(job)))
+                .map_err(WarmStoreError::Storage)?
+                .ok_or_else(|| {
+                    WarmStoreError::Corrupt(format!("job {job} has no shard {shard}"))
+                })?;
+            let text = String::from_utf8(v)
+                .map_err(|e| WarmStoreError::Corrupt(format!("shard {job}/{shard}: {e}")))?;
+            return Ok(text.lines().map(str::to_owned).collect());
+        }
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let table = txn.open_table(SHARDS).map_err(storage)?;
         let v = table
             .get((job, shard))
@@ -147,8 +241,13 @@ impl WarmStore {
     /// Drops a finished job's URLs (its record stays for the API), in batches of
     /// transactions so that freed pages are reused rather than the file growing.
     pub fn drop_shards(&self, job: u64) -> Result<(), WarmStoreError> {
+        if let Some(kv) = &self.etcd {
+            return kv
+                .delete_fenced(&shards_key(job))
+                .map_err(WarmStoreError::Storage);
+        }
         loop {
-            let txn = self.db.begin_write().map_err(storage)?;
+            let txn = self.db()?.begin_write().map_err(storage)?;
             let removed = {
                 let mut table = txn.open_table(SHARDS).map_err(storage)?;
                 let keys: Vec<(u64, u32)> = table

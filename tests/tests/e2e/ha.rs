@@ -384,3 +384,91 @@ async fn a_new_leader_finishes_the_rollout_in_flight() {
         assert!(active.starts_with(&format!("cfg_{version}_")), "{active}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_finishes_the_warm_job_in_flight() {
+    tests::require_varnish();
+    let dir = temp_dir();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
+    let origin = OriginServer::start().await;
+    let opts = |id: &str| CoordinatorOpts {
+        warm_extra: "origin_budget_rps = 40\nshard_urls = 10\n".into(),
+        ..ha_opts(&etcd, &origin, id, "")
+    };
+    // c1 alone first, so both agents are on it (warm shards go to the leader's sessions).
+    let mut c1 = CoordinatorProc::start(&dir.path().join("c1"), &opts("c1")).await;
+    let c2_dir = dir.path().join("c2");
+    std::fs::create_dir_all(&c2_dir).expect("c2 dir");
+    let mut varnish = Vec::new();
+    let mut agents = Vec::new();
+    // The agents list c2 before it runs.
+    let c2_grpc = std::net::SocketAddr::from(([127, 0, 0, 1], tests::free_port()));
+    for i in 0..2 {
+        let v = VarnishNode::start(&dir.path().join(format!("v{i}")), origin.addr).await;
+        agents.push(AgentProc::start_with(
+            &dir.path().join(format!("a{i}")),
+            &format!("edge-{i}"),
+            &format!("region-{i}"),
+            &[c1.grpc, c2_grpc],
+            None,
+            &v,
+            "ban",
+        ));
+        varnish.push(v);
+    }
+    assert_eventually!(30, local_edges(&c1).await.len() == 2, "agents not on c1");
+    assert_eventually!(
+        15,
+        cluster_view(&c1).await["role"] == "leader",
+        "c1 does not lead"
+    );
+    let c2_opts = CoordinatorOpts {
+        grpc: Some(c2_grpc),
+        ..opts("c2")
+    };
+    let c2 = CoordinatorProc::start(&c2_dir, &c2_opts).await;
+    assert_eventually!(
+        15,
+        cluster_view(&c2).await["role"] == "follower",
+        "c2 not a follower"
+    );
+
+    let id = c1
+        .start_warm_job(&serde_json::json!({
+            "sitemap": format!("http://{}/sitemap.xml?products=189", origin.addr),
+            "host": "shop.test"
+        }))
+        .await;
+    let done = |v: &Value| {
+        (0..2)
+            .map(|i| {
+                v["regions"][format!("region-{i}")]["done"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum::<u64>()
+    };
+    assert_eventually!(
+        30,
+        done(&c1.warm_job(id).await) >= 60,
+        "job did not progress"
+    );
+    let before = done(&c1.warm_job(id).await);
+    c1.child.kill9().await;
+    // The survivor leads, the agents move to it, and it finishes the job.
+    assert_eventually!(
+        15,
+        cluster_view(&c2).await["role"] == "leader",
+        "c2 did not take the lead"
+    );
+    let view = c2.warm_finished(id, 90).await;
+    assert_eq!(view["state"], "done", "{view}");
+    assert_eq!(done(&view), 400, "{view}");
+    eprintln!("warm job: {before} of 400 done when the leader died, finished by the next");
+    // The pages are in both caches.
+    for v in &varnish {
+        assert_eq!(get(v.http, "/p/5").await.cache(), "HIT");
+    }
+    drop(c1);
+    drop(etcd);
+}

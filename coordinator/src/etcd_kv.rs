@@ -1,0 +1,167 @@
+//! Synchronous, fenced access to the cluster's keys in etcd, for the stores whose
+//! callers are synchronous (the config store under the rollout lock, the warm store
+//! under the warm lock; neither lock is ever held across an `.await`).
+//!
+//! Each call runs to completion on the calling worker thread (`block_in_place`, so the
+//! runtime moves its other tasks elsewhere), bounded by [`ETCD_CALL`]; it needs the
+//! multi-threaded runtime `coordinator serve` runs on. Every write carries the leader's
+//! fence ([`Leadership::fence`]): a coordinator that is not, or no longer, the leader
+//! cannot write, however late its write arrives.
+
+use std::time::Duration;
+
+use etcd::etcdserverpb::{
+    kv_client::KvClient, request_op, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use etcd::Etcd;
+use tokio::sync::watch;
+
+use crate::leader::Leadership;
+
+/// The longest one etcd call from a store may take.
+pub const ETCD_CALL: Duration = Duration::from_secs(5);
+
+/// Keys and values, as read.
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Most operations in one etcd transaction (etcd's default limit is 128).
+const OPS_PER_TXN: usize = 100;
+
+/// Keys under `prefix`, read and written from synchronous code.
+#[derive(Clone)]
+pub struct EtcdKv {
+    etcd: Etcd,
+    prefix: String,
+    leadership: watch::Receiver<Leadership>,
+}
+
+impl std::fmt::Debug for EtcdKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdKv")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl EtcdKv {
+    pub fn new(etcd: Etcd, prefix: &str, leadership: watch::Receiver<Leadership>) -> Self {
+        EtcdKv {
+            etcd,
+            prefix: prefix.to_owned(),
+            leadership,
+        }
+    }
+
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+
+    /// The full key of `suffix`.
+    pub fn key(&self, suffix: &str) -> Vec<u8> {
+        format!("{}{suffix}", self.prefix).into_bytes()
+    }
+
+    /// Runs an etcd call to completion from synchronous code.
+    fn block<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, String> {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                match tokio::time::timeout(ETCD_CALL, f).await {
+                    Ok(r) => r.map_err(|e| format!("etcd: {}", e.message())),
+                    Err(_) => Err("etcd: no answer".to_owned()),
+                }
+            })
+        })
+    }
+
+    /// The value of `suffix`.
+    pub fn get(&self, suffix: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.range(self.key(suffix), false)?.pop().map(|(_, v)| v))
+    }
+
+    /// Every (key suffix, value) under `suffix`, in key order.
+    pub fn list(&self, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let cut = self.prefix.len();
+        Ok(self
+            .range(self.key(suffix), true)?
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(&k[cut.min(k.len())..]).into_owned(),
+                    v,
+                )
+            })
+            .collect())
+    }
+
+    fn range(&self, key: Vec<u8>, prefix: bool) -> Result<Pairs, String> {
+        let req = RangeRequest {
+            range_end: if prefix {
+                etcd::prefix_end(&key)
+            } else {
+                Vec::new()
+            },
+            key,
+            ..Default::default()
+        };
+        let resp = self.block(self.etcd.retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).range(req).await }
+        }))?;
+        Ok(resp
+            .into_inner()
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect())
+    }
+
+    /// Puts every (suffix, value), in transactions of at most [`OPS_PER_TXN`], each
+    /// only while this coordinator's leader key stands.
+    pub fn put_fenced(&self, puts: &[(String, Vec<u8>)]) -> Result<(), String> {
+        for chunk in puts.chunks(OPS_PER_TXN) {
+            let ops = chunk
+                .iter()
+                .map(|(k, v)| etcd::op::put(&self.key(k), v))
+                .collect();
+            self.txn_fenced(ops)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every key under `suffix`, only while this coordinator leads.
+    pub fn delete_fenced(&self, suffix: &str) -> Result<(), String> {
+        let key = self.key(suffix);
+        self.txn_fenced(vec![RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    range_end: etcd::prefix_end(&key),
+                    key,
+                    ..Default::default()
+                },
+            )),
+        }])
+    }
+
+    fn txn_fenced(&self, ops: Vec<RequestOp>) -> Result<(), String> {
+        let Some(fence) = self.leadership.borrow().fence() else {
+            return Err("not the cluster's leader: only the leader writes this".into());
+        };
+        let req = TxnRequest {
+            compare: vec![fence],
+            success: ops,
+            failure: vec![],
+        };
+        let resp = self.block(self.etcd.retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).txn(req).await }
+        }))?;
+        if resp.into_inner().succeeded {
+            Ok(())
+        } else {
+            Err("deposed: another coordinator leads now; nothing was written".into())
+        }
+    }
+}
