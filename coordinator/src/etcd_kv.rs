@@ -10,9 +10,7 @@
 
 use std::time::Duration;
 
-use etcd::etcdserverpb::{
-    kv_client::KvClient, request_op, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest,
-};
+use etcd::etcdserverpb::{request_op, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest};
 use etcd::Etcd;
 use tokio::sync::watch;
 
@@ -81,6 +79,12 @@ impl EtcdKv {
         Ok(self.range(self.key(suffix), false)?.pop().map(|(_, v)| v))
     }
 
+    /// The value of `suffix`, putting `value` there first if it does not exist (creating
+    /// an immutable record needs no fence: every writer would write the same).
+    pub fn get_or_create(&self, suffix: &str, value: &[u8]) -> Result<Vec<u8>, String> {
+        self.block(self.etcd.get_or_create(&self.key(suffix), value))
+    }
+
     /// Every (key suffix, value) under `suffix`, in key order.
     pub fn list(&self, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
         let cut = self.prefix.len();
@@ -106,16 +110,8 @@ impl EtcdKv {
             key,
             ..Default::default()
         };
-        let resp = self.block(self.etcd.retry(|ch| {
-            let req = req.clone();
-            async move { KvClient::new(ch).range(req).await }
-        }))?;
-        Ok(resp
-            .into_inner()
-            .kvs
-            .into_iter()
-            .map(|kv| (kv.key, kv.value))
-            .collect())
+        let resp = self.block(self.etcd.range(req))?;
+        Ok(resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
     }
 
     /// Puts every (suffix, value), in transactions of at most [`OPS_PER_TXN`], each
@@ -154,11 +150,7 @@ impl EtcdKv {
             success: ops,
             failure: vec![],
         };
-        let resp = self.block(self.etcd.retry(|ch| {
-            let req = req.clone();
-            async move { KvClient::new(ch).txn(req).await }
-        }))?;
-        if resp.into_inner().succeeded {
+        if self.block(self.etcd.txn(req))?.succeeded {
             Ok(())
         } else {
             Err("deposed: another coordinator leads now; nothing was written".into())

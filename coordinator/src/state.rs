@@ -115,14 +115,12 @@ impl State {
                         String::from_utf8_lossy(&v).into_owned()
                     }
                 };
-                let store =
-                    ConfigStore::etcd(etcd.clone(), &config.store.prefix, cluster.leadership());
                 let kv = crate::etcd_kv::EtcdKv::new(
                     etcd.clone(),
                     &config.store.prefix,
                     cluster.leadership(),
                 );
-                (cluster, log, token, store, Some(kv))
+                (cluster, log, token, ConfigStore::etcd(kv.clone()), Some(kv))
             }
         };
         let store = Arc::new(store);

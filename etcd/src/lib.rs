@@ -159,6 +159,46 @@ impl Etcd {
         ElectionClient::new(self.channel())
     }
 
+    /// A range read, on the next member when one is unavailable.
+    pub async fn range(
+        &self,
+        req: etcdserverpb::RangeRequest,
+    ) -> Result<etcdserverpb::RangeResponse, tonic::Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).range(req).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// A transaction, on the next member when one is unavailable (callers guard it
+    /// with a compare, so a repeat of one that did commit fails; see the crate docs).
+    pub async fn txn(
+        &self,
+        req: etcdserverpb::TxnRequest,
+    ) -> Result<etcdserverpb::TxnResponse, tonic::Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).txn(req).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// A range delete, on the next member when one is unavailable.
+    pub async fn delete_range(
+        &self,
+        req: etcdserverpb::DeleteRangeRequest,
+    ) -> Result<etcdserverpb::DeleteRangeResponse, tonic::Status> {
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).delete_range(req).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
     /// The value at `key`, putting `value` there first if the key does not exist (one
     /// transaction: of two callers racing, both get the value that won).
     pub async fn get_or_create(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, tonic::Status> {
@@ -173,13 +213,7 @@ impl Etcd {
                 })),
             }],
         };
-        let resp = self
-            .retry(|ch| {
-                let req = req.clone();
-                async move { KvClient::new(ch).txn(req).await }
-            })
-            .await?
-            .into_inner();
+        let resp = self.txn(req).await?;
         if resp.succeeded {
             return Ok(value.to_vec());
         }
@@ -249,6 +283,17 @@ pub mod op {
             target: compare::CompareTarget::Create as i32,
             key: key.to_vec(),
             target_union: Some(compare::TargetUnion::CreateRevision(rev)),
+            ..Default::default()
+        }
+    }
+
+    /// "`key` holds `value`".
+    pub fn value_is(key: &[u8], value: &[u8]) -> Compare {
+        Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Value as i32,
+            key: key.to_vec(),
+            target_union: Some(compare::TargetUnion::Value(value.to_vec())),
             ..Default::default()
         }
     }

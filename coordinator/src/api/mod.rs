@@ -359,17 +359,27 @@ struct EdgesQuery {
     scope: Option<String>,
 }
 
-async fn edges(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
-    let head = s.state.log.head();
-    let mut list = match q.scope.as_deref() {
-        None | Some("cluster") => s.state.edges.list(head),
-        Some("local") => s.state.edges.list_local(head),
-        Some(other) => {
-            return error(
+impl EdgesQuery {
+    /// Whether only this coordinator's sessions are asked for (else a 400).
+    #[allow(clippy::result_large_err)] // the same shape as `authorize`
+    fn local(&self) -> Result<bool, Response> {
+        match self.scope.as_deref() {
+            None | Some("cluster") => Ok(false),
+            Some("local") => Ok(true),
+            Some(other) => Err(error(
                 StatusCode::BAD_REQUEST,
                 format!("scope must be local or cluster, not {other:?}"),
-            )
+            )),
         }
+    }
+}
+
+async fn edges(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
+    let head = s.state.log.head();
+    let mut list = match q.local() {
+        Ok(false) => s.state.edges.list(head),
+        Ok(true) => s.state.edges.list_local(head),
+        Err(r) => return r,
     };
     for e in list.iter_mut().filter(|e| e.coordinator.is_none()) {
         e.config_version = s.state.rollouts.active_version(&e.id);
@@ -377,9 +387,9 @@ async fn edges(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Respon
     Json(list).into_response()
 }
 
-/// Config pushes and warm jobs live in the state of the coordinator that takes them
-/// (not yet in etcd): in a cluster only the leader takes them, so there is one desired
-/// version and one set of jobs. A follower answers 409 naming the leader.
+/// Config pushes and warm jobs are written by the leader only (its writes to etcd are
+/// fenced on its leader key), so a cluster has one desired version and one set of jobs.
+/// A follower answers 409 naming the leader.
 #[allow(clippy::result_large_err)] // the same shape as `authorize`
 fn leader_only(s: &ApiState) -> Result<(), Response> {
     if s.state.cluster.is_leader() {
@@ -412,17 +422,10 @@ async fn cluster(State(s): State<ApiState>) -> Response {
 }
 
 async fn config_view(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
-    let local = match q.scope.as_deref() {
-        None | Some("cluster") => false,
-        Some("local") => true,
-        Some(other) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("scope must be local or cluster, not {other:?}"),
-            )
-        }
-    };
-    Json(s.state.rollouts.view_scoped(local)).into_response()
+    match q.local() {
+        Ok(local) => Json(s.state.rollouts.view_scoped(local)).into_response(),
+        Err(r) => r,
+    }
 }
 
 #[derive(Debug, Deserialize)]

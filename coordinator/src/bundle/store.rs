@@ -78,15 +78,11 @@ impl std::fmt::Debug for ConfigStore {
 }
 
 impl ConfigStore {
-    /// The cluster's store in etcd; `leadership` fences plan writes.
-    pub fn etcd(
-        etcd: etcd::Etcd,
-        prefix: &str,
-        leadership: tokio::sync::watch::Receiver<crate::leader::Leadership>,
-    ) -> Self {
+    /// The cluster's store in etcd (plan writes fenced on the leader key).
+    pub fn etcd(kv: crate::etcd_kv::EtcdKv) -> Self {
         ConfigStore {
             backend: Backend::Etcd(EtcdStore {
-                kv: crate::etcd_kv::EtcdKv::new(etcd, prefix, leadership),
+                kv,
                 cache: Default::default(),
             }),
         }
@@ -128,15 +124,9 @@ impl ConfigStore {
         let db = match &self.backend {
             Backend::Redb(db) => db,
             Backend::Etcd(e) => {
-                let key = e.kv.key(&format!("config/versions/{version}"));
-                let stored = tokio::task::block_in_place(|| {
-                    tokio::runtime::Handle::current().block_on(tokio::time::timeout(
-                        crate::etcd_kv::ETCD_CALL,
-                        e.kv.etcd().get_or_create(&key, &bytes),
-                    ))
-                })
-                .map_err(|_| StoreError::Storage("etcd: no answer".into()))?
-                .map_err(|err| StoreError::Storage(format!("etcd: {}", err.message())))?;
+                let stored =
+                    e.kv.get_or_create(&format!("config/versions/{version}"), &bytes)
+                        .map_err(StoreError::Storage)?;
                 if let Ok(record) = serde_json::from_slice::<StoredVersion>(&stored) {
                     e.cache
                         .lock()

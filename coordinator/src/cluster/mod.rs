@@ -336,17 +336,7 @@ impl Cluster {
             key: prefix,
             ..Default::default()
         };
-        let resp = etcd
-            .retry(|ch| {
-                let req = req.clone();
-                async move {
-                    etcd::etcdserverpb::kv_client::KvClient::new(ch)
-                        .range(req)
-                        .await
-                }
-            })
-            .await?
-            .into_inner();
+        let resp = etcd.range(req).await?;
         let mut list: Vec<Member> = resp
             .kvs
             .iter()

@@ -28,23 +28,19 @@
 //! only: it deletes the oldest entries by count and age, and every coordinator notices
 //! the new first entry within seconds.
 
-use std::time::Duration;
-
-use etcd::etcdserverpb::{
-    compare, kv_client::KvClient, watch_request, Compare, RangeRequest, RangeResponse, RequestOp,
-    TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
-};
-use etcd::Etcd;
-use prost::Message;
-use proto::edge::PurgeEntry;
-use tokio::sync::mpsc;
-
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
-use etcd::etcdserverpb::DeleteRangeRequest;
-use tokio::sync::watch;
+use etcd::etcdserverpb::{
+    watch_request, DeleteRangeRequest, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    WatchCreateRequest, WatchRequest,
+};
+use etcd::{op, Etcd};
+use prost::Message;
+use proto::edge::PurgeEntry;
+use tokio::sync::{mpsc, watch};
 
 use super::log::{
     AppendReq, LogError, NewPurge, Retention, Shared, MAX_BATCH_REQUESTS, QUEUE_DEPTH,
@@ -162,22 +158,15 @@ impl EtcdLog {
                     entry
                         .encode(&mut buf)
                         .map_err(|e| LogError::Storage(e.to_string()))?;
-                    ops.push(put(&self.entry_key(seq), &buf));
+                    ops.push(op::put(&self.entry_key(seq), &buf));
                 }
                 let new_head = head + chunk.len() as u64;
-                ops.push(put(&head_key, &new_head.to_be_bytes()));
+                ops.push(op::put(&head_key, &new_head.to_be_bytes()));
+                // An empty log has no head key yet.
                 let guard = if head == 0 {
-                    absent(&head_key)
+                    op::created_at(&head_key, 0)
                 } else {
-                    Compare {
-                        result: compare::CompareResult::Equal as i32,
-                        target: compare::CompareTarget::Value as i32,
-                        key: head_key.clone(),
-                        target_union: Some(compare::TargetUnion::Value(
-                            head.to_be_bytes().to_vec(),
-                        )),
-                        ..Default::default()
-                    }
+                    op::value_is(&head_key, &head.to_be_bytes())
                 };
                 let req = TxnRequest {
                     compare: vec![guard],
@@ -381,13 +370,7 @@ impl EtcdLog {
             range_end: self.entry_key(keep_from),
             ..Default::default()
         };
-        self.etcd
-            .retry(|ch| {
-                let req = req.clone();
-                async move { KvClient::new(ch).delete_range(req).await }
-            })
-            .await
-            .map_err(unavailable)?;
+        self.etcd.delete_range(req).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -442,38 +425,15 @@ impl EtcdLog {
     }
 }
 
-/// A range read, moving to another member when one is unavailable.
+/// A range read (see [`Etcd::range`]).
 async fn range(etcd: &Etcd, req: RangeRequest) -> Result<RangeResponse, LogError> {
-    Ok(etcd
-        .retry(|ch| {
-            let req = req.clone();
-            async move { KvClient::new(ch).range(req).await }
-        })
-        .await
-        .map_err(unavailable)?
-        .into_inner())
+    etcd.range(req).await.map_err(unavailable)
 }
 
-/// A transaction, moving to another member when one is unavailable (safe to repeat:
-/// every txn here is guarded by a compare that a committed first attempt falsifies).
+/// A transaction (see [`Etcd::txn`]; every txn here is guarded by a compare that a
+/// committed first attempt falsifies).
 async fn txn(etcd: &Etcd, req: TxnRequest) -> Result<TxnResponse, LogError> {
-    Ok(etcd
-        .retry(|ch| {
-            let req = req.clone();
-            async move { KvClient::new(ch).txn(req).await }
-        })
-        .await
-        .map_err(unavailable)?
-        .into_inner())
-}
-
-/// "`key` does not exist" (its create revision is 0).
-fn absent(key: &[u8]) -> Compare {
-    etcd::op::created_at(key, 0)
-}
-
-fn put(key: &[u8], value: &[u8]) -> RequestOp {
-    etcd::op::put(key, value)
+    etcd.txn(req).await.map_err(unavailable)
 }
 
 /// Starts the writer and the follower of `log`, with the tail loaded; returns what the

@@ -300,13 +300,11 @@ impl Rollouts {
             // Read, then watch from the next revision (a change in between is not missed).
             let rev = match tokio::time::timeout(Duration::from_secs(5), async {
                 let resp = etcd
-                    .kv()
                     .range(etcd::etcdserverpb::RangeRequest {
                         key: key.clone(),
                         ..Default::default()
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 if let Some(plan) = resp
                     .kvs
                     .first()

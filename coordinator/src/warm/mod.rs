@@ -196,6 +196,14 @@ pub enum WarmError {
     Store(#[from] WarmStoreError),
 }
 
+/// Drops every job and what was out for them.
+fn forget(inner: &mut Inner) {
+    inner.jobs.clear();
+    inner.aimd.clear();
+    inner.in_flight.clear();
+    inner.sent_rate.clear();
+}
+
 /// Puts the stored jobs into `inner` (the newest finished ones, every unfinished one;
 /// running ones resume).
 fn load_jobs(
@@ -278,12 +286,7 @@ impl Warm {
 
     /// Holds no job (a follower: the leader runs them).
     pub fn forget_jobs(&self) -> Result<(), WarmStoreError> {
-        let mut inner = self.lock();
-        inner.jobs.clear();
-        inner.aimd.clear();
-        inner.in_flight.clear();
-        inner.sent_rate.clear();
-        drop(inner);
+        forget(&mut self.lock());
         self.bump();
         Ok(())
     }
@@ -293,10 +296,7 @@ impl Warm {
     /// another coordinator's sessions are handed out again.
     pub fn reload(&self) -> Result<(), WarmStoreError> {
         let mut inner = self.lock();
-        inner.jobs.clear();
-        inner.aimd.clear();
-        inner.in_flight.clear();
-        inner.sent_rate.clear();
+        forget(&mut inner);
         load_jobs(&self.store, &self.config, &mut inner)?;
         drop(inner);
         self.bump();
