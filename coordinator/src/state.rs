@@ -20,6 +20,7 @@ use crate::metrics::Registry;
 use crate::monitor::Monitor;
 use crate::purge::counters::PurgeCounters;
 use crate::purge::log::{LogError, PurgeLog};
+use crate::purge::pacer::Pacer;
 use crate::rollout::Rollouts;
 use crate::tls::{ServerTls, TlsError};
 use crate::traffic::Traffic;
@@ -54,6 +55,8 @@ pub enum OpenError {
 #[derive(Clone)]
 pub struct State {
     pub log: PurgeLog,
+    /// Paces every session's purge batches to the fleet and the purge rate.
+    pub pacer: Arc<Pacer>,
     /// Who this coordinator is in its cluster and who leads (a cluster of one when
     /// the store is embedded).
     pub cluster: Arc<Cluster>,
@@ -169,6 +172,8 @@ impl State {
 
         let mut registry = Registry::default();
         purge_counters.register(&log, &mut registry);
+        let pacer = Arc::new(Pacer::default());
+        pacer.register_metrics(&mut registry);
         edges.register_metrics(&log, tls.is_some(), &mut registry);
         rollouts.register_metrics(&mut registry);
         if let Some(tls) = &tls {
@@ -193,6 +198,7 @@ impl State {
 
         Ok(State {
             log,
+            pacer,
             cluster,
             purge_counters,
             edges,

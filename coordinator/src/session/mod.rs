@@ -5,7 +5,8 @@
 //! [`SessionService`] checks the Hello against the client certificate, decides where the
 //! purges resume ([`resume_point`]) and starts one task per flow:
 //!
-//! * [`purges`]: the log from the cursor on, in batches, behind a small bounded channel;
+//! * [`purges`]: the log from the cursor on, in batches, behind a small bounded channel,
+//!   at most one batch per fan-out window (`purge::pacer`);
 //! * [`config`]: the bundles the rollout wants this edge to run (config-capable agents);
 //! * [`warm`]: warm shards, rate changes and cancels (warm-capable agents);
 //! * [`reports`]: acks, errors, heartbeats, stats, probe results and warm progress up,
@@ -192,6 +193,7 @@ impl proto::Coordinator for SessionService {
             resume,
             tx,
             handle.clone(),
+            self.state.pacer.clone(),
         ));
         let service = self.clone();
         let region = hello.region.clone();

@@ -10,9 +10,12 @@
 //! Fan-out cost is per session, so two things keep it small with a thousand edges. A
 //! batch from the log's tail goes out as bytes encoded once for every session at that
 //! cursor ([`PurgeLog::read_encoded`], written as-is by `proto::codec`). And after a
-//! send, the next one waits until [`FANOUT_WINDOW`] has passed: a purge storm reaches
-//! each edge as one batch per window instead of one per commit, while a lone purge
-//! (nothing sent within the window) goes at once.
+//! send, the next one waits until the fan-out window has passed ([`Pacer`]): a purge
+//! storm reaches each edge as one batch per window instead of one per commit, while a
+//! lone purge (nothing sent within the window) goes at once. The window is 10 ms, and
+//! grows with the fleet during a storm (`purge::pacer`).
+
+use std::sync::Arc;
 
 use proto::edge::{coordinator_message, FullBan, PurgeBatch};
 use tonic::Status;
@@ -20,12 +23,10 @@ use tonic::Status;
 use super::{send, Outbound};
 use crate::edges::SessionHandle;
 use crate::purge::log::PurgeLog;
+use crate::purge::pacer::Pacer;
 
 /// Entries per batch message.
 const BATCH_ENTRIES: usize = 2048;
-
-/// Least time between two batches to one session (see the module docs).
-pub const FANOUT_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Where a session starts.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,7 +78,9 @@ pub(super) async fn send_loop(
     resume: ResumePoint,
     tx: Outbound,
     handle: SessionHandle,
+    pacer: Arc<Pacer>,
 ) {
+    let _slot = pacer.join();
     let mut head_rx = log.subscribe();
     let mut next = match resume {
         ResumePoint::From(seq) => seq,
@@ -95,10 +98,11 @@ pub(super) async fn send_loop(
     };
     let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
-        if let Some(at) = last_sent.filter(|at| at.elapsed() < FANOUT_WINDOW) {
+        let window = pacer.window(log.head());
+        if let Some(at) = last_sent.filter(|at| at.elapsed() < window) {
             tokio::select! {
                 _ = handle.cancel.cancelled() => return,
-                _ = tokio::time::sleep_until(at + FANOUT_WINDOW) => {}
+                _ = tokio::time::sleep_until(at + window) => {}
             }
         }
         while next <= log.head() {

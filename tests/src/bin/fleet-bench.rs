@@ -64,50 +64,81 @@ struct Args {
 
 /// PURGEs answered 200 per second by `clients` clients for `secs`, each on a new
 /// connection per PURGE (`keep_alive` false, as Magento does) or on one kept open.
+///
+/// The clients run on [`STORM_THREADS`] threads of their own, each with its own runtime,
+/// as a load generator in another process would: on the simulator's runtime they would
+/// queue behind the thousand simulated sessions' tasks and measure the simulator.
 async fn storm(purge: std::net::SocketAddr, clients: usize, secs: u64, keep_alive: bool) -> f64 {
-    let until = Instant::now() + Duration::from_secs(secs);
-    let tasks: Vec<_> = (0..clients)
-        .map(|k| {
-            tokio::spawn(async move {
-                let mut ok = 0u64;
-                let mut i = 0u64;
-                let mut conn: Option<tokio::io::BufReader<tokio::net::TcpStream>> = None;
-                while Instant::now() < until {
-                    i += 1;
-                    let pattern = tags_pattern(&[&format!("storm_{k}_{i}")]);
-                    if !keep_alive {
-                        if let Ok(r) = raw(purge, &magento_purge(&pattern)).await {
-                            ok += u64::from(r.status == 200);
-                        }
-                        continue;
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..STORM_THREADS)
+        .map(|t| {
+            let mine: Vec<usize> = (0..clients).filter(|k| k % STORM_THREADS == t).collect();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("storm runtime");
+                rt.block_on(async move {
+                    let tasks: Vec<_> = mine
+                        .into_iter()
+                        .map(|k| tokio::spawn(storm_client(purge, k, until, keep_alive)))
+                        .collect();
+                    let mut ok = 0;
+                    for t in tasks {
+                        ok += t.await.unwrap_or(0);
                     }
-                    if conn.is_none() {
-                        let Ok(s) = tokio::net::TcpStream::connect(purge).await else {
-                            continue;
-                        };
-                        let _ = s.set_nodelay(true);
-                        conn = Some(tokio::io::BufReader::new(s));
-                    }
-                    let Some(c) = conn.as_mut() else { continue };
-                    let req = format!(
-                        "PURGE / HTTP/1.1\r\nHost: c\r\nX-Magento-Tags-Pattern: {pattern}\r\n\r\n"
-                    );
-                    let result = tests::exchange_keepalive(c, req.as_bytes()).await;
-                    match result {
-                        Ok(status) => ok += u64::from(status == 200),
-                        Err(_) => conn = None,
-                    }
-                }
-                ok
+                    ok
+                })
             })
         })
         .collect();
-    let started = Instant::now();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap_or(0);
-    }
+    let total: u64 = tokio::task::spawn_blocking(move || {
+        threads.into_iter().map(|t| t.join().unwrap_or(0)).sum()
+    })
+    .await
+    .unwrap_or(0);
     total as f64 / started.elapsed().as_secs_f64().max(secs as f64)
+}
+
+/// Threads the storm's clients run on.
+const STORM_THREADS: usize = 2;
+
+/// One storm client: PURGEs one after the other until `until`; returns how many got 200.
+async fn storm_client(
+    purge: std::net::SocketAddr,
+    k: usize,
+    until: Instant,
+    keep_alive: bool,
+) -> u64 {
+    let mut ok = 0u64;
+    let mut i = 0u64;
+    let mut conn: Option<tokio::io::BufReader<tokio::net::TcpStream>> = None;
+    while Instant::now() < until {
+        i += 1;
+        let pattern = tags_pattern(&[&format!("storm_{k}_{i}")]);
+        if !keep_alive {
+            if let Ok(r) = raw(purge, &magento_purge(&pattern)).await {
+                ok += u64::from(r.status == 200);
+            }
+            continue;
+        }
+        if conn.is_none() {
+            let Ok(s) = tokio::net::TcpStream::connect(purge).await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            conn = Some(tokio::io::BufReader::new(s));
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let req =
+            format!("PURGE / HTTP/1.1\r\nHost: c\r\nX-Magento-Tags-Pattern: {pattern}\r\n\r\n");
+        match tests::exchange_keepalive(c, req.as_bytes()).await {
+            Ok(status) => ok += u64::from(status == 200),
+            Err(_) => conn = None,
+        }
+    }
+    ok
 }
 
 /// What a simulated edge keeps across its sessions (as an agent's cursor file does).
@@ -222,8 +253,14 @@ async fn session(
     out.send(send(agent_message::Msg::Hello(hello)))
         .await
         .map_err(|e| e.to_string())?;
-    let mut inbound = proto::CoordinatorClient::new(channel)
-        .session(ReceiverStream::new(rx))
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|e| e.to_string())?;
+    let mut inbound = grpc
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/edge.v1.Coordinator/Session"),
+            sim::Codec,
+        )
         .await
         .map_err(|e| e.to_string())?
         .into_inner();
@@ -273,29 +310,27 @@ async fn session(
             }
         };
         let now = Instant::now();
-        let ack = match m.msg {
-            Some(coordinator_message::Msg::Welcome(w)) => {
-                welcomed = true;
-                log_id = w.log_id.clone();
-                cursor.lock().unwrap_or_else(|p| p.into_inner()).log_id = w.log_id;
-                None
+        let ack = match m {
+            sim::Inbound::Other(m) => match m.msg {
+                Some(coordinator_message::Msg::Welcome(w)) => {
+                    welcomed = true;
+                    log_id = w.log_id.clone();
+                    cursor.lock().unwrap_or_else(|p| p.into_inner()).log_id = w.log_id;
+                    None
+                }
+                Some(coordinator_message::Msg::FullBan(b)) => {
+                    cursor.lock().unwrap_or_else(|p| p.into_inner()).full_bans += 1;
+                    Some(b.up_to_seq)
+                }
+                _ => None,
+            },
+            sim::Inbound::Purges { recorded, last } => {
+                if !recorded.is_empty() {
+                    let mut r = received.lock().unwrap_or_else(|p| p.into_inner());
+                    r.extend(recorded.into_iter().map(|seq| (seq, now)));
+                }
+                last
             }
-            Some(coordinator_message::Msg::FullBan(b)) => {
-                cursor.lock().unwrap_or_else(|p| p.into_inner()).full_bans += 1;
-                Some(b.up_to_seq)
-            }
-            Some(coordinator_message::Msg::Purges(batch)) => {
-                let mut r = received.lock().unwrap_or_else(|p| p.into_inner());
-                r.extend(
-                    batch
-                        .entries
-                        .iter()
-                        .filter(|e| e.seq <= RECORDED)
-                        .map(|e| (e.seq, now)),
-                );
-                batch.entries.last().map(|e| e.seq)
-            }
-            _ => None,
         };
         if let Some(seq) = ack {
             cursor.lock().unwrap_or_else(|p| p.into_inner()).applied = seq;
@@ -307,6 +342,95 @@ async fn session(
                 return Ok(welcomed);
             }
         }
+    }
+}
+
+/// The simulator's side of the wire. A real fleet decodes every entry on its own
+/// machines; here a thousand sessions share the coordinator's two cores, so the
+/// simulator only walks a batch's wire format for the sequence numbers (the last one to
+/// ack, the first [`RECORDED`] to time) without building the entries. Everything else is
+/// decoded by prost as an agent does.
+mod sim {
+    use bytes::{Buf, Bytes};
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    use prost::Message;
+    use proto::edge::{AgentMessage, CoordinatorMessage};
+    use tonic::codec::{DecodeBuf, EncodeBuf};
+    use tonic::Status;
+
+    /// A message from the coordinator, as the simulator needs it.
+    pub enum Inbound {
+        /// A purge batch: the sequences to time, and the last one to ack.
+        Purges { recorded: Vec<u64>, last: Option<u64> },
+        Other(CoordinatorMessage),
+    }
+
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct Codec;
+
+    impl tonic::codec::Codec for Codec {
+        type Encode = AgentMessage;
+        type Decode = Inbound;
+        type Encoder = Codec;
+        type Decoder = Codec;
+        fn encoder(&mut self) -> Codec {
+            Codec
+        }
+        fn decoder(&mut self) -> Codec {
+            Codec
+        }
+    }
+
+    impl tonic::codec::Encoder for Codec {
+        type Item = AgentMessage;
+        type Error = Status;
+        fn encode(&mut self, item: AgentMessage, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            item.encode(buf).map_err(|e| Status::internal(e.to_string()))
+        }
+    }
+
+    impl tonic::codec::Decoder for Codec {
+        type Item = Inbound;
+        type Error = Status;
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Inbound>, Status> {
+            let bytes = buf.copy_to_bytes(buf.remaining());
+            let bad = |e: prost::DecodeError| Status::internal(e.to_string());
+            match purges(bytes.clone()).map_err(bad)? {
+                Some(p) => Ok(Some(p)),
+                None => Ok(Some(Inbound::Other(
+                    CoordinatorMessage::decode(bytes).map_err(bad)?,
+                ))),
+            }
+        }
+    }
+
+    /// `CoordinatorMessage.purges` (field 2) → its entries' `seq` (field 1 of each
+    /// `PurgeBatch.entries`, field 1); `None` for any other message.
+    fn purges(mut msg: Bytes) -> Result<Option<Inbound>, prost::DecodeError> {
+        let (tag, wire) = decode_key(&mut msg)?;
+        if tag != 2 || wire != WireType::LengthDelimited {
+            return Ok(None);
+        }
+        let len = decode_varint(&mut msg)? as usize;
+        let mut batch = msg.split_to(len.min(msg.len()));
+        let (mut recorded, mut last) = (Vec::new(), None);
+        while batch.has_remaining() {
+            let (tag, wire) = decode_key(&mut batch)?;
+            if tag != 1 || wire != WireType::LengthDelimited {
+                skip_field(wire, tag, &mut batch, DecodeContext::default())?;
+                continue;
+            }
+            let len = decode_varint(&mut batch)? as usize;
+            let mut entry = batch.split_to(len.min(batch.len()));
+            if let (1, WireType::Varint) = decode_key(&mut entry)? {
+                let seq = decode_varint(&mut entry)?;
+                if seq <= super::RECORDED {
+                    recorded.push(seq);
+                }
+                last = Some(seq);
+            }
+        }
+        Ok(Some(Inbound::Purges { recorded, last }))
     }
 }
 
