@@ -181,7 +181,11 @@ mod tests {
         assert!(pacer.storm());
         assert_eq!(pacer.current(), Duration::from_millis(50));
         std::thread::sleep(RATE_SAMPLE);
-        assert_eq!(pacer.window(100_001), FANOUT_WINDOW_MIN, "the storm is over");
+        assert_eq!(
+            pacer.window(100_001),
+            FANOUT_WINDOW_MIN,
+            "the storm is over"
+        );
     }
 
     #[test]

@@ -361,7 +361,10 @@ mod sim {
     /// A message from the coordinator, as the simulator needs it.
     pub enum Inbound {
         /// A purge batch: the sequences to time, and the last one to ack.
-        Purges { recorded: Vec<u64>, last: Option<u64> },
+        Purges {
+            recorded: Vec<u64>,
+            last: Option<u64>,
+        },
         Other(CoordinatorMessage),
     }
 
@@ -385,7 +388,8 @@ mod sim {
         type Item = AgentMessage;
         type Error = Status;
         fn encode(&mut self, item: AgentMessage, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            item.encode(buf).map_err(|e| Status::internal(e.to_string()))
+            item.encode(buf)
+                .map_err(|e| Status::internal(e.to_string()))
         }
     }
 
@@ -587,15 +591,19 @@ async fn main() {
         }
         if args.storm_s > 0 {
             for keep_alive in [false, true] {
-                let cpu = cpu_s(c.child.pid());
+                let (cpu, own) = (cpu_s(c.child.pid()), cpu_s(Some(std::process::id())));
                 let t = Instant::now();
                 let rate = storm(c.purge, args.storm_clients, args.storm_s, keep_alive).await;
-                let share = (cpu_s(c.child.pid()) - cpu) / t.elapsed().as_secs_f64();
+                let secs = t.elapsed().as_secs_f64();
+                let share = (cpu_s(c.child.pid()) - cpu) / secs;
+                let own = (cpu_s(Some(std::process::id())) - own) / secs;
                 println!(
-                    "  storm, {} clients, {}: {rate:.0} durable purges/s accepted with {n} sessions (coordinator {:.0}% of a core)",
+                    "  storm, {} clients, {}: {rate:.0} durable purges/s accepted with {n} sessions (coordinator {:.0}% of a core, {:.0} µs per purge; clients and simulator {:.0}%)",
                     args.storm_clients,
                     if keep_alive { "keep-alive" } else { "a new connection per PURGE" },
-                    share * 100.0
+                    share * 100.0,
+                    share * 1e6 / rate.max(1.0),
+                    own * 100.0
                 );
             }
             // Let the sessions drain the storm before anything else is measured.
