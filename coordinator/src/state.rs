@@ -96,7 +96,7 @@ impl State {
                 None,
             ),
             Backend::Etcd => {
-                let (cluster, etcd) = Cluster::open_etcd(&config.store, id, api_url)?;
+                let (cluster, etcd) = Cluster::open_etcd(&config.store, id, api_url).await?;
                 let log = PurgeLog::open_etcd(
                     etcd.clone(),
                     &config.store.prefix,

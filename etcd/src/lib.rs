@@ -5,10 +5,12 @@
 //! channel per member and a current one; the per-service clients ([`Etcd::kv`],
 //! [`Etcd::watch`], [`Etcd::lease`], [`Etcd::election`]: etcd's server-side election
 //! service, whose leader key revision is a fencing token) use the current member, and
-//! [`Etcd::retry`] moves to the next member when one is unavailable. Only `Unavailable`
+//! [`Etcd::retry`] moves to the next member when one is unavailable. Only a member
+//! that is down (`Unavailable`, or `Cancelled` when it dropped the connection mid-call)
 //! is retried; a write retried that way may have been applied once already, so writes
 //! that must not repeat carry a compare guard (a txn on a revision), which a repeat
-//! fails.
+//! fails. With [`Etcd::with_credentials`], every request carries etcd's auth token
+//! ([`auth`]).
 
 #[allow(clippy::all)] // generated from etcd's comments and types
 pub mod mvccpb {
@@ -27,15 +29,22 @@ pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
 }
 
+pub mod auth;
+
+pub use auth::Credentials;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use auth::{Auth, Token};
 use etcdserverpb::{
-    kv_client::KvClient, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
-    watch_client::WatchClient, StatusRequest,
+    auth_client::AuthClient, kv_client::KvClient, lease_client::LeaseClient,
+    maintenance_client::MaintenanceClient, watch_client::WatchClient, AuthenticateRequest,
+    StatusRequest,
 };
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use v3electionpb::election_client::ElectionClient;
 
@@ -56,11 +65,15 @@ impl From<tonic::Status> for EtcdError {
     }
 }
 
+/// A member's channel with the auth token added to each request (when there is one).
+pub type Service = InterceptedService<Channel, Token>;
+
 /// A cluster handle; cheap to clone (the channels are shared).
 #[derive(Debug, Clone)]
 pub struct Etcd {
     members: Arc<Vec<(String, Channel)>>,
     current: Arc<AtomicUsize>,
+    auth: Option<Arc<Auth>>,
 }
 
 impl Etcd {
@@ -106,28 +119,100 @@ impl Etcd {
         Ok(Etcd {
             members: Arc::new(list),
             current: Arc::new(AtomicUsize::new(0)),
+            auth: None,
         })
     }
 
-    /// The member in use now.
-    pub fn channel(&self) -> Channel {
+    /// The same handle, authenticating as `credentials` (call [`Self::authenticate`]
+    /// before the first request, and keep [`Self::keep_authenticated`] running).
+    pub fn with_credentials(mut self, credentials: Credentials) -> Etcd {
+        self.auth = Some(Arc::new(Auth::new(credentials)));
+        self
+    }
+
+    /// Exchanges the credentials for a token, asking each member in turn until one
+    /// answers; without credentials, nothing to do. A wrong user or password is an
+    /// error at once (`InvalidArgument` from etcd), not retried.
+    pub async fn authenticate(&self) -> Result<(), tonic::Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        let req = AuthenticateRequest {
+            name: auth.credentials.user.clone(),
+            password: auth.credentials.password.clone(),
+        };
+        let n = self.members.len();
+        let mut last = None;
+        for k in 0..n {
+            let i = (self.current.load(Ordering::Relaxed) + k) % n;
+            match AuthClient::new(self.members[i].1.clone())
+                .authenticate(req.clone())
+                .await
+            {
+                Ok(r) if auth.set(&r.get_ref().token) => return Ok(()),
+                Ok(_) => {
+                    return Err(tonic::Status::internal(
+                        "etcd sent a token that is not ASCII",
+                    ))
+                }
+                Err(s) if member_down(&s) => last = Some(s),
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no etcd member")))
+    }
+
+    /// From [`Self::authenticate`] on, asks for a fresh token every
+    /// [`auth::REFRESH_EVERY`], forever (spawn it, and abort it when done); a failed
+    /// attempt is tried again after 2 s.
+    pub async fn keep_authenticated(self) {
+        if self.auth.is_none() {
+            return std::future::pending().await;
+        }
+        let mut wait = auth::REFRESH_EVERY;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = match self.authenticate().await {
+                Ok(()) => auth::REFRESH_EVERY,
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "etcd authentication failed; trying again");
+                    Duration::from_secs(2)
+                }
+            };
+        }
+    }
+
+    /// The member in use now, with the auth token on every request.
+    pub fn channel(&self) -> Service {
         let i = self.current.load(Ordering::Relaxed) % self.members.len();
-        self.members[i].1.clone()
+        self.service(i)
+    }
+
+    fn service(&self, i: usize) -> Service {
+        InterceptedService::new(self.members[i].1.clone(), Token(self.auth.clone()))
     }
 
     /// Runs `call` on the current member; when that member is unavailable, moves on to
-    /// the next and calls again, trying each member twice at most.
+    /// the next and calls again, trying each member twice at most. When etcd says the
+    /// token is invalid (it expired), authenticates again and calls once more.
     pub async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Service) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let n = self.members.len();
         let mut last = None;
+        let mut reauthenticated = false;
         for _ in 0..2 * n {
             let i = self.current.load(Ordering::Relaxed) % n;
-            match call(self.members[i].1.clone()).await {
-                Err(s) if s.code() == tonic::Code::Unavailable => {
+            match call(self.service(i)).await {
+                Err(s) if self.auth.is_some() && !reauthenticated && auth::is_token_error(&s) => {
+                    tracing::debug!(error = %s.message(), "etcd token refused; authenticating again");
+                    reauthenticated = true;
+                    self.authenticate().await?;
+                    last = Some(s);
+                }
+                Err(s) if member_down(&s) => {
                     tracing::debug!(member = %self.members[i].0, error = %s.message(), "etcd member unavailable; trying the next");
                     let _ = self.current.compare_exchange(
                         i,
@@ -143,19 +228,19 @@ impl Etcd {
         Err(last.unwrap_or_else(|| tonic::Status::unavailable("no etcd member")))
     }
 
-    pub fn kv(&self) -> KvClient<Channel> {
+    pub fn kv(&self) -> KvClient<Service> {
         KvClient::new(self.channel())
     }
 
-    pub fn watch(&self) -> WatchClient<Channel> {
+    pub fn watch(&self) -> WatchClient<Service> {
         WatchClient::new(self.channel())
     }
 
-    pub fn lease(&self) -> LeaseClient<Channel> {
+    pub fn lease(&self) -> LeaseClient<Service> {
         LeaseClient::new(self.channel())
     }
 
-    pub fn election(&self) -> ElectionClient<Channel> {
+    pub fn election(&self) -> ElectionClient<Service> {
         ElectionClient::new(self.channel())
     }
 
@@ -231,8 +316,8 @@ impl Etcd {
     /// `timeout` each: `Ok` with its version and whether it sees a raft leader, or why
     /// it did not answer.
     pub async fn member_status(&self, timeout: Duration) -> Vec<MemberStatus> {
-        let asks = self.members.iter().map(|(endpoint, ch)| {
-            let mut client = MaintenanceClient::new(ch.clone());
+        let asks = self.members.iter().enumerate().map(|(i, (endpoint, _))| {
+            let mut client = MaintenanceClient::new(self.service(i));
             async move {
                 let answer = tokio::time::timeout(timeout, client.status(StatusRequest {})).await;
                 let (healthy, version, error) = match answer {
@@ -260,6 +345,16 @@ impl Etcd {
         }
         out
     }
+}
+
+/// Whether `status` says the member could not be reached or dropped the connection
+/// mid-call (a member killed during a request gives `Cancelled`, "connection closed"),
+/// rather than answering.
+fn member_down(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled
+    )
 }
 
 /// One member's answer to a status request.
@@ -326,6 +421,20 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_dropped_connection_counts_as_a_member_down() {
+        assert!(super::member_down(&tonic::Status::unavailable("refused")));
+        assert!(super::member_down(&tonic::Status::cancelled(
+            "connection closed"
+        )));
+        assert!(!super::member_down(&tonic::Status::invalid_argument(
+            "bad key"
+        )));
+        assert!(!super::member_down(&tonic::Status::failed_precondition(
+            "compacted"
+        )));
+    }
+
     #[test]
     fn prefix_ends() {
         assert_eq!(super::prefix_end(b"/a/"), b"/a0".to_vec());

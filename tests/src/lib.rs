@@ -61,6 +61,11 @@ pub struct EtcdCluster {
 
 impl EtcdCluster {
     pub async fn start(dir: &Path, n: usize) -> Self {
+        Self::start_with(dir, n, &[]).await
+    }
+
+    /// [`Self::start`] with more flags for every member (e.g. `--auth-token-ttl=2`).
+    pub async fn start_with(dir: &Path, n: usize, flags: &[&str]) -> Self {
         require_etcd();
         std::fs::create_dir_all(dir).expect("etcd dir");
         let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -72,7 +77,7 @@ impl EtcdCluster {
         let mut commands = Vec::new();
         for i in 0..n {
             let data = dir.join(format!("m{i}"));
-            let args: Vec<String> = [
+            let mut args: Vec<String> = [
                 format!("--name=m{i}"),
                 format!("--data-dir={}", data.display()),
                 format!("--listen-client-urls=http://127.0.0.1:{}", client[i]),
@@ -88,6 +93,7 @@ impl EtcdCluster {
                 "--logger=zap".into(),
             ]
             .into();
+            args.extend(flags.iter().map(|f| f.to_string()));
             let log = dir.join(format!("m{i}.log"));
             members
                 .push(process::spawn(Path::new("etcd"), &args, &log, "etcd").expect("spawn etcd"));
@@ -134,6 +140,51 @@ impl EtcdCluster {
     pub fn restart(&mut self, i: usize) {
         let (args, log) = &self.commands[i];
         self.members[i] = process::spawn(Path::new("etcd"), args, log, "etcd").expect("spawn etcd");
+    }
+
+    /// Turns on etcd's authentication: a `root` user (password `root_password`), and
+    /// `user` (password `password`) with a role that may read and write the keys under
+    /// `prefix` only, as an operator would set up a coordinator's account.
+    pub async fn enable_auth(&self, root_password: &str, user: &str, password: &str, prefix: &str) {
+        use etcd::authpb::{permission::Type, Permission};
+        use etcd::etcdserverpb::{auth_client::AuthClient, *};
+        let etcd = etcd::Etcd::connect(&self.endpoints).expect("connect");
+        let mut auth = AuthClient::new(etcd.channel());
+        for (name, pw) in [("root", root_password), (user, password)] {
+            auth.user_add(AuthUserAddRequest {
+                name: name.into(),
+                password: pw.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("user add");
+        }
+        for role in ["root", user] {
+            auth.role_add(AuthRoleAddRequest { name: role.into() })
+                .await
+                .expect("role add");
+        }
+        auth.role_grant_permission(AuthRoleGrantPermissionRequest {
+            name: user.into(),
+            perm: Some(Permission {
+                perm_type: Type::Readwrite as i32,
+                key: prefix.as_bytes().to_vec(),
+                range_end: etcd::prefix_end(prefix.as_bytes()),
+            }),
+        })
+        .await
+        .expect("grant the prefix");
+        for (name, role) in [("root", "root"), (user, user)] {
+            auth.user_grant_role(AuthUserGrantRoleRequest {
+                user: name.into(),
+                role: role.into(),
+            })
+            .await
+            .expect("grant role");
+        }
+        auth.auth_enable(AuthEnableRequest {})
+            .await
+            .expect("auth enable");
     }
 
     /// `endpoints` as a TOML array.

@@ -44,6 +44,12 @@ pub struct StoreConfig {
     /// coordinator's client certificate and key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<EtcdTls>,
+    /// etcd's user/password authentication: the user, and a file holding the password
+    /// (only the first line counts; it is never logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 /// `[store.tls]`.
@@ -67,6 +73,8 @@ impl Default for StoreConfig {
             advertise_api: None,
             lease_ttl_s: default_lease_ttl_s(),
             tls: None,
+            user: None,
+            password_file: None,
         }
     }
 }
@@ -86,8 +94,10 @@ fn invalid(msg: impl Into<String>) -> Result<(), ConfigError> {
 impl StoreConfig {
     pub fn validate(&self, api_listen: SocketAddr) -> Result<(), ConfigError> {
         if self.backend == Backend::Embedded {
-            if !self.endpoints.is_empty() || self.tls.is_some() {
-                return invalid("store.endpoints and [store.tls] need store.backend = \"etcd\"");
+            if !self.endpoints.is_empty() || self.tls.is_some() || self.user.is_some() {
+                return invalid(
+                    "store.endpoints, store.user and [store.tls] need store.backend = \"etcd\"",
+                );
             }
             return Ok(());
         }
@@ -111,6 +121,12 @@ impl StoreConfig {
             if t.cert.is_some() != t.key.is_some() {
                 return invalid("[store.tls] cert and key go together");
             }
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            return invalid("store.user and store.password_file go together");
+        }
+        if self.user.as_deref().is_some_and(str::is_empty) {
+            return invalid("store.user must not be empty");
         }
         if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
             return invalid("store.prefix must start and end with '/'");
@@ -217,6 +233,30 @@ mod tests {
             api,
             "lease_ttl_s",
         );
+        bad(
+            StoreConfig {
+                user: Some("coordinator".into()),
+                ..etcd()
+            },
+            api,
+            "go together",
+        );
+        bad(
+            StoreConfig {
+                user: Some(String::new()),
+                password_file: Some("/etc/coordinator/etcd-password".into()),
+                ..etcd()
+            },
+            api,
+            "must not be empty",
+        );
+        assert!(StoreConfig {
+            user: Some("coordinator".into()),
+            password_file: Some("/etc/coordinator/etcd-password".into()),
+            ..etcd()
+        }
+        .validate(api)
+        .is_ok());
         bad(
             StoreConfig {
                 endpoints: etcd().endpoints,

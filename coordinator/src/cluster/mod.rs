@@ -42,6 +42,13 @@ pub enum ClusterError {
         path: String,
         source: std::io::Error,
     },
+    #[error("store.password_file: cannot read {path}: {source}")]
+    PasswordFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("etcd refused user {user:?}: {message}")]
+    Auth { user: String, message: String },
     #[error(transparent)]
     Etcd(#[from] etcd::EtcdError),
 }
@@ -133,8 +140,9 @@ impl Cluster {
         })
     }
 
-    /// Connects to etcd and joins the election as `id` (see the module docs).
-    pub fn open_etcd(
+    /// Connects to etcd (authenticating with `store.user` when set) and joins the
+    /// election as `id` (see the module docs).
+    pub async fn open_etcd(
         config: &StoreConfig,
         id: String,
         api: String,
@@ -156,13 +164,36 @@ impl Cluster {
             }
             None => None,
         };
-        let etcd = Etcd::connect_with(&config.endpoints, tls)?;
+        let mut etcd = Etcd::connect_with(&config.endpoints, tls)?;
+        let stop = CancellationToken::new();
+        if let (Some(user), Some(file)) = (&config.user, &config.password_file) {
+            let password =
+                std::fs::read_to_string(file).map_err(|source| ClusterError::PasswordFile {
+                    path: file.display().to_string(),
+                    source,
+                })?;
+            let password = password.lines().next().unwrap_or_default().to_owned();
+            etcd = etcd.with_credentials(etcd::Credentials {
+                user: user.clone(),
+                password,
+            });
+            etcd.authenticate().await.map_err(|s| ClusterError::Auth {
+                user: user.clone(),
+                message: s.message().to_owned(),
+            })?;
+            let (refresh, stopped) = (etcd.clone(), stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stopped.cancelled() => {}
+                    _ = refresh.keep_authenticated() => {}
+                }
+            });
+        }
         let me = Member {
             id: id.clone(),
             api,
             started_at_ms: now_ms(),
         };
-        let stop = CancellationToken::new();
         let member_key = format!("{}members/{id}", config.prefix).into_bytes();
         let member_value = serde_json::to_vec(&me).unwrap_or_default();
         let leadership = leader::campaign_with_member(

@@ -472,3 +472,77 @@ async fn a_new_leader_finishes_the_warm_job_in_flight() {
     drop(c1);
     drop(etcd);
 }
+
+/// etcd with authentication on (`[store] user`, `password_file`): a coordinator whose
+/// account may only use its own prefix logs and serves purges; its token expires (etcd
+/// started with a 2 s token TTL) and the next purge is still answered 200, because the
+/// client authenticates again when etcd refuses the token; a wrong password is refused
+/// at start with an error that names the user and never shows the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_authentication_serves_with_the_password_and_refuses_a_wrong_one() {
+    let dir = temp_dir();
+    let etcd = EtcdCluster::start_with(&dir.path().join("etcd"), 1, &["--auth-token-ttl=2"]).await;
+    etcd.enable_auth("root-pw", "coordinator", "c0ord-pw", "/vc-auth/")
+        .await;
+    // Without credentials etcd now refuses everything.
+    let anonymous = etcd::Etcd::connect(&etcd.endpoints).expect("connect");
+    assert!(anonymous.range(Default::default()).await.is_err());
+
+    let password = dir.path().join("etcd-password");
+    std::fs::write(&password, "c0ord-pw\n").expect("password file");
+    let store = |password: &std::path::Path| {
+        format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = {}\nprefix = \"/vc-auth/\"\nid = \"c1\"\nlease_ttl_s = 2\nuser = \"coordinator\"\npassword_file = \"{}\"\n",
+            etcd.endpoints_toml(),
+            password.display()
+        )
+    };
+    let c1 = CoordinatorProc::start(
+        &dir.path().join("c1"),
+        &CoordinatorOpts {
+            insecure: true,
+            extra: store(&password),
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await;
+    let first = tests::purge_tags(c1.purge, &["cat_p_1"]).await;
+    assert_eventually!(
+        10,
+        {
+            let v = cluster_view(&c1).await;
+            let h = get_json(c1.api, "/healthz").await.unwrap_or(Value::Null);
+            v["role"] == "leader" && v["etcd"][0]["healthy"] == true && h["store"] == "ok"
+        },
+        "c1 does not lead on an authenticated etcd: {}",
+        cluster_view(&c1).await
+    );
+
+    // Past the token's TTL with nothing sent: etcd has forgotten the token.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let second = tests::purge_tags(c1.purge, &["cat_p_2"]).await;
+    assert_eq!(second, first + 1, "dense sequence across the new token");
+    let health = get_json(c1.api, "/healthz").await.expect("healthz");
+    assert_eq!(health["head_seq"], second, "{health}");
+    let log =
+        std::fs::read_to_string(dir.path().join("c1").join("coordinator.log")).unwrap_or_default();
+    assert!(!log.contains("c0ord-pw"), "the password is in the log");
+
+    // A wrong password: refused at start, naming the user, not the password.
+    let wrong = dir.path().join("wrong-password");
+    std::fs::write(&wrong, "guess-123\n").expect("password file");
+    let config: coordinator::cluster::config::StoreConfig =
+        toml::from_str::<toml::Table>(&store(&wrong)).expect("toml")["store"]
+            .clone()
+            .try_into()
+            .expect("store config");
+    let refused =
+        coordinator::cluster::Cluster::open_etcd(&config, "c2".into(), "http://127.0.0.1:1".into())
+            .await
+            .map(|_| ())
+            .expect_err("a wrong password must be refused");
+    let message = refused.to_string();
+    assert!(message.contains("\"coordinator\""), "{message}");
+    assert!(message.contains("authentication failed"), "{message}");
+    assert!(!message.contains("guess-123"), "{message}");
+}
