@@ -8,8 +8,8 @@
 //! purge reaches every edge at once. In a storm, the window grows with the number of
 //! live senders so that the fleet's sends stay under [`STORM_SENDS_PER_S`]: 10 ms up to
 //! 50 sessions, 20 ms at 100, 100 ms at 500, 200 ms ([`FANOUT_WINDOW_MAX`]) from 1,000.
-//! (fleet-bench at 1,000 sessions: 5,000 sends/s accepted about 35% more purges in a
-//! storm than 10,000/s, and 2,500/s no more than 5,000/s.) Each edge then
+//! (fleet-bench at 1,000 sessions: 5,000 sends/s accepted about 20% more purges in a
+//! storm than 10,000/s, medians of 4-5 runs, and 2,500/s no more.) Each edge then
 //! gets fewer, bigger batches (its agent bans them as one anyway), and the purge
 //! listener keeps the CPU it needs to answer Magento.
 //!
