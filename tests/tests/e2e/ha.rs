@@ -26,6 +26,31 @@ fn ha_opts(etcd: &EtcdCluster, origin: &OriginServer, id: &str, rollout: &str) -
     }
 }
 
+/// Two edges (`edge-0`, `edge-1`, one region each), each a varnishd in front of `origin`
+/// and an agent in ban mode listing `coordinators`.
+async fn two_edges(
+    dir: &std::path::Path,
+    origin: &OriginServer,
+    coordinators: &[std::net::SocketAddr],
+) -> (Vec<VarnishNode>, Vec<AgentProc>) {
+    let mut varnish = Vec::new();
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        let v = VarnishNode::start(&dir.join(format!("v{i}")), origin.addr).await;
+        agents.push(AgentProc::start_with(
+            &dir.join(format!("a{i}")),
+            &format!("edge-{i}"),
+            &format!("region-{i}"),
+            coordinators,
+            None,
+            &v,
+            "ban",
+        ));
+        varnish.push(v);
+    }
+    (varnish, agents)
+}
+
 async fn cluster_view(c: &CoordinatorProc) -> Value {
     get_json(c.api, "/api/v1/cluster")
         .await
@@ -78,21 +103,7 @@ async fn start_ha(rollout: &str) -> Ha {
                 .await,
         );
     }
-    let mut varnish = Vec::new();
-    let mut agents = Vec::new();
-    for i in 0..2 {
-        let v = VarnishNode::start(&dir.path().join(format!("v{i}")), origin.addr).await;
-        agents.push(AgentProc::start_with(
-            &dir.path().join(format!("a{i}")),
-            &format!("edge-{i}"),
-            &format!("region-{i}"),
-            &[c[0].grpc, c[1].grpc],
-            None,
-            &v,
-            "ban",
-        ));
-        varnish.push(v);
-    }
+    let (varnish, agents) = two_edges(dir.path(), &origin, &[c[0].grpc, c[1].grpc]).await;
     // Every coordinator shows every edge, whichever one the agent chose.
     for co in &c {
         assert_eventually!(
@@ -399,23 +410,9 @@ async fn a_new_leader_finishes_the_warm_job_in_flight() {
     let mut c1 = CoordinatorProc::start(&dir.path().join("c1"), &opts("c1")).await;
     let c2_dir = dir.path().join("c2");
     std::fs::create_dir_all(&c2_dir).expect("c2 dir");
-    let mut varnish = Vec::new();
-    let mut agents = Vec::new();
     // The agents list c2 before it runs.
     let c2_grpc = std::net::SocketAddr::from(([127, 0, 0, 1], tests::free_port()));
-    for i in 0..2 {
-        let v = VarnishNode::start(&dir.path().join(format!("v{i}")), origin.addr).await;
-        agents.push(AgentProc::start_with(
-            &dir.path().join(format!("a{i}")),
-            &format!("edge-{i}"),
-            &format!("region-{i}"),
-            &[c1.grpc, c2_grpc],
-            None,
-            &v,
-            "ban",
-        ));
-        varnish.push(v);
-    }
+    let (varnish, _agents) = two_edges(dir.path(), &origin, &[c1.grpc, c2_grpc]).await;
     assert_eventually!(30, local_edges(&c1).await.len() == 2, "agents not on c1");
     assert_eventually!(
         15,
