@@ -242,6 +242,7 @@ impl Agent {
                 proto::CAP_CONFIG.to_owned(),
                 proto::CAP_PROBES.to_owned(),
                 proto::CAP_WARM.to_owned(),
+                proto::CAP_PURGE_RANGES.to_owned(),
             ],
         };
         send(&out, agent_message::Msg::Hello(hello)).await?;
@@ -436,8 +437,16 @@ impl Agent {
                             }
                         }
                     }
-                    self.apply_entries(entries, &log_id, &out, shutdown).await?;
-                    last_apply = Some(tokio::time::Instant::now());
+                    // Windows count from the start of an apply, so a storm is applied
+                    // every window, not every window plus the time an apply takes.
+                    let started = tokio::time::Instant::now();
+                    let ops = self.apply_entries(entries, &log_id, &out, shutdown).await?;
+                    // An apply of k operations (a window's tags beyond one expression's
+                    // bound) counts as k windows: at most one ban per window on average,
+                    // however large the storm.
+                    let extra = window
+                        .saturating_mul(u32::try_from(ops.saturating_sub(1)).unwrap_or(u32::MAX));
+                    last_apply = Some(started + extra);
                 }
             }
         }
@@ -449,7 +458,7 @@ impl Agent {
         log_id: &str,
         out: &Outbound,
         shutdown: &CancellationToken,
-    ) -> Result<(), SessionEnd> {
+    ) -> Result<usize, SessionEnd> {
         if log_id.is_empty() {
             return Err(SessionEnd::Protocol("purges before Welcome".into()));
         }
@@ -460,10 +469,12 @@ impl Agent {
         };
         let fresh: Vec<PurgeEntry> = entries.into_iter().filter(|e| e.seq > applied).collect();
         let Some(last) = fresh.last().map(|e| e.seq) else {
-            return Ok(());
+            return Ok(0);
         };
-        let first = fresh[0].seq;
-        if applied != 0 && first != applied + 1 {
+        // An entry may stand for a range of purges (`first_seq`); one that overlaps what
+        // is applied repeats tag purges, which is harmless.
+        let first = fresh[0].first();
+        if applied != 0 && first > applied + 1 {
             return Err(SessionEnd::Protocol(format!(
                 "gap in purge stream: applied {applied}, got {first}"
             )));
@@ -484,7 +495,8 @@ impl Agent {
             },
             out,
         )
-        .await
+        .await?;
+        Ok(ops.len())
     }
 
     /// Bans everything, then counts the log as applied up to `fb.up_to_seq`.

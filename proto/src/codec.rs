@@ -133,6 +133,7 @@ mod tests {
                 tags: vec![tag.into()],
             })),
             soft: false,
+            first_seq: 0,
         }
     }
 

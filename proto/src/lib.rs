@@ -29,6 +29,20 @@ pub const CAP_CONFIG: &str = "config";
 pub const CAP_PROBES: &str = "probes";
 /// Capability an agent announces when it runs [`edge::WarmShard`]s.
 pub const CAP_WARM: &str = "warm";
+/// Capability an agent announces when it applies an entry standing for a range of
+/// purges ([`edge::PurgeEntry::first_seq`]).
+pub const CAP_PURGE_RANGES: &str = "purge_ranges";
+
+impl edge::PurgeEntry {
+    /// The oldest purge this entry stands for: `seq`, or `first_seq` for a range.
+    pub fn first(&self) -> u64 {
+        if self.first_seq != 0 && self.first_seq < self.seq {
+            self.first_seq
+        } else {
+            self.seq
+        }
+    }
+}
 
 /// Upper bounds (seconds) of the served-time histogram agents report in
 /// [`edge::VarnishStats::served_buckets`]: a cache hit is well under a millisecond, a

@@ -130,9 +130,13 @@ impl EtcdLog {
 
     /// Appends the batch as consecutive entries in one transaction per
     /// [`MAX_TXN_ENTRIES`] (retrying on a moved head) and returns each appender's last
-    /// sequence, in order. `Ok` means committed in etcd; `Err` means nothing of the
-    /// failed chunk was (and no later chunk was tried).
-    pub async fn append(&self, batch: &[Append], mut head: u64) -> Result<Vec<u64>, LogError> {
+    /// sequence, in order, and the entries committed. `Ok` means committed in etcd;
+    /// `Err` means nothing of the failed chunk was (and no later chunk was tried).
+    pub async fn append(
+        &self,
+        batch: &[Append],
+        mut head: u64,
+    ) -> Result<(Vec<u64>, Vec<PurgeEntry>), LogError> {
         let head_key = self.key(b"log/head");
         let mut entries: Vec<(usize, u64, &NewPurge)> = Vec::new();
         for (i, a) in batch.iter().enumerate() {
@@ -141,10 +145,12 @@ impl EtcdLog {
             }
         }
         let mut last = vec![0u64; batch.len()];
+        let mut committed = Vec::with_capacity(entries.len());
         let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
         for chunk in entries.chunks(MAX_TXN_ENTRIES) {
             loop {
                 let mut ops = Vec::with_capacity(chunk.len() + 1);
+                let mut built = Vec::with_capacity(chunk.len());
                 let mut buf = Vec::with_capacity(256);
                 for (k, (_, at, p)) in chunk.iter().enumerate() {
                     let seq = head + 1 + k as u64;
@@ -153,12 +159,14 @@ impl EtcdLog {
                         received_at_us: *at,
                         op: Some(p.op.clone()),
                         soft: p.soft,
+                        first_seq: 0,
                     };
                     buf.clear();
                     entry
                         .encode(&mut buf)
                         .map_err(|e| LogError::Storage(e.to_string()))?;
                     ops.push(op::put(&self.entry_key(seq), &buf));
+                    built.push(entry);
                 }
                 let new_head = head + chunk.len() as u64;
                 ops.push(op::put(&head_key, &new_head.to_be_bytes()));
@@ -179,13 +187,14 @@ impl EtcdLog {
                         last[*i] = head + 1 + k as u64;
                     }
                     head = new_head;
+                    committed.extend(built);
                     break;
                 }
                 // Another coordinator appended first: go after it.
                 head = self.head().await?;
             }
         }
-        Ok(last)
+        Ok((last, committed))
     }
 
     /// One append transaction, tried again after [`TXN_ATTEMPT`] without an answer,
@@ -498,10 +507,16 @@ async fn write_loop(log: EtcdLog, shared: Arc<Shared>, mut rx: mpsc::Receiver<Ap
             .collect();
         let guess = written.max(shared.durable.load(Ordering::Acquire));
         match log.append(&appends, guess).await {
-            Ok(lasts) => {
+            Ok((lasts, committed)) => {
                 written = lasts.iter().copied().max().unwrap_or(written).max(written);
                 for (req, last) in batch.into_iter().zip(lasts) {
                     let _ = req.reply.send(Ok(last));
+                }
+                // This coordinator's sessions need not wait for the watch to bring back
+                // what it just wrote, if nothing from elsewhere comes before it (else the
+                // watch delivers it all, in order).
+                if shared.extend_next(committed.into_iter().map(Arc::new)) {
+                    shared.publish();
                 }
             }
             Err(e) => {

@@ -139,9 +139,9 @@ pub(super) struct Shared {
     pub(super) first: AtomicU64,
     /// The newest entries, consecutive.
     pub(super) tail: Mutex<Tail>,
-    /// The last batch encoded for a session, `(from, last, bytes)`: sessions at the same
-    /// cursor (a fleet in sync) share it.
-    wire_batch: Mutex<Option<(u64, u64, prost::bytes::Bytes)>>,
+    /// The last batches encoded for sessions, keyed `(from, last, ranges)`: sessions at
+    /// the same cursor (a fleet in sync) share one.
+    wire_batches: Mutex<VecDeque<WireKeyed>>,
 }
 
 /// The newest entries, each also encoded once as it appears in a `PurgeBatch`.
@@ -182,21 +182,27 @@ impl Shared {
             durable: AtomicU64::new(head),
             first: AtomicU64::new(first),
             tail: Mutex::new(Tail::new(tail)),
-            wire_batch: Mutex::new(None),
+            wire_batches: Mutex::new(VecDeque::with_capacity(WIRE_BATCHES)),
         })
     }
 
     /// Appends consecutive entries to the tail (dropping the oldest beyond its size) and
-    /// moves the durable head; the sessions are woken by [`Self::publish`].
+    /// moves the durable head; the sessions are woken by [`Self::publish`]. Entries the
+    /// tail already holds are skipped (in a cluster, the writer's own entries come back
+    /// through the watch).
     pub(super) fn extend(&self, entries: impl IntoIterator<Item = Arc<PurgeEntry>>) {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let mut last = None;
         for e in entries {
-            if tail.entries.back().is_some_and(|b| b.seq + 1 != e.seq) {
-                // A gap (entries trimmed before this reader saw them): the tail only
-                // ever holds consecutive entries.
-                tail.clear();
-                self.first.fetch_max(e.seq, Ordering::AcqRel);
+            match tail.entries.back().map(|b| b.seq) {
+                Some(back) if e.seq <= back => continue,
+                Some(back) if back + 1 != e.seq => {
+                    // A gap (entries trimmed before this reader saw them): the tail only
+                    // ever holds consecutive entries.
+                    tail.clear();
+                    self.first.fetch_max(e.seq, Ordering::AcqRel);
+                }
+                _ => {}
             }
             last = Some(e.seq);
             tail.push_back(e);
@@ -208,6 +214,34 @@ impl Shared {
         if let Some(seq) = last {
             self.durable.fetch_max(seq, Ordering::AcqRel);
         }
+    }
+
+    /// [`Self::extend`] with the leading entries that follow the tail's newest entry
+    /// (or the durable head of an empty tail) exactly, up to the first that does not;
+    /// whether any did.
+    pub(super) fn extend_next(&self, entries: impl IntoIterator<Item = Arc<PurgeEntry>>) -> bool {
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let mut expected = match tail.entries.back() {
+            Some(b) => b.seq + 1,
+            None => self.durable.load(Ordering::Acquire) + 1,
+        };
+        let before = expected;
+        for e in entries {
+            if e.seq != expected {
+                break;
+            }
+            expected += 1;
+            tail.push_back(e);
+        }
+        while tail.entries.len() > TAIL_ENTRIES {
+            tail.pop_front();
+        }
+        drop(tail);
+        if expected == before {
+            return false;
+        }
+        self.durable.fetch_max(expected - 1, Ordering::AcqRel);
+        true
     }
 
     /// Wakes the sessions with the durable head.
@@ -239,6 +273,11 @@ struct Inner {
 }
 
 pub(super) const TAIL_ENTRIES: usize = 65_536;
+/// Encoded batches kept for sharing: the fleet's cursor, and a few stragglers'.
+const WIRE_BATCHES: usize = 8;
+
+/// An encoded batch and its `(from, last, ranges)`.
+type WireKeyed = ((u64, u64, bool), prost::bytes::Bytes);
 pub(super) const MAX_BATCH_REQUESTS: usize = 4096;
 pub(super) const QUEUE_DEPTH: usize = 65_536;
 
@@ -415,41 +454,56 @@ impl PurgeLog {
         }))
     }
 
-    /// Up to `max` entries from `from`, already encoded for a `PurgeBatch`
-    /// (`PurgeBatch::encoded`), and the last sequence among them: `None` unless the tail
-    /// holds `from`. Sessions asking for the same range share one buffer.
-    pub fn read_encoded(&self, from: u64, max: usize) -> Option<(u64, prost::bytes::Bytes)> {
+    /// The entries `from..=up_to` (at most `max` of them), already encoded for a
+    /// `PurgeBatch` (`PurgeBatch::encoded`), with runs of tag purges as range entries if
+    /// `ranges` (`super::ranges`), and the last sequence among them: `None` unless the
+    /// tail holds `from`. Sessions asking for the same range share one buffer.
+    pub fn read_encoded(
+        &self,
+        from: u64,
+        up_to: u64,
+        max: usize,
+        ranges: bool,
+    ) -> Option<(u64, prost::bytes::Bytes)> {
         let shared = &self.inner.shared;
+        let want = up_to
+            .min(self.head())
+            .min(from.saturating_add(max.max(1) as u64 - 1));
+        if want < from {
+            return None;
+        }
+        let key = (from, want, ranges);
         {
-            let cached = shared.wire_batch.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((f, last, bytes)) = cached.as_ref() {
-                // The same start, and nothing newer that this batch would leave out.
-                if *f == from && (*last == self.head() || (*last - from + 1) as usize >= max) {
-                    return Some((*last, bytes.clone()));
-                }
+            let cached = shared
+                .wire_batches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some((_, bytes)) = cached.iter().find(|(k, _)| *k == key) {
+                return Some((want, bytes.clone()));
             }
         }
         let tail = shared.tail.lock().unwrap_or_else(|p| p.into_inner());
         let front = tail.entries.front()?.seq;
-        if from < front {
+        let back = tail.entries.back()?.seq;
+        if from < front || want > back {
             return None;
         }
         let skip = (from - front) as usize;
-        let n = tail.entries.len().saturating_sub(skip).min(max);
-        if n == 0 {
-            return None;
-        }
-        let last = tail.entries[skip + n - 1].seq;
-        let size: usize = tail.wire.iter().skip(skip).take(n).map(|b| b.len()).sum();
-        let mut out = Vec::with_capacity(size);
-        for b in tail.wire.iter().skip(skip).take(n) {
-            out.extend_from_slice(b);
-        }
+        let n = (want - from + 1) as usize;
+        let entries = tail.entries.iter().skip(skip).take(n).map(|e| &**e);
+        let wire = tail.wire.iter().skip(skip).take(n);
+        let bytes =
+            prost::bytes::Bytes::from(super::ranges::encode_batch(entries.zip(wire), ranges));
         drop(tail);
-        let bytes = prost::bytes::Bytes::from(out);
-        *shared.wire_batch.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((from, last, bytes.clone()));
-        Some((last, bytes))
+        let mut cached = shared
+            .wire_batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if cached.len() == WIRE_BATCHES {
+            cached.pop_front();
+        }
+        cached.push_back((key, bytes.clone()));
+        Some((want, bytes))
     }
 
     /// One entry, if it is still retained.
@@ -557,6 +611,7 @@ impl Writer {
                     received_at_us: req.received_at_us,
                     op: Some(p.op.clone()),
                     soft: p.soft,
+                    first_seq: 0,
                 });
             }
             last_seqs.push(seq);
@@ -675,6 +730,39 @@ mod tests {
     use super::*;
     use proto::edge::TagSet;
 
+    fn entry(seq: u64) -> Arc<PurgeEntry> {
+        Arc::new(PurgeEntry {
+            seq,
+            op: Some(Op::Tags(TagSet {
+                tags: vec![format!("t{seq}")],
+            })),
+            ..Default::default()
+        })
+    }
+
+    fn tail_seqs(shared: &Shared) -> Vec<u64> {
+        let tail = shared.tail.lock().unwrap();
+        tail.entries.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn the_tail_takes_a_writers_own_entries_only_where_they_follow() {
+        let shared = Shared::new(10, 9, [9, 10].into_iter().map(entry).collect());
+        // The writer's entries 11-12 follow: taken.
+        assert!(shared.extend_next((11..=12).map(entry)));
+        assert_eq!(shared.durable.load(Ordering::Acquire), 12);
+        // The watch brings them back with 13 from another coordinator: 13 only.
+        shared.extend((11..=13).map(entry));
+        assert_eq!(tail_seqs(&shared), vec![9, 10, 11, 12, 13]);
+        // Entries after a gap (15 while 14 is not yet here) wait for the watch.
+        assert!(!shared.extend_next((15..=16).map(entry)));
+        assert_eq!(shared.durable.load(Ordering::Acquire), 13);
+        // Two chunks with another coordinator's entries between them: the first only.
+        assert!(shared.extend_next([14, 15, 30].into_iter().map(entry)));
+        assert_eq!(tail_seqs(&shared), vec![9, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(shared.durable.load(Ordering::Acquire), 15);
+    }
+
     fn tag(t: &str) -> NewPurge {
         NewPurge {
             op: Op::Tags(TagSet {
@@ -732,7 +820,7 @@ mod tests {
         for i in 0..10 {
             log.append(vec![tag(&format!("t{i}"))]).await.unwrap();
         }
-        let (last, bytes) = log.read_encoded(3, 4).unwrap();
+        let (last, bytes) = log.read_encoded(3, u64::MAX, 4, false).unwrap();
         assert_eq!(last, 6);
         let msg = CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Purges(PurgeBatch {
@@ -756,11 +844,25 @@ mod tests {
             .collect();
         assert_eq!(batch.entries, want);
         // A second session at the same cursor gets the same buffer, not a copy.
-        let (_, again) = log.read_encoded(3, 4).unwrap();
+        let (_, again) = log.read_encoded(3, 6, 100, false).unwrap();
         assert_eq!(again.as_ptr(), bytes.as_ptr());
         // To the head: everything after the cursor; past the head: nothing.
-        assert_eq!(log.read_encoded(8, 100).map(|(l, _)| l), Some(10));
-        assert!(log.read_encoded(11, 100).is_none());
+        assert_eq!(
+            log.read_encoded(8, u64::MAX, 100, false).map(|(l, _)| l),
+            Some(10)
+        );
+        assert!(log.read_encoded(11, u64::MAX, 100, false).is_none());
+        // Up to a given sequence, as a session in a storm asks (the head at its tick).
+        assert_eq!(log.read_encoded(2, 5, 100, false).map(|(l, _)| l), Some(5));
+        assert!(log.read_encoded(6, 5, 100, false).is_none());
+        // As one range entry, for an agent that takes them; shared too.
+        let (last, ranged) = log.read_encoded(3, 6, 100, true).unwrap();
+        assert_eq!(last, 6);
+        let batch = PurgeBatch::decode(ranged.as_ref()).unwrap();
+        assert_eq!(batch.entries.len(), 1);
+        assert_eq!((batch.entries[0].first(), batch.entries[0].seq), (3, 6));
+        let (_, again) = log.read_encoded(3, 6, 100, true).unwrap();
+        assert_eq!(again.as_ptr(), ranged.as_ptr());
     }
 
     #[tokio::test]

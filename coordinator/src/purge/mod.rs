@@ -8,4 +8,5 @@ pub mod listener;
 pub mod log;
 pub mod pacer;
 pub mod pattern;
+pub mod ranges;
 pub mod wire;

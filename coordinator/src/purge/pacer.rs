@@ -6,12 +6,19 @@
 //! sessions × sends per session. In normal traffic (Magento saving products, up to
 //! [`STORM_PURGES_PER_S`]) each purge goes out within [`FANOUT_WINDOW_MIN`], so a lone
 //! purge reaches every edge at once. In a storm, the window grows with the number of
-//! live senders so that the fleet's sends stay under [`STORM_SENDS_PER_S`]: 10 ms up to
-//! 50 sessions, 20 ms at 100, 100 ms at 500, 200 ms ([`FANOUT_WINDOW_MAX`]) from 1,000.
+//! live senders so that the fleet's sends stay under [`STORM_SENDS_PER_S`]: 1 ms
+//! ([`FANOUT_STORM_MIN`]) up to 5 sessions, 10 ms at 50, 20 ms at 100, 100 ms at 500,
+//! 200 ms ([`FANOUT_WINDOW_MAX`]) from 1,000. A small fleet is sent about every commit and
+//! its agents coalesce (their `purge_window_ms`, 20 ms); a large one is coalesced here.
 //! (fleet-bench at 1,000 sessions: 5,000 sends/s accepted about 20% more purges in a
 //! storm than 10,000/s, medians of 4-5 runs, and 2,500/s no more.) Each edge then
 //! gets fewer, bigger batches (its agent bans them as one anyway), and the purge
 //! listener keeps the CPU it needs to answer Magento.
+//!
+//! In a storm the senders also keep one clock ([`Pacer::tick`]): each sends once per
+//! tick, up to the log's head as the tick's first sender saw it ([`Pacer::head_at`]).
+//! A fleet in sync then asks the log for the same range and shares one encoded batch,
+//! where unaligned windows would have each session encode slightly different ones.
 //!
 //! The purge rate is the log head's advance over the last [`RATE_SAMPLE`], so a storm
 //! on another coordinator of a cluster (entries followed from etcd) counts too.
@@ -20,10 +27,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::time::Instant as TokioInstant;
+
 use crate::metrics::{collector, gauge_value, Registry};
 
-/// Least time between two batches to one session.
+/// Least time between two batches to one session outside a storm.
 pub const FANOUT_WINDOW_MIN: Duration = Duration::from_millis(10);
+/// Least time between two batches to one session in a storm: a small fleet can afford a
+/// batch per commit, and its agents' own purge window does the coalescing.
+pub const FANOUT_STORM_MIN: Duration = Duration::from_millis(1);
 /// Most time between two batches to one session, however many sessions.
 pub const FANOUT_WINDOW_MAX: Duration = Duration::from_millis(200);
 /// Above this many purges per second the log is in a storm.
@@ -40,18 +52,60 @@ pub fn fanout_window(sessions: usize, storm: bool) -> Duration {
         return FANOUT_WINDOW_MIN;
     }
     let micros = (sessions as u64).saturating_mul(1_000_000) / STORM_SENDS_PER_S;
-    Duration::from_micros(micros).clamp(FANOUT_WINDOW_MIN, FANOUT_WINDOW_MAX)
+    Duration::from_micros(micros).clamp(FANOUT_STORM_MIN, FANOUT_WINDOW_MAX)
 }
 
-/// Shared by every session's sender: counts the live ones and tracks the purge rate.
-#[derive(Debug, Default)]
+/// Shared by every session's sender: counts the live ones, tracks the purge rate, and
+/// keeps the fleet's clock for storms.
+#[derive(Debug)]
 pub struct Pacer {
     senders: AtomicUsize,
     storm: AtomicBool,
     rate: Mutex<RateMeter>,
+    /// Where the ticks are counted from.
+    epoch: TokioInstant,
+    /// The latest tick a sender sent at, and the log's head as the first one saw it.
+    tick: Mutex<Option<(TokioInstant, u64)>>,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Pacer {
+            senders: AtomicUsize::new(0),
+            storm: AtomicBool::new(false),
+            rate: Mutex::new(RateMeter::default()),
+            epoch: TokioInstant::now(),
+            tick: Mutex::new(None),
+        }
+    }
 }
 
 impl Pacer {
+    /// The start of the tick of length `window` that `now` falls in. In a storm every
+    /// sender sends on these ticks, one batch per tick, up to [`Self::head_at`] that
+    /// tick: senders at one cursor then ask for the same entries and share one encoded
+    /// batch (`PurgeLog::read_encoded`) instead of a thousand slightly different ones.
+    pub fn tick(&self, window: Duration, now: TokioInstant) -> TokioInstant {
+        let since = now.saturating_duration_since(self.epoch).as_nanos();
+        let w = window.as_nanos().max(1);
+        let start = u64::try_from(since / w * w).unwrap_or(u64::MAX);
+        self.epoch + Duration::from_nanos(start)
+    }
+
+    /// The log's head for the senders of the tick starting at `tick`: `head` as the
+    /// first of them saw it (a sender at an older tick than the latest gets `head`).
+    pub fn head_at(&self, tick: TokioInstant, head: u64) -> u64 {
+        let mut latest = self.tick.lock().unwrap_or_else(|p| p.into_inner());
+        match *latest {
+            Some((t, h)) if t == tick => h.min(head),
+            Some((t, _)) if t > tick => head,
+            _ => {
+                *latest = Some((tick, head));
+                head
+            }
+        }
+    }
+
     /// The window a sender waits after a send, with the log's head now at `head`.
     pub fn window(&self, head: u64) -> Duration {
         // Whoever holds the meter updates it; the others read the last verdict.
@@ -151,8 +205,9 @@ mod tests {
 
     #[test]
     fn in_a_storm_the_window_grows_with_the_fleet_within_its_bounds() {
-        assert_eq!(fanout_window(0, true), FANOUT_WINDOW_MIN);
-        assert_eq!(fanout_window(50, true), FANOUT_WINDOW_MIN);
+        assert_eq!(fanout_window(0, true), FANOUT_STORM_MIN);
+        assert_eq!(fanout_window(3, true), FANOUT_STORM_MIN);
+        assert_eq!(fanout_window(50, true), Duration::from_millis(10));
         assert_eq!(fanout_window(100, true), Duration::from_millis(20));
         assert_eq!(fanout_window(500, true), Duration::from_millis(100));
         assert_eq!(fanout_window(1_000, true), FANOUT_WINDOW_MAX);
@@ -192,6 +247,30 @@ mod tests {
     }
 
     #[test]
+    fn senders_of_one_tick_share_its_head() {
+        let pacer = Pacer::default();
+        let w = Duration::from_millis(200);
+        let now = TokioInstant::now();
+        let t = pacer.tick(w, now);
+        assert!(t <= now && now < t + w);
+        assert_eq!(pacer.tick(w, t + w / 2), t, "the same tick");
+        assert_eq!(pacer.tick(w, t + w), t + w, "the next one");
+        assert_eq!(pacer.head_at(t, 100), 100, "the first sender sets it");
+        assert_eq!(
+            pacer.head_at(t, 180),
+            100,
+            "later ones in the tick share it"
+        );
+        assert_eq!(pacer.head_at(t + w, 250), 250, "the next tick moves on");
+        assert_eq!(
+            pacer.head_at(t, 260),
+            260,
+            "a sender late for its tick gets the head"
+        );
+        assert_eq!(pacer.head_at(t + w, 260), 250);
+    }
+
+    #[test]
     fn the_pacer_counts_live_senders_only() {
         let pacer = Arc::new(Pacer::default());
         let slots: Vec<_> = (0..1_000).map(|_| pacer.join()).collect();
@@ -199,6 +278,6 @@ mod tests {
         pacer.storm.store(true, Ordering::Relaxed);
         assert_eq!(pacer.window(0), FANOUT_WINDOW_MAX);
         drop(slots);
-        assert_eq!(pacer.window(0), FANOUT_WINDOW_MIN);
+        assert_eq!(pacer.window(0), FANOUT_STORM_MIN, "a storm with no senders");
     }
 }

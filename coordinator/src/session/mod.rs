@@ -194,6 +194,10 @@ impl proto::Coordinator for SessionService {
             tx,
             handle.clone(),
             self.state.pacer.clone(),
+            hello
+                .capabilities
+                .iter()
+                .any(|c| c == proto::CAP_PURGE_RANGES),
         ));
         let service = self.clone();
         let region = hello.region.clone();

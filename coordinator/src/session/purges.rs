@@ -13,11 +13,15 @@
 //! send, the next one waits until the fan-out window has passed ([`Pacer`]): a purge
 //! storm reaches each edge as one batch per window instead of one per commit, while a
 //! lone purge (nothing sent within the window) goes at once. The window is 10 ms, and
-//! grows with the fleet during a storm (`purge::pacer`).
+//! grows with the fleet during a storm (`purge::pacer`), when every sender sends on the
+//! pacer's shared ticks so the fleet shares one batch per tick. An agent that announces
+//! `purge_ranges` gets each run of tag purges in a batch as one range entry
+//! (`purge::ranges`): fewer bytes for every session to copy and send.
 
 use std::sync::Arc;
 
 use proto::edge::{coordinator_message, FullBan, PurgeBatch};
+use tokio::time::Instant;
 use tonic::Status;
 
 use super::{send, Outbound};
@@ -72,13 +76,15 @@ pub fn resume_point(
     ResumePoint::From(applied + 1)
 }
 
-/// Streams the log to one agent from `resume` until the session ends.
+/// Streams the log to one agent from `resume` until the session ends; `ranges`: the
+/// agent takes range entries (`purge::ranges`).
 pub(super) async fn send_loop(
     log: PurgeLog,
     resume: ResumePoint,
     tx: Outbound,
     handle: SessionHandle,
     pacer: Arc<Pacer>,
+    ranges: bool,
 ) {
     let _slot = pacer.join();
     let mut head_rx = log.subscribe();
@@ -96,16 +102,41 @@ pub(super) async fn send_loop(
             head + 1
         }
     };
-    let mut last_sent: Option<tokio::time::Instant> = None;
+    let mut last_sent: Option<Instant> = None;
+    let mut last_tick: Option<Instant> = None;
     loop {
-        let window = pacer.window(log.head());
-        if let Some(at) = last_sent.filter(|at| at.elapsed() < window) {
+        if next > log.head() {
             tokio::select! {
                 _ = handle.cancel.cancelled() => return,
-                _ = tokio::time::sleep_until(at + window) => {}
+                changed = head_rx.changed() => if changed.is_err() { return },
+            }
+            continue;
+        }
+        let window = pacer.window(log.head());
+        let wait = if pacer.storm() {
+            // On the fleet's clock: one batch per tick, up to the head at the tick.
+            let mut tick = pacer.tick(window, Instant::now());
+            if last_tick.is_some_and(|t| t >= tick) {
+                tick += window;
+            }
+            last_tick = Some(tick);
+            Some(tick)
+        } else {
+            last_sent
+                .filter(|at| at.elapsed() < window)
+                .map(|at| at + window)
+        };
+        if let Some(until) = wait.filter(|at| *at > Instant::now()) {
+            tokio::select! {
+                _ = handle.cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(until) => {}
             }
         }
-        while next <= log.head() {
+        let up_to = match (pacer.storm(), last_tick) {
+            (true, Some(tick)) => pacer.head_at(tick, log.head()),
+            _ => log.head(),
+        };
+        while next <= up_to {
             if next < log.first() {
                 // Retention overtook a live session that fell this far behind.
                 let head = log.head();
@@ -120,7 +151,7 @@ pub(super) async fn send_loop(
                 next = head + 1;
                 continue;
             }
-            if let Some((last, encoded)) = log.read_encoded(next, BATCH_ENTRIES) {
+            if let Some((last, encoded)) = log.read_encoded(next, up_to, BATCH_ENTRIES, ranges) {
                 next = last + 1;
                 let batch = PurgeBatch {
                     entries: Vec::new(),
@@ -129,7 +160,7 @@ pub(super) async fn send_loop(
                 if !send(&tx, &handle, coordinator_message::Msg::Purges(batch)).await {
                     return;
                 }
-                last_sent = Some(tokio::time::Instant::now());
+                last_sent = Some(Instant::now());
                 continue;
             }
             let entries = match log.read_from(next, BATCH_ENTRIES).await {
@@ -151,11 +182,7 @@ pub(super) async fn send_loop(
             if !send(&tx, &handle, coordinator_message::Msg::Purges(batch)).await {
                 return;
             }
-            last_sent = Some(tokio::time::Instant::now());
-        }
-        tokio::select! {
-            _ = handle.cancel.cancelled() => return,
-            changed = head_rx.changed() => if changed.is_err() { return },
+            last_sent = Some(Instant::now());
         }
     }
 }

@@ -243,7 +243,10 @@ async fn session(
     let hello = Hello {
         edge_id: edge,
         region,
-        capabilities: vec![proto::CAP_FULL_BAN.to_owned()],
+        capabilities: vec![
+            proto::CAP_FULL_BAN.to_owned(),
+            proto::CAP_PURGE_RANGES.to_owned(),
+        ],
         report_interval_ms: 60_000,
         log_id,
         applied_seq: applied,
@@ -408,8 +411,9 @@ mod sim {
         }
     }
 
-    /// `CoordinatorMessage.purges` (field 2) → its entries' `seq` (field 1 of each
-    /// `PurgeBatch.entries`, field 1); `None` for any other message.
+    /// `CoordinatorMessage.purges` (field 2) → the sequences its entries stand for (`seq`,
+    /// field 1 of each `PurgeBatch.entries`, field 1, from `first_seq`, field 9, for a
+    /// range entry); `None` for any other message.
     fn purges(mut msg: Bytes) -> Result<Option<Inbound>, prost::DecodeError> {
         let (tag, wire) = decode_key(&mut msg)?;
         if tag != 2 || wire != WireType::LengthDelimited {
@@ -426,13 +430,20 @@ mod sim {
             }
             let len = decode_varint(&mut batch)? as usize;
             let mut entry = batch.split_to(len.min(batch.len()));
-            if let (1, WireType::Varint) = decode_key(&mut entry)? {
-                let seq = decode_varint(&mut entry)?;
-                if seq <= super::RECORDED {
-                    recorded.push(seq);
+            let (mut seq, mut first) = (None, None);
+            while entry.has_remaining() {
+                let (tag, wire) = decode_key(&mut entry)?;
+                match (tag, wire) {
+                    (1, WireType::Varint) => seq = Some(decode_varint(&mut entry)?),
+                    (9, WireType::Varint) => first = Some(decode_varint(&mut entry)?),
+                    _ => skip_field(wire, tag, &mut entry, DecodeContext::default())?,
                 }
-                last = Some(seq);
             }
+            let Some(seq) = seq else { continue };
+            // A range entry stands for first_seq..=seq.
+            let first = first.filter(|f| *f != 0 && *f < seq).unwrap_or(seq);
+            recorded.extend(first..=seq.min(super::RECORDED));
+            last = Some(seq);
         }
         Ok(Some(Inbound::Purges { recorded, last }))
     }

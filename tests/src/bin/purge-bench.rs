@@ -56,6 +56,21 @@ struct Args {
     insecure: bool,
 }
 
+/// Every how many purges of a storm client one is timed from received to applied.
+const STORM_SAMPLE: u64 = 50;
+
+/// From the coordinator receiving purge `seq` to the last edge's ack of it (ms), once
+/// every edge applied it.
+async fn propagation_ms(api: SocketAddr, seq: u64) -> Option<f64> {
+    let p = get_json(api, &format!("/api/v1/purges/{seq}")).await?;
+    let received = p["received_at_us"].as_u64()?;
+    let mut applied = 0;
+    for e in p["edges"].as_object()?.values() {
+        applied = applied.max(e["applied_at_us"].as_u64()?);
+    }
+    Some(applied.saturating_sub(received) as f64 / 1e3)
+}
+
 fn summary(name: &str, ms: Vec<f64>) {
     println!("{}", tests::percentiles_line(name, ms));
 }
@@ -135,18 +150,11 @@ async fn main() {
     }
     let mut prop_ms = Vec::new();
     for seq in &seqs {
-        let p = get_json(coordinator.api, &format!("/api/v1/purges/{seq}"))
-            .await
-            .expect("purge status");
-        let received = p["received_at_us"].as_u64().expect("received_at_us");
-        let applied = p["edges"]
-            .as_object()
-            .expect("edges")
-            .values()
-            .map(|e| e["applied_at_us"].as_u64().expect("applied"))
-            .max()
-            .expect("some edge");
-        prop_ms.push(applied.saturating_sub(received) as f64 / 1e3);
+        prop_ms.push(
+            propagation_ms(coordinator.api, *seq)
+                .await
+                .expect("purge status"),
+        );
     }
     summary("ack latency (Magento PURGE -> 200)", ack_ms);
     summary(
@@ -154,7 +162,9 @@ async fn main() {
         prop_ms,
     );
 
-    // 3: throughput.
+    // 3: throughput, and what the storm does to each edge's ban list.
+    let bans_before: Vec<u64> = nodes.iter().map(|n| n.counter("MAIN.bans_added")).collect();
+    let storm_started = Instant::now();
     let accepted = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
@@ -164,6 +174,7 @@ async fn main() {
         let purge = coordinator.purge;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut sampled = Vec::new();
             let mut i = 0u64;
             while Instant::now() < deadline {
                 let req = magento_purge(&tags_pattern(&[&format!("load_{c}_{i}")]));
@@ -172,11 +183,14 @@ async fn main() {
                     if r.status == 200 {
                         accepted.fetch_add(1, Ordering::Relaxed);
                         lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        if i.is_multiple_of(STORM_SAMPLE) {
+                            sampled.extend(r.json()["seq"].as_u64());
+                        }
                     }
                 }
                 i += 1;
             }
-            lat
+            (lat, sampled)
         }));
     }
     let api = coordinator.api;
@@ -192,8 +206,11 @@ async fn main() {
         }
         max_lag
     });
+    let mut sampled = Vec::new();
     for t in tasks {
-        conc_ms_all.extend(t.await.expect("client"));
+        let (lat, seqs) = t.await.expect("client");
+        conc_ms_all.extend(lat);
+        sampled.extend(seqs);
     }
     let max_lag = lag_probe.await.unwrap_or(0);
     let head = coordinator.head().await;
@@ -214,6 +231,32 @@ async fn main() {
     summary(
         &format!("ack latency under load ({} clients)", args.clients),
         conc_ms_all,
+    );
+    // Bans over the storm and its catch-up, per varnishd (each serves its agents' bans).
+    let storm_s = storm_started.elapsed().as_secs_f64();
+    let per_node: Vec<f64> = nodes
+        .iter()
+        .zip(&bans_before)
+        .map(|(node, before)| (node.counter("MAIN.bans_added") - before) as f64 / storm_s)
+        .collect();
+    let busiest = per_node.iter().copied().fold(0.0, f64::max);
+    println!(
+        "storm bans: at most {busiest:.1} bans added per second on a varnishd ({} agent(s) each; {:.0} purges per ban)",
+        args.agents.div_ceil(varnishes),
+        (n as f64 / storm_s) / (busiest / args.agents.div_ceil(varnishes) as f64).max(1e-9)
+    );
+    let mut storm_prop = Vec::new();
+    for seq in sampled {
+        if let Some(ms) = propagation_ms(api, seq).await {
+            storm_prop.push(ms);
+        }
+    }
+    summary(
+        &format!(
+            "during the storm, received -> applied on all {} edges (every {STORM_SAMPLE}th purge)",
+            args.agents
+        ),
+        storm_prop,
     );
 
     // 4: Magento's own way.

@@ -256,7 +256,7 @@ async fn two_coordinators_share_one_dense_purge_log_on_etcd() {
                         soft: false,
                     })
                     .collect();
-                let last = log
+                let (last, committed) = log
                     .append(
                         &[Append {
                             received_at_us: stamp,
@@ -266,6 +266,11 @@ async fn two_coordinators_share_one_dense_purge_log_on_etcd() {
                     )
                     .await
                     .expect("append");
+                // What was committed, as the writer hands it to its own tail.
+                let seqs: Vec<u64> = committed.iter().map(|e| e.seq).collect();
+                assert_eq!(seqs.len(), n);
+                assert_eq!(seqs.last(), Some(&last[0]), "{seqs:?}");
+                assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
                 head = last[0];
                 answered.push((stamp, last[0], n));
             }

@@ -379,3 +379,104 @@ async fn running_out_of_file_descriptors_is_logged_counted_and_survived() {
     );
     limited.kill9().await;
 }
+
+/// A session's messages, after `hello` (`log_id` resumed from the start, `caps`).
+async fn open_session(
+    c: &CoordinatorProc,
+    edge: &str,
+    log_id: &str,
+    caps: &[&str],
+) -> tonic::Streaming<proto::edge::CoordinatorMessage> {
+    use proto::edge::{agent_message, AgentMessage, Hello};
+    let mut client = proto::CoordinatorClient::connect(format!("http://{}", c.grpc))
+        .await
+        .expect("connect");
+    let hello = AgentMessage {
+        msg: Some(agent_message::Msg::Hello(Hello {
+            edge_id: edge.into(),
+            region: "r".into(),
+            log_id: log_id.into(),
+            capabilities: caps.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })),
+    };
+    // The stream stays open after the Hello, so our side never ends the session.
+    let out =
+        tokio_stream::StreamExt::chain(tokio_stream::iter(vec![hello]), tokio_stream::pending());
+    client.session(out).await.expect("session").into_inner()
+}
+
+/// The next message of `inbound` that `pick` takes.
+async fn next_of<T>(
+    inbound: &mut tonic::Streaming<proto::edge::CoordinatorMessage>,
+    pick: impl Fn(proto::edge::coordinator_message::Msg) -> Option<T>,
+) -> T {
+    loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), inbound.message())
+            .await
+            .expect("a message within 10 s")
+            .expect("stream")
+            .expect("a message");
+        if let Some(t) = m.msg.and_then(&pick) {
+            return t;
+        }
+    }
+}
+
+/// The first batch a session gets with `caps`, resuming `log_id` from the start: each
+/// entry as `(first, seq)`.
+async fn first_batch(
+    c: &CoordinatorProc,
+    edge: &str,
+    log_id: &str,
+    caps: &[&str],
+) -> Vec<(u64, u64)> {
+    use proto::edge::coordinator_message::Msg;
+    let mut inbound = open_session(c, edge, log_id, caps).await;
+    next_of(&mut inbound, |m| match m {
+        Msg::Purges(b) => Some(b.entries.iter().map(|e| (e.first(), e.seq)).collect()),
+        _ => None,
+    })
+    .await
+}
+
+/// An agent that announces `purge_ranges` gets each run of tag purges as one entry; an
+/// older agent gets one entry per purge, as it always did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_entries_go_only_to_agents_that_announce_them() {
+    use proto::edge::coordinator_message::Msg;
+    let dir = temp_dir();
+    let c = CoordinatorProc::start(
+        dir.path(),
+        &CoordinatorOpts {
+            insecure: true,
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await;
+    for i in 0..5 {
+        purge_tags(c.purge, &[&format!("a{i}")]).await;
+    }
+    let regex = raw(c.purge, &magento_purge("^cat_p_[0-9]+$"))
+        .await
+        .expect("purge");
+    assert_eq!(regex.status, 200);
+    purge_tags(c.purge, &["b1"]).await;
+    assert_eq!(purge_tags(c.purge, &["b2"]).await, 8);
+    let mut probe = open_session(&c, "probe-1", "", &[proto::CAP_FULL_BAN]).await;
+    let log_id = next_of(&mut probe, |m| match m {
+        Msg::Welcome(w) => Some(w.log_id),
+        _ => None,
+    })
+    .await;
+    let old = first_batch(&c, "old-1", &log_id, &[proto::CAP_FULL_BAN]).await;
+    assert_eq!(old, (1..=8).map(|s| (s, s)).collect::<Vec<_>>());
+    let new = first_batch(
+        &c,
+        "new-1",
+        &log_id,
+        &[proto::CAP_FULL_BAN, proto::CAP_PURGE_RANGES],
+    )
+    .await;
+    assert_eq!(new, vec![(1, 5), (6, 6), (7, 8)]);
+}
