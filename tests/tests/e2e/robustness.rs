@@ -2,6 +2,18 @@
 
 use tests::{get_json, magento_purge, purge_tags, raw, temp_dir, CoordinatorOpts, CoordinatorProc};
 
+/// A coordinator in `dir` serving plaintext gRPC (for raw sessions and agents).
+async fn plaintext(dir: &std::path::Path) -> CoordinatorProc {
+    CoordinatorProc::start(
+        dir,
+        &CoordinatorOpts {
+            insecure: true,
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_answers_and_never_a_flush() {
     let dir = temp_dir();
@@ -98,14 +110,7 @@ async fn garbage_and_protocol_violations_on_grpc_are_refused_and_harmless() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let dir = temp_dir();
-    let c = CoordinatorProc::start(
-        dir.path(),
-        &CoordinatorOpts {
-            insecure: true,
-            ..CoordinatorOpts::default()
-        },
-    )
-    .await;
+    let c = plaintext(dir.path()).await;
 
     // Raw garbage on the gRPC port: the connection is dropped.
     let mut s = tokio::net::TcpStream::connect(c.grpc).await.unwrap();
@@ -304,14 +309,7 @@ async fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_is_logged_counted_and_survived() {
     let dir = temp_dir();
-    let mut c = CoordinatorProc::start(
-        &dir.path().join("coordinator"),
-        &CoordinatorOpts {
-            insecure: true,
-            ..CoordinatorOpts::default()
-        },
-    )
-    .await;
+    let mut c = plaintext(&dir.path().join("coordinator")).await;
     c.child.kill9().await;
     let log = dir.path().join("limited.log");
     let args: Vec<String> = [
@@ -446,14 +444,7 @@ async fn first_batch(
 async fn range_entries_go_only_to_agents_that_announce_them() {
     use proto::edge::coordinator_message::Msg;
     let dir = temp_dir();
-    let c = CoordinatorProc::start(
-        dir.path(),
-        &CoordinatorOpts {
-            insecure: true,
-            ..CoordinatorOpts::default()
-        },
-    )
-    .await;
+    let c = plaintext(dir.path()).await;
     for i in 0..5 {
         purge_tags(c.purge, &[&format!("a{i}")]).await;
     }
