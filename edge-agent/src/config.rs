@@ -135,6 +135,11 @@ pub struct VarnishConfig {
     /// Timeout for one admin or HTTP exchange with varnishd.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Longest tag alternation in one ban (ban mode): more tags per ban means fewer bans
+    /// in a storm. A ban varnishd refuses as too large is split in two and applied, never
+    /// turned into a full ban.
+    #[serde(default = "default_max_ban_bytes")]
+    pub max_ban_bytes: usize,
 }
 
 /// `[tls]`: the agent's client certificate and the cluster CA.
@@ -168,6 +173,10 @@ impl PurgeMode {
 
 fn default_timeout_ms() -> u64 {
     5000
+}
+
+fn default_max_ban_bytes() -> usize {
+    crate::plan::MAX_BAN_EXPR_BYTES
 }
 
 pub use daemon::ConfigError;
@@ -289,6 +298,11 @@ impl AgentConfig {
         if self.varnish.timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "varnish.timeout_ms must be positive".into(),
+            ));
+        }
+        if !(1024..=1 << 20).contains(&self.varnish.max_ban_bytes) {
+            return Err(ConfigError::Invalid(
+                "varnish.max_ban_bytes must be 1024..=1048576".into(),
             ));
         }
         Ok(())

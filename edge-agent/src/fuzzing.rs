@@ -32,7 +32,7 @@ pub fn coordinator_message(data: &[u8]) {
                 .flatten()
                 .collect();
             for mode in [PurgeMode::Ban, PurgeMode::Xkey] {
-                let ops = plan(entries, mode);
+                let ops = plan(entries, mode, crate::plan::MAX_BAN_EXPR_BYTES);
                 if all {
                     assert_eq!(ops, vec![VarnishOp::BanAll]);
                     continue;
@@ -51,6 +51,13 @@ pub fn coordinator_message(data: &[u8]) {
                 for tag in tags.iter().take(32) {
                     let covered = ops.iter().any(|op| match op {
                         VarnishOp::Xkey { tags, .. } => tags.contains(tag),
+                        VarnishOp::BanTagList(list) => {
+                            regex::RegexBuilder::new(&crate::plan::tags_regex(list))
+                                .nest_limit(64)
+                                .build()
+                                .map(|r| r.is_match(&format!("a,{tag},b")) && r.is_match(tag))
+                                .unwrap_or(false)
+                        }
                         VarnishOp::BanTags(re) => regex::RegexBuilder::new(re)
                             .nest_limit(64)
                             .build()

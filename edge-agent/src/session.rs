@@ -479,7 +479,11 @@ impl Agent {
                 "gap in purge stream: applied {applied}, got {first}"
             )));
         }
-        let ops = plan(&fresh, self.config.varnish.purge_mode);
+        let ops = plan(
+            &fresh,
+            self.config.varnish.purge_mode,
+            self.config.varnish.max_ban_bytes,
+        );
         tracing::debug!(
             first,
             last,
@@ -544,6 +548,19 @@ impl Agent {
                 Ok(()) => {
                     i += 1;
                     attempt = 0;
+                }
+                Err(e)
+                    if e.is_permanent()
+                        && matches!(op, VarnishOp::BanTagList(t) if t.len() > 1) =>
+                {
+                    // Our own alternation, too large for this varnishd's PCRE2: two halves.
+                    let VarnishOp::BanTagList(mut tags) = ops.remove(i) else {
+                        continue;
+                    };
+                    tracing::warn!(error = %e, tags = tags.len(), "varnish refused a ban of many tags; splitting it");
+                    let second = tags.split_off(tags.len() / 2);
+                    ops.insert(i, VarnishOp::BanTagList(second));
+                    ops.insert(i, VarnishOp::BanTagList(tags));
                 }
                 Err(e) if e.is_permanent() && *op != VarnishOp::BanAll => {
                     tracing::error!(error = %e, first_seq, last_seq,

@@ -174,6 +174,10 @@ pub fn ban_command(op: &VarnishOp) -> Result<String, AdminError> {
     Ok(match op {
         VarnishOp::BanAll => "ban obj.status != 0".to_owned(),
         VarnishOp::BanTags(re) => format!("ban obj.http.X-Magento-Tags ~ {}", quote(re)?),
+        VarnishOp::BanTagList(tags) => format!(
+            "ban obj.http.X-Magento-Tags ~ {}",
+            quote(&crate::plan::tags_regex(tags))?
+        ),
         VarnishOp::BanPool(re) => format!("ban obj.http.X-Pool ~ {}", quote(re)?),
         VarnishOp::BanUrl { path, host } if host.is_empty() => {
             format!("ban req.url == {}", quote(path)?)
