@@ -16,11 +16,9 @@ use crate::config::PurgeMode;
 
 /// Bound on one xkey header (Magento's own chunk size, under varnishd's 8 KiB header limit).
 pub const MAX_EXPR_BYTES: usize = 7680;
-/// Bound on one ban's tag alternation ([`tags_regex`]). varnishd's PCRE2 refuses a
-/// pattern of this form much over 24 KiB ("regular expression is too large", measured
-/// on varnish 7.1 with 2,000 and 3,000 tags); 16 KiB holds a 20 ms window of a storm of
-/// ~60,000 purges/s in one ban.
-pub const MAX_BAN_EXPR_BYTES: usize = 16_384;
+/// Default bound on one ban's tag alternation ([`tags_regex`]; see
+/// [`crate::config::DEFAULT_MAX_BAN_BYTES`]).
+pub const MAX_BAN_EXPR_BYTES: usize = crate::config::DEFAULT_MAX_BAN_BYTES;
 
 /// One thing to do to varnish.
 #[derive(Debug, Clone, PartialEq, Eq)]
