@@ -273,13 +273,13 @@ struct Inner {
 }
 
 pub(super) const TAIL_ENTRIES: usize = 65_536;
+pub(super) const MAX_BATCH_REQUESTS: usize = 4096;
+pub(super) const QUEUE_DEPTH: usize = 65_536;
 /// Encoded batches kept for sharing: the fleet's cursor, and a few stragglers'.
 const WIRE_BATCHES: usize = 8;
 
 /// An encoded batch and its `(from, last, ranges)`.
 type WireKeyed = ((u64, u64, bool), prost::bytes::Bytes);
-pub(super) const MAX_BATCH_REQUESTS: usize = 4096;
-pub(super) const QUEUE_DEPTH: usize = 65_536;
 
 impl PurgeLog {
     /// Opens (or creates) the log in `dir` and starts its writer thread. The thread stops

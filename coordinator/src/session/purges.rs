@@ -113,28 +113,31 @@ pub(super) async fn send_loop(
             continue;
         }
         let window = pacer.window(log.head());
-        let wait = if pacer.storm() {
-            // On the fleet's clock: one batch per tick, up to the head at the tick.
-            let mut tick = pacer.tick(window, Instant::now());
-            if last_tick.is_some_and(|t| t >= tick) {
-                tick += window;
+        // In a storm, on the fleet's clock: one batch per tick, up to the head at the tick.
+        let tick = pacer.storm().then(|| {
+            let tick = pacer.tick(window, Instant::now());
+            match last_tick {
+                Some(t) if t >= tick => tick + window,
+                _ => tick,
             }
-            last_tick = Some(tick);
-            Some(tick)
-        } else {
+        });
+        if tick.is_some() {
+            last_tick = tick;
+        }
+        let wait = tick.or_else(|| {
             last_sent
                 .filter(|at| at.elapsed() < window)
                 .map(|at| at + window)
-        };
+        });
         if let Some(until) = wait.filter(|at| *at > Instant::now()) {
             tokio::select! {
                 _ = handle.cancel.cancelled() => return,
                 _ = tokio::time::sleep_until(until) => {}
             }
         }
-        let up_to = match (pacer.storm(), last_tick) {
-            (true, Some(tick)) => pacer.head_at(tick, log.head()),
-            _ => log.head(),
+        let up_to = match tick {
+            Some(tick) => pacer.head_at(tick, log.head()),
+            None => log.head(),
         };
         while next <= up_to {
             if next < log.first() {
