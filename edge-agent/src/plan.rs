@@ -78,12 +78,12 @@ pub fn plan(entries: &[PurgeEntry], mode: PurgeMode, ban_bytes: usize) -> Vec<Va
         (BTreeSet::new(), hard)
     };
     let soft: BTreeSet<String> = soft.into_iter().filter(|t| xkey_safe(t)).collect();
-    for chunk in chunk_tags(&odd, |t| escape_tag(t).len() + 1, ban_bytes) {
+    for chunk in chunk_tags(&odd, |t| escaped_len(t) + 1, ban_bytes) {
         ops.push(VarnishOp::BanTagList(chunk));
     }
     match mode {
         PurgeMode::Ban => {
-            for chunk in chunk_tags(&hard, |t| escape_tag(t).len() + 1, ban_bytes) {
+            for chunk in chunk_tags(&hard, |t| escaped_len(t) + 1, ban_bytes) {
                 ops.push(VarnishOp::BanTagList(chunk));
             }
         }
@@ -142,28 +142,32 @@ fn chunk_tags(
 /// comma-separated item, `(^|,)(a|b|c)(,|$)`, which is what Magento's own
 /// `((^|,)a(,|$))|((^|,)b(,|$))|...` matches, in half the bytes.
 pub fn tags_regex(tags: &[String]) -> String {
-    let mut out = String::with_capacity(tags.iter().map(|t| t.len() + 1).sum::<usize>() + 14);
+    let mut out =
+        String::with_capacity(tags.iter().map(|t| escaped_len(t) + 1).sum::<usize>() + 14);
     out.push_str("(^|,)(");
     for (i, t) in tags.iter().enumerate() {
         if i > 0 {
             out.push('|');
         }
-        out.push_str(&escape_tag(t));
+        for c in t.chars() {
+            if needs_escape(c) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
     }
     out.push_str(")(,|$)");
     out
 }
 
-/// A tag with regex metacharacters escaped.
-fn escape_tag(tag: &str) -> String {
-    let mut out = String::with_capacity(tag.len() + 2);
-    for c in tag.chars() {
-        if c.is_ascii_punctuation() && c != '_' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
+/// Regex metacharacters (any ASCII punctuation but `_`) are escaped with a backslash.
+fn needs_escape(c: char) -> bool {
+    c.is_ascii_punctuation() && c != '_'
+}
+
+/// A tag's length in a [`tags_regex`], escapes included.
+fn escaped_len(tag: &str) -> usize {
+    tag.len() + tag.chars().filter(|c| needs_escape(*c)).count()
 }
 
 #[cfg(test)]

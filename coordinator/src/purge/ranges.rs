@@ -23,50 +23,38 @@ pub fn encode_batch<'a>(
     ranges: bool,
 ) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut run: Vec<&PurgeEntry> = Vec::new();
-    let mut run_wire: Option<&Bytes> = None;
+    // The current run of mergeable entries, each with its own encoding.
+    let mut run: Vec<(&PurgeEntry, &Bytes)> = Vec::new();
     for (entry, wire) in entries {
-        let joins =
-            ranges && mergeable(entry) && run.last().is_some_and(|prev| prev.soft == entry.soft);
-        if !joins {
-            flush(&mut out, &run, run_wire);
+        let mergeable = ranges && matches!(entry.op, Some(Op::Tags(_)));
+        if !(mergeable && run.last().is_some_and(|(prev, _)| prev.soft == entry.soft)) {
+            flush(&mut out, &run);
             run.clear();
         }
-        if ranges && mergeable(entry) {
-            if run.is_empty() {
-                run_wire = Some(wire);
-            }
-            run.push(entry);
+        if mergeable {
+            run.push((entry, wire));
         } else {
             out.extend_from_slice(wire);
         }
     }
-    flush(&mut out, &run, run_wire);
+    flush(&mut out, &run);
     out
 }
 
-fn mergeable(entry: &PurgeEntry) -> bool {
-    matches!(entry.op, Some(Op::Tags(_)))
-}
-
 /// Writes a run: its one entry's own bytes, or the merged entry.
-fn flush(out: &mut Vec<u8>, run: &[&PurgeEntry], first_wire: Option<&Bytes>) {
+fn flush(out: &mut Vec<u8>, run: &[(&PurgeEntry, &Bytes)]) {
     match run {
         [] => {}
-        [_] => {
-            if let Some(wire) = first_wire {
-                out.extend_from_slice(wire);
-            }
-        }
-        [first, .., last] => out.extend(proto::codec::encode_entry(&merge(first, last, run))),
+        [(_, wire)] => out.extend_from_slice(wire),
+        _ => out.extend(proto::codec::encode_entry(&merge(run))),
     }
 }
 
-/// The one entry that stands for `run` (`first` and `last` are its ends).
-fn merge(first: &PurgeEntry, last: &PurgeEntry, run: &[&PurgeEntry]) -> PurgeEntry {
+/// The one entry that stands for `run` (two or more consecutive tag purges).
+fn merge(run: &[(&PurgeEntry, &Bytes)]) -> PurgeEntry {
     let mut seen = HashSet::new();
     let mut tags = Vec::new();
-    for e in run {
+    for (e, _) in run {
         if let Some(Op::Tags(set)) = &e.op {
             for t in &set.tags {
                 if seen.insert(t.as_str()) {
@@ -75,10 +63,11 @@ fn merge(first: &PurgeEntry, last: &PurgeEntry, run: &[&PurgeEntry]) -> PurgeEnt
             }
         }
     }
+    let (first, last) = (run[0].0, run[run.len() - 1].0);
     PurgeEntry {
         seq: last.seq,
         first_seq: first.seq,
-        received_at_us: run.iter().map(|e| e.received_at_us).min().unwrap_or(0),
+        received_at_us: run.iter().map(|(e, _)| e.received_at_us).min().unwrap_or(0),
         op: Some(Op::Tags(TagSet { tags })),
         soft: first.soft,
     }
