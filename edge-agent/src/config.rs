@@ -64,11 +64,12 @@ pub struct AgentConfig {
     /// How often the agent reports its active VCL (and probes health) to the coordinator.
     #[serde(default = "default_report_interval_s")]
     pub report_interval_s: u64,
-    /// Purges arriving within this many milliseconds of the last apply wait and are
-    /// applied together: at most 1000/purge_window_ms bans (or xkey purges) per second
-    /// however fast purges come (an apply that needs k of them, its tags being over one
-    /// expression's bound, counts as k windows), for at most this much added delay in
-    /// normal traffic (0: apply each batch at once).
+    /// Purges arriving in the same slot of this many milliseconds (aligned on the wall
+    /// clock) as the last apply wait for the next slot and are applied together: at most
+    /// 1000/purge_window_ms bans (or xkey purges) per second however fast purges come (an
+    /// apply that needs k of them, its tags being over one expression's bound, takes k
+    /// slots), for at most this much added delay; a lone purge goes at once (0: apply
+    /// each batch at once).
     #[serde(default = "default_purge_window_ms")]
     pub purge_window_ms: u64,
     /// How often varnishstat counters are read and sent (hit ratios, rates).

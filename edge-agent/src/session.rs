@@ -344,7 +344,8 @@ impl Agent {
         // A message taken off the channel while coalescing but not part of the batch.
         let mut pending = None;
         let window = Duration::from_millis(self.config.purge_window_ms);
-        let mut last_apply: Option<tokio::time::Instant> = None;
+        // The earliest start of the next apply: the first purge slot after the last one.
+        let mut next_slot: Option<tokio::time::Instant> = None;
         loop {
             let msg = match pending.take() {
                 Some(m) => Some(m),
@@ -398,12 +399,12 @@ impl Agent {
                 }
                 coordinator_message::Msg::Purges(batch) => {
                     let mut entries = batch.entries;
-                    // Coalesce whatever else already arrived, and, within the purge
-                    // window after the last apply, whatever arrives until it closes: a
-                    // storm becomes one apply (one ban) per window, a lone purge goes at
-                    // once. Yielding lets the reader move more of a backlog out of the
-                    // HTTP/2 buffers into the channel.
-                    let window_ends = last_apply.map(|t| t + window);
+                    // Coalesce whatever else already arrived, and, until the next purge
+                    // slot opens, whatever arrives meanwhile: a storm becomes one apply
+                    // (one ban) per slot, a lone purge goes at once. Yielding lets the
+                    // reader move more of a backlog out of the HTTP/2 buffers into the
+                    // channel.
+                    let window_ends = next_slot;
                     'drain: while entries.len() < COALESCE_MAX_ENTRIES {
                         while let Ok(next) = in_rx.try_recv() {
                             match next {
@@ -437,16 +438,14 @@ impl Agent {
                             }
                         }
                     }
-                    // Windows count from the start of an apply, so a storm is applied
-                    // every window, not every window plus the time an apply takes.
                     let started = tokio::time::Instant::now();
+                    let slot = slot_start(started, wall_clock(), window);
                     let ops = self.apply_entries(entries, &log_id, &out, shutdown).await?;
                     // An apply of k operations (a window's tags beyond one expression's
-                    // bound) counts as k windows: at most one ban per window on average,
-                    // however large the storm.
-                    let extra = window
-                        .saturating_mul(u32::try_from(ops.saturating_sub(1)).unwrap_or(u32::MAX));
-                    last_apply = Some(started + extra);
+                    // bound) takes k slots: at most one ban per slot on average, however
+                    // large the storm.
+                    let slots = u32::try_from(ops.max(1)).unwrap_or(u32::MAX);
+                    next_slot = Some(slot + window.saturating_mul(slots));
                 }
             }
         }
@@ -618,6 +617,42 @@ impl Agent {
     }
 }
 
+/// Time since the Unix epoch on this host's clock (zero if it is set before 1970).
+fn wall_clock() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// The start of the purge slot holding `now`, whose wall-clock time is `since_epoch`.
+///
+/// Slots are `window` long and aligned on the wall clock, not on this agent's last apply:
+/// every agent of a fleet (on NTP time) applies a storm's purges at the same instants, so
+/// "applied everywhere" waits for one slot, not for the latest of many, and a lone purge
+/// applied mid-slot holds the next apply only until the slot ends, not a whole window.
+/// A slot is taken to start an eighth of a window early, so a timer that fires on a
+/// boundary while the wall clock reads a few microseconds short of it (the two clocks
+/// drift) still counts in the new slot: starts stay at least 7/8 of a window apart and at
+/// most one falls in each slot, so `1000/purge_window_ms` per second stays the bound. A
+/// wall clock that steps only moves the phase: the result is never more than an eighth
+/// of a window after `now`, nor more than a window before it.
+fn slot_start(
+    now: tokio::time::Instant,
+    since_epoch: Duration,
+    window: Duration,
+) -> tokio::time::Instant {
+    let window_us = window.as_micros();
+    if window_us == 0 {
+        return now;
+    }
+    let early = window_us / 8;
+    let into_slot = (since_epoch.as_micros() + early) % window_us;
+    let micros = |us: u128| Duration::from_micros(u64::try_from(us).unwrap_or(0));
+    (now + micros(early))
+        .checked_sub(micros(into_slot))
+        .unwrap_or(now)
+}
+
 async fn send(out: &Outbound, msg: agent_message::Msg) -> Result<(), SessionEnd> {
     out.send(AgentMessage { msg: Some(msg) })
         .await
@@ -643,6 +678,29 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purge_slots_follow_the_wall_clock() {
+        let now = tokio::time::Instant::now();
+        let w = Duration::from_millis(20);
+        let at = |ms: u64, us: u64| Duration::from_millis(ms) + Duration::from_micros(us);
+        // 1,000,007 ms into the epoch: 7 ms into a slot.
+        assert_eq!(slot_start(now, at(1_000_007, 0), w), now - at(7, 0));
+        // On a boundary, and a little short of one: the new slot.
+        assert_eq!(slot_start(now, at(1_000_000, 0), w), now);
+        assert_eq!(slot_start(now, at(999_999, 990), w), now + at(0, 10));
+        // 2.5 ms (an eighth) short of a boundary is already the next slot; 2.6 is not.
+        assert_eq!(slot_start(now, at(999_997, 500), w), now + at(2, 500));
+        assert_eq!(slot_start(now, at(999_997, 400), w), now - at(17, 400));
+        // Every agent's slot ends at the same wall-clock instant, whatever its phase.
+        for into in [0, 3, 11, 17] {
+            let wall = at(2_000_000 + into, 0);
+            let end = slot_start(now, wall, w) + w;
+            assert_eq!(end - now, at(20 - into, 0), "{into} ms into the slot");
+        }
+        // No window: no slots.
+        assert_eq!(slot_start(now, at(1_000_007, 0), Duration::ZERO), now);
+    }
 
     #[test]
     fn a_healthy_session_resets_the_backoff() {

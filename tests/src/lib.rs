@@ -885,6 +885,11 @@ async fn spawn_coordinator(
 pub static AGENT_STATS_INTERVAL_S: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(1);
 
+/// `purge_window_ms` for agents started from now on (negative: the agent's default;
+/// benchmarks set it to compare windows).
+pub static AGENT_PURGE_WINDOW_MS: std::sync::atomic::AtomicI64 =
+    std::sync::atomic::AtomicI64::new(-1);
+
 /// The real `edge-agent` binary.
 pub struct AgentProc {
     pub id: String,
@@ -939,10 +944,14 @@ impl AgentProc {
             ),
             None => String::new(),
         };
+        let window = match AGENT_PURGE_WINDOW_MS.load(std::sync::atomic::Ordering::Relaxed) {
+            ms if ms < 0 => String::new(),
+            ms => format!("purge_window_ms = {ms}\n"),
+        };
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = {coordinators}\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\ntop_urls_interval_s = 1\nclient_nets_interval_s = 1\n[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
+                "id = \"{id}\"\nregion = \"{region}\"\ncoordinator = {coordinators}\nstate_dir = \"{}\"\nreport_interval_s = 1\nstats_interval_s = {}\ntop_urls_interval_s = 1\nclient_nets_interval_s = 1\n{window}[varnish]\nhttp = \"{}\"\nadmin = \"{}\"\nsecret_file = \"{}\"\npurge_mode = \"{mode}\"\ninstance = \"{}\"\n{tls_table}",
                 dir.join(format!("{id}-state")).display(),
                 AGENT_STATS_INTERVAL_S.load(std::sync::atomic::Ordering::Relaxed),
                 varnish.http,

@@ -51,6 +51,9 @@ struct Args {
     /// Agent purge mode.
     #[arg(long, default_value = "ban")]
     mode: String,
+    /// The agents' `purge_window_ms` (default: the agent's own default).
+    #[arg(long)]
+    window_ms: Option<u64>,
     /// Plaintext gRPC instead of mutual TLS (to compare the two).
     #[arg(long)]
     insecure: bool,
@@ -59,16 +62,18 @@ struct Args {
 /// Every how many purges of a storm client one is timed from received to applied.
 const STORM_SAMPLE: u64 = 50;
 
-/// From the coordinator receiving purge `seq` to the last edge's ack of it (ms), once
-/// every edge applied it.
-async fn propagation_ms(api: SocketAddr, seq: u64) -> Option<f64> {
+/// From the coordinator receiving purge `seq` to the first and to the last edge's ack of
+/// it (ms), once every edge applied it.
+async fn propagation_ms(api: SocketAddr, seq: u64) -> Option<(f64, f64)> {
     let p = get_json(api, &format!("/api/v1/purges/{seq}")).await?;
     let received = p["received_at_us"].as_u64()?;
-    let mut applied = 0;
+    let (mut first, mut last) = (u64::MAX, 0);
     for e in p["edges"].as_object()?.values() {
-        applied = applied.max(e["applied_at_us"].as_u64()?);
+        let at = e["applied_at_us"].as_u64()?;
+        (first, last) = (first.min(at), last.max(at));
     }
-    Some(applied.saturating_sub(received) as f64 / 1e3)
+    let ms = |at: u64| at.saturating_sub(received) as f64 / 1e3;
+    Some((ms(first), ms(last)))
 }
 
 fn summary(name: &str, ms: Vec<f64>) {
@@ -80,6 +85,10 @@ async fn main() {
     let args = Args::parse();
     tests::require_varnish();
     let varnishes = args.varnishes.unwrap_or(args.agents.min(5)).max(1);
+    if let Some(ms) = args.window_ms {
+        tests::AGENT_PURGE_WINDOW_MS
+            .store(i64::try_from(ms).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
     let dir = tests::temp_dir();
     let origin = OriginServer::start().await;
     let coordinator = CoordinatorProc::start(
@@ -123,10 +132,12 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
-        "purge-bench: {} agents over {} varnishd, mode {}, sequential purges every {} ms, binaries in {}",
+        "purge-bench: {} agents over {} varnishd, mode {}, purge window {}, sequential purges every {} ms, binaries in {}",
         args.agents,
         varnishes,
         args.mode,
+        args.window_ms
+            .map_or("the agent's default".to_owned(), |ms| format!("{ms} ms")),
         args.interval_ms,
         tests::bin_dir().display()
     );
@@ -150,11 +161,10 @@ async fn main() {
     }
     let mut prop_ms = Vec::new();
     for seq in &seqs {
-        prop_ms.push(
-            propagation_ms(coordinator.api, *seq)
-                .await
-                .expect("purge status"),
-        );
+        let (_, all) = propagation_ms(coordinator.api, *seq)
+            .await
+            .expect("purge status");
+        prop_ms.push(all);
     }
     summary("ack latency (Magento PURGE -> 200)", ack_ms);
     summary(
@@ -245,18 +255,23 @@ async fn main() {
         args.agents.div_ceil(varnishes),
         (n as f64 / storm_s) / (busiest / args.agents.div_ceil(varnishes) as f64).max(1e-9)
     );
-    let mut storm_prop = Vec::new();
+    let (mut storm_first, mut storm_all) = (Vec::new(), Vec::new());
     for seq in sampled {
-        if let Some(ms) = propagation_ms(api, seq).await {
-            storm_prop.push(ms);
+        if let Some((first, all)) = propagation_ms(api, seq).await {
+            storm_first.push(first);
+            storm_all.push(all);
         }
     }
+    summary(
+        "during the storm, received -> applied on the first edge",
+        storm_first,
+    );
     summary(
         &format!(
             "during the storm, received -> applied on all {} edges (every {STORM_SAMPLE}th purge)",
             args.agents
         ),
-        storm_prop,
+        storm_all,
     );
 
     // 4: Magento's own way.
