@@ -5,8 +5,8 @@
 //! [`SessionService`] checks the Hello against the client certificate, decides where the
 //! purges resume ([`resume_point`]) and starts one task per flow:
 //!
-//! * [`purges`]: the log from the cursor on, in batches, behind a small bounded channel,
-//!   at most one batch per fan-out window (`purge::pacer`);
+//! * [`purges`]: the log from the cursor on, in batches, at most one batch per fan-out
+//!   window (`purge::pacer`), polled by the response stream itself;
 //! * [`config`]: the bundles the rollout wants this edge to run (config-capable agents);
 //! * [`warm`]: warm shards, rate changes and cancels (warm-capable agents);
 //! * [`reports`]: acks, errors, heartbeats, stats, probe results and warm progress up,
@@ -30,14 +30,14 @@ use proto::edge::AgentMessage;
 use proto::edge::{agent_message, coordinator_message, CoordinatorMessage, Welcome};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::edges::{EdgeHello, SessionHandle};
 use crate::state::State;
 
-/// Batches in flight towards one agent before the sender waits.
+/// Config and warm messages queued towards one agent before their sender waits.
 const OUTBOUND_DEPTH: usize = 2;
 /// Time an agent has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,26 +142,20 @@ impl proto::Coordinator for SessionService {
             applied_seq = hello.applied_seq, resume = ?resume, "edge connected");
 
         let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
-        let welcome = CoordinatorMessage {
+        let mut opening = vec![Ok(CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Welcome(Welcome {
                 log_id: self.state.log.log_id().to_owned(),
                 head_seq: self.state.log.head(),
                 coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
             })),
-        };
-        tx.send(Ok(welcome))
-            .await
-            .map_err(|_| Status::cancelled("agent went away"))?;
+        })];
         if self.state.monitor.enabled() && hello.capabilities.iter().any(|c| c == proto::CAP_PROBES)
         {
-            let plan = CoordinatorMessage {
+            opening.push(Ok(CoordinatorMessage {
                 msg: Some(coordinator_message::Msg::ProbePlan(
                     self.state.monitor.plan(),
                 )),
-            };
-            tx.send(Ok(plan))
-                .await
-                .map_err(|_| Status::cancelled("agent went away"))?;
+            }));
         }
 
         self.state.traffic.connect(&hello.edge_id, &hello.region);
@@ -188,23 +182,24 @@ impl proto::Coordinator for SessionService {
             ))
         });
         let silence = silence_limit(hello.report_interval_ms);
-        let sender = tokio::spawn(purges::send_loop(
+        // The purges are polled by the response itself: no task or channel between the
+        // log and the socket. Config and warm messages come through `tx`.
+        let purges = purges::feed(
             self.state.log.clone(),
             resume,
-            tx,
             handle.clone(),
             self.state.pacer.clone(),
             hello
                 .capabilities
                 .iter()
                 .any(|c| c == proto::CAP_PURGE_RANGES),
-        ));
+        );
+        drop(tx);
         let service = self.clone();
         let region = hello.region.clone();
         tokio::spawn(async move {
             reports::receive_loop(&service.state, &region, &handle, silence, inbound).await;
             handle.cancel.cancel();
-            let _ = sender.await;
             if let Some(c) = configurer {
                 let _ = c.await;
             }
@@ -222,7 +217,8 @@ impl proto::Coordinator for SessionService {
                 .disconnect(&handle.edge_id, handle.session);
             tracing::info!(edge = %handle.edge_id, "edge disconnected");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let out = tokio_stream::iter(opening).chain(purges.merge(ReceiverStream::new(rx)));
+        Ok(Response::new(Box::pin(out)))
     }
 }
 

@@ -1,11 +1,12 @@
-//! Purges down the stream: where a session resumes ([`resume_point`]) and the sender
+//! Purges down the stream: where a session resumes ([`resume_point`]) and the [`feed`]
 //! that streams the log from there.
 //!
-//! The sender waits on the log's head and sends every entry after the cursor, in
-//! batches, into a small bounded channel: a slow agent fills it, the sender waits, and by
-//! the time there is room the next batch is bigger, so the agent coalesces more. A
-//! session that falls behind retention, or starts without a usable cursor, gets a
-//! [`FullBan`] first.
+//! The feed is a stream the session's gRPC response polls itself, with no task or
+//! channel between the log and the socket: it waits on the log's head and yields every
+//! entry after the cursor, in batches. A slow agent fills HTTP/2's flow-control window,
+//! the response stops polling, and by the time there is room the next batch is bigger,
+//! so the agent coalesces more. A session that falls behind retention, or starts
+//! without a usable cursor, gets a [`FullBan`] first.
 //!
 //! Fan-out cost is per session, so two things keep it small with a thousand edges. A
 //! batch from the log's tail goes out as bytes encoded once for every session at that
@@ -20,11 +21,11 @@
 
 use std::sync::Arc;
 
-use proto::edge::{coordinator_message, FullBan, PurgeBatch};
+use proto::edge::{coordinator_message, CoordinatorMessage, FullBan, PurgeBatch};
 use tokio::time::Instant;
+use tokio_stream::Stream;
 use tonic::Status;
 
-use super::{send, Outbound};
 use crate::edges::SessionHandle;
 use crate::purge::log::PurgeLog;
 use crate::purge::pacer::Pacer;
@@ -76,123 +77,261 @@ pub fn resume_point(
     ResumePoint::From(applied + 1)
 }
 
-/// Streams the log to one agent from `resume` until the session ends; `ranges`: the
-/// agent takes range entries (`purge::ranges`).
-pub(super) async fn send_loop(
+/// The purges for one agent, from `resume` on, as a stream the session's gRPC response
+/// polls itself; `ranges`: the agent takes range entries (`purge::ranges`).
+pub(super) fn feed(
     log: PurgeLog,
     resume: ResumePoint,
-    tx: Outbound,
     handle: SessionHandle,
     pacer: Arc<Pacer>,
     ranges: bool,
-) {
-    let _slot = pacer.join();
-    let mut head_rx = log.subscribe();
-    let mut next = match resume {
-        ResumePoint::From(seq) => seq,
-        ResumePoint::FullBan { head, reason } => {
-            let ban = FullBan {
-                up_to_seq: head,
-                log_id: log.log_id().to_owned(),
-                reason: reason.to_owned(),
-            };
-            if !send(&tx, &handle, coordinator_message::Msg::FullBan(ban)).await {
-                return;
-            }
-            head + 1
-        }
+) -> impl Stream<Item = Result<CoordinatorMessage, Status>> + Send {
+    let slot = pacer.join();
+    let opening_ban = match resume {
+        ResumePoint::From(_) => None,
+        ResumePoint::FullBan { head, reason } => Some(FullBan {
+            up_to_seq: head,
+            log_id: log.log_id().to_owned(),
+            reason: reason.to_owned(),
+        }),
     };
-    let mut last_sent: Option<Instant> = None;
-    let mut last_tick: Option<Instant> = None;
-    loop {
-        if next > log.head() {
-            tokio::select! {
-                _ = handle.cancel.cancelled() => return,
-                changed = head_rx.changed() => if changed.is_err() { return },
-            }
-            continue;
+    let next = match resume {
+        ResumePoint::From(seq) => seq,
+        ResumePoint::FullBan { head, .. } => head + 1,
+    };
+    let feed = Feed {
+        head_rx: log.subscribe(),
+        log,
+        handle,
+        pacer,
+        _slot: slot,
+        ranges,
+        opening_ban,
+        next,
+        up_to: None,
+        last_sent: None,
+        last_tick: None,
+        failed: false,
+    };
+    futures_util::stream::unfold(feed, |mut feed| async move {
+        let msg = feed.next().await?;
+        Some((msg, feed))
+    })
+}
+
+/// A session's position in the log and its pacing.
+struct Feed {
+    log: PurgeLog,
+    head_rx: tokio::sync::watch::Receiver<u64>,
+    handle: SessionHandle,
+    pacer: Arc<Pacer>,
+    /// Counts this session among the pacer's live senders while the stream lives.
+    _slot: crate::purge::pacer::PacerSlot,
+    ranges: bool,
+    /// A full ban owed before the first entry (no usable cursor).
+    opening_ban: Option<FullBan>,
+    /// The next sequence to send.
+    next: u64,
+    /// Sequences up to this one are due now (the head at the last tick or wake-up).
+    up_to: Option<u64>,
+    last_sent: Option<Instant>,
+    last_tick: Option<Instant>,
+    /// The log could not be read: the stream ends after saying so.
+    failed: bool,
+}
+
+impl Feed {
+    /// The next message for the agent, once it is due; `None` when the session ends.
+    async fn next(&mut self) -> Option<Result<CoordinatorMessage, Status>> {
+        if let Some(ban) = self.opening_ban.take() {
+            return Some(message(coordinator_message::Msg::FullBan(ban)));
         }
-        let window = pacer.window(log.head());
+        loop {
+            if self.failed || self.handle.cancel.is_cancelled() {
+                return None;
+            }
+            let up_to = match self.up_to.filter(|u| self.next <= *u) {
+                Some(u) => u,
+                None => self.due().await?,
+            };
+            self.up_to = Some(up_to);
+            if self.next < self.log.first() {
+                // Retention overtook a live session that fell this far behind.
+                let head = self.log.head();
+                self.next = head + 1;
+                let ban = FullBan {
+                    up_to_seq: head,
+                    log_id: self.log.log_id().to_owned(),
+                    reason: "edge fell behind the log's retention".to_owned(),
+                };
+                return Some(message(coordinator_message::Msg::FullBan(ban)));
+            }
+            let read = self
+                .log
+                .read_encoded(self.next, up_to, BATCH_ENTRIES, self.ranges);
+            let batch = match read {
+                Some((last, encoded)) => {
+                    self.next = last + 1;
+                    PurgeBatch {
+                        entries: Vec::new(),
+                        encoded,
+                    }
+                }
+                None => match self.log.read_from(self.next, BATCH_ENTRIES).await {
+                    Ok(entries) if !entries.is_empty() => {
+                        self.next = entries.last().map_or(self.next, |e| e.seq + 1);
+                        PurgeBatch {
+                            entries: entries.iter().map(|e| (**e).clone()).collect(),
+                            encoded: Default::default(),
+                        }
+                    }
+                    Ok(_) => {
+                        self.up_to = None;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, edge = %self.handle.edge_id, "reading the purge log failed");
+                        self.failed = true;
+                        return Some(Err(Status::unavailable("purge log unavailable")));
+                    }
+                },
+            };
+            self.last_sent = Some(Instant::now());
+            return Some(message(coordinator_message::Msg::Purges(batch)));
+        }
+    }
+
+    /// Waits until entries after the cursor are due (the head has passed it and the
+    /// fan-out window allows a send) and returns the last one due; `None` when the
+    /// session ends.
+    async fn due(&mut self) -> Option<u64> {
+        while self.next > self.log.head() {
+            tokio::select! {
+                _ = self.handle.cancel.cancelled() => return None,
+                changed = self.head_rx.changed() => changed.ok()?,
+            }
+        }
+        let pacer = &self.pacer;
+        let window = pacer.window(self.log.head());
         // In a storm, on the fleet's clock: one batch per tick, up to the head at the tick.
         let tick = pacer.storm().then(|| {
             let tick = pacer.tick(window, Instant::now());
-            match last_tick {
+            match self.last_tick {
                 Some(t) if t >= tick => tick + window,
                 _ => tick,
             }
         });
         if tick.is_some() {
-            last_tick = tick;
+            self.last_tick = tick;
         }
         let wait = tick.or_else(|| {
-            last_sent
+            self.last_sent
                 .filter(|at| at.elapsed() < window)
                 .map(|at| at + window)
         });
         if let Some(until) = wait.filter(|at| *at > Instant::now()) {
             tokio::select! {
-                _ = handle.cancel.cancelled() => return,
+                _ = self.handle.cancel.cancelled() => return None,
                 _ = tokio::time::sleep_until(until) => {}
             }
         }
-        let up_to = match tick {
-            Some(tick) => pacer.head_at(tick, log.head()),
-            None => log.head(),
-        };
-        while next <= up_to {
-            if next < log.first() {
-                // Retention overtook a live session that fell this far behind.
-                let head = log.head();
-                let ban = FullBan {
-                    up_to_seq: head,
-                    log_id: log.log_id().to_owned(),
-                    reason: "edge fell behind the log's retention".to_owned(),
-                };
-                if !send(&tx, &handle, coordinator_message::Msg::FullBan(ban)).await {
-                    return;
-                }
-                next = head + 1;
-                continue;
-            }
-            if let Some((last, encoded)) = log.read_encoded(next, up_to, BATCH_ENTRIES, ranges) {
-                next = last + 1;
-                let batch = PurgeBatch {
-                    entries: Vec::new(),
-                    encoded,
-                };
-                if !send(&tx, &handle, coordinator_message::Msg::Purges(batch)).await {
-                    return;
-                }
-                last_sent = Some(Instant::now());
-                continue;
-            }
-            let entries = match log.read_from(next, BATCH_ENTRIES).await {
-                Ok(e) if !e.is_empty() => e,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, edge = %handle.edge_id, "reading the purge log failed");
-                    let _ = tx
-                        .send(Err(Status::unavailable("purge log unavailable")))
-                        .await;
-                    return;
-                }
-            };
-            next = entries.last().map(|e| e.seq + 1).unwrap_or(next);
-            let batch = PurgeBatch {
-                entries: entries.iter().map(|e| (**e).clone()).collect(),
-                encoded: Default::default(),
-            };
-            if !send(&tx, &handle, coordinator_message::Msg::Purges(batch)).await {
-                return;
-            }
-            last_sent = Some(Instant::now());
-        }
+        Some(match tick {
+            Some(tick) => pacer.head_at(tick, self.log.head()),
+            None => self.log.head(),
+        })
     }
+}
+
+#[allow(clippy::result_large_err)] // the item type of tonic's response stream
+fn message(msg: coordinator_message::Msg) -> Result<CoordinatorMessage, Status> {
+    Ok(CoordinatorMessage { msg: Some(msg) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edges::{EdgeHello, EdgeRegistry};
+    use crate::purge::log::{NewPurge, Retention};
+    use prost::Message;
+    use proto::codec::WireEncode;
+    use proto::edge::{purge_entry::Op, TagSet};
+    use std::time::Duration;
+    use tokio_stream::StreamExt;
+    use tokio_util::sync::CancellationToken;
+
+    fn tag(t: &str) -> NewPurge {
+        NewPurge {
+            op: Op::Tags(TagSet {
+                tags: vec![t.into()],
+            }),
+            soft: false,
+        }
+    }
+
+    /// The sequences a batch message carries (encoded or not).
+    fn seqs(msg: Result<CoordinatorMessage, Status>) -> Vec<u64> {
+        let msg = msg.expect("a message");
+        let mut wire = Vec::new();
+        msg.encode_wire(&mut wire);
+        match CoordinatorMessage::decode(wire.as_slice())
+            .expect("decode")
+            .msg
+        {
+            Some(coordinator_message::Msg::Purges(b)) => b.entries.iter().map(|e| e.seq).collect(),
+            other => panic!("not a batch: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_feed_owes_the_full_ban_first_then_yields_what_is_due_and_ends_with_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_entries: u64::MAX,
+            max_age: Duration::from_secs(3600),
+        };
+        let log = PurgeLog::open(dir.path(), retention).unwrap();
+        for t in ["a", "b", "c"] {
+            log.append(vec![tag(t)]).await.unwrap();
+        }
+        let edges = EdgeRegistry::default();
+        let shutdown = CancellationToken::new();
+        let hello = EdgeHello {
+            id: "e1".into(),
+            region: "eu".into(),
+            varnish_version: String::new(),
+            purge_mode: "ban".into(),
+            agent_version: String::new(),
+            cert_not_after: None,
+        };
+        let handle = edges.connect(hello, 0, &shutdown);
+        let resume = ResumePoint::FullBan {
+            head: 2,
+            reason: "no cursor",
+        };
+        let pacer = Arc::new(Pacer::default());
+        let mut out = Box::pin(feed(log.clone(), resume, handle.clone(), pacer, false));
+        match out
+            .next()
+            .await
+            .expect("a message")
+            .expect("not an error")
+            .msg
+        {
+            Some(coordinator_message::Msg::FullBan(b)) => assert_eq!(b.up_to_seq, 2),
+            other => panic!("expected the full ban first: {other:?}"),
+        }
+        // After the ban: only what it did not cover.
+        assert_eq!(seqs(out.next().await.expect("a batch")), vec![3]);
+        // Nothing due: the feed waits for the head.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), out.next()).await;
+        assert!(waiting.is_err(), "nothing was due");
+        log.append(vec![tag("d"), tag("e")]).await.unwrap();
+        assert_eq!(seqs(out.next().await.expect("a batch")), vec![4, 5]);
+        // The session ends (its report reader stopped): so does the feed, even waiting.
+        handle.cancel.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), out.next()).await;
+        assert!(matches!(ended, Ok(None)), "the feed ended");
+    }
 
     #[test]
     fn resume_rules() {
