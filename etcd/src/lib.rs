@@ -287,29 +287,16 @@ impl Etcd {
     /// The value at `key`, putting `value` there first if the key does not exist (one
     /// transaction: of two callers racing, both get the value that won).
     pub async fn get_or_create(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-        use etcdserverpb::{request_op, response_op, RangeRequest, RequestOp, TxnRequest};
-        let req = TxnRequest {
+        let req = etcdserverpb::TxnRequest {
             compare: vec![op::created_at(key, 0)],
             success: vec![op::put(key, value)],
-            failure: vec![RequestOp {
-                request: Some(request_op::Request::RequestRange(RangeRequest {
-                    key: key.to_vec(),
-                    ..Default::default()
-                })),
-            }],
+            failure: vec![op::get(key)],
         };
         let resp = self.txn(req).await?;
         if resp.succeeded {
             return Ok(value.to_vec());
         }
-        resp.responses
-            .into_iter()
-            .find_map(|r| match r.response {
-                Some(response_op::Response::ResponseRange(r)) => r.kvs.into_iter().next(),
-                _ => None,
-            })
-            .map(|kv| kv.value)
-            .ok_or_else(|| tonic::Status::not_found("key vanished"))
+        op::got(resp).ok_or_else(|| tonic::Status::not_found("key vanished"))
     }
 
     /// Each member's status, asked directly (not through the current member), within
@@ -368,7 +355,9 @@ pub struct MemberStatus {
 
 /// The pieces of transactions every user here builds.
 pub mod op {
-    use crate::etcdserverpb::{compare, request_op, Compare, PutRequest, RequestOp};
+    use crate::etcdserverpb::{
+        compare, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnResponse,
+    };
 
     /// "`key` was created at revision `rev`" (0: `key` does not exist). A leader's
     /// fence is its key at the revision it was created at.
@@ -391,6 +380,27 @@ pub mod op {
             target_union: Some(compare::TargetUnion::Value(value.to_vec())),
             ..Default::default()
         }
+    }
+
+    /// Read `key` (a transaction's branch: see [`got`]).
+    pub fn get(key: &[u8]) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// The value the first [`get`] of the branch a transaction took read, if the key
+    /// existed.
+    pub fn got(resp: TxnResponse) -> Option<Vec<u8>> {
+        resp.responses.into_iter().find_map(|r| match r.response {
+            Some(response_op::Response::ResponseRange(r)) => {
+                r.kvs.into_iter().next().map(|kv| kv.value)
+            }
+            _ => None,
+        })
     }
 
     /// Put `value` at `key`.

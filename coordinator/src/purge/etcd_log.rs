@@ -119,13 +119,10 @@ impl EtcdLog {
             key: self.key(b"log/head"),
             ..Default::default()
         };
-        Ok(range(&self.etcd, req)
-            .await?
-            .kvs
-            .first()
-            .and_then(|kv| <[u8; 8]>::try_from(kv.value.as_slice()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0))
+        match range(&self.etcd, req).await?.kvs.first() {
+            Some(kv) => decode_head(&kv.value),
+            None => Ok(0),
+        }
     }
 
     /// Appends the batch as consecutive entries in one transaction per
@@ -176,10 +173,12 @@ impl EtcdLog {
                 } else {
                     op::value_is(&head_key, &head.to_be_bytes())
                 };
+                // On a moved head the failure branch reads it: the retry needs no
+                // separate round trip to learn where to go.
                 let req = TxnRequest {
                     compare: vec![guard],
                     success: ops,
-                    failure: vec![],
+                    failure: vec![op::get(&head_key)],
                 };
                 let resp = self.txn_within_deadline(req, deadline).await?;
                 if resp.succeeded {
@@ -190,8 +189,14 @@ impl EtcdLog {
                     committed.extend(built);
                     break;
                 }
-                // Another coordinator appended first: go after it.
-                head = self.head().await?;
+                // Another coordinator appended first: go after it (within the deadline).
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(LogError::Storage("etcd: append timed out".into()));
+                }
+                head = match op::got(resp) {
+                    Some(value) => decode_head(&value)?,
+                    None => self.head().await?,
+                };
             }
         }
         Ok((last, committed))
@@ -435,6 +440,14 @@ impl EtcdLog {
 }
 
 /// A range read (see [`Etcd::range`]).
+/// The log head's value: a big-endian u64. Anything else is refused, not read as 0 (an
+/// append would then retry against a head that never matches).
+fn decode_head(value: &[u8]) -> Result<u64, LogError> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| LogError::Storage("etcd: the purge log's head key is not 8 bytes".into()))
+}
+
 async fn range(etcd: &Etcd, req: RangeRequest) -> Result<RangeResponse, LogError> {
     etcd.range(req).await.map_err(unavailable)
 }

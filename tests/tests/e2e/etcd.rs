@@ -305,21 +305,37 @@ async fn two_coordinators_share_one_dense_purge_log_on_etcd() {
         }
     }
 
-    // etcd gone: an append fails (the listener answers 503), it never claims success.
-    for m in cluster.members.iter_mut() {
-        m.kill9().await;
-    }
-    let one = Append {
+    // A head key that is not a sequence (written by hand, another tool): an append says
+    // so at once instead of retrying against a head that never matches.
+    let bad = EtcdLog::open(etcd.clone(), "/bad/")
+        .await
+        .expect("open /bad/");
+    let garbage = etcd::etcdserverpb::TxnRequest {
+        success: vec![etcd::op::put(b"/bad/log/head", b"xyz")],
+        ..Default::default()
+    };
+    etcd.txn(garbage).await.expect("put a garbage head");
+    let purge = |tag: &str| Append {
         received_at_us: 1,
         purges: vec![NewPurge {
             op: Op::Tags(TagSet {
-                tags: vec!["lost".into()],
+                tags: vec![tag.into()],
             }),
             soft: false,
         }],
     };
+    let refused = tokio::time::timeout(Duration::from_secs(10), bad.append(&[purge("x")], 0))
+        .await
+        .expect("an answer, not a retry loop");
+    let err = refused.expect_err("a garbage head is refused").to_string();
+    assert!(err.contains("head key is not 8 bytes"), "{err}");
+
+    // etcd gone: an append fails (the listener answers 503), it never claims success.
+    for m in cluster.members.iter_mut() {
+        m.kill9().await;
+    }
     let started = std::time::Instant::now();
-    assert!(c1.append(&[one], total as u64).await.is_err());
+    assert!(c1.append(&[purge("lost")], total as u64).await.is_err());
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "{:?}",
