@@ -632,10 +632,11 @@ fn wall_clock() -> Duration {
 /// applied mid-slot holds the next apply only until the slot ends, not a whole window.
 /// A slot is taken to start an eighth of a window early, so a timer that fires on a
 /// boundary while the wall clock reads a few microseconds short of it (the two clocks
-/// drift) still counts in the new slot: starts stay at least 7/8 of a window apart and at
-/// most one falls in each slot, so `1000/purge_window_ms` per second stays the bound. A
-/// wall clock that steps only moves the phase: the result is never more than an eighth
-/// of a window after `now`, nor more than a window before it.
+/// drift) still counts in the new slot. At most one apply starts in each slot, so
+/// `1000/purge_window_ms` per second stays the bound (two starts may be closer than a
+/// window: one late in a slot, the next early in the following one). A wall clock that
+/// steps only moves the phase: the result is never more than an eighth of a window after
+/// `now`, nor more than a window before it.
 fn slot_start(
     now: tokio::time::Instant,
     since_epoch: Duration,

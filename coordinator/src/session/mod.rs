@@ -3,7 +3,8 @@
 //!
 //! An agent opens `Session` and says Hello with its cursor (`log_id`, `applied_seq`).
 //! [`SessionService`] checks the Hello against the client certificate, decides where the
-//! purges resume ([`resume_point`]) and starts one task per flow:
+//! purges resume ([`resume_point`]) and starts the flows: the purges as a stream the
+//! response polls itself, each other flow as a task:
 //!
 //! * [`purges`]: the log from the cursor on, in batches, at most one batch per fan-out
 //!   window (`purge::pacer`), polled by the response stream itself;

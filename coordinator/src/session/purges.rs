@@ -87,17 +87,16 @@ pub(super) fn feed(
     ranges: bool,
 ) -> impl Stream<Item = Result<CoordinatorMessage, Status>> + Send {
     let slot = pacer.join();
-    let opening_ban = match resume {
-        ResumePoint::From(_) => None,
-        ResumePoint::FullBan { head, reason } => Some(FullBan {
-            up_to_seq: head,
-            log_id: log.log_id().to_owned(),
-            reason: reason.to_owned(),
-        }),
-    };
-    let next = match resume {
-        ResumePoint::From(seq) => seq,
-        ResumePoint::FullBan { head, .. } => head + 1,
+    let (opening_ban, next) = match resume {
+        ResumePoint::From(seq) => (None, seq),
+        ResumePoint::FullBan { head, reason } => {
+            let ban = FullBan {
+                up_to_seq: head,
+                log_id: log.log_id().to_owned(),
+                reason: reason.to_owned(),
+            };
+            (Some(ban), head + 1)
+        }
     };
     let feed = Feed {
         head_rx: log.subscribe(),
