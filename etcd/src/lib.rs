@@ -392,15 +392,18 @@ pub mod op {
         }
     }
 
-    /// The value the first [`get`] of the branch a transaction took read, if the key
-    /// existed.
+    /// The value the first [`get`] of the branch a transaction took read (`None` if
+    /// the key did not exist or the branch read nothing).
     pub fn got(resp: TxnResponse) -> Option<Vec<u8>> {
-        resp.responses.into_iter().find_map(|r| match r.response {
-            Some(response_op::Response::ResponseRange(r)) => {
-                r.kvs.into_iter().next().map(|kv| kv.value)
-            }
-            _ => None,
-        })
+        resp.responses
+            .into_iter()
+            .find_map(|r| match r.response {
+                Some(response_op::Response::ResponseRange(r)) => Some(r.kvs),
+                _ => None,
+            })?
+            .into_iter()
+            .next()
+            .map(|kv| kv.value)
     }
 
     /// Put `value` at `key`.

@@ -439,7 +439,6 @@ impl EtcdLog {
     }
 }
 
-/// A range read (see [`Etcd::range`]).
 /// The log head's value: a big-endian u64. Anything else is refused, not read as 0 (an
 /// append would then retry against a head that never matches).
 fn decode_head(value: &[u8]) -> Result<u64, LogError> {
@@ -448,6 +447,7 @@ fn decode_head(value: &[u8]) -> Result<u64, LogError> {
         .map_err(|_| LogError::Storage("etcd: the purge log's head key is not 8 bytes".into()))
 }
 
+/// A range read (see [`Etcd::range`]).
 async fn range(etcd: &Etcd, req: RangeRequest) -> Result<RangeResponse, LogError> {
     etcd.range(req).await.map_err(unavailable)
 }
