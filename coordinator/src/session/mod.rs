@@ -196,11 +196,15 @@ impl proto::Coordinator for SessionService {
                 .any(|c| c == proto::CAP_PURGE_RANGES),
         );
         drop(tx);
+        // The session counts among the pacer's senders until its report reader ends it
+        // (not until the response is dropped, which a partition can hold off).
+        let sender = self.state.pacer.join();
         let service = self.clone();
         let region = hello.region.clone();
         tokio::spawn(async move {
             reports::receive_loop(&service.state, &region, &handle, silence, inbound).await;
             handle.cancel.cancel();
+            drop(sender);
             if let Some(c) = configurer {
                 let _ = c.await;
             }

@@ -86,7 +86,6 @@ pub(super) fn feed(
     pacer: Arc<Pacer>,
     ranges: bool,
 ) -> impl Stream<Item = Result<CoordinatorMessage, Status>> + Send {
-    let slot = pacer.join();
     let (opening_ban, next) = match resume {
         ResumePoint::From(seq) => (None, seq),
         ResumePoint::FullBan { head, reason } => {
@@ -103,7 +102,6 @@ pub(super) fn feed(
         log,
         handle,
         pacer,
-        _slot: slot,
         ranges,
         opening_ban,
         next,
@@ -124,8 +122,6 @@ struct Feed {
     head_rx: tokio::sync::watch::Receiver<u64>,
     handle: SessionHandle,
     pacer: Arc<Pacer>,
-    /// Counts this session among the pacer's live senders while the stream lives.
-    _slot: crate::purge::pacer::PacerSlot,
     ranges: bool,
     /// A full ban owed before the first entry (no usable cursor).
     opening_ban: Option<FullBan>,
