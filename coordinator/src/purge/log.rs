@@ -207,13 +207,7 @@ impl Shared {
             last = Some(e.seq);
             tail.push_back(e);
         }
-        while tail.entries.len() > TAIL_ENTRIES {
-            tail.pop_front();
-        }
-        drop(tail);
-        if let Some(seq) = last {
-            self.durable.fetch_max(seq, Ordering::AcqRel);
-        }
+        self.settle(tail, last);
     }
 
     /// [`Self::extend`] with the leading entries that follow the tail's newest entry
@@ -233,15 +227,21 @@ impl Shared {
             expected += 1;
             tail.push_back(e);
         }
+        let added = expected != before;
+        self.settle(tail, added.then(|| expected - 1));
+        added
+    }
+
+    /// After entries up to `last` went into the tail: bounds it, releases it, and moves
+    /// the durable head on.
+    fn settle(&self, mut tail: std::sync::MutexGuard<'_, Tail>, last: Option<u64>) {
         while tail.entries.len() > TAIL_ENTRIES {
             tail.pop_front();
         }
         drop(tail);
-        if expected == before {
-            return false;
+        if let Some(seq) = last {
+            self.durable.fetch_max(seq, Ordering::AcqRel);
         }
-        self.durable.fetch_max(expected - 1, Ordering::AcqRel);
-        true
     }
 
     /// Wakes the sessions with the durable head.
