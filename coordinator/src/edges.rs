@@ -346,6 +346,11 @@ impl EdgeRegistry {
         }
     }
 
+    /// Whether this coordinator holds `edge_id`'s session now.
+    pub fn is_connected_here(&self, edge_id: &str) -> bool {
+        self.edges.get(edge_id).is_some_and(|e| e.connected)
+    }
+
     /// Replaces what coordinator `peer` holds (its own sessions only).
     pub fn set_remote(&self, peer: &str, edges: Vec<EdgeView>) {
         let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
@@ -414,14 +419,12 @@ impl EdgeRegistry {
     /// [`Self::list`] with each lagging edge's `lag_s`: how long the oldest purge it has
     /// not applied has waited.
     pub fn list_with_lag(&self, log: &PurgeLog) -> Vec<EdgeView> {
-        let now = crate::clock::now_us();
-        let mut list = self.list(log.head());
-        for e in list.iter_mut().filter(|e| e.lag > 0) {
-            e.lag_s = log
-                .received_at_us(e.applied_seq + 1)
-                .map(|t| now.saturating_sub(t) as f64 / 1e6);
-        }
-        list
+        with_lag(self.list(log.head()), log)
+    }
+
+    /// [`Self::list_local`] with each lagging edge's `lag_s`.
+    pub fn list_local_with_lag(&self, log: &PurgeLog) -> Vec<EdgeView> {
+        with_lag(self.list_local(log.head()), log)
     }
 
     /// Where purge `seq` stands on every edge.
@@ -488,11 +491,26 @@ impl EdgeRegistry {
     }
 }
 
+/// Sets `lag_s` on each lagging edge of `list`: how long the oldest purge it has not
+/// applied has waited.
+fn with_lag(mut list: Vec<EdgeView>, log: &PurgeLog) -> Vec<EdgeView> {
+    let now = crate::clock::now_us();
+    for e in list.iter_mut().filter(|e| e.lag > 0) {
+        e.lag_s = log
+            .received_at_us(e.applied_seq + 1)
+            .map(|t| now.saturating_sub(t) as f64 / 1e6);
+    }
+    list
+}
+
 type EdgeSource = (Arc<EdgeRegistry>, PurgeLog, bool);
 
+/// The per-edge families, for the edges whose sessions this coordinator holds (or held
+/// last): in a cluster each edge is exported by one coordinator, so sums over the
+/// coordinators count it once.
 fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Result {
     let (edges, log, with_certs) = source;
-    let list = edges.list_with_lag(log);
+    let list = edges.list_local_with_lag(log);
     fn labels(v: &EdgeView) -> [(&'static str, Label<'_>); 2] {
         edge_labels(&v.region, &v.id)
     }

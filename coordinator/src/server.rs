@@ -115,9 +115,14 @@ pub async fn run(
     )
     .map_err(|e| ServeError::Listener(e.to_string()))?;
 
+    let views = crate::cluster::PeerViews {
+        edges: state.edges.clone(),
+        rollouts: state.rollouts.clone(),
+        monitor: state.monitor.clone(),
+        traffic: state.traffic.clone(),
+    };
     let cluster_task = tokio::spawn(state.cluster.clone().drive(
-        state.edges.clone(),
-        state.rollouts.clone(),
+        views,
         token.clone(),
         shutdown.clone(),
     ));

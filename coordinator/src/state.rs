@@ -174,6 +174,7 @@ impl State {
         purge_counters.register(&log, &mut registry);
         let pacer = Arc::new(Pacer::default());
         pacer.register_metrics(&mut registry);
+        cluster.register_metrics(&mut registry);
         edges.register_metrics(&log, tls.is_some(), &mut registry);
         rollouts.register_metrics(&mut registry);
         if let Some(tls) = &tls {

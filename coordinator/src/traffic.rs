@@ -215,6 +215,9 @@ struct EdgeTraffic {
     /// When (sample time) varnishd's uptime last moved: a killed varnishd leaves its
     /// shared memory behind, and varnishstat goes on reading the frozen counters.
     alive_at_ms: u64,
+    /// The samples come from another coordinator of the cluster (it holds the edge's
+    /// session): in the regions' figures, not in this coordinator's per-edge metrics.
+    relayed: bool,
 }
 
 /// Samples this many intervals old are no longer live figures.
@@ -286,13 +289,24 @@ impl Traffic {
         let e = edges.entry(edge.to_owned()).or_default();
         e.region = region.to_owned();
         e.last = None;
+        e.relayed = false;
     }
 
-    /// Records one sample from `edge`.
+    /// Records one sample from `edge`, whose session this coordinator holds.
     pub fn record(&self, edge: &str, region: &str, stats: VarnishStats) {
+        self.observe(edge, region, stats, false);
+    }
+
+    /// Records one sample another coordinator of the cluster relayed.
+    pub fn record_relayed(&self, edge: &str, region: &str, stats: VarnishStats) {
+        self.observe(edge, region, stats, true);
+    }
+
+    fn observe(&self, edge: &str, region: &str, stats: VarnishStats, relayed: bool) {
         let mut edges = self.lock();
         let e = edges.entry(edge.to_owned()).or_default();
         e.region = region.to_owned();
+        e.relayed = relayed;
         let at = stats.taken_at_ms;
         if e.last.as_ref().is_none_or(|p| p.uptime_s != stats.uptime_s) {
             e.alive_at_ms = at;
@@ -354,11 +368,13 @@ impl Traffic {
             .collect()
     }
 
-    /// Per-edge summaries at `now_ms`, by edge id.
-    pub fn edges(&self, now_ms: u64) -> BTreeMap<String, (String, Summary, Delta)> {
+    /// Per-edge summaries at `now_ms`, by edge id, of the edges whose samples this
+    /// coordinator's own sessions brought (not relayed ones).
+    pub fn own_edges(&self, now_ms: u64) -> BTreeMap<String, (String, Summary, Delta)> {
         let edges = self.lock();
         edges
             .iter()
+            .filter(|(_, e)| !e.relayed)
             .map(|(id, e)| {
                 (
                     id.clone(),
@@ -384,12 +400,13 @@ impl Traffic {
         minutes
     }
 
-    /// Per edge, what shoppers were served since the coordinator started.
+    /// Per edge (this coordinator's own sessions'), what shoppers were served since the
+    /// coordinator started.
     pub fn served(&self) -> Vec<ServedEdge> {
         let edges = self.lock();
         let mut out: Vec<_> = edges
             .iter()
-            .filter(|(_, e)| !e.served_buckets.is_empty())
+            .filter(|(_, e)| !e.relayed && !e.served_buckets.is_empty())
             .map(|(id, e)| {
                 let buckets = proto::SERVED_BUCKETS_S
                     .iter()
@@ -507,7 +524,7 @@ impl Traffic {
 
 fn encode_metrics(source: &Arc<Traffic>, e: &mut DescriptorEncoder) -> std::fmt::Result {
     let now = crate::clock::now_ms();
-    let edges = source.edges(now);
+    let edges = source.own_edges(now);
     type Get = fn(&Delta) -> u64;
     let counters: [(&str, &str, Get); 9] = [
         (
@@ -629,6 +646,26 @@ mod tests {
     }
 
     #[test]
+    fn relayed_edges_count_in_the_regions_and_not_in_own_metrics() {
+        let t = Traffic::default();
+        t.record("a", "eu", s(1_000, 10, 0, 0));
+        t.record("a", "eu", s(3_000, 12, 90, 10));
+        // Edge b's session is on another coordinator, which relayed its samples.
+        t.record_relayed("b", "eu", s(1_000, 10, 0, 0));
+        t.record_relayed("b", "eu", s(3_000, 12, 0, 100));
+        let eu = &t.regions(4_000)["eu"];
+        assert_eq!(eu.last_minute.hits, 90);
+        assert_eq!(eu.last_minute.misses, 110);
+        assert_eq!(eu.hit_ratio["m1"], Some(90.0 / 200.0));
+        let own = t.own_edges(4_000);
+        assert_eq!(own.keys().collect::<Vec<_>>(), ["a"]);
+        // b's session moves here: its own samples count in this coordinator's metrics.
+        t.connect("b", "eu");
+        t.record("b", "eu", s(5_000, 14, 0, 110));
+        assert_eq!(t.own_edges(6_000).len(), 2);
+    }
+
+    #[test]
     fn region_ratio_is_summed_not_averaged() {
         let t = Traffic::default();
         // Edge a: 90 hits, 10 misses. Edge b: 0 hits, 1 miss (idle).
@@ -697,12 +734,12 @@ mod tests {
         t.record("a", "eu", s(2_000, 102, 510, 500)); // +10 hits
         t.record("a", "eu", s(4_000, 1, 3, 1)); // restart: 3 hits, 1 miss since
         t.record("a", "eu", s(6_000, 3, 5, 1)); // +2 hits
-        let e = &t.edges(7_000)["a"];
+        let e = &t.own_edges(7_000)["a"];
         assert_eq!((e.2.hits, e.2.misses), (15, 1));
         assert_eq!(e.1.restarts, 1);
         // An agent away for 10 minutes: its next sample only re-baselines.
         t.record("a", "eu", s(606_000, 603, 100_000, 1));
-        assert_eq!(t.edges(607_000)["a"].2.hits, 15);
+        assert_eq!(t.own_edges(607_000)["a"].2.hits, 15);
         // Windows exclude old samples.
         let r = t.regions(606_000 + 1);
         assert_eq!(r["eu"].hit_ratio["m1"], None);

@@ -52,6 +52,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/edges", get(edges))
         .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/cluster/reports", get(cluster_reports))
         .route("/api/v1/purges", axum::routing::post(post_purge))
         .route("/api/v1/purges/:seq", get(purge))
         .route("/api/v1/config", get(config_view).post(config_push))
@@ -413,6 +414,27 @@ fn leader_only(s: &ApiState) -> Result<(), Response> {
             view.id
         ),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportsQuery {
+    #[serde(default)]
+    instance: u64,
+    #[serde(default)]
+    since: u64,
+}
+
+/// `GET /api/v1/cluster/reports?instance=I&since=N`: the probe results and counter
+/// samples of this coordinator's agents, for the other coordinators of the cluster
+/// (a protobuf `RelayBatch`; see `cluster::relay`).
+async fn cluster_reports(State(s): State<ApiState>, Query(q): Query<ReportsQuery>) -> Response {
+    let batch = s.state.cluster.relay().read(q.instance, q.since);
+    (
+        [(header::CONTENT_TYPE, "application/x-protobuf")],
+        prost::Message::encode_to_vec(&batch),
+    )
+        .into_response()
 }
 
 /// `GET /api/v1/cluster`: this coordinator's role, the leader, the members and etcd's

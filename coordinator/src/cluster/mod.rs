@@ -11,19 +11,24 @@
 //! nothing about an edge is written to etcd (no heartbeats there; at a thousand edges
 //! that would be the store's whole load). It asks for their edges' config state too
 //! (`GET /api/v1/config?scope=local`): the leader moves rollouts on the whole fleet's. Every few seconds it also asks each etcd
-//! member for its status, for `/api/v1/cluster` and `/healthz`.
+//! member for its status, for `/api/v1/cluster` and `/healthz`. And it reads each other
+//! one's agents' probe results and counter samples (`relay`), so every coordinator's
+//! region health, hit ratios and alerts cover the whole fleet.
 //!
 //! [`Cluster::duty`] is the leader's flag for singleton work: a receiver that is `true`
 //! while this coordinator leads (always, embedded).
 
 pub mod config;
 mod peers;
+pub mod relay;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd::etcdserverpb::RangeRequest;
 use etcd::Etcd;
+use proto::edge::RelayBatch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -31,8 +36,12 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::now_ms;
 use crate::edges::EdgeRegistry;
 use crate::leader::{self, Leadership};
+use crate::metrics::{collector, counter_value, Registry};
+use crate::monitor::Monitor;
 use crate::rollout::Rollouts;
+use crate::traffic::Traffic;
 use config::StoreConfig;
+use relay::Relay;
 
 /// Why the cluster could not be joined.
 #[derive(Debug, thiserror::Error)]
@@ -109,8 +118,21 @@ pub struct Cluster {
     duty: watch::Receiver<bool>,
     members: Mutex<Vec<Member>>,
     etcd_health: Mutex<Option<Vec<EtcdMemberView>>>,
+    /// This coordinator's agents' reports, for the others to read.
+    relay: Relay,
+    /// Reports read from the peers, and how many dropped out of their buffers unread.
+    relayed: std::sync::atomic::AtomicU64,
+    relay_missed: std::sync::atomic::AtomicU64,
     /// Ends the campaign (resigning) when the coordinator stops.
     stop: CancellationToken,
+}
+
+/// What [`Cluster::drive`] fills in from the peers' answers.
+pub struct PeerViews {
+    pub edges: Arc<EdgeRegistry>,
+    pub rollouts: Arc<Rollouts>,
+    pub monitor: Arc<Monitor>,
+    pub traffic: Arc<Traffic>,
 }
 
 impl Cluster {
@@ -136,6 +158,9 @@ impl Cluster {
             leadership: watch::channel(leadership).1,
             duty: watch::channel(true).1,
             etcd_health: Mutex::new(None),
+            relay: Relay::new(false),
+            relayed: Default::default(),
+            relay_missed: Default::default(),
             stop: CancellationToken::new(),
         })
     }
@@ -224,6 +249,9 @@ impl Cluster {
             leadership,
             duty,
             etcd_health: Mutex::new(None),
+            relay: Relay::new(true),
+            relayed: Default::default(),
+            relay_missed: Default::default(),
             stop,
         });
         Ok((cluster, etcd))
@@ -231,6 +259,31 @@ impl Cluster {
 
     pub fn id(&self) -> &str {
         &self.me.id
+    }
+
+    /// This coordinator's agents' reports for the peers (see `relay`).
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
+    /// Registers the relay's counters (reports read from the peers, and those that
+    /// dropped out of a peer's buffer before they were read).
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register_collector(collector(self.clone(), |c, e| {
+            use std::sync::atomic::Ordering::Relaxed;
+            counter_value(
+                e,
+                "coordinator_cluster_reports_relayed_total",
+                "Probe results and counter samples read from the other coordinators' agents.",
+                c.relayed.load(Relaxed),
+            )?;
+            counter_value(
+                e,
+                "coordinator_cluster_reports_missed_total",
+                "Reports that dropped out of another coordinator's buffer before they were read.",
+                c.relay_missed.load(Relaxed),
+            )
+        }));
     }
 
     /// Who leads, as it changes (fenced writes read [`Leadership::fence`]).
@@ -289,22 +342,25 @@ impl Cluster {
         }
     }
 
-    /// Follows the members, their edges and etcd's health until `shutdown`; then
-    /// resigns the leadership, so a successor need not wait for the lease.
+    /// Follows the members, their edges, their agents' reports and etcd's health until
+    /// `shutdown`; then resigns the leadership, so a successor need not wait for the
+    /// lease.
     pub async fn drive(
         self: Arc<Self>,
-        edges: Arc<EdgeRegistry>,
-        rollouts: Arc<Rollouts>,
+        views: PeerViews,
         token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
         shutdown: CancellationToken,
     ) {
         let Some(etcd) = self.etcd.clone() else {
             return;
         };
+        let views = Arc::new(views);
         let client = peers::client();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut round = 0u64;
+        // Per peer: its relay instance and the next report to read.
+        let mut cursors: HashMap<String, (u64, u64)> = HashMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -328,23 +384,22 @@ impl Cluster {
             match self.list_members(&etcd).await {
                 Ok(list) => {
                     *self.members.lock().unwrap_or_else(|p| p.into_inner()) = list.clone();
+                    cursors.retain(|id, _| list.iter().any(|m| &m.id == id));
                     let bearer = token.read().unwrap_or_else(|p| p.into_inner()).clone();
                     let asks = list.into_iter().filter(|m| m.id != self.me.id).map(|m| {
-                        let (client, edges, rollouts, bearer) =
-                            (client.clone(), edges.clone(), rollouts.clone(), bearer.clone());
+                        let cursor = cursors.get(&m.id).copied().unwrap_or_default();
+                        let (me, client, views, bearer) =
+                            (self.clone(), client.clone(), views.clone(), bearer.clone());
                         tokio::spawn(async move {
-                            match peers::edges(&client, &m.api, bearer.as_deref()).await {
-                                Ok(list) => edges.set_remote(&m.id, list),
-                                Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's edges not read"),
-                            }
-                            match peers::config(&client, &m.api, bearer.as_deref()).await {
-                                Ok(view) => rollouts.set_remote(&m.id, view.edges),
-                                Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's config state not read"),
-                            }
+                            let cursor =
+                                me.ask(&client, &m, &views, bearer.as_deref(), cursor).await;
+                            (m.id, cursor)
                         })
                     });
                     for ask in asks.collect::<Vec<_>>() {
-                        let _ = ask.await;
+                        if let Ok((id, cursor)) = ask.await {
+                            cursors.insert(id, cursor);
+                        }
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "cluster members not listed"),
@@ -358,6 +413,60 @@ impl Cluster {
             while l.changed().await.is_ok() {}
         })
         .await;
+    }
+
+    /// One round with peer `m`: its edges, their config state and its agents' reports
+    /// from `cursor` on; returns where to read its reports next time.
+    async fn ask(
+        &self,
+        client: &peers::PeerClient,
+        m: &Member,
+        views: &PeerViews,
+        bearer: Option<&str>,
+        cursor: (u64, u64),
+    ) -> (u64, u64) {
+        match peers::edges(client, &m.api, bearer).await {
+            Ok(list) => views.edges.set_remote(&m.id, list),
+            Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's edges not read"),
+        }
+        match peers::config(client, &m.api, bearer).await {
+            Ok(view) => views.rollouts.set_remote(&m.id, view.edges),
+            Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's config state not read"),
+        }
+        match peers::reports(client, &m.api, bearer, cursor).await {
+            Ok(batch) => self.take(&m.id, views, batch),
+            Err(e) => {
+                tracing::debug!(peer = %m.id, error = %e, "peer's agent reports not read");
+                cursor
+            }
+        }
+    }
+
+    /// Records a peer's agents' reports as if this coordinator's own agents had sent
+    /// them, except for an edge whose session is here now (its own reports count).
+    fn take(&self, peer: &str, views: &PeerViews, batch: RelayBatch) -> (u64, u64) {
+        use proto::edge::agent_message::Msg;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.relayed.fetch_add(batch.reports.len() as u64, Relaxed);
+        if batch.missed > 0 {
+            self.relay_missed.fetch_add(batch.missed, Relaxed);
+            tracing::warn!(
+                peer,
+                missed = batch.missed,
+                "peer's agent reports dropped out of its buffer before they were read"
+            );
+        }
+        for r in batch.reports {
+            if views.edges.is_connected_here(&r.edge_id) {
+                continue;
+            }
+            match r.report.and_then(|m| m.msg) {
+                Some(Msg::Probe(p)) => views.monitor.record_relayed(&r.region, p),
+                Some(Msg::Stats(s)) => views.traffic.record_relayed(&r.edge_id, &r.region, s),
+                _ => {}
+            }
+        }
+        (batch.instance, batch.next)
     }
 
     async fn list_members(&self, etcd: &Etcd) -> Result<Vec<Member>, tonic::Status> {

@@ -1,11 +1,15 @@
-//! Asking another coordinator of the cluster for the edges it holds (and their config
-//! state): a `GET` on its API each, bounded by a short timeout (a peer that does not answer is simply not shown
-//! after [`crate::edges::REMOTE_TTL`]).
+//! Asking another coordinator of the cluster for the edges it holds, their config state
+//! and its agents' reports (`relay`): a `GET` on its API each, bounded by a short
+//! timeout (a peer that does not answer is simply not shown after
+//! [`crate::edges::REMOTE_TTL`]).
 
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
+
+use prost::Message;
+use proto::edge::RelayBatch;
 
 use crate::edges::EdgeView;
 use crate::rollout::ConfigView;
@@ -37,11 +41,33 @@ pub(super) async fn config(
     get(client, &format!("{api}/api/v1/config?scope=local"), token).await
 }
 
+/// The reports of the agents the coordinator at `api` holds, from `(instance, since)` on
+/// (`relay::Relay::read`).
+pub(super) async fn reports(
+    client: &PeerClient,
+    api: &str,
+    token: Option<&str>,
+    (instance, since): (u64, u64),
+) -> Result<RelayBatch, String> {
+    let url = format!("{api}/api/v1/cluster/reports?instance={instance}&since={since}");
+    let body = get_bytes(client, &url, token).await?;
+    RelayBatch::decode(body).map_err(|e| e.to_string())
+}
+
 async fn get<T: serde::de::DeserializeOwned>(
     client: &PeerClient,
     url: &str,
     token: Option<&str>,
 ) -> Result<T, String> {
+    let body = get_bytes(client, url, token).await?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+async fn get_bytes(
+    client: &PeerClient,
+    url: &str,
+    token: Option<&str>,
+) -> Result<axum::body::Bytes, String> {
     let mut req = hyper::Request::get(url);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -62,5 +88,5 @@ async fn get<T: serde::de::DeserializeOwned>(
     .map_err(|_| "timed out".to_owned())?
     .map_err(|e| e.to_string())?
     .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| e.to_string())
+    Ok(body)
 }

@@ -321,8 +321,20 @@ impl Monitor {
         }
     }
 
-    /// Records one result from an edge of `region`.
+    /// Records one result from an edge of `region` whose session this coordinator holds.
     pub fn record(&self, region: &str, result: ProbeResult) {
+        self.observe(region, result, true);
+    }
+
+    /// Records one result another coordinator of the cluster relayed: it moves the
+    /// region's health like an own one, and stays out of this coordinator's probe
+    /// histograms (each coordinator exports its own agents' probes, so the sum over
+    /// coordinators counts each once).
+    pub fn record_relayed(&self, region: &str, result: ProbeResult) {
+        self.observe(region, result, false);
+    }
+
+    fn observe(&self, region: &str, result: ProbeResult, own: bool) {
         let Some(check) = self.checks.iter().find(|c| c.name == result.check) else {
             return; // a check from an older plan
         };
@@ -362,18 +374,20 @@ impl Monitor {
             }
         }
         target.last = Some(result.clone());
-        let (counts, inf, sum) = rc
-            .hist
-            .entry(name)
-            .or_insert_with(|| (vec![0; BUCKETS.len()], 0, 0.0));
-        let secs = total_ms / 1000.0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                counts[i] += 1;
+        if own {
+            let (counts, inf, sum) = rc
+                .hist
+                .entry(name)
+                .or_insert_with(|| (vec![0; BUCKETS.len()], 0, 0.0));
+            let secs = total_ms / 1000.0;
+            for (i, b) in BUCKETS.iter().enumerate() {
+                if secs <= *b {
+                    counts[i] += 1;
+                }
             }
+            *inf += 1;
+            *sum += secs;
         }
-        *inf += 1;
-        *sum += secs;
         if name == "edge" && result.ok {
             let minute = result.at_ms / 60_000 * 60;
             let ttfb_ms = f64::from(result.ttfb_us) / 1000.0;
@@ -1148,6 +1162,33 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn relayed_results_move_health_and_stay_out_of_this_coordinators_histograms() {
+        let (m, _) = monitor();
+        m.record("a", result("edge", true, 10));
+        // Region a's other edge is held by another coordinator: its results arrive
+        // relayed, and they count for the region's health like an own one's.
+        for _ in 0..3 {
+            m.record_relayed("a", result("edge", false, 0));
+        }
+        let h = &m.health()["a"];
+        assert_eq!(
+            (h.health, h.diagnosis),
+            (Health::Down, Some(Diagnosis::EdgeDown))
+        );
+        assert_eq!(
+            m.probes("a")[0].last_error.as_deref(),
+            Some("connect refused")
+        );
+        // /metrics counts only the one result this coordinator's own agent sent.
+        let edge = m
+            .histograms()
+            .into_iter()
+            .find(|h| h.region == "a" && h.target == "edge")
+            .expect("a histogram for region a");
+        assert_eq!(edge.durations.count, 1);
     }
 
     #[test]

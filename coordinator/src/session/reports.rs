@@ -1,6 +1,7 @@
 //! Reports up the stream: acks, purge errors, heartbeats, config status and results,
 //! probe results, varnish stats, warm progress and top URLs, each handed to the
-//! subsystem that owns it.
+//! subsystem that owns it (probe results and stats also to the cluster's relay, for
+//! the other coordinators).
 //!
 //! An ack beyond the log head (or for another log) is refused and ends the session; an
 //! agent silent for [`super::silence_limit`] is counted as lost.
@@ -72,6 +73,10 @@ pub(super) async fn receive_loop(
                 }
             },
         };
+        if let Ok(Some(AgentMessage { msg: Some(m) })) = &msg {
+            // Probe results and counter samples, for the other coordinators' views.
+            state.cluster.relay().offer(&handle.edge_id, region, m);
+        }
         match msg {
             Ok(Some(AgentMessage { msg: Some(m) })) => match m {
                 agent_message::Msg::Ack(ack) => {

@@ -543,3 +543,135 @@ async fn etcd_with_authentication_serves_with_the_password_and_refuses_a_wrong_o
     assert!(message.contains("authentication failed"), "{message}");
     assert!(!message.contains("guess-123"), "{message}");
 }
+
+/// The `coordinator_edge_connected` sample for `edge` on `c`'s /metrics, if it has one.
+async fn edge_connected_metric(c: &CoordinatorProc, edge: &str) -> Option<String> {
+    let text = get(c.api, "/metrics").await.body;
+    let needle = format!("edge=\"{edge}\"");
+    text.lines()
+        .find(|l| l.starts_with("coordinator_edge_connected{") && l.contains(&needle))
+        .map(str::to_owned)
+}
+
+/// Each agent on a coordinator of its own: every coordinator judges both regions from
+/// both agents' probes and counters (relayed between them), and the leader, which alone
+/// sends alerts, alerts for the varnishd that died behind the follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_coordinator_judges_every_region_and_the_leader_alerts_for_a_followers_edge() {
+    tests::require_varnish();
+    let (hook, got) = crate::monitor::receiver().await;
+    let dir = temp_dir();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
+    let origin = OriginServer::start().await;
+    let monitoring = format!(
+        "[monitoring]\norigin = \"{}\"\nfailures_to_down = 3\nsuccesses_to_up = 2\n\
+         [[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\ntimeout_ms = 1000\nslow_ms = 5000\n\
+         [alerts]\nwebhooks = [\"http://{hook}/hook\"]\ngroup_ms = 1500\n",
+        origin.addr
+    );
+    let mut c = Vec::new();
+    for id in ["c1", "c2"] {
+        let mut opts = ha_opts(&etcd, &origin, id, "");
+        opts.extra.push_str(&monitoring);
+        c.push(CoordinatorProc::start(&dir.path().join(id), &opts).await);
+    }
+    // edge-0 (region-0) on c1 only, edge-1 (region-1) on c2 only.
+    let mut varnish = Vec::new();
+    let mut _agents = Vec::new();
+    for (i, co) in c.iter().enumerate() {
+        let v = VarnishNode::start(&dir.path().join(format!("v{i}")), origin.addr).await;
+        _agents.push(AgentProc::start_with(
+            &dir.path().join(format!("a{i}")),
+            &format!("edge-{i}"),
+            &format!("region-{i}"),
+            &[co.grpc],
+            None,
+            &v,
+            "ban",
+        ));
+        varnish.push(v);
+    }
+    let leader = leader_of(&c).await;
+    let follower = 1 - leader;
+    let (edge, region) = (format!("edge-{follower}"), format!("region-{follower}"));
+    assert_eventually!(
+        20,
+        local_edges(&c[follower]).await == [edge.clone()],
+        "{edge} not on the follower"
+    );
+    // Shoppers on the follower's edge: a miss, then hits.
+    for _ in 0..3 {
+        assert_eq!(get(varnish[follower].http, "/p/1").await.status, 200);
+    }
+    let region_of = |i: usize| {
+        let region = region.clone();
+        let api = c[i].api;
+        async move {
+            get_json(api, "/api/v1/regions")
+                .await
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default()
+                .into_iter()
+                .find(|r| r["name"] == region.as_str())
+                .unwrap_or(Value::Null)
+        }
+    };
+    // The leader sees the follower's region as the follower does: up by its probes, with
+    // its shoppers' hits, though no agent of that region talks to the leader.
+    assert_eventually!(
+        20,
+        {
+            let r = region_of(leader).await;
+            r["health"] == "up"
+                && r["probes"][0]["state"] == "up"
+                && r["last_minute"]["hits"].as_u64() >= Some(2)
+                && r["stats_stale"] == false
+        },
+        "the leader does not see {region}'s probes and counters: {}",
+        region_of(leader).await
+    );
+    // Each edge is exported on /metrics by the coordinator holding it, once in all.
+    assert!(
+        edge_connected_metric(&c[follower], &edge).await.is_some(),
+        "the follower does not export its own edge"
+    );
+    assert_eq!(
+        edge_connected_metric(&c[leader], &edge).await,
+        None,
+        "the leader exports an edge it does not hold"
+    );
+    assert_eq!(alerts_of(&got).len(), 0, "coming up is not news");
+
+    // The follower's varnishd dies: the leader reads the region down and alerts, once.
+    varnish[follower].kill9().await;
+    for i in [leader, follower] {
+        assert_eventually!(
+            15,
+            {
+                let r = region_of(i).await;
+                r["health"] == "down" && r["diagnosis"] == "edge_down"
+            },
+            "coordinator {} does not read {region} down: {}",
+            i + 1,
+            region_of(i).await
+        );
+    }
+    assert_eventually!(10, !alerts_of(&got).is_empty(), "no alert from the leader");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a = alerts_of(&got);
+    assert_eq!(a.len(), 1, "exactly one alert (the leader's): {a:#?}");
+    assert_eq!(a[0]["alerts"][0]["region"], region.as_str(), "{a:#?}");
+    assert_eq!(a[0]["alerts"][0]["state"], "down", "{a:#?}");
+    let other = format!("region-{leader}");
+    assert!(
+        a[0]["alerts"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|x| x["region"] != other.as_str())),
+        "the leader's own region is fine: {a:#?}"
+    );
+    drop(etcd);
+}
+
+fn alerts_of(got: &std::sync::Arc<std::sync::Mutex<Vec<Value>>>) -> Vec<Value> {
+    got.lock().map(|v| v.clone()).unwrap_or_default()
+}

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tests::{assert_eventually, Cluster, CoordinatorOpts};
 
 /// A webhook receiver recording every alert body.
-async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Value>>>) {
+pub(crate) async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Value>>>) {
     let got = Arc::new(Mutex::new(Vec::new()));
     let store = got.clone();
     let app = axum::Router::new().route(
