@@ -262,9 +262,24 @@ impl EdgeRegistry {
         }
     }
 
-    /// The highest purge sequence the edge has applied, if it is known.
+    /// The highest purge sequence the edge has applied, if it is known: from its
+    /// session here, else from the coordinator that holds it (as of its last report).
     pub fn applied_seq(&self, edge_id: &str) -> Option<u64> {
-        self.edges.get(edge_id).map(|e| e.applied_seq)
+        let local = self
+            .edges
+            .get(edge_id)
+            .map(|e| (e.connected, e.applied_seq));
+        if let Some((true, seq)) = local {
+            return Some(seq);
+        }
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        remote
+            .values()
+            .filter(|(at, _)| at.elapsed() < REMOTE_TTL)
+            .flat_map(|(_, edges)| edges.iter())
+            .find(|e| e.id == edge_id && e.connected)
+            .map(|e| e.applied_seq)
+            .or(local.map(|(_, seq)| seq))
     }
 
     /// Marks the edge disconnected if `handle` is still its current session.

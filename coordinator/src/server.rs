@@ -120,6 +120,7 @@ pub async fn run(
         rollouts: state.rollouts.clone(),
         monitor: state.monitor.clone(),
         traffic: state.traffic.clone(),
+        warm: state.warm.clone(),
     };
     let cluster_task = tokio::spawn(state.cluster.clone().drive(
         views,

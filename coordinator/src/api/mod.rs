@@ -53,6 +53,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/edges", get(edges))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/cluster/reports", get(cluster_reports))
+        .route("/api/v1/cluster/warm", axum::routing::post(cluster_warm))
         .route("/api/v1/purges", axum::routing::post(post_purge))
         .route("/api/v1/purges/:seq", get(purge))
         .route("/api/v1/config", get(config_view).post(config_push))
@@ -435,6 +436,43 @@ async fn cluster_reports(State(s): State<ApiState>, Query(q): Query<ReportsQuery
         prost::Message::encode_to_vec(&batch),
     )
         .into_response()
+}
+
+/// `POST /api/v1/cluster/warm` (bearer token; a protobuf `WarmPull`): a follower asks
+/// the leader for its agents' warm work (a protobuf `WarmRelayBatch`; see
+/// `cluster::warm_relay`). The work carries the warm token, hence the API token.
+async fn cluster_warm(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    if let Err(r) = leader_only(&s) {
+        return r;
+    }
+    let pull = match <proto::edge::WarmPull as prost::Message>::decode(body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a WarmPull: {e}")),
+    };
+    let state = s.state.clone();
+    // `Warm` may read shards from the store: blocking work.
+    let batch = tokio::task::spawn_blocking(move || {
+        state
+            .cluster
+            .warm_relay()
+            .serve(pull, &state.warm, &state.edges)
+    })
+    .await;
+    match batch {
+        Ok(batch) => (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            prost::Message::encode_to_vec(&batch),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// `GET /api/v1/cluster`: this coordinator's role, the leader, the members and etcd's

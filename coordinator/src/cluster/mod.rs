@@ -21,6 +21,7 @@
 pub mod config;
 mod peers;
 pub mod relay;
+pub mod warm_relay;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,8 +41,10 @@ use crate::metrics::{collector, counter_value, Registry};
 use crate::monitor::Monitor;
 use crate::rollout::Rollouts;
 use crate::traffic::Traffic;
+use crate::warm::Warm;
 use config::StoreConfig;
 use relay::Relay;
+use warm_relay::WarmRelay;
 
 /// Why the cluster could not be joined.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +126,10 @@ pub struct Cluster {
     /// Reports read from the peers, and how many dropped out of their buffers unread.
     relayed: std::sync::atomic::AtomicU64,
     relay_missed: std::sync::atomic::AtomicU64,
+    /// Warm work for the agents on followers (see `warm_relay`).
+    warm_relay: WarmRelay,
+    /// The last warm pull from the leader failed (said once until it works again).
+    warm_pull_failing: std::sync::atomic::AtomicBool,
     /// Ends the campaign (resigning) when the coordinator stops.
     stop: CancellationToken,
 }
@@ -133,6 +140,7 @@ pub struct PeerViews {
     pub rollouts: Arc<Rollouts>,
     pub monitor: Arc<Monitor>,
     pub traffic: Arc<Traffic>,
+    pub warm: Arc<Warm>,
 }
 
 impl Cluster {
@@ -161,6 +169,8 @@ impl Cluster {
             relay: Relay::new(false),
             relayed: Default::default(),
             relay_missed: Default::default(),
+            warm_relay: WarmRelay::default(),
+            warm_pull_failing: Default::default(),
             stop: CancellationToken::new(),
         })
     }
@@ -252,6 +262,8 @@ impl Cluster {
             relay: Relay::new(true),
             relayed: Default::default(),
             relay_missed: Default::default(),
+            warm_relay: WarmRelay::default(),
+            warm_pull_failing: Default::default(),
             stop,
         });
         Ok((cluster, etcd))
@@ -264,6 +276,11 @@ impl Cluster {
     /// This coordinator's agents' reports for the peers (see `relay`).
     pub fn relay(&self) -> &Relay {
         &self.relay
+    }
+
+    /// Warm work for the followers' agents (see `warm_relay`).
+    pub fn warm_relay(&self) -> &WarmRelay {
+        &self.warm_relay
     }
 
     /// Registers the relay's counters (reports read from the peers, and those that
@@ -385,7 +402,29 @@ impl Cluster {
                 Ok(list) => {
                     *self.members.lock().unwrap_or_else(|p| p.into_inner()) = list.clone();
                     cursors.retain(|id, _| list.iter().any(|m| &m.id == id));
+                    let ids: Vec<String> = list.iter().map(|m| m.id.clone()).collect();
+                    self.warm_relay.expire(self.is_leader(), &ids, &views.warm);
                     let bearer = token.read().unwrap_or_else(|p| p.into_inner()).clone();
+                    let leader = self.role().1;
+                    let warm_pull = list
+                        .iter()
+                        .find(|m| {
+                            !self.is_leader()
+                                && Some(&m.id) == leader.as_ref()
+                                && m.id != self.me.id
+                        })
+                        .map(|m| {
+                            let (me, client, views, bearer, api) = (
+                                self.clone(),
+                                client.clone(),
+                                views.clone(),
+                                bearer.clone(),
+                                m.api.clone(),
+                            );
+                            tokio::spawn(async move {
+                                me.pull_warm(&client, &api, &views, bearer.as_deref()).await;
+                            })
+                        });
                     let asks = list.into_iter().filter(|m| m.id != self.me.id).map(|m| {
                         let cursor = cursors.get(&m.id).copied().unwrap_or_default();
                         let (me, client, views, bearer) =
@@ -400,6 +439,9 @@ impl Cluster {
                         if let Ok((id, cursor)) = ask.await {
                             cursors.insert(id, cursor);
                         }
+                    }
+                    if let Some(pull) = warm_pull {
+                        let _ = pull.await;
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "cluster members not listed"),
@@ -442,6 +484,36 @@ impl Cluster {
         }
     }
 
+    /// A follower's warm pull: its sessions and acks to the leader at `api`, the work
+    /// for them back (`warm_relay`).
+    async fn pull_warm(
+        &self,
+        client: &peers::PeerClient,
+        api: &str,
+        views: &PeerViews,
+        bearer: Option<&str>,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let pull = self.warm_relay.pull(&self.me.id, &views.warm);
+        match peers::warm(client, api, bearer, &pull).await {
+            Ok(batch) => {
+                if self.warm_pull_failing.swap(false, Relaxed) {
+                    tracing::info!(
+                        leader = api,
+                        "warm work reaches this coordinator's agents again"
+                    );
+                }
+                self.warm_relay.accept(batch, &views.warm);
+            }
+            // Said once per failure spell: a refused token would repeat every second.
+            Err(e) if !self.warm_pull_failing.swap(true, Relaxed) => tracing::warn!(
+                leader = api, error = %e,
+                "cannot ask the leader for warm work: this coordinator's agents get no warm shards (same [api] token_file on every coordinator?)"
+            ),
+            Err(_) => {}
+        }
+    }
+
     /// Records a peer's agents' reports as if this coordinator's own agents had sent
     /// them, except for an edge whose session is here now (its own reports count).
     fn take(&self, peer: &str, views: &PeerViews, batch: RelayBatch) -> (u64, u64) {
@@ -463,6 +535,11 @@ impl Cluster {
             match r.report.and_then(|m| m.msg) {
                 Some(Msg::Probe(p)) => views.monitor.record_relayed(&r.region, p),
                 Some(Msg::Stats(s)) => views.traffic.record_relayed(&r.edge_id, &r.region, s),
+                Some(Msg::WarmProgress(p)) => {
+                    if let Some(vid) = self.warm_relay.vid(&r.edge_id) {
+                        views.warm.on_progress(&r.edge_id, vid, p);
+                    }
+                }
                 _ => {}
             }
         }

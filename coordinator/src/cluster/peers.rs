@@ -5,16 +5,16 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 
 use prost::Message;
-use proto::edge::RelayBatch;
+use proto::edge::{RelayBatch, WarmPull, WarmRelayBatch};
 
 use crate::edges::EdgeView;
 use crate::rollout::ConfigView;
 
-pub(super) type PeerClient = Client<HttpConnector, Empty<axum::body::Bytes>>;
+pub(super) type PeerClient = Client<HttpConnector, Full<axum::body::Bytes>>;
 
 /// Largest answer read from a peer (a thousand edges are about 600 KB of JSON).
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
@@ -54,6 +54,18 @@ pub(super) async fn reports(
     RelayBatch::decode(body).map_err(|e| e.to_string())
 }
 
+/// The leader's answer to a follower's warm pull (`warm_relay`).
+pub(super) async fn warm(
+    client: &PeerClient,
+    api: &str,
+    token: Option<&str>,
+    pull: &WarmPull,
+) -> Result<WarmRelayBatch, String> {
+    let url = format!("{api}/api/v1/cluster/warm");
+    let body = fetch(client, "POST", &url, token, pull.encode_to_vec()).await?;
+    WarmRelayBatch::decode(body).map_err(|e| e.to_string())
+}
+
 async fn get<T: serde::de::DeserializeOwned>(
     client: &PeerClient,
     url: &str,
@@ -68,11 +80,23 @@ async fn get_bytes(
     url: &str,
     token: Option<&str>,
 ) -> Result<axum::body::Bytes, String> {
-    let mut req = hyper::Request::get(url);
+    fetch(client, "GET", url, token, Vec::new()).await
+}
+
+async fn fetch(
+    client: &PeerClient,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<axum::body::Bytes, String> {
+    let mut req = hyper::Request::builder().method(method).uri(url);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
+    let req = req
+        .body(Full::new(axum::body::Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_millis(800), client.request(req))
         .await
         .map_err(|_| "timed out".to_owned())?

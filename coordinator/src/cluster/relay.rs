@@ -3,7 +3,8 @@
 //!
 //! Region health, hit ratios, alert rules and routing are decided from probe results
 //! and varnish counters, and an agent sends those only to the coordinator holding its
-//! session. With agents spread over several coordinators, each would see part of a
+//! session. (Warm progress travels the same way, to the leader that runs the jobs:
+//! `warm_relay`.) With agents spread over several coordinators, each would see part of a
 //! region: the leader (which sends the alerts) could read `up` for a region whose
 //! varnishd died behind a follower. So each coordinator keeps the probe results and
 //! counter samples its agents sent in a bounded buffer ([`Relay`]), and every other one
@@ -56,12 +57,15 @@ impl Relay {
     }
 
     /// Keeps `msg` from `edge` of `region` for the peers when it is a kind they use
-    /// (probe results and counter samples); anything else is not kept.
+    /// (probe results, counter samples, and warm progress for the leader's jobs);
+    /// anything else is not kept.
     pub fn offer(&self, edge: &str, region: &str, msg: &agent_message::Msg) {
         if !self.enabled
             || !matches!(
                 msg,
-                agent_message::Msg::Probe(_) | agent_message::Msg::Stats(_)
+                agent_message::Msg::Probe(_)
+                    | agent_message::Msg::Stats(_)
+                    | agent_message::Msg::WarmProgress(_)
             )
         {
             return;

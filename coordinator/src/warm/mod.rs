@@ -56,6 +56,9 @@ use tags::{Profile, TagIndex};
 
 /// Shards handed to one edge at a time.
 pub const IN_FLIGHT: usize = 2;
+/// Session numbers from here up stand for sessions another coordinator of the cluster
+/// holds (`cluster::warm_relay`); a coordinator numbers its own from 1.
+pub const REMOTE_SESSIONS: u64 = 1 << 62;
 /// Finished jobs kept in memory (and listed); older ones stay in the store only.
 const KEEP_FINISHED: usize = 200;
 /// Most popular URLs kept per edge.
@@ -99,6 +102,9 @@ struct Inner {
     /// reported shards in a row failed every fetch (a dead varnish, say).
     activity: HashMap<(u64, String), (Instant, u32)>,
     tags: TagIndex,
+    /// Messages the cluster's leader handed out for this coordinator's sessions (a
+    /// follower), per edge: sent by the session's warm loop like its own.
+    forwarded: HashMap<String, (u64, Vec<Msg>)>,
     /// Latest popular-URL report per region and edge.
     top: BTreeMap<String, BTreeMap<String, Vec<(String, u64)>>>,
     /// Fetch results per region: [fetched, hits, misses, errors].
@@ -265,6 +271,7 @@ impl Warm {
             aimd: HashMap::new(),
             activity: HashMap::new(),
             tags: TagIndex::new(config.tag_index_pairs),
+            forwarded: HashMap::new(),
             top: BTreeMap::new(),
             totals: BTreeMap::new(),
         };
@@ -445,7 +452,25 @@ impl Warm {
     /// A warm-capable session started. An edge new to a running job's regions (added to
     /// the fleet mid-job) joins the job.
     pub fn connect(&self, edge: &str, region: &str, session: u64) {
+        self.attach(edge, region, session);
+    }
+
+    /// A warm-capable session another coordinator of the cluster holds, standing here
+    /// as `session` (from [`REMOTE_SESSIONS`] up), unless the edge has a session here
+    /// (that one wins). Returns whether it now stands.
+    pub fn connect_remote(&self, edge: &str, region: &str, session: u64) -> bool {
+        self.attach(edge, region, session.max(REMOTE_SESSIONS))
+    }
+
+    fn attach(&self, edge: &str, region: &str, session: u64) -> bool {
         let mut inner = self.lock();
+        let local_here = inner
+            .sessions
+            .get(edge)
+            .is_some_and(|(_, s)| *s < REMOTE_SESSIONS);
+        if session >= REMOTE_SESSIONS && local_here {
+            return false;
+        }
         inner
             .sessions
             .insert(edge.to_owned(), (region.to_owned(), session));
@@ -473,6 +498,7 @@ impl Warm {
             }
         }
         self.bump();
+        true
     }
 
     /// The session ended: its shards go back to the pool.
@@ -483,9 +509,41 @@ impl Warm {
             inner.in_flight.remove(edge);
             inner.sent_rate.retain(|(e, _), _| e != edge);
             inner.cancels.remove(edge);
+            inner.forwarded.remove(edge);
         }
         drop(inner);
         self.bump();
+    }
+
+    /// This coordinator's own warm-capable sessions (`(edge, region, session)`), not
+    /// those standing for another coordinator's.
+    pub fn own_sessions(&self) -> Vec<(String, String, u64)> {
+        self.lock()
+            .sessions
+            .iter()
+            .filter(|(_, (_, s))| *s < REMOTE_SESSIONS)
+            .map(|(e, (r, s))| (e.clone(), r.clone(), *s))
+            .collect()
+    }
+
+    /// Queues `msg`, which the cluster's leader handed out for `edge`'s `session`, for
+    /// that session's warm loop; false (dropped) when the session is not current.
+    pub fn forward(&self, edge: &str, session: u64, msg: Msg) -> bool {
+        let mut inner = self.lock();
+        if inner.sessions.get(edge).is_none_or(|(_, s)| *s != session) {
+            return false;
+        }
+        let slot = inner
+            .forwarded
+            .entry(edge.to_owned())
+            .or_insert((session, Vec::new()));
+        if slot.0 != session {
+            *slot = (session, Vec::new());
+        }
+        slot.1.push(msg);
+        drop(inner);
+        self.bump();
+        true
     }
 
     /// What this edge's session should send now: cancels, rate changes, new shards of
@@ -497,6 +555,11 @@ impl Warm {
             let mut inner = self.lock();
             if inner.sessions.get(edge).is_none_or(|(_, s)| *s != session) {
                 return out;
+            }
+            if let Some((s, msgs)) = inner.forwarded.remove(edge) {
+                if s == session {
+                    out.extend(msgs);
+                }
             }
             for job_id in inner.cancels.remove(edge).unwrap_or_default() {
                 out.push(Msg::WarmCancel(WarmCancel { job_id }));

@@ -406,7 +406,7 @@ async fn a_new_leader_finishes_the_warm_job_in_flight() {
         warm_extra: "origin_budget_rps = 40\nshard_urls = 10\n".into(),
         ..ha_opts(&etcd, &origin, id, "")
     };
-    // c1 alone first, so both agents are on it (warm shards go to the leader's sessions).
+    // c1 alone first, so both agents are on it and move when it dies.
     let mut c1 = CoordinatorProc::start(&dir.path().join("c1"), &opts("c1")).await;
     let c2_dir = dir.path().join("c2");
     std::fs::create_dir_all(&c2_dir).expect("c2 dir");
@@ -554,10 +554,11 @@ async fn edge_connected_metric(c: &CoordinatorProc, edge: &str) -> Option<String
 }
 
 /// Each agent on a coordinator of its own: every coordinator judges both regions from
-/// both agents' probes and counters (relayed between them), and the leader, which alone
-/// sends alerts, alerts for the varnishd that died behind the follower.
+/// both agents' probes and counters (relayed between them); the leader's warm job warms
+/// the region whose agent is on the follower too; and the leader, which alone sends
+/// alerts, alerts for the varnishd that died behind the follower.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_coordinator_judges_every_region_and_the_leader_alerts_for_a_followers_edge() {
+async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
     tests::require_varnish();
     let (hook, got) = crate::monitor::receiver().await;
     let dir = temp_dir();
@@ -573,6 +574,7 @@ async fn every_coordinator_judges_every_region_and_the_leader_alerts_for_a_follo
     for id in ["c1", "c2"] {
         let mut opts = ha_opts(&etcd, &origin, id, "");
         opts.extra.push_str(&monitoring);
+        opts.warm_extra = "origin_budget_rps = 40\nshard_urls = 10\n".into();
         c.push(CoordinatorProc::start(&dir.path().join(id), &opts).await);
     }
     // edge-0 (region-0) on c1 only, edge-1 (region-1) on c2 only.
@@ -641,6 +643,27 @@ async fn every_coordinator_judges_every_region_and_the_leader_alerts_for_a_follo
         "the leader exports an edge it does not hold"
     );
     assert_eq!(alerts_of(&got).len(), 0, "coming up is not news");
+
+    // A warm job on the leader: the follower's agent gets its shards through the
+    // follower, and its progress comes back the same way.
+    let id = c[leader]
+        .start_warm_job(&serde_json::json!({
+            "sitemap": format!("http://{}/sitemap.xml?products=49", origin.addr),
+            "host": "shop.test"
+        }))
+        .await;
+    let view = c[leader].warm_finished(id, 60).await;
+    assert_eq!(view["state"], "done", "{view}");
+    let total = view["regions"][region.as_str()]["total"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(total > 50, "{view}");
+    assert_eq!(
+        view["regions"][region.as_str()]["done"].as_u64(),
+        Some(total),
+        "{view}"
+    );
+    assert_eq!(get(varnish[follower].http, "/p/7").await.cache(), "HIT");
 
     // The follower's varnishd dies: the leader reads the region down and alerts, once.
     varnish[follower].kill9().await;
