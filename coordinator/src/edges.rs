@@ -373,15 +373,23 @@ impl EdgeRegistry {
     }
 
     /// Every edge of the cluster, sorted by id, with lag computed against `head`: this
-    /// coordinator's own, and those other coordinators reported in the last
-    /// [`REMOTE_TTL`]. An edge both know (it moved) is shown where it is connected.
+    /// coordinator's own, and those other coordinators reported. A coordinator that has
+    /// not reported for [`REMOTE_TTL`] (it died, or is cut off) leaves its edges shown
+    /// disconnected, as a dead local session does: a region whose agents were all on it
+    /// reads `agent_lost`, not `no_agents`. An edge both know (it moved) is shown where
+    /// it is connected.
     pub fn list(&self, head: u64) -> Vec<EdgeView> {
         let mut out = self.list_local(head);
-        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-        remote.retain(|_, (at, _)| at.elapsed() < REMOTE_TTL);
-        for (peer, (_, edges)) in remote.iter() {
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        for (peer, (at, edges)) in remote.iter() {
+            let silent = at.elapsed() >= REMOTE_TTL;
             for e in edges {
                 let mut e = e.clone();
+                if silent {
+                    e.connected = false;
+                    e.purge_failing = false;
+                    e.varnish_error = None;
+                }
                 e.lag = head.saturating_sub(e.applied_seq);
                 e.coordinator = Some(peer.clone());
                 match out.iter_mut().find(|o| o.id == e.id) {
@@ -617,6 +625,31 @@ mod tests {
             agent_version: String::new(),
             cert_not_after: None,
         }
+    }
+
+    #[test]
+    fn a_silent_coordinators_edges_read_disconnected_and_a_moved_edge_where_it_is() {
+        let reg = EdgeRegistry::default();
+        let mut moved = EdgeView::new("eu-2", "eu");
+        moved.applied_seq = 7;
+        reg.set_remote("c2", vec![EdgeView::new("eu-1", "eu"), moved]);
+        assert!(reg.list(10).iter().all(|e| e.connected));
+        assert_eq!(reg.applied_seq("eu-2"), Some(7));
+        // c2 falls silent; eu-2's agent comes here.
+        reg.remote.lock().unwrap().get_mut("c2").unwrap().0 -= REMOTE_TTL * 2;
+        let _h = reg.connect(hello("eu-2"), 9, &CancellationToken::new());
+        let list = reg.list(10);
+        let view = |id: &str| list.iter().find(|e| e.id == id).unwrap().clone();
+        assert_eq!(list.len(), 2);
+        assert!(!view("eu-1").connected, "c2's edge is not shown connected");
+        assert_eq!(view("eu-1").coordinator.as_deref(), Some("c2"));
+        assert!(view("eu-2").connected);
+        assert_eq!(
+            view("eu-2").coordinator,
+            None,
+            "shown where it is connected"
+        );
+        assert_eq!(reg.applied_seq("eu-2"), Some(9));
     }
 
     #[test]

@@ -144,6 +144,9 @@ impl State {
             log.clone(),
             traffic.clone(),
         );
+        if let Some(kv) = &etcd_kv {
+            monitor.set_ledger(crate::monitor::ledger::Ledger::new(kv.clone()));
+        }
         let warm = match &etcd_kv {
             None => Warm::open(
                 config.warm.clone(),

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 pub mod config;
+pub mod ledger;
 mod metrics;
 
 use crate::edges::{EdgeRegistry, EdgeView};
@@ -227,6 +228,10 @@ const ALERTS_KEPT: usize = 50;
 /// One grouped alert: its changes, when it went out, and whether every webhook took it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertRecord {
+    /// The same in every delivery of this alert (a new leader resending it, see
+    /// `ledger`), and in the webhook's body.
+    #[serde(default)]
+    pub id: String,
     pub at_ms: u64,
     pub changes: Vec<Change>,
     /// Webhooks that answered 2xx (within the attempts) and those that did not.
@@ -257,6 +262,8 @@ pub struct Monitor {
     /// Per-minute shopper figures, for `[[alerts.rules]]`.
     traffic: Arc<Traffic>,
     started: std::time::Instant,
+    /// The cluster's alert ledger in etcd (none with the embedded store).
+    ledger: std::sync::OnceLock<ledger::Ledger>,
     inner: Mutex<Inner>,
 }
 
@@ -279,6 +286,7 @@ impl Monitor {
             log,
             traffic,
             started: std::time::Instant::now(),
+            ledger: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 checks: HashMap::new(),
                 announced: BTreeMap::new(),
@@ -639,58 +647,161 @@ impl Monitor {
         out
     }
 
+    /// The cluster's alert ledger (`[store] backend = "etcd"`); set once at start.
+    pub fn set_ledger(&self, ledger: ledger::Ledger) {
+        let _ = self.ledger.set(ledger);
+    }
+
     /// Evaluates periodically (agent loss has no probe result) and delivers alerts —
     /// while `duty` is `true` (the cluster's leader; every coordinator keeps evaluating,
-    /// so a new leader announces only what changes after it took over).
+    /// so a new leader announces only what changes after it took over, besides what the
+    /// last one left unsent: `ledger`).
     pub async fn drive(
         self: Arc<Self>,
         duty: tokio::sync::watch::Receiver<bool>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<axum::body::Bytes>> =
+        let client: WebhookClient =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
+        let mut leading = *duty.borrow();
+        // When this coordinator last took the lead: what it formed before that as a
+        // follower was looked at then.
+        let mut took_over_ms = 0;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let leader = *duty.borrow();
+            if leader && !leading {
+                self.take_over(&client, took_over_ms).await;
+                took_over_ms = now_ms();
+            }
+            leading = leader;
             self.evaluate();
             let Some(changes) = self.take_due() else {
                 continue;
             };
-            let body = alert_body(&changes);
-            tracing::warn!(changes = changes.len(), text = %body["text"], "alert");
             let mut record = AlertRecord {
+                id: format!("{:016x}", rand::random::<u64>()),
                 at_ms: now_ms(),
                 changes,
                 delivered: 0,
                 failed: 0,
             };
-            let leader = *duty.borrow();
-            if !leader {
+            tracing::warn!(changes = record.changes.len(), id = %record.id,
+                text = %alert_body(&record.id, &record.changes)["text"], "alert");
+            if leader {
+                self.send(&client, &mut record).await;
+            } else {
                 tracing::debug!("alert left to the cluster's leader to deliver");
             }
-            for url in self.alerts.webhooks.iter().filter(|_| leader) {
-                let ok = deliver(&client, url, &body, self.alerts.attempts).await;
-                let mut inner = self.lock();
-                if ok {
-                    inner.sent += 1;
-                    record.delivered += 1;
-                } else {
-                    inner.failed += 1;
-                    record.failed += 1;
-                }
+            self.keep(record);
+        }
+    }
+
+    /// A coordinator that has just become the leader sends what the ledger holds unsent,
+    /// then the changes it saw as a follower (since `since_ms`, within the window) that
+    /// no ledger entry covers.
+    async fn take_over(&self, client: &WebhookClient, since_ms: u64) {
+        let Some(ledger) = self.ledger.get() else {
+            return;
+        };
+        let entries = match ledger.entries() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "alert ledger unreadable; alerts the last leader left unsent may be lost");
+                return;
             }
+        };
+        for e in entries.iter().filter(|e| !e.sent) {
+            tracing::info!(id = %e.id, changes = e.changes.len(), "sending an alert the last leader did not finish");
+            let mut record = AlertRecord {
+                id: e.id.clone(),
+                at_ms: e.at_ms,
+                changes: e.changes.clone(),
+                delivered: 0,
+                failed: 0,
+            };
+            self.send(client, &mut record).await;
+            self.keep(record);
+        }
+        let from = now_ms()
+            .saturating_sub(ledger::TAKEOVER_WINDOW_MS)
+            .max(since_ms);
+        let own: Vec<Change> = self
+            .lock()
+            .history
+            .iter()
+            .filter(|r| r.at_ms >= from && r.delivered == 0 && r.failed == 0)
+            .flat_map(|r| r.changes.clone())
+            .collect();
+        let changes = ledger::uncovered(own, &entries);
+        if !changes.is_empty() {
+            let mut record = AlertRecord {
+                id: format!("{:016x}", rand::random::<u64>()),
+                at_ms: now_ms(),
+                changes,
+                delivered: 0,
+                failed: 0,
+            };
+            tracing::info!(id = %record.id, changes = record.changes.len(), "sending changes seen while the lead changed hands");
+            self.send(client, &mut record).await;
+            self.keep(record);
+        }
+    }
+
+    /// Sends `record` to every webhook, recorded in the ledger before and after.
+    async fn send(&self, client: &WebhookClient, record: &mut AlertRecord) {
+        let mut entry = ledger::Entry {
+            id: record.id.clone(),
+            at_ms: record.at_ms,
+            changes: record.changes.clone(),
+            sent: false,
+        };
+        let ledger = self.ledger.get();
+        if let Some(l) = ledger {
+            if let Err(e) = l.put(&entry) {
+                tracing::warn!(id = %record.id, error = %e, "alert not in the ledger; sending it anyway");
+            }
+        }
+        let body = alert_body(&record.id, &record.changes);
+        for url in &self.alerts.webhooks {
+            let ok = deliver(client, url, &body, self.alerts.attempts).await;
             let mut inner = self.lock();
-            inner.history.push_back(record);
-            while inner.history.len() > ALERTS_KEPT {
-                inner.history.pop_front();
+            if ok {
+                inner.sent += 1;
+                record.delivered += 1;
+            } else {
+                inner.failed += 1;
+                record.failed += 1;
+            }
+        }
+        if let Some(l) = ledger {
+            entry.sent = true;
+            let done = l.put(&entry).and_then(|()| l.trim(&l.entries()?));
+            if let Err(e) = done {
+                tracing::warn!(id = %record.id, error = %e, "alert sent, not marked sent in the ledger");
             }
         }
     }
+
+    /// Keeps `record` for `GET /api/v1/alerts`.
+    fn keep(&self, record: AlertRecord) {
+        let mut inner = self.lock();
+        inner.history.push_back(record);
+        while inner.history.len() > ALERTS_KEPT {
+            inner.history.pop_front();
+        }
+    }
 }
+
+type WebhookClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<axum::body::Bytes>,
+>;
 
 /// A region's worst check, as [`decide`] reads it.
 #[derive(Debug, Clone)]
@@ -873,7 +984,7 @@ fn decide(
 }
 
 /// The webhook payload: a Slack-compatible `text` and the structured changes.
-pub fn alert_body(changes: &[Change]) -> serde_json::Value {
+pub fn alert_body(id: &str, changes: &[Change]) -> serde_json::Value {
     let icon = |h: Health| match h {
         Health::Down => "🔴",
         Health::Degraded => "🟠",
@@ -910,14 +1021,11 @@ pub fn alert_body(changes: &[Change]) -> serde_json::Value {
                 .unwrap_or_default(),
         ));
     }
-    serde_json::json!({ "text": text.trim_end(), "grouped": changes.len() > 1, "alerts": changes })
+    serde_json::json!({ "id": id, "text": text.trim_end(), "grouped": changes.len() > 1, "alerts": changes })
 }
 
 async fn deliver(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<axum::body::Bytes>,
-    >,
+    client: &WebhookClient,
     url: &str,
     body: &serde_json::Value,
     attempts: u32,
@@ -1252,7 +1360,7 @@ mod tests {
         }
         let changes = m.take_due().unwrap();
         assert_eq!(changes.len(), 2);
-        let body = alert_body(&changes);
+        let body = alert_body("x", &changes);
         assert!(body["text"]
             .as_str()
             .unwrap()

@@ -5,6 +5,7 @@
 //! dying changes nothing; etcd gone entirely means 503, never a 200 that is not
 //! committed, and purging works again when it is back.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -553,21 +554,26 @@ async fn edge_connected_metric(c: &CoordinatorProc, edge: &str) -> Option<String
         .map(str::to_owned)
 }
 
-/// Each agent on a coordinator of its own: every coordinator judges both regions from
-/// both agents' probes and counters (relayed between them); the leader's warm job warms
-/// the region whose agent is on the follower too; and the leader, which alone sends
-/// alerts, alerts for the varnishd that died behind the follower.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
+/// Two coordinators on etcd probing every 300 ms and alerting `webhook`, and two edges
+/// each on a coordinator of its own: `edge-0` (region-0) on c1, `edge-1` on c2.
+struct Spread {
+    _dir: tempfile::TempDir,
+    etcd: EtcdCluster,
+    origin: OriginServer,
+    c: Vec<CoordinatorProc>,
+    varnish: Vec<VarnishNode>,
+    _agents: Vec<AgentProc>,
+}
+
+async fn spread(webhook: &str) -> Spread {
     tests::require_varnish();
-    let (hook, got) = crate::monitor::receiver().await;
     let dir = temp_dir();
     let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
     let origin = OriginServer::start().await;
     let monitoring = format!(
         "[monitoring]\norigin = \"{}\"\nfailures_to_down = 3\nsuccesses_to_up = 2\n\
          [[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\ntimeout_ms = 1000\nslow_ms = 5000\n\
-         [alerts]\nwebhooks = [\"http://{hook}/hook\"]\ngroup_ms = 1500\n",
+         [alerts]\nwebhooks = [\"{webhook}\"]\ngroup_ms = 1500\n",
         origin.addr
     );
     let mut c = Vec::new();
@@ -577,12 +583,11 @@ async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
         opts.warm_extra = "origin_budget_rps = 40\nshard_urls = 10\n".into();
         c.push(CoordinatorProc::start(&dir.path().join(id), &opts).await);
     }
-    // edge-0 (region-0) on c1 only, edge-1 (region-1) on c2 only.
     let mut varnish = Vec::new();
-    let mut _agents = Vec::new();
+    let mut agents = Vec::new();
     for (i, co) in c.iter().enumerate() {
         let v = VarnishNode::start(&dir.path().join(format!("v{i}")), origin.addr).await;
-        _agents.push(AgentProc::start_with(
+        agents.push(AgentProc::start_with(
             &dir.path().join(format!("a{i}")),
             &format!("edge-{i}"),
             &format!("region-{i}"),
@@ -593,6 +598,42 @@ async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
         ));
         varnish.push(v);
     }
+    Spread {
+        _dir: dir,
+        etcd,
+        origin,
+        c,
+        varnish,
+        _agents: agents,
+    }
+}
+
+/// `region`'s row of `c`'s `/api/v1/regions` (null if absent).
+async fn region_row(c: &CoordinatorProc, region: &str) -> Value {
+    get_json(c.api, "/api/v1/regions")
+        .await
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| r["name"] == region)
+        .unwrap_or(Value::Null)
+}
+
+/// Each agent on a coordinator of its own: every coordinator judges both regions from
+/// both agents' probes and counters (relayed between them); the leader's warm job warms
+/// the region whose agent is on the follower too; and the leader, which alone sends
+/// alerts, alerts for the varnishd that died behind the follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
+    let (hook, got) = crate::monitor::receiver().await;
+    let Spread {
+        _dir,
+        etcd,
+        origin,
+        c,
+        mut varnish,
+        _agents,
+    } = spread(&format!("http://{hook}/hook")).await;
     let leader = leader_of(&c).await;
     let follower = 1 - leader;
     let (edge, region) = (format!("edge-{follower}"), format!("region-{follower}"));
@@ -605,19 +646,7 @@ async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
     for _ in 0..3 {
         assert_eq!(get(varnish[follower].http, "/p/1").await.status, 200);
     }
-    let region_of = |i: usize| {
-        let region = region.clone();
-        let api = c[i].api;
-        async move {
-            get_json(api, "/api/v1/regions")
-                .await
-                .and_then(|v| v.as_array().cloned())
-                .unwrap_or_default()
-                .into_iter()
-                .find(|r| r["name"] == region.as_str())
-                .unwrap_or(Value::Null)
-        }
-    };
+    let region_of = |i: usize| region_row(&c[i], &region);
     // The leader sees the follower's region as the follower does: up by its probes, with
     // its shoppers' hits, though no agent of that region talks to the leader.
     assert_eventually!(
@@ -697,4 +726,94 @@ async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
 
 fn alerts_of(got: &std::sync::Arc<std::sync::Mutex<Vec<Value>>>) -> Vec<Value> {
     got.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
+/// A webhook whose first request hangs (the sender is killed meanwhile); it records
+/// every body as it arrives and, apart, those it answered.
+async fn hanging_hook() -> (
+    std::net::SocketAddr,
+    Arc<Mutex<Vec<Value>>>,
+    Arc<Mutex<Vec<Value>>>,
+) {
+    let arrived = Arc::new(Mutex::new(Vec::new()));
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let (a, b) = (arrived.clone(), answered.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+            let (arrived, answered) = (a.clone(), b.clone());
+            async move {
+                let first = {
+                    let mut list = arrived.lock().expect("lock");
+                    list.push(v.clone());
+                    list.len() == 1
+                };
+                if first {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                }
+                answered.lock().expect("lock").push(v);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, arrived, answered)
+}
+
+/// The leader dies while its alert is on the way: the next leader sends it, with the
+/// same id, and does not send it twice (it saw the change too, as a follower).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_the_dying_leader_did_not_finish_is_sent_by_the_next_one() {
+    let (hook, arrived, answered) = hanging_hook().await;
+    let mut s = spread(&format!("http://{hook}/hook")).await;
+    let leader = leader_of(&s.c).await;
+    let follower = 1 - leader;
+    let region = format!("region-{follower}");
+    for c in &s.c {
+        assert_eventually!(
+            20,
+            region_row(c, &region).await["probes"][0]["state"] == "up",
+            "{region} not up by its probes on {}",
+            c.api
+        );
+    }
+    // The follower's varnishd dies; the leader's alert about it hangs on the way.
+    s.varnish[follower].kill9().await;
+    let lock = |m: &Arc<Mutex<Vec<Value>>>| m.lock().map(|v| v.clone()).unwrap_or_default();
+    assert_eventually!(15, !lock(&arrived).is_empty(), "no alert from the leader");
+    let first = lock(&arrived)[0].clone();
+    assert_eq!(first["alerts"][0]["region"], region.as_str(), "{first}");
+    s.c[leader].child.kill9().await;
+    let about = |v: &Value| {
+        v["alerts"].as_array().is_some_and(|l| {
+            l.iter()
+                .any(|a| a["region"] == region.as_str() && a["state"] == "down")
+        })
+    };
+    assert_eventually!(
+        20,
+        lock(&answered).iter().any(about),
+        "the next leader did not send the alert the last one left: {:?}",
+        lock(&arrived)
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let sent: Vec<Value> = lock(&answered).into_iter().filter(about).collect();
+    assert_eq!(sent.len(), 1, "sent once: {sent:#?}");
+    assert_eq!(sent[0]["id"], first["id"], "the same alert: {sent:#?}");
+    let view = get_json(s.c[follower].api, "/api/v1/cluster")
+        .await
+        .unwrap_or_default();
+    assert_eq!(view["role"], "leader", "{view}");
+    // The dead leader's own agent was known: its region reads lost, not never seen.
+    let theirs = format!("region-{leader}");
+    assert_eventually!(
+        10,
+        region_row(&s.c[follower], &theirs).await["diagnosis"] == "agent_lost",
+        "{theirs} on the survivor: {}",
+        region_row(&s.c[follower], &theirs).await
+    );
 }
