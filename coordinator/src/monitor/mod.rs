@@ -335,8 +335,8 @@ impl Monitor {
     }
 
     /// Records one result another coordinator of the cluster relayed: it moves the
-    /// region's health like an own one, and stays out of this coordinator's probe
-    /// histograms (each coordinator exports its own agents' probes, so the sum over
+    /// region's health like an own one (at the next evaluation), and stays out of this
+    /// coordinator's probe histograms (each coordinator exports its own agents' probes, so the sum over
     /// coordinators counts each once).
     pub fn record_relayed(&self, region: &str, result: ProbeResult) {
         self.observe(region, result, false);
@@ -415,7 +415,11 @@ impl Monitor {
             }
         }
         drop(inner);
-        self.evaluate();
+        // Relayed results come in batches; the drive's tick evaluates them (within
+        // 250 ms) instead of once per result.
+        if own {
+            self.evaluate();
+        }
     }
 
     /// Every region's health now.
