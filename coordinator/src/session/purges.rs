@@ -98,6 +98,7 @@ pub(super) fn feed(
         }
     };
     let feed = Feed {
+        cancelled: Box::pin(handle.cancel.clone().cancelled_owned()),
         head_rx: log.subscribe(),
         log,
         handle,
@@ -118,6 +119,8 @@ pub(super) fn feed(
 
 /// A session's position in the log and its pacing.
 struct Feed {
+    /// The session's end, registered once (not once per wait).
+    cancelled: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     log: PurgeLog,
     head_rx: tokio::sync::watch::Receiver<u64>,
     handle: SessionHandle,
@@ -202,7 +205,7 @@ impl Feed {
     async fn due(&mut self) -> Option<u64> {
         while self.next > self.log.head() {
             tokio::select! {
-                _ = self.handle.cancel.cancelled() => return None,
+                _ = &mut self.cancelled => return None,
                 changed = self.head_rx.changed() => changed.ok()?,
             }
         }
@@ -226,7 +229,7 @@ impl Feed {
         });
         if let Some(until) = wait.filter(|at| *at > Instant::now()) {
             tokio::select! {
-                _ = self.handle.cancel.cancelled() => return None,
+                _ = &mut self.cancelled => return None,
                 _ = tokio::time::sleep_until(until) => {}
             }
         }

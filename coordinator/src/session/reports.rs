@@ -59,9 +59,12 @@ pub(super) async fn receive_loop(
         log,
         ..
     } = state;
+    // One registration for the session's life, not one per message.
+    let cancelled = handle.cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let msg = tokio::select! {
-            _ = handle.cancel.cancelled() => return,
+            _ = &mut cancelled => return,
             m = tokio::time::timeout(silence, inbound.message()) => match m {
                 Ok(m) => m,
                 Err(_) => {
