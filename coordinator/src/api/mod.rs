@@ -426,14 +426,18 @@ struct ReportsQuery {
     since: u64,
 }
 
-/// `GET /api/v1/cluster/reports?instance=I&since=N`: the probe results and counter
-/// samples of this coordinator's agents, for the other coordinators of the cluster
+/// `GET /api/v1/cluster/reports?instance=I&since=N`: the probe results, counter samples
+/// and warm progress of this coordinator's agents, for the other coordinators
 /// (a protobuf `RelayBatch`; see `cluster::relay`).
 async fn cluster_reports(State(s): State<ApiState>, Query(q): Query<ReportsQuery>) -> Response {
-    let batch = s.state.cluster.relay().read(q.instance, q.since);
+    protobuf(&s.state.cluster.relay().read(q.instance, q.since))
+}
+
+/// A protobuf answer (the coordinators' own traffic between them).
+fn protobuf(msg: &impl prost::Message) -> Response {
     (
         [(header::CONTENT_TYPE, "application/x-protobuf")],
-        prost::Message::encode_to_vec(&batch),
+        msg.encode_to_vec(),
     )
         .into_response()
 }
@@ -466,11 +470,7 @@ async fn cluster_warm(
     })
     .await;
     match batch {
-        Ok(batch) => (
-            [(header::CONTENT_TYPE, "application/x-protobuf")],
-            prost::Message::encode_to_vec(&batch),
-        )
-            .into_response(),
+        Ok(batch) => protobuf(&batch),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

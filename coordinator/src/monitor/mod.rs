@@ -239,6 +239,19 @@ pub struct AlertRecord {
     pub failed: u32,
 }
 
+impl AlertRecord {
+    /// A new alert of `changes`, formed now, with a fresh id.
+    fn new(changes: Vec<Change>) -> Self {
+        AlertRecord {
+            id: format!("{:016x}", rand::random::<u64>()),
+            at_ms: now_ms(),
+            changes,
+            delivered: 0,
+            failed: 0,
+        }
+    }
+}
+
 struct Inner {
     checks: HashMap<(String, String), RegionCheck>,
     announced: BTreeMap<String, RegionHealth>,
@@ -688,13 +701,7 @@ impl Monitor {
             let Some(changes) = self.take_due() else {
                 continue;
             };
-            let mut record = AlertRecord {
-                id: format!("{:016x}", rand::random::<u64>()),
-                at_ms: now_ms(),
-                changes,
-                delivered: 0,
-                failed: 0,
-            };
+            let mut record = AlertRecord::new(changes);
             tracing::warn!(changes = record.changes.len(), id = %record.id,
                 text = %alert_body(&record.id, &record.changes)["text"], "alert");
             if leader {
@@ -744,13 +751,7 @@ impl Monitor {
             .collect();
         let changes = ledger::uncovered(own, &entries);
         if !changes.is_empty() {
-            let mut record = AlertRecord {
-                id: format!("{:016x}", rand::random::<u64>()),
-                at_ms: now_ms(),
-                changes,
-                delivered: 0,
-                failed: 0,
-            };
+            let mut record = AlertRecord::new(changes);
             tracing::info!(id = %record.id, changes = record.changes.len(), "sending changes seen while the lead changed hands");
             self.send(client, &mut record).await;
             self.keep(record);

@@ -1,7 +1,7 @@
 //! Reports up the stream: acks, purge errors, heartbeats, config status and results,
 //! probe results, varnish stats, warm progress and top URLs, each handed to the
-//! subsystem that owns it (probe results and stats also to the cluster's relay, for
-//! the other coordinators).
+//! subsystem that owns it (probe results, stats and warm progress also to the cluster's
+//! relay, for the other coordinators).
 //!
 //! An ack beyond the log head (or for another log) is refused and ends the session; an
 //! agent silent for [`super::silence_limit`] is counted as lost.
@@ -77,7 +77,7 @@ pub(super) async fn receive_loop(
             },
         };
         if let Ok(Some(AgentMessage { msg: Some(m) })) = &msg {
-            // Probe results and counter samples, for the other coordinators' views.
+            // Probe results, counter samples and warm progress, for the other coordinators.
             state.cluster.relay().offer(&handle.edge_id, region, m);
         }
         match msg {
