@@ -756,12 +756,7 @@ async fn hanging_hook() -> (
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, arrived, answered)
+    (crate::monitor::serve_hook(app).await, arrived, answered)
 }
 
 /// The leader dies while its alert is on the way: the next leader sends it, with the

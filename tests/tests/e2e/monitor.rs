@@ -23,12 +23,17 @@ pub(crate) async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Value>>>)
             }
         }),
     );
+    (serve_hook(app).await, got)
+}
+
+/// Serves a webhook receiver's `app` on a fresh loopback port.
+pub(crate) async fn serve_hook(app: axum::Router) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, got)
+    addr
 }
 
 async fn health(cluster: &Cluster) -> Vec<(String, String, String)> {
