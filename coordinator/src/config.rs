@@ -227,9 +227,11 @@ impl RegionConfig {
                 return invalid(format!("region {:?} is listed twice", r.name));
             }
             for name in r.vars.keys() {
-                if !crate::bundle::vars::is_name(name) || name == "region" || name == "warm_token" {
+                if !crate::bundle::vars::is_name(name)
+                    || matches!(name.as_str(), "region" | "warm_token" | "warm_tier_token")
+                {
                     return invalid(format!(
-                        "region {:?}: variable name {name:?} must match [A-Za-z_][A-Za-z0-9_]* and not be `region` or `warm_token`",
+                        "region {:?}: variable name {name:?} must match [A-Za-z_][A-Za-z0-9_]* and not be a built-in (`region`, `warm_token`, `warm_tier_token`)",
                         r.name
                     ));
                 }

@@ -4,7 +4,7 @@
 //!
 //! `varnishncsa` (through [`crate::command::lines`], killed with the session) prints one
 //! line per client request that is not the agent's own: warm fetches carry
-//! `X-Warm-Token`, and every request the agent sends has `User-Agent:
+//! `X-Warm-Sig`, and every request the agent sends has `User-Agent:
 //! varnish-coordinator`. Each line is `METHOD STATUS MICROS HITMISS HOST+URL XFF`
 //! (tab-separated): every request goes to [`Served`] (time, 5xx) and the
 //! [`ClientCounter`]; a GET answered below 400 is also counted by
@@ -29,7 +29,7 @@ use crate::served::Served;
 const FORMAT: &str = "%m\t%s\t%D\t%{Varnish:hitmiss}x\t%{Host}i%U%q\t%{X-Forwarded-For}i";
 /// `varnishncsa -q`: everything but the agent's own requests.
 const QUERY: &str =
-    "not ReqHeader:X-Warm-Token and not ReqHeader:User-Agent eq \"varnish-coordinator\"";
+    "not ReqHeader:X-Warm-Sig and not ReqHeader:User-Agent eq \"varnish-coordinator\"";
 
 /// One logged request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,14 +8,64 @@
 # ${backend_host} / ${backend_port} are substituted from each region's [regions.vars]
 # in coordinator.toml when the bundle is rendered for it. waf.vcl is compiled from
 # waf.toml; including it before vcl_recv makes the WAF run first on every request.
-# ${warm_token} is the coordinator's warm secret: requests carrying it as X-Warm-Token
-# (the warmer's, and a satellite region's fetches from its shield) see the page's
-# X-Magento-Tags, so agents learn what to re-warm after a purge and satellites can ban by
-# tag; with X-Warm-Refresh: 1 they force a miss to refresh a cached page in place.
+# Warm requests (the edge agent's, through this varnish) prove they know the coordinator's
+# warm secret without sending it: X-Warm-Sig is "<unix time>.<hex SHA-256 of the secret, the
+# URL and that time>", checked by the warm_check subs below and valid for 30 s, so a value
+# read from varnish's log cannot be replayed later or for another URL. Signed requests see
+# the page's X-Magento-Tags (agents learn what to re-warm after a purge) and, with
+# X-Warm-Refresh: 1, force a miss to refresh a cached page in place. A satellite region's
+# fetches from its shield carry X-Warm-Tier, which only shows the tags (what anyone who can
+# read varnish's log already sees), never forces a miss. Keep the warm_check subs first.
 vcl 4.1;
 
+import blob;
 import std;
 import xkey;
+
+# The warm signature check runs before everything else, the WAF included: a signed request
+# takes one extra pass (hash the secret, the URL and the time; compare; restart).
+sub vcl_recv {
+    if (req.restarts == 0) {
+        unset req.http.X-Warm-Auth;
+        unset req.http.X-Warm-Check;
+        if (req.http.X-Warm-Sig ~ "^[0-9]{1,12}\.[0-9a-f]{64}$" &&
+            std.integer(regsub(req.http.X-Warm-Sig, "\..*$", ""), 0) >= std.integer(time=now) - 30 &&
+            std.integer(regsub(req.http.X-Warm-Sig, "\..*$", ""), 0) <= std.integer(time=now) + 5) {
+            set req.http.X-Warm-Check = "1";
+            return (pass);
+        }
+        if (req.http.X-Warm-Tier == "${warm_tier_token}") {
+            set req.http.X-Warm-Auth = "tags";
+        }
+        unset req.http.X-Warm-Sig;
+        unset req.http.X-Warm-Refresh;
+    }
+    unset req.http.X-Warm-Tier;
+}
+
+sub vcl_hash {
+    if (req.http.X-Warm-Check == "1") {
+        hash_data("${warm_token}");
+        hash_data(req.url);
+        hash_data(regsub(req.http.X-Warm-Sig, "\..*$", ""));
+        return (lookup);
+    }
+}
+
+sub vcl_pass {
+    if (req.http.X-Warm-Check == "1") {
+        unset req.http.X-Warm-Check;
+        if (blob.equal(req.hash, blob.decode(HEX, encoded=regsub(req.http.X-Warm-Sig, "^.*\.", "")))) {
+            set req.http.X-Warm-Auth = "1";
+            if (req.http.X-Warm-Refresh == "1") {
+                set req.hash_always_miss = true;
+            }
+        }
+        unset req.http.X-Warm-Sig;
+        unset req.http.X-Warm-Refresh;
+        return (restart);
+    }
+}
 
 include "./waf.vcl";
 
@@ -40,18 +90,6 @@ acl purge {
 }
 
 sub vcl_recv {
-    unset req.http.X-Warm-Auth;
-    if (req.http.X-Warm-Token) {
-        if (req.http.X-Warm-Token == "${warm_token}") {
-            set req.http.X-Warm-Auth = "1";
-            if (req.http.X-Warm-Refresh == "1") {
-                set req.hash_always_miss = true;
-            }
-        }
-        unset req.http.X-Warm-Token;
-    }
-    unset req.http.X-Warm-Refresh;
-
     if (req.method == "PURGE") {
         if (client.ip !~ purge) {
             return (synth(405, "Method not allowed"));
@@ -116,7 +154,7 @@ sub vcl_backend_fetch {
     # Upstream may be a shield varnish: let it show this page's tags (Magento ignores the
     # header).
     unset bereq.http.X-Warm-Auth;
-    set bereq.http.X-Warm-Token = "${warm_token}";
+    set bereq.http.X-Warm-Tier = "${warm_tier_token}";
 }
 
 sub vcl_backend_response {
@@ -160,7 +198,7 @@ sub vcl_deliver {
     } else {
         set resp.http.X-Magento-Cache-Debug = "MISS";
     }
-    if (req.http.X-Warm-Auth != "1") {
+    if (!req.http.X-Warm-Auth) {
         unset resp.http.X-Magento-Tags;
     }
     unset resp.http.X-Magento-Debug;

@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use crate::error::WarmError;
 use crate::fetch::{self, FetchError, TlsRoots};
 use crate::pace::{Aimd, Throttle};
+use crate::sign;
 use crate::sitemap::{self, Limits, Sitemap};
 
 /// Most sitemaps followed from one index.
@@ -217,7 +218,8 @@ pub struct FetchSpec {
     /// Host header; default: each URL's own host.
     pub host: Option<String>,
     pub timeout: Duration,
-    /// Sent as `X-Warm-Token`: the project's VCL then shows `X-Magento-Tags` and honours
+    /// The warm secret: each request is signed with it ([`sign`], `X-Warm-Sig`; the secret
+    /// itself is never sent), and the project's VCL then shows `X-Magento-Tags` and honours
     /// `refresh`.
     pub token: Option<String>,
     /// Ask for a forced miss (`X-Warm-Refresh: 1`): refresh a cached page in place.
@@ -254,7 +256,8 @@ pub async fn fetch_all(
         let mut headers = vec![("Accept-Encoding".to_owned(), "gzip".to_owned())];
         headers.extend(variation);
         if let Some(t) = &spec.token {
-            headers.push(("X-Warm-Token".to_owned(), t.clone()));
+            let target = fetch::path_of(&url);
+            headers.push((sign::HEADER.to_owned(), sign::signature_now(t, target)));
             if spec.refresh {
                 headers.push(("X-Warm-Refresh".to_owned(), "1".to_owned()));
             }

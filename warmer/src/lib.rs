@@ -1,6 +1,8 @@
 //! The warming engine: [`sitemap`] (the bounded reader of Magento's sitemaps, fuzzed by
 //! `fuzz/` through [`fuzzing`]), [`fetch`] (one timed GET through a varnish), [`pace`]
-//! (the AIMD-controlled throttle that keeps the origin within its budget) and [`engine`]
+//! (the AIMD-controlled throttle that keeps the origin within its budget), [`sign`] (the
+//! warm signature that proves a request is the warmer's without carrying the secret) and
+//! [`engine`]
 //! (a paced, concurrency-bounded pass: behind the `warmer` binary, and what the edge
 //! agents run for each shard of a coordinator's warm job).
 
@@ -9,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod pace;
+pub mod sign;
 pub mod sitemap;
 
 #[doc(hidden)]

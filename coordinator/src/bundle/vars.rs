@@ -4,8 +4,9 @@
 //!
 //! * `${name}` — the value of `name` from the region's `[regions.vars]` in
 //!   coordinator.toml; `name` is `[A-Za-z_][A-Za-z0-9_]*`. `${region}` is always the
-//!   region's name, and `${warm_token}` the secret the coordinator's warmer sends as
-//!   `X-Warm-Token` (the VCL shows cache tags and honours refreshes only with it).
+//!   region's name, `${warm_token}` the secret the coordinator's warm requests are signed
+//!   with (`warmer::sign`: the VCL checks `X-Warm-Sig`, then shows cache tags and honours
+//!   refreshes), and `${warm_tier_token}` what a satellite sends its shield to see tags.
 //! * `$${` — a literal `${` (nothing is substituted).
 //!
 //! A `${` that does not form a valid reference, or a name some region does not define,
@@ -33,9 +34,11 @@ impl Vars {
         }
     }
 
-    /// Adds the built-in `warm_token`.
+    /// Adds the built-ins `warm_token` and `warm_tier_token`.
     pub fn with_warm_token(mut self, token: &str) -> Self {
         self.values.insert("warm_token".into(), token.into());
+        self.values
+            .insert("warm_tier_token".into(), warmer::sign::tier_token(token));
         self
     }
 
