@@ -43,6 +43,11 @@ pub struct PurgeConfig {
     pub secret_file: Option<PathBuf>,
     #[serde(default = "default_secret_header")]
     pub secret_header: String,
+    /// Accept `X-Magento-Tags-Pattern` / `X-Pool` regexes other than Magento's tag
+    /// pattern, `.*` and plain pool names; each is trial-matched under varnishd's
+    /// default PCRE2 limits first, and refused if it reaches them.
+    #[serde(default)]
+    pub allow_regex: bool,
 }
 
 fn default_secret_header() -> String {
@@ -125,6 +130,9 @@ impl PurgeConfig {
                 ..Limits::default()
             },
             max_connections: self.max_connections,
+            patterns: super::pattern::Policy {
+                allow_regex: self.allow_regex,
+            },
         })
     }
 
