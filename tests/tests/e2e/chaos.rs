@@ -50,7 +50,11 @@ fn big_alternation(bytes: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_purges_are_refused_or_applied_as_a_full_ban_and_never_stall() {
-    let mut cluster = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    let opts = CoordinatorOpts {
+        purge_extra: "allow_regex = true\n".into(),
+        ..CoordinatorOpts::default()
+    };
+    let mut cluster = Cluster::start(2, "ban", opts).await;
     let c = &cluster.coordinator;
 
     // Refused up front with the reason, nothing logged.
