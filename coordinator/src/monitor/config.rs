@@ -28,7 +28,7 @@ pub struct MonitoringConfig {
     pub startup_grace_s: u64,
     /// A region one of whose edges saw its varnishd cache process restart (a panic, a
     /// kill: the cache is empty) within this long is `degraded` (`varnish_restarted`);
-    /// it clears by itself once the restart is this old (seconds).
+    /// it clears by itself once the restart is this old (seconds; 0: never).
     #[serde(default = "default_varnish_restart_s")]
     pub varnish_restart_s: u64,
 }

@@ -512,6 +512,9 @@ impl Monitor {
 
     /// The newest varnishd restart among `region`'s edges within `varnish_restart_s`.
     pub fn recent_restart(&self, region: &str) -> Option<Restart> {
+        if self.config.varnish_restart_s == 0 {
+            return None;
+        }
         let window_ms = self.config.varnish_restart_s.saturating_mul(1000);
         self.traffic
             .restarts_since(region, now_ms().saturating_sub(window_ms))
