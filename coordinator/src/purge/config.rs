@@ -144,3 +144,22 @@ impl PurgeConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opaque_regexes_are_off_unless_asked_for() {
+        let c: PurgeConfig = toml::from_str("listen = \"127.0.0.1:6091\"").expect("config");
+        assert!(!c.allow_regex);
+        assert!(!c.listener().expect("listener").patterns.allow_regex);
+        let c: PurgeConfig =
+            toml::from_str("listen = \"127.0.0.1:6091\"\nallow_regex = true").expect("config");
+        assert!(c.listener().expect("listener").patterns.allow_regex);
+        assert!(
+            toml::from_str::<PurgeConfig>("listen = \"127.0.0.1:6091\"\nallow_regexes = 1")
+                .is_err()
+        );
+    }
+}
