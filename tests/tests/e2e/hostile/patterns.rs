@@ -2,8 +2,9 @@
 //! pattern or X-Pool regex is refused (and no varnishd child panics while every cached
 //! page is requested again), with `allow_regex` the trial match still refuses them while
 //! a harmless regex is applied, URL purges with every special character ban exactly
-//! that URL (never a full ban), and a varnishd child panic makes the region
-//! `varnish_restarted`, with an alert naming the last applied purge, until it clears.
+//! that URL (never a full ban), and a varnishd child panic (or a killed child) makes
+//! the region `varnish_restarted`, with an alert naming the last applied purge, until it
+//! clears.
 //! Figures are printed as `figure:` lines.
 
 use std::net::SocketAddr;
@@ -413,6 +414,41 @@ async fn a_varnishd_child_panic_degrades_the_region_naming_the_last_purge_then_c
     );
     let cleared_in = panicked_at.elapsed();
     assert!(region("region-0").await["varnish_restart"].is_null());
+
+    // Killing the cache process (no panic counted; its uptime starts again) is seen too.
+    let seq = purge_tags(c.purge, &["cat_p_2"]).await;
+    cluster.wait_applied(seq).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let workdir = v.workdir.display().to_string();
+    let cache_main: Vec<u32> = tests::pids_of("varnishd", &workdir)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "cache-main")
+        })
+        .collect();
+    assert_eq!(cache_main.len(), 1, "one cache process: {cache_main:?}");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &cache_main[0].to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    assert_eventually!(
+        20,
+        region("region-0").await["health_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("seq {seq}"))),
+        "the kill is not seen: {}",
+        region("region-0").await
+    );
+    let r0 = region("region-0").await;
+    assert_eq!(r0["diagnosis"], "varnish_restarted", "{r0}");
+    assert_eq!(r0["varnish_restart"]["panic"], false, "{r0}");
+    assert_eventually!(
+        30,
+        region("region-0").await["health"] == "up",
+        "region-0 did not clear after the kill"
+    );
     eprintln!(
         "figure: varnishd child panic seen as varnish_restarted after {:.1} s, cleared after {:.1} s (varnish_restart_s = 8)",
         seen_in.as_secs_f64(),
