@@ -109,7 +109,7 @@ pub enum Command {
         /// Cache tags (X-Magento-Tags), e.g. cat_p_42.
         #[arg(long = "tag", conflicts_with_all = ["url", "all"])]
         tags: Vec<String>,
-        /// One URL path.
+        /// One URL path, exactly as varnish sees it (starting with /; percent-encode spaces).
         #[arg(long)]
         url: Option<String>,
         /// Only on this Host (with --url).

@@ -5,6 +5,9 @@
 //! * [`purge_request`]: the purge listener's reader and header parsing, with the input
 //!   delivered in chunks the first byte chooses. Property: a request never turns into a
 //!   full flush unless a header says exactly `.*`; canonical tag sets round-trip.
+//! * [`purge_pattern`]: one `X-Magento-Tags-Pattern` or `X-Pool` value. Property: only
+//!   `.*` flushes, tag sets round-trip, no regex is taken by default but a plain pool
+//!   name, and every regex taken passes the trial match under varnish's limits.
 //! * [`waf`]: the WAF compiler. Property: the VCL it emits is lexically intact (every
 //!   string closes on its line, braces balance), so no rule value can break out.
 //! * [`agent_message`]: a gRPC message from an agent, decoded and fed to the rollout
@@ -20,7 +23,7 @@ use proto::edge::{agent_message, AgentMessage};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::bundle::store::ConfigStore;
-use crate::purge::pattern::PurgeOp;
+use crate::purge::pattern::{Policy, PurgeOp};
 use crate::purge::wire::{Conn, Limits};
 use crate::rollout::Rollouts;
 
@@ -90,7 +93,10 @@ pub fn purge_request(data: &[u8]) {
             let Ok(Some(request)) = conn.next_request().await else {
                 return;
             };
-            let Ok(ops) = crate::purge::listener::parse(&request) else {
+            let policy = Policy {
+                allow_regex: first & 1 == 1,
+            };
+            let Ok(ops) = crate::purge::listener::parse(&request, policy) else {
                 continue;
             };
             let tags_header = request.header("x-magento-tags-pattern").map(|v| {
@@ -111,6 +117,7 @@ pub fn purge_request(data: &[u8]) {
                             tags.iter().map(|t| format!("((^|,){t}(,|$))")).collect();
                         let again = crate::purge::pattern::parse_tags_pattern(
                             canonical.join("|").as_bytes(),
+                            Policy::default(),
                         );
                         assert_eq!(
                             again,
@@ -118,12 +125,77 @@ pub fn purge_request(data: &[u8]) {
                             "canonical tag set does not round-trip"
                         );
                     }
-                    PurgeOp::TagsRegex(_) | PurgeOp::PoolRegex(_) => {}
+                    PurgeOp::TagsRegex(_) => {
+                        assert!(policy.allow_regex, "an opaque regex taken by default")
+                    }
+                    PurgeOp::PoolRegex(p) => assert!(
+                        policy.allow_regex || crate::purge::pattern::is_plain_pool(p),
+                        "an X-Pool regex taken by default"
+                    ),
                 }
                 let _ = op.into_proto();
             }
         }
     });
+}
+
+/// One purge header value: the first byte picks the header (bit 0: `X-Pool`) and the
+/// policy (bit 1: `allow_regex`), the rest is the value. Properties: only `.*` is a full
+/// flush; a tag set round-trips through Magento's canonical form; no regex is taken by
+/// default but a plain pool name; every regex taken stays within varnish's PCRE2
+/// limits on the trial's worst-case subjects (a second trial agrees).
+pub fn purge_pattern(data: &[u8]) {
+    use crate::purge::pattern::{parse_pool, parse_tags_pattern, trial_match};
+    let Some((&first, value)) = data.split_first() else {
+        return;
+    };
+    let policy = Policy {
+        allow_regex: first & 2 == 2,
+    };
+    let pool = first & 1 == 1;
+    let parsed = if pool {
+        parse_pool(value, policy)
+    } else {
+        parse_tags_pattern(value, policy)
+    };
+    let Ok(op) = parsed else {
+        return;
+    };
+    let trimmed = String::from_utf8_lossy(value)
+        .trim_matches([' ', '\t'])
+        .to_owned();
+    match &op {
+        PurgeOp::All => assert_eq!(trimmed, ".*", "a full flush from something other than `.*`"),
+        PurgeOp::Tags(tags) => {
+            assert!(!pool && !tags.is_empty());
+            let canonical: Vec<String> = tags.iter().map(|t| format!("((^|,){t}(,|$))")).collect();
+            assert_eq!(
+                parse_tags_pattern(canonical.join("|").as_bytes(), Policy::default()),
+                Ok(op.clone()),
+                "canonical tag set does not round-trip"
+            );
+        }
+        PurgeOp::TagsRegex(re) => {
+            assert!(
+                policy.allow_regex && !pool,
+                "an opaque regex taken by default"
+            );
+            assert_eq!(trial_match(re, "X-Magento-Tags-Pattern"), Ok(()));
+        }
+        PurgeOp::PoolRegex(re) => {
+            assert!(pool);
+            if crate::purge::pattern::is_plain_pool(re) {
+                assert_eq!(
+                    trial_match(re, "X-Pool"),
+                    Ok(()),
+                    "a plain pool name is costly"
+                );
+            } else {
+                assert!(policy.allow_regex, "an X-Pool regex taken by default");
+                assert_eq!(trial_match(re, "X-Pool"), Ok(()));
+            }
+        }
+    }
 }
 
 /// A `waf.toml`.
@@ -290,6 +362,10 @@ mod tests {
             b"\x01PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: ((^|,)cat_p_1(,|$))\r\n\r\n",
         );
         purge_request(b"\x00PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: .*\r\n\r\n");
+        purge_pattern(b"\x00((^|,)cat_p_1(,|$))|((^|,)cat_c_2(,|$))");
+        purge_pattern(b"\x02^([a-z0-9_,]+)+,$");
+        purge_pattern(b"\x03^(a+)+$");
+        purge_pattern(b"\x01^blue$");
         waf(include_str!("../../edge-agent/vcl/waf.toml").as_bytes());
         agent_message(&[0x82, 0x01, 0x02, 0x0a, 0x00]);
         // A WarmProgress for job 1, shard 0 (in flight once the harness handed it out).

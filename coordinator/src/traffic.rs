@@ -10,6 +10,10 @@
 //! A region's hit ratio is `Σhits / Σ(hits + misses)` over all its edges' deltas in the
 //! window — never the mean of per-edge ratios, which overweights idle edges.
 //!
+//! A restart of varnishd's cache process (its uptime going back, or `MGT.child_panic`
+//! rising) is also kept as a [`Restart`] per edge, with the purge sequence the edge had
+//! applied when it saw it: `monitor::decide` reads a recent one as `varnish_restarted`.
+//!
 //! One `std::sync::Mutex`, held for map updates only, never across an `.await`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -210,6 +214,8 @@ struct EdgeTraffic {
     /// coordinator started (cumulative, as a Prometheus histogram wants them).
     served_buckets: Vec<u64>,
     restarts: u64,
+    /// The latest restart seen.
+    last_restart: Option<Restart>,
     /// Time between the last two samples: the edge's reporting interval.
     interval_ms: u64,
     /// When (sample time) varnishd's uptime last moved: a killed varnishd leaves its
@@ -218,6 +224,19 @@ struct EdgeTraffic {
     /// The samples come from another coordinator of the cluster (it holds the edge's
     /// session): in the regions' figures, not in this coordinator's per-edge metrics.
     relayed: bool,
+}
+
+/// A restart of an edge's varnishd cache process, as its counters showed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restart {
+    pub edge: String,
+    /// When the first sample after the restart was taken (Unix ms).
+    pub at_ms: u64,
+    /// `MGT.child_panic` rose: the child panicked (otherwise it was restarted or killed).
+    pub panic: bool,
+    /// The newest purge the edge had applied when it read that sample: the last one
+    /// before the restart, unless purges were applied between the restart and the read.
+    pub applied_seq: u64,
 }
 
 /// Samples this many intervals old are no longer live figures.
@@ -315,8 +334,15 @@ impl Traffic {
             if at > prev.taken_at_ms {
                 e.interval_ms = at - prev.taken_at_ms;
             }
-            if stats.uptime_s < prev.uptime_s {
+            let panic = stats.child_panics > prev.child_panics;
+            if panic || stats.uptime_s < prev.uptime_s {
                 e.restarts += 1;
+                e.last_restart = Some(Restart {
+                    edge: edge.to_owned(),
+                    at_ms: at,
+                    panic,
+                    applied_seq: stats.applied_seq,
+                });
             }
             if let Some(d) = delta(prev, &stats) {
                 e.total.add(&d);
@@ -382,6 +408,20 @@ impl Traffic {
                 )
             })
             .collect()
+    }
+
+    /// Per edge of `region`, its latest varnishd restart seen at or after `since_ms`,
+    /// newest first.
+    pub fn restarts_since(&self, region: &str, since_ms: u64) -> Vec<Restart> {
+        let edges = self.lock();
+        let mut out: Vec<Restart> = edges
+            .values()
+            .filter(|e| e.region == region)
+            .filter_map(|e| e.last_restart.clone())
+            .filter(|r| r.at_ms >= since_ms)
+            .collect();
+        out.sort_by(|a, b| b.at_ms.cmp(&a.at_ms).then_with(|| a.edge.cmp(&b.edge)));
+        out
     }
 
     /// A region's minutes starting at or after `from_ms` (minute starts, Unix ms), summed
@@ -744,6 +784,40 @@ mod tests {
         let r = t.regions(606_000 + 1);
         assert_eq!(r["eu"].hit_ratio["m1"], None);
         assert!(r["eu"].hit_ratio["h1"].is_some());
+    }
+
+    #[test]
+    fn a_restart_is_kept_with_the_purge_applied_before_it() {
+        let t = Traffic::default();
+        let at = |taken_at_ms, uptime_s, child_panics, applied_seq| VarnishStats {
+            taken_at_ms,
+            uptime_s,
+            child_panics,
+            applied_seq,
+            ..VarnishStats::default()
+        };
+        t.record("a", "eu", at(1_000, 100, 0, 7));
+        t.record("a", "eu", at(2_000, 101, 0, 8));
+        assert!(t.restarts_since("eu", 0).is_empty());
+        // The child panicked and came back (uptime 0, one more panic).
+        t.record("a", "eu", at(3_000, 0, 1, 8));
+        t.record("a", "eu", at(4_000, 1, 1, 9));
+        let r = t.restarts_since("eu", 0);
+        assert_eq!(
+            r,
+            vec![Restart {
+                edge: "a".into(),
+                at_ms: 3_000,
+                panic: true,
+                applied_seq: 8
+            }]
+        );
+        assert!(t.restarts_since("eu", 3_001).is_empty());
+        assert!(t.restarts_since("us", 0).is_empty());
+        // Killed and restarted without a panic: uptime going back is enough.
+        t.record("a", "eu", at(5_000, 0, 1, 9));
+        assert!(!t.restarts_since("eu", 0)[0].panic);
+        assert_eq!(t.own_edges(5_001)["a"].1.restarts, 2);
     }
 
     #[test]

@@ -150,6 +150,11 @@ pub fn tags_regex(tags: &[String]) -> String {
             out.push('|');
         }
         for c in t.chars() {
+            if c == ' ' {
+                // A space would split the ban's argument in varnishd's CLI.
+                out.push_str("\\x20");
+                continue;
+            }
             if needs_escape(c) {
                 out.push('\\');
             }
@@ -167,7 +172,15 @@ fn needs_escape(c: char) -> bool {
 
 /// A tag's length in a [`tags_regex`], escapes included.
 fn escaped_len(tag: &str) -> usize {
-    tag.len() + tag.chars().filter(|c| needs_escape(*c)).count()
+    tag.len()
+        + tag
+            .chars()
+            .map(|c| match c {
+                ' ' => 3,
+                c if needs_escape(c) => 1,
+                _ => 0,
+            })
+            .sum::<usize>()
 }
 
 #[cfg(test)]
@@ -291,5 +304,9 @@ mod tests {
         let re = |t: &[&str]| tags_regex(&t.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(re(&["a.b"]), r"(^|,)(a\.b)(,|$)");
         assert_eq!(re(&["cat_p_1", "x|y"]), r"(^|,)(cat_p_1|x\|y)(,|$)");
+        // A space (an old log's tag) is written so varnishd's CLI cannot split it.
+        assert_eq!(re(&["a b"]), r"(^|,)(a\x20b)(,|$)");
+        assert!(crate::varnish::admin::quote(&re(&["a b"])).is_ok());
+        assert_eq!(escaped_len("a b.c"), re(&["a b.c"]).len() - 12);
     }
 }

@@ -288,6 +288,7 @@ impl Agent {
             Duration::from_secs(self.config.stats_interval_s),
             self.synthetic.clone(),
             self.served.clone(),
+            self.applied.clone(),
             out.clone(),
         ));
         // Heartbeats run beside the purge loop, so a long apply (a backlog, a varnishd

@@ -2,6 +2,11 @@
 //! as [`VarnishStats`]. The agent sends raw cumulative counters; turning them into rates
 //! (and surviving a varnishd restart, which resets them) is the coordinator's job, so a
 //! lost message costs resolution, never correctness.
+//!
+//! Each sample also carries `MGT.child_panic` and the purge sequence the agent had
+//! applied when it was read. The agent logs a varnishd child restart it sees (uptime
+//! going back, or a panic counted) with that sequence; the coordinator marks the region
+//! `varnish_restarted` from the same two fields ([`restarted`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +17,8 @@ use tokio::sync::mpsc;
 use crate::command;
 
 /// The counters read, by name.
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 13] = [
+    "MGT.child_panic",
     "MAIN.uptime",
     "MAIN.client_req",
     "MAIN.cache_hit",
@@ -50,6 +56,7 @@ pub fn parse(json: &[u8], taken_at_ms: u64) -> Result<VarnishStats, String> {
         backend_failures: get("MAIN.backend_fail") + get("MAIN.fetch_failed"),
         objects: get("MAIN.n_object"),
         bans: get("MAIN.bans"),
+        child_panics: get("MGT.child_panic"),
         ..VarnishStats::default()
     })
 }
@@ -76,18 +83,28 @@ pub async fn read(varnishstat: &Path, instance: Option<&Path>) -> Result<Varnish
     parse(&out, now)
 }
 
+/// Whether varnishd's cache process restarted between two samples: its uptime went
+/// back, or the manager counted another panic. Some(true) when a panic says so.
+pub fn restarted(prev: &VarnishStats, next: &VarnishStats) -> Option<bool> {
+    let panicked = next.child_panics > prev.child_panics;
+    (panicked || next.uptime_s < prev.uptime_s).then_some(panicked)
+}
+
 /// Sends a sample every `every` until `out` closes; a failed read is logged and skipped.
+/// `applied` is the session's applied purge sequence, sent with every sample.
 pub async fn run(
     instance: Option<PathBuf>,
     every: Duration,
     synthetic: crate::synthetic::Synthetic,
     served: crate::served::Served,
+    applied: std::sync::Arc<std::sync::atomic::AtomicU64>,
     out: mpsc::Sender<AgentMessage>,
 ) {
     let program = PathBuf::from("varnishstat");
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut last: Option<VarnishStats> = None;
     loop {
         tick.tick().await;
         match read(&program, instance.as_deref()).await {
@@ -105,6 +122,17 @@ pub async fn run(
                 stats.served_time_sq_ms = s.time_sq_ms;
                 stats.served_5xx = s.errors_5xx;
                 stats.served_buckets = s.buckets;
+                stats.applied_seq = applied.load(std::sync::atomic::Ordering::Relaxed);
+                if let Some(panic) = last.as_ref().and_then(|p| restarted(p, &stats)) {
+                    tracing::error!(
+                        panic,
+                        uptime_s = stats.uptime_s,
+                        child_panics = stats.child_panics,
+                        applied_seq = stats.applied_seq,
+                        "varnishd's cache process restarted: its cache is empty"
+                    );
+                }
+                last = Some(stats.clone());
                 let msg = AgentMessage {
                     msg: Some(agent_message::Msg::Stats(stats)),
                 };
@@ -127,6 +155,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_restart_is_an_uptime_going_back_or_a_panic() {
+        let s = |uptime_s, child_panics| VarnishStats {
+            uptime_s,
+            child_panics,
+            ..VarnishStats::default()
+        };
+        assert_eq!(restarted(&s(100, 0), &s(110, 0)), None);
+        assert_eq!(restarted(&s(100, 0), &s(3, 0)), Some(false));
+        assert_eq!(restarted(&s(100, 0), &s(3, 1)), Some(true));
+        // A panic between two reads whose child came back and ran past the old uptime.
+        assert_eq!(restarted(&s(5, 1), &s(50, 2)), Some(true));
+        // The manager restarted too: its panic counter starts again.
+        assert_eq!(restarted(&s(100, 3), &s(2, 0)), Some(false));
+    }
+
+    #[test]
     fn parses_varnish_7_and_6_layouts() {
         let v7 = br#"{"version":1,"timestamp":"x","counters":{
             "MAIN.uptime":{"value":30},"MAIN.client_req":{"value":100},
@@ -141,6 +185,8 @@ mod tests {
         let v6 = br#"{"timestamp":"x","MAIN.uptime":{"value":3},"MAIN.cache_hit":{"value":4}}"#;
         assert_eq!(parse(v6, 0).unwrap().hits, 4);
         assert!(parse(b"{}", 0).is_err());
+        let mgt = br#"{"counters":{"MGT.child_panic":{"value":2},"MAIN.uptime":{"value":9}}}"#;
+        assert_eq!(parse(mgt, 0).unwrap().child_panics, 2);
         assert!(parse(b"not json", 0).is_err());
     }
 }

@@ -197,6 +197,7 @@ fn region_views(s: &Shared) -> Vec<RegionView> {
                 objects: t.and_then(|t| t.objects),
                 bans: t.and_then(|t| t.bans),
                 varnish_restarts: t.map(|t| t.restarts).unwrap_or(0),
+                varnish_restart: s.monitor.recent_restart(&name),
                 purge_lag: mine.iter().map(|e| e.lag).max().unwrap_or(0),
                 probes: s.monitor.probes(&name),
                 served: t

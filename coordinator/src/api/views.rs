@@ -73,6 +73,11 @@ pub struct RegionView {
     pub objects: Option<u64>,
     pub bans: Option<u64>,
     pub varnish_restarts: u64,
+    /// The newest restart of an edge's varnishd cache process within
+    /// `[monitoring] varnish_restart_s` (the region reads `varnish_restarted` meanwhile):
+    /// which edge, when, whether it panicked, and the last purge it had applied before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub varnish_restart: Option<crate::traffic::Restart>,
     /// The largest purge lag (entries) of the region's edges.
     pub purge_lag: u64,
     pub probes: Vec<ProbeView>,

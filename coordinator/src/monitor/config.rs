@@ -26,6 +26,11 @@ pub struct MonitoringConfig {
     /// (`no_agents`) but alerts only once this passed (agents are still dialling in).
     #[serde(default = "default_startup_grace_s")]
     pub startup_grace_s: u64,
+    /// A region one of whose edges saw its varnishd cache process restart (a panic, a
+    /// kill: the cache is empty) within this long is `degraded` (`varnish_restarted`);
+    /// it clears by itself once the restart is this old (seconds; 0: never).
+    #[serde(default = "default_varnish_restart_s")]
+    pub varnish_restart_s: u64,
 }
 
 impl Default for MonitoringConfig {
@@ -36,6 +41,7 @@ impl Default for MonitoringConfig {
             successes_to_up: default_successes_to_up(),
             purge_lag_s: default_purge_lag_s(),
             startup_grace_s: default_startup_grace_s(),
+            varnish_restart_s: default_varnish_restart_s(),
         }
     }
 }
@@ -46,6 +52,12 @@ fn default_purge_lag_s() -> u64 {
 
 fn default_startup_grace_s() -> u64 {
     30
+}
+
+/// Five minutes: long enough to be seen and to refill the hottest pages, short enough
+/// not to hide the next problem.
+fn default_varnish_restart_s() -> u64 {
+    300
 }
 
 /// `[[checks]]`.

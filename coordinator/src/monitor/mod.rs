@@ -13,7 +13,9 @@
 //! `edge_down` (edge fails, origin reachable from there), `origin_unreachable` (origin
 //! fails from this region only), `origin_down_everywhere` (every region that probes the
 //! origin fails it), or, degraded, `purge_failing`, `purge_stalled`,
-//! `varnish_unreachable`, `slow`, `edge_lost`.
+//! `varnish_unreachable`, `varnish_restarted` (an edge's varnishd cache process
+//! restarted within `varnish_restart_s`: its cache is empty; the error names the purge
+//! it had applied just before), `slow`, `edge_lost`.
 //!
 //! Changes of a region's health or diagnosis are queued; [`Monitor::drive`] sends them
 //! to the webhooks once no new change arrived for `group_ms`... or at the latest after
@@ -35,7 +37,7 @@ mod metrics;
 
 use crate::edges::{EdgeRegistry, EdgeView};
 use crate::purge::log::PurgeLog;
-use crate::traffic::{Delta, Traffic};
+use crate::traffic::{Delta, Restart, Traffic};
 pub use config::{AlertRule, AlertsConfig, CheckConfig, MonitoringConfig, RuleMetric};
 
 /// Histogram buckets for probe durations (seconds).
@@ -75,6 +77,8 @@ pub enum Diagnosis {
     PurgeStalled,
     /// An agent cannot reach its varnishd's admin port.
     VarnishUnreachable,
+    /// An edge's varnishd cache process restarted recently (panic or kill): cache lost.
+    VarnishRestarted,
     /// Probes answer, slower than the check's `slow_ms`.
     Slow,
     /// Some of the region's edges are disconnected.
@@ -97,6 +101,7 @@ impl Diagnosis {
             Diagnosis::PurgeFailing => "purge_failing",
             Diagnosis::PurgeStalled => "purge_stalled",
             Diagnosis::VarnishUnreachable => "varnish_unreachable",
+            Diagnosis::VarnishRestarted => "varnish_restarted",
             Diagnosis::Slow => "slow",
             Diagnosis::EdgeLost => "edge_lost",
             Diagnosis::ShoppersSlow => "shoppers_slow",
@@ -491,10 +496,30 @@ impl Monitor {
                     last_error: rc.edge.last_error(),
                 });
                 let breach = self.rule_breach(&name, now_ms());
-                let h = decide(&mine, probe, breach, origin_everywhere_down, lag_limit_s);
+                let restart = self.recent_restart(&name);
+                let h = decide(
+                    &mine,
+                    probe,
+                    breach,
+                    restart.as_ref(),
+                    origin_everywhere_down,
+                    lag_limit_s,
+                );
                 (name, h)
             })
             .collect()
+    }
+
+    /// The newest varnishd restart among `region`'s edges within `varnish_restart_s`.
+    pub fn recent_restart(&self, region: &str) -> Option<Restart> {
+        if self.config.varnish_restart_s == 0 {
+            return None;
+        }
+        let window_ms = self.config.varnish_restart_s.saturating_mul(1000);
+        self.traffic
+            .restarts_since(region, now_ms().saturating_sub(window_ms))
+            .into_iter()
+            .next()
     }
 
     /// Per region, every check's view.
@@ -879,12 +904,15 @@ pub fn breached(
 ///   `origin_unreachable`, `origin_down_everywhere`;
 /// * `degraded`: `purge_failing` (an edge reports it cannot apply the next purge),
 ///   `purge_stalled` (an edge's oldest unapplied purge waited past the bound),
-///   `varnish_unreachable` (an agent cannot reach its varnishd's admin port), `slow`
-///   (probes), `edge_lost` (some of the region's edges are disconnected).
+///   `varnish_unreachable` (an agent cannot reach its varnishd's admin port),
+///   `varnish_restarted` (`restart`: an edge's varnishd cache process restarted
+///   recently, its cache is empty), `slow` (probes), `edge_lost` (some of the region's
+///   edges are disconnected).
 fn decide(
     edges: &[&EdgeView],
     probe: Option<ProbeHealth>,
     breach: Option<(Diagnosis, String)>,
+    restart: Option<&Restart>,
     origin_everywhere_down: bool,
     lag_limit_s: f64,
 ) -> RegionHealth {
@@ -954,6 +982,18 @@ fn decide(
                 "edge {}: {}",
                 e.id,
                 e.varnish_error.as_deref().unwrap_or_default()
+            ),
+        );
+    }
+    if let Some(r) = restart {
+        return state(
+            Health::Degraded,
+            Diagnosis::VarnishRestarted,
+            format!(
+                "edge {}: varnishd's cache process {} (its cache is lost); the last purge it had applied: seq {}",
+                r.edge,
+                if r.panic { "panicked and restarted" } else { "restarted" },
+                r.applied_seq
             ),
         );
     }
@@ -1206,7 +1246,7 @@ mod tests {
     #[test]
     fn one_rule_for_region_health() {
         let d = |edges: &[&EdgeView]| {
-            let h = decide(edges, None, None, false, 30.0);
+            let h = decide(edges, None, None, None, false, 30.0);
             (h.health, h.diagnosis)
         };
         assert_eq!(d(&[]), (Health::Down, Some(Diagnosis::NoAgents)));
@@ -1246,13 +1286,77 @@ mod tests {
             origin: Health::Up,
             last_error: None,
         };
-        let h = decide(&[&failing], Some(probe.clone()), None, false, 30.0);
+        let h = decide(&[&failing], Some(probe.clone()), None, None, false, 30.0);
         assert_eq!(
             (h.health, h.diagnosis),
             (Health::Down, Some(Diagnosis::EdgeDown))
         );
-        let h = decide(&[&lost], Some(probe), None, false, 30.0);
+        let h = decide(&[&lost], Some(probe), None, None, false, 30.0);
         assert_eq!(h.diagnosis, Some(Diagnosis::AgentLost));
+    }
+
+    #[test]
+    fn a_varnish_restart_degrades_the_region_naming_the_last_purge_then_clears() {
+        let restart = Restart {
+            edge: "a-2".into(),
+            at_ms: 1,
+            panic: true,
+            applied_seq: 42,
+        };
+        let ok = view("a-2", true);
+        let h = decide(&[&ok], None, None, Some(&restart), false, 30.0);
+        assert_eq!(
+            (h.health, h.diagnosis),
+            (Health::Degraded, Some(Diagnosis::VarnishRestarted))
+        );
+        let error = h.last_error.unwrap_or_default();
+        assert!(
+            error.contains("a-2") && error.contains("panicked") && error.contains("seq 42"),
+            "{error}"
+        );
+        // Purge trouble on the same region is named first.
+        let mut failing = view("a-3", true);
+        failing.purge_failing = true;
+        let h = decide(&[&ok, &failing], None, None, Some(&restart), false, 30.0);
+        assert_eq!(h.diagnosis, Some(Diagnosis::PurgeFailing));
+
+        // Through the monitor: counters showing the restart, then the window passing.
+        let edges = Arc::new(EdgeRegistry::default());
+        edges.connect(hello("a-1", "a"), 0, &CancellationToken::new());
+        let traffic: Arc<Traffic> = Arc::default();
+        let m = Monitor::new(
+            MonitoringConfig {
+                varnish_restart_s: 2,
+                ..MonitoringConfig::default()
+            },
+            vec![],
+            AlertsConfig::default(),
+            vec!["a".into()],
+            edges,
+            test_log(),
+            traffic.clone(),
+        );
+        let sample = |taken_at_ms, uptime_s, child_panics| proto::edge::VarnishStats {
+            taken_at_ms,
+            uptime_s,
+            child_panics,
+            applied_seq: 5,
+            ..Default::default()
+        };
+        let now = now_ms();
+        traffic.record("a-1", "a", sample(now - 1_000, 500, 0));
+        assert_eq!(m.health()["a"].health, Health::Up);
+        traffic.record("a-1", "a", sample(now, 1, 1));
+        let h = &m.health()["a"];
+        assert_eq!(h.diagnosis, Some(Diagnosis::VarnishRestarted));
+        assert!(h
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("seq 5"));
+        assert_eq!(m.recent_restart("a").map(|r| r.applied_seq), Some(5));
+        std::thread::sleep(Duration::from_millis(2_100));
+        assert_eq!(m.health()["a"].health, Health::Up, "it clears by itself");
     }
 
     fn result(target: &str, ok: bool, ms: u32) -> ProbeResult {

@@ -43,6 +43,11 @@ pub struct PurgeConfig {
     pub secret_file: Option<PathBuf>,
     #[serde(default = "default_secret_header")]
     pub secret_header: String,
+    /// Accept `X-Magento-Tags-Pattern` / `X-Pool` regexes other than Magento's tag
+    /// pattern, `.*` and plain pool names; each is trial-matched under varnishd's
+    /// default PCRE2 limits first, and refused if it reaches them.
+    #[serde(default)]
+    pub allow_regex: bool,
 }
 
 fn default_secret_header() -> String {
@@ -125,6 +130,9 @@ impl PurgeConfig {
                 ..Limits::default()
             },
             max_connections: self.max_connections,
+            patterns: super::pattern::Policy {
+                allow_regex: self.allow_regex,
+            },
         })
     }
 
@@ -134,5 +142,24 @@ impl PurgeConfig {
             max_entries: self.retention_entries,
             max_age: Duration::from_secs(self.retention_hours.saturating_mul(3600)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opaque_regexes_are_off_unless_asked_for() {
+        let c: PurgeConfig = toml::from_str("listen = \"127.0.0.1:6091\"").expect("config");
+        assert!(!c.allow_regex);
+        assert!(!c.listener().expect("listener").patterns.allow_regex);
+        let c: PurgeConfig =
+            toml::from_str("listen = \"127.0.0.1:6091\"\nallow_regex = true").expect("config");
+        assert!(c.listener().expect("listener").patterns.allow_regex);
+        assert!(
+            toml::from_str::<PurgeConfig>("listen = \"127.0.0.1:6091\"\nallow_regexes = 1")
+                .is_err()
+        );
     }
 }

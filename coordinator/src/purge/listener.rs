@@ -37,6 +37,8 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// `(header name, value)` every purge must carry, if configured.
     pub secret: Option<(String, String)>,
+    /// Which patterns beyond Magento's own are accepted (`[purge] allow_regex`).
+    pub patterns: pattern::Policy,
 }
 
 /// How long a source outside the allow-list may take to send its head.
@@ -160,7 +162,7 @@ async fn serve_conn(
                 vec![],
             )
         } else {
-            handle(&request, log, metrics).await
+            handle(&request, config.patterns, log, metrics).await
         };
         let keep_alive = request.keep_alive && allowed && status != 405 && status != 403;
         if conn
@@ -176,6 +178,7 @@ async fn serve_conn(
 
 async fn handle(
     request: &Request,
+    patterns: pattern::Policy,
     log: &PurgeLog,
     metrics: &PurgeCounters,
 ) -> (u16, String, Vec<(&'static str, String)>) {
@@ -187,7 +190,7 @@ async fn handle(
             vec![("Allow", "PURGE".to_owned())],
         );
     }
-    let ops = match parse(request) {
+    let ops = match parse(request, patterns) {
         Ok(ops) => ops,
         Err(reason) => {
             metrics.request("bad_request");
@@ -231,8 +234,9 @@ async fn handle(
     }
 }
 
-/// The operations a PURGE asks for: one per header present, like Magento's stock VCL.
-pub fn parse(request: &Request) -> Result<Vec<PurgeOp>, String> {
+/// The operations a PURGE asks for: one per header present, like Magento's stock VCL;
+/// `patterns` says whether opaque regexes are taken ([`pattern`]).
+pub fn parse(request: &Request, patterns: pattern::Policy) -> Result<Vec<PurgeOp>, String> {
     let tags = request.header("x-magento-tags-pattern");
     let pool = request.header("x-pool");
     if tags.is_none() && pool.is_none() {
@@ -240,10 +244,10 @@ pub fn parse(request: &Request) -> Result<Vec<PurgeOp>, String> {
     }
     let mut ops = Vec::new();
     if let Some(raw) = tags {
-        ops.push(pattern::parse_tags_pattern(raw).map_err(|e| e.to_string())?);
+        ops.push(pattern::parse_tags_pattern(raw, patterns).map_err(|e| e.to_string())?);
     }
     if let Some(raw) = pool {
-        ops.push(pattern::parse_pool(raw).map_err(|e| e.to_string())?);
+        ops.push(pattern::parse_pool(raw, patterns).map_err(|e| e.to_string())?);
     }
     Ok(ops)
 }

@@ -5,6 +5,15 @@
 //! answer `auth <sha256(challenge \n secret challenge \n)>` and get `200` with the banner.
 //! Commands are one line; arguments are double-quoted with `\\` and `\"` escaped
 //! ([`quote`]), and anything with a control character is refused before it is sent.
+//!
+//! Quoting, as varnishd 7.1 reads it (checked against a real one): the manager splits
+//! the line into arguments (`VAV_Parse`: inside `"..."` a backslash escapes the next
+//! character, `\NNN` and `\xHH` are bytes) and, for a command the cache process runs
+//! (`ban`), hands each argument on re-escaped (`"`, `\` and bytes outside printable
+//! ASCII as escapes) but *unquoted*. So every byte survives both parsers except a
+//! space: the cache process splits the argument there, and `ban req.url == "/a && b"`
+//! would arrive as another ban. [`quote`] refuses spaces (the coordinator refuses URLs
+//! with one; a tag regex writes a space as `\x20`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -41,7 +50,7 @@ pub enum AdminError {
         status: u16,
         message: String,
     },
-    #[error("refusing to send an argument with a control character")]
+    #[error("refusing to send an argument with a control character or a space (varnishd's CLI splits it)")]
     BadArgument,
 }
 
@@ -194,9 +203,10 @@ pub fn auth_response(challenge: &str, secret: &[u8]) -> String {
     hex::encode(h.finalize())
 }
 
-/// Quotes one CLI argument: `"..."` with backslashes and quotes escaped.
+/// Quotes one CLI argument: `"..."` with backslashes and quotes escaped. An argument
+/// with a control character or a space cannot be passed on intact and is refused.
 pub fn quote(arg: &str) -> Result<String, AdminError> {
-    if arg.chars().any(char::is_control) {
+    if arg.chars().any(|c| c.is_control() || c == ' ') {
         return Err(AdminError::BadArgument);
     }
     let mut out = String::with_capacity(arg.len() + 2);
@@ -225,7 +235,12 @@ mod tests {
     #[test]
     fn quoting_escapes_and_refuses_newlines() {
         assert_eq!(quote(r#"a"b\c"#).unwrap(), r#""a\"b\\c""#);
+        assert_eq!(quote("/é?x=%22").unwrap(), "\"/é?x=%22\"");
         assert!(quote("a\nb").is_err());
+        assert!(
+            quote("/a && obj.status != 0").is_err(),
+            "a space splits the argument"
+        );
     }
 
     #[test]

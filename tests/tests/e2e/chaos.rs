@@ -50,7 +50,11 @@ fn big_alternation(bytes: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_purges_are_refused_or_applied_as_a_full_ban_and_never_stall() {
-    let mut cluster = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    let opts = CoordinatorOpts {
+        purge_extra: "allow_regex = true\n".into(),
+        ..CoordinatorOpts::default()
+    };
+    let mut cluster = Cluster::start(2, "ban", opts).await;
     let c = &cluster.coordinator;
 
     // Refused up front with the reason, nothing logged.
@@ -232,7 +236,12 @@ async fn a_partitioned_region_is_lost_in_seconds_catches_up_and_holds_nobody_bac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn varnishd_restarting_under_a_backlog_delays_only_its_own_edge() {
-    let mut cluster = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    // The restart empties region-0's cache: `varnish_restarted` for 3 s, then up.
+    let opts = CoordinatorOpts {
+        extra: "[monitoring]\nvarnish_restart_s = 3\n".into(),
+        ..CoordinatorOpts::default()
+    };
+    let mut cluster = Cluster::start(2, "ban", opts).await;
     cluster.agents[0].kill9().await;
     let mut last = 0;
     for i in 0..300 {

@@ -102,7 +102,11 @@ async fn magento_bytes_purge_exactly_the_tagged_pages_in_every_region() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_full_flush_regex_and_pool() {
-    let c = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    let opts = CoordinatorOpts {
+        purge_extra: "allow_regex = true\n".into(),
+        ..CoordinatorOpts::default()
+    };
+    let c = Cluster::start(2, "ban", opts).await;
     warm(
         &c,
         &[
@@ -129,7 +133,7 @@ async fn chunks_full_flush_regex_and_pool() {
     assert_purged(&c, "/p/399").await;
     assert_cached(&c, "/p/5000").await;
 
-    // An opaque regex (not Magento's canonical form).
+    // An opaque regex (not Magento's canonical form), taken under `allow_regex`.
     let r = raw(c.coordinator.purge, &magento_purge("cat_p_100(7|8)(,|$)"))
         .await
         .unwrap();
