@@ -5,8 +5,9 @@ use std::path::Path;
 
 type Harness = fn(&[u8]);
 
-const TARGETS: [(&str, Harness); 5] = [
+const TARGETS: [(&str, Harness); 6] = [
     ("purge_request", coordinator::fuzzing::purge_request),
+    ("http_head", coordinator::fuzzing::http_head),
     ("waf_compile", coordinator::fuzzing::waf),
     ("agent_message", coordinator::fuzzing::agent_message),
     (
