@@ -1,5 +1,7 @@
 //! `coordinator serve`: serves the [`State`] on three sockets the caller has already bound
-//! (tests bind port 0): the purge listener, the agents' gRPC sessions and the API.
+//! (tests bind port 0): the purge listener, the agents' gRPC sessions and the API. The
+//! API (and the DNS backend, when configured) is served through [`crate::http_front`],
+//! with [`api::admit`] as its gate: the token and the body limit from the head first.
 //!
 //! Shutdown: cancelling the token stops accepting, ends every agent session (agents
 //! reconnect elsewhere or later and resume from their cursor), and waits at most
