@@ -389,6 +389,27 @@ ttl = 30
     }
 
     #[test]
+    fn api_limits_have_safe_defaults_and_are_checked() {
+        let c: CoordinatorConfig = toml::from_str(SAMPLE).unwrap();
+        let l = c.api.front_limits();
+        assert_eq!(l.max_connections, 256);
+        assert_eq!(l.header_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(l.idle_timeout, std::time::Duration::from_secs(60));
+        assert_eq!(l.body_timeout, std::time::Duration::from_secs(30));
+        for (key, bad) in [
+            ("max_connections", "0"),
+            ("header_timeout_s", "0"),
+            ("idle_timeout_s", "0"),
+            ("body_timeout_s", "7200"),
+        ] {
+            let text = SAMPLE.replace("[api]\n", &format!("[api]\n{key} = {bad}\n"));
+            let c: CoordinatorConfig = toml::from_str(&text).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let bad = SAMPLE.replace("[grpc]", "[grpc]\nlisten_typo = 1");
         assert!(toml::from_str::<CoordinatorConfig>(&bad).is_err());

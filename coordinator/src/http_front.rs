@@ -19,12 +19,16 @@
 //! 4. the body is read within `body_timeout`, then the request goes to the app as an
 //!    `http::Request` and its answer is written back with a `Content-Length`.
 //!
+//! Refusals are counted by listener and status ([`refused`]:
+//! `coordinator_http_requests_refused_total`) and logged at debug level only, so a
+//! flood of them cannot flood the log.
+//!
 //! A refused request that declared a body ends the connection (the unread body must not
 //! be taken for the next request); so does every error. Shutdown stops accepting and
 //! closes idle connections; a request in flight is answered first.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -61,6 +65,26 @@ pub struct FrontLimits {
 /// Decides from a head alone: `Ok(max body bytes)` to go on, or the answer refusing it.
 pub type Gate = Arc<dyn Fn(&Head) -> Result<usize, Box<Response>> + Send + Sync>;
 
+/// Requests refused by the front, by listener and status, since the process started.
+static REFUSED: Mutex<Vec<(&'static str, u16, u64)>> = Mutex::new(Vec::new());
+
+fn count_refused(listener: &'static str, status: u16) {
+    let mut all = REFUSED.lock().unwrap_or_else(|p| p.into_inner());
+    match all
+        .iter_mut()
+        .find(|(l, s, _)| *l == listener && *s == status)
+    {
+        Some(entry) => entry.2 += 1,
+        None => all.push((listener, status, 1)),
+    }
+}
+
+/// `(listener, status, count)` of every refusal so far
+/// (`coordinator_http_requests_refused_total`).
+pub fn refused() -> Vec<(&'static str, u16, u64)> {
+    REFUSED.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// Serves `app` on `listener` until `shutdown`; then waits for connections in flight.
 pub async fn serve(
     listener: TcpListener,
@@ -76,7 +100,7 @@ pub async fn serve(
     {
         let (app, gate, shutdown) = (app.clone(), gate.clone(), shutdown.clone());
         tokio::spawn(async move {
-            serve_conn(stream, peer, app, &gate, &limits, &shutdown).await;
+            serve_conn(stream, peer, app, &gate, &limits, &shutdown, what).await;
             drop(permit);
         });
     }
@@ -92,6 +116,7 @@ async fn serve_conn(
     gate: &Gate,
     limits: &FrontLimits,
     shutdown: &CancellationToken,
+    what: &'static str,
 ) {
     let mut reader = Reader::new(stream);
     let mut first = true;
@@ -124,6 +149,7 @@ async fn serve_conn(
             Err(e) => {
                 tracing::debug!(peer = %peer, error = %e, "unusable HTTP request");
                 if let Some(status) = e.status() {
+                    count_refused(what, status);
                     let answer = error_answer(status, &e.to_string());
                     let _ = write(&mut reader.stream, answer, false, false, limits).await;
                 }
@@ -137,6 +163,7 @@ async fn serve_conn(
             Err(answer) => {
                 // The body stays unread, so it must not be taken for the next request.
                 let answer = *answer;
+                count_refused(what, answer.status().as_u16());
                 let keep = head.keep_alive && body_len == 0 && !shutdown.is_cancelled();
                 tracing::debug!(peer = %peer, status = answer.status().as_u16(),
                     path = %head.path, "request refused from its head");
@@ -151,6 +178,7 @@ async fn serve_conn(
             }
         };
         if body_len > max_body {
+            count_refused(what, 413);
             let answer = error_answer(
                 413,
                 &format!(
@@ -176,6 +204,7 @@ async fn serve_conn(
             Ok(Ok(b)) => b,
             Ok(Err(_)) => return,
             Err(_) => {
+                count_refused(what, 408);
                 let answer = error_answer(408, "timed out reading the request body");
                 let _ = write(&mut reader.stream, answer, false, is_head, limits).await;
                 return;
@@ -185,6 +214,7 @@ async fn serve_conn(
         let request = match to_request(head, body) {
             Ok(r) => r,
             Err(reason) => {
+                count_refused(what, 400);
                 let answer = error_answer(400, &reason);
                 let _ = write(&mut reader.stream, answer, false, is_head, limits).await;
                 return;

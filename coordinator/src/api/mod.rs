@@ -59,23 +59,38 @@ pub const MAX_SMALL_BODY: usize = 64 * 1024;
 /// small, reads none.
 #[allow(clippy::result_large_err)] // the same shape as `authorize`
 pub fn admit(s: &ApiState, head: &crate::http_head::Head) -> Result<usize, Response> {
-    let path = head.path.split('?').next().unwrap_or_default();
-    let read = matches!(head.method.as_str(), "GET" | "HEAD");
-    let open = matches!(path, "/healthz" | "/") || path.starts_with("/assets/");
-    let bundle_files = path.starts_with("/api/v1/config/versions/");
-    let needs_token = !read || bundle_files || (s.read_requires_token && !open);
-    if needs_token {
+    let rule = route_rule(&head.method, &head.path, s.read_requires_token);
+    if rule.needs_token {
         let given = head
             .single("authorization")
             .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
         check_token(s, given)?;
     }
-    Ok(match (read, path) {
-        (true, _) => 0,
-        (false, "/api/v1/config") => MAX_BUNDLE_BODY,
-        (false, "/api/v1/cluster/warm") => MAX_WARM_PULL_BODY,
-        (false, _) => MAX_SMALL_BODY,
-    })
+    Ok(rule.max_body)
+}
+
+/// What a request needs before its body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RouteRule {
+    needs_token: bool,
+    max_body: usize,
+}
+
+fn route_rule(method: &str, target: &str, read_requires_token: bool) -> RouteRule {
+    let path = target.split('?').next().unwrap_or_default();
+    let read = matches!(method, "GET" | "HEAD");
+    // The page and its library hold no data; `/healthz` is for load balancers.
+    let open = matches!(path, "/healthz" | "/") || path.starts_with("/assets/");
+    let bundle_files = path.starts_with("/api/v1/config/versions/");
+    RouteRule {
+        needs_token: !read || bundle_files || (read_requires_token && !open),
+        max_body: match (read, path) {
+            (true, _) => 0,
+            (false, "/api/v1/config") => MAX_BUNDLE_BODY,
+            (false, "/api/v1/cluster/warm") => MAX_WARM_PULL_BODY,
+            (false, _) => MAX_SMALL_BODY,
+        },
+    }
 }
 
 /// The API's routes.
@@ -847,5 +862,56 @@ fn check_token(s: &ApiState, given: Option<&[u8]>) -> Result<(), Response> {
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_rules_decide_token_and_body_from_the_head() {
+        let rule = |m, p, strict| route_rule(m, p, strict);
+        let r = |needs_token, max_body| RouteRule {
+            needs_token,
+            max_body,
+        };
+        // Writes: always the token; a bundle the largest body, others small.
+        assert_eq!(
+            rule("POST", "/api/v1/config?canary=false", false),
+            r(true, MAX_BUNDLE_BODY)
+        );
+        assert_eq!(
+            rule("POST", "/api/v1/purges", false),
+            r(true, MAX_SMALL_BODY)
+        );
+        assert_eq!(
+            rule("POST", "/api/v1/warm/jobs", false),
+            r(true, MAX_SMALL_BODY)
+        );
+        assert_eq!(
+            rule("POST", "/api/v1/config/rollback", false),
+            r(true, MAX_SMALL_BODY)
+        );
+        assert_eq!(
+            rule("POST", "/api/v1/cluster/warm", false),
+            r(true, MAX_WARM_PULL_BODY)
+        );
+        assert_eq!(
+            rule("DELETE", "/api/v1/purges/1", false),
+            r(true, MAX_SMALL_BODY)
+        );
+        // Reads: no body; the token only for a bundle's files or when reads require it.
+        assert_eq!(rule("GET", "/api/v1/regions", false), r(false, 0));
+        assert_eq!(
+            rule("GET", "/api/v1/config/versions/abc", false),
+            r(true, 0)
+        );
+        assert_eq!(rule("GET", "/api/v1/edges?scope=local", true), r(true, 0));
+        assert_eq!(rule("HEAD", "/metrics", true), r(true, 0));
+        for open in ["/healthz", "/", "/?token=x", "/assets/uPlot.min.css"] {
+            assert_eq!(rule("GET", open, true), r(false, 0), "{open}");
+        }
+        assert!(MAX_SMALL_BODY < MAX_WARM_PULL_BODY && MAX_WARM_PULL_BODY < MAX_BUNDLE_BODY);
     }
 }

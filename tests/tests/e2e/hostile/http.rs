@@ -397,6 +397,43 @@ async fn unauthenticated_bodies_are_never_read() {
         "{}",
         String::from_utf8_lossy(&buf[..n])
     );
+    // A token holder's bodies are bounded per route, from Content-Length alone.
+    for (method, path, len) in [
+        ("POST", "/api/v1/purges", 64 * 1024 + 1),
+        ("POST", "/api/v1/warm/jobs", 64 * 1024 + 1),
+        ("POST", "/api/v1/config", SIZE + 1),
+        ("GET", "/api/v1/regions", 1),
+    ] {
+        let mut s = TcpStream::connect(c.api).await.expect("connect");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\nContent-Length: {len}\r\n\r\n",
+            c.token
+        );
+        s.write_all(head.as_bytes()).await.expect("write");
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .expect("answered before the body")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "{method} {path} {len}: {answer}"
+        );
+    }
+    let metrics = tests::get(c.api, "/metrics").await.body;
+    let refused = |status: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "coordinator_http_requests_refused_total{{listener=\"api\",status=\"{status}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(refused("401") >= 41 && refused("413") >= 4, "{metrics}");
     assert_eq!(c.head().await, 0);
 }
 
