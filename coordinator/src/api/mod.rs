@@ -912,6 +912,6 @@ mod tests {
         for open in ["/healthz", "/", "/?token=x", "/assets/uPlot.min.css"] {
             assert_eq!(rule("GET", open, true), r(false, 0), "{open}");
         }
-        assert!(MAX_SMALL_BODY < MAX_WARM_PULL_BODY && MAX_WARM_PULL_BODY < MAX_BUNDLE_BODY);
+        const { assert!(MAX_SMALL_BODY < MAX_WARM_PULL_BODY && MAX_WARM_PULL_BODY < MAX_BUNDLE_BODY) };
     }
 }
