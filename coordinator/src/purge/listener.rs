@@ -14,8 +14,8 @@
 //! the peer is in `trusted_proxies`: all its lines joined, the client is the rightmost
 //! untrusted hop, and a malformed hop a trusted proxy wrote is a 400 ([`client_ip`]). An
 //! optional shared secret header is checked in constant time after the allow-list. The
-//! request heads follow [`crate::http_head`]'s strict rules; a purge header (or the
-//! secret) given twice is a 400 ([`parse`]).
+//! request heads follow [`crate::http_head`]'s strict rules; a purge header given twice
+//! is a 400 ([`parse`]), a secret header given twice counts as a wrong secret (403).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
