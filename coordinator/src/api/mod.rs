@@ -79,8 +79,10 @@ struct RouteRule {
 fn route_rule(method: &str, target: &str, read_requires_token: bool) -> RouteRule {
     let path = target.split('?').next().unwrap_or_default();
     let read = matches!(method, "GET" | "HEAD");
-    // The page and its library hold no data; `/healthz` is for load balancers.
-    let open = matches!(path, "/healthz" | "/") || path.starts_with("/assets/");
+    // The page and its library hold no data; `/healthz` is for load balancers. (The
+    // router matches paths as sent, without resolving dot segments; refuse them anyway.)
+    let open =
+        matches!(path, "/healthz" | "/") || (path.starts_with("/assets/") && !path.contains(".."));
     let bundle_files = path.starts_with("/api/v1/config/versions/");
     RouteRule {
         needs_token: !read || bundle_files || (read_requires_token && !open),
@@ -912,6 +914,7 @@ mod tests {
         for open in ["/healthz", "/", "/?token=x", "/assets/uPlot.min.css"] {
             assert_eq!(rule("GET", open, true), r(false, 0), "{open}");
         }
+        assert_eq!(rule("GET", "/assets/../api/v1/edges", true), r(true, 0));
         const { assert!(MAX_SMALL_BODY < MAX_WARM_PULL_BODY && MAX_WARM_PULL_BODY < MAX_BUNDLE_BODY) };
     }
 }
