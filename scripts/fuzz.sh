@@ -12,7 +12,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(purge_request purge_pattern waf_compile agent_message coordinator_message sitemap)
+  targets=(purge_request purge_pattern http_head waf_compile agent_message coordinator_message sitemap)
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "coordinator": [
         # Leaves: no domain knowledge.
-        ["clock", "secret", "accept", "metrics", "pki", "leader"],
-        ["tls", "purge", "etcd_kv"],
+        ["clock", "secret", "accept", "metrics", "pki", "leader", "http_head"],
+        ["tls", "purge", "etcd_kv", "http_front"],
         ["edges", "bundle", "traffic"],
         ["rollout", "monitor", "warm", "geo", "cluster"],
         ["config"],
@@ -46,7 +46,7 @@ LAYERS = {
         ["fuzzing"],
     ],
     "warmer": [
-        ["fetch", "pace", "sitemap"],
+        ["fetch", "pace", "sign", "sitemap"],
         ["error"],
         ["engine"],
         ["cli"],

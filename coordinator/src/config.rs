@@ -75,6 +75,83 @@ pub struct ApiConfig {
     /// Require the token on read endpoints too (`/healthz` stays open).
     #[serde(default)]
     pub read_requires_token: bool,
+    /// Connections served at once; more wait in the kernel's backlog.
+    #[serde(default = "default_api_max_connections")]
+    pub max_connections: usize,
+    /// A new connection's first request head, and any head once it started, must arrive
+    /// within this (else 408 and close).
+    #[serde(default = "default_api_header_timeout_s")]
+    pub header_timeout_s: u64,
+    /// A kept-alive connection waiting for its next request is closed after this.
+    #[serde(default = "default_api_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// Reading a request body (once its head was admitted), and writing an answer.
+    #[serde(default = "default_api_body_timeout_s")]
+    pub body_timeout_s: u64,
+}
+
+pub fn default_api_max_connections() -> usize {
+    256
+}
+pub fn default_api_header_timeout_s() -> u64 {
+    10
+}
+pub fn default_api_idle_timeout_s() -> u64 {
+    60
+}
+pub fn default_api_body_timeout_s() -> u64 {
+    30
+}
+
+impl ApiConfig {
+    /// The API on `listen` with every other setting at its default.
+    pub fn new(listen: SocketAddr) -> Self {
+        ApiConfig {
+            listen,
+            token_file: None,
+            read_requires_token: false,
+            max_connections: default_api_max_connections(),
+            header_timeout_s: default_api_header_timeout_s(),
+            idle_timeout_s: default_api_idle_timeout_s(),
+            body_timeout_s: default_api_body_timeout_s(),
+        }
+    }
+
+    /// The front's bounds (also used for the DNS backend's listener).
+    pub fn front_limits(&self) -> crate::http_front::FrontLimits {
+        crate::http_front::FrontLimits {
+            max_connections: self.max_connections,
+            max_head_bytes: crate::http_front::MAX_HEAD_BYTES,
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_s),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_s),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.read_requires_token && self.token_file.is_none() {
+            return Err(ConfigError::invalid(
+                "api.read_requires_token needs api.token_file",
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_connections) {
+            return Err(ConfigError::invalid(
+                "api.max_connections must be between 1 and 100000",
+            ));
+        }
+        for (name, v) in [
+            ("header_timeout_s", self.header_timeout_s),
+            ("idle_timeout_s", self.idle_timeout_s),
+            ("body_timeout_s", self.body_timeout_s),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(ConfigError::Invalid(format!(
+                    "api.{name} must be between 1 and 3600 seconds"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[[regions]]`.
@@ -147,11 +224,7 @@ impl daemon::Validate for CoordinatorConfig {
         self.alerts.validate()?;
         self.warm.validate(&names)?;
         RegionConfig::validate_all(&self.regions)?;
-        if self.api.read_requires_token && self.api.token_file.is_none() {
-            return Err(ConfigError::invalid(
-                "api.read_requires_token needs api.token_file",
-            ));
-        }
+        self.api.validate()?;
         for rule in &self.alerts.rules {
             if let Some(r) = rule.regions.iter().find(|r| !names.contains(r)) {
                 return Err(ConfigError::Invalid(format!(
@@ -315,6 +388,27 @@ ttl = 30
         c.validate().unwrap();
         assert_eq!(c.purge.allow.len(), 2);
         assert_eq!(c.purge.retention_entries, 1_000_000);
+    }
+
+    #[test]
+    fn api_limits_have_safe_defaults_and_are_checked() {
+        let c: CoordinatorConfig = toml::from_str(SAMPLE).unwrap();
+        let l = c.api.front_limits();
+        assert_eq!(l.max_connections, 256);
+        assert_eq!(l.header_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(l.idle_timeout, std::time::Duration::from_secs(60));
+        assert_eq!(l.body_timeout, std::time::Duration::from_secs(30));
+        for (key, bad) in [
+            ("max_connections", "0"),
+            ("header_timeout_s", "0"),
+            ("idle_timeout_s", "0"),
+            ("body_timeout_s", "7200"),
+        ] {
+            let text = SAMPLE.replace("[api]\n", &format!("[api]\n{key} = {bad}\n"));
+            let c: CoordinatorConfig = toml::from_str(&text).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //!   string closes on its line, braces balance), so no rule value can break out.
 //! * [`agent_message`]: a gRPC message from an agent, decoded and fed to the rollout
 //!   state machine and the identity checks.
+//! * [`http_head`]: the strict request-head rules both HTTP listeners share. Properties:
+//!   the head's end is found the same whether the bytes arrive at once or one at a time,
+//!   never beyond the limit; an accepted head has one plain `Content-Length` at most, no
+//!   `Transfer-Encoding`, no CR/LF/NUL in a value, re-serialises to itself, and `httparse`
+//!   (hyper's parser) reads it the same way.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -198,6 +203,113 @@ pub fn purge_pattern(data: &[u8]) {
     }
 }
 
+/// Bytes on an HTTP listener: the first byte picks the head limit and the read chunk.
+pub fn http_head(data: &[u8]) {
+    use crate::http_head::{find_end, find_end_from, parse, Reader};
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let max = 64 + usize::from(first) * 256;
+    let whole = find_end(rest, max);
+    let mut trickled = Ok(None);
+    for n in 1..=rest.len() {
+        trickled = find_end_from(&rest[..n], n - 1, max);
+        if trickled != Ok(None) {
+            break;
+        }
+    }
+    assert_eq!(
+        whole, trickled,
+        "the head's end depends on how the bytes arrived"
+    );
+    if let Ok(Some(end)) = whole {
+        assert!(end <= max, "a head of {end} bytes passed a limit of {max}");
+        if let Ok(head) = parse(&rest[..end]) {
+            check_accepted(&rest[..end], &head);
+        }
+    }
+    // The same bytes through the connection reader, pipelined heads and bodies.
+    let script = Script {
+        data: rest.to_vec(),
+        pos: 0,
+        chunk: usize::from(first % 16).max(1) * 97,
+    };
+    runtime().block_on(async move {
+        let mut reader = Reader::new(script);
+        let t = std::time::Duration::from_secs(1);
+        for _ in 0..16 {
+            let Ok(Some(head)) = reader.next_head(max, t, t).await else {
+                return;
+            };
+            let len = usize::try_from(head.content_length).unwrap_or(usize::MAX);
+            if len > 1 << 16 || reader.discard(len).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// What every accepted head must satisfy.
+fn check_accepted(bytes: &[u8], head: &crate::http_head::Head) {
+    let lengths: Vec<&[u8]> = head.all("content-length").collect();
+    assert!(lengths.len() <= 1, "two Content-Length accepted");
+    if let Some(v) = lengths.first() {
+        assert!(v.iter().all(u8::is_ascii_digit) && !v.is_empty());
+        assert_eq!(
+            String::from_utf8_lossy(v).parse::<u64>().ok(),
+            Some(head.content_length)
+        );
+    } else {
+        assert_eq!(head.content_length, 0);
+    }
+    assert!(
+        head.header("transfer-encoding").is_none(),
+        "Transfer-Encoding accepted"
+    );
+    for (name, value) in &head.headers {
+        assert!(!name.is_empty() && !name.bytes().any(|b| b <= b' ' || b == b':'));
+        assert!(!value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0));
+    }
+    // Written out again, it reads the same.
+    let mut again = format!(
+        "{} {} HTTP/1.{}\r\n",
+        head.method,
+        head.path,
+        u8::from(head.http11)
+    )
+    .into_bytes();
+    for (name, value) in &head.headers {
+        again.extend_from_slice(name.as_bytes());
+        again.extend_from_slice(b": ");
+        again.extend_from_slice(value);
+        again.extend_from_slice(b"\r\n");
+    }
+    again.extend_from_slice(b"\r\n");
+    assert_eq!(
+        crate::http_head::parse(&again).as_ref(),
+        Ok(head),
+        "no round trip"
+    );
+    // A mainstream parser sees the same request.
+    let mut fields = [httparse::EMPTY_HEADER; crate::http_head::MAX_HEADERS];
+    let mut other = httparse::Request::new(&mut fields);
+    match other.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => assert_eq!(n, bytes.len(), "httparse ends elsewhere"),
+        r => panic!("httparse reads an accepted head as {r:?}"),
+    }
+    assert_eq!(other.method, Some(head.method.as_str()));
+    assert_eq!(other.path, Some(head.path.as_str()));
+    assert_eq!(
+        other.headers.len(),
+        head.headers.len(),
+        "a different number of fields"
+    );
+    for (theirs, (name, value)) in other.headers.iter().zip(&head.headers) {
+        assert_eq!(theirs.name, name);
+        assert_eq!(theirs.value.trim_ascii(), value.as_slice());
+    }
+}
+
 /// A `waf.toml`.
 pub fn waf(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -366,6 +478,11 @@ mod tests {
         purge_pattern(b"\x02^([a-z0-9_,]+)+,$");
         purge_pattern(b"\x03^(a+)+$");
         purge_pattern(b"\x01^blue$");
+        http_head(
+            b"\x40POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nokGET / HTTP/1.0\r\n\r\n",
+        );
+        http_head(b"\x40GET / HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n");
+        http_head(b"\x00GET / HTTP/1.1\r\nX-A: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\r\n\r\n");
         waf(include_str!("../../edge-agent/vcl/waf.toml").as_bytes());
         agent_message(&[0x82, 0x01, 0x02, 0x0a, 0x00]);
         // A WarmProgress for job 1, shard 0 (in flight once the harness handed it out).

@@ -24,6 +24,8 @@ pub mod etcd_kv;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod geo;
+pub mod http_front;
+pub mod http_head;
 pub mod leader;
 pub mod metrics;
 pub mod monitor;

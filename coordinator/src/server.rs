@@ -1,5 +1,7 @@
 //! `coordinator serve`: serves the [`State`] on three sockets the caller has already bound
-//! (tests bind port 0): the purge listener, the agents' gRPC sessions and the API.
+//! (tests bind port 0): the purge listener, the agents' gRPC sessions and the API. The
+//! API (and the DNS backend, when configured) is served through [`crate::http_front`],
+//! with [`api::admit`] as its gate: the token and the body limit from the head first.
 //!
 //! Shutdown: cancelling the token stops accepting, ends every agent session (agents
 //! reconnect elsewhere or later and resume from their cursor), and waits at most
@@ -186,15 +188,22 @@ pub async fn run(
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(dns = %addr, "PowerDNS remote backend serving at /dns");
             }
-            let dns_shutdown = shutdown.clone();
-            Some(tokio::spawn(async move {
-                let result = axum::serve(listener, app)
-                    .with_graceful_shutdown(dns_shutdown.cancelled_owned())
-                    .await;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "DNS backend server failed");
-                }
-            }))
+            // pdns's queries: GETs, or small POSTs in its `post` mode; no token.
+            let gate: crate::http_front::Gate = Arc::new(|head: &crate::http_head::Head| {
+                Ok(if matches!(head.method.as_str(), "GET" | "HEAD") {
+                    0
+                } else {
+                    64 * 1024
+                })
+            });
+            Some(tokio::spawn(crate::http_front::serve(
+                listener,
+                app,
+                gate,
+                config.api.front_limits(),
+                shutdown.clone(),
+                "dns",
+            )))
         }
         _ => None,
     };
@@ -206,20 +215,24 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let app = api::router(ApiState {
+    let api_state = ApiState {
         state: state.clone(),
         read_requires_token: config.api.read_requires_token,
         token,
+    };
+    let app = api::router(api_state.clone());
+    // The token and the body limit are decided from the head, before any body is read.
+    let gate: crate::http_front::Gate = Arc::new(move |head: &crate::http_head::Head| {
+        api::admit(&api_state, head).map_err(Box::new)
     });
-    let api_shutdown = shutdown.clone();
-    let api_task = tokio::spawn(async move {
-        let result = axum::serve(listeners.api, app)
-            .with_graceful_shutdown(api_shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "API server failed");
-        }
-    });
+    let api_task = tokio::spawn(crate::http_front::serve(
+        listeners.api,
+        app,
+        gate,
+        config.api.front_limits(),
+        shutdown.clone(),
+        "api",
+    ));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");

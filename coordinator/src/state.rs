@@ -199,6 +199,26 @@ impl State {
                     .map(|(l, n)| ([("listener", crate::metrics::Label(l))], n)),
             )
         }));
+        registry.register_collector(crate::metrics::collector((), |_, e| {
+            let rows: Vec<(&str, String, u64)> = crate::http_front::refused()
+                .into_iter()
+                .map(|(l, s, n)| (l, s.to_string(), n))
+                .collect();
+            crate::metrics::counter(
+                e,
+                "coordinator_http_requests_refused_total",
+                "Requests the API or DNS front refused before the app saw them (bad head, no token, body too large, timeout), by listener and status.",
+                rows.iter().map(|(l, s, n)| {
+                    (
+                        [
+                            ("listener", crate::metrics::Label(l)),
+                            ("status", crate::metrics::Label(s)),
+                        ],
+                        *n,
+                    )
+                }),
+            )
+        }));
 
         Ok(State {
             log,

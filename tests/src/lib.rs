@@ -554,6 +554,8 @@ pub struct CoordinatorOpts {
     pub read_requires_token: bool,
     /// More keys for the `[purge]` table.
     pub purge_extra: String,
+    /// More keys for the `[api]` table (e.g. `max_connections = 8`).
+    pub api_extra: String,
     /// More keys for the `[warm]` table (its `token_file` is always set).
     pub warm_extra: String,
     /// More keys for region i's `[[regions]]` table (`lat`, `lon`, `addresses`), by index.
@@ -575,6 +577,7 @@ impl Default for CoordinatorOpts {
             insecure: false,
             read_requires_token: false,
             purge_extra: String::new(),
+            api_extra: String::new(),
             warm_extra: String::new(),
             region_keys: Vec::new(),
             grpc: None,
@@ -632,12 +635,13 @@ impl CoordinatorProc {
             std::fs::write(
                 &config,
                 format!(
-                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n{}[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\nread_requires_token = {}\n[warm]\ntoken_file = \"{}\"\n{}\n{}\n",
+                    "[purge]\nlisten = \"{purge}\"\nallow = [{}]\nretention_entries = {}\n{}[grpc]\nlisten = \"{grpc}\"\n[api]\nlisten = \"{api}\"\ntoken_file = \"{}\"\nread_requires_token = {}\n{}[warm]\ntoken_file = \"{}\"\n{}\n{}\n",
                     allow.join(", "),
                     opts.retention_entries,
                     opts.purge_extra,
                     dir.join("token").display(),
                     opts.read_requires_token,
+                    opts.api_extra,
                     dir.join("warm-token").display(),
                     opts.warm_extra,
                     extra + &tls,

@@ -220,9 +220,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             tls: tls_files.clone(),
         },
         api: ApiConfig {
-            listen: port(3),
             token_file: Some(token_file.clone()),
-            read_requires_token: false,
+            ..ApiConfig::new(port(3))
         },
         regions: names
             .iter()

@@ -2,7 +2,10 @@
 //!
 //! Write endpoints need `Authorization: Bearer <token>` with the token from
 //! `[api] token_file` (compared in constant time); read endpoints too when
-//! `[api] read_requires_token` is set (`/healthz` always stays open). Handlers only read shared
+//! `[api] read_requires_token` is set (`/healthz` always stays open). The token is
+//! checked from the request head by [`admit`], the gate of the API's front
+//! ([`crate::http_front`]), before any body byte is read, and each route's body limit is
+//! decided there from `Content-Length`; the handlers check it again. Handlers only read shared
 //! state (the log, the edge registry) or append to the log like the purge listener does.
 //! Config pushes are validated and stored on a blocking thread; the rollout itself runs
 //! in [`crate::rollout`]. Stored bundle contents may hold credentials (basic auth in
@@ -41,8 +44,56 @@ pub struct ApiState {
     pub token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
 }
 
-/// Largest request body (a config bundle is at most 2 MiB of text, JSON-escaped).
-const MAX_BODY: usize = 8 * 1024 * 1024;
+/// Largest request body: a config bundle push (at most 2 MiB of text, JSON-escaped).
+pub const MAX_BUNDLE_BODY: usize = 8 * 1024 * 1024;
+/// A follower's protobuf `WarmPull` (its warm-capable sessions and acks).
+pub const MAX_WARM_PULL_BODY: usize = 1024 * 1024;
+/// Every other write: a purge, a warm job, a rollback, a cancel.
+pub const MAX_SMALL_BODY: usize = 64 * 1024;
+
+/// The API front's [`crate::http_front::Gate`]: decides from the head alone, before any
+/// body byte is read. Writes (every method but GET and HEAD) need the bearer token, and
+/// so do reads under `read_requires_token` (but `/healthz`, the dashboard page and its
+/// assets) and a bundle's files; a refusal is the same 401/403 the handlers give. The
+/// answer is the largest body the route takes: a bundle push the largest, other writes
+/// small, reads none.
+#[allow(clippy::result_large_err)] // the same shape as `authorize`
+pub fn admit(s: &ApiState, head: &crate::http_head::Head) -> Result<usize, Response> {
+    let rule = route_rule(&head.method, &head.path, s.read_requires_token);
+    if rule.needs_token {
+        let given = head
+            .single("authorization")
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+        check_token(s, given)?;
+    }
+    Ok(rule.max_body)
+}
+
+/// What a request needs before its body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RouteRule {
+    needs_token: bool,
+    max_body: usize,
+}
+
+fn route_rule(method: &str, target: &str, read_requires_token: bool) -> RouteRule {
+    let path = target.split('?').next().unwrap_or_default();
+    let read = matches!(method, "GET" | "HEAD");
+    // The page and its library hold no data; `/healthz` is for load balancers. (The
+    // router matches paths as sent, without resolving dot segments; refuse them anyway.)
+    let open =
+        matches!(path, "/healthz" | "/") || (path.starts_with("/assets/") && !path.contains(".."));
+    let bundle_files = path.starts_with("/api/v1/config/versions/");
+    RouteRule {
+        needs_token: !read || bundle_files || (read_requires_token && !open),
+        max_body: match (read, path) {
+            (true, _) => 0,
+            (false, "/api/v1/config") => MAX_BUNDLE_BODY,
+            (false, "/api/v1/cluster/warm") => MAX_WARM_PULL_BODY,
+            (false, _) => MAX_SMALL_BODY,
+        },
+    }
+}
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
@@ -83,7 +134,7 @@ pub fn router(state: ApiState) -> Router {
             state.clone(),
             read_guard,
         ))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE_BODY))
         .with_state(state)
 }
 
@@ -782,6 +833,17 @@ async fn post_purge(
 
 #[allow(clippy::result_large_err)]
 fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+    check_token(
+        s,
+        headers
+            .get(header::AUTHORIZATION)
+            .map(axum::http::HeaderValue::as_bytes),
+    )
+}
+
+/// The `Authorization` value given (if any) against the current token.
+#[allow(clippy::result_large_err)]
+fn check_token(s: &ApiState, given: Option<&[u8]>) -> Result<(), Response> {
     let current = s
         .token
         .read()
@@ -793,17 +855,67 @@ fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
             "write API disabled: no [api] token_file configured",
         ));
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if crate::secret::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+    let given = given
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if crate::secret::constant_time_eq(given, expected.as_bytes()) {
         Ok(())
     } else {
         Err(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_rules_decide_token_and_body_from_the_head() {
+        let rule = |m, p, strict| route_rule(m, p, strict);
+        let r = |needs_token, max_body| RouteRule {
+            needs_token,
+            max_body,
+        };
+        // Writes: always the token; a bundle the largest body, others small.
+        assert_eq!(
+            rule("POST", "/api/v1/config?canary=false", false),
+            r(true, MAX_BUNDLE_BODY)
+        );
+        assert_eq!(
+            rule("POST", "/api/v1/purges", false),
+            r(true, MAX_SMALL_BODY)
+        );
+        assert_eq!(
+            rule("POST", "/api/v1/warm/jobs", false),
+            r(true, MAX_SMALL_BODY)
+        );
+        assert_eq!(
+            rule("POST", "/api/v1/config/rollback", false),
+            r(true, MAX_SMALL_BODY)
+        );
+        assert_eq!(
+            rule("POST", "/api/v1/cluster/warm", false),
+            r(true, MAX_WARM_PULL_BODY)
+        );
+        assert_eq!(
+            rule("DELETE", "/api/v1/purges/1", false),
+            r(true, MAX_SMALL_BODY)
+        );
+        // Reads: no body; the token only for a bundle's files or when reads require it.
+        assert_eq!(rule("GET", "/api/v1/regions", false), r(false, 0));
+        assert_eq!(
+            rule("GET", "/api/v1/config/versions/abc", false),
+            r(true, 0)
+        );
+        assert_eq!(rule("GET", "/api/v1/edges?scope=local", true), r(true, 0));
+        assert_eq!(rule("HEAD", "/metrics", true), r(true, 0));
+        for open in ["/healthz", "/", "/?token=x", "/assets/uPlot.min.css"] {
+            assert_eq!(rule("GET", open, true), r(false, 0), "{open}");
+        }
+        assert_eq!(rule("GET", "/assets/../api/v1/edges", true), r(true, 0));
+        const { assert!(MAX_SMALL_BODY < MAX_WARM_PULL_BODY && MAX_WARM_PULL_BODY < MAX_BUNDLE_BODY) };
     }
 }

@@ -11,8 +11,11 @@
 //! Hardening: a connection from outside the allow-list (and not from a trusted proxy)
 //! gets one second to send its head, then 405 and close, so strangers cannot hold
 //! connection slots (slowloris). Behind a proxy, `X-Forwarded-For` is believed only when
-//! the peer is in `trusted_proxies` (the client is the rightmost untrusted hop). An
-//! optional shared secret header is checked in constant time after the allow-list.
+//! the peer is in `trusted_proxies`: all its lines joined, the client is the rightmost
+//! untrusted hop, and a malformed hop a trusted proxy wrote is a 400 ([`client_ip`]). An
+//! optional shared secret header is checked in constant time after the allow-list. The
+//! request heads follow [`crate::http_head`]'s strict rules; a purge header given twice
+//! is a 400 ([`parse`]), a secret header given twice counts as a wrong secret (403).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -138,11 +141,14 @@ async fn serve_conn(
                 return;
             }
         };
-        let client = if via_proxy {
-            client_ip(request.header("x-forwarded-for"), &config.trusted_proxies)
-                .unwrap_or(peer.ip())
-        } else {
-            peer.ip()
+        let client = match client_ip(&request, peer.ip(), &config.trusted_proxies) {
+            Ok(ip) => ip,
+            Err(reason) => {
+                metrics.request("bad_request");
+                tracing::info!(peer = %peer, error = %reason, "unusable X-Forwarded-For");
+                let _ = conn.respond(400, &error_body(&reason), &[], false).await;
+                return;
+            }
         };
         let allowed = is_allowed(&config.allow, client);
         let (status, body, headers) = if !allowed {
@@ -235,10 +241,13 @@ async fn handle(
 }
 
 /// The operations a PURGE asks for: one per header present, like Magento's stock VCL;
-/// `patterns` says whether opaque regexes are taken ([`pattern`]).
+/// `patterns` says whether opaque regexes are taken ([`pattern`]). A header that appears
+/// twice is refused: which copy counts would be a guess.
 pub fn parse(request: &Request, patterns: pattern::Policy) -> Result<Vec<PurgeOp>, String> {
-    let tags = request.header("x-magento-tags-pattern");
-    let pool = request.header("x-pool");
+    let single = |name| request.single(name).map_err(|e| e.to_string());
+    let tags = single("x-magento-tags-pattern")?;
+    let pool = single("x-pool")?;
+    single("x-magento-purge-soft")?;
     if tags.is_none() && pool.is_none() {
         return Err("X-Magento-Tags-Pattern or X-Pool header required (single-URL purges go through the API)".into());
     }
@@ -252,29 +261,42 @@ pub fn parse(request: &Request, patterns: pattern::Policy) -> Result<Vec<PurgeOp
     Ok(ops)
 }
 
-/// The client behind trusted proxies: the rightmost `X-Forwarded-For` hop that is not a
-/// trusted proxy itself. `None` when the header is absent or malformed.
-pub fn client_ip(xff: Option<&[u8]>, trusted: &[IpNet]) -> Option<IpAddr> {
-    let text = std::str::from_utf8(xff?).ok()?;
-    let mut last = None;
+/// Who sent the request. The peer itself, unless it is a trusted proxy: then every
+/// `X-Forwarded-For` line, joined in order, is walked from the right, skipping trusted
+/// proxies, and the first hop that is not one is the client (all trusted: the leftmost).
+/// Hops left of it were written by the client and are never looked at; a hop that a
+/// trusted proxy wrote and that is not a plain IP address is an error (a 400), never a
+/// reason to fall back to the proxy's own address.
+pub fn client_ip(request: &Request, peer: IpAddr, trusted: &[IpNet]) -> Result<IpAddr, String> {
+    if !is_allowed(trusted, peer) {
+        return Ok(peer);
+    }
+    let Some(joined) = request.joined("x-forwarded-for") else {
+        return Ok(peer);
+    };
+    let text = std::str::from_utf8(&joined)
+        .map_err(|_| "X-Forwarded-For from a trusted proxy is not ASCII".to_owned())?;
+    let mut last = peer;
     for hop in text.rsplit(',') {
-        let ip: IpAddr = hop.trim().parse().ok()?;
-        last = Some(ip);
+        let hop = hop.trim_matches([' ', '\t']);
+        let ip: IpAddr = hop.parse().map_err(|_| {
+            format!("X-Forwarded-For from a trusted proxy holds {hop:?}, not an IP address")
+        })?;
+        last = ip;
         if !is_allowed(trusted, ip) {
-            return Some(ip);
+            return Ok(ip);
         }
     }
-    last
+    Ok(last)
 }
 
 fn secret_ok(secret: Option<&(String, String)>, request: &Request) -> bool {
     let Some((name, expected)) = secret else {
         return true;
     };
-    crate::secret::constant_time_eq(
-        request.header(name).unwrap_or_default(),
-        expected.as_bytes(),
-    )
+    // Two copies of the secret header are no secret: refused like a wrong one.
+    let given = request.single(name).ok().flatten().unwrap_or_default();
+    crate::secret::constant_time_eq(given, expected.as_bytes())
 }
 
 fn is_allowed(allow: &[IpNet], ip: IpAddr) -> bool {
@@ -305,21 +327,80 @@ mod tests {
         assert!(!is_allowed(&allow, "10.1.1.1".parse().unwrap()));
     }
 
+    fn head(extra: &str) -> Request {
+        let raw = format!("PURGE / HTTP/1.1\r\nHost: c\r\n{extra}\r\n");
+        crate::http_head::parse(raw.as_bytes()).unwrap()
+    }
+
     #[test]
     fn forwarded_for_is_read_right_to_left_past_trusted_proxies() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        let ip = |s: &str| Ok(s.parse::<IpAddr>().unwrap());
+        let xff = |v: &str| head(&format!("X-Forwarded-For: {v}\r\n"));
         // Client-supplied hops on the left are not believed.
         assert_eq!(
-            client_ip(Some(b"1.2.3.4, 192.0.2.7, 10.0.0.2"), &trusted),
+            client_ip(&xff("1.2.3.4, 192.0.2.7, 10.0.0.2"), proxy, &trusted),
             ip("192.0.2.7")
         );
-        assert_eq!(client_ip(Some(b"192.0.2.7"), &trusted), ip("192.0.2.7"));
         assert_eq!(
-            client_ip(Some(b"10.0.0.3, 10.0.0.2"), &trusted),
+            client_ip(&xff("192.0.2.7"), proxy, &trusted),
+            ip("192.0.2.7")
+        );
+        assert_eq!(
+            client_ip(&xff("10.0.0.3, 10.0.0.2"), proxy, &trusted),
             ip("10.0.0.3")
         );
-        assert_eq!(client_ip(Some(b"garbage, 10.0.0.2"), &trusted), None);
-        assert_eq!(client_ip(None, &trusted), None);
+        // Garbage the client wrote, left of the real client, does not matter...
+        assert_eq!(
+            client_ip(&xff("garbage, 192.0.2.7"), proxy, &trusted),
+            ip("192.0.2.7")
+        );
+        // ...but a malformed hop a trusted proxy wrote is an error, not the proxy's address.
+        assert!(client_ip(&xff("garbage, 10.0.0.2"), proxy, &trusted).is_err());
+        assert!(client_ip(&xff("192.0.2.7:5555"), proxy, &trusted).is_err());
+        assert!(client_ip(&xff("192.0.2.7,"), proxy, &trusted).is_err());
+        // No header: the proxy itself; a peer that is no proxy is never overridden.
+        assert_eq!(client_ip(&head(""), proxy, &trusted), Ok(proxy));
+        let outsider: IpAddr = "192.0.2.99".parse().unwrap();
+        assert_eq!(
+            client_ip(&xff("127.0.0.1"), outsider, &trusted),
+            Ok(outsider)
+        );
+    }
+
+    #[test]
+    fn forwarded_for_lines_are_joined_in_order() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        // The client sent the first line itself; the proxy appended the second.
+        let req = head("X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-For: 192.0.2.7\r\n");
+        assert_eq!(
+            client_ip(&req, proxy, &trusted),
+            Ok("192.0.2.7".parse().unwrap())
+        );
+        let req = head("X-Forwarded-For: 192.0.2.7, 10.0.0.9\r\nX-Forwarded-For: 10.0.0.3\r\n");
+        assert_eq!(
+            client_ip(&req, proxy, &trusted),
+            Ok("192.0.2.7".parse().unwrap())
+        );
+        let req = head("X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-For: nonsense\r\n");
+        assert!(client_ip(&req, proxy, &trusted).is_err());
+    }
+
+    #[test]
+    fn duplicate_purge_headers_are_refused() {
+        let parse = |r| parse(&r, pattern::Policy::default());
+        let err = parse(head(
+            "X-Magento-Tags-Pattern: ((^|,)a(,|$))\r\nX-Magento-Tags-Pattern: .*\r\n",
+        ))
+        .unwrap_err();
+        assert!(err.contains("more than once"), "{err}");
+        assert!(parse(head("X-Pool: a\r\nX-Pool: b\r\n")).is_err());
+        assert!(parse(head(
+            "X-Pool: a\r\nX-Magento-Purge-Soft: 1\r\nX-Magento-Purge-Soft: 0\r\n"
+        ))
+        .is_err());
+        assert!(parse(head("X-Pool: a\r\n")).is_ok());
     }
 }

@@ -1,15 +1,19 @@
 //! Just enough HTTP/1.1 to be Magento's cache host, with hard bounds.
 //!
 //! Magento opens a connection per request and writes `PURGE / HTTP/1.1`, two headers and
-//! an empty line: no `Content-Length`, no body. We read the request head into a buffer
-//! bounded by [`Limits::max_head_bytes`] (header lines of 64 KiB are fine), parse it with
-//! `httparse`, and answer with a status line, `Content-Length` and a small JSON body.
+//! an empty line: no `Content-Length`, no body. We read the request head with the shared
+//! strict rules of [`crate::http_head`] (no bare LF, no obs-fold, no `Transfer-Encoding`,
+//! one plain `Content-Length`), bounded to the byte by [`Limits::max_head_bytes`] (header
+//! lines of 64 KiB are fine), and answer with a status line, `Content-Length` and a small
+//! JSON body. A declared body is read and dropped (at most [`Limits::max_body_bytes`]).
 //! A general-purpose server would do more and answer less precisely: here every failure
 //! has its own status and a JSON reason, and nothing is ever buffered without a bound.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::http_head::{Head, HeadError, ReadError, Reader};
 
 /// Bounds on what one request may cost.
 #[derive(Debug, Clone, Copy)]
@@ -35,38 +39,17 @@ impl Default for Limits {
     }
 }
 
-/// A parsed request head.
-#[derive(Debug)]
-pub struct Request {
-    pub method: String,
-    pub path: String,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub keep_alive: bool,
-}
-
-impl Request {
-    /// The first header with this name (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
-    }
-}
+/// A parsed request head: the shared strict rules' [`Head`].
+pub type Request = Head;
 
 /// Why a request could not be read; each maps to one answer.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("request header section is larger than {0} bytes")]
-    HeadTooLarge(usize),
-    #[error("too many header fields")]
-    TooManyHeaders,
-    #[error("malformed HTTP request: {0}")]
-    Malformed(String),
+    /// The head broke one of [`crate::http_head`]'s rules (400, or 431 for size).
+    #[error(transparent)]
+    Head(#[from] HeadError),
     #[error("request body is larger than {0} bytes")]
     BodyTooLarge(usize),
-    #[error("chunked request bodies are not accepted")]
-    Chunked,
     #[error("timed out reading the request")]
     Timeout,
     #[error("connection closed in the middle of a request")]
@@ -79,8 +62,7 @@ impl WireError {
     /// The status to answer with, or `None` when the peer is gone and nothing can be sent.
     pub fn status(&self) -> Option<u16> {
         match self {
-            WireError::HeadTooLarge(_) | WireError::TooManyHeaders => Some(431),
-            WireError::Malformed(_) | WireError::Chunked => Some(400),
+            WireError::Head(e) => Some(e.status()),
             WireError::BodyTooLarge(_) => Some(413),
             WireError::Timeout => Some(408),
             WireError::Truncated | WireError::Io(_) => None,
@@ -88,46 +70,51 @@ impl WireError {
     }
 }
 
-const MAX_HEADERS: usize = 64;
+impl From<ReadError> for WireError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Head(h) => WireError::Head(h),
+            ReadError::Timeout => WireError::Timeout,
+            ReadError::Truncated => WireError::Truncated,
+            ReadError::Io(e) => WireError::Io(e),
+        }
+    }
+}
 
 /// Reads requests off one connection, keeping bytes that arrived early (pipelining).
 #[derive(Debug)]
 pub struct Conn<S> {
-    stream: S,
-    buf: Vec<u8>,
+    reader: Reader<S>,
     limits: Limits,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn new(stream: S, limits: Limits) -> Self {
         Conn {
-            stream,
-            buf: Vec::with_capacity(1024),
+            reader: Reader::new(stream),
             limits,
         }
     }
 
     /// The next request, or `Ok(None)` when the peer closed (or idled out) between requests.
     pub async fn next_request(&mut self) -> Result<Option<Request>, WireError> {
-        // Wait for the first byte under the idle timeout, then the rest under the head timeout.
-        if self.buf.is_empty() {
-            match tokio::time::timeout(self.limits.idle_timeout, self.fill()).await {
-                Err(_) => return Ok(None),
-                Ok(Ok(0)) => return Ok(None),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e),
-            }
-        }
-        let head_len = tokio::time::timeout(self.limits.head_timeout, self.read_head())
-            .await
-            .map_err(|_| WireError::Timeout)??;
-        let request = parse_head(&self.buf[..head_len])?;
-        self.buf.drain(..head_len);
-        let body_len = content_length(&request)?;
+        // The first byte under the idle timeout, then the rest under the head timeout.
+        let Some(request) = self
+            .reader
+            .next_head(
+                self.limits.max_head_bytes,
+                self.limits.idle_timeout,
+                self.limits.head_timeout,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let body_len = usize::try_from(request.content_length).unwrap_or(usize::MAX);
         if body_len > self.limits.max_body_bytes {
             return Err(WireError::BodyTooLarge(self.limits.max_body_bytes));
         }
-        tokio::time::timeout(self.limits.head_timeout, self.discard(body_len))
+        tokio::time::timeout(self.limits.head_timeout, self.reader.discard(body_len))
             .await
             .map_err(|_| WireError::Timeout)??;
         Ok(Some(request))
@@ -158,138 +145,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             "Connection: close\r\n\r\n"
         });
         out.push_str(body);
-        self.stream.write_all(out.as_bytes()).await?;
-        self.stream.flush().await?;
+        self.reader.stream.write_all(out.as_bytes()).await?;
+        self.reader.stream.flush().await?;
         if !keep_alive {
-            let _ = self.stream.shutdown().await;
+            let _ = self.reader.stream.shutdown().await;
         }
         Ok(())
-    }
-
-    async fn fill(&mut self) -> Result<usize, WireError> {
-        let mut chunk = [0u8; 8192];
-        let n = self.stream.read(&mut chunk).await?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n)
-    }
-
-    /// Returns the length of the head (through the blank line) once it is buffered.
-    async fn read_head(&mut self) -> Result<usize, WireError> {
-        let mut scanned = 0;
-        loop {
-            if let Some(end) = find_head_end(&self.buf, scanned) {
-                return Ok(end);
-            }
-            if self.buf.len() > self.limits.max_head_bytes {
-                return Err(WireError::HeadTooLarge(self.limits.max_head_bytes));
-            }
-            // An early look at the request line turns binary garbage into a 400 quickly.
-            sniff_request_line(&self.buf)?;
-            scanned = self.buf.len().saturating_sub(3);
-            if self.fill().await? == 0 {
-                return Err(if self.buf.is_empty() {
-                    WireError::Truncated
-                } else {
-                    WireError::Malformed("connection closed before the end of the headers".into())
-                });
-            }
-        }
-    }
-
-    async fn discard(&mut self, mut len: usize) -> Result<(), WireError> {
-        let take = len.min(self.buf.len());
-        self.buf.drain(..take);
-        len -= take;
-        while len > 0 {
-            if self.fill().await? == 0 {
-                return Err(WireError::Truncated);
-            }
-            let take = len.min(self.buf.len());
-            self.buf.drain(..take);
-            len -= take;
-        }
-        Ok(())
-    }
-}
-
-fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let from = from.min(buf.len());
-    buf[from..]
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| from + p + 4)
-        .or_else(|| {
-            // Tolerate bare LF line endings, as most servers do.
-            buf[from..]
-                .windows(2)
-                .position(|w| w == b"\n\n")
-                .map(|p| from + p + 2)
-        })
-}
-
-fn sniff_request_line(buf: &[u8]) -> Result<(), WireError> {
-    let line = match buf.iter().position(|&b| b == b'\n') {
-        Some(end) => &buf[..end],
-        None => &buf[..buf.len().min(64)],
-    };
-    let bad = line
-        .iter()
-        .any(|&b| !(b == b'\r' || b == b'\t' || (0x20..0x7f).contains(&b)));
-    if bad {
-        return Err(WireError::Malformed("request line is not text".into()));
-    }
-    Ok(())
-}
-
-fn parse_head(head: &[u8]) -> Result<Request, WireError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => {
-            return Err(WireError::Malformed("incomplete request head".into()))
-        }
-        Err(httparse::Error::TooManyHeaders) => return Err(WireError::TooManyHeaders),
-        Err(e) => return Err(WireError::Malformed(e.to_string())),
-    }
-    let method = req.method.unwrap_or_default().to_owned();
-    let path = req.path.unwrap_or_default().to_owned();
-    let http11 = req.version == Some(1);
-    let headers: Vec<(String, Vec<u8>)> = req
-        .headers
-        .iter()
-        .map(|h| (h.name.to_owned(), h.value.to_vec()))
-        .collect();
-    let connection = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .map(|(_, v)| String::from_utf8_lossy(v).to_ascii_lowercase());
-    let keep_alive = match connection.as_deref() {
-        Some(v) if v.contains("close") => false,
-        Some(v) if v.contains("keep-alive") => true,
-        _ => http11,
-    };
-    Ok(Request {
-        method,
-        path,
-        headers,
-        keep_alive,
-    })
-}
-
-fn content_length(req: &Request) -> Result<usize, WireError> {
-    if req
-        .header("transfer-encoding")
-        .is_some_and(|v| !v.eq_ignore_ascii_case(b"identity"))
-    {
-        return Err(WireError::Chunked);
-    }
-    match req.header("content-length") {
-        None => Ok(0),
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .ok_or_else(|| WireError::Malformed("invalid Content-Length".into())),
     }
 }
 
@@ -297,6 +158,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Content Too Large",
@@ -376,5 +238,43 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.status(), Some(400));
+    }
+
+    /// Every smuggling shape seen on the purge port: refused, and nothing after it on the
+    /// connection is read as a second request.
+    #[tokio::test]
+    async fn smuggling_shapes_are_refused_and_end_the_connection() {
+        let second = "PURGE / HTTP/1.1\r\nX-Magento-Tags-Pattern: .*\r\n\r\n";
+        let shapes = [
+            format!("PURGE / HTTP/1.1\r\nX-Pool: a\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{second}", second.len()),
+            format!("PURGE / HTTP/1.1\r\nX-Pool: a\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{second}"),
+            format!("PURGE / HTTP/1.1\r\nX-Pool: a\r\nContent-Length: +3\r\n\r\nabc{second}"),
+            format!("PURGE / HTTP/1.1\nX-Pool: a\n\n{second}"),
+            format!("PURGE / HTTP/1.1\r\nX-Pool: a\r\n b\r\n\r\n{second}"),
+            format!("PURGE / HTTP/1.1\r\nX-Pool : a\r\n\r\n{second}"),
+        ];
+        for shape in shapes {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            client.write_all(shape.as_bytes()).await.unwrap();
+            drop(client);
+            let mut conn = Conn::new(server, Limits::default());
+            let err = conn.next_request().await.unwrap_err();
+            assert_eq!(err.status(), Some(400), "{shape:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn head_limit_is_exact() {
+        let limit = Limits::default().max_head_bytes;
+        let build = |len: usize| {
+            let fixed = "PURGE / HTTP/1.1\r\nX-Pool: \r\n\r\n".len();
+            format!(
+                "PURGE / HTTP/1.1\r\nX-Pool: {}\r\n\r\n",
+                "a".repeat(len - fixed)
+            )
+        };
+        assert!(read_one(build(limit).as_bytes()).await.unwrap().is_some());
+        let err = read_one(build(limit + 1).as_bytes()).await.unwrap_err();
+        assert_eq!(err.status(), Some(431));
     }
 }

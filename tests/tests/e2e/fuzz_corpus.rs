@@ -5,9 +5,10 @@ use std::path::Path;
 
 type Harness = fn(&[u8]);
 
-const TARGETS: [(&str, Harness); 6] = [
+const TARGETS: [(&str, Harness); 7] = [
     ("purge_request", coordinator::fuzzing::purge_request),
     ("purge_pattern", coordinator::fuzzing::purge_pattern),
+    ("http_head", coordinator::fuzzing::http_head),
     ("waf_compile", coordinator::fuzzing::waf),
     ("agent_message", coordinator::fuzzing::agent_message),
     (

@@ -64,14 +64,15 @@ async fn bad_input_gets_clear_answers_and_never_a_flush() {
     assert_eq!(c.head().await, 0, "nothing may be logged from bad input");
 
     // A 64 KiB header line of real tags is accepted.
-    let tags: Vec<String> = (0..3300).map(|i| format!("cat_p_{i}")).collect();
+    // (2,850 tags: a 64.4 KB line, inside the 73,728-byte head limit, which holds to the byte.)
+    let tags: Vec<String> = (0..2850).map(|i| format!("cat_p_{i}")).collect();
     let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
     let pattern = tests::tags_pattern(&refs);
     assert!(pattern.len() >= 64 * 1000, "{}", pattern.len());
     let r = raw(c.purge, &magento_purge(&pattern)).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     let p = get_json(c.api, "/api/v1/purges/1").await.expect("purge 1");
-    assert_eq!(p["op"]["tags"].as_array().map(Vec::len), Some(3300));
+    assert_eq!(p["op"]["tags"].as_array().map(Vec::len), Some(2850));
 
     // Still healthy.
     assert_eq!(purge_tags(c.purge, &["cat_p_1"]).await, 2);
