@@ -16,6 +16,7 @@ mod failover;
 mod fuzz_corpus;
 mod geo;
 mod ha;
+mod hostile;
 mod monitor;
 mod purge;
 mod robustness;

@@ -1,0 +1,219 @@
+//! Connection slots, bundles that try to leave the bundle, compile errors on read
+//! endpoints, and the modes of the files that hold secrets.
+//!
+//! The attackers' sockets are bound to 127.0.0.2, a source outside `[purge] allow`
+//! (`127.0.0.1/32`), the way another host on the shop's network would connect.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use tests::{
+    magento_purge, percentile, raw, tags_pattern, temp_dir, AgentProc, Cluster, CoordinatorOpts,
+    CoordinatorProc,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+const STRANGER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+async fn connect_from(ip: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(to).await
+}
+
+/// An attacker that keeps one connection open to `to`, sending `first` and then nothing,
+/// and opens a new one 200 ms after the server closes it; until `stop`. Returns how many
+/// connections it opened.
+async fn hold_open(to: SocketAddr, first: &'static [u8], stop: CancellationToken) -> u64 {
+    let mut opened = 0;
+    while !stop.is_cancelled() {
+        if let Ok(mut s) = connect_from(STRANGER, to).await {
+            opened += 1;
+            let _ = s.write_all(first).await;
+            let mut buf = [0u8; 1024];
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return opened,
+                    r = s.read(&mut buf) => match r {
+                        Ok(n) if n > 0 => continue,
+                        _ => break,
+                    },
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return opened,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    opened
+}
+
+/// `n` sequential Magento purges from 127.0.0.1, each on a new connection; their times (ms).
+async fn purge_times(purge: SocketAddr, n: usize) -> Vec<f64> {
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let r = raw(
+            purge,
+            &magento_purge(&tags_pattern(&[&format!("cat_p_{i}")])),
+        )
+        .await
+        .expect("purge");
+        assert_eq!(r.status, 200, "{r:?}");
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_filling_the_purge_port_do_not_slow_an_allowed_client() {
+    let dir = temp_dir();
+    let c = CoordinatorProc::start(
+        dir.path(),
+        &CoordinatorOpts {
+            allow: vec!["127.0.0.1/32".into()],
+            purge_extra: "max_connections = 64\n".into(),
+            ..CoordinatorOpts::default()
+        },
+    )
+    .await;
+    let before = purge_times(c.purge, 200).await;
+    let stop = CancellationToken::new();
+    // Three times as many strangers as there are slots, each holding a connection
+    // without ever sending a head.
+    let attackers: Vec<_> = (0..192)
+        .map(|_| tokio::spawn(hold_open(c.purge, b"", stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = purge_times(c.purge, 200).await;
+    // A stranger that does send a purge is refused, at once.
+    let t = Instant::now();
+    let mut s = connect_from(STRANGER, c.purge).await.expect("connect");
+    let _ = s
+        .write_all(&magento_purge(&tags_pattern(&["cat_p_1"])))
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let stranger_answered = t.elapsed();
+    stop.cancel();
+    let mut opened = 0;
+    for a in attackers {
+        opened += a.await.expect("attacker");
+    }
+    let (p99_before, p99_during) = (percentile(&before, 99.0), percentile(&during, 99.0));
+    println!(
+        "purge p99 without attack {p99_before:.2} ms, under attack {p99_during:.2} ms \
+         (p50 {:.2} / {:.2} ms); strangers opened {opened} connections; a stranger's \
+         purge answered in {stranger_answered:?}",
+        percentile(&before, 50.0),
+        percentile(&during, 50.0)
+    );
+    assert!(
+        answer.starts_with(b"HTTP/1.1 405 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(stranger_answered < Duration::from_secs(1));
+    // The issue's bound (p99 within 2x), with 20 ms of slack for a shared CI machine:
+    // a stranger holding a slot for a second (or queueing ahead of the client) is far
+    // beyond it.
+    assert!(
+        p99_during <= 2.0 * p99_before + 20.0,
+        "p99 under attack {p99_during:.2} ms vs {p99_before:.2} ms before"
+    );
+    assert!(
+        opened > 192,
+        "the strangers' connections were closed by the server"
+    );
+}
+
+/// Lines of the coordinator's log that warn about TLS handshakes.
+fn handshake_warnings(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.to_ascii_lowercase().contains("handshake"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_tls_handshakes_do_not_keep_an_agent_out() {
+    let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let c = &cluster.coordinator;
+    let log = c.config.with_file_name("coordinator.log");
+    let warnings_before = handshake_warnings(&log);
+    let stop = CancellationToken::new();
+    // 300 connections that start a TLS record (a ClientHello's header) and never finish it.
+    let attackers: Vec<_> = (0..300)
+        .map(|_| {
+            tokio::spawn(hold_open(
+                c.grpc,
+                &[0x16, 0x03, 0x01, 0x02, 0x00],
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let attack_started = Instant::now();
+    let t = Instant::now();
+    let _late = AgentProc::start(
+        &cluster.dir.path().join("late"),
+        "edge-late",
+        "region-0",
+        c,
+        &cluster.varnish[0],
+        "ban",
+    );
+    let connected_in = loop {
+        let edges = c.edges().await;
+        if edges
+            .iter()
+            .any(|e| e["id"] == "edge-late" && e["connected"] == true)
+        {
+            break t.elapsed();
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            break t.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    // Keep the attack up a while longer, for the log.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(attack_started.elapsed())).await;
+    let attack_lasted = attack_started.elapsed() + Duration::from_secs(2);
+    stop.cancel();
+    let mut opened = 0;
+    for a in attackers {
+        opened += a.await.expect("attacker");
+    }
+    let warnings = handshake_warnings(&log) - warnings_before;
+    let metrics = tests::get(c.api, "/metrics").await.body;
+    let refused: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("coordinator_tls_handshakes_refused_total{"))
+        .collect();
+    println!(
+        "agent connected {connected_in:?} after start under 300 half-open handshakes; \
+         {opened} attacker connections in {attack_lasted:?}; {warnings} handshake warning \
+         lines logged; {refused:?}"
+    );
+    assert!(
+        connected_in < Duration::from_secs(3),
+        "the agent connected only after {connected_in:?}"
+    );
+    // One line per ten seconds (plus the first).
+    let allowed = 2 + attack_lasted.as_secs() as usize / 10;
+    assert!(
+        warnings <= allowed,
+        "{warnings} warning lines in {attack_lasted:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.contains("reason=\"per_source_cap\"")),
+        "{refused:?}"
+    );
+}
