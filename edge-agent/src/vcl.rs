@@ -3,8 +3,10 @@
 //! [`run`] is a task of its own with its own admin connection, so a VCL compile (seconds
 //! with a C compiler) never delays a purge. For each [`ApplyConfig`] it:
 //!
-//! 1. writes the files to `state_dir/vcl/<name>/` (directories 0755, files 0644: readable
-//!    by varnishd, writable only by the agent), refusing any file name with a path in it;
+//! 1. checks the bundle ([`validate`]: flat file names, and [`proto::vcl::scan`]: no
+//!    `include` of a file outside the bundle, no VMOD imported from a path), then writes
+//!    the files to `state_dir/vcl/<name>/` (directories 0755, files 0644: readable
+//!    by varnishd, writable only by the agent);
 //! 2. `vcl.load <name> <dir>/main.vcl` — varnishd compiles it; a compile error is
 //!    reported with the bundle's file names and nothing changes;
 //! 3. records a hash of `vcl.show -v <name>` (before switching, so an agent killed right
@@ -118,6 +120,17 @@ pub fn validate(apply: &ApplyConfig) -> Result<(), String> {
     }
     if let Some(f) = apply.files.keys().find(|f| !safe_name(f)) {
         return bad(&format!("unsafe file name {f:?}"));
+    }
+    // The coordinator checked this at push; checked again here so that no VCL naming a
+    // file outside the bundle reaches varnishd's compiler (which would read it, and quote
+    // it in its error).
+    let in_bundle = |n: &str| apply.files.contains_key(n);
+    for (name, content) in apply.files.iter().filter(|(n, _)| n.ends_with(".vcl")) {
+        let Ok(text) = std::str::from_utf8(content) else {
+            return bad(&format!("{name} is not UTF-8 text"));
+        };
+        proto::vcl::scan(name, text, &in_bundle)
+            .map_err(|r| format!("refusing bundle {}: {r}", apply.version))?;
     }
     Ok(())
 }
@@ -395,6 +408,24 @@ mod tests {
         assert_eq!(d, vec!["cfg_aa_100", "cfg_dd_50"]);
         assert_eq!(to_discard(&l, 1).len(), 3);
         assert!(to_discard(&l, 10).is_empty());
+    }
+
+    #[test]
+    fn a_bundle_including_a_file_outside_it_is_refused() {
+        let apply = |main: &str| ApplyConfig {
+            version: "abc123".into(),
+            files: [
+                ("main.vcl".to_owned(), main.as_bytes().to_vec()),
+                ("waf.vcl".to_owned(), Vec::new()),
+            ]
+            .into_iter()
+            .collect(),
+            ..ApplyConfig::default()
+        };
+        assert!(validate(&apply("vcl 4.1;\ninclude \"./waf.vcl\";")).is_ok());
+        let err = validate(&apply("vcl 4.1;\ninclude\n\"../../../etc/passwd\";")).unwrap_err();
+        assert!(err.contains("main.vcl:3:"), "{err}");
+        assert!(validate(&apply("import std from \"/tmp/x.so\";")).is_err());
     }
 
     #[test]

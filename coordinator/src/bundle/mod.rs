@@ -204,32 +204,18 @@ pub fn check(bundle: &Bundle, regions: &BTreeMap<String, Vars>) -> Result<(), Bu
     Ok(())
 }
 
-/// Every `include "X";` of a bundle file must say `./X` (varnishd resolves bare names
-/// against its `vcl_path`, not the bundle), and `waf.vcl` must be included when it exists.
+/// Every `include` of a bundle file must name a file of the bundle as `./name`
+/// (varnishd resolves anything else outside it: absolute paths, `..`, bare names in its
+/// `vcl_path`), no VMOD is imported from a path, nothing reads the edge's files
+/// ([`proto::vcl::scan`], the check the agent repeats), and `waf.vcl` must be included
+/// when it exists.
 fn check_includes(files: &BTreeMap<String, String>) -> Result<(), BundleError> {
     let mut included = std::collections::BTreeSet::new();
+    let in_bundle = |n: &str| files.contains_key(n);
     for (name, text) in files.iter().filter(|(n, _)| n.ends_with(".vcl")) {
-        for (i, line) in text.lines().enumerate() {
-            let Some(target) = include_target(line) else {
-                continue;
-            };
-            if let Some(local) = target.strip_prefix("./") {
-                if !files.contains_key(local) {
-                    return Err(BundleError::at(
-                        name,
-                        i + 1,
-                        format!("includes {target:?}, which is not in the bundle"),
-                    ));
-                }
-                included.insert(local.to_owned());
-            } else if files.contains_key(target) {
-                return Err(BundleError::at(
-                    name,
-                    i + 1,
-                    format!("write include \"./{target}\": a bare name is looked up in varnishd's vcl_path"),
-                ));
-            }
-        }
+        let found = proto::vcl::scan(name, text, &in_bundle)
+            .map_err(|r| BundleError::at(&r.file, r.line, r.message))?;
+        included.extend(found);
     }
     if files.contains_key(WAF_VCL) && !included.contains(WAF_VCL) {
         return Err(BundleError::file(
@@ -238,12 +224,6 @@ fn check_includes(files: &BTreeMap<String, String>) -> Result<(), BundleError> {
         ));
     }
     Ok(())
-}
-
-fn include_target(line: &str) -> Option<&str> {
-    let rest = line.trim_start().strip_prefix("include")?;
-    let rest = rest.trim_start().strip_prefix('"')?;
-    rest.split('"').next()
 }
 
 #[cfg(test)]
@@ -307,9 +287,37 @@ mod tests {
         let bare = bundle(&[("main.vcl", "include \"extra.vcl\";"), ("extra.vcl", "")]);
         let err = render(&bare, &vars).unwrap_err().to_string();
         assert!(
-            err.starts_with("main.vcl:1:") && err.contains("./extra.vcl"),
+            err.starts_with("main.vcl:1:") && err.contains("./name"),
             "{err}"
         );
+        // Out of the bundle, in every spelling varnishd would follow.
+        for (text, line) in [
+            ("vcl 4.1;\ninclude \"../../../etc/passwd\";", 2),
+            ("include \"/etc/passwd\";", 1),
+            ("include\n  # a comment\n  \"/etc/passwd\";", 3),
+            ("include \"./extra.vcl/../../etc/passwd\";", 1),
+            ("import std from \"/tmp/x.so\";", 1),
+            (
+                "sub vcl_deliver { set resp.http.x = std.fileread(\"/etc/passwd\"); }",
+                1,
+            ),
+        ] {
+            let b = bundle(&[("main.vcl", text), ("extra.vcl", "")]);
+            let err = check(&b, &BTreeMap::new()).unwrap_err();
+            assert_eq!(
+                (err.file.as_str(), err.line),
+                ("main.vcl", Some(line)),
+                "{text}: {err}"
+            );
+        }
+        let in_extra = bundle(&[
+            ("main.vcl", "include \"./extra.vcl\";"),
+            ("extra.vcl", "\n\ninclude \"/etc/shadow\";"),
+        ]);
+        assert!(render(&in_extra, &vars)
+            .unwrap_err()
+            .to_string()
+            .starts_with("extra.vcl:3:"));
         let missing = bundle(&[("main.vcl", "\n include \"./nope.vcl\";")]);
         assert!(render(&missing, &vars)
             .unwrap_err()

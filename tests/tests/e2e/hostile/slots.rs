@@ -217,3 +217,108 @@ async fn half_open_tls_handshakes_do_not_keep_an_agent_out() {
         "{refused:?}"
     );
 }
+
+/// The sample bundle with `main.vcl` edited by `edit`.
+fn sample_with(edit: impl FnOnce(&str) -> String) -> coordinator::bundle::Bundle {
+    let mut b = coordinator_cli::demo::sample_bundle();
+    let main = b.files.get_mut("main.vcl").expect("main.vcl");
+    *main = edit(main);
+    b
+}
+
+/// The 1-based line of `main.vcl` holding `needle`.
+fn line_of(b: &coordinator::bundle::Bundle, needle: &str) -> u64 {
+    b.files["main.vcl"]
+        .lines()
+        .position(|l| l.contains(needle))
+        .expect("line") as u64
+        + 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_include_escaping_the_bundle_is_refused_at_push() {
+    let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let c = &cluster.coordinator;
+    let loaded_before = cluster.varnish[0].admin("vcl.list").await;
+    let escapes = [
+        ("include \"../../../etc/passwd\";", "../../../etc/passwd"),
+        ("include \"/etc/passwd\";", "/etc/passwd"),
+        ("include \"passwd\";", "passwd"),
+        (
+            "include\n  # the target on the next line\n  \"/etc/passwd\";",
+            "/etc/passwd",
+        ),
+        ("import std from \"/tmp/libvmod_evil.so\";", "libvmod_evil"),
+    ];
+    for (text, needle) in escapes {
+        let b = sample_with(|m| m.replacen("vcl 4.1;", &format!("vcl 4.1;\n{text}"), 1));
+        let line = line_of(&b, needle);
+        let r = c
+            .call(
+                "POST",
+                "/api/v1/config?canary=true",
+                Some(&serde_json::to_value(&b).expect("json")),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{text:?} answered {}: {}", r.status, r.body);
+        let body = r.json();
+        assert_eq!(body["file"], "main.vcl", "{body}");
+        assert_eq!(body["line"].as_u64(), Some(line), "{text:?}: {body}");
+    }
+    // Nothing was stored, nothing reached varnishd.
+    let view = c.config().await;
+    assert!(view["rollout"].is_null(), "{view}");
+    assert_eq!(cluster.varnish[0].admin("vcl.list").await, loaded_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_error_shown_without_the_token_carries_no_file_content() {
+    let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let c = &cluster.coordinator;
+    // A VCL error on a line holding something only its author may read: varnishd quotes
+    // the line (and the token) in its error.
+    let marker = "root_x_0_0_secret_marker";
+    let b = sample_with(|m| {
+        m.replacen(
+            "sub vcl_recv {",
+            &format!("sub vcl_recv {{\n    set req.http.x = {marker};"),
+            1,
+        )
+    });
+    let line = line_of(&b, marker);
+    let (_, view) = c.push_and_wait(&b, true).await;
+    assert_eq!(view["rollout"]["phase"], "failed", "{view}");
+    // The token holder sees the compiler's text in full (what the CLI shows).
+    assert!(view.to_string().contains(marker), "{view}");
+    let (code, out, err) = c.cli(&["config", "status"]);
+    assert!(code == 0 && out.contains(marker), "{code} {out} {err}");
+    // Without the token: the place and one line, no content, on every read endpoint.
+    for path in [
+        "/api/v1/config",
+        "/api/v1/edges",
+        "/api/v1/regions",
+        "/api/v1/alerts",
+        "/metrics",
+        "/",
+    ] {
+        let r = tests::get(c.api, path).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(
+            !r.body.contains(marker),
+            "{path} shows the source: {}",
+            r.body
+        );
+    }
+    let public = tests::get(c.api, "/api/v1/config").await.json();
+    let error = public["rollout"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("main.vcl:{line}")) && !error.contains('\n'),
+        "{error}"
+    );
+    assert!(error.chars().count() <= 201, "{error}");
+    // `detail=full` is the token holder's.
+    assert_eq!(
+        tests::get(c.api, "/api/v1/config?detail=full").await.status,
+        401
+    );
+}
