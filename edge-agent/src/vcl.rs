@@ -5,8 +5,9 @@
 //!
 //! 1. checks the bundle ([`validate`]: flat file names, and [`proto::vcl::scan`]: no
 //!    `include` of a file outside the bundle, no VMOD imported from a path), then writes
-//!    the files to `state_dir/vcl/<name>/` (directories 0755, files 0644: readable
-//!    by varnishd, writable only by the agent);
+//!    the files to `state_dir/vcl/<name>/` (directories 0750, files 0640, group
+//!    `varnish`: readable by varnishd's compiler, by nobody else, since the rendered VCL
+//!    holds the warm token; writable only by the agent);
 //! 2. `vcl.load <name> <dir>/main.vcl` — varnishd compiles it; a compile error is
 //!    reported with the bundle's file names and nothing changes;
 //! 3. records a hash of `vcl.show -v <name>` (before switching, so an agent killed right
@@ -245,7 +246,11 @@ impl Worker {
             .await
         {
             let hash = hex::encode(Sha256::digest(source.as_bytes()));
-            let _ = std::fs::write(dir.join(SOURCE_HASH), &hash);
+            let _ = daemon::files::write_with_mode(
+                &dir.join(SOURCE_HASH),
+                hash.as_bytes(),
+                daemon::files::SHARED_FILE,
+            );
             self.hashes.insert(name.to_owned(), hash);
         }
         if let Err(e) = self.varnish.command(&format!("vcl.use {name}"), None).await {
@@ -353,26 +358,31 @@ fn message(e: ApplyError) -> String {
     }
 }
 
+/// Writes a bundle for varnishd's compiler and nobody else: directories 0750 and files
+/// 0640, group `varnish` ([`daemon::files`]); the rendered VCL holds the warm token.
 fn write_files(
     dir: &Path,
     files: &std::collections::HashMap<String, Vec<u8>>,
 ) -> std::io::Result<()> {
+    use daemon::files::{dir_with_mode, share_with, SHARED_DIR, SHARED_FILE};
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
+    let gid = daemon::files::varnish_gid();
     if let Some(parent) = dir.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)?;
+        dir_with_mode(parent, SHARED_DIR)?;
+        share_with(parent, gid);
     }
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::DirBuilder::new().mode(0o755).create(dir)?;
+    dir_with_mode(dir, SHARED_DIR)?;
+    share_with(dir, gid);
     for (name, content) in files {
+        let path = dir.join(name);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
-            .open(dir.join(name))?;
+            .mode(SHARED_FILE)
+            .open(&path)?;
+        share_with(&path, gid);
         f.write_all(content)?;
     }
     Ok(())

@@ -8,10 +8,12 @@
 # ${backend_host} / ${backend_port} are substituted from each region's [regions.vars]
 # in coordinator.toml when the bundle is rendered for it. waf.vcl is compiled from
 # waf.toml; including it before vcl_recv makes the WAF run first on every request.
-# ${warm_token} is the coordinator's warm secret: requests carrying it as X-Warm-Token
-# (the warmer's, and a satellite region's fetches from its shield) see the page's
-# X-Magento-Tags, so agents learn what to re-warm after a purge and satellites can ban by
-# tag; with X-Warm-Refresh: 1 they force a miss to refresh a cached page in place.
+# The warm_token variable is the coordinator's warm secret (never named with its
+# dollar-brace form in a comment: the coordinator refuses a bundle whose comment would
+# hold it). Requests carrying it as X-Warm-Token (the warmer's, and a satellite region's
+# fetches from its shield) see the page's X-Magento-Tags, so agents learn what to re-warm
+# after a purge and satellites can ban by tag; with X-Warm-Refresh: 1 they force a miss
+# to refresh a cached page in place.
 vcl 4.1;
 
 import std;

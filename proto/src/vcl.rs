@@ -57,7 +57,7 @@ pub fn scan(
         line,
         message,
     };
-    let tokens = tokenise(text).map_err(|(line, m)| refuse(line, m))?;
+    let (tokens, _) = tokenise(text).map_err(|(line, m)| refuse(line, m))?;
     let mut included = Vec::new();
     let mut i = 0;
     while i < tokens.len() {
@@ -110,10 +110,19 @@ pub fn scan(
     Ok(included)
 }
 
-/// varnishd's tokens, each with its (first) line; `Err((line, why))`.
-fn tokenise(text: &str) -> Result<Vec<(Tok<'_>, usize)>, (usize, String)> {
+/// The comments of `text` (each with its first line), as varnishd reads them; empty
+/// when `text` does not tokenise (then [`scan`] refuses it anyway).
+pub fn comments(text: &str) -> Vec<(usize, &str)> {
+    tokenise(text).map(|(_, c)| c).unwrap_or_default()
+}
+
+type Tokens<'a> = (Vec<(Tok<'a>, usize)>, Vec<(usize, &'a str)>);
+
+/// varnishd's tokens, each with its (first) line, and the comments; `Err((line, why))`.
+fn tokenise(text: &str) -> Result<Tokens<'_>, (usize, String)> {
     let b = text.as_bytes();
     let mut out = Vec::new();
+    let mut comments = Vec::new();
     let mut line = 1;
     let mut i = 0;
     // The end (exclusive) of `close` searched from `from`, counting newlines.
@@ -139,13 +148,16 @@ fn tokenise(text: &str) -> Result<Vec<(Tok<'_>, usize)>, (usize, String)> {
         } else if c.is_ascii_whitespace() {
             i += 1;
         } else if c == b'#' || rest.starts_with(b"//") {
+            let start = i;
             while i < b.len() && b[i] != b'\n' {
                 i += 1;
             }
+            comments.push((line, &text[start..i]));
         } else if rest.starts_with(b"/*") {
             let start = line;
             let end = find(i + 2, b"*/", &mut line)
                 .ok_or((start, "unterminated /* comment".to_owned()))?;
+            comments.push((start, &text[i..end + 2]));
             i = end + 2;
         } else if rest.starts_with(b"{\"") {
             let start = line;
@@ -186,7 +198,7 @@ fn tokenise(text: &str) -> Result<Vec<(Tok<'_>, usize)>, (usize, String)> {
             i += 1;
         }
     }
-    Ok(out)
+    Ok((out, comments))
 }
 
 #[cfg(test)]
@@ -234,6 +246,15 @@ mod tests {
                 "{text:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn comments_are_found_where_varnishd_sees_them() {
+        let text = "a # one\n\"#not\" // two\n/* three\n */ x";
+        assert_eq!(
+            comments(text),
+            vec![(1, "# one"), (2, "// two"), (3, "/* three\n */")]
+        );
     }
 
     #[test]

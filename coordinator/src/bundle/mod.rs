@@ -185,11 +185,31 @@ pub fn render(bundle: &Bundle, vars: &Vars) -> Result<BTreeMap<String, String>, 
         if name == WAF_TOML {
             out.insert(WAF_VCL.to_owned(), waf::compile(text)?);
         } else {
-            out.insert(name.clone(), vars::substitute(text, vars, name)?);
+            let rendered = vars::substitute(text, vars, name)?;
+            check_no_secret_in_comments(name, &rendered, vars)?;
+            out.insert(name.clone(), rendered);
         }
     }
     check_includes(&out)?;
     Ok(out)
+}
+
+/// A secret (`${warm_token}`) belongs in code, never in a comment: a comment is copied
+/// into every listing of the VCL (`vcl.show`) and read by whoever reads the file.
+fn check_no_secret_in_comments(name: &str, rendered: &str, vars: &Vars) -> Result<(), BundleError> {
+    for (var, value) in vars.secrets() {
+        if let Some((line, _)) = proto::vcl::comments(rendered)
+            .into_iter()
+            .find(|(_, c)| c.contains(value))
+        {
+            return Err(BundleError::at(
+                name,
+                line,
+                format!("${{{var}}} is a secret: use it in code, not in a comment (write $${{{var}}} to name it)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Renders for every region (and for the built-ins alone when none is configured).
@@ -325,6 +345,31 @@ mod tests {
             .starts_with("main.vcl:2:"));
         let not_included = bundle(&[("main.vcl", "vcl 4.1;"), ("waf.toml", "")]);
         assert!(render(&not_included, &vars).is_err());
+    }
+
+    #[test]
+    fn a_secret_in_a_comment_is_refused() {
+        let vars = Vars::for_region("eu", &BTreeMap::new()).with_warm_token("s3cr3t-t0ken-value");
+        let code = bundle(&[(
+            "main.vcl",
+            "# the token: $${warm_token}\nif (req.http.X-Warm-Token == \"${warm_token}\") {}",
+        )]);
+        let out = render(&code, &vars).unwrap();
+        assert!(out["main.vcl"].contains("\"s3cr3t-t0ken-value\""));
+        for text in [
+            "# ${warm_token}",
+            "x;\n// ${warm_token}",
+            "\n\n/* a\n${warm_token} */",
+        ] {
+            let b = bundle(&[("main.vcl", text)]);
+            let err = render(&b, &vars).unwrap_err();
+            assert_eq!(
+                err.line,
+                Some(text.matches('\n').count().min(2) + 1),
+                "{text:?}: {err}"
+            );
+            assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        }
     }
 
     #[test]

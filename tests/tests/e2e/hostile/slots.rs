@@ -322,3 +322,112 @@ async fn a_compile_error_shown_without_the_token_carries_no_file_content() {
         401
     );
 }
+
+/// `(mode bits, gid)` of `path`.
+fn stat(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.mode() & 0o7777, m.gid())
+}
+
+/// Every file and directory under `dir` (itself included).
+fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    out.push(dir.to_owned());
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_at_rest_are_private_and_varnish_still_compiles_them() {
+    let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let c = &cluster.coordinator;
+    // A bundle with a WAF (whose rules may carry basic-auth passwords) and the warm token.
+    let (version, view) = c
+        .push_and_wait(&coordinator_cli::demo::sample_bundle(), false)
+        .await;
+    assert_eq!(view["rollout"]["phase"], "done", "{view}");
+
+    // The coordinator's state: owner only, every store and file in it.
+    let mut paths = Vec::new();
+    walk(&c.state, &mut paths);
+    let names: Vec<String> = paths
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    for store in ["config.redb", "warm.redb", "purges.redb"] {
+        assert!(names.iter().any(|n| n == store), "{store} not in {names:?}");
+    }
+    for p in &paths {
+        let (mode, _) = stat(p);
+        let want = if p.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode & !want, 0, "{} is {mode:o}", p.display());
+    }
+
+    // The agent's: the state dir passable by varnishd's group only, the bundle readable
+    // by that group only, the cursor the agent's alone.
+    let varnish_gid = nix::unistd::Group::from_name("varnish")
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    let state = cluster.dir.path().join("r0").join("edge-0-state");
+    assert_eq!(stat(&state).0, 0o710, "{}", state.display());
+    assert_eq!(stat(&state.join("cursor")).0, 0o600);
+    let vcl = state.join("vcl");
+    let loaded = std::fs::read_dir(&vcl)
+        .expect("vcl dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("cfg_{version}_")))
+        })
+        .expect("the bundle's directory");
+    let mut files = vec![vcl.clone()];
+    walk(&loaded, &mut files);
+    for p in &files {
+        let (mode, gid) = stat(p);
+        let want = if p.is_dir() { 0o750 } else { 0o640 };
+        assert_eq!(mode & !want, 0, "{} is {mode:o}", p.display());
+        if let (Some(g), true) = (
+            varnish_gid,
+            p.extension().is_some_and(|e| e == "vcl") || p.is_dir(),
+        ) {
+            assert_eq!(gid, g, "{} is not in group varnish", p.display());
+        }
+    }
+    // The rendered VCL holds the warm token in code, never in a comment.
+    let main = std::fs::read_to_string(loaded.join("main.vcl")).expect("main.vcl");
+    assert!(main.contains(tests::WARM_TOKEN));
+    for line in main.lines().filter(|l| l.contains(tests::WARM_TOKEN)) {
+        let code = line.trim_start();
+        assert!(!code.starts_with('#') && !code.starts_with("//"), "{line}");
+    }
+    // A varnishd jailed the way Debian runs it (compiling as vcache, group varnish) and
+    // the default jail (user varnish) both read the agent's files.
+    let work = temp_dir();
+    for jail in ["unix,user=vcache", "unix"] {
+        let out = std::process::Command::new("varnishd")
+            .args(["-C", "-j", jail, "-n"])
+            .arg(work.path().join(jail.replace([',', '='], "_")))
+            .arg("-f")
+            .arg(loaded.join("main.vcl"))
+            .output()
+            .expect("varnishd -C");
+        assert!(
+            out.status.success(),
+            "-j {jail}: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
