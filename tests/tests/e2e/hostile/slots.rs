@@ -431,3 +431,111 @@ async fn secrets_at_rest_are_private_and_varnish_still_compiles_them() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_file_of_a_running_demo_that_holds_a_secret_is_readable_by_others() {
+    use coordinator_cli::demo::process;
+    tests::require_varnish();
+    let dir = temp_dir();
+    let state = dir.path().join("demo");
+    let cluster_json = state.join("cluster.json");
+    let log = dir.path().join("demo.log");
+    let mut demo = None;
+    for attempt in 0..5u16 {
+        let base = 10_000 + (std::process::id() as u16 % 200 + attempt * 53 + 7) % 200 * 100;
+        let args: Vec<String> = [
+            "demo",
+            "--regions",
+            "1",
+            "--base-port",
+            &base.to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut child = process::spawn(&tests::bin_dir().join("coordinator"), &args, &log, "demo")
+            .expect("spawn demo");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !cluster_json.is_file() && child.try_status().is_none() {
+            assert!(Instant::now() < deadline, "no cluster.json after 90s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if cluster_json.is_file() {
+            demo = Some(child);
+            break;
+        }
+    }
+    let mut demo = demo.expect("the demo never came up");
+    let cluster: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cluster_json).expect("cluster.json")).expect("json");
+    // Wait for the sample bundle's rollout: the agent has written its files.
+    let api: SocketAddr = cluster["api"]
+        .as_str()
+        .and_then(|a| a.strip_prefix("http://"))
+        .and_then(|a| a.parse().ok())
+        .expect("api address");
+    tests::assert_eventually!(
+        60,
+        tests::get_json(api, "/api/v1/config")
+            .await
+            .is_some_and(|v| v["rollout"]["phase"] == "done"),
+        "the demo's bundle did not roll out"
+    );
+    let secrets: Vec<String> = ["api-token", "warm-token"]
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(state.join(f))
+                .expect("token")
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    let mut paths = Vec::new();
+    walk(&state, &mut paths);
+    let mut holding = Vec::new();
+    for p in paths.iter().filter(|p| p.is_file()) {
+        // varnishd's own workdir (shared memory) is varnishd's business.
+        if p.ancestors().any(|a| a.join("_.vsm_mgt").exists()) {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(p) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        if secrets.iter().any(|s| text.contains(s.as_str())) {
+            holding.push(p.clone());
+        }
+    }
+    demo.stop(Duration::from_secs(10)).await;
+    let names: Vec<String> = holding
+        .iter()
+        .map(|p| p.strip_prefix(&state).unwrap_or(p).display().to_string())
+        .collect();
+    println!("files holding a secret: {names:?}");
+    assert!(
+        names.iter().any(|n| n.contains("boot-vcl"))
+            && names.iter().any(|n| n.contains("/vcl/cfg_")),
+        "the rendered VCLs hold the warm token: {names:?}"
+    );
+    for p in &holding {
+        let (mode, _) = stat(p);
+        assert_eq!(
+            mode & 0o007,
+            0,
+            "{} holds a secret and is {mode:o}",
+            p.display()
+        );
+        // Every directory above it up to the demo's is closed to others too, or only
+        // passable.
+        let parent = p.parent().expect("parent");
+        assert_eq!(stat(parent).0 & 0o007, 0, "{}", parent.display());
+    }
+    // The stores (config.redb holds every bundle) are the owner's alone.
+    for store in ["config.redb", "warm.redb", "purges.redb"] {
+        let p = state.join("coordinator-state").join(store);
+        assert_eq!(stat(&p).0, 0o600, "{}", p.display());
+    }
+    assert_eq!(stat(&state.join("coordinator-state")).0, 0o700);
+}
