@@ -340,6 +340,35 @@ mod tests {
         assert!(h.admit("2001:db8:0:1::1".parse().unwrap()).is_ok());
     }
 
+    #[tokio::test]
+    async fn silent_plaintext_clients_delay_nobody() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let mut stream = incoming(listener, shutdown.clone(), "test-grpc");
+        // More silent connections from one source than its cap, and a few over it.
+        let mut silent = Vec::new();
+        for _ in 0..HANDSHAKES_PER_SOURCE + 8 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            silent.push(socket.connect(addr).await.unwrap());
+        }
+        let started = Instant::now();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let got = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio_stream::StreamExt::next(&mut stream),
+        )
+        .await
+        .expect("the talking client is handed over at once");
+        let handed = got.unwrap().unwrap();
+        assert_eq!(handed.peer_addr().unwrap(), client.local_addr().unwrap());
+        assert!(started.elapsed() < Duration::from_secs(1));
+        shutdown.cancel();
+    }
+
     #[test]
     fn refusals_are_counted_always_and_logged_once_per_interval() {
         let r = Refusals::new(Duration::from_secs(3600));
