@@ -55,8 +55,8 @@ impl Vars {
     }
 }
 
-/// Variables whose values are secrets.
-pub const SECRET_VARS: [&str; 1] = ["warm_token"];
+/// Variables whose values are secrets (those a region does not have are skipped).
+pub const SECRET_VARS: [&str; 2] = ["warm_token", "warm_tier_token"];
 
 /// Whether `name` is a valid variable name.
 pub fn is_name(name: &str) -> bool {
