@@ -115,7 +115,8 @@ pub fn errors() -> Vec<(&'static str, u64)> {
 /// How long a plaintext gRPC client may take to send its first bytes (the HTTP/2
 /// preface, which a client sends at once) before the connection is dropped.
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Connections from one source address (an IPv6 /64) still being handshaken, at most.
+/// Connections from one source address (an IPv6 /64) still being handshaken, at most
+/// (`[grpc] handshakes_per_source`'s default).
 pub const HANDSHAKES_PER_SOURCE: usize = 32;
 /// Connections being handshaken at once, at most, from everyone.
 pub const HANDSHAKES_TOTAL: usize = 1024;
@@ -129,11 +130,12 @@ pub const REFUSALS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// holds no slot anyone else needs and delays nobody.
 pub fn incoming(
     listener: TcpListener,
+    per_source: usize,
     shutdown: CancellationToken,
     what: &'static str,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TcpStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let admission = Handshakes::new(HANDSHAKES_PER_SOURCE, HANDSHAKES_TOTAL);
+    let admission = Handshakes::new(per_source, HANDSHAKES_TOTAL);
     let refusals = Arc::new(Refusals::new(REFUSALS_LOG_INTERVAL));
     tokio::spawn(async move {
         while let Some((tcp, peer)) = next_unslotted(&listener, &shutdown, what).await {
@@ -346,7 +348,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let mut stream = incoming(listener, shutdown.clone(), "test-grpc");
+        let mut stream = incoming(
+            listener,
+            HANDSHAKES_PER_SOURCE,
+            shutdown.clone(),
+            "test-grpc",
+        );
         // More silent connections from one source than its cap, and a few over it.
         let mut silent = Vec::new();
         for _ in 0..HANDSHAKES_PER_SOURCE + 8 {

@@ -10,8 +10,8 @@
 //! [`incoming`] turns a bound listener into a stream of handshaken connections for
 //! tonic. Every connection is taken off the socket at once; each handshake runs in its
 //! own task under [`HANDSHAKE_TIMEOUT`] (3 s), admitted by [`crate::accept::Handshakes`]
-//! (at most 32 in progress per source address, 1,024 in all; one over is closed at
-//! once), so a peer that stalls its handshake, or opens hundreds of them, delays nobody
+//! (at most `[grpc] handshakes_per_source`, 32 by default, in progress per source
+//! address, 1,024 in all; one over is closed at once), so a peer that stalls its handshake, or opens hundreds of them, delays nobody
 //! else's. Refused handshakes are counted by reason
 //! (`coordinator_tls_handshakes_refused_total{reason}`) and logged at most once per
 //! ten seconds with the counts. Tonic keeps the verified peer certificates with the connection;
@@ -210,13 +210,11 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<(String, String), Stri
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
+    per_source: usize,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let admission = Handshakes::new(
-        crate::accept::HANDSHAKES_PER_SOURCE,
-        crate::accept::HANDSHAKES_TOTAL,
-    );
+    let admission = Handshakes::new(per_source, crate::accept::HANDSHAKES_TOTAL);
     tokio::spawn(async move {
         while let Some((tcp, peer)) =
             crate::accept::next_unslotted(&listener, &shutdown, "grpc").await

@@ -233,6 +233,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         purge: toml::from_str::<PurgeConfig>(&format!("listen = \"{}\"", port(1)))
             .map_err(|e| DemoError::Invalid(e.to_string()))?,
         grpc: GrpcConfig {
+            handshakes_per_source: coordinator::accept::HANDSHAKES_PER_SOURCE,
             listen: port(2),
             tls: tls_files.clone(),
         },
