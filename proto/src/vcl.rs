@@ -13,8 +13,9 @@
 //! and `"""..."""` long strings; an `include` and its string may be on different lines
 //! with comments between them. Anything it cannot tokenise (an unterminated string or
 //! comment) is refused, since varnishd would refuse it too. Also refused: inline C
-//! (`C{ }C`, off in varnishd by default), `include +glob`, and `std.fileread` /
-//! `std.blobread`, which read any file on the edge into the VCL.
+//! (`C{ }C`, off in varnishd by default), `include +glob`, `std.fileread` /
+//! `std.blobread`, which read any file on the edge into the VCL, and varnishd's test
+//! VMODs `vtc` and `debug` (`vtc.panic()` crashes the child).
 
 use std::fmt;
 
@@ -34,6 +35,9 @@ impl fmt::Display for Refusal {
 }
 
 impl std::error::Error for Refusal {}
+
+/// varnishd's test VMODs: `vtc.panic()`, `debug.*` crash or stall a varnishd at will.
+pub const TEST_VMODS: [&str; 2] = ["vtc", "debug"];
 
 /// Functions that read a file of the edge's disk at load or request time.
 pub const FILE_READERS: [&str; 2] = ["std.fileread", "std.blobread"];
@@ -88,6 +92,14 @@ pub fn scan(
                 }
             },
             Tok::Ident("import") => {
+                if let Some((Tok::Ident(vmod), at)) = tokens.get(i + 1) {
+                    if TEST_VMODS.contains(vmod) {
+                        return Err(refuse(
+                            *at,
+                            format!("import {vmod} is refused: a test VMOD (it can crash or stall varnishd)"),
+                        ));
+                    }
+                }
                 if let (Some((Tok::Ident(vmod), _)), Some((Tok::Ident("from"), at))) =
                     (tokens.get(i + 1), tokens.get(i + 2))
                 {
@@ -234,6 +246,8 @@ mod tests {
             ("include +glob \"./*.vcl\";", 1),
             ("sub x { include; }", 1),
             ("\nimport std from \"/tmp/evil.so\";", 2),
+            ("import vtc;", 1),
+            ("import\ndebug;", 2),
             ("set resp.http.x = std.fileread(\"/etc/passwd\");", 1),
             ("set resp.http.x = std.blobread(\"/etc/passwd\");", 1),
             ("C{ system(\"id\"); }C", 1),
