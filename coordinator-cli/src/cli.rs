@@ -74,6 +74,16 @@ impl ApiClient {
         })
     }
 
+    /// `GET /api/v1/config`, with errors in full when we hold the token (without it the
+    /// coordinator shows each error's place and one line only).
+    fn config_path(&self) -> &'static str {
+        if self.token.is_some() {
+            "/api/v1/config?detail=full"
+        } else {
+            "/api/v1/config"
+        }
+    }
+
     /// One request, its answer read as `T`; a non-2xx answer becomes [`CliError::Api`]
     /// with the JSON `error`.
     pub async fn call<T: DeserializeOwned>(
@@ -254,7 +264,7 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        let view: ConfigView = api.call("GET", "/api/v1/config", NO_BODY).await?;
+        let view: ConfigView = api.call("GET", api.config_path(), NO_BODY).await?;
         let Some(rollout) = view.rollout.as_ref().filter(|r| r.id == id) else {
             return Err(CliError::Failed(
                 "another rollout superseded this one".into(),
@@ -297,7 +307,7 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
 
 /// `config status`: the desired version and every edge's state.
 pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
-    let view: ConfigView = api.call("GET", "/api/v1/config", NO_BODY).await?;
+    let view: ConfigView = api.call("GET", api.config_path(), NO_BODY).await?;
     println!(
         "desired {}  current {}  drift policy {}",
         view.desired.as_deref().unwrap_or("-"),
@@ -336,7 +346,7 @@ pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
 
 /// `config list`.
 pub async fn config_list(api: &ApiClient) -> Result<(), CliError> {
-    let view: ConfigView = api.call("GET", "/api/v1/config", NO_BODY).await?;
+    let view: ConfigView = api.call("GET", api.config_path(), NO_BODY).await?;
     let list: Vec<VersionInfo> = api.call("GET", "/api/v1/config/versions", NO_BODY).await?;
     println!(
         "{:<18} {:<20} {:>8}  FILES",

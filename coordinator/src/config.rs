@@ -62,6 +62,15 @@ pub struct GrpcConfig {
     pub listen: SocketAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// Connections from one source address (an IPv6 /64) still in their TLS handshake
+    /// (or, plaintext, before their first bytes), at most; one more is closed at once.
+    /// Raise it for many agents behind one NAT address.
+    #[serde(default = "default_handshakes_per_source")]
+    pub handshakes_per_source: usize,
+}
+
+fn default_handshakes_per_source() -> usize {
+    crate::accept::HANDSHAKES_PER_SOURCE
 }
 
 /// `[api]`: JSON API, metrics and dashboard.
@@ -225,6 +234,11 @@ impl daemon::Validate for CoordinatorConfig {
         self.warm.validate(&names)?;
         RegionConfig::validate_all(&self.regions)?;
         self.api.validate()?;
+        if self.grpc.handshakes_per_source == 0 {
+            return Err(ConfigError::invalid(
+                "grpc.handshakes_per_source must be at least 1",
+            ));
+        }
         for rule in &self.alerts.rules {
             if let Some(r) = rule.regions.iter().find(|r| !names.contains(r)) {
                 return Err(ConfigError::Invalid(format!(

@@ -145,6 +145,7 @@ pub async fn run(
     let service = SessionService::new(state.clone(), shutdown.clone());
     let grpc_shutdown = shutdown.clone();
     let server_tls = state.tls.clone();
+    let per_source = config.grpc.handshakes_per_source;
     let grpc_task = tokio::spawn(async move {
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -153,7 +154,7 @@ pub async fn run(
             .add_service(proto::CoordinatorServer::new(service));
         let result = match server_tls {
             Some(t) => {
-                let incoming = tls::incoming(listeners.grpc, t, grpc_shutdown.clone());
+                let incoming = tls::incoming(listeners.grpc, t, per_source, grpc_shutdown.clone());
                 router
                     .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
                     .await
@@ -161,8 +162,12 @@ pub async fn run(
             None => {
                 // Our own accept loop (TCP_NODELAY set, failures counted and logged):
                 // `Server::tcp_nodelay` only applies to sockets tonic binds itself.
-                let incoming =
-                    crate::accept::incoming(listeners.grpc, grpc_shutdown.clone(), "grpc");
+                let incoming = crate::accept::incoming(
+                    listeners.grpc,
+                    per_source,
+                    grpc_shutdown.clone(),
+                    "grpc",
+                );
                 router
                     .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
                     .await

@@ -82,7 +82,8 @@ impl State {
     /// `[store] backend = "etcd"`), the config store and warm store under `state_dir`,
     /// loads the TLS files, and builds every subsystem and its metrics.
     pub async fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, OpenError> {
-        std::fs::create_dir_all(state_dir).map_err(|e| {
+        // Owner only: the stores hold bundles (passwords in `waf.toml`), the warm token.
+        daemon::files::dir_with_mode(state_dir, daemon::files::PRIVATE_DIR).map_err(|e| {
             OpenError::Store(StoreError::Storage(format!("{}: {e}", state_dir.display())))
         })?;
         let id = config.store.id_or_default(config.api.listen);

@@ -8,11 +8,17 @@
 //! that fails keeps the old acceptor. The CA file may hold several CAs (rotation).
 //!
 //! [`incoming`] turns a bound listener into a stream of handshaken connections for
-//! tonic; each handshake runs in its own task under a timeout, so a stalled client delays
-//! nobody. Tonic keeps the verified peer certificates with the connection;
+//! tonic. Every connection is taken off the socket at once; each handshake runs in its
+//! own task under [`HANDSHAKE_TIMEOUT`] (3 s), admitted by [`crate::accept::Handshakes`]
+//! (at most `[grpc] handshakes_per_source`, 32 by default, in progress per source
+//! address, 1,024 in all; one over is closed at once), so a peer that stalls its handshake, or opens hundreds of them, delays nobody
+//! else's. Refused handshakes are counted by reason
+//! (`coordinator_tls_handshakes_refused_total{reason}`) and logged at most once per
+//! ten seconds with the counts. Tonic keeps the verified peer certificates with the connection;
 //! [`peer_identity`] reads the edge identity URI back out of them ([`crate::pki`]).
 
 use std::io::BufReader;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -22,7 +28,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{collector, counter_value, gauge, DescriptorEncoder, Label, Registry};
+use crate::accept::{describe, Handshakes, Refusals};
+use crate::metrics::{collector, counter, gauge, DescriptorEncoder, Label, Registry};
 use crate::pki::EDGE_URI_PREFIX;
 
 /// `[grpc.tls]`: certificate files for mutual TLS.
@@ -42,10 +49,12 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-/// A TLS handshake must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more wait (a flood cannot exhaust memory).
-const MAX_HANDSHAKES: usize = 256;
+/// A TLS handshake must finish within this (an agent's own connect timeout is 5 s).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Why a handshake was refused: it did not finish in time.
+pub const REFUSED_TIMEOUT: &str = "timeout";
+/// Why a handshake was refused: it failed (no or a foreign certificate, not TLS).
+pub const REFUSED_HANDSHAKE: &str = "handshake_failed";
 
 /// Why the TLS files could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -98,8 +107,10 @@ pub struct ServerTls {
     files: TlsConfig,
     acceptor: RwLock<TlsAcceptor>,
     expiry: RwLock<CertExpiry>,
-    /// Handshakes refused (no/foreign/expired certificate, not TLS, timeout).
+    /// Handshakes refused (no/foreign/expired certificate, not TLS, timeout, a cap).
     pub refused: AtomicU64,
+    /// The same by reason, and the rate-limited log.
+    refusals: Refusals,
 }
 
 impl ServerTls {
@@ -110,6 +121,7 @@ impl ServerTls {
             acceptor: RwLock::new(acceptor),
             expiry: RwLock::new(expiry),
             refused: AtomicU64::new(0),
+            refusals: Refusals::new(crate::accept::REFUSALS_LOG_INTERVAL),
         }))
     }
 
@@ -198,36 +210,57 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<(String, String), Stri
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
+    per_source: usize,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let admission = Handshakes::new(per_source, crate::accept::HANDSHAKES_TOTAL);
     tokio::spawn(async move {
-        while let Some((tcp, peer, permit)) =
-            crate::accept::next(&listener, &slots, &shutdown, "grpc").await
+        while let Some((tcp, peer)) =
+            crate::accept::next_unslotted(&listener, &shutdown, "grpc").await
         {
+            let ticket = match admission.admit(peer.ip()) {
+                Ok(t) => t,
+                Err(reason) => {
+                    tls.refuse(reason, peer, None);
+                    continue;
+                }
+            };
             let acceptor = tls.acceptor();
             let (tx, tls) = (tx.clone(), tls.clone());
             tokio::spawn(async move {
                 let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                drop(permit);
+                drop(ticket);
                 match result {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => {
-                        tls.refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%peer, error = %e, "TLS handshake refused");
-                    }
-                    Err(_) => {
-                        tls.refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%peer, "TLS handshake timed out");
-                    }
+                    Ok(Err(e)) => tls.refuse(REFUSED_HANDSHAKE, peer, Some(&e)),
+                    Err(_) => tls.refuse(REFUSED_TIMEOUT, peer, None),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+impl ServerTls {
+    /// Counts a refused handshake; logs it when a line is due (one per interval, with
+    /// the counts since the last), at debug level otherwise.
+    fn refuse(&self, reason: &'static str, peer: SocketAddr, error: Option<&std::io::Error>) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let error = error.map(ToString::to_string).unwrap_or_default();
+        match self.refusals.count(reason) {
+            Some(counts) => tracing::warn!(%peer, reason, error, refused = %describe(&counts),
+                "TLS handshakes refused (this one, and the counts since the last line)"),
+            None => tracing::debug!(%peer, reason, error, "TLS handshake refused"),
+        }
+    }
+
+    /// Refused handshakes by reason since the start.
+    pub fn refused_by_reason(&self) -> Vec<(&'static str, u64)> {
+        self.refusals.totals()
+    }
 }
 
 impl ServerTls {
@@ -248,11 +281,15 @@ fn encode_metrics(source: &Arc<ServerTls>, e: &mut DescriptorEncoder) -> std::fm
             ([("cert", Label("ca"))], expiry.ca_not_after),
         ],
     )?;
-    counter_value(
+    counter(
         e,
         "coordinator_tls_handshakes_refused_total",
-        "gRPC connections refused during the TLS handshake.",
-        source.refused.load(Ordering::Relaxed),
+        "gRPC connections refused before or during the TLS handshake, by reason \
+         (handshake_failed, timeout, per_source_cap, capacity).",
+        source
+            .refused_by_reason()
+            .into_iter()
+            .map(|(reason, n)| ([("reason", Label(reason))], n)),
     )
 }
 

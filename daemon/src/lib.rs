@@ -6,6 +6,7 @@
 //! by calling these.
 
 pub mod config;
+pub mod files;
 pub mod limits;
 pub mod logging;
 pub mod signal;

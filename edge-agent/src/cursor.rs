@@ -74,12 +74,13 @@ pub struct CursorFile {
 
 impl CursorFile {
     /// Opens (creating) `state_dir/cursor` with owner-only permissions. The state dir is
-    /// 0711: others cannot list or write it, but varnishd's VCL compiler (user vcache)
-    /// can reach the bundle files under `vcl/` that the agent makes readable.
+    /// 0710, group `varnish` ([`daemon::files`]): nobody else can list or write it, and
+    /// only varnishd's VCL compiler (users `varnish`/`vcache`, group `varnish`) can pass
+    /// through it to the bundle files under `vcl/`.
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        std::fs::create_dir_all(state_dir)?;
-        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        daemon::files::dir_with_mode(state_dir, 0o710)?;
+        daemon::files::share_with(state_dir, daemon::files::varnish_gid());
         let path = state_dir.join("cursor");
         let file = std::fs::OpenOptions::new()
             .read(true)

@@ -3,8 +3,11 @@
 //! [`run`] is a task of its own with its own admin connection, so a VCL compile (seconds
 //! with a C compiler) never delays a purge. For each [`ApplyConfig`] it:
 //!
-//! 1. writes the files to `state_dir/vcl/<name>/` (directories 0755, files 0644: readable
-//!    by varnishd, writable only by the agent), refusing any file name with a path in it;
+//! 1. checks the bundle ([`validate`]: flat file names, and [`proto::vcl::scan`]: no
+//!    `include` of a file outside the bundle, no VMOD imported from a path), then writes
+//!    the files to `state_dir/vcl/<name>/` (directories 0750, files 0640, group
+//!    `varnish`: readable by varnishd's compiler, by nobody else, since the rendered VCL
+//!    holds the warm token; writable only by the agent);
 //! 2. `vcl.load <name> <dir>/main.vcl` — varnishd compiles it; a compile error is
 //!    reported with the bundle's file names and nothing changes;
 //! 3. records a hash of `vcl.show -v <name>` (before switching, so an agent killed right
@@ -119,6 +122,17 @@ pub fn validate(apply: &ApplyConfig) -> Result<(), String> {
     if let Some(f) = apply.files.keys().find(|f| !safe_name(f)) {
         return bad(&format!("unsafe file name {f:?}"));
     }
+    // The coordinator checked this at push; checked again here so that no VCL naming a
+    // file outside the bundle reaches varnishd's compiler (which would read it, and quote
+    // it in its error).
+    let in_bundle = |n: &str| apply.files.contains_key(n);
+    for (name, content) in apply.files.iter().filter(|(n, _)| n.ends_with(".vcl")) {
+        let Ok(text) = std::str::from_utf8(content) else {
+            return bad(&format!("{name} is not UTF-8 text"));
+        };
+        proto::vcl::scan(name, text, &in_bundle)
+            .map_err(|r| format!("refusing bundle {}: {r}", apply.version))?;
+    }
     Ok(())
 }
 
@@ -232,7 +246,11 @@ impl Worker {
             .await
         {
             let hash = hex::encode(Sha256::digest(source.as_bytes()));
-            let _ = std::fs::write(dir.join(SOURCE_HASH), &hash);
+            let _ = daemon::files::write_with_mode(
+                &dir.join(SOURCE_HASH),
+                hash.as_bytes(),
+                daemon::files::SHARED_FILE,
+            );
             self.hashes.insert(name.to_owned(), hash);
         }
         if let Err(e) = self.varnish.command(&format!("vcl.use {name}"), None).await {
@@ -340,26 +358,31 @@ fn message(e: ApplyError) -> String {
     }
 }
 
+/// Writes a bundle for varnishd's compiler and nobody else: directories 0750 and files
+/// 0640, group `varnish` ([`daemon::files`]); the rendered VCL holds the warm token.
 fn write_files(
     dir: &Path,
     files: &std::collections::HashMap<String, Vec<u8>>,
 ) -> std::io::Result<()> {
+    use daemon::files::{dir_with_mode, share_with, SHARED_DIR, SHARED_FILE};
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
+    let gid = daemon::files::varnish_gid();
     if let Some(parent) = dir.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)?;
+        dir_with_mode(parent, SHARED_DIR)?;
+        share_with(parent, gid);
     }
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::DirBuilder::new().mode(0o755).create(dir)?;
+    dir_with_mode(dir, SHARED_DIR)?;
+    share_with(dir, gid);
     for (name, content) in files {
+        let path = dir.join(name);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
-            .open(dir.join(name))?;
+            .mode(SHARED_FILE)
+            .open(&path)?;
+        share_with(&path, gid);
         f.write_all(content)?;
     }
     Ok(())
@@ -395,6 +418,24 @@ mod tests {
         assert_eq!(d, vec!["cfg_aa_100", "cfg_dd_50"]);
         assert_eq!(to_discard(&l, 1).len(), 3);
         assert!(to_discard(&l, 10).is_empty());
+    }
+
+    #[test]
+    fn a_bundle_including_a_file_outside_it_is_refused() {
+        let apply = |main: &str| ApplyConfig {
+            version: "abc123".into(),
+            files: [
+                ("main.vcl".to_owned(), main.as_bytes().to_vec()),
+                ("waf.vcl".to_owned(), Vec::new()),
+            ]
+            .into_iter()
+            .collect(),
+            ..ApplyConfig::default()
+        };
+        assert!(validate(&apply("vcl 4.1;\ninclude \"./waf.vcl\";")).is_ok());
+        let err = validate(&apply("vcl 4.1;\ninclude\n\"../../../etc/passwd\";")).unwrap_err();
+        assert!(err.contains("main.vcl:3:"), "{err}");
+        assert!(validate(&apply("import std from \"/tmp/x.so\";")).is_err());
     }
 
     #[test]

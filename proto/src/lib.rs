@@ -9,6 +9,7 @@
 //! without breaking old peers (see the rules at the top of the `.proto`).
 
 pub mod codec;
+pub mod vcl;
 
 /// Generated types and service stubs for package `edge.v1`.
 #[allow(clippy::all, missing_docs)]

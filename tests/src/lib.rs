@@ -737,11 +737,17 @@ impl CoordinatorProc {
         api_call(self.api, method, path, Some(&self.token), body).await
     }
 
-    /// `GET /api/v1/config`.
+    /// `GET /api/v1/config?detail=full` with the token (errors as the compiler wrote
+    /// them; without the token a reader sees each error's place and one line).
     pub async fn config(&self) -> Value {
-        get_json(self.api, "/api/v1/config")
-            .await
-            .unwrap_or(Value::Null)
+        let req = format!(
+            "GET /api/v1/config?detail=full HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            self.token
+        );
+        match raw(self.api, req.as_bytes()).await {
+            Ok(r) if r.status == 200 => r.json(),
+            _ => Value::Null,
+        }
     }
 
     /// Waits until rollout `id` has finished; returns the config view.

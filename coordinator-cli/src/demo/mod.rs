@@ -62,9 +62,17 @@ pub fn write_boot_vcl(
     let vars = Vars::for_region(region, &backend_vars(backend)).with_warm_token(warm_token);
     let files = bundle::render(&sample_bundle(), &vars)
         .map_err(|e| DemoError::Invalid(format!("sample bundle: {e}")))?;
-    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    // It holds the warm token: varnishd's compiler may read it, nobody else.
+    use daemon::files::{dir_with_mode, share_with, varnish_gid, write_with_mode};
+    let gid = varnish_gid();
+    dir_with_mode(dir, daemon::files::SHARED_DIR)
+        .map_err(io(format!("cannot create {}", dir.display())))?;
+    share_with(dir, gid);
     for (name, text) in files {
-        std::fs::write(dir.join(&name), text).map_err(io(format!("cannot write {name}")))?;
+        let path = dir.join(&name);
+        write_with_mode(&path, text.as_bytes(), daemon::files::SHARED_FILE)
+            .map_err(io(format!("cannot write {name}")))?;
+        share_with(&path, gid);
     }
     Ok(dir.join(bundle::MAIN))
 }
@@ -150,8 +158,17 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             "--base-port must leave room for ports up to {top} (<= 65535)"
         )));
     }
-    std::fs::create_dir_all(&args.state_dir)
-        .map_err(io(format!("cannot create {}", args.state_dir.display())))?;
+    // Tokens, stores and rendered VCL live below: a new directory is owner only
+    // (varnishd and the agents run as this user, or as root with `-j none`); an existing
+    // one keeps its mode, and each file below has its own.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(daemon::files::PRIVATE_DIR)
+            .create(&args.state_dir)
+            .map_err(io(format!("cannot create {}", args.state_dir.display())))?;
+    }
     let dir = args
         .state_dir
         .canonicalize()
@@ -216,6 +233,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         purge: toml::from_str::<PurgeConfig>(&format!("listen = \"{}\"", port(1)))
             .map_err(|e| DemoError::Invalid(e.to_string()))?,
         grpc: GrpcConfig {
+            handshakes_per_source: coordinator::accept::HANDSHAKES_PER_SOURCE,
             listen: port(2),
             tls: tls_files.clone(),
         },

@@ -533,9 +533,42 @@ async fn cluster(State(s): State<ApiState>) -> Response {
     Json(s.state.cluster.view()).into_response()
 }
 
-async fn config_view(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
-    match q.local() {
-        Ok(local) => Json(s.state.rollouts.view_scoped(local)).into_response(),
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigQuery {
+    /// As in [`EdgesQuery`].
+    scope: Option<String>,
+    /// `full`: errors as the compiler wrote them (needs the token); default: each error
+    /// as its `file:line` and one bounded line ([`crate::rollout::redact`]), since a
+    /// compiler error quotes the source it read.
+    detail: Option<String>,
+}
+
+/// `GET /api/v1/config`: errors redacted unless `detail=full` with the token.
+async fn config_view(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ConfigQuery>,
+) -> Response {
+    let full = match q.detail.as_deref() {
+        None | Some("public") => false,
+        Some("full") => match authorize(&s, &headers) {
+            Ok(()) => true,
+            Err(r) => return r,
+        },
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("detail must be full or public, not {other:?}"),
+            )
+        }
+    };
+    let scope = EdgesQuery { scope: q.scope };
+    match scope.local() {
+        Ok(local) => {
+            let view = s.state.rollouts.view_scoped(local);
+            Json(if full { view } else { view.redacted() }).into_response()
+        }
         Err(r) => r,
     }
 }

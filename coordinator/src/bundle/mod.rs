@@ -185,11 +185,31 @@ pub fn render(bundle: &Bundle, vars: &Vars) -> Result<BTreeMap<String, String>, 
         if name == WAF_TOML {
             out.insert(WAF_VCL.to_owned(), waf::compile(text)?);
         } else {
-            out.insert(name.clone(), vars::substitute(text, vars, name)?);
+            let rendered = vars::substitute(text, vars, name)?;
+            check_no_secret_in_comments(name, &rendered, vars)?;
+            out.insert(name.clone(), rendered);
         }
     }
     check_includes(&out)?;
     Ok(out)
+}
+
+/// A secret (`${warm_token}`) belongs in code, never in a comment: a comment is copied
+/// into every listing of the VCL (`vcl.show`) and read by whoever reads the file.
+fn check_no_secret_in_comments(name: &str, rendered: &str, vars: &Vars) -> Result<(), BundleError> {
+    for (var, value) in vars.secrets() {
+        if let Some((line, _)) = proto::vcl::comments(rendered)
+            .into_iter()
+            .find(|(_, c)| c.contains(value))
+        {
+            return Err(BundleError::at(
+                name,
+                line,
+                format!("${{{var}}} is a secret: use it in code, not in a comment (write $${{{var}}} to name it)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Renders for every region (and for the built-ins alone when none is configured).
@@ -204,32 +224,18 @@ pub fn check(bundle: &Bundle, regions: &BTreeMap<String, Vars>) -> Result<(), Bu
     Ok(())
 }
 
-/// Every `include "X";` of a bundle file must say `./X` (varnishd resolves bare names
-/// against its `vcl_path`, not the bundle), and `waf.vcl` must be included when it exists.
+/// Every `include` of a bundle file must name a file of the bundle as `./name`
+/// (varnishd resolves anything else outside it: absolute paths, `..`, bare names in its
+/// `vcl_path`), no VMOD is imported from a path, nothing reads the edge's files
+/// ([`proto::vcl::scan`], the check the agent repeats), and `waf.vcl` must be included
+/// when it exists.
 fn check_includes(files: &BTreeMap<String, String>) -> Result<(), BundleError> {
     let mut included = std::collections::BTreeSet::new();
+    let in_bundle = |n: &str| files.contains_key(n);
     for (name, text) in files.iter().filter(|(n, _)| n.ends_with(".vcl")) {
-        for (i, line) in text.lines().enumerate() {
-            let Some(target) = include_target(line) else {
-                continue;
-            };
-            if let Some(local) = target.strip_prefix("./") {
-                if !files.contains_key(local) {
-                    return Err(BundleError::at(
-                        name,
-                        i + 1,
-                        format!("includes {target:?}, which is not in the bundle"),
-                    ));
-                }
-                included.insert(local.to_owned());
-            } else if files.contains_key(target) {
-                return Err(BundleError::at(
-                    name,
-                    i + 1,
-                    format!("write include \"./{target}\": a bare name is looked up in varnishd's vcl_path"),
-                ));
-            }
-        }
+        let found = proto::vcl::scan(name, text, &in_bundle)
+            .map_err(|r| BundleError::at(&r.file, r.line, r.message))?;
+        included.extend(found);
     }
     if files.contains_key(WAF_VCL) && !included.contains(WAF_VCL) {
         return Err(BundleError::file(
@@ -238,12 +244,6 @@ fn check_includes(files: &BTreeMap<String, String>) -> Result<(), BundleError> {
         ));
     }
     Ok(())
-}
-
-fn include_target(line: &str) -> Option<&str> {
-    let rest = line.trim_start().strip_prefix("include")?;
-    let rest = rest.trim_start().strip_prefix('"')?;
-    rest.split('"').next()
 }
 
 #[cfg(test)]
@@ -307,9 +307,37 @@ mod tests {
         let bare = bundle(&[("main.vcl", "include \"extra.vcl\";"), ("extra.vcl", "")]);
         let err = render(&bare, &vars).unwrap_err().to_string();
         assert!(
-            err.starts_with("main.vcl:1:") && err.contains("./extra.vcl"),
+            err.starts_with("main.vcl:1:") && err.contains("./name"),
             "{err}"
         );
+        // Out of the bundle, in every spelling varnishd would follow.
+        for (text, line) in [
+            ("vcl 4.1;\ninclude \"../../../etc/passwd\";", 2),
+            ("include \"/etc/passwd\";", 1),
+            ("include\n  # a comment\n  \"/etc/passwd\";", 3),
+            ("include \"./extra.vcl/../../etc/passwd\";", 1),
+            ("import std from \"/tmp/x.so\";", 1),
+            (
+                "sub vcl_deliver { set resp.http.x = std.fileread(\"/etc/passwd\"); }",
+                1,
+            ),
+        ] {
+            let b = bundle(&[("main.vcl", text), ("extra.vcl", "")]);
+            let err = check(&b, &BTreeMap::new()).unwrap_err();
+            assert_eq!(
+                (err.file.as_str(), err.line),
+                ("main.vcl", Some(line)),
+                "{text}: {err}"
+            );
+        }
+        let in_extra = bundle(&[
+            ("main.vcl", "include \"./extra.vcl\";"),
+            ("extra.vcl", "\n\ninclude \"/etc/shadow\";"),
+        ]);
+        assert!(render(&in_extra, &vars)
+            .unwrap_err()
+            .to_string()
+            .starts_with("extra.vcl:3:"));
         let missing = bundle(&[("main.vcl", "\n include \"./nope.vcl\";")]);
         assert!(render(&missing, &vars)
             .unwrap_err()
@@ -317,6 +345,31 @@ mod tests {
             .starts_with("main.vcl:2:"));
         let not_included = bundle(&[("main.vcl", "vcl 4.1;"), ("waf.toml", "")]);
         assert!(render(&not_included, &vars).is_err());
+    }
+
+    #[test]
+    fn a_secret_in_a_comment_is_refused() {
+        let vars = Vars::for_region("eu", &BTreeMap::new()).with_warm_token("s3cr3t-t0ken-value");
+        let code = bundle(&[(
+            "main.vcl",
+            "# the token: $${warm_token}\nif (req.http.X-Warm-Token == \"${warm_token}\") {}",
+        )]);
+        let out = render(&code, &vars).unwrap();
+        assert!(out["main.vcl"].contains("\"s3cr3t-t0ken-value\""));
+        for text in [
+            "# ${warm_token}",
+            "x;\n// ${warm_token}",
+            "\n\n/* a\n${warm_token} */",
+        ] {
+            let b = bundle(&[("main.vcl", text)]);
+            let err = render(&b, &vars).unwrap_err();
+            assert_eq!(
+                err.line,
+                Some(text.matches('\n').count().min(2) + 1),
+                "{text:?}: {err}"
+            );
+            assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        }
     }
 
     #[test]

@@ -97,7 +97,11 @@ impl ConfigStore {
     }
 
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(dir.join("config.redb")).map_err(storage)?;
+        // Bundles hold `waf.toml`, which may hold basic-auth passwords: owner only.
+        let path = dir.join("config.redb");
+        daemon::files::file_with_mode(&path, daemon::files::PRIVATE_FILE)
+            .map_err(|e| StoreError::Storage(format!("{}: {e}", path.display())))?;
+        let db = Database::create(&path).map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(VERSIONS).map_err(storage)?;

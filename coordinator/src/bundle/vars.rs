@@ -45,7 +45,21 @@ impl Vars {
     pub fn region(&self) -> &str {
         &self.region
     }
+
+    /// The values that are secrets (the warm token), which a rendered file may hold
+    /// only in code, never in a comment.
+    pub fn secrets(&self) -> impl Iterator<Item = (&str, &str)> {
+        SECRET_VARS.iter().filter_map(|name| {
+            self.values
+                .get(*name)
+                .filter(|v| !v.is_empty())
+                .map(|v| (*name, v.as_str()))
+        })
+    }
 }
+
+/// Variables whose values are secrets (those a region does not have are skipped).
+pub const SECRET_VARS: [&str; 2] = ["warm_token", "warm_tier_token"];
 
 /// Whether `name` is a valid variable name.
 pub fn is_name(name: &str) -> bool {

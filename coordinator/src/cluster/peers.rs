@@ -38,7 +38,14 @@ pub(super) async fn config(
     api: &str,
     token: Option<&str>,
 ) -> Result<ConfigView, String> {
-    get(client, &format!("{api}/api/v1/config?scope=local"), token).await
+    // With the token, the errors in full: the leader's rollout keeps what failed.
+    let detail = if token.is_some() { "&detail=full" } else { "" };
+    get(
+        client,
+        &format!("{api}/api/v1/config?scope=local{detail}"),
+        token,
+    )
+    .await
 }
 
 /// The reports of the agents the coordinator at `api` holds, from `(instance, since)` on

@@ -8,21 +8,29 @@
 //!
 //! The listener never waits on an edge; its latency is the log's group-commit latency.
 //!
-//! Hardening: a connection from outside the allow-list (and not from a trusted proxy)
-//! gets one second to send its head, then 405 and close, so strangers cannot hold
-//! connection slots (slowloris). Behind a proxy, `X-Forwarded-For` is believed only when
-//! the peer is in `trusted_proxies`: all its lines joined, the client is the rightmost
-//! untrusted hop, and a malformed hop a trusted proxy wrote is a 400 ([`client_ip`]). An
-//! optional shared secret header is checked in constant time after the allow-list. The
-//! request heads follow [`crate::http_head`]'s strict rules; a purge header given twice
-//! is a 400 ([`parse`]), a secret header given twice counts as a wrong secret (403).
+//! Hardening: a connection from outside the allow-list (and not from a trusted proxy) is
+//! answered 405 the moment it is accepted, before anything is read, and closed; it never
+//! takes one of the `max_connections` slots, which only allowed sources and trusted
+//! proxies use, so strangers cannot slow an allowed client (slowloris, a connection
+//! flood). Refusing a stranger is bounded too ([`STRANGER_SLOTS`] at once, each at most
+//! [`STRANGER_LINGER`]; beyond that the socket is dropped unanswered) and logged at most
+//! once per ten seconds with the count. An allowed connection waits for a slot when all
+//! are busy (as many as `max_connections` may wait; more get 503). Behind a proxy,
+//! `X-Forwarded-For` is believed only when the peer is in `trusted_proxies`: all its lines
+//! joined, the client is the rightmost untrusted hop, and a malformed hop a trusted proxy
+//! wrote is a 400 ([`client_ip`]). An optional shared secret header is checked in constant
+//! time after the allow-list. The request heads follow [`crate::http_head`]'s strict
+//! rules; a purge header given twice is a 400 ([`parse`]), a secret header given twice
+//! counts as a wrong secret (403).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::counters::PurgeCounters;
@@ -44,8 +52,14 @@ pub struct ListenerConfig {
     pub patterns: pattern::Policy,
 }
 
-/// How long a source outside the allow-list may take to send its head.
-const STRANGER_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Strangers being answered at once, at most; more are dropped unanswered.
+pub const STRANGER_SLOTS: usize = 256;
+/// How long answering a stranger may take, writing the 405 and reading (discarding)
+/// what it sent so the close does not reset the answer away.
+pub const STRANGER_LINGER: Duration = Duration::from_millis(250);
+
+/// The answer a stranger gets without being read.
+const STRANGER_405: &[u8] = b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\nContent-Length: 47\r\nConnection: close\r\n\r\n{\"error\":\"this source is not allowed to purge\"}";
 
 /// [`run`] on a thread and runtime of its own: the agents' sessions (a thousand tasks
 /// woken by every commit) never stand in the queue ahead of Magento's purges; the kernel
@@ -90,9 +104,46 @@ pub async fn run(
 ) {
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    while let Some((stream, peer, permit)) =
-        crate::accept::next(&listener, &slots, &shutdown, "purge").await
+    let waiting = Arc::new(Semaphore::new(config.max_connections));
+    let strangers = Arc::new(Semaphore::new(STRANGER_SLOTS));
+    let refusals = crate::accept::Refusals::new(crate::accept::REFUSALS_LOG_INTERVAL);
+    while let Some((stream, peer)) =
+        crate::accept::next_unslotted(&listener, &shutdown, "purge").await
     {
+        let trusted =
+            is_allowed(&config.allow, peer.ip()) || is_allowed(&config.trusted_proxies, peer.ip());
+        if !trusted {
+            metrics.request("forbidden");
+            let answering = strangers.clone().try_acquire_owned();
+            let reason = if answering.is_ok() {
+                "stranger"
+            } else {
+                "stranger_dropped"
+            };
+            if let Some(counts) = refusals.count(reason) {
+                tracing::warn!(peer = %peer, refused = %crate::accept::describe(&counts),
+                    "purge connections from sources outside the allow-list refused (counts since the last line)");
+            }
+            if let Ok(permit) = answering {
+                tokio::spawn(refuse_stranger(stream, permit));
+            }
+            continue;
+        }
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => Slot::Now(slot),
+            Err(_) => match waiting.clone().try_acquire_owned() {
+                Ok(place) => Slot::Wait(slots.clone(), place),
+                Err(_) => {
+                    metrics.request("unavailable");
+                    if let Some(counts) = refusals.count("busy") {
+                        tracing::warn!(peer = %peer, refused = %crate::accept::describe(&counts),
+                            "purge listener busy: every connection slot and waiting place taken");
+                    }
+                    tokio::spawn(refuse_busy(stream));
+                    continue;
+                }
+            },
+        };
         let (config, log, metrics, shutdown) = (
             config.clone(),
             log.clone(),
@@ -100,10 +151,55 @@ pub async fn run(
             shutdown.clone(),
         );
         tokio::spawn(async move {
+            let permit = match slot {
+                Slot::Now(p) => p,
+                Slot::Wait(slots, place) => {
+                    let p = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        p = slots.acquire_owned() => p,
+                    };
+                    drop(place);
+                    match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    }
+                }
+            };
             serve_conn(stream, peer, &config, &log, &metrics, &shutdown).await;
             drop(permit);
         });
     }
+}
+
+/// An allowed connection's slot: free now, or a place in the queue for one.
+enum Slot {
+    Now(OwnedSemaphorePermit),
+    Wait(Arc<Semaphore>, OwnedSemaphorePermit),
+}
+
+/// Writes the 405 without reading the request, then discards what the stranger sent for
+/// a moment (so closing does not reset the answer away) and closes; at most
+/// [`STRANGER_LINGER`] in all.
+async fn refuse_stranger(mut stream: TcpStream, permit: OwnedSemaphorePermit) {
+    let _ = tokio::time::timeout(STRANGER_LINGER, async {
+        stream.write_all(STRANGER_405).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+    drop(permit);
+}
+
+/// 503 for an allowed source when every slot and waiting place is taken.
+async fn refuse_busy(mut stream: TcpStream) {
+    let body = error_body("too many connections; try again");
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(STRANGER_LINGER, stream.write_all(answer.as_bytes())).await;
 }
 
 async fn serve_conn(
@@ -114,14 +210,8 @@ async fn serve_conn(
     metrics: &PurgeCounters,
     shutdown: &CancellationToken,
 ) {
-    let via_proxy = is_allowed(&config.trusted_proxies, peer.ip());
-    let peer_allowed = is_allowed(&config.allow, peer.ip());
-    let mut limits = config.limits;
-    if !peer_allowed && !via_proxy {
-        limits.head_timeout = limits.head_timeout.min(STRANGER_HEAD_TIMEOUT);
-        limits.idle_timeout = limits.idle_timeout.min(STRANGER_HEAD_TIMEOUT);
-    }
-    let mut conn = Conn::new(stream, limits);
+    // Only allowed peers and trusted proxies get here ([`run`] answers the others).
+    let mut conn = Conn::new(stream, config.limits);
     loop {
         let request = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -318,6 +408,66 @@ pub fn error_body(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_strangers_answer_is_a_complete_response() {
+        let text = std::str::from_utf8(STRANGER_405).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 405 "));
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        serde_json::from_str::<serde_json::Value>(body).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stranger_is_answered_before_it_sends_anything_and_takes_no_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = PurgeLog::open(
+            dir.path(),
+            crate::purge::log::Retention {
+                max_entries: 1000,
+                max_age: Duration::from_secs(3600),
+            },
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ListenerConfig {
+            allow: vec!["127.0.0.1/32".parse().unwrap()],
+            limits: Limits::default(),
+            max_connections: 1,
+            trusted_proxies: vec![],
+            secret: None,
+            patterns: Default::default(),
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(
+            listener,
+            config,
+            log,
+            PurgeCounters::default(),
+            shutdown.clone(),
+        ));
+        // An allowed client holds the only slot, silent.
+        let _holder = TcpStream::connect(addr).await.unwrap();
+        let mut strangers = Vec::new();
+        for _ in 0..20 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            strangers.push(socket.connect(addr).await.unwrap());
+        }
+        for mut s in strangers {
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_millis(900), s.read_to_end(&mut answer))
+                .await
+                .expect("answered and closed within the second")
+                .unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 405 "), "{answer:?}");
+        }
+        shutdown.cancel();
+    }
 
     #[test]
     fn allow_list_handles_mapped_v6() {

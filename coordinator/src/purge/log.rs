@@ -91,6 +91,8 @@ impl SharedDb {
     fn reopen(&self) {
         let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
         *guard = None;
+        // A file made anew is private like the first one.
+        let _ = daemon::files::file_with_mode(&self.path, daemon::files::PRIVATE_FILE);
         match Database::create(&self.path) {
             Ok(db) => {
                 *guard = Some(db);
@@ -287,6 +289,8 @@ impl PurgeLog {
     pub fn open(dir: &Path, retention: Retention) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(e.to_string()))?;
         let path = dir.join("purges.redb");
+        daemon::files::file_with_mode(&path, daemon::files::PRIVATE_FILE)
+            .map_err(|e| LogError::Storage(format!("{}: {e}", path.display())))?;
         let db = Database::create(&path).map_err(storage)?;
         let (log_id, head, first) = init_meta(&db)?;
         let shared = Shared::new(head, first, load_tail(&db, head)?);

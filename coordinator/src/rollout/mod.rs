@@ -39,6 +39,7 @@ use crate::bundle::{self, Bundle, BundleError};
 use crate::clock::now_ms;
 pub mod config;
 mod metrics;
+pub mod redact;
 
 pub use config::{DriftPolicy, RolloutConfig};
 

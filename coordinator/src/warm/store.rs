@@ -76,10 +76,13 @@ impl WarmStore {
     }
 
     pub fn open(dir: &Path) -> Result<Self, WarmStoreError> {
+        let path = dir.join("warm.redb");
+        daemon::files::file_with_mode(&path, daemon::files::PRIVATE_FILE)
+            .map_err(|e| WarmStoreError::Storage(format!("{}: {e}", path.display())))?;
         // Shards are read once each: a small page cache (redb's default is 1 GiB).
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
-            .create(dir.join("warm.redb"))
+            .create(&path)
             .map_err(storage)?;
         let txn = db.begin_write().map_err(storage)?;
         {
