@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::http_head::{Head, HeadError, ReadError, Reader};
+use crate::http_head::{Head, ReadError, Reader};
 
 /// Bounds on what one request may cost.
 #[derive(Debug, Clone, Copy)]
@@ -45,38 +45,20 @@ pub type Request = Head;
 /// Why a request could not be read; each maps to one answer.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    /// The head broke one of [`crate::http_head`]'s rules (400, or 431 for size).
+    /// The head broke one of [`crate::http_head`]'s rules (400, or 431 for size), or the
+    /// connection timed out or closed.
     #[error(transparent)]
-    Head(#[from] HeadError),
+    Read(#[from] ReadError),
     #[error("request body is larger than {0} bytes")]
     BodyTooLarge(usize),
-    #[error("timed out reading the request")]
-    Timeout,
-    #[error("connection closed in the middle of a request")]
-    Truncated,
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
 }
 
 impl WireError {
     /// The status to answer with, or `None` when the peer is gone and nothing can be sent.
     pub fn status(&self) -> Option<u16> {
         match self {
-            WireError::Head(e) => Some(e.status()),
+            WireError::Read(e) => e.status(),
             WireError::BodyTooLarge(_) => Some(413),
-            WireError::Timeout => Some(408),
-            WireError::Truncated | WireError::Io(_) => None,
-        }
-    }
-}
-
-impl From<ReadError> for WireError {
-    fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::Head(h) => WireError::Head(h),
-            ReadError::Timeout => WireError::Timeout,
-            ReadError::Truncated => WireError::Truncated,
-            ReadError::Io(e) => WireError::Io(e),
         }
     }
 }
@@ -116,7 +98,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         tokio::time::timeout(self.limits.head_timeout, self.reader.discard(body_len))
             .await
-            .map_err(|_| WireError::Timeout)??;
+            .map_err(|_| ReadError::Timeout)??;
         Ok(Some(request))
     }
 

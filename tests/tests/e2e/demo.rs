@@ -1,10 +1,9 @@
 //! README's first command: `coordinator demo` brings up a working cluster, writes
 //! cluster.json, and stops every child on SIGTERM.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use coordinator_cli::demo::process;
-use tests::{assert_eventually, bin_dir, get, purge_tags, temp_dir};
+use tests::{assert_eventually, bin_dir, get, purge_tags, start_demo, temp_dir};
 
 fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -20,50 +19,18 @@ async fn demo_runs_a_cluster_that_purges_everywhere_and_stops_cleanly() {
     tests::require_varnish();
     let dir = temp_dir();
     let state = dir.path().join("demo");
-    let cluster_json = state.join("cluster.json");
-    // The demo binds fixed ports from --base-port: pick a block below the ephemeral range
-    // (where other tests' connections live) and try another block if it is taken.
     let log = dir.path().join("demo.log");
-    let mut demo = None;
-    for attempt in 0..5u16 {
-        let base = 10_000 + (std::process::id() as u16 % 200 + attempt * 37) % 200 * 100;
-        let args: Vec<String> = [
-            "demo",
-            "--regions",
-            "2",
-            "--tiered",
-            "--base-port",
-            &base.to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-            "--geoip",
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("data/geoip/GeoIP2-City-Test.mmdb")
-                .display()
-                .to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut child = process::spawn(&bin_dir().join("coordinator"), &args, &log, "demo")
-            .expect("spawn demo");
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !cluster_json.is_file() && child.try_status().is_none() {
-            assert!(Instant::now() < deadline, "no cluster.json after 90s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if cluster_json.is_file() {
-            demo = Some(child);
-            break;
-        }
-        eprintln!(
-            "demo on base port {base} exited: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-    let mut demo = demo.expect("the demo never came up; see the logs above");
-    let cluster: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&cluster_json).unwrap()).unwrap();
+    let geoip = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/geoip/GeoIP2-City-Test.mmdb")
+        .display()
+        .to_string();
+    let (mut demo, cluster) = start_demo(
+        &state,
+        &log,
+        &["--regions", "2", "--tiered", "--geoip", &geoip],
+        0,
+    )
+    .await;
     assert!(cluster["api_token"].as_str().is_some_and(|t| t.len() >= 32));
     assert!(
         std::path::Path::new(cluster["bundle_dir"].as_str().unwrap())

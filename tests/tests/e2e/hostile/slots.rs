@@ -434,42 +434,11 @@ async fn secrets_at_rest_are_private_and_varnish_still_compiles_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_file_of_a_running_demo_that_holds_a_secret_is_readable_by_others() {
-    use coordinator_cli::demo::process;
     tests::require_varnish();
     let dir = temp_dir();
     let state = dir.path().join("demo");
-    let cluster_json = state.join("cluster.json");
     let log = dir.path().join("demo.log");
-    let mut demo = None;
-    for attempt in 0..5u16 {
-        let base = 10_000 + (std::process::id() as u16 % 200 + attempt * 53 + 7) % 200 * 100;
-        let args: Vec<String> = [
-            "demo",
-            "--regions",
-            "1",
-            "--base-port",
-            &base.to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut child = process::spawn(&tests::bin_dir().join("coordinator"), &args, &log, "demo")
-            .expect("spawn demo");
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !cluster_json.is_file() && child.try_status().is_none() {
-            assert!(Instant::now() < deadline, "no cluster.json after 90s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if cluster_json.is_file() {
-            demo = Some(child);
-            break;
-        }
-    }
-    let mut demo = demo.expect("the demo never came up");
-    let cluster: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&cluster_json).expect("cluster.json")).expect("json");
+    let (mut demo, cluster) = tests::start_demo(&state, &log, &["--regions", "1"], 7).await;
     // Wait for the sample bundle's rollout: the agent has written its files.
     let api: SocketAddr = cluster["api"]
         .as_str()
