@@ -342,10 +342,19 @@ async fn running_out_of_file_descriptors_is_logged_counted_and_survived() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("file descriptor limit is low"), "{text}");
 
-    // 100 connections to the gRPC port, held open: past the limit, accept fails.
+    // 100 connections to the gRPC port, held open: past the limit, accept fails. They
+    // come from ten addresses, ten each, under the per-source cap on connections that
+    // have not yet spoken (which would close them at once, before the limit is reached).
     let mut held = Vec::new();
-    for _ in 0..100 {
-        if let Ok(s) = tokio::net::TcpStream::connect(c.grpc).await {
+    for i in 0..100u8 {
+        let from = std::net::Ipv4Addr::new(127, 0, 0, 2 + i % 10);
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            continue;
+        };
+        if socket.bind((from, 0).into()).is_err() {
+            continue;
+        }
+        if let Ok(s) = socket.connect(c.grpc).await {
             held.push(s);
         }
     }
