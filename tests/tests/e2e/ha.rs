@@ -648,10 +648,13 @@ async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
     }
     let region_of = |i: usize| region_row(&c[i], &region);
     // The leader sees the follower's region as the follower does: up by its probes, with
-    // its shoppers' hits, though no agent of that region talks to the leader.
+    // its shoppers' hits, though no agent of that region talks to the leader. (A shopper
+    // keeps coming: the relay's first sample is a baseline, so hits before the leader's
+    // first read of the follower are not a delta it can count.)
     assert_eventually!(
         20,
         {
+            assert_eq!(get(varnish[follower].http, "/p/1").await.status, 200);
             let r = region_of(leader).await;
             r["health"] == "up"
                 && r["probes"][0]["state"] == "up"
