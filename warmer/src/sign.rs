@@ -34,7 +34,7 @@ pub fn signature(secret: &str, target: &str, unix_s: u64) -> String {
         h.update(part.as_bytes());
         h.update([0u8]);
     }
-    format!("{ts}.{}", hex(&h.finalize()))
+    format!("{ts}.{}", hex::encode(h.finalize()))
 }
 
 /// [`signature`] at the current wall-clock time.
@@ -51,11 +51,7 @@ pub fn tier_token(secret: &str) -> String {
     let mut h = Sha256::new();
     h.update(b"varnish-coordinator tier token\0");
     h.update(secret.as_bytes());
-    hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(h.finalize())
 }
 
 #[cfg(test)]

@@ -160,21 +160,19 @@ async fn dashboard() -> Response {
         .into_response()
 }
 
-/// With `read_requires_token`, every GET but `/healthz` and the dashboard page itself
-/// (which holds no data) needs the token.
+/// [`route_rule`] again behind the front's [`admit`], on the request axum routes: one
+/// rule decides which requests need the token, however the router is served.
 async fn read_guard(
     State(s): State<ApiState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let read = matches!(
-        *request.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD
-    );
-    let path = request.uri().path();
-    // The page and its library hold no data.
-    let open = matches!(path, "/healthz" | "/") || path.starts_with("/assets/");
-    if s.read_requires_token && read && !open {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    if route_rule(request.method().as_str(), target, s.read_requires_token).needs_token {
         if let Err(r) = authorize(&s, request.headers()) {
             return r;
         }
