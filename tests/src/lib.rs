@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod ha;
+
 /// Retries `$cond` (an expression, may `.await`) until it is true or `$secs` pass.
 #[macro_export]
 macro_rules! assert_eventually {
@@ -1100,6 +1102,7 @@ impl Cluster {
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<tokio::sync::watch::Sender<bool>>,
+    target: Arc<std::sync::Mutex<SocketAddr>>,
     stop: CancellationToken,
 }
 
@@ -1108,8 +1111,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(tokio::sync::watch::channel(false).0);
+        let target = Arc::new(std::sync::Mutex::new(target));
         let stop = CancellationToken::new();
-        let (c, s) = (cut.clone(), stop.clone());
+        let (c, s, t) = (cut.clone(), stop.clone(), target.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -1118,6 +1122,7 @@ impl Proxy {
                 };
                 let Ok((down, _)) = accepted else { continue };
                 let (c, s) = (c.clone(), s.clone());
+                let target = *t.lock().unwrap_or_else(|p| p.into_inner());
                 tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(target).await else {
                         return;
@@ -1134,7 +1139,23 @@ impl Proxy {
                 });
             }
         });
-        Proxy { addr, cut, stop }
+        Proxy {
+            addr,
+            cut,
+            target,
+            stop,
+        }
+    }
+
+    /// Forwards new connections to `target` from now on (for a proxy started before the
+    /// address it fronts was known).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
+    /// Whether the proxy is cut now.
+    pub fn is_cut(&self) -> bool {
+        *self.cut.borrow()
     }
 
     /// Stop forwarding (connections stay open; new ones are accepted and held).
