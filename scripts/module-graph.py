@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "coordinator": [
         # Leaves: no domain knowledge.
-        ["clock", "secret", "accept", "metrics", "pki", "leader", "http_head"],
+        ["clock", "secret", "accept", "metrics", "pki", "leader", "http_head", "store_health"],
         ["tls", "purge", "etcd_kv", "http_front"],
         ["edges", "bundle", "traffic"],
         ["rollout", "monitor", "warm", "geo", "cluster"],

@@ -36,6 +36,7 @@ pub mod secret;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod store_health;
 pub mod tls;
 pub mod traffic;
 pub mod warm;

@@ -40,6 +40,7 @@ use crate::leader::{self, Leadership};
 use crate::metrics::{collector, counter_value, Registry};
 use crate::monitor::Monitor;
 use crate::rollout::Rollouts;
+use crate::store_health::StoreHealth;
 use crate::traffic::Traffic;
 use crate::warm::Warm;
 use config::StoreConfig;
@@ -130,6 +131,8 @@ pub struct Cluster {
     warm_relay: WarmRelay,
     /// The last warm pull from the leader failed (said once until it works again).
     warm_pull_failing: std::sync::atomic::AtomicBool,
+    /// Whether etcd answers, as every caller found (see `store_health`).
+    store: StoreHealth,
     /// Ends the campaign (resigning) when the coordinator stops.
     stop: CancellationToken,
 }
@@ -171,6 +174,7 @@ impl Cluster {
             relay_missed: Default::default(),
             warm_relay: WarmRelay::default(),
             warm_pull_failing: Default::default(),
+            store: StoreHealth::embedded(),
             stop: CancellationToken::new(),
         })
     }
@@ -264,6 +268,7 @@ impl Cluster {
             relay_missed: Default::default(),
             warm_relay: WarmRelay::default(),
             warm_pull_failing: Default::default(),
+            store: StoreHealth::new(),
             stop,
         });
         Ok((cluster, etcd))
@@ -271,6 +276,12 @@ impl Cluster {
 
     pub fn id(&self) -> &str {
         &self.me.id
+    }
+
+    /// Whether the shared store answers (always, embedded): one handle for every part
+    /// that talks to etcd to report into and read.
+    pub fn store_health(&self) -> &StoreHealth {
+        &self.store
     }
 
     /// This coordinator's agents' reports for the peers (see `relay`).
