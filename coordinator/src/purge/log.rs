@@ -339,6 +339,12 @@ impl PurgeLog {
         })
     }
 
+    /// Purges answered 200 that wait in this coordinator's local spool for the shared
+    /// log (always 0 with the embedded log, whose every append is the log itself).
+    pub fn spool_depth(&self) -> u64 {
+        0
+    }
+
     /// Appends purges as consecutive entries and resolves with the last sequence once
     /// they are durable on disk.
     pub async fn append(&self, purges: Vec<NewPurge>) -> Result<u64, LogError> {
