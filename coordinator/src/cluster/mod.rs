@@ -66,6 +66,9 @@ pub enum ClusterError {
     Etcd(#[from] etcd::EtcdError),
 }
 
+/// How long listing the members may take before etcd counts as unreachable.
+const LIST_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// A coordinator's membership record in etcd.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Member {
@@ -395,7 +398,7 @@ impl Cluster {
                 _ = tick.tick() => {}
             }
             if round.is_multiple_of(5) {
-                let health = etcd
+                let health: Vec<EtcdMemberView> = etcd
                     .member_status(Duration::from_secs(1))
                     .await
                     .into_iter()
@@ -406,12 +409,43 @@ impl Cluster {
                         error: m.error,
                     })
                     .collect();
+                if health.iter().any(|m| m.healthy) {
+                    self.store.succeeded();
+                } else {
+                    self.store
+                        .failed("no etcd member answers with a raft leader");
+                }
                 *self.etcd_health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
             }
             round += 1;
-            match self.list_members(&etcd).await {
-                Ok(list) => {
+            // Blind to etcd, the peers are still asked: the last members listed.
+            let listed = match tokio::time::timeout(LIST_TIMEOUT, self.list_members(&etcd)).await {
+                Ok(Ok(list)) => {
+                    self.store.succeeded();
                     *self.members.lock().unwrap_or_else(|p| p.into_inner()) = list.clone();
+                    Ok(list)
+                }
+                Ok(Err(e)) => Err(e.message().to_owned()),
+                Err(_) => Err("no answer".to_owned()),
+            };
+            let list = match listed {
+                Ok(list) => Ok(list),
+                Err(e) => {
+                    self.store.failed(&format!("listing members: {e}"));
+                    let known = self
+                        .members
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if known.len() > 1 {
+                        Ok(known)
+                    } else {
+                        Err(e)
+                    }
+                }
+            };
+            match list {
+                Ok(list) => {
                     cursors.retain(|id, _| list.iter().any(|m| &m.id == id));
                     let ids: Vec<String> = list.iter().map(|m| m.id.clone()).collect();
                     self.warm_relay.expire(self.is_leader(), &ids, &views.warm);
