@@ -187,6 +187,9 @@ pub struct EdgeRegistry {
     /// (see `cluster`): peer id → when, and its edges.
     remote:
         std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Vec<EdgeView>)>>,
+    /// Peers whose lease is gone from an etcd this coordinator read (gone for real, not
+    /// merely silent): see [`EdgeRegistry::keep_peers`].
+    gone: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// How long another coordinator's list of edges stays in ours without a refresh.
@@ -370,6 +373,34 @@ impl EdgeRegistry {
     pub fn set_remote(&self, peer: &str, edges: Vec<EdgeView>) {
         let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
         remote.insert(peer.to_owned(), (std::time::Instant::now(), edges));
+        drop(remote);
+        self.gone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer);
+    }
+
+    /// Tells which coordinators etcd lists now (read from an etcd that answered): a peer
+    /// that reported edges and is not listed is gone for real (its lease expired), one
+    /// listed again is back.
+    pub fn keep_peers(&self, listed: &[String]) {
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        gone.clear();
+        gone.extend(remote.keys().filter(|p| !listed.contains(p)).cloned());
+    }
+
+    /// The peers out of sight: they have not reported for [`REMOTE_TTL`], and etcd has
+    /// not said they are gone (it may be unreadable, or their lease still holds). Their
+    /// edges' state is not known (the monitor reads their regions `unknown`).
+    pub fn unseen_peers(&self) -> Vec<String> {
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        remote
+            .iter()
+            .filter(|(peer, (at, _))| at.elapsed() >= REMOTE_TTL && !gone.contains(*peer))
+            .map(|(peer, _)| peer.clone())
+            .collect()
     }
 
     /// Every edge of the cluster, sorted by id, with lag computed against `head`: this
@@ -650,6 +681,27 @@ mod tests {
             "shown where it is connected"
         );
         assert_eq!(reg.applied_seq("eu-2"), Some(9));
+    }
+
+    #[test]
+    fn a_silent_peer_is_out_of_sight_until_etcd_says_it_is_gone() {
+        let reg = EdgeRegistry::default();
+        reg.set_remote("c2", vec![EdgeView::new("eu-1", "eu")]);
+        reg.set_remote("c3", vec![EdgeView::new("us-1", "us")]);
+        reg.keep_peers(&["c1".into(), "c2".into(), "c3".into()]);
+        assert!(reg.unseen_peers().is_empty(), "both report");
+        for (_, (at, _)) in reg.remote.lock().unwrap().iter_mut() {
+            *at -= REMOTE_TTL * 2;
+        }
+        let mut unseen = reg.unseen_peers();
+        unseen.sort();
+        assert_eq!(unseen, ["c2", "c3"], "silent, etcd not read: out of sight");
+        // etcd lists c2 only: c3's lease is gone, c3 is gone for real.
+        reg.keep_peers(&["c1".into(), "c2".into()]);
+        assert_eq!(reg.unseen_peers(), ["c2"]);
+        // c3 reports again: back.
+        reg.set_remote("c3", vec![EdgeView::new("us-1", "us")]);
+        assert_eq!(reg.unseen_peers(), ["c2"]);
     }
 
     #[test]

@@ -172,6 +172,11 @@ async fn hold(
         tracing::warn!("leader: lease not renewed in time; stepping down");
     }
     tx.send_modify(|l| {
+        // Its own lease lost, it no longer knows who leads (the observer names the next).
+        if l.me {
+            l.leader = None;
+            l.fencing = None;
+        }
         l.me = false;
         l.key = None;
     });

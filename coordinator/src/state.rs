@@ -148,6 +148,8 @@ impl State {
         if let Some(kv) = &etcd_kv {
             monitor.set_ledger(crate::monitor::ledger::Ledger::new(kv.clone()));
         }
+        monitor.set_store_health(cluster.store_health().clone());
+        cluster.set_log(log.clone());
         let warm = match &etcd_kv {
             None => Warm::open(
                 config.warm.clone(),

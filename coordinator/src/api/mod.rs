@@ -525,10 +525,15 @@ async fn cluster_warm(
     }
 }
 
-/// `GET /api/v1/cluster`: this coordinator's role, the leader, the members and etcd's
-/// health.
-async fn cluster(State(s): State<ApiState>) -> Response {
-    Json(s.state.cluster.view()).into_response()
+/// `GET /api/v1/cluster`: this coordinator's role, the leader, whether it reaches etcd,
+/// its spool, every member as it last heard from it, and etcd's members' health.
+/// `?scope=local`: only this coordinator's self record (what its peers poll).
+async fn cluster(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
+    match q.local() {
+        Ok(true) => Json(s.state.cluster.status()).into_response(),
+        Ok(false) => Json(s.state.cluster.view()).into_response(),
+        Err(r) => r,
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -146,8 +146,10 @@ pub struct Healthz {
     pub leader: Option<String>,
     /// This coordinator's id.
     pub id: String,
-    /// Whether the purge log's store answers: `ok`, `unavailable` (etcd: purges are
-    /// answered 503), `unknown` (not yet asked).
+    /// Whether this coordinator reaches the purge log's store: `ok`, `unavailable`
+    /// (etcd, from here: purges wait in the local spool), `unknown` (not yet asked).
+    /// Regions it cannot see meanwhile read `unknown` in `regions_not_up`, which does
+    /// not make `status` worse.
     pub store: String,
     pub head_seq: u64,
     pub edges_connected: usize,

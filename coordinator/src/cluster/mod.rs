@@ -6,14 +6,29 @@
 //! election ([`crate::leader`]) with a membership record, `members/<id>` = [`Member`],
 //! kept under the same lease, so the record disappears with a dead coordinator.
 //! [`Cluster::drive`] then, every second, lists the members and asks each other one for
-//! the edges whose sessions it holds (`GET /api/v1/edges?scope=local`), which the
+//! its self record (`GET /api/v1/cluster?scope=local`, a [`MemberStatus`]: its role,
+//! whether it reaches etcd, its spool) and the edges whose sessions it holds
+//! (`GET /api/v1/edges?scope=local`), which the
 //! [`EdgeRegistry`] shows beside its own: every coordinator's API shows every edge, and
 //! nothing about an edge is written to etcd (no heartbeats there; at a thousand edges
 //! that would be the store's whole load). It asks for their edges' config state too
 //! (`GET /api/v1/config?scope=local`): the leader moves rollouts on the whole fleet's. Every few seconds it also asks each etcd
-//! member for its status, for `/api/v1/cluster` and `/healthz`. And it reads each other
+//! member for its status, for `/api/v1/cluster`. And it reads each other
 //! one's agents' probe results and counter samples (`relay`), so every coordinator's
-//! region health, hit ratios and alerts cover the whole fleet.
+//! region health, hit ratios and alerts cover the whole fleet. Blind to etcd it keeps
+//! asking the members it last listed; a peer whose lease is gone from an etcd it can read
+//! is gone for real ([`EdgeRegistry::keep_peers`]), one that merely stops answering is
+//! out of sight (the monitor reads its regions `unknown`, not `down`).
+//!
+//! **One truth about who leads** ([`Cluster::role`]): `role` is `leader` only while this
+//! coordinator holds its lease, and then `leader` is its own id; a follower names the
+//! leader the election names, except itself (a lease it lost) and a peer whose last self
+//! record did not come (killed, or cut off: not known to lead any more); then `leader` is
+//! null. The observe stream names a new leader the moment its campaign wins.
+//! `/api/v1/cluster`, `/healthz` and the metrics all read it from here.
+//!
+//! The cluster's alert about etcd itself ("unreachable", "back", once each for the
+//! whole cluster) is decided here from the self records: `store_alert`.
 //!
 //! [`Cluster::duty`] is the leader's flag for singleton work: a receiver that is `true`
 //! while this coordinator leads (always, embedded).
@@ -21,11 +36,12 @@
 pub mod config;
 mod peers;
 pub mod relay;
+pub mod store_alert;
 pub mod warm_relay;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use etcd::etcdserverpb::RangeRequest;
 use etcd::Etcd;
@@ -37,8 +53,9 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::now_ms;
 use crate::edges::EdgeRegistry;
 use crate::leader::{self, Leadership};
-use crate::metrics::{collector, counter_value, Registry};
+use crate::metrics::{collector, counter_value, gauge, gauge_value, Label, Registry};
 use crate::monitor::Monitor;
+use crate::purge::log::PurgeLog;
 use crate::rollout::Rollouts;
 use crate::store_health::StoreHealth;
 use crate::traffic::Traffic;
@@ -97,19 +114,61 @@ pub enum Role {
     Follower,
 }
 
+/// A coordinator as it sees itself: `GET /api/v1/cluster?scope=local`, what each
+/// coordinator asks its peers for every second.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: String,
+    pub api: String,
+    pub role: Role,
+    pub leader: Option<String>,
+    /// Whether it reaches etcd (null: not asked yet).
+    pub store_reachable: Option<bool>,
+    /// Purges answered 200 that wait in its local spool for the shared log.
+    pub spool_depth: u64,
+    /// It holds the cluster's "etcd unreachable" alert as sent (`store_alert`).
+    #[serde(default)]
+    pub store_alert: bool,
+}
+
+/// One coordinator of the cluster in `/api/v1/cluster`'s `members`. A peer's `role`,
+/// `store_reachable` and `spool_depth` are what its last self record said, null when
+/// it was not heard from within a few seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberView {
+    pub id: String,
+    /// Its API's address (`store.advertise_api`).
+    pub api: String,
+    pub started_at_ms: u64,
+    pub role: Option<Role>,
+    /// Since its last self record came (null: this coordinator itself, or never heard).
+    pub last_heard_ms_ago: Option<u64>,
+    pub store_reachable: Option<bool>,
+    pub spool_depth: Option<u64>,
+}
+
 /// `GET /api/v1/cluster`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterView {
     pub role: Role,
-    /// The leader's id (null while none is known).
+    /// The leader's id (null while none is known); never contradicts `role`.
     pub leader: Option<String>,
     pub id: String,
     /// `embedded` or `etcd`.
     pub store: config::Backend,
+    /// Whether this coordinator reaches its store now (null: not asked yet).
+    pub store_reachable: Option<bool>,
+    /// Why not, while it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
+    /// Purges this coordinator holds in its local spool for the shared log.
+    pub spool_depth: u64,
     /// The leader key's revision (etcd): the fencing token of the current term.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fencing: Option<i64>,
-    pub members: Vec<Member>,
+    /// Every coordinator (this one included), as the last member list and the peers'
+    /// self records say; kept while etcd cannot be read.
+    pub members: Vec<MemberView>,
     /// Each etcd member's health (absent with the embedded store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<Vec<EtcdMemberView>>,
@@ -124,7 +183,14 @@ pub struct Cluster {
     leadership: watch::Receiver<Leadership>,
     duty: watch::Receiver<bool>,
     members: Mutex<Vec<Member>>,
-    etcd_health: Mutex<Option<Vec<EtcdMemberView>>>,
+    /// What each peer's self record said, and when it last came.
+    peers: Mutex<HashMap<String, PeerSight>>,
+    /// etcd's members' status as last asked, and when (ms since the epoch).
+    etcd_health: Mutex<Option<(u64, Vec<EtcdMemberView>)>>,
+    /// The purge log, for its spool depth (set once at start).
+    log: OnceLock<PurgeLog>,
+    /// The cluster's alert about etcd (`store_alert`).
+    store_alert: Mutex<store_alert::StoreAlert>,
     /// This coordinator's agents' reports, for the others to read.
     relay: Relay,
     /// Reports read from the peers, and how many dropped out of their buffers unread.
@@ -138,6 +204,16 @@ pub struct Cluster {
     store: StoreHealth,
     /// Ends the campaign (resigning) when the coordinator stops.
     stop: CancellationToken,
+}
+
+/// One peer as the self-record polls found it.
+#[derive(Debug, Default)]
+struct PeerSight {
+    /// When its self record last came.
+    heard: Option<Instant>,
+    /// Whether the last ask for it was answered.
+    answering: bool,
+    status: Option<MemberStatus>,
 }
 
 /// What [`Cluster::drive`] fills in from the peers' answers.
@@ -171,7 +247,10 @@ impl Cluster {
             prefix: String::new(),
             leadership: watch::channel(leadership).1,
             duty: watch::channel(true).1,
+            peers: Mutex::default(),
             etcd_health: Mutex::new(None),
+            log: OnceLock::new(),
+            store_alert: Mutex::default(),
             relay: Relay::new(false),
             relayed: Default::default(),
             relay_missed: Default::default(),
@@ -265,7 +344,10 @@ impl Cluster {
             prefix: config.prefix.clone(),
             leadership,
             duty,
+            peers: Mutex::default(),
             etcd_health: Mutex::new(None),
+            log: OnceLock::new(),
+            store_alert: Mutex::default(),
             relay: Relay::new(true),
             relayed: Default::default(),
             relay_missed: Default::default(),
@@ -313,8 +395,55 @@ impl Cluster {
                 "coordinator_cluster_reports_missed_total",
                 "Reports that dropped out of another coordinator's buffer before they were read.",
                 c.relay_missed.load(Relaxed),
+            )?;
+            let view = c.view();
+            gauge_value(
+                e,
+                "coordinator_cluster_is_leader",
+                "1 while this coordinator leads the cluster.",
+                u64::from(view.role == Role::Leader),
+            )?;
+            gauge(
+                e,
+                "coordinator_cluster_leader",
+                "1 for the coordinator this one names as leader (no sample while none is known).",
+                view.leader
+                    .iter()
+                    .map(|l| ([("id", Label(l.as_str()))], 1u64)),
+            )?;
+            if let Some(r) = view.store_reachable {
+                gauge_value(
+                    e,
+                    "coordinator_cluster_store_reachable",
+                    "1 while this coordinator reaches its store (etcd), 0 while it does not (absent before the first answer).",
+                    u64::from(r),
+                )?;
+            }
+            gauge_value(
+                e,
+                "coordinator_cluster_members",
+                "Coordinators of the cluster this one knows (itself included).",
+                view.members.len() as u64,
+            )?;
+            gauge(
+                e,
+                "coordinator_cluster_member_last_heard_seconds",
+                "Since each other coordinator's self record last came.",
+                view.members.iter().filter_map(|m| {
+                    let ago = m.last_heard_ms_ago? as f64 / 1000.0;
+                    Some(([("member", Label(m.id.as_str()))], ago))
+                }),
             )
         }));
+    }
+
+    /// The purge log whose spool depth the view reports (set once at start).
+    pub fn set_log(&self, log: PurgeLog) {
+        let _ = self.log.set(log);
+    }
+
+    fn spool_depth(&self) -> u64 {
+        self.log.get().map(PurgeLog::spool_depth).unwrap_or(0)
     }
 
     /// Who leads, as it changes (fenced writes read [`Leadership::fence`]).
@@ -331,46 +460,227 @@ impl Cluster {
         *self.duty.borrow()
     }
 
-    /// This coordinator's role and the leader's id.
+    /// This coordinator's role and the leader's id, never contradicting each other (see
+    /// the module docs): `leader` only with its own id, a follower never names itself nor
+    /// a leader whose last self record did not come (null then).
     pub fn role(&self) -> (Role, Option<String>) {
-        let l = self.leadership.borrow();
-        let role = if l.me { Role::Leader } else { Role::Follower };
-        (role, l.leader.clone())
+        let l = self.leadership.borrow().clone();
+        if l.me {
+            return (Role::Leader, Some(self.me.id.clone()));
+        }
+        let leader = l
+            .leader
+            .filter(|id| *id != self.me.id)
+            .filter(|id| self.answering(id));
+        (Role::Follower, leader)
     }
 
-    /// Whether the store answers: always with the embedded one; with etcd, whether a
-    /// member answered the last status round (`None` before the first).
+    /// Whether peer `id` answered its last self-record ask (yes when not asked yet).
+    fn answering(&self, id: &str) -> bool {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_none_or(|p| p.answering)
+    }
+
+    /// Whether the store answers: always with the embedded one; with etcd, as
+    /// [`StoreHealth`] last found (`None` before the first answer).
     pub fn store_healthy(&self) -> Option<bool> {
-        match self.backend {
-            config::Backend::Embedded => Some(true),
-            config::Backend::Etcd => self
-                .etcd_health
+        self.store.reachable()
+    }
+
+    /// This coordinator as it sees itself (what its peers ask for).
+    pub fn status(&self) -> MemberStatus {
+        let (role, leader) = self.role();
+        MemberStatus {
+            id: self.me.id.clone(),
+            api: self.me.api.clone(),
+            role,
+            leader,
+            store_reachable: self.store.reachable(),
+            spool_depth: self.spool_depth(),
+            store_alert: self
+                .store_alert
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .map(|members| members.iter().any(|m| m.healthy)),
+                .sent(),
         }
     }
 
     pub fn view(&self) -> ClusterView {
         let (role, leader) = self.role();
+        let reach = self.store.get();
+        let spool_depth = self.spool_depth();
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let members = self
+            .members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|m| {
+                if m.id == self.me.id {
+                    return MemberView {
+                        id: m.id.clone(),
+                        api: m.api.clone(),
+                        started_at_ms: m.started_at_ms,
+                        role: Some(role),
+                        last_heard_ms_ago: None,
+                        store_reachable: reach.reachable,
+                        spool_depth: Some(spool_depth),
+                    };
+                }
+                let sight = peers.get(&m.id);
+                let heard = sight.and_then(|p| p.heard);
+                let fresh = sight
+                    .filter(|_| heard.is_some_and(|h| h.elapsed() < store_alert::IN_SIGHT))
+                    .and_then(|p| p.status.as_ref());
+                MemberView {
+                    id: m.id.clone(),
+                    api: m.api.clone(),
+                    started_at_ms: m.started_at_ms,
+                    role: fresh.map(|s| s.role),
+                    last_heard_ms_ago: heard.map(|h| h.elapsed().as_millis() as u64),
+                    store_reachable: fresh.and_then(|s| s.store_reachable),
+                    spool_depth: fresh.map(|s| s.spool_depth),
+                }
+            })
+            .collect();
+        drop(peers);
+        // A status taken before this coordinator lost etcd is not shown as healthy.
+        let etcd = self
+            .etcd_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map(|(at_ms, mut list)| {
+                if reach.reachable == Some(false) && at_ms <= reach.since_ms {
+                    for m in list.iter_mut().filter(|m| m.healthy) {
+                        m.healthy = false;
+                        m.error = Some(format!(
+                            "not reachable from this coordinator: {}",
+                            reach.error.as_deref().unwrap_or("no answer")
+                        ));
+                    }
+                }
+                list
+            });
         ClusterView {
+            fencing: self
+                .leadership
+                .borrow()
+                .fencing
+                .filter(|_| leader.is_some()),
             role,
             leader,
             id: self.me.id.clone(),
             store: self.backend,
-            fencing: self.leadership.borrow().fencing,
-            members: self
-                .members
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            etcd: self
-                .etcd_health
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            store_reachable: reach.reachable,
+            store_error: reach.error,
+            spool_depth,
+            members,
+            etcd,
         }
+    }
+
+    /// Asks etcd's members for their status every few seconds (each may take a second
+    /// to not answer), for the view.
+    async fn follow_etcd_health(self: Arc<Self>, etcd: Etcd, shutdown: CancellationToken) {
+        loop {
+            let health: Vec<EtcdMemberView> = etcd
+                .member_status(Duration::from_secs(1))
+                .await
+                .into_iter()
+                .map(|m| EtcdMemberView {
+                    endpoint: m.endpoint,
+                    healthy: m.healthy,
+                    version: m.version,
+                    error: m.error,
+                })
+                .collect();
+            if health.iter().any(|m| m.healthy) {
+                self.store.succeeded();
+            } else {
+                self.store
+                    .failed("no etcd member answers with a raft leader");
+            }
+            *self.etcd_health.lock().unwrap_or_else(|p| p.into_inner()) = Some((now_ms(), health));
+            // Sooner while the store is unreachable: its return shows within a second or two.
+            let pause = if self.store.reachable() == Some(false) {
+                1
+            } else {
+                3
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(pause)) => {}
+            }
+        }
+    }
+
+    /// The coordinators in sight (this one, and the peers heard from within
+    /// `store_alert::IN_SIGHT`) for the store alert.
+    fn in_sight(&self) -> Vec<store_alert::Seen> {
+        let mine = self.status();
+        let mut out = vec![store_alert::Seen {
+            id: mine.id,
+            store_reachable: mine.store_reachable,
+            alert: mine.store_alert,
+        }];
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, p) in peers.iter() {
+            let recent = p.heard.is_some_and(|h| h.elapsed() < store_alert::IN_SIGHT);
+            if let Some(s) = p.status.as_ref().filter(|_| recent) {
+                out.push(store_alert::Seen {
+                    id: id.clone(),
+                    store_reachable: s.store_reachable,
+                    alert: s.store_alert,
+                });
+            }
+        }
+        out
+    }
+
+    /// One round of the store alert: sends it when this coordinator is the one to.
+    fn store_alert_round(&self, monitor: &Arc<Monitor>) {
+        let sight = self.in_sight();
+        let event = self
+            .store_alert
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .step(&self.me.id, &sight, Instant::now());
+        let Some(event) = event else { return };
+        let mut ids: Vec<String> = sight.iter().map(|s| s.id.clone()).collect();
+        ids.sort();
+        let blind: Vec<&str> = sight
+            .iter()
+            .filter(|s| s.store_reachable == Some(false))
+            .map(|s| s.id.as_str())
+            .collect();
+        let text = match event {
+            store_alert::Event::StoreUnreachable => format!(
+                "🔴 etcd unreachable from {} of {} coordinators ({}): purges are spooled on each coordinator, regions no coordinator can see read unknown",
+                blind.len(),
+                ids.len(),
+                blind.join(", ")
+            ),
+            store_alert::Event::StoreBack => format!(
+                "🟢 etcd reachable again ({} of {} coordinators reach it)",
+                ids.len() - blind.len(),
+                ids.len()
+            ),
+        };
+        let coordinators: Vec<serde_json::Value> = sight
+            .iter()
+            .map(|s| serde_json::json!({"id": s.id, "store_reachable": s.store_reachable}))
+            .collect();
+        tracing::warn!(event = event.as_str(), %text, "cluster alert");
+        let monitor = monitor.clone();
+        tokio::spawn(async move {
+            monitor
+                .send_cluster_alert(event.as_str(), &text, coordinators)
+                .await;
+        });
     }
 
     /// Follows the members, their edges, their agents' reports and etcd's health until
@@ -387,9 +697,12 @@ impl Cluster {
         };
         let views = Arc::new(views);
         let client = peers::client();
+        tokio::spawn(
+            self.clone()
+                .follow_etcd_health(etcd.clone(), shutdown.clone()),
+        );
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut round = 0u64;
         // Per peer: its relay instance and the next report to read.
         let mut cursors: HashMap<String, (u64, u64)> = HashMap::new();
         loop {
@@ -397,100 +710,100 @@ impl Cluster {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if round.is_multiple_of(5) {
-                let health: Vec<EtcdMemberView> = etcd
-                    .member_status(Duration::from_secs(1))
-                    .await
-                    .into_iter()
-                    .map(|m| EtcdMemberView {
-                        endpoint: m.endpoint,
-                        healthy: m.healthy,
-                        version: m.version,
-                        error: m.error,
+            // The peers are asked (the members last listed: blind to etcd, still asked)
+            // while etcd is asked for the members: a silent etcd delays nothing.
+            let known = self
+                .members
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let bearer = token.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let leader = self.role().1;
+            let warm_pull = known
+                .iter()
+                .find(|m| !self.is_leader() && Some(&m.id) == leader.as_ref() && m.id != self.me.id)
+                .map(|m| {
+                    let (me, client, views, bearer, api) = (
+                        self.clone(),
+                        client.clone(),
+                        views.clone(),
+                        bearer.clone(),
+                        m.api.clone(),
+                    );
+                    tokio::spawn(async move {
+                        me.pull_warm(&client, &api, &views, bearer.as_deref()).await;
                     })
-                    .collect();
-                if health.iter().any(|m| m.healthy) {
+                });
+            let asks: Vec<_> = known
+                .into_iter()
+                .filter(|m| m.id != self.me.id)
+                .map(|m| {
+                    let cursor = cursors.get(&m.id).copied().unwrap_or_default();
+                    let (me, client, views, bearer) =
+                        (self.clone(), client.clone(), views.clone(), bearer.clone());
+                    tokio::spawn(async move {
+                        let cursor = me.ask(&client, &m, &views, bearer.as_deref(), cursor).await;
+                        (m.id, cursor)
+                    })
+                })
+                .collect();
+            match tokio::time::timeout(LIST_TIMEOUT, self.list_members(&etcd)).await {
+                Ok(Ok(mut list)) => {
                     self.store.succeeded();
-                } else {
-                    self.store
-                        .failed("no etcd member answers with a raft leader");
-                }
-                *self.etcd_health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
-            }
-            round += 1;
-            // Blind to etcd, the peers are still asked: the last members listed.
-            let listed = match tokio::time::timeout(LIST_TIMEOUT, self.list_members(&etcd)).await {
-                Ok(Ok(list)) => {
-                    self.store.succeeded();
-                    *self.members.lock().unwrap_or_else(|p| p.into_inner()) = list.clone();
-                    Ok(list)
-                }
-                Ok(Err(e)) => Err(e.message().to_owned()),
-                Err(_) => Err("no answer".to_owned()),
-            };
-            let list = match listed {
-                Ok(list) => Ok(list),
-                Err(e) => {
-                    self.store.failed(&format!("listing members: {e}"));
-                    let known = self
-                        .members
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone();
-                    if known.len() > 1 {
-                        Ok(known)
-                    } else {
-                        Err(e)
-                    }
-                }
-            };
-            match list {
-                Ok(list) => {
-                    cursors.retain(|id, _| list.iter().any(|m| &m.id == id));
-                    let ids: Vec<String> = list.iter().map(|m| m.id.clone()).collect();
-                    self.warm_relay.expire(self.is_leader(), &ids, &views.warm);
-                    let bearer = token.read().unwrap_or_else(|p| p.into_inner()).clone();
-                    let leader = self.role().1;
-                    let warm_pull = list
-                        .iter()
-                        .find(|m| {
-                            !self.is_leader()
-                                && Some(&m.id) == leader.as_ref()
-                                && m.id != self.me.id
-                        })
-                        .map(|m| {
-                            let (me, client, views, bearer, api) = (
-                                self.clone(),
-                                client.clone(),
-                                views.clone(),
-                                bearer.clone(),
-                                m.api.clone(),
-                            );
-                            tokio::spawn(async move {
-                                me.pull_warm(&client, &api, &views, bearer.as_deref()).await;
+                    // Its own record is back with its next lease; it is a member now. A
+                    // peer whose lease lapsed while it still answers (cut off from etcd,
+                    // not from us) is still there, and so are its agents.
+                    let answering: Vec<Member> = {
+                        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+                        self.members
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .iter()
+                            .filter(|m| {
+                                m.id == self.me.id || peers.get(&m.id).is_some_and(|p| p.answering)
                             })
-                        });
-                    let asks = list.into_iter().filter(|m| m.id != self.me.id).map(|m| {
-                        let cursor = cursors.get(&m.id).copied().unwrap_or_default();
-                        let (me, client, views, bearer) =
-                            (self.clone(), client.clone(), views.clone(), bearer.clone());
-                        tokio::spawn(async move {
-                            let cursor =
-                                me.ask(&client, &m, &views, bearer.as_deref(), cursor).await;
-                            (m.id, cursor)
-                        })
-                    });
-                    for ask in asks.collect::<Vec<_>>() {
-                        if let Ok((id, cursor)) = ask.await {
-                            cursors.insert(id, cursor);
+                            .cloned()
+                            .collect()
+                    };
+                    for m in answering {
+                        if !list.iter().any(|l| l.id == m.id) {
+                            list.push(m);
                         }
                     }
-                    if let Some(pull) = warm_pull {
-                        let _ = pull.await;
-                    }
+                    list.sort_by(|a, b| a.id.cmp(&b.id));
+                    let ids: Vec<String> = list.iter().map(|m| m.id.clone()).collect();
+                    // A peer whose lease is gone from an etcd this coordinator reads, and
+                    // that no longer answers, is gone for real (not merely out of sight).
+                    views.edges.keep_peers(&ids);
+                    self.peers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|id, _| ids.contains(id));
+                    *self.members.lock().unwrap_or_else(|p| p.into_inner()) = list;
                 }
-                Err(e) => tracing::debug!(error = %e, "cluster members not listed"),
+                Ok(Err(e)) => self
+                    .store
+                    .failed(&format!("listing members: {}", e.message())),
+                Err(_) => self.store.failed("listing members: no answer"),
             }
+            for ask in asks {
+                if let Ok((id, cursor)) = ask.await {
+                    cursors.insert(id, cursor);
+                }
+            }
+            if let Some(pull) = warm_pull {
+                let _ = pull.await;
+            }
+            let ids: Vec<String> = self
+                .members
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|m| m.id.clone())
+                .collect();
+            cursors.retain(|id, _| ids.contains(id));
+            self.warm_relay.expire(self.is_leader(), &ids, &views.warm);
+            self.store_alert_round(&views.monitor);
         }
         self.stop.cancel();
         // The campaign resigns and revokes its lease as it ends (its tasks drop their
@@ -502,7 +815,7 @@ impl Cluster {
         .await;
     }
 
-    /// One round with peer `m`: its edges, their config state and its agents' reports
+    /// One round with peer `m`: its self record, its edges, their config state and its agents' reports
     /// from `cursor` on; returns where to read its reports next time.
     async fn ask(
         &self,
@@ -512,6 +825,24 @@ impl Cluster {
         bearer: Option<&str>,
         cursor: (u64, u64),
     ) -> (u64, u64) {
+        let status = peers::status(client, &m.api, bearer).await;
+        let answered = status.is_ok();
+        {
+            let mut all = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let sight = all.entry(m.id.clone()).or_default();
+            sight.answering = answered;
+            match status {
+                Ok(s) => {
+                    sight.heard = Some(Instant::now());
+                    sight.status = Some(s);
+                }
+                Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's self record not read"),
+            }
+        }
+        if !answered {
+            // Silent: its other answers would only time out too (the round waits for them).
+            return cursor;
+        }
         match peers::edges(client, &m.api, bearer).await {
             Ok(list) => views.edges.set_remote(&m.id, list),
             Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's edges not read"),

@@ -1,5 +1,6 @@
-//! Asking another coordinator of the cluster for the edges it holds, their config state
-//! and its agents' reports (`relay`): a `GET` on its API each, bounded by a short
+//! Asking another coordinator of the cluster for its self record (role, whether it
+//! reaches etcd, its spool), the edges it holds, their config state and its agents'
+//! reports (`relay`): a `GET` on its API each, bounded by a short
 //! timeout (a peer that does not answer is simply not shown after
 //! [`crate::edges::REMOTE_TTL`]).
 
@@ -21,6 +22,15 @@ const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 pub(super) fn client() -> PeerClient {
     Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// The coordinator at `api` as it sees itself (`GET /api/v1/cluster?scope=local`).
+pub(super) async fn status(
+    client: &PeerClient,
+    api: &str,
+    token: Option<&str>,
+) -> Result<super::MemberStatus, String> {
+    get(client, &format!("{api}/api/v1/cluster?scope=local"), token).await
 }
 
 /// The edges whose sessions the coordinator at `api` holds.

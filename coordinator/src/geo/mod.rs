@@ -303,6 +303,11 @@ fn problems(
     region: &str,
 ) -> Vec<WhyNot> {
     let mut out = Vec::new();
+    // A region out of this coordinator's sight (`unknown`: a silent peer, etcd
+    // unreadable) keeps the shoppers it had: not seeing it is no reason to move them.
+    if health.is_some_and(|h| h.diagnosis.is_some_and(Diagnosis::is_blind)) {
+        return out;
+    }
     let connected: Vec<&EdgeView> = edges
         .iter()
         .filter(|e| e.region == region && e.connected)

@@ -17,6 +17,17 @@
 //! restarted within `varnish_restart_s`: its cache is empty; the error names the purge
 //! it had applied just before), `slow`, `edge_lost`.
 //!
+//! **Blindness is not an outage.** A region this coordinator cannot see reads `unknown`
+//! with the reason, never `down`: `peer_silent` when its edges are held by a peer that
+//! stopped answering whose lease etcd has not dropped (or etcd cannot be read to tell),
+//! `store_unavailable` when no connected agent is in sight while this coordinator cannot
+//! read etcd (agents may be reconnecting to a peer it cannot confirm). `agent_lost` means
+//! the agents' coordinator is gone for real — this one, or a peer whose lease expired in
+//! an etcd this coordinator reads — and no agent reconnected elsewhere. `unknown` is
+//! never news (it pages nobody), and a change formed before or while blind is sent only
+//! if it is still true when it would go out: when sight returns, the baseline is what
+//! is true then.
+//!
 //! Changes of a region's health or diagnosis are queued; [`Monitor::drive`] sends them
 //! to the webhooks once no new change arrived for `group_ms`... or at the latest after
 //! `4 x group_ms`, all together in one message, so everything failing at once is one
@@ -37,6 +48,7 @@ mod metrics;
 
 use crate::edges::{EdgeRegistry, EdgeView};
 use crate::purge::log::PurgeLog;
+use crate::store_health::StoreHealth;
 use crate::traffic::{Delta, Restart, Traffic};
 pub use config::{AlertRule, AlertsConfig, CheckConfig, MonitoringConfig, RuleMetric};
 
@@ -87,6 +99,12 @@ pub enum Diagnosis {
     ShoppersSlow,
     /// An `[[alerts.rules]]` rule on shoppers' 5xx share is breached.
     ShopperErrors,
+    /// `unknown`: this coordinator cannot read etcd and sees no connected agent of the
+    /// region (they may be on a peer it cannot confirm).
+    StoreUnavailable,
+    /// `unknown`: the region's edges are held by a peer that stopped answering (its
+    /// lease not known to be gone).
+    PeerSilent,
 }
 
 impl Diagnosis {
@@ -106,7 +124,14 @@ impl Diagnosis {
             Diagnosis::EdgeLost => "edge_lost",
             Diagnosis::ShoppersSlow => "shoppers_slow",
             Diagnosis::ShopperErrors => "shopper_errors",
+            Diagnosis::StoreUnavailable => "store_unavailable",
+            Diagnosis::PeerSilent => "peer_silent",
         }
+    }
+
+    /// A diagnosis of blindness: the region is `unknown` to this coordinator.
+    pub fn is_blind(self) -> bool {
+        matches!(self, Diagnosis::StoreUnavailable | Diagnosis::PeerSilent)
     }
 }
 
@@ -282,6 +307,8 @@ pub struct Monitor {
     started: std::time::Instant,
     /// The cluster's alert ledger in etcd (none with the embedded store).
     ledger: std::sync::OnceLock<ledger::Ledger>,
+    /// Whether this coordinator reaches etcd (unset: always, embedded).
+    store: std::sync::OnceLock<StoreHealth>,
     inner: Mutex<Inner>,
 }
 
@@ -305,6 +332,7 @@ impl Monitor {
             traffic,
             started: std::time::Instant::now(),
             ledger: std::sync::OnceLock::new(),
+            store: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 checks: HashMap::new(),
                 announced: BTreeMap::new(),
@@ -465,6 +493,12 @@ impl Monitor {
 
     fn health_locked(&self, inner: &Inner) -> BTreeMap<String, RegionHealth> {
         let edges = self.edges.list_with_lag(&self.log);
+        let unseen = self.edges.unseen_peers();
+        let store = self
+            .store
+            .get()
+            .map(StoreHealth::get)
+            .filter(|r| r.reachable == Some(false));
         let mut names: std::collections::BTreeSet<String> = self.regions.iter().cloned().collect();
         names.extend(edges.iter().map(|e| e.region.clone()));
         names.extend(inner.checks.keys().map(|(r, _)| r.clone()));
@@ -483,6 +517,9 @@ impl Monitor {
             .into_iter()
             .map(|name| {
                 let mine: Vec<&EdgeView> = edges.iter().filter(|e| e.region == name).collect();
+                if let Some(blind) = blindness(&mine, &unseen, store.as_ref()) {
+                    return (name, blind);
+                }
                 let mut worst: Option<(&String, &RegionCheck)> = None;
                 for ((r, c), rc) in &inner.checks {
                     if *r == name && worst.is_none_or(|(_, w)| rc.edge.health > w.edge.health) {
@@ -612,6 +649,23 @@ impl Monitor {
         }
     }
 
+    /// Whether `change` is still what the region shows now (what a change formed
+    /// earlier must be to go out: no page replays what is no longer true).
+    fn still_true(inner: &Inner, change: &Change) -> bool {
+        inner
+            .announced
+            .get(&change.region)
+            .is_some_and(|h| h.health == change.state && h.diagnosis == change.diagnosis)
+    }
+
+    /// Whether `region` is out of this coordinator's sight now.
+    fn blind_now(inner: &Inner, region: &str) -> bool {
+        inner
+            .announced
+            .get(region)
+            .is_some_and(|h| h.diagnosis.is_some_and(Diagnosis::is_blind))
+    }
+
     /// The pending changes once they have settled (or waited long enough).
     fn take_due(&self) -> Option<Vec<Change>> {
         let mut inner = self.lock();
@@ -637,9 +691,11 @@ impl Monitor {
                 }
             }
         }
+        // A region that went out of sight since is not paged for what it showed before.
         let changes: Vec<Change> = latest
             .into_values()
             .filter(|c| c.previous != c.state || c.diagnosis.is_some())
+            .filter(|c| !Self::blind_now(&inner, &c.region))
             .collect();
         (!changes.is_empty()).then_some(changes)
     }
@@ -687,6 +743,42 @@ impl Monitor {
         }
         out.sort_by(|a, b| (&a.region, &a.check, a.target).cmp(&(&b.region, &b.check, b.target)));
         out
+    }
+
+    /// Whether this coordinator reaches etcd (`[store] backend = "etcd"`); set once at
+    /// start. Without it the store counts as always reachable.
+    pub fn set_store_health(&self, store: StoreHealth) {
+        let _ = self.store.set(store);
+    }
+
+    /// Sends one cluster alert (etcd unreachable / back, `cluster::store_alert`) to every
+    /// webhook: not in the ledger (etcd is its subject), not in the region history.
+    pub async fn send_cluster_alert(
+        &self,
+        event: &str,
+        text: &str,
+        coordinators: Vec<serde_json::Value>,
+    ) {
+        let client: WebhookClient =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let id = format!("{:016x}", rand::random::<u64>());
+        let body = serde_json::json!({
+            "id": id,
+            "text": text,
+            "grouped": false,
+            "alerts": [],
+            "cluster": {"event": event, "coordinators": coordinators},
+        });
+        for url in &self.alerts.webhooks {
+            let ok = deliver(&client, url, &body, self.alerts.attempts).await;
+            let mut inner = self.lock();
+            if ok {
+                inner.sent += 1;
+            } else {
+                inner.failed += 1;
+            }
+        }
     }
 
     /// The cluster's alert ledger (`[store] backend = "etcd"`); set once at start.
@@ -767,13 +859,18 @@ impl Monitor {
         let from = now_ms()
             .saturating_sub(ledger::TAKEOVER_WINDOW_MS)
             .max(since_ms);
-        let own: Vec<Change> = self
-            .lock()
-            .history
-            .iter()
-            .filter(|r| r.at_ms >= from && r.delivered == 0 && r.failed == 0)
-            .flat_map(|r| r.changes.clone())
-            .collect();
+        // Only what is still true: a change seen while no leader could send it (etcd
+        // gone, say) that has passed is not replayed as a page.
+        let own: Vec<Change> = {
+            let inner = self.lock();
+            inner
+                .history
+                .iter()
+                .filter(|r| r.at_ms >= from && r.delivered == 0 && r.failed == 0)
+                .flat_map(|r| r.changes.clone())
+                .filter(|c| Self::still_true(&inner, c))
+                .collect()
+        };
         let changes = ledger::uncovered(own, &entries);
         if !changes.is_empty() {
             let mut record = AlertRecord::new(changes);
@@ -893,6 +990,59 @@ pub fn breached(
                 rule.above * 100.0
             ),
         ),
+    })
+}
+
+/// A region this coordinator cannot see (module docs), from its `edges` as listed:
+/// `unseen` are the peers out of sight, `store` set while etcd cannot be read. `None`:
+/// the region is in sight, [`decide`] judges it.
+fn blindness(
+    edges: &[&EdgeView],
+    unseen: &[String],
+    store: Option<&crate::store_health::Reach>,
+) -> Option<RegionHealth> {
+    let held_by_unseen = |e: &&&EdgeView| {
+        e.coordinator
+            .as_ref()
+            .is_some_and(|c| unseen.iter().any(|u| u == c))
+    };
+    let hidden: Vec<&str> = edges
+        .iter()
+        .filter(held_by_unseen)
+        .filter_map(|e| e.coordinator.as_deref())
+        .collect();
+    let seen_connected = edges.iter().any(|e| e.connected && !held_by_unseen(&e));
+    if seen_connected {
+        return None;
+    }
+    let unknown = |diagnosis, error: String| RegionHealth {
+        health: Health::Unknown,
+        diagnosis: Some(diagnosis),
+        check: None,
+        last_error: Some(error),
+    };
+    if let Some(peer) = hidden.first() {
+        let store = store
+            .map(|r| {
+                format!(
+                    "; etcd cannot be read to tell whether its lease holds ({})",
+                    r.error.as_deref().unwrap_or("no answer")
+                )
+            })
+            .unwrap_or_else(|| "; its lease still holds in etcd".into());
+        return Some(unknown(
+            Diagnosis::PeerSilent,
+            format!("the region's edges are held by coordinator {peer}, which has not answered for a while{store}"),
+        ));
+    }
+    store.map(|r| {
+        unknown(
+            Diagnosis::StoreUnavailable,
+            format!(
+                "no connected agent in sight and etcd cannot be read to tell where they are ({})",
+                r.error.as_deref().unwrap_or("no answer")
+            ),
+        )
     })
 }
 
@@ -1507,6 +1657,72 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         // Never accepted: gives up after the attempts.
         assert!(!deliver(&client, &format!("http://{addr}/missing"), &body, 2).await);
+    }
+
+    #[test]
+    fn what_a_coordinator_cannot_see_is_unknown_and_pages_nobody() {
+        let (m, edges) = monitor();
+        let store = StoreHealth::new();
+        store.succeeded();
+        m.set_store_health(store.clone());
+        for r in ["a", "b"] {
+            m.record(r, result("edge", true, 10));
+        }
+        m.evaluate();
+        assert!(m.health().values().all(|h| h.health == Health::Up));
+        // a-1's session drops while etcd cannot be read: where it went cannot be told.
+        let handle = edges.connect(hello("a-1", "a"), 0, &CancellationToken::new());
+        edges.disconnect(&handle);
+        store.failed("deadline");
+        let h = m.health()["a"].clone();
+        assert_eq!(
+            (h.health, h.diagnosis),
+            (Health::Unknown, Some(Diagnosis::StoreUnavailable))
+        );
+        assert!(h.last_error.unwrap().contains("deadline"));
+        assert_eq!(m.health()["b"].health, Health::Up, "b is in sight");
+        m.evaluate();
+        assert!(m.lock().pending.is_empty(), "unknown is no news");
+        // Sight returns and the agent is really gone: one change, from what is true now.
+        store.succeeded();
+        m.evaluate();
+        let pending = m.lock().pending.clone();
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert_eq!(
+            (pending[0].state, pending[0].diagnosis),
+            (Health::Down, Some(Diagnosis::AgentLost))
+        );
+        // Formed, then out of sight again before it went out: not sent.
+        store.failed("deadline");
+        m.evaluate();
+        m.lock().last_change = 0;
+        assert!(m.take_due().is_none(), "a blind region is not paged");
+        // Up -> unknown -> up: nothing.
+        let _back = edges.connect(hello("a-1", "a"), 0, &CancellationToken::new());
+        store.succeeded();
+        m.evaluate();
+        m.lock().last_change = 0;
+        assert!(m.take_due().is_none());
+    }
+
+    #[test]
+    fn a_region_held_by_a_silent_peer_is_unknown_unless_the_peer_is_gone() {
+        let mut far = EdgeView::new("c-1", "c");
+        far.coordinator = Some("c2".into());
+        far.connected = false; // shown so once c2 stopped reporting
+        let unseen = vec!["c2".to_owned()];
+        let h = blindness(&[&far], &unseen, None).expect("blind");
+        assert_eq!(
+            (h.health, h.diagnosis),
+            (Health::Unknown, Some(Diagnosis::PeerSilent))
+        );
+        // c2's lease is gone (not in `unseen`): its region is judged, agent_lost.
+        assert!(blindness(&[&far], &[], None).is_none());
+        let d = decide(&[&far], None, None, None, false, 30.0);
+        assert_eq!(d.diagnosis, Some(Diagnosis::AgentLost));
+        // An agent in sight elsewhere: the region is judged from it.
+        let near = EdgeView::new("c-2", "c");
+        assert!(blindness(&[&far, &near], &unseen, None).is_none());
     }
 
     #[test]
