@@ -215,12 +215,16 @@ async fn the_cluster_view_names_one_leader_and_the_new_one_as_soon_as_it_wins() 
     let t0 = std::time::Instant::now();
     let mut new_leader: Option<String> = None;
     let mut named_at = None;
+    let mut last_named_dead = None;
     // Until both survivors name the same new leader: leader null or the new one; never a
     // contradiction (the watch) — and after that, never the dead one.
     while t0.elapsed() < Duration::from_secs(20) {
         let mut views = Vec::new();
         for i in &survivors {
             views.push(ha.view(*i).await);
+        }
+        if views.iter().any(|v| v["leader"] == dead) {
+            last_named_dead = Some(t0.elapsed());
         }
         let leads: Vec<&Value> = views.iter().filter(|v| v["role"] == "leader").collect();
         if let [l] = leads.as_slice() {
@@ -265,8 +269,9 @@ async fn the_cluster_view_names_one_leader_and_the_new_one_as_soon_as_it_wins() 
     let (seen, _) = watch.finish().await;
     assert!(seen.is_empty(), "contradictions: {seen:#?}");
     eprintln!(
-        "figure: survivors named the new leader {new_leader} {:.1} s after the leader's kill -9 (lease_ttl_s = 2)",
-        named_at.as_secs_f64()
+        "figure: survivors named the new leader {new_leader} {:.1} s after the leader's kill -9 (lease_ttl_s = 2); the dead one last named {}",
+        named_at.as_secs_f64(),
+        last_named_dead.map_or("never".into(), |t| format!("{:.1} s after", t.as_secs_f64()))
     );
 }
 
