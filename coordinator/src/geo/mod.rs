@@ -10,7 +10,8 @@
 //! through the `recover_s` hold-down ([`route::Recovery`]) and kept as an immutable
 //! snapshot. A lookup reads the snapshot and the database and calls the pure
 //! [`route::decide`]; it takes no lock that a slow task holds, and never waits on an
-//! edge.
+//! edge. A region this coordinator cannot see (`unknown`: a silent peer holds its edges,
+//! or etcd cannot be read) keeps its shoppers: blindness is no reason to move them.
 
 pub mod centroids;
 pub mod config;

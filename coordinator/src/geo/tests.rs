@@ -221,3 +221,22 @@ fn countries_are_geolocated_and_far_shoppers_flagged() {
     assert_eq!((unknown.requests, unknown.mean_distance_km), (5, None));
     assert!(g.countries("us-west").is_empty());
 }
+
+#[test]
+fn a_region_out_of_sight_keeps_its_shoppers() {
+    let g = geo(0);
+    // eu-west's edge is held by a silent peer: shown disconnected, health unknown.
+    let mut edges = all_edges();
+    edges[0] = edge("eu-west", false, 0, None);
+    for blind in [Diagnosis::PeerSilent, Diagnosis::StoreUnavailable] {
+        let h = health(&[
+            ("eu-west", Health::Unknown, Some(blind)),
+            ("us-west", Health::Up, None),
+            ("ap-northeast", Health::Up, None),
+        ]);
+        g.observe(&h, &edges, 0.0);
+        let r = g.route(ip("81.2.69.142"));
+        assert_eq!(r.region, "eu-west", "{blind}: {r:?}");
+        assert!(r.candidates[0].why_not.is_empty(), "{r:?}");
+    }
+}
