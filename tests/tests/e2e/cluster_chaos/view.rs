@@ -191,19 +191,22 @@ async fn the_cluster_view_names_one_leader_and_the_new_one_as_soon_as_it_wins() 
     }
     let names = ["c1", "c2", "c3"];
     for (i, c) in ha.c.iter().enumerate() {
-        let m = metrics(c.api).await;
-        assert_eq!(
-            metric(&m, "coordinator_cluster_is_leader"),
-            Some(if i == leader { 1.0 } else { 0.0 }),
-            "{m}"
-        );
         let named = format!("coordinator_cluster_leader{{id=\"{}\"}}", names[leader]);
-        assert_eq!(metric(&m, &named), Some(1.0), "{named}: {m}");
-        assert_eq!(metric(&m, "coordinator_cluster_store_reachable"), Some(1.0));
-        assert_eq!(metric(&m, "coordinator_cluster_members"), Some(3.0));
-        assert!(
-            m.contains("coordinator_cluster_member_last_heard_seconds{member="),
-            "{m}"
+        let is_leader = if i == leader { 1.0 } else { 0.0 };
+        // Eventually: one slow peer answer may leave the leader unnamed for a second.
+        assert_eventually!(
+            10,
+            {
+                let m = metrics(c.api).await;
+                metric(&m, "coordinator_cluster_is_leader") == Some(is_leader)
+                    && metric(&m, &named) == Some(1.0)
+                    && metric(&m, "coordinator_cluster_store_reachable") == Some(1.0)
+                    && metric(&m, "coordinator_cluster_members") == Some(3.0)
+                    && m.contains("coordinator_cluster_member_last_heard_seconds{member=")
+            },
+            "c{}'s cluster metrics: {}",
+            i + 1,
+            metrics(c.api).await
         );
     }
 
@@ -250,9 +253,13 @@ async fn the_cluster_view_names_one_leader_and_the_new_one_as_soon_as_it_wins() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for i in &survivors {
-        let m = metrics(ha.c[*i].api).await;
         let named = format!("coordinator_cluster_leader{{id=\"{new_leader}\"}}");
-        assert_eq!(metric(&m, &named), Some(1.0), "{named}: {m}");
+        assert_eventually!(
+            10,
+            metric(&metrics(ha.c[*i].api).await, &named) == Some(1.0),
+            "{named}: {}",
+            metrics(ha.c[*i].api).await
+        );
         let v = ha.view(*i).await;
         let gone = v["members"]
             .as_array()
@@ -432,10 +439,16 @@ async fn a_coordinator_cut_off_from_etcd_says_so_and_no_one_calls_a_region_down(
     assert_eq!(v["role"], "follower", "{v}");
     assert_ne!(v["leader"], v["id"], "{v}");
     let others: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
-    let new = ha.view(others[0]).await["leader"].clone();
+    let mut leaders = Vec::new();
+    for i in &others {
+        let o = ha.view(*i).await;
+        if o["role"] == "leader" {
+            leaders.push(o["id"].clone());
+        }
+    }
     assert!(
-        v["leader"].is_null() || v["leader"] == new,
-        "names {} while the others name {new}",
+        v["leader"].is_null() || leaders.contains(&v["leader"]),
+        "names {} while the leaders are {leaders:?}",
         v["leader"]
     );
     assert!(
@@ -448,7 +461,8 @@ async fn a_coordinator_cut_off_from_etcd_says_so_and_no_one_calls_a_region_down(
     for i in &others {
         let o = ha.view(*i).await;
         assert_eq!(o["store_reachable"], true, "{o}");
-        assert!(
+        assert_eventually!(
+            5,
             all_up(ha.c[*i].api).await,
             "{:?}",
             regions(ha.c[*i].api).await
