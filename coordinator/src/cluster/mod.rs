@@ -16,9 +16,11 @@
 //! member for its status, for `/api/v1/cluster`. And it reads each other
 //! one's agents' probe results and counter samples (`relay`), so every coordinator's
 //! region health, hit ratios and alerts cover the whole fleet. Blind to etcd it keeps
-//! asking the members it last listed; a peer whose lease is gone from an etcd it can read
-//! is gone for real ([`EdgeRegistry::keep_peers`]), one that merely stops answering is
-//! out of sight (the monitor reads its regions `unknown`, not `down`).
+//! asking the members it last listed. A peer whose lease is gone from an etcd it can read
+//! and that no longer answers is gone for real ([`EdgeRegistry::keep_peers`]); one that
+//! still answers stays a member (cut off from etcd, its agents are still there); one
+//! that merely stops answering is out of sight (the monitor reads its regions
+//! `unknown`, not `down`).
 //!
 //! **One truth about who leads** ([`Cluster::role`]): `role` is `leader` only while this
 //! coordinator holds its lease, and then `leader` is its own id; a follower names the
