@@ -34,6 +34,48 @@ pub const CAP_WARM: &str = "warm";
 /// purges ([`edge::PurgeEntry::first_seq`]).
 pub const CAP_PURGE_RANGES: &str = "purge_ranges";
 
+/// Response metadata key a coordinator sets when it refuses or ends a session for a
+/// reason the agent acts on (see the `.proto`).
+pub const REFUSAL_KEY: &str = "x-vc-refusal";
+/// [`REFUSAL_KEY`]: another agent holds a live session for this edge id.
+pub const REFUSAL_DUPLICATE: &str = "duplicate_edge_id";
+/// [`REFUSAL_KEY`]: the coordinator hands its agents to another one (it cannot reach its
+/// store); dial the next coordinator.
+pub const REFUSAL_HANDOFF: &str = "handoff";
+
+/// Why a coordinator refused or ended a session, from the status it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another agent holds a live session for this edge id ([`REFUSAL_DUPLICATE`]).
+    DuplicateEdgeId,
+    /// The coordinator hands its agents to another one ([`REFUSAL_HANDOFF`]).
+    Handoff,
+}
+
+impl Refusal {
+    /// The refusal a status carries, if any.
+    pub fn of(status: &tonic::Status) -> Option<Refusal> {
+        match status.metadata().get(REFUSAL_KEY)?.to_str().ok()? {
+            REFUSAL_DUPLICATE => Some(Refusal::DuplicateEdgeId),
+            REFUSAL_HANDOFF => Some(Refusal::Handoff),
+            _ => None,
+        }
+    }
+
+    /// A status carrying this refusal with `message`.
+    pub fn status(self, message: String) -> tonic::Status {
+        let (mut status, tag) = match self {
+            Refusal::DuplicateEdgeId => (tonic::Status::already_exists(message), REFUSAL_DUPLICATE),
+            Refusal::Handoff => (tonic::Status::unavailable(message), REFUSAL_HANDOFF),
+        };
+        status.metadata_mut().insert(
+            REFUSAL_KEY,
+            tonic::metadata::MetadataValue::from_static(tag),
+        );
+        status
+    }
+}
+
 impl edge::PurgeEntry {
     /// The oldest purge this entry stands for: `seq`, or `first_seq` for a range.
     pub fn first(&self) -> u64 {

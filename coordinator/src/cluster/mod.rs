@@ -6,7 +6,9 @@
 //! election ([`crate::leader`]) with a membership record, `members/<id>` = [`Member`],
 //! kept under the same lease, so the record disappears with a dead coordinator.
 //! [`Cluster::drive`] then, every second, lists the members and asks each other one for
-//! the edges whose sessions it holds (`GET /api/v1/edges?scope=local`), which the
+//! the edges whose sessions it holds (`GET /api/v1/edges?scope=local`) and whether it reaches the store
+//! (`store_reachable` of its `/api/v1/cluster`: a coordinator blind to etcd hands its
+//! agents to one that is not, see `session::handoff`), which the
 //! [`EdgeRegistry`] shows beside its own: every coordinator's API shows every edge, and
 //! nothing about an edge is written to etcd (no heartbeats there; at a thousand edges
 //! that would be the store's whole load). It asks for their edges' config state too
@@ -113,6 +115,9 @@ pub struct ClusterView {
     /// Each etcd member's health (absent with the embedded store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<Vec<EtcdMemberView>>,
+    /// Whether this coordinator reaches its store now (null: not known yet).
+    #[serde(default)]
+    pub store_reachable: Option<bool>,
 }
 
 /// This coordinator's view of its cluster; share it behind an `Arc`.
@@ -136,6 +141,8 @@ pub struct Cluster {
     warm_pull_failing: std::sync::atomic::AtomicBool,
     /// Whether etcd answers, as every caller found (see `store_health`).
     store: StoreHealth,
+    /// Per peer: when it last said whether it reaches the store, and what it said.
+    peer_store: Mutex<HashMap<String, (std::time::Instant, Option<bool>)>>,
     /// Ends the campaign (resigning) when the coordinator stops.
     stop: CancellationToken,
 }
@@ -178,6 +185,7 @@ impl Cluster {
             warm_relay: WarmRelay::default(),
             warm_pull_failing: Default::default(),
             store: StoreHealth::embedded(),
+            peer_store: Mutex::default(),
             stop: CancellationToken::new(),
         })
     }
@@ -272,6 +280,7 @@ impl Cluster {
             warm_relay: WarmRelay::default(),
             warm_pull_failing: Default::default(),
             store: StoreHealth::new(),
+            peer_store: Mutex::default(),
             stop,
         });
         Ok((cluster, etcd))
@@ -285,6 +294,21 @@ impl Cluster {
     /// that talks to etcd to report into and read.
     pub fn store_health(&self) -> &StoreHealth {
         &self.store
+    }
+
+    /// A peer that said, within [`crate::edges::REMOTE_TTL`], that it reaches the store
+    /// (the first by id).
+    pub fn peer_reaching_store(&self) -> Option<String> {
+        let peers = self.peer_store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reaching: Vec<&String> = peers
+            .iter()
+            .filter(|(_, (at, reach))| {
+                at.elapsed() < crate::edges::REMOTE_TTL && *reach == Some(true)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        reaching.sort();
+        reaching.first().map(|id| (*id).clone())
     }
 
     /// This coordinator's agents' reports for the peers (see `relay`).
@@ -370,6 +394,7 @@ impl Cluster {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            store_reachable: self.store.reachable(),
         }
     }
 
@@ -447,6 +472,10 @@ impl Cluster {
             match list {
                 Ok(list) => {
                     cursors.retain(|id, _| list.iter().any(|m| &m.id == id));
+                    self.peer_store
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|id, _| list.iter().any(|m| &m.id == id));
                     let ids: Vec<String> = list.iter().map(|m| m.id.clone()).collect();
                     self.warm_relay.expire(self.is_leader(), &ids, &views.warm);
                     let bearer = token.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -515,6 +544,18 @@ impl Cluster {
         match peers::edges(client, &m.api, bearer).await {
             Ok(list) => views.edges.set_remote(&m.id, list),
             Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's edges not read"),
+        }
+        match peers::self_report(client, &m.api, bearer).await {
+            Ok(me) => {
+                self.peer_store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        m.id.clone(),
+                        (std::time::Instant::now(), me.store_reachable),
+                    );
+            }
+            Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's self-report not read"),
         }
         match peers::config(client, &m.api, bearer).await {
             Ok(view) => views.rollouts.set_remote(&m.id, view.edges),

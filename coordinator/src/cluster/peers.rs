@@ -1,5 +1,5 @@
-//! Asking another coordinator of the cluster for the edges it holds, their config state
-//! and its agents' reports (`relay`): a `GET` on its API each, bounded by a short
+//! Asking another coordinator of the cluster for the edges it holds, their config state,
+//! whether it reaches the store, and its agents' reports (`relay`): a `GET` on its API each, bounded by a short
 //! timeout (a peer that does not answer is simply not shown after
 //! [`crate::edges::REMOTE_TTL`]).
 
@@ -30,6 +30,24 @@ pub(super) async fn edges(
     token: Option<&str>,
 ) -> Result<Vec<EdgeView>, String> {
     get(client, &format!("{api}/api/v1/edges?scope=local"), token).await
+}
+
+/// What a peer says about itself in `GET /api/v1/cluster` (the fields read here; the
+/// rest of its view is ignored).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub(super) struct PeerSelf {
+    /// Whether it reaches the store (null: it does not know yet, or an older version).
+    #[serde(default)]
+    pub store_reachable: Option<bool>,
+}
+
+/// The peer's view of itself.
+pub(super) async fn self_report(
+    client: &PeerClient,
+    api: &str,
+    token: Option<&str>,
+) -> Result<PeerSelf, String> {
+    get(client, &format!("{api}/api/v1/cluster"), token).await
 }
 
 /// The config state of the edges the coordinator at `api` holds.
