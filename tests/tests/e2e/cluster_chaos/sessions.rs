@@ -298,6 +298,19 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
                 .unwrap_or_default()
         }
     };
+    // While the genuine agent (127.0.0.1) heartbeats, a copy from another host is refused.
+    let from_other = Proxy::start_from(c1.grpc, Some(OTHER_HOST)).await;
+    let err = hello(from_other.addr, "edge-0", "region-0", 1)
+        .await
+        .expect_err("a copy got in");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    assert!(
+        err.message()
+            .contains("already has a live session from 127.0.0.1:"),
+        "{}",
+        err.message()
+    );
+
     // The genuine agent, now dialling c1 from "another host" through a proxy.
     ha.agents[0].kill9().await;
     let via = Proxy::start_from(c1.grpc, Some(OTHER_HOST)).await;
@@ -454,7 +467,7 @@ async fn a_coordinator_cut_off_from_etcd_hands_its_agents_to_the_others() {
         coordinators: 3,
         regions: 3,
         placement: Placement::All,
-        store_extra: "handoff_after_s = 3\n".into(),
+        // `[store] handoff_after_s` at its default, 5 s.
         ..HaOpts::default()
     })
     .await;
