@@ -570,3 +570,54 @@ async fn a_coordinator_cut_off_from_etcd_hands_its_agents_to_the_others() {
         t.elapsed().as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copied_certificate_is_the_same_identity_so_the_address_keeps_the_copy_out() {
+    // One coordinator with mutual TLS: the copy presents the genuine agent's very files.
+    let cluster = tests::Cluster::start(1, "ban", tests::CoordinatorOpts::default()).await;
+    let c = &cluster.coordinator;
+    let genuine: toml::Value =
+        toml::from_str(&std::fs::read_to_string(&cluster.agents[0].config).expect("agent config"))
+            .expect("agent config parses");
+    let file =
+        |k: &str| std::path::PathBuf::from(genuine["tls"][k].as_str().expect("a [tls] file"));
+    let tls = Some((file("ca"), file("cert"), file("key")));
+    let copy_v = VarnishNode::start(&cluster.dir.path().join("copy-v"), cluster.origin.addr).await;
+    let via = Proxy::start_from(c.grpc, Some(OTHER_HOST)).await;
+    let copy = AgentProc::start_with(
+        &cluster.dir.path().join("copy"),
+        "edge-0",
+        "region-0",
+        &[via.addr],
+        tls,
+        &copy_v,
+        "ban",
+    );
+    assert_eventually!(
+        20,
+        refused_metric(c, "duplicate_edge_id").await >= 1,
+        "copy log: {}",
+        log_of(&copy)
+    );
+    let v = edge(c, "edge-0").await;
+    assert!(
+        v["refused_sessions"]["last_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.2:")),
+        "{v}"
+    );
+    assert!(
+        v["session_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{v}"
+    );
+    let seq = purge_tags(c.purge, &["with-a-copy-around"]).await;
+    cluster.wait_applied(seq).await;
+    assert!(
+        !log_of(&copy).contains("session established"),
+        "{}",
+        log_of(&copy)
+    );
+    assert_eq!(edge(c, "edge-0").await["sessions"], 1);
+}
