@@ -11,7 +11,8 @@
 //! another coordinator of the cluster (as its last edge list said), with the live one's
 //! address and start in the reason; the refusals are counted per edge
 //! ([`RefusedSessions`]). A session counts as live until it has been silent for two of
-//! its agent's report intervals ([`replace_after`]): an agent that restarts while its old
+//! its agent's report intervals ([`replace_after`]; the session layer drops it after
+//! three, `session::silence_limit`, whoever asks): an agent that restarts while its old
 //! session is half-open (a kill -9 behind a partition, a host reboot) gets in once the
 //! old one has missed two heartbeats, and a reconnect from the same host replaces its old
 //! session at once (a network blip gives a new port, not a new address). Two sessions
