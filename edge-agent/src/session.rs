@@ -778,6 +778,27 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_duplicate_retries_once_after_two_missed_heartbeats_then_slowly() {
+        // The coordinator replaces a session silent for two intervals: retry after three.
+        assert_eq!(
+            duplicate_first_retry(Duration::from_secs(1)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            duplicate_first_retry(Duration::from_secs(5)),
+            Duration::from_secs(15)
+        );
+        for _ in 0..100 {
+            let d = jittered(DUPLICATE_BACKOFF);
+            assert!(
+                d >= Duration::from_secs(15) && d <= Duration::from_secs(25),
+                "{d:?}"
+            );
+            assert!(d > BACKOFF_MAX, "slower than any normal reconnect");
+        }
+    }
+
+    #[test]
     fn a_healthy_session_resets_the_backoff() {
         let mut failures = 0;
         for _ in 0..7 {

@@ -93,3 +93,30 @@ impl edge::PurgeEntry {
 pub const SERVED_BUCKETS_S: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_survives_the_status_it_is_sent_in() {
+        for r in [Refusal::DuplicateEdgeId, Refusal::Handoff] {
+            let s = r.status("why".into());
+            assert_eq!(Refusal::of(&s), Some(r));
+            // As the client reads it: from the headers/trailers map.
+            let http = s.clone().into_http();
+            let back = tonic::Status::from_header_map(http.headers()).unwrap();
+            assert_eq!(Refusal::of(&back), Some(r));
+            assert_eq!(back.message(), "why");
+        }
+        assert_eq!(
+            Refusal::DuplicateEdgeId.status(String::new()).code(),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(
+            Refusal::Handoff.status(String::new()).code(),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(Refusal::of(&tonic::Status::unavailable("down")), None);
+    }
+}

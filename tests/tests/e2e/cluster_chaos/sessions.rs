@@ -463,7 +463,7 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_coordinator_cut_off_from_etcd_hands_its_agents_to_the_others() {
-    let ha = HaCluster::start(HaOpts {
+    let mut ha = HaCluster::start(HaOpts {
         coordinators: 3,
         regions: 3,
         placement: Placement::All,
@@ -569,6 +569,42 @@ async fn a_coordinator_cut_off_from_etcd_hands_its_agents_to_the_others() {
         i + 1,
         t.elapsed().as_secs_f64()
     );
+
+    // etcd loses its quorum: every coordinator is blind, so nobody hands anything off.
+    let mut handed = Vec::new();
+    let mut held = Vec::new();
+    for c in &ha.c {
+        handed.push(handed_off_metric(c).await);
+        held.push(agents_on(c).await);
+    }
+    ha.kill_etcd(&[0, 1]).await;
+    HaCluster::settle(12.0).await;
+    for (k, c) in ha.c.iter().enumerate() {
+        assert_eq!(
+            handed_off_metric(c).await,
+            handed[k],
+            "c{} handed agents off with every coordinator blind",
+            k + 1
+        );
+        assert_eq!(agents_on(c).await, held[k], "c{}'s agents moved", k + 1);
+    }
+    ha.restart_etcd(&[0, 1]).await;
+}
+
+/// The real agents (not the probes above) `c` holds.
+async fn agents_on(c: &CoordinatorProc) -> Vec<String> {
+    let mut l = local_edges(c).await;
+    l.retain(|e| e.starts_with("edge-"));
+    l
+}
+
+/// `coordinator_sessions_handed_off_total` on `c`.
+async fn handed_off_metric(c: &CoordinatorProc) -> u64 {
+    let body = get(c.api, "/metrics").await.body;
+    body.lines()
+        .find_map(|l| l.strip_prefix("coordinator_sessions_handed_off_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
