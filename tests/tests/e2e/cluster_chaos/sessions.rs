@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use proto::edge::{agent_message, coordinator_message, AgentMessage, Hello};
 use serde_json::Value;
 use tests::ha::{HaCluster, HaOpts, Placement};
+use tests::VarnishNode;
 use tests::{assert_eventually, get, get_json, purge_tags, AgentProc, CoordinatorProc, Proxy};
-use tests::{VarnishNode, AGENT_STATS_INTERVAL_S};
 
 const OTHER_HOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 /// What the agent bans with when it has no usable cursor (a full ban).
@@ -129,7 +129,6 @@ fn full_bans_asked(agent: &AgentProc) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_copied_agent_config_is_refused_on_every_coordinator_and_the_genuine_edge_is_untouched() {
-    AGENT_STATS_INTERVAL_S.store(1, std::sync::atomic::Ordering::Relaxed);
     let ha = HaCluster::start(HaOpts {
         regions: 2,
         ..HaOpts::default()
