@@ -6,11 +6,26 @@
 //! purge `S` is the time of its first ack point at or beyond `S`; that answers
 //! `GET /api/v1/purges/{seq}` without storing anything per purge per edge.
 //!
+//! One live session per edge id: [`EdgeRegistry::try_connect`] refuses a second session
+//! for an id whose session is live from another host (another IP address), here or on
+//! another coordinator of the cluster (as its last edge list said), with the live one's
+//! address and start in the reason; the refusals are counted per edge
+//! ([`RefusedSessions`]). A session counts as live until it has been silent for two of
+//! its agent's report intervals ([`replace_after`]; the session layer drops it after
+//! three, `session::silence_limit`, whoever asks): an agent that restarts while its old
+//! session is half-open (a kill -9 behind a partition, a host reboot) gets in once the
+//! old one has missed two heartbeats, and a reconnect from the same host replaces its old
+//! session at once (a network blip gives a new port, not a new address). Two sessions
+//! accepted on two coordinators at once (within one peer poll) are settled when the
+//! coordinators next read each other's edges: the one that started later ends.
+//!
 //! Entries are `DashMap` values; no guard is ever held across an `.await`.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -91,6 +106,90 @@ struct Edge {
     applied_total: u64,
     sessions: u64,
     cert_not_after: Option<u64>,
+    /// The current (or last) session: where it comes from, since when, when the agent
+    /// was last heard on it, after how much silence another host may take the id over,
+    /// whether the agent can be handed to another coordinator, and why it was ended.
+    peer: Option<SocketAddr>,
+    since: SystemTime,
+    heard: Instant,
+    replace_after: Duration,
+    movable: bool,
+    ended: Arc<OnceLock<SessionEnded>>,
+}
+
+/// Why the coordinator ended a session (the session layer tells the agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnded {
+    /// This coordinator cannot reach the store and hands its agents to another one.
+    Handoff(String),
+    /// Another session for the edge id, live from another host, started earlier.
+    Duplicate(String),
+}
+
+/// Where a session comes from, beside its Hello (see [`EdgeRegistry::try_connect`]).
+#[derive(Debug, Clone, Default)]
+pub struct SessionOrigin {
+    /// The agent's address as this coordinator sees it (`None`: unknown; such a session
+    /// replaces any other, as before addresses were compared).
+    pub peer: Option<SocketAddr>,
+    /// Silence after which another host's session may replace this one
+    /// ([`replace_after`]).
+    pub replace_after: Duration,
+    /// The agent lists several coordinators, so it can be handed to another one.
+    pub movable: bool,
+}
+
+/// The silence after which a session counts as half-dead, so that a session from another
+/// host may take its edge id: two report intervals (the agent heartbeats every one), at
+/// least 2 s; 20 s for agents that do not say their interval.
+pub fn replace_after(report_interval_ms: u32) -> Duration {
+    match report_interval_ms {
+        0 => Duration::from_secs(20),
+        ms => Duration::from_millis(u64::from(ms) * 2).max(Duration::from_secs(2)),
+    }
+}
+
+/// A remote view counts as live for this much longer than its `replace_after_ms`: it is
+/// up to one peer poll (1 s) old.
+const REMOTE_SLACK_MS: u64 = 1000;
+
+/// Sessions refused for one edge id because another one was live (in `/api/v1/edges`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedSessions {
+    pub count: u64,
+    /// The refused agent's address.
+    pub last_addr: String,
+    pub last_at: String,
+    pub reason: String,
+}
+
+/// Edge ids whose refusals are kept (each one has a live session; never more).
+const REFUSED_IDS: usize = 4096;
+
+/// A session refused because its edge id is live elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// The session behind an edge view (in `/api/v1/edges`; peers read it to refuse a second
+/// session for an id live on another coordinator).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The agent's address, as the coordinator holding the session sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_addr: Option<String>,
+    /// When the session started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_since: Option<String>,
+    /// Milliseconds since the agent was last heard on it (connected edges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silent_ms: Option<u64>,
+    /// The silence after which a session from another host replaces it (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_after_ms: Option<u64>,
+    /// Sessions refused for this edge id because this one was live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_sessions: Option<RefusedSessions>,
 }
 
 /// What the API shows for one edge.
@@ -126,6 +225,8 @@ pub struct EdgeView {
     /// cluster (absent: this one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
+    #[serde(flatten)]
+    pub session: SessionInfo,
 }
 
 impl EdgeView {
@@ -153,6 +254,7 @@ impl EdgeView {
             sessions: 1,
             cert_not_after: None,
             coordinator: None,
+            session: SessionInfo::default(),
         }
     }
 }
@@ -190,6 +292,11 @@ pub struct EdgeRegistry {
     /// Peers whose lease is gone from an etcd this coordinator read (gone for real, not
     /// merely silent): see [`EdgeRegistry::keep_peers`].
     gone: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Sessions refused per edge id (at most [`REFUSED_IDS`] ids).
+    refused: DashMap<String, RefusedSessions>,
+    refused_duplicate: AtomicU64,
+    refused_handoff: AtomicU64,
+    handed_off: AtomicU64,
 }
 
 /// How long another coordinator's list of edges stays in ours without a refresh.
@@ -201,6 +308,68 @@ pub struct SessionHandle {
     pub edge_id: String,
     pub session: u64,
     pub cancel: CancellationToken,
+    /// Set before `cancel` when the coordinator ends the session for a reason the agent
+    /// should hear.
+    pub ended: Arc<OnceLock<SessionEnded>>,
+}
+
+/// Whether two addresses are the same host (an unknown one matches any).
+fn same_host(a: Option<SocketAddr>, b: Option<SocketAddr>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.ip().to_canonical() == b.ip().to_canonical(),
+        _ => true,
+    }
+}
+
+/// A live session an incoming one collides with.
+struct Live {
+    addr: SocketAddr,
+    since: SystemTime,
+    silent: Duration,
+    replace_after: Duration,
+    /// The coordinator holding it (None: this one).
+    on: Option<String>,
+}
+
+impl Live {
+    fn reason(&self, id: &str) -> String {
+        let on = match &self.on {
+            Some(c) => format!(" on coordinator {c}"),
+            None => String::new(),
+        };
+        format!(
+            "edge id {id} already has a live session from {} since {}{on} (last heard {:.1} s ago); is this agent's config a copy? each agent needs its own id (a session silent for {} s is replaced)",
+            self.addr,
+            humantime::format_rfc3339_seconds(self.since),
+            self.silent.as_secs_f64(),
+            self.replace_after.as_secs_f64(),
+        )
+    }
+}
+
+/// The live session a remote view describes, `age` after the peer answered, if it is
+/// from another host than `peer` and still counts as live.
+fn remote_live(v: &EdgeView, peer: Option<SocketAddr>, age: Duration, on: &str) -> Option<Live> {
+    if !v.connected {
+        return None;
+    }
+    let addr: SocketAddr = v.session.session_addr.as_deref()?.parse().ok()?;
+    if same_host(Some(addr), peer) {
+        return None;
+    }
+    let silent_ms = v.session.silent_ms?.saturating_add(age.as_millis() as u64);
+    let replace_after_ms = v.session.replace_after_ms?;
+    if silent_ms >= replace_after_ms.saturating_add(REMOTE_SLACK_MS) {
+        return None;
+    }
+    let since = humantime::parse_rfc3339(v.session.session_since.as_deref()?).ok()?;
+    Some(Live {
+        addr,
+        since,
+        silent: Duration::from_millis(silent_ms),
+        replace_after: Duration::from_millis(replace_after_ms),
+        on: Some(on.to_owned()),
+    })
 }
 
 impl EdgeRegistry {
@@ -212,12 +381,56 @@ impl EdgeRegistry {
         applied_seq: u64,
         parent: &CancellationToken,
     ) -> SessionHandle {
+        match self.open(hello, SessionOrigin::default(), applied_seq, parent, false) {
+            Ok(h) => h,
+            Err(_) => unreachable!("an unchecked connect is never refused"),
+        }
+    }
+
+    /// [`Self::connect`] for a session from `origin`, refused when the edge id has a
+    /// session live from another host, here or on another coordinator (see the module
+    /// docs); the refusal is counted on the edge and nothing else of it changes.
+    pub fn try_connect(
+        &self,
+        hello: EdgeHello,
+        origin: SessionOrigin,
+        applied_seq: u64,
+        parent: &CancellationToken,
+    ) -> Result<SessionHandle, Refused> {
+        self.open(hello, origin, applied_seq, parent, true)
+    }
+
+    fn open(
+        &self,
+        hello: EdgeHello,
+        origin: SessionOrigin,
+        applied_seq: u64,
+        parent: &CancellationToken,
+        check: bool,
+    ) -> Result<SessionHandle, Refused> {
+        if check {
+            let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+            let live = remote
+                .iter()
+                .filter(|(_, (at, _))| at.elapsed() < REMOTE_TTL)
+                .find_map(|(peer, (at, edges))| {
+                    edges
+                        .iter()
+                        .filter(|e| e.id == hello.id)
+                        .find_map(|e| remote_live(e, origin.peer, at.elapsed(), peer))
+                });
+            drop(remote);
+            if let Some(live) = live {
+                return Err(self.refuse(&hello.id, origin.peer, live));
+            }
+        }
         let session = self
             .sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         let cancel = parent.child_token();
         let now = SystemTime::now();
+        let ended = Arc::new(OnceLock::new());
         let old = {
             let mut entry = self.edges.entry(hello.id.clone()).or_insert_with(|| Edge {
                 region: hello.region.clone(),
@@ -238,8 +451,39 @@ impl EdgeRegistry {
                 applied_total: 0,
                 sessions: 0,
                 cert_not_after: None,
+                peer: None,
+                since: now,
+                heard: Instant::now(),
+                replace_after: Duration::ZERO,
+                movable: false,
+                ended: Arc::default(),
             });
             let e = entry.value_mut();
+            if check && e.connected && !same_host(e.peer, origin.peer) {
+                let silent = e.heard.elapsed();
+                if silent < e.replace_after {
+                    if let Some(addr) = e.peer {
+                        let live = Live {
+                            addr,
+                            since: e.since,
+                            silent,
+                            replace_after: e.replace_after,
+                            on: None,
+                        };
+                        // `refused` is another map: no lock order to keep.
+                        return Err(self.refuse(&hello.id, origin.peer, live));
+                    }
+                }
+                tracing::info!(edge = %hello.id, old = ?e.peer, new = ?origin.peer,
+                    silent_s = silent.as_secs_f64(),
+                    "a session from another host replaces a silent one");
+            }
+            e.ended = ended.clone();
+            e.peer = origin.peer;
+            e.since = now;
+            e.heard = Instant::now();
+            e.replace_after = origin.replace_after;
+            e.movable = origin.movable;
             let old = std::mem::replace(&mut e.cancel, cancel.clone());
             e.region = hello.region;
             e.connected = true;
@@ -258,10 +502,92 @@ impl EdgeRegistry {
             old
         };
         old.cancel();
-        SessionHandle {
+        Ok(SessionHandle {
             edge_id: hello.id,
             session,
             cancel,
+            ended,
+        })
+    }
+
+    /// Counts a refused session on its edge id and says why.
+    fn refuse(&self, id: &str, from: Option<SocketAddr>, live: Live) -> Refused {
+        let reason = live.reason(id);
+        self.refused_duplicate.fetch_add(1, Relaxed);
+        self.note_refusal(id, from, &reason);
+        Refused(reason)
+    }
+
+    fn note_refusal(&self, id: &str, from: Option<SocketAddr>, reason: &str) {
+        let last_addr = from
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let last_at = fmt_time(SystemTime::now());
+        if let Some(mut r) = self.refused.get_mut(id) {
+            r.count += 1;
+            r.last_addr = last_addr;
+            r.last_at = last_at;
+            r.reason = reason.to_owned();
+            return;
+        }
+        if self.refused.len() < REFUSED_IDS {
+            self.refused.insert(
+                id.to_owned(),
+                RefusedSessions {
+                    count: 1,
+                    last_addr,
+                    last_at,
+                    reason: reason.to_owned(),
+                },
+            );
+        }
+    }
+
+    /// Counts a session refused because this coordinator hands its agents off.
+    pub fn refused_for_handoff(&self) {
+        self.refused_handoff.fetch_add(1, Relaxed);
+    }
+
+    /// Ends every session whose agent lists another coordinator, telling it `reason`;
+    /// returns how many. Agents that list only this coordinator stay.
+    pub fn hand_off(&self, reason: &str) -> usize {
+        let mut ended = 0;
+        for e in self.edges.iter() {
+            if e.connected && e.movable && !e.cancel.is_cancelled() {
+                let _ = e.ended.set(SessionEnded::Handoff(reason.to_owned()));
+                e.cancel.cancel();
+                ended += 1;
+            }
+        }
+        self.handed_off.fetch_add(ended as u64, Relaxed);
+        ended
+    }
+
+    /// Ends each local session that collides with a live one of `peer` from another
+    /// host and started later (two coordinators accepted one id within a poll).
+    fn settle_duplicates(&self, peer: &str, edges: &[EdgeView]) {
+        for v in edges {
+            let Some(e) = self.edges.get(&v.id) else {
+                continue;
+            };
+            if !e.connected || e.cancel.is_cancelled() {
+                continue;
+            }
+            let Some(live) = remote_live(v, e.peer, Duration::ZERO, peer) else {
+                continue;
+            };
+            let mine = (e.since, e.peer.map(|a| a.to_string()));
+            if mine <= (live.since, Some(live.addr.to_string())) {
+                continue;
+            }
+            let reason = live.reason(&v.id);
+            let from = e.peer;
+            let _ = e.ended.set(SessionEnded::Duplicate(reason.clone()));
+            e.cancel.cancel();
+            drop(e);
+            tracing::warn!(edge = %v.id, peer, from = ?from, "ending a session: the edge id is live on another coordinator from another host since earlier");
+            self.refused_duplicate.fetch_add(1, Relaxed);
+            self.note_refusal(&v.id, from, &reason);
         }
     }
 
@@ -357,10 +683,13 @@ impl EdgeRegistry {
         }
     }
 
-    /// Refreshes `last_seen`.
+    /// The agent was heard on its session: refreshes `last_seen`.
     pub fn seen(&self, handle: &SessionHandle) {
         if let Some(mut e) = self.edges.get_mut(&handle.edge_id) {
-            e.last_seen = SystemTime::now();
+            if e.session == handle.session {
+                e.last_seen = SystemTime::now();
+                e.heard = Instant::now();
+            }
         }
     }
 
@@ -371,6 +700,7 @@ impl EdgeRegistry {
 
     /// Replaces what coordinator `peer` holds (its own sessions only).
     pub fn set_remote(&self, peer: &str, edges: Vec<EdgeView>) {
+        self.settle_duplicates(peer, &edges);
         let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
         remote.insert(peer.to_owned(), (std::time::Instant::now(), edges));
         drop(remote);
@@ -423,6 +753,12 @@ impl EdgeRegistry {
                 }
                 e.lag = head.saturating_sub(e.applied_seq);
                 e.coordinator = Some(peer.clone());
+                if let Some(mine) = self.refused.get(&e.id) {
+                    e.session.refused_sessions = Some(match e.session.refused_sessions.take() {
+                        Some(theirs) => merge_refusals(&theirs, &mine),
+                        None => mine.clone(),
+                    });
+                }
                 match out.iter_mut().find(|o| o.id == e.id) {
                     Some(o) if !o.connected && e.connected => *o = e,
                     Some(_) => {}
@@ -463,6 +799,13 @@ impl EdgeRegistry {
                     sessions: e.sessions,
                     cert_not_after: e.cert_not_after,
                     coordinator: None,
+                    session: SessionInfo {
+                        session_addr: e.peer.map(|a| a.to_string()),
+                        session_since: Some(fmt_time(e.since)),
+                        silent_ms: e.connected.then(|| e.heard.elapsed().as_millis() as u64),
+                        replace_after_ms: Some(e.replace_after.as_millis() as u64),
+                        refused_sessions: self.refused.get(kv.key()).map(|r| r.clone()),
+                    },
                 }
             })
             .collect();
@@ -545,6 +888,15 @@ impl EdgeRegistry {
     }
 }
 
+/// Two coordinators' refusals of one edge id: counts summed, the latest one's details.
+fn merge_refusals(a: &RefusedSessions, b: &RefusedSessions) -> RefusedSessions {
+    let latest = if a.last_at >= b.last_at { a } else { b };
+    RefusedSessions {
+        count: a.count + b.count,
+        ..latest.clone()
+    }
+}
+
 /// Sets `lag_s` on each lagging edge of `list`: how long the oldest purge it has not
 /// applied has waited.
 fn with_lag(mut list: Vec<EdgeView>, log: &PurgeLog) -> Vec<EdgeView> {
@@ -620,6 +972,27 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
         "How long the oldest purge an edge has not applied has waited (0: none).",
         list.iter().map(|v| (labels(v), v.lag_s.unwrap_or(0.0))),
     )?;
+    counter(
+        e,
+        "coordinator_sessions_refused_total",
+        "Agent sessions refused: duplicate_edge_id (the id is live from another host), handoff (this coordinator cannot reach its store).",
+        [
+            (
+                [("reason", Label(proto_reason::DUPLICATE))],
+                edges.refused_duplicate.load(Relaxed),
+            ),
+            (
+                [("reason", Label(proto_reason::HANDOFF))],
+                edges.refused_handoff.load(Relaxed),
+            ),
+        ],
+    )?;
+    crate::metrics::counter_value(
+        e,
+        "coordinator_sessions_handed_off_total",
+        "Agent sessions this coordinator ended to hand the agents to another one (it could not reach its store).",
+        edges.handed_off.load(Relaxed),
+    )?;
     if *with_certs {
         gauge(
             e,
@@ -630,6 +1003,12 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
         )?;
     }
     Ok(())
+}
+
+/// The `reason` label values of `coordinator_sessions_refused_total`.
+mod proto_reason {
+    pub const DUPLICATE: &str = "duplicate_edge_id";
+    pub const HANDOFF: &str = "handoff";
 }
 
 /// RFC 3339 with microseconds, UTC.
@@ -681,6 +1060,131 @@ mod tests {
             "shown where it is connected"
         );
         assert_eq!(reg.applied_seq("eu-2"), Some(9));
+    }
+
+    fn from(addr: &str, replace_after_ms: u64, movable: bool) -> SessionOrigin {
+        SessionOrigin {
+            peer: Some(addr.parse().unwrap()),
+            replace_after: Duration::from_millis(replace_after_ms),
+            movable,
+        }
+    }
+
+    #[test]
+    fn a_second_host_is_refused_while_the_session_is_live_and_the_genuine_edge_is_untouched() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let genuine = reg
+            .try_connect(hello("a"), from("10.0.0.1:4000", 60_000, false), 5, &root)
+            .unwrap();
+        reg.ack(&genuine, 7);
+        let refused = reg
+            .try_connect(hello("a"), from("10.0.0.2:5000", 60_000, false), 0, &root)
+            .unwrap_err();
+        assert!(
+            refused
+                .0
+                .contains("edge id a already has a live session from 10.0.0.1:4000 since"),
+            "{}",
+            refused.0
+        );
+        assert!(!genuine.cancel.is_cancelled(), "the live session stays");
+        let v = reg.list(10)[0].clone();
+        assert_eq!((v.applied_seq, v.sessions), (7, 1), "cursor untouched");
+        assert!(
+            reg.progress(6)[0].1.applied_at.is_some(),
+            "ack history kept"
+        );
+        let r = v.session.refused_sessions.expect("refusals shown");
+        assert_eq!((r.count, r.last_addr.as_str()), (1, "10.0.0.2:5000"));
+        assert_eq!(v.session.session_addr.as_deref(), Some("10.0.0.1:4000"));
+        // The same host (a reconnect after a blip: a new port) replaces it at once.
+        let again = reg
+            .try_connect(hello("a"), from("10.0.0.1:4001", 60_000, false), 7, &root)
+            .unwrap();
+        assert!(genuine.cancel.is_cancelled());
+        assert!(!again.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn a_session_silent_for_its_replace_after_gives_way_to_another_host() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let old = reg
+            .try_connect(hello("a"), from("10.0.0.1:4000", 40, false), 3, &root)
+            .unwrap();
+        assert!(reg
+            .try_connect(hello("a"), from("10.0.0.2:4000", 40, false), 3, &root)
+            .is_err());
+        std::thread::sleep(Duration::from_millis(60));
+        let new = reg
+            .try_connect(hello("a"), from("10.0.0.2:4000", 40, false), 3, &root)
+            .expect("a half-dead session is replaced");
+        assert!(old.cancel.is_cancelled() && !new.cancel.is_cancelled());
+        // Heard in time, a session stays live.
+        std::thread::sleep(Duration::from_millis(30));
+        reg.seen(&new);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(reg
+            .try_connect(hello("a"), from("10.0.0.3:4000", 40, false), 3, &root)
+            .is_err());
+    }
+
+    #[test]
+    fn a_session_live_on_another_coordinator_is_respected_and_a_later_twin_ends() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let mut theirs = EdgeView::new("a", "eu");
+        theirs.session = SessionInfo {
+            session_addr: Some("10.0.0.1:4000".into()),
+            session_since: Some(fmt_time(SystemTime::now() - Duration::from_secs(60))),
+            silent_ms: Some(300),
+            replace_after_ms: Some(2000),
+            refused_sessions: None,
+        };
+        reg.set_remote("c2", vec![theirs.clone()]);
+        let refused = reg
+            .try_connect(hello("a"), from("10.0.0.2:4000", 2000, false), 0, &root)
+            .unwrap_err();
+        assert!(refused.0.contains("on coordinator c2"), "{}", refused.0);
+        // The same host moving here is no twin.
+        let moved = reg
+            .try_connect(hello("a"), from("10.0.0.1:4100", 2000, false), 0, &root)
+            .unwrap();
+        reg.disconnect(&moved);
+        // Silent there for longer than it allows: this host may take over.
+        let mut silent = theirs.clone();
+        silent.session.silent_ms = Some(3500);
+        reg.set_remote("c2", vec![silent]);
+        let taken = reg
+            .try_connect(hello("a"), from("10.0.0.2:4000", 2000, false), 0, &root)
+            .unwrap();
+        // Accepted in the same poll interval as a live older twin there: this one ends.
+        reg.set_remote("c2", vec![theirs]);
+        assert!(taken.cancel.is_cancelled());
+        assert!(matches!(
+            taken.ended.get(),
+            Some(SessionEnded::Duplicate(_))
+        ));
+    }
+
+    #[test]
+    fn a_hand_off_ends_only_the_sessions_of_agents_that_list_another_coordinator() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let movable = reg
+            .try_connect(hello("a"), from("10.0.0.1:1", 2000, true), 0, &root)
+            .unwrap();
+        let stays = reg
+            .try_connect(hello("b"), from("10.0.0.2:1", 2000, false), 0, &root)
+            .unwrap();
+        assert_eq!(reg.hand_off("cut off"), 1);
+        assert!(movable.cancel.is_cancelled());
+        assert_eq!(
+            movable.ended.get(),
+            Some(&SessionEnded::Handoff("cut off".into()))
+        );
+        assert!(!stays.cancel.is_cancelled());
     }
 
     #[test]

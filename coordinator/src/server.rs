@@ -142,7 +142,9 @@ pub async fn run(
         state.cluster.duty(),
         shutdown.clone(),
     ));
-    let service = SessionService::new(state.clone(), shutdown.clone());
+    let service = SessionService::new(state.clone(), shutdown.clone())
+        .with_handoff_after(Duration::from_secs(config.store.handoff_after_s));
+    let handoff_task = tokio::spawn(service.watch_handoff());
     let grpc_shutdown = shutdown.clone();
     let server_tls = state.tls.clone();
     let per_source = config.grpc.handshakes_per_source;
@@ -250,6 +252,7 @@ pub async fn run(
             cluster_task,
             monitor_task,
             warm_task,
+            handoff_task,
             async {
                 if let Some(t) = geo_task {
                     let _ = t.await;

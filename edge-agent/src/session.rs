@@ -11,6 +11,15 @@
 //! coordinator resumes from the cursor, so a purge can be applied twice after a crash
 //! (harmless) but never skipped. Config bundles arriving on the same stream are handed to
 //! the [`crate::vcl`] worker.
+//!
+//! Two refusals change the redial ([`proto::Refusal`]): `handoff` (the coordinator cannot
+//! reach its store and gives its agents to the others) moves on to the next coordinator
+//! of the list at once, said in one info line; `duplicate_edge_id` (another agent holds a
+//! live session for this id from another host: a copied config) is retried once after
+//! [`duplicate_first_retry`] (three report intervals: long enough for a half-open session
+//! of this very agent, left by a kill -9 or a reboot, to count as dead) and then every
+//! [`DUPLICATE_BACKOFF`] (with jitter) for as long as it lasts, logged as one error (the
+//! first quick retry a warning, later ones at debug) and an info line once it gets in.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,6 +47,10 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Redial pace while another agent holds this edge id (after the first quick retry):
+/// 20 s, jittered by a quarter either way. Longer than any normal reconnect (at most
+/// [`BACKOFF_MAX`]), short enough to get in soon after the other one goes away.
+pub const DUPLICATE_BACKOFF: Duration = Duration::from_secs(20);
 /// Largest message accepted from the coordinator (a config bundle is at most 2 MiB).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Most entries merged into one apply while catching up.
@@ -127,15 +140,57 @@ pub async fn run(
     // to the next after every failure; the cursor and log id resume wherever it lands.
     let urls = agent.config.coordinator.urls().to_vec();
     let mut next = rand::thread_rng().gen_range(0..urls.len().max(1));
+    // Refusals in a row because another agent holds this edge id.
+    let mut duplicate: u32 = 0;
+    let interval = Duration::from_secs(agent.config.report_interval_s);
     loop {
         agent.welcomed_at = None;
         let url = urls[next % urls.len().max(1)].clone();
         next = next.wrapping_add(1);
         let result = agent.session(&url, &shutdown).await;
-        match result {
-            Err(SessionEnd::Shutdown) => return Ok(()),
-            Ok(()) => {}
-            Err(e) => {
+        if agent.welcomed_at.is_some() && duplicate > 0 {
+            tracing::info!(coordinator = %url, refusals = duplicate,
+                "session accepted: no other agent holds this edge id any more");
+            duplicate = 0;
+        }
+        let refusal = match &result {
+            Err(SessionEnd::Status(s)) => proto::Refusal::of(s),
+            _ => None,
+        };
+        match (&result, refusal) {
+            (Err(SessionEnd::Shutdown), _) => return Ok(()),
+            (Err(SessionEnd::Status(s)), Some(proto::Refusal::DuplicateEdgeId)) => {
+                duplicate = duplicate.saturating_add(1);
+                let delay = match duplicate {
+                    1 => duplicate_first_retry(interval),
+                    _ => jittered(DUPLICATE_BACKOFF),
+                };
+                match duplicate {
+                    1 => {
+                        tracing::warn!(coordinator = %url, reason = %s.message(), retry_s = delay.as_secs_f64(),
+                        "session refused: another agent holds this edge id; retrying once soon in case it is this agent's own session left half-open")
+                    }
+                    2 => {
+                        tracing::error!(coordinator = %url, reason = %s.message(), retry_every_s = DUPLICATE_BACKOFF.as_secs(),
+                        "session refused again: another agent holds this edge id (a copied config? each agent needs its own id); retrying slowly until it goes away")
+                    }
+                    _ => {
+                        tracing::debug!(coordinator = %url, refusals = duplicate, "still refused: another agent holds this edge id")
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+            (Err(SessionEnd::Status(s)), Some(proto::Refusal::Handoff)) => {
+                tracing::info!(coordinator = %url, reason = %s.message(), next = %urls[next % urls.len().max(1)],
+                    "coordinator hands its agents to another one; dialling the next");
+                duplicate = 0;
+            }
+            (Ok(()), _) => {}
+            (Err(e), _) => {
                 tracing::warn!(error = %e, coordinator = %url, "session ended");
             }
         }
@@ -170,6 +225,18 @@ fn failures_after(failures: u32, up: Option<Duration>) -> u32 {
     } else {
         failures.saturating_add(1)
     }
+}
+
+/// The first retry after a `duplicate_edge_id` refusal: three report intervals, at least
+/// 3 s, so that a half-open session this agent left behind (silent since) has missed
+/// the two heartbeats after which the coordinator lets a new one replace it.
+pub fn duplicate_first_retry(report_interval: Duration) -> Duration {
+    (report_interval * 3).max(Duration::from_secs(3))
+}
+
+/// `d`, jittered by a quarter either way.
+fn jittered(d: Duration) -> Duration {
+    rand::thread_rng().gen_range(d.mul_f64(0.75)..=d.mul_f64(1.25))
 }
 
 /// Full-jitter exponential backoff.
@@ -236,6 +303,12 @@ impl Agent {
             purge_mode: self.config.varnish.purge_mode.as_str().to_owned(),
             report_interval_ms: u32::try_from(self.config.report_interval_s * 1000)
                 .unwrap_or(u32::MAX),
+            coordinators: {
+                let mut urls = self.config.coordinator.urls().to_vec();
+                urls.sort();
+                urls.dedup();
+                u32::try_from(urls.len()).unwrap_or(u32::MAX)
+            },
             capabilities: vec![
                 proto::CAP_FULL_BAN.to_owned(),
                 proto::CAP_SOFT_PURGE.to_owned(),
@@ -702,6 +775,27 @@ mod tests {
         }
         // No window: no slots.
         assert_eq!(slot_start(now, at(1_000_007, 0), Duration::ZERO), now);
+    }
+
+    #[test]
+    fn a_refused_duplicate_retries_once_after_two_missed_heartbeats_then_slowly() {
+        // The coordinator replaces a session silent for two intervals: retry after three.
+        assert_eq!(
+            duplicate_first_retry(Duration::from_secs(1)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            duplicate_first_retry(Duration::from_secs(5)),
+            Duration::from_secs(15)
+        );
+        for _ in 0..100 {
+            let d = jittered(DUPLICATE_BACKOFF);
+            assert!(
+                d >= Duration::from_secs(15) && d <= Duration::from_secs(25),
+                "{d:?}"
+            );
+            assert!(d > BACKOFF_MAX, "slower than any normal reconnect");
+        }
     }
 
     #[test]

@@ -34,6 +34,48 @@ pub const CAP_WARM: &str = "warm";
 /// purges ([`edge::PurgeEntry::first_seq`]).
 pub const CAP_PURGE_RANGES: &str = "purge_ranges";
 
+/// Response metadata key a coordinator sets when it refuses or ends a session for a
+/// reason the agent acts on (see the `.proto`).
+pub const REFUSAL_KEY: &str = "x-vc-refusal";
+/// [`REFUSAL_KEY`]: another agent holds a live session for this edge id.
+pub const REFUSAL_DUPLICATE: &str = "duplicate_edge_id";
+/// [`REFUSAL_KEY`]: the coordinator hands its agents to another one (it cannot reach its
+/// store); dial the next coordinator.
+pub const REFUSAL_HANDOFF: &str = "handoff";
+
+/// Why a coordinator refused or ended a session, from the status it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another agent holds a live session for this edge id ([`REFUSAL_DUPLICATE`]).
+    DuplicateEdgeId,
+    /// The coordinator hands its agents to another one ([`REFUSAL_HANDOFF`]).
+    Handoff,
+}
+
+impl Refusal {
+    /// The refusal a status carries, if any.
+    pub fn of(status: &tonic::Status) -> Option<Refusal> {
+        match status.metadata().get(REFUSAL_KEY)?.to_str().ok()? {
+            REFUSAL_DUPLICATE => Some(Refusal::DuplicateEdgeId),
+            REFUSAL_HANDOFF => Some(Refusal::Handoff),
+            _ => None,
+        }
+    }
+
+    /// A status carrying this refusal with `message`.
+    pub fn status(self, message: String) -> tonic::Status {
+        let (mut status, tag) = match self {
+            Refusal::DuplicateEdgeId => (tonic::Status::already_exists(message), REFUSAL_DUPLICATE),
+            Refusal::Handoff => (tonic::Status::unavailable(message), REFUSAL_HANDOFF),
+        };
+        status.metadata_mut().insert(
+            REFUSAL_KEY,
+            tonic::metadata::MetadataValue::from_static(tag),
+        );
+        status
+    }
+}
+
 impl edge::PurgeEntry {
     /// The oldest purge this entry stands for: `seq`, or `first_seq` for a range.
     pub fn first(&self) -> u64 {
@@ -51,3 +93,30 @@ impl edge::PurgeEntry {
 pub const SERVED_BUCKETS_S: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_survives_the_status_it_is_sent_in() {
+        for r in [Refusal::DuplicateEdgeId, Refusal::Handoff] {
+            let s = r.status("why".into());
+            assert_eq!(Refusal::of(&s), Some(r));
+            // As the client reads it: from the headers/trailers map.
+            let http = s.clone().into_http();
+            let back = tonic::Status::from_header_map(http.headers()).unwrap();
+            assert_eq!(Refusal::of(&back), Some(r));
+            assert_eq!(back.message(), "why");
+        }
+        assert_eq!(
+            Refusal::DuplicateEdgeId.status(String::new()).code(),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(
+            Refusal::Handoff.status(String::new()).code(),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(Refusal::of(&tonic::Status::unavailable("down")), None);
+    }
+}

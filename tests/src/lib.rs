@@ -1108,6 +1108,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Self {
+        Self::start_from(target, None).await
+    }
+
+    /// A proxy whose connections to `target` come from `source` (e.g. 127.0.0.2: on
+    /// loopback, another host as the target sees it); `None`: the system's choice.
+    pub async fn start_from(target: SocketAddr, source: Option<std::net::IpAddr>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(tokio::sync::watch::channel(false).0);
@@ -1124,7 +1130,7 @@ impl Proxy {
                 let (c, s) = (c.clone(), s.clone());
                 let target = *t.lock().unwrap_or_else(|p| p.into_inner());
                 tokio::spawn(async move {
-                    let Ok(up) = TcpStream::connect(target).await else {
+                    let Ok(up) = connect_from(target, source).await else {
                         return;
                     };
                     let _ = down.set_nodelay(true);
@@ -1172,6 +1178,22 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// A connection to `target` from `source` (any port), or from the system's choice.
+async fn connect_from(
+    target: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(target).await;
+    };
+    let socket = match ip {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(target).await
 }
 
 /// Copies `from` to `to`, holding everything (EOF included) while cut.

@@ -40,6 +40,10 @@ pub struct StoreConfig {
     /// The leader's lease: a dead leader is replaced within about this long.
     #[serde(default = "default_lease_ttl_s")]
     pub lease_ttl_s: u64,
+    /// A coordinator that cannot reach etcd for this long, while another coordinator
+    /// can, hands its agents to the others (those that list more than one coordinator).
+    #[serde(default = "default_handoff_after_s")]
+    pub handoff_after_s: u64,
     /// TLS to etcd: the CA that signed the members' certificates, and optionally this
     /// coordinator's client certificate and key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +76,7 @@ impl Default for StoreConfig {
             id: None,
             advertise_api: None,
             lease_ttl_s: default_lease_ttl_s(),
+            handoff_after_s: default_handoff_after_s(),
             tls: None,
             user: None,
             password_file: None,
@@ -85,6 +90,13 @@ fn default_prefix() -> String {
 
 fn default_lease_ttl_s() -> u64 {
     10
+}
+
+/// `[store] handoff_after_s` by default.
+pub const DEFAULT_HANDOFF_AFTER_S: u64 = 5;
+
+fn default_handoff_after_s() -> u64 {
+    DEFAULT_HANDOFF_AFTER_S
 }
 
 fn invalid(msg: impl Into<String>) -> Result<(), ConfigError> {
@@ -133,6 +145,9 @@ impl StoreConfig {
         }
         if !(2..=60).contains(&self.lease_ttl_s) {
             return invalid("store.lease_ttl_s must be between 2 and 60");
+        }
+        if !(2..=600).contains(&self.handoff_after_s) {
+            return invalid("store.handoff_after_s must be between 2 and 600");
         }
         if let Some(id) = &self.id {
             if id.is_empty() || id.len() > 64 || id.contains(['/', ' ']) {
@@ -232,6 +247,14 @@ mod tests {
             },
             api,
             "lease_ttl_s",
+        );
+        bad(
+            StoreConfig {
+                handoff_after_s: 0,
+                ..etcd()
+            },
+            api,
+            "handoff_after_s",
         );
         bad(
             StoreConfig {

@@ -8,7 +8,8 @@
 //! [`Cluster::drive`] then, every second, lists the members and asks each other one for
 //! its self record (`GET /api/v1/cluster?scope=local`, a [`MemberStatus`]: its role,
 //! whether it reaches etcd, its spool) and the edges whose sessions it holds
-//! (`GET /api/v1/edges?scope=local`), which the
+//! (`GET /api/v1/edges?scope=local`; a coordinator blind to etcd hands its agents to a
+//! peer whose self record says it reaches etcd, see `session::handoff`), which the
 //! [`EdgeRegistry`] shows beside its own: every coordinator's API shows every edge, and
 //! nothing about an edge is written to etcd (no heartbeats there; at a thousand edges
 //! that would be the store's whole load). It asks for their edges' config state too
@@ -369,6 +370,23 @@ impl Cluster {
     /// that talks to etcd to report into and read.
     pub fn store_health(&self) -> &StoreHealth {
         &self.store
+    }
+
+    /// A peer that said, within [`crate::edges::REMOTE_TTL`], that it reaches the store
+    /// (the first by id).
+    pub fn peer_reaching_store(&self) -> Option<String> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reaching: Vec<&String> = peers
+            .iter()
+            .filter(|(_, p)| {
+                p.heard
+                    .is_some_and(|h| h.elapsed() < crate::edges::REMOTE_TTL)
+                    && p.status.as_ref().and_then(|s| s.store_reachable) == Some(true)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        reaching.sort();
+        reaching.first().map(|id| (*id).clone())
     }
 
     /// This coordinator's agents' reports for the peers (see `relay`).

@@ -15,9 +15,18 @@
 //!   session when the agent has been silent for three of its report intervals
 //!   ([`silence_limit`]), so a frozen or partitioned agent is lost in seconds.
 //!
+//! Two refusals tell the agent what to do (`proto::Refusal`, in the status's metadata):
+//! a Hello for an edge id whose session is live from another host is refused with
+//! `duplicate_edge_id` and the live one's address and start
+//! ([`crate::edges::EdgeRegistry::try_connect`]); while this coordinator hands its agents
+//! off ([`handoff`]: cut off from the store, a peer is not) a session of an agent that
+//! lists other coordinators is ended, or refused, with `handoff`. A session the
+//! coordinator ends for such a reason ends with that status, not a bare close.
+//!
 //! The purge listener never waits on an edge: it only appends to the log.
 
 mod config;
+pub mod handoff;
 mod purges;
 mod reports;
 mod warm;
@@ -35,7 +44,7 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::edges::{EdgeHello, SessionHandle};
+use crate::edges::{EdgeHello, SessionEnded, SessionHandle, SessionOrigin};
 use crate::state::State;
 
 /// Config and warm messages queued towards one agent before their sender waits.
@@ -53,6 +62,7 @@ pub struct SessionService {
     /// With mTLS: the Hello must claim the identity in the client certificate.
     require_identity: bool,
     shutdown: CancellationToken,
+    handoff: std::sync::Arc<handoff::Handoff>,
 }
 
 impl SessionService {
@@ -63,7 +73,24 @@ impl SessionService {
             require_identity: state.tls.is_some(),
             state,
             shutdown,
+            handoff: std::sync::Arc::new(handoff::Handoff::new(Duration::from_secs(
+                crate::cluster::config::DEFAULT_HANDOFF_AFTER_S,
+            ))),
         }
+    }
+
+    /// Hands the agents off once the store has been unreachable for `after` (see
+    /// [`handoff`]); run [`Self::watch_handoff`] for it to happen.
+    pub fn with_handoff_after(mut self, after: Duration) -> Self {
+        self.handoff = std::sync::Arc::new(handoff::Handoff::new(after));
+        self
+    }
+
+    /// Follows the store's and the peers' reachability, handing agents off while due.
+    pub fn watch_handoff(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.handoff
+            .clone()
+            .watch(self.state.clone(), self.shutdown.clone())
     }
 
     /// Checks the Hello against the verified client certificate; returns its expiry.
@@ -115,6 +142,12 @@ impl proto::Coordinator for SessionService {
         validate_id(&hello.edge_id, "edge_id")?;
         validate_id(&hello.region, "region")?;
         let cert_not_after = self.check_identity(certs.as_deref().map(Vec::as_slice), &hello)?;
+        let movable = hello.coordinators > 1;
+        if let Some(reason) = self.handoff.active().filter(|_| movable) {
+            self.state.edges.refused_for_handoff();
+            tracing::info!(edge = %hello.edge_id, peer = ?peer, "session refused: handing agents to the other coordinators");
+            return Err(proto::Refusal::Handoff.status(reason));
+        }
 
         let resume = resume_point(
             self.state.log.log_id(),
@@ -127,7 +160,12 @@ impl proto::Coordinator for SessionService {
             ResumePoint::From(_) => hello.applied_seq,
             ResumePoint::FullBan { .. } => 0,
         };
-        let handle = self.state.edges.connect(
+        let origin = SessionOrigin {
+            peer,
+            replace_after: crate::edges::replace_after(hello.report_interval_ms),
+            movable,
+        };
+        let handle = self.state.edges.try_connect(
             EdgeHello {
                 id: hello.edge_id.clone(),
                 region: hello.region.clone(),
@@ -136,9 +174,18 @@ impl proto::Coordinator for SessionService {
                 agent_version: hello.agent_version.clone(),
                 cert_not_after,
             },
+            origin,
             start_seq,
             &self.shutdown,
         );
+        let handle = match handle {
+            Ok(h) => h,
+            Err(refused) => {
+                tracing::warn!(edge = %hello.edge_id, peer = ?peer, reason = %refused,
+                    "session refused: the edge id has a live session from another host");
+                return Err(proto::Refusal::DuplicateEdgeId.status(refused.0));
+            }
+        };
         tracing::info!(edge = %hello.edge_id, region = %hello.region, peer = ?peer,
             applied_seq = hello.applied_seq, resume = ?resume, "edge connected");
 
@@ -201,6 +248,7 @@ impl proto::Coordinator for SessionService {
         let sender = self.state.pacer.join();
         let service = self.clone();
         let region = hello.region.clone();
+        let ended = handle.ended.clone();
         tokio::spawn(async move {
             reports::receive_loop(&service.state, &region, &handle, silence, inbound).await;
             handle.cancel.cancel();
@@ -222,8 +270,21 @@ impl proto::Coordinator for SessionService {
                 .disconnect(&handle.edge_id, handle.session);
             tracing::info!(edge = %handle.edge_id, "edge disconnected");
         });
-        let out = tokio_stream::iter(opening).chain(purges.merge(ReceiverStream::new(rx)));
+        // A session the coordinator ended for a reason ends with a status saying it.
+        let why = futures_util::stream::once(async move { ended.get().map(ended_status) })
+            .filter_map(|s| s.map(Err));
+        let out = tokio_stream::iter(opening)
+            .chain(purges.merge(ReceiverStream::new(rx)))
+            .chain(why);
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// The status a session the coordinator ended closes with.
+fn ended_status(ended: &SessionEnded) -> Status {
+    match ended {
+        SessionEnded::Handoff(reason) => proto::Refusal::Handoff.status(reason.clone()),
+        SessionEnded::Duplicate(reason) => proto::Refusal::DuplicateEdgeId.status(reason.clone()),
     }
 }
 

@@ -76,6 +76,11 @@ pub(super) async fn receive_loop(
                 }
             },
         };
+        if let Ok(Some(_)) = &msg {
+            // Any message proves the agent alive on this session (see `edges`: a session
+            // silent for two report intervals may be taken over by another host).
+            edges.seen(handle);
+        }
         if let Ok(Some(AgentMessage { msg: Some(m) })) = &msg {
             // Probe results, counter samples and warm progress, for the other coordinators.
             state.cluster.relay().offer(&handle.edge_id, region, m);
@@ -96,7 +101,7 @@ pub(super) async fn receive_loop(
                     }
                     edges.ack(handle, ack.applied_seq)
                 }
-                agent_message::Msg::Heartbeat(_) => edges.seen(handle),
+                agent_message::Msg::Heartbeat(_) => {}
                 agent_message::Msg::PurgeError(e) => {
                     let error: String = e.error.chars().take(1000).collect();
                     if e.full_ban {
@@ -112,15 +117,12 @@ pub(super) async fn receive_loop(
                     rollouts.on_status(&handle.edge_id, handle.session, status);
                 }
                 agent_message::Msg::Probe(result) => {
-                    edges.seen(handle);
                     monitor.record(region, result);
                 }
                 agent_message::Msg::Stats(stats) => {
-                    edges.seen(handle);
                     traffic.record(&handle.edge_id, region, stats);
                 }
                 agent_message::Msg::WarmProgress(p) => {
-                    edges.seen(handle);
                     warm.on_progress(&handle.edge_id, handle.session, p);
                 }
                 agent_message::Msg::TopUrls(top) => warm.on_top(&handle.edge_id, region, top),
