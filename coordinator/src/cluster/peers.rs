@@ -11,7 +11,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use prost::Message;
 use proto::edge::{RelayBatch, WarmPull, WarmRelayBatch};
 
-use crate::edges::EdgeView;
+use crate::edges::LocalEdge;
 use crate::rollout::ConfigView;
 
 pub(super) type PeerClient = Client<HttpConnector, Full<axum::body::Bytes>>;
@@ -23,13 +23,16 @@ pub(super) fn client() -> PeerClient {
     Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
-/// The edges whose sessions the coordinator at `api` holds.
+/// The edges whose sessions the coordinator at `api` holds, with their ack points from
+/// `acks_since_us` on (`edges::EdgeHistory`).
 pub(super) async fn edges(
     client: &PeerClient,
     api: &str,
     token: Option<&str>,
-) -> Result<Vec<EdgeView>, String> {
-    get(client, &format!("{api}/api/v1/edges?scope=local"), token).await
+    acks_since_us: u64,
+) -> Result<Vec<LocalEdge>, String> {
+    let url = format!("{api}/api/v1/edges?scope=local&acks_since_us={acks_since_us}");
+    get(client, &url, token).await
 }
 
 /// The config state of the edges the coordinator at `api` holds.
@@ -82,7 +85,7 @@ async fn get<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| e.to_string())
 }
 
-async fn get_bytes(
+pub(super) async fn get_bytes(
     client: &PeerClient,
     url: &str,
     token: Option<&str>,
