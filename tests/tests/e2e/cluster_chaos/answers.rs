@@ -8,6 +8,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 use tests::ha::{HaCluster, HaOpts, Placement};
@@ -160,6 +161,26 @@ async fn every_coordinator_gives_one_answer_to_every_read() {
     for (i, c) in ha.c.iter().enumerate() {
         seqs.push(purge_tags(c.purge, &[&format!("cat_p_{i}")]).await);
     }
+    // How long until every coordinator tells every edge's applied_at for the last one.
+    let sent = std::time::Instant::now();
+    let last = seqs[2];
+    let told = |p: &Value| {
+        p["edges"].as_object().is_some_and(|e| {
+            e.len() == 3 && e.values().all(|e| e["applied_at_us"].as_u64().is_some())
+        })
+    };
+    let mut answer: Result<Value, Vec<Value>>;
+    assert_eventually!(
+        15,
+        {
+            answer = one_answer(&ha, &all, &format!("/api/v1/purges/{last}"), &|v| v).await;
+            answer.as_ref().is_ok_and(told)
+        },
+        "purge {last} not told alike with every edge: {answer:#?}"
+    );
+    let took = sent.elapsed();
+    eprintln!("purge {last}: every coordinator lists all 3 edges' applied_at alike {took:?} after the 200");
+    assert!(took < Duration::from_secs(10), "{took:?}");
     for (i, v) in ha.varnish.iter().enumerate() {
         shoppers(v.http, i as u32 + 1).await;
     }
