@@ -32,7 +32,14 @@ pub(super) async fn edges(
     acks_since_us: u64,
 ) -> Result<Vec<LocalEdge>, String> {
     let url = format!("{api}/api/v1/edges?scope=local&acks_since_us={acks_since_us}");
-    get(client, &url, token).await
+    match get(client, &url, token).await {
+        // A coordinator of an older release (mid-upgrade) knows no `acks_since_us`: its
+        // edges without their history, rather than none.
+        Err(e) if e.starts_with("answered 400") => {
+            get(client, &format!("{api}/api/v1/edges?scope=local"), token).await
+        }
+        answer => answer,
+    }
 }
 
 /// The config state of the edges the coordinator at `api` holds.
