@@ -50,6 +50,12 @@ struct AckHistory {
 
 impl AckHistory {
     fn push(&mut self, seq: u64, at_us: u64) {
+        self.thin();
+        self.points.push_back((seq, at_us));
+    }
+
+    /// Makes room for one more point (see the type's docs).
+    fn thin(&mut self) {
         if self.points.len() >= ACK_POINTS {
             let half = self.points.len() / 2;
             let mut i = 0;
@@ -58,10 +64,48 @@ impl AckHistory {
                 i > half || i % 2 == 1
             });
         }
-        self.points.push_back((seq, at_us));
+    }
+
+    /// Takes in points another coordinator relayed: each sequence once, in order (a
+    /// point already known is kept as it is).
+    fn merge(&mut self, points: &[(u64, u64)]) {
+        for &(seq, at_us) in points {
+            if self.points.back().is_none_or(|(s, _)| *s < seq) {
+                self.push(seq, at_us);
+                continue;
+            }
+            let i = self.points.partition_point(|(s, _)| *s < seq);
+            if self.points.get(i).is_some_and(|(s, _)| *s == seq) {
+                continue;
+            }
+            self.thin();
+            let i = self.points.partition_point(|(s, _)| *s < seq);
+            self.points.insert(i, (seq, at_us));
+        }
+    }
+
+    /// The first point at or after `seq`, if one is known.
+    fn covering(&self, seq: u64) -> Option<(u64, u64)> {
+        let i = self.points.partition_point(|(s, _)| *s < seq);
+        self.points.get(i).copied()
+    }
+
+    /// The newest points taken at or after `since_us`, at most `max`, oldest first.
+    fn recent(&self, since_us: u64, max: usize) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = self
+            .points
+            .iter()
+            .rev()
+            .take_while(|(_, t)| *t >= since_us)
+            .take(max)
+            .copied()
+            .collect();
+        out.reverse();
+        out
     }
 
     /// The first point at or after `seq` (the oldest known when history was thinned).
+    #[cfg(test)]
     fn applied_at(&self, seq: u64) -> Option<u64> {
         let i = self.points.partition_point(|(s, _)| *s < seq);
         self.points.get(i).or(self.points.front()).map(|(_, t)| *t)
@@ -268,6 +312,50 @@ pub struct PurgeProgress {
     pub error: Option<String>,
 }
 
+/// Ack points relayed per edge in one `scope=local` answer, and purge failures: the
+/// byte bound of what an edge adds to it (about 40 bytes of JSON a point, at most 1 KB
+/// an error: under 10 KB an edge, 10 MB at a thousand edges, within the reader's
+/// limit). The reader asks only for what is newer than it has, so at one round a second
+/// every ack reaches it unless an edge acks more often than that.
+pub const RELAYED_ACK_POINTS: usize = 128;
+pub const RELAYED_FAILURES: usize = 4;
+/// How far back of the newest point it has the reader asks again (points taken by
+/// concurrent acks may land a moment out of order).
+const RELAY_SLACK_US: u64 = 5_000_000;
+
+/// How far an edge's purges went, as the coordinator holding its session tells the
+/// others (`GET /api/v1/edges?scope=local&acks_since_us=T`), so every coordinator
+/// answers `GET /api/v1/purges/{seq}` with the same `applied_at` and `error`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EdgeHistory {
+    /// `(seq, applied_at_us)` ack points taken at or after the asked time, oldest first.
+    pub acks: Vec<(u64, u64)>,
+    /// The purge the edge fails to apply and retries, with the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing: Option<(u64, String)>,
+    /// Purges varnish refused that it applied as a full ban instead (the newest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<PurgeFailure>,
+}
+
+/// One edge of a `scope=local` answer, with its [`EdgeHistory`] when asked for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalEdge {
+    #[serde(flatten)]
+    pub view: EdgeView,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<EdgeHistory>,
+}
+
+/// What the other coordinators relayed about an edge's purges (merged over time and
+/// over coordinators: an edge that moved has its acks from each).
+#[derive(Debug, Default)]
+struct Relayed {
+    acks: AckHistory,
+    failures: VecDeque<PurgeFailure>,
+    failing: Option<(u64, String)>,
+}
+
 /// Details an agent gives in its Hello.
 #[derive(Debug, Clone)]
 pub struct EdgeHello {
@@ -297,6 +385,10 @@ pub struct EdgeRegistry {
     refused_duplicate: AtomicU64,
     refused_handoff: AtomicU64,
     handed_off: AtomicU64,
+    /// Per edge, the acks and failures the others relayed (see [`EdgeHistory`]).
+    relayed: std::sync::Mutex<std::collections::HashMap<String, Relayed>>,
+    /// Per peer, the newest ack time it relayed (its clock): where to ask from next.
+    relayed_until: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// How long another coordinator's list of edges stays in ours without a refresh.
@@ -733,6 +825,85 @@ impl EdgeRegistry {
             .collect()
     }
 
+    /// [`Self::set_remote`] with each edge's relayed history, which is merged into what
+    /// `progress` answers from.
+    pub fn set_remote_with_history(&self, peer: &str, edges: Vec<LocalEdge>) {
+        let mut views = Vec::with_capacity(edges.len());
+        {
+            let mut relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut newest = 0;
+            for LocalEdge { view, history } in edges {
+                if let Some(h) = history {
+                    let r = relayed.entry(view.id.clone()).or_default();
+                    let points: Vec<(u64, u64)> =
+                        h.acks.into_iter().take(RELAYED_ACK_POINTS).collect();
+                    newest = points.iter().map(|p| p.1).fold(newest, u64::max);
+                    r.acks.merge(&points);
+                    for f in h.failures.into_iter().take(RELAYED_FAILURES) {
+                        let known = r
+                            .failures
+                            .iter()
+                            .any(|k| (k.first_seq, k.last_seq) == (f.first_seq, f.last_seq));
+                        if !known {
+                            r.failures.push_back(f);
+                        }
+                    }
+                    while r.failures.len() > FAILURES_KEPT {
+                        r.failures.pop_front();
+                    }
+                    if view.connected {
+                        r.failing = h.failing;
+                    }
+                }
+                views.push(view);
+            }
+            if newest > 0 {
+                let mut until = self.relayed_until.lock().unwrap_or_else(|p| p.into_inner());
+                let at = until.entry(peer.to_owned()).or_default();
+                *at = (*at).max(newest);
+            }
+        }
+        self.set_remote(peer, views);
+    }
+
+    /// From when to ask `peer` for its edges' acks (`acks_since_us`): a little before
+    /// the newest it relayed, or from the start.
+    pub fn acks_since(&self, peer: &str) -> u64 {
+        self.relayed_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .map_or(0, |t| t.saturating_sub(RELAY_SLACK_US))
+    }
+
+    /// [`Self::list_local`] with each edge's history from `since_us` on (bounded:
+    /// [`RELAYED_ACK_POINTS`], [`RELAYED_FAILURES`]), for the other coordinators.
+    pub fn list_local_with_history(&self, head: u64, since_us: u64) -> Vec<LocalEdge> {
+        self.list_local(head)
+            .into_iter()
+            .map(|view| {
+                let history = self.edges.get(&view.id).map(|e| {
+                    let since = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(since_us);
+                    EdgeHistory {
+                        acks: e.acks.recent(since_us, RELAYED_ACK_POINTS),
+                        failing: e.last_error.clone(),
+                        failures: e
+                            .failures
+                            .iter()
+                            .rev()
+                            .filter(|f| {
+                                humantime::parse_rfc3339(&f.at).map_or(true, |t| t >= since)
+                            })
+                            .take(RELAYED_FAILURES)
+                            .cloned()
+                            .collect(),
+                    }
+                });
+                LocalEdge { view, history }
+            })
+            .collect()
+    }
+
     /// Every edge of the cluster, sorted by id, with lag computed against `head`: this
     /// coordinator's own, and those other coordinators reported. A coordinator that has
     /// not reported for [`REMOTE_TTL`] (it died, or is cut off) leaves its edges shown
@@ -824,32 +995,54 @@ impl EdgeRegistry {
         with_lag(self.list_local(log.head()), log)
     }
 
-    /// Where purge `seq` stands on every edge.
+    /// Where purge `seq` stands on every edge of the cluster ([`Self::list`]): when it
+    /// applied it (the first ack point covering `seq`, from this coordinator's sessions
+    /// and what the others relayed alike; if history was thinned, the oldest known),
+    /// and the error if it could not.
     pub fn progress(&self, seq: u64) -> Vec<(String, PurgeProgress)> {
-        let mut out: Vec<_> = self
-            .edges
-            .iter()
-            .map(|kv| {
-                let e = kv.value();
-                let applied_at = if e.applied_seq >= seq {
-                    // First ack point covering seq; if history was thinned, the oldest known.
-                    let t = e
-                        .acks
-                        .applied_at(seq)
+        let views = self.list(0);
+        let relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        views
+            .into_iter()
+            .map(|v| {
+                let local = self.edges.get(&v.id);
+                let local = local.as_deref();
+                let remote = relayed.get(&v.id);
+                let applied_at = (v.applied_seq >= seq).then(|| {
+                    let covering = [
+                        local.and_then(|e| e.acks.covering(seq)),
+                        remote.and_then(|r| r.acks.covering(seq)),
+                    ];
+                    let oldest = [
+                        local.and_then(|e| e.acks.points.front().copied()),
+                        remote.and_then(|r| r.acks.points.front().copied()),
+                    ];
+                    let pick = |points: [Option<(u64, u64)>; 2]| {
+                        points.into_iter().flatten().map(|(_, t)| t).min()
+                    };
+                    pick(covering)
+                        .or_else(|| pick(oldest))
                         .map(|us| SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us))
-                        .unwrap_or(e.last_seen);
-                    Some(t)
-                } else {
-                    None
-                };
-                let refused = e
-                    .failures
-                    .iter()
-                    .find(|f| f.first_seq <= seq && seq <= f.last_seq)
+                        .or_else(|| humantime::parse_rfc3339(&v.last_seen).ok())
+                        .unwrap_or_else(SystemTime::now)
+                });
+                let failures = local
+                    .map(|e| e.failures.iter())
+                    .into_iter()
+                    .flatten()
+                    .chain(remote.map(|r| r.failures.iter()).into_iter().flatten());
+                let refused = failures
+                    .filter(|f| f.first_seq <= seq && seq <= f.last_seq)
+                    .min_by_key(|f| f.first_seq)
                     .map(|f| format!("varnish refused it; applied as a full ban: {}", f.error));
-                let error = match &e.last_error {
+                let failing = if v.coordinator.is_none() {
+                    local.and_then(|e| e.last_error.clone())
+                } else {
+                    remote.and_then(|r| r.failing.clone())
+                };
+                let error = match failing {
                     _ if refused.is_some() => refused,
-                    Some((s, msg)) if applied_at.is_none() && *s <= seq => Some(msg.clone()),
+                    Some((s, msg)) if applied_at.is_none() && s <= seq => Some(msg),
                     _ => None,
                 };
                 let progress = PurgeProgress {
@@ -861,11 +1054,9 @@ impl EdgeRegistry {
                     }),
                     error,
                 };
-                (kv.key().clone(), progress)
+                (v.id, progress)
             })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+            .collect()
     }
 
     /// The number of edges currently connected.
@@ -1252,5 +1443,80 @@ mod tests {
         assert!(reg.list(0)[0].connected);
         reg.disconnect(&new);
         assert!(!reg.list(0)[0].connected);
+    }
+
+    #[test]
+    fn a_peers_relayed_acks_answer_a_purges_status_as_the_holder_does() {
+        let (c1, c2) = (EdgeRegistry::default(), EdgeRegistry::default());
+        let root = CancellationToken::new();
+        let h = c1.connect(hello("r0-1"), 0, &root);
+        c1.ack(&h, 3);
+        c1.ack(&h, 7);
+        c1.error(&h, 8, 8, "regex too big".into(), true);
+        // What c2 reads from c1 (`edges?scope=local&acks_since_us=…`), as JSON.
+        let relay = |since: u64| {
+            let json = serde_json::to_vec(&c1.list_local_with_history(10, since)).unwrap();
+            serde_json::from_slice::<Vec<LocalEdge>>(&json).unwrap()
+        };
+        c2.set_remote_with_history("c1", relay(c2.acks_since("c1")));
+        let same = |seq: u64| {
+            let (a, b) = (c1.progress(seq), c2.progress(seq));
+            assert_eq!(a.len(), 1, "{a:?}");
+            assert_eq!(b.len(), 1, "c2 lists c1's edge: {b:?}");
+            assert_eq!(a[0].0, b[0].0);
+            assert_eq!(a[0].1.applied_at_us, b[0].1.applied_at_us, "seq {seq}");
+            assert_eq!(a[0].1.applied_at, b[0].1.applied_at, "seq {seq}");
+            assert_eq!(a[0].1.error, b[0].1.error, "seq {seq}");
+            b[0].1.clone()
+        };
+        assert!(same(2).applied_at.is_some());
+        assert!(same(5).applied_at.is_some());
+        assert!(same(9).applied_at.is_none());
+        // Later acks come with the next rounds, asked from the newest point on.
+        c1.ack(&h, 9);
+        c1.ack(&h, 10);
+        let since = c2.acks_since("c1");
+        assert!(since > 0);
+        let next = relay(since);
+        let acks = &next[0].history.as_ref().unwrap().acks;
+        assert!(acks.iter().all(|(_, t)| *t >= since));
+        let at9 = acks.iter().find(|p| p.0 == 9).unwrap().1;
+        let from9 = relay(at9);
+        assert!(
+            from9[0]
+                .history
+                .as_ref()
+                .unwrap()
+                .acks
+                .iter()
+                .all(|p| p.0 >= 9),
+            "only what is newer than asked"
+        );
+        c2.set_remote_with_history("c1", next);
+        assert!(same(9).applied_at.is_some());
+        assert_ne!(same(9).applied_at_us, same(5).applied_at_us);
+        assert!(same(8).error.unwrap().contains("full ban"));
+        // Bounded: a long burst relays the newest points only.
+        for seq in 11..=1000 {
+            c1.ack(&h, seq);
+        }
+        let burst = c1.list_local_with_history(1000, 0);
+        assert_eq!(
+            burst[0].history.as_ref().unwrap().acks.len(),
+            RELAYED_ACK_POINTS
+        );
+    }
+
+    #[test]
+    fn merged_points_stay_ordered_once_each_and_within_the_budget() {
+        let mut h = AckHistory::default();
+        h.merge(&[(5, 50), (9, 90)]);
+        h.merge(&[(7, 70), (9, 99), (12, 120)]);
+        let seqs: Vec<(u64, u64)> = h.points.iter().copied().collect();
+        assert_eq!(seqs, [(5, 50), (7, 70), (9, 90), (12, 120)]);
+        let many: Vec<(u64, u64)> = (100..3000).map(|s| (s, s * 10)).collect();
+        h.merge(&many);
+        assert!(h.points.len() <= ACK_POINTS);
+        assert_eq!(h.covering(2999), Some((2999, 29_990)));
     }
 }

@@ -123,6 +123,7 @@ pub async fn run(
         monitor: state.monitor.clone(),
         traffic: state.traffic.clone(),
         warm: state.warm.clone(),
+        geo: state.geo.clone(),
     };
     let cluster_task = tokio::spawn(state.cluster.clone().drive(
         views,

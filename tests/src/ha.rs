@@ -48,6 +48,8 @@ pub struct HaOpts {
     pub warm_extra: String,
     /// Agents' purge mode (`ban` or `xkey`).
     pub mode: &'static str,
+    /// More keys for region i's `[[regions]]` table (`lat`, `lon` for `[geo]`), by index.
+    pub region_keys: Vec<String>,
 }
 
 impl Default for HaOpts {
@@ -60,6 +62,7 @@ impl Default for HaOpts {
             store_extra: String::new(),
             warm_extra: String::new(),
             mode: "ban",
+            region_keys: Vec::new(),
         }
     }
 }
@@ -89,6 +92,11 @@ impl HaCluster {
         let mut c = Vec::new();
         let mut etcd_links = Vec::new();
         let mut peer_links = Vec::new();
+        let mut regions = regions_toml(opts.regions, origin.addr);
+        for (i, keys) in opts.region_keys.iter().enumerate() {
+            let name = format!("name = \"region-{i}\"\n");
+            regions = regions.replace(&name, &format!("{name}{keys}\n"));
+        }
         for i in 0..opts.coordinators {
             let id = format!("c{}", i + 1);
             let mut links = Vec::new();
@@ -109,7 +117,7 @@ impl HaCluster {
                 insecure: true,
                 extra: format!(
                     "{}\n{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/vc-test/\"\nid = \"{id}\"\nlease_ttl_s = 2\nadvertise_api = \"http://{}\"\n{}\n",
-                    regions_toml(opts.regions, origin.addr),
+                    regions,
                     opts.extra.replace("{origin}", &origin.addr.to_string()),
                     endpoints.join(", "),
                     peer.addr,

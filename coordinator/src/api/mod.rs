@@ -180,11 +180,26 @@ async fn read_guard(
     next.run(request).await
 }
 
-/// `GET /api/v1/alerts`: the newest grouped alerts (what changed, when, delivered).
+/// `GET /api/v1/alerts`: the newest grouped alerts (what changed, when, delivered). In
+/// a cluster the ledger's in etcd, the same on every coordinator; this coordinator's
+/// own while etcd does not answer.
 async fn alerts(State(s): State<ApiState>) -> Response {
+    let monitor = s.state.monitor.clone();
+    let shared = tokio::task::spawn_blocking(move || monitor.cluster_alerts())
+        .await
+        .ok()
+        .flatten();
+    let alerts = match shared {
+        Some(Ok(list)) => list,
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "alert ledger unreadable; listing this coordinator's alerts");
+            s.state.monitor.recent_alerts()
+        }
+        None => s.state.monitor.recent_alerts(),
+    };
     Json(views::AlertList {
         webhooks: s.state.monitor.webhook_count(),
-        alerts: s.state.monitor.recent_alerts(),
+        alerts,
     })
     .into_response()
 }
@@ -409,6 +424,9 @@ struct EdgesQuery {
     /// `local`: only the edges whose sessions this coordinator holds (what the other
     /// coordinators of a cluster ask for); default: every edge of the cluster.
     scope: Option<String>,
+    /// With `scope=local`: each edge's ack points from this time on (Unix µs) and its
+    /// purge failures (`edges::EdgeHistory`), for the other coordinators' purge status.
+    acks_since_us: Option<u64>,
 }
 
 impl EdgesQuery {
@@ -428,13 +446,29 @@ impl EdgesQuery {
 
 async fn edges(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
     let head = s.state.log.head();
-    let mut list = match q.local() {
-        Ok(false) => s.state.edges.list(head),
-        Ok(true) => s.state.edges.list_local(head),
+    let local = match q.local() {
+        Ok(local) => local,
         Err(r) => return r,
     };
+    if let (true, Some(since)) = (local, q.acks_since_us) {
+        let mut list = s.state.edges.list_local_with_history(head, since);
+        for e in &mut list {
+            e.view.config_version = s.state.rollouts.active_version(&e.view.id);
+        }
+        return Json(list).into_response();
+    }
+    let mut list = if local {
+        s.state.edges.list_local(head)
+    } else {
+        s.state.edges.list(head)
+    };
+    let me = s.state.cluster.is_clustered().then(|| s.state.cluster.id());
     for e in list.iter_mut().filter(|e| e.coordinator.is_none()) {
         e.config_version = s.state.rollouts.active_version(&e.id);
+        // In a cluster every coordinator names the one holding the session, itself too.
+        if !local {
+            e.coordinator = me.map(str::to_owned);
+        }
     }
     Json(list).into_response()
 }
@@ -566,7 +600,10 @@ async fn config_view(
             )
         }
     };
-    let scope = EdgesQuery { scope: q.scope };
+    let scope = EdgesQuery {
+        scope: q.scope,
+        acks_since_us: None,
+    };
     match scope.local() {
         Ok(local) => {
             let view = s.state.rollouts.view_scoped(local);
@@ -673,17 +710,63 @@ fn warm_error(e: crate::warm::WarmError) -> Response {
     }
 }
 
+/// Warm jobs listed on a follower: the leader runs them, so its answer (`rate` and all)
+/// when it gives one, else the jobs as etcd holds them (the leader writes each job and
+/// each edge's progress there), so a follower never misses a job the cluster has.
+async fn warm_from_leader(s: &ApiState, path: &str) -> Option<Response> {
+    if s.state.cluster.is_leader() {
+        return None;
+    }
+    let bearer = s.token.read().unwrap_or_else(|p| p.into_inner()).clone();
+    match s
+        .state
+        .cluster
+        .read_from_leader(path, bearer.as_deref())
+        .await
+    {
+        Ok(body) => Some(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
+        Err(e) => {
+            tracing::debug!(path, error = %e, "warm jobs not read from the leader; reading etcd");
+            None
+        }
+    }
+}
+
 /// `GET /api/v1/warm/jobs`: the newest jobs first.
 async fn warm_jobs(State(s): State<ApiState>) -> Response {
-    Json(JobList {
-        jobs: s.state.warm.list(50),
-    })
-    .into_response()
+    if let Some(r) = warm_from_leader(&s, "/api/v1/warm/jobs").await {
+        return r;
+    }
+    if s.state.cluster.is_leader() {
+        return Json(JobList {
+            jobs: s.state.warm.list(50),
+        })
+        .into_response();
+    }
+    let warm = s.state.warm.clone();
+    match tokio::task::spawn_blocking(move || warm.stored_list(50)).await {
+        Ok(Ok(jobs)) => Json(JobList { jobs }).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// `GET /api/v1/warm/jobs/{id}`: `{id, state, regions: {NAME: {done, total, errors, eta_s}}}`.
 async fn warm_job(State(s): State<ApiState>, Path(id): Path<u64>) -> Response {
-    match s.state.warm.view(id) {
+    if let Some(r) = warm_from_leader(&s, &format!("/api/v1/warm/jobs/{id}")).await {
+        return r;
+    }
+    let view = if s.state.cluster.is_leader() {
+        s.state.warm.view(id)
+    } else {
+        let warm = s.state.warm.clone();
+        match tokio::task::spawn_blocking(move || warm.stored_view(id)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    };
+    match view {
         Some(v) => Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no warm job {id}")),
     }

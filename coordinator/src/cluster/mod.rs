@@ -15,8 +15,11 @@
 //! that would be the store's whole load). It asks for their edges' config state too
 //! (`GET /api/v1/config?scope=local`): the leader moves rollouts on the whole fleet's. Every few seconds it also asks each etcd
 //! member for its status, for `/api/v1/cluster`. And it reads each other
-//! one's agents' probe results and counter samples (`relay`), so every coordinator's
-//! region health, hit ratios and alerts cover the whole fleet. Blind to etcd it keeps
+//! one's agents' probe results, counter samples, popular URLs and client networks
+//! (`relay`), so every coordinator's region health, hit ratios, alerts, per-country
+//! figures and popular URLs cover the whole fleet. The peers' edges carry their recent
+//! ack points (`edges::EdgeHistory`), so every coordinator answers a purge's status for
+//! every edge alike. Blind to etcd it keeps
 //! asking the members it last listed. A peer whose lease is gone from an etcd it can read
 //! and that no longer answers is gone for real ([`EdgeRegistry::keep_peers`]); one that
 //! still answers stays a member (cut off from etcd, its agents are still there); one
@@ -207,6 +210,8 @@ pub struct Cluster {
     store: StoreHealth,
     /// Ends the campaign (resigning) when the coordinator stops.
     stop: CancellationToken,
+    /// For reads from the peers' APIs.
+    client: peers::PeerClient,
 }
 
 /// One peer as the self-record polls found it.
@@ -226,6 +231,8 @@ pub struct PeerViews {
     pub monitor: Arc<Monitor>,
     pub traffic: Arc<Traffic>,
     pub warm: Arc<Warm>,
+    /// Shoppers' networks by country (with `[geo]`).
+    pub geo: Option<Arc<crate::geo::Geo>>,
 }
 
 impl Cluster {
@@ -261,6 +268,7 @@ impl Cluster {
             warm_pull_failing: Default::default(),
             store: StoreHealth::embedded(),
             stop: CancellationToken::new(),
+            client: peers::client(),
         })
     }
 
@@ -358,12 +366,42 @@ impl Cluster {
             warm_pull_failing: Default::default(),
             store: StoreHealth::new(),
             stop,
+            client: peers::client(),
         });
         Ok((cluster, etcd))
     }
 
     pub fn id(&self) -> &str {
         &self.me.id
+    }
+
+    /// A `GET` of `path` on the leader's API (a follower serving what only the leader
+    /// holds live, such as its warm jobs' rates); an error if this coordinator leads, no
+    /// leader is known, or it does not answer 200 within a second or so.
+    pub async fn read_from_leader(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<axum::body::Bytes, String> {
+        let (role, leader) = self.role();
+        let leader = match (role, leader) {
+            (Role::Follower, Some(l)) if l != self.me.id => l,
+            _ => return Err("no other coordinator leads".into()),
+        };
+        let api = self
+            .members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|m| m.id == leader)
+            .map(|m| m.api.clone())
+            .ok_or_else(|| format!("leader {leader} is not among the members"))?;
+        peers::get_bytes(&self.client, &format!("{api}{path}"), token).await
+    }
+
+    /// Whether this coordinator has peers to share with (`[store] backend = "etcd"`).
+    pub fn is_clustered(&self) -> bool {
+        matches!(self.backend, config::Backend::Etcd)
     }
 
     /// Whether the shared store answers (always, embedded): one handle for every part
@@ -863,8 +901,9 @@ impl Cluster {
             // Silent: its other answers would only time out too (the round waits for them).
             return cursor;
         }
-        match peers::edges(client, &m.api, bearer).await {
-            Ok(list) => views.edges.set_remote(&m.id, list),
+        let since = views.edges.acks_since(&m.id);
+        match peers::edges(client, &m.api, bearer, since).await {
+            Ok(list) => views.edges.set_remote_with_history(&m.id, list),
             Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's edges not read"),
         }
         match peers::config(client, &m.api, bearer).await {
@@ -932,8 +971,15 @@ impl Cluster {
                 Some(Msg::Probe(p)) => views.monitor.record_relayed(&r.region, p),
                 Some(Msg::Stats(s)) => views.traffic.record_relayed(&r.edge_id, &r.region, s),
                 Some(Msg::WarmProgress(p)) => {
-                    if let Some(vid) = self.warm_relay.vid(&r.edge_id) {
+                    // Only from the follower whose session stands in (`warm_relay`).
+                    if let Some(vid) = self.warm_relay.vid_of(&r.edge_id, peer) {
                         views.warm.on_progress(&r.edge_id, vid, p);
+                    }
+                }
+                Some(Msg::TopUrls(top)) => views.warm.on_top(&r.edge_id, &r.region, top),
+                Some(Msg::ClientNets(nets)) => {
+                    if let Some(geo) = &views.geo {
+                        geo.record_clients(&r.region, &crate::geo::client_nets(&nets));
                     }
                 }
                 _ => {}

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use prost::Message;
 use proto::edge::{RelayBatch, WarmPull, WarmRelayBatch};
 
-use crate::edges::EdgeView;
+use crate::edges::LocalEdge;
 use crate::rollout::ConfigView;
 
 pub(super) type PeerClient = Client<HttpConnector, Full<axum::body::Bytes>>;
@@ -33,13 +33,23 @@ pub(super) async fn status(
     get(client, &format!("{api}/api/v1/cluster?scope=local"), token).await
 }
 
-/// The edges whose sessions the coordinator at `api` holds.
+/// The edges whose sessions the coordinator at `api` holds, with their ack points from
+/// `acks_since_us` on (`edges::EdgeHistory`).
 pub(super) async fn edges(
     client: &PeerClient,
     api: &str,
     token: Option<&str>,
-) -> Result<Vec<EdgeView>, String> {
-    get(client, &format!("{api}/api/v1/edges?scope=local"), token).await
+    acks_since_us: u64,
+) -> Result<Vec<LocalEdge>, String> {
+    let url = format!("{api}/api/v1/edges?scope=local&acks_since_us={acks_since_us}");
+    match get(client, &url, token).await {
+        // A coordinator of an older release (mid-upgrade) knows no `acks_since_us`: its
+        // edges without their history, rather than none.
+        Err(e) if e.starts_with("answered 400") => {
+            get(client, &format!("{api}/api/v1/edges?scope=local"), token).await
+        }
+        answer => answer,
+    }
 }
 
 /// The config state of the edges the coordinator at `api` holds.
@@ -92,7 +102,7 @@ async fn get<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| e.to_string())
 }
 
-async fn get_bytes(
+pub(super) async fn get_bytes(
     client: &PeerClient,
     url: &str,
     token: Option<&str>,

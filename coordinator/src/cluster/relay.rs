@@ -12,6 +12,13 @@
 //! [`RelayBatch`] as protobuf) and records them as if its own agents had sent them
 //! (`cluster::peers`).
 //!
+//! Popular URLs (`TopUrls`) and shoppers' networks (`ClientNets`) travel the same way, so
+//! `GET /api/v1/warm/top` and `GET /api/v1/regions/{name}/countries` count every edge
+//! on every coordinator. Those two can be large, so each is cut to a bound before it is
+//! kept ([`TOP_URLS_RELAYED`] URLs and [`TOP_URL_BYTES`] of them; [`NETS_RELAYED`]
+//! networks, the rest counted in `other_hits`/`other_misses`), the buffer holds at most
+//! [`RING_BYTES`] and one answer at most [`READ_BYTES`].
+//!
 //! The buffer holds [`RING_ENTRIES`] reports. A reader that falls further behind loses
 //! the oldest (counted in `missed`): probe results and counter samples are soft state,
 //! the next ones correct it (counters are cumulative, so a lost sample only widens one
@@ -22,13 +29,24 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use proto::edge::{agent_message, AgentMessage, RelayBatch, RelayedReport};
+use prost::Message;
+use proto::edge::{agent_message, AgentMessage, ClientNets, RelayBatch, RelayedReport, TopUrls};
 
 /// Reports the buffer holds: about a minute of a thousand edges' probe results and
 /// counter samples.
 pub const RING_ENTRIES: usize = 16_384;
 /// Most reports in one answer.
 pub const READ_MAX: usize = 4_096;
+/// Most bytes (encoded) the buffer holds, and one answer carries (the reader's limit is
+/// 16 MiB).
+pub const RING_BYTES: usize = 32 * 1024 * 1024;
+pub const READ_BYTES: usize = 8 * 1024 * 1024;
+/// Most popular URLs relayed per report (agents send at most 10 000, 100 by default),
+/// and most bytes of them.
+pub const TOP_URLS_RELAYED: usize = 1_000;
+pub const TOP_URL_BYTES: usize = 128 * 1024;
+/// Most client networks relayed per report (agents send 256 by default).
+pub const NETS_RELAYED: usize = 1_024;
 
 /// This coordinator's reports for its peers; share it behind an `Arc`.
 #[derive(Debug)]
@@ -44,7 +62,44 @@ pub struct Relay {
 struct Ring {
     /// Sequence of `entries[0]`.
     first: u64,
-    entries: VecDeque<RelayedReport>,
+    entries: VecDeque<(usize, RelayedReport)>,
+    /// Encoded bytes of `entries`.
+    bytes: usize,
+}
+
+/// `msg` cut to what is relayed (see the module docs); `None` for a kind not relayed.
+fn bounded(msg: &agent_message::Msg) -> Option<agent_message::Msg> {
+    use agent_message::Msg;
+    Some(match msg {
+        Msg::Probe(_) | Msg::Stats(_) | Msg::WarmProgress(_) => msg.clone(),
+        Msg::TopUrls(top) => {
+            let mut bytes = 0;
+            let urls = top
+                .urls
+                .iter()
+                .take(TOP_URLS_RELAYED)
+                .take_while(|u| {
+                    bytes += u.url.len();
+                    bytes <= TOP_URL_BYTES
+                })
+                .cloned()
+                .collect();
+            Msg::TopUrls(TopUrls { urls })
+        }
+        Msg::ClientNets(nets) => {
+            let mut out = ClientNets {
+                nets: nets.nets.iter().take(NETS_RELAYED).cloned().collect(),
+                other_hits: nets.other_hits,
+                other_misses: nets.other_misses,
+            };
+            for n in nets.nets.iter().skip(NETS_RELAYED) {
+                out.other_hits = out.other_hits.saturating_add(n.hits);
+                out.other_misses = out.other_misses.saturating_add(n.misses);
+            }
+            Msg::ClientNets(out)
+        }
+        _ => return None,
+    })
 }
 
 impl Relay {
@@ -57,30 +112,29 @@ impl Relay {
     }
 
     /// Keeps `msg` from `edge` of `region` for the peers when it is a kind they use
-    /// (probe results, counter samples, and warm progress for the leader's jobs);
-    /// anything else is not kept.
+    /// (probe results, counter samples, popular URLs and client networks, cut to their
+    /// bounds, and warm progress for the leader's jobs); anything else is not kept.
     pub fn offer(&self, edge: &str, region: &str, msg: &agent_message::Msg) {
-        if !self.enabled
-            || !matches!(
-                msg,
-                agent_message::Msg::Probe(_)
-                    | agent_message::Msg::Stats(_)
-                    | agent_message::Msg::WarmProgress(_)
-            )
-        {
+        if !self.enabled {
             return;
         }
+        let Some(msg) = bounded(msg) else {
+            return;
+        };
         let report = RelayedReport {
             edge_id: edge.to_owned(),
             region: region.to_owned(),
-            report: Some(AgentMessage {
-                msg: Some(msg.clone()),
-            }),
+            report: Some(AgentMessage { msg: Some(msg) }),
         };
+        let size = report.encoded_len();
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.entries.push_back(report);
-        while ring.entries.len() > RING_ENTRIES {
-            ring.entries.pop_front();
+        ring.entries.push_back((size, report));
+        ring.bytes += size;
+        while ring.entries.len() > RING_ENTRIES || ring.bytes > RING_BYTES {
+            let Some((size, _)) = ring.entries.pop_front() else {
+                break;
+            };
+            ring.bytes -= size;
             ring.first += 1;
         }
     }
@@ -102,12 +156,19 @@ impl Relay {
         let from = since.max(ring.first);
         batch.missed = from - since;
         let skip = usize::try_from(from - ring.first).unwrap_or(usize::MAX);
+        let mut bytes = 0;
         batch.reports = ring
             .entries
             .iter()
             .skip(skip)
             .take(READ_MAX)
-            .cloned()
+            .take_while(|(size, _)| {
+                // At least one report an answer, however large, so a reader moves on.
+                let first = bytes == 0;
+                bytes += size;
+                first || bytes <= READ_BYTES
+            })
+            .map(|(_, r)| r.clone())
             .collect();
         batch.next = from + batch.reports.len() as u64;
         batch
@@ -196,5 +257,80 @@ mod tests {
         let relay = Relay::new(false);
         relay.offer("e1", "eu", &probe(0));
         assert!(relay.ring.lock().unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn popular_urls_and_client_networks_are_relayed_within_their_bounds() {
+        use proto::edge::{NetCount, UrlCount};
+        let relay = Relay::new(true);
+        let start = relay.read(0, 0);
+        let urls = (0..5_000)
+            .map(|i| UrlCount {
+                url: format!("shop.test/p/{i}"),
+                count: 5_000 - i,
+            })
+            .collect();
+        relay.offer("e1", "eu", &agent_message::Msg::TopUrls(TopUrls { urls }));
+        let nets = (0..2_000)
+            .map(|i| NetCount {
+                net: format!("10.{}.{}.0", i / 256, i % 256),
+                prefix_len: 24,
+                hits: 2,
+                misses: 1,
+            })
+            .collect();
+        relay.offer(
+            "e1",
+            "eu",
+            &agent_message::Msg::ClientNets(ClientNets {
+                nets,
+                other_hits: 5,
+                other_misses: 0,
+            }),
+        );
+        let b = relay.read(start.instance, start.next);
+        assert_eq!(b.reports.len(), 2);
+        match b.reports[0].report.as_ref().and_then(|r| r.msg.as_ref()) {
+            Some(agent_message::Msg::TopUrls(t)) => {
+                assert_eq!(t.urls.len(), TOP_URLS_RELAYED);
+                assert_eq!(t.urls[0].url, "shop.test/p/0", "the busiest first");
+            }
+            other => panic!("{other:?}"),
+        }
+        match b.reports[1].report.as_ref().and_then(|r| r.msg.as_ref()) {
+            Some(agent_message::Msg::ClientNets(n)) => {
+                assert_eq!(n.nets.len(), NETS_RELAYED);
+                // The networks cut off still count, as others.
+                assert_eq!(n.other_hits, 5 + 2 * (2_000 - NETS_RELAYED as u64));
+                assert_eq!(n.other_misses, 2_000 - NETS_RELAYED as u64);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_buffer_and_each_answer_are_bounded_in_bytes() {
+        use proto::edge::UrlCount;
+        let relay = Relay::new(true);
+        let start = relay.read(0, 0);
+        let big = || {
+            let urls = (0..TOP_URLS_RELAYED)
+                .map(|i| UrlCount {
+                    url: format!("shop.test/{}/{i}", "x".repeat(1000)),
+                    count: 1,
+                })
+                .collect();
+            agent_message::Msg::TopUrls(TopUrls { urls })
+        };
+        for _ in 0..400 {
+            relay.offer("e1", "eu", &big());
+        }
+        let bytes = relay.ring.lock().unwrap().bytes;
+        assert!(bytes <= RING_BYTES, "{bytes}");
+        let b = relay.read(start.instance, start.next);
+        assert!(b.missed > 0, "the oldest dropped for the byte bound");
+        let size: usize = b.reports.iter().map(|r| r.encoded_len()).sum();
+        assert!(size <= READ_BYTES, "{size}");
+        assert!(!b.reports.is_empty());
     }
 }

@@ -13,7 +13,13 @@
 //! asking for [`PEER_SILENCE`]. Messages handed out stay in the follower's outbox until
 //! it acks them, so an answer lost on the way is sent again, never a shard left in
 //! flight with nobody working on it. Agents' progress reports come back through the
-//! reports relay (`relay`) and are taken with the stand-in's number ([`WarmRelay::vid`]).
+//! reports relay (`relay`) and are taken with the stand-in's number, from the follower it
+//! stands for only ([`WarmRelay::vid_of`]).
+//!
+//! An edge named by two followers at once (it moved from one to the other, and its old
+//! session there has not timed out yet) stays with the follower that had it until that
+//! one stops naming it or asking: the stand-in never moves back and forth between them,
+//! which would hand its shards out again at every move.
 //!
 //! On a follower ([`WarmRelay::accept`]) each message newer than what it took is queued
 //! for the named session's warm loop (`Warm::forward`); a message for a session that has
@@ -90,6 +96,17 @@ impl WarmRelay {
         self.lock().remote.get(edge).map(|r| r.vid)
     }
 
+    /// [`Self::vid`] when `peer` is the follower the stand-in is for: progress relayed
+    /// by another one (an old session of the edge, half-dead there) is not the
+    /// stand-in's.
+    pub fn vid_of(&self, edge: &str, peer: &str) -> Option<u64> {
+        self.lock()
+            .remote
+            .get(edge)
+            .filter(|r| r.peer == peer)
+            .map(|r| r.vid)
+    }
+
     /// Leader: answers a follower's pull. Its sessions stand in `warm` from now on (an
     /// edge whose session is here is left to that session), what it acked is dropped,
     /// and what `warm` has for each of its sessions is added to its outbox.
@@ -127,12 +144,24 @@ impl WarmRelay {
                 keep
             });
             for (edge, s) in named {
-                if inner.remote.get(edge).is_some_and(|r| r.peer == pull.peer) {
-                    continue;
-                }
-                if let Some(old) = inner.remote.get(edge) {
-                    // It moved here from another follower.
-                    disconnect.push((edge.to_owned(), old.vid));
+                if let Some(held) = inner.remote.get(edge) {
+                    if held.peer == pull.peer {
+                        continue;
+                    }
+                    // Another follower names it too (the edge moved and its old session
+                    // there has not ended yet). Last-asker-wins would move the stand-in
+                    // at every pull of either, each move handing its shards out again:
+                    // the one holding it keeps it while it still names it and asks; this
+                    // one takes over once that session ends there (its next pull drops
+                    // it) or that follower falls silent.
+                    let holder_asks = inner
+                        .outboxes
+                        .get(&held.peer)
+                        .is_some_and(|o| o.asked.elapsed() < PEER_SILENCE);
+                    if holder_asks {
+                        continue;
+                    }
+                    disconnect.push((edge.to_owned(), held.vid));
                 }
                 let vid = inner.next_vid;
                 inner.next_vid += 1;
@@ -394,5 +423,79 @@ mod tests {
         lw.connect("eu-1", "eu", 1);
         assert!(!lw.connect_remote("eu-1", "eu", REMOTE_SESSIONS + 5));
         assert_eq!(lw.own_sessions(), [("eu-1".into(), "eu".into(), 1)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_edge_two_followers_name_does_not_flap_between_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lw, le) = warm(dir.path());
+        let leader = WarmRelay::default();
+        let pull = |peer: &str, session: u64, names: bool| WarmPull {
+            peer: peer.into(),
+            sessions: names
+                .then(|| WarmSession {
+                    edge_id: "eu-1".into(),
+                    region: "eu".into(),
+                    session,
+                })
+                .into_iter()
+                .collect(),
+            ..WarmPull::default()
+        };
+        let id = lw
+            .create(
+                JobSpec {
+                    urls: (0..30).map(|i| format!("http://shop/p/{i}")).collect(),
+                    regions: Some(vec!["eu".into()]),
+                    ..JobSpec::default()
+                },
+                Origin::Api,
+            )
+            .unwrap();
+        // eu-1's session is on c2; the job hands its shards out there.
+        leader.serve(pull("c2", 4, true), &lw, &le);
+        lw.start_next().await;
+        assert_eq!(lw.view(id).unwrap().state, State::Running);
+        let first = leader.serve(pull("c2", 4, true), &lw, &le);
+        let handed = |b: &WarmRelayBatch| {
+            b.messages
+                .iter()
+                .filter(|m| {
+                    matches!(
+                        m.msg.as_ref().and_then(|c| c.msg.as_ref()),
+                        Some(Msg::WarmShard(_))
+                    )
+                })
+                .count()
+        };
+        assert_eq!(handed(&first), 2);
+        let vid = leader.vid("eu-1").unwrap();
+        // The agent moved to c3, whose pulls name it while c2's old session lingers:
+        // pulls of both, alternately, leave the stand-in where it was, and nothing is
+        // handed out again.
+        for _ in 0..4 {
+            let b3 = leader.serve(pull("c3", 9, true), &lw, &le);
+            assert_eq!(handed(&b3), 0, "c3 got shards while c2 holds the stand-in");
+            assert_eq!(leader.vid("eu-1"), Some(vid), "the stand-in moved to c3");
+            let b2 = leader.serve(pull("c2", 4, true), &lw, &le);
+            assert_eq!(b2.messages.len(), 2, "c2's outbox: the same two, unacked");
+            assert_eq!(leader.vid("eu-1"), Some(vid), "the stand-in moved back");
+        }
+        // Progress relayed by c3 is not the stand-in's; c2's is.
+        assert_eq!(leader.vid_of("eu-1", "c3"), None);
+        assert_eq!(leader.vid_of("eu-1", "c2"), Some(vid));
+        // c2's old session ends: c3's next pull takes it over, once, with the shards.
+        leader.serve(pull("c2", 4, false), &lw, &le);
+        assert_eq!(leader.vid("eu-1"), None);
+        let taken = leader.serve(pull("c3", 9, true), &lw, &le);
+        let moved = leader.vid_of("eu-1", "c3").expect("c3's stand-in");
+        assert_ne!(moved, vid);
+        assert_eq!(handed(&taken), 2, "the shards go to c3's session");
+        leader.serve(pull("c3", 9, true), &lw, &le);
+        assert_eq!(leader.vid("eu-1"), Some(moved));
+        // c3 falls silent (and c2 names the edge again): only then does c2 get it back.
+        leader.lock().outboxes.get_mut("c3").unwrap().asked -= PEER_SILENCE * 2;
+        leader.serve(pull("c2", 5, true), &lw, &le);
+        assert!(leader.vid_of("eu-1", "c2").is_some());
     }
 }

@@ -378,6 +378,34 @@ fn encode_metrics(geo: &Arc<Geo>, e: &mut DescriptorEncoder) -> std::fmt::Result
     countries::encode(&geo.countries, e)
 }
 
+/// The networks of a `ClientNets` report; an entry that is not an address is dropped.
+/// Networks beyond the reported ones count as `unknown`.
+pub fn client_nets(report: &proto::edge::ClientNets) -> Vec<crate::geo::NetCount> {
+    let mut out: Vec<crate::geo::NetCount> = report
+        .nets
+        .iter()
+        .take(MAX_NETS)
+        .filter_map(|n| {
+            Some(crate::geo::NetCount {
+                net: n.net.parse().ok()?,
+                hits: n.hits,
+                misses: n.misses,
+            })
+        })
+        .collect();
+    if report.other_hits + report.other_misses > 0 {
+        out.push(crate::geo::NetCount {
+            net: std::net::IpAddr::from([0, 0, 0, 0]),
+            hits: report.other_hits,
+            misses: report.other_misses,
+        });
+    }
+    out
+}
+
+/// Most networks taken from one report (an agent sends at most its `client_nets`).
+const MAX_NETS: usize = 4096;
+
 #[cfg(test)]
 #[path = "tests.rs"]
 mod tests;

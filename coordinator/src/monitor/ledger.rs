@@ -10,7 +10,10 @@
 //! follower that no ledger entry covers (the change happened as the old leader died).
 //! Delivery is therefore at least once: a leader that died after a webhook took the
 //! alert but before it marked it sent has it sent again, with the same `id` in the body
-//! for receivers that deduplicate. The ledger keeps the newest [`KEPT`] entries.
+//! for receivers that deduplicate. The ledger keeps the newest [`KEPT`] entries, and it
+//! is what `GET /api/v1/alerts` lists on every coordinator of a cluster
+//! ([`super::Monitor::cluster_alerts`]): the same alerts, ids and delivery counts on each,
+//! and across a failover.
 //!
 //! With the embedded store there is no ledger: a single coordinator has no successor.
 
@@ -35,6 +38,11 @@ pub struct Entry {
     pub changes: Vec<Change>,
     /// Every webhook was tried (whether or not it took the alert).
     pub sent: bool,
+    /// Webhooks that took it and those that did not (once `sent`).
+    #[serde(default)]
+    pub delivered: u32,
+    #[serde(default)]
+    pub failed: u32,
 }
 
 /// The cluster's alert ledger in etcd.
@@ -116,6 +124,8 @@ mod tests {
             at_ms: 100_000,
             changes: vec![change("eu", Health::Down, 99_500)],
             sent: true,
+            delivered: 1,
+            failed: 0,
         }];
         // Seen as a follower: eu down (the old leader sent it, a moment apart), us down
         // (it died before it formed that one), eu up, and eu down again 20 s later.

@@ -705,9 +705,30 @@ impl Monitor {
         self.alerts.webhooks.len()
     }
 
-    /// The newest alerts, newest first.
+    /// The newest alerts, newest first: this coordinator's own (with the embedded store).
     pub fn recent_alerts(&self) -> Vec<AlertRecord> {
         self.lock().history.iter().rev().cloned().collect()
+    }
+
+    /// The cluster's alerts from its ledger in etcd, newest first (`None` with the
+    /// embedded store): the same list on every coordinator, whichever leader sent them.
+    /// An alert on its way shows no delivery yet. Blocking (it reads etcd).
+    pub fn cluster_alerts(&self) -> Option<Result<Vec<AlertRecord>, String>> {
+        let ledger = self.ledger.get()?;
+        Some(ledger.entries().map(|entries| {
+            entries
+                .into_iter()
+                .rev()
+                .take(ALERTS_KEPT)
+                .map(|e| AlertRecord {
+                    id: e.id,
+                    at_ms: e.at_ms,
+                    changes: e.changes,
+                    delivered: e.delivered,
+                    failed: e.failed,
+                })
+                .collect()
+        }))
     }
 
     /// Alerts sent and failed (after all attempts).
@@ -887,6 +908,8 @@ impl Monitor {
             at_ms: record.at_ms,
             changes: record.changes.clone(),
             sent: false,
+            delivered: 0,
+            failed: 0,
         };
         let ledger = self.ledger.get();
         if let Some(l) = ledger {
@@ -908,6 +931,8 @@ impl Monitor {
         }
         if let Some(l) = ledger {
             entry.sent = true;
+            entry.delivered = record.delivered;
+            entry.failed = record.failed;
             let done = l.put(&entry).and_then(|()| l.trim(&l.entries()?));
             if let Err(e) = done {
                 tracing::warn!(id = %record.id, error = %e, "alert sent, not marked sent in the ledger");

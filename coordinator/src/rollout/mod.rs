@@ -395,7 +395,12 @@ impl Rollouts {
                 active_vcl: v.active_vcl.clone().unwrap_or_default(),
                 health_status: v.health_status.unwrap_or(0),
                 health_error: v.health_error.clone().unwrap_or_default(),
-                ..Default::default()
+                // Not a failed apply: the error is what the agent says of varnishd's
+                // admin port, shown by every coordinator as by the holder.
+                admin_error: match v.state {
+                    ConfigState::Failed => String::new(),
+                    _ => v.error.clone().unwrap_or_default(),
+                },
             };
             inner.edges.insert(
                 v.id.clone(),

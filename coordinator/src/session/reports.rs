@@ -1,6 +1,6 @@
 //! Reports up the stream: acks, purge errors, heartbeats, config status and results,
-//! probe results, varnish stats, warm progress and top URLs, each handed to the
-//! subsystem that owns it (probe results, stats and warm progress also to the cluster's
+//! probe results, varnish stats, warm progress, top URLs and client networks, each handed
+//! to the subsystem that owns it (all but acks, errors and config also to the cluster's
 //! relay, for the other coordinators).
 //!
 //! An ack beyond the log head (or for another log) is refused and ends the session; an
@@ -13,34 +13,6 @@ use tonic::Streaming;
 
 use crate::edges::SessionHandle;
 use crate::state::State;
-
-/// The networks of a `ClientNets` report; an entry that is not an address is dropped.
-/// Networks beyond the reported ones count as `unknown`.
-fn client_nets(report: &proto::edge::ClientNets) -> Vec<crate::geo::NetCount> {
-    let mut out: Vec<crate::geo::NetCount> = report
-        .nets
-        .iter()
-        .take(MAX_NETS)
-        .filter_map(|n| {
-            Some(crate::geo::NetCount {
-                net: n.net.parse().ok()?,
-                hits: n.hits,
-                misses: n.misses,
-            })
-        })
-        .collect();
-    if report.other_hits + report.other_misses > 0 {
-        out.push(crate::geo::NetCount {
-            net: std::net::IpAddr::from([0, 0, 0, 0]),
-            hits: report.other_hits,
-            misses: report.other_misses,
-        });
-    }
-    out
-}
-
-/// Most networks taken from one report (an agent sends at most its `client_nets`).
-const MAX_NETS: usize = 4096;
 
 /// Reads one agent's messages into the registry, the rollout, traffic and monitoring.
 pub(super) async fn receive_loop(
@@ -128,7 +100,7 @@ pub(super) async fn receive_loop(
                 agent_message::Msg::TopUrls(top) => warm.on_top(&handle.edge_id, region, top),
                 agent_message::Msg::ClientNets(nets) => {
                     if let Some(geo) = &state.geo {
-                        geo.record_clients(region, &client_nets(&nets));
+                        geo.record_clients(region, &crate::geo::client_nets(&nets));
                     }
                 }
                 agent_message::Msg::ConfigResult(result) => {

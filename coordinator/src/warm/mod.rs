@@ -412,6 +412,31 @@ impl Warm {
             .map(|j| JobView::of(j, inner.rate_of(id), crate::clock::now_ms()))
     }
 
+    /// The newest jobs as the store holds them, newest first: a follower's answer
+    /// (the leader runs the jobs and writes their progress there). Blocking.
+    pub fn stored_list(&self, limit: usize) -> Result<Vec<JobView>, WarmStoreError> {
+        let now = crate::clock::now_ms();
+        Ok(self
+            .store
+            .jobs()?
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|j| JobView::of(j, None, now))
+            .collect())
+    }
+
+    /// Job `id` as the store holds it (see [`Self::stored_list`]). Blocking.
+    pub fn stored_view(&self, id: u64) -> Result<Option<JobView>, WarmStoreError> {
+        let now = crate::clock::now_ms();
+        Ok(self
+            .store
+            .jobs()?
+            .iter()
+            .find(|j| j.id == id)
+            .map(|j| JobView::of(j, None, now)))
+    }
+
     /// The newest jobs first.
     pub fn list(&self, limit: usize) -> Vec<JobView> {
         let inner = self.lock();

@@ -733,7 +733,7 @@ fn alerts_of(got: &std::sync::Arc<std::sync::Mutex<Vec<Value>>>) -> Vec<Value> {
 
 /// A webhook whose first request hangs (the sender is killed meanwhile); it records
 /// every body as it arrives and, apart, those it answered.
-async fn hanging_hook() -> (
+pub(crate) async fn hanging_hook() -> (
     std::net::SocketAddr,
     Arc<Mutex<Vec<Value>>>,
     Arc<Mutex<Vec<Value>>>,

@@ -4,5 +4,6 @@
 //! brings a duplicate edge id. Every coordinator must tell the same truth, and no
 //! acknowledged purge may be lost.
 
+mod answers;
 mod sessions;
 mod view;
