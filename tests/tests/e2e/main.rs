@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod chaos;
+mod cluster_chaos;
 mod config;
 mod dashboard;
 mod demo;

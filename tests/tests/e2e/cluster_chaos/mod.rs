@@ -4,4 +4,4 @@
 //! brings a duplicate edge id. Every coordinator must tell the same truth, and no
 //! acknowledged purge may be lost.
 
-
+mod spool;
