@@ -17,9 +17,10 @@
 //! every sequence exactly once and in order, and a gap can only mean compaction (then it
 //! re-reads the range). A transaction etcd answered is committed on a quorum: that is
 //! when a purge may be answered 200. A transaction whose answer was lost (a member died
-//! after committing it) is tried again after the new head: those purges are then logged
-//! twice, which is harmless (a ban or an xkey purge applied twice removes nothing more),
-//! and their appender is answered with the second sequence.
+//! after committing it) is tried again after the new head: with [`EtcdLog::append`]
+//! those purges are then logged twice, which is harmless (a ban or an xkey purge applied
+//! twice removes nothing more). The coordinator's writer also guards on its spool mark
+//! (below): its retry finds the mark moved and appends nothing again.
 //!
 //! [`start`] runs three tasks per coordinator: a **writer** that takes every append
 //! queued while the previous transaction ran and commits them together (group commit),
@@ -37,8 +38,10 @@
 //! order, [`MAX_TXN_ENTRIES`] per transaction, each guarded on `log/head` *and* on
 //! `log/spool/<coordinator id>` (the highest spool id already drained) and moving both:
 //! a drain cut short by a kill -9 or a lost answer leaves the mark where the log is, so
-//! each spooled entry is appended exactly once. The writer and the drain report every
-//! outcome into [`StoreHealth`].
+//! each spooled entry is appended exactly once. The writer's own transactions carry
+//! spool ids and move the mark the same way, so a direct append that timed out (and was
+//! spooled) but that etcd commits later after all is not appended again by the drain.
+//! The writer and the drain report every outcome into [`StoreHealth`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -149,18 +152,7 @@ impl EtcdLog {
     pub async fn append(
         &self,
         batch: &[Append],
-        head: u64,
-    ) -> Result<(Vec<u64>, Vec<PurgeEntry>), LogError> {
-        let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
-        self.append_within(batch, head, deadline).await
-    }
-
-    /// [`Self::append`], giving up at `deadline`.
-    pub async fn append_within(
-        &self,
-        batch: &[Append],
         mut head: u64,
-        deadline: tokio::time::Instant,
     ) -> Result<(Vec<u64>, Vec<PurgeEntry>), LogError> {
         let head_key = self.key(b"log/head");
         let mut entries: Vec<(usize, u64, &NewPurge)> = Vec::new();
@@ -171,6 +163,7 @@ impl EtcdLog {
         }
         let mut last = vec![0u64; batch.len()];
         let mut committed = Vec::with_capacity(entries.len());
+        let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
         for chunk in entries.chunks(MAX_TXN_ENTRIES) {
             loop {
                 let mut ops = Vec::with_capacity(chunk.len() + 1);
@@ -655,6 +648,7 @@ pub(super) async fn start(
         health: spool.health,
         after: spool.after,
         mark_key,
+        mark: drained.into(),
         wake: Notify::new(),
     });
     let head = log.head().await?;
@@ -686,7 +680,7 @@ pub(super) async fn start(
     let shared = Shared::new(head, first, tail);
     let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
     tokio::spawn(write_loop(log.clone(), shared.clone(), rx, side.clone()));
-    tokio::spawn(drain_loop(log.clone(), shared.clone(), side, drained));
+    tokio::spawn(drain_loop(log.clone(), shared.clone(), side));
     tokio::spawn(follow_loop(log.clone(), shared.clone(), head + 1));
     tokio::spawn(retention_loop(log, shared.clone(), retention, trim));
     Ok((shared, queue))
@@ -700,6 +694,9 @@ struct SpoolSide {
     health: StoreHealth,
     after: Duration,
     mark_key: Vec<u8>,
+    /// The highest spool id the log holds, as this coordinator last learnt (what its next
+    /// transaction compares `log/spool/<id>` with).
+    mark: std::sync::atomic::AtomicU64,
     /// Wakes the drain when something is spooled.
     wake: Notify,
 }
@@ -748,17 +745,44 @@ async fn write_loop(
             })
             .collect();
         let purges: usize = appends.iter().map(|a| a.purges.len()).sum();
+        // Spool ids first, even for purges etcd commits at once: a transaction that times
+        // out may still commit later (a member without quorum kept the proposal), and the
+        // mark it moves then tells the drain that these ids are in already.
+        let built = side
+            .with(move |spool| {
+                let groups: Vec<(u64, &[NewPurge])> = appends
+                    .iter()
+                    .map(|a| (a.received_at_us, a.purges.as_slice()))
+                    .collect();
+                spool.entries(&groups)
+            })
+            .await;
+        let (entries, ids) = match built {
+            Ok(built) => built,
+            Err(e) => {
+                for req in batch {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
         let spooling = side.stats.depth.load(Ordering::Acquire) > 0;
         let known_down = side.health.reachable() == Some(false);
         if !spooling && !known_down {
             let guess = written.max(shared.durable.load(Ordering::Acquire));
             let deadline = tokio::time::Instant::now() + side.after;
-            match log.append_within(&appends, guess, deadline).await {
-                Ok((lasts, committed)) => {
+            match direct(&log, &side, &entries, guess, deadline).await {
+                Ok(committed) => {
                     side.health.succeeded();
-                    written = lasts.iter().copied().max().unwrap_or(written).max(written);
-                    for (req, last) in batch.into_iter().zip(lasts) {
-                        let _ = req.reply.send(Ok(Appended::Logged(last)));
+                    let first_id = entries.first().map_or(0, |e| e.seq);
+                    let seq_of = |id: u64| {
+                        committed
+                            .get((id - first_id) as usize)
+                            .map_or(0, |e: &PurgeEntry| e.seq)
+                    };
+                    written = committed.last().map_or(written, |e| e.seq).max(written);
+                    for (req, id) in batch.into_iter().zip(ids) {
+                        let _ = req.reply.send(Ok(Appended::Logged(seq_of(id))));
                     }
                     // This coordinator's sessions need not wait for the watch to bring
                     // back what it just wrote, if nothing from elsewhere comes before it
@@ -780,23 +804,15 @@ async fn write_loop(
                 "etcd is unreachable; spooling purges locally until it answers"
             );
         }
-        let spooled = side
-            .with(move |spool| {
-                let groups: Vec<(u64, &[NewPurge])> = appends
-                    .iter()
-                    .map(|a| (a.received_at_us, a.purges.as_slice()))
-                    .collect();
-                spool.append(&groups)
-            })
-            .await;
+        let spooled = side.with(move |spool| spool.write(entries)).await;
         match spooled {
-            Ok(Ok(lasts)) => {
+            Ok(Ok(())) => {
                 side.stats
                     .spooled
                     .fetch_add(purges as u64, Ordering::Relaxed);
                 side.wake.notify_one();
-                for (req, last) in batch.into_iter().zip(lasts) {
-                    let _ = req.reply.send(Ok(Appended::Spooled(last)));
+                for (req, id) in batch.into_iter().zip(ids) {
+                    let _ = req.reply.send(Ok(Appended::Spooled(id)));
                 }
             }
             Ok(Err(e)) => {
@@ -816,9 +832,43 @@ async fn write_loop(
     }
 }
 
+/// Commits fresh `entries` (spool ids in `seq`) straight to the log, as the drain does
+/// (guarded on the head and the mark, moving both), [`MAX_TXN_ENTRIES`] per
+/// transaction, until `deadline`; the entries as logged. On an error some chunks may be
+/// in: the mark says which, and the drain skips them.
+async fn direct(
+    log: &EtcdLog,
+    side: &SpoolSide,
+    entries: &[PurgeEntry],
+    mut head: u64,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<PurgeEntry>, LogError> {
+    let mut committed = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(MAX_TXN_ENTRIES) {
+        let mark = side.mark.load(Ordering::Acquire);
+        match log
+            .drain(&side.mark_key, chunk, head, mark, deadline)
+            .await?
+        {
+            Drained::Committed { upto, entries } => {
+                side.mark.fetch_max(upto, Ordering::AcqRel);
+                head = entries.last().map_or(head, |e| e.seq);
+                committed.extend(entries);
+            }
+            Drained::AlreadyIn(m) => {
+                side.mark.fetch_max(m, Ordering::AcqRel);
+                return Err(LogError::Storage(
+                    "etcd: this coordinator's spool mark moved; spooling to sort it out".into(),
+                ));
+            }
+        }
+    }
+    Ok(committed)
+}
+
 /// Appends the spool to the shared log whenever it holds entries and etcd takes
 /// writes, in order and exactly once (see [`EtcdLog::drain`]).
-async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>, mut drained: u64) {
+async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>) {
     let weak = Arc::downgrade(&shared);
     drop(shared);
     let mut backoff = Duration::from_millis(100);
@@ -837,7 +887,16 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>, mut
         let Some(shared) = weak.upgrade() else {
             return;
         };
-        let chunk = match side.with(|s| s.pending(MAX_TXN_ENTRIES)).await {
+        let drained = side.mark.load(Ordering::Acquire);
+        // What the mark covers is in already (a late commit, a chunk of a direct append).
+        let chunk = match side
+            .with(move |s| {
+                s.skip_drained(drained);
+                s.pending(MAX_TXN_ENTRIES)
+            })
+            .await
+        {
+            Ok(chunk) if chunk.is_empty() => continue,
             Ok(chunk) => chunk,
             Err(e) => {
                 tracing::error!(error = %e, "purge spool unreadable");
@@ -877,7 +936,8 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>, mut
         side.health.succeeded();
         failing = false;
         backoff = Duration::from_millis(100);
-        drained = drained.max(upto);
+        // The mark first: the writer goes straight to etcd again once the depth is 0.
+        side.mark.fetch_max(upto, Ordering::AcqRel);
         match side.with(move |s| s.drained(upto)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -886,7 +946,7 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>, mut
             Err(e) => tracing::warn!(error = %e, "purge spool not updated"),
         }
         if side.stats.depth.load(Ordering::Acquire) == 0 {
-            tracing::info!(drained, "purge spool drained into the shared log");
+            tracing::info!(mark = upto, "purge spool drained into the shared log");
         }
     }
 }

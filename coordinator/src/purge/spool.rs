@@ -8,7 +8,7 @@
 //! the file (never reused). A record whose `op` is empty is a *marker*: it only carries
 //! the last id used, so ids keep increasing after the file is compacted.
 //!
-//! Each [`Spool::append`] writes every record of one group commit with one `write` and
+//! Each [`Spool::write`] writes every record of one group commit with one `write` and
 //! one `fdatasync` before it returns: a purge is answered only once its record is on
 //! disk. A write or sync that fails truncates the file back to where it was and is an
 //! error (answered 503): nothing half-written is ever counted. A record cut short by a
@@ -124,11 +124,11 @@ impl Spool {
             path: path.display().to_string(),
             source,
         };
+        // Private like the rest of the state (an older, wider file is narrowed).
+        daemon::files::file_with_mode(&path, daemon::files::PRIVATE_FILE).map_err(io)?;
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
-            .create(true)
-            .mode(daemon::files::PRIVATE_FILE)
             .open(&path)
             .map_err(io)?;
         let mut bytes = Vec::new();
@@ -178,28 +178,54 @@ impl Spool {
         }
     }
 
-    /// Writes one group commit (per appender: when it was received, its purges) and
-    /// syncs it; returns each appender's last spool id. Nothing is kept on an error.
-    pub fn append(&mut self, batch: &[(u64, &[NewPurge])]) -> Result<Vec<u64>, SpoolError> {
-        let mut buf = Vec::with_capacity(256 * batch.len());
-        let mut entries = Vec::new();
+    /// Takes the next `n` ids (for purges tried on etcd first: if that attempt times
+    /// out they are spooled under the same ids, see `etcd_log`). Ids are never reused; a
+    /// reservation never written leaves a gap, which is harmless.
+    pub fn reserve(&mut self, n: u64) -> u64 {
+        let first = self.next_id;
+        self.next_id += n;
+        first
+    }
+
+    /// One group commit's entries, one per purge, per appender (when it was received,
+    /// its purges), under fresh ids; each appender's last id.
+    pub fn entries(&mut self, batch: &[(u64, &[NewPurge])]) -> (Vec<PurgeEntry>, Vec<u64>) {
+        let n: usize = batch.iter().map(|(_, p)| p.len()).sum();
+        let mut id = self.reserve(n as u64);
+        let mut entries = Vec::with_capacity(n);
         let mut lasts = Vec::with_capacity(batch.len());
-        let mut id = self.next_id;
         for (received_at_us, purges) in batch {
             for p in purges.iter() {
-                let entry = PurgeEntry {
+                entries.push(PurgeEntry {
                     seq: id,
                     received_at_us: *received_at_us,
                     op: Some(p.op.clone()),
                     soft: p.soft,
                     first_seq: 0,
-                };
-                let before = buf.len();
-                record(&entry, &mut buf);
-                entries.push((entry, (buf.len() - before) as u64));
+                });
                 id += 1;
             }
             lasts.push(id - 1);
+        }
+        (entries, lasts)
+    }
+
+    /// Writes one group commit (per appender: when it was received, its purges) and
+    /// syncs it; returns each appender's last spool id. Nothing is kept on an error.
+    pub fn append(&mut self, batch: &[(u64, &[NewPurge])]) -> Result<Vec<u64>, SpoolError> {
+        let (entries, lasts) = self.entries(batch);
+        self.write(entries)?;
+        Ok(lasts)
+    }
+
+    /// Writes entries built by [`Self::entries`] (ids increasing) and syncs them.
+    pub fn write(&mut self, entries: Vec<PurgeEntry>) -> Result<(), SpoolError> {
+        let mut buf = Vec::with_capacity(256 * entries.len());
+        let mut sized = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let before = buf.len();
+            record(&entry, &mut buf);
+            sized.push((entry, (buf.len() - before) as u64));
         }
         if self.len + buf.len() as u64 > self.max_bytes {
             return Err(SpoolError::Full {
@@ -218,9 +244,8 @@ impl Spool {
             return Err(self.io(e));
         }
         self.len += buf.len() as u64;
-        self.next_id = id;
-        self.pending.extend(entries);
-        Ok(lasts)
+        self.pending.extend(sized);
+        Ok(())
     }
 
     /// Up to `max` pending entries, oldest first (`seq` is the spool id).
@@ -282,6 +307,7 @@ impl Spool {
             record(e, &mut buf);
         }
         let io = |e| self.io(e);
+        daemon::files::file_with_mode(&tmp, daemon::files::PRIVATE_FILE).map_err(io)?;
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
