@@ -234,6 +234,16 @@ async fn a_coordinator_killed_with_a_full_spool_drains_it_once_after_restart() {
     let mut ha = HaCluster::start(HaOpts::default()).await;
     ha.kill_etcd(&[0, 1]).await;
     let (tags, waited) = spool_many(&ha, 0, "k9_", 40).await;
+    // c2 has found etcd unreachable meanwhile (its own calls fail): it spools its first
+    // purge at once, without waiting for etcd's deadline.
+    HaCluster::settle(2.0).await;
+    let (took, r) = purge(&ha, 1, "known_down").await;
+    let r = r.expect("an answer");
+    assert!(spooled(&r), "{} {}", r.status, r.body);
+    assert!(
+        took < Duration::from_millis(500),
+        "a coordinator that knows etcd is unreachable waited {took:?}"
+    );
     assert_eq!(
         ha.metric(0, "coordinator_purge_spool_entries").await,
         Some(40.0)
