@@ -23,6 +23,10 @@
 //! ([`super::etcd_log`]): appends are committed in etcd by a writer task (group commit
 //! again), and a follower task feeds the tail and the head from etcd's watch, so every
 //! coordinator's sessions stream the entries every coordinator accepted, in one order.
+//! An append etcd does not commit in time is fsynced to the local spool
+//! ([`super::spool`]) instead and resolves as [`Appended::Spooled`]; a drain task
+//! appends the spool to the shared log once etcd takes writes ([`PurgeLog::spool_depth`]
+//! says how many wait).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
