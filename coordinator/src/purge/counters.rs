@@ -92,7 +92,7 @@ fn encode_log(source: &PurgeLog, e: &mut DescriptorEncoder) -> std::fmt::Result 
     counter_value(
         e,
         "coordinator_purge_spool_drained_total",
-        "Spooled purges appended to the shared log.",
+        "Spooled purges that reached the shared log (drained, or committed late by the etcd attempt that preceded the spool).",
         drained,
     )
 }

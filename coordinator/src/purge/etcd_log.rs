@@ -890,20 +890,33 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>) {
         let drained = side.mark.load(Ordering::Acquire);
         // What the mark covers is in already (a late commit, a chunk of a direct append).
         let chunk = match side
-            .with(move |s| {
-                s.skip_drained(drained);
-                s.pending(MAX_TXN_ENTRIES)
-            })
+            .with(move |s| (s.skip_drained(drained), s.pending(MAX_TXN_ENTRIES)))
             .await
         {
-            Ok(chunk) if chunk.is_empty() => continue,
-            Ok(chunk) => chunk,
+            Ok((skipped, chunk)) => {
+                // In the log already, by the attempt that preceded the spool.
+                side.stats.drained.fetch_add(skipped, Ordering::Relaxed);
+                if chunk.is_empty() {
+                    continue;
+                }
+                chunk
+            }
             Err(e) => {
                 tracing::error!(error = %e, "purge spool unreadable");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
+        // Received, for the log's readers, when it reaches the shared log: an edge's purge
+        // lag (and its region's health) measures the edge, not etcd's outage.
+        let now = now_us();
+        let chunk: Vec<PurgeEntry> = chunk
+            .into_iter()
+            .map(|e| PurgeEntry {
+                received_at_us: e.received_at_us.max(now),
+                ..e
+            })
+            .collect();
         let head = shared.durable.load(Ordering::Acquire);
         let deadline = tokio::time::Instant::now() + DRAIN_ATTEMPT;
         let outcome = log

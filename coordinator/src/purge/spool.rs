@@ -169,13 +169,17 @@ impl Spool {
 
     /// Forgets entries up to `drained` (the highest id the shared log holds, read at
     /// start); later ids are assigned after it.
-    pub fn skip_drained(&mut self, drained: u64) {
+    /// How many were skipped.
+    pub fn skip_drained(&mut self, drained: u64) -> u64 {
         self.next_id = self.next_id.max(drained + 1);
+        let mut skipped = 0;
         while self.pending.front().is_some_and(|(e, _)| e.seq <= drained) {
             if let Some((_, size)) = self.pending.pop_front() {
                 self.drained_bytes += size;
+                skipped += 1;
             }
         }
+        skipped
     }
 
     /// Takes the next `n` ids (for purges tried on etcd first: if that attempt times
@@ -416,7 +420,7 @@ mod tests {
         // Reopened: the drained ones are still in the file until the etcd mark skips them.
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(ids(&s), vec![1, 2, 3]);
-        s.skip_drained(2);
+        assert_eq!(s.skip_drained(2), 2);
         assert_eq!(ids(&s), vec![3]);
         assert_eq!(s.drained(3).unwrap(), 1);
         assert!(s.is_empty());
