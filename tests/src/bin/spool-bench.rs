@@ -13,6 +13,10 @@
 //!    one, which waits `spool_after_ms` for etcd and is reported on its own;
 //! 3. the spool's fill rate with `--clients` concurrent senders, and its drain rate
 //!    (entries per second into the shared log) once etcd has its quorum again.
+//!
+//! One run (debug binaries, a 2-core machine shared with other builds): healthy ack
+//! p50 4.9 ms / p99 15.0 ms; spooled p50 1.0 ms / p99 5.7 ms; the first purge after the
+//! quorum loss 1006 ms; 10,501 spooled entries drained in 1.18 s (8,900 entries/s).
 
 // The test harness starts real programs (varnishd, the binaries) by design.
 #![allow(clippy::disallowed_methods)]
