@@ -525,6 +525,10 @@ pub async fn purge(
     wait: Option<Duration>,
 ) -> Result<(), CliError> {
     let answer: PurgeAccepted = api.call("POST", "/api/v1/purges", Some(body)).await?;
+    if answer.spooled {
+        println!("spooled: etcd did not commit in time; the coordinator appends it to the log once etcd takes writes again");
+        return Ok(());
+    }
     println!("logged as purge {}", answer.seq);
     let Some(limit) = wait else { return Ok(()) };
     let started = Instant::now();

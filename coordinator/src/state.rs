@@ -19,7 +19,7 @@ use crate::geo::Geo;
 use crate::metrics::Registry;
 use crate::monitor::Monitor;
 use crate::purge::counters::PurgeCounters;
-use crate::purge::log::{LogError, PurgeLog};
+use crate::purge::log::{LogError, PurgeLog, SpoolOpts};
 use crate::purge::pacer::Pacer;
 use crate::rollout::Rollouts;
 use crate::tls::{ServerTls, TlsError};
@@ -98,11 +98,19 @@ impl State {
             ),
             Backend::Etcd => {
                 let (cluster, etcd) = Cluster::open_etcd(&config.store, id, api_url).await?;
+                let spool = SpoolOpts {
+                    dir: state_dir.to_path_buf(),
+                    coordinator_id: cluster.id().to_owned(),
+                    after: std::time::Duration::from_millis(config.store.spool_after_ms),
+                    max_bytes: config.store.spool_max_bytes,
+                    health: cluster.store_health().clone(),
+                };
                 let log = PurgeLog::open_etcd(
                     etcd.clone(),
                     &config.store.prefix,
                     config.purge.retention(),
                     cluster.duty(),
+                    spool,
                 )
                 .await?;
                 // Every coordinator renders VCL for agents that may fail over to another:

@@ -257,6 +257,32 @@ impl HaCluster {
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     }
 
+    /// A sample of coordinator `i`'s `/metrics` with no labels (`None` if it does not
+    /// answer or has no such line).
+    pub async fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        metric(&self.c[i], name).await
+    }
+
+    /// Every entry of the shared purge log, read from etcd directly (in order).
+    pub async fn shared_log(&self) -> Vec<proto::edge::PurgeEntry> {
+        let etcd = etcd::Etcd::connect(&self.etcd.endpoints).expect("connect to etcd");
+        let log = coordinator::purge::etcd_log::EtcdLog::open(etcd, "/vc-test/")
+            .await
+            .expect("open the shared log");
+        let mut out: Vec<proto::edge::PurgeEntry> = Vec::new();
+        loop {
+            let next = out.last().map_or(1, |e| e.seq + 1);
+            let batch = log
+                .read_from(next, 1000)
+                .await
+                .expect("read the shared log");
+            if batch.is_empty() {
+                return out;
+            }
+            out.extend(batch);
+        }
+    }
+
     /// The directory everything runs in (logs: `c1/`, `a0/`, `etcd/`).
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -268,4 +294,17 @@ pub async fn cluster_view(c: &CoordinatorProc) -> Value {
     get_json(c.api, "/api/v1/cluster")
         .await
         .unwrap_or(Value::Null)
+}
+
+/// A sample with no labels from `c`'s `/metrics` (`None` if absent or no answer).
+pub async fn metric(c: &CoordinatorProc, name: &str) -> Option<f64> {
+    let req = b"GET /metrics HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n";
+    let r = tokio::time::timeout(Duration::from_secs(2), crate::raw(c.api, req))
+        .await
+        .ok()?
+        .ok()?;
+    r.body.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
 }

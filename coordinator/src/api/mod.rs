@@ -941,10 +941,20 @@ async fn post_purge(
         op,
         soft: body.soft,
     };
-    match s.state.log.append(vec![purge]).await {
-        Ok(seq) => {
+    match s.state.log.append_outcome(vec![purge]).await {
+        Ok(appended) => {
             s.state.purge_counters.logged(kind);
-            Json(PurgeAccepted { seq }).into_response()
+            let spooled = matches!(appended, crate::purge::log::Appended::Spooled(_));
+            let mut r = Json(PurgeAccepted {
+                seq: appended.seq(),
+                spooled,
+            })
+            .into_response();
+            if spooled {
+                r.headers_mut()
+                    .insert("x-purge-spooled", axum::http::HeaderValue::from_static("1"));
+            }
+            r
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

@@ -219,10 +219,13 @@ impl PurgeBody {
     }
 }
 
-/// The answer to a purge (API or PURGE): its sequence in the log.
+/// The answer to a purge (API or PURGE): its sequence in the log; 0 with `spooled` when
+/// etcd did not commit in time and it waits in the coordinator's local spool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurgeAccepted {
     pub seq: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spooled: bool,
 }
 
 /// What a logged purge does, in `GET /api/v1/purges/{seq}` (one field set).

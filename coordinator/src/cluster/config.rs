@@ -54,6 +54,14 @@ pub struct StoreConfig {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// How long a purge may wait for etcd to commit it before it goes to this
+    /// coordinator's local spool (answered 200 `"spooled": true`, appended to the shared
+    /// log once etcd takes writes again). At most 1000.
+    #[serde(default = "default_spool_after_ms")]
+    pub spool_after_ms: u64,
+    /// The local spool's size bound: past it, a purge etcd cannot take is answered 503.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
 }
 
 /// `[store.tls]`.
@@ -80,8 +88,18 @@ impl Default for StoreConfig {
             tls: None,
             user: None,
             password_file: None,
+            spool_after_ms: default_spool_after_ms(),
+            spool_max_bytes: default_spool_max_bytes(),
         }
     }
+}
+
+fn default_spool_after_ms() -> u64 {
+    1000
+}
+
+fn default_spool_max_bytes() -> u64 {
+    256 << 20
 }
 
 fn default_prefix() -> String {
@@ -148,6 +166,12 @@ impl StoreConfig {
         }
         if !(2..=600).contains(&self.handoff_after_s) {
             return invalid("store.handoff_after_s must be between 2 and 600");
+        }
+        if !(50..=1000).contains(&self.spool_after_ms) {
+            return invalid("store.spool_after_ms must be between 50 and 1000");
+        }
+        if self.spool_max_bytes < 4096 {
+            return invalid("store.spool_max_bytes must be at least 4096");
         }
         if let Some(id) = &self.id {
             if id.is_empty() || id.len() > 64 || id.contains(['/', ' ']) {
@@ -255,6 +279,22 @@ mod tests {
             },
             api,
             "handoff_after_s",
+        );
+        bad(
+            StoreConfig {
+                spool_after_ms: 5000,
+                ..etcd()
+            },
+            api,
+            "spool_after_ms",
+        );
+        bad(
+            StoreConfig {
+                spool_max_bytes: 10,
+                ..etcd()
+            },
+            api,
+            "spool_max_bytes",
         );
         bad(
             StoreConfig {

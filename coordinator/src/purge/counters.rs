@@ -1,13 +1,14 @@
 //! The purge path's own metrics: every request the listener answers, by result, and
 //! every purge logged, by kind — Magento's PURGEs and the API's `POST /api/v1/purges`
 //! alike, so a purge counts once whichever door it came through. The log's head and
-//! first sequence are read from the [`PurgeLog`] at scrape time.
+//! first sequence, and the local spool's depth and counts, are read from the
+//! [`PurgeLog`] at scrape time.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use super::log::PurgeLog;
-use crate::metrics::{collector, gauge_value, DescriptorEncoder, Registry};
+use crate::metrics::{collector, counter_value, gauge_value, DescriptorEncoder, Registry};
 
 /// Results a PURGE request can end with (every one is exported from the start at 0).
 pub const REQUEST_RESULTS: [&str; 5] = [
@@ -74,5 +75,24 @@ fn encode_log(source: &PurgeLog, e: &mut DescriptorEncoder) -> std::fmt::Result 
         "coordinator_purge_log_first_seq",
         "Oldest retained purge sequence.",
         source.first(),
+    )?;
+    gauge_value(
+        e,
+        "coordinator_purge_spool_entries",
+        "Purges answered 200 waiting in this coordinator's local spool for the shared log (etcd did not commit them in time).",
+        source.spool_depth(),
+    )?;
+    let (spooled, drained) = source.spool_counts();
+    counter_value(
+        e,
+        "coordinator_purge_spooled_total",
+        "Purges written to the local spool because etcd did not commit them in time.",
+        spooled,
+    )?;
+    counter_value(
+        e,
+        "coordinator_purge_spool_drained_total",
+        "Spooled purges that reached the shared log (drained, or committed late by the etcd attempt that preceded the spool).",
+        drained,
     )
 }

@@ -34,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::counters::PurgeCounters;
-use super::log::{NewPurge, PurgeLog};
+use super::log::{Appended, NewPurge, PurgeLog};
 use super::pattern::{self, PurgeOp};
 use super::wire::{Conn, Limits, Request};
 
@@ -305,8 +305,8 @@ async fn handle(
             soft,
         })
         .collect();
-    match log.append(purges).await {
-        Ok(seq) => {
+    match log.append_outcome(purges).await {
+        Ok(Appended::Logged(seq)) => {
             metrics.request("accepted");
             for kind in &kinds {
                 metrics.logged(kind);
@@ -316,6 +316,18 @@ async fn handle(
                 200,
                 format!("{{\"seq\":{seq}}}"),
                 vec![("X-Purge-Seq", seq.to_string())],
+            )
+        }
+        Ok(Appended::Spooled(id)) => {
+            metrics.request("accepted");
+            for kind in &kinds {
+                metrics.logged(kind);
+            }
+            tracing::debug!(spool_id = id, kinds = ?kinds, soft, "purge spooled");
+            (
+                200,
+                format!("{{\"seq\":0,\"spooled\":true,\"spool_id\":{id}}}"),
+                vec![("X-Purge-Spooled", "1".to_owned())],
             )
         }
         Err(e) => {

@@ -23,6 +23,10 @@
 //! ([`super::etcd_log`]): appends are committed in etcd by a writer task (group commit
 //! again), and a follower task feeds the tail and the head from etcd's watch, so every
 //! coordinator's sessions stream the entries every coordinator accepted, in one order.
+//! An append etcd does not commit in time is fsynced to the local spool
+//! ([`super::spool`]) instead and resolves as [`Appended::Spooled`]; a drain task
+//! appends the spool to the shared log once etcd takes writes ([`PurgeLog::spool_depth`]
+//! says how many wait).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -56,6 +60,50 @@ pub enum LogError {
     Overloaded,
     #[error("purge log writer has stopped")]
     Closed,
+    /// etcd did not commit and the local spool could not take the purge either.
+    #[error("{0}")]
+    Spool(String),
+}
+
+/// Where an acknowledged purge is: in the log at a sequence, or in this coordinator's
+/// local spool (etcd did not commit in time) under a spool id, on its way to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Logged(u64),
+    Spooled(u64),
+}
+
+impl Appended {
+    /// The last sequence, or 0 for a spooled purge (sequences start at 1).
+    pub fn seq(&self) -> u64 {
+        match self {
+            Appended::Logged(seq) => *seq,
+            Appended::Spooled(_) => 0,
+        }
+    }
+}
+
+/// The spool's figures, read without waiting on it (depth, and counts since start).
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    pub depth: AtomicU64,
+    pub spooled: AtomicU64,
+    pub drained: AtomicU64,
+}
+
+/// Where and how a coordinator on etcd spools (see `spool`).
+#[derive(Debug, Clone)]
+pub struct SpoolOpts {
+    /// The state dir (the spool file goes in it).
+    pub dir: PathBuf,
+    /// This coordinator's id in the cluster (its drain mark in etcd is named after it).
+    pub coordinator_id: String,
+    /// How long an append may wait for etcd before it is spooled.
+    pub after: Duration,
+    /// The spool file's size bound.
+    pub max_bytes: u64,
+    /// Whether etcd answers: read to spool at once, and reported into.
+    pub health: crate::store_health::StoreHealth,
 }
 
 impl From<redb::Error> for LogError {
@@ -113,7 +161,7 @@ pub struct NewPurge {
 pub(super) struct AppendReq {
     pub(super) purges: Vec<NewPurge>,
     pub(super) received_at_us: u64,
-    pub(super) reply: oneshot::Sender<Result<u64, LogError>>,
+    pub(super) reply: oneshot::Sender<Result<Appended, LogError>>,
 }
 
 /// Where appends go and where old entries are read from.
@@ -272,6 +320,8 @@ struct Inner {
     backend: Backend,
     log_id: String,
     shared: Arc<Shared>,
+    /// The local spool's figures (etcd only).
+    spool: Option<Arc<SpoolStats>>,
 }
 
 pub(super) const TAIL_ENTRIES: usize = 65_536;
@@ -315,26 +365,32 @@ impl PurgeLog {
                 backend: Backend::Embedded { db, queue },
                 log_id,
                 shared,
+                spool: None,
             }),
         })
     }
 
     /// Opens the cluster's log in etcd under `prefix` and starts its writer and follower
     /// tasks (they stop when every handle is dropped). `trim` says when this coordinator
-    /// is the one that applies retention (the leader).
+    /// is the one that applies retention (the leader). Appends etcd does not commit
+    /// within `spool.after` go to the local spool and are drained into the log later.
     pub async fn open_etcd(
         etcd: etcd::Etcd,
         prefix: &str,
         retention: Retention,
         trim: watch::Receiver<bool>,
+        spool: SpoolOpts,
     ) -> Result<Self, LogError> {
         let log = super::etcd_log::EtcdLog::open(etcd, prefix).await?;
-        let (shared, queue) = super::etcd_log::start(log.clone(), retention, trim).await?;
+        let stats = Arc::new(SpoolStats::default());
+        let (shared, queue) =
+            super::etcd_log::start(log.clone(), retention, trim, spool, stats.clone()).await?;
         Ok(PurgeLog {
             inner: Arc::new(Inner {
                 log_id: log.log_id().to_owned(),
                 backend: Backend::Etcd { log, queue },
                 shared,
+                spool: Some(stats),
             }),
         })
     }
@@ -342,12 +398,31 @@ impl PurgeLog {
     /// Purges answered 200 that wait in this coordinator's local spool for the shared
     /// log (always 0 with the embedded log, whose every append is the log itself).
     pub fn spool_depth(&self) -> u64 {
-        0
+        self.inner
+            .spool
+            .as_ref()
+            .map_or(0, |s| s.depth.load(Ordering::Acquire))
+    }
+
+    /// Purges spooled and drained into the shared log since start (0, 0 embedded).
+    pub fn spool_counts(&self) -> (u64, u64) {
+        self.inner.spool.as_ref().map_or((0, 0), |s| {
+            (
+                s.spooled.load(Ordering::Relaxed),
+                s.drained.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Appends purges as consecutive entries and resolves with the last sequence once
-    /// they are durable on disk.
+    /// they are durable on disk (0 for purges spooled: see [`Self::append_outcome`]).
     pub async fn append(&self, purges: Vec<NewPurge>) -> Result<u64, LogError> {
+        self.append_outcome(purges).await.map(|a| a.seq())
+    }
+
+    /// Appends purges and resolves once they are durable: in the log (the last
+    /// sequence), or, on etcd, in the local spool when etcd did not commit in time.
+    pub async fn append_outcome(&self, purges: Vec<NewPurge>) -> Result<Appended, LogError> {
         let (reply, rx) = oneshot::channel();
         let req = AppendReq {
             purges,
@@ -634,7 +709,7 @@ impl Writer {
                 // the wake-ups are a thousand tasks, and Magento must not queue behind
                 // them (the purge listener never waits on an edge).
                 for (req, last) in batch.into_iter().zip(last_seqs) {
-                    let _ = req.reply.send(Ok(last));
+                    let _ = req.reply.send(Ok(Appended::Logged(last)));
                 }
                 self.shared.publish();
             }
@@ -795,7 +870,10 @@ mod tests {
         let log = PurgeLog::open(dir.path(), forever()).unwrap();
         let id = log.log_id().to_owned();
         assert_eq!(log.append(vec![tag("a")]).await.unwrap(), 1);
-        assert_eq!(log.append(vec![tag("b"), tag("c")]).await.unwrap(), 3);
+        assert_eq!(
+            log.append_outcome(vec![tag("b"), tag("c")]).await.unwrap(),
+            Appended::Logged(3)
+        );
         let many: Vec<_> = (0..100)
             .map(|i| log.append(vec![tag(&format!("t{i}"))]))
             .collect();

@@ -9,4 +9,5 @@ pub mod log;
 pub mod pacer;
 pub mod pattern;
 pub mod ranges;
+pub mod spool;
 pub mod wire;

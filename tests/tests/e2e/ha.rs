@@ -2,8 +2,8 @@
 //! and varnishd: Magento lists every coordinator (each purge goes to both), the leader
 //! is killed -9 in the middle of a purge burst, and no purge any coordinator answered
 //! 200 is lost; one etcd member
-//! dying changes nothing; etcd gone entirely means 503, never a 200 that is not
-//! committed, and purging works again when it is back.
+//! dying changes nothing; etcd gone entirely means purges are spooled by the coordinator
+//! that took them (200 `"spooled": true`) and drained into the log when it is back.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -277,7 +277,7 @@ async fn killing_the_leader_mid_burst_loses_no_acknowledged_purge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_losing_a_member_serves_and_losing_quorum_answers_503() {
+async fn etcd_losing_a_member_serves_and_losing_quorum_spools_then_drains() {
     let mut ha = start_ha("").await;
     // One member down: still 200, still applied.
     ha.etcd.kill9(0).await;
@@ -299,15 +299,29 @@ async fn etcd_losing_a_member_serves_and_losing_quorum_answers_503() {
         "purges not applied with one etcd member down"
     );
 
-    // All members down: purges are refused, never acknowledged.
+    // All members down: purges are spooled by the coordinator that took them, answered
+    // 200 `"spooled": true` within the spool deadline, never 503.
     ha.etcd.kill9(1).await;
     ha.etcd.kill9(2).await;
     let started = Instant::now();
     for i in 0..4 {
-        let status = purge_status(&ha.c[i % 2], "cat_p_1").await;
-        assert_eq!(status, 503, "purge answered {status} with etcd down");
+        let t = Instant::now();
+        let r = raw(
+            ha.c[i % 2].purge,
+            &magento_purge(&tags_pattern(&[&format!("down_{i}")])),
+        )
+        .await
+        .expect("purge");
+        assert_eq!(
+            r.status, 200,
+            "purge answered {} with etcd down: {}",
+            r.status, r.body
+        );
+        assert_eq!(r.header("x-purge-spooled"), Some("1"), "{}", r.body);
+        assert_eq!(r.json()["spooled"], true, "{}", r.body);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
-    eprintln!("4 purges refused with etcd down in {:?}", started.elapsed());
+    eprintln!("4 purges spooled with etcd down in {:?}", started.elapsed());
     assert_eventually!(
         15,
         get_json(ha.c[0].api, "/healthz")
@@ -317,7 +331,8 @@ async fn etcd_losing_a_member_serves_and_losing_quorum_answers_503() {
         get_json(ha.c[0].api, "/healthz").await
     );
 
-    // etcd back: purging works again on both, and reaches the edges.
+    // etcd back: the spools drain into the log, purging works again on both, and it all
+    // reaches the edges.
     for i in 0..3 {
         ha.etcd.restart(i);
     }
@@ -327,15 +342,25 @@ async fn etcd_losing_a_member_serves_and_losing_quorum_answers_503() {
         {
             let r = raw(ha.c[1].purge, &magento_purge(&tags_pattern(&["cat_p_2"]))).await;
             match r {
-                Ok(r) if r.status == 200 => {
+                Ok(r) if r.status == 200 && r.header("x-purge-spooled").is_none() => {
                     last = r.json()["seq"].as_u64().unwrap_or(0);
                     true
                 }
                 _ => false,
             }
         },
-        "purges still refused after etcd came back"
+        "purges still not committed after etcd came back"
     );
+    // c2's own two spooled purges went into the log before its new one.
+    assert!(last >= seq + 3, "c2's spooled purges are not before {last}");
+    for c in &ha.c {
+        assert_eventually!(
+            20,
+            tests::ha::metric(c, "coordinator_purge_spool_entries").await == Some(0.0),
+            "a spool did not drain"
+        );
+    }
+    let last = last.max(ha.c[0].head().await);
     assert_eventually!(
         20,
         ha.c[0].applied_everywhere(last, 2).await && ha.c[1].applied_everywhere(last, 2).await,

@@ -235,7 +235,8 @@ async fn every_coordinator_gives_one_answer_to_every_read() {
             "purge {seq}: {p}"
         );
     }
-    let edges = same_on(&ha, &all, "/api/v1/edges", &["last_seen"]).await;
+    // `last_seen` and `silent_ms` are the holder's heartbeat clock, read at each moment.
+    let edges = same_on(&ha, &all, "/api/v1/edges", &["last_seen", "silent_ms"]).await;
     assert_eq!(edges.as_array().map(Vec::len), Some(3), "{edges}");
     // Regions: the judgement (the rates and ages are windows each computes at its own
     // instant).

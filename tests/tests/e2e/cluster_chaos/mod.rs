@@ -6,4 +6,5 @@
 
 mod answers;
 mod sessions;
+mod spool;
 mod view;
