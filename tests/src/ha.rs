@@ -308,3 +308,15 @@ pub async fn metric(c: &CoordinatorProc, name: &str) -> Option<f64> {
         (n == name).then(|| v.trim().parse().ok())?
     })
 }
+
+/// The edges `c` holds connected sessions for itself (`/api/v1/edges?scope=local`).
+pub async fn local_edges(c: &CoordinatorProc) -> Vec<String> {
+    get_json(c.api, "/api/v1/edges?scope=local")
+        .await
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e["connected"] == true)
+        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+        .collect()
+}

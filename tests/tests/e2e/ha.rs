@@ -58,18 +58,6 @@ async fn cluster_view(c: &CoordinatorProc) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The edges `c` holds sessions for itself.
-async fn local_edges(c: &CoordinatorProc) -> Vec<String> {
-    get_json(c.api, "/api/v1/edges?scope=local")
-        .await
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|e| e["connected"] == true)
-        .filter_map(|e| e["id"].as_str().map(str::to_owned))
-        .collect()
-}
-
 /// Sends one Magento purge (new connection) for `tag`; the status, 0 if unreachable.
 async fn purge_status(c: &CoordinatorProc, tag: &str) -> u16 {
     match tokio::time::timeout(
@@ -214,7 +202,7 @@ async fn killing_the_leader_mid_burst_loses_no_acknowledged_purge() {
     // Both agents on the survivor within seconds; it leads.
     assert_eventually!(
         15,
-        local_edges(survivor).await.len() == 2,
+        tests::ha::local_edges(survivor).await.len() == 2,
         "agents not on the survivor: {:?}",
         survivor.edges().await
     );
@@ -439,7 +427,11 @@ async fn a_new_leader_finishes_the_warm_job_in_flight() {
     // The agents list c2 before it runs.
     let c2_grpc = std::net::SocketAddr::from(([127, 0, 0, 1], tests::free_port()));
     let (varnish, _agents) = two_edges(dir.path(), &origin, &[c1.grpc, c2_grpc]).await;
-    assert_eventually!(30, local_edges(&c1).await.len() == 2, "agents not on c1");
+    assert_eventually!(
+        30,
+        tests::ha::local_edges(&c1).await.len() == 2,
+        "agents not on c1"
+    );
     assert_eventually!(
         15,
         cluster_view(&c1).await["role"] == "leader",
@@ -664,7 +656,7 @@ async fn a_followers_edge_is_judged_warmed_and_alerted_for_by_the_leader() {
     let (edge, region) = (format!("edge-{follower}"), format!("region-{follower}"));
     assert_eventually!(
         20,
-        local_edges(&c[follower]).await == [edge.clone()],
+        tests::ha::local_edges(&c[follower]).await == [edge.clone()],
         "{edge} not on the follower"
     );
     // Shoppers on the follower's edge: a miss, then hits.

@@ -30,26 +30,10 @@ async fn edge(c: &CoordinatorProc, id: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The edges `c` holds connected sessions for itself.
-async fn local_edges(c: &CoordinatorProc) -> Vec<String> {
-    get_json(c.api, "/api/v1/edges?scope=local")
-        .await
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|e| e["connected"] == true)
-        .filter_map(|e| e["id"].as_str().map(str::to_owned))
-        .collect()
-}
-
 /// `coordinator_sessions_refused_total{reason}` on `c`.
 async fn refused_metric(c: &CoordinatorProc, reason: &str) -> u64 {
-    let body = get(c.api, "/metrics").await.body;
-    let needle = format!("coordinator_sessions_refused_total{{reason=\"{reason}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    let name = format!("coordinator_sessions_refused_total{{reason=\"{reason}\"}}");
+    tests::ha::metric(c, &name).await.unwrap_or(0.0) as u64
 }
 
 /// Opens a session as a bare agent saying Hello for `edge` (listing `coordinators`
@@ -473,7 +457,7 @@ async fn a_coordinator_cut_off_from_etcd_hands_its_agents_to_the_others() {
     // The coordinator holding the most sessions is cut off.
     let mut held = Vec::new();
     for c in &ha.c {
-        held.push(local_edges(c).await);
+        held.push(tests::ha::local_edges(c).await);
     }
     let i = (0..held.len())
         .max_by_key(|i| held[*i].len())
@@ -487,10 +471,10 @@ async fn a_coordinator_cut_off_from_etcd_hands_its_agents_to_the_others() {
     let t = Instant::now();
     assert_eventually!(
         40,
-        local_edges(cut).await.is_empty() && other.applied_everywhere(0, 3).await,
+        tests::ha::local_edges(cut).await.is_empty() && other.applied_everywhere(0, 3).await,
         "c{} still holds {:?}; c{} sees {:?}",
         i + 1,
-        local_edges(cut).await,
+        tests::ha::local_edges(cut).await,
         j + 1,
         other.edges().await
     );
@@ -592,7 +576,7 @@ async fn a_coordinator_cut_off_from_etcd_hands_its_agents_to_the_others() {
 
 /// The real agents (not the probes above) `c` holds.
 async fn agents_on(c: &CoordinatorProc) -> Vec<String> {
-    let mut l = local_edges(c).await;
+    let mut l = tests::ha::local_edges(c).await;
     l.retain(|e| e.starts_with("edge-"));
     l
 }
