@@ -173,9 +173,10 @@ async fn hold(
     }
     tx.send_modify(|l| {
         // Its own lease lost, it no longer knows who leads (the observer names the next).
+        // It keeps the term's fencing revision: the newest term it knows, which tells its
+        // peers its word "follower" is about that term (`Cluster::role`).
         if l.me {
             l.leader = None;
-            l.fencing = None;
         }
         l.me = false;
         l.key = None;

@@ -29,8 +29,8 @@
 //! **One truth about who leads** ([`Cluster::role`]): `role` is `leader` only while this
 //! coordinator holds its lease, and then `leader` is its own id; a follower names the
 //! leader the election names, except itself (a lease it lost) and a peer whose last self
-//! record did not come (killed, or cut off: not known to lead any more); then `leader` is
-//! null. The observe stream names a new leader the moment its campaign wins.
+//! record did not come (killed, or cut off: not known to lead any more) or says it does
+//! not lead (its lease lapsed while etcd had no quorum); then `leader` is null. The observe stream names a new leader the moment its campaign wins.
 //! `/api/v1/cluster`, `/healthz` and the metrics all read it from here.
 //!
 //! The cluster's alert about etcd itself ("unreachable", "back", once each for the
@@ -135,6 +135,10 @@ pub struct MemberStatus {
     /// It holds the cluster's "etcd unreachable" alert as sent (`store_alert`).
     #[serde(default)]
     pub store_alert: bool,
+    /// The fencing revision of the newest term it knows: its word on its role is fresher
+    /// than an election it had not seen yet.
+    #[serde(default)]
+    pub fencing: Option<i64>,
 }
 
 /// One coordinator of the cluster in `/api/v1/cluster`'s `members`. A peer's `role`,
@@ -529,17 +533,26 @@ impl Cluster {
         let leader = l
             .leader
             .filter(|id| *id != self.me.id)
-            .filter(|id| self.answering(id));
+            .filter(|id| self.confirms_lead(id, l.fencing));
         (Role::Follower, leader)
     }
 
-    /// Whether peer `id` answered its last self-record ask (yes when not asked yet).
-    fn answering(&self, id: &str) -> bool {
+    /// Whether peer `id` may be named leader of the term at `fencing`: it answered its
+    /// last self-record ask and, if that record knew this term, did not say it is a
+    /// follower (yes when not asked yet). The election's last word outlives a lease that
+    /// etcd without quorum cannot renew: the peer's own word is fresher. A record from
+    /// before the term (the peer had not won yet) does not count against it.
+    fn confirms_lead(&self, id: &str, fencing: Option<i64>) -> bool {
         self.peers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .is_none_or(|p| p.answering)
+            .is_none_or(|p| {
+                p.answering
+                    && p.status.as_ref().is_none_or(|s| {
+                        s.role == Role::Leader || s.fencing.is_none() || s.fencing < fencing
+                    })
+            })
     }
 
     /// Whether the store answers: always with the embedded one; with etcd, as
@@ -563,6 +576,7 @@ impl Cluster {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .sent(),
+            fencing: self.leadership.borrow().fencing,
         }
     }
 

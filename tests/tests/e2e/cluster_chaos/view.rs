@@ -370,6 +370,23 @@ async fn etcd_losing_quorum_is_no_outage_and_pages_once_each_way() {
         got.lock().expect("lock")
     );
     HaCluster::settle(15.0).await;
+    // Without quorum no one holds a lease: no coordinator names a leader that says it is
+    // not one (the election's last word is not the truth any more).
+    let mut views: Vec<serde_json::Value> = Vec::new();
+    assert_eventually!(
+        5,
+        {
+            views.clear();
+            for i in 0..3 {
+                views.push(ha.view(i).await);
+            }
+            views.iter().all(|v| match v["leader"].as_str() {
+                Some(l) => views.iter().any(|o| o["id"] == l && o["role"] == "leader"),
+                None => true,
+            })
+        },
+        "a coordinator names a leader that does not lead: {views:#?}"
+    );
     ha.restart_etcd(&[1, 2]).await;
     for i in 0..3 {
         assert_eventually!(
