@@ -107,6 +107,15 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
         Ok(l) => tracing::info!(nofile = l.soft, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read the file descriptor limit"),
     }
+    // Refused before the state is opened (in a cluster: before the election is joined).
+    if let Err(e) = server::preflight(&config, insecure) {
+        eprintln!("coordinator: {e}");
+        return ExitCode::from(2);
+    }
+    let listeners = match server::Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => return exit(Err(e.into())),
+    };
     // A GeoIP database that cannot be read is a configuration error too: one line, 2.
     let state = match server::open(&config, state_dir).await {
         Ok(s) => s,
@@ -118,7 +127,6 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
     };
     let shutdown = stop_on_signal();
     let result = async {
-        let listeners = server::Listeners::bind(&config).await?;
         server::run(config, state, listeners, insecure, shutdown).await?;
         Ok::<(), anyhow::Error>(())
     };

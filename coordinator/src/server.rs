@@ -72,6 +72,16 @@ pub enum ServeError {
     Listener(String),
 }
 
+/// What can be refused before anything is opened or joined (an election lease taken by a
+/// coordinator that then exits stalls its cluster's election for a lease TTL): plaintext
+/// gRPC without `insecure`, an API token file that cannot be read.
+pub fn preflight(config: &CoordinatorConfig, insecure: bool) -> Result<(), ServeError> {
+    if config.grpc.tls.is_none() && !insecure {
+        return Err(ServeError::NeedsInsecure);
+    }
+    read_token(config.api.token_file.as_deref()).map(|_| ())
+}
+
 /// Opens the state ([`State::open`]); [`run`] serves it.
 pub async fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, ServeError> {
     Ok(State::open(config, state_dir).await?)
