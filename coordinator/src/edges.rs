@@ -6,18 +6,31 @@
 //! purge `S` is the time of its first ack point at or beyond `S`; that answers
 //! `GET /api/v1/purges/{seq}` without storing anything per purge per edge.
 //!
-//! One live session per edge id: [`EdgeRegistry::try_connect`] refuses a second session
-//! for an id whose session is live from another host (another IP address), here or on
-//! another coordinator of the cluster (as its last edge list said), with the live one's
-//! address and start in the reason; the refusals are counted per edge
-//! ([`RefusedSessions`]). A session counts as live until it has been silent for two of
-//! its agent's report intervals ([`replace_after`]; the session layer drops it after
-//! three, `session::silence_limit`, whoever asks): an agent that restarts while its old
-//! session is half-open (a kill -9 behind a partition, a host reboot) gets in once the
-//! old one has missed two heartbeats, and a reconnect from the same host replaces its old
-//! session at once (a network blip gives a new port, not a new address). Two sessions
-//! accepted on two coordinators at once (within one peer poll) are settled when the
-//! coordinators next read each other's edges: the one that started later ends.
+//! One live session per edge id, told apart by agent *process*: each agent draws a random
+//! instance id at start and sends it in its Hello (`Hello.instance`; the registry keeps
+//! and shows only its [`instance_fingerprint`], so reading the API does not let anyone
+//! claim to be that process). [`EdgeRegistry::try_connect`] takes a Hello for an edge id
+//! whose current session, here or on another coordinator (as its last edge list said),
+//! is:
+//!
+//! * from the **same instance**: a reconnect after a blip, or a move to another
+//!   coordinator. It is taken at once; here the old session ends at once, on a peer the
+//!   holder of the older session ends it when its next poll shows it the newer one
+//!   ([`EdgeRegistry::set_remote`]; newer: the higher `dial`, the agent's session count),
+//!   so both never stay live and the newer one is never ended;
+//! * from **another instance** while live (heard within two of its agent's report
+//!   intervals, [`replace_after`]; the session layer drops it after three,
+//!   `session::silence_limit`): refused whatever the addresses (a copied config on the
+//!   same host or behind one NAT address is refused too), with the live one's address and
+//!   start in the reason, counted per edge ([`RefusedSessions`]);
+//! * from another instance and silent past `replace_after`: replaced (the genuine agent
+//!   restarting behind its own half-open session after a kill -9 or a reboot gets in once
+//!   the old one has missed two heartbeats).
+//!
+//! An agent that sends no instance (an older version), or a session from one, falls back
+//! to the address rule: the same IP address is the same agent. Two sessions of different
+//! instances accepted on two coordinators at once (within one peer poll) are settled
+//! when the coordinators next read each other's edges: the one that started later ends.
 //!
 //! Entries are `DashMap` values; no guard is ever held across an `.await`.
 
@@ -151,13 +164,18 @@ struct Edge {
     sessions: u64,
     cert_not_after: Option<u64>,
     /// The current (or last) session: where it comes from, since when, when the agent
-    /// was last heard on it, after how much silence another host may take the id over,
-    /// whether the agent can be handed to another coordinator, and why it was ended.
+    /// was last heard on it, after how much silence another agent process may take the
+    /// id over, whether the agent can be handed to another coordinator, and why it was
+    /// ended.
     peer: Option<SocketAddr>,
     since: SystemTime,
     heard: Instant,
     replace_after: Duration,
     movable: bool,
+    /// The agent process's [`instance_fingerprint`] (None: an agent that sends none) and
+    /// which of its sessions this is (0: unknown).
+    instance: Option<String>,
+    dial: u64,
     ended: Arc<OnceLock<SessionEnded>>,
 }
 
@@ -166,21 +184,39 @@ struct Edge {
 pub enum SessionEnded {
     /// This coordinator cannot reach the store and hands its agents to another one.
     Handoff(String),
-    /// Another session for the edge id, live from another host, started earlier.
+    /// Another session for the edge id, live from another agent process, started earlier.
     Duplicate(String),
 }
 
 /// Where a session comes from, beside its Hello (see [`EdgeRegistry::try_connect`]).
 #[derive(Debug, Clone, Default)]
 pub struct SessionOrigin {
-    /// The agent's address as this coordinator sees it (`None`: unknown; such a session
-    /// replaces any other, as before addresses were compared).
+    /// The agent's address as this coordinator sees it (`None`: unknown; without an
+    /// instance such a session replaces any other, as before addresses were compared).
     pub peer: Option<SocketAddr>,
-    /// Silence after which another host's session may replace this one
+    /// Silence after which another agent process's session may replace this one
     /// ([`replace_after`]).
     pub replace_after: Duration,
     /// The agent lists several coordinators, so it can be handed to another one.
     pub movable: bool,
+    /// The [`instance_fingerprint`] of the Hello's `instance` (None: the agent sent none,
+    /// and the address tells agents apart).
+    pub instance: Option<String>,
+    /// The Hello's `dial`: which session of that instance this is (0: unknown).
+    pub dial: u64,
+}
+
+/// What the registry keeps and shows of an agent's instance id: the first 16 hex digits
+/// of its SHA-256 (None for an empty one). Peers compare these; reading them does not
+/// tell the id itself, so it cannot be claimed by another process.
+pub fn instance_fingerprint(instance: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    if instance.is_empty() {
+        return None;
+    }
+    let mut hex = hex::encode(Sha256::digest(instance.as_bytes()));
+    hex.truncate(16);
+    Some(hex)
 }
 
 /// The silence after which a session counts as half-dead, so that a session from another
@@ -228,9 +264,15 @@ pub struct SessionInfo {
     /// Milliseconds since the agent was last heard on it (connected edges).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub silent_ms: Option<u64>,
-    /// The silence after which a session from another host replaces it (ms).
+    /// The silence after which a session from another agent process replaces it (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replace_after_ms: Option<u64>,
+    /// The agent process's [`instance_fingerprint`] (absent: an agent that sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_instance: Option<String>,
+    /// Which session of that instance this is (1, 2, ...; absent: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_dial: Option<u64>,
     /// Sessions refused for this edge id because this one was live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_sessions: Option<RefusedSessions>,
@@ -413,9 +455,31 @@ fn same_host(a: Option<SocketAddr>, b: Option<SocketAddr>) -> bool {
     }
 }
 
+/// Whether two sessions are from the same agent process: the same instance when both
+/// sent one, else (an older agent) the same host.
+fn same_process(
+    a: (Option<&str>, Option<SocketAddr>),
+    b: (Option<&str>, Option<SocketAddr>),
+) -> bool {
+    match (a.0, b.0) {
+        (Some(x), Some(y)) => x == y,
+        _ => same_host(a.1, b.1),
+    }
+}
+
+/// Whether session `a` of an instance is newer than its session `b`: the higher dial
+/// when both are known, else the later start.
+fn newer(a: (u64, SystemTime), b: (u64, SystemTime)) -> bool {
+    if a.0 > 0 && b.0 > 0 {
+        a.0 > b.0
+    } else {
+        a.1 > b.1
+    }
+}
+
 /// A live session an incoming one collides with.
 struct Live {
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
     since: SystemTime,
     silent: Duration,
     replace_after: Duration,
@@ -429,9 +493,11 @@ impl Live {
             Some(c) => format!(" on coordinator {c}"),
             None => String::new(),
         };
+        let addr = self
+            .addr
+            .map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
         format!(
-            "edge id {id} already has a live session from {} since {}{on} (last heard {:.1} s ago); is this agent's config a copy? each agent needs its own id (a session silent for {} s is replaced)",
-            self.addr,
+            "edge id {id} already has a live session from {addr} since {}{on} (another agent process, last heard {:.1} s ago); is this agent's config a copy? each agent needs its own id (a session silent for {} s is replaced)",
             humantime::format_rfc3339_seconds(self.since),
             self.silent.as_secs_f64(),
             self.replace_after.as_secs_f64(),
@@ -440,13 +506,23 @@ impl Live {
 }
 
 /// The live session a remote view describes, `age` after the peer answered, if it is
-/// from another host than `peer` and still counts as live.
-fn remote_live(v: &EdgeView, peer: Option<SocketAddr>, age: Duration, on: &str) -> Option<Live> {
+/// from another agent process than `from` (instance, address) and still counts as live.
+fn remote_live(
+    v: &EdgeView,
+    from: (Option<&str>, Option<SocketAddr>),
+    age: Duration,
+    on: &str,
+) -> Option<Live> {
     if !v.connected {
         return None;
     }
-    let addr: SocketAddr = v.session.session_addr.as_deref()?.parse().ok()?;
-    if same_host(Some(addr), peer) {
+    // A view that names neither (an older peer's) matches anything: no refusal, as before.
+    let addr: Option<SocketAddr> = v
+        .session
+        .session_addr
+        .as_deref()
+        .and_then(|a| a.parse().ok());
+    if same_process((v.session.session_instance.as_deref(), addr), from) {
         return None;
     }
     let silent_ms = v.session.silent_ms?.saturating_add(age.as_millis() as u64);
@@ -480,8 +556,8 @@ impl EdgeRegistry {
     }
 
     /// [`Self::connect`] for a session from `origin`, refused when the edge id has a
-    /// session live from another host, here or on another coordinator (see the module
-    /// docs); the refusal is counted on the edge and nothing else of it changes.
+    /// session live from another agent process, here or on another coordinator (see the
+    /// module docs); the refusal is counted on the edge and nothing else of it changes.
     pub fn try_connect(
         &self,
         hello: EdgeHello,
@@ -506,10 +582,10 @@ impl EdgeRegistry {
                 .iter()
                 .filter(|(_, (at, _))| at.elapsed() < REMOTE_TTL)
                 .find_map(|(peer, (at, edges))| {
-                    edges
-                        .iter()
-                        .filter(|e| e.id == hello.id)
-                        .find_map(|e| remote_live(e, origin.peer, at.elapsed(), peer))
+                    edges.iter().filter(|e| e.id == hello.id).find_map(|e| {
+                        let from = (origin.instance.as_deref(), origin.peer);
+                        remote_live(e, from, at.elapsed(), peer)
+                    })
                 });
             drop(remote);
             if let Some(live) = live {
@@ -548,29 +624,33 @@ impl EdgeRegistry {
                 heard: Instant::now(),
                 replace_after: Duration::ZERO,
                 movable: false,
+                instance: None,
+                dial: 0,
                 ended: Arc::default(),
             });
             let e = entry.value_mut();
-            if check && e.connected && !same_host(e.peer, origin.peer) {
+            let current = (e.instance.as_deref(), e.peer);
+            let incoming = (origin.instance.as_deref(), origin.peer);
+            if check && e.connected && !same_process(current, incoming) {
                 let silent = e.heard.elapsed();
                 if silent < e.replace_after {
-                    if let Some(addr) = e.peer {
-                        let live = Live {
-                            addr,
-                            since: e.since,
-                            silent,
-                            replace_after: e.replace_after,
-                            on: None,
-                        };
-                        // `refused` is another map: no lock order to keep.
-                        return Err(self.refuse(&hello.id, origin.peer, live));
-                    }
+                    let live = Live {
+                        addr: e.peer,
+                        since: e.since,
+                        silent,
+                        replace_after: e.replace_after,
+                        on: None,
+                    };
+                    // `refused` is another map: no lock order to keep.
+                    return Err(self.refuse(&hello.id, origin.peer, live));
                 }
                 tracing::info!(edge = %hello.id, old = ?e.peer, new = ?origin.peer,
                     silent_s = silent.as_secs_f64(),
-                    "a session from another host replaces a silent one");
+                    "a session from another agent process replaces a silent one");
             }
             e.ended = ended.clone();
+            e.instance = origin.instance;
+            e.dial = origin.dial;
             e.peer = origin.peer;
             e.since = now;
             e.heard = Instant::now();
@@ -655,8 +735,11 @@ impl EdgeRegistry {
         ended
     }
 
-    /// Ends each local session that collides with a live one of `peer` from another
-    /// host and started later (two coordinators accepted one id within a poll).
+    /// Ends each local session that `peer`'s edges show is over: one whose agent process
+    /// has a newer session there (it moved), and one that collides with a live session
+    /// there from another process and started later (two coordinators accepted one id
+    /// within a poll). A half-dead one beside a newer one there is left to the session
+    /// layer's silence limit (ending it here could race the peer's own decision).
     fn settle_duplicates(&self, peer: &str, edges: &[EdgeView]) {
         for v in edges {
             let Some(e) = self.edges.get(&v.id) else {
@@ -665,11 +748,44 @@ impl EdgeRegistry {
             if !e.connected || e.cancel.is_cancelled() {
                 continue;
             }
-            let Some(live) = remote_live(v, e.peer, Duration::ZERO, peer) else {
+            let theirs_since = v
+                .session
+                .session_since
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339(t).ok());
+            let same_instance = e
+                .instance
+                .as_deref()
+                .is_some_and(|i| v.session.session_instance.as_deref() == Some(i));
+            if same_instance && v.connected {
+                let theirs = (v.session.session_dial.unwrap_or(0), theirs_since);
+                let moved = match theirs {
+                    (dial, Some(since)) => newer((dial, since), (e.dial, e.since)),
+                    (dial, None) => dial > 0 && e.dial > 0 && dial > e.dial,
+                };
+                if moved {
+                    let from = e.peer;
+                    e.cancel.cancel();
+                    drop(e);
+                    tracing::info!(edge = %v.id, peer, from = ?from,
+                        "ending an older session: its agent process has a newer one on another coordinator");
+                }
+                continue;
+            }
+            let from = (e.instance.as_deref(), e.peer);
+            let Some(live) = remote_live(v, from, Duration::ZERO, peer) else {
                 continue;
             };
-            let mine = (e.since, e.peer.map(|a| a.to_string()));
-            if mine <= (live.since, Some(live.addr.to_string())) {
+            let key = |since: SystemTime, instance: Option<&str>, addr: Option<SocketAddr>| {
+                (
+                    since,
+                    instance.map(str::to_owned),
+                    addr.map(|a| a.to_string()),
+                )
+            };
+            let mine = key(e.since, e.instance.as_deref(), e.peer);
+            let theirs = key(live.since, v.session.session_instance.as_deref(), live.addr);
+            if mine <= theirs {
                 continue;
             }
             let reason = live.reason(&v.id);
@@ -677,7 +793,7 @@ impl EdgeRegistry {
             let _ = e.ended.set(SessionEnded::Duplicate(reason.clone()));
             e.cancel.cancel();
             drop(e);
-            tracing::warn!(edge = %v.id, peer, from = ?from, "ending a session: the edge id is live on another coordinator from another host since earlier");
+            tracing::warn!(edge = %v.id, peer, from = ?from, "ending a session: the edge id is live on another coordinator from another agent process");
             self.refused_duplicate.fetch_add(1, Relaxed);
             self.note_refusal(&v.id, from, &reason);
         }
@@ -975,6 +1091,8 @@ impl EdgeRegistry {
                         session_since: Some(fmt_time(e.since)),
                         silent_ms: e.connected.then(|| e.heard.elapsed().as_millis() as u64),
                         replace_after_ms: Some(e.replace_after.as_millis() as u64),
+                        session_instance: e.instance.clone(),
+                        session_dial: (e.dial > 0).then_some(e.dial),
                         refused_sessions: self.refused.get(kv.key()).map(|r| r.clone()),
                     },
                 }
@@ -1166,7 +1284,7 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
     counter(
         e,
         "coordinator_sessions_refused_total",
-        "Agent sessions refused: duplicate_edge_id (the id is live from another host), handoff (this coordinator cannot reach its store).",
+        "Agent sessions refused: duplicate_edge_id (the id is live from another agent process), handoff (this coordinator cannot reach its store).",
         [
             (
                 [("reason", Label(proto_reason::DUPLICATE))],
@@ -1258,7 +1376,170 @@ mod tests {
             peer: Some(addr.parse().unwrap()),
             replace_after: Duration::from_millis(replace_after_ms),
             movable,
+            instance: None,
+            dial: 0,
         }
+    }
+
+    /// A session of agent process `instance` (its `dial`th) from `addr`, heartbeating
+    /// every 20 ms (replaced after 40 ms of silence).
+    fn of(instance: &str, dial: u64, addr: &str) -> SessionOrigin {
+        SessionOrigin {
+            instance: instance_fingerprint(instance),
+            dial,
+            ..from(addr, 40, true)
+        }
+    }
+
+    #[test]
+    fn another_process_on_the_same_address_is_refused_and_the_same_one_replaces_at_once() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let genuine = reg
+            .try_connect(hello("a"), of("p1", 1, "10.0.0.1:4000"), 5, &root)
+            .unwrap();
+        reg.ack(&genuine, 7);
+        // A copied config on the same host (or behind one NAT address): another process.
+        let refused = reg
+            .try_connect(hello("a"), of("p2", 1, "10.0.0.1:4001"), 0, &root)
+            .unwrap_err();
+        assert!(
+            refused
+                .0
+                .contains("already has a live session from 10.0.0.1:4000")
+                && refused.0.contains("another agent process"),
+            "{}",
+            refused.0
+        );
+        assert!(!genuine.cancel.is_cancelled());
+        let v = reg.list(10)[0].clone();
+        assert_eq!(
+            (v.applied_seq, v.sessions),
+            (7, 1),
+            "genuine edge untouched"
+        );
+        assert_eq!(v.session.refused_sessions.map(|r| r.count), Some(1));
+        let shown = v.session.session_instance.expect("instance shown");
+        assert_eq!(Some(shown.clone()), instance_fingerprint("p1"));
+        assert!(
+            !shown.contains("p1") && shown.len() == 16,
+            "a fingerprint: {shown}"
+        );
+        // The same process again (a blip; even from a new address): replaces at once.
+        let again = reg
+            .try_connect(hello("a"), of("p1", 2, "10.0.0.9:4002"), 7, &root)
+            .unwrap();
+        assert!(genuine.cancel.is_cancelled() && !again.cancel.is_cancelled());
+        assert_eq!(reg.list(10)[0].session.session_dial, Some(2));
+    }
+
+    #[test]
+    fn another_process_gets_in_once_the_live_session_is_silent_for_its_replace_after() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let old = reg
+            .try_connect(hello("a"), of("p1", 1, "10.0.0.1:4000"), 3, &root)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(25));
+        reg.seen(&old);
+        assert!(reg
+            .try_connect(hello("a"), of("p2", 1, "10.0.0.1:4001"), 3, &root)
+            .is_err());
+        std::thread::sleep(Duration::from_millis(60));
+        let restarted = reg
+            .try_connect(hello("a"), of("p2", 1, "10.0.0.1:4001"), 3, &root)
+            .expect("the restart behind a half-dead session gets in");
+        assert!(old.cancel.is_cancelled() && !restarted.cancel.is_cancelled());
+        assert_eq!(reg.list(10)[0].applied_seq, 3, "cursor kept");
+    }
+
+    #[test]
+    fn an_agent_without_an_instance_falls_back_to_the_address() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let old = reg
+            .try_connect(hello("a"), from("10.0.0.1:4000", 60_000, false), 0, &root)
+            .unwrap();
+        // The same address (an older agent reconnecting): replaces at once.
+        let same = reg
+            .try_connect(hello("a"), from("10.0.0.1:4001", 60_000, false), 0, &root)
+            .unwrap();
+        assert!(old.cancel.is_cancelled());
+        // An upgraded agent on that host (it sends an instance now): the same host.
+        let upgraded = reg
+            .try_connect(hello("a"), of("p1", 1, "10.0.0.1:4002"), 0, &root)
+            .unwrap();
+        assert!(same.cancel.is_cancelled());
+        // Another address without an instance: refused while the session is live.
+        assert!(reg
+            .try_connect(hello("a"), from("10.0.0.2:4000", 60_000, false), 0, &root)
+            .is_err());
+        assert!(!upgraded.cancel.is_cancelled());
+    }
+
+    /// What `to` reads from `from` at its next peer poll (`edges?scope=local`, as JSON).
+    fn poll(to: &EdgeRegistry, from: &EdgeRegistry, name: &str) {
+        let json = serde_json::to_vec(&from.list_local_with_history(10, 0)).unwrap();
+        to.set_remote_with_history(name, serde_json::from_slice(&json).unwrap());
+    }
+
+    #[test]
+    fn a_move_to_another_coordinator_ends_the_older_session_there_and_never_the_newer() {
+        let (c1, c2) = (EdgeRegistry::default(), EdgeRegistry::default());
+        let root = CancellationToken::new();
+        let on_c1 = c1
+            .try_connect(hello("a"), of("p1", 1, "10.0.0.1:4000"), 0, &root)
+            .unwrap();
+        poll(&c2, &c1, "c1");
+        // Another process, same address, on another coordinator: refused there.
+        let refused = c2
+            .try_connect(hello("a"), of("p2", 1, "10.0.0.1:4001"), 0, &root)
+            .unwrap_err();
+        assert!(refused.0.contains("on coordinator c1"), "{}", refused.0);
+        // The same process moves to c2 (its c1 session half-open): taken at once.
+        let on_c2 = c2
+            .try_connect(hello("a"), of("p1", 2, "10.0.0.1:4100"), 0, &root)
+            .unwrap();
+        // c2 sees the older one still on c1: keeps its newer one.
+        poll(&c2, &c1, "c1");
+        assert!(
+            !on_c2.cancel.is_cancelled(),
+            "the newer session is never ended"
+        );
+        // c1 sees the newer one on c2: ends its older one, no duplicate counted.
+        poll(&c1, &c2, "c2");
+        assert!(on_c1.cancel.is_cancelled());
+        assert_eq!(on_c1.ended.get(), None);
+        c1.disconnect(&on_c1);
+        poll(&c2, &c1, "c1");
+        assert!(!on_c2.cancel.is_cancelled());
+        let (a, b) = (c1.list(0), c2.list(0));
+        assert_eq!(a[0].coordinator.as_deref(), Some("c2"), "{a:?}");
+        assert_eq!(b[0].coordinator, None, "one answer: on c2");
+        assert_eq!(c2.refused_duplicate.load(Relaxed), 1);
+        assert_eq!(c1.refused_duplicate.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn two_processes_accepted_at_once_on_two_coordinators_settle_to_the_earlier_one() {
+        let (c1, c2) = (EdgeRegistry::default(), EdgeRegistry::default());
+        let root = CancellationToken::new();
+        let first = c1
+            .try_connect(hello("a"), of("p1", 1, "10.0.0.1:4000"), 0, &root)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        // Within one poll: c2 does not know c1's session yet.
+        let second = c2
+            .try_connect(hello("a"), of("p2", 1, "10.0.0.1:4001"), 0, &root)
+            .unwrap();
+        poll(&c1, &c2, "c2");
+        poll(&c2, &c1, "c1");
+        assert!(!first.cancel.is_cancelled(), "the earlier one stays");
+        assert!(second.cancel.is_cancelled(), "the later one ends");
+        assert!(matches!(
+            second.ended.get(),
+            Some(SessionEnded::Duplicate(r)) if r.contains("another agent process")
+        ));
     }
 
     #[test]
@@ -1331,7 +1612,7 @@ mod tests {
             session_since: Some(fmt_time(SystemTime::now() - Duration::from_secs(60))),
             silent_ms: Some(300),
             replace_after_ms: Some(2000),
-            refused_sessions: None,
+            ..SessionInfo::default()
         };
         reg.set_remote("c2", vec![theirs.clone()]);
         let refused = reg

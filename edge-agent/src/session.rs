@@ -14,12 +14,15 @@
 //!
 //! Two refusals change the redial ([`proto::Refusal`]): `handoff` (the coordinator cannot
 //! reach its store and gives its agents to the others) moves on to the next coordinator
-//! of the list at once, said in one info line; `duplicate_edge_id` (another agent holds a
-//! live session for this id from another host: a copied config) is retried once after
+//! of the list at once, said in one info line; `duplicate_edge_id` (another agent
+//! process holds a live session for this id: a copied config) is retried once after
 //! [`duplicate_first_retry`] (three report intervals: long enough for a half-open session
 //! of this very agent, left by a kill -9 or a reboot, to count as dead) and then every
 //! [`DUPLICATE_BACKOFF`] (with jitter) for as long as it lasts, logged as one error (the
 //! first quick retry a warning, later ones at debug) and an info line once it gets in.
+//! Each Hello carries this process's random instance id ([`new_instance`], drawn once
+//! at start) and its dial count, which is how the coordinators tell this process's own
+//! sessions (a reconnect, a move to another coordinator) from another agent's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -125,6 +128,8 @@ pub async fn run(
     let cursor_file = CursorFile::open(&config.state_dir).map_err(AgentError::State)?;
     let mut agent = Agent {
         welcomed_at: None,
+        instance: new_instance(),
+        dials: 0,
         applied: Arc::new(AtomicU64::new(0)),
         synthetic: crate::synthetic::Synthetic::new(),
         served: crate::served::Served::new(),
@@ -234,6 +239,13 @@ pub fn duplicate_first_retry(report_interval: Duration) -> Duration {
     (report_interval * 3).max(Duration::from_secs(3))
 }
 
+/// A random id for this agent process (16 random bytes, hex), drawn once at start: the
+/// coordinators tell this process's own sessions (a reconnect, a move) from another
+/// agent's with the same edge id (a copied config), whatever the addresses.
+fn new_instance() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
 /// `d`, jittered by a quarter either way.
 fn jittered(d: Duration) -> Duration {
     rand::thread_rng().gen_range(d.mul_f64(0.75)..=d.mul_f64(1.25))
@@ -250,6 +262,10 @@ fn backoff(attempt: u32) -> Duration {
 struct Agent {
     /// When the current session's Welcome arrived.
     welcomed_at: Option<Instant>,
+    /// This process's instance id, sent in every Hello ([`new_instance`]).
+    instance: String,
+    /// Sessions dialled so far (the Hello's `dial`).
+    dials: u64,
     /// The cursor's sequence, for the heartbeat task.
     applied: Arc<AtomicU64>,
     /// The agent's own requests through varnish, subtracted from the hit ratio.
@@ -293,7 +309,10 @@ impl Agent {
             }
         };
         let (out, out_rx) = mpsc::channel(64);
+        self.dials += 1;
         let hello = Hello {
+            instance: self.instance.clone(),
+            dial: self.dials,
             edge_id: self.config.id.clone(),
             region: self.config.region.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -796,6 +815,14 @@ mod tests {
             );
             assert!(d > BACKOFF_MAX, "slower than any normal reconnect");
         }
+    }
+
+    #[test]
+    fn each_process_draws_its_own_instance_id() {
+        let (a, b) = (new_instance(), new_instance());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b, "two processes, two ids");
     }
 
     #[test]

@@ -16,9 +16,10 @@
 //!   ([`silence_limit`]), so a frozen or partitioned agent is lost in seconds.
 //!
 //! Two refusals tell the agent what to do (`proto::Refusal`, in the status's metadata):
-//! a Hello for an edge id whose session is live from another host is refused with
-//! `duplicate_edge_id` and the live one's address and start
-//! ([`crate::edges::EdgeRegistry::try_connect`]); while this coordinator hands its agents
+//! a Hello for an edge id whose session is live from another agent process (another
+//! `Hello.instance`; for older agents, another address) is refused with
+//! `duplicate_edge_id` and the live one's address and start, while one from the same
+//! process replaces its old session ([`crate::edges::EdgeRegistry::try_connect`]); while this coordinator hands its agents
 //! off ([`handoff`]: cut off from the store, a peer is not) a session of an agent that
 //! lists other coordinators is ended, or refused, with `handoff`. A session the
 //! coordinator ends for such a reason ends with that status, not a bare close.
@@ -164,6 +165,8 @@ impl proto::Coordinator for SessionService {
             peer,
             replace_after: crate::edges::replace_after(hello.report_interval_ms),
             movable,
+            instance: crate::edges::instance_fingerprint(&hello.instance),
+            dial: hello.dial,
         };
         let handle = self.state.edges.try_connect(
             EdgeHello {
@@ -182,7 +185,7 @@ impl proto::Coordinator for SessionService {
             Ok(h) => h,
             Err(refused) => {
                 tracing::warn!(edge = %hello.edge_id, peer = ?peer, reason = %refused,
-                    "session refused: the edge id has a live session from another host");
+                    "session refused: the edge id has a live session from another agent process");
                 return Err(proto::Refusal::DuplicateEdgeId.status(refused.0));
             }
         };

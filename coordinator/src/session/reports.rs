@@ -50,7 +50,7 @@ pub(super) async fn receive_loop(
         };
         if let Ok(Some(_)) = &msg {
             // Any message proves the agent alive on this session (see `edges`: a session
-            // silent for two report intervals may be taken over by another host).
+            // silent for two report intervals may be taken over by another agent process).
             edges.seen(handle);
         }
         if let Ok(Some(AgentMessage { msg: Some(m) })) = &msg {

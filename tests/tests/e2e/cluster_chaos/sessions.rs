@@ -1,12 +1,16 @@
-//! Who holds an edge's session on a bad day: a copied agent config (same edge id, another
-//! host) is refused on every coordinator while the genuine agent is live, and the genuine
-//! edge notices nothing; the genuine agent restarting behind its own half-open session
-//! gets in within seconds; a coordinator cut off from etcd (not from its peers) hands its
-//! agents to the others, so purges sent to them reach every edge, and takes sessions
-//! again once it reaches etcd.
+//! Who holds an edge's session on a bad day: a copied agent config (same edge id) on the
+//! very host of the genuine agent (the same address, as behind one NAT address) is
+//! refused on every coordinator while the genuine agent is live, and the genuine edge
+//! notices nothing; the genuine agent restarting behind its own half-open session gets in
+//! within seconds; one agent process moving to another coordinator leaves one session;
+//! a coordinator cut off from etcd (not from its peers) hands its agents to the others,
+//! so purges sent to them reach every edge, and takes sessions again once it reaches
+//! etcd.
 //!
-//! "Another host" on loopback: the copy dials through a `tests::Proxy` whose connections
-//! come from 127.0.0.2.
+//! Agents are told apart by process (the Hello's random `instance`), not by address: the
+//! copies dial from 127.0.0.1 like the genuine agents. "Another host" (for an agent that
+//! sends no instance) dials through a `tests::Proxy` whose connections come from
+//! 127.0.0.2.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -36,25 +40,34 @@ async fn refused_metric(c: &CoordinatorProc, reason: &str) -> u64 {
     tests::ha::metric(c, &name).await.unwrap_or(0.0) as u64
 }
 
-/// Opens a session as a bare agent saying Hello for `edge` (listing `coordinators`
-/// coordinators); Ok once Welcome arrives (the session then ends), else the status.
-async fn hello(
-    grpc: SocketAddr,
-    edge: &str,
-    region: &str,
-    coordinators: u32,
-) -> Result<(), tonic::Status> {
+/// A bare agent's session, open until dropped (it sends nothing after its Hello).
+struct Bare {
+    _client: proto::CoordinatorClient<tonic::transport::Channel>,
+    _inbound: tonic::Streaming<proto::edge::CoordinatorMessage>,
+}
+
+/// A bare agent's Hello for `edge` (listing `coordinators` coordinators), from agent
+/// process `instance` ("": an agent that sends none), heartbeating every second.
+fn bare_hello(edge: &str, region: &str, coordinators: u32, instance: &str) -> Hello {
+    Hello {
+        edge_id: edge.into(),
+        region: region.into(),
+        report_interval_ms: 1000,
+        coordinators,
+        instance: instance.into(),
+        dial: 1,
+        ..Default::default()
+    }
+}
+
+/// Opens a session saying `hello`; Ok (the open session) once Welcome arrives, else the
+/// status.
+async fn open(grpc: SocketAddr, hello: Hello) -> Result<Bare, tonic::Status> {
     let mut client = proto::CoordinatorClient::connect(format!("http://{grpc}"))
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
     let hello = AgentMessage {
-        msg: Some(agent_message::Msg::Hello(Hello {
-            edge_id: edge.into(),
-            region: region.into(),
-            report_interval_ms: 1000,
-            coordinators,
-            ..Default::default()
-        })),
+        msg: Some(agent_message::Msg::Hello(hello)),
     };
     let out =
         tokio_stream::StreamExt::chain(tokio_stream::iter(vec![hello]), tokio_stream::pending());
@@ -66,11 +79,28 @@ async fn hello(
             Ok(Ok(None)) => return Err(tonic::Status::aborted("closed before Welcome")),
             Ok(Ok(Some(m))) => {
                 if let Some(coordinator_message::Msg::Welcome(_)) = m.msg {
-                    return Ok(());
+                    return Ok(Bare {
+                        _client: client,
+                        _inbound: inbound,
+                    });
                 }
             }
         }
     }
+}
+
+/// Opens a session as a bare agent without an instance saying Hello for `edge` (listing
+/// `coordinators` coordinators); Ok once Welcome arrives (the session then ends), else
+/// the status.
+async fn hello(
+    grpc: SocketAddr,
+    edge: &str,
+    region: &str,
+    coordinators: u32,
+) -> Result<(), tonic::Status> {
+    open(grpc, bare_hello(edge, region, coordinators, ""))
+        .await
+        .map(drop)
 }
 
 /// The refusal a status carries (its `x-vc-refusal` metadata).
@@ -112,7 +142,8 @@ fn full_bans_asked(agent: &AgentProc) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_copied_agent_config_is_refused_on_every_coordinator_and_the_genuine_edge_is_untouched() {
+async fn a_copied_agent_config_on_the_same_host_is_refused_on_every_coordinator_and_the_genuine_edge_is_untouched(
+) {
     let ha = HaCluster::start(HaOpts {
         regions: 2,
         ..HaOpts::default()
@@ -139,16 +170,14 @@ async fn a_copied_agent_config_is_refused_on_every_coordinator_and_the_genuine_e
     let genuine_full_bans = full_bans_asked(&ha.agents[0]);
     let since = unix_now();
 
-    // The copy: its own varnishd, the same id and region, another host, and every
-    // coordinator's address (through proxies from 127.0.0.2).
+    // The copy: its own varnishd, the same id and region, the same host (127.0.0.1, as
+    // the genuine agent), and two coordinators' addresses.
     let copy_v = VarnishNode::start(&ha.path().join("copy-v"), ha.origin.addr).await;
-    let p1 = Proxy::start_from(c1.grpc, Some(OTHER_HOST)).await;
-    let p2 = Proxy::start_from(c2.grpc, Some(OTHER_HOST)).await;
     let copy = AgentProc::start_with(
         &ha.path().join("copy"),
         "edge-0",
         "region-0",
-        &[p1.addr, p2.addr],
+        &[c1.grpc, c2.grpc],
         None,
         &copy_v,
         "ban",
@@ -171,16 +200,28 @@ async fn a_copied_agent_config_is_refused_on_every_coordinator_and_the_genuine_e
         assert!(
             r["last_addr"]
                 .as_str()
-                .is_some_and(|a| a.starts_with("127.0.0.2:")),
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
             "{v}"
         );
         let reason = r["reason"].as_str().unwrap_or_default();
         assert!(
             reason.contains("edge id edge-0 already has a live session from 127.0.0.1:")
                 && reason.contains(" since ")
+                && reason.contains("another agent process")
                 && reason.contains("each agent needs its own id"),
             "{reason}"
         );
+    }
+    // One answer: every coordinator shows the genuine session, on c1.
+    let instance = edge(c1, "edge-0").await["session_instance"].clone();
+    assert!(
+        instance.as_str().is_some_and(|i| i.len() == 16),
+        "{instance}"
+    );
+    for c in &ha.c {
+        let v = edge(c, "edge-0").await;
+        assert_eq!(v["coordinator"], "c1", "{}: {v}", c.api);
+        assert_eq!(v["session_instance"], instance, "{}: {v}", c.api);
     }
     // The genuine edge meanwhile: the same session, purges applied, no full ban.
     for i in 0..3 {
@@ -263,9 +304,9 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
         ..HaOpts::default()
     })
     .await;
-    let c1 = &ha.c[0];
+    let (c1, c2, c3) = (&ha.c[0], &ha.c[1], &ha.c[2]);
     let dir = ha.path().join("a0");
-    let at = |c: &CoordinatorProc| {
+    let at = |c: &CoordinatorProc, id: &'static str| {
         let api = c.api;
         async move {
             let v = get_json(api, "/api/v1/edges?scope=local")
@@ -274,30 +315,39 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
             v.as_array()
                 .and_then(|l| {
                     l.iter()
-                        .find(|e| e["id"] == "edge-0" && e["connected"] == true)
+                        .find(|e| e["id"] == id && e["connected"] == true)
                         .cloned()
                 })
                 .and_then(|e| e["session_addr"].as_str().map(str::to_owned))
                 .unwrap_or_default()
         }
     };
-    // While the genuine agent (127.0.0.1) heartbeats, a copy from another host is refused.
-    let from_other = Proxy::start_from(c1.grpc, Some(OTHER_HOST)).await;
-    let err = hello(from_other.addr, "edge-0", "region-0", 1)
+    // While the genuine agent (127.0.0.1) heartbeats, another process is refused from
+    // its very address, and one that sends no instance from another host.
+    let err = open(c1.grpc, bare_hello("edge-0", "region-0", 1, "a-copy"))
         .await
-        .expect_err("a copy got in");
+        .err()
+        .expect("a copy on the same host got in");
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    assert_eq!(refusal(&err), Some(proto::Refusal::DuplicateEdgeId));
     assert!(
         err.message()
-            .contains("already has a live session from 127.0.0.1:"),
+            .contains("already has a live session from 127.0.0.1:")
+            && err.message().contains("another agent process"),
         "{}",
         err.message()
     );
+    let from_other = Proxy::start_from(c1.grpc, Some(OTHER_HOST)).await;
+    let err = hello(from_other.addr, "edge-0", "region-0", 1)
+        .await
+        .expect_err("an older agent from another host got in");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
 
-    // The genuine agent, now dialling c1 from "another host" through a proxy.
+    // The genuine agent again, through a proxy (from 127.0.0.1 too).
+    let direct = at(c1, "edge-0").await;
     ha.agents[0].kill9().await;
-    let via = Proxy::start_from(c1.grpc, Some(OTHER_HOST)).await;
-    let mut agent = AgentProc::start_with(
+    let via = Proxy::start(c1.grpc).await;
+    let agent = AgentProc::start_with(
         &dir,
         "edge-0",
         "region-0",
@@ -308,7 +358,10 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
     );
     assert_eventually!(
         20,
-        at(c1).await.starts_with("127.0.0.2:"),
+        {
+            let a = at(c1, "edge-0").await;
+            !a.is_empty() && a != direct
+        },
         "{:?}",
         c1.edges().await
     );
@@ -322,82 +375,13 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
     let since = unix_now();
     let full_bans = full_bans_asked(&agent);
 
-    // While it heartbeats, a copy from 127.0.0.1 is refused, with the reason.
-    let err = hello(c1.grpc, "edge-0", "region-0", 1)
-        .await
-        .expect_err("a copy got in");
-    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
-    assert_eq!(refusal(&err), Some(proto::Refusal::DuplicateEdgeId));
-    assert!(
-        err.message()
-            .contains("already has a live session from 127.0.0.2:"),
-        "{}",
-        err.message()
-    );
-
-    // Half-open: the link is cut (the socket stays open), the agent killed -9, and
-    // started again from another address (127.0.0.1, straight to c1).
+    // Half-open: the link is cut (the socket stays open), the agent killed -9 and
+    // started again from the same address (straight to c1): a new process, let in once
+    // the old session has missed two heartbeats.
     via.cut();
+    let mut agent = agent;
     agent.kill9().await;
-    let t = Instant::now();
-    let mut agent = AgentProc::start_with(
-        &dir,
-        "edge-0",
-        "region-0",
-        &[c1.grpc],
-        None,
-        &ha.varnish[0],
-        "ban",
-    );
-    assert_eventually!(
-        20,
-        at(c1).await.starts_with("127.0.0.1:"),
-        "{:?}; {}",
-        c1.edges().await,
-        log_of(&agent)
-    );
-    let other_host = t.elapsed();
-    let seq = purge_tags(c1.purge, &["after-restart"]).await;
-    assert_eventually!(
-        20,
-        c1.applied_everywhere(seq, 1).await,
-        "{:?}",
-        c1.edges().await
-    );
-
-    // The same host behind its own half-open session: replaced at once.
-    let same = Proxy::start(c1.grpc).await;
-    agent.kill9().await;
-    let mut agent = AgentProc::start_with(
-        &dir,
-        "edge-0",
-        "region-0",
-        &[same.addr],
-        None,
-        &ha.varnish[0],
-        "ban",
-    );
-    let port_of = |a: &str| a.rsplit(':').next().map(str::to_owned).unwrap_or_default();
-    let direct = at(c1).await;
-    assert_eventually!(
-        20,
-        {
-            let a = at(c1).await;
-            !a.is_empty() && port_of(&a) != port_of(&direct)
-        },
-        "{:?}",
-        c1.edges().await
-    );
-    let seq = purge_tags(c1.purge, &["via-same-host"]).await;
-    assert_eventually!(
-        20,
-        c1.applied_everywhere(seq, 1).await,
-        "{:?}",
-        c1.edges().await
-    );
-    same.cut();
-    agent.kill9().await;
-    let through = at(c1).await;
+    let through = at(c1, "edge-0").await;
     let t = Instant::now();
     let agent = AgentProc::start_with(
         &dir,
@@ -409,22 +393,21 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
         "ban",
     );
     assert_eventually!(
-        15,
+        20,
         {
-            let a = at(c1).await;
+            let a = at(c1, "edge-0").await;
             !a.is_empty() && a != through
         },
-        "{:?}",
-        c1.edges().await
+        "{:?}; {}",
+        c1.edges().await,
+        log_of(&agent)
     );
-    let same_host = t.elapsed();
+    let restarted = t.elapsed();
     println!(
-        "restart behind a half-open session: in after {:.1} s from another address, {:.1} s from the same one",
-        other_host.as_secs_f64(),
-        same_host.as_secs_f64()
+        "restart behind a half-open session: in after {:.1} s",
+        restarted.as_secs_f64()
     );
-    assert!(other_host < Duration::from_secs(10), "{other_host:?}");
-    assert!(same_host < Duration::from_secs(5), "{same_host:?}");
+    assert!(restarted < Duration::from_secs(10), "{restarted:?}");
 
     // Resumed from its cursor: every purge applied, never a full ban.
     let seq = purge_tags(c1.purge, &["resumed"]).await;
@@ -442,6 +425,64 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
     );
     assert_eq!(full_bans_asked(&agent), full_bans, "{}", log_of(&agent));
     assert_eq!(edge(c1, "edge-0").await["full_bans"], 0);
+
+    // One process moving to another coordinator (its session on c1 left open, and
+    // heartbeating every 10 s, so silence would take 30 s to end it): c1 ends the older
+    // session at its next poll of c2, and every coordinator shows it on c2 alone.
+    let slow = |dial: u64| Hello {
+        report_interval_ms: 10_000,
+        dial,
+        ..bare_hello("mover", "region-0", 3, "mover-process")
+    };
+    let _old = open(c1.grpc, slow(1)).await.expect("first session");
+    assert_eventually!(
+        10,
+        c2.edges().await.iter().any(|e| e["id"] == "mover"),
+        "{:?}",
+        c2.edges().await
+    );
+    let t = Instant::now();
+    let _new = open(c2.grpc, slow(2))
+        .await
+        .expect("the same process, moved");
+    assert_eventually!(
+        10,
+        at(c1, "mover").await.is_empty(),
+        "c1 keeps the older session: {:?}",
+        c1.edges().await
+    );
+    let moved = t.elapsed();
+    println!(
+        "a moved process's older session ended {:.1} s after the move",
+        moved.as_secs_f64()
+    );
+    assert!(!at(c2, "mover").await.is_empty(), "the newer one stays");
+    for c in &ha.c {
+        assert_eventually!(
+            10,
+            edge(c, "mover").await["coordinator"] == "c2",
+            "{}: {}",
+            c.api,
+            edge(c, "mover").await
+        );
+    }
+    // And another process is refused on a third coordinator, from the same address.
+    let err = open(
+        c3.grpc,
+        Hello {
+            instance: "another-process".into(),
+            ..slow(1)
+        },
+    )
+    .await
+    .err()
+    .expect("another process got in beside the moved one");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    assert!(
+        err.message().contains("on coordinator c2"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -591,7 +632,7 @@ async fn handed_off_metric(c: &CoordinatorProc) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_copied_certificate_is_the_same_identity_so_the_address_keeps_the_copy_out() {
+async fn a_copied_certificate_is_the_same_identity_so_the_instance_keeps_the_copy_out() {
     // One coordinator with mutual TLS: the copy presents the genuine agent's very files.
     let cluster = tests::Cluster::start(1, "ban", tests::CoordinatorOpts::default()).await;
     let c = &cluster.coordinator;
@@ -601,13 +642,13 @@ async fn a_copied_certificate_is_the_same_identity_so_the_address_keeps_the_copy
     let file =
         |k: &str| std::path::PathBuf::from(genuine["tls"][k].as_str().expect("a [tls] file"));
     let tls = Some((file("ca"), file("cert"), file("key")));
+    // From the genuine agent's own address: only the process tells them apart.
     let copy_v = VarnishNode::start(&cluster.dir.path().join("copy-v"), cluster.origin.addr).await;
-    let via = Proxy::start_from(c.grpc, Some(OTHER_HOST)).await;
     let copy = AgentProc::start_with(
         &cluster.dir.path().join("copy"),
         "edge-0",
         "region-0",
-        &[via.addr],
+        &[c.grpc],
         tls,
         &copy_v,
         "ban",
@@ -622,7 +663,7 @@ async fn a_copied_certificate_is_the_same_identity_so_the_address_keeps_the_copy
     assert!(
         v["refused_sessions"]["last_addr"]
             .as_str()
-            .is_some_and(|a| a.starts_with("127.0.0.2:")),
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
         "{v}"
     );
     assert!(
