@@ -954,11 +954,19 @@ impl Cluster {
                 }
                 self.warm_relay.accept(batch, &views.warm);
             }
+            // 409: it does not lead (any more); the election names the next one soon.
+            Err(e) if e.contains("409") => {
+                tracing::debug!(peer = api, error = %e, "asked for warm work: not the leader now")
+            }
             // Said once per failure spell: a refused token would repeat every second.
-            Err(e) if !self.warm_pull_failing.swap(true, Relaxed) => tracing::warn!(
-                leader = api, error = %e,
-                "cannot ask the leader for warm work: this coordinator's agents get no warm shards (same [api] token_file on every coordinator?)"
-            ),
+            Err(e) if !self.warm_pull_failing.swap(true, Relaxed) => {
+                let hint = (e.contains("401") || e.contains("403"))
+                    .then_some("the same [api] token_file on every coordinator?");
+                tracing::warn!(
+                    leader = api, error = %e, hint,
+                    "cannot ask the leader for warm work: this coordinator's agents get no warm shards"
+                )
+            }
             Err(_) => {}
         }
     }
