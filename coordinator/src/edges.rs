@@ -246,6 +246,18 @@ pub struct RefusedSessions {
 /// Edge ids whose refusals are kept (each one has a live session; never more).
 const REFUSED_IDS: usize = 4096;
 
+/// One edge id's refusals by one coordinator, in its self record: every coordinator
+/// shows the refusals any of them made, also for an edge another one holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EdgeRefusals {
+    pub edge: String,
+    #[serde(flatten)]
+    pub refused: RefusedSessions,
+}
+
+/// Most refused edge ids one coordinator's self record carries (the latest).
+pub const REFUSALS_SHARED: usize = 64;
+
 /// A session refused because its edge id is live elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -424,6 +436,8 @@ pub struct EdgeRegistry {
     gone: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Sessions refused per edge id (at most [`REFUSED_IDS`] ids).
     refused: DashMap<String, RefusedSessions>,
+    /// The refusals each peer made, from its self record: peer id → its list.
+    remote_refused: std::sync::Mutex<std::collections::HashMap<String, Vec<EdgeRefusals>>>,
     refused_duplicate: AtomicU64,
     refused_handoff: AtomicU64,
     handed_off: AtomicU64,
@@ -712,6 +726,56 @@ impl EdgeRegistry {
                     reason: reason.to_owned(),
                 },
             );
+        }
+    }
+
+    /// The latest refusals this coordinator made, for its self record (at most
+    /// [`REFUSALS_SHARED`] edge ids).
+    pub fn local_refusals(&self) -> Vec<EdgeRefusals> {
+        let mut out: Vec<EdgeRefusals> = self
+            .refused
+            .iter()
+            .map(|kv| EdgeRefusals {
+                edge: kv.key().clone(),
+                refused: kv.value().clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| b.refused.last_at.cmp(&a.refused.last_at));
+        out.truncate(REFUSALS_SHARED);
+        out
+    }
+
+    /// Replaces the refusals coordinator `peer` made (from its self record).
+    pub fn set_remote_refusals(&self, peer: &str, mut list: Vec<EdgeRefusals>) {
+        list.truncate(REFUSALS_SHARED);
+        let mut remote = self
+            .remote_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if list.is_empty() {
+            remote.remove(peer);
+        } else {
+            remote.insert(peer.to_owned(), list);
+        }
+    }
+
+    /// Adds to `e` the refusals of its id that peers other than `holder` made (the
+    /// holder's are in its row already).
+    fn add_peer_refusals(
+        remote: &std::collections::HashMap<String, Vec<EdgeRefusals>>,
+        e: &mut EdgeView,
+        holder: Option<&str>,
+    ) {
+        for (peer, list) in remote {
+            if Some(peer.as_str()) == holder {
+                continue;
+            }
+            if let Some(r) = list.iter().find(|r| r.edge == e.id) {
+                e.session.refused_sessions = Some(match e.session.refused_sessions.take() {
+                    Some(known) => merge_refusals(&known, &r.refused),
+                    None => r.refused.clone(),
+                });
+            }
         }
     }
 
@@ -1054,6 +1118,17 @@ impl EdgeRegistry {
             }
         }
         drop(remote);
+        let refused = self
+            .remote_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !refused.is_empty() {
+            for e in out.iter_mut() {
+                let holder = e.coordinator.clone();
+                Self::add_peer_refusals(&refused, e, holder.as_deref());
+            }
+        }
+        drop(refused);
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
@@ -1657,6 +1732,49 @@ mod tests {
             Some(&SessionEnded::Handoff("cut off".into()))
         );
         assert!(!stays.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn every_coordinator_shows_the_refusals_any_of_them_made() {
+        let refusal = |count| RefusedSessions {
+            count,
+            last_addr: "10.0.0.9:4000".into(),
+            last_at: fmt_time(SystemTime::now()),
+            reason: "edge id eu-1 already has a live session".into(),
+        };
+        // This coordinator holds nothing; c3 holds eu-1 and shows its own refusals in
+        // its row; c2 refused a copy too, as its self record says.
+        let reg = EdgeRegistry::default();
+        let mut held = EdgeView::new("eu-1", "eu");
+        held.session.refused_sessions = Some(refusal(5));
+        reg.set_remote("c3", vec![held]);
+        let of = |reg: &EdgeRegistry| {
+            reg.list(0)[0]
+                .session
+                .refused_sessions
+                .as_ref()
+                .map(|r| r.count)
+        };
+        assert_eq!(of(&reg), Some(5));
+        let mine = |count| EdgeRefusals {
+            edge: "eu-1".into(),
+            refused: refusal(count),
+        };
+        reg.set_remote_refusals("c2", vec![mine(2)]);
+        assert_eq!(of(&reg), Some(7), "c2's refusals added");
+        reg.set_remote_refusals("c3", vec![mine(5)]);
+        assert_eq!(of(&reg), Some(7), "the holder's are in its row already");
+        // Held here: every peer's refusals are added.
+        let local = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let _s = local
+            .try_connect(hello("eu-1"), from("10.0.0.1:1", 60_000, false), 0, &root)
+            .unwrap();
+        local.set_remote_refusals("c2", vec![mine(2)]);
+        assert_eq!(of(&local), Some(2));
+        assert_eq!(local.local_refusals(), vec![]);
+        reg.set_remote_refusals("c2", vec![]);
+        assert_eq!(of(&reg), Some(5));
     }
 
     #[test]

@@ -564,7 +564,11 @@ async fn cluster_warm(
 /// `?scope=local`: only this coordinator's self record (what its peers poll).
 async fn cluster(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Response {
     match q.local() {
-        Ok(true) => Json(s.state.cluster.status()).into_response(),
+        Ok(true) => {
+            let mut me = s.state.cluster.status();
+            me.refused = s.state.edges.local_refusals();
+            Json(me).into_response()
+        }
         Ok(false) => Json(s.state.cluster.view()).into_response(),
         Err(r) => r,
     }

@@ -139,6 +139,10 @@ pub struct MemberStatus {
     /// than an election it had not seen yet.
     #[serde(default)]
     pub fencing: Option<i64>,
+    /// The latest sessions it refused for a live edge id elsewhere, so every coordinator's
+    /// `/api/v1/edges` shows them (filled by the API from its `EdgeRegistry`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<crate::edges::EdgeRefusals>,
 }
 
 /// One coordinator of the cluster in `/api/v1/cluster`'s `members`. A peer's `role`,
@@ -577,6 +581,7 @@ impl Cluster {
                 .unwrap_or_else(|p| p.into_inner())
                 .sent(),
             fencing: self.leadership.borrow().fencing,
+            refused: Vec::new(),
         }
     }
 
@@ -904,8 +909,11 @@ impl Cluster {
             let sight = all.entry(m.id.clone()).or_default();
             sight.answering = answered;
             match status {
-                Ok(s) => {
+                Ok(mut s) => {
                     sight.heard = Some(Instant::now());
+                    views
+                        .edges
+                        .set_remote_refusals(&m.id, std::mem::take(&mut s.refused));
                     sight.status = Some(s);
                 }
                 Err(e) => tracing::debug!(peer = %m.id, error = %e, "peer's self record not read"),

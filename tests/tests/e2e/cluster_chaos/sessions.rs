@@ -212,6 +212,20 @@ async fn a_copied_agent_config_on_the_same_host_is_refused_on_every_coordinator_
             "{reason}"
         );
     }
+    // One answer: every coordinator, c3 too (it refused nothing), shows every refusal,
+    // whichever coordinator made it (c1 and c2 each refused the copy at least once).
+    let mut counts: Vec<Option<u64>> = Vec::new();
+    assert_eventually!(
+        10,
+        {
+            counts.clear();
+            for c in &ha.c {
+                counts.push(edge(c, "edge-0").await["refused_sessions"]["count"].as_u64());
+            }
+            counts[0] >= Some(2) && counts.iter().all(|n| *n == counts[0])
+        },
+        "refusals differ between coordinators: {counts:?}"
+    );
     // One answer: every coordinator shows the genuine session, on c1.
     let instance = edge(c1, "edge-0").await["session_instance"].clone();
     assert!(
