@@ -252,6 +252,21 @@ impl HaCluster {
         }
     }
 
+    /// Waits (up to `secs`) until every coordinator shows every region `up`.
+    pub async fn wait_all_up(&self, secs: u64) {
+        for c in &self.c {
+            assert_eventually!(
+                secs,
+                all_up(c, self.agents.len()).await,
+                "regions not up on {}: {}",
+                c.api,
+                get_json(c.api, "/api/v1/regions")
+                    .await
+                    .unwrap_or(Value::Null)
+            );
+        }
+    }
+
     /// A short pause for things that must *not* happen to have had their chance.
     pub async fn settle(secs: f64) {
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
@@ -319,4 +334,12 @@ pub async fn local_edges(c: &CoordinatorProc) -> Vec<String> {
         .filter(|e| e["connected"] == true)
         .filter_map(|e| e["id"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// Whether `c` lists `regions` regions, each `up`.
+pub async fn all_up(c: &CoordinatorProc, regions: usize) -> bool {
+    get_json(c.api, "/api/v1/regions")
+        .await
+        .and_then(|v| v.as_array().cloned())
+        .is_some_and(|r| r.len() == regions && r.iter().all(|r| r["health"] == "up"))
 }

@@ -143,18 +143,7 @@ async fn every_coordinator_gives_one_answer_to_every_read() {
     let all = [0, 1, 2];
     let leader = ha.leader(30).await;
     let followers: Vec<usize> = all.iter().copied().filter(|i| *i != leader).collect();
-    for c in &ha.c {
-        assert_eventually!(
-            20,
-            read(c, "/api/v1/regions")
-                .await
-                .as_array()
-                .is_some_and(|r| r.len() == 3 && r.iter().all(|r| r["health"] == "up")),
-            "regions not up on {}: {}",
-            c.api,
-            read(c, "/api/v1/regions").await
-        );
-    }
+    ha.wait_all_up(20).await;
 
     // Purges, each to another coordinator; shoppers on every edge.
     let mut seqs = Vec::new();
@@ -342,17 +331,7 @@ async fn a_leader_killed_mid_rollout_warm_job_and_alert_leaves_one_history() {
     .await;
     let leader = ha.leader(30).await;
     let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
-    for c in &ha.c {
-        assert_eventually!(
-            20,
-            read(c, "/api/v1/regions")
-                .await
-                .as_array()
-                .is_some_and(|r| r.len() == 3 && r.iter().all(|r| r["health"] == "up")),
-            "regions not up on {}",
-            c.api
-        );
-    }
+    ha.wait_all_up(20).await;
     // The rollout waits in its canary stage; the job warms region-0 and region-1.
     let bundle = serde_json::to_value(coordinator_cli::demo::sample_bundle()).expect("bundle");
     let r = ha.c[leader]

@@ -48,11 +48,6 @@ async fn regions(api: SocketAddr) -> Vec<(String, String, String)> {
         .collect()
 }
 
-async fn all_up(api: SocketAddr) -> bool {
-    let r = regions(api).await;
-    r.len() == 3 && r.iter().all(|(_, h, _)| h == "up")
-}
-
 /// Samples every coordinator's regions and cluster view every ~100 ms until stopped, and
 /// keeps what must never be: a region `down` or `agent_lost`, an `unknown` without a
 /// reason of blindness, a role that contradicts the leader named.
@@ -286,14 +281,7 @@ async fn the_cluster_view_names_one_leader_and_the_new_one_as_soon_as_it_wins() 
 async fn one_etcd_member_down_changes_nothing_for_users() {
     let (hook, got) = crate::monitor::receiver().await;
     let mut ha = HaCluster::start(monitored(hook)).await;
-    for c in &ha.c {
-        assert_eventually!(
-            20,
-            all_up(c.api).await,
-            "regions not up: {:?}",
-            regions(c.api).await
-        );
-    }
+    ha.wait_all_up(20).await;
     let watch = Watch::start(apis(&ha), true);
     ha.kill_etcd(&[2]).await;
     HaCluster::settle(8.0).await;
@@ -301,7 +289,7 @@ async fn one_etcd_member_down_changes_nothing_for_users() {
         let v = ha.view(i).await;
         assert_eq!(v["store_reachable"], true, "{v}");
         assert!(
-            all_up(ha.c[i].api).await,
+            tests::ha::all_up(&ha.c[i], 3).await,
             "{:?}",
             regions(ha.c[i].api).await
         );
@@ -330,14 +318,7 @@ async fn one_etcd_member_down_changes_nothing_for_users() {
 async fn etcd_losing_quorum_is_no_outage_and_pages_once_each_way() {
     let (hook, got) = crate::monitor::receiver().await;
     let mut ha = HaCluster::start(monitored(hook)).await;
-    for c in &ha.c {
-        assert_eventually!(
-            20,
-            all_up(c.api).await,
-            "regions not up: {:?}",
-            regions(c.api).await
-        );
-    }
+    ha.wait_all_up(20).await;
     let watch = Watch::start(apis(&ha), true);
     ha.kill_etcd(&[1, 2]).await;
     // Each coordinator finds etcd gone, and says so.
@@ -404,14 +385,7 @@ async fn etcd_losing_quorum_is_no_outage_and_pages_once_each_way() {
         got.lock().expect("lock")
     );
     ha.leader(30).await;
-    for c in &ha.c {
-        assert_eventually!(
-            20,
-            all_up(c.api).await,
-            "regions not up: {:?}",
-            regions(c.api).await
-        );
-    }
+    ha.wait_all_up(20).await;
     // Long enough for a new leader's take-over and any grouped alert to go out.
     HaCluster::settle(6.0).await;
     let (seen, unknown) = watch.finish().await;
@@ -432,14 +406,7 @@ async fn etcd_losing_quorum_is_no_outage_and_pages_once_each_way() {
 async fn a_coordinator_cut_off_from_etcd_says_so_and_no_one_calls_a_region_down() {
     let (hook, got) = crate::monitor::receiver().await;
     let ha = HaCluster::start(monitored(hook)).await;
-    for c in &ha.c {
-        assert_eventually!(
-            20,
-            all_up(c.api).await,
-            "regions not up: {:?}",
-            regions(c.api).await
-        );
-    }
+    ha.wait_all_up(20).await;
     // Cut off the leader: the hardest case for its view of who leads.
     let cut = ha.leader(30).await;
     let watch = Watch::start(apis(&ha), true);
@@ -480,7 +447,7 @@ async fn a_coordinator_cut_off_from_etcd_says_so_and_no_one_calls_a_region_down(
         assert_eq!(o["store_reachable"], true, "{o}");
         assert_eventually!(
             5,
-            all_up(ha.c[*i].api).await,
+            tests::ha::all_up(&ha.c[*i], 3).await,
             "{:?}",
             regions(ha.c[*i].api).await
         );
@@ -521,14 +488,7 @@ async fn a_coordinator_cut_off_from_etcd_says_so_and_no_one_calls_a_region_down(
 async fn a_coordinator_cut_off_from_its_peers_leaves_its_region_unknown_not_down() {
     let (hook, got) = crate::monitor::receiver().await;
     let ha = HaCluster::start(monitored(hook)).await;
-    for c in &ha.c {
-        assert_eventually!(
-            20,
-            all_up(c.api).await,
-            "regions not up: {:?}",
-            regions(c.api).await
-        );
-    }
+    ha.wait_all_up(20).await;
     let watch = Watch::start(apis(&ha), true);
     // c2 holds edge-1 (region-1), Placement::Spread.
     ha.cut_peers(1);
@@ -552,20 +512,13 @@ async fn a_coordinator_cut_off_from_its_peers_leaves_its_region_unknown_not_down
     }
     // c2 itself sees its region fine.
     assert!(
-        all_up(ha.c[1].api).await,
+        tests::ha::all_up(&ha.c[1], 3).await,
         "{:?}",
         regions(ha.c[1].api).await
     );
     HaCluster::settle(5.0).await;
     ha.heal_peers(1);
-    for c in &ha.c {
-        assert_eventually!(
-            20,
-            all_up(c.api).await,
-            "regions not up after heal: {:?}",
-            regions(c.api).await
-        );
-    }
+    ha.wait_all_up(20).await;
     HaCluster::settle(4.0).await;
     let (seen, unknown) = watch.finish().await;
     assert!(seen.is_empty(), "{seen:#?}");
