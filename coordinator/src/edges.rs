@@ -555,23 +555,24 @@ fn remote_live(
 }
 
 impl EdgeRegistry {
-    /// Marks the edge connected under a new session, cancelling any older session of the
-    /// same edge (an agent that reconnected before its old stream timed out).
+    /// A session from nowhere in particular (tests): [`Self::try_connect`] with an
+    /// origin that is never refused, cancelling any older session of the same edge.
+    #[cfg(test)]
     pub fn connect(
         &self,
         hello: EdgeHello,
         applied_seq: u64,
         parent: &CancellationToken,
     ) -> SessionHandle {
-        match self.open(hello, SessionOrigin::default(), applied_seq, parent, false) {
-            Ok(h) => h,
-            Err(_) => unreachable!("an unchecked connect is never refused"),
-        }
+        self.try_connect(hello, SessionOrigin::default(), applied_seq, parent)
+            .expect("a session without address or instance is never refused")
     }
 
-    /// [`Self::connect`] for a session from `origin`, refused when the edge id has a
-    /// session live from another agent process, here or on another coordinator (see the
-    /// module docs); the refusal is counted on the edge and nothing else of it changes.
+    /// Marks the edge connected under a new session from `origin`, cancelling any older
+    /// session of the same agent process (it reconnected before its old stream timed
+    /// out); refused when the edge id has a session live from another agent process,
+    /// here or on another coordinator (see the module docs): the refusal is counted on
+    /// the edge and nothing else of it changes.
     pub fn try_connect(
         &self,
         hello: EdgeHello,
@@ -579,32 +580,19 @@ impl EdgeRegistry {
         applied_seq: u64,
         parent: &CancellationToken,
     ) -> Result<SessionHandle, Refused> {
-        self.open(hello, origin, applied_seq, parent, true)
-    }
-
-    fn open(
-        &self,
-        hello: EdgeHello,
-        origin: SessionOrigin,
-        applied_seq: u64,
-        parent: &CancellationToken,
-        check: bool,
-    ) -> Result<SessionHandle, Refused> {
-        if check {
-            let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-            let live = remote
-                .iter()
-                .filter(|(_, (at, _))| at.elapsed() < REMOTE_TTL)
-                .find_map(|(peer, (at, edges))| {
-                    edges.iter().filter(|e| e.id == hello.id).find_map(|e| {
-                        let from = (origin.instance.as_deref(), origin.peer);
-                        remote_live(e, from, at.elapsed(), peer)
-                    })
-                });
-            drop(remote);
-            if let Some(live) = live {
-                return Err(self.refuse(&hello.id, origin.peer, live));
-            }
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let live = remote
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() < REMOTE_TTL)
+            .find_map(|(peer, (at, edges))| {
+                edges.iter().filter(|e| e.id == hello.id).find_map(|e| {
+                    let from = (origin.instance.as_deref(), origin.peer);
+                    remote_live(e, from, at.elapsed(), peer)
+                })
+            });
+        drop(remote);
+        if let Some(live) = live {
+            return Err(self.refuse(&hello.id, origin.peer, live));
         }
         let session = self
             .sessions
@@ -645,7 +633,7 @@ impl EdgeRegistry {
             let e = entry.value_mut();
             let current = (e.instance.as_deref(), e.peer);
             let incoming = (origin.instance.as_deref(), origin.peer);
-            if check && e.connected && !same_process(current, incoming) {
+            if e.connected && !same_process(current, incoming) {
                 let silent = e.heard.elapsed();
                 if silent < e.replace_after {
                     let live = Live {
@@ -852,14 +840,12 @@ impl EdgeRegistry {
             if mine <= theirs {
                 continue;
             }
-            let reason = live.reason(&v.id);
             let from = e.peer;
-            let _ = e.ended.set(SessionEnded::Duplicate(reason.clone()));
+            let Refused(reason) = self.refuse(&v.id, from, live);
+            let _ = e.ended.set(SessionEnded::Duplicate(reason));
             e.cancel.cancel();
             drop(e);
             tracing::warn!(edge = %v.id, peer, from = ?from, "ending a session: the edge id is live on another coordinator from another agent process");
-            self.refused_duplicate.fetch_add(1, Relaxed);
-            self.note_refusal(&v.id, from, &reason);
         }
     }
 
@@ -1362,11 +1348,11 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
         "Agent sessions refused: duplicate_edge_id (the id is live from another agent process), handoff (this coordinator cannot reach its store).",
         [
             (
-                [("reason", Label(proto_reason::DUPLICATE))],
+                [("reason", Label(proto::REFUSAL_DUPLICATE))],
                 edges.refused_duplicate.load(Relaxed),
             ),
             (
-                [("reason", Label(proto_reason::HANDOFF))],
+                [("reason", Label(proto::REFUSAL_HANDOFF))],
                 edges.refused_handoff.load(Relaxed),
             ),
         ],
@@ -1387,12 +1373,6 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
         )?;
     }
     Ok(())
-}
-
-/// The `reason` label values of `coordinator_sessions_refused_total`.
-mod proto_reason {
-    pub const DUPLICATE: &str = "duplicate_edge_id";
-    pub const HANDOFF: &str = "handoff";
 }
 
 /// RFC 3339 with microseconds, UTC.

@@ -127,32 +127,22 @@ async fn hold(
         .into_inner();
     let every = Duration::from_millis((ttl_s as u64 * 1000) / 3);
     let mut renewed = Instant::now();
-    // A campaign waits until this coordinator is the oldest candidate; the client's
-    // request timeout ends each wait, and the campaign is asked again on the same lease
-    // (ending the term would revoke the lease and, with it, the membership record).
-    let ask = || {
-        let mut election = etcd.election();
-        let req = CampaignRequest {
-            name: name.to_vec(),
-            lease,
-            value: id.as_bytes().to_vec(),
-        };
-        Box::pin(async move { election.campaign(req).await })
-    };
-    let mut campaign = ask();
+    // A campaign waits until this coordinator is the oldest candidate: on a channel
+    // without the client's request timeout (etcd resigns a candidate whose campaign call
+    // is cut short, deleting its key).
+    let mut election = etcd.election_waiting();
+    let campaign = election.campaign(CampaignRequest {
+        name: name.to_vec(),
+        lease,
+        value: id.as_bytes().to_vec(),
+    });
+    tokio::pin!(campaign);
     let mut key: Option<LeaderKey> = None;
     let mut tick = tokio::time::interval(every);
     let lost = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break false,
             r = &mut campaign, if key.is_none() => {
-                let r = match r {
-                    Err(s) if still_waiting(&s) => {
-                        campaign = ask();
-                        continue;
-                    }
-                    r => r,
-                };
                 let leader = r?.into_inner().leader;
                 let fencing = leader.as_ref().map(|l| l.rev);
                 let leader_key = leader.as_ref().map(|l| l.key.clone());
@@ -208,15 +198,6 @@ async fn hold(
         .lease_revoke(LeaseRevokeRequest { id: lease })
         .await;
     Ok(())
-}
-
-/// Whether a campaign call ended only because the client's request timeout did (it was
-/// still waiting for the leadership), not because etcd refused or went away.
-fn still_waiting(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
-    ) && status.message().contains("Timeout expired")
 }
 
 /// Follows who leads (for every coordinator, leader or not).

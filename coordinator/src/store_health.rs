@@ -8,7 +8,7 @@
 //! answer, [`StoreHealth::failed`] after a timeout or a transport error. The state flips
 //! to unreachable on the first failure not followed by a success, and back on the next
 //! success; [`Reach::since_ms`] says since when. With the embedded store it is always
-//! reachable. Cheap to clone; readers [`StoreHealth::subscribe`] to follow changes.
+//! reachable. Cheap to clone.
 
 use tokio::sync::watch;
 
@@ -95,6 +95,7 @@ impl StoreHealth {
     }
 
     /// Follows every change.
+    #[cfg(test)]
     pub fn subscribe(&self) -> watch::Receiver<Reach> {
         self.tx.subscribe()
     }

@@ -72,6 +72,9 @@ pub type Service = InterceptedService<Channel, Token>;
 #[derive(Debug, Clone)]
 pub struct Etcd {
     members: Arc<Vec<(String, Channel)>>,
+    /// Per member, a channel without the request timeout, for calls that wait by design
+    /// (an election campaign waits until it wins).
+    waiting: Arc<Vec<Channel>>,
     current: Arc<AtomicUsize>,
     auth: Option<Arc<Auth>>,
 }
@@ -93,6 +96,7 @@ impl Etcd {
             return Err(EtcdError::NoEndpoints);
         }
         let mut list = Vec::with_capacity(endpoints.len());
+        let mut waiting = Vec::with_capacity(endpoints.len());
         for e in endpoints {
             let endpoint = Endpoint::from_shared(e.clone())
                 .map_err(|err| EtcdError::Endpoint {
@@ -100,7 +104,6 @@ impl Etcd {
                     message: err.to_string(),
                 })?
                 .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(10))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
@@ -114,10 +117,13 @@ impl Etcd {
                     })?,
                 None => endpoint,
             };
-            list.push((e.clone(), endpoint.connect_lazy()));
+            waiting.push(endpoint.connect_lazy());
+            let bounded = endpoint.timeout(Duration::from_secs(10));
+            list.push((e.clone(), bounded.connect_lazy()));
         }
         Ok(Etcd {
             members: Arc::new(list),
+            waiting: Arc::new(waiting),
             current: Arc::new(AtomicUsize::new(0)),
             auth: None,
         })
@@ -242,6 +248,17 @@ impl Etcd {
 
     pub fn election(&self) -> ElectionClient<Service> {
         ElectionClient::new(self.channel())
+    }
+
+    /// [`Self::election`] on a channel without the request timeout, for `campaign`,
+    /// which waits until this candidate leads: cut short, etcd resigns the candidate
+    /// (deleting its key) and it goes to the back of the queue.
+    pub fn election_waiting(&self) -> ElectionClient<Service> {
+        let i = self.current.load(Ordering::Relaxed) % self.waiting.len();
+        ElectionClient::new(InterceptedService::new(
+            self.waiting[i].clone(),
+            Token(self.auth.clone()),
+        ))
     }
 
     /// A range read, on the next member when one is unavailable.

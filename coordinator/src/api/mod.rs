@@ -395,7 +395,7 @@ async fn healthz(State(s): State<ApiState>) -> Json<Healthz> {
         role,
         leader,
         id: s.state.cluster.id().to_owned(),
-        store: match s.state.cluster.store_healthy() {
+        store: match s.state.cluster.store_health().reachable() {
             Some(true) => "ok",
             Some(false) => "unavailable",
             None => "unknown",

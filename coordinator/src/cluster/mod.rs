@@ -559,12 +559,6 @@ impl Cluster {
             })
     }
 
-    /// Whether the store answers: always with the embedded one; with etcd, as
-    /// [`StoreHealth`] last found (`None` before the first answer).
-    pub fn store_healthy(&self) -> Option<bool> {
-        self.store.reachable()
-    }
-
     /// This coordinator as it sees itself (what its peers ask for).
     pub fn status(&self) -> MemberStatus {
         let (role, leader) = self.role();
@@ -773,7 +767,7 @@ impl Cluster {
             return;
         };
         let views = Arc::new(views);
-        let client = peers::client();
+        let client = self.client.clone();
         tokio::spawn(
             self.clone()
                 .follow_etcd_health(etcd.clone(), shutdown.clone()),
@@ -963,12 +957,12 @@ impl Cluster {
                 self.warm_relay.accept(batch, &views.warm);
             }
             // 409: it does not lead (any more); the election names the next one soon.
-            Err(e) if e.contains("409") => {
+            Err(e) if e.starts_with("answered 409") => {
                 tracing::debug!(peer = api, error = %e, "asked for warm work: not the leader now")
             }
             // Said once per failure spell: a refused token would repeat every second.
             Err(e) if !self.warm_pull_failing.swap(true, Relaxed) => {
-                let hint = (e.contains("401") || e.contains("403"))
+                let hint = (e.starts_with("answered 401") || e.starts_with("answered 403"))
                     .then_some("the same [api] token_file on every coordinator?");
                 tracing::warn!(
                     leader = api, error = %e, hint,

@@ -715,6 +715,10 @@ impl Monitor {
     /// An alert on its way shows no delivery yet. Blocking (it reads etcd).
     pub fn cluster_alerts(&self) -> Option<Result<Vec<AlertRecord>, String>> {
         let ledger = self.ledger.get()?;
+        // Known unreachable: no read that could only time out.
+        if self.store.get().and_then(StoreHealth::reachable) == Some(false) {
+            return Some(Err("etcd is unreachable".into()));
+        }
         Some(ledger.entries().map(|entries| {
             entries
                 .into_iter()
@@ -791,15 +795,24 @@ impl Monitor {
             "alerts": [],
             "cluster": {"event": event, "coordinators": coordinators},
         });
+        self.deliver_all(&client, &body).await;
+    }
+
+    /// Sends `body` to every webhook, counting each delivery; (delivered, failed).
+    async fn deliver_all(&self, client: &WebhookClient, body: &serde_json::Value) -> (u32, u32) {
+        let (mut delivered, mut failed) = (0, 0);
         for url in &self.alerts.webhooks {
-            let ok = deliver(&client, url, &body, self.alerts.attempts).await;
+            let ok = deliver(client, url, body, self.alerts.attempts).await;
             let mut inner = self.lock();
             if ok {
                 inner.sent += 1;
+                delivered += 1;
             } else {
                 inner.failed += 1;
+                failed += 1;
             }
         }
+        (delivered, failed)
     }
 
     /// The cluster's alert ledger (`[store] backend = "etcd"`); set once at start.
@@ -918,17 +931,9 @@ impl Monitor {
             }
         }
         let body = alert_body(&record.id, &record.changes);
-        for url in &self.alerts.webhooks {
-            let ok = deliver(client, url, &body, self.alerts.attempts).await;
-            let mut inner = self.lock();
-            if ok {
-                inner.sent += 1;
-                record.delivered += 1;
-            } else {
-                inner.failed += 1;
-                record.failed += 1;
-            }
-        }
+        let (delivered, failed) = self.deliver_all(client, &body).await;
+        record.delivered += delivered;
+        record.failed += failed;
         if let Some(l) = ledger {
             entry.sent = true;
             entry.delivered = record.delivered;

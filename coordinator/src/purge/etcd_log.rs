@@ -140,7 +140,16 @@ impl EtcdLog {
             ..Default::default()
         };
         match range(&self.etcd, req).await?.kvs.first() {
-            Some(kv) => decode_head(&kv.value),
+            // No id follows u64::MAX: every later spooled purge would count as drained.
+            Some(kv) => decode_head(&kv.value).and_then(|m| {
+                match m {
+                u64::MAX => Err(LogError::Storage(
+                    "etcd: this coordinator's spool mark is u64::MAX (not written by a coordinator)"
+                        .into(),
+                )),
+                m => Ok(m),
+            }
+            }),
             None => Ok(0),
         }
     }

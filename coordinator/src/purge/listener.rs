@@ -306,29 +306,29 @@ async fn handle(
         })
         .collect();
     match log.append_outcome(purges).await {
-        Ok(Appended::Logged(seq)) => {
+        Ok(appended) => {
             metrics.request("accepted");
             for kind in &kinds {
                 metrics.logged(kind);
             }
-            tracing::debug!(seq, kinds = ?kinds, soft, "purge logged");
-            (
-                200,
-                format!("{{\"seq\":{seq}}}"),
-                vec![("X-Purge-Seq", seq.to_string())],
-            )
-        }
-        Ok(Appended::Spooled(id)) => {
-            metrics.request("accepted");
-            for kind in &kinds {
-                metrics.logged(kind);
+            match appended {
+                Appended::Logged(seq) => {
+                    tracing::debug!(seq, kinds = ?kinds, soft, "purge logged");
+                    (
+                        200,
+                        format!("{{\"seq\":{seq}}}"),
+                        vec![("X-Purge-Seq", seq.to_string())],
+                    )
+                }
+                Appended::Spooled(id) => {
+                    tracing::debug!(spool_id = id, kinds = ?kinds, soft, "purge spooled");
+                    (
+                        200,
+                        format!("{{\"seq\":0,\"spooled\":true,\"spool_id\":{id}}}"),
+                        vec![("X-Purge-Spooled", "1".to_owned())],
+                    )
+                }
             }
-            tracing::debug!(spool_id = id, kinds = ?kinds, soft, "purge spooled");
-            (
-                200,
-                format!("{{\"seq\":0,\"spooled\":true,\"spool_id\":{id}}}"),
-                vec![("X-Purge-Spooled", "1".to_owned())],
-            )
         }
         Err(e) => {
             metrics.request("unavailable");

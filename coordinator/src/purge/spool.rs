@@ -150,7 +150,7 @@ impl Spool {
             drained_bytes: 0,
         };
         for (entry, size) in records {
-            spool.next_id = spool.next_id.max(entry.seq + 1);
+            spool.next_id = spool.next_id.max(entry.seq.saturating_add(1));
             if entry.op.is_some() {
                 spool.pending.push_back((entry, size));
             } else {
@@ -171,7 +171,7 @@ impl Spool {
     /// start); later ids are assigned after it.
     /// How many were skipped.
     pub fn skip_drained(&mut self, drained: u64) -> u64 {
-        self.next_id = self.next_id.max(drained + 1);
+        self.next_id = self.next_id.max(drained.saturating_add(1));
         let mut skipped = 0;
         while self.pending.front().is_some_and(|(e, _)| e.seq <= drained) {
             if let Some((_, size)) = self.pending.pop_front() {

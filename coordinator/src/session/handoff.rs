@@ -14,7 +14,6 @@
 //! from the store ends it: sessions are accepted again (agents are not called back; they
 //! stay where they landed until their session there ends).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,8 +30,8 @@ const CHECK_EVERY: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub struct Handoff {
     after: Duration,
-    active: AtomicBool,
-    reason: Mutex<String>,
+    /// The reason given to the agents while handing off; `None` otherwise.
+    reason: Mutex<Option<String>>,
 }
 
 impl Handoff {
@@ -40,19 +39,25 @@ impl Handoff {
     pub fn new(after: Duration) -> Handoff {
         Handoff {
             after,
-            active: AtomicBool::new(false),
-            reason: Mutex::new(String::new()),
+            reason: Mutex::new(None),
         }
     }
 
     /// `Some(reason)` while this coordinator hands its agents off.
     pub fn active(&self) -> Option<String> {
-        self.active.load(Ordering::Relaxed).then(|| {
-            self.reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-        })
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets (or clears) the reason; whether one was set before.
+    fn set(&self, reason: Option<String>) -> bool {
+        std::mem::replace(
+            &mut *self.reason.lock().unwrap_or_else(|p| p.into_inner()),
+            reason,
+        )
+        .is_some()
     }
 
     /// Whether to hand off: the store unreachable for `after` or longer (as of `now_ms`)
@@ -85,8 +90,7 @@ impl Handoff {
                     reach.error.as_deref().unwrap_or("no answer"),
                     peer.as_deref().unwrap_or_default(),
                 );
-                *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.clone();
-                let was = self.active.swap(true, Ordering::Relaxed);
+                let was = self.set(Some(reason.clone()));
                 let ended = state.edges.hand_off(&reason);
                 if !was {
                     tracing::warn!(unreachable_s = now_ms().saturating_sub(reach.since_ms) as f64 / 1000.0,
@@ -95,7 +99,7 @@ impl Handoff {
                 } else if ended > 0 {
                     tracing::info!(ended, "handed more agents to the other coordinators");
                 }
-            } else if self.active.swap(false, Ordering::Relaxed) {
+            } else if self.set(None) {
                 tracing::info!(
                     store_reachable = ?reach.reachable,
                     "no longer handing agents off: accepting their sessions again"
