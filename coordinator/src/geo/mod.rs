@@ -393,7 +393,7 @@ pub fn client_nets(report: &proto::edge::ClientNets) -> Vec<crate::geo::NetCount
             })
         })
         .collect();
-    if report.other_hits + report.other_misses > 0 {
+    if report.other_hits > 0 || report.other_misses > 0 {
         out.push(crate::geo::NetCount {
             net: std::net::IpAddr::from([0, 0, 0, 0]),
             hits: report.other_hits,
