@@ -3,11 +3,14 @@
 
 Reads every `crate::…` and `super::…` path in a crate's non-test code (a file's
 `#[cfg(test)]` tail and files named `tests.rs` or `*_tests.rs` are test code), reduces each to the
-top-level module it names, and checks two things:
+top-level module it names, and checks three things:
 
   * the graph of top-level modules has no cycle;
   * no module imports one in a higher layer (LAYERS below, lowest first). A module
-    may use modules of its own layer as long as that makes no cycle.
+    may use modules of its own layer as long as that makes no cycle;
+  * inside every folder, the files (sibling modules) import each other without a cycle
+    either. A folder's `mod.rs` is its root: every file of the folder may name it, and it
+    names its files, so it takes no part in that check.
 
 A module missing from LAYERS is an error too, so a new module gets a place on purpose.
 
@@ -134,6 +137,57 @@ def imports_of(src: Path, file: Path) -> set:
     return found
 
 
+def resolved_paths(src: Path, file: Path) -> list:
+    """Every module path a file names, made absolute (`super`/`crate` resolved)."""
+    here = module_path(src, file)
+    text = strip_comments(non_test_code(file.read_text()))
+    out = []
+    for m in PATH_RE.finditer(text):
+        kind, rest = m.group(1), m.group(2)
+        segs = [s for s in rest.split("::") if s]
+        if kind == "crate":
+            base = []
+        else:
+            # `super` from a.rs is a's parent; from a/mod.rs it is a's parent too.
+            base = here[:-1]
+            while segs and segs[0] == "super":
+                base = base[:-1]
+                segs = segs[1:]
+        if segs and segs[0] == "{":
+            out += [base + [h] for h in braces_heads(text, m.end() - 1)]
+        elif segs:
+            out.append(base + [s for s in segs if s != "{"])
+    return out
+
+
+def folder_graphs(src: Path) -> dict:
+    """For each folder with files, the import graph between its files (sibling modules)."""
+    children = {}
+    for file in src.rglob("*.rs"):
+        path = module_path(src, file)
+        if path:
+            children.setdefault(tuple(path[:-1]), set()).add(path[-1])
+    graphs = {}
+    for file in sorted(src.rglob("*.rs")):
+        if file.name.endswith("tests.rs") or "bin" in file.relative_to(src).parts:
+            continue
+        here = module_path(src, file)
+        if not here:
+            continue
+        for target in resolved_paths(src, file):
+            # The folder both live in: the longest common prefix.
+            n = 0
+            while n < min(len(here), len(target)) and here[n] == target[n]:
+                n += 1
+            if n >= len(here) or n >= len(target):
+                continue  # a path into itself or to an ancestor (a folder's root)
+            folder = tuple(here[:n])
+            a, b = here[n], target[n]
+            if b in children.get(folder, ()) and a != b:
+                graphs.setdefault(folder, {}).setdefault(a, set()).add(b)
+    return graphs
+
+
 def crate_graph(crate_dir: Path) -> dict:
     src = crate_dir / "src"
     graph = {}
@@ -221,6 +275,13 @@ def main() -> int:
     for name, d in crates():
         graph = crate_graph(d)
         errs = check(name, graph)
+        for folder, g in sorted(folder_graphs(d / "src").items()):
+            if not folder:
+                continue  # the crate root: checked above, with layers
+            cycle = find_cycle(g)
+            if cycle:
+                where = "/".join(folder)
+                errs.append(f"{name}: import cycle inside {where}/: {' -> '.join(cycle)}")
         errors += errs
         edges = sum(len(v) for v in graph.values())
         print(f"{name}: {len(graph)} modules, {edges} imports, {'ok' if not errs else 'FAILED'}")

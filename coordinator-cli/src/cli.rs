@@ -713,10 +713,10 @@ pub async fn warm_status(api: &ApiClient, id: Option<u64>) -> Result<(), CliErro
                     .regions
                     .values()
                     .fold((0, 0), |(d, t), p| (d + p.done, t + p.total));
-                let kind = match &job.origin {
-                    coordinator::warm::job::Origin::Api => "api",
-                    coordinator::warm::job::Origin::Schedule(_) => "schedule",
-                    coordinator::warm::job::Origin::Rewarm => "rewarm",
+                let kind = match &job.source {
+                    coordinator::warm::job::JobSource::Api => "api",
+                    coordinator::warm::job::JobSource::Schedule(_) => "schedule",
+                    coordinator::warm::job::JobSource::Rewarm => "rewarm",
                 };
                 println!(
                     "{:>5}  {:<10} {:<10} {:>8}  {done}/{total}",

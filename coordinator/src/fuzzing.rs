@@ -412,7 +412,7 @@ fn warm() -> &'static Arc<crate::warm::Warm> {
             urls: (0..100).map(|i| format!("http://shop/p/{i}")).collect(),
             ..Default::default()
         };
-        if w.create(spec, crate::warm::job::Origin::Api).is_ok() {
+        if w.create(spec, crate::warm::job::JobSource::Api).is_ok() {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
                 rt.block_on(w.start_next());
             }

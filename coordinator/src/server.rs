@@ -1,4 +1,4 @@
-//! `coordinator serve`: serves the [`State`] on three sockets the caller has already bound
+//! `coordinator serve`: serves the [`Coordinator`] on three sockets the caller has already bound
 //! (tests bind port 0): the purge listener, the agents' gRPC sessions and the API. The
 //! API (and the DNS backend, when configured) is served through [`crate::http_front`],
 //! with [`api::admit`] as its gate: the token and the body limit from the head first.
@@ -18,7 +18,7 @@ use crate::api::{self, ApiState};
 use crate::config::CoordinatorConfig;
 use crate::purge::listener;
 use crate::session::SessionService;
-use crate::state::{OpenError, State};
+use crate::state::{Coordinator, OpenError};
 use crate::tls::{self, ServerTls};
 
 /// Longest wait for in-flight work after shutdown is requested.
@@ -82,15 +82,15 @@ pub fn preflight(config: &CoordinatorConfig, insecure: bool) -> Result<(), Serve
     read_token(config.api.token_file.as_deref()).map(|_| ())
 }
 
-/// Opens the state ([`State::open`]); [`run`] serves it.
-pub async fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, ServeError> {
-    Ok(State::open(config, state_dir).await?)
+/// Opens the state ([`Coordinator::open`]); [`run`] serves it.
+pub async fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Coordinator, ServeError> {
+    Ok(Coordinator::open(config, state_dir).await?)
 }
 
 /// Serves until `shutdown` is cancelled.
 pub async fn run(
     config: CoordinatorConfig,
-    state: State,
+    state: Coordinator,
     listeners: Listeners,
     insecure: bool,
     shutdown: CancellationToken,
@@ -135,22 +135,22 @@ pub async fn run(
         warm: state.warm.clone(),
         geo: state.geo.clone(),
     };
-    let cluster_task = tokio::spawn(state.cluster.clone().drive(
+    let cluster_task = tokio::spawn(state.cluster.clone().run(
         views,
         token.clone(),
         shutdown.clone(),
     ));
     tokio::spawn(state.rollouts.clone().follow_plan(shutdown.clone()));
-    let driver = tokio::spawn(state.rollouts.clone().drive(shutdown.clone()));
+    let driver = tokio::spawn(state.rollouts.clone().run(shutdown.clone()));
     let monitor_task = tokio::spawn(
         state
             .monitor
             .clone()
-            .drive(state.cluster.duty(), shutdown.clone()),
+            .run(state.cluster.leading(), shutdown.clone()),
     );
     let warm_task = tokio::spawn(state.warm.clone().run(
         state.log.clone(),
-        state.cluster.duty(),
+        state.cluster.leading(),
         shutdown.clone(),
     ));
     let service = SessionService::new(state.clone(), shutdown.clone())
@@ -191,7 +191,7 @@ pub async fn run(
         }
     });
     let geo_task = state.geo.clone().map(|geo| {
-        tokio::spawn(geo.drive(
+        tokio::spawn(geo.run(
             state.monitor.clone(),
             state.edges.clone(),
             state.log.clone(),

@@ -1,5 +1,5 @@
 //! The running coordinator's shared state: one handle per subsystem, opened once by
-//! [`State::open`] and cloned (every field is a cheap handle) into the agent sessions
+//! [`Coordinator::open`] and cloned (every field is a cheap handle) into the agent sessions
 //! ([`crate::session`]), the API ([`crate::api`]) and the server's tasks.
 //!
 //! It sits below the sessions, the API and the server and above every subsystem, so
@@ -53,7 +53,7 @@ pub enum OpenError {
 
 /// Shared handles of a running coordinator.
 #[derive(Clone)]
-pub struct State {
+pub struct Coordinator {
     pub log: PurgeLog,
     /// Paces every session's purge batches to the fleet and the purge rate.
     pub pacer: Arc<Pacer>,
@@ -77,11 +77,14 @@ pub struct State {
     pub metrics: Arc<Registry>,
 }
 
-impl State {
+impl Coordinator {
     /// Opens the purge log (under `state_dir`, or the cluster's in etcd with
     /// `[store] backend = "etcd"`), the config store and warm store under `state_dir`,
     /// loads the TLS files, and builds every subsystem and its metrics.
-    pub async fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<State, OpenError> {
+    pub async fn open(
+        config: &CoordinatorConfig,
+        state_dir: &Path,
+    ) -> Result<Coordinator, OpenError> {
         // Owner only: the stores hold bundles (passwords in `waf.toml`), the warm token.
         daemon::files::dir_with_mode(state_dir, daemon::files::PRIVATE_DIR).map_err(|e| {
             OpenError::Store(StoreError::Storage(format!("{}: {e}", state_dir.display())))
@@ -109,7 +112,7 @@ impl State {
                     etcd.clone(),
                     &config.store.prefix,
                     config.purge.retention(),
-                    cluster.duty(),
+                    cluster.leading(),
                     spool,
                 )
                 .await?;
@@ -137,7 +140,7 @@ impl State {
         };
         let store = Arc::new(store);
         let rollouts = Rollouts::new(store, config.rollout.clone(), config.region_vars(&token))?;
-        rollouts.set_duty(cluster.duty());
+        rollouts.set_leading(cluster.leading());
         let tls = match &config.grpc.tls {
             Some(files) => Some(ServerTls::load(files)?),
             None => None,
@@ -231,7 +234,7 @@ impl State {
             )
         }));
 
-        Ok(State {
+        Ok(Coordinator {
             log,
             pacer,
             cluster,

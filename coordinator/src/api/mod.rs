@@ -26,7 +26,7 @@ use crate::edges::fmt_time;
 use crate::monitor::Health;
 use crate::purge::log::NewPurge;
 use crate::rollout::RolloutError;
-use crate::state::State as Shared;
+use crate::state::Coordinator;
 use views::{
     ApiError, FleetStatus, Healthz, HitRatio, JobList, PurgeAccepted, PurgeBody, PurgeOpView,
     PurgeView, RegionHistory, RegionProblem, RegionView, ServedMinute, TlsMode, TlsView,
@@ -38,7 +38,7 @@ pub mod views;
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    pub state: Shared,
+    pub state: Coordinator,
     pub read_requires_token: bool,
     /// The bearer token (`None`: writes disabled); replaced on SIGHUP.
     pub token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
@@ -234,7 +234,7 @@ async fn regions(State(s): State<ApiState>) -> Response {
 
 /// The per-region rows: every region the monitor knows (configured, or with an edge that
 /// connected), with the health it decided.
-fn region_views(s: &Shared) -> Vec<RegionView> {
+fn region_views(s: &Coordinator) -> Vec<RegionView> {
     let now = crate::clock::now_ms();
     let traffic = s.traffic.regions(now);
     let edges = s.edges.list(s.log.head());
@@ -478,7 +478,7 @@ async fn edges(State(s): State<ApiState>, Query(q): Query<EdgesQuery>) -> Respon
 /// A follower answers 409 naming the leader.
 #[allow(clippy::result_large_err)] // the same shape as `authorize`
 fn leader_only(s: &ApiState) -> Result<(), Response> {
-    if s.state.cluster.is_leader() {
+    if s.state.cluster.leads() {
         return Ok(());
     }
     let view = s.state.cluster.view();
@@ -699,7 +699,7 @@ async fn warm_start(
         Ok(b) => b,
         Err(r) => return r,
     };
-    match s.state.warm.create(spec, crate::warm::job::Origin::Api) {
+    match s.state.warm.create(spec, crate::warm::job::JobSource::Api) {
         Ok(id) => Json(WarmStarted { id }).into_response(),
         Err(e) => warm_error(e),
     }
@@ -718,7 +718,7 @@ fn warm_error(e: crate::warm::WarmError) -> Response {
 /// when it gives one, else the jobs as etcd holds them (the leader writes each job and
 /// each edge's progress there), so a follower never misses a job the cluster has.
 async fn warm_from_leader(s: &ApiState, path: &str) -> Option<Response> {
-    if s.state.cluster.is_leader() {
+    if s.state.cluster.leads() {
         return None;
     }
     let bearer = s.token.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -741,7 +741,7 @@ async fn warm_jobs(State(s): State<ApiState>) -> Response {
     if let Some(r) = warm_from_leader(&s, "/api/v1/warm/jobs").await {
         return r;
     }
-    if s.state.cluster.is_leader() {
+    if s.state.cluster.leads() {
         return Json(JobList {
             jobs: s.state.warm.list(50),
         })
@@ -760,7 +760,7 @@ async fn warm_job(State(s): State<ApiState>, Path(id): Path<u64>) -> Response {
     if let Some(r) = warm_from_leader(&s, &format!("/api/v1/warm/jobs/{id}")).await {
         return r;
     }
-    let view = if s.state.cluster.is_leader() {
+    let view = if s.state.cluster.leads() {
         s.state.warm.view(id)
     } else {
         let warm = s.state.warm.clone();

@@ -19,7 +19,7 @@ pub use crate::monitor::{AlertRecord, Change, Diagnosis, Health, MinuteStats, Pr
 pub use crate::rollout::{ConfigState, ConfigView, EdgeConfigView, Phase, Rollout, Started};
 pub use crate::tls::CertExpiry;
 pub use crate::traffic::{Delta, MinutePoint};
-pub use crate::warm::job::{JobSpec, JobView, RegionProgress, RegionStatus, State as JobState};
+pub use crate::warm::job::{JobSpec, JobState, JobView, RegionProgress, RegionStatus};
 
 /// The API's snake_case name of a view's enum value (a health, a phase, a state): what
 /// the JSON carries, for text output.

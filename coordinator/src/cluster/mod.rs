@@ -5,7 +5,7 @@
 //! `[store] backend = "etcd"` ([`config::StoreConfig`]) [`Cluster::open_etcd`] joins the
 //! election ([`crate::leader`]) with a membership record, `members/<id>` = [`Member`],
 //! kept under the same lease, so the record disappears with a dead coordinator.
-//! [`Cluster::drive`] then, every second, lists the members and asks each other one for
+//! [`Cluster::run`] then, every second, lists the members and asks each other one for
 //! its self record (`GET /api/v1/cluster?scope=local`, a [`MemberStatus`]: its role,
 //! whether it reaches etcd, its spool) and the edges whose sessions it holds
 //! (`GET /api/v1/edges?scope=local`; a coordinator blind to etcd hands its agents to a
@@ -36,7 +36,7 @@
 //! The cluster's alert about etcd itself ("unreachable", "back", once each for the
 //! whole cluster) is decided here from the self records: `store_alert`.
 //!
-//! [`Cluster::duty`] is the leader's flag for singleton work: a receiver that is `true`
+//! [`Cluster::leading`] is the leader's flag for singleton work: a receiver that is `true`
 //! while this coordinator leads (always, embedded).
 
 pub mod config;
@@ -195,7 +195,7 @@ pub struct Cluster {
     etcd: Option<Etcd>,
     prefix: String,
     leadership: watch::Receiver<Leadership>,
-    duty: watch::Receiver<bool>,
+    leading: watch::Receiver<bool>,
     members: Mutex<Vec<Member>>,
     /// What each peer's self record said, and when it last came.
     peers: Mutex<HashMap<String, PeerSight>>,
@@ -232,7 +232,7 @@ struct PeerSight {
     status: Option<MemberStatus>,
 }
 
-/// What [`Cluster::drive`] fills in from the peers' answers.
+/// What [`Cluster::run`] fills in from the peers' answers.
 pub struct PeerViews {
     pub edges: Arc<EdgeRegistry>,
     pub rollouts: Arc<Rollouts>,
@@ -264,7 +264,7 @@ impl Cluster {
             etcd: None,
             prefix: String::new(),
             leadership: watch::channel(leadership).1,
-            duty: watch::channel(true).1,
+            leading: watch::channel(true).1,
             peers: Mutex::default(),
             etcd_health: Mutex::new(None),
             log: OnceLock::new(),
@@ -344,12 +344,12 @@ impl Cluster {
             Some((member_key, member_value)),
             stop.clone(),
         );
-        let (duty_tx, duty) = watch::channel(false);
+        let (leading_tx, leading) = watch::channel(false);
         let mut follow = leadership.clone();
         tokio::spawn(async move {
             loop {
                 let me = follow.borrow_and_update().me;
-                duty_tx.send_if_modified(|d| std::mem::replace(d, me) != me);
+                leading_tx.send_if_modified(|d| std::mem::replace(d, me) != me);
                 if follow.changed().await.is_err() {
                     return;
                 }
@@ -362,7 +362,7 @@ impl Cluster {
             etcd: Some(etcd.clone()),
             prefix: config.prefix.clone(),
             leadership,
-            duty,
+            leading,
             peers: Mutex::default(),
             etcd_health: Mutex::new(None),
             log: OnceLock::new(),
@@ -518,12 +518,12 @@ impl Cluster {
     }
 
     /// `true` while this coordinator leads (singleton duties run only then).
-    pub fn duty(&self) -> watch::Receiver<bool> {
-        self.duty.clone()
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.clone()
     }
 
-    pub fn is_leader(&self) -> bool {
-        *self.duty.borrow()
+    pub fn leads(&self) -> bool {
+        *self.leading.borrow()
     }
 
     /// This coordinator's role and the leader's id, never contradicting each other (see
@@ -757,7 +757,7 @@ impl Cluster {
     /// Follows the members, their edges, their agents' reports and etcd's health until
     /// `shutdown`; then resigns the leadership, so a successor need not wait for the
     /// lease.
-    pub async fn drive(
+    pub async fn run(
         self: Arc<Self>,
         views: PeerViews,
         token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
@@ -792,7 +792,7 @@ impl Cluster {
             let leader = self.role().1;
             let warm_pull = known
                 .iter()
-                .find(|m| !self.is_leader() && Some(&m.id) == leader.as_ref() && m.id != self.me.id)
+                .find(|m| !self.leads() && Some(&m.id) == leader.as_ref() && m.id != self.me.id)
                 .map(|m| {
                     let (me, client, views, bearer, api) = (
                         self.clone(),
@@ -873,7 +873,7 @@ impl Cluster {
                 .map(|m| m.id.clone())
                 .collect();
             cursors.retain(|id, _| ids.contains(id));
-            self.warm_relay.expire(self.is_leader(), &ids, &views.warm);
+            self.warm_relay.expire(self.leads(), &ids, &views.warm);
             self.store_alert_round(&views.monitor);
         }
         self.stop.cancel();

@@ -305,7 +305,7 @@ impl WarmRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::warm::job::{JobSpec, Origin, State};
+    use crate::warm::job::{JobSource, JobSpec, JobState};
     use crate::warm::WarmConfig;
     use proto::edge::{coordinator_message::Msg, WarmProgress};
     use std::sync::Arc;
@@ -350,11 +350,11 @@ mod tests {
                     regions: Some(vec!["eu".into()]),
                     ..JobSpec::default()
                 },
-                Origin::Api,
+                JobSource::Api,
             )
             .unwrap();
         lw.start_next().await;
-        assert_eq!(lw.view(id).unwrap().state, State::Running);
+        assert_eq!(lw.view(id).unwrap().state, JobState::Running);
         let pull = follower.pull("c2", &fw);
         let lost = leader.serve(pull.clone(), &lw, &le);
         assert_eq!(lost.messages.len(), 2, "two shards in flight");
@@ -451,13 +451,13 @@ mod tests {
                     regions: Some(vec!["eu".into()]),
                     ..JobSpec::default()
                 },
-                Origin::Api,
+                JobSource::Api,
             )
             .unwrap();
         // eu-1's session is on c2; the job hands its shards out there.
         leader.serve(pull("c2", 4, true), &lw, &le);
         lw.start_next().await;
-        assert_eq!(lw.view(id).unwrap().state, State::Running);
+        assert_eq!(lw.view(id).unwrap().state, JobState::Running);
         let first = leader.serve(pull("c2", 4, true), &lw, &le);
         let handed = |b: &WarmRelayBatch| {
             b.messages

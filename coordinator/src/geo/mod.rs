@@ -4,7 +4,7 @@
 //!
 //! [`Geo`] joins three things: the MaxMind database ([`db::GeoDb`], swapped atomically
 //! on change), the regions' coordinates and addresses from `[[regions]]`, and what each
-//! region looks like now. That last part is observed by [`Geo::drive`] once a second from
+//! region looks like now. That last part is observed by [`Geo::run`] once a second from
 //! the one place that decides health ([`crate::monitor::Monitor::health`]) and the purge
 //! lag of every connected edge ([`crate::edges::EdgeRegistry::list_with_lag`]), passed
 //! through the `recover_s` hold-down ([`route::Recovery`]) and kept as an immutable
@@ -244,7 +244,7 @@ impl Geo {
 
     /// Observes the regions every second and checks the database file every
     /// `reload_check_s`, until `shutdown`.
-    pub async fn drive(
+    pub async fn run(
         self: Arc<Self>,
         monitor: Arc<Monitor>,
         edges: Arc<EdgeRegistry>,

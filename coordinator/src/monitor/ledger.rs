@@ -5,7 +5,7 @@
 //! and only the leader sends. The leader writes each alert it forms to etcd
 //! (`alerts/<at_ms>-<id>`, fenced on its leader key) before it goes to the webhooks, and
 //! marks it `sent` once every webhook was tried. A coordinator that becomes the leader
-//! ([`super::Monitor::drive`]) first sends what the ledger holds unsent, under the same
+//! ([`super::Monitor::run`]) first sends what the ledger holds unsent, under the same
 //! `id`, then whatever it formed itself in the last [`TAKEOVER_WINDOW_MS`] while still a
 //! follower that no ledger entry covers (the change happened as the old leader died).
 //! Delivery is therefore at least once: a leader that died after a webhook took the

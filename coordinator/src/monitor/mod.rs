@@ -28,7 +28,7 @@
 //! if it is still true when it would go out: when sight returns, the baseline is what
 //! is true then.
 //!
-//! Changes of a region's health or diagnosis are queued; [`Monitor::drive`] sends them
+//! Changes of a region's health or diagnosis are queued; [`Monitor::run`] sends them
 //! to the webhooks once no new change arrived for `group_ms`... or at the latest after
 //! `4 x group_ms`, all together in one message, so everything failing at once is one
 //! alert, not one per region. Delivery is retried with backoff.
@@ -821,19 +821,19 @@ impl Monitor {
     }
 
     /// Evaluates periodically (agent loss has no probe result) and delivers alerts —
-    /// while `duty` is `true` (the cluster's leader; every coordinator keeps evaluating,
+    /// while `leading` is `true` (the cluster's leader; every coordinator keeps evaluating,
     /// so a new leader announces only what changes after it took over, besides what the
     /// last one left unsent: `ledger`).
-    pub async fn drive(
+    pub async fn run(
         self: Arc<Self>,
-        duty: tokio::sync::watch::Receiver<bool>,
+        leading: tokio::sync::watch::Receiver<bool>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let client: WebhookClient =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
-        let mut leading = *duty.borrow();
+        let mut led = *leading.borrow();
         // When this coordinator last took the lead: what it formed before that as a
         // follower was looked at then.
         let mut took_over_ms = 0;
@@ -842,12 +842,12 @@ impl Monitor {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let leader = *duty.borrow();
-            if leader && !leading {
+            let leads = *leading.borrow();
+            if leads && !led {
                 self.take_over(&client, took_over_ms).await;
                 took_over_ms = now_ms();
             }
-            leading = leader;
+            led = leads;
             self.evaluate();
             let Some(changes) = self.take_due() else {
                 continue;
@@ -855,7 +855,7 @@ impl Monitor {
             let mut record = AlertRecord::new(changes);
             tracing::warn!(changes = record.changes.len(), id = %record.id,
                 text = %alert_body(&record.id, &record.changes)["text"], "alert");
-            if leader {
+            if leads {
                 self.send(&client, &mut record).await;
             } else {
                 tracing::debug!("alert left to the cluster's leader to deliver");

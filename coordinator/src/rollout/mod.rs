@@ -176,7 +176,7 @@ pub struct Rollouts {
     changed: watch::Sender<u64>,
     /// `true` while this coordinator leads its cluster (always, embedded): only then do
     /// phases move and the plan get written. Followers take the leader's plan instead.
-    duty: std::sync::OnceLock<watch::Receiver<bool>>,
+    leading: std::sync::OnceLock<watch::Receiver<bool>>,
 }
 
 /// Where one edge's config is.
@@ -252,17 +252,17 @@ impl Rollouts {
                 rendered: HashMap::new(),
             }),
             changed: watch::Sender::new(0),
-            duty: std::sync::OnceLock::new(),
+            leading: std::sync::OnceLock::new(),
         }))
     }
 
-    /// Makes phase changes depend on `duty` (the cluster's leadership).
-    pub fn set_duty(&self, duty: watch::Receiver<bool>) {
-        let _ = self.duty.set(duty);
+    /// Makes phase changes depend on `leading` (the cluster's leadership).
+    pub fn set_leading(&self, leading: watch::Receiver<bool>) {
+        let _ = self.leading.set(leading);
     }
 
     fn leads(&self) -> bool {
-        self.duty.get().is_none_or(|d| *d.borrow())
+        self.leading.get().is_none_or(|d| *d.borrow())
     }
 
     /// A follower takes the plan the leader wrote (the leader's own copy is the truth).
@@ -783,7 +783,7 @@ impl Rollouts {
     }
 
     /// Runs [`Self::tick`] until shutdown, waking every session now and then.
-    pub async fn drive(self: Arc<Self>, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(TICK);
         let mut ticks = 0u32;
         loop {

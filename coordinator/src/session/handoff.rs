@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::state::State;
+use crate::state::Coordinator;
 use crate::store_health::Reach;
 
 /// How often the condition is checked.
@@ -70,7 +70,7 @@ impl Handoff {
 
     /// Follows the store's reachability and the peers' until `shutdown`, ending and
     /// refusing the movable agents' sessions while [`Self::due`].
-    pub async fn watch(self: Arc<Self>, state: State, shutdown: CancellationToken) {
+    pub async fn watch(self: Arc<Self>, state: Coordinator, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

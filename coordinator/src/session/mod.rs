@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::edges::{EdgeHello, SessionEnded, SessionHandle, SessionOrigin};
-use crate::state::State;
+use crate::state::Coordinator;
 
 /// Config and warm messages queued towards one agent before their sender waits.
 const OUTBOUND_DEPTH: usize = 2;
@@ -59,7 +59,7 @@ type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 /// The gRPC service agents connect to.
 #[derive(Clone)]
 pub struct SessionService {
-    state: State,
+    state: Coordinator,
     /// With mTLS: the Hello must claim the identity in the client certificate.
     require_identity: bool,
     shutdown: CancellationToken,
@@ -69,7 +69,7 @@ pub struct SessionService {
 impl SessionService {
     /// The service over a running coordinator's shared state; with TLS configured, every
     /// Hello must match its client certificate.
-    pub fn new(state: State, shutdown: CancellationToken) -> Self {
+    pub fn new(state: Coordinator, shutdown: CancellationToken) -> Self {
         SessionService {
             require_identity: state.tls.is_some(),
             state,

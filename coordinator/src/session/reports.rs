@@ -12,17 +12,17 @@ use proto::edge::{agent_message, AgentMessage};
 use tonic::Streaming;
 
 use crate::edges::SessionHandle;
-use crate::state::State;
+use crate::state::Coordinator;
 
 /// Reads one agent's messages into the registry, the rollout, traffic and monitoring.
 pub(super) async fn receive_loop(
-    state: &State,
+    state: &Coordinator,
     region: &str,
     handle: &SessionHandle,
     silence: Duration,
     mut inbound: Streaming<AgentMessage>,
 ) {
-    let State {
+    let Coordinator {
         edges,
         rollouts,
         traffic,

@@ -103,7 +103,7 @@ impl JobSpec {
 /// Where a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum State {
+pub enum JobState {
     Queued,
     Running,
     Done,
@@ -111,18 +111,21 @@ pub enum State {
     Cancelled,
 }
 
-impl State {
+impl JobState {
     pub fn is_final(self) -> bool {
-        matches!(self, State::Done | State::Failed | State::Cancelled)
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
-            State::Queued => "queued",
-            State::Running => "running",
-            State::Done => "done",
-            State::Failed => "failed",
-            State::Cancelled => "cancelled",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
         }
     }
 }
@@ -130,7 +133,7 @@ impl State {
 /// Why a job exists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "name")]
-pub enum Origin {
+pub enum JobSource {
     /// Asked for through the API or CLI.
     Api,
     /// A `[[warm.schedule]]` entry fired.
@@ -182,8 +185,10 @@ impl EdgeWork {
 pub struct Job {
     pub id: u64,
     pub spec: JobSpec,
-    pub origin: Origin,
-    pub state: State,
+    /// Stored under its first name, `origin`, so every release reads every other's jobs.
+    #[serde(rename = "origin")]
+    pub source: JobSource,
+    pub state: JobState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub created_ms: u64,
@@ -306,9 +311,9 @@ pub struct RegionProgress {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobView {
     pub id: u64,
-    pub state: State,
+    pub state: JobState,
     #[serde(flatten)]
-    pub origin: Origin,
+    pub source: JobSource,
     pub error: Option<String>,
     pub spec: JobSpec,
     pub urls: usize,
@@ -367,7 +372,7 @@ impl JobView {
             } else {
                 RegionStatus::Waiting
             };
-            if let (Some(elapsed), State::Running, RegionStatus::Warming) =
+            if let (Some(elapsed), JobState::Running, RegionStatus::Warming) =
                 (elapsed, job.state, p.status)
             {
                 if elapsed > 0.0 {
@@ -379,7 +384,7 @@ impl JobView {
         JobView {
             id: job.id,
             state: job.state,
-            origin: job.origin.clone(),
+            source: job.source.clone(),
             error: job.error.clone(),
             spec: job.spec.clone(),
             urls: job.urls,
@@ -426,8 +431,8 @@ mod tests {
         let mut job = Job {
             id: 1,
             spec: JobSpec::default(),
-            origin: Origin::Api,
-            state: State::Running,
+            source: JobSource::Api,
+            state: JobState::Running,
             error: None,
             created_ms: 0,
             started_ms: Some(0),

@@ -49,7 +49,7 @@ use warmer::pace::Aimd;
 
 use crate::edges::EdgeRegistry;
 pub use config::{ScheduleConfig, WarmConfig};
-use job::{EdgeWork, Job, JobSpec, JobView, Origin, State};
+use job::{EdgeWork, Job, JobSource, JobSpec, JobState, JobView};
 pub use metrics::{FetchTotals, WarmMetrics};
 use store::{WarmStore, WarmStoreError};
 use tags::{Profile, TagIndex};
@@ -114,7 +114,7 @@ struct Inner {
 impl Inner {
     /// The jobs that run now, oldest first.
     fn running(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values().filter(|j| j.state == State::Running)
+        self.jobs.values().filter(|j| j.state == JobState::Running)
     }
 
     /// The origin rate job `id`'s controller allows now, if it runs.
@@ -163,7 +163,7 @@ impl Inner {
     /// edge was dropped. Returns the job record to store.
     fn finish_if_done(&mut self, id: u64) -> Option<Job> {
         let job = self.jobs.get_mut(&id)?;
-        if job.state != State::Running || !job.all_done() {
+        if job.state != JobState::Running || !job.all_done() {
             return None;
         }
         let reasons: Vec<String> = job
@@ -172,10 +172,10 @@ impl Inner {
             .filter_map(|(e, w)| w.dropped.as_ref().map(|r| format!("{e}: {r}")))
             .collect();
         if !job.edges.is_empty() && reasons.len() == job.edges.len() {
-            job.state = State::Failed;
+            job.state = JobState::Failed;
             job.error = Some(format!("no edge could warm: {}", reasons.join("; ")));
         } else {
-            job.state = State::Done;
+            job.state = JobState::Done;
         }
         job.finished_ms = Some(crate::clock::now_ms());
         tracing::info!(
@@ -229,7 +229,7 @@ fn load_jobs(
         if job.state.is_final() && finished[..keep_from].contains(&job.id) {
             continue;
         }
-        if job.state == State::Running {
+        if job.state == JobState::Running {
             tracing::info!(job_id = job.id, "resuming warm job");
             inner
                 .aimd
@@ -320,7 +320,7 @@ impl Warm {
     }
 
     /// Queues a job; returns its id.
-    pub fn create(&self, spec: JobSpec, origin: Origin) -> Result<u64, WarmError> {
+    pub fn create(&self, spec: JobSpec, origin: JobSource) -> Result<u64, WarmError> {
         spec.validate(&self.regions).map_err(WarmError::Invalid)?;
         self.create_after(spec, origin, 0)
     }
@@ -328,7 +328,7 @@ impl Warm {
     fn create_after(
         &self,
         spec: JobSpec,
-        origin: Origin,
+        source: JobSource,
         after_seq: u64,
     ) -> Result<u64, WarmError> {
         let budget = spec
@@ -344,8 +344,8 @@ impl Warm {
         let job = Job {
             id,
             spec,
-            origin,
-            state: State::Queued,
+            source,
+            state: JobState::Queued,
             error: None,
             created_ms: crate::clock::now_ms(),
             started_ms: None,
@@ -364,7 +364,7 @@ impl Warm {
         };
         self.store.put_job(&job)?;
         inner.next_id += 1;
-        tracing::info!(job_id = id, origin = ?job.origin, "warm job queued");
+        tracing::info!(job_id = id, source = ?job.source, "warm job queued");
         inner.jobs.insert(id, job);
         drop(inner);
         self.bump();
@@ -378,7 +378,7 @@ impl Warm {
             return Err(WarmError::NotFound(id));
         };
         if !job.state.is_final() {
-            job.state = State::Cancelled;
+            job.state = JobState::Cancelled;
             job.finished_ms = Some(crate::clock::now_ms());
             let job = job.clone();
             self.store.put_job(&job)?;
@@ -454,11 +454,11 @@ impl Warm {
     pub fn metrics(&self) -> WarmMetrics {
         let inner = self.lock();
         let mut jobs: BTreeMap<&'static str, usize> = [
-            State::Queued,
-            State::Running,
-            State::Done,
-            State::Failed,
-            State::Cancelled,
+            JobState::Queued,
+            JobState::Running,
+            JobState::Done,
+            JobState::Failed,
+            JobState::Cancelled,
         ]
         .iter()
         .map(|s| (s.as_str(), 0))
@@ -504,7 +504,7 @@ impl Warm {
         let joined: Vec<(u64, EdgeWork)> = inner
             .jobs
             .values_mut()
-            .filter(|j| j.state == State::Running)
+            .filter(|j| j.state == JobState::Running)
             .filter(|j| j.regions.iter().any(|r| r == region) && !j.edges.contains_key(edge))
             .map(|job| {
                 let work = EdgeWork {
@@ -774,7 +774,7 @@ impl Warm {
             let Some(job) = inner
                 .jobs
                 .get_mut(&p.job_id)
-                .filter(|j| j.state == State::Running)
+                .filter(|j| j.state == JobState::Running)
             else {
                 return;
             };
@@ -892,7 +892,7 @@ impl Warm {
             let inner = &mut *inner;
             let now = Instant::now();
             let mut stuck = Vec::new();
-            for job in inner.jobs.values().filter(|j| j.state == State::Running) {
+            for job in inner.jobs.values().filter(|j| j.state == JobState::Running) {
                 let per_edge = job
                     .edges
                     .values()
@@ -1015,7 +1015,7 @@ impl Warm {
             if job.state.is_final() {
                 return;
             }
-            job.state = State::Failed;
+            job.state = JobState::Failed;
             job.error = Some(error);
             job.finished_ms = Some(crate::clock::now_ms());
             let job = job.clone();
@@ -1051,7 +1051,7 @@ impl Warm {
                 tracing::warn!(error = %e, "re-warm skipped");
                 continue;
             }
-            match self.create_after(spec, Origin::Rewarm, after_seq) {
+            match self.create_after(spec, JobSource::Rewarm, after_seq) {
                 Ok(id) => ids.push(id),
                 Err(e) => tracing::error!(error = %e, "cannot queue a re-warm"),
             }
@@ -1079,8 +1079,9 @@ impl Warm {
                 })
                 .collect();
             let Some(job) = inner.jobs.values().find(|j| {
-                j.state == State::Queued
-                    && (j.origin == Origin::Rewarm || !j.regions.iter().any(|r| busy.contains(&r)))
+                j.state == JobState::Queued
+                    && (j.source == JobSource::Rewarm
+                        || !j.regions.iter().any(|r| busy.contains(&r)))
             }) else {
                 return;
             };
@@ -1106,7 +1107,7 @@ impl Warm {
             let Some(mut job) = inner
                 .jobs
                 .get(&id)
-                .filter(|j| j.state == State::Queued)
+                .filter(|j| j.state == JobState::Queued)
                 .cloned()
             else {
                 return; // cancelled meanwhile
@@ -1145,7 +1146,7 @@ impl Warm {
             job.host = spec.host.clone().or_else(|| self.config.host.clone());
             job.want_tags = spec.rewarm.unwrap_or(self.config.rewarm_after_purge);
             job.edges = edges;
-            job.state = State::Running;
+            job.state = JobState::Running;
             job.started_ms = Some(crate::clock::now_ms());
             job
         };
@@ -1156,7 +1157,7 @@ impl Warm {
         {
             let mut inner = self.lock();
             match inner.jobs.get_mut(&id) {
-                Some(current) if current.state == State::Queued => *current = job.clone(),
+                Some(current) if current.state == JobState::Queued => *current = job.clone(),
                 _ => {
                     // Cancelled while its shards were being written.
                     drop(inner);

@@ -18,7 +18,7 @@ use proto::edge::purge_entry::Op;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ScheduleConfig;
-use super::job::{Origin, State};
+use super::job::{JobSource, JobState};
 use super::Warm;
 use crate::purge::log::PurgeLog;
 
@@ -37,13 +37,13 @@ struct Pending {
 }
 
 impl Warm {
-    /// Runs the queue, the cron schedules and re-warming until `shutdown`, while `duty`
+    /// Runs the queue, the cron schedules and re-warming until `shutdown`, while `leading`
     /// is true (the cluster's leader; always, embedded), so a cluster runs each job,
     /// schedule and re-warm once.
     pub async fn run(
         self: Arc<Self>,
         log: PurgeLog,
-        duty: tokio::sync::watch::Receiver<bool>,
+        leading: tokio::sync::watch::Receiver<bool>,
         shutdown: CancellationToken,
     ) {
         let mut crons: Vec<(&ScheduleConfig, croner::Cron, Option<DateTime<Utc>>)> = self
@@ -68,7 +68,7 @@ impl Warm {
             }
             // In a cluster the jobs are the leader's: it takes them over from the store
             // when it becomes leader, and a follower holds none (it hands out nothing).
-            let leads = *duty.borrow();
+            let leads = *leading.borrow();
             if self.store.is_shared() && led != Some(leads) {
                 let result = if leads {
                     self.reload()
@@ -109,12 +109,11 @@ impl Warm {
     /// Queues the schedule's job unless its previous one is still pending.
     fn fire(&self, s: &ScheduleConfig) {
         let name = s.name.as_str();
-        let origin = Origin::Schedule(name.to_owned());
-        let busy = self
-            .lock()
-            .jobs
-            .values()
-            .any(|j| j.origin == origin && matches!(j.state, State::Queued | State::Running));
+        let source = JobSource::Schedule(name.to_owned());
+        let busy =
+            self.lock().jobs.values().any(|j| {
+                j.source == source && matches!(j.state, JobState::Queued | JobState::Running)
+            });
         if busy {
             tracing::warn!(
                 schedule = name,
@@ -122,7 +121,7 @@ impl Warm {
             );
             return;
         }
-        match self.create(s.job.clone(), origin) {
+        match self.create(s.job.clone(), source) {
             Ok(id) => tracing::info!(schedule = name, job_id = id, "scheduled warm job queued"),
             Err(e) => tracing::error!(schedule = name, error = %e, "scheduled warm job not queued"),
         }

@@ -90,9 +90,9 @@ fn report(f: &Fixture, edge: &str, s: &WarmShard) {
 }
 
 async fn running(f: &Fixture, spec: JobSpec) -> u64 {
-    let id = f.warm.create(spec, Origin::Api).unwrap();
+    let id = f.warm.create(spec, JobSource::Api).unwrap();
     f.warm.start_next().await;
-    assert_eq!(f.warm.view(id).unwrap().state, State::Running);
+    assert_eq!(f.warm.view(id).unwrap().state, JobState::Running);
     id
 }
 
@@ -157,7 +157,7 @@ async fn flat_job_hands_every_shard_to_every_edge_once_and_splits_the_budget() {
     assert_eq!(handed["eu-1"], vec![2, 3, 4]);
     assert_eq!(handed["us-1"], vec![0, 1, 2, 3, 4]);
     let v = f.warm.view(id).unwrap();
-    assert_eq!(v.state, State::Done);
+    assert_eq!(v.state, JobState::Done);
     for r in regions() {
         assert_eq!((v.regions[&r].done, v.regions[&r].total), (45, 45));
     }
@@ -167,7 +167,7 @@ async fn flat_job_hands_every_shard_to_every_edge_once_and_splits_the_budget() {
     assert_eq!(json["kind"], "api");
     let back: JobView = serde_json::from_value(json.clone()).unwrap();
     assert_eq!(serde_json::to_value(&back).unwrap(), json);
-    assert_eq!(back.origin, Origin::Api);
+    assert_eq!(back.source, JobSource::Api);
 }
 
 #[tokio::test]
@@ -204,7 +204,7 @@ async fn tiered_satellites_wait_for_the_shield() {
         report(&f, "us-1", s);
     }
     drain(&f);
-    assert_eq!(f.warm.view(id).unwrap().state, State::Done);
+    assert_eq!(f.warm.view(id).unwrap().state, JobState::Done);
 }
 
 #[tokio::test]
@@ -230,7 +230,7 @@ async fn a_reopened_coordinator_resumes_without_redoing_reported_shards() {
     let edges = Arc::new(EdgeRegistry::default());
     let warm = Warm::open(config(), "tok".into(), regions(), dir.path(), edges.clone()).unwrap();
     let f = Fixture { dir, edges, warm };
-    assert_eq!(f.warm.view(id).unwrap().state, State::Running);
+    assert_eq!(f.warm.view(id).unwrap().state, JobState::Running);
     assert_eq!(f.warm.view(id).unwrap().regions["eu"].done, 20);
     connect_all(&f);
     let handed = drain(&f);
@@ -239,7 +239,7 @@ async fn a_reopened_coordinator_resumes_without_redoing_reported_shards() {
         vec![2, 3],
         "only the unreported shards again"
     );
-    assert_eq!(f.warm.view(id).unwrap().state, State::Done);
+    assert_eq!(f.warm.view(id).unwrap().state, JobState::Done);
 }
 
 #[tokio::test]
@@ -255,7 +255,7 @@ async fn cancel_reaches_the_edges_holding_shards() {
     )
     .await;
     assert_eq!(shards(&f.warm.next_for("us-1", 2)).len(), 2);
-    assert_eq!(f.warm.cancel(id).unwrap().state, State::Cancelled);
+    assert_eq!(f.warm.cancel(id).unwrap().state, JobState::Cancelled);
     let msgs = f.warm.next_for("us-1", 2);
     assert!(matches!(msgs.as_slice(), [Msg::WarmCancel(WarmCancel { job_id })] if *job_id == id));
     assert!(f.warm.next_for("eu-1", 1).is_empty());
@@ -313,14 +313,14 @@ async fn rewarm_waits_for_the_purge_and_targets_only_the_tagged_urls() {
     )
     .await;
     drain(&f);
-    assert_eq!(f.warm.view(id).unwrap().state, State::Done);
+    assert_eq!(f.warm.view(id).unwrap().state, JobState::Done);
     let ids = f
         .warm
         .rewarm(&["t_7".to_owned(), "t_unknown".to_owned()], 5);
     assert_eq!(ids.len(), 1);
     f.warm.start_next().await;
     let v = f.warm.view(ids[0]).unwrap();
-    assert_eq!((v.state, v.urls), (State::Running, 1));
+    assert_eq!((v.state, v.urls), (JobState::Running, 1));
     // No edge applied purge 5 yet.
     assert!(f.warm.next_for("eu-1", 1).is_empty());
     let h = f.edges.connect(
@@ -351,12 +351,12 @@ async fn a_job_with_no_edges_or_no_urls_fails_with_a_reason() {
                 urls: urls(3),
                 ..JobSpec::default()
             },
-            Origin::Api,
+            JobSource::Api,
         )
         .unwrap();
     f.warm.start_next().await;
     let v = f.warm.view(id).unwrap();
-    assert_eq!(v.state, State::Failed);
+    assert_eq!(v.state, JobState::Failed);
     assert!(v.error.unwrap().contains("no warm-capable edge"));
     connect_all(&f);
     let id = f
@@ -366,13 +366,13 @@ async fn a_job_with_no_edges_or_no_urls_fails_with_a_reason() {
                 top: Some(10),
                 ..JobSpec::default()
             },
-            Origin::Api,
+            JobSource::Api,
         )
         .unwrap();
     f.warm.start_next().await;
     assert!(f.warm.view(id).unwrap().error.unwrap().contains("no URLs"));
     assert!(matches!(
-        f.warm.create(JobSpec::default(), Origin::Api),
+        f.warm.create(JobSpec::default(), JobSource::Api),
         Err(WarmError::Invalid(_))
     ));
 }
@@ -500,7 +500,7 @@ async fn a_dead_edge_is_dropped_and_the_job_ends_without_it() {
     }
     assert_eq!(done, 6);
     let view = f.warm.view(id).unwrap();
-    assert_eq!(view.state, State::Running, "us-1 is still waited for");
+    assert_eq!(view.state, JobState::Running, "us-1 is still waited for");
     assert_eq!(view.regions["ap"].status, job::RegionStatus::Dropped);
     assert!(view.regions["ap"]
         .error
@@ -511,7 +511,7 @@ async fn a_dead_edge_is_dropped_and_the_job_ends_without_it() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     f.warm.drop_stuck_edges();
     let view = f.warm.view(id).unwrap();
-    assert_eq!(view.state, State::Done, "{view:?}");
+    assert_eq!(view.state, JobState::Done, "{view:?}");
     assert_eq!(view.regions["eu"].status, job::RegionStatus::Done);
     assert_eq!(view.regions["us"].status, job::RegionStatus::Dropped);
     assert!(view.regions["us"]
@@ -542,7 +542,7 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
                 regions: Some(vec!["ap".into()]),
                 ..JobSpec::default()
             },
-            Origin::Api,
+            JobSource::Api,
         )
         .unwrap();
     let other = f
@@ -553,12 +553,12 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
                 regions: Some(vec!["eu".into(), "us".into()]),
                 ..JobSpec::default()
             },
-            Origin::Api,
+            JobSource::Api,
         )
         .unwrap();
     f.warm.start_next().await;
-    assert_eq!(f.warm.view(other).unwrap().state, State::Running);
-    assert_eq!(f.warm.view(same).unwrap().state, State::Queued);
+    assert_eq!(f.warm.view(other).unwrap().state, JobState::Running);
+    assert_eq!(f.warm.view(same).unwrap().state, JobState::Queued);
     // The other regions' job completes while the long one still runs.
     for edge in ["eu-1", "us-1"] {
         for s in shards(&f.warm.next_for(edge, session(edge))) {
@@ -566,8 +566,8 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
             report(&f, edge, &s);
         }
     }
-    assert_eq!(f.warm.view(other).unwrap().state, State::Done);
-    assert_eq!(f.warm.view(long).unwrap().state, State::Running);
+    assert_eq!(f.warm.view(other).unwrap().state, JobState::Done);
+    assert_eq!(f.warm.view(long).unwrap().state, JobState::Running);
     // A job over regions whose part of a running job is done starts too: us-1 still
     // works on `both`, eu-1 finished its part, so a job for eu alone need not wait.
     let both = running(
@@ -590,16 +590,16 @@ async fn jobs_for_other_regions_and_rewarms_do_not_queue_behind_a_running_job() 
                 regions: Some(vec!["eu".into()]),
                 ..JobSpec::default()
             },
-            Origin::Api,
+            JobSource::Api,
         )
         .unwrap();
     f.warm.start_next().await;
     assert_eq!(
         f.warm.view(both).unwrap().state,
-        State::Running,
+        JobState::Running,
         "us-1 still works on it"
     );
-    assert_eq!(f.warm.view(after).unwrap().state, State::Running);
+    assert_eq!(f.warm.view(after).unwrap().state, JobState::Running);
 }
 
 #[tokio::test]
@@ -615,7 +615,7 @@ async fn an_ended_job_leaves_no_per_edge_bookkeeping() {
     )
     .await;
     drain(&f);
-    assert_eq!(f.warm.view(done).unwrap().state, State::Done);
+    assert_eq!(f.warm.view(done).unwrap().state, JobState::Done);
     let cancelled = running(
         &f,
         JobSpec {
