@@ -353,7 +353,7 @@ lon = -6.26
 addresses = ["203.0.113.10", "2001:db8::10"]
 "#;
 
-    /// DESIGN.md's `[geo]` and `[dns]` blocks.
+    /// The `[geo]` and `[dns]` blocks of README's coordinator.toml.
     const GEO: &str = r#"
 [geo]
 database = "/var/lib/GeoIP/GeoLite2-City.mmdb"

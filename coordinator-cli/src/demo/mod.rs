@@ -1,8 +1,8 @@
 //! `coordinator demo`: a whole cluster on 127.0.0.1 for a first look.
 //!
 //! Starts the sample [`origin`] (unless `--origin` names one), a coordinator in this
-//! process, and per region a `varnishd` plus an `edge-agent` ([`process`]). Ports follow
-//! DESIGN.md: origin `P`, purge `P+1`, gRPC `P+2`, API `P+3`, region `i` varnish HTTP
+//! process, and per region a `varnishd` plus an `edge-agent` ([`process`]). Ports (see
+//! docs/api.md): origin `P`, purge `P+1`, gRPC `P+2`, API `P+3`, region `i` varnish HTTP
 //! `P+10+10i` and admin `P+11+10i`. Every generated file lands under the state dir, and
 //! `cluster.json` is written once every agent is connected. Children are not restarted;
 //! SIGINT/SIGTERM stops them all.
