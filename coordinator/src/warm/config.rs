@@ -203,3 +203,27 @@ impl WarmConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_entries_parse_with_the_job_flattened() {
+        let c: ScheduleConfig = toml::from_str(
+            r#"
+name = "nightly"
+cron = "0 3 * * *"
+sitemap = "http://shop/sitemap.xml"
+regions = ["eu"]
+rate = 5.0
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.job.rate, Some(5.0));
+        assert!(toml::from_str::<ScheduleConfig>(
+            "name = \"x\"\ncron = \"* * * * *\"\nsitemap = \"http://s/\"\nbogus = 1\n"
+        )
+        .is_err());
+    }
+}

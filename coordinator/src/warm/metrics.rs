@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::job::JobState;
 use super::Warm;
 use crate::metrics::{collector, counter, gauge, gauge_value, DescriptorEncoder, Label, Registry};
 
@@ -27,6 +28,31 @@ pub struct WarmMetrics {
 }
 
 impl Warm {
+    /// What the metrics export: fetch results per region, jobs per state, the rate.
+    pub fn metrics(&self) -> WarmMetrics {
+        let queue = self.queue();
+        let budget = self.budget();
+        let progress = self.progress();
+        let mut jobs: BTreeMap<&'static str, usize> = [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Done,
+            JobState::Failed,
+            JobState::Cancelled,
+        ]
+        .iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+        for j in queue.jobs.values() {
+            *jobs.entry(j.state.as_str()).or_default() += 1;
+        }
+        WarmMetrics {
+            fetches: progress.totals.clone(),
+            jobs,
+            origin_rate_rps: budget.total(),
+        }
+    }
+
     /// Registers the warm families.
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
         registry.register_collector(collector(self.clone(), encode));

@@ -7,7 +7,9 @@
 //! schedule whose previous job is still queued or running is skipped: a slow nightly
 //! warm never piles up), and follows the purge log. Tag purges accumulate until
 //! `rewarm_debounce_ms` pass without one (at most four times that in a steady stream), so
-//! a reindex that purges a thousand tags in a burst becomes one re-warm pass.
+//! a reindex that purges a thousand tags in a burst becomes one re-warm pass:
+//! [`Warm::rewarm`] queues one job per fetch profile for the URLs the [`super::tags`]
+//! index knows carry the purged tags.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use proto::edge::purge_entry::Op;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ScheduleConfig;
-use super::job::{JobSource, JobState};
+use super::job::{JobSource, JobSpec, JobState};
 use super::Warm;
 use crate::purge::log::PurgeLog;
 
@@ -111,7 +113,7 @@ impl Warm {
         let name = s.name.as_str();
         let source = JobSource::Schedule(name.to_owned());
         let busy =
-            self.lock().jobs.values().any(|j| {
+            self.queue().jobs.values().any(|j| {
                 j.source == source && matches!(j.state, JobState::Queued | JobState::Running)
             });
         if busy {
@@ -130,7 +132,7 @@ impl Warm {
     /// Reads purges after `seen`, collecting their tags; with nothing indexed for re-warm
     /// there is nothing to look up, so it only moves to the head.
     async fn follow_log(&self, log: &PurgeLog, mut seen: u64, pending: &mut Pending) -> u64 {
-        if self.lock().tags.is_empty() {
+        if self.tags().is_empty() {
             return log.head();
         }
         while seen < log.head() {
@@ -153,5 +155,39 @@ impl Warm {
             }
         }
         seen
+    }
+
+    /// Re-warm: queues jobs for the URLs known to carry `tags`, to start on each edge
+    /// once it applied purge `after_seq`.
+    pub fn rewarm(&self, tags: &[String], after_seq: u64) -> Vec<u64> {
+        let groups = self.tags().lookup(tags);
+        let mut ids = Vec::new();
+        for (profile, urls) in groups {
+            let spec = JobSpec {
+                urls,
+                host: profile.host.clone(),
+                variations: Some(
+                    profile
+                        .variations
+                        .iter()
+                        .map(|v| warmer::engine::format_variation(v))
+                        .collect(),
+                ),
+                rewarm: Some(true),
+                ..JobSpec::default()
+            };
+            if let Err(e) = spec.validate(&self.regions) {
+                tracing::warn!(error = %e, "re-warm skipped");
+                continue;
+            }
+            match self.create_after(spec, JobSource::Rewarm, after_seq) {
+                Ok(id) => ids.push(id),
+                Err(e) => tracing::error!(error = %e, "cannot queue a re-warm"),
+            }
+        }
+        if !ids.is_empty() {
+            tracing::info!(tags = tags.len(), jobs = ?ids, after_seq, "re-warming purged URLs");
+        }
+        ids
     }
 }

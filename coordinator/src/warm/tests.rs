@@ -1,10 +1,17 @@
-//! The job state machine without a network: dispatch, tiered gating, the budget split,
-//! persistence across a reopen, re-warm gating on the purge cursor.
+//! The job state machine without a network, across the rooms: dispatch, tiered gating,
+//! the budget split, persistence across a reopen, re-warm gating on the purge cursor,
+//! dropped edges, and the per-edge bookkeeping an ended job leaves behind (none).
 
-use super::*;
-use crate::edges::EdgeHello;
-use proto::edge::UrlTags;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::edge::{coordinator_message::Msg, UrlTags, WarmCancel, WarmProgress, WarmShard};
 use tokio_util::sync::CancellationToken;
+
+use super::job::{self, JobSource, JobSpec, JobState, JobView};
+use super::{Warm, WarmConfig, WarmError};
+use crate::edges::{EdgeHello, EdgeRegistry};
 
 fn config() -> WarmConfig {
     WarmConfig {
@@ -377,60 +384,6 @@ async fn a_job_with_no_edges_or_no_urls_fails_with_a_reason() {
     ));
 }
 
-#[test]
-fn popular_urls_are_summed_per_region() {
-    let f = fixture(WarmConfig {
-        host: Some("shop.test".into()),
-        ..config()
-    });
-    let top = |v: &[(&str, u64)]| TopUrls {
-        urls: v
-            .iter()
-            .map(|(u, c)| proto::edge::UrlCount {
-                url: u.to_string(),
-                count: *c,
-            })
-            .collect(),
-    };
-    f.warm.on_top(
-        "eu-1",
-        "eu",
-        top(&[("shop.test/p/1", 5), ("shop.test/p/2", 3)]),
-    );
-    f.warm
-        .on_top("eu-2", "eu", top(&[("shop.test/p/2", 4), ("-/p/3", 1)]));
-    f.warm.on_top("x", "mars", top(&[("a/b", 1)]));
-    let t = f.warm.top(&regions(), 2);
-    assert_eq!(
-        t["eu"],
-        vec![
-            ("http://shop.test/p/2".to_owned(), 7),
-            ("http://shop.test/p/1".to_owned(), 5)
-        ]
-    );
-    assert!(t["us"].is_empty());
-    assert_eq!(absolute("-/p/3", None), None);
-}
-
-#[test]
-fn schedule_entries_parse_with_the_job_flattened() {
-    let c: super::config::ScheduleConfig = toml::from_str(
-        r#"
-name = "nightly"
-cron = "0 3 * * *"
-sitemap = "http://shop/sitemap.xml"
-regions = ["eu"]
-rate = 5.0
-"#,
-    )
-    .unwrap();
-    assert_eq!(c.job.rate, Some(5.0));
-    assert!(toml::from_str::<super::config::ScheduleConfig>(
-        "name = \"x\"\ncron = \"* * * * *\"\nsitemap = \"http://s/\"\nbogus = 1\n"
-    )
-    .is_err());
-}
-
 #[tokio::test]
 async fn an_edge_added_mid_job_joins_it() {
     let f = fixture(config());
@@ -626,8 +579,12 @@ async fn an_ended_job_leaves_no_per_edge_bookkeeping() {
     .await;
     let _ = f.warm.next_for("eu-1", session("eu-1"));
     f.warm.cancel(cancelled).unwrap();
-    let inner = f.warm.lock();
-    assert!(inner.hints.is_empty(), "{:?}", inner.hints);
-    assert!(inner.sent_rate.is_empty(), "{:?}", inner.sent_rate);
-    assert!(inner.activity.is_empty() && inner.aimd.is_empty());
+    let held = f.warm.hold();
+    assert!(held.dispatch.hints.is_empty(), "{:?}", held.dispatch.hints);
+    assert!(
+        held.dispatch.sent_rate.is_empty(),
+        "{:?}",
+        held.dispatch.sent_rate
+    );
+    assert!(held.progress.activity.is_empty() && held.budget.aimd.is_empty());
 }
