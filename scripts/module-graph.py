@@ -32,7 +32,7 @@ LAYERS = {
         ["clock", "secret", "accept", "metrics", "pki", "leader", "http_head", "store_health"],
         ["tls", "purge", "etcd_kv", "http_front"],
         ["edges", "bundle", "traffic"],
-        ["rollout", "monitor", "warm", "geo", "cluster"],
+        ["rollout", "monitor", "warm", "geo", "cluster", "fanout"],
         ["config"],
         ["state"],
         ["session", "api"],

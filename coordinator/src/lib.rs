@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod config;
 pub mod edges;
 pub mod etcd_kv;
+pub mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod geo;

@@ -14,13 +14,13 @@ use crate::bundle::store::{ConfigStore, StoreError};
 use crate::cluster::{config::Backend, Cluster, ClusterError};
 use crate::config::CoordinatorConfig;
 use crate::edges::EdgeRegistry;
+use crate::fanout::Fanout;
 use crate::geo::db::DbError;
 use crate::geo::Geo;
 use crate::metrics::Registry;
 use crate::monitor::Monitor;
 use crate::purge::counters::PurgeCounters;
 use crate::purge::log::{LogError, PurgeLog, SpoolOpts};
-use crate::purge::pacer::Pacer;
 use crate::rollout::Rollouts;
 use crate::tls::{ServerTls, TlsError};
 use crate::traffic::Traffic;
@@ -55,8 +55,9 @@ pub enum OpenError {
 #[derive(Clone)]
 pub struct Coordinator {
     pub log: PurgeLog,
-    /// Paces every session's purge batches to the fleet and the purge rate.
-    pub pacer: Arc<Pacer>,
+    /// Paces every session's purge batches to the fleet and the purge rate, and shares
+    /// the batches encoded for sessions at one cursor.
+    pub fanout: Arc<Fanout>,
     /// Who this coordinator is in its cluster and who leads (a cluster of one when
     /// the store is embedded).
     pub cluster: Arc<Cluster>,
@@ -189,8 +190,8 @@ impl Coordinator {
 
         let mut registry = Registry::default();
         purge_counters.register(&log, &mut registry);
-        let pacer = Arc::new(Pacer::default());
-        pacer.register_metrics(&mut registry);
+        let fanout = Arc::new(Fanout::default());
+        fanout.register_metrics(&mut registry);
         cluster.register_metrics(&mut registry);
         edges.register_metrics(&log, tls.is_some(), &mut registry);
         rollouts.register_metrics(&mut registry);
@@ -236,7 +237,7 @@ impl Coordinator {
 
         Ok(Coordinator {
             log,
-            pacer,
+            fanout,
             cluster,
             purge_counters,
             edges,

@@ -281,7 +281,7 @@ impl HaCluster {
     /// Every entry of the shared purge log, read from etcd directly (in order).
     pub async fn shared_log(&self) -> Vec<proto::edge::PurgeEntry> {
         let etcd = etcd::Etcd::connect(&self.etcd.endpoints).expect("connect to etcd");
-        let log = coordinator::purge::etcd_log::EtcdLog::open(etcd, "/vc-test/")
+        let log = coordinator::purge::log::etcd::EtcdLog::open(etcd, "/vc-test/")
             .await
             .expect("open the shared log");
         let mut out: Vec<proto::edge::PurgeEntry> = Vec::new();

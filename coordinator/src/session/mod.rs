@@ -6,8 +6,8 @@
 //! purges resume ([`resume_point`]) and starts the flows: the purges as a stream the
 //! response polls itself, each other flow as a task:
 //!
-//! * [`purges`]: the log from the cursor on, in batches, at most one batch per fan-out
-//!   window (`purge::pacer`), polled by the response stream itself;
+//! * purges: the log from the cursor on, in batches, at most one batch per fan-out
+//!   window ([`crate::fanout`]), polled by the response stream itself;
 //! * [`config`]: the bundles the rollout wants this edge to run (config-capable agents);
 //! * [`warm`]: warm shards, rate changes and cancels (warm-capable agents);
 //! * [`reports`]: acks, errors, heartbeats, stats, probe results and warm progress up,
@@ -28,11 +28,10 @@
 
 mod config;
 pub mod handoff;
-mod purges;
 mod reports;
 mod warm;
 
-pub use purges::{resume_point, ResumePoint};
+use crate::fanout::{resume_point, ResumePoint};
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -235,11 +234,11 @@ impl proto::Coordinator for SessionService {
         let silence = silence_limit(hello.report_interval_ms);
         // The purges are polled by the response itself: no task or channel between the
         // log and the socket. Config and warm messages come through `tx`.
-        let purges = purges::feed(
+        let purges = crate::fanout::feed(
             self.state.log.clone(),
             resume,
             handle.clone(),
-            self.state.pacer.clone(),
+            self.state.fanout.clone(),
             hello
                 .capabilities
                 .iter()
@@ -248,7 +247,7 @@ impl proto::Coordinator for SessionService {
         drop(tx);
         // The session counts among the pacer's senders until its report reader ends it
         // (not until the response is dropped, which a partition can hold off).
-        let sender = self.state.pacer.join();
+        let sender = self.state.fanout.pacer.join();
         let service = self.clone();
         let region = hello.region.clone();
         let ended = handle.ended.clone();

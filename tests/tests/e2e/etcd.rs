@@ -218,13 +218,13 @@ async fn the_etcd_client_does_cas_watch_election_and_survives_a_member() {
     }
 }
 
-/// The purge log on etcd (`coordinator::purge::etcd_log`): two coordinators appending at
+/// The purge log on etcd (`coordinator::purge::log::etcd`): two coordinators appending at
 /// once get dense, ordered, never-duplicated sequences, every answered append is stored
 /// under the sequences it was given, a member's death changes nothing, and with etcd gone
 /// an append fails instead of pretending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_share_one_dense_purge_log_on_etcd() {
-    use coordinator::purge::etcd_log::{Append, EtcdLog};
+    use coordinator::purge::log::etcd::{Append, EtcdLog};
     use coordinator::purge::log::NewPurge;
     use proto::edge::{purge_entry::Op, TagSet};
 
@@ -422,7 +422,7 @@ async fn one_leader_at_a_time_and_a_cut_off_leader_steps_down() {
 /// still sees every entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_see_every_entry_once_in_order_even_after_compaction() {
-    use coordinator::purge::etcd_log::{Append, EtcdLog};
+    use coordinator::purge::log::etcd::{Append, EtcdLog};
     use coordinator::purge::log::NewPurge;
     use etcd::etcdserverpb::CompactionRequest;
     use proto::edge::{purge_entry::Op, TagSet};

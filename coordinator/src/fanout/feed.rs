@@ -1,5 +1,5 @@
-//! Purges down the stream: where a session resumes ([`resume_point`]) and the [`feed`]
-//! that streams the log from there.
+//! One session's purges: where it resumes ([`resume_point`]) and the [`feed`] that
+//! streams the log from there.
 //!
 //! The feed is a stream the session's gRPC response polls itself, with no task or
 //! channel between the log and the socket: it waits on the log's head and yields every
@@ -10,14 +10,13 @@
 //!
 //! Fan-out cost is per session, so two things keep it small with a thousand edges. A
 //! batch from the log's tail goes out as bytes encoded once for every session at that
-//! cursor ([`PurgeLog::read_encoded`], written as-is by `proto::codec`). And after a
-//! send, the next one waits until the fan-out window has passed ([`Pacer`]): a purge
-//! storm reaches each edge as one batch per window instead of one per commit, while a
-//! lone purge (nothing sent within the window) goes at once. The window is 10 ms, and
-//! grows with the fleet during a storm (`purge::pacer`), when every sender sends on the
-//! pacer's shared ticks so the fleet shares one batch per tick. An agent that announces
-//! `purge_ranges` gets each run of tag purges in a batch as one range entry
-//! (`purge::ranges`): fewer bytes for every session to copy and send.
+//! cursor (`super::batches`). And after a send, the next one waits until the fan-out
+//! window has passed (`super::pacer`): a purge storm reaches each edge as one batch per
+//! window instead of one per commit, while a lone purge (nothing sent within the
+//! window) goes at once. The window is 10 ms, and grows with the fleet during a storm,
+//! when every sender sends on the pacer's shared ticks so the fleet shares one batch per
+//! tick. An agent that announces `purge_ranges` gets each run of tag purges in a batch
+//! as one range entry (`super::ranges`): fewer bytes for every session to copy and send.
 
 use std::sync::Arc;
 
@@ -26,9 +25,9 @@ use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::Status;
 
+use super::Fanout;
 use crate::edges::SessionHandle;
 use crate::purge::log::PurgeLog;
-use crate::purge::pacer::Pacer;
 
 /// Entries per batch message.
 const BATCH_ENTRIES: usize = 2048;
@@ -78,12 +77,13 @@ pub fn resume_point(
 }
 
 /// The purges for one agent, from `resume` on, as a stream the session's gRPC response
-/// polls itself; `ranges`: the agent takes range entries (`purge::ranges`).
-pub(super) fn feed(
+/// polls itself, paced and sharing encoded batches through `fanout`; `ranges`: the agent
+/// takes range entries (`super::ranges`).
+pub fn feed(
     log: PurgeLog,
     resume: ResumePoint,
     handle: SessionHandle,
-    pacer: Arc<Pacer>,
+    fanout: Arc<Fanout>,
     ranges: bool,
 ) -> impl Stream<Item = Result<CoordinatorMessage, Status>> + Send {
     let (opening_ban, next) = match resume {
@@ -102,7 +102,7 @@ pub(super) fn feed(
         head_rx: log.subscribe(),
         log,
         handle,
-        pacer,
+        fanout,
         ranges,
         opening_ban,
         next,
@@ -124,7 +124,7 @@ struct Feed {
     log: PurgeLog,
     head_rx: tokio::sync::watch::Receiver<u64>,
     handle: SessionHandle,
-    pacer: Arc<Pacer>,
+    fanout: Arc<Fanout>,
     ranges: bool,
     /// A full ban owed before the first entry (no usable cursor).
     opening_ban: Option<FullBan>,
@@ -164,9 +164,10 @@ impl Feed {
                 };
                 return Some(message(coordinator_message::Msg::FullBan(ban)));
             }
-            let read = self
-                .log
-                .read_encoded(self.next, up_to, BATCH_ENTRIES, self.ranges);
+            let read =
+                self.fanout
+                    .batches
+                    .read(&self.log, self.next, up_to, BATCH_ENTRIES, self.ranges);
             let batch = match read {
                 Some((last, encoded)) => {
                     self.next = last + 1;
@@ -209,7 +210,7 @@ impl Feed {
                 changed = self.head_rx.changed() => changed.ok()?,
             }
         }
-        let pacer = &self.pacer;
+        let pacer = &self.fanout.pacer;
         let window = pacer.window(self.log.head());
         // In a storm, on the fleet's clock: one batch per tick, up to the head at the tick.
         let tick = pacer.storm().then(|| {
@@ -306,8 +307,8 @@ mod tests {
             head: 2,
             reason: "no cursor",
         };
-        let pacer = Arc::new(Pacer::default());
-        let mut out = Box::pin(feed(log.clone(), resume, handle.clone(), pacer, false));
+        let fanout = Arc::new(Fanout::default());
+        let mut out = Box::pin(feed(log.clone(), resume, handle.clone(), fanout, false));
         match out
             .next()
             .await

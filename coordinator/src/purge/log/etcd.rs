@@ -1,5 +1,5 @@
 //! The purge log in etcd, for several coordinators sharing one log: the backend behind
-//! [`super::log::PurgeLog`] with `[store] backend = "etcd"`.
+//! [`super::PurgeLog`] with `[store] backend = "etcd"`.
 //!
 //! Layout under the configured prefix:
 //!
@@ -57,11 +57,12 @@ use prost::Message;
 use proto::edge::PurgeEntry;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::log::{
-    AppendReq, Appended, LogError, NewPurge, Retention, Shared, SpoolOpts, SpoolStats,
-    MAX_BATCH_REQUESTS, QUEUE_DEPTH,
-};
 use super::spool::Spool;
+use super::tail::Tail;
+use super::{
+    AppendReq, Appended, LogError, NewPurge, Retention, SpoolOpts, SpoolStats, MAX_BATCH_REQUESTS,
+    QUEUE_DEPTH,
+};
 use crate::clock::now_us;
 use crate::store_health::StoreHealth;
 
@@ -334,125 +335,6 @@ impl EtcdLog {
 }
 
 impl EtcdLog {
-    /// Every entry from `from` on, in order and exactly once, as they are committed by
-    /// any coordinator: the existing ones listed, then a watch from the listing's
-    /// revision. A watch that etcd cancels (compaction, a member lost) is re-created from
-    /// a fresh listing at the next expected sequence; an entry that is gone by then
-    /// (retention) shows as a jump in `seq`, which the reader treats as it treats a
-    /// trimmed log. The stream ends when the receiver is dropped.
-    pub fn follow(&self, from: u64) -> mpsc::Receiver<PurgeEntry> {
-        self.follow_at(from, None)
-    }
-
-    /// [`Self::follow`], with the first watch started at `revision` instead of after a
-    /// listing (to exercise the compacted-watch path).
-    #[doc(hidden)]
-    pub fn follow_at(&self, from: u64, revision: Option<i64>) -> mpsc::Receiver<PurgeEntry> {
-        let (tx, rx) = mpsc::channel(1024);
-        let log = self.clone();
-        tokio::spawn(async move {
-            let mut next = from.max(1);
-            let mut start_rev = revision;
-            let mut backoff = Duration::from_millis(100);
-            while !tx.is_closed() {
-                let before = next;
-                match log.follow_once(&mut next, start_rev.take(), &tx).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        if next > before {
-                            backoff = Duration::from_millis(100);
-                        }
-                        if backoff <= Duration::from_millis(100) {
-                            tracing::warn!(error = %e, next, "purge log watch ended; re-listing");
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        });
-        rx
-    }
-
-    /// Lists from `next` (unless a start revision is given), then watches. `Ok` only
-    /// when the receiver is gone.
-    async fn follow_once(
-        &self,
-        next: &mut u64,
-        start_rev: Option<i64>,
-        tx: &mpsc::Sender<PurgeEntry>,
-    ) -> Result<(), LogError> {
-        let watch_from = match start_rev {
-            Some(r) => r,
-            None => {
-                let revision = loop {
-                    let (entries, revision) = self.list(*next, 1000).await?;
-                    let full = entries.len() == 1000;
-                    for e in entries {
-                        *next = e.seq + 1;
-                        if tx.send(e).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    if !full {
-                        break revision;
-                    }
-                };
-                revision + 1
-            }
-        };
-        let prefix = self.key(b"log/e/");
-        let (req_tx, req_rx) = mpsc::channel(1);
-        let _ = req_tx
-            .send(WatchRequest {
-                request_union: Some(watch_request::RequestUnion::CreateRequest(
-                    WatchCreateRequest {
-                        key: self.entry_key(*next),
-                        range_end: etcd::prefix_end(&prefix),
-                        start_revision: watch_from,
-                        ..Default::default()
-                    },
-                )),
-            })
-            .await;
-        let mut stream = self
-            .etcd
-            .watch()
-            .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-            .await
-            .map_err(unavailable)?
-            .into_inner();
-        loop {
-            let resp = tokio::select! {
-                _ = tx.closed() => return Ok(()),
-                r = stream.message() => r.map_err(unavailable)?,
-            };
-            let Some(resp) = resp else {
-                return Err(LogError::Storage("etcd: watch stream closed".into()));
-            };
-            if resp.compact_revision > 0 || resp.canceled {
-                return Err(LogError::Storage(format!(
-                    "etcd: watch cancelled (compacted at revision {})",
-                    resp.compact_revision
-                )));
-            }
-            for ev in resp.events {
-                let Some(kv) = ev.kv.filter(|kv| !kv.value.is_empty()) else {
-                    continue; // a delete (retention)
-                };
-                let entry = PurgeEntry::decode(kv.value.as_slice())
-                    .map_err(|e| LogError::Storage(format!("corrupt entry in etcd: {e}")))?;
-                if entry.seq < *next {
-                    continue; // already delivered by the listing
-                }
-                *next = entry.seq + 1;
-                if tx.send(entry).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
-    }
-
     /// The oldest stored sequence (`None` for an empty log).
     pub async fn first(&self) -> Result<Option<u64>, LogError> {
         let prefix = self.key(b"log/e/");
@@ -630,14 +512,14 @@ async fn txn(etcd: &Etcd, req: TxnRequest) -> Result<TxnResponse, LogError> {
 }
 
 /// Starts the writer and the follower of `log`, with the tail loaded; returns what the
-/// [`super::log::PurgeLog`] handle reads and where it queues appends.
+/// [`super::PurgeLog`] handle reads and where it queues appends.
 pub(super) async fn start(
     log: EtcdLog,
     retention: Retention,
     trim: watch::Receiver<bool>,
     spool: SpoolOpts,
     stats: Arc<SpoolStats>,
-) -> Result<(Arc<Shared>, mpsc::Sender<AppendReq>), LogError> {
+) -> Result<(Arc<Tail>, mpsc::Sender<AppendReq>), LogError> {
     let mark_key = log.spool_mark_key(&spool.coordinator_id);
     let drained = log.spool_mark(&mark_key).await?;
     let mut file =
@@ -663,7 +545,7 @@ pub(super) async fn start(
     let head = log.head().await?;
     let first = log.first().await?.unwrap_or(head + 1);
     let from = first.max((head + 1).saturating_sub(START_TAIL));
-    let mut tail = VecDeque::new();
+    let mut entries = VecDeque::new();
     let mut next = from;
     while next <= head {
         let batch = log.read_from(next, 1000).await?;
@@ -671,28 +553,28 @@ pub(super) async fn start(
             break;
         };
         for e in batch.into_iter().filter(|e| e.seq <= head) {
-            if tail
+            if entries
                 .back()
                 .is_some_and(|b: &Arc<PurgeEntry>| b.seq + 1 != e.seq)
             {
-                tail.clear();
+                entries.clear();
             }
-            tail.push_back(Arc::new(e));
+            entries.push_back(Arc::new(e));
         }
         next = last + 1;
     }
-    let first = tail
+    let first = entries
         .front()
         .map(|e| e.seq)
         .unwrap_or(head + 1)
         .min(first.max(1));
-    let shared = Shared::new(head, first, tail);
+    let tail = Tail::new(head, first, entries);
     let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
-    tokio::spawn(write_loop(log.clone(), shared.clone(), rx, side.clone()));
-    tokio::spawn(drain_loop(log.clone(), shared.clone(), side));
-    tokio::spawn(follow_loop(log.clone(), shared.clone(), head + 1));
-    tokio::spawn(retention_loop(log, shared.clone(), retention, trim));
-    Ok((shared, queue))
+    tokio::spawn(write_loop(log.clone(), tail.clone(), rx, side.clone()));
+    tokio::spawn(drain_loop(log.clone(), tail.clone(), side));
+    tokio::spawn(follow_loop(log.clone(), tail.clone(), head + 1));
+    tokio::spawn(retention_loop(log, tail.clone(), retention, trim));
+    Ok((tail, queue))
 }
 
 /// What the writer and the drain share: the spool and how to reach it.
@@ -730,10 +612,10 @@ impl SpoolSide {
 
 /// Group commit: every append queued while the previous transaction ran goes into the
 /// next one, or into the spool (see the module docs). Ends when every
-/// [`super::log::PurgeLog`] handle is dropped.
+/// [`super::PurgeLog`] handle is dropped.
 async fn write_loop(
     log: EtcdLog,
-    shared: Arc<Shared>,
+    tail: Arc<Tail>,
     mut rx: mpsc::Receiver<AppendReq>,
     side: Arc<SpoolSide>,
 ) {
@@ -778,7 +660,7 @@ async fn write_loop(
         let spooling = side.stats.depth.load(Ordering::Acquire) > 0;
         let known_down = side.health.reachable() == Some(false);
         if !spooling && !known_down {
-            let guess = written.max(shared.durable.load(Ordering::Acquire));
+            let guess = written.max(tail.head());
             let deadline = tokio::time::Instant::now() + side.after;
             match direct(&log, &side, &entries, guess, deadline).await {
                 Ok(committed) => {
@@ -796,8 +678,8 @@ async fn write_loop(
                     // This coordinator's sessions need not wait for the watch to bring
                     // back what it just wrote, if nothing from elsewhere comes before it
                     // (else the watch delivers it all, in order).
-                    if shared.extend_next(committed.into_iter().map(Arc::new)) {
-                        shared.publish();
+                    if tail.extend_next(committed.into_iter().map(Arc::new)) {
+                        tail.publish();
                     }
                     continue;
                 }
@@ -877,9 +759,9 @@ async fn direct(
 
 /// Appends the spool to the shared log whenever it holds entries and etcd takes
 /// writes, in order and exactly once (see [`EtcdLog::drain`]).
-async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>) {
-    let weak = Arc::downgrade(&shared);
-    drop(shared);
+async fn drain_loop(log: EtcdLog, tail: Arc<Tail>, side: Arc<SpoolSide>) {
+    let weak = Arc::downgrade(&tail);
+    drop(tail);
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     loop {
@@ -893,7 +775,7 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>) {
             }
             continue;
         }
-        let Some(shared) = weak.upgrade() else {
+        let Some(tail) = weak.upgrade() else {
             return;
         };
         let drained = side.mark.load(Ordering::Acquire);
@@ -926,7 +808,7 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>) {
                 ..e
             })
             .collect();
-        let head = shared.durable.load(Ordering::Acquire);
+        let head = tail.head();
         let deadline = tokio::time::Instant::now() + DRAIN_ATTEMPT;
         let outcome = log
             .drain(&side.mark_key, &chunk, head, drained, deadline)
@@ -936,8 +818,8 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>) {
                 side.stats
                     .drained
                     .fetch_add(entries.len() as u64, Ordering::Relaxed);
-                if shared.extend_next(entries.into_iter().map(Arc::new)) {
-                    shared.publish();
+                if tail.extend_next(entries.into_iter().map(Arc::new)) {
+                    tail.publish();
                 }
                 upto
             }
@@ -949,7 +831,7 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>) {
                         "purge spool waits for etcd");
                     failing = true;
                 }
-                drop(shared);
+                drop(tail);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -973,13 +855,137 @@ async fn drain_loop(log: EtcdLog, shared: Arc<Shared>, side: Arc<SpoolSide>) {
     }
 }
 
+// Following the log: the entries every coordinator commits, from a listing and then
+// etcd's watch (`EtcdLog::follow`), fed into this coordinator's tail (`follow_loop`).
+
+impl EtcdLog {
+    /// Every entry from `from` on, in order and exactly once, as they are committed by
+    /// any coordinator: the existing ones listed, then a watch from the listing's
+    /// revision. A watch that etcd cancels (compaction, a member lost) is re-created from
+    /// a fresh listing at the next expected sequence; an entry that is gone by then
+    /// (retention) shows as a jump in `seq`, which the reader treats as it treats a
+    /// trimmed log. The stream ends when the receiver is dropped.
+    pub fn follow(&self, from: u64) -> mpsc::Receiver<PurgeEntry> {
+        self.follow_at(from, None)
+    }
+
+    /// [`Self::follow`], with the first watch started at `revision` instead of after a
+    /// listing (to exercise the compacted-watch path).
+    #[doc(hidden)]
+    pub fn follow_at(&self, from: u64, revision: Option<i64>) -> mpsc::Receiver<PurgeEntry> {
+        let (tx, rx) = mpsc::channel(1024);
+        let log = self.clone();
+        tokio::spawn(async move {
+            let mut next = from.max(1);
+            let mut start_rev = revision;
+            let mut backoff = Duration::from_millis(100);
+            while !tx.is_closed() {
+                let before = next;
+                match log.follow_once(&mut next, start_rev.take(), &tx).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        if next > before {
+                            backoff = Duration::from_millis(100);
+                        }
+                        if backoff <= Duration::from_millis(100) {
+                            tracing::warn!(error = %e, next, "purge log watch ended; re-listing");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    /// Lists from `next` (unless a start revision is given), then watches. `Ok` only
+    /// when the receiver is gone.
+    async fn follow_once(
+        &self,
+        next: &mut u64,
+        start_rev: Option<i64>,
+        tx: &mpsc::Sender<PurgeEntry>,
+    ) -> Result<(), LogError> {
+        let watch_from = match start_rev {
+            Some(r) => r,
+            None => {
+                let revision = loop {
+                    let (entries, revision) = self.list(*next, 1000).await?;
+                    let full = entries.len() == 1000;
+                    for e in entries {
+                        *next = e.seq + 1;
+                        if tx.send(e).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if !full {
+                        break revision;
+                    }
+                };
+                revision + 1
+            }
+        };
+        let prefix = self.key(b"log/e/");
+        let (req_tx, req_rx) = mpsc::channel(1);
+        let _ = req_tx
+            .send(WatchRequest {
+                request_union: Some(watch_request::RequestUnion::CreateRequest(
+                    WatchCreateRequest {
+                        key: self.entry_key(*next),
+                        range_end: etcd::prefix_end(&prefix),
+                        start_revision: watch_from,
+                        ..Default::default()
+                    },
+                )),
+            })
+            .await;
+        let mut stream = self
+            .etcd
+            .watch()
+            .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+            .await
+            .map_err(unavailable)?
+            .into_inner();
+        loop {
+            let resp = tokio::select! {
+                _ = tx.closed() => return Ok(()),
+                r = stream.message() => r.map_err(unavailable)?,
+            };
+            let Some(resp) = resp else {
+                return Err(LogError::Storage("etcd: watch stream closed".into()));
+            };
+            if resp.compact_revision > 0 || resp.canceled {
+                return Err(LogError::Storage(format!(
+                    "etcd: watch cancelled (compacted at revision {})",
+                    resp.compact_revision
+                )));
+            }
+            for ev in resp.events {
+                let Some(kv) = ev.kv.filter(|kv| !kv.value.is_empty()) else {
+                    continue; // a delete (retention)
+                };
+                let entry = PurgeEntry::decode(kv.value.as_slice())
+                    .map_err(|e| LogError::Storage(format!("corrupt entry in etcd: {e}")))?;
+                if entry.seq < *next {
+                    continue; // already delivered by the listing
+                }
+                *next = entry.seq + 1;
+                if tx.send(entry).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 /// Feeds the tail and the head from etcd's watch, for as long as the log is open.
-async fn follow_loop(log: EtcdLog, shared: Arc<Shared>, from: u64) {
+async fn follow_loop(log: EtcdLog, tail: Arc<Tail>, from: u64) {
     let mut rx = log.follow(from);
-    let weak = Arc::downgrade(&shared);
-    drop(shared);
+    let weak = Arc::downgrade(&tail);
+    drop(tail);
     while let Some(e) = rx.recv().await {
-        let Some(shared) = weak.upgrade() else {
+        let Some(tail) = weak.upgrade() else {
             return;
         };
         let mut batch = vec![Arc::new(e)];
@@ -989,8 +995,8 @@ async fn follow_loop(log: EtcdLog, shared: Arc<Shared>, from: u64) {
                 Err(_) => break,
             }
         }
-        shared.extend(batch);
-        shared.publish();
+        tail.extend(batch);
+        tail.publish();
     }
 }
 
@@ -998,20 +1004,20 @@ async fn follow_loop(log: EtcdLog, shared: Arc<Shared>, from: u64) {
 /// trimmed), and, on the leader, apply retention.
 async fn retention_loop(
     log: EtcdLog,
-    shared: Arc<Shared>,
+    tail: Arc<Tail>,
     retention: Retention,
     trim: watch::Receiver<bool>,
 ) {
-    let weak = Arc::downgrade(&shared);
-    drop(shared);
+    let weak = Arc::downgrade(&tail);
+    drop(tail);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(shared) = weak.upgrade() else {
+        let Some(tail) = weak.upgrade() else {
             return;
         };
-        let head = shared.durable.load(Ordering::Acquire);
+        let head = tail.head();
         if *trim.borrow() {
             match log.keep_from(head, retention).await {
                 Ok(Some(keep)) => match log.delete_before(keep).await {
@@ -1023,7 +1029,7 @@ async fn retention_loop(
             }
         }
         if let Ok(first) = log.first().await {
-            shared.trim(first.unwrap_or(head + 1));
+            tail.trim(first.unwrap_or(head + 1));
         }
     }
 }

@@ -84,7 +84,7 @@ impl Pacer {
     /// The start of the tick of length `window` that `now` falls in. In a storm every
     /// sender sends on these ticks, one batch per tick, up to [`Self::head_at`] that
     /// tick: senders at one cursor then ask for the same entries and share one encoded
-    /// batch (`PurgeLog::read_encoded`) instead of a thousand slightly different ones.
+    /// batch (`super::batches`) instead of a thousand slightly different ones.
     pub fn tick(&self, window: Duration, now: TokioInstant) -> TokioInstant {
         let since = now.saturating_duration_since(self.epoch).as_nanos();
         let w = window.as_nanos().max(1);

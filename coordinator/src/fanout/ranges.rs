@@ -18,8 +18,8 @@ use proto::edge::{purge_entry::Op, PurgeEntry, TagSet};
 
 /// The wire bytes of a batch of consecutive `entries` (each with its encoding as a
 /// `PurgeBatch` entry), with runs of tag purges merged when `ranges` is set.
-pub fn encode_batch<'a>(
-    entries: impl Iterator<Item = (&'a PurgeEntry, &'a Bytes)>,
+pub fn encode_batch<'a, 'b>(
+    entries: impl Iterator<Item = (&'a PurgeEntry, &'b Bytes)>,
     ranges: bool,
 ) -> Vec<u8> {
     let mut out = Vec::new();

@@ -16,7 +16,7 @@
 //! reads records until the first one that is short or fails its checksum, truncates the
 //! file there and logs what it dropped.
 //!
-//! The drain (`etcd_log`) appends pending entries to the shared log in id order and
+//! The drain (`etcd`) appends pending entries to the shared log in id order and
 //! records the highest drained id in etcd in the same transaction; [`Spool::drained`]
 //! then forgets them here. On open, [`Spool::skip_drained`] with the id read from etcd
 //! skips what a drain cut short by a crash had already committed, so each entry reaches
@@ -37,7 +37,7 @@ use prost::Message;
 use proto::edge::PurgeEntry;
 use sha2::{Digest, Sha256};
 
-use super::log::NewPurge;
+use super::NewPurge;
 
 /// The spool's file name under the state dir.
 pub const FILE_NAME: &str = "purge-spool.log";
@@ -183,7 +183,7 @@ impl Spool {
     }
 
     /// Takes the next `n` ids (for purges tried on etcd first: if that attempt times
-    /// out they are spooled under the same ids, see `etcd_log`). Ids are never reused; a
+    /// out they are spooled under the same ids, see `etcd`). Ids are never reused; a
     /// reservation never written leaves a gap, which is harmless.
     pub fn reserve(&mut self, n: u64) -> u64 {
         let first = self.next_id;
