@@ -19,6 +19,23 @@ use crate::leader::Leadership;
 /// The longest one etcd call from a store may take.
 pub const ETCD_CALL: Duration = Duration::from_secs(5);
 
+/// Why a call on the cluster's keys failed. The text is what callers show and log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    /// etcd answered with an error (its message).
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// etcd did not answer within [`ETCD_CALL`].
+    #[error("etcd: no answer")]
+    NoAnswer,
+    /// A fenced write from a coordinator that does not lead.
+    #[error("not the cluster's leader: only the leader writes this")]
+    NotLeader,
+    /// A fenced write whose fence no longer stands: another coordinator leads now.
+    #[error("deposed: another coordinator leads now; nothing was written")]
+    Deposed,
+}
+
 /// Keys and values, as read.
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -63,30 +80,30 @@ impl EtcdKv {
     fn block<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, tonic::Status>>,
-    ) -> Result<T, String> {
+    ) -> Result<T, KvError> {
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
                 match tokio::time::timeout(ETCD_CALL, f).await {
-                    Ok(r) => r.map_err(|e| format!("etcd: {}", e.message())),
-                    Err(_) => Err("etcd: no answer".to_owned()),
+                    Ok(r) => r.map_err(|e| KvError::Etcd(e.message().to_owned())),
+                    Err(_) => Err(KvError::NoAnswer),
                 }
             })
         })
     }
 
     /// The value of `suffix`.
-    pub fn get(&self, suffix: &str) -> Result<Option<Vec<u8>>, String> {
+    pub fn get(&self, suffix: &str) -> Result<Option<Vec<u8>>, KvError> {
         Ok(self.range(self.key(suffix), false)?.pop().map(|(_, v)| v))
     }
 
     /// The value of `suffix`, putting `value` there first if it does not exist (creating
     /// an immutable record needs no fence: every writer would write the same).
-    pub fn get_or_create(&self, suffix: &str, value: &[u8]) -> Result<Vec<u8>, String> {
+    pub fn get_or_create(&self, suffix: &str, value: &[u8]) -> Result<Vec<u8>, KvError> {
         self.block(self.etcd.get_or_create(&self.key(suffix), value))
     }
 
     /// Every (key suffix, value) under `suffix`, in key order.
-    pub fn list(&self, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+    pub fn list(&self, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
         let cut = self.prefix.len();
         Ok(self
             .range(self.key(suffix), true)?
@@ -100,7 +117,7 @@ impl EtcdKv {
             .collect())
     }
 
-    fn range(&self, key: Vec<u8>, prefix: bool) -> Result<Pairs, String> {
+    fn range(&self, key: Vec<u8>, prefix: bool) -> Result<Pairs, KvError> {
         let req = RangeRequest {
             range_end: if prefix {
                 etcd::prefix_end(&key)
@@ -114,9 +131,9 @@ impl EtcdKv {
         Ok(resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
     }
 
-    /// Puts every (suffix, value), in transactions of at most [`OPS_PER_TXN`], each
+    /// Puts every (suffix, value), in transactions of at most `OPS_PER_TXN` (100), each
     /// only while this coordinator's leader key stands.
-    pub fn put_fenced(&self, puts: &[(String, Vec<u8>)]) -> Result<(), String> {
+    pub fn put_fenced(&self, puts: &[(String, Vec<u8>)]) -> Result<(), KvError> {
         for chunk in puts.chunks(OPS_PER_TXN) {
             let ops = chunk
                 .iter()
@@ -128,7 +145,7 @@ impl EtcdKv {
     }
 
     /// Deletes every key under `suffix`, only while this coordinator leads.
-    pub fn delete_fenced(&self, suffix: &str) -> Result<(), String> {
+    pub fn delete_fenced(&self, suffix: &str) -> Result<(), KvError> {
         let key = self.key(suffix);
         self.txn_fenced(vec![RequestOp {
             request: Some(request_op::Request::RequestDeleteRange(
@@ -141,9 +158,9 @@ impl EtcdKv {
         }])
     }
 
-    fn txn_fenced(&self, ops: Vec<RequestOp>) -> Result<(), String> {
+    fn txn_fenced(&self, ops: Vec<RequestOp>) -> Result<(), KvError> {
         let Some(fence) = self.leadership.borrow().fence() else {
-            return Err("not the cluster's leader: only the leader writes this".into());
+            return Err(KvError::NotLeader);
         };
         let req = TxnRequest {
             compare: vec![fence],
@@ -153,7 +170,29 @@ impl EtcdKv {
         if self.block(self.etcd.txn(req))?.succeeded {
             Ok(())
         } else {
-            Err("deposed: another coordinator leads now; nothing was written".into())
+            Err(KvError::Deposed)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvError;
+
+    #[test]
+    fn errors_read_as_the_texts_callers_show() {
+        assert_eq!(
+            KvError::Etcd("lost leader".into()).to_string(),
+            "etcd: lost leader"
+        );
+        assert_eq!(KvError::NoAnswer.to_string(), "etcd: no answer");
+        assert_eq!(
+            KvError::NotLeader.to_string(),
+            "not the cluster's leader: only the leader writes this"
+        );
+        assert_eq!(
+            KvError::Deposed.to_string(),
+            "deposed: another coordinator leads now; nothing was written"
+        );
     }
 }

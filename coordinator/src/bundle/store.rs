@@ -130,7 +130,7 @@ impl ConfigStore {
             Backend::Etcd(e) => {
                 let stored =
                     e.kv.get_or_create(&format!("config/versions/{version}"), &bytes)
-                        .map_err(StoreError::Storage)?;
+                        .map_err(storage)?;
                 if let Ok(record) = serde_json::from_slice::<StoredVersion>(&stored) {
                     e.cache
                         .lock()
@@ -166,7 +166,7 @@ impl ConfigStore {
                 }
                 let Some(v) =
                     e.kv.get(&format!("config/versions/{version}"))
-                        .map_err(StoreError::Storage)?
+                        .map_err(storage)?
                 else {
                     return Ok(None);
                 };
@@ -194,7 +194,7 @@ impl ConfigStore {
         let records: Vec<Vec<u8>> = match &self.backend {
             Backend::Etcd(e) => {
                 e.kv.list("config/versions/")
-                    .map_err(StoreError::Storage)?
+                    .map_err(storage)?
                     .into_iter()
                     .map(|(_, v)| v)
                     .collect()
@@ -229,7 +229,7 @@ impl ConfigStore {
         let db = match &self.backend {
             Backend::Redb(db) => db,
             Backend::Etcd(e) => {
-                let Some(v) = e.kv.get("config/plan").map_err(StoreError::Storage)? else {
+                let Some(v) = e.kv.get("config/plan").map_err(storage)? else {
                     return Ok(None);
                 };
                 return serde_json::from_slice(&v)
@@ -255,7 +255,7 @@ impl ConfigStore {
                 return e
                     .kv
                     .put_fenced(&[("config/plan".to_owned(), bytes)])
-                    .map_err(StoreError::Storage)
+                    .map_err(storage)
             }
         };
         let mut txn = db.begin_write().map_err(storage)?;

@@ -70,6 +70,19 @@ use config::StoreConfig;
 use relay::Relay;
 use warm_relay::WarmRelay;
 
+pub use peers::PeerError;
+
+/// Why [`Cluster::read_from_leader`] has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderReadError {
+    #[error("no other coordinator leads")]
+    NoOtherLeader,
+    #[error("leader {0} is not among the members")]
+    NotAMember(String),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+}
+
 /// Why the cluster could not be joined.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -390,11 +403,11 @@ impl Cluster {
         &self,
         path: &str,
         token: Option<&str>,
-    ) -> Result<axum::body::Bytes, String> {
+    ) -> Result<axum::body::Bytes, LeaderReadError> {
         let (role, leader) = self.role();
         let leader = match (role, leader) {
             (Role::Follower, Some(l)) if l != self.me.id => l,
-            _ => return Err("no other coordinator leads".into()),
+            _ => return Err(LeaderReadError::NoOtherLeader),
         };
         let api = self
             .members
@@ -403,8 +416,8 @@ impl Cluster {
             .iter()
             .find(|m| m.id == leader)
             .map(|m| m.api.clone())
-            .ok_or_else(|| format!("leader {leader} is not among the members"))?;
-        peers::get_bytes(&self.client, &format!("{api}{path}"), token).await
+            .ok_or_else(|| LeaderReadError::NotAMember(leader.clone()))?;
+        Ok(peers::get_bytes(&self.client, &format!("{api}{path}"), token).await?)
     }
 
     /// Whether this coordinator has peers to share with (`[store] backend = "etcd"`).
@@ -957,13 +970,14 @@ impl Cluster {
                 self.warm_relay.accept(batch, &views.warm);
             }
             // 409: it does not lead (any more); the election names the next one soon.
-            Err(e) if e.starts_with("answered 409") => {
+            Err(e) if e.answered(hyper::StatusCode::CONFLICT) => {
                 tracing::debug!(peer = api, error = %e, "asked for warm work: not the leader now")
             }
             // Said once per failure spell: a refused token would repeat every second.
             Err(e) if !self.warm_pull_failing.swap(true, Relaxed) => {
-                let hint = (e.starts_with("answered 401") || e.starts_with("answered 403"))
-                    .then_some("the same [api] token_file on every coordinator?");
+                let hint = (e.answered(hyper::StatusCode::UNAUTHORIZED)
+                    || e.answered(hyper::StatusCode::FORBIDDEN))
+                .then_some("the same [api] token_file on every coordinator?");
                 tracing::warn!(
                     leader = api, error = %e, hint,
                     "cannot ask the leader for warm work: this coordinator's agents get no warm shards"

@@ -62,14 +62,17 @@ impl Ledger {
     /// Writes `entry` (only while this coordinator leads).
     pub fn put(&self, entry: &Entry) -> Result<(), String> {
         let value = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
-        self.kv.put_fenced(&[(Self::key(entry), value)])
+        self.kv
+            .put_fenced(&[(Self::key(entry), value)])
+            .map_err(|e| e.to_string())
     }
 
     /// Every entry, oldest first (an unreadable one is skipped).
     pub fn entries(&self) -> Result<Vec<Entry>, String> {
         Ok(self
             .kv
-            .list("alerts/")?
+            .list("alerts/")
+            .map_err(|e| e.to_string())?
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
             .collect())
@@ -79,7 +82,9 @@ impl Ledger {
     pub fn trim(&self, entries: &[Entry]) -> Result<(), String> {
         let excess = entries.len().saturating_sub(KEPT);
         for e in &entries[..excess] {
-            self.kv.delete_fenced(&Self::key(e))?;
+            self.kv
+                .delete_fenced(&Self::key(e))
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }

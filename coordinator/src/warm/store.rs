@@ -102,10 +102,10 @@ impl WarmStore {
         let corrupt = |e: serde_json::Error| WarmStoreError::Corrupt(e.to_string());
         if let Some(kv) = &self.etcd {
             let mut out = Vec::new();
-            for (_, v) in kv.list("warm/jobs/").map_err(WarmStoreError::Storage)? {
+            for (_, v) in kv.list("warm/jobs/").map_err(storage)? {
                 let mut job: Job = serde_json::from_slice(&v).map_err(corrupt)?;
                 let prefix = edges_key(job.id);
-                for (k, v) in kv.list(&prefix).map_err(WarmStoreError::Storage)? {
+                for (k, v) in kv.list(&prefix).map_err(storage)? {
                     let work: EdgeWork = serde_json::from_slice(&v).map_err(corrupt)?;
                     job.edges.insert(k[prefix.len()..].to_owned(), work);
                 }
@@ -137,9 +137,7 @@ impl WarmStore {
     pub fn put_job(&self, job: &Job) -> Result<(), WarmStoreError> {
         if let Some(kv) = &self.etcd {
             let bytes = serde_json::to_vec(job).map_err(storage)?;
-            return kv
-                .put_fenced(&[(job_key(job.id), bytes)])
-                .map_err(WarmStoreError::Storage);
+            return kv.put_fenced(&[(job_key(job.id), bytes)]).map_err(storage);
         }
         let txn = self.db()?.begin_write().map_err(storage)?;
         insert_job(&txn, job)?;
@@ -153,7 +151,7 @@ impl WarmStore {
         if let Some(kv) = &self.etcd {
             return kv
                 .put_fenced(&[(format!("{}{edge}", edges_key(job)), bytes)])
-                .map_err(WarmStoreError::Storage);
+                .map_err(storage);
         }
         let mut txn = self.db()?.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Eventual);
@@ -186,7 +184,7 @@ impl WarmStore {
             }
             // The record last: until it says `running`, the shards are never read.
             puts.push((job_key(job.id), serde_json::to_vec(job).map_err(storage)?));
-            return kv.put_fenced(&puts).map_err(WarmStoreError::Storage);
+            return kv.put_fenced(&puts).map_err(storage);
         }
         let mut index = 0u32;
         let db = self.db()?;
@@ -222,7 +220,7 @@ impl WarmStore {
         if let Some(kv) = &self.etcd {
             let v = kv
                 .get(&format!("{}{shard:010}", shards_key(job)))
-                .map_err(WarmStoreError::Storage)?
+                .map_err(storage)?
                 .ok_or_else(|| {
                     WarmStoreError::Corrupt(format!("job {job} has no shard {shard}"))
                 })?;
@@ -245,9 +243,7 @@ impl WarmStore {
     /// transactions so that freed pages are reused rather than the file growing.
     pub fn drop_shards(&self, job: u64) -> Result<(), WarmStoreError> {
         if let Some(kv) = &self.etcd {
-            return kv
-                .delete_fenced(&shards_key(job))
-                .map_err(WarmStoreError::Storage);
+            return kv.delete_fenced(&shards_key(job)).map_err(storage);
         }
         loop {
             let txn = self.db()?.begin_write().map_err(storage)?;
