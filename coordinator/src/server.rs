@@ -190,14 +190,10 @@ pub async fn run(
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
-    let geo_task = state.geo.clone().map(|geo| {
-        tokio::spawn(geo.run(
-            state.monitor.clone(),
-            state.edges.clone(),
-            state.log.clone(),
-            shutdown.clone(),
-        ))
-    });
+    let geo_task = state
+        .geo
+        .clone()
+        .map(|geo| tokio::spawn(geo.run(state.monitor.clone(), shutdown.clone())));
     let dns_task = match (
         listeners.dns,
         state.geo.clone().and_then(crate::geo::dns::router),

@@ -216,11 +216,11 @@ mod tests {
 
     fn zone() -> Zone {
         let geo = Arc::new(super::super::tests::geo(30));
-        geo.observe(
+        let facts = super::super::tests::facts(
             &super::super::tests::all_up(),
             &super::super::tests::all_edges(),
-            0.0,
         );
+        geo.observe(&facts, 0.0);
         let config: super::super::DnsConfig = toml::from_str(
             "listen = \"127.0.0.1:0\"\nzone = \"Shop.Example\"\nnames = [\"www\", \"@\"]",
         )

@@ -4,9 +4,9 @@
 //!
 //! [`Geo`] joins three things: the MaxMind database ([`db::GeoDb`], swapped atomically
 //! on change), the regions' coordinates and addresses from `[[regions]]`, and what each
-//! region looks like now. That last part is observed by [`Geo::run`] once a second from
-//! the one place that decides health ([`crate::monitor::Monitor::health`]) and the purge
-//! lag of every connected edge ([`crate::edges::EdgeRegistry::list_with_lag`]), passed
+//! region looks like now. That last part is observed by [`Geo::run`] twice a second from
+//! the one place that decides health ([`crate::monitor::Monitor::regions`]: each region's
+//! health with its connected agents and worst purge lag, [`RegionFacts`]), passed
 //! through the `recover_s` hold-down ([`route::Recovery`]) and kept as an immutable
 //! snapshot. A lookup reads the snapshot and the database and calls the pure
 //! [`route::decide`]; it takes no lock that a slow task holds, and never waits on an
@@ -30,10 +30,8 @@ use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::edges::{EdgeRegistry, EdgeView};
 use crate::metrics::{collector, counter, counter_value, gauge, gauge_value, Label, Registry};
-use crate::monitor::{Diagnosis, Health, Monitor, RegionHealth};
-use crate::purge::log::PurgeLog;
+use crate::monitor::{Health, Monitor, RegionFacts};
 pub use config::{DnsConfig, GeoConfig};
 pub use countries::{CountryView, NetCount};
 use db::{DbError, DbInfo, GeoDb};
@@ -216,15 +214,15 @@ impl Geo {
             .min_by(|a, b| a.1.total_cmp(&b.1))
     }
 
-    /// Takes one observation of every region: `health` from monitoring, `edges` with
-    /// their lag. `now_s` is seconds on a monotonic clock.
-    pub fn observe(&self, health: &BTreeMap<String, RegionHealth>, edges: &[EdgeView], now_s: f64) {
+    /// Takes one observation of every region: `regions` as monitoring judges them (their
+    /// health, connected agents and purge lag). `now_s` is seconds on a monotonic clock.
+    pub fn observe(&self, regions: &BTreeMap<String, RegionFacts>, now_s: f64) {
         let mut recovery = self.recovery.lock().unwrap_or_else(|p| p.into_inner());
         let states = self
             .regions
             .iter()
             .map(|r| {
-                let problems = problems(&self.config, health.get(&r.name), edges, &r.name);
+                let problems = problems(&self.config, regions.get(&r.name));
                 state_of(r, recovery.observe(&r.name, problems, now_s))
             })
             .collect();
@@ -244,13 +242,7 @@ impl Geo {
 
     /// Observes the regions every second and checks the database file every
     /// `reload_check_s`, until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        monitor: Arc<Monitor>,
-        edges: Arc<EdgeRegistry>,
-        log: PurgeLog,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(self: Arc<Self>, monitor: Arc<Monitor>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let check_every = Duration::from_secs(self.config.reload_check_s);
@@ -260,9 +252,7 @@ impl Geo {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let health = monitor.health();
-            let list = edges.list_with_lag(&log);
-            self.observe(&health, &list, self.started.elapsed().as_secs_f64());
+            self.observe(&monitor.regions(), self.started.elapsed().as_secs_f64());
             if last_check.elapsed() >= check_every {
                 last_check = tokio::time::Instant::now();
                 let geo = self.clone();
@@ -296,39 +286,24 @@ fn state_of(r: &RegionPoint, why_not: Vec<WhyNot>) -> RegionState {
     }
 }
 
-/// What keeps `region` from shoppers now, before the recovery hold-down.
-fn problems(
-    config: &GeoConfig,
-    health: Option<&RegionHealth>,
-    edges: &[EdgeView],
-    region: &str,
-) -> Vec<WhyNot> {
+/// What keeps a region from shoppers now, before the recovery hold-down, from what
+/// monitoring knows of it (`None`: nothing, no agent ever seen).
+fn problems(config: &GeoConfig, region: Option<&RegionFacts>) -> Vec<WhyNot> {
+    let Some(region) = region else {
+        return vec![WhyNot::NoAgents];
+    };
     let mut out = Vec::new();
     // A region out of this coordinator's sight (`unknown`: a silent peer, etcd
     // unreadable) keeps the shoppers it had: not seeing it is no reason to move them.
-    if health.is_some_and(|h| h.diagnosis.is_some_and(Diagnosis::is_blind)) {
+    if region.blind() {
         return out;
     }
-    let connected: Vec<&EdgeView> = edges
-        .iter()
-        .filter(|e| e.region == region && e.connected)
-        .collect();
-    let no_agents = connected.is_empty()
-        || health.is_some_and(|h| {
-            matches!(
-                h.diagnosis,
-                Some(Diagnosis::NoAgents | Diagnosis::AgentLost)
-            )
-        });
-    if no_agents {
+    if region.without_agents() {
         out.push(WhyNot::NoAgents);
-    } else if health.is_none_or(|h| h.health == Health::Down) {
+    } else if region.health.health == Health::Down {
         out.push(WhyNot::Down);
     }
-    let stale = connected.iter().any(|e| {
-        e.lag > config.max_purge_lag || e.lag_s.is_some_and(|s| s > config.max_purge_lag_s)
-    });
-    if stale {
+    if region.behind(config.max_purge_lag, config.max_purge_lag_s) {
         out.push(WhyNot::Stale);
     }
     out

@@ -1,5 +1,7 @@
 use super::*;
+use crate::edges::EdgeView;
 use crate::geo::db::tests::test_db;
+use crate::monitor::{Diagnosis, RegionHealth};
 
 pub(super) fn geo(recover_s: u64) -> Geo {
     let config = GeoConfig {
@@ -62,6 +64,20 @@ fn health(states: &[(&str, Health, Option<Diagnosis>)]) -> BTreeMap<String, Regi
         .collect()
 }
 
+/// What monitoring would say of regions judged `health` whose edges are `edges`.
+pub(super) fn facts(
+    health: &BTreeMap<String, RegionHealth>,
+    edges: &[EdgeView],
+) -> BTreeMap<String, RegionFacts> {
+    health
+        .iter()
+        .map(|(name, h)| {
+            let mine: Vec<&EdgeView> = edges.iter().filter(|e| e.region == *name).collect();
+            (name.clone(), RegionFacts::of(h.clone(), &mine))
+        })
+        .collect()
+}
+
 pub(super) fn all_up() -> BTreeMap<String, RegionHealth> {
     health(&[
         ("eu-west", Health::Up, None),
@@ -96,7 +112,7 @@ fn before_any_agent_every_answer_says_so() {
 #[test]
 fn nearest_per_ip_and_unknown_to_default() {
     let g = geo(30);
-    g.observe(&all_up(), &all_edges(), 0.0);
+    g.observe(&facts(&all_up(), &all_edges()), 0.0);
     let london = g.route(ip("81.2.69.142"));
     assert_eq!(
         (london.region.as_str(), london.reason),
@@ -120,14 +136,14 @@ fn nearest_per_ip_and_unknown_to_default() {
 #[test]
 fn down_stale_and_recovering_regions_are_skipped() {
     let g = geo(30);
-    g.observe(&all_up(), &all_edges(), 0.0);
+    g.observe(&facts(&all_up(), &all_edges()), 0.0);
     // eu-west's varnishd died: monitoring says down.
     let mut h = all_up();
     h.insert(
         "eu-west".into(),
         health(&[("eu-west", Health::Down, Some(Diagnosis::EdgeDown))])["eu-west"].clone(),
     );
-    g.observe(&h, &all_edges(), 1.0);
+    g.observe(&facts(&h, &all_edges()), 1.0);
     let r = g.route(ip("81.2.69.142"));
     assert_eq!(
         (r.region.as_str(), r.reason),
@@ -135,23 +151,23 @@ fn down_stale_and_recovering_regions_are_skipped() {
     );
     assert_eq!(r.candidates[0].why_not, vec![WhyNot::Down]);
     // Back up: held for recover_s.
-    g.observe(&all_up(), &all_edges(), 2.0);
+    g.observe(&facts(&all_up(), &all_edges()), 2.0);
     let r = g.route(ip("81.2.69.142"));
     assert_eq!(r.candidates[0].why_not, vec![WhyNot::Recovering]);
     assert_eq!(r.region, "us-west");
-    g.observe(&all_up(), &all_edges(), 32.0);
+    g.observe(&facts(&all_up(), &all_edges()), 32.0);
     assert_eq!(g.route(ip("81.2.69.142")).region, "eu-west");
 
     // Stale by entries, then by seconds; a disconnected edge is health's business.
     let mut edges = all_edges();
     edges[0] = edge("eu-west", true, 11, Some(0.5));
-    g.observe(&all_up(), &edges, 40.0);
+    g.observe(&facts(&all_up(), &edges), 40.0);
     assert_eq!(
         g.route(ip("81.2.69.142")).candidates[0].why_not,
         vec![WhyNot::Stale]
     );
     edges[0] = edge("eu-west", true, 3, Some(6.0));
-    g.observe(&all_up(), &edges, 41.0);
+    g.observe(&facts(&all_up(), &edges), 41.0);
     assert_eq!(
         g.route(ip("81.2.69.142")).candidates[0].why_not,
         vec![WhyNot::Stale]
@@ -162,7 +178,7 @@ fn down_stale_and_recovering_regions_are_skipped() {
         ("us-west", Health::Up, None),
         ("ap-northeast", Health::Up, None),
     ]);
-    g.observe(&h, &edges, 42.0);
+    g.observe(&facts(&h, &edges), 42.0);
     assert_eq!(
         g.route(ip("81.2.69.142")).candidates[0].why_not,
         vec![WhyNot::NoAgents]
@@ -177,7 +193,7 @@ fn unknown_client_with_default_down_goes_to_first_eligible() {
         ("us-west", Health::Down, Some(Diagnosis::EdgeDown)),
         ("ap-northeast", Health::Up, None),
     ]);
-    g.observe(&h, &all_edges(), 0.0);
+    g.observe(&facts(&h, &all_edges()), 0.0);
     let r = g.route(ip("127.0.0.1"));
     assert_eq!(
         (r.region.as_str(), r.reason),
@@ -234,7 +250,7 @@ fn a_region_out_of_sight_keeps_its_shoppers() {
             ("us-west", Health::Up, None),
             ("ap-northeast", Health::Up, None),
         ]);
-        g.observe(&h, &edges, 0.0);
+        g.observe(&facts(&h, &edges), 0.0);
         let r = g.route(ip("81.2.69.142"));
         assert_eq!(r.region, "eu-west", "{blind}: {r:?}");
         assert!(r.candidates[0].why_not.is_empty(), "{r:?}");

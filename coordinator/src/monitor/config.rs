@@ -19,9 +19,11 @@ pub struct MonitoringConfig {
     #[serde(default = "default_successes_to_up")]
     pub successes_to_up: u32,
     /// A connected edge whose oldest unapplied purge waited longer than this is
-    /// `purge_stalled`, its region `degraded` (seconds).
-    #[serde(default = "default_purge_lag_s")]
-    pub purge_lag_s: u64,
+    /// `purge_stalled`, its region `degraded` (seconds; the same knob as `[geo]
+    /// max_purge_lag_s`, which keeps shoppers away from such a region). Formerly
+    /// `purge_lag_s`, still read.
+    #[serde(default = "default_max_purge_lag_s", alias = "purge_lag_s")]
+    pub max_purge_lag_s: f64,
     /// After the coordinator starts, a region with no agent yet reads `down`
     /// (`no_agents`) but alerts only once this passed (agents are still dialling in).
     #[serde(default = "default_startup_grace_s")]
@@ -39,15 +41,15 @@ impl Default for MonitoringConfig {
             origin: None,
             failures_to_down: default_failures_to_down(),
             successes_to_up: default_successes_to_up(),
-            purge_lag_s: default_purge_lag_s(),
+            max_purge_lag_s: default_max_purge_lag_s(),
             startup_grace_s: default_startup_grace_s(),
             varnish_restart_s: default_varnish_restart_s(),
         }
     }
 }
 
-fn default_purge_lag_s() -> u64 {
-    10
+fn default_max_purge_lag_s() -> f64 {
+    10.0
 }
 
 fn default_startup_grace_s() -> u64 {
@@ -181,8 +183,8 @@ fn default_attempts() -> u32 {
 impl MonitoringConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: &str| Err(ConfigError::invalid(m));
-        if self.purge_lag_s == 0 {
-            return invalid("monitoring.purge_lag_s must be positive");
+        if !(self.max_purge_lag_s.is_finite() && self.max_purge_lag_s > 0.0) {
+            return invalid("monitoring.max_purge_lag_s must be a positive number of seconds");
         }
         if self.failures_to_down == 0 || self.successes_to_up == 0 {
             return invalid("monitoring.failures_to_down and successes_to_up must be positive");
@@ -272,5 +274,24 @@ impl AlertsConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_purge_lag_bound_reads_its_old_name_too() {
+        let new: MonitoringConfig = toml::from_str("max_purge_lag_s = 2.5").expect("toml");
+        assert_eq!(new.max_purge_lag_s, 2.5);
+        // A config written before the rename (`purge_lag_s`, whole seconds) still loads.
+        let old: MonitoringConfig = toml::from_str("purge_lag_s = 30").expect("old toml");
+        assert_eq!(old.max_purge_lag_s, 30.0);
+        assert!(old.validate().is_ok());
+        assert_eq!(MonitoringConfig::default().max_purge_lag_s, 10.0);
+        let zero: MonitoringConfig = toml::from_str("max_purge_lag_s = 0").expect("toml");
+        let err = zero.validate().expect_err("zero");
+        assert!(err.to_string().contains("max_purge_lag_s"), "{err}");
     }
 }

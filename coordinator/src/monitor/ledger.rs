@@ -5,7 +5,7 @@
 //! and only the leader sends. The leader writes each alert it forms to etcd
 //! (`alerts/<at_ms>-<id>`, fenced on its leader key) before it goes to the webhooks, and
 //! marks it `sent` once every webhook was tried. A coordinator that becomes the leader
-//! ([`super::Monitor::run`]) first sends what the ledger holds unsent, under the same
+//! ([`super::Monitor::run`], in `alerts`) first sends what the ledger holds unsent, under the same
 //! `id`, then whatever it formed itself in the last [`TAKEOVER_WINDOW_MS`] while still a
 //! follower that no ledger entry covers (the change happened as the old leader died).
 //! Delivery is therefore at least once: a leader that died after a webhook took the
@@ -21,6 +21,21 @@ use serde::{Deserialize, Serialize};
 
 use super::Change;
 use crate::etcd_kv::EtcdKv;
+
+/// Why the ledger could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// An entry could not be encoded.
+    #[error("alert ledger entry: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// etcd refused or did not answer (a write also fails once this coordinator no
+    /// longer leads: the fence).
+    #[error("{0}")]
+    Store(String),
+    /// This coordinator knows etcd unreachable: no read that could only time out.
+    #[error("etcd is unreachable")]
+    Unreachable,
+}
 
 /// Entries kept in etcd.
 pub const KEPT: usize = 50;
@@ -60,31 +75,31 @@ impl Ledger {
     }
 
     /// Writes `entry` (only while this coordinator leads).
-    pub fn put(&self, entry: &Entry) -> Result<(), String> {
-        let value = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
+    pub fn put(&self, entry: &Entry) -> Result<(), LedgerError> {
+        let value = serde_json::to_vec(entry)?;
         self.kv
             .put_fenced(&[(Self::key(entry), value)])
-            .map_err(|e| e.to_string())
+            .map_err(|e| LedgerError::Store(e.to_string()))
     }
 
     /// Every entry, oldest first (an unreadable one is skipped).
-    pub fn entries(&self) -> Result<Vec<Entry>, String> {
+    pub fn entries(&self) -> Result<Vec<Entry>, LedgerError> {
         Ok(self
             .kv
             .list("alerts/")
-            .map_err(|e| e.to_string())?
+            .map_err(|e| LedgerError::Store(e.to_string()))?
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
             .collect())
     }
 
     /// Deletes all but the newest [`KEPT`] of `entries` (oldest first).
-    pub fn trim(&self, entries: &[Entry]) -> Result<(), String> {
+    pub fn trim(&self, entries: &[Entry]) -> Result<(), LedgerError> {
         let excess = entries.len().saturating_sub(KEPT);
         for e in &entries[..excess] {
             self.kv
                 .delete_fenced(&Self::key(e))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| LedgerError::Store(e.to_string()))?;
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use coordinator::edges::EdgeView;
 use coordinator::geo::{Geo, GeoConfig, RegionPoint};
-use coordinator::monitor::{Health, RegionHealth};
+use coordinator::monitor::{Health, RegionFacts, RegionHealth};
 use tests::{percentiles_line, CoordinatorOpts, CoordinatorProc, Pdns};
 use tokio::io::BufReader;
 
@@ -109,11 +109,15 @@ fn in_process(database: &PathBuf, n: usize) {
             (r.name.clone(), h)
         })
         .collect();
-    let edges: Vec<EdgeView> = regions()
-        .iter()
-        .map(|r| EdgeView::new(&format!("{}-1", r.name), &r.name))
+    let facts: BTreeMap<String, RegionFacts> = health
+        .into_iter()
+        .map(|(name, h)| {
+            let edge = EdgeView::new(&format!("{name}-1"), &name);
+            let facts = RegionFacts::of(h, &[&edge]);
+            (name, facts)
+        })
         .collect();
-    geo.observe(&health, &edges, 0.0);
+    geo.observe(&facts, 0.0);
     let ips: Vec<IpAddr> = CLIENTS.iter().map(|s| s.parse().expect("ip")).collect();
     // Warm up, then throughput over n decisions on this one thread.
     let mut sink = 0usize;
