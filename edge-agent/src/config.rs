@@ -90,6 +90,34 @@ pub struct AgentConfig {
     pub client_nets_interval_s: u64,
 }
 
+impl AgentConfig {
+    /// An agent `id` in `region` dialling `coordinator`, with every interval and bound at
+    /// its default (the demo and the end-to-end tests build their agents' files from it).
+    pub fn new(
+        id: &str,
+        region: &str,
+        coordinator: Coordinators,
+        state_dir: PathBuf,
+        varnish: VarnishConfig,
+    ) -> Self {
+        AgentConfig {
+            id: id.to_owned(),
+            region: region.to_owned(),
+            coordinator,
+            state_dir,
+            varnish,
+            tls: None,
+            report_interval_s: default_report_interval_s(),
+            purge_window_ms: default_purge_window_ms(),
+            stats_interval_s: default_stats_interval_s(),
+            top_urls: default_top_urls(),
+            top_urls_interval_s: default_top_urls_interval_s(),
+            client_nets: default_client_nets(),
+            client_nets_interval_s: default_client_nets_interval_s(),
+        }
+    }
+}
+
 fn default_purge_window_ms() -> u64 {
     20
 }
@@ -141,6 +169,21 @@ pub struct VarnishConfig {
     /// turned into a full ban.
     #[serde(default = "default_max_ban_bytes")]
     pub max_ban_bytes: usize,
+}
+
+impl VarnishConfig {
+    /// The varnishd at `http` / `admin` with its `-S` secret, in the default ban mode.
+    pub fn new(http: SocketAddr, admin: SocketAddr, secret_file: PathBuf) -> Self {
+        VarnishConfig {
+            http,
+            admin,
+            secret_file,
+            purge_mode: PurgeMode::default(),
+            instance: None,
+            timeout_ms: default_timeout_ms(),
+            max_ban_bytes: default_max_ban_bytes(),
+        }
+    }
 }
 
 /// `[tls]`: the agent's client certificate and the cluster CA.

@@ -19,10 +19,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{
-    assert_eventually, get_json, regions_toml, temp_dir, AgentProc, CoordinatorOpts,
-    CoordinatorProc, EtcdCluster, OriginServer, Proxy, VarnishNode,
+use crate::assert_eventually;
+use crate::cluster::regions;
+use crate::http::get_json;
+use crate::magento::OriginServer;
+use crate::procs::{
+    require_varnish, temp_dir, AgentProc, CoordinatorOpts, CoordinatorProc, EtcdCluster,
+    VarnishNode,
 };
+use crate::proxy::Proxy;
 
 /// Which coordinators each agent lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,18 +90,13 @@ pub struct HaCluster {
 impl HaCluster {
     /// Starts everything and waits until every coordinator shows every edge connected.
     pub async fn start(opts: HaOpts) -> HaCluster {
-        crate::require_varnish();
+        require_varnish();
         let dir = temp_dir();
         let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
         let origin = OriginServer::start().await;
         let mut c = Vec::new();
         let mut etcd_links = Vec::new();
         let mut peer_links = Vec::new();
-        let mut regions = regions_toml(opts.regions, origin.addr);
-        for (i, keys) in opts.region_keys.iter().enumerate() {
-            let name = format!("name = \"region-{i}\"\n");
-            regions = regions.replace(&name, &format!("{name}{keys}\n"));
-        }
         for i in 0..opts.coordinators {
             let id = format!("c{}", i + 1);
             let mut links = Vec::new();
@@ -115,9 +115,10 @@ impl HaCluster {
             let peer = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 1))).await;
             let co = CoordinatorOpts {
                 insecure: true,
+                regions: regions(opts.regions, origin.addr),
+                region_keys: opts.region_keys.clone(),
                 extra: format!(
-                    "{}\n{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/vc-test/\"\nid = \"{id}\"\nlease_ttl_s = 2\nadvertise_api = \"http://{}\"\n{}\n",
-                    regions,
+                    "{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/vc-test/\"\nid = \"{id}\"\nlease_ttl_s = 2\nadvertise_api = \"http://{}\"\n{}\n",
                     opts.extra.replace("{origin}", &origin.addr.to_string()),
                     endpoints.join(", "),
                     peer.addr,

@@ -7,6 +7,7 @@
 //! `cluster.json` is written once every agent is connected. Children are not restarted;
 //! SIGINT/SIGTERM stops them all.
 
+pub mod configs;
 pub mod origin;
 pub mod process;
 
@@ -21,9 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use coordinator::bundle::{self, vars::Vars, Bundle};
-use coordinator::config::{
-    ApiConfig, CoordinatorConfig, GrpcConfig, PurgeConfig, RegionConfig, RolloutConfig, TlsConfig,
-};
+use coordinator::config::{CoordinatorConfig, RegionConfig, RolloutConfig, TlsConfig};
 use coordinator::rollout::Phase;
 use coordinator::server::{self, Listeners, ServeError};
 use process::{Child, ProcessError, VarnishSpec};
@@ -229,18 +228,16 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             key: pki_dir.join("coordinator.key"),
         })
     };
+    let base = configs::coordinator(&configs::CoordinatorFiles {
+        purge: port(1),
+        grpc: port(2),
+        api: port(3),
+        token_file: token_file.clone(),
+        warm_token_file,
+        tls: tls_files.clone(),
+    })
+    .map_err(|e| DemoError::Invalid(e.to_string()))?;
     let config = CoordinatorConfig {
-        purge: toml::from_str::<PurgeConfig>(&format!("listen = \"{}\"", port(1)))
-            .map_err(|e| DemoError::Invalid(e.to_string()))?,
-        grpc: GrpcConfig {
-            handshakes_per_source: coordinator::accept::HANDSHAKES_PER_SOURCE,
-            listen: port(2),
-            tls: tls_files.clone(),
-        },
-        api: ApiConfig {
-            token_file: Some(token_file.clone()),
-            ..ApiConfig::new(port(3))
-        },
         regions: names
             .iter()
             .enumerate()
@@ -278,11 +275,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         }],
         alerts: Default::default(),
         warm: coordinator::config::WarmConfig {
-            token_file: Some(warm_token_file),
             shield: args.tiered.then(|| names[0].clone()),
             host: Some(DEMO_HOST.into()),
             rewarm_after_purge: true,
-            ..Default::default()
+            ..base.warm.clone()
         },
         geo: match &args.geoip {
             Some(db) => Some(
@@ -305,17 +301,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             ),
             None => None,
         },
-        store: Default::default(),
+        ..base
     };
     config
         .validate()
         .map_err(|e| DemoError::Invalid(e.to_string()))?;
     let config_path = dir.join("coordinator.toml");
-    std::fs::write(
-        &config_path,
-        toml::to_string_pretty(&config).unwrap_or_default(),
-    )
-    .map_err(io("cannot write coordinator.toml"))?;
+    configs::write(&config_path, &config).map_err(io("cannot write coordinator.toml"))?;
     let listeners = Listeners::bind(&config).await.map_err(io("coordinator"))?;
     let handles = server::open(&config, &dir.join("coordinator-state")).await?;
     let edges = handles.edges.clone();
@@ -364,30 +356,30 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             let varnish = process::start_varnishd(&spec, &rdir.join("varnishd.log")).await?;
             let agent_config = rdir.join("edge-agent.toml");
             let id = format!("{name}-1");
-            let (scheme, tls_table) = if args.insecure {
-                ("http", String::new())
+            let tls = if args.insecure {
+                None
             } else {
                 coordinator::pki::issue(&pki_dir, &id, name, coordinator::pki::LEAF_DAYS)
                     .map_err(|e| DemoError::Invalid(e.to_string()))?;
-                (
-                    "https",
-                    format!(
-                        "\n[tls]\nca = \"{ca}\"\ncert = \"{dir}/{id}.pem\"\nkey = \"{dir}/{id}.key\"\n",
-                        ca = pki_dir.join("ca.pem").display(),
-                        dir = pki_dir.display()
-                    ),
-                )
+                Some(configs::agent_tls(&pki_dir, &id))
             };
-            let agent_toml = format!(
-                "id = \"{id}\"\nregion = \"{name}\"\ncoordinator = \"{scheme}://{grpc}\"\nstate_dir = \"{state}\"\n\n[varnish]\nhttp = \"{http}\"\nadmin = \"{admin}\"\nsecret_file = \"{secret}\"\npurge_mode = \"{mode}\"\ninstance = \"{instance}\"\n{tls_table}",
-                instance = rdir.join("varnish").display(),
-                grpc = port(2),
-                state = rdir.join("agent-state").display(),
-                secret = secret_file.display(),
-                mode = args.purge_mode,
+            let mode = configs::purge_mode(&args.purge_mode)
+                .map_err(|e| DemoError::Invalid(e.to_string()))?;
+            let agent = configs::agent(
+                &id,
+                name,
+                &[port(2)],
+                tls,
+                rdir.join("agent-state"),
+                &configs::VarnishFiles {
+                    http,
+                    admin,
+                    secret_file: secret_file.clone(),
+                    instance: rdir.join("varnish"),
+                },
+                mode,
             );
-            std::fs::write(&agent_config, agent_toml)
-                .map_err(io("cannot write edge-agent.toml"))?;
+            configs::write(&agent_config, &agent).map_err(io("cannot write edge-agent.toml"))?;
             let mut agent_args = vec!["--config".to_owned(), agent_config.display().to_string()];
             if args.insecure {
                 agent_args.push("--insecure".into());

@@ -46,7 +46,7 @@ async fn main() {
     let dir = tests::temp_dir();
     let origin = OriginServer::start().await;
     let opts = CoordinatorOpts {
-        extra: tests::regions_toml(args.agents, origin.addr),
+        regions: tests::regions(args.agents, origin.addr),
         ..CoordinatorOpts::default()
     };
     let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;

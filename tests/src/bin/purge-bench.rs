@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tests::{
-    get_json, magento_purge, raw, tags_pattern, AgentProc, CoordinatorOpts, CoordinatorProc,
-    OriginServer, VarnishNode,
+    get_json, magento_purge, raw, tags_pattern, AgentOpts, AgentProc, CoordinatorOpts,
+    CoordinatorProc, OriginServer, VarnishNode,
 };
 
 #[derive(Debug, Parser)]
@@ -85,10 +85,10 @@ async fn main() {
     let args = Args::parse();
     tests::require_varnish();
     let varnishes = args.varnishes.unwrap_or(args.agents.min(5)).max(1);
-    if let Some(ms) = args.window_ms {
-        tests::AGENT_PURGE_WINDOW_MS
-            .store(i64::try_from(ms).unwrap_or(i64::MAX), Ordering::Relaxed);
-    }
+    let agent_opts = AgentOpts {
+        purge_window_ms: args.window_ms,
+        ..AgentOpts::from(args.mode.as_str())
+    };
     let dir = tests::temp_dir();
     let origin = OriginServer::start().await;
     let coordinator = CoordinatorProc::start(
@@ -120,7 +120,7 @@ async fn main() {
             &format!("region-{}", a % varnishes),
             &coordinator,
             node,
-            &args.mode,
+            &agent_opts,
         ));
     }
     let start = Instant::now();

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tests::{
-    get, percentile, AgentProc, CoordinatorOpts, CoordinatorProc, OriginServer, VarnishNode,
+    get, percentile, AgentOpts, AgentProc, CoordinatorOpts, CoordinatorProc, OriginServer,
+    VarnishNode,
 };
 
 #[derive(Debug, Parser)]
@@ -67,7 +68,10 @@ async fn hits(c: &CoordinatorProc, region: &str) -> u64 {
 async fn main() {
     let args = Args::parse();
     tests::require_varnish();
-    tests::AGENT_STATS_INTERVAL_S.store(args.interval_s, std::sync::atomic::Ordering::Relaxed);
+    let agent_opts = AgentOpts {
+        stats_interval_s: args.interval_s,
+        ..AgentOpts::default()
+    };
     let dir = tests::temp_dir();
     let origin = OriginServer::start().await;
     let extra = format!(
@@ -95,7 +99,7 @@ async fn main() {
             &format!("region-{a}"),
             &coordinator,
             &nodes[a % nodes.len()],
-            "ban",
+            &agent_opts,
         ));
     }
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -202,7 +202,12 @@ async fn a_ban_too_large_for_varnish_is_split_not_flushed() {
     }
     let agent = &mut c.agents[0];
     let config = std::fs::read_to_string(&agent.config).expect("agent config");
-    let config = config.replace("[varnish]\n", "[varnish]\nmax_ban_bytes = 1048576\n");
+    let default = format!(
+        "max_ban_bytes = {}\n",
+        edge_agent::config::DEFAULT_MAX_BAN_BYTES
+    );
+    assert!(config.contains(&default), "{config}");
+    let config = config.replace(&default, "max_ban_bytes = 1048576\n");
     std::fs::write(&agent.config, config).expect("agent config");
     agent.kill9().await;
     agent.restart();

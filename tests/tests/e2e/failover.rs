@@ -27,7 +27,7 @@ async fn an_agent_fails_over_to_the_next_coordinator_in_its_list() {
     let origin = OriginServer::start().await;
     let opts = CoordinatorOpts {
         insecure: true,
-        extra: tests::regions_toml(1, origin.addr),
+        regions: tests::regions(1, origin.addr),
         ..CoordinatorOpts::default()
     };
     let mut c1 = CoordinatorProc::start(&dir.path().join("c1"), &opts).await;

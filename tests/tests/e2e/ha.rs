@@ -18,9 +18,9 @@ use tests::{
 fn ha_opts(etcd: &EtcdCluster, origin: &OriginServer, id: &str, rollout: &str) -> CoordinatorOpts {
     CoordinatorOpts {
         insecure: true,
+        regions: tests::regions(2, origin.addr),
         extra: format!(
-            "[rollout]\n{rollout}\n{}\n[store]\nbackend = \"etcd\"\nendpoints = {}\nprefix = \"/vc-test/\"\nid = \"{id}\"\nlease_ttl_s = 2\n",
-            tests::regions_toml(2, origin.addr),
+            "[rollout]\n{rollout}\n[store]\nbackend = \"etcd\"\nendpoints = {}\nprefix = \"/vc-test/\"\nid = \"{id}\"\nlease_ttl_s = 2\n",
             etcd.endpoints_toml()
         ),
         ..CoordinatorOpts::default()

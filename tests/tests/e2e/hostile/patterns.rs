@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tests::{
-    assert_eventually, get, magento_purge, purge_tags, raw, regions_toml, temp_dir, AgentProc,
+    assert_eventually, get, magento_purge, purge_tags, raw, regions, temp_dir, AgentProc,
     CoordinatorOpts, CoordinatorProc, VarnishNode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,7 +81,7 @@ async fn edge(purge_extra: &str) -> Edge {
         &dir.path().join("coordinator"),
         &CoordinatorOpts {
             purge_extra: purge_extra.to_owned(),
-            extra: regions_toml(1, origin),
+            regions: regions(1, origin),
             ..CoordinatorOpts::default()
         },
     )
