@@ -13,7 +13,7 @@ use prost::Message;
 use proto::edge::{RelayBatch, WarmPull, WarmRelayBatch};
 
 use crate::edges::LocalEdge;
-use crate::rollout::ConfigView;
+use crate::rollout::BundleView;
 
 pub(super) type PeerClient = Client<HttpConnector, Full<axum::body::Bytes>>;
 
@@ -57,7 +57,7 @@ pub(super) async fn config(
     client: &PeerClient,
     api: &str,
     token: Option<&str>,
-) -> Result<ConfigView, String> {
+) -> Result<BundleView, String> {
     // With the token, the errors in full: the leader's rollout keeps what failed.
     let detail = if token.is_some() { "&detail=full" } else { "" };
     get(
