@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use coordinator::api::views::{
-    name_of, ApiError, ConfigView, EdgeView, JobList, JobState, JobView, PurgeAccepted, PurgeBody,
+    name_of, ApiError, BundleView, EdgeView, JobList, JobState, JobView, PurgeAccepted, PurgeBody,
     PurgeView, RegionStatus, RegionView, RouteView, Started, VersionInfo, WarmStarted,
 };
 use coordinator::bundle::store::StoredVersion;
@@ -264,7 +264,7 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        let view: ConfigView = api.call("GET", api.config_path(), NO_BODY).await?;
+        let view: BundleView = api.call("GET", api.config_path(), NO_BODY).await?;
         let Some(rollout) = view.rollout.as_ref().filter(|r| r.id == id) else {
             return Err(CliError::Failed(
                 "another rollout superseded this one".into(),
@@ -307,7 +307,7 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
 
 /// `config status`: the desired version and every edge's state.
 pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
-    let view: ConfigView = api.call("GET", api.config_path(), NO_BODY).await?;
+    let view: BundleView = api.call("GET", api.config_path(), NO_BODY).await?;
     println!(
         "desired {}  current {}  drift policy {}",
         view.desired.as_deref().unwrap_or("-"),
@@ -346,7 +346,7 @@ pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
 
 /// `config list`.
 pub async fn config_list(api: &ApiClient) -> Result<(), CliError> {
-    let view: ConfigView = api.call("GET", api.config_path(), NO_BODY).await?;
+    let view: BundleView = api.call("GET", api.config_path(), NO_BODY).await?;
     let list: Vec<VersionInfo> = api.call("GET", "/api/v1/config/versions", NO_BODY).await?;
     println!(
         "{:<18} {:<20} {:>8}  FILES",

@@ -27,7 +27,7 @@ use prost::Message;
 use proto::edge::{agent_message, AgentMessage};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::bundle::store::ConfigStore;
+use crate::bundle::store::BundleStore;
 use crate::purge::pattern::{Policy, PurgeOp};
 use crate::purge::wire::{Conn, Limits};
 use crate::rollout::Rollouts;
@@ -381,7 +381,7 @@ fn rollouts() -> &'static Arc<Rollouts> {
     R.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("coordinator-fuzz-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
-        let store = Arc::new(ConfigStore::open(&dir).expect("fuzz store"));
+        let store = Arc::new(BundleStore::open(&dir).expect("fuzz store"));
         let r = Rollouts::new(store, Default::default(), BTreeMap::new()).expect("rollouts");
         r.connect("fuzz-edge", "fuzz-region", 1, true);
         r

@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::bundle::store::{ConfigStore, StoreError};
+use crate::bundle::store::{BundleStore, StoreError};
 use crate::cluster::{config::Backend, Cluster, ClusterError};
 use crate::config::CoordinatorConfig;
 use crate::edges::EdgeRegistry;
@@ -97,7 +97,7 @@ impl Coordinator {
                 Cluster::embedded(id, api_url),
                 PurgeLog::open(state_dir, config.purge.retention())?,
                 warm_token(config, state_dir)?,
-                ConfigStore::open(state_dir)?,
+                BundleStore::open(state_dir)?,
                 None,
             ),
             Backend::Etcd => {
@@ -136,7 +136,7 @@ impl Coordinator {
                     &config.store.prefix,
                     cluster.leadership(),
                 );
-                (cluster, log, token, ConfigStore::etcd(kv.clone()), Some(kv))
+                (cluster, log, token, BundleStore::etcd(kv.clone()), Some(kv))
             }
         };
         let store = Arc::new(store);

@@ -10,7 +10,8 @@
 //! is retried; a write retried that way may have been applied once already, so writes
 //! that must not repeat carry a compare guard (a txn on a revision), which a repeat
 //! fails. With [`Etcd::with_credentials`], every request carries etcd's auth token
-//! ([`auth`]).
+//! ([`auth`]). [`ListWatch`] follows a key range: a listing, then a watch from the
+//! listing's revision, listed again when the watch breaks or is compacted ([`watch`]).
 
 #[allow(clippy::all)] // generated from etcd's comments and types
 pub mod mvccpb {
@@ -30,8 +31,10 @@ pub mod v3electionpb {
 }
 
 pub mod auth;
+pub mod watch;
 
 pub use auth::Credentials;
+pub use watch::{ListWatch, Update, Watching};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

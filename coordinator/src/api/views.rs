@@ -16,7 +16,7 @@ pub use crate::geo::db::DbInfo as GeoDatabaseView;
 pub use crate::geo::route::{Candidate, Reason as RouteReason, WhyNot};
 pub use crate::geo::{CountryView, GeoView, RegionRouting, RouteView};
 pub use crate::monitor::{AlertRecord, Change, Diagnosis, Health, MinuteStats, ProbeView};
-pub use crate::rollout::{ConfigState, ConfigView, EdgeConfigView, Phase, Rollout, Started};
+pub use crate::rollout::{BundleState, BundleView, EdgeBundleView, Phase, Rollout, Started};
 pub use crate::tls::CertExpiry;
 pub use crate::traffic::{Delta, MinutePoint};
 pub use crate::warm::job::{JobSpec, JobState, JobView, RegionProgress, RegionStatus};

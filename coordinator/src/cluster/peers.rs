@@ -13,7 +13,7 @@ use prost::Message;
 use proto::edge::{RelayBatch, WarmPull, WarmRelayBatch};
 
 use crate::edges::LocalEdge;
-use crate::rollout::ConfigView;
+use crate::rollout::BundleView;
 
 /// Why a peer's answer was not read. The text is what the logs show.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,7 @@ pub(super) async fn config(
     client: &PeerClient,
     api: &str,
     token: Option<&str>,
-) -> Result<ConfigView, PeerError> {
+) -> Result<BundleView, PeerError> {
     // With the token, the errors in full: the leader's rollout keeps what failed.
     let detail = if token.is_some() { "&detail=full" } else { "" };
     get(

@@ -15,7 +15,7 @@ impl Rollouts {
 
 fn encode(source: &Arc<Rollouts>, e: &mut DescriptorEncoder) -> std::fmt::Result {
     let view = source.view_scoped(true);
-    fn labels(v: &super::EdgeConfigView) -> [(&'static str, Label<'_>); 2] {
+    fn labels(v: &super::EdgeBundleView) -> [(&'static str, Label<'_>); 2] {
         edge_labels(&v.region, &v.id)
     }
     gauge(
@@ -24,7 +24,7 @@ fn encode(source: &Arc<Rollouts>, e: &mut DescriptorEncoder) -> std::fmt::Result
         "Whether the edge runs its target config version (1) or not (0).",
         view.edges
             .iter()
-            .map(|v| (labels(v), u64::from(v.state == super::ConfigState::InSync))),
+            .map(|v| (labels(v), u64::from(v.state == super::BundleState::InSync))),
     )?;
     gauge(
         e,

@@ -7,7 +7,7 @@
 //! and at most [`MAX_PUBLIC_CHARS`] characters. The full text goes only to token holders
 //! (`GET /api/v1/config?detail=full`, which the CLI asks for).
 
-use super::ConfigView;
+use super::BundleView;
 
 /// The longest error a reader without the token sees.
 pub const MAX_PUBLIC_CHARS: usize = 200;
@@ -76,7 +76,7 @@ fn bounded(text: &str) -> String {
     }
 }
 
-impl ConfigView {
+impl BundleView {
     /// The view for a reader without the token: every error through [`public_error`].
     pub fn redacted(mut self) -> Self {
         let redact = |e: &mut Option<String>| {

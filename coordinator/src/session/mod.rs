@@ -8,7 +8,7 @@
 //!
 //! * purges: the log from the cursor on, in batches, at most one batch per fan-out
 //!   window ([`crate::fanout`]), polled by the response stream itself;
-//! * [`config`]: the bundles the rollout wants this edge to run (config-capable agents);
+//! * [`bundles`]: the bundles the rollout wants this edge to run (config-capable agents);
 //! * [`warm`]: warm shards, rate changes and cancels (warm-capable agents);
 //! * [`reports`]: acks, errors, heartbeats, stats, probe results and warm progress up,
 //!   each handed to its subsystem; it refuses an ack beyond the log head and ends the
@@ -26,7 +26,7 @@
 //!
 //! The purge listener never waits on an edge: it only appends to the log.
 
-mod config;
+mod bundles;
 pub mod handoff;
 mod reports;
 mod warm;
@@ -214,7 +214,7 @@ impl proto::Coordinator for SessionService {
             .rollouts
             .connect(&hello.edge_id, &hello.region, handle.session, capable);
         let configurer = capable.then(|| {
-            tokio::spawn(config::config_loop(
+            tokio::spawn(bundles::bundle_loop(
                 self.state.rollouts.clone(),
                 tx.clone(),
                 handle.clone(),

@@ -507,3 +507,186 @@ async fn seqs(
     }
     out
 }
+
+/// `etcd::ListWatch`: a listing in pages at one revision, then every change in order; a
+/// watch broken by an etcd restart lists again (an append-only log resumes after its last
+/// key, nothing delivered twice); a watch that starts on a compacted revision lists again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_then_watch_lists_again_after_a_restart_and_a_compaction() {
+    use etcd::etcdserverpb::{CompactionRequest, DeleteRangeRequest};
+    use etcd::{ListWatch, Update};
+    use std::collections::BTreeMap;
+
+    let dir = temp_dir();
+    let mut cluster = EtcdCluster::start(dir.path(), 1).await;
+    let etcd = Etcd::connect(&cluster.endpoints).expect("connect");
+    let put = |key: &str, value: &str| {
+        let (etcd, key, value) = (etcd.clone(), key.to_owned(), value.to_owned());
+        async move {
+            // Retried while the member restarts.
+            for _ in 0..300 {
+                let req = PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: value.clone().into_bytes(),
+                    ..Default::default()
+                };
+                if etcd.kv().put(req).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("etcd took no put of {key} in 30 s");
+        }
+    };
+    for k in ["a", "b", "c"] {
+        put(&format!("/lw/{k}"), "1").await;
+    }
+    for i in 1..=3 {
+        put(&format!("/log/{i:04}"), "x").await;
+    }
+    let start_rev = revision(&etcd).await;
+
+    /// The next update, 15 s at most.
+    async fn next(w: &mut etcd::Watching) -> Update {
+        tokio::time::timeout(Duration::from_secs(15), w.next())
+            .await
+            .expect("an update in time")
+            .expect("watch open")
+    }
+    /// Applies one update to a copy of the range; the keys it delivered, in order.
+    fn apply(copy: &mut BTreeMap<String, String>, u: Update) -> Vec<String> {
+        let s = |b: Vec<u8>| String::from_utf8(b).expect("utf-8");
+        match u {
+            Update::Listed { kvs, first, .. } => {
+                if first {
+                    copy.clear();
+                }
+                kvs.into_iter()
+                    .map(|kv| {
+                        copy.insert(s(kv.key.clone()), s(kv.value));
+                        s(kv.key)
+                    })
+                    .collect()
+            }
+            Update::Events { events, .. } => events
+                .into_iter()
+                .filter_map(|e| {
+                    let kv = e.kv?;
+                    if e.r#type == etcd::mvccpb::event::EventType::Delete as i32 {
+                        copy.remove(&s(kv.key.clone()));
+                    } else {
+                        copy.insert(s(kv.key.clone()), s(kv.value));
+                    }
+                    Some(s(kv.key))
+                })
+                .collect(),
+        }
+    }
+
+    // The listing comes in pages, all at one revision, the last one marked.
+    let mut range = ListWatch::prefix(&etcd, b"/lw/".to_vec()).page(2).spawn();
+    let mut copy = BTreeMap::new();
+    let (a, b) = (next(&mut range).await, next(&mut range).await);
+    match (&a, &b) {
+        (
+            Update::Listed {
+                revision: r1,
+                kvs: k1,
+                first: true,
+                last: false,
+            },
+            Update::Listed {
+                revision: r2,
+                kvs: k2,
+                first: false,
+                last: true,
+            },
+        ) => {
+            assert_eq!((r1, r2), (&start_rev, &start_rev));
+            assert_eq!((k1.len(), k2.len()), (2, 1));
+        }
+        other => panic!("not a listing in two pages: {other:?}"),
+    }
+    apply(&mut copy, a);
+    apply(&mut copy, b);
+    // Then the changes, in order.
+    put("/lw/d", "1").await;
+    etcd.kv()
+        .delete_range(DeleteRangeRequest {
+            key: b"/lw/a".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    let mut changed = Vec::new();
+    while changed.len() < 2 {
+        changed.extend(apply(&mut copy, next(&mut range).await));
+    }
+    assert_eq!(changed, ["/lw/d", "/lw/a"]);
+    let keys = |c: &BTreeMap<String, String>| c.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&copy), ["/lw/b", "/lw/c", "/lw/d"]);
+
+    let mut log = ListWatch::prefix(&etcd, b"/log/".to_vec())
+        .resume_after_last_key()
+        .spawn();
+    let mut log_copy = BTreeMap::new();
+    let mut delivered = Vec::new();
+    while delivered.len() < 3 {
+        delivered.extend(apply(&mut log_copy, next(&mut log).await));
+    }
+
+    // etcd restarts under both watches; each lists again and goes on.
+    cluster.kill9(0).await;
+    cluster.restart(0);
+    put("/lw/e", "1").await;
+    put("/log/0004", "x").await;
+    let mut relisted = false;
+    while !copy.contains_key("/lw/e") {
+        let u = next(&mut range).await;
+        relisted |= matches!(u, Update::Listed { first: true, .. });
+        apply(&mut copy, u);
+    }
+    assert!(relisted, "the broken watch listed the range again");
+    assert_eq!(keys(&copy), ["/lw/b", "/lw/c", "/lw/d", "/lw/e"]);
+    while delivered.len() < 4 {
+        delivered.extend(apply(&mut log_copy, next(&mut log).await));
+    }
+    assert_eq!(
+        delivered,
+        ["/log/0001", "/log/0002", "/log/0003", "/log/0004"],
+        "the log resumed after its last key: every key once, in order"
+    );
+
+    // A watch from a compacted revision is cancelled by etcd: it lists instead.
+    let rev = revision(&etcd).await;
+    etcd.kv()
+        .compact(CompactionRequest {
+            revision: rev,
+            physical: true,
+        })
+        .await
+        .expect("compact");
+    let mut late = ListWatch::prefix(&etcd, b"/lw/".to_vec())
+        .start_at(start_rev)
+        .spawn();
+    let mut late_copy = BTreeMap::new();
+    match next(&mut late).await {
+        u @ Update::Listed {
+            first: true,
+            last: true,
+            ..
+        } => {
+            apply(&mut late_copy, u);
+        }
+        other => panic!("not a fresh listing: {other:?}"),
+    }
+    assert_eq!(late_copy, copy);
+    put("/lw/f", "2").await;
+    assert_eq!(apply(&mut late_copy, next(&mut late).await), ["/lw/f"]);
+
+    // Dropping a watch stops it; the others go on.
+    drop(late);
+    put("/lw/g", "3").await;
+    assert_eq!(apply(&mut copy, next(&mut range).await), ["/lw/f"]);
+    assert_eq!(apply(&mut copy, next(&mut range).await), ["/lw/g"]);
+}

@@ -1,4 +1,4 @@
-//! Config down the stream: the bundles [`Rollouts::next_apply`] wants this edge to run,
+//! Bundles down the stream: the ones [`Rollouts::next_apply`] wants this edge to run,
 //! sent whenever the rollout changes, or this edge's own status does (a report from one
 //! edge wakes only that edge's loop).
 
@@ -10,13 +10,13 @@ use super::{send, Outbound};
 use crate::edges::SessionHandle;
 use crate::rollout::Rollouts;
 
-/// Sends this edge the config bundles the rollout wants it to run.
-pub(super) async fn config_loop(rollouts: Arc<Rollouts>, tx: Outbound, handle: SessionHandle) {
+/// Sends this edge the bundles the rollout wants it to run.
+pub(super) async fn bundle_loop(rollouts: Arc<Rollouts>, tx: Outbound, handle: SessionHandle) {
     let mut changed = rollouts.subscribe();
     let mine = rollouts.subscribe_edge(&handle.edge_id);
     loop {
         while let Some(apply) = rollouts.next_apply(&handle.edge_id, handle.session) {
-            tracing::info!(edge = %handle.edge_id, version = %apply.version, "sending config");
+            tracing::info!(edge = %handle.edge_id, version = %apply.version, "sending bundle");
             if !send(&tx, &handle, coordinator_message::Msg::ApplyConfig(apply)).await {
                 return;
             }
