@@ -75,8 +75,8 @@ pub enum Command {
         command: ConfigCommand,
     },
     /// Per-region health, hit ratios, traffic and purge lag. Exits 0 when every region
-    /// is up, 1 when one is degraded, 2 when one is down, 3 when the API cannot be read
-    /// (the Nagios convention).
+    /// is up, 1 when one is degraded, 2 when one is down, 3 when one cannot be seen
+    /// (unknown, none worse) or the API cannot be read (the Nagios convention).
     Status {
         #[command(flatten)]
         api: ApiArgs,

@@ -20,7 +20,7 @@ use coordinator::api::views::{
 };
 use coordinator::bundle::store::StoredVersion;
 use coordinator::bundle::Bundle;
-use coordinator::monitor::Health;
+use coordinator::monitor::{fleet_status, FleetStatus};
 use coordinator::rollout::Phase;
 
 /// What can go wrong talking to the API.
@@ -437,8 +437,9 @@ pub fn diff(old: &Bundle, new: &Bundle, a: &str, b: &str) -> String {
     out
 }
 
-/// `status`: one line per region (or the JSON); the exit code is the worst health:
-/// 0 up, 1 degraded, 2 down.
+/// `status`: one line per region (or the JSON); the exit code is the fleet's health
+/// (`monitor::fleet_status`, as `/healthz` says it), Nagios-style: 0 up, 1 degraded,
+/// 2 down, 3 unknown (a region the coordinator cannot see).
 pub async fn status(api: &ApiClient, json: bool) -> Result<u8, CliError> {
     let regions: Vec<RegionView> = api.call("GET", "/api/v1/regions", NO_BODY).await?;
     if json {
@@ -452,18 +453,15 @@ pub async fn status(api: &ApiClient, json: bool) -> Result<u8, CliError> {
     Ok(status_code(&regions))
 }
 
-/// The Nagios-style code for a set of regions: 0 all up, 1 any degraded, 2 any down
-/// (or not known yet).
+/// The Nagios-style code for a set of regions: 0 all up (OK), 1 any degraded
+/// (WARNING), 2 any down (CRITICAL), 3 any unknown and none worse (UNKNOWN).
 pub fn status_code(regions: &[RegionView]) -> u8 {
-    regions
-        .iter()
-        .map(|r| match r.health {
-            Health::Up => 0,
-            Health::Degraded => 1,
-            Health::Down | Health::Unknown => 2,
-        })
-        .max()
-        .unwrap_or(0)
+    match fleet_status(regions.iter().map(|r| r.health)) {
+        FleetStatus::Ok => 0,
+        FleetStatus::Degraded => 1,
+        FleetStatus::Down => 2,
+        FleetStatus::Unknown => 3,
+    }
 }
 
 /// The per-region table `status` prints.
@@ -746,6 +744,7 @@ pub const NO_BODY: Option<&()> = None;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use coordinator::monitor::Health;
     use serde_json::json;
 
     #[test]
@@ -780,6 +779,15 @@ mod tests {
         two[1].health = Health::Degraded;
         assert_eq!(status_code(&two), 1);
         assert_eq!(status_code(&regions[..1]), 0);
+        // A region the coordinator cannot see is UNKNOWN (3), never CRITICAL; a down
+        // or degraded one still wins.
+        let mut blind = regions.clone();
+        blind[1].health = Health::Unknown;
+        assert_eq!(status_code(&blind), 3);
+        blind[0].health = Health::Degraded;
+        assert_eq!(status_code(&blind), 1);
+        blind[0].health = Health::Down;
+        assert_eq!(status_code(&blind), 2);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn main(args: Cli) -> ExitCode {
                 Err(code) => code,
             },
             Command::Route { api, ip, json } => match client(&api) {
-                Ok(c) => exit(cli::route(&c, &ip, json).await.map_err(anyhow::Error::from)),
+                Ok(c) => exit(cli::route(&c, &ip, json).await),
                 Err(code) => code,
             },
             Command::Purge {
@@ -114,7 +114,7 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
     }
     let listeners = match server::Listeners::bind(&config).await {
         Ok(l) => l,
-        Err(e) => return exit(Err(e.into())),
+        Err(e) => return exit(Err(e)),
     };
     // A GeoIP database that cannot be read is a configuration error too: one line, 2.
     let state = match server::open(&config, state_dir).await {
@@ -123,21 +123,17 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
             eprintln!("coordinator: {e}");
             return ExitCode::from(2);
         }
-        Err(e) => return exit(Err(e.into())),
+        Err(e) => return exit(Err(e)),
     };
     let shutdown = stop_on_signal();
-    let result = async {
-        server::run(config, state, listeners, insecure, shutdown).await?;
-        Ok::<(), anyhow::Error>(())
-    };
-    exit(result.await)
+    exit(server::run(config, state, listeners, insecure, shutdown).await)
 }
 
 /// `coordinator demo`: the whole local cluster until SIGTERM/SIGINT.
 pub async fn run_demo(args: demo::DemoArgs, json_logs: bool) -> ExitCode {
     daemon::logging::init(json_logs);
     let shutdown = stop_on_signal();
-    exit(demo::run(args, shutdown).await.map_err(anyhow::Error::from))
+    exit(demo::run(args, shutdown).await)
 }
 
 /// `coordinator pki init|issue`.
@@ -161,7 +157,7 @@ pub fn pki(command: PkiCommand) -> ExitCode {
             );
         }),
     };
-    exit(result.map_err(anyhow::Error::from))
+    exit(result)
 }
 
 /// `coordinator config …`.
@@ -183,7 +179,7 @@ pub async fn config(client: &ApiClient, command: ConfigCommand) -> ExitCode {
         }
         ConfigCommand::Status => cli::config_status(client).await,
     };
-    exit(result.map_err(anyhow::Error::from))
+    exit(result)
 }
 
 /// `coordinator warm …`.
@@ -228,7 +224,7 @@ pub async fn warm(client: &ApiClient, command: WarmCommand) -> ExitCode {
         WarmCommand::Status { id } => cli::warm_status(client, id).await,
         WarmCommand::Cancel { id } => cli::warm_cancel(client, id).await,
     };
-    exit(result.map_err(anyhow::Error::from))
+    exit(result)
 }
 
 /// One absolute URL per line; blank lines and `#` comments skipped.
@@ -243,7 +239,8 @@ fn read_urls(file: Option<PathBuf>) -> std::io::Result<Vec<String>> {
         .collect())
 }
 
-/// `coordinator status`: 0 every region up, 1 one degraded, 2 one down, 3 API unreadable.
+/// `coordinator status`: 0 every region up, 1 one degraded, 2 one down, 3 one unknown
+/// (none worse) or the API unreadable.
 pub async fn status(client: &ApiClient, json: bool) -> ExitCode {
     match cli::status(client, json).await {
         Ok(code) => ExitCode::from(code),
@@ -274,11 +271,7 @@ pub async fn purge(
         eprintln!("coordinator: give --tag, --url or --all");
         return ExitCode::from(2);
     };
-    exit(
-        cli::purge(client, &body, wait)
-            .await
-            .map_err(anyhow::Error::from),
-    )
+    exit(cli::purge(client, &body, wait).await)
 }
 
 fn client(api: &ApiArgs) -> Result<ApiClient, ExitCode> {
@@ -288,11 +281,14 @@ fn client(api: &ApiArgs) -> Result<ApiClient, ExitCode> {
     })
 }
 
-fn exit(result: anyhow::Result<()>) -> ExitCode {
+/// 0, or 1 with the error and each of its sources on one line (`outer: cause: ...`).
+fn exit<E: std::error::Error>(result: Result<(), E>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("coordinator: {e:#}");
+            let causes = std::iter::successors(e.source(), |s| s.source());
+            let line = causes.fold(e.to_string(), |line, s| format!("{line}: {s}"));
+            eprintln!("coordinator: {line}");
             ExitCode::FAILURE
         }
     }

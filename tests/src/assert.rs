@@ -46,3 +46,43 @@ macro_rules! assert_stays {
         }
     }};
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn stays_checks_the_whole_window() {
+        let started = Instant::now();
+        let mut checks = 0;
+        crate::assert_stays!(
+            0.3,
+            {
+                checks += 1;
+                true
+            },
+            "true"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(checks >= 4, "{checks} checks");
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "stopped being true")]
+    async fn stays_fails_when_the_condition_breaks_in_the_window() {
+        let started = Instant::now();
+        crate::assert_stays!(5, started.elapsed() < Duration::from_millis(200), "broke");
+    }
+
+    #[tokio::test]
+    async fn eventually_waits_for_the_condition() {
+        let started = Instant::now();
+        crate::assert_eventually!(5, started.elapsed() > Duration::from_millis(100), "never");
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "not true after")]
+    async fn eventually_fails_after_the_deadline() {
+        crate::assert_eventually!(0.2, false, "never");
+    }
+}

@@ -23,14 +23,13 @@ use serde::Deserialize;
 
 use crate::bundle::Bundle;
 use crate::edges::fmt_time;
-use crate::monitor::Health;
+use crate::monitor::{fleet_status, Health};
 use crate::purge::log::NewPurge;
 use crate::rollout::RolloutError;
 use crate::state::Coordinator;
 use views::{
-    ApiError, FleetStatus, Healthz, HitRatio, JobList, PurgeAccepted, PurgeBody, PurgeOpView,
-    PurgeView, RegionHistory, RegionProblem, RegionView, ServedMinute, TlsMode, TlsView,
-    WarmStarted,
+    ApiError, Healthz, HitRatio, JobList, PurgeAccepted, PurgeBody, PurgeOpView, PurgeView,
+    RegionHistory, RegionProblem, RegionView, ServedMinute, TlsMode, TlsView, WarmStarted,
 };
 
 pub mod views;
@@ -363,16 +362,13 @@ async fn tls_view(State(s): State<ApiState>) -> Response {
 }
 
 /// `GET /healthz`: always 200 while the coordinator serves (load balancers keep sending
-/// it purges); `status` is the fleet's worst region health (`ok`, `degraded`, `down`)
-/// with every region that is not up and why, so a check reading it sees the truth.
+/// it purges); `status` is the fleet's health (`ok`, `unknown`, `degraded`, `down`:
+/// `monitor::fleet_status`) with every region that is not up and why, so a check
+/// reading it sees the truth.
 async fn healthz(State(s): State<ApiState>) -> Json<Healthz> {
     let (role, leader) = s.state.cluster.role();
     let health = s.state.monitor.health();
-    let worst = health
-        .values()
-        .map(|h| h.health)
-        .max()
-        .unwrap_or(Health::Up);
+    let status = fleet_status(health.values().map(|h| h.health));
     let regions_not_up = health
         .into_iter()
         .filter(|(_, h)| h.health != Health::Up)
@@ -386,11 +382,7 @@ async fn healthz(State(s): State<ApiState>) -> Json<Healthz> {
         })
         .collect();
     Json(Healthz {
-        status: match worst {
-            Health::Up | Health::Unknown => FleetStatus::Ok,
-            Health::Degraded => FleetStatus::Degraded,
-            Health::Down => FleetStatus::Down,
-        },
+        status,
         coordinator: "ok".into(),
         role,
         leader,

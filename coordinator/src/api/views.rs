@@ -15,7 +15,9 @@ pub use crate::edges::{EdgeView, PurgeFailure, PurgeProgress};
 pub use crate::geo::db::DbInfo as GeoDatabaseView;
 pub use crate::geo::route::{Candidate, Reason as RouteReason, WhyNot};
 pub use crate::geo::{CountryView, GeoView, RegionRouting, RouteView};
-pub use crate::monitor::{AlertRecord, Change, Diagnosis, Health, MinuteStats, ProbeView};
+pub use crate::monitor::{
+    AlertRecord, Change, Diagnosis, FleetStatus, Health, MinuteStats, ProbeView,
+};
 pub use crate::rollout::{BundleState, BundleView, EdgeBundleView, Phase, Rollout, Started};
 pub use crate::tls::CertExpiry;
 pub use crate::traffic::{Delta, MinutePoint};
@@ -117,15 +119,6 @@ pub struct RegionHistory {
     pub probes: BTreeMap<String, Vec<MinuteStats>>,
 }
 
-/// The fleet's worst region health, as `/healthz` says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FleetStatus {
-    Ok,
-    Degraded,
-    Down,
-}
-
 /// A region that is not up, in `/healthz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionProblem {
@@ -148,8 +141,8 @@ pub struct Healthz {
     pub id: String,
     /// Whether this coordinator reaches the purge log's store: `ok`, `unavailable`
     /// (etcd, from here: purges wait in the local spool), `unknown` (not yet asked).
-    /// Regions it cannot see meanwhile read `unknown` in `regions_not_up`, which does
-    /// not make `status` worse.
+    /// Regions it cannot see meanwhile read `unknown` in `regions_not_up`, and `status`
+    /// reads `unknown` unless a region is degraded or down.
     pub store: String,
     pub head_seq: u64,
     pub edges_connected: usize,

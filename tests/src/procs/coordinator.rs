@@ -141,9 +141,15 @@ impl CoordinatorProc {
 
     /// Starts a killed coordinator again on the same ports and state.
     pub async fn restart(&mut self) {
-        self.child = spawn_coordinator(&self.config, &self.state, self.api, self.pki.is_none())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        self.try_restart().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// [`Self::restart`], or why the coordinator exited at start (e.g. its state is still
+    /// locked by another process), for a test that waits until it can.
+    pub async fn try_restart(&mut self) -> Result<(), String> {
+        self.child =
+            spawn_coordinator(&self.config, &self.state, self.api, self.pki.is_none()).await?;
+        Ok(())
     }
 
     /// The TLS files for an agent `id` in `region` (`None` with plaintext gRPC).

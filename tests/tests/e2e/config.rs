@@ -6,7 +6,7 @@ use std::process::Command;
 
 use coordinator::bundle::Bundle;
 use serde_json::{json, Value};
-use tests::{assert_eventually, bin_dir, get, raw_from, Cluster, CoordinatorOpts};
+use tests::{assert_eventually, assert_stays, bin_dir, get, raw_from, Cluster, CoordinatorOpts};
 
 /// The sample bundle with these WAF rules instead of the sample ones.
 fn bundle_with_waf(waf: &str) -> Bundle {
@@ -360,12 +360,14 @@ async fn report_mode_only_flags_drift() {
         "drift not flagged: {}",
         cluster.coordinator.config().await
     );
-    // Several report intervals later the hand edit is still active.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert_eq!(node.active_vcl().await, "hand_edit");
-    assert_eq!(
-        cluster.coordinator.config().await["edges"][0]["state"],
-        "drift"
+    // For several report intervals the hand edit stays active, flagged as drift.
+    assert_stays!(
+        3,
+        node.active_vcl().await == "hand_edit"
+            && cluster.coordinator.config().await["edges"][0]["state"] == "drift",
+        "report mode touched the hand edit: {} {}",
+        node.active_vcl().await,
+        cluster.coordinator.config().await
     );
     // Going back to the boot VCL (what a restarted varnishd runs) is restored anyway.
     node.admin("vcl.use boot").await;

@@ -230,7 +230,18 @@ async fn shoppers_served_times_and_5xx_come_from_varnishs_log_without_the_agents
         },
         "varnishncsa never counted a request"
     );
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Every attach request is counted once a stats sample taken well after the last one
+    // (a second: varnishncsa's line reaches the agent long before) has arrived.
+    let last_sent = std::time::Instant::now();
+    assert_eventually!(
+        10,
+        c.regions()
+            .await
+            .get("region-0")
+            .and_then(|r| r.stats_age_s)
+            .is_some_and(|age| age + 1.0 < last_sent.elapsed().as_secs_f64()),
+        "no stats sample after the attach requests"
+    );
     let before = served().await["requests"].as_u64().unwrap_or(0);
     // A warm job through the same varnish: the agent's own requests, not shoppers'.
     let urls: Vec<String> = (0..10).map(|i| format!("http://shop.test/w/{i}")).collect();

@@ -504,7 +504,10 @@ async fn a_coordinator_cut_off_from_its_peers_leaves_its_region_unknown_not_down
             regions(ha.c[i].api).await
         );
         let h = json(ha.c[i].api, "/healthz").await.unwrap_or_default();
-        assert_eq!(h["status"], "ok", "an unknown region is no outage: {h}");
+        assert_eq!(
+            h["status"], "unknown",
+            "an unknown region is no outage, and not ok either: {h}"
+        );
         assert_eq!(
             h["regions_not_up"]["region-1"]["diagnosis"], "peer_silent",
             "{h}"
