@@ -16,6 +16,7 @@
 //! refused connections by reason and logs them at most once per interval, with the
 //! counts, so a flood cannot flood the log.
 
+use daemon::sync::Recover;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -80,7 +81,7 @@ static ERRORS: Mutex<Vec<Failures>> = Mutex::new(Vec::new());
 
 /// Counts one failure; returns how many to report when a log line is due.
 fn count_error(what: &'static str) -> Option<u64> {
-    let mut all = ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut all = ERRORS.locked();
     let i = match all.iter().position(|e| e.listener == what) {
         Some(i) => i,
         None => {
@@ -108,7 +109,7 @@ fn count_error(what: &'static str) -> Option<u64> {
 
 /// Failed accepts per listener since the process started.
 pub fn errors() -> Vec<(&'static str, u64)> {
-    let all = ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    let all = ERRORS.locked();
     all.iter().map(|e| (e.listener, e.total)).collect()
 }
 
@@ -196,7 +197,7 @@ impl Refusals {
     /// Counts one refusal; when a log line is due (the first, then at most one per
     /// interval), the counts by reason since the last line.
     pub fn count(&self, reason: &'static str) -> Option<Vec<(&'static str, u64)>> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.locked();
         *s.total.entry(reason).or_default() += 1;
         *s.since_logged.entry(reason).or_default() += 1;
         if s.logged_at.is_some_and(|t| t.elapsed() < self.interval) {
@@ -208,7 +209,7 @@ impl Refusals {
 
     /// Refusals by reason since the start.
     pub fn totals(&self) -> Vec<(&'static str, u64)> {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.locked();
         s.total.iter().map(|(r, n)| (*r, *n)).collect()
     }
 }
@@ -263,7 +264,7 @@ impl Handshakes {
     /// A place for one more handshake from `ip`, or the reason there is none.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, &'static str> {
         let source = source_key(ip);
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.locked();
         if s.total >= self.total {
             return Err(REFUSED_CAPACITY);
         }
@@ -281,13 +282,13 @@ impl Handshakes {
 
     /// Handshakes in progress.
     pub fn in_progress(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).total
+        self.state.locked().total
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut s = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.owner.state.locked();
         s.total = s.total.saturating_sub(1);
         if let Some(n) = s.by_source.get_mut(&self.source) {
             *n = n.saturating_sub(1);

@@ -27,6 +27,7 @@
 //! be taken for the next request); so does every error. Shutdown stops accepting and
 //! closes idle connections; a request in flight is answered first.
 
+use daemon::sync::Recover;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,7 +70,7 @@ pub type Gate = Arc<dyn Fn(&Head) -> Result<usize, Box<Response>> + Send + Sync>
 static REFUSED: Mutex<Vec<(&'static str, u16, u64)>> = Mutex::new(Vec::new());
 
 fn count_refused(listener: &'static str, status: u16) {
-    let mut all = REFUSED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut all = REFUSED.locked();
     match all
         .iter_mut()
         .find(|(l, s, _)| *l == listener && *s == status)
@@ -82,7 +83,7 @@ fn count_refused(listener: &'static str, status: u16) {
 /// `(listener, status, count)` of every refusal so far
 /// (`coordinator_http_requests_refused_total`).
 pub fn refused() -> Vec<(&'static str, u16, u64)> {
-    REFUSED.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    REFUSED.locked().clone()
 }
 
 /// Serves `app` on `listener` until `shutdown`; then waits for connections in flight.

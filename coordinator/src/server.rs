@@ -7,6 +7,7 @@
 //! reconnect elsewhere or later and resume from their cursor), and waits at most
 //! [`GRACE`] for in-flight requests.
 
+use daemon::sync::RecoverRw;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -327,7 +328,7 @@ async fn reload_on_sighup(
         }
         match read_token(token_file.as_deref()) {
             Ok(new) => {
-                *token.write().unwrap_or_else(|p| p.into_inner()) = new;
+                *token.write_locked() = new;
                 tracing::info!("API token reloaded");
             }
             Err(e) => {

@@ -17,6 +17,7 @@
 //! ten seconds with the counts. Tonic keeps the verified peer certificates with the connection;
 //! [`peer_identity`] reads the edge identity URI back out of them ([`crate::pki`]).
 
+use daemon::sync::RecoverRw;
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,20 +35,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use serde::{Deserialize, Serialize};
-
 use crate::accept::{describe, Handshakes, Refusals};
 use crate::metrics::{collector, counter, gauge, DescriptorEncoder, Label, Registry};
 use crate::pki::EDGE_URI_PREFIX;
 
-/// `[grpc.tls]`: certificate files for mutual TLS.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+/// `[grpc.tls]`: certificate files for mutual TLS (shared with the agent's `[tls]`).
+pub use daemon::TlsConfig;
 
 /// A TLS handshake must finish within this (an agent's own connect timeout is 5 s).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -128,23 +121,17 @@ impl ServerTls {
     /// Re-reads the files; on error the current acceptor stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let (acceptor, expiry) = build(&self.files)?;
-        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
-        *self.expiry.write().unwrap_or_else(|p| p.into_inner()) = expiry;
+        *self.acceptor.write_locked() = acceptor;
+        *self.expiry.write_locked() = expiry;
         Ok(())
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
-        self.acceptor
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.acceptor.read_locked().clone()
     }
 
     pub fn expiry(&self) -> CertExpiry {
-        self.expiry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.expiry.read_locked().clone()
     }
 }
 

@@ -16,6 +16,7 @@
 //!
 //! One `std::sync::Mutex`, held for map updates only, never across an `.await`.
 
+use daemon::sync::Recover;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -299,7 +300,7 @@ pub struct MinutePoint {
 
 impl Traffic {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, EdgeTraffic>> {
-        self.edges.lock().unwrap_or_else(|p| p.into_inner())
+        self.edges.locked()
     }
 
     /// A new session: the next sample is a baseline.

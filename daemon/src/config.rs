@@ -9,6 +9,18 @@
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Mutual TLS between coordinator and agents, as both configs spell it (the
+/// coordinator's `[grpc.tls]`, the agent's `[tls]`): the cluster CA that signs the other
+/// side's certificate, and this side's own certificate and key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 /// A configuration that cannot be used, with one clear line.
 #[derive(Debug, thiserror::Error)]

@@ -13,4 +13,4 @@ pub mod logging;
 pub mod signal;
 pub mod sync;
 
-pub use config::{load, ConfigError, Validate};
+pub use config::{load, ConfigError, TlsConfig, Validate};

@@ -186,14 +186,9 @@ impl VarnishConfig {
     }
 }
 
-/// `[tls]`: the agent's client certificate and the cluster CA.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+/// `[tls]`: the agent's client certificate and the cluster CA (the coordinator's
+/// `[grpc.tls]` is the same struct).
+pub use daemon::TlsConfig;
 
 /// How purges reach varnish.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

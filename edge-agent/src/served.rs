@@ -6,6 +6,7 @@
 //! [`crate::synthetic`]: they travel with every `VarnishStats`, and the coordinator turns
 //! them into per-minute means, standard deviations, 5xx counts and a histogram.
 
+use daemon::sync::Recover;
 use std::sync::{Arc, Mutex};
 
 use proto::SERVED_BUCKETS_S;
@@ -32,7 +33,7 @@ impl Served {
 
     /// One request answered `status` after `micros` (varnishncsa's `%D`).
     pub fn record(&self, status: u16, micros: u64) {
-        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.0.locked();
         if c.buckets.len() != SERVED_BUCKETS_S.len() {
             c.buckets = vec![0; SERVED_BUCKETS_S.len()];
         }
@@ -52,7 +53,7 @@ impl Served {
     }
 
     pub fn read(&self) -> ServedCounts {
-        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut c = self.0.locked().clone();
         if c.buckets.is_empty() {
             c.buckets = vec![0; SERVED_BUCKETS_S.len()];
         }

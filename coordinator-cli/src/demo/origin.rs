@@ -14,6 +14,7 @@
 //! a render delay (a slow origin) and a share of 503 answers (an origin in trouble);
 //! every page request is time-stamped so a test can measure the load it got.
 
+use daemon::sync::Recover;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,10 +61,7 @@ impl Origin {
 
     /// Arrival times of every page request so far.
     pub fn request_times(&self) -> Vec<Instant> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.requests.locked().clone()
     }
 
     /// Each page takes this long before its first byte.
@@ -218,11 +216,7 @@ async fn page(State(origin): State<Arc<Origin>>, headers: HeaderMap, uri: Uri) -
         Some("cms_p_generic".to_owned())
     };
     if path != READY {
-        origin
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Instant::now());
+        origin.requests.locked().push(Instant::now());
     }
     let delay = origin.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {

@@ -11,6 +11,7 @@
 //! in [`crate::rollout`]. Stored bundle contents may hold credentials (basic auth in
 //! `waf.toml`), so reading them needs the token too.
 
+use daemon::sync::RecoverRw;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -713,7 +714,7 @@ async fn warm_from_leader(s: &ApiState, path: &str) -> Option<Response> {
     if s.state.cluster.leads() {
         return None;
     }
-    let bearer = s.token.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let bearer = s.token.read_locked().clone();
     match s
         .state
         .cluster

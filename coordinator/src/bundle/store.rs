@@ -17,6 +17,7 @@
 //! without anyone above this module talking to etcd).
 
 use crate::clock::now_ms;
+use daemon::sync::Recover;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -161,10 +162,7 @@ impl BundleStore {
                     e.kv.get_or_create(&format!("config/versions/{version}"), &bytes)
                         .map_err(storage)?;
                 if let Ok(record) = serde_json::from_slice::<StoredVersion>(&stored) {
-                    e.cache
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(version.clone(), record);
+                    e.cache.locked().insert(version.clone(), record);
                 }
                 return Ok((version, stored == bytes));
             }
@@ -184,12 +182,7 @@ impl BundleStore {
         let db = match &self.backend {
             Backend::Redb(db, _) => db,
             Backend::Etcd(e) => {
-                let cached = e
-                    .cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(version)
-                    .cloned();
+                let cached = e.cache.locked().get(version).cloned();
                 if cached.is_some() {
                     return Ok(cached);
                 }
@@ -201,10 +194,7 @@ impl BundleStore {
                 };
                 let stored: StoredVersion = serde_json::from_slice(&v)
                     .map_err(|err| StoreError::Corrupt(format!("version {version}: {err}")))?;
-                e.cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(version.to_owned(), stored.clone());
+                e.cache.locked().insert(version.to_owned(), stored.clone());
                 return Ok(Some(stored));
             }
         };

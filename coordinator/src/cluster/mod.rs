@@ -45,6 +45,7 @@ pub mod relay;
 pub mod store_alert;
 pub mod warm_relay;
 
+use daemon::sync::{Recover, RecoverRw};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -411,8 +412,7 @@ impl Cluster {
         };
         let api = self
             .members
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .iter()
             .find(|m| m.id == leader)
             .map(|m| m.api.clone())
@@ -434,7 +434,7 @@ impl Cluster {
     /// A peer that said, within [`crate::edges::REMOTE_TTL`], that it reaches the store
     /// (the first by id).
     pub fn peer_reaching_store(&self) -> Option<String> {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = self.peers.locked();
         let mut reaching: Vec<&String> = peers
             .iter()
             .filter(|(_, p)| {
@@ -560,16 +560,12 @@ impl Cluster {
     /// etcd without quorum cannot renew: the peer's own word is fresher. A record from
     /// before the term (the peer had not won yet) does not count against it.
     fn confirms_lead(&self, id: &str, fencing: Option<i64>) -> bool {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .is_none_or(|p| {
-                p.answering
-                    && p.status.as_ref().is_none_or(|s| {
-                        s.role == Role::Leader || s.fencing.is_none() || s.fencing < fencing
-                    })
-            })
+        self.peers.locked().get(id).is_none_or(|p| {
+            p.answering
+                && p.status.as_ref().is_none_or(|s| {
+                    s.role == Role::Leader || s.fencing.is_none() || s.fencing < fencing
+                })
+        })
     }
 
     /// This coordinator as it sees itself (what its peers ask for).
@@ -582,11 +578,7 @@ impl Cluster {
             leader,
             store_reachable: self.store.reachable(),
             spool_depth: self.spool_depth(),
-            store_alert: self
-                .store_alert
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .sent(),
+            store_alert: self.store_alert.locked().sent(),
             fencing: self.leadership.borrow().fencing,
             refused: Vec::new(),
         }
@@ -596,11 +588,10 @@ impl Cluster {
         let (role, leader) = self.role();
         let reach = self.store.get();
         let spool_depth = self.spool_depth();
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = self.peers.locked();
         let members = self
             .members
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .iter()
             .map(|m| {
                 if m.id == self.me.id {
@@ -632,23 +623,18 @@ impl Cluster {
             .collect();
         drop(peers);
         // A status taken before this coordinator lost etcd is not shown as healthy.
-        let etcd = self
-            .etcd_health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .map(|(at_ms, mut list)| {
-                if reach.reachable == Some(false) && at_ms <= reach.since_ms {
-                    for m in list.iter_mut().filter(|m| m.healthy) {
-                        m.healthy = false;
-                        m.error = Some(format!(
-                            "not reachable from this coordinator: {}",
-                            reach.error.as_deref().unwrap_or("no answer")
-                        ));
-                    }
+        let etcd = self.etcd_health.locked().clone().map(|(at_ms, mut list)| {
+            if reach.reachable == Some(false) && at_ms <= reach.since_ms {
+                for m in list.iter_mut().filter(|m| m.healthy) {
+                    m.healthy = false;
+                    m.error = Some(format!(
+                        "not reachable from this coordinator: {}",
+                        reach.error.as_deref().unwrap_or("no answer")
+                    ));
                 }
-                list
-            });
+            }
+            list
+        });
         ClusterView {
             fencing: self
                 .leadership
@@ -688,7 +674,7 @@ impl Cluster {
                 self.store
                     .failed("no etcd member answers with a raft leader");
             }
-            *self.etcd_health.lock().unwrap_or_else(|p| p.into_inner()) = Some((now_ms(), health));
+            *self.etcd_health.locked() = Some((now_ms(), health));
             // Sooner while the store is unreachable: its return shows within a second or two.
             let pause = if self.store.reachable() == Some(false) {
                 1
@@ -711,7 +697,7 @@ impl Cluster {
             store_reachable: mine.store_reachable,
             alert: mine.store_alert,
         }];
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = self.peers.locked();
         for (id, p) in peers.iter() {
             let recent = p.heard.is_some_and(|h| h.elapsed() < store_alert::IN_SIGHT);
             if let Some(s) = p.status.as_ref().filter(|_| recent) {
@@ -730,8 +716,7 @@ impl Cluster {
         let sight = self.in_sight();
         let event = self
             .store_alert
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .step(&self.me.id, &sight, Instant::now());
         let Some(event) = event else { return };
         let mut ids: Vec<String> = sight.iter().map(|s| s.id.clone()).collect();
@@ -796,12 +781,8 @@ impl Cluster {
             }
             // The peers are asked (the members last listed: blind to etcd, still asked)
             // while etcd is asked for the members: a silent etcd delays nothing.
-            let known = self
-                .members
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let bearer = token.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let known = self.members.locked().clone();
+            let bearer = token.read_locked().clone();
             let leader = self.role().1;
             let warm_pull = known
                 .iter()
@@ -838,10 +819,9 @@ impl Cluster {
                     // peer whose lease lapsed while it still answers (cut off from etcd,
                     // not from us) is still there, and so are its agents.
                     let answering: Vec<Member> = {
-                        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+                        let peers = self.peers.locked();
                         self.members
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
+                            .locked()
                             .iter()
                             .filter(|m| {
                                 m.id == self.me.id || peers.get(&m.id).is_some_and(|p| p.answering)
@@ -859,11 +839,8 @@ impl Cluster {
                     // A peer whose lease is gone from an etcd this coordinator reads, and
                     // that no longer answers, is gone for real (not merely out of sight).
                     views.edges.keep_peers(&ids);
-                    self.peers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .retain(|id, _| ids.contains(id));
-                    *self.members.lock().unwrap_or_else(|p| p.into_inner()) = list;
+                    self.peers.locked().retain(|id, _| ids.contains(id));
+                    *self.members.locked() = list;
                 }
                 Ok(Err(e)) => self
                     .store
@@ -878,13 +855,7 @@ impl Cluster {
             if let Some(pull) = warm_pull {
                 let _ = pull.await;
             }
-            let ids: Vec<String> = self
-                .members
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|m| m.id.clone())
-                .collect();
+            let ids: Vec<String> = self.members.locked().iter().map(|m| m.id.clone()).collect();
             cursors.retain(|id, _| ids.contains(id));
             self.warm_relay.expire(self.leads(), &ids, &views.warm);
             self.store_alert_round(&views.monitor);
@@ -912,7 +883,7 @@ impl Cluster {
         let status = peers::status(client, &m.api, bearer).await;
         let answered = status.is_ok();
         {
-            let mut all = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut all = self.peers.locked();
             let sight = all.entry(m.id.clone()).or_default();
             sight.answering = answered;
             match status {

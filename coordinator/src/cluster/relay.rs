@@ -26,6 +26,7 @@
 //! the first read) starts at the newest: old results replayed would be news no more.
 //! Nothing here is written to etcd.
 
+use daemon::sync::Recover;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -127,7 +128,7 @@ impl Relay {
             report: Some(AgentMessage { msg: Some(msg) }),
         };
         let size = report.encoded_len();
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ring = self.ring.locked();
         ring.entries.push_back((size, report));
         ring.bytes += size;
         while ring.entries.len() > RING_ENTRIES || ring.bytes > RING_BYTES {
@@ -142,7 +143,7 @@ impl Relay {
     /// What a peer holding (`instance`, `since`) gets next: the reports from `since` on
     /// (at most [`READ_MAX`]), or, for another instance, none and where to start.
     pub fn read(&self, instance: u64, since: u64) -> RelayBatch {
-        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let ring = self.ring.locked();
         let end = ring.first + ring.entries.len() as u64;
         let mut batch = RelayBatch {
             instance: self.instance,

@@ -25,6 +25,7 @@
 //! for the named session's warm loop (`Warm::forward`); a message for a session that has
 //! ended is dropped (the leader reissues its shards when it sees the session gone).
 
+use daemon::sync::Recover;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -88,7 +89,7 @@ impl Default for WarmRelay {
 
 impl WarmRelay {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     /// The stand-in session of `edge` (a follower holds it), whichever follower it is

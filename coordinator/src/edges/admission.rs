@@ -28,6 +28,7 @@
 //! the one that started later ends. A refusal changes nothing of the live edge but its
 //! refusal count.
 
+use daemon::sync::Recover;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
@@ -201,7 +202,7 @@ impl EdgeRegistry {
         applied_seq: u64,
         parent: &CancellationToken,
     ) -> Result<SessionHandle, Refused> {
-        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let remote = self.remote.locked();
         let live = remote
             .iter()
             .filter(|(_, (at, _))| at.elapsed() < REMOTE_TTL)
@@ -333,10 +334,7 @@ impl EdgeRegistry {
     /// Replaces the refusals coordinator `peer` made (from its self record).
     pub fn set_remote_refusals(&self, peer: &str, mut list: Vec<EdgeRefusals>) {
         list.truncate(REFUSALS_SHARED);
-        let mut remote = self
-            .remote_refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut remote = self.remote_refused.locked();
         if list.is_empty() {
             remote.remove(peer);
         } else {

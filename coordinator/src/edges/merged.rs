@@ -8,6 +8,7 @@
 //! coordinator: the first ack point covering it, local or relayed alike (the oldest
 //! known once history was thinned).
 
+use daemon::sync::Recover;
 use std::collections::HashMap;
 use std::time::SystemTime;
 
@@ -26,7 +27,7 @@ impl EdgeRegistry {
         if let Some((true, seq)) = local {
             return Some(seq);
         }
-        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let remote = self.remote.locked();
         remote
             .values()
             .filter(|(at, _)| at.elapsed() < REMOTE_TTL)
@@ -44,7 +45,7 @@ impl EdgeRegistry {
     /// it is connected.
     pub fn list(&self, head: u64) -> Vec<EdgeView> {
         let mut out = self.list_local(head);
-        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let remote = self.remote.locked();
         for (peer, (at, edges)) in remote.iter() {
             let silent = at.elapsed() >= REMOTE_TTL;
             for e in edges {
@@ -70,10 +71,7 @@ impl EdgeRegistry {
             }
         }
         drop(remote);
-        let refused = self
-            .remote_refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let refused = self.remote_refused.locked();
         if !refused.is_empty() {
             for e in out.iter_mut() {
                 let holder = e.coordinator.clone();
@@ -97,7 +95,7 @@ impl EdgeRegistry {
     /// and the error if it could not.
     pub fn progress(&self, seq: u64) -> Vec<(String, PurgeProgress)> {
         let views = self.list(0);
-        let relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        let relayed = self.relayed.locked();
         views
             .into_iter()
             .map(|v| {

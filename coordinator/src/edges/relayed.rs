@@ -9,6 +9,7 @@
 //! view is checked for duplicate sessions before it is stored
 //! ([`EdgeRegistry::settle_duplicates`]).
 
+use daemon::sync::Recover;
 use std::collections::VecDeque;
 use std::time::SystemTime;
 
@@ -67,21 +68,18 @@ impl EdgeRegistry {
     /// Replaces what coordinator `peer` holds (its own sessions only).
     pub fn set_remote(&self, peer: &str, edges: Vec<EdgeView>) {
         self.settle_duplicates(peer, &edges);
-        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let mut remote = self.remote.locked();
         remote.insert(peer.to_owned(), (std::time::Instant::now(), edges));
         drop(remote);
-        self.gone
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(peer);
+        self.gone.locked().remove(peer);
     }
 
     /// Tells which coordinators etcd lists now (read from an etcd that answered): a peer
     /// that reported edges and is not listed is gone for real (its lease expired), one
     /// listed again is back.
     pub fn keep_peers(&self, listed: &[String]) {
-        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-        let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        let remote = self.remote.locked();
+        let mut gone = self.gone.locked();
         gone.clear();
         gone.extend(remote.keys().filter(|p| !listed.contains(p)).cloned());
     }
@@ -90,8 +88,8 @@ impl EdgeRegistry {
     /// not said they are gone (it may be unreadable, or their lease still holds). Their
     /// edges' state is not known (the monitor reads their regions `unknown`).
     pub fn unseen_peers(&self) -> Vec<String> {
-        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        let remote = self.remote.locked();
+        let gone = self.gone.locked();
         remote
             .iter()
             .filter(|(peer, (at, _))| at.elapsed() >= REMOTE_TTL && !gone.contains(*peer))
@@ -104,7 +102,7 @@ impl EdgeRegistry {
     pub fn set_remote_with_history(&self, peer: &str, edges: Vec<LocalEdge>) {
         let mut views = Vec::with_capacity(edges.len());
         {
-            let mut relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut relayed = self.relayed.locked();
             let mut newest = 0;
             for LocalEdge { view, history } in edges {
                 if let Some(h) = history {
@@ -132,7 +130,7 @@ impl EdgeRegistry {
                 views.push(view);
             }
             if newest > 0 {
-                let mut until = self.relayed_until.lock().unwrap_or_else(|p| p.into_inner());
+                let mut until = self.relayed_until.locked();
                 let at = until.entry(peer.to_owned()).or_default();
                 *at = (*at).max(newest);
             }
@@ -144,8 +142,7 @@ impl EdgeRegistry {
     /// the newest it relayed, or from the start.
     pub fn acks_since(&self, peer: &str) -> u64 {
         self.relayed_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .get(peer)
             .map_or(0, |t| t.saturating_sub(RELAY_SLACK_US))
     }

@@ -8,6 +8,7 @@
 //! range entries (`super::ranges`); every session then writes the same bytes
 //! (`PurgeBatch::encoded`, written as-is by `proto::codec`).
 
+use daemon::sync::Recover;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -57,14 +58,14 @@ impl Batches {
         }
         let key = (from, want, ranges);
         {
-            let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+            let cached = self.cached.locked();
             if let Some((_, bytes)) = cached.iter().find(|(k, _)| *k == key) {
                 return Some((want, bytes.clone()));
             }
         }
         let bytes =
             Bytes::from(log.with_tail_range(from, want, |entries| encode_batch(entries, ranges))?);
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self.cached.locked();
         if cached.len() == KEPT {
             cached.pop_front();
         }

@@ -23,6 +23,7 @@
 //! The purge rate is the log head's advance over the last [`RATE_SAMPLE`], so a storm
 //! on another coordinator of a cluster (entries followed from etcd) counts too.
 
+use daemon::sync::Recover;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -95,7 +96,7 @@ impl Pacer {
     /// The log's head for the senders of the tick starting at `tick`: `head` as the
     /// first of them saw it (a sender at an older tick than the latest gets `head`).
     pub fn head_at(&self, tick: TokioInstant, head: u64) -> u64 {
-        let mut latest = self.tick.lock().unwrap_or_else(|p| p.into_inner());
+        let mut latest = self.tick.locked();
         match *latest {
             Some((t, h)) if t == tick => h.min(head),
             Some((t, _)) if t > tick => head,

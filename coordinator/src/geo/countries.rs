@@ -9,6 +9,7 @@
 //! `GET /api/v1/regions/{name}/countries` and on the dashboard. Memory is bounded by
 //! regions × countries (about 250), whatever the clients.
 
+use daemon::sync::Recover;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -84,7 +85,7 @@ impl Countries {
                 (country, n, near)
             })
             .collect();
-        let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut totals = self.totals.locked();
         for (country, n, near) in placed {
             let t = totals.entry((region.to_owned(), country)).or_default();
             t.hits = t.hits.saturating_add(n.hits);
@@ -100,7 +101,7 @@ impl Countries {
 
     /// `region`'s countries, busiest first.
     pub fn view(&self, region: &str) -> Vec<CountryView> {
-        let totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let totals = self.totals.locked();
         let mut out: Vec<CountryView> = totals
             .iter()
             .filter(|((r, _), _)| r == region)
@@ -125,7 +126,7 @@ impl Countries {
 }
 
 pub(super) fn encode(countries: &Countries, e: &mut DescriptorEncoder) -> std::fmt::Result {
-    let totals = countries.totals.lock().unwrap_or_else(|p| p.into_inner());
+    let totals = countries.totals.locked();
     let samples = totals.iter().flat_map(|((region, country), t)| {
         [("hit", t.hits), ("miss", t.misses)].map(|(cache, n)| {
             (

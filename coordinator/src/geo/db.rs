@@ -13,6 +13,7 @@
 //! Country databases; a Country database has no coordinates, so the country's centre
 //! ([`super::centroids`]) stands in.
 
+use daemon::sync::{Recover, RecoverRw};
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -184,10 +185,7 @@ impl GeoDb {
     }
 
     fn reader(&self) -> Arc<Loaded> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read_locked().clone()
     }
 
     /// Where `ip` is; `None` when the database does not know it (or it is a private
@@ -226,7 +224,7 @@ impl GeoDb {
     pub fn check(&self) -> Result<bool, DbError> {
         let now = stamp(&self.path).ok();
         {
-            let mut tried = self.tried.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tried = self.tried.locked();
             if *tried == now {
                 return Ok(false);
             }
@@ -248,10 +246,10 @@ impl GeoDb {
         let before = stamp(&self.path).ok();
         match open(&self.path) {
             Ok(loaded) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
-                *self.tried.lock().unwrap_or_else(|p| p.into_inner()) = before;
+                *self.current.write_locked() = Arc::new(loaded);
+                *self.tried.locked() = before;
                 self.loads.fetch_add(1, Ordering::Relaxed);
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.last_error.locked() = None;
                 Ok(true)
             }
             Err(e) => self.failed(e),
@@ -260,7 +258,7 @@ impl GeoDb {
 
     fn failed(&self, e: DbError) -> Result<bool, DbError> {
         self.reload_errors.fetch_add(1, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        *self.last_error.locked() = Some(e.to_string());
         Err(e)
     }
 
@@ -272,11 +270,7 @@ impl GeoDb {
             build_epoch: db.reader.metadata().build_epoch,
             loads: self.loads.load(Ordering::Relaxed),
             reload_errors: self.reload_errors.load(Ordering::Relaxed),
-            last_error: self
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            last_error: self.last_error.locked().clone(),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod db;
 pub mod dns;
 pub mod route;
 
+use daemon::sync::{Recover, RecoverRw};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,10 +177,7 @@ impl Geo {
     }
 
     fn snapshot(&self) -> Arc<Vec<RegionState>> {
-        self.states
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.states.read_locked().clone()
     }
 
     /// The region for `ip` now, with the reason and every candidate.
@@ -217,7 +215,7 @@ impl Geo {
     /// Takes one observation of every region: `regions` as monitoring judges them (their
     /// health, connected agents and purge lag). `now_s` is seconds on a monotonic clock.
     pub fn observe(&self, regions: &BTreeMap<String, RegionFacts>, now_s: f64) {
-        let mut recovery = self.recovery.lock().unwrap_or_else(|p| p.into_inner());
+        let mut recovery = self.recovery.locked();
         let states = self
             .regions
             .iter()
@@ -227,7 +225,7 @@ impl Geo {
             })
             .collect();
         drop(recovery);
-        *self.states.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(states);
+        *self.states.write_locked() = Arc::new(states);
     }
 
     /// Geolocates one edge's report of its clients.

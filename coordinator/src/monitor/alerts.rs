@@ -11,6 +11,7 @@
 //! finishes what the last one left unsent ([`Alerts::take_over`]). One lock, over the
 //! announced states, the queue, the history and the delivery counts.
 
+use daemon::sync::Recover;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -116,7 +117,7 @@ impl Alerts {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// The cluster's alert ledger (`[store] backend = "etcd"`); set once at start.

@@ -9,6 +9,7 @@
 //! each coordinator exports its own agents' probes). [`Probes::summary`] is what the
 //! health rule reads of all this. One lock, over the per-check state only.
 
+use daemon::sync::Recover;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
@@ -130,7 +131,7 @@ impl Probes {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), RegionCheck>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// Whether any check is configured.

@@ -25,6 +25,7 @@
 //! cluster only the leader moves phases and writes the plan; the others take the plan
 //! the bundle store delivers ([`Rollouts::follow_plan`]).
 
+use daemon::sync::Recover;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -167,7 +168,7 @@ impl Rollouts {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     fn bump(&self) {

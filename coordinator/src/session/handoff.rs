@@ -14,6 +14,7 @@
 //! from the store ends it: sessions are accepted again (agents are not called back; they
 //! stay where they landed until their session there ends).
 
+use daemon::sync::Recover;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,19 +46,12 @@ impl Handoff {
 
     /// `Some(reason)` while this coordinator hands its agents off.
     pub fn active(&self) -> Option<String> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.reason.locked().clone()
     }
 
     /// Sets (or clears) the reason; whether one was set before.
     fn set(&self, reason: Option<String>) -> bool {
-        std::mem::replace(
-            &mut *self.reason.lock().unwrap_or_else(|p| p.into_inner()),
-            reason,
-        )
-        .is_some()
+        std::mem::replace(&mut *self.reason.locked(), reason).is_some()
     }
 
     /// Whether to hand off: the store unreachable for `after` or longer (as of `now_ms`)

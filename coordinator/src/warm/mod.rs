@@ -60,6 +60,7 @@ pub mod schedule;
 pub mod store;
 pub mod tags;
 
+use daemon::sync::Recover;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -153,7 +154,7 @@ impl Held<'_> {
 
 /// Locks `m`; a panic elsewhere while it was held leaves plain data, still usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.locked()
 }
 
 impl Warm {

@@ -43,6 +43,7 @@
 //! spooled) but that etcd commits later after all is not appended again by the drain.
 //! The writer and the drain report every outcome into [`StoreHealth`].
 
+use daemon::sync::Recover;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -600,7 +601,7 @@ impl SpoolSide {
     ) -> Result<T, LogError> {
         let side = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut spool = side.spool.lock().unwrap_or_else(|p| p.into_inner());
+            let mut spool = side.spool.locked();
             let out = f(&mut spool);
             side.stats.depth.store(spool.depth(), Ordering::Release);
             out

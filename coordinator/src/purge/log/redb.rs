@@ -14,6 +14,7 @@
 //! without a restart. Retention deletes the oldest entries beyond a count or an age, at
 //! most once a second.
 
+use daemon::sync::RecoverRw;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -51,7 +52,7 @@ struct SharedDb {
 
 impl SharedDb {
     fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, LogError>) -> Result<T, LogError> {
-        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self.db.read_locked();
         match guard.as_ref() {
             Some(db) => f(db),
             None => Err(LogError::Storage(
@@ -62,7 +63,7 @@ impl SharedDb {
 
     /// Drops the handle (releasing the file lock) and opens the file again.
     fn reopen(&self) {
-        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.db.write_locked();
         *guard = None;
         // A file made anew is private like the first one.
         let _ = daemon::files::file_with_mode(&self.path, daemon::files::PRIVATE_FILE);

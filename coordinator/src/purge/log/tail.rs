@@ -7,6 +7,7 @@
 //! backend for what it holds. It only ever holds consecutive entries: a gap (entries
 //! trimmed before this reader saw them) empties it and moves `first` on.
 
+use daemon::sync::Recover;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -72,7 +73,7 @@ impl Tail {
     }
 
     fn lock(&self) -> MutexGuard<'_, Entries> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        self.entries.locked()
     }
 
     /// The newest durable sequence.
