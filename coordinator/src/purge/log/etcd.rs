@@ -50,8 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd::etcdserverpb::{
-    watch_request, DeleteRangeRequest, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
-    WatchCreateRequest, WatchRequest,
+    DeleteRangeRequest, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use etcd::{op, Etcd};
 use prost::Message;
@@ -331,7 +330,7 @@ impl EtcdLog {
 
     /// Up to `max` entries from `from` on, in order.
     pub async fn read_from(&self, from: u64, max: usize) -> Result<Vec<PurgeEntry>, LogError> {
-        Ok(self.list(from, max).await?.0)
+        self.list(from, max).await
     }
 }
 
@@ -375,7 +374,7 @@ impl EtcdLog {
         let cutoff = now_us().saturating_sub(retention.max_age.as_micros() as u64);
         // Age: walk forward while the oldest entries are too old (bounded per pass).
         for _ in 0..10 {
-            let (entries, _) = self.list(keep, 1000).await?;
+            let entries = self.list(keep, 1000).await?;
             let full = entries.len() == 1000;
             match entries.iter().find(|e| e.received_at_us >= cutoff) {
                 Some(e) => {
@@ -391,8 +390,8 @@ impl EtcdLog {
         Ok((keep > first).then_some(keep))
     }
 
-    /// Up to `max` entries from `from`, and the revision they were read at.
-    async fn list(&self, from: u64, max: usize) -> Result<(Vec<PurgeEntry>, i64), LogError> {
+    /// Up to `max` entries from `from`.
+    async fn list(&self, from: u64, max: usize) -> Result<Vec<PurgeEntry>, LogError> {
         let (key, end) = (
             self.entry_key(from.max(1)),
             etcd::prefix_end(&self.key(b"log/e/")),
@@ -404,16 +403,13 @@ impl EtcdLog {
             ..Default::default()
         };
         let resp = range(&self.etcd, req).await?;
-        let revision = resp.header.map(|h| h.revision).unwrap_or(0);
-        let entries = resp
-            .kvs
+        resp.kvs
             .iter()
             .map(|kv| {
                 PurgeEntry::decode(kv.value.as_slice())
                     .map_err(|e| LogError::Storage(format!("corrupt entry in etcd: {e}")))
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((entries, revision))
+            .collect()
     }
 }
 
@@ -861,11 +857,12 @@ async fn drain_loop(log: EtcdLog, tail: Arc<Tail>, side: Arc<SpoolSide>) {
 
 impl EtcdLog {
     /// Every entry from `from` on, in order and exactly once, as they are committed by
-    /// any coordinator: the existing ones listed, then a watch from the listing's
-    /// revision. A watch that etcd cancels (compaction, a member lost) is re-created from
-    /// a fresh listing at the next expected sequence; an entry that is gone by then
-    /// (retention) shows as a jump in `seq`, which the reader treats as it treats a
-    /// trimmed log. The stream ends when the receiver is dropped.
+    /// any coordinator: an [`etcd::ListWatch`] of the entry keys from `from` (the
+    /// existing ones listed, then watched from the listing's revision; listed again
+    /// from the next expected key when etcd cancels the watch or a member is lost). An
+    /// entry that is gone by then (retention), or one that cannot be decoded, shows as a
+    /// jump in `seq`, which the reader treats as it treats a trimmed log (a full ban),
+    /// never as a silent gap. The stream ends when the receiver is dropped.
     pub fn follow(&self, from: u64) -> mpsc::Receiver<PurgeEntry> {
         self.follow_at(from, None)
     }
@@ -875,108 +872,50 @@ impl EtcdLog {
     #[doc(hidden)]
     pub fn follow_at(&self, from: u64, revision: Option<i64>) -> mpsc::Receiver<PurgeEntry> {
         let (tx, rx) = mpsc::channel(1024);
-        let log = self.clone();
+        let first = from.max(1);
+        let prefix = self.key(b"log/e/");
+        let mut lw =
+            etcd::ListWatch::range(&self.etcd, self.entry_key(first), etcd::prefix_end(&prefix))
+                .named("purge log")
+                .resume_after_last_key();
+        if let Some(r) = revision {
+            lw = lw.start_at(r);
+        }
         tokio::spawn(async move {
-            let mut next = from.max(1);
-            let mut start_rev = revision;
-            let mut backoff = Duration::from_millis(100);
-            while !tx.is_closed() {
-                let before = next;
-                match log.follow_once(&mut next, start_rev.take(), &tx).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        if next > before {
-                            backoff = Duration::from_millis(100);
+            let mut watching = lw.spawn();
+            let mut next = first;
+            loop {
+                let kvs = tokio::select! {
+                    _ = tx.closed() => return,
+                    u = watching.next() => match u {
+                        Some(etcd::Update::Listed { kvs, .. }) => kvs,
+                        Some(etcd::Update::Events { events, .. }) => events
+                            .into_iter()
+                            .filter_map(|ev| ev.kv)
+                            .filter(|kv| !kv.value.is_empty()) // a delete (retention)
+                            .collect(),
+                        None => return,
+                    },
+                };
+                for kv in kvs {
+                    let entry = match PurgeEntry::decode(kv.value.as_slice()) {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            tracing::error!(key = %String::from_utf8_lossy(&kv.key), error = %e, "corrupt purge log entry in etcd; skipped (readers see a gap)");
+                            continue;
                         }
-                        if backoff <= Duration::from_millis(100) {
-                            tracing::warn!(error = %e, next, "purge log watch ended; re-listing");
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    };
+                    if entry.seq < next {
+                        continue; // delivered already (a re-list overlapping the watch)
+                    }
+                    next = entry.seq + 1;
+                    if tx.send(entry).await.is_err() {
+                        return;
                     }
                 }
             }
         });
         rx
-    }
-
-    /// Lists from `next` (unless a start revision is given), then watches. `Ok` only
-    /// when the receiver is gone.
-    async fn follow_once(
-        &self,
-        next: &mut u64,
-        start_rev: Option<i64>,
-        tx: &mpsc::Sender<PurgeEntry>,
-    ) -> Result<(), LogError> {
-        let watch_from = match start_rev {
-            Some(r) => r,
-            None => {
-                let revision = loop {
-                    let (entries, revision) = self.list(*next, 1000).await?;
-                    let full = entries.len() == 1000;
-                    for e in entries {
-                        *next = e.seq + 1;
-                        if tx.send(e).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    if !full {
-                        break revision;
-                    }
-                };
-                revision + 1
-            }
-        };
-        let prefix = self.key(b"log/e/");
-        let (req_tx, req_rx) = mpsc::channel(1);
-        let _ = req_tx
-            .send(WatchRequest {
-                request_union: Some(watch_request::RequestUnion::CreateRequest(
-                    WatchCreateRequest {
-                        key: self.entry_key(*next),
-                        range_end: etcd::prefix_end(&prefix),
-                        start_revision: watch_from,
-                        ..Default::default()
-                    },
-                )),
-            })
-            .await;
-        let mut stream = self
-            .etcd
-            .watch()
-            .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-            .await
-            .map_err(unavailable)?
-            .into_inner();
-        loop {
-            let resp = tokio::select! {
-                _ = tx.closed() => return Ok(()),
-                r = stream.message() => r.map_err(unavailable)?,
-            };
-            let Some(resp) = resp else {
-                return Err(LogError::Storage("etcd: watch stream closed".into()));
-            };
-            if resp.compact_revision > 0 || resp.canceled {
-                return Err(LogError::Storage(format!(
-                    "etcd: watch cancelled (compacted at revision {})",
-                    resp.compact_revision
-                )));
-            }
-            for ev in resp.events {
-                let Some(kv) = ev.kv.filter(|kv| !kv.value.is_empty()) else {
-                    continue; // a delete (retention)
-                };
-                let entry = PurgeEntry::decode(kv.value.as_slice())
-                    .map_err(|e| LogError::Storage(format!("corrupt entry in etcd: {e}")))?;
-                if entry.seq < *next {
-                    continue; // already delivered by the listing
-                }
-                *next = entry.seq + 1;
-                if tx.send(entry).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
     }
 }
 
