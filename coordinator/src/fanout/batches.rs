@@ -82,31 +82,17 @@ mod tests {
     use proto::edge::{purge_entry::Op, PurgeEntry, TagSet};
     use std::time::Duration;
 
-    fn tag(t: &str) -> NewPurge {
-        NewPurge {
-            op: Op::Tags(TagSet {
-                tags: vec![t.into()],
-            }),
-            soft: false,
-        }
-    }
-
-    fn forever() -> Retention {
-        Retention {
-            max_entries: u64::MAX,
-            max_age: Duration::from_secs(u32::MAX as u64),
-        }
-    }
-
     #[tokio::test]
     async fn encoded_batches_decode_to_the_entries_and_are_shared() {
         use proto::codec::WireEncode;
         use proto::edge::{coordinator_message, CoordinatorMessage, PurgeBatch};
         let dir = tempfile::tempdir().unwrap();
-        let log = PurgeLog::open(dir.path(), forever()).unwrap();
+        let log = PurgeLog::open(dir.path(), Retention::forever()).unwrap();
         let batches = Batches::default();
         for i in 0..10 {
-            log.append(vec![tag(&format!("t{i}"))]).await.unwrap();
+            log.append(vec![NewPurge::tag(&format!("t{i}"))])
+                .await
+                .unwrap();
         }
         let (last, bytes) = batches.read(&log, 3, u64::MAX, 4, false).unwrap();
         assert_eq!(last, 6);

@@ -258,15 +258,6 @@ mod tests {
     use tokio_stream::StreamExt;
     use tokio_util::sync::CancellationToken;
 
-    fn tag(t: &str) -> NewPurge {
-        NewPurge {
-            op: Op::Tags(TagSet {
-                tags: vec![t.into()],
-            }),
-            soft: false,
-        }
-    }
-
     /// The sequences a batch message carries (encoded or not).
     fn seqs(msg: Result<CoordinatorMessage, Status>) -> Vec<u64> {
         let msg = msg.expect("a message");
@@ -290,7 +281,7 @@ mod tests {
         };
         let log = PurgeLog::open(dir.path(), retention).unwrap();
         for t in ["a", "b", "c"] {
-            log.append(vec![tag(t)]).await.unwrap();
+            log.append(vec![NewPurge::tag(t)]).await.unwrap();
         }
         let edges = EdgeRegistry::default();
         let shutdown = CancellationToken::new();
@@ -324,7 +315,9 @@ mod tests {
         // Nothing due: the feed waits for the head.
         let waiting = tokio::time::timeout(Duration::from_millis(50), out.next()).await;
         assert!(waiting.is_err(), "nothing was due");
-        log.append(vec![tag("d"), tag("e")]).await.unwrap();
+        log.append(vec![NewPurge::tag("d"), NewPurge::tag("e")])
+            .await
+            .unwrap();
         assert_eq!(seqs(out.next().await.expect("a batch")), vec![4, 5]);
         // The session ends (its report reader stopped): so does the feed, even waiting.
         handle.cancel.cancel();

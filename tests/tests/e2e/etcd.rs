@@ -424,7 +424,6 @@ async fn one_leader_at_a_time_and_a_cut_off_leader_steps_down() {
 async fn followers_see_every_entry_once_in_order_even_after_compaction() {
     use coordinator::purge::log::etcd::{Append, EtcdLog};
     use coordinator::purge::log::NewPurge;
-    use etcd::etcdserverpb::CompactionRequest;
     use proto::edge::{purge_entry::Op, TagSet};
 
     let dir = temp_dir();
@@ -465,16 +464,22 @@ async fn followers_see_every_entry_once_in_order_even_after_compaction() {
     // cancelled as compacted, the follower re-lists and still delivers every entry.
     let now = c1.head().await.expect("head");
     assert_eq!(now, 80);
-    let rev = revision(&etcd).await;
+    compact_to_now(&etcd).await;
+    let mut late = c1.follow_at(1, Some(start_rev));
+    assert_eq!(seqs(&mut late, 80).await, (1..=80).collect::<Vec<u64>>());
+}
+
+/// Compacts the cluster's history up to its current revision (a watch from before it
+/// is cancelled by etcd).
+async fn compact_to_now(etcd: &Etcd) {
+    let revision = revision(etcd).await;
     etcd.kv()
-        .compact(CompactionRequest {
-            revision: rev,
+        .compact(etcd::etcdserverpb::CompactionRequest {
+            revision,
             physical: true,
         })
         .await
         .expect("compact");
-    let mut late = c1.follow_at(1, Some(start_rev));
-    assert_eq!(seqs(&mut late, 80).await, (1..=80).collect::<Vec<u64>>());
 }
 
 /// The cluster's current revision.
@@ -513,7 +518,7 @@ async fn seqs(
 /// key, nothing delivered twice); a watch that starts on a compacted revision lists again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_then_watch_lists_again_after_a_restart_and_a_compaction() {
-    use etcd::etcdserverpb::{CompactionRequest, DeleteRangeRequest};
+    use etcd::etcdserverpb::DeleteRangeRequest;
     use etcd::{ListWatch, Update};
     use std::collections::BTreeMap;
 
@@ -658,14 +663,7 @@ async fn list_then_watch_lists_again_after_a_restart_and_a_compaction() {
     );
 
     // A watch from a compacted revision is cancelled by etcd: it lists instead.
-    let rev = revision(&etcd).await;
-    etcd.kv()
-        .compact(CompactionRequest {
-            revision: rev,
-            physical: true,
-        })
-        .await
-        .expect("compact");
+    compact_to_now(&etcd).await;
     let mut late = ListWatch::prefix(&etcd, b"/lw/".to_vec())
         .start_at(start_rev)
         .spawn();

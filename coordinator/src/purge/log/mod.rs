@@ -119,6 +119,31 @@ pub struct NewPurge {
     pub soft: bool,
 }
 
+/// Unit tests' fixtures for the log and what reads it (the fan-out).
+#[cfg(test)]
+impl NewPurge {
+    /// A hard purge of one tag.
+    pub fn tag(t: &str) -> NewPurge {
+        NewPurge {
+            op: Op::Tags(proto::edge::TagSet {
+                tags: vec![t.into()],
+            }),
+            soft: false,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Retention {
+    /// Keeps everything.
+    pub fn forever() -> Retention {
+        Retention {
+            max_entries: u64::MAX,
+            max_age: Duration::from_secs(u32::MAX as u64),
+        }
+    }
+}
+
 /// One appender's purges on their way to a backend's writer, and where to answer.
 struct AppendReq {
     purges: Vec<NewPurge>,

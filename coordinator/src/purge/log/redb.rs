@@ -370,34 +370,20 @@ mod tests {
     use super::*;
     use proto::edge::{purge_entry::Op, TagSet};
 
-    fn tag(t: &str) -> NewPurge {
-        NewPurge {
-            op: Op::Tags(TagSet {
-                tags: vec![t.into()],
-            }),
-            soft: false,
-        }
-    }
-
-    fn forever() -> Retention {
-        Retention {
-            max_entries: u64::MAX,
-            max_age: Duration::from_secs(u32::MAX as u64),
-        }
-    }
-
     #[tokio::test]
     async fn appends_are_dense_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let log = PurgeLog::open(dir.path(), forever()).unwrap();
+        let log = PurgeLog::open(dir.path(), Retention::forever()).unwrap();
         let id = log.log_id().to_owned();
-        assert_eq!(log.append(vec![tag("a")]).await.unwrap(), 1);
+        assert_eq!(log.append(vec![NewPurge::tag("a")]).await.unwrap(), 1);
         assert_eq!(
-            log.append_outcome(vec![tag("b"), tag("c")]).await.unwrap(),
+            log.append_outcome(vec![NewPurge::tag("b"), NewPurge::tag("c")])
+                .await
+                .unwrap(),
             Appended::Logged(3)
         );
         let many: Vec<_> = (0..100)
-            .map(|i| log.append(vec![tag(&format!("t{i}"))]))
+            .map(|i| log.append(vec![NewPurge::tag(&format!("t{i}"))]))
             .collect();
         for f in many {
             f.await.unwrap();
@@ -405,13 +391,13 @@ mod tests {
         assert_eq!(log.head(), 103);
         drop(log);
         // The writer thread releases the file once it sees the queue closed.
-        let mut reopened = PurgeLog::open(dir.path(), forever());
+        let mut reopened = PurgeLog::open(dir.path(), Retention::forever());
         for _ in 0..100 {
             if reopened.is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
-            reopened = PurgeLog::open(dir.path(), forever());
+            reopened = PurgeLog::open(dir.path(), Retention::forever());
         }
         let log = reopened.unwrap();
         assert_eq!(log.log_id(), id);
@@ -433,7 +419,9 @@ mod tests {
         )
         .unwrap();
         for i in 0..20 {
-            log.append(vec![tag(&format!("t{i}"))]).await.unwrap();
+            log.append(vec![NewPurge::tag(&format!("t{i}"))])
+                .await
+                .unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while log.first() != 16 && Instant::now() < deadline {

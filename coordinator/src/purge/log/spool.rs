@@ -341,15 +341,6 @@ mod tests {
     use super::*;
     use proto::edge::{purge_entry::Op, TagSet};
 
-    fn tag(t: &str) -> NewPurge {
-        NewPurge {
-            op: Op::Tags(TagSet {
-                tags: vec![t.into()],
-            }),
-            soft: false,
-        }
-    }
-
     fn ids(s: &Spool) -> Vec<u64> {
         s.pending(usize::MAX).iter().map(|e| e.seq).collect()
     }
@@ -358,7 +349,10 @@ mod tests {
     fn ids_are_dense_per_group_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
-        let (a, b) = ([tag("a")], [tag("b"), tag("c")]);
+        let (a, b) = (
+            [NewPurge::tag("a")],
+            [NewPurge::tag("b"), NewPurge::tag("c")],
+        );
         assert_eq!(s.append(&[(1, &a), (2, &b)]).unwrap(), vec![1, 3]);
         assert_eq!(s.append(&[(3, &a)]).unwrap(), vec![4]);
         drop(s);
@@ -378,7 +372,8 @@ mod tests {
     fn a_torn_last_record_is_dropped_and_the_next_append_follows_the_good_ones() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.append(&[(1, &[tag("a")]), (1, &[tag("b")])]).unwrap();
+        s.append(&[(1, &[NewPurge::tag("a")]), (1, &[NewPurge::tag("b")])])
+            .unwrap();
         let good = s.file_len();
         drop(s);
         let path = dir.path().join(FILE_NAME);
@@ -387,7 +382,7 @@ mod tests {
         record(
             &PurgeEntry {
                 seq: 3,
-                op: Some(tag("c").op),
+                op: Some(NewPurge::tag("c").op),
                 ..Default::default()
             },
             &mut torn,
@@ -398,7 +393,7 @@ mod tests {
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(ids(&s), vec![1, 2]);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
-        assert_eq!(s.append(&[(2, &[tag("d")])]).unwrap(), vec![3]);
+        assert_eq!(s.append(&[(2, &[NewPurge::tag("d")])]).unwrap(), vec![3]);
         drop(s);
         // A whole record whose bytes changed fails its checksum: dropped too.
         let mut bytes = std::fs::read(&path).unwrap();
@@ -413,7 +408,11 @@ mod tests {
     fn drained_entries_are_forgotten_and_ids_never_come_back_after_compaction() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.append(&[(1, &[tag("a"), tag("b"), tag("c")])]).unwrap();
+        s.append(&[(
+            1,
+            &[NewPurge::tag("a"), NewPurge::tag("b"), NewPurge::tag("c")],
+        )])
+        .unwrap();
         assert_eq!(s.drained(2).unwrap(), 2);
         assert_eq!(ids(&s), vec![3]);
         drop(s);
@@ -430,13 +429,13 @@ mod tests {
         drop(s);
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert!(s.is_empty());
-        assert_eq!(s.append(&[(1, &[tag("d")])]).unwrap(), vec![4]);
+        assert_eq!(s.append(&[(1, &[NewPurge::tag("d")])]).unwrap(), vec![4]);
         // A spool wiped while etcd remembers id 10: ids go on after it.
         drop(s);
         std::fs::remove_file(dir.path().join(FILE_NAME)).unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         s.skip_drained(10);
-        assert_eq!(s.append(&[(1, &[tag("e")])]).unwrap(), vec![11]);
+        assert_eq!(s.append(&[(1, &[NewPurge::tag("e")])]).unwrap(), vec![11]);
     }
 
     #[test]
@@ -445,7 +444,7 @@ mod tests {
         let mut s = Spool::open(dir.path(), 200).unwrap();
         let mut ok = 0;
         let err = loop {
-            match s.append(&[(1, &[tag("cat_p_12345")])]) {
+            match s.append(&[(1, &[NewPurge::tag("cat_p_12345")])]) {
                 Ok(_) => ok += 1,
                 Err(e) => break e,
             }
