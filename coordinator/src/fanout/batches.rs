@@ -79,8 +79,7 @@ mod tests {
     use super::*;
     use crate::purge::log::{NewPurge, Retention};
     use prost::Message;
-    use proto::edge::{purge_entry::Op, PurgeEntry, TagSet};
-    use std::time::Duration;
+    use proto::edge::PurgeEntry;
 
     #[tokio::test]
     async fn encoded_batches_decode_to_the_entries_and_are_shared() {

@@ -253,7 +253,6 @@ mod tests {
     use crate::purge::log::{NewPurge, Retention};
     use prost::Message;
     use proto::codec::WireEncode;
-    use proto::edge::{purge_entry::Op, TagSet};
     use std::time::Duration;
     use tokio_stream::StreamExt;
     use tokio_util::sync::CancellationToken;

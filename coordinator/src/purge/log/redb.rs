@@ -368,7 +368,6 @@ impl Writer {
 mod tests {
     use super::super::{NewPurge, PurgeLog};
     use super::*;
-    use proto::edge::{purge_entry::Op, TagSet};
 
     #[tokio::test]
     async fn appends_are_dense_and_survive_reopen() {
