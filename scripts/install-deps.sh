@@ -7,20 +7,27 @@
 # tests (geo routing answers a real pdns, queried with dig); etcd (etcd-server) only for
 # the tests (the etcd client and the HA store run against a real 3-member cluster).
 # No protoc is needed (protox compiles .proto).
+#
+#   scripts/install-deps.sh          everything the tests need (scripts/test.sh runs this)
+#   scripts/install-deps.sh --demo   only varnish and varnish-modules (scripts/demo.sh)
 set -euo pipefail
+demo=false
+[ "${1:-}" = "--demo" ] && demo=true
 need=()
 command -v varnishd >/dev/null 2>&1 || need+=(varnish)
 vmods=$(pkg-config --variable=vmoddir varnishapi 2>/dev/null || echo /usr/lib/x86_64-linux-gnu/varnish/vmods)
 if ! ls "$vmods"/libvmod_xkey.so >/dev/null 2>&1 && ! ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null 2>&1; then
   need+=(varnish-modules)
 fi
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
-command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 dns=()
-command -v pdns_server >/dev/null 2>&1 || dns+=(pdns-server)
-ls /usr/lib/*/pdns/libremotebackend.so >/dev/null 2>&1 || dns+=(pdns-backend-remote)
-command -v dig >/dev/null 2>&1 || dns+=(bind9-dnsutils)
-command -v etcd >/dev/null 2>&1 || dns+=(etcd-server)
+if ! $demo; then
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  command -v pdns_server >/dev/null 2>&1 || dns+=(pdns-server)
+  ls /usr/lib/*/pdns/libremotebackend.so >/dev/null 2>&1 || dns+=(pdns-backend-remote)
+  command -v dig >/dev/null 2>&1 || dns+=(bind9-dnsutils)
+  command -v etcd >/dev/null 2>&1 || dns+=(etcd-server)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""
