@@ -383,6 +383,32 @@ fn the_packages_install_verify_and_purge_without_a_trace() {
     AgentConfig::load(Path::new("/etc/edge-agent/edge-agent.toml"))
         .unwrap_or_else(|e| panic!("the installed edge-agent.toml: {e}"));
 
+    // An upgrade (here: the same packages again) keeps an edited conffile, its owner
+    // and mode.
+    let conf = "/etc/coordinator/coordinator.toml";
+    let edited = std::fs::read_to_string(conf).expect("conffile") + "# edited by the operator\n";
+    std::fs::write(conf, &edited).expect("edit the conffile");
+    let mut args = vec!["-i"];
+    args.extend(debs.iter().map(String::as_str));
+    ok("dpkg", &args);
+    assert_eq!(std::fs::read_to_string(conf).expect("conffile"), edited);
+    assert_eq!(stat(conf).as_deref(), Some("root:coordinator 640"));
+
+    // Remove: the programs go, the config, the state and the users stay (for a
+    // reinstall); purge then takes the rest.
+    let mut args = vec!["-r"];
+    args.extend(PACKAGES);
+    ok("dpkg", &args);
+    for path in [
+        "/usr/bin/coordinator",
+        "/usr/bin/edge-agent",
+        "/lib/systemd/system/coordinator.service",
+    ] {
+        assert!(stat(path).is_none(), "{path} is left after dpkg -r");
+    }
+    assert!(stat(conf).is_some() && stat("/var/lib/edge-agent").is_some());
+    assert!(exists("passwd", "coordinator") && exists("passwd", "edge-agent"));
+
     // Purge: nothing left.
     let mut args = vec!["--purge"];
     args.extend(PACKAGES);
