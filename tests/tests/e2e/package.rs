@@ -12,7 +12,7 @@
 //!
 //! The install test touches only the packages' own paths and users, none of which any
 //! other test uses (they run the binaries in `target/debug`), and refuses to run over a
-//! real installation.
+//! real installation. It needs root (dpkg), as CI runs the suite.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -185,6 +185,10 @@ fn expected_commit() -> String {
 
 #[test]
 fn the_packages_install_verify_and_purge_without_a_trace() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test installs and purges Debian packages: run the e2e tests as root (CI does)"
+    );
     for p in PACKAGES {
         let status = run("dpkg-query", &["-W", "-f", "${Status}", p]);
         let text = String::from_utf8_lossy(&status.stdout);
@@ -292,20 +296,11 @@ fn the_packages_install_verify_and_purge_without_a_trace() {
         "the shipped bundle is the project's"
     );
     // Users: system users without a login; the agent's primary group is varnish.
-    let passwd = ok("getent", &["passwd", "coordinator"]);
-    assert!(
-        passwd
-            .trim_end()
-            .ends_with(":/var/lib/coordinator:/usr/sbin/nologin"),
-        "{passwd}"
-    );
-    let passwd = ok("getent", &["passwd", "edge-agent"]);
-    assert!(
-        passwd
-            .trim_end()
-            .ends_with(":/var/lib/edge-agent:/usr/sbin/nologin"),
-        "{passwd}"
-    );
+    for user in ["coordinator", "edge-agent"] {
+        let passwd = ok("getent", &["passwd", user]);
+        let tail = format!(":/var/lib/{user}:/usr/sbin/nologin");
+        assert!(passwd.trim_end().ends_with(&tail), "{passwd}");
+    }
     assert_eq!(ok("id", &["-gn", "edge-agent"]).trim(), "varnish");
     // Conffiles and dependencies as dpkg recorded them.
     let conffiles = ok(
