@@ -5,7 +5,8 @@
 # systemd's systemd-analyze only for the tests (the shipped units are verified with it);
 # PowerDNS (pdns-server, pdns-backend-remote) and dig (bind9-dnsutils) only for the
 # tests (geo routing answers a real pdns, queried with dig); etcd (etcd-server) only for
-# the tests (the etcd client and the HA store run against a real 3-member cluster).
+# the tests (the etcd client and the HA store run against a real 3-member cluster);
+# dpkg-dev (dpkg-shlibdeps) and adduser for scripts/package.sh and its test.
 # No protoc is needed (protox compiles .proto).
 #
 #   scripts/install-deps.sh          everything the tests need (scripts/test.sh runs this)
@@ -27,6 +28,8 @@ if ! $demo; then
   ls /usr/lib/*/pdns/libremotebackend.so >/dev/null 2>&1 || dns+=(pdns-backend-remote)
   command -v dig >/dev/null 2>&1 || dns+=(bind9-dnsutils)
   command -v etcd >/dev/null 2>&1 || dns+=(etcd-server)
+  command -v dpkg-shlibdeps >/dev/null 2>&1 || dns+=(dpkg-dev)
+  command -v adduser >/dev/null 2>&1 || dns+=(adduser)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

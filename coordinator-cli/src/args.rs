@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 /// Coordinator for geo-distributed Varnish clusters in front of Magento 2.
 #[derive(Debug, Parser)]
 #[command(
-    version,
+    name = "coordinator",
+    version = env!("BUILD_VERSION"),
     about = "Coordinator for geo-distributed Varnish clusters in front of Magento 2: purges, config rollout, monitoring, warming"
 )]
 pub struct Cli {

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs beside a regional varnishd and applies what the coordinator sends.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = env!("BUILD_VERSION"), about)]
 struct Args {
     /// Path to edge-agent.toml.
     #[arg(long)]

@@ -12,7 +12,7 @@ use crate::sitemap::Limits;
 
 /// Warm a varnish from Magento's sitemaps (index, urlset, .gz, or a plain URL list).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = env!("BUILD_VERSION"), about)]
 pub struct Args {
     /// Sitemap: an http:// or https:// URL, or a local file.
     #[arg(long)]

@@ -32,7 +32,7 @@ fn systemd_units_verify_and_are_hardened() {
     ] {
         let text =
             std::fs::read_to_string(repo().join("deploy/systemd").join(unit)).expect("unit file");
-        let installed = format!("/usr/local/bin/{bin}");
+        let installed = format!("/usr/bin/{bin}");
         assert!(text.contains(&installed), "{unit} runs {installed}");
         for key in [
             "NoNewPrivileges=yes",

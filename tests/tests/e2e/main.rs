@@ -19,6 +19,7 @@ mod geo;
 mod ha;
 mod hostile;
 mod monitor;
+mod package;
 mod purge;
 mod robustness;
 mod security;
