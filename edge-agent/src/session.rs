@@ -20,6 +20,12 @@
 //! of this very agent, left by a kill -9 or a reboot, to count as dead) and then every
 //! [`DUPLICATE_BACKOFF`] (with jitter) for as long as it lasts, logged as one error (the
 //! first quick retry a warning, later ones at debug) and an info line once it gets in.
+//! A third, `protocol_version` (this agent's protocol version is outside the
+//! coordinator's window), and a `Welcome` whose protocol version is outside this agent's
+//! own window ([`proto::version::check`]: this agent ends the session) are one thing to
+//! the operator: one of the two must be upgraded. Logged as one error naming both
+//! versions, then redialled every [`VERSION_BACKOFF`] (jittered; debug lines meanwhile),
+//! moving on through the coordinator list, with an info line once a session is accepted.
 //! Each Hello carries this process's random instance id ([`new_instance`], drawn once
 //! at start) and its dial count, which is how the coordinators tell this process's own
 //! sessions (a reconnect, a move to another coordinator) from another agent's.
@@ -54,6 +60,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// 20 s, jittered by a quarter either way. Longer than any normal reconnect (at most
 /// [`BACKOFF_MAX`]), short enough to get in soon after the other one goes away.
 pub const DUPLICATE_BACKOFF: Duration = Duration::from_secs(20);
+/// Redial pace while the coordinators refuse this agent's protocol version (or it
+/// refuses theirs): 15 s, jittered by a quarter either way. Nothing changes until one
+/// side is upgraded, so no tight loop; short enough to get in soon after.
+pub const VERSION_BACKOFF: Duration = Duration::from_secs(15);
 /// Largest message accepted from the coordinator (a config bundle is at most 2 MiB).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Most entries merged into one apply while catching up.
@@ -81,6 +91,10 @@ enum SessionEnd {
     Cursor(std::io::Error),
     #[error("{0}")]
     Protocol(String),
+    /// The Welcome's protocol version is outside this agent's window (the message names
+    /// both).
+    #[error("{0}")]
+    Version(String),
     #[error("shutting down")]
     Shutdown,
 }
@@ -125,6 +139,11 @@ pub async fn run(
             client_tls(tls).map_err(AgentError::Config)?;
         }
     }
+    if let Some(v) = proto::version::from_env().map_err(AgentError::Config)? {
+        tracing::warn!(protocol = v, accepts = %proto::version::fmt_window(v),
+            "{}={v}: speaking protocol {v} instead of {} (for tests only)",
+            proto::version::ENV, proto::version::PROTOCOL_VERSION);
+    }
     let cursor_file = CursorFile::open(&config.state_dir).map_err(AgentError::State)?;
     let mut agent = Agent {
         welcomed_at: None,
@@ -147,6 +166,8 @@ pub async fn run(
     let mut next = rand::thread_rng().gen_range(0..urls.len().max(1));
     // Refusals in a row because another agent holds this edge id.
     let mut duplicate: u32 = 0;
+    // Sessions in a row refused for the protocol version (by either side).
+    let mut version: u32 = 0;
     let interval = Duration::from_secs(agent.config.report_interval_s);
     loop {
         agent.welcomed_at = None;
@@ -157,6 +178,11 @@ pub async fn run(
             tracing::info!(coordinator = %url, refusals = duplicate,
                 "session accepted: no other agent holds this edge id any more");
             duplicate = 0;
+        }
+        if agent.welcomed_at.is_some() && version > 0 {
+            tracing::info!(coordinator = %url, refusals = version, protocol = proto::version::own(),
+                "session accepted: the protocol versions work together now");
+            version = 0;
         }
         let refusal = match &result {
             Err(SessionEnd::Status(s)) => proto::Refusal::of(s),
@@ -183,6 +209,31 @@ pub async fn run(
                         tracing::debug!(coordinator = %url, refusals = duplicate, "still refused: another agent holds this edge id")
                     }
                 }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+            (Err(SessionEnd::Status(_)), Some(proto::Refusal::ProtocolVersion))
+            | (Err(SessionEnd::Version(_)), _) => {
+                let reason = match &result {
+                    Err(SessionEnd::Status(s)) => s.message().to_owned(),
+                    Err(e) => e.to_string(),
+                    Ok(()) => String::new(),
+                };
+                version = version.saturating_add(1);
+                let delay = jittered(VERSION_BACKOFF);
+                if version == 1 {
+                    tracing::error!(coordinator = %url, protocol = proto::version::own(),
+                        accepts = %proto::version::fmt_window(proto::version::own()),
+                        reason = %reason, retry_every_s = VERSION_BACKOFF.as_secs(),
+                        "session refused: this agent and the coordinator speak protocol versions too far apart; retrying slowly until one of them is upgraded");
+                } else {
+                    tracing::debug!(coordinator = %url, refusals = version, reason = %reason,
+                        "still refused for the protocol version");
+                }
+                duplicate = 0;
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -313,6 +364,7 @@ impl Agent {
         let hello = Hello {
             instance: self.instance.clone(),
             dial: self.dials,
+            protocol_version: proto::version::own(),
             edge_id: self.config.id.clone(),
             region: self.config.region.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -455,6 +507,13 @@ impl Agent {
             };
             match msg {
                 coordinator_message::Msg::Welcome(w) => {
+                    if let Err(m) = proto::version::check(proto::version::own(), w.protocol_version)
+                    {
+                        return Err(SessionEnd::Version(format!(
+                            "the coordinator's Welcome is outside this agent's window: {}",
+                            m.explain("agent")
+                        )));
+                    }
                     tracing::info!(coordinator = url, log_id = %w.log_id, head_seq = w.head_seq, applied_seq = self.cursor.applied_seq, "session established");
                     log_id = w.log_id;
                     self.welcomed_at = Some(Instant::now());
