@@ -24,5 +24,6 @@ mod robustness;
 mod security;
 mod tidy;
 mod traffic;
+mod upgrade;
 mod warm_jobs;
 mod warmer;
