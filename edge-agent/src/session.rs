@@ -147,6 +147,7 @@ pub async fn run(
     let cursor_file = CursorFile::open(&config.state_dir).map_err(AgentError::State)?;
     let mut agent = Agent {
         welcomed_at: None,
+        version_refusals: 0,
         instance: new_instance(),
         dials: 0,
         applied: Arc::new(AtomicU64::new(0)),
@@ -166,8 +167,6 @@ pub async fn run(
     let mut next = rand::thread_rng().gen_range(0..urls.len().max(1));
     // Refusals in a row because another agent holds this edge id.
     let mut duplicate: u32 = 0;
-    // Sessions in a row refused for the protocol version (by either side).
-    let mut version: u32 = 0;
     let interval = Duration::from_secs(agent.config.report_interval_s);
     loop {
         agent.welcomed_at = None;
@@ -178,11 +177,6 @@ pub async fn run(
             tracing::info!(coordinator = %url, refusals = duplicate,
                 "session accepted: no other agent holds this edge id any more");
             duplicate = 0;
-        }
-        if agent.welcomed_at.is_some() && version > 0 {
-            tracing::info!(coordinator = %url, refusals = version, protocol = proto::version::own(),
-                "session accepted: the protocol versions work together now");
-            version = 0;
         }
         let refusal = match &result {
             Err(SessionEnd::Status(s)) => proto::Refusal::of(s),
@@ -222,15 +216,15 @@ pub async fn run(
                     Err(e) => e.to_string(),
                     Ok(()) => String::new(),
                 };
-                version = version.saturating_add(1);
+                agent.version_refusals = agent.version_refusals.saturating_add(1);
                 let delay = jittered(VERSION_BACKOFF);
-                if version == 1 {
+                if agent.version_refusals == 1 {
                     tracing::error!(coordinator = %url, protocol = proto::version::own(),
                         accepts = %proto::version::fmt_window(proto::version::own()),
                         reason = %reason, retry_every_s = VERSION_BACKOFF.as_secs(),
                         "session refused: this agent and the coordinator speak protocol versions too far apart; retrying slowly until one of them is upgraded");
                 } else {
-                    tracing::debug!(coordinator = %url, refusals = version, reason = %reason,
+                    tracing::debug!(coordinator = %url, refusals = agent.version_refusals, reason = %reason,
                         "still refused for the protocol version");
                 }
                 duplicate = 0;
@@ -313,6 +307,8 @@ fn backoff(attempt: u32) -> Duration {
 struct Agent {
     /// When the current session's Welcome arrived.
     welcomed_at: Option<Instant>,
+    /// Sessions in a row refused for the protocol version (by either side).
+    version_refusals: u32,
     /// This process's instance id, sent in every Hello ([`new_instance`]).
     instance: String,
     /// Sessions dialled so far (the Hello's `dial`).
@@ -517,6 +513,16 @@ impl Agent {
                     tracing::info!(coordinator = url, log_id = %w.log_id, head_seq = w.head_seq, applied_seq = self.cursor.applied_seq, "session established");
                     log_id = w.log_id;
                     self.welcomed_at = Some(Instant::now());
+                    if self.version_refusals > 0 {
+                        tracing::info!(
+                            coordinator = url,
+                            refusals = self.version_refusals,
+                            protocol = proto::version::own(),
+                            coordinator_protocol = proto::version::of_wire(w.protocol_version),
+                            "session accepted: the protocol versions work together now"
+                        );
+                        self.version_refusals = 0;
+                    }
                 }
                 coordinator_message::Msg::FullBan(fb) => self.full_ban(fb, &out, shutdown).await?,
                 coordinator_message::Msg::ProbePlan(plan) => {
@@ -870,6 +876,18 @@ mod tests {
             let d = jittered(DUPLICATE_BACKOFF);
             assert!(
                 d >= Duration::from_secs(15) && d <= Duration::from_secs(25),
+                "{d:?}"
+            );
+            assert!(d > BACKOFF_MAX, "slower than any normal reconnect");
+        }
+    }
+
+    #[test]
+    fn a_protocol_refusal_redials_slowly() {
+        for _ in 0..100 {
+            let d = jittered(VERSION_BACKOFF);
+            assert!(
+                d >= Duration::from_millis(11_250) && d <= Duration::from_millis(18_750),
                 "{d:?}"
             );
             assert!(d > BACKOFF_MAX, "slower than any normal reconnect");
