@@ -333,6 +333,12 @@ pub async fn metric(c: &CoordinatorProc, name: &str) -> Option<f64> {
     })
 }
 
+/// `coordinator_sessions_refused_total{reason}` on `c` (0 if absent).
+pub async fn sessions_refused(c: &CoordinatorProc, reason: &str) -> u64 {
+    let name = format!("coordinator_sessions_refused_total{{reason=\"{reason}\"}}");
+    metric(c, &name).await.unwrap_or(0.0) as u64
+}
+
 /// The edges `c` holds connected sessions for itself (`/api/v1/edges?scope=local`).
 pub async fn local_edges(c: &CoordinatorProc) -> Vec<String> {
     get_json(c.api, "/api/v1/edges?scope=local")

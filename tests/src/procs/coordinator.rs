@@ -214,6 +214,15 @@ impl CoordinatorProc {
         }
     }
 
+    /// Edge `id` as `GET /api/v1/edges` shows it (null if absent).
+    pub async fn edge(&self, id: &str) -> Value {
+        self.edges()
+            .await
+            .into_iter()
+            .find(|e| e["id"] == id)
+            .unwrap_or(Value::Null)
+    }
+
     pub async fn head(&self) -> u64 {
         get_json(self.api, "/healthz")
             .await
