@@ -71,14 +71,22 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error("purge listener: {0}")]
     Listener(String),
+    #[error("{0}")]
+    ProtocolVersion(String),
 }
 
 /// What can be refused before anything is opened or joined (an election lease taken by a
 /// coordinator that then exits stalls its cluster's election for a lease TTL): plaintext
-/// gRPC without `insecure`, an API token file that cannot be read.
+/// gRPC without `insecure`, an API token file that cannot be read, a bad
+/// `VC_PROTOCOL_VERSION` (a test knob: `proto::version`).
 pub fn preflight(config: &CoordinatorConfig, insecure: bool) -> Result<(), ServeError> {
     if config.grpc.tls.is_none() && !insecure {
         return Err(ServeError::NeedsInsecure);
+    }
+    if let Some(v) = proto::version::from_env().map_err(ServeError::ProtocolVersion)? {
+        tracing::warn!(protocol = v, accepts = %proto::version::fmt_window(v),
+            "{}={v}: speaking protocol {v} instead of {} (for tests only)",
+            proto::version::ENV, proto::version::PROTOCOL_VERSION);
     }
     read_token(config.api.token_file.as_deref()).map(|_| ())
 }

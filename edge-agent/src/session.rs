@@ -20,6 +20,12 @@
 //! of this very agent, left by a kill -9 or a reboot, to count as dead) and then every
 //! [`DUPLICATE_BACKOFF`] (with jitter) for as long as it lasts, logged as one error (the
 //! first quick retry a warning, later ones at debug) and an info line once it gets in.
+//! A third, `protocol_version` (this agent's protocol version is outside the
+//! coordinator's window), and a `Welcome` whose protocol version is outside this agent's
+//! own window ([`proto::version::check`]: this agent ends the session) are one thing to
+//! the operator: one of the two must be upgraded. Logged as one error naming both
+//! versions, then redialled every [`VERSION_BACKOFF`] (jittered; debug lines meanwhile),
+//! moving on through the coordinator list, with an info line once a session is accepted.
 //! Each Hello carries this process's random instance id ([`new_instance`], drawn once
 //! at start) and its dial count, which is how the coordinators tell this process's own
 //! sessions (a reconnect, a move to another coordinator) from another agent's.
@@ -54,6 +60,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// 20 s, jittered by a quarter either way. Longer than any normal reconnect (at most
 /// [`BACKOFF_MAX`]), short enough to get in soon after the other one goes away.
 pub const DUPLICATE_BACKOFF: Duration = Duration::from_secs(20);
+/// Redial pace while the coordinators refuse this agent's protocol version (or it
+/// refuses theirs): 15 s, jittered by a quarter either way. Nothing changes until one
+/// side is upgraded, so no tight loop; short enough to get in soon after.
+pub const VERSION_BACKOFF: Duration = Duration::from_secs(15);
 /// Largest message accepted from the coordinator (a config bundle is at most 2 MiB).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Most entries merged into one apply while catching up.
@@ -81,6 +91,10 @@ enum SessionEnd {
     Cursor(std::io::Error),
     #[error("{0}")]
     Protocol(String),
+    /// The Welcome's protocol version is outside this agent's window (the message names
+    /// both).
+    #[error("{0}")]
+    Version(String),
     #[error("shutting down")]
     Shutdown,
 }
@@ -125,9 +139,15 @@ pub async fn run(
             client_tls(tls).map_err(AgentError::Config)?;
         }
     }
+    if let Some(v) = proto::version::from_env().map_err(AgentError::Config)? {
+        tracing::warn!(protocol = v, accepts = %proto::version::fmt_window(v),
+            "{}={v}: speaking protocol {v} instead of {} (for tests only)",
+            proto::version::ENV, proto::version::PROTOCOL_VERSION);
+    }
     let cursor_file = CursorFile::open(&config.state_dir).map_err(AgentError::State)?;
     let mut agent = Agent {
         welcomed_at: None,
+        version_refusals: 0,
         instance: new_instance(),
         dials: 0,
         applied: Arc::new(AtomicU64::new(0)),
@@ -183,6 +203,31 @@ pub async fn run(
                         tracing::debug!(coordinator = %url, refusals = duplicate, "still refused: another agent holds this edge id")
                     }
                 }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+            (Err(SessionEnd::Status(_)), Some(proto::Refusal::ProtocolVersion))
+            | (Err(SessionEnd::Version(_)), _) => {
+                let reason = match &result {
+                    Err(SessionEnd::Status(s)) => s.message().to_owned(),
+                    Err(e) => e.to_string(),
+                    Ok(()) => String::new(),
+                };
+                agent.version_refusals = agent.version_refusals.saturating_add(1);
+                let delay = jittered(VERSION_BACKOFF);
+                if agent.version_refusals == 1 {
+                    tracing::error!(coordinator = %url, protocol = proto::version::own(),
+                        accepts = %proto::version::fmt_window(proto::version::own()),
+                        reason = %reason, retry_every_s = VERSION_BACKOFF.as_secs(),
+                        "session refused: this agent and the coordinator speak protocol versions too far apart; retrying slowly until one of them is upgraded");
+                } else {
+                    tracing::debug!(coordinator = %url, refusals = agent.version_refusals, reason = %reason,
+                        "still refused for the protocol version");
+                }
+                duplicate = 0;
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -262,6 +307,8 @@ fn backoff(attempt: u32) -> Duration {
 struct Agent {
     /// When the current session's Welcome arrived.
     welcomed_at: Option<Instant>,
+    /// Sessions in a row refused for the protocol version (by either side).
+    version_refusals: u32,
     /// This process's instance id, sent in every Hello ([`new_instance`]).
     instance: String,
     /// Sessions dialled so far (the Hello's `dial`).
@@ -313,6 +360,7 @@ impl Agent {
         let hello = Hello {
             instance: self.instance.clone(),
             dial: self.dials,
+            protocol_version: proto::version::own(),
             edge_id: self.config.id.clone(),
             region: self.config.region.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -455,9 +503,26 @@ impl Agent {
             };
             match msg {
                 coordinator_message::Msg::Welcome(w) => {
+                    if let Err(m) = proto::version::check(proto::version::own(), w.protocol_version)
+                    {
+                        return Err(SessionEnd::Version(format!(
+                            "the coordinator's Welcome is outside this agent's window: {}",
+                            m.explain("agent")
+                        )));
+                    }
                     tracing::info!(coordinator = url, log_id = %w.log_id, head_seq = w.head_seq, applied_seq = self.cursor.applied_seq, "session established");
                     log_id = w.log_id;
                     self.welcomed_at = Some(Instant::now());
+                    if self.version_refusals > 0 {
+                        tracing::info!(
+                            coordinator = url,
+                            refusals = self.version_refusals,
+                            protocol = proto::version::own(),
+                            coordinator_protocol = proto::version::of_wire(w.protocol_version),
+                            "session accepted: the protocol versions work together now"
+                        );
+                        self.version_refusals = 0;
+                    }
                 }
                 coordinator_message::Msg::FullBan(fb) => self.full_ban(fb, &out, shutdown).await?,
                 coordinator_message::Msg::ProbePlan(plan) => {
@@ -811,6 +876,18 @@ mod tests {
             let d = jittered(DUPLICATE_BACKOFF);
             assert!(
                 d >= Duration::from_secs(15) && d <= Duration::from_secs(25),
+                "{d:?}"
+            );
+            assert!(d > BACKOFF_MAX, "slower than any normal reconnect");
+        }
+    }
+
+    #[test]
+    fn a_protocol_refusal_redials_slowly() {
+        for _ in 0..100 {
+            let d = jittered(VERSION_BACKOFF);
+            assert!(
+                d >= Duration::from_millis(11_250) && d <= Duration::from_millis(18_750),
                 "{d:?}"
             );
             assert!(d > BACKOFF_MAX, "slower than any normal reconnect");

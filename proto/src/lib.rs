@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod vcl;
+pub mod version;
 
 /// Generated types and service stubs for package `edge.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -42,6 +43,9 @@ pub const REFUSAL_DUPLICATE: &str = "duplicate_edge_id";
 /// [`REFUSAL_KEY`]: the coordinator hands its agents to another one (it cannot reach its
 /// store); dial the next coordinator.
 pub const REFUSAL_HANDOFF: &str = "handoff";
+/// [`REFUSAL_KEY`]: the agent's protocol version is outside the coordinator's window
+/// ([`version::window`]); the message names both versions.
+pub const REFUSAL_PROTOCOL: &str = "protocol_version";
 
 /// Why a coordinator refused or ended a session, from the status it sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +54,9 @@ pub enum Refusal {
     DuplicateEdgeId,
     /// The coordinator hands its agents to another one ([`REFUSAL_HANDOFF`]).
     Handoff,
+    /// The agent's protocol version is outside the coordinator's window
+    /// ([`REFUSAL_PROTOCOL`]).
+    ProtocolVersion,
 }
 
 impl Refusal {
@@ -58,6 +65,7 @@ impl Refusal {
         match status.metadata().get(REFUSAL_KEY)?.to_str().ok()? {
             REFUSAL_DUPLICATE => Some(Refusal::DuplicateEdgeId),
             REFUSAL_HANDOFF => Some(Refusal::Handoff),
+            REFUSAL_PROTOCOL => Some(Refusal::ProtocolVersion),
             _ => None,
         }
     }
@@ -67,6 +75,10 @@ impl Refusal {
         let (mut status, tag) = match self {
             Refusal::DuplicateEdgeId => (tonic::Status::already_exists(message), REFUSAL_DUPLICATE),
             Refusal::Handoff => (tonic::Status::unavailable(message), REFUSAL_HANDOFF),
+            Refusal::ProtocolVersion => (
+                tonic::Status::failed_precondition(message),
+                REFUSAL_PROTOCOL,
+            ),
         };
         status.metadata_mut().insert(
             REFUSAL_KEY,
@@ -100,7 +112,11 @@ mod tests {
 
     #[test]
     fn a_refusal_survives_the_status_it_is_sent_in() {
-        for r in [Refusal::DuplicateEdgeId, Refusal::Handoff] {
+        for r in [
+            Refusal::DuplicateEdgeId,
+            Refusal::Handoff,
+            Refusal::ProtocolVersion,
+        ] {
             let s = r.status("why".into());
             assert_eq!(Refusal::of(&s), Some(r));
             // As the client reads it: from the headers/trailers map.

@@ -55,6 +55,9 @@ pub struct HaOpts {
     pub mode: &'static str,
     /// More keys for region i's `[[regions]]` table (`lat`, `lon` for `[geo]`), by index.
     pub region_keys: Vec<String>,
+    /// More environment for every coordinator and agent (e.g. `protocol_env`: the
+    /// cluster starts as an older build).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for HaOpts {
@@ -68,6 +71,7 @@ impl Default for HaOpts {
             warm_extra: String::new(),
             mode: "ban",
             region_keys: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -125,6 +129,7 @@ impl HaCluster {
                     opts.store_extra,
                 ),
                 warm_extra: opts.warm_extra.clone(),
+                env: opts.env.clone(),
                 ..CoordinatorOpts::default()
             };
             let proc = CoordinatorProc::start(&dir.path().join(&id), &co).await;
@@ -148,7 +153,10 @@ impl HaCluster {
                 &grpc,
                 None,
                 &v,
-                opts.mode,
+                crate::procs::AgentOpts {
+                    env: opts.env.clone(),
+                    ..crate::procs::AgentOpts::from(opts.mode)
+                },
             ));
             varnish.push(v);
         }
@@ -323,6 +331,12 @@ pub async fn metric(c: &CoordinatorProc, name: &str) -> Option<f64> {
         let (n, v) = l.split_once(' ')?;
         (n == name).then(|| v.trim().parse().ok())?
     })
+}
+
+/// `coordinator_sessions_refused_total{reason}` on `c` (0 if absent).
+pub async fn sessions_refused(c: &CoordinatorProc, reason: &str) -> u64 {
+    let name = format!("coordinator_sessions_refused_total{{reason=\"{reason}\"}}");
+    metric(c, &name).await.unwrap_or(0.0) as u64
 }
 
 /// The edges `c` holds connected sessions for itself (`/api/v1/edges?scope=local`).

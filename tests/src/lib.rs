@@ -25,6 +25,7 @@ pub use bench::{percentile, percentiles_line};
 pub use cluster::{region, regions, Cluster};
 pub use http::{api_call, exchange_keepalive, get, get_json, raw, raw_from, Resp};
 pub use magento::{magento_purge, purge_tags, tags_pattern, OriginServer};
+pub use procs::protocol_env;
 pub use procs::{
     bin_dir, chromium, dig, dig_full, free_port, pids_of, require_etcd, require_pdns,
     require_varnish, start_demo, temp_dir, AgentOpts, AgentProc, CoordinatorOpts, CoordinatorProc,

@@ -106,6 +106,18 @@ pub fn spawn(
     log: &Path,
     name: &str,
 ) -> Result<Child, ProcessError> {
+    spawn_with_env(program, args, &[], log, name)
+}
+
+/// [`spawn`] with `env` added to the inherited environment (the tests run an older or
+/// newer protocol version this way: `proto::version::ENV`).
+pub fn spawn_with_env(
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    log: &Path,
+    name: &str,
+) -> Result<Child, ProcessError> {
     let io = |what: &str, source| ProcessError::Io {
         what: format!("{what} {}", log.display()),
         source,
@@ -118,6 +130,7 @@ pub fn spawn(
     let err = out.try_clone().map_err(|e| io("cannot open log", e))?;
     let inner = Command::new(program)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -397,6 +397,8 @@ async fn healthz(State(s): State<ApiState>) -> Json<Healthz> {
         head_seq: s.state.log.head(),
         edges_connected: s.state.edges.connected(),
         regions_not_up,
+        protocol: proto::version::own(),
+        accepts_protocols: proto::version::fmt_window(proto::version::own()),
     })
 }
 

@@ -147,6 +147,13 @@ pub struct Healthz {
     pub head_seq: u64,
     pub edges_connected: usize,
     pub regions_not_up: BTreeMap<String, RegionProblem>,
+    /// The protocol version this coordinator speaks (`proto::version`; 0 from one that
+    /// predates the field).
+    #[serde(default)]
+    pub protocol: u32,
+    /// The agents' protocol versions it accepts (`1..=3`; empty from an older one).
+    #[serde(default)]
+    pub accepts_protocols: String,
 }
 
 /// How agents connect, in `GET /api/v1/tls`.

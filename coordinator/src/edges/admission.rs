@@ -56,6 +56,9 @@ pub struct SessionOrigin {
     pub instance: Option<String>,
     /// The Hello's `dial`: which session of that instance this is (0: unknown).
     pub dial: u64,
+    /// The protocol version the agent speaks (`proto::version::of_wire` of its Hello's;
+    /// 0: unknown).
+    pub protocol: u32,
 }
 
 /// What the registry keeps and shows of an agent's instance id: the first 16 hex digits
@@ -251,6 +254,8 @@ impl EdgeRegistry {
             e.ended = ended.clone();
             e.instance = origin.instance;
             e.dial = origin.dial;
+            e.protocol = origin.protocol;
+            e.refused_protocol = None;
             e.peer = origin.peer;
             e.since = now;
             e.heard = Instant::now();
@@ -339,6 +344,37 @@ impl EdgeRegistry {
             remote.remove(peer);
         } else {
             remote.insert(peer.to_owned(), list);
+        }
+    }
+
+    /// Records a session refused because the agent's protocol version is outside this
+    /// coordinator's window: counted, and shown on the edge (`refused`, `protocol`; an
+    /// edge not known yet is listed, disconnected, so the refused agent is visible). A
+    /// live session of the edge id (another process) is left as it is.
+    pub fn refused_for_protocol(
+        &self,
+        hello: EdgeHello,
+        origin: &SessionOrigin,
+        applied_seq: u64,
+        reason: String,
+    ) {
+        self.refused_protocol.fetch_add(1, Relaxed);
+        let now = SystemTime::now();
+        let mut entry = self
+            .edges
+            .entry(hello.id)
+            .or_insert_with(|| Edge::new(hello.region.clone(), applied_seq, now));
+        let e = entry.value_mut();
+        e.refused_protocol = Some(reason);
+        if !e.connected {
+            e.region = hello.region;
+            e.protocol = origin.protocol;
+            e.agent_version = hello.agent_version;
+            e.varnish_version = hello.varnish_version;
+            e.purge_mode = hello.purge_mode;
+            e.peer = origin.peer;
+            e.instance = origin.instance.clone();
+            e.last_seen = now;
         }
     }
 
@@ -693,6 +729,51 @@ mod tests {
             taken.ended.get(),
             Some(SessionEnded::Duplicate(_))
         ));
+    }
+
+    #[test]
+    fn a_protocol_refusal_shows_the_agent_and_leaves_a_live_session_alone() {
+        let reg = EdgeRegistry::default();
+        let root = CancellationToken::new();
+        let origin = SessionOrigin {
+            protocol: 5,
+            ..from("10.0.0.1:4000", 2000, false)
+        };
+        // Never seen before: listed, disconnected, with why.
+        reg.refused_for_protocol(
+            hello("a"),
+            &origin,
+            4,
+            "protocol 5, this coordinator speaks 1..=3".into(),
+        );
+        let v = reg.list(10)[0].clone();
+        assert_eq!(
+            (v.connected, v.applied_seq, v.region.as_str()),
+            (false, 4, "eu")
+        );
+        assert_eq!(v.session.protocol, Some(5));
+        assert_eq!(
+            v.session.refused.as_deref(),
+            Some("protocol 5, this coordinator speaks 1..=3")
+        );
+        assert_eq!(reg.refused_protocol.load(Relaxed), 1);
+        // Accepted later (one side upgraded): the refusal is gone.
+        let ok = SessionOrigin {
+            protocol: 2,
+            ..origin.clone()
+        };
+        let live = reg.try_connect(hello("a"), ok, 4, &root).unwrap();
+        let v = reg.list(10)[0].clone();
+        assert_eq!(
+            (v.connected, v.session.protocol, v.session.refused),
+            (true, Some(2), None)
+        );
+        // Another process refused for its version while one is live: the live one stays.
+        reg.refused_for_protocol(hello("a"), &origin, 0, "protocol 5".into());
+        let v = reg.list(10)[0].clone();
+        assert!(v.connected && !live.cancel.is_cancelled());
+        assert_eq!((v.applied_seq, v.session.protocol), (4, Some(2)));
+        assert_eq!(reg.refused_protocol.load(Relaxed), 2);
     }
 
     #[test]

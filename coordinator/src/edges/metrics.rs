@@ -56,7 +56,7 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
     for (name, help, value) in counters {
         counter(e, name, help, list.iter().map(|v| (labels(v), value(v))))?;
     }
-    let gauges: [(&str, &str, PerEdge); 4] = [
+    let gauges: [(&str, &str, PerEdge); 5] = [
         (
             "coordinator_edge_purge_lag_entries",
             "Purge log entries not yet applied, per edge.",
@@ -77,6 +77,11 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
             "1 while the edge reports that it cannot apply its next purge (it retries).",
             |v| u64::from(v.purge_failing),
         ),
+        (
+            "coordinator_edge_protocol_version",
+            "The protocol version the edge's agent speaks (0: unknown).",
+            |v| u64::from(v.session.protocol.unwrap_or(0)),
+        ),
     ];
     for (name, help, value) in gauges {
         gauge(e, name, help, list.iter().map(|v| (labels(v), value(v))))?;
@@ -90,7 +95,7 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
     counter(
         e,
         "coordinator_sessions_refused_total",
-        "Agent sessions refused: duplicate_edge_id (the id is live from another agent process), handoff (this coordinator cannot reach its store).",
+        "Agent sessions refused: duplicate_edge_id (the id is live from another agent process), handoff (this coordinator cannot reach its store), protocol_version (the agent's protocol version is outside this coordinator's window).",
         [
             (
                 [("reason", Label(proto::REFUSAL_DUPLICATE))],
@@ -99,6 +104,10 @@ fn encode_edges(source: &EdgeSource, e: &mut DescriptorEncoder) -> std::fmt::Res
             (
                 [("reason", Label(proto::REFUSAL_HANDOFF))],
                 edges.refused_handoff.load(Relaxed),
+            ),
+            (
+                [("reason", Label(proto::REFUSAL_PROTOCOL))],
+                edges.refused_protocol.load(Relaxed),
             ),
         ],
     )?;

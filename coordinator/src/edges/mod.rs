@@ -62,6 +62,7 @@ pub struct EdgeRegistry {
     remote_refused: Mutex<HashMap<String, Vec<EdgeRefusals>>>,
     refused_duplicate: AtomicU64,
     refused_handoff: AtomicU64,
+    refused_protocol: AtomicU64,
     handed_off: AtomicU64,
     /// Per edge, the acks and failures the others relayed (see [`EdgeHistory`]).
     relayed: Mutex<HashMap<String, relayed::Relayed>>,
@@ -96,6 +97,7 @@ mod fixtures {
             movable,
             instance: None,
             dial: 0,
+            protocol: 0,
         }
     }
 

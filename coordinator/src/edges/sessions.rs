@@ -57,6 +57,10 @@ pub(super) struct Edge {
     /// an agent that sends none) and which of its sessions this is (0: unknown).
     pub(super) instance: Option<String>,
     pub(super) dial: u64,
+    /// The protocol version the agent said (0: unknown), and why its last session was
+    /// refused for it (None: it was not, or a later one was accepted).
+    pub(super) protocol: u32,
+    pub(super) refused_protocol: Option<String>,
     pub(super) ended: Arc<OnceLock<SessionEnded>>,
 }
 
@@ -89,6 +93,8 @@ impl Edge {
             movable: false,
             instance: None,
             dial: 0,
+            protocol: 0,
+            refused_protocol: None,
             ended: Arc::default(),
         }
     }
@@ -250,6 +256,8 @@ impl EdgeRegistry {
                         session_instance: e.instance.clone(),
                         session_dial: (e.dial > 0).then_some(e.dial),
                         refused_sessions: self.refused.get(kv.key()).map(|r| r.clone()),
+                        protocol: (e.protocol > 0).then_some(e.protocol),
+                        refused: e.refused_protocol.clone(),
                     },
                 }
             })

@@ -67,6 +67,13 @@ pub struct SessionInfo {
     /// Sessions refused for this edge id because this one was live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_sessions: Option<RefusedSessions>,
+    /// The protocol version the agent speaks (1: one that does not say; absent: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
+    /// Why this agent's last session was refused for its protocol version, naming both
+    /// (`protocol 5, this coordinator speaks 1..=3`); absent once one is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// What the API shows for one edge.

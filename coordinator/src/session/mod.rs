@@ -15,7 +15,10 @@
 //!   session when the agent has been silent for three of its report intervals
 //!   ([`silence_limit`]), so a frozen or partitioned agent is lost in seconds.
 //!
-//! Two refusals tell the agent what to do (`proto::Refusal`, in the status's metadata):
+//! Three refusals tell the agent what to do (`proto::Refusal`, in the status's metadata):
+//! a Hello whose protocol version is outside this coordinator's window
+//! (`proto::version::check`) is refused with `protocol_version` and both versions, and
+//! the refused agent shown in `/api/v1/edges` (`refused`);
 //! a Hello for an edge id whose session is live from another agent process (another
 //! `Hello.instance`; for older agents, another address) is refused with
 //! `duplicate_edge_id` and the live one's address and start, while one from the same
@@ -143,6 +146,33 @@ impl proto::Coordinator for SessionService {
         validate_id(&hello.region, "region")?;
         let cert_not_after = self.check_identity(certs.as_deref().map(Vec::as_slice), &hello)?;
         let movable = hello.coordinators > 1;
+        let protocol = proto::version::own();
+        let origin = SessionOrigin {
+            peer,
+            replace_after: crate::edges::replace_after(hello.report_interval_ms),
+            movable,
+            instance: crate::edges::instance_fingerprint(&hello.instance),
+            dial: hello.dial,
+            protocol: proto::version::of_wire(hello.protocol_version),
+        };
+        if let Err(mismatch) = proto::version::check(protocol, hello.protocol_version) {
+            let applied = if hello.log_id == self.state.log.log_id() {
+                hello.applied_seq
+            } else {
+                0
+            };
+            self.state.edges.refused_for_protocol(
+                edge_hello(&hello, cert_not_after),
+                &origin,
+                applied,
+                mismatch.short("coordinator"),
+            );
+            let reason = mismatch.explain("coordinator");
+            tracing::warn!(edge = %hello.edge_id, region = %hello.region, peer = ?peer,
+                agent_protocol = mismatch.peer, protocol, reason = %reason,
+                "session refused: the agent's protocol version is outside this coordinator's window");
+            return Err(proto::Refusal::ProtocolVersion.status(reason));
+        }
         if let Some(reason) = self.handoff.active().filter(|_| movable) {
             self.state.edges.refused_for_handoff();
             tracing::info!(edge = %hello.edge_id, peer = ?peer, "session refused: handing agents to the other coordinators");
@@ -160,22 +190,8 @@ impl proto::Coordinator for SessionService {
             ResumePoint::From(_) => hello.applied_seq,
             ResumePoint::FullBan { .. } => 0,
         };
-        let origin = SessionOrigin {
-            peer,
-            replace_after: crate::edges::replace_after(hello.report_interval_ms),
-            movable,
-            instance: crate::edges::instance_fingerprint(&hello.instance),
-            dial: hello.dial,
-        };
         let handle = self.state.edges.try_connect(
-            EdgeHello {
-                id: hello.edge_id.clone(),
-                region: hello.region.clone(),
-                varnish_version: hello.varnish_version.clone(),
-                purge_mode: hello.purge_mode.clone(),
-                agent_version: hello.agent_version.clone(),
-                cert_not_after,
-            },
+            edge_hello(&hello, cert_not_after),
             origin,
             start_seq,
             &self.shutdown,
@@ -197,6 +213,7 @@ impl proto::Coordinator for SessionService {
                 log_id: self.state.log.log_id().to_owned(),
                 head_seq: self.state.log.head(),
                 coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol_version: protocol,
             })),
         })];
         if self.state.monitor.enabled() && hello.capabilities.iter().any(|c| c == proto::CAP_PROBES)
@@ -279,6 +296,18 @@ impl proto::Coordinator for SessionService {
             .chain(purges.merge(ReceiverStream::new(rx)))
             .chain(why);
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// What the registry keeps of a Hello.
+fn edge_hello(hello: &proto::edge::Hello, cert_not_after: Option<u64>) -> EdgeHello {
+    EdgeHello {
+        id: hello.edge_id.clone(),
+        region: hello.region.clone(),
+        varnish_version: hello.varnish_version.clone(),
+        purge_mode: hello.purge_mode.clone(),
+        agent_version: hello.agent_version.clone(),
+        cert_not_after,
     }
 }
 

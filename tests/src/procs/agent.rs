@@ -35,6 +35,8 @@ pub struct AgentOpts {
     pub report_interval_s: u64,
     /// `purge_window_ms`; `None`: the agent's default.
     pub purge_window_ms: Option<u64>,
+    /// More environment for the process (e.g. [`super::protocol_env`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for AgentOpts {
@@ -44,6 +46,7 @@ impl Default for AgentOpts {
             stats_interval_s: 1,
             report_interval_s: 1,
             purge_window_ms: None,
+            env: Vec::new(),
         }
     }
 }
@@ -69,6 +72,9 @@ pub struct AgentProc {
     pub config: PathBuf,
     pub child: Child,
     pub log: PathBuf,
+    /// More environment for the process, at every (re)start: set it before a restart to
+    /// restart it as another build (e.g. [`super::protocol_env`]).
+    pub env: Vec<(String, String)>,
     insecure: bool,
 }
 
@@ -121,23 +127,29 @@ impl AgentProc {
         };
         configs::write(&config, &agent).expect("agent config");
         let log = dir.join(format!("{id}.log"));
-        let child = Self::spawn(&config, &log, insecure);
+        let child = Self::spawn(&config, &log, insecure, &opts.env);
         AgentProc {
             id: id.to_owned(),
             config,
             child,
             log,
+            env: opts.env,
             insecure,
         }
     }
 
-    fn spawn(config: &Path, log: &Path, insecure: bool) -> Child {
+    fn spawn(config: &Path, log: &Path, insecure: bool, env: &[(String, String)]) -> Child {
         let mut args = vec!["--config".to_owned(), config.display().to_string()];
         if insecure {
             args.push("--insecure".into());
         }
-        process::spawn(&bin_dir().join("edge-agent"), &args, log, "edge-agent")
+        process::spawn_with_env(&bin_dir().join("edge-agent"), &args, env, log, "edge-agent")
             .expect("spawn edge-agent")
+    }
+
+    /// Stops it as systemd does (SIGTERM, SIGKILL after 10 s), to restart it after.
+    pub async fn stop(&mut self) {
+        self.child.stop(std::time::Duration::from_secs(10)).await;
     }
 
     pub async fn kill9(&mut self) {
@@ -145,6 +157,6 @@ impl AgentProc {
     }
 
     pub fn restart(&mut self) {
-        self.child = Self::spawn(&self.config, &self.log, self.insecure);
+        self.child = Self::spawn(&self.config, &self.log, self.insecure, &self.env);
     }
 }

@@ -45,6 +45,8 @@ pub struct CoordinatorOpts {
     /// The gRPC address to listen on (default: a free loopback port), for agents that
     /// list a coordinator before it starts.
     pub grpc: Option<SocketAddr>,
+    /// More environment for the process (e.g. [`super::protocol_env`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for CoordinatorOpts {
@@ -61,6 +63,7 @@ impl Default for CoordinatorOpts {
             warm_extra: String::new(),
             region_keys: Vec::new(),
             grpc: None,
+            env: Vec::new(),
         }
     }
 }
@@ -79,6 +82,9 @@ pub struct CoordinatorProc {
     pub pki: Option<PathBuf>,
     /// The DNS remote backend, when the extra TOML used the `{dns}` placeholder.
     pub dns: Option<SocketAddr>,
+    /// More environment for the process, at every (re)start: set it before a restart to
+    /// restart it as another build (e.g. [`super::protocol_env`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl CoordinatorProc {
@@ -113,7 +119,7 @@ impl CoordinatorProc {
                 }),
             };
             std::fs::write(&config, config_toml(&files, opts, dns)).expect("config");
-            match spawn_coordinator(&config, &state, api, opts.insecure).await {
+            match spawn_coordinator(&config, &state, api, opts.insecure, &opts.env).await {
                 Ok(child) => {
                     return CoordinatorProc {
                         purge,
@@ -125,6 +131,7 @@ impl CoordinatorProc {
                         child,
                         pki,
                         dns,
+                        env: opts.env.clone(),
                     }
                 }
                 Err(e) => last_err = e,
@@ -147,9 +154,20 @@ impl CoordinatorProc {
     /// [`Self::restart`], or why the coordinator exited at start (e.g. its state is still
     /// locked by another process), for a test that waits until it can.
     pub async fn try_restart(&mut self) -> Result<(), String> {
-        self.child =
-            spawn_coordinator(&self.config, &self.state, self.api, self.pki.is_none()).await?;
+        self.child = spawn_coordinator(
+            &self.config,
+            &self.state,
+            self.api,
+            self.pki.is_none(),
+            &self.env,
+        )
+        .await?;
         Ok(())
+    }
+
+    /// Stops it as systemd does (SIGTERM, SIGKILL after 10 s), to restart it after.
+    pub async fn stop(&mut self) {
+        self.child.stop(Duration::from_secs(10)).await;
     }
 
     /// The TLS files for an agent `id` in `region` (`None` with plaintext gRPC).
@@ -194,6 +212,15 @@ impl CoordinatorProc {
             Ok(r) if r.status == 200 => r.json().as_array().cloned().unwrap_or_default(),
             _ => Vec::new(),
         }
+    }
+
+    /// Edge `id` as `GET /api/v1/edges` shows it (null if absent).
+    pub async fn edge(&self, id: &str) -> Value {
+        self.edges()
+            .await
+            .into_iter()
+            .find(|e| e["id"] == id)
+            .unwrap_or(Value::Null)
     }
 
     pub async fn head(&self) -> u64 {
@@ -331,6 +358,7 @@ async fn spawn_coordinator(
     state: &Path,
     api: SocketAddr,
     insecure: bool,
+    env: &[(String, String)],
 ) -> Result<Child, String> {
     let log = config.with_file_name("coordinator.log");
     let mut args = vec![
@@ -343,8 +371,14 @@ async fn spawn_coordinator(
     if insecure {
         args.push("--insecure".into());
     }
-    let mut child = process::spawn(&bin_dir().join("coordinator"), &args, &log, "coordinator")
-        .expect("spawn coordinator");
+    let mut child = process::spawn_with_env(
+        &bin_dir().join("coordinator"),
+        &args,
+        env,
+        &log,
+        "coordinator",
+    )
+    .expect("spawn coordinator");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_status() {

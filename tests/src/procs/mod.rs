@@ -24,6 +24,12 @@ pub use host::{bin_dir, free_port, pids_of, temp_dir};
 pub use pdns::{dig, dig_full, require_pdns, Pdns};
 pub use varnish::{require_varnish, VarnishNode};
 
+/// The environment that makes one of the workspace's binaries speak protocol `version`
+/// (`proto::version::ENV`, a test knob): today's binaries as an older or a newer peer.
+pub fn protocol_env(version: u32) -> Vec<(String, String)> {
+    vec![(proto::version::ENV.to_owned(), version.to_string())]
+}
+
 /// The warm secret every test cluster shares (varnishd's boot VCL checks it, the
 /// coordinator's `[warm] token_file` holds it).
 pub const WARM_TOKEN: &str = "test-warm-token-0123456789abcdef";

@@ -25,5 +25,6 @@ mod robustness;
 mod security;
 mod tidy;
 mod traffic;
+mod upgrade;
 mod warm_jobs;
 mod warmer;

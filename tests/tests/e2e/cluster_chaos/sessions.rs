@@ -25,21 +25,6 @@ const OTHER_HOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 /// What the agent bans with when it has no usable cursor (a full ban).
 const FULL_BAN: &str = "obj.status != 0";
 
-/// `edge` as `c` shows it in `/api/v1/edges` (null if absent).
-async fn edge(c: &CoordinatorProc, id: &str) -> Value {
-    c.edges()
-        .await
-        .into_iter()
-        .find(|e| e["id"] == id)
-        .unwrap_or(Value::Null)
-}
-
-/// `coordinator_sessions_refused_total{reason}` on `c`.
-async fn refused_metric(c: &CoordinatorProc, reason: &str) -> u64 {
-    let name = format!("coordinator_sessions_refused_total{{reason=\"{reason}\"}}");
-    tests::ha::metric(c, &name).await.unwrap_or(0.0) as u64
-}
-
 /// A bare agent's session, open until dropped (it sends nothing after its Hello).
 struct Bare {
     _client: proto::CoordinatorClient<tonic::transport::Channel>,
@@ -158,7 +143,7 @@ async fn a_copied_agent_config_on_the_same_host_is_refused_on_every_coordinator_
         "{:?}",
         c1.edges().await
     );
-    let before = edge(c1, "edge-0").await;
+    let before = c1.edge("edge-0").await;
     assert!(
         before["session_addr"]
             .as_str()
@@ -186,15 +171,15 @@ async fn a_copied_agent_config_on_the_same_host_is_refused_on_every_coordinator_
     // peer poll: each counts it, and the edges API shows the refusal with the reason.
     assert_eventually!(
         20,
-        refused_metric(c1, "duplicate_edge_id").await >= 1
-            && refused_metric(c2, "duplicate_edge_id").await >= 1,
+        tests::ha::sessions_refused(c1, "duplicate_edge_id").await >= 1
+            && tests::ha::sessions_refused(c2, "duplicate_edge_id").await >= 1,
         "c1 refused {}, c2 refused {}; copy log: {}",
-        refused_metric(c1, "duplicate_edge_id").await,
-        refused_metric(c2, "duplicate_edge_id").await,
+        tests::ha::sessions_refused(c1, "duplicate_edge_id").await,
+        tests::ha::sessions_refused(c2, "duplicate_edge_id").await,
         log_of(&copy)
     );
     for c in [c1, c2] {
-        let v = edge(c, "edge-0").await;
+        let v = c.edge("edge-0").await;
         let r = &v["refused_sessions"];
         assert!(r["count"].as_u64() >= Some(1), "{}: {v}", c.api);
         assert!(
@@ -220,20 +205,20 @@ async fn a_copied_agent_config_on_the_same_host_is_refused_on_every_coordinator_
         {
             counts.clear();
             for c in &ha.c {
-                counts.push(edge(c, "edge-0").await["refused_sessions"]["count"].as_u64());
+                counts.push(c.edge("edge-0").await["refused_sessions"]["count"].as_u64());
             }
             counts[0] >= Some(2) && counts.iter().all(|n| *n == counts[0])
         },
         "refusals differ between coordinators: {counts:?}"
     );
     // One answer: every coordinator shows the genuine session, on c1.
-    let instance = edge(c1, "edge-0").await["session_instance"].clone();
+    let instance = c1.edge("edge-0").await["session_instance"].clone();
     assert!(
         instance.as_str().is_some_and(|i| i.len() == 16),
         "{instance}"
     );
     for c in &ha.c {
-        let v = edge(c, "edge-0").await;
+        let v = c.edge("edge-0").await;
         assert_eq!(v["coordinator"], "c1", "{}: {v}", c.api);
         assert_eq!(v["session_instance"], instance, "{}: {v}", c.api);
     }
@@ -251,8 +236,8 @@ async fn a_copied_agent_config_on_the_same_host_is_refused_on_every_coordinator_
     let t = Instant::now();
     assert_eventually!(
         40,
-        refused_metric(c1, "duplicate_edge_id").await
-            + refused_metric(c2, "duplicate_edge_id").await
+        tests::ha::sessions_refused(c1, "duplicate_edge_id").await
+            + tests::ha::sessions_refused(c2, "duplicate_edge_id").await
             >= 3,
         "the copy does not keep trying: {}",
         log_of(&copy)
@@ -274,7 +259,7 @@ async fn a_copied_agent_config_on_the_same_host_is_refused_on_every_coordinator_
         errors[0]
     );
 
-    let after = edge(c1, "edge-0").await;
+    let after = c1.edge("edge-0").await;
     assert_eq!(
         after["sessions"].as_u64(),
         genuine_sessions,
@@ -438,7 +423,7 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
         ha.varnish[0].admin("ban.list").await
     );
     assert_eq!(full_bans_asked(&agent), full_bans, "{}", log_of(&agent));
-    assert_eq!(edge(c1, "edge-0").await["full_bans"], 0);
+    assert_eq!(c1.edge("edge-0").await["full_bans"], 0);
 
     // One process moving to another coordinator (its session on c1 left open, and
     // heartbeating every 10 s, so silence would take 30 s to end it): c1 ends the older
@@ -474,10 +459,10 @@ async fn the_genuine_agent_restarting_behind_its_half_open_session_gets_in_withi
     for c in &ha.c {
         assert_eventually!(
             10,
-            edge(c, "mover").await["coordinator"] == "c2",
+            c.edge("mover").await["coordinator"] == "c2",
             "{}: {}",
             c.api,
-            edge(c, "mover").await
+            c.edge("mover").await
         );
     }
     // And another process is refused on a third coordinator, from the same address.
@@ -669,11 +654,11 @@ async fn a_copied_certificate_is_the_same_identity_so_the_instance_keeps_the_cop
     );
     assert_eventually!(
         20,
-        refused_metric(c, "duplicate_edge_id").await >= 1,
+        tests::ha::sessions_refused(c, "duplicate_edge_id").await >= 1,
         "copy log: {}",
         log_of(&copy)
     );
-    let v = edge(c, "edge-0").await;
+    let v = c.edge("edge-0").await;
     assert!(
         v["refused_sessions"]["last_addr"]
             .as_str()
@@ -693,5 +678,5 @@ async fn a_copied_certificate_is_the_same_identity_so_the_instance_keeps_the_cop
         "{}",
         log_of(&copy)
     );
-    assert_eq!(edge(c, "edge-0").await["sessions"], 1);
+    assert_eq!(c.edge("edge-0").await["sessions"], 1);
 }
