@@ -115,7 +115,16 @@ impl SessionService {
                 hello.edge_id, hello.region
             )));
         }
-        Ok(crate::tls::not_after(cert))
+        let not_after = crate::tls::not_after(cert);
+        if let Some(t) = not_after {
+            // Said again at every session: an agent's certificate is renewed on its host.
+            daemon::certs::warn_if_expiring(
+                &format!("edge {id} in {region}"),
+                "the agent's [tls] cert",
+                t,
+            );
+        }
+        Ok(not_after)
     }
 }
 
