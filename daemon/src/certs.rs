@@ -38,8 +38,8 @@ pub fn expiry_warning(not_after: u64, now: u64) -> Option<Expiring> {
     if not_after <= now {
         return Some(Expiring::Expired);
     }
-    let days = (not_after - now) / 86_400;
-    (days < WARN_DAYS).then_some(Expiring::InDays(days))
+    let left = not_after - now;
+    (left <= WARN_DAYS * 86_400).then_some(Expiring::InDays(left / 86_400))
 }
 
 /// A certificate close to or past its expiry.
@@ -57,7 +57,7 @@ pub fn warn_if_expiring(what: &str, file: &str, not_after: u64) -> Option<Expiri
     match expiring {
         Expiring::InDays(days) => {
             tracing::warn!(certificate = what, file, not_after, expires = %date, days_left = days,
-            "certificate expires in less than {WARN_DAYS} days: issue a new one (coordinator pki issue/init --days) and reload")
+            "certificate expires within {WARN_DAYS} days: issue a new one (coordinator pki issue/init --days) and reload")
         }
         Expiring::Expired => tracing::error!(certificate = what, file, not_after, expired = %date,
             "certificate has expired: TLS peers refuse it; issue a new one and reload"),
@@ -81,6 +81,11 @@ mod tests {
     fn thirty_days_before_expiry_is_a_warning() {
         let now = 1_800_000_000;
         assert_eq!(expiry_warning(now + 31 * 86_400, now), None);
+        assert_eq!(expiry_warning(now + 30 * 86_400 + 1, now), None);
+        assert_eq!(
+            expiry_warning(now + 30 * 86_400, now),
+            Some(Expiring::InDays(30))
+        );
         assert_eq!(
             expiry_warning(now + 29 * 86_400 + 5, now),
             Some(Expiring::InDays(29))

@@ -606,7 +606,7 @@ async fn every_bad_config_is_one_line_and_exit_2_and_a_closed_pipe_is_quiet() {
         cases.push((
             key,
             text,
-            format!("purge.{key}[0]: \"10.0.0.1/8\" has host bits set: it means 10.0.0.0/8"),
+            format!("purge.{key}[0]: \"10.0.0.1/8\": host bits are set: it means 10.0.0.0/8"),
         ));
     }
     for (name, text, want) in &cases {

@@ -86,7 +86,7 @@ async fn mtls_checks_identity_and_rotates_on_sighup() {
     // day) when its session opens, the agent's own at its start (the harness issues 30
     // days), and without colour escapes in a file.
     let coordinator_log = c.config.with_file_name("coordinator.log");
-    let soon = "certificate expires in less than 30 days";
+    let soon = "certificate expires within 30 days";
     assert_eventually!(
         5,
         read(&coordinator_log)
