@@ -1,8 +1,8 @@
 //! When the certificates in use expire, and the warning 30 days before.
 //!
 //! Both daemons call [`warn_if_expiring`] when they load a certificate (the coordinator
-//! at start and on SIGHUP, and for each agent's client certificate when its session
-//! opens; the agent at start): a certificate that expires within [`WARN_DAYS`] is one
+//! at start and on SIGHUP, and, at most once a day each ([`warn_daily`]), for the agents'
+//! client certificates when their sessions open; the agent at start): a certificate that expires within [`WARN_DAYS`] is one
 //! `warn` line naming it, the file and the date, an expired one an `error`. The
 //! coordinator's `/metrics` carries every expiry as a timestamp
 //! (`coordinator_tls_cert_expiry_timestamp_seconds`,
@@ -65,6 +65,24 @@ pub fn warn_if_expiring(what: &str, file: &str, not_after: u64) -> Option<Expiri
     Some(expiring)
 }
 
+/// [`warn_if_expiring`] at most once a day per `key` (an agent's certificate, seen at
+/// every session: a fleet reconnecting says each edge's once, not once per dial).
+pub fn warn_daily(key: &str, what: &str, file: &str, not_after: u64) -> Option<Expiring> {
+    use crate::sync::Recover;
+    static LAST: std::sync::Mutex<Option<std::collections::HashMap<String, u64>>> =
+        std::sync::Mutex::new(None);
+    expiry_warning(not_after, now())?;
+    {
+        let mut last = LAST.locked();
+        let seen = last.get_or_insert_with(Default::default);
+        if seen.get(key).is_some_and(|t| now() < t + 86_400) {
+            return None;
+        }
+        seen.insert(key.to_owned(), now());
+    }
+    warn_if_expiring(what, file, not_after)
+}
+
 /// `YYYY-MM-DD HH:MM UTC` for Unix seconds.
 pub fn utc_date(unix: u64) -> String {
     match time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(i64::MAX)) {
@@ -93,6 +111,15 @@ mod tests {
         assert_eq!(expiry_warning(now + 10, now), Some(Expiring::InDays(0)));
         assert_eq!(expiry_warning(now, now), Some(Expiring::Expired));
         assert_eq!(expiry_warning(0, now), None);
+    }
+
+    #[test]
+    fn an_edge_is_warned_about_once_a_day() {
+        let soon = now() + 86_400;
+        assert!(warn_daily("test-edge", "edge", "f", soon).is_some());
+        assert!(warn_daily("test-edge", "edge", "f", soon).is_none());
+        assert!(warn_daily("other-edge", "edge", "f", soon).is_some());
+        assert!(warn_daily("far-edge", "edge", "f", now() + 90 * 86_400).is_none());
     }
 
     #[test]

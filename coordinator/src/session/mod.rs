@@ -117,12 +117,9 @@ impl SessionService {
         }
         let not_after = crate::tls::not_after(cert);
         if let Some(t) = not_after {
-            // Said again at every session: an agent's certificate is renewed on its host.
-            daemon::certs::warn_if_expiring(
-                &format!("edge {id} in {region}"),
-                "the agent's [tls] cert",
-                t,
-            );
+            // Seen at every session, said once a day: it is renewed on the agent's host.
+            let edge = format!("edge {id} in {region}");
+            daemon::certs::warn_daily(&edge, &edge, "the agent's [tls] cert", t);
         }
         Ok(not_after)
     }
