@@ -163,6 +163,12 @@ pub enum PkiCommand {
         /// are always in it).
         #[arg(long)]
         san: Vec<String>,
+        /// Days the coordinator's certificate is valid.
+        #[arg(long, default_value_t = coordinator::pki::LEAF_DAYS)]
+        days: u32,
+        /// Days a new CA is valid (an existing CA is kept as it is).
+        #[arg(long, default_value_t = coordinator::pki::CA_DAYS)]
+        ca_days: u32,
     },
     /// Write DIR/ID.pem and DIR/ID.key: an agent's certificate for edge ID in REGION.
     Issue {

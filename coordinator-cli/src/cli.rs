@@ -43,6 +43,20 @@ pub struct ApiClient {
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
+/// A non-2xx answer; a 401 says where the token comes from.
+pub fn api_error(status: u16, message: String, had_token: bool) -> CliError {
+    let message = match (status, had_token) {
+        (401, false) => format!(
+            "{message} (this needs the API token: give --token-file FILE, --token or $COORDINATOR_TOKEN)"
+        ),
+        (401, true) => format!(
+            "{message} (the token given was refused: is --token-file the coordinator's [api] token_file?)"
+        ),
+        _ => message,
+    };
+    CliError::Api { status, message }
+}
+
 impl ApiClient {
     /// `api` is `http://host:port`; the token is resolved from the three sources.
     pub fn new(
@@ -136,7 +150,7 @@ impl ApiClient {
             let message = serde_json::from_slice::<ApiError>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            Err(CliError::Api { status, message })
+            Err(api_error(status, message, self.token.is_some()))
         }
     }
 }
@@ -153,9 +167,9 @@ pub async fn route(api: &ApiClient, ip: &str, json: bool) -> Result<(), CliError
     if json {
         let text =
             serde_json::to_string_pretty(&view).map_err(|e| CliError::Failed(e.to_string()))?;
-        println!("{text}");
+        daemon::say!("{text}");
     } else {
-        print!("{}", route_lines(&view));
+        daemon::show!("{}", route_lines(&view));
     }
     Ok(())
 }
@@ -250,12 +264,14 @@ fn report_started(started: &Started) {
     let version = &started.version;
     let fresh = if started.new_version { " (new)" } else { "" };
     match &started.rollout {
-        None => println!("version {version}{fresh} already runs everywhere; nothing to roll out"),
-        Some(r) if r.phase == Phase::Canary => println!(
+        None => {
+            daemon::say!("version {version}{fresh} already runs everywhere; nothing to roll out")
+        }
+        Some(r) if r.phase == Phase::Canary => daemon::say!(
             "version {version}{fresh}: rolling out, canary region {} first",
             r.canary_region.as_deref().unwrap_or("?")
         ),
-        Some(_) => println!("version {version}{fresh}: rolling out to every edge"),
+        Some(_) => daemon::say!("version {version}{fresh}: rolling out to every edge"),
     }
 }
 
@@ -271,28 +287,24 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
             ));
         };
         let phase = rollout.phase;
-        let line = format!(
-            "{}: {}",
-            name_of(&phase),
-            view.waiting.as_deref().unwrap_or("")
-        );
+        let line = progress_line(&view, rollout);
         // Countdowns change every second; print when the words change.
         let key: String = line.chars().filter(|c| !c.is_ascii_digit()).collect();
         if key != last {
-            println!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+            daemon::say!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
             last = key;
         }
         let version = &rollout.version;
         let edges = view.edges.len();
         match phase {
             Phase::Done => {
-                println!(
+                daemon::say!(
                     "rollout {id} done: version {version} runs on every connected edge ({edges})"
                 );
                 return Ok(());
             }
             Phase::Failed => {
-                println!(
+                daemon::say!(
                     "rollout {id} of {version} failed: every edge goes back to the version it ran before it"
                 );
                 return Err(CliError::Failed(format!(
@@ -305,17 +317,43 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
     }
 }
 
+/// One progress line of `--wait`: the phase, and what it waits for or, with nothing to
+/// wait for, what it means (the version and the edges running it, or why it failed).
+pub fn progress_line(view: &BundleView, rollout: &coordinator::rollout::Rollout) -> String {
+    let version = &rollout.version;
+    let running = view
+        .edges
+        .iter()
+        .filter(|e| e.active_version.as_deref() == Some(version.as_str()))
+        .count();
+    let what = match (
+        view.waiting.as_deref().filter(|w| !w.is_empty()),
+        rollout.phase,
+    ) {
+        (Some(waiting), _) => waiting.to_owned(),
+        (None, Phase::Failed) => format!(
+            "version {version}: {}",
+            rollout.error.as_deref().unwrap_or("unknown error")
+        ),
+        (None, _) => format!(
+            "version {version} on {running} of {} edge(s)",
+            view.edges.len()
+        ),
+    };
+    format!("{}: {what}", name_of(&rollout.phase))
+}
+
 /// `config status`: the desired version and every edge's state.
 pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
     let view: BundleView = api.call("GET", api.config_path(), NO_BODY).await?;
-    println!(
+    daemon::say!(
         "desired {}  current {}  drift policy {}",
         view.desired.as_deref().unwrap_or("-"),
         view.current.as_deref().unwrap_or("-"),
         name_of(&view.drift_policy)
     );
     if let Some(r) = &view.rollout {
-        println!(
+        daemon::say!(
             "rollout #{} {} {}: {}{}",
             r.id,
             r.kind,
@@ -327,12 +365,15 @@ pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
                 .unwrap_or_default()
         );
     }
-    println!(
+    daemon::say!(
         "{:<24} {:<16} {:<12} {:<18} ERROR",
-        "EDGE", "REGION", "STATE", "ACTIVE"
+        "EDGE",
+        "REGION",
+        "STATE",
+        "ACTIVE"
     );
     for e in &view.edges {
-        println!(
+        daemon::say!(
             "{:<24} {:<16} {:<12} {:<18} {}",
             e.id,
             e.region,
@@ -348,9 +389,11 @@ pub async fn config_status(api: &ApiClient) -> Result<(), CliError> {
 pub async fn config_list(api: &ApiClient) -> Result<(), CliError> {
     let view: BundleView = api.call("GET", api.config_path(), NO_BODY).await?;
     let list: Vec<VersionInfo> = api.call("GET", "/api/v1/config/versions", NO_BODY).await?;
-    println!(
+    daemon::say!(
         "{:<18} {:<20} {:>8}  FILES",
-        "VERSION", "CREATED (UTC)", "BYTES"
+        "VERSION",
+        "CREATED (UTC)",
+        "BYTES"
     );
     for v in &list {
         let version = Some(v.version.as_str());
@@ -364,7 +407,7 @@ pub async fn config_list(api: &ApiClient) -> Result<(), CliError> {
         let when = coordinator::edges::fmt_time(
             std::time::UNIX_EPOCH + Duration::from_millis(v.created_at_ms),
         );
-        println!(
+        daemon::say!(
             "{:<18} {:<20} {:>8}  {}{mark}",
             v.version,
             when.get(..19).unwrap_or(&when),
@@ -398,11 +441,11 @@ pub async fn config_show(
             continue;
         }
         if file.is_none() {
-            println!("==> {name} <==");
+            daemon::say!("==> {name} <==");
         }
-        print!("{text}");
+        daemon::show!("{text}");
         if !text.ends_with('\n') {
-            println!();
+            daemon::say!();
         }
     }
     Ok(())
@@ -411,7 +454,7 @@ pub async fn config_show(
 /// `config diff A B`: a unified diff per changed file.
 pub async fn config_diff(api: &ApiClient, a: &str, b: &str) -> Result<(), CliError> {
     let (old, new) = (fetch(api, a).await?, fetch(api, b).await?);
-    print!("{}", diff(&old, &new, a, b));
+    daemon::show!("{}", diff(&old, &new, a, b));
     Ok(())
 }
 
@@ -443,12 +486,12 @@ pub fn diff(old: &Bundle, new: &Bundle, a: &str, b: &str) -> String {
 pub async fn status(api: &ApiClient, json: bool) -> Result<u8, CliError> {
     let regions: Vec<RegionView> = api.call("GET", "/api/v1/regions", NO_BODY).await?;
     if json {
-        println!(
+        daemon::say!(
             "{}",
             serde_json::to_string_pretty(&regions).unwrap_or_default()
         );
     } else {
-        print!("{}", status_table(&regions));
+        daemon::show!("{}", status_table(&regions));
     }
     Ok(status_code(&regions))
 }
@@ -524,10 +567,10 @@ pub async fn purge(
 ) -> Result<(), CliError> {
     let answer: PurgeAccepted = api.call("POST", "/api/v1/purges", Some(body)).await?;
     if answer.spooled {
-        println!("spooled: etcd did not commit in time; the coordinator appends it to the log once etcd takes writes again");
+        daemon::say!("spooled: etcd did not commit in time; the coordinator appends it to the log once etcd takes writes again");
         return Ok(());
     }
-    println!("logged as purge {}", answer.seq);
+    daemon::say!("logged as purge {}", answer.seq);
     let Some(limit) = wait else { return Ok(()) };
     let started = Instant::now();
     loop {
@@ -537,7 +580,7 @@ pub async fn purge(
         let edges: Vec<EdgeView> = api.call("GET", "/api/v1/edges", NO_BODY).await?;
         let pending = pending_edges(&view, &edges);
         if pending.is_empty() || started.elapsed() >= limit {
-            print!("{}", purge_lines(&view, &edges));
+            daemon::show!("{}", purge_lines(&view, &edges));
             if pending.is_empty() {
                 return Ok(());
             }
@@ -596,7 +639,7 @@ pub async fn warm_start(
     wait: bool,
 ) -> Result<(), CliError> {
     let started: WarmStarted = api.call("POST", "/api/v1/warm/jobs", Some(spec)).await?;
-    println!("{}", started.id);
+    daemon::say!("{}", started.id);
     if wait {
         warm_follow(api, started.id).await?;
     }
@@ -694,17 +737,20 @@ pub async fn warm_status(api: &ApiClient, id: Option<u64>) -> Result<(), CliErro
                 .call("GET", &format!("/api/v1/warm/jobs/{id}"), NO_BODY)
                 .await?;
             for l in warm_lines(&job) {
-                println!("{l}");
+                daemon::say!("{l}");
             }
             if let Some(e) = &job.error {
-                println!("  error: {e}");
+                daemon::say!("  error: {e}");
             }
         }
         None => {
             let all: JobList = api.call("GET", "/api/v1/warm/jobs", NO_BODY).await?;
-            println!(
+            daemon::say!(
                 "{:>5}  {:<10} {:<10} {:>8}  progress",
-                "id", "state", "kind", "urls"
+                "id",
+                "state",
+                "kind",
+                "urls"
             );
             for job in &all.jobs {
                 let (done, total) = job
@@ -716,7 +762,7 @@ pub async fn warm_status(api: &ApiClient, id: Option<u64>) -> Result<(), CliErro
                     coordinator::warm::job::JobSource::Schedule(_) => "schedule",
                     coordinator::warm::job::JobSource::Rewarm => "rewarm",
                 };
-                println!(
+                daemon::say!(
                     "{:>5}  {:<10} {:<10} {:>8}  {done}/{total}",
                     job.id,
                     job.state.as_str(),
@@ -734,7 +780,7 @@ pub async fn warm_cancel(api: &ApiClient, id: u64) -> Result<(), CliError> {
     let job: JobView = api
         .call("POST", &format!("/api/v1/warm/jobs/{id}/cancel"), NO_BODY)
         .await?;
-    println!("job {id}: {}", job.state.as_str());
+    daemon::say!("job {id}: {}", job.state.as_str());
     Ok(())
 }
 
@@ -746,6 +792,57 @@ mod tests {
     use super::*;
     use coordinator::monitor::Health;
     use serde_json::json;
+
+    #[test]
+    fn wait_lines_say_what_is_done_or_failed_and_a_401_names_the_token_file() {
+        let edge = |id: &str, active: &str| {
+            json!({"id": id, "region": "eu", "connected": true, "state": "in_sync",
+                   "target_version": "abc", "active_version": active, "active_vcl": null,
+                   "drift": false, "drift_events": 0, "error": null,
+                   "health_status": null, "health_error": null})
+        };
+        let view = |phase: &str, waiting: Option<&str>, error: Option<&str>| -> BundleView {
+            serde_json::from_value(json!({
+                "desired": "abc", "current": "abc", "waiting": waiting,
+                "rollout": {"id": 3, "version": "abc", "previous": null, "phase": phase,
+                            "canary_region": null, "started_at_ms": 0,
+                            "canary_healthy_since_ms": null, "finished_at_ms": null,
+                            "error": error, "kind": "push"},
+                "canary_region": null, "canary_wait_s": 10, "drift_policy": "enforce",
+                "edges": [edge("e1", "abc"), edge("e2", "old")]
+            }))
+            .expect("view")
+        };
+        let line = |v: &BundleView| progress_line(v, v.rollout.as_ref().expect("rollout"));
+        assert_eq!(
+            line(&view("done", None, None)),
+            "done: version abc on 1 of 2 edge(s)"
+        );
+        assert_eq!(
+            line(&view(
+                "failed",
+                None,
+                Some("e2 (eu): main.vcl:3: Syntax error")
+            )),
+            "failed: version abc: e2 (eu): main.vcl:3: Syntax error"
+        );
+        assert_eq!(
+            line(&view(
+                "canary",
+                Some("canary eu healthy for 4s of 10s"),
+                None
+            )),
+            "canary: canary eu healthy for 4s of 10s"
+        );
+        for (had, hint) in [(false, "--token-file FILE"), (true, "--token-file")] {
+            let e = api_error(401, "missing or invalid token".into(), had).to_string();
+            assert!(
+                e.starts_with("401: missing or invalid token (") && e.contains(hint),
+                "{e}"
+            );
+        }
+        assert_eq!(api_error(404, "no".into(), false).to_string(), "404: no");
+    }
 
     #[test]
     fn status_table_shows_every_region() {

@@ -100,6 +100,7 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
         }
     };
     daemon::logging::init(json_logs);
+    daemon::out::on_closed(daemon::out::Closed::Ignore);
     // One descriptor per agent connection: use all the hard limit allows.
     match daemon::limits::raise_nofile() {
         Ok(l) if l.soft < 4096 => tracing::warn!(nofile = l.soft, hard = l.hard,
@@ -116,10 +117,15 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
         Ok(l) => l,
         Err(e) => return exit(Err(e)),
     };
-    // A GeoIP database that cannot be read is a configuration error too: one line, 2.
+    // A GeoIP database or certificate files that cannot be read are configuration
+    // errors too: one line, 2.
     let state = match server::open(&config, state_dir).await {
         Ok(s) => s,
-        Err(e @ server::ServeError::Open(coordinator::state::OpenError::Geo(_))) => {
+        Err(
+            e @ server::ServeError::Open(
+                coordinator::state::OpenError::Geo(_) | coordinator::state::OpenError::Tls(_),
+            ),
+        ) => {
             eprintln!("coordinator: {e}");
             return ExitCode::from(2);
         }
@@ -132,16 +138,27 @@ pub async fn serve(config: &Path, state_dir: &Path, insecure: bool, json_logs: b
 /// `coordinator demo`: the whole local cluster until SIGTERM/SIGINT.
 pub async fn run_demo(args: demo::DemoArgs, json_logs: bool) -> ExitCode {
     daemon::logging::init(json_logs);
+    // Its children outlive a closed stdout until it stops them: it carries on.
+    daemon::out::on_closed(daemon::out::Closed::Ignore);
     let shutdown = stop_on_signal();
     exit(demo::run(args, shutdown).await)
 }
 
-/// `coordinator pki init|issue`.
+/// `coordinator pki init|issue`: prints each certificate written (or kept) and when it
+/// expires.
 pub fn pki(command: PkiCommand) -> ExitCode {
     let result = match command {
-        PkiCommand::Init { dir, san } => coordinator::pki::init(&dir, &san).map(|()| {
-            println!(
-                "wrote {0}/ca.pem, {0}/ca.key, {0}/coordinator.pem, {0}/coordinator.key",
+        PkiCommand::Init {
+            dir,
+            san,
+            days,
+            ca_days,
+        } => coordinator::pki::init_for(&dir, &san, ca_days, days).map(|minted| {
+            for m in &minted {
+                daemon::say!("{m}");
+            }
+            daemon::say!(
+                "keys (0600): {0}/ca.key, {0}/coordinator.key",
                 dir.display()
             );
         }),
@@ -150,11 +167,9 @@ pub fn pki(command: PkiCommand) -> ExitCode {
             region,
             dir,
             days,
-        } => coordinator::pki::issue(&dir, &id, &region, days).map(|()| {
-            println!(
-                "wrote {0}/{id}.pem and {0}/{id}.key (edge {id} in {region})",
-                dir.display()
-            );
+        } => coordinator::pki::issue(&dir, &id, &region, days).map(|m| {
+            daemon::say!("{m}");
+            daemon::say!("key (0600): {}/{id}.key", dir.display());
         }),
     };
     exit(result)

@@ -5,7 +5,9 @@
 //! `urn:varnish-coordinator:edge:<region>:<id>` ([`edge_uri`]). The coordinator reads it
 //! back from the verified peer certificate ([`crate::tls::peer_identity`]) and refuses a
 //! Hello that claims anything else. Keys are ECDSA P-256, written 0600; certificates
-//! 0644. Nothing here is on a request path: it runs from the CLI, the demo and tests.
+//! 0644. Every certificate written is returned as a [`Minted`] with its expiry, which
+//! the CLI prints (`--days` sets it; none may outlive its CA). Nothing here is on a
+//! request path: it runs from the CLI, the demo and tests.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -209,28 +211,124 @@ pub fn load_ca(dir: &Path) -> Result<Pem, PkiError> {
     })
 }
 
-/// `pki init`: a CA (kept if `ca.pem`/`ca.key` exist) and a fresh coordinator certificate.
-pub fn init(dir: &Path, sans: &[String]) -> Result<(), PkiError> {
-    let ca = if dir.join("ca.pem").is_file() && dir.join("ca.key").is_file() {
-        load_ca(dir)?
-    } else {
-        let ca = new_ca("varnish-coordinator cluster CA", CA_DAYS)?;
-        write(dir, "ca", &ca)?;
-        ca
-    };
-    write(dir, "coordinator", &server_cert(&ca, sans, LEAF_DAYS)?)
+/// A certificate `pki` wrote (or kept), and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Minted {
+    pub path: PathBuf,
+    /// `CA`, `coordinator`, `edge ID in REGION`.
+    pub what: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    /// An existing CA that `init` kept.
+    pub kept: bool,
 }
 
-/// `pki issue`: `DIR/ID.pem` and `DIR/ID.key` for an agent.
-pub fn issue(dir: &Path, id: &str, region: &str, days: u32) -> Result<(), PkiError> {
+impl std::fmt::Display for Minted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let days = self.not_after.saturating_sub(daemon::certs::now()) / 86_400;
+        write!(
+            f,
+            "{} ({}{}): expires {} (in {days} days)",
+            self.path.display(),
+            self.what,
+            if self.kept { ", kept" } else { "" },
+            daemon::certs::utc_date(self.not_after)
+        )
+    }
+}
+
+fn minted(dir: &Path, name: &str, what: String, pem: &Pem, kept: bool) -> Minted {
+    Minted {
+        path: dir.join(format!("{name}.pem")),
+        what,
+        not_after: daemon::certs::pem_not_after(pem.cert.as_bytes()).unwrap_or(0),
+        kept,
+    }
+}
+
+fn check_days(flag: &str, days: u32) -> Result<(), PkiError> {
+    if (1..=36_500).contains(&days) {
+        Ok(())
+    } else {
+        Err(PkiError::Invalid(format!(
+            "{flag} {days}: give 1 to 36500 days"
+        )))
+    }
+}
+
+/// `pki init`: a CA (kept if `ca.pem`/`ca.key` exist) and a fresh coordinator
+/// certificate, with the default lifetimes ([`CA_DAYS`], [`LEAF_DAYS`]).
+pub fn init(dir: &Path, sans: &[String]) -> Result<Vec<Minted>, PkiError> {
+    init_for(dir, sans, CA_DAYS, LEAF_DAYS)
+}
+
+/// [`init`] with a new CA valid `ca_days` and the coordinator's certificate `days`
+/// (`pki init --ca-days --days`). A certificate cannot outlive the CA that signs it:
+/// asking for that is refused.
+pub fn init_for(
+    dir: &Path,
+    sans: &[String],
+    ca_days: u32,
+    days: u32,
+) -> Result<Vec<Minted>, PkiError> {
+    check_days("--ca-days", ca_days)?;
+    check_days("--days", days)?;
+    let mut out = Vec::new();
+    let ca = if dir.join("ca.pem").is_file() && dir.join("ca.key").is_file() {
+        let ca = load_ca(dir)?;
+        out.push(minted(dir, "ca", "CA".into(), &ca, true));
+        ca
+    } else {
+        let ca = new_ca("varnish-coordinator cluster CA", ca_days)?;
+        write(dir, "ca", &ca)?;
+        out.push(minted(dir, "ca", "CA".into(), &ca, false));
+        ca
+    };
+    outlives_ca(&out[0], days)?;
+    let cert = server_cert(&ca, sans, days)?;
+    write(dir, "coordinator", &cert)?;
+    out.push(minted(
+        dir,
+        "coordinator",
+        "coordinator".into(),
+        &cert,
+        false,
+    ));
+    Ok(out)
+}
+
+/// Refuses a certificate of `days` that would expire after the CA that signs it.
+fn outlives_ca(ca: &Minted, days: u32) -> Result<(), PkiError> {
+    let until = daemon::certs::now() + u64::from(days) * 86_400;
+    if ca.not_after != 0 && until > ca.not_after {
+        return Err(PkiError::Invalid(format!(
+            "--days {days} outlives the CA, which expires {}: give fewer days, or a new CA (pki init on an empty directory, --ca-days)",
+            daemon::certs::utc_date(ca.not_after)
+        )));
+    }
+    Ok(())
+}
+
+/// `pki issue`: `DIR/ID.pem` and `DIR/ID.key` for an agent, valid `days`.
+pub fn issue(dir: &Path, id: &str, region: &str, days: u32) -> Result<Minted, PkiError> {
+    check_days("--days", days)?;
     let ca = load_ca(dir)?;
     if matches!(id, "ca" | "coordinator") {
         return Err(PkiError::Invalid(format!(
             "--id {id:?} would overwrite the {id} files"
         )));
     }
+    outlives_ca(&minted(dir, "ca", "CA".into(), &ca, true), days)?;
     let (from, to) = validity(days);
-    write(dir, id, &agent_cert(&ca, id, region, from, to)?)
+    let cert = agent_cert(&ca, id, region, from, to)?;
+    write(dir, id, &cert)?;
+    Ok(minted(
+        dir,
+        id,
+        format!("edge {id} in {region}"),
+        &cert,
+        false,
+    ))
 }
 
 #[cfg(test)]
@@ -269,6 +367,30 @@ mod tests {
             ca,
             std::fs::read_to_string(dir.path().join("ca.pem")).unwrap()
         );
+        // Each certificate says when it expires; --days sets it.
+        let minted = init_for(dir.path(), &[], 100, 40).unwrap();
+        let now = daemon::certs::now();
+        assert!(minted[0].kept && minted[0].what == "CA");
+        let coordinator = &minted[1];
+        assert!(coordinator.path.ends_with("coordinator.pem"));
+        let left = coordinator.not_after - now;
+        assert!((39 * 86_400..=40 * 86_400).contains(&left), "{left}");
+        let line = coordinator.to_string();
+        assert!(
+            line.contains("coordinator.pem (coordinator): expires 20")
+                && (line.contains("(in 40 days)") || line.contains("(in 39 days)")),
+            "{line}"
+        );
+        let edge = issue(dir.path(), "eu-west-2", "eu-west", 7).unwrap();
+        assert!(
+            edge.to_string()
+                .contains("(edge eu-west-2 in eu-west): expires"),
+            "{edge}"
+        );
+        assert!((6 * 86_400..=7 * 86_400).contains(&(edge.not_after - now)));
+        assert!(issue(dir.path(), "eu-west-3", "eu-west", 0).is_err());
+        let err = issue(dir.path(), "eu-west-3", "eu-west", 36_000).unwrap_err();
+        assert!(err.to_string().contains("outlives the CA"), "{err}");
         assert!(issue(dir.path(), "bad id", "eu", 1).is_err());
         assert!(issue(dir.path(), "ca", "eu", 1).is_err());
         assert!(init(dir.path(), &["not a name!".into()]).is_err());

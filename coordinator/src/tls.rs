@@ -154,9 +154,17 @@ fn build(files: &TlsConfig) -> Result<(TlsAcceptor, CertExpiry), TlsError> {
         .with_single_cert(chain, key)
         .map_err(|e| file_err(&files.key, format!("does not match the certificate: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    let ca_not_after = cas.iter().filter_map(not_after).min().unwrap_or(0);
+    // At start and at every reload (SIGHUP): a warning 30 days before either expires.
+    daemon::certs::warn_if_expiring(
+        "coordinator",
+        &files.cert.display().to_string(),
+        server_not_after,
+    );
+    daemon::certs::warn_if_expiring("CA", &files.ca.display().to_string(), ca_not_after);
     let expiry = CertExpiry {
         server_not_after,
-        ca_not_after: cas.iter().filter_map(not_after).min().unwrap_or(0),
+        ca_not_after,
         loaded_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -91,6 +91,20 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Logs one warning for each `[tls]` certificate (the agent's, the CA) that expires
+    /// within 30 days, or has expired ([`daemon::certs`]); the agent calls it at start.
+    pub fn warn_expiring_certs(&self) {
+        let Some(tls) = &self.tls else { return };
+        for (what, path) in [("agent", &tls.cert), ("CA", &tls.ca)] {
+            if let Some(t) = std::fs::read(path)
+                .ok()
+                .and_then(|pem| daemon::certs::pem_not_after(&pem))
+            {
+                daemon::certs::warn_if_expiring(what, &path.display().to_string(), t);
+            }
+        }
+    }
+
     /// An agent `id` in `region` dialling `coordinator`, with every interval and bound at
     /// its default (the demo and the end-to-end tests build their agents' files from it).
     pub fn new(

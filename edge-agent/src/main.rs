@@ -34,10 +34,17 @@ async fn main() -> ExitCode {
         }
     };
     daemon::logging::init(args.log_format == "json");
+    config.warn_expiring_certs();
     let shutdown = CancellationToken::new();
     tokio::spawn(daemon::signal::stop_on_signal(shutdown.clone()));
+    // A config the agent cannot use (a missing [tls], unreadable certificates) is a bad
+    // config like an unknown key: 2. Anything else that stops it: 1.
     match edge_agent::run(config, args.insecure, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ edge_agent::session::AgentError::Config(_)) => {
+            eprintln!("edge-agent: {}: {e}", args.config.display());
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("edge-agent: {e}");
             ExitCode::from(1)

@@ -142,6 +142,27 @@ fn relative(message: &str, dir: &Path) -> String {
     message.replace(&prefix, "")
 }
 
+/// varnishd's words of an error without the source lines it quotes (the line after each
+/// `('file' Line N Pos M)` and its `---#` marker): a quoted line may hold the warm token,
+/// and the log is read by more people than the bundle. The coordinator gets it whole.
+fn for_log(message: &str) -> String {
+    let mut out = Vec::new();
+    let mut quoted_next = false;
+    for line in message.lines() {
+        let t = line.trim();
+        let marker = !t.is_empty() && t.bytes().all(|b| b == b'-' || b == b'#');
+        if quoted_next || marker {
+            quoted_next = false;
+            continue;
+        }
+        quoted_next = t.contains(" Line ") && t.contains(" Pos ") && t.ends_with(')');
+        if !t.is_empty() {
+            out.push(t);
+        }
+    }
+    out.join(" ")
+}
+
 /// The worker's state.
 struct Worker {
     varnish: Varnish,
@@ -212,7 +233,7 @@ impl Worker {
                 tracing::info!(version = %version, vcl = %name, ms = started.elapsed().as_millis() as u64, "config active")
             }
             Err(e) => {
-                tracing::warn!(version = %version, error = %e, "config not applied; varnish keeps its active VCL")
+                tracing::warn!(version = %version, error = %for_log(e), "config not applied; varnish keeps its active VCL")
             }
         }
         ConfigResult {
@@ -436,6 +457,21 @@ mod tests {
         let err = validate(&apply("vcl 4.1;\ninclude\n\"../../../etc/passwd\";")).unwrap_err();
         assert!(err.contains("main.vcl:3:"), "{err}");
         assert!(validate(&apply("import std from \"/tmp/x.so\";")).is_err());
+    }
+
+    #[test]
+    fn the_log_line_of_a_compile_error_quotes_no_source() {
+        let full = "Message from VCC-compiler:\nExpected ')' got '{'\n('main.vcl' Line 3 Pos 45)\nif (req.http.X-Warm-Token == \"s3cr3t\" {\n--------------------------------------------#\n\nAt: ('main.vcl' Line 9 Pos 1) -- (Pos 4)\nset x = s3cr3t;\n###-\nRunning VCC-compiler failed, exited with 2\nVCL compilation failed";
+        let line = for_log(full);
+        assert!(!line.contains("s3cr3t") && !line.contains('\n'), "{line}");
+        assert!(
+            line.contains("('main.vcl' Line 3 Pos 45)") && line.contains("Expected ')'"),
+            "{line}"
+        );
+        assert_eq!(
+            for_log("cannot write /x: denied"),
+            "cannot write /x: denied"
+        );
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub async fn run(args: Args) -> ExitCode {
     if tty {
         eprintln!();
     }
-    println!(
+    daemon::say!(
         "urls {} fetched {} hits {} misses {} other {} errors {} p50 {:.1} ms p95 {:.1} ms elapsed {:.1} s origin load {:.1} req/s",
         s.urls,
         s.fetched,
@@ -112,10 +112,10 @@ pub async fn run(args: Args) -> ExitCode {
         s.origin_rps()
     );
     if s.throttled > 0 {
-        println!("origin answered 5xx/429 {} times: slowed down", s.throttled);
+        daemon::say!("origin answered 5xx/429 {} times: slowed down", s.throttled);
     }
     for e in &s.first_errors {
-        println!("error: {e}");
+        daemon::say!("error: {e}");
     }
     if s.fetched == 0 && s.errors > 0 {
         return ExitCode::FAILURE;

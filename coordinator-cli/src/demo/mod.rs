@@ -5,7 +5,9 @@
 //! docs/api.md): origin `P`, purge `P+1`, gRPC `P+2`, API `P+3`, region `i` varnish HTTP
 //! `P+10+10i` and admin `P+11+10i`. Every generated file lands under the state dir, and
 //! `cluster.json` is written once every agent is connected. Children are not restarted;
-//! SIGINT/SIGTERM stops them all.
+//! SIGINT/SIGTERM stops them all. Run again on the same state dir, it keeps the bundle
+//! directory and the version pushed last (saying so on stdout); tokens, certificates and
+//! configs are written afresh.
 
 pub mod configs;
 pub mod origin;
@@ -172,6 +174,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         .state_dir
         .canonicalize()
         .map_err(io("cannot resolve --state-dir"))?;
+    // Written again once this run's agents are connected; an earlier run's is stale.
+    let _ = std::fs::remove_file(dir.join("cluster.json"));
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let port = |off: u32| SocketAddr::new(lo, (args.base_port as u32 + off) as u16);
 
@@ -320,12 +324,21 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         shutdown.clone(),
     ));
 
-    // The sample bundle, for users to edit and push; rolled out once agents are up.
+    // The sample bundle, for users to edit and push; rolled out once agents are up. A
+    // state dir used before keeps what its user edited there and pushed.
     let bundle_dir = dir.join("bundle");
-    std::fs::create_dir_all(&bundle_dir).map_err(io("cannot create bundle dir"))?;
-    for (name, text) in &sample_bundle().files {
-        std::fs::write(bundle_dir.join(name), text).map_err(io("cannot write bundle"))?;
+    if bundle_dir.join(bundle::MAIN).is_file() {
+        daemon::say!(
+            "keeping the bundle in {} (written by an earlier run; delete it for the sample)",
+            bundle_dir.display()
+        );
+    } else {
+        std::fs::create_dir_all(&bundle_dir).map_err(io("cannot create bundle dir"))?;
+        for (name, text) in &sample_bundle().files {
+            std::fs::write(bundle_dir.join(name), text).map_err(io("cannot write bundle"))?;
+        }
     }
+    let pushed_before = rollouts.view().desired;
 
     // Regions.
     let agent_bin = process::sibling_binary("edge-agent");
@@ -419,17 +432,35 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Roll the sample bundle out everywhere (no canary wait for the first one).
-        let bundle =
-            Bundle::from_dir(&bundle_dir).map_err(|e| DemoError::Invalid(e.to_string()))?;
-        let pushed = rollouts
-            .push(&bundle, false, true)
-            .map_err(|e| DemoError::Invalid(format!("pushing the sample bundle: {e}")))?;
+        // Roll the sample bundle out everywhere (no canary wait for the first one), unless
+        // the state dir's coordinator has a version already: what its user pushed stays.
+        let sample = pushed_before.is_none();
+        let version = match pushed_before {
+            Some(version) => {
+                daemon::say!(
+                    "keeping version {version}, pushed in an earlier run on this state dir (the sample bundle is not pushed; delete {} to start afresh)",
+                    dir.join("coordinator-state").display()
+                );
+                version
+            }
+            None => {
+                let bundle =
+                    Bundle::from_dir(&bundle_dir).map_err(|e| DemoError::Invalid(e.to_string()))?;
+                rollouts
+                    .push(&bundle, false, true)
+                    .map_err(|e| DemoError::Invalid(format!("pushing the sample bundle: {e}")))?
+                    .version
+            }
+        };
         loop {
             let view = rollouts.view();
+            let everywhere = view
+                .edges
+                .iter()
+                .all(|e| e.active_version.as_deref() == Some(version.as_str()));
             match view.rollout.as_ref().map(|r| r.phase) {
-                None | Some(Phase::Done) => break,
-                Some(Phase::Failed) => {
+                None | Some(Phase::Done) if everywhere => break,
+                Some(Phase::Failed) if sample => {
                     return Err(DemoError::Invalid(format!(
                         "the sample bundle failed to roll out: {}",
                         view.rollout.and_then(|r| r.error).unwrap_or_default()
@@ -445,7 +476,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok::<String, DemoError>(pushed.version)
+        Ok::<String, DemoError>(version)
     };
     let outcome = tokio::select! {
         r = started => r.map(Some),
@@ -508,15 +539,17 @@ fn print_geo_howto(dir: &Path, api: SocketAddr, dns: SocketAddr) {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "coordinator".into());
     let d = dir.display();
-    println!("\nGeo routing (each region answers as 127.0.1.N; its varnish listens there too):");
-    println!("  {bin} route 81.2.69.142 --api http://{api}          # London: nearest region, why, every candidate");
-    println!("  curl -s 'http://{api}/api/v1/route?ip=175.16.199.1'");
-    println!(
+    daemon::say!(
+        "\nGeo routing (each region answers as 127.0.1.N; its varnish listens there too):"
+    );
+    daemon::say!("  {bin} route 81.2.69.142 --api http://{api}          # London: nearest region, why, every candidate");
+    daemon::say!("  curl -s 'http://{api}/api/v1/route?ip=175.16.199.1'");
+    daemon::say!(
         "  PowerDNS remote backend on http://{dns}/dns (zone {DEMO_ZONE}); with pdns installed:"
     );
-    println!("  printf 'launch=remote\\nremote-connection-string=http:url=http://{dns}/dns\\nlocal-address=127.0.0.1\\nlocal-port=5300\\nedns-subnet-processing=yes\\nsecurity-poll-suffix=\\nzone-cache-refresh-interval=0\\ncache-ttl=0\\nquery-cache-ttl=0\\nnegquery-cache-ttl=0\\nsocket-dir={d}\\n' > {d}/pdns.conf");
-    println!("  pdns_server --config-dir={d} --daemon=no --guardian=no &");
-    println!("  dig @127.0.0.1 -p 5300 www.shop.test A +subnet=81.2.69.142/32 +short");
+    daemon::say!("  printf 'launch=remote\\nremote-connection-string=http:url=http://{dns}/dns\\nlocal-address=127.0.0.1\\nlocal-port=5300\\nedns-subnet-processing=yes\\nsecurity-poll-suffix=\\nzone-cache-refresh-interval=0\\ncache-ttl=0\\nquery-cache-ttl=0\\nnegquery-cache-ttl=0\\nsocket-dir={d}\\n' > {d}/pdns.conf");
+    daemon::say!("  pdns_server --config-dir={d} --daemon=no --guardian=no &");
+    daemon::say!("  dig @127.0.0.1 -p 5300 www.shop.test A +subnet=81.2.69.142/32 +short");
 }
 
 async fn stop_all(regions: &mut [Region]) {
@@ -566,41 +599,45 @@ fn print_howto(
         .unwrap_or_else(|_| "coordinator".into());
     let d = dir.display();
     let host = format!("-H 'Host: {DEMO_HOST}'");
-    println!(
+    daemon::say!(
         "\nDemo cluster is up ({} regions). Files: {d}/cluster.json\n",
         regions.len()
     );
-    println!("  origin           http://{origin}");
-    println!("  purge listener   {purge}   (Magento: bin/magento setup:config:set --http-cache-hosts={purge})");
-    println!("  API / metrics    http://{api}/api/v1/edges   http://{api}/metrics   dashboard http://{api}/");
+    daemon::say!("  origin           http://{origin}");
+    daemon::say!("  purge listener   {purge}   (Magento: bin/magento setup:config:set --http-cache-hosts={purge})");
+    daemon::say!("  API / metrics    http://{api}/api/v1/edges   http://{api}/metrics   dashboard http://{api}/");
     for r in regions {
-        println!(
+        daemon::say!(
             "  {:<16} varnish http://{}  admin {}",
-            r.name, r.http, r.admin
+            r.name,
+            r.http,
+            r.admin
         );
     }
-    println!("\nTry it (every request as the shop's host, {DEMO_HOST}):");
-    println!("  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS, then HIT");
-    println!("  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS, then HIT in a second region");
-    println!(
+    daemon::say!("\nTry it (every request as the shop's host, {DEMO_HOST}):");
+    daemon::say!("  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS, then HIT");
+    daemon::say!("  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS, then HIT in a second region");
+    daemon::say!(
         "  curl -si -X PURGE -H 'X-Magento-Tags-Pattern: ((^|,)cat_p_42(,|$))' http://{purge}/"
     );
-    println!("  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS: purged");
-    println!(
+    daemon::say!("  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS: purged");
+    daemon::say!(
         "  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS: purged there too"
     );
-    println!("  curl -s  http://{api}/api/v1/purges/1                         # when each edge applied it");
-    println!("  {bin} status --api http://{api}");
-    println!("\nChange config (VCL + WAF), canary region first:");
-    println!("  $EDITOR {d}/bundle/waf.toml");
-    println!("  {bin} config push {d}/bundle --wait --api http://{api} --token-file {d}/api-token");
-    println!(
+    daemon::say!("  curl -s  http://{api}/api/v1/purges/1                         # when each edge applied it");
+    daemon::say!("  {bin} status --api http://{api}");
+    daemon::say!("\nChange config (VCL + WAF), canary region first:");
+    daemon::say!("  $EDITOR {d}/bundle/waf.toml");
+    daemon::say!(
+        "  {bin} config push {d}/bundle --wait --api http://{api} --token-file {d}/api-token"
+    );
+    daemon::say!(
         "\nWarm every region from the sitemap (tiered with --tiered: one origin render per page):"
     );
-    println!(
+    daemon::say!(
         "  {bin} warm start --sitemap http://{origin}/sitemap.xml --wait --api http://{api} --token-file {d}/api-token"
     );
-    println!("  curl -si {host} http://{first}/p/7 | grep -i cache-debug     # HIT");
-    println!("  curl -s  http://{origin}/__origin/renders?url=/p/7     # rendered once per region (once if tiered)");
-    println!("\nCtrl-C stops everything.");
+    daemon::say!("  curl -si {host} http://{first}/p/7 | grep -i cache-debug     # HIT");
+    daemon::say!("  curl -s  http://{origin}/__origin/renders?url=/p/7     # rendered once per region (once if tiered)");
+    daemon::say!("\nCtrl-C stops everything.");
 }

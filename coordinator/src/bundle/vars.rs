@@ -58,6 +58,19 @@ impl Vars {
     }
 }
 
+impl Vars {
+    /// `text` with every secret value written back as the variable that holds it
+    /// (`${warm_token}`): varnishd quotes the source line of a compile error, and that
+    /// line may hold the token; the error is stored, shown and logged.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (name, value) in self.secrets() {
+            out = out.replace(value, &format!("${{{name}}}"));
+        }
+        out
+    }
+}
+
 /// Variables whose values are secrets (those a region does not have are skipped).
 pub const SECRET_VARS: [&str; 2] = ["warm_token", "warm_tier_token"];
 
@@ -137,6 +150,18 @@ mod tests {
             .to_string();
         assert!(err.starts_with("main.vcl:3:"), "{err}");
         assert!(err.contains("${nope}") && err.contains("eu-west"), "{err}");
+    }
+
+    #[test]
+    fn redact_writes_secrets_back_as_their_names() {
+        let v = vars().with_warm_token("t0k3n");
+        let tier = warmer::sign::tier_token("t0k3n");
+        let text = format!("== \"t0k3n\" and {tier} and t0k");
+        assert_eq!(
+            v.redact(&text),
+            "== \"${warm_token}\" and ${warm_tier_token} and t0k"
+        );
+        assert_eq!(vars().redact("t0k3n"), "t0k3n");
     }
 
     #[test]

@@ -63,6 +63,7 @@ struct BlockRule {
 struct AllowOnlyRule {
     path: Option<String>,
     prefix: Option<String>,
+    #[serde(deserialize_with = "daemon::cidr::list")]
     cidrs: Vec<IpNet>,
     status: Option<u16>,
 }
@@ -95,6 +96,7 @@ struct RateLimitRule {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CidrRule {
+    #[serde(deserialize_with = "daemon::cidr::list")]
     cidrs: Vec<IpNet>,
     status: Option<u16>,
 }
@@ -119,13 +121,10 @@ struct LimitsRule {
 
 /// Compiles `waf.toml` source into the text of `waf.vcl`.
 pub fn compile(source: &str) -> Result<String, BundleError> {
-    let waf: WafFile = toml::from_str(source).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| line_at(source, s.start))
-            .unwrap_or_default();
-        BundleError::at(FILE, line, e.message().to_owned())
-    })?;
+    // The config loader's reader: a refused value is named with its key and as written
+    // (`deny.cidrs[0]: "10.0.0.1/8": ...`).
+    let waf: WafFile = daemon::config::parse(source)
+        .map_err(|e| BundleError::at(FILE, e.at.map_or(0, |(line, _)| line), e.message))?;
     let mut c = Compiler {
         source,
         acls: String::new(),
@@ -393,8 +392,8 @@ fn reason(status: u16) -> &'static str {
 /// VCL strings have no escapes: a `"` ends them and a newline is not allowed. So `"`
 /// and control characters (escaped or not) become PCRE `\xHH`, which PCRE reads as the
 /// same character in and out of classes. Non-ASCII is refused (URLs arrive
-/// percent-encoded anyway). The regex must compile (Rust `regex` syntax, a subset of
-/// PCRE's, so varnishd accepts it too).
+/// percent-encoded anyway). The regex must compile in PCRE2, the library varnishd
+/// compiles it with.
 pub fn vcl_regex(regex: &str) -> Result<String, String> {
     if regex.is_empty() {
         return Err("regex must not be empty".into());
@@ -402,10 +401,15 @@ pub fn vcl_regex(regex: &str) -> Result<String, String> {
     if !regex.is_ascii() {
         return Err("regex must be ASCII (percent-encode other characters as in the URL)".into());
     }
-    regex::RegexBuilder::new(regex)
-        .nest_limit(crate::purge::pattern::REGEX_NEST_LIMIT)
-        .size_limit(1 << 22)
-        .build()
+    // varnishd's own PCRE2 is the judge (look-ahead and back-references included), as
+    // for purge patterns; a leading (*...) option could lift its limits.
+    if regex.starts_with("(*") {
+        return Err(
+            "invalid regex: a leading (*...) option could lift varnish's PCRE2 limits; refused"
+                .into(),
+        );
+    }
+    crate::purge::pattern::validate_regex(regex, "path")
         .map_err(|e| format!("invalid regex: {}", e.to_string().replace('\n', " ")))?;
     let mut out = String::with_capacity(regex.len() + 2);
     out.push('"');
@@ -495,6 +499,27 @@ cidrs = ["203.0.113.0/24"]
         assert!(
             compile("[[basic_auth]]\nprefix = \"/\"\nuser = \"a:b\"\npassword = \"x\"\n").is_err()
         );
+    }
+
+    #[test]
+    fn regexes_are_judged_by_pcre2_and_cidrs_are_quoted() {
+        // Look-ahead and back-references: PCRE2 (varnishd) reads them, so they pass.
+        for path in ["^/(?!admin)", "^/(a)\\\\1", "^/x(?=y)"] {
+            let waf = format!("[[block]]\npath = \"{path}\"\n");
+            assert!(compile(&waf).is_ok(), "{path}: {:?}", compile(&waf));
+        }
+        assert!(vcl_regex("(*LIMIT_MATCH=99999999)a").is_err());
+        let err = compile("[deny]\ncidrs = [\"10.0.0.0/8\", \"10.0.0.300/8\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("waf.toml:2:") && err.contains("\"10.0.0.300/8\""),
+            "{err}"
+        );
+        let err = compile("[[allow_only]]\nprefix = \"/admin\"\ncidrs = [\"10.0.0.1/8\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("it means 10.0.0.0/8"), "{err}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::wire::Limits;
 pub struct PurgeConfig {
     pub listen: SocketAddr,
     /// Sources allowed to purge; others get 405.
-    #[serde(default = "default_allow")]
+    #[serde(default = "default_allow", deserialize_with = "daemon::cidr::list")]
     pub allow: Vec<IpNet>,
     /// Request line plus headers; Magento's tag chunks are up to ~7.7 KB, 64 KiB lines pass.
     #[serde(default = "default_max_header_bytes")]
@@ -36,7 +36,7 @@ pub struct PurgeConfig {
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u64,
     /// Proxies in front of the listener whose `X-Forwarded-For` is believed.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "daemon::cidr::list")]
     pub trusted_proxies: Vec<IpNet>,
     /// A file holding a shared secret every PURGE must carry in `secret_header`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

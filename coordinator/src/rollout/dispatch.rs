@@ -172,9 +172,14 @@ impl Rollouts {
     }
 
     /// The agent's answer to an apply.
-    pub fn on_result(&self, edge: &str, session: u64, result: ConfigResult) {
+    pub fn on_result(&self, edge: &str, session: u64, mut result: ConfigResult) {
         let mut inner = self.lock();
         if let Some(e) = inner.edges.get_mut(edge).filter(|e| e.session == session) {
+            // A compile error quotes the source line, which may hold the warm token: it
+            // is stored, shown and logged as `${warm_token}`.
+            if let Some(vars) = self.regions.get(&e.region) {
+                result.error = vars.redact(&result.error);
+            }
             if let Some(sent) = e.sent.as_mut().filter(|s| s.version == result.version) {
                 sent.result = Some(if result.ok {
                     Ok(())

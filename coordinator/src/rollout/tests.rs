@@ -293,3 +293,36 @@ fn push_refuses_unknown_variables() {
     assert!(err.contains("main.vcl:1") && err.contains("nope"), "{err}");
     assert!(r.store().list().unwrap().is_empty(), "nothing stored");
 }
+
+#[test]
+fn a_compile_error_quoting_the_warm_token_is_kept_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(BundleStore::open(dir.path()).unwrap());
+    let mut regions = BTreeMap::new();
+    regions.insert(
+        "eu".to_owned(),
+        Vars::for_region("eu", &BTreeMap::new()).with_warm_token("s3cr3t-warm-token"),
+    );
+    let config = RolloutConfig {
+        canary_wait_s: 0,
+        ..RolloutConfig::default()
+    };
+    let r = Rollouts::new(store, config, regions).unwrap();
+    r.connect("eu-1", "eu", 1, true);
+    report(&r, "eu-1", "boot", "");
+    r.push(&bundle("v1"), false, false).unwrap();
+    let apply = r.next_apply("eu-1", 1).expect("sent to the edge");
+    // What varnishd answers for a bad line holding the token (it quotes the line).
+    reject(
+        &r,
+        "eu-1",
+        &apply.version,
+        "Message from VCC-compiler:\nExpected ')' got '{'\n('main.vcl' Line 3 Pos 45)\nif (req.http.X-Warm-Token == \"s3cr3t-warm-token\" {\n--------------------------------------------#\n",
+    );
+    r.tick();
+    let view = serde_json::to_string(&r.view()).unwrap();
+    assert!(
+        !view.contains("s3cr3t") && view.contains("${warm_token}"),
+        "{view}"
+    );
+}

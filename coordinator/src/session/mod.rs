@@ -118,7 +118,13 @@ impl SessionService {
                 hello.edge_id, hello.region
             )));
         }
-        Ok(crate::tls::not_after(cert))
+        let not_after = crate::tls::not_after(cert);
+        if let Some(t) = not_after {
+            // Seen at every session, said once a day: it is renewed on the agent's host.
+            let edge = format!("edge {id} in {region}");
+            daemon::certs::warn_daily(&edge, &edge, "the agent's [tls] cert", t);
+        }
+        Ok(not_after)
     }
 }
 

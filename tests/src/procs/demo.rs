@@ -15,6 +15,8 @@ use super::host::bin_dir;
 /// spreads tests that run at once over different blocks.
 pub async fn start_demo(state: &Path, log: &Path, args: &[&str], salt: u16) -> (Child, Value) {
     let cluster_json = state.join("cluster.json");
+    // A state dir used before holds the last run's: wait for this run's.
+    let _ = std::fs::remove_file(&cluster_json);
     for attempt in 0..5u16 {
         let base = 10_000 + (std::process::id() as u16 % 200 + attempt * 37 + salt) % 200 * 100;
         let mut all: Vec<String> = vec!["demo".into()];

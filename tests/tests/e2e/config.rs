@@ -401,6 +401,9 @@ path = '^/re\"gex\d+$'
 status = 410
 [[block]]
 path = "^/new\nline\t\"}"
+[[block]]
+path = '^/la/(?!open)'
+status = 451
 [[basic_auth]]
 prefix = "/staging"
 user = "staging"
@@ -460,6 +463,9 @@ realm = "Staging shop"
     // Regex with an escaped quote and \d.
     assert_eq!(send(get_req("/re\"gex42", ""), one).await.status, 410);
     assert_ne!(send(get_req("/re\"gexx", ""), one).await.status, 410);
+    // Look-ahead: PCRE2 (varnishd's) has it, so the WAF takes it.
+    assert_eq!(send(get_req("/la/closed", ""), one).await.status, 451);
+    assert_ne!(send(get_req("/la/open", ""), one).await.status, 451);
     // Basic auth.
     let denied = send(get_req("/staging/p", ""), one).await;
     assert_eq!(denied.status, 401);

@@ -163,6 +163,17 @@ async fn dashboard_shows_every_region_without_console_errors() {
         dom.contains("no webhooks configured"),
         "alerts panel:\n{dom}"
     );
+    // The harness issues the agents' certificates for 30 days: inside the warning.
+    let certs = dom
+        .split("id=\"certs\"")
+        .nth(1)
+        .and_then(|t| t.split("</div>").next())
+        .unwrap_or("");
+    assert!(
+        certs.contains("certificates expiring within 30 days")
+            && (0..3).all(|i| certs.contains(&format!("edge edge-{i} on "))),
+        "certificates line: {certs}\n{dom}"
+    );
     // Geo routing: each region's state, and China flagged as served from afar.
     for i in 0..3 {
         assert!(

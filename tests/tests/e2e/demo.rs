@@ -144,6 +144,19 @@ prefix = \"/secret\"
     for v in &varnish {
         assert_eq!(get(*v, "/secret").await.status, 403);
     }
+    let pushed = tests::get_json(api, "/api/v1/config")
+        .await
+        .expect("config")["current"]
+        .as_str()
+        .expect("a current version")
+        .to_owned();
+    assert_ne!(pushed, version);
+    // `--wait` says what is done: the version and the edges running it.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("done: version {pushed} on 2 of 2 edge(s)")),
+        "{said}"
+    );
 
     // The how-to's warm job, tiered: region 0 is the shield, so the origin renders each
     // page once for both regions.
@@ -223,4 +236,35 @@ prefix = \"/secret\"
         pids.iter().all(|p| !alive(*p)),
         "children left running: {pids:?}"
     );
+    // Its log is a file: no colour escapes.
+    let text = std::fs::read_to_string(&log).expect("demo log");
+    assert!(
+        !text.contains('\x1b'),
+        "colour escapes in {}",
+        log.display()
+    );
+
+    // Started again on the same state dir, the demo keeps what its user edited and
+    // pushed, and says so, instead of pushing the sample over it.
+    let log = dir.path().join("demo-again.log");
+    let (mut demo, cluster) = start_demo(
+        &state,
+        &log,
+        &["--regions", "2", "--tiered", "--geoip", &geoip],
+        0,
+    )
+    .await;
+    assert_eq!(cluster["config_version"], pushed.as_str(), "{cluster}");
+    assert!(std::fs::read_to_string(&waf).unwrap().contains("/secret"));
+    for r in cluster["regions"].as_array().unwrap() {
+        let v: std::net::SocketAddr = r["varnish_http"].as_str().unwrap().parse().unwrap();
+        assert_eq!(get(v, "/secret").await.status, 403, "{v}");
+    }
+    let said = std::fs::read_to_string(&log).expect("demo log");
+    assert!(
+        said.contains(&format!("keeping version {pushed}"))
+            && said.contains("keeping the bundle in"),
+        "{said}"
+    );
+    demo.stop(Duration::from_secs(30)).await;
 }

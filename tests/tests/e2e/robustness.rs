@@ -484,3 +484,191 @@ async fn range_entries_go_only_to_agents_that_announce_them() {
     .await;
     assert_eq!(new, vec![(1, 5), (6, 6), (7, 8)]);
 }
+
+/// Runs `bin` with `args`; (exit code, stderr).
+fn run(bin: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(tests::bin_dir().join(bin))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `bin` with stdout and stderr pipes whose reading ends are closed at once (`| head`
+/// after it exited); waits at most `wait` for it to end (`None`: still running, then
+/// stopped with SIGTERM and its status returned as the second value).
+async fn run_into_closed_pipe(
+    bin: &str,
+    args: &[String],
+    wait: std::time::Duration,
+) -> (Option<std::process::ExitStatus>, std::process::ExitStatus) {
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(tests::bin_dir().join(bin))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return (Some(status), status);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    (None, child.wait().expect("wait"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_config_is_one_line_and_exit_2_and_a_closed_pipe_is_quiet() {
+    use coordinator_cli::demo::configs;
+    let dir = temp_dir();
+    let mut c = CoordinatorProc::start(dir.path(), &CoordinatorOpts::default()).await;
+    let pki = c.pki.clone().expect("mutual TLS by default");
+
+    // The edge agent: an unknown key, a missing [tls] for an https:// coordinator, an
+    // unreadable certificate: each one line naming the file, and 2.
+    let secret = dir.path().join("varnish-secret");
+    std::fs::write(&secret, "s3cret\n").expect("secret");
+    coordinator::pki::issue(&pki, "edge-1", "region-0", 30).expect("issue");
+    let agent = configs::agent(
+        "edge-1",
+        "region-0",
+        &[c.grpc],
+        Some(configs::agent_tls(&pki, "edge-1")),
+        dir.path().join("agent-state"),
+        &configs::VarnishFiles {
+            http: "127.0.0.1:1".parse().expect("addr"),
+            admin: "127.0.0.1:2".parse().expect("addr"),
+            secret_file: secret.clone(),
+            instance: dir.path().to_owned(),
+        },
+        configs::purge_mode("ban").expect("mode"),
+    );
+    let good = toml::to_string_pretty(&agent).expect("agent toml");
+    assert!(good.contains("[tls]"), "{good}");
+    let without_tls = {
+        let start = good.find("[tls]").expect("[tls]");
+        let end = good[start + 1..]
+            .find("\n[")
+            .map_or(good.len(), |i| start + 2 + i);
+        format!("{}{}", &good[..start], &good[end..])
+    };
+    let cert = dir.path().join("pki").join("edge-1.pem");
+    for (name, text, want) in [
+        ("unknown key", format!("typo_key = 1\n{good}"), "typo_key"),
+        ("no [tls]", without_tls, "[tls]"),
+        (
+            "no certificate",
+            good.replace(&cert.display().to_string(), "/nonexistent/edge-1.pem"),
+            "/nonexistent/edge-1.pem",
+        ),
+    ] {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, &text).expect("agent config");
+        let (code, stderr) = run("edge-agent", &["--config", path.to_str().expect("path")]);
+        assert_eq!(code, Some(2), "{name}: {stderr}");
+        let line = stderr.trim();
+        assert!(
+            !line.contains('\n') && line.contains("agent.toml") && line.contains(want),
+            "{name}: {stderr}"
+        );
+    }
+
+    // The coordinator: a CIDR with host bits set (anywhere CIDRs are read), an unreadable
+    // certificate: one line, 2.
+    c.child.kill9().await;
+    let config = std::fs::read_to_string(&c.config).expect("coordinator config");
+    let cert_path = pki.join("coordinator.pem").display().to_string();
+    let mut cases = vec![(
+        "unreadable certificate",
+        config.replace(&cert_path, "/nonexistent/coordinator.pem"),
+        "/nonexistent/coordinator.pem".to_owned(),
+    )];
+    for key in ["allow", "trusted_proxies"] {
+        // The key replaced (or added) at the top of [purge].
+        let bad = format!("{key} = [\"10.0.0.1/8\"]");
+        let kept: Vec<&str> = config
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} = ")))
+            .collect();
+        let text = kept
+            .join("\n")
+            .replacen("[purge]\n", &format!("[purge]\n{bad}\n"), 1);
+        cases.push((
+            key,
+            text,
+            format!("purge.{key}[0]: \"10.0.0.1/8\": host bits are set: it means 10.0.0.0/8"),
+        ));
+    }
+    for (name, text, want) in &cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).expect("config");
+        let state = dir.path().join("bad-state").display().to_string();
+        let (code, stderr) = run(
+            "coordinator",
+            &[
+                "serve",
+                "--config",
+                path.to_str().expect("path"),
+                "--state-dir",
+                &state,
+            ],
+        );
+        assert_eq!(code, Some(2), "{name}: {stderr}");
+        let last = stderr.trim().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("coordinator: ") && last.contains(want.as_str()),
+            "{name}: {stderr}"
+        );
+    }
+
+    // A closed pipe: a printing subcommand stops quietly (141, as SIGPIPE would), a
+    // daemon logging into it keeps serving and stops cleanly on SIGTERM; never a panic.
+    let fresh = dir.path().join("pki-fresh").display().to_string();
+    let (ended, status) = run_into_closed_pipe(
+        "coordinator",
+        &["pki".into(), "init".into(), "--dir".into(), fresh],
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(ended.is_some(), "pki init did not end");
+    assert_eq!(
+        status.code(),
+        Some(141),
+        "pki init into a closed pipe: {status}"
+    );
+    let serve: Vec<String> = [
+        "serve",
+        "--config",
+        c.config.to_str().expect("path"),
+        "--state-dir",
+        c.state.to_str().expect("path"),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let (ended, status) =
+        run_into_closed_pipe("coordinator", &serve, std::time::Duration::from_secs(3)).await;
+    assert_eq!(ended, None, "serve ended with a closed log pipe: {status}");
+    assert_eq!(status.code(), Some(0), "serve after SIGTERM: {status}");
+
+    // A bare 401 says where the token comes from.
+    c.restart().await;
+    let (code, stderr) = run(
+        "coordinator",
+        &["config", "rollback", "--api", &format!("http://{}", c.api)],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("401") && stderr.contains("--token-file"),
+        "{stderr}"
+    );
+}

@@ -82,6 +82,24 @@ async fn mtls_checks_identity_and_rotates_on_sighup() {
     try_session(&url, Some(&ca_pem), Some(&good), "edge-x", "region-0")
         .await
         .expect("a matching certificate is accepted");
+    // A certificate in use that expires within 30 days is one log line: the edge's (a
+    // day) when its session opens, the agent's own at its start (the harness issues 30
+    // days), and without colour escapes in a file.
+    let coordinator_log = c.config.with_file_name("coordinator.log");
+    let soon = "certificate expires within 30 days";
+    assert_eventually!(
+        5,
+        read(&coordinator_log)
+            .lines()
+            .any(|l| l.contains(soon) && l.contains("edge edge-x in region-0")),
+        "no expiry warning for edge-x: {}",
+        read(&coordinator_log)
+    );
+    let agent_log = read(&cluster.agents[0].log);
+    assert!(agent_log.contains(soon), "{agent_log}");
+    for log in [read(&coordinator_log), agent_log] {
+        assert!(!log.contains('\x1b'), "colour escapes in a log file: {log}");
+    }
     // A certificate for edge-x claiming to be edge-y, or another region: refused.
     let err = try_session(&url, Some(&ca_pem), Some(&good), "edge-y", "region-0")
         .await

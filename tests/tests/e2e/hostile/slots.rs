@@ -323,6 +323,54 @@ async fn a_compile_error_shown_without_the_token_carries_no_file_content() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_error_on_the_warm_tokens_line_puts_the_token_in_no_log_and_no_answer() {
+    let cluster = Cluster::start(1, "ban", CoordinatorOpts::default()).await;
+    let c = &cluster.coordinator;
+    // A syntax error (a missing `)`) on a line holding the token: varnishd quotes it.
+    let b = sample_with(|m| {
+        m.replacen(
+            "sub vcl_recv {",
+            "sub vcl_recv {\n    if (req.http.X-Probe == \"${warm_token}\" { set req.http.x = \"1\"; }",
+            1,
+        )
+    });
+    let line = line_of(&b, "X-Probe");
+    let (_, view) = c.push_and_wait(&b, true).await;
+    assert_eq!(view["rollout"]["phase"], "failed", "{view}");
+    // The token holder sees the compiler's text with the variable, not its value.
+    let text = view.to_string();
+    assert!(
+        text.contains(&format!("Line {line}")) && text.contains("${warm_token}"),
+        "{view}"
+    );
+    let (code, out, _) = c.cli(&["config", "status"]);
+    assert!(code == 0 && out.contains("${warm_token}"), "{out}");
+    let full = c.call("GET", "/api/v1/config?detail=full", None).await.body;
+    let agent_log = read_log(&cluster.agents[0].log);
+    let coordinator_log = read_log(&c.config.with_file_name("coordinator.log"));
+    assert!(agent_log.contains("config not applied"), "{agent_log}");
+    assert!(
+        coordinator_log.contains("config apply failed"),
+        "{coordinator_log}"
+    );
+    for (what, body) in [
+        ("config status", out.as_str()),
+        ("?detail=full", full.as_str()),
+        ("the agent's log", agent_log.as_str()),
+        ("the coordinator's log", coordinator_log.as_str()),
+    ] {
+        assert!(
+            !body.contains(tests::WARM_TOKEN),
+            "{what} holds the warm token: {body}"
+        );
+    }
+}
+
+fn read_log(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// `(mode bits, gid)` of `path`.
 fn stat(path: &std::path::Path) -> (u32, u32) {
     use std::os::unix::fs::MetadataExt;
