@@ -42,6 +42,8 @@ pub enum OpenError {
     Geo(#[from] DbError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaError),
     #[error("warm token in etcd: {0}")]
     SharedToken(String),
     #[error("warm token {path}: {source}")]
@@ -76,6 +78,8 @@ pub struct Coordinator {
     pub regions: Arc<Vec<String>>,
     /// Every subsystem's metric families.
     pub metrics: Arc<Registry>,
+    /// `--state-dir` (where a backup's scratch copy is made).
+    pub state_dir: Arc<Path>,
 }
 
 impl Coordinator {
@@ -102,6 +106,7 @@ impl Coordinator {
             ),
             Backend::Etcd => {
                 let (cluster, etcd) = Cluster::open_etcd(&config.store, id, api_url).await?;
+                crate::schema::open_etcd(&etcd, &config.store.prefix).await?;
                 let spool = SpoolOpts {
                     dir: state_dir.to_path_buf(),
                     coordinator_id: cluster.id().to_owned(),
@@ -249,6 +254,7 @@ impl Coordinator {
             geo,
             regions: Arc::new(config.region_names()),
             metrics: Arc::new(registry),
+            state_dir: Arc::from(state_dir),
         })
     }
 }

@@ -22,6 +22,7 @@ mod monitor;
 mod purge;
 mod robustness;
 mod security;
+mod state;
 mod tidy;
 mod traffic;
 mod warm_jobs;
