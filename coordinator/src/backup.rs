@@ -201,6 +201,11 @@ impl Snapshot {
         out
     }
 
+    /// The whole backup file's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.head_bytes().len() as u64 + self.header.files.iter().map(|f| f.bytes).sum::<u64>()
+    }
+
     /// The whole backup file as a stream of chunks (read from the copies as sent).
     pub fn into_stream(
         self,

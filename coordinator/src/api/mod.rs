@@ -970,8 +970,12 @@ async fn backup(State(s): State<ApiState>, headers: HeaderMap) -> Response {
             let h = &snapshot.header;
             tracing::info!(log_id = %h.log_id, head = h.head, schema = h.schema,
                 bytes = h.files.iter().map(|f| f.bytes).sum::<u64>(), "backup taken");
+            let len = snapshot.bytes().to_string();
             (
-                [(header::CONTENT_TYPE, "application/octet-stream")],
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_LENGTH, len),
+                ],
                 axum::body::Body::from_stream(snapshot.into_stream()),
             )
                 .into_response()

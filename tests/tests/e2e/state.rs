@@ -234,6 +234,10 @@ fn full_bans(log: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_backup_full_bans_agents_past_its_head_and_the_others_resume() {
     let mut c = Cluster::start(2, "ban", CoordinatorOpts::default()).await;
+    let (version, _) = c
+        .coordinator
+        .push_and_wait(&coordinator_cli::demo::sample_bundle(), false)
+        .await;
     // A page no purge names: only a full ban removes it.
     for v in &c.varnish {
         get(v.http, "/untagged/keep").await;
@@ -301,6 +305,15 @@ async fn a_restored_backup_full_bans_agents_past_its_head_and_the_others_resume(
         c.coordinator.head().await,
         head,
         "the restored log ends at the backup"
+    );
+    let versions = c
+        .coordinator
+        .call("GET", "/api/v1/config/versions", None)
+        .await;
+    assert!(
+        versions.body.contains(&version),
+        "the bundle is back: {}",
+        versions.body
     );
     c.agents[1].restart();
     c.wait_applied(head).await;

@@ -503,6 +503,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_rebased_log_keeps_its_entries_under_a_new_id_that_records_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = {
+            let log = PurgeLog::open(dir.path(), Retention::forever()).unwrap();
+            for t in ["a", "b", "c"] {
+                log.append(vec![NewPurge::tag(t)]).await.unwrap();
+            }
+            assert_eq!(log.restored_from(), None);
+            log.log_id().to_owned()
+        };
+        let path = dir.path().join(FILE);
+        let mut rebased = rebase(&path);
+        for _ in 0..100 {
+            if rebased.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20)); // the writer lets go
+            rebased = rebase(&path);
+        }
+        let (from, fresh) = rebased.unwrap();
+        assert_eq!(
+            from,
+            Restored {
+                log_id: old.clone(),
+                head: 3
+            }
+        );
+        let log = PurgeLog::open(dir.path(), Retention::forever()).unwrap();
+        assert_eq!(log.log_id(), fresh);
+        assert_ne!(fresh, old);
+        assert_eq!(log.restored_from(), Some(&from));
+        assert_eq!(log.head(), 3);
+        assert_eq!(log.read_from(1, 10).await.unwrap().len(), 3);
+        assert_eq!(log.append(vec![NewPurge::tag("d")]).await.unwrap(), 4);
+    }
+
+    #[tokio::test]
     async fn retention_by_count_moves_first() {
         let dir = tempfile::tempdir().unwrap();
         let log = PurgeLog::open(
