@@ -42,8 +42,6 @@ pub enum OpenError {
     Geo(#[from] DbError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
-    #[error(transparent)]
-    Schema(#[from] crate::schema::SchemaError),
     #[error("warm token in etcd: {0}")]
     SharedToken(String),
     #[error("warm token {path}: {source}")]
@@ -106,7 +104,6 @@ impl Coordinator {
             ),
             Backend::Etcd => {
                 let (cluster, etcd) = Cluster::open_etcd(&config.store, id, api_url).await?;
-                crate::schema::open_etcd(&etcd, &config.store.prefix).await?;
                 let spool = SpoolOpts {
                     dir: state_dir.to_path_buf(),
                     coordinator_id: cluster.id().to_owned(),
