@@ -193,7 +193,9 @@ impl ApiClient {
 pub async fn backup(api: &ApiClient, file: &Path) -> Result<(), CliError> {
     use coordinator::backup;
     let failed = |e: backup::BackupError| CliError::Failed(e.to_string());
-    let partial = file.with_extension("partial");
+    let mut partial = file.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
     let mut out = backup::create_private(&partial).map_err(failed)?;
     let got = api.download("/api/v1/backup", &mut out).await;
     let checked = got.and_then(|_| {

@@ -151,6 +151,15 @@ async fn an_etcd_prefix_from_before_the_marker_is_migrated_and_one_marked_newer_
     };
     let mut c = CoordinatorProc::start(&dir.path().join("c1"), &opts).await;
     let seq = purge_tags(c.purge, &["on_etcd"]).await;
+    // etcd's state is etcd's to back up.
+    let file = dir.path().join("etcd.backup");
+    let (code, out, err) = c.cli(&["backup", &file.display().to_string()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("409") && err.contains("etcdctl snapshot save"),
+        "{err}"
+    );
+    assert!(!file.exists() && !dir.path().join("etcd.backup.partial").exists());
     c.child.stop(Duration::from_secs(10)).await;
     let etcd = etcd::Etcd::connect(&etcd_cluster.endpoints).expect("connect");
     let key = b"/state-test/schema".to_vec();
