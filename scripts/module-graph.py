@@ -29,12 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "coordinator": [
         # Leaves: no domain knowledge.
-        ["clock", "secret", "accept", "metrics", "pki", "leader", "http_head", "store_health"],
+        ["clock", "secret", "accept", "metrics", "pki", "leader", "http_head", "store_health",
+         "schema", "snapshot"],
         ["tls", "purge", "etcd_kv", "http_front"],
         ["edges", "bundle", "traffic"],
         ["rollout", "monitor", "warm", "geo", "cluster", "fanout"],
         ["config"],
         ["state"],
+        ["backup"],
         ["session", "api"],
         ["server", "fuzzing"],
     ],

@@ -103,6 +103,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a consistent copy of the running coordinator's embedded state (purge log,
+    /// bundles and rollout plan, warm jobs) to FILE, through its API (needs the token).
+    Backup {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Where the backup goes (written 0600: it holds bundles and the warm token).
+        file: PathBuf,
+    },
+    /// Make a state dir from a backup FILE, for `serve --state-dir DIR` (run it with
+    /// no coordinator on DIR).
+    Restore {
+        /// A file `coordinator backup` wrote.
+        file: PathBuf,
+        /// The state dir to make (must be empty unless --force).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Replace the state in a non-empty DIR.
+        #[arg(long)]
+        force: bool,
+    },
     /// Purge through the API (the same log Magento's PURGE requests go to).
     Purge {
         #[command(flatten)]

@@ -155,6 +155,105 @@ impl ApiClient {
     }
 }
 
+impl ApiClient {
+    /// `POST path`, its answer's body streamed into `out` (a non-2xx answer becomes
+    /// [`CliError::Api`]). No overall timeout: a backup may be large.
+    pub async fn download(&self, path: &str, out: &mut std::fs::File) -> Result<u64, CliError> {
+        use std::io::Write;
+        let unreachable = |reason: String| CliError::Unreachable {
+            api: self.base.clone(),
+            reason,
+        };
+        let mut req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let resp = tokio::time::timeout(Duration::from_secs(60), self.http.request(req))
+            .await
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        if !(200..300).contains(&status) {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            let message = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(CliError::Api { status, message });
+        }
+        let mut written = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| unreachable(format!("answer cut off: {e}")))?;
+            if let Some(data) = frame.data_ref() {
+                out.write_all(data)
+                    .map_err(|e| CliError::Failed(e.to_string()))?;
+                written += data.len() as u64;
+            }
+        }
+        Ok(written)
+    }
+}
+
+/// `backup FILE`: the running coordinator's state, saved, then checked end to end.
+pub async fn backup(api: &ApiClient, file: &Path) -> Result<(), CliError> {
+    use coordinator::backup;
+    let failed = |e: backup::BackupError| CliError::Failed(e.to_string());
+    let mut partial = file.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let mut out = backup::create_private(&partial).map_err(failed)?;
+    let got = api.download("/api/v1/backup", &mut out).await;
+    let checked = got.and_then(|_| {
+        backup::finish(out, &partial).map_err(failed)?;
+        backup::verify(&partial).map_err(failed)
+    });
+    let header = match checked {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, file)
+        .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
+    let bytes: u64 = header.files.iter().map(|f| f.bytes).sum();
+    println!(
+        "backup {}: purge log {} up to seq {}, {} files, {bytes} bytes, schema {}",
+        file.display(),
+        header.log_id,
+        header.head,
+        header.files.len(),
+        header.schema
+    );
+    Ok(())
+}
+
+/// `restore FILE --state-dir DIR`.
+pub fn restore(file: &Path, dir: &Path, force: bool) -> Result<(), CliError> {
+    let report = coordinator::backup::restore(file, dir, force)
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let h = &report.header;
+    println!(
+        "restored {} into {}: purge log {} up to seq {} is now log {}; agents that applied purges past seq {} get a full ban when they reconnect, the others resume",
+        file.display(),
+        dir.display(),
+        h.log_id,
+        h.head,
+        report.new_log_id,
+        h.head
+    );
+    Ok(())
+}
+
 /// `route IP`: the region for a client and every candidate.
 pub async fn route(api: &ApiClient, ip: &str, json: bool) -> Result<(), CliError> {
     let ip: std::net::IpAddr = ip

@@ -65,6 +65,15 @@ pub fn main(args: Cli) -> ExitCode {
                 Ok(c) => status(&c, json).await,
                 Err(code) => code,
             },
+            Command::Backup { api, file } => match client(&api) {
+                Ok(c) => exit(cli::backup(&c, &file).await),
+                Err(code) => code,
+            },
+            Command::Restore {
+                file,
+                state_dir,
+                force,
+            } => exit(cli::restore(&file, &state_dir, force)),
             Command::Route { api, ip, json } => match client(&api) {
                 Ok(c) => exit(cli::route(&c, &ip, json).await),
                 Err(code) => code,

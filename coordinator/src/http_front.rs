@@ -17,7 +17,8 @@
 //!    for a request that is refused, and never beyond its route's limit (413, decided from
 //!    `Content-Length`). `Expect: 100-continue` is answered only after that;
 //! 4. the body is read within `body_timeout`, then the request goes to the app as an
-//!    `http::Request` and its answer is written back with a `Content-Length`.
+//!    `http::Request` and its answer is written back with a `Content-Length` (a streamed
+//!    answer, a backup, declares it and is sent as it comes).
 //!
 //! Refusals are counted by listener and status ([`refused`]:
 //! `coordinator_http_requests_refused_total`) and logged at debug level only, so a
@@ -278,7 +279,9 @@ fn to_request(head: Head, body: Vec<u8>) -> Result<http::Request<Body>, String> 
     builder.body(Body::from(body)).map_err(|e| e.to_string())
 }
 
-/// Writes `answer` whole (its body collected, then sent with a `Content-Length`).
+/// Writes `answer` whole (its body collected, then sent with a `Content-Length`), or, for
+/// a streamed body whose length the app declared (`Content-Length`, a backup), frame by
+/// frame as it comes, each write within `body_timeout`.
 async fn write<S: AsyncWrite + Unpin>(
     stream: &mut S,
     answer: Response,
@@ -287,6 +290,14 @@ async fn write<S: AsyncWrite + Unpin>(
     limits: &FrontLimits,
 ) -> std::io::Result<()> {
     let (parts, body) = answer.into_parts();
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let exact = axum::body::HttpBody::size_hint(&body).exact();
+    if let Some(len) = declared.filter(|_| exact.is_none() && !is_head) {
+        return write_streamed(stream, &parts, body, len, keep_alive, limits).await;
+    }
     let body = match body.collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
@@ -295,7 +306,31 @@ async fn write<S: AsyncWrite + Unpin>(
         }
     };
     let status = parts.status;
-    let mut out = Vec::with_capacity(body.len() + 256);
+    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let mut out = head_bytes(&parts, (!bodiless).then_some(body.len() as u64), keep_alive);
+    out.reserve(body.len());
+    if !is_head && !bodiless {
+        out.extend_from_slice(&body);
+    }
+    let sent = tokio::time::timeout(limits.body_timeout, async {
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        if !keep_alive {
+            let _ = stream.shutdown().await;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    match sent {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// The status line and headers of an answer (ours for length and connection).
+fn head_bytes(parts: &http::response::Parts, len: Option<u64>, keep_alive: bool) -> Vec<u8> {
+    let status = parts.status;
+    let mut out = Vec::with_capacity(256);
     out.extend_from_slice(
         format!(
             "HTTP/1.1 {} {}\r\n",
@@ -316,31 +351,61 @@ async fn write<S: AsyncWrite + Unpin>(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    if !bodiless {
-        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    if let Some(len) = len {
+        out.extend_from_slice(format!("content-length: {len}\r\n").as_bytes());
     }
     out.extend_from_slice(if keep_alive {
         b"connection: keep-alive\r\n\r\n"
     } else {
         b"connection: close\r\n\r\n"
     });
-    if !is_head && !bodiless {
-        out.extend_from_slice(&body);
-    }
-    let sent = tokio::time::timeout(limits.body_timeout, async {
-        stream.write_all(&out).await?;
-        stream.flush().await?;
-        if !keep_alive {
-            let _ = stream.shutdown().await;
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    match sent {
+    out
+}
+
+/// Sends a body of a declared length as its frames come; a body that fails or does not
+/// add up to `len` ends the connection (the client sees a short answer, never a wrong one).
+async fn write_streamed<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    parts: &http::response::Parts,
+    mut body: Body,
+    len: u64,
+    keep_alive: bool,
+    limits: &FrontLimits,
+) -> std::io::Result<()> {
+    let timed = |r: Result<std::io::Result<()>, tokio::time::error::Elapsed>| match r {
         Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+    };
+    let head = head_bytes(parts, Some(len), keep_alive);
+    timed(tokio::time::timeout(limits.body_timeout, stream.write_all(&head)).await)?;
+    let mut sent = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            tracing::warn!(error = %e, "answer body failed");
+            std::io::Error::other("answer body failed")
+        })?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        sent += data.len() as u64;
+        if sent > len {
+            return Err(std::io::Error::other("answer body longer than declared"));
+        }
+        timed(tokio::time::timeout(limits.body_timeout, stream.write_all(data)).await)?;
     }
+    if sent != len {
+        return Err(std::io::Error::other("answer body shorter than declared"));
+    }
+    timed(
+        tokio::time::timeout(limits.body_timeout, async {
+            stream.flush().await?;
+            if !keep_alive {
+                let _ = stream.shutdown().await;
+            }
+            Ok(())
+        })
+        .await,
+    )
 }
 
 #[cfg(test)]
@@ -364,7 +429,9 @@ mod tests {
     async fn start() -> (SocketAddr, CancellationToken) {
         let app = Router::new()
             .route("/echo", post(|body: String| async move { body }))
-            .route("/hi", get(|| async { "hi" }));
+            .route("/hi", get(|| async { "hi" }))
+            .route("/stream", get(|| async { streamed(6, &["abc", "def"]) }))
+            .route("/short", get(|| async { streamed(10, &["abc"]) }));
         let gate: Gate = Arc::new(|head: &Head| {
             if head.method == "GET" || head.method == "HEAD" {
                 return Ok(0);
@@ -386,6 +453,37 @@ mod tests {
             "test",
         ));
         (addr, shutdown)
+    }
+
+    /// An answer declaring `len` bytes whose chunks come 200 ms apart (together longer
+    /// than the test's `body_timeout`).
+    fn streamed(len: u64, chunks: &[&'static str]) -> Response {
+        let chunks = chunks.to_vec();
+        let body = futures_util::stream::unfold(chunks.into_iter(), |mut rest| async move {
+            let next = rest.next()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(next)), rest))
+        });
+        let mut answer = Response::new(Body::from_stream(body));
+        answer
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_goes_out_as_it_comes_and_a_short_one_ends_the_connection() {
+        let (addr, _s) = start().await;
+        let out = exchange(addr, b"GET /stream HTTP/1.1\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.contains("content-length: 6\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nabcdef"), "{out}");
+        let out = exchange(addr, b"GET /short HTTP/1.1\r\n\r\nGET /hi HTTP/1.1\r\n\r\n").await;
+        assert!(out.contains("content-length: 10\r\n"), "{out}");
+        assert!(
+            out.ends_with("\r\n\r\nabc"),
+            "cut short, nothing after: {out}"
+        );
     }
 
     /// Writes `input`, then reads until the server closes (or 2 s pass).

@@ -15,6 +15,7 @@
 
 pub mod accept;
 pub mod api;
+pub mod backup;
 pub mod bundle;
 pub mod clock;
 pub mod cluster;
@@ -33,9 +34,11 @@ pub mod monitor;
 pub mod pki;
 pub mod purge;
 pub mod rollout;
+pub mod schema;
 pub mod secret;
 pub mod server;
 pub mod session;
+pub mod snapshot;
 pub mod state;
 pub mod store_health;
 pub mod tls;

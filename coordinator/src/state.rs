@@ -76,6 +76,8 @@ pub struct Coordinator {
     pub regions: Arc<Vec<String>>,
     /// Every subsystem's metric families.
     pub metrics: Arc<Registry>,
+    /// `--state-dir` (where a backup's scratch copy is made).
+    pub state_dir: Arc<Path>,
 }
 
 impl Coordinator {
@@ -249,6 +251,7 @@ impl Coordinator {
             geo,
             regions: Arc::new(config.region_names()),
             metrics: Arc::new(registry),
+            state_dir: Arc::from(state_dir),
         })
     }
 }

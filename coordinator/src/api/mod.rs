@@ -130,6 +130,7 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::post(warm_cancel),
         )
         .route("/api/v1/warm/top", get(warm_top))
+        .route("/api/v1/backup", axum::routing::post(backup))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             read_guard,
@@ -956,6 +957,34 @@ async fn post_purge(
             r
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `POST /api/v1/backup` (token): the embedded state as one consistent backup file,
+/// streamed (`crate::backup`).
+async fn backup(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let state = s.state.clone();
+    match tokio::task::spawn_blocking(move || crate::backup::take(&state)).await {
+        Ok(Ok(snapshot)) => {
+            let h = &snapshot.header;
+            tracing::info!(log_id = %h.log_id, head = h.head, schema = h.schema,
+                bytes = h.files.iter().map(|f| f.bytes).sum::<u64>(), "backup taken");
+            let len = snapshot.bytes().to_string();
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_LENGTH, len),
+                ],
+                axum::body::Body::from_stream(snapshot.into_stream()),
+            )
+                .into_response()
+        }
+        Ok(Err(e @ crate::backup::BackupError::Etcd)) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

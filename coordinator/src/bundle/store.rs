@@ -29,7 +29,9 @@ use tokio::sync::watch;
 use super::Bundle;
 
 const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("versions");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+use crate::schema::META;
+/// The file's name in the state dir.
+pub const FILE: &str = "config.redb";
 const PLAN_KEY: &str = "plan";
 /// The plan's key under the etcd prefix.
 const PLAN_ETCD_KEY: &str = "config/plan";
@@ -41,6 +43,9 @@ pub enum StoreError {
     Storage(String),
     #[error("config store holds a corrupt record: {0}")]
     Corrupt(String),
+    /// The file was written by a newer coordinator (or its marker is unreadable).
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaError),
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> StoreError {
@@ -128,10 +133,11 @@ impl BundleStore {
 
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         // Bundles hold `waf.toml`, which may hold basic-auth passwords: owner only.
-        let path = dir.join("config.redb");
+        let path = dir.join(FILE);
         daemon::files::file_with_mode(&path, daemon::files::PRIVATE_FILE)
             .map_err(|e| StoreError::Storage(format!("{}: {e}", path.display())))?;
         let db = Database::create(&path).map_err(storage)?;
+        crate::schema::open_redb(&db, &path)?;
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(VERSIONS).map_err(storage)?;
@@ -141,6 +147,21 @@ impl BundleStore {
         Ok(BundleStore {
             backend: Backend::Redb(db, watch::Sender::new(None)),
         })
+    }
+
+    /// Copies every version and the plan, as one commit saw them, into `dest` (a
+    /// backup's file). The etcd store is etcd's to snapshot.
+    pub fn backup_into(&self, dest: &Database) -> Result<(), StoreError> {
+        let Backend::Redb(db, _) = &self.backend else {
+            return Err(StoreError::Storage(
+                "the bundles are in etcd: back them up with etcd's own snapshots".into(),
+            ));
+        };
+        let read = db.begin_read().map_err(storage)?;
+        let txn = dest.begin_write().map_err(storage)?;
+        crate::snapshot::copy_table(&read, &txn, VERSIONS).map_err(storage)?;
+        crate::snapshot::copy_table(&read, &txn, META).map_err(storage)?;
+        txn.commit().map_err(storage)
     }
 
     /// Stores a bundle; returns its version and whether it was new.

@@ -2,7 +2,8 @@
 //! else is there, and the edges the others hold.
 //!
 //! With the embedded store a coordinator is a cluster of one and always its leader. With
-//! `[store] backend = "etcd"` ([`config::StoreConfig`]) [`Cluster::open_etcd`] joins the
+//! `[store] backend = "etcd"` ([`config::StoreConfig`]) [`Cluster::open_etcd`] checks
+//! the prefix's schema version ([`crate::schema`]: a newer state is refused), then joins the
 //! election ([`crate::leader`]) with a membership record, `members/<id>` = [`Member`],
 //! kept under the same lease, so the record disappears with a dead coordinator.
 //! [`Cluster::run`] then, every second, lists the members and asks each other one for
@@ -101,6 +102,9 @@ pub enum ClusterError {
     Auth { user: String, message: String },
     #[error(transparent)]
     Etcd(#[from] etcd::EtcdError),
+    /// The prefix holds a newer coordinator's state (or an unreadable marker).
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaError),
 }
 
 /// How long listing the members may take before etcd counts as unreachable.
@@ -342,6 +346,12 @@ impl Cluster {
                     _ = refresh.keep_authenticated() => {}
                 }
             });
+        }
+        // The prefix's schema, before the election is joined: a coordinator older than the
+        // state there takes no part in the cluster.
+        if let Err(e) = crate::schema::open_etcd(&etcd, &config.prefix).await {
+            stop.cancel();
+            return Err(e.into());
         }
         let me = Member {
             id: id.clone(),

@@ -27,7 +27,7 @@ use tonic::Status;
 
 use super::Fanout;
 use crate::edges::SessionHandle;
-use crate::purge::log::PurgeLog;
+use crate::purge::log::{PurgeLog, Restored};
 
 /// Entries per batch message.
 const BATCH_ENTRIES: usize = 2048;
@@ -41,9 +41,16 @@ pub enum ResumePoint {
     FullBan { head: u64, reason: &'static str },
 }
 
-/// Decides how an agent with cursor (`log_id`, `applied`) resumes against the log.
+/// Decides how an agent with cursor (`log_id`, `applied`) resumes against the log
+/// (`restored_from`: the log a restored backup was taken from, see
+/// `crate::purge::log::Restored`).
+///
+/// A cursor of the backed-up log at or below the backup's head counts the same purges
+/// in the restored log, so it resumes; one past that head applied purges the restored
+/// log never had, and whose sequences it hands out again: a full ban, never a gap.
 pub fn resume_point(
     log_id: &str,
+    restored_from: Option<&Restored>,
     first: u64,
     head: u64,
     cursor_log: &str,
@@ -54,6 +61,15 @@ pub fn resume_point(
             head,
             reason: "new edge: its cache may hold pages purged before it joined",
         };
+    }
+    if let Some(from) = restored_from.filter(|r| r.log_id == cursor_log && cursor_log != log_id) {
+        if applied > from.head {
+            return ResumePoint::FullBan {
+                head,
+                reason: "cursor is past the head of the backup this log was restored from",
+            };
+        }
+        return resume_in_log(first, head, applied);
     }
     if cursor_log != log_id {
         return ResumePoint::FullBan {
@@ -67,6 +83,12 @@ pub fn resume_point(
             reason: "cursor is ahead of the log",
         };
     }
+    resume_in_log(first, head, applied)
+}
+
+/// A cursor of this log's sequences, not ahead of it: resume unless retention dropped
+/// what follows it.
+fn resume_in_log(first: u64, head: u64, applied: u64) -> ResumePoint {
     if applied + 1 < first {
         return ResumePoint::FullBan {
             head,
@@ -327,23 +349,60 @@ mod tests {
     #[test]
     fn resume_rules() {
         assert!(matches!(
-            resume_point("L", 1, 10, "", 0),
+            resume_point("L", None, 1, 10, "", 0),
             ResumePoint::FullBan { .. }
         ));
-        assert_eq!(resume_point("L", 1, 10, "L", 4), ResumePoint::From(5));
-        assert_eq!(resume_point("L", 5, 10, "L", 4), ResumePoint::From(5));
+        assert_eq!(resume_point("L", None, 1, 10, "L", 4), ResumePoint::From(5));
+        assert_eq!(resume_point("L", None, 5, 10, "L", 4), ResumePoint::From(5));
         assert!(matches!(
-            resume_point("L", 6, 10, "L", 4),
-            ResumePoint::FullBan { .. }
-        ));
-        assert!(matches!(
-            resume_point("L", 1, 10, "X", 4),
+            resume_point("L", None, 6, 10, "L", 4),
             ResumePoint::FullBan { .. }
         ));
         assert!(matches!(
-            resume_point("L", 1, 10, "L", 11),
+            resume_point("L", None, 1, 10, "X", 4),
             ResumePoint::FullBan { .. }
         ));
-        assert_eq!(resume_point("L", 11, 10, "L", 10), ResumePoint::From(11));
+        assert!(matches!(
+            resume_point("L", None, 1, 10, "L", 11),
+            ResumePoint::FullBan { .. }
+        ));
+        assert_eq!(
+            resume_point("L", None, 11, 10, "L", 10),
+            ResumePoint::From(11)
+        );
+    }
+
+    #[test]
+    fn after_a_restore_a_cursor_past_the_backup_gets_a_full_ban_and_one_below_resumes() {
+        // "N" was restored from a backup of "O" taken at head 100; N has logged 101..=130.
+        let from = Restored {
+            log_id: "O".into(),
+            head: 100,
+        };
+        let at = |cursor: &str, applied| resume_point("N", Some(&from), 1, 130, cursor, applied);
+        assert_eq!(
+            at("O", 60),
+            ResumePoint::From(61),
+            "behind the backup: resumes"
+        );
+        assert_eq!(at("O", 100), ResumePoint::From(101), "at the backup's head");
+        // Applied 101..=120 of O: N's 101..=120 are other purges. Never a silent gap.
+        assert!(matches!(at("O", 120), ResumePoint::FullBan { .. }));
+        assert!(matches!(at("O", 101), ResumePoint::FullBan { .. }));
+        assert!(
+            matches!(at("O", 200), ResumePoint::FullBan { .. }),
+            "past N's head too"
+        );
+        // The restored log's own cursors, and other logs, as always.
+        assert_eq!(at("N", 120), ResumePoint::From(121));
+        assert!(matches!(at("X", 50), ResumePoint::FullBan { .. }));
+        assert!(matches!(at("", 0), ResumePoint::FullBan { .. }));
+        // Retention of the restored log still applies to an old cursor.
+        let trimmed = resume_point("N", Some(&from), 90, 130, "O", 60);
+        assert!(matches!(trimmed, ResumePoint::FullBan { .. }));
+        assert_eq!(
+            resume_point("N", Some(&from), 90, 130, "O", 89),
+            ResumePoint::From(90)
+        );
     }
 }

@@ -187,6 +187,7 @@ impl proto::Coordinator for SessionService {
 
         let resume = resume_point(
             self.state.log.log_id(),
+            self.state.log.restored_from(),
             self.state.log.first(),
             self.state.log.head(),
             &hello.log_id,

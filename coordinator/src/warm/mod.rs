@@ -195,6 +195,11 @@ impl Warm {
         Ok(Arc::new(warm))
     }
 
+    /// The store (for a backup's copy).
+    pub fn store(&self) -> &WarmStore {
+        &self.store
+    }
+
     fn queue(&self) -> MutexGuard<'_, Queue> {
         lock(&self.queue)
     }

@@ -19,6 +19,8 @@ const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 /// Each target edge's part of a job, `(job, edge)`: rewritten alone when that edge reports.
 const EDGES: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("edges");
 const SHARDS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("shards");
+/// The file's name in the state dir.
+pub const FILE: &str = "warm.redb";
 /// redb's page cache for this file.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Shards written per transaction (bounds the memory of one commit).
@@ -31,6 +33,9 @@ pub enum WarmStoreError {
     Storage(String),
     #[error("warm store holds a corrupt record: {0}")]
     Corrupt(String),
+    /// The file was written by a newer coordinator (or its marker is unreadable).
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaError),
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> WarmStoreError {
@@ -76,7 +81,7 @@ impl WarmStore {
     }
 
     pub fn open(dir: &Path) -> Result<Self, WarmStoreError> {
-        let path = dir.join("warm.redb");
+        let path = dir.join(FILE);
         daemon::files::file_with_mode(&path, daemon::files::PRIVATE_FILE)
             .map_err(|e| WarmStoreError::Storage(format!("{}: {e}", path.display())))?;
         // Shards are read once each: a small page cache (redb's default is 1 GiB).
@@ -84,6 +89,7 @@ impl WarmStore {
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(storage)?;
+        crate::schema::open_redb(&db, &path)?;
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(JOBS).map_err(storage)?;
@@ -95,6 +101,23 @@ impl WarmStore {
             db: Some(db),
             etcd: None,
         })
+    }
+
+    /// Copies every job, edge record and shard (and the schema marker), as one commit
+    /// saw them, into `dest` (a backup's file). The etcd records are etcd's to snapshot.
+    pub fn backup_into(&self, dest: &Database) -> Result<(), WarmStoreError> {
+        if self.etcd.is_some() {
+            return Err(WarmStoreError::Storage(
+                "the warm jobs are in etcd: back them up with etcd's own snapshots".into(),
+            ));
+        }
+        let read = self.db()?.begin_read().map_err(storage)?;
+        let txn = dest.begin_write().map_err(storage)?;
+        crate::snapshot::copy_table(&read, &txn, JOBS).map_err(storage)?;
+        crate::snapshot::copy_table(&read, &txn, EDGES).map_err(storage)?;
+        crate::snapshot::copy_table(&read, &txn, SHARDS).map_err(storage)?;
+        crate::snapshot::copy_table(&read, &txn, crate::schema::META).map_err(storage)?;
+        txn.commit().map_err(storage)
     }
 
     /// Every stored job with its edges, oldest first.

@@ -23,6 +23,7 @@ mod package;
 mod purge;
 mod robustness;
 mod security;
+mod state;
 mod tidy;
 mod traffic;
 mod upgrade;

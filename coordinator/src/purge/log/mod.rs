@@ -44,6 +44,8 @@ use tokio::sync::{oneshot, watch};
 use crate::clock::now_us;
 use tail::Tail;
 
+pub use self::redb::{rebase, Restored, FILE};
+
 /// Appends the writer (either backend) takes into one group commit at most.
 const MAX_BATCH_REQUESTS: usize = 4096;
 /// Appends queued for the writer before [`PurgeLog::append`] answers
@@ -69,6 +71,9 @@ pub enum LogError {
     /// etcd did not commit and the local spool could not take the purge either.
     #[error("{0}")]
     Spool(String),
+    /// The file was written by a newer coordinator (or its marker is unreadable).
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaError),
 }
 
 /// Where an acknowledged purge is: in the log at a sequence, or in this coordinator's
@@ -174,6 +179,8 @@ struct Inner {
     tail: Arc<Tail>,
     /// The local spool's figures (etcd only).
     spool: Option<Arc<SpoolStats>>,
+    /// The log a restored backup came from (embedded only).
+    restored_from: Option<Restored>,
 }
 
 impl PurgeLog {
@@ -187,6 +194,7 @@ impl PurgeLog {
                 log_id: opened.log_id,
                 tail: opened.tail,
                 spool: None,
+                restored_from: opened.restored_from,
             }),
         })
     }
@@ -211,6 +219,7 @@ impl PurgeLog {
                 backend: Backend::Etcd { log, queue },
                 tail,
                 spool: Some(stats),
+                restored_from: None,
             }),
         })
     }
@@ -262,6 +271,22 @@ impl PurgeLog {
     /// Identity of this log: a cursor is meaningful only against the same log.
     pub fn log_id(&self) -> &str {
         &self.inner.log_id
+    }
+
+    /// The log this one was restored from (`coordinator restore`), if it was.
+    pub fn restored_from(&self) -> Option<&Restored> {
+        self.inner.restored_from.as_ref()
+    }
+
+    /// Copies the embedded log, as one commit saw it, into `dest` (a backup's file);
+    /// returns its id and head at that commit. The etcd log is etcd's to snapshot.
+    pub fn backup_into(&self, dest: &::redb::Database) -> Result<(String, u64), LogError> {
+        match &self.inner.backend {
+            Backend::Embedded(embedded) => embedded.copy_into(dest),
+            Backend::Etcd { .. } => Err(LogError::Storage(
+                "the purge log is in etcd: back it up with etcd's own snapshots (etcdctl snapshot save)".into(),
+            )),
+        }
     }
 
     /// Newest durable sequence (0 when nothing was ever logged).

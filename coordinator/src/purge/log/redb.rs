@@ -13,6 +13,11 @@
 //! closes and reopens it ([`SharedDb`]): once space is back, appends succeed again
 //! without a restart. Retention deletes the oldest entries beyond a count or an age, at
 //! most once a second.
+//!
+//! The `meta` table holds the log's id, its head, the schema marker ([`crate::schema`])
+//! and, in a log made by `coordinator restore`, `restored_from`: the id and head of the
+//! log the backup was taken from ([`Restored`]), so that agents that counted from that
+//! log resume or get a full ban by the rule in `crate::fanout::resume_point`.
 
 use daemon::sync::RecoverRw;
 use std::collections::VecDeque;
@@ -30,7 +35,32 @@ use super::{AppendReq, Appended, LogError, Retention, MAX_BATCH_REQUESTS, QUEUE_
 use crate::clock::now_us;
 
 const PURGES: TableDefinition<u64, &[u8]> = TableDefinition::new("purges");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+use crate::schema::META;
+/// The file's name in the state dir.
+pub const FILE: &str = "purges.redb";
+const RESTORED_FROM: &str = "restored_from";
+
+/// Where a restored log came from: the backed-up log's id and its head at the backup.
+/// Sequences up to `head` are the same purges in both logs; none after it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub log_id: String,
+    pub head: u64,
+}
+
+impl Restored {
+    fn encode(&self) -> String {
+        format!("{}:{}", self.log_id, self.head)
+    }
+
+    fn decode(raw: &[u8]) -> Option<Restored> {
+        let (id, head) = std::str::from_utf8(raw).ok()?.split_once(':')?;
+        Some(Restored {
+            log_id: id.to_owned(),
+            head: head.parse().ok()?,
+        })
+    }
+}
 
 impl From<redb::Error> for LogError {
     fn from(e: redb::Error) -> Self {
@@ -88,6 +118,7 @@ pub(super) struct Opened {
     pub(super) backend: Embedded,
     pub(super) log_id: String,
     pub(super) tail: Arc<Tail>,
+    pub(super) restored_from: Option<Restored>,
 }
 
 impl Embedded {
@@ -95,11 +126,12 @@ impl Embedded {
     /// thread. The thread stops when the queue's sender is dropped.
     pub(super) fn open(dir: &Path, retention: Retention) -> Result<Opened, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(e.to_string()))?;
-        let path = dir.join("purges.redb");
+        let path = dir.join(FILE);
         daemon::files::file_with_mode(&path, daemon::files::PRIVATE_FILE)
             .map_err(|e| LogError::Storage(format!("{}: {e}", path.display())))?;
         let db = Database::create(&path).map_err(storage)?;
-        let (log_id, head, first) = init_meta(&db)?;
+        crate::schema::open_redb(&db, &path)?;
+        let (log_id, head, first, restored_from) = init_meta(&db)?;
         let tail = Tail::new(head, first, load_tail(&db, head)?);
         let db = Arc::new(SharedDb {
             path,
@@ -121,6 +153,7 @@ impl Embedded {
             backend: Embedded { db, queue },
             log_id,
             tail,
+            restored_from,
         })
     }
 
@@ -154,12 +187,76 @@ impl Embedded {
             Ok(out)
         })
     }
+
+    /// Copies the log, as one commit saw it, into `dest` (a backup's new file); returns
+    /// the log's id and head in that commit.
+    pub(super) fn copy_into(&self, dest: &Database) -> Result<(String, u64), LogError> {
+        self.db.with(|db| {
+            let read = db.begin_read().map_err(storage)?;
+            let (id, head) = {
+                let meta = read.open_table(META).map_err(storage)?;
+                let id = meta
+                    .get("log_id")
+                    .map_err(storage)?
+                    .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+                    .unwrap_or_default();
+                (id, stored_head(&meta)?)
+            };
+            let mut txn = dest.begin_write().map_err(storage)?;
+            txn.set_durability(Durability::Immediate);
+            let copy_failed = |e: crate::snapshot::CopyError| LogError::Storage(e.to_string());
+            crate::snapshot::copy_table(&read, &txn, PURGES).map_err(copy_failed)?;
+            crate::snapshot::copy_table(&read, &txn, META).map_err(copy_failed)?;
+            txn.commit().map_err(storage)?;
+            Ok((id, head))
+        })
+    }
 }
 
-fn init_meta(db: &Database) -> Result<(String, u64, u64), LogError> {
+fn stored_head(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u64, LogError> {
+    Ok(meta
+        .get("head")
+        .map_err(storage)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
+}
+
+/// Makes the log in `path` (a restored backup, not open elsewhere) a new log: a fresh
+/// id, and `restored_from` = the id and head it had. Its entries stay as they are.
+pub fn rebase(path: &Path) -> Result<(Restored, String), LogError> {
+    let db = Database::open(path).map_err(storage)?;
     let mut txn = db.begin_write().map_err(storage)?;
     txn.set_durability(Durability::Immediate);
-    let (log_id, head, first) = {
+    let fresh = hex::encode(rand::random::<[u8; 16]>());
+    let from = {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let old = meta
+            .get("log_id")
+            .map_err(storage)?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+            .unwrap_or_default();
+        let purges = txn.open_table(PURGES).map_err(storage)?;
+        let last = purges.last().map_err(storage)?.map(|(k, _)| k.value());
+        let head = stored_head(&meta)?.max(last.unwrap_or(0));
+        let from = Restored { log_id: old, head };
+        meta.insert("log_id", fresh.as_bytes()).map_err(storage)?;
+        meta.insert("head", head.to_be_bytes().as_slice())
+            .map_err(storage)?;
+        meta.insert(RESTORED_FROM, from.encode().as_bytes())
+            .map_err(storage)?;
+        from
+    };
+    txn.commit().map_err(storage)?;
+    Ok((from, fresh))
+}
+
+type Meta = (String, u64, u64, Option<Restored>);
+
+fn init_meta(db: &Database) -> Result<Meta, LogError> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_durability(Durability::Immediate);
+    let (log_id, head, first, restored_from) = {
         let mut meta = txn.open_table(META).map_err(storage)?;
         let purges = txn.open_table(PURGES).map_err(storage)?;
         let existing = meta
@@ -174,12 +271,11 @@ fn init_meta(db: &Database) -> Result<(String, u64, u64), LogError> {
                 id
             }
         };
-        let stored_head = meta
-            .get("head")
+        let stored_head = stored_head(&meta)?;
+        let restored_from = meta
+            .get(RESTORED_FROM)
             .map_err(storage)?
-            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0);
+            .and_then(|v| Restored::decode(v.value()));
         let last = purges.last().map_err(storage)?.map(|(k, _)| k.value());
         let head = stored_head.max(last.unwrap_or(0));
         let first = purges
@@ -187,10 +283,10 @@ fn init_meta(db: &Database) -> Result<(String, u64, u64), LogError> {
             .map_err(storage)?
             .map(|(k, _)| k.value())
             .unwrap_or(head + 1);
-        (log_id, head, first)
+        (log_id, head, first, restored_from)
     };
     txn.commit().map_err(storage)?;
-    Ok((log_id, head, first))
+    Ok((log_id, head, first, restored_from))
 }
 
 fn load_tail(db: &Database, head: u64) -> Result<VecDeque<Arc<PurgeEntry>>, LogError> {
@@ -404,6 +500,43 @@ mod tests {
         let all = log.read_from(1, 1000).await.unwrap();
         assert_eq!(all.len(), 103);
         assert!(all.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1));
+    }
+
+    #[tokio::test]
+    async fn a_rebased_log_keeps_its_entries_under_a_new_id_that_records_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = {
+            let log = PurgeLog::open(dir.path(), Retention::forever()).unwrap();
+            for t in ["a", "b", "c"] {
+                log.append(vec![NewPurge::tag(t)]).await.unwrap();
+            }
+            assert_eq!(log.restored_from(), None);
+            log.log_id().to_owned()
+        };
+        let path = dir.path().join(FILE);
+        let mut rebased = rebase(&path);
+        for _ in 0..100 {
+            if rebased.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20)); // the writer lets go
+            rebased = rebase(&path);
+        }
+        let (from, fresh) = rebased.unwrap();
+        assert_eq!(
+            from,
+            Restored {
+                log_id: old.clone(),
+                head: 3
+            }
+        );
+        let log = PurgeLog::open(dir.path(), Retention::forever()).unwrap();
+        assert_eq!(log.log_id(), fresh);
+        assert_ne!(fresh, old);
+        assert_eq!(log.restored_from(), Some(&from));
+        assert_eq!(log.head(), 3);
+        assert_eq!(log.read_from(1, 10).await.unwrap().len(), 3);
+        assert_eq!(log.append(vec![NewPurge::tag("d")]).await.unwrap(), 4);
     }
 
     #[tokio::test]
