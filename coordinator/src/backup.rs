@@ -112,6 +112,28 @@ impl Drop for Scratch {
     }
 }
 
+/// Removes the scratch dirs of backups a killed coordinator left behind (at start, before
+/// any backup can be in flight). Best effort: what cannot be removed is logged.
+pub fn sweep_leftovers(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return; // a fresh state dir
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(".backup-") {
+            let path = entry.path();
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(dir = %path.display(), "removed a backup's leftover scratch dir")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "cannot remove a backup's leftover scratch dir")
+                }
+            }
+        }
+    }
+}
+
 /// Copies the running coordinator's embedded state (blocking: call it off the runtime).
 pub fn take(state: &Coordinator) -> Result<Snapshot, BackupError> {
     if state.warm.store().is_shared() {
@@ -410,6 +432,22 @@ pub fn finish(mut f: File, path: &Path) -> Result<(), BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_killed_backups_scratch_dir_is_swept_at_start_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let left = dir.path().join(".backup-0011223344556677");
+        std::fs::create_dir(&left).unwrap();
+        std::fs::write(left.join("purges.redb"), b"half a copy").unwrap();
+        std::fs::write(dir.path().join("purges.redb"), b"the log").unwrap();
+        sweep_leftovers(dir.path());
+        assert!(!left.exists());
+        assert_eq!(
+            std::fs::read(dir.path().join("purges.redb")).unwrap(),
+            b"the log"
+        );
+        sweep_leftovers(&dir.path().join("missing")); // a fresh state dir: nothing to do
+    }
 
     fn write(dir: &Path, header: &Header, files: &[(&str, &[u8])]) -> PathBuf {
         let path = dir.join("b.backup");

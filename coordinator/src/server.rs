@@ -93,6 +93,7 @@ pub fn preflight(config: &CoordinatorConfig, insecure: bool) -> Result<(), Serve
 
 /// Opens the state ([`Coordinator::open`]); [`run`] serves it.
 pub async fn open(config: &CoordinatorConfig, state_dir: &Path) -> Result<Coordinator, ServeError> {
+    crate::backup::sweep_leftovers(state_dir);
     Ok(Coordinator::open(config, state_dir).await?)
 }
 
