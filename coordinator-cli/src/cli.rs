@@ -188,7 +188,7 @@ impl ApiClient {
             let message = serde_json::from_slice::<ApiError>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(CliError::Api { status, message });
+            return Err(api_error(status, message, self.token.is_some()));
         }
         let mut written = 0u64;
         while let Some(frame) = body.frame().await {
