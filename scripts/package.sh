@@ -121,6 +121,9 @@ root=$work/varnish-coordinator
 install -d -m 0755 "$root/usr/bin" "$root/lib/systemd/system" "$root/usr/share/varnish-coordinator/vcl" \
   "$root/usr/share/varnish-coordinator/grafana"
 install -m 0755 "$bin_dir/coordinator" "$bin_dir/warmer" "$root/usr/bin/"
+# Debug info stays in the build tree (the release profile keeps line tables for
+# backtraces): the packaged binaries are a fraction of the size.
+strip --strip-debug "$root/usr/bin/coordinator" "$root/usr/bin/warmer"
 install -m 0644 deploy/systemd/coordinator.service "$root/lib/systemd/system/"
 install -d -m 0750 "$root/etc/coordinator"
 install -m 0640 deploy/config/coordinator.toml "$root/etc/coordinator/"
@@ -139,6 +142,7 @@ package varnish-coordinator "$(shlibs "$bin_dir/coordinator" "$bin_dir/warmer"),
 root=$work/varnish-edge-agent
 install -d -m 0755 "$root/usr/bin" "$root/lib/systemd/system" "$root/usr/share/doc/varnish-edge-agent/examples"
 install -m 0755 "$bin_dir/edge-agent" "$root/usr/bin/"
+strip --strip-debug "$root/usr/bin/edge-agent"
 install -m 0644 deploy/systemd/edge-agent.service "$root/lib/systemd/system/"
 install -d -m 0750 "$root/etc/edge-agent"
 install -m 0640 deploy/config/edge-agent.toml "$root/etc/edge-agent/"
