@@ -106,24 +106,12 @@ impl ApiClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, CliError> {
-        let unreachable = |reason: String| CliError::Unreachable {
-            api: self.base.clone(),
-            reason,
-        };
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("content-type", "application/json");
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
+        let unreachable = |reason: String| self.unreachable(reason);
         let body = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| CliError::Usage(e.to_string()))?,
             None => Vec::new(),
         };
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let req = self.request(method, path, body)?;
         let exchange = async {
             let resp = self
                 .http
@@ -147,11 +135,41 @@ impl ApiClient {
                 CliError::Failed(format!("unexpected answer from {method} {path}: {e}"))
             })
         } else {
-            let message = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            Err(api_error(status, message, self.token.is_some()))
+            Err(self.refused(status, &bytes))
         }
+    }
+
+    /// A request to `path` with the token, if we hold one.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Request<Full<Bytes>>, CliError> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        req.body(Full::new(Bytes::from(body)))
+            .map_err(|e| CliError::Usage(e.to_string()))
+    }
+
+    fn unreachable(&self, reason: String) -> CliError {
+        CliError::Unreachable {
+            api: self.base.clone(),
+            reason,
+        }
+    }
+
+    /// A non-2xx answer: its JSON `error` (or its text), with the token hint.
+    fn refused(&self, status: u16, body: &[u8]) -> CliError {
+        let message = serde_json::from_slice::<ApiError>(body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+        api_error(status, message, self.token.is_some())
     }
 }
 
@@ -160,19 +178,8 @@ impl ApiClient {
     /// [`CliError::Api`]). No overall timeout: a backup may be large.
     pub async fn download(&self, path: &str, out: &mut std::fs::File) -> Result<u64, CliError> {
         use std::io::Write;
-        let unreachable = |reason: String| CliError::Unreachable {
-            api: self.base.clone(),
-            reason,
-        };
-        let mut req = hyper::Request::builder()
-            .method("POST")
-            .uri(format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let req = req
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let unreachable = |reason: String| self.unreachable(reason);
+        let req = self.request("POST", path, Vec::new())?;
         let resp = tokio::time::timeout(Duration::from_secs(60), self.http.request(req))
             .await
             .map_err(|_| unreachable("timed out".into()))?
@@ -185,10 +192,7 @@ impl ApiClient {
                 .await
                 .map_err(|e| unreachable(e.to_string()))?
                 .to_bytes();
-            let message = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(api_error(status, message, self.token.is_some()));
+            return Err(self.refused(status, &bytes));
         }
         let mut written = 0u64;
         while let Some(frame) = body.frame().await {
