@@ -57,9 +57,13 @@ pub enum Command {
         /// Region 0 is the shield beside the origin; the others fetch from it.
         #[arg(long)]
         tiered: bool,
-        /// How agents purge: ban or xkey.
-        #[arg(long, default_value = "ban", value_parser = ["ban", "xkey"])]
-        purge_mode: String,
+        /// How agents purge: ban or xkey (default: ban, or xkey with --refresh-tags).
+        #[arg(long, value_parser = ["ban", "xkey"])]
+        purge_mode: Option<String>,
+        /// Refresh instead of evict: a tag purge leaves the pages stale, served at once,
+        /// while the coordinator re-renders them most requested first (xkey mode).
+        #[arg(long)]
+        refresh_tags: bool,
         /// Plaintext gRPC between coordinator and agents instead of mutual TLS.
         #[arg(long)]
         insecure: bool,

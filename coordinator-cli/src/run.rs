@@ -37,6 +37,7 @@ pub fn main(args: Cli) -> ExitCode {
                 origin,
                 tiered,
                 purge_mode,
+                refresh_tags,
                 insecure,
                 geoip,
             } => {
@@ -47,6 +48,7 @@ pub fn main(args: Cli) -> ExitCode {
                     origin,
                     tiered,
                     purge_mode,
+                    refresh_tags,
                     insecure,
                     geoip,
                 };

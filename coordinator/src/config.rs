@@ -19,7 +19,7 @@ pub use crate::geo::config::{DnsConfig, GeoConfig};
 pub use crate::monitor::config::{
     AlertRule, AlertsConfig, CheckConfig, MonitoringConfig, RuleMetric,
 };
-pub use crate::purge::config::PurgeConfig;
+pub use crate::purge::config::{PurgeConfig, MAGENTO_STALE_S};
 pub use crate::rollout::config::{DriftPolicy, RolloutConfig};
 pub use crate::tls::TlsConfig;
 pub use crate::warm::config::{ScheduleConfig, WarmConfig};
@@ -214,7 +214,8 @@ impl CoordinatorConfig {
                 (
                     r.name.clone(),
                     crate::bundle::vars::Vars::for_region(&r.name, &r.vars)
-                        .with_warm_token(warm_token),
+                        .with_warm_token(warm_token)
+                        .with_max_stale(self.purge.max_stale_s()),
                 )
             })
             .collect()

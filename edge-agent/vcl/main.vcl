@@ -13,9 +13,19 @@
 # URL and that time>", checked by the warm_check subs below and valid for 30 s, so a value
 # read from varnish's log cannot be replayed later or for another URL. Signed requests see
 # the page's X-Magento-Tags (agents learn what to re-warm after a purge) and, with
-# X-Warm-Refresh: 1, force a miss to refresh a cached page in place. A satellite region's
-# fetches from its shield carry X-Warm-Tier, which only shows the tags (what anyone who can
-# read varnish's log already sees), never forces a miss. Keep the warm_check subs first.
+# X-Warm-Refresh: 1, force a miss to refresh a cached page in place; X-Warm-Refresh: stale
+# refreshes it only if it is stale (a fresh copy is a hit and costs the origin nothing; a
+# fetch already under way is waited for, not doubled). A satellite region's fetches from
+# its shield carry X-Warm-Tier, which only shows the tags (what anyone who can read
+# varnish's log already sees), never forces a miss. Keep the warm_check subs first.
+#
+# Grace across tiers: a stale copy is served at once while one background fetch refreshes
+# it, for ${max_stale_s} s after it went stale (a tag purge in refresh mode marks pages
+# stale) while the backend is healthy, and for the whole grace while it is not. Past that
+# it is a miss, so a purged price is never hidden longer. A satellite's background fetch
+# asks its shield for a fresh copy (X-Tier-Fresh), and a stale copy the shield still
+# answers with (its origin down) says so (X-Cache-Stale): the satellite keeps its own
+# stale copy instead, or stores that one as stale, never as fresh for a day.
 vcl 4.1;
 
 import blob;
@@ -28,6 +38,7 @@ sub vcl_recv {
     if (req.restarts == 0) {
         unset req.http.X-Warm-Auth;
         unset req.http.X-Warm-Check;
+        unset req.http.X-Warm-Fresh;
         if (req.http.X-Warm-Sig ~ "^[0-9]{1,12}\.[0-9a-f]{64}$" &&
             std.integer(regsub(req.http.X-Warm-Sig, "\..*$", ""), 0) >= std.integer(time=now) - 30 &&
             std.integer(regsub(req.http.X-Warm-Sig, "\..*$", ""), 0) <= std.integer(time=now) + 5) {
@@ -36,11 +47,15 @@ sub vcl_recv {
         }
         if (req.http.X-Warm-Tier == "${warm_tier_token}") {
             set req.http.X-Warm-Auth = "tags";
+            if (req.http.X-Tier-Fresh == "1") {
+                set req.http.X-Warm-Fresh = "1";
+            }
         }
         unset req.http.X-Warm-Sig;
         unset req.http.X-Warm-Refresh;
     }
     unset req.http.X-Warm-Tier;
+    unset req.http.X-Tier-Fresh;
 }
 
 sub vcl_hash {
@@ -59,6 +74,8 @@ sub vcl_pass {
             set req.http.X-Warm-Auth = "1";
             if (req.http.X-Warm-Refresh == "1") {
                 set req.hash_always_miss = true;
+            } else if (req.http.X-Warm-Refresh == "stale") {
+                set req.http.X-Warm-Fresh = "1";
             }
         }
         unset req.http.X-Warm-Sig;
@@ -137,6 +154,14 @@ sub vcl_recv {
     if (req.url ~ "^/(pub/)?(media|static)/") {
         unset req.http.Cookie;
     }
+    # Grace (see the top of this file): bounded while the backend is healthy, none for a
+    # request that wants a fresh copy, the whole of it while the backend is sick.
+    if (std.healthy(req.backend_hint)) {
+        set req.grace = ${max_stale_s}s;
+        if (req.http.X-Warm-Fresh == "1") {
+            set req.grace = 0s;
+        }
+    }
     return (hash);
 }
 
@@ -155,9 +180,22 @@ sub vcl_backend_fetch {
     # header).
     unset bereq.http.X-Warm-Auth;
     set bereq.http.X-Warm-Tier = "${warm_tier_token}";
+    # A background fetch (or a refresh) wants a fresh copy, not the shield's stale one.
+    if (bereq.is_bgfetch || bereq.http.X-Warm-Fresh == "1") {
+        set bereq.http.X-Tier-Fresh = "1";
+    }
+    unset bereq.http.X-Warm-Fresh;
 }
 
 sub vcl_backend_response {
+    # A background fetch that failed keeps the stale copy being served.
+    if (bereq.is_bgfetch && beresp.status >= 500) {
+        return (abandon);
+    }
+    # The shield answered with a stale copy (its origin is down): keep ours.
+    if (beresp.http.X-Cache-Stale && bereq.is_bgfetch) {
+        return (abandon);
+    }
     set beresp.grace = 3d;
     # Index the page's tags for xkey (space-separated).
     if (beresp.http.X-Magento-Tags) {
@@ -172,20 +210,11 @@ sub vcl_backend_response {
         set beresp.ttl = 120s;
         set beresp.uncacheable = true;
     }
-    return (deliver);
-}
-
-sub vcl_hit {
-    if (obj.ttl >= 0s) {
-        return (deliver);
-    }
-    # Stale: serve it while a background fetch refreshes it, for 300 s when the backend
-    # is healthy and for the whole grace when it is not.
-    if (std.healthy(req.backend_hint)) {
-        if (obj.ttl + 300s > 0s) {
-            return (deliver);
-        }
-        return (pass);
+    # Or store the shield's stale copy as stale, so it is refreshed as soon as the origin
+    # is back instead of passing for fresh until it expires.
+    if (beresp.http.X-Cache-Stale) {
+        unset beresp.http.X-Cache-Stale;
+        set beresp.ttl = 0s;
     }
     return (deliver);
 }
@@ -200,6 +229,12 @@ sub vcl_deliver {
     }
     if (!req.http.X-Warm-Auth) {
         unset resp.http.X-Magento-Tags;
+        unset resp.http.X-Cache-Stale;
+    } else if (obj.ttl < 0s) {
+        # A satellite or a warm fetch is told the copy is stale (see the top).
+        set resp.http.X-Cache-Stale = "1";
+    } else {
+        unset resp.http.X-Cache-Stale;
     }
     unset resp.http.X-Magento-Debug;
     unset resp.http.xkey;

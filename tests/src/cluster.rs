@@ -71,7 +71,14 @@ impl Cluster {
                 _ => origin.addr,
             };
             opts.regions.push(region(&format!("region-{i}"), backend));
-            varnish.push(VarnishNode::start(&dir.path().join(format!("r{i}")), backend).await);
+            varnish.push(
+                VarnishNode::start_with(
+                    &dir.path().join(format!("r{i}")),
+                    backend,
+                    opts.max_stale_s(),
+                )
+                .await,
+            );
         }
         let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;
         let mut agents = Vec::new();

@@ -59,8 +59,11 @@ pub fn write_boot_vcl(
     region: &str,
     backend: SocketAddr,
     warm_token: &str,
+    max_stale_s: u64,
 ) -> Result<PathBuf, DemoError> {
-    let vars = Vars::for_region(region, &backend_vars(backend)).with_warm_token(warm_token);
+    let vars = Vars::for_region(region, &backend_vars(backend))
+        .with_warm_token(warm_token)
+        .with_max_stale(max_stale_s);
     let files = bundle::render(&sample_bundle(), &vars)
         .map_err(|e| DemoError::Invalid(format!("sample bundle: {e}")))?;
     // It holds the warm token: varnishd's compiler may read it, nobody else.
@@ -101,7 +104,10 @@ pub struct DemoArgs {
     pub state_dir: PathBuf,
     pub origin: Option<String>,
     pub tiered: bool,
-    pub purge_mode: String,
+    /// `ban` or `xkey`; none: ban, or xkey with `refresh_tags`.
+    pub purge_mode: Option<String>,
+    /// `[purge] refresh_tags`.
+    pub refresh_tags: bool,
     /// Plaintext gRPC instead of mutual TLS.
     pub insecure: bool,
     /// Geo routing with this MaxMind database, and the DNS remote backend on `P+4`.
@@ -153,6 +159,17 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
     if args.regions == 0 || args.regions > 50 {
         return Err(DemoError::Invalid("--regions must be 1..=50".into()));
     }
+    let purge_mode = match (args.purge_mode.as_deref(), args.refresh_tags) {
+        (Some("ban"), true) => {
+            return Err(DemoError::Invalid(
+                "--refresh-tags needs --purge-mode xkey: a ban cannot leave a page stale, only evict it"
+                    .into(),
+            ))
+        }
+        (Some(mode), _) => mode.to_owned(),
+        (None, true) => "xkey".to_owned(),
+        (None, false) => "ban".to_owned(),
+    };
     let top = args.base_port as u32 + 11 + 10 * (args.regions as u32 - 1);
     if args.base_port < 1024 || top > 65535 {
         return Err(DemoError::Invalid(format!(
@@ -305,8 +322,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
             ),
             None => None,
         },
+        purge: coordinator::config::PurgeConfig {
+            refresh_tags: args.refresh_tags,
+            ..base.purge.clone()
+        },
         ..base
     };
+    let max_stale_s = config.purge.max_stale_s();
     config
         .validate()
         .map_err(|e| DemoError::Invalid(e.to_string()))?;
@@ -350,8 +372,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                 .map_err(io(format!("cannot create {}", rdir.display())))?;
             let http = port(10 + 10 * i as u32);
             let admin = port(11 + 10 * i as u32);
-            let vcl_file =
-                write_boot_vcl(&rdir.join("boot-vcl"), name, backend_of(i), &warm_token)?;
+            let vcl_file = write_boot_vcl(
+                &rdir.join("boot-vcl"),
+                name,
+                backend_of(i),
+                &warm_token,
+                max_stale_s,
+            )?;
             let secret_file = rdir.join("secret");
             process::write_secret(&secret_file)?;
             let spec = VarnishSpec {
@@ -376,8 +403,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
                     .map_err(|e| DemoError::Invalid(e.to_string()))?;
                 Some(configs::agent_tls(&pki_dir, &id))
             };
-            let mode = configs::purge_mode(&args.purge_mode)
-                .map_err(|e| DemoError::Invalid(e.to_string()))?;
+            let mode =
+                configs::purge_mode(&purge_mode).map_err(|e| DemoError::Invalid(e.to_string()))?;
             let agent = configs::agent(
                 &id,
                 name,

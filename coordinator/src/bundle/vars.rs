@@ -6,7 +6,9 @@
 //!   coordinator.toml; `name` is `[A-Za-z_][A-Za-z0-9_]*`. `${region}` is always the
 //!   region's name, `${warm_token}` the secret the coordinator's warm requests are signed
 //!   with (`warmer::sign`: the VCL checks `X-Warm-Sig`, then shows cache tags and honours
-//!   refreshes), and `${warm_tier_token}` what a satellite sends its shield to see tags.
+//!   refreshes), `${warm_tier_token}` what a satellite sends its shield to see tags, and
+//!   `${max_stale_s}` how long a stale copy may be served while the backend is healthy
+//!   (`[purge] refresh_max_stale_s` in refresh mode, Magento's 300 otherwise).
 //! * `$${` — a literal `${` (nothing is substituted).
 //!
 //! A `${` that does not form a valid reference, or a name some region does not define,
@@ -39,6 +41,12 @@ impl Vars {
         self.values.insert("warm_token".into(), token.into());
         self.values
             .insert("warm_tier_token".into(), warmer::sign::tier_token(token));
+        self
+    }
+
+    /// Adds the built-in `max_stale_s` (seconds).
+    pub fn with_max_stale(mut self, secs: u64) -> Self {
+        self.values.insert("max_stale_s".into(), secs.to_string());
         self
     }
 

@@ -48,6 +48,25 @@ pub struct PurgeConfig {
     /// default PCRE2 limits first, and refused if it reaches them.
     #[serde(default)]
     pub allow_regex: bool,
+    /// Refresh instead of evict: a tag purge marks its pages stale (xkey soft purge);
+    /// shoppers are served the stale copy while the coordinator re-renders the pages,
+    /// most requested first, through the shield and within the warm budget. Full flushes
+    /// and `X-Pool` purges stay hard. Needs the agents in xkey mode (in ban mode a tag
+    /// purge evicts, then the pages are re-warmed).
+    #[serde(default)]
+    pub refresh_tags: bool,
+    /// A page a refresh has not reached this long after the purge is evicted (a miss for
+    /// the next shopper), so a purged price is never hidden longer.
+    #[serde(default = "default_refresh_max_stale_s")]
+    pub refresh_max_stale_s: u64,
+}
+
+/// How long varnish serves a stale copy while the backend is healthy when not in refresh
+/// mode (Magento's stock VCL: 300 s).
+pub const MAGENTO_STALE_S: u64 = 300;
+
+fn default_refresh_max_stale_s() -> u64 {
+    30
 }
 
 fn default_secret_header() -> String {
@@ -98,7 +117,20 @@ impl PurgeConfig {
         {
             return invalid("purge.secret_header must be a header name");
         }
+        if self.refresh_max_stale_s == 0 || self.refresh_max_stale_s > 86_400 {
+            return invalid("purge.refresh_max_stale_s must be 1..=86400 seconds");
+        }
         Ok(())
+    }
+
+    /// How long a stale copy may be served while the backend is healthy: the VCL's
+    /// `${max_stale_s}`.
+    pub fn max_stale_s(&self) -> u64 {
+        if self.refresh_tags {
+            self.refresh_max_stale_s
+        } else {
+            MAGENTO_STALE_S
+        }
     }
 
     /// The listener settings (reads `secret_file`).
@@ -133,6 +165,7 @@ impl PurgeConfig {
             patterns: super::pattern::Policy {
                 allow_regex: self.allow_regex,
             },
+            refresh_tags: self.refresh_tags,
         })
     }
 

@@ -50,6 +50,8 @@ pub struct ListenerConfig {
     pub secret: Option<(String, String)>,
     /// Which patterns beyond Magento's own are accepted (`[purge] allow_regex`).
     pub patterns: pattern::Policy,
+    /// Tag purges are logged soft, to be refreshed (`[purge] refresh_tags`).
+    pub refresh_tags: bool,
 }
 
 /// Strangers being answered at once, at most; more are dropped unanswered.
@@ -258,7 +260,7 @@ async fn serve_conn(
                 vec![],
             )
         } else {
-            handle(&request, config.patterns, log, metrics).await
+            handle(&request, config, log, metrics).await
         };
         let keep_alive = request.keep_alive && allowed && status != 405 && status != 403;
         if conn
@@ -274,7 +276,7 @@ async fn serve_conn(
 
 async fn handle(
     request: &Request,
-    patterns: pattern::Policy,
+    config: &ListenerConfig,
     log: &PurgeLog,
     metrics: &PurgeCounters,
 ) -> (u16, String, Vec<(&'static str, String)>) {
@@ -286,7 +288,7 @@ async fn handle(
             vec![("Allow", "PURGE".to_owned())],
         );
     }
-    let ops = match parse(request, patterns) {
+    let ops = match parse(request, config.patterns) {
         Ok(ops) => ops,
         Err(reason) => {
             metrics.request("bad_request");
@@ -301,8 +303,10 @@ async fn handle(
     let purges = ops
         .into_iter()
         .map(|op| NewPurge {
+            // In refresh mode a tag purge keeps the pages, stale, for the refresh; a full
+            // flush, a pool and an opaque regex stay hard.
+            soft: soft || (config.refresh_tags && matches!(op, PurgeOp::Tags(_))),
             op: op.into_proto(),
-            soft,
         })
         .collect();
     match log.append_outcome(purges).await {

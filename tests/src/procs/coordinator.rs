@@ -47,7 +47,24 @@ pub struct CoordinatorOpts {
     pub grpc: Option<SocketAddr>,
     /// More environment for the process (e.g. [`super::protocol_env`]).
     pub env: Vec<(String, String)>,
+    /// `[purge] refresh_tags = true` (a [`crate::Cluster`] also boots its varnishes with
+    /// the refresh mode's stale bound).
+    pub refresh_tags: bool,
 }
+
+impl CoordinatorOpts {
+    /// The `${max_stale_s}` the coordinator renders for these options.
+    pub fn max_stale_s(&self) -> u64 {
+        if self.refresh_tags {
+            REFRESH_MAX_STALE_S
+        } else {
+            coordinator::config::MAGENTO_STALE_S
+        }
+    }
+}
+
+/// `[purge] refresh_max_stale_s` under test (the default).
+pub const REFRESH_MAX_STALE_S: u64 = 30;
 
 impl Default for CoordinatorOpts {
     fn default() -> Self {
@@ -64,6 +81,7 @@ impl Default for CoordinatorOpts {
             region_keys: Vec::new(),
             grpc: None,
             env: Vec::new(),
+            refresh_tags: false,
         }
     }
 }
@@ -410,6 +428,8 @@ fn config_toml(
         .try_into()
         .expect("CoordinatorOpts::allow holds networks");
     config.purge.retention_entries = opts.retention_entries;
+    config.purge.refresh_tags = opts.refresh_tags;
+    config.purge.refresh_max_stale_s = REFRESH_MAX_STALE_S;
     config.api.read_requires_token = opts.read_requires_token;
     config.regions = opts.regions.clone();
     let mut doc = toml::Table::try_from(&config).expect("the config serializes");

@@ -39,6 +39,12 @@ pub struct VarnishNode {
 
 impl VarnishNode {
     pub async fn start(dir: &Path, backend: SocketAddr) -> Self {
+        Self::start_with(dir, backend, coordinator::config::MAGENTO_STALE_S).await
+    }
+
+    /// [`Self::start`] with the boot VCL serving a stale copy for `max_stale_s` while the
+    /// backend is healthy (what `[purge] refresh_max_stale_s` renders in refresh mode).
+    pub async fn start_with(dir: &Path, backend: SocketAddr, max_stale_s: u64) -> Self {
         require_varnish();
         std::fs::create_dir_all(dir).expect("varnish dir");
         let secret = dir.join("secret");
@@ -48,6 +54,7 @@ impl VarnishNode {
             "boot",
             backend,
             WARM_TOKEN,
+            max_stale_s,
         )
         .expect("boot vcl");
         let mut last_err = None;

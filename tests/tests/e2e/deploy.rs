@@ -148,6 +148,7 @@ fn the_guides_boot_vcl_compiles() {
         "eu-west",
         backend,
         "0123456789abcdef",
+        300,
     )
     .expect("render the bundle");
     let out = Command::new("varnishd")
