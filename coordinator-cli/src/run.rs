@@ -243,6 +243,7 @@ pub async fn warm(client: &ApiClient, command: WarmCommand) -> ExitCode {
                 host,
                 tiered: flat.then_some(false),
                 refresh,
+                only_stale: false,
                 rewarm: rewarm.then_some(true),
             };
             cli::warm_start(client, &spec, wait).await

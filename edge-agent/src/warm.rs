@@ -126,6 +126,7 @@ async fn run_shard(
         timeout: Duration::from_millis(u64::from(shard.timeout_ms.clamp(100, 600_000))),
         token: Some(shard.token.clone()).filter(|t| !t.is_empty()),
         refresh: shard.refresh,
+        only_stale: shard.only_stale,
         want_tags: shard.want_tags,
     });
     let s = fetch_all(items, spec, throttle, slots, &|_, _| {}).await;

@@ -224,6 +224,9 @@ pub struct FetchSpec {
     pub token: Option<String>,
     /// Ask for a forced miss (`X-Warm-Refresh: 1`): refresh a cached page in place.
     pub refresh: bool,
+    /// Refresh only a stale copy (`X-Warm-Refresh: stale`); a copy still stale after it
+    /// (`X-Cache-Stale`: the backend did not answer) counts as an error.
+    pub only_stale: bool,
     /// Keep each URL's `X-Magento-Tags`.
     pub want_tags: bool,
 }
@@ -260,6 +263,8 @@ pub async fn fetch_all(
             headers.push((sign::HEADER.to_owned(), sign::signature_now(t, target)));
             if spec.refresh {
                 headers.push(("X-Warm-Refresh".to_owned(), "1".to_owned()));
+            } else if spec.only_stale {
+                headers.push(("X-Warm-Refresh".to_owned(), "stale".to_owned()));
             }
         }
         let host = spec
@@ -288,7 +293,7 @@ pub async fn fetch_all(
             summary
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .record(&url, &result, spec.want_tags);
+                .record(&url, &result, &spec);
             finished.fetch_add(1, Ordering::Relaxed);
         });
         progress(done.load(Ordering::Relaxed), total);
@@ -304,8 +309,11 @@ pub async fn fetch_all(
 
 impl Summary {
     /// Counts one fetch's outcome.
-    fn record(&mut self, url: &str, result: &Result<fetch::Fetched, FetchError>, want_tags: bool) {
+    fn record(&mut self, url: &str, result: &Result<fetch::Fetched, FetchError>, spec: &FetchSpec) {
         let error = match result {
+            Ok(f) if spec.only_stale && f.header("X-Cache-Stale") == Some("1") => {
+                format!("{url}: still stale (the backend did not answer the refresh)")
+            }
             Ok(f) if f.status < 500 && f.status != 429 => {
                 self.fetched += 1;
                 self.total_ms.push(f.total.as_secs_f64() * 1000.0);
@@ -317,7 +325,7 @@ impl Summary {
                     }
                     _ => self.other += 1,
                 }
-                if want_tags {
+                if spec.want_tags {
                     if let Some(tags) = f.header("X-Magento-Tags") {
                         let tags: Vec<String> = tags
                             .split(',')
@@ -358,6 +366,7 @@ pub async fn warm(
         timeout: opts.timeout,
         token: None,
         refresh: false,
+        only_stale: false,
         want_tags: false,
     });
     let throttle = Arc::new(Throttle::new(Aimd::new(opts.rate, opts.slow_ttfb)));

@@ -149,6 +149,7 @@ struct ShardSpec {
     host: String,
     variations: Vec<Vec<(String, String)>>,
     refresh: bool,
+    only_stale: bool,
     want_tags: bool,
 }
 
@@ -357,6 +358,7 @@ impl Warm {
                 host: job.host.clone().unwrap_or_default(),
                 variations: job.variations.clone(),
                 refresh: job.spec.refresh,
+                only_stale: job.spec.only_stale,
                 want_tags: job.want_tags,
             });
             picks.extend(mine.iter().map(|s| (job_id, *s, spec.clone())));
@@ -408,6 +410,7 @@ impl Warm {
             concurrency: spec.concurrency,
             timeout_ms: u32::try_from(self.config.timeout_ms).unwrap_or(u32::MAX),
             refresh: spec.refresh,
+            only_stale: spec.only_stale,
             token: self.token.clone(),
             want_tags: spec.want_tags,
             slow_ttfb_ms: u32::try_from(self.config.slow_ttfb_ms).unwrap_or(u32::MAX),

@@ -41,6 +41,10 @@ pub struct JobSpec {
     /// Force a miss on every URL: refresh cached pages in place.
     #[serde(default)]
     pub refresh: bool,
+    /// Refresh only the stale copies (a fresh one is a hit and costs the origin nothing):
+    /// what a refresh after a tag purge does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub only_stale: bool,
     /// Learn these URLs' tags so a tag purge re-warms them (default:
     /// `[warm] rewarm_after_purge`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -50,21 +50,20 @@ pub struct CoordinatorOpts {
     /// `[purge] refresh_tags = true` (a [`crate::Cluster`] also boots its varnishes with
     /// the refresh mode's stale bound).
     pub refresh_tags: bool,
+    /// `[purge] refresh_max_stale_s` (default 30).
+    pub refresh_max_stale_s: u64,
 }
 
 impl CoordinatorOpts {
     /// The `${max_stale_s}` the coordinator renders for these options.
     pub fn max_stale_s(&self) -> u64 {
         if self.refresh_tags {
-            REFRESH_MAX_STALE_S
+            self.refresh_max_stale_s
         } else {
             coordinator::config::MAGENTO_STALE_S
         }
     }
 }
-
-/// `[purge] refresh_max_stale_s` under test (the default).
-pub const REFRESH_MAX_STALE_S: u64 = 30;
 
 impl Default for CoordinatorOpts {
     fn default() -> Self {
@@ -82,6 +81,7 @@ impl Default for CoordinatorOpts {
             grpc: None,
             env: Vec::new(),
             refresh_tags: false,
+            refresh_max_stale_s: 30,
         }
     }
 }
@@ -429,7 +429,7 @@ fn config_toml(
         .expect("CoordinatorOpts::allow holds networks");
     config.purge.retention_entries = opts.retention_entries;
     config.purge.refresh_tags = opts.refresh_tags;
-    config.purge.refresh_max_stale_s = REFRESH_MAX_STALE_S;
+    config.purge.refresh_max_stale_s = opts.refresh_max_stale_s;
     config.api.read_requires_token = opts.read_requires_token;
     config.regions = opts.regions.clone();
     let mut doc = toml::Table::try_from(&config).expect("the config serializes");
