@@ -864,6 +864,7 @@ pub async fn warm_status(api: &ApiClient, id: Option<u64>) -> Result<(), CliErro
                     coordinator::warm::job::JobSource::Api => "api",
                     coordinator::warm::job::JobSource::Schedule(_) => "schedule",
                     coordinator::warm::job::JobSource::Rewarm => "rewarm",
+                    coordinator::warm::job::JobSource::Refresh => "refresh",
                 };
                 daemon::say!(
                     "{:>5}  {:<10} {:<10} {:>8}  {done}/{total}",

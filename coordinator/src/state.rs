@@ -164,16 +164,21 @@ impl Coordinator {
         }
         monitor.set_store_health(cluster.store_health().clone());
         cluster.set_log(log.clone());
+        let mut warm_config = config.warm.clone();
+        warm_config.refresh_max_stale_s = config
+            .purge
+            .refresh_tags
+            .then_some(config.purge.refresh_max_stale_s);
         let warm = match &etcd_kv {
             None => Warm::open(
-                config.warm.clone(),
+                warm_config,
                 token,
                 config.region_names(),
                 state_dir,
                 edges.clone(),
             )?,
             Some(kv) => Warm::with_store(
-                config.warm.clone(),
+                warm_config,
                 token,
                 config.region_names(),
                 crate::warm::store::WarmStore::etcd(kv.clone()),

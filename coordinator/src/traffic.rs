@@ -48,6 +48,9 @@ pub struct Delta {
     pub passes: u64,
     pub backend_fetches: u64,
     pub backend_failures: u64,
+    /// Stale copies served (grace hits) and the background fetches refreshing them.
+    pub grace_hits: u64,
+    pub bgfetches: u64,
     /// The agent's own requests (warm shards, probes) among the above, and their
     /// hits and misses: subtracted for the shoppers' ratio, reported as their own series.
     pub synthetic_requests: u64,
@@ -76,6 +79,8 @@ impl Delta {
         self.passes += o.passes;
         self.backend_fetches += o.backend_fetches;
         self.backend_failures += o.backend_failures;
+        self.grace_hits += o.grace_hits;
+        self.bgfetches += o.bgfetches;
         self.synthetic_requests += o.synthetic_requests;
         self.synthetic_hits += o.synthetic_hits;
         self.synthetic_misses += o.synthetic_misses;
@@ -135,6 +140,8 @@ fn counters(s: &VarnishStats) -> Delta {
         passes: s.passes,
         backend_fetches: s.backend_fetches,
         backend_failures: s.backend_failures,
+        grace_hits: s.grace_hits,
+        bgfetches: s.bgfetches,
         ..Delta::default()
     }
 }
@@ -153,7 +160,9 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
         || b.hitmiss < a.hitmiss
         || b.passes < a.passes
         || b.backend_fetches < a.backend_fetches
-        || b.backend_failures < a.backend_failures;
+        || b.backend_failures < a.backend_failures
+        || b.grace_hits < a.grace_hits
+        || b.bgfetches < a.bgfetches;
     // The agent's counters run since the agent started (a new session re-baselines).
     let since = |n: u64, p: u64| if n >= p { n - p } else { n };
     let synthetic = Delta {
@@ -184,6 +193,8 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
             passes: b.passes - a.passes,
             backend_fetches: b.backend_fetches - a.backend_fetches,
             backend_failures: b.backend_failures - a.backend_failures,
+            grace_hits: b.grace_hits - a.grace_hits,
+            bgfetches: b.bgfetches - a.bgfetches,
             ..Delta::default()
         }
         .with_synthetic(&synthetic),
@@ -567,7 +578,7 @@ fn encode_metrics(source: &Arc<Traffic>, e: &mut DescriptorEncoder) -> std::fmt:
     let now = crate::clock::now_ms();
     let edges = source.own_edges(now);
     type Get = fn(&Delta) -> u64;
-    let counters: [(&str, &str, Get); 9] = [
+    let counters: [(&str, &str, Get); 11] = [
         (
             "coordinator_varnish_requests_total",
             "Client requests varnish received (since coordinator start).",
@@ -595,6 +606,16 @@ fn encode_metrics(source: &Arc<Traffic>, e: &mut DescriptorEncoder) -> std::fmt:
             "coordinator_varnish_backend_failures_total",
             "Failed backend connections and fetches.",
             |d| d.backend_failures,
+        ),
+        (
+            "coordinator_varnish_stale_answers_total",
+            "Stale copies served at once while a background fetch refreshes them (grace hits; a refresh-mode purge's pages, or the origin down).",
+            |d| d.grace_hits,
+        ),
+        (
+            "coordinator_varnish_background_fetches_total",
+            "Background fetches refreshing stale copies (each one origin or shield request).",
+            |d| d.bgfetches,
         ),
         (
             "coordinator_varnish_synthetic_requests_total",

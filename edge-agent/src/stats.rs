@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::command;
 
 /// The counters read, by name.
-const FIELDS: [&str; 13] = [
+const FIELDS: [&str; 15] = [
     "MGT.child_panic",
     "MAIN.uptime",
     "MAIN.client_req",
@@ -31,6 +31,8 @@ const FIELDS: [&str; 13] = [
     "MAIN.fetch_failed",
     "MAIN.n_object",
     "MAIN.bans",
+    "MAIN.cache_hit_grace",
+    "MAIN.bgfetch",
 ];
 
 /// Parses `varnishstat -j` output (Varnish 6.5+: counters under `"counters"`; older
@@ -56,6 +58,8 @@ pub fn parse(json: &[u8], taken_at_ms: u64) -> Result<VarnishStats, String> {
         backend_failures: get("MAIN.backend_fail") + get("MAIN.fetch_failed"),
         objects: get("MAIN.n_object"),
         bans: get("MAIN.bans"),
+        grace_hits: get("MAIN.cache_hit_grace"),
+        bgfetches: get("MAIN.bgfetch"),
         child_panics: get("MGT.child_panic"),
         ..VarnishStats::default()
     })

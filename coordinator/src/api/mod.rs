@@ -891,6 +891,7 @@ async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {
         op: entry.op.as_ref().map(op_view),
         soft: entry.soft,
         edges: s.state.edges.progress(seq).into_iter().collect(),
+        refresh: s.state.warm.refresh_of(seq),
     })
     .into_response()
 }

@@ -254,6 +254,10 @@ pub struct PurgeView {
     pub op: Option<PurgeOpView>,
     pub soft: bool,
     pub edges: BTreeMap<String, PurgeProgress>,
+    /// In refresh mode, the refresh of a soft tag purge: pages stale, refreshed and
+    /// evicted at the bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<crate::warm::job::RefreshProgress>,
 }
 
 /// `POST /api/v1/warm/jobs` answers the new job's id.

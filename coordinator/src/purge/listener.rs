@@ -274,6 +274,13 @@ async fn serve_conn(
     }
 }
 
+/// Whether `op` is logged soft: Magento asked (`X-Magento-Purge-Soft`), or refresh mode
+/// keeps a tag purge's pages, stale, for the refresh; a full flush, a pool and an opaque
+/// regex stay hard there.
+fn logged_soft(op: &PurgeOp, asked: bool, refresh_tags: bool) -> bool {
+    asked || (refresh_tags && matches!(op, PurgeOp::Tags(_)))
+}
+
 async fn handle(
     request: &Request,
     config: &ListenerConfig,
@@ -303,9 +310,7 @@ async fn handle(
     let purges = ops
         .into_iter()
         .map(|op| NewPurge {
-            // In refresh mode a tag purge keeps the pages, stale, for the refresh; a full
-            // flush, a pool and an opaque regex stay hard.
-            soft: soft || (config.refresh_tags && matches!(op, PurgeOp::Tags(_))),
+            soft: logged_soft(&op, soft, config.refresh_tags),
             op: op.into_proto(),
         })
         .collect();
@@ -426,6 +431,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn refresh_mode_logs_tag_purges_soft_and_keeps_flushes_and_pools_hard() {
+        let tags = PurgeOp::Tags(["cat_p_1".to_owned()].into());
+        let pool = PurgeOp::PoolRegex("p".into());
+        assert!(!logged_soft(&tags, false, false));
+        assert!(logged_soft(&tags, true, false));
+        assert!(logged_soft(&tags, false, true));
+        assert!(!logged_soft(&PurgeOp::All, false, true));
+        assert!(!logged_soft(&pool, false, true));
+        assert!(!logged_soft(&PurgeOp::TagsRegex("^x".into()), false, true));
+        assert!(logged_soft(&PurgeOp::All, true, true), "Magento's own soft purge stays soft");
+    }
+
+    #[test]
     fn the_strangers_answer_is_a_complete_response() {
         let text = std::str::from_utf8(STRANGER_405).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
@@ -457,6 +475,7 @@ mod tests {
             trusted_proxies: vec![],
             secret: None,
             patterns: Default::default(),
+            refresh_tags: false,
         };
         let shutdown = CancellationToken::new();
         tokio::spawn(run(

@@ -245,6 +245,14 @@ impl proto::Coordinator for SessionService {
             ))
         });
         let warmable = hello.capabilities.iter().any(|c| c == proto::CAP_WARM);
+        if self.state.warm.refreshes() && hello.purge_mode != "xkey" {
+            tracing::warn!(
+                edge = %hello.edge_id,
+                region = %hello.region,
+                purge_mode = %hello.purge_mode,
+                "refresh_tags needs agents in xkey mode: this edge's tag purges evict its pages (a ban cannot leave them stale), and the refresh then re-renders them"
+            );
+        }
         let warmer = warmable.then(|| {
             self.state
                 .warm

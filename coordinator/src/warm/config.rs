@@ -62,6 +62,10 @@ pub struct WarmConfig {
     /// Cron-scheduled jobs.
     #[serde(default)]
     pub schedule: Vec<ScheduleConfig>,
+    /// Set by the coordinator from `[purge] refresh_tags` / `refresh_max_stale_s` (not a
+    /// key of this section): soft tag purges are refreshed, within this many seconds.
+    #[serde(skip)]
+    pub refresh_max_stale_s: Option<u64>,
 }
 
 /// `[[warm.schedule]]`: a job started on a cron schedule (5 fields, or 6 with seconds
@@ -155,6 +159,7 @@ impl Default for WarmConfig {
             edge_timeout_s: default_warm_edge_timeout_s(),
             tag_index_pairs: default_tag_index_pairs(),
             schedule: Vec::new(),
+            refresh_max_stale_s: None,
         }
     }
 }

@@ -16,7 +16,7 @@ use proto::edge::{coordinator_message::Msg, Header, Variation, WarmCancel, WarmR
 use warmer::pace::Aimd;
 
 use super::config::WarmConfig;
-use super::job::{EdgeWork, Job};
+use super::job::{EdgeWork, Job, JobSource};
 use super::{Held, Warm};
 
 /// Shards handed to one edge at a time.
@@ -271,13 +271,30 @@ impl Warm {
             for job_id in held.dispatch.cancels.remove(edge).unwrap_or_default() {
                 out.push(Msg::WarmCancel(WarmCancel { job_id }));
             }
-            let jobs: Vec<u64> = held
+            let mut jobs: Vec<(bool, u64)> = held
                 .queue
                 .running()
                 .filter(|j| j.edges.get(edge).is_some_and(|w| w.dropped.is_none()))
-                .map(|j| j.id)
+                .map(|j| (j.source != JobSource::Refresh, j.id))
                 .collect();
-            for job_id in jobs {
+            // A refresh goes first, and while one has work on this edge no other job's
+            // shard is handed out there: shoppers are being served stale pages, and the
+            // origin budget is the refresh's.
+            jobs.sort();
+            let refreshing = jobs.iter().any(|(other, id)| {
+                !other
+                    && held
+                        .queue
+                        .jobs
+                        .get(id)
+                        .is_some_and(|j| j.edges.get(edge).is_some_and(|w| !j.edge_done(w)))
+            });
+            for (other, job_id) in jobs {
+                if other && refreshing {
+                    // Paused, not stuck.
+                    held.progress.touch(job_id, edge);
+                    continue;
+                }
                 self.next_of_job(&mut held, edge, job_id, &mut out, &mut picks);
             }
         }

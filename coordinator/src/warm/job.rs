@@ -144,6 +144,50 @@ pub enum JobSource {
     Schedule(String),
     /// Tags were purged; these are the URLs known to carry them.
     Rewarm,
+    /// Tags were purged soft (`[purge] refresh_tags`): the stale pages known to carry
+    /// them, most requested first, refreshed in place.
+    Refresh,
+}
+
+/// What a refresh job refreshes: the purges it follows and the bound on staleness.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshInfo {
+    /// The purges it covers (a merged refresh covers its predecessors' too).
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// When the newest of them was received (Unix ms).
+    pub purged_ms: u64,
+    /// `purged_ms` + `[purge] refresh_max_stale_s`: a page not refreshed by then is a miss.
+    pub deadline_ms: u64,
+    /// Refresh jobs whose unfinished pages this one took over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<u64>,
+    /// Pages refreshed everywhere when the deadline passed (or the job ended before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshed_by_deadline: Option<u64>,
+}
+
+/// A refresh's progress, in the job view and `GET /api/v1/purges/{seq}`: `stale` +
+/// `refreshed` + `evicted` = `pages`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshProgress {
+    pub job_id: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Purged pages the coordinator knows (URLs times header sets).
+    pub pages: u64,
+    /// Still stale, being served stale, waiting for their refresh (0 past the deadline).
+    pub stale: u64,
+    /// Refreshed in every target region (before the deadline).
+    pub refreshed: u64,
+    /// Not refreshed by the deadline: evicted at the bound (the next shopper waits).
+    pub evicted: u64,
+    /// Fetches that failed or were answered still stale (the origin did not answer).
+    pub errors: u64,
+    pub deadline_ms: u64,
+    /// The refresh that took over this one's unfinished pages (this one was cancelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<u64>,
 }
 
 /// One edge's part of a running job.
@@ -222,6 +266,12 @@ pub struct Job {
     /// Origin budget (requests/s).
     pub budget: f64,
     pub regions: Vec<String>,
+    /// A refresh after soft tag purges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<RefreshInfo>,
+    /// The refresh that took over this one's unfinished pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<u64>,
     /// Target edges by id (stored under their own keys, see [`super::store`]).
     #[serde(skip)]
     pub edges: BTreeMap<String, EdgeWork>,
@@ -263,6 +313,58 @@ impl Job {
 
     pub fn all_done(&self) -> bool {
         self.edges.values().all(|w| self.edge_done(w))
+    }
+
+    /// Fetches (pages times header sets) refreshed on every edge still in the job: the
+    /// fewest any edge did without an error (a page counts once it is fresh everywhere).
+    pub fn fetches_refreshed(&self) -> u64 {
+        self.edges
+            .values()
+            .filter(|w| w.dropped.is_none())
+            .map(|w| self.fetches_done(w).saturating_sub(w.errors))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// The refresh's progress at `now_ms` (refresh jobs only).
+    pub fn refresh_progress(&self, now_ms: u64) -> Option<RefreshProgress> {
+        let info = self.refresh.as_ref()?;
+        let per_page = (self.variations.len() + 1) as u64;
+        let pages = if self.state == JobState::Queued {
+            (self.spec.urls.len() as u64) * per_page
+        } else {
+            self.fetches_total()
+        };
+        let past = now_ms >= info.deadline_ms;
+        let refreshed = match info.refreshed_by_deadline {
+            Some(r) => r,
+            None if self.state == JobState::Queued => 0,
+            None => self.fetches_refreshed(),
+        }
+        .min(pages);
+        // A refresh merged into a newer one keeps only what it refreshed.
+        let pages = if self.merged_into.is_some() {
+            refreshed
+        } else {
+            pages
+        };
+        let (stale, evicted) = if past || self.state.is_final() {
+            (0, pages - refreshed)
+        } else {
+            (pages - refreshed, 0)
+        };
+        Some(RefreshProgress {
+            job_id: self.id,
+            first_seq: info.first_seq,
+            last_seq: info.last_seq,
+            pages,
+            stale,
+            refreshed,
+            evicted,
+            errors: self.edges.values().map(|w| w.errors).sum(),
+            deadline_ms: info.deadline_ms,
+            merged_into: self.merged_into,
+        })
     }
 
     /// Whether `shard` is done on every shield edge (tiered jobs).
@@ -331,6 +433,9 @@ pub struct JobView {
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
     pub regions: BTreeMap<String, RegionProgress>,
+    /// A refresh job's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<RefreshProgress>,
 }
 
 impl JobView {
@@ -400,6 +505,7 @@ impl JobView {
             started_ms: job.started_ms,
             finished_ms: job.finished_ms,
             regions,
+            refresh: job.refresh_progress(now_ms),
         }
     }
 }
@@ -451,6 +557,8 @@ mod tests {
             after_seq: 0,
             budget: 10.0,
             regions: vec!["eu".into(), "us".into()],
+            refresh: None,
+            merged_into: None,
             edges: BTreeMap::new(),
         };
         job.edges.insert(
@@ -481,5 +589,31 @@ mod tests {
         assert_eq!(v.regions["eu"].eta_s, Some(1));
         assert_eq!(v.regions["us"].done, 0);
         assert!(!job.all_done());
+        assert!(v.refresh.is_none());
+
+        // As a refresh: a page counts once every edge has it fresh, errors do not count,
+        // and past the deadline what is left is evicted.
+        job.source = JobSource::Refresh;
+        job.refresh = Some(RefreshInfo {
+            first_seq: 4,
+            last_seq: 6,
+            purged_ms: 0,
+            deadline_ms: 30_000,
+            ..RefreshInfo::default()
+        });
+        let us = job.edges.get_mut("us-1").unwrap();
+        us.set_done(0);
+        us.errors = 3;
+        let r = job.refresh_progress(1000).unwrap();
+        assert_eq!((r.pages, r.refreshed, r.stale, r.evicted), (75, 27, 48, 0));
+        assert_eq!((r.first_seq, r.last_seq, r.errors), (4, 6, 3));
+        let r = job.refresh_progress(30_000).unwrap();
+        assert_eq!((r.refreshed, r.stale, r.evicted), (27, 0, 48));
+        job.refresh.as_mut().unwrap().refreshed_by_deadline = Some(20);
+        let r = job.refresh_progress(40_000).unwrap();
+        assert_eq!((r.refreshed, r.stale, r.evicted), (20, 0, 55));
+        job.merged_into = Some(9);
+        let r = job.refresh_progress(1000).unwrap();
+        assert_eq!((r.pages, r.stale, r.evicted, r.merged_into), (20, 0, 0, Some(9)));
     }
 }

@@ -25,6 +25,10 @@ pub struct WarmMetrics {
     pub jobs: BTreeMap<&'static str, usize>,
     /// Origin requests per second the running jobs may send now (AIMD; 0 when idle).
     pub origin_rate_rps: f64,
+    /// Refresh mode: pages refreshed in time and evicted at the bound, as deadlines close.
+    pub refresh_pages: (u64, u64),
+    /// Refresh mode: pages still stale, waiting for their refresh.
+    pub refresh_stale: u64,
 }
 
 impl Warm {
@@ -43,13 +47,20 @@ impl Warm {
         .iter()
         .map(|s| (s.as_str(), 0))
         .collect();
+        let now = crate::clock::now_ms();
+        let mut refresh_stale = 0;
         for j in queue.jobs.values() {
             *jobs.entry(j.state.as_str()).or_default() += 1;
+            if let Some(r) = j.refresh_progress(now) {
+                refresh_stale += r.stale;
+            }
         }
         WarmMetrics {
             fetches: progress.totals.clone(),
             jobs,
             origin_rate_rps: budget.total(),
+            refresh_pages: self.refresh_totals.get(),
+            refresh_stale,
         }
     }
 
@@ -78,6 +89,20 @@ fn encode(source: &Arc<Warm>, e: &mut DescriptorEncoder) -> std::fmt::Result {
         m.jobs
             .iter()
             .map(|(state, n)| ([("state", Label(state))], *n as u64)),
+    )?;
+    counter(
+        e,
+        "coordinator_refresh_pages_total",
+        "Refresh mode: purged pages refreshed in every region before the bound, and evicted at it (since coordinator start).",
+        [("refreshed", m.refresh_pages.0), ("evicted", m.refresh_pages.1)]
+            .into_iter()
+            .map(|(outcome, v)| ([("outcome", Label(outcome))], v)),
+    )?;
+    gauge_value(
+        e,
+        "coordinator_refresh_stale_pages",
+        "Refresh mode: purged pages still stale, waiting for their refresh.",
+        m.refresh_stale as f64,
     )?;
     gauge_value(
         e,

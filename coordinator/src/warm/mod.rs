@@ -37,6 +37,9 @@
 //! - [`popular`]: the popular URLs the agents report (`Popular`).
 //! - [`schedule`]: the loop that starts jobs, fires cron entries and re-warms after tag
 //!   purges through the [`tags`] index (`TagIndex`).
+//! - [`refresh`]: refresh mode (`[purge] refresh_tags`): soft tag purges become refresh
+//!   jobs, most requested pages first, merged with a refresh still running, bounded by
+//!   a deadline.
 //!
 //! This file is the facade: [`Warm`] owns the rooms' states, and `Held` (every lock a
 //! job's life touches, taken in order) is how one call changes several rooms at once:
@@ -56,6 +59,7 @@ mod metrics;
 mod popular;
 mod progress;
 mod queue;
+pub mod refresh;
 pub mod schedule;
 pub mod store;
 pub mod tags;
@@ -90,6 +94,7 @@ pub struct Warm {
     progress: Mutex<Progress>,
     tags: Mutex<TagIndex>,
     popular: Mutex<Popular>,
+    refresh_totals: refresh::RefreshTotals,
     changed: watch::Sender<u64>,
 }
 
@@ -189,6 +194,7 @@ impl Warm {
             budget: Mutex::default(),
             progress: Mutex::default(),
             popular: Mutex::default(),
+            refresh_totals: refresh::RefreshTotals::default(),
             changed: watch::channel(0).0,
         };
         warm.hold().load(&warm.store, &warm.config)?;

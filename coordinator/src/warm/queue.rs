@@ -113,15 +113,17 @@ impl Warm {
     /// Queues a job; returns its id.
     pub fn create(&self, spec: JobSpec, origin: JobSource) -> Result<u64, WarmError> {
         spec.validate(&self.regions).map_err(WarmError::Invalid)?;
-        self.create_after(spec, origin, 0)
+        self.create_after(spec, origin, 0, None)
     }
 
-    /// Queues a job that starts on each edge once it applied purge `after_seq`.
+    /// Queues a job that starts on each edge once it applied purge `after_seq` (a
+    /// refresh carries what it refreshes).
     pub(super) fn create_after(
         &self,
         spec: JobSpec,
         source: JobSource,
         after_seq: u64,
+        refresh: Option<super::job::RefreshInfo>,
     ) -> Result<u64, WarmError> {
         let budget = spec
             .rate
@@ -152,6 +154,8 @@ impl Warm {
             after_seq,
             budget,
             regions,
+            refresh,
+            merged_into: None,
             edges: BTreeMap::new(),
         };
         self.store.put_job(&job)?;
@@ -274,7 +278,7 @@ impl Warm {
                 .collect();
             let Some(job) = queue.jobs.values().find(|j| {
                 j.state == JobState::Queued
-                    && (j.source == JobSource::Rewarm
+                    && (matches!(j.source, JobSource::Rewarm | JobSource::Refresh)
                         || !j.regions.iter().any(|r| busy.contains(&r)))
             }) else {
                 return;
@@ -337,7 +341,10 @@ impl Warm {
             job.shards = u32::try_from(urls.len().div_ceil(job.per_shard)).unwrap_or(u32::MAX);
             job.variations = variations;
             job.host = spec.host.clone().or_else(|| self.config.host.clone());
-            job.want_tags = spec.rewarm.unwrap_or(self.config.rewarm_after_purge);
+            // Refresh mode learns every job's tags: a soft purge refreshes what it knows.
+            job.want_tags = spec.rewarm.unwrap_or(
+                self.config.rewarm_after_purge || self.config.refresh_max_stale_s.is_some(),
+            );
             job.edges = edges;
             job.state = JobState::Running;
             job.started_ms = Some(crate::clock::now_ms());

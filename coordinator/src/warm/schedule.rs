@@ -9,7 +9,9 @@
 //! `rewarm_debounce_ms` pass without one (at most four times that in a steady stream), so
 //! a reindex that purges a thousand tags in a burst becomes one re-warm pass:
 //! [`Warm::rewarm`] queues one job per fetch profile for the URLs the [`super::tags`]
-//! index knows carry the purged tags.
+//! index knows carry the purged tags. In refresh mode soft tag purges go to
+//! [`Warm::refresh`] instead, after a much shorter quiet time (see [`super::refresh`]),
+//! and each tick closes the refreshes whose deadline passed.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::ScheduleConfig;
 use super::job::{JobSource, JobSpec, JobState};
+use super::refresh::PendingRefresh;
 use super::Warm;
 use crate::purge::log::PurgeLog;
 
@@ -60,6 +63,7 @@ impl Warm {
             .collect();
         let mut seen_seq = log.head();
         let mut pending = Pending::default();
+        let mut refresh = PendingRefresh::default();
         let debounce = Duration::from_millis(self.config.rewarm_debounce_ms);
         let mut tick = tokio::time::interval(TICK);
         let mut led = None;
@@ -95,7 +99,15 @@ impl Warm {
                     self.fire(schedule);
                 }
             }
-            seen_seq = self.follow_log(&log, seen_seq, &mut pending).await;
+            seen_seq = self
+                .follow_log(&log, seen_seq, &mut pending, &mut refresh)
+                .await;
+            if refresh.due() {
+                let p = std::mem::take(&mut refresh);
+                let tags: Vec<String> = p.tags.into_iter().collect();
+                self.refresh(&tags, p.first_seq, p.last_seq, p.purged_ms);
+            }
+            self.close_deadlines(crate::clock::now_ms());
             let quiet = pending.last_at.is_some_and(|t| t.elapsed() >= debounce);
             let overdue = pending
                 .first_at
@@ -131,7 +143,13 @@ impl Warm {
 
     /// Reads purges after `seen`, collecting their tags; with nothing indexed for re-warm
     /// there is nothing to look up, so it only moves to the head.
-    async fn follow_log(&self, log: &PurgeLog, mut seen: u64, pending: &mut Pending) -> u64 {
+    async fn follow_log(
+        &self,
+        log: &PurgeLog,
+        mut seen: u64,
+        pending: &mut Pending,
+        refresh: &mut PendingRefresh,
+    ) -> u64 {
         if self.tags().is_empty() {
             return log.head();
         }
@@ -144,6 +162,12 @@ impl Warm {
             for e in &entries {
                 seen = e.seq;
                 if let Some(Op::Tags(t)) = &e.op {
+                    if e.soft && self.refreshes() {
+                        if refresh.tags.len() < MAX_PENDING_TAGS {
+                            refresh.add(&t.tags, e.seq, e.received_at_us);
+                        }
+                        continue;
+                    }
                     if pending.tags.len() < MAX_PENDING_TAGS {
                         pending.tags.extend(t.tags.iter().cloned());
                     }
@@ -180,7 +204,7 @@ impl Warm {
                 tracing::warn!(error = %e, "re-warm skipped");
                 continue;
             }
-            match self.create_after(spec, JobSource::Rewarm, after_seq) {
+            match self.create_after(spec, JobSource::Rewarm, after_seq, None) {
                 Ok(id) => ids.push(id),
                 Err(e) => tracing::error!(error = %e, "cannot queue a re-warm"),
             }
