@@ -32,7 +32,7 @@ const FIELDS: [&str; 15] = [
     "MAIN.n_object",
     "MAIN.bans",
     "MAIN.cache_hit_grace",
-    "MAIN.bgfetch",
+    "MAIN.s_bgfetch",
 ];
 
 /// Parses `varnishstat -j` output (Varnish 6.5+: counters under `"counters"`; older
@@ -59,7 +59,7 @@ pub fn parse(json: &[u8], taken_at_ms: u64) -> Result<VarnishStats, String> {
         objects: get("MAIN.n_object"),
         bans: get("MAIN.bans"),
         grace_hits: get("MAIN.cache_hit_grace"),
-        bgfetches: get("MAIN.bgfetch"),
+        bgfetches: get("MAIN.s_bgfetch"),
         child_panics: get("MGT.child_panic"),
         ..VarnishStats::default()
     })

@@ -25,7 +25,10 @@
 # it is a miss, so a purged price is never hidden longer. A satellite's background fetch
 # asks its shield for a fresh copy (X-Tier-Fresh), and a stale copy the shield still
 # answers with (its origin down) says so (X-Cache-Stale): the satellite keeps its own
-# stale copy instead, or stores that one as stale, never as fresh for a day.
+# stale copy instead, or stores that one as stale, never as fresh for a day. A cacheable
+# fetch that fails (5xx or no answer) replaces nothing, and a miss whose fetch failed is
+# tried once more with the whole grace (stale-if-error): the probe takes up to 30 s to
+# call the origin sick, and a stale copy beats an error meanwhile.
 vcl 4.1;
 
 import blob;
@@ -39,6 +42,8 @@ sub vcl_recv {
         unset req.http.X-Warm-Auth;
         unset req.http.X-Warm-Check;
         unset req.http.X-Warm-Fresh;
+        unset req.http.X-Stale-If-Error;
+        unset req.http.X-Fetched;
         if (req.http.X-Warm-Sig ~ "^[0-9]{1,12}\.[0-9a-f]{64}$" &&
             std.integer(regsub(req.http.X-Warm-Sig, "\..*$", ""), 0) >= std.integer(time=now) - 30 &&
             std.integer(regsub(req.http.X-Warm-Sig, "\..*$", ""), 0) <= std.integer(time=now) + 5) {
@@ -156,7 +161,9 @@ sub vcl_recv {
     }
     # Grace (see the top of this file): bounded while the backend is healthy, none for a
     # request that wants a fresh copy, the whole of it while the backend is sick.
-    if (std.healthy(req.backend_hint)) {
+    if (req.http.X-Stale-If-Error) {
+        set req.grace = 3d;
+    } else if (std.healthy(req.backend_hint)) {
         set req.grace = ${max_stale_s}s;
         if (req.http.X-Warm-Fresh == "1") {
             set req.grace = 0s;
@@ -185,11 +192,15 @@ sub vcl_backend_fetch {
         set bereq.http.X-Tier-Fresh = "1";
     }
     unset bereq.http.X-Warm-Fresh;
+    unset bereq.http.X-Fetched;
+    unset bereq.http.X-Stale-If-Error;
 }
 
 sub vcl_backend_response {
-    # A background fetch that failed keeps the stale copy being served.
-    if (bereq.is_bgfetch && beresp.status >= 500) {
+    # A fetch that wants a fresh copy (a background fetch, a satellite's or a refresh's
+    # through the shield) and failed keeps the stale copy being served: nothing, not even
+    # a hit-for-miss, replaces it.
+    if (beresp.status >= 500 && !bereq.uncacheable) {
         return (abandon);
     }
     # The shield answered with a stale copy (its origin is down): keep ours.
@@ -217,6 +228,30 @@ sub vcl_backend_response {
         set beresp.ttl = 0s;
     }
     return (deliver);
+}
+
+sub vcl_backend_error {
+    # Same when the backend did not answer at all.
+    if (!bereq.uncacheable) {
+        return (abandon);
+    }
+}
+
+sub vcl_synth {
+    # A cache miss's fetch failed: once more, with the whole grace (a stale copy beats an
+    # error).
+    if (resp.status == 503 && req.http.X-Fetched == "miss" && !req.http.X-Stale-If-Error) {
+        set req.http.X-Stale-If-Error = "1";
+        return (restart);
+    }
+}
+
+sub vcl_miss {
+    # No stale copy either: do not ask the failing origin twice.
+    if (req.http.X-Stale-If-Error) {
+        return (synth(503, "Origin unavailable"));
+    }
+    set req.http.X-Fetched = "miss";
 }
 
 sub vcl_deliver {
