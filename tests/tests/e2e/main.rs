@@ -21,6 +21,7 @@ mod hostile;
 mod monitor;
 mod package;
 mod purge;
+mod refresh;
 mod robustness;
 mod security;
 mod state;

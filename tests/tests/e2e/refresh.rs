@@ -1,0 +1,447 @@
+//! Refresh mode (`[purge] refresh_tags`) end to end, against real varnishd with xkey: a
+//! tag purge keeps the pages, stale, in every region; shoppers are served the stale copy
+//! at once while one background fetch re-renders it, and in a tiered cluster the origin
+//! renders it once for every region (a satellite's background fetch waits for the
+//! shield's fresh copy, it never takes the shield's stale one). The stale copy is bounded
+//! (`refresh_max_stale_s`: past it an untouched page is a miss), outlives the bound only
+//! while the origin is down, and is never stored as fresh by a satellite. Full flushes and
+//! `X-Pool` stay hard; Magento's own `X-Magento-Purge-Soft: 1` keeps working without the
+//! mode.
+//!
+//! The pages here are cached by shoppers' requests, not by warm jobs, so the coordinator's
+//! tag index does not know them and no refresh job runs: what these tests see is the VCL
+//! alone. The refresh jobs have their own tests below them.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::{
+    assert_eventually, assert_stays, get, get_json, magento_purge, purge_tags, raw, tags_pattern,
+    Cluster, CoordinatorOpts, Resp,
+};
+
+/// Refresh mode with a stale bound of `max_stale_s`.
+fn refresh(max_stale_s: u64) -> CoordinatorOpts {
+    CoordinatorOpts {
+        refresh_tags: true,
+        refresh_max_stale_s: max_stale_s,
+        ..CoordinatorOpts::default()
+    }
+}
+
+/// `GET path` and how long the answer took.
+async fn timed_get(addr: SocketAddr, path: &str) -> (Resp, Duration) {
+    let started = Instant::now();
+    let r = get(addr, path).await;
+    (r, started.elapsed())
+}
+
+/// The origin's render number a page carries (`X-Origin-Render`), 0 without one.
+fn render_of(r: &Resp) -> u64 {
+    r.header("X-Origin-Render")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Caches `paths` as shoppers do, shield first: after it every region answers HIT and the
+/// origin rendered each page once.
+async fn shop(cluster: &Cluster, paths: &[&str]) {
+    for p in paths {
+        for (i, v) in cluster.varnish.iter().enumerate() {
+            get(v.http, p).await;
+            let r = get(v.http, p).await;
+            assert_eq!(
+                (r.status, r.cache()),
+                (200, "HIT"),
+                "{p} not cached in region-{i}"
+            );
+        }
+        assert_eq!(cluster.origin.origin.renders(p), 1, "{p} rendered once");
+    }
+}
+
+/// Each region's `varnishstat` counter `name`.
+fn counters(cluster: &Cluster, name: &str) -> Vec<u64> {
+    cluster.varnish.iter().map(|v| v.counter(name)).collect()
+}
+
+/// `GET /api/v1/purges/{seq}`.
+async fn purge_status(cluster: &Cluster, seq: u64) -> Value {
+    get_json(cluster.coordinator.api, &format!("/api/v1/purges/{seq}"))
+        .await
+        .unwrap_or(Value::Null)
+}
+
+/// Each region's (name, health, diagnosis, error) from `GET /api/v1/regions`.
+async fn health(cluster: &Cluster) -> Vec<(String, String, String, String)> {
+    cluster
+        .coordinator
+        .regions()
+        .await
+        .into_values()
+        .map(|r| {
+            (
+                r.name,
+                coordinator::api::views::name_of(&r.health),
+                r.diagnosis
+                    .map(|d| d.as_str().to_owned())
+                    .unwrap_or_default(),
+                r.health_error.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// A PURGE with these extra header lines; the acknowledged sequence.
+async fn purge_with(cluster: &Cluster, headers: &str) -> u64 {
+    let req = format!("PURGE / HTTP/1.1\r\n{headers}Host: coordinator.internal\r\n\r\n");
+    let r = raw(cluster.coordinator.purge, req.as_bytes())
+        .await
+        .expect("purge");
+    assert_eq!(r.status, 200, "purge answered {}: {}", r.status, r.body);
+    r.json()["seq"].as_u64().expect("seq in purge answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_purge_serves_every_region_the_stale_copy_at_once_and_renders_it_once() {
+    let c = Cluster::start_as(3, "xkey", refresh(30), true).await;
+    let origin = c.origin.origin.clone();
+    shop(&c, &["/p/1"]).await;
+    let bgfetch = counters(&c, "MAIN.s_bgfetch");
+
+    let render = Duration::from_millis(1500);
+    origin.set_delay(render);
+    let seq = purge_tags(c.coordinator.purge, &["cat_p_1"]).await;
+    assert_eq!(purge_status(&c, seq).await["soft"], true, "logged soft");
+    c.wait_applied(seq).await;
+
+    // Every region at once, satellites first (their background fetches reach the shield
+    // while its copy is still stale): the copy rendered before the purge, well under the
+    // render time.
+    for (i, v) in c.varnish.iter().enumerate().rev() {
+        let (r, took) = timed_get(v.http, "/p/1").await;
+        assert_eq!(r.status, 200, "region-{i}");
+        assert_eq!(render_of(&r), 1, "region-{i} serves the stale copy: {r:?}");
+        assert!(
+            took < render / 3,
+            "region-{i} made the shopper wait {took:?} (the render takes {render:?})"
+        );
+    }
+    // Then the fresh copy everywhere, and no shopper waited meanwhile.
+    let mut slowest = Duration::ZERO;
+    assert_eventually!(
+        15,
+        {
+            let mut fresh = true;
+            for v in &c.varnish {
+                let (r, took) = timed_get(v.http, "/p/1").await;
+                slowest = slowest.max(took);
+                fresh &= r.status == 200 && render_of(&r) == 2;
+            }
+            fresh
+        },
+        "not every region serves the fresh render ({} renders)",
+        origin.renders("/p/1")
+    );
+    assert!(
+        slowest < render / 3,
+        "a shopper waited {slowest:?} while the page refreshed"
+    );
+    assert_eq!(
+        origin.renders("/p/1"),
+        2,
+        "the refresh rendered the page once for three regions"
+    );
+    // Each satellite fetched in the background exactly once: it waited for the shield's
+    // fresh copy instead of taking its stale one (which it would have abandoned, and
+    // fetched again at the next request).
+    let after = counters(&c, "MAIN.s_bgfetch");
+    for i in 1..3 {
+        assert_eq!(
+            after[i] - bgfetch[i],
+            1,
+            "region-{i}'s background fetches: {bgfetch:?} -> {after:?}"
+        );
+    }
+    assert!(after[0] - bgfetch[0] <= 1, "{bgfetch:?} -> {after:?}");
+    // The coordinator counts both, per edge, from the agents' varnishstat.
+    for (metric, edge) in [
+        ("coordinator_varnish_stale_answers_total", "edge-1"),
+        ("coordinator_varnish_background_fetches_total", "edge-1"),
+        ("coordinator_varnish_stale_answers_total", "edge-0"),
+    ] {
+        let mut seen;
+        assert_eventually!(
+            10,
+            {
+                seen = metric_value(&c, metric, edge).await;
+                seen >= Some(1.0)
+            },
+            "{metric} for {edge}: {seen:?}"
+        );
+    }
+}
+
+/// A metric's value for one edge in `/metrics` (its `edge` label), if exported.
+async fn metric_value(cluster: &Cluster, name: &str, edge: &str) -> Option<f64> {
+    let text = get(cluster.coordinator.api, "/metrics").await.body;
+    let label = format!("edge=\"{edge}\"");
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_bound_an_untouched_page_is_a_miss_that_waits_for_a_fresh_render() {
+    let bound = 3;
+    let c = Cluster::start_as(2, "xkey", refresh(bound), true).await;
+    let origin = c.origin.origin.clone();
+    shop(&c, &["/p/2", "/p/3"]).await;
+    let seq = purge_tags(c.coordinator.purge, &["cat_p_2", "cat_p_3"]).await;
+    c.wait_applied(seq).await;
+    let applied = Instant::now();
+    let render = Duration::from_millis(1000);
+    origin.set_delay(render);
+    // No shopper asks for the pages until the bound passed: time passing is the point.
+    tokio::time::sleep_until((applied + Duration::from_secs(bound + 1)).into()).await;
+
+    // The shield: a miss that waits for the origin's fresh render.
+    let (r, took) = timed_get(c.varnish[0].http, "/p/3").await;
+    assert_eq!(
+        (r.status, r.cache(), render_of(&r)),
+        (200, "MISS", 2),
+        "{r:?}"
+    );
+    assert!(
+        took >= render,
+        "the shield answered in {took:?}: not a render"
+    );
+    // A satellite: a miss at both layers, waiting for the origin too.
+    let (r, took) = timed_get(c.varnish[1].http, "/p/2").await;
+    assert_eq!(
+        (r.status, r.cache(), render_of(&r)),
+        (200, "MISS", 2),
+        "{r:?}"
+    );
+    assert!(
+        took >= render,
+        "the satellite answered in {took:?}: not a render"
+    );
+    // A satellite whose shield was refreshed meanwhile: its own stale copy is past the
+    // bound too, it takes the shield's fresh one.
+    let (r, _) = timed_get(c.varnish[1].http, "/p/3").await;
+    assert_eq!(
+        (r.status, r.cache(), render_of(&r)),
+        (200, "MISS", 2),
+        "{r:?}"
+    );
+    assert_eq!((origin.renders("/p/2"), origin.renders("/p/3")), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_origin_down_shoppers_keep_the_stale_copy_past_the_bound_and_regions_say_why() {
+    let bound = 3;
+    let extra = "[monitoring]\norigin = \"{origin}\"\nfailures_to_down = 3\nsuccesses_to_up = 2\n\
+         [[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\ntimeout_ms = 1000\nslow_ms = 5000\n";
+    let c = Cluster::start_as(
+        3,
+        "xkey",
+        CoordinatorOpts {
+            extra: extra.into(),
+            ..refresh(bound)
+        },
+        true,
+    )
+    .await;
+    assert_eventually!(
+        20,
+        health(&c).await.iter().all(|(_, h, _, _)| h == "up"),
+        "regions not up: {:?}",
+        health(&c).await
+    );
+    shop(&c, &["/p/4"]).await;
+
+    // The origin stops, then a reindex purges the page.
+    c.origin.stop();
+    let seq = purge_tags(c.coordinator.purge, &["cat_p_4"]).await;
+    c.wait_applied(seq).await;
+    let applied = Instant::now();
+    // Every region keeps answering the stale copy, past the bound too: a shopper never
+    // gets an error while a copy is in grace.
+    let mut last = Vec::new();
+    assert_stays!(
+        bound + 4,
+        {
+            last.clear();
+            for v in &c.varnish {
+                let r = get(v.http, "/p/4").await;
+                last.push((r.status, render_of(&r)));
+            }
+            last.iter().all(|a| *a == (200, 1))
+        },
+        "(status, render) per region {:.1} s after the purge, the origin down: {last:?}; varnish's backends: {}",
+        applied.elapsed().as_secs_f64(),
+        c.varnish[0].admin("backend.list").await
+    );
+    // The regions say what is wrong: the origin, not the edges, and not that all is fine.
+    assert_eventually!(
+        20,
+        health(&c)
+            .await
+            .iter()
+            .all(|(_, h, d, _)| h == "down" && d == "origin_down_everywhere"),
+        "regions with the origin down: {:?}",
+        health(&c).await
+    );
+    eprintln!(
+        "figure: origin down in refresh mode: regions say {:?}",
+        health(&c).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_satellite_never_keeps_the_shields_stale_copy_as_fresh() {
+    let c = Cluster::start_as(3, "xkey", refresh(30), true).await;
+    let origin = c.origin.origin.clone();
+    // /p/5 is cached everywhere, /p/6 at the shield only.
+    shop(&c, &["/p/5"]).await;
+    get(c.varnish[0].http, "/p/6").await;
+
+    // The origin answers 503 to every page; a reindex purges both.
+    origin.set_fail_every(1);
+    let seq = purge_tags(c.coordinator.purge, &["cat_p_5", "cat_p_6"]).await;
+    c.wait_applied(seq).await;
+    // Shoppers get the stale copies, /p/6 at the satellites from the shield's stale copy
+    // (their background fetches fail and are abandoned).
+    for round in 0..3 {
+        for (i, v) in c.varnish.iter().enumerate() {
+            for p in ["/p/5", "/p/6"] {
+                let r = get(v.http, p).await;
+                assert_eq!(
+                    (r.status, render_of(&r)),
+                    (200, 1),
+                    "round {round}: {p} in region-{i} with the origin failing: {r:?}"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "figure: origin answering 503 to every page (its health check 200): regions say {:?}",
+        health(&c).await
+    );
+
+    // The origin is back: the next requests refresh every copy, the satellites' /p/6 too
+    // (stored stale, not as fresh for a day).
+    origin.set_fail_every(0);
+    let mut last = Vec::new();
+    assert_eventually!(
+        15,
+        {
+            last.clear();
+            for v in &c.varnish {
+                for p in ["/p/5", "/p/6"] {
+                    last.push(render_of(&get(v.http, p).await));
+                }
+            }
+            last.iter().all(|n| *n == 2)
+        },
+        "renders served (region-0 /p/5 /p/6, region-1 ...): {last:?}"
+    );
+    assert_eq!(
+        (origin.renders("/p/5"), origin.renders("/p/6")),
+        (2, 2),
+        "one fresh render each for every region"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_flushes_and_pools_stay_hard_purges_in_refresh_mode() {
+    let c = Cluster::start_as(2, "xkey", refresh(30), true).await;
+    let origin = c.origin.origin.clone();
+    shop(
+        &c,
+        &["/p/7", "/untagged/x?pool=blue", "/untagged/y?pool=green"],
+    )
+    .await;
+
+    // X-Pool: the pool's pages are gone at both layers, the shield's request is a render.
+    let seq = purge_with(&c, "X-Pool: ^blue$\r\n").await;
+    assert_eq!(purge_status(&c, seq).await["soft"], false);
+    c.wait_applied(seq).await;
+    for (i, v) in c.varnish.iter().enumerate() {
+        let r = get(v.http, "/untagged/x?pool=blue").await;
+        assert_eq!((r.cache(), render_of(&r)), ("MISS", 2), "region-{i}: {r:?}");
+        let r = get(v.http, "/untagged/y?pool=green").await;
+        assert_eq!((r.cache(), render_of(&r)), ("HIT", 1), "region-{i}: {r:?}");
+    }
+
+    // A full flush: everything is gone, tagged or not.
+    let r = raw(c.coordinator.purge, &magento_purge(".*"))
+        .await
+        .expect("purge");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seq = r.json()["seq"].as_u64().expect("seq");
+    assert_eq!(purge_status(&c, seq).await["soft"], false);
+    c.wait_applied(seq).await;
+    for (i, v) in c.varnish.iter().enumerate() {
+        for p in ["/p/7", "/untagged/y?pool=green"] {
+            let r = get(v.http, p).await;
+            assert_eq!(
+                (r.cache(), render_of(&r)),
+                ("MISS", 2),
+                "{p} in region-{i}: {r:?}"
+            );
+        }
+    }
+    assert_eq!(origin.renders("/p/7"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn magentos_soft_purge_still_serves_stale_without_refresh_tags() {
+    let c = Cluster::start_as(3, "xkey", CoordinatorOpts::default(), true).await;
+    let origin = c.origin.origin.clone();
+    shop(&c, &["/p/8", "/p/9"]).await;
+
+    // Without the mode a tag purge is Magento's: the page is gone.
+    let seq = purge_tags(c.coordinator.purge, &["cat_p_9"]).await;
+    assert_eq!(purge_status(&c, seq).await["soft"], false);
+    c.wait_applied(seq).await;
+    for (i, v) in c.varnish.iter().enumerate() {
+        let r = get(v.http, "/p/9").await;
+        assert_eq!((r.cache(), render_of(&r)), ("MISS", 2), "region-{i}: {r:?}");
+    }
+
+    // Magento's soft purge: the stale copy at once everywhere, then one fresh render.
+    let render = Duration::from_millis(1000);
+    origin.set_delay(render);
+    let seq = purge_with(
+        &c,
+        &format!(
+            "X-Magento-Tags-Pattern: {}\r\nX-Magento-Purge-Soft: 1\r\n",
+            tags_pattern(&["cat_p_8"])
+        ),
+    )
+    .await;
+    assert_eq!(purge_status(&c, seq).await["soft"], true);
+    c.wait_applied(seq).await;
+    for (i, v) in c.varnish.iter().enumerate().rev() {
+        let (r, took) = timed_get(v.http, "/p/8").await;
+        assert_eq!((r.status, render_of(&r)), (200, 1), "region-{i}: {r:?}");
+        assert!(took < render / 2, "region-{i} waited {took:?}");
+    }
+    assert_eventually!(
+        15,
+        {
+            let mut fresh = true;
+            for v in &c.varnish {
+                fresh &= render_of(&get(v.http, "/p/8").await) == 2;
+            }
+            fresh
+        },
+        "not refreshed everywhere ({} renders)",
+        origin.renders("/p/8")
+    );
+    assert_eq!(origin.renders("/p/8"), 2, "once for three regions");
+}
