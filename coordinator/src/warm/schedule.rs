@@ -31,6 +31,8 @@ use crate::purge::log::PurgeLog;
 pub const TICK: Duration = Duration::from_millis(250);
 /// Most tags one re-warm pass collects (a full reindex is a warm job, not a re-warm).
 const MAX_PENDING_TAGS: usize = 100_000;
+/// Most log entries a restarted refresh looks back over.
+const LOOK_BACK: usize = 10_000;
 
 /// Tag purges waiting for the quiet time.
 #[derive(Debug, Default)]
@@ -67,6 +69,7 @@ impl Warm {
         let debounce = Duration::from_millis(self.config.rewarm_debounce_ms);
         let mut tick = tokio::time::interval(TICK);
         let mut led = None;
+        let mut was_leading = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -88,7 +91,14 @@ impl Warm {
             }
             if !leads {
                 seen_seq = log.head();
+                was_leading = false;
                 continue;
+            }
+            if !was_leading {
+                // A restart or a new leader: pick up the purges the previous run had not
+                // turned into a refresh yet.
+                seen_seq = self.follow_from(&log).await;
+                was_leading = true;
             }
             self.drop_stuck_edges();
             self.start_next().await;
@@ -117,6 +127,36 @@ impl Warm {
                 let tags: Vec<String> = p.tags.into_iter().collect();
                 self.rewarm(&tags, p.last_seq);
             }
+        }
+    }
+
+    /// Where to start following the log: its head, or in refresh mode just before the
+    /// first purge younger than the bound that no refresh job covers yet.
+    async fn follow_from(&self, log: &PurgeLog) -> u64 {
+        let head = log.head();
+        let Some(max_stale_s) = self.config.refresh_max_stale_s else {
+            return head;
+        };
+        let covered = self
+            .queue()
+            .jobs
+            .values()
+            .filter_map(|j| j.refresh.as_ref().map(|r| r.last_seq))
+            .max()
+            .unwrap_or(0);
+        let since_us = crate::clock::now_ms()
+            .saturating_sub(max_stale_s.saturating_mul(1000))
+            .saturating_mul(1000);
+        let from = head.saturating_sub(LOOK_BACK as u64).max(covered) + 1;
+        if from > head {
+            return head;
+        }
+        match log.read_from(from, LOOK_BACK).await {
+            Ok(entries) => entries
+                .iter()
+                .find(|e| e.received_at_us >= since_us)
+                .map_or(head, |e| e.seq - 1),
+            Err(_) => head,
         }
     }
 
