@@ -31,8 +31,6 @@ use crate::purge::log::PurgeLog;
 pub const TICK: Duration = Duration::from_millis(250);
 /// Most tags one re-warm pass collects (a full reindex is a warm job, not a re-warm).
 const MAX_PENDING_TAGS: usize = 100_000;
-/// Most log entries a restarted refresh looks back over.
-const LOOK_BACK: usize = 10_000;
 
 /// Tag purges waiting for the quiet time.
 #[derive(Debug, Default)]
@@ -70,6 +68,7 @@ impl Warm {
         let mut tick = tokio::time::interval(TICK);
         let mut led = None;
         let mut was_leading = false;
+        let mut relearn: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -95,10 +94,16 @@ impl Warm {
                 continue;
             }
             if !was_leading {
-                // A restart or a new leader: pick up the purges the previous run had not
-                // turned into a refresh yet.
-                seen_seq = self.follow_from(&log).await;
+                // A restart or a new leader: its tag index is empty (it is not stored).
                 was_leading = true;
+                relearn = self.refreshes().then(Instant::now);
+            }
+            // Give a first warm job the chance to teach the index, and the agents time to
+            // report their popular pages.
+            if relearn.is_some_and(|t| t.elapsed() >= super::refresh::RELEARN_AFTER)
+                && (!self.tags().is_empty() || self.relearn_tags().is_some())
+            {
+                relearn = None;
             }
             self.drop_stuck_edges();
             self.start_next().await;
@@ -127,36 +132,6 @@ impl Warm {
                 let tags: Vec<String> = p.tags.into_iter().collect();
                 self.rewarm(&tags, p.last_seq);
             }
-        }
-    }
-
-    /// Where to start following the log: its head, or in refresh mode just before the
-    /// first purge younger than the bound that no refresh job covers yet.
-    async fn follow_from(&self, log: &PurgeLog) -> u64 {
-        let head = log.head();
-        let Some(max_stale_s) = self.config.refresh_max_stale_s else {
-            return head;
-        };
-        let covered = self
-            .queue()
-            .jobs
-            .values()
-            .filter_map(|j| j.refresh.as_ref().map(|r| r.last_seq))
-            .max()
-            .unwrap_or(0);
-        let since_us = crate::clock::now_ms()
-            .saturating_sub(max_stale_s.saturating_mul(1000))
-            .saturating_mul(1000);
-        let from = head.saturating_sub(LOOK_BACK as u64).max(covered) + 1;
-        if from > head {
-            return head;
-        }
-        match log.read_from(from, LOOK_BACK).await {
-            Ok(entries) => entries
-                .iter()
-                .find(|e| e.received_at_us >= since_us)
-                .map_or(head, |e| e.seq - 1),
-            Err(_) => head,
         }
     }
 
