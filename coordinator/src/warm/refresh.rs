@@ -136,7 +136,7 @@ impl Warm {
         if ranked.is_empty() {
             return None;
         }
-        ranked.sort_by(|a, b| b.1.cmp(&a.1));
+        ranked.sort_by_key(|u| std::cmp::Reverse(u.1));
         ranked.truncate(RELEARN_PAGES);
         let spec = JobSpec {
             urls: ranked.into_iter().map(|(u, _)| u).collect(),
