@@ -185,6 +185,7 @@ impl Coordinator {
                 edges.clone(),
             )?,
         };
+        warm.set_traffic(traffic.clone());
         let purge_counters = PurgeCounters::default();
         let geo = match &config.geo {
             Some(g) => Some(Arc::new(Geo::open(

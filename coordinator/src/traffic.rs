@@ -406,6 +406,25 @@ impl Traffic {
             .collect()
     }
 
+    /// Background fetches per second in `regions` over the `window_ms` before `now_ms`:
+    /// the origin (or shield) requests shoppers' stale hits start.
+    pub fn bgfetch_rate(&self, regions: &[&str], now_ms: u64, window_ms: u64) -> f64 {
+        let edges = self.lock();
+        let mut sum = 0;
+        for e in edges
+            .values()
+            .filter(|e| regions.contains(&e.region.as_str()))
+        {
+            for (t, d) in e.samples.iter().rev() {
+                if *t + window_ms <= now_ms {
+                    break;
+                }
+                sum += d.bgfetches;
+            }
+        }
+        sum as f64 * 1000.0 / window_ms.max(1) as f64
+    }
+
     /// Per-edge summaries at `now_ms`, by edge id, of the edges whose samples this
     /// coordinator's own sessions brought (not relayed ones).
     pub fn own_edges(&self, now_ms: u64) -> BTreeMap<String, (String, Summary, Delta)> {

@@ -548,7 +548,14 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<(), Demo
         let text = serde_json::to_string_pretty(&cluster).unwrap_or_default();
         // It holds the API token.
         process::write_private(&dir.join("cluster.json"), text.as_bytes())?;
-        print_howto(&dir, &regions, port(1), port(3), origin_addr);
+        print_howto(
+            &dir,
+            &regions,
+            port(1),
+            port(3),
+            origin_addr,
+            args.refresh_tags,
+        );
         if config.geo.is_some() {
             print_geo_howto(&dir, port(3), port(4));
         }
@@ -611,6 +618,7 @@ fn print_howto(
     purge: SocketAddr,
     api: SocketAddr,
     origin: SocketAddr,
+    refresh: bool,
 ) {
     let http = |i: usize| {
         regions
@@ -647,10 +655,18 @@ fn print_howto(
     daemon::say!(
         "  curl -si -X PURGE -H 'X-Magento-Tags-Pattern: ((^|,)cat_p_42(,|$))' http://{purge}/"
     );
-    daemon::say!("  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS: purged");
-    daemon::say!(
-        "  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS: purged there too"
-    );
+    if refresh {
+        daemon::say!("  curl -si {host} http://{first}/p/42 | grep -i -e cache-debug -e render   # HIT at once: the stale copy (refresh mode)");
+        daemon::say!("  curl -si {host} http://{second}/p/42 | grep -i -e cache-debug -e render  # a second later: the new render, everywhere");
+        daemon::say!("  curl -s  http://{origin}/__origin/renders?url=/p/42          # rendered once more, for every region (once if tiered)");
+    } else {
+        daemon::say!(
+            "  curl -si {host} http://{first}/p/42 | grep -i cache-debug    # MISS: purged"
+        );
+        daemon::say!(
+            "  curl -si {host} http://{second}/p/42 | grep -i cache-debug    # MISS: purged there too"
+        );
+    }
     daemon::say!("  curl -s  http://{api}/api/v1/purges/1                         # when each edge applied it");
     daemon::say!("  {bin} status --api http://{api}");
     daemon::say!("\nChange config (VCL + WAF), canary region first:");

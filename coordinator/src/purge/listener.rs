@@ -440,7 +440,10 @@ mod tests {
         assert!(!logged_soft(&PurgeOp::All, false, true));
         assert!(!logged_soft(&pool, false, true));
         assert!(!logged_soft(&PurgeOp::TagsRegex("^x".into()), false, true));
-        assert!(logged_soft(&PurgeOp::All, true, true), "Magento's own soft purge stays soft");
+        assert!(
+            logged_soft(&PurgeOp::All, true, true),
+            "Magento's own soft purge stays soft"
+        );
     }
 
     #[test]

@@ -153,6 +153,11 @@ struct ShardSpec {
     want_tags: bool,
 }
 
+/// How far back shoppers' background fetches are counted against a refresh's budget.
+const BGFETCH_WINDOW_MS: u64 = 5_000;
+/// The least of its budget a refresh keeps however busy the background fetches are.
+const MIN_REFRESH_SHARE: f64 = 0.2;
+
 impl Warm {
     /// A warm-capable session started. An edge new to a running job's regions (added to
     /// the fleet mid-job) joins the job.
@@ -440,7 +445,17 @@ impl Warm {
         if job.shield.as_deref().is_some_and(|s| s != region) {
             return self.config.satellite_rate;
         }
-        let rate = budget.rate_of(job.id).unwrap_or(job.budget);
+        let mut rate = budget.rate_of(job.id).unwrap_or(job.budget);
+        // A refresh shares the origin with shoppers' background fetches (their stale hits
+        // in the origin-bound regions): what they took in the last seconds is not its.
+        if let (JobSource::Refresh, Some(traffic)) = (&job.source, self.traffic.get()) {
+            let bound: Vec<&str> = match &job.shield {
+                Some(s) => vec![s.as_str()],
+                None => job.regions.iter().map(String::as_str).collect(),
+            };
+            let taken = traffic.bgfetch_rate(&bound, crate::clock::now_ms(), BGFETCH_WINDOW_MS);
+            rate = (rate - taken).max(rate * MIN_REFRESH_SHARE);
+        }
         let working = job
             .edges
             .values()

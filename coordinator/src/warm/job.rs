@@ -614,6 +614,9 @@ mod tests {
         assert_eq!((r.refreshed, r.stale, r.evicted), (20, 0, 55));
         job.merged_into = Some(9);
         let r = job.refresh_progress(1000).unwrap();
-        assert_eq!((r.pages, r.stale, r.evicted, r.merged_into), (20, 0, 0, Some(9)));
+        assert_eq!(
+            (r.pages, r.stale, r.evicted, r.merged_into),
+            (20, 0, 0, Some(9))
+        );
     }
 }

@@ -95,6 +95,8 @@ pub struct Warm {
     tags: Mutex<TagIndex>,
     popular: Mutex<Popular>,
     refresh_totals: refresh::RefreshTotals,
+    /// The fleet's counters: shoppers' background fetches share a refresh's budget.
+    traffic: std::sync::OnceLock<Arc<crate::traffic::Traffic>>,
     changed: watch::Sender<u64>,
 }
 
@@ -195,10 +197,16 @@ impl Warm {
             progress: Mutex::default(),
             popular: Mutex::default(),
             refresh_totals: refresh::RefreshTotals::default(),
+            traffic: std::sync::OnceLock::new(),
             changed: watch::channel(0).0,
         };
         warm.hold().load(&warm.store, &warm.config)?;
         Ok(Arc::new(warm))
+    }
+
+    /// Lets a refresh count shoppers' background fetches against its origin budget.
+    pub fn set_traffic(&self, traffic: Arc<crate::traffic::Traffic>) {
+        let _ = self.traffic.set(traffic);
     }
 
     /// The store (for a backup's copy).

@@ -16,6 +16,13 @@
 //! running is cancelled and its unfinished pages join the new one, so a second reindex
 //! during the first refreshes each page once more at most.
 //!
+//! **Relearned.** The tag index is not stored: a restarted coordinator, or a new leader,
+//! knows no page's tags. A minute later, if no warm job taught it meanwhile and the
+//! agents have reported their popular URLs, it queues one
+//! job (source `refresh`, no purge) that fetches the most requested pages through one
+//! region's varnish with `X-Warm-Refresh: stale`: cached pages answer from the cache
+//! (no render), and the index learns their tags again.
+//!
 //! **Bounded.** A page not refreshed `refresh_max_stale_s` after the purge is no longer
 //! served stale (the VCL's `${max_stale_s}`); at that deadline the job's count of pages
 //! refreshed everywhere is frozen, and the rest are counted evicted at the bound.
@@ -30,6 +37,10 @@ use super::Warm;
 /// sends its purges in a burst), and the longest a steady stream delays it.
 pub const QUIET: std::time::Duration = std::time::Duration::from_millis(300);
 pub const OVERDUE: std::time::Duration = std::time::Duration::from_millis(1500);
+/// How long after it starts leading a coordinator with an empty tag index relearns it.
+pub const RELEARN_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most requested pages a relearning job fetches.
+const RELEARN_PAGES: usize = 10_000;
 
 impl Warm {
     /// Whether soft tag purges are refreshed (`[purge] refresh_tags`).
@@ -107,6 +118,46 @@ impl Warm {
         ids
     }
 
+    /// Queues the job that teaches an empty tag index the most requested pages' tags
+    /// again (see the module doc); `None` while no region reported popular URLs.
+    pub(super) fn relearn_tags(&self) -> Option<u64> {
+        let region = self
+            .config
+            .shield
+            .clone()
+            .or_else(|| self.regions.first().cloned())?;
+        let mut seen = HashSet::new();
+        let mut ranked: Vec<(String, u64)> = self
+            .top(&self.regions, RELEARN_PAGES)
+            .into_values()
+            .flatten()
+            .filter(|(u, _)| seen.insert(path_of(u).to_owned()))
+            .collect();
+        if ranked.is_empty() {
+            return None;
+        }
+        ranked.sort_by_key(|u| std::cmp::Reverse(u.1));
+        ranked.truncate(RELEARN_PAGES);
+        let spec = JobSpec {
+            urls: ranked.into_iter().map(|(u, _)| u).collect(),
+            regions: Some(vec![region]),
+            tiered: Some(false),
+            rewarm: Some(true),
+            only_stale: true,
+            ..JobSpec::default()
+        };
+        match self.create(spec, JobSource::Refresh) {
+            Ok(id) => {
+                tracing::info!(job_id = id, "relearning the most requested pages' tags");
+                Some(id)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot queue the tag relearning job");
+                None
+            }
+        }
+    }
+
     /// Shoppers' requests per path and query, summed over every region's popular URLs.
     fn popularity(&self) -> HashMap<String, u64> {
         let mut rank: HashMap<String, u64> = HashMap::new();
@@ -132,6 +183,7 @@ impl Warm {
                 .values()
                 .filter(|j| {
                     j.source == JobSource::Refresh
+                        && j.refresh.is_some()
                         && matches!(j.state, JobState::Queued | JobState::Running)
                         && j.spec.host == profile.host
                         && j.spec.variations.as_deref() == Some(variations)

@@ -67,6 +67,8 @@ impl Warm {
         let debounce = Duration::from_millis(self.config.rewarm_debounce_ms);
         let mut tick = tokio::time::interval(TICK);
         let mut led = None;
+        let mut was_leading = false;
+        let mut relearn: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -88,7 +90,20 @@ impl Warm {
             }
             if !leads {
                 seen_seq = log.head();
+                was_leading = false;
                 continue;
+            }
+            if !was_leading {
+                // A restart or a new leader: its tag index is empty (it is not stored).
+                was_leading = true;
+                relearn = self.refreshes().then(Instant::now);
+            }
+            // Give a first warm job the chance to teach the index, and the agents time to
+            // report their popular pages.
+            if relearn.is_some_and(|t| t.elapsed() >= super::refresh::RELEARN_AFTER)
+                && (!self.tags().is_empty() || self.relearn_tags().is_some())
+            {
+                relearn = None;
             }
             self.drop_stuck_edges();
             self.start_next().await;

@@ -268,3 +268,29 @@ prefix = \"/secret\"
     );
     demo.stop(Duration::from_secs(30)).await;
 }
+
+#[test]
+fn the_demo_refuses_refresh_mode_with_bans_and_says_why() {
+    let dir = temp_dir();
+    let out = std::process::Command::new(bin_dir().join("coordinator"))
+        .args([
+            "demo",
+            "--refresh-tags",
+            "--purge-mode",
+            "ban",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("demo"))
+        .output()
+        .expect("run coordinator demo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--refresh-tags needs --purge-mode xkey") && err.lines().count() == 1,
+        "one line naming the reason: {err}"
+    );
+    assert!(
+        !dir.path().join("demo").exists(),
+        "nothing is started or written"
+    );
+}
