@@ -445,3 +445,469 @@ async fn magentos_soft_purge_still_serves_stale_without_refresh_tags() {
     );
     assert_eq!(origin.renders("/p/8"), 2, "once for three regions");
 }
+
+// The refresh jobs: the coordinator re-renders the purged pages its tag index knows (learnt
+// from a warm job), with no shopper asking.
+
+/// Refresh mode with a stale bound of `max_stale_s` and `[warm]` keys `warm`.
+fn refresh_warm(max_stale_s: u64, warm: &str) -> CoordinatorOpts {
+    CoordinatorOpts {
+        warm_extra: warm.to_owned(),
+        ..refresh(max_stale_s)
+    }
+}
+
+/// `/p/1..=n`.
+fn products(n: u32) -> Vec<String> {
+    (1..=n).map(|p| format!("/p/{p}")).collect()
+}
+
+/// Caches `paths` everywhere with a warm job that learns their tags; waits until done.
+async fn prewarm(cluster: &Cluster, paths: &[String]) {
+    let urls: Vec<String> = paths
+        .iter()
+        .map(|p| format!("http://{}{p}", cluster.origin.addr))
+        .collect();
+    let c = &cluster.coordinator;
+    let id = c
+        .start_warm_job(&serde_json::json!({"urls": urls, "host": "shop.test", "rewarm": true}))
+        .await;
+    let view = c.warm_finished(id, 60).await;
+    assert_eq!(view["state"], "done", "{view}");
+    for p in paths {
+        assert_eq!(cluster.origin.origin.renders(p), 1, "{p} prewarmed once");
+    }
+}
+
+/// The refresh jobs (`"kind": "refresh"`) in `GET /api/v1/warm/jobs`.
+async fn refresh_jobs(cluster: &Cluster) -> Vec<Value> {
+    let jobs = cluster
+        .coordinator
+        .call("GET", "/api/v1/warm/jobs", None)
+        .await
+        .json();
+    jobs["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|j| j["kind"] == "refresh")
+        .cloned()
+        .collect()
+}
+
+/// The `"refresh"` object of purge `seq`, once a refresh covers it; checks that its
+/// counts add up.
+async fn progress(cluster: &Cluster, seq: u64) -> Option<Value> {
+    let r = purge_status(cluster, seq).await["refresh"].clone();
+    if r.is_null() {
+        return None;
+    }
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(
+        n("stale") + n("refreshed") + n("evicted"),
+        n("pages"),
+        "a refresh's counts add up: {r}"
+    );
+    Some(r)
+}
+
+/// Waits until the refresh covering `seq` has refreshed every page; its final view.
+async fn refreshed(cluster: &Cluster, seq: u64, secs: u64) -> Value {
+    let mut last;
+    assert_eventually!(
+        secs,
+        {
+            last = progress(cluster, seq).await;
+            last.as_ref()
+                .is_some_and(|r| r["pages"].as_u64() > Some(0) && r["refreshed"] == r["pages"])
+        },
+        "the refresh of seq {seq} did not end refreshed: {last:?}"
+    );
+    last.unwrap_or(Value::Null)
+}
+
+/// Every region serves each page fresh: a HIT with the origin's newest render.
+async fn all_fresh(cluster: &Cluster, paths: &[String]) {
+    for (i, v) in cluster.varnish.iter().enumerate() {
+        for p in paths {
+            let r = get(v.http, p).await;
+            assert_eq!(
+                (r.status, r.cache(), render_of(&r)),
+                (200, "HIT", cluster.origin.origin.renders(p)),
+                "{p} in region-{i} is not the newest render, cached"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_re_renders_every_purged_page_once_with_no_shopper_asking() {
+    let c = Cluster::start_as(
+        3,
+        "xkey",
+        refresh_warm(10, "origin_budget_rps = 100\nsatellite_rate = 100\n"),
+        true,
+    )
+    .await;
+    let origin = c.origin.origin.clone();
+    let pages = products(20);
+    prewarm(&c, &pages).await;
+
+    // A reindex: a burst of purges, five pages each, is one refresh.
+    let mut seqs = Vec::new();
+    for k in 0..4 {
+        let tags: Vec<String> = (1..=5).map(|i| format!("cat_p_{}", k * 5 + i)).collect();
+        let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+        seqs.push(purge_tags(c.coordinator.purge, &refs).await);
+    }
+    let (first, last) = (seqs[0], seqs[3]);
+    let view = refreshed(&c, last, 30).await;
+    assert_eq!(
+        (
+            &view["pages"],
+            &view["stale"],
+            &view["evicted"],
+            &view["errors"]
+        ),
+        (
+            &Value::from(20),
+            &Value::from(0),
+            &Value::from(0),
+            &Value::from(0)
+        ),
+        "{view}"
+    );
+    assert_eq!(
+        (view["first_seq"].as_u64(), view["last_seq"].as_u64()),
+        (Some(first), Some(last))
+    );
+    assert_eq!(
+        progress(&c, first).await.map(|r| r["job_id"].clone()),
+        Some(view["job_id"].clone())
+    );
+    let jobs = refresh_jobs(&c).await;
+    assert_eq!(jobs.len(), 1, "one refresh for the burst: {jobs:?}");
+    let job = c
+        .coordinator
+        .warm_job(view["job_id"].as_u64().expect("job_id"))
+        .await;
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["refresh"], view, "the job shows the same progress");
+
+    // Each page rendered once more for three regions, and served fresh everywhere.
+    for p in &pages {
+        assert_eq!(origin.renders(p), 2, "{p}: one render for the refresh");
+    }
+    all_fresh(&c, &pages).await;
+    assert_eq!(origin.total_renders(), 40, "nothing else rendered");
+    // At the bound the refreshed pages are counted.
+    let mut seen;
+    assert_eventually!(
+        15,
+        {
+            let text = get(c.coordinator.api, "/metrics").await.body;
+            seen = text
+                .lines()
+                .find(|l| l.starts_with("coordinator_refresh_pages_total{outcome=\"refreshed\"}"))
+                .map(str::to_owned);
+            seen.as_deref().is_some_and(|l| l.ends_with(" 20"))
+        },
+        "refreshed pages metric: {seen:?}"
+    );
+}
+
+/// How many of `paths` the origin rendered at least `n` times.
+fn rendered_at_least(cluster: &Cluster, paths: &[String], n: u64) -> usize {
+    paths
+        .iter()
+        .filter(|p| cluster.origin.origin.renders(p) >= n)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_reindex_during_a_refresh_is_merged_not_doubled() {
+    let c = Cluster::start_as(
+        2,
+        "xkey",
+        refresh_warm(
+            30,
+            "origin_budget_rps = 10\nsatellite_rate = 100\nshard_urls = 5\n",
+        ),
+        true,
+    )
+    .await;
+    let origin = c.origin.origin.clone();
+    let pages = products(30);
+    prewarm(&c, &pages).await;
+
+    let seq1 = purge_tags(c.coordinator.purge, &["cat_p"]).await;
+    assert_eventually!(
+        20,
+        rendered_at_least(&c, &pages, 2) >= 5,
+        "the first refresh did not start: {:?}",
+        progress(&c, seq1).await
+    );
+    let before: Vec<u64> = pages.iter().map(|p| origin.renders(p)).collect();
+    let first = progress(&c, seq1).await.expect("the first refresh");
+    let seq2 = purge_tags(c.coordinator.purge, &["cat_p"]).await;
+
+    // One refresh takes over: the first is cancelled and says into which.
+    let mut jobs;
+    assert_eventually!(
+        10,
+        {
+            jobs = refresh_jobs(&c).await;
+            jobs.len() == 2
+        },
+        "no second refresh: {jobs:?}"
+    );
+    let old = c
+        .coordinator
+        .warm_job(first["job_id"].as_u64().expect("job_id"))
+        .await;
+    let new_id = jobs
+        .iter()
+        .filter_map(|j| j["id"].as_u64())
+        .max()
+        .expect("ids");
+    assert_eq!(old["state"], "cancelled", "{old}");
+    assert_eq!(old["refresh"]["merged_into"], new_id, "{old}");
+    let mut running = 0;
+    let view = {
+        let mut last;
+        assert_eventually!(
+            30,
+            {
+                let active = refresh_jobs(&c)
+                    .await
+                    .iter()
+                    .filter(|j| matches!(j["state"].as_str(), Some("queued" | "running")))
+                    .count();
+                running = running.max(active);
+                last = progress(&c, seq2).await;
+                last.as_ref()
+                    .is_some_and(|r| r["pages"].as_u64() > Some(0) && r["refreshed"] == r["pages"])
+            },
+            "the merged refresh did not end refreshed: {last:?}"
+        );
+        last.unwrap_or(Value::Null)
+    };
+    assert_eq!(running, 1, "one refresh at a time");
+    assert_eq!(view["job_id"], new_id, "{view}");
+    assert_eq!(
+        (
+            view["first_seq"].as_u64(),
+            view["last_seq"].as_u64(),
+            view["pages"].as_u64()
+        ),
+        (Some(seq1), Some(seq2), Some(30)),
+        "the merged refresh covers both purges, each page once: {view}"
+    );
+    assert_eq!(
+        progress(&c, seq1).await.map(|r| r["job_id"].clone()),
+        Some(Value::from(new_id)),
+        "the first purge's refresh is the merged one"
+    );
+
+    // Every page was rendered after the second purge, about once: a page is rendered
+    // twice only if a render was under way when the second purge came.
+    let mut extra = 0;
+    for (p, b) in pages.iter().zip(&before) {
+        let more = origin.renders(p) - b;
+        assert!(
+            (1..=2).contains(&more),
+            "{p}: {b} renders before the second purge, {more} after"
+        );
+        extra += more - 1;
+    }
+    assert!(
+        extra <= 4,
+        "{extra} pages rendered twice after the second purge"
+    );
+    all_fresh(&c, &pages).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_killed_mid_refresh_is_dropped_with_the_reason_and_the_others_finish() {
+    let mut c = Cluster::start_as(
+        3,
+        "xkey",
+        refresh_warm(
+            30,
+            "origin_budget_rps = 50\nsatellite_rate = 8\nshard_urls = 4\nedge_timeout_s = 3\n",
+        ),
+        true,
+    )
+    .await;
+    let origin = c.origin.origin.clone();
+    let pages = products(24);
+    prewarm(&c, &pages).await;
+
+    let seq = purge_tags(c.coordinator.purge, &["cat_p"]).await;
+    let mut job = Value::Null;
+    assert_eventually!(
+        20,
+        {
+            if let Some(r) = progress(&c, seq).await {
+                job = c
+                    .coordinator
+                    .warm_job(r["job_id"].as_u64().unwrap_or(0))
+                    .await;
+            }
+            job["regions"]["region-2"]["done"].as_u64() > Some(0)
+        },
+        "region-2 did not start refreshing: {job}"
+    );
+    assert!(
+        job["regions"]["region-2"]["done"].as_u64() < Some(24),
+        "region-2 finished before it could be killed: {job}"
+    );
+    // Region-2's varnishd dies mid-refresh.
+    c.varnish[2].kill9().await;
+    let killed = Instant::now();
+    let view = refreshed(&c, seq, 40).await;
+    let id = view["job_id"].as_u64().expect("job_id");
+    let job = c.coordinator.warm_job(id).await;
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["regions"]["region-2"]["status"], "dropped", "{job}");
+    let why = job["regions"]["region-2"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains("edge-2"),
+        "the job says why edge-2 was dropped: {job}"
+    );
+    for r in ["region-0", "region-1"] {
+        assert_eq!(job["regions"][r]["status"], "done", "{job}");
+        assert_eq!(job["regions"][r]["done"], 24, "{job}");
+    }
+    eprintln!(
+        "figure: varnishd killed mid-refresh: refresh ended {:.1} s later; region-2: {why}",
+        killed.elapsed().as_secs_f64()
+    );
+    // The others have every page fresh, rendered once for both.
+    for p in &pages {
+        assert_eq!(origin.renders(p), 2, "{p}");
+    }
+    for (i, v) in c.varnish.iter().enumerate().take(2) {
+        for p in &pages {
+            let r = get(v.http, p).await;
+            assert_eq!((r.cache(), render_of(&r)), ("HIT", 2), "{p} in region-{i}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_ban_mode_the_refresh_re_renders_the_evicted_pages_and_none_is_served_stale() {
+    let c = Cluster::start_as(
+        2,
+        "ban",
+        refresh_warm(30, "origin_budget_rps = 20\nsatellite_rate = 100\n"),
+        true,
+    )
+    .await;
+    let origin = c.origin.origin.clone();
+    let pages = products(12);
+    prewarm(&c, &pages).await;
+
+    let seq = purge_tags(c.coordinator.purge, &["cat_p"]).await;
+    c.wait_applied(seq).await;
+    // From the moment every edge applied the ban, no region answers a copy rendered
+    // before it, while the refresh runs.
+    let mut last;
+    assert_eventually!(
+        30,
+        {
+            for (i, v) in c.varnish.iter().enumerate() {
+                let r = get(v.http, "/p/1").await;
+                assert_eq!(
+                    (r.status, render_of(&r) >= 2),
+                    (200, true),
+                    "region-{i} served /p/1 rendered before the purge: {r:?}"
+                );
+            }
+            last = progress(&c, seq).await;
+            last.as_ref()
+                .is_some_and(|r| r["pages"].as_u64() > Some(0) && r["refreshed"] == r["pages"])
+        },
+        "the refresh did not end refreshed: {last:?}"
+    );
+    let view = last.unwrap_or(Value::Null);
+    assert_eq!(
+        (view["pages"].as_u64(), view["evicted"].as_u64()),
+        (Some(12), Some(0)),
+        "{view}"
+    );
+    // The pages nobody asked for are back in every cache, rendered once more.
+    for p in &pages {
+        assert_eq!(origin.renders(p), 2, "{p}");
+    }
+    all_fresh(&c, &pages).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_most_requested_pages_are_refreshed_first() {
+    let c = Cluster::start_as(
+        2,
+        "xkey",
+        refresh_warm(
+            30,
+            "origin_budget_rps = 4\nsatellite_rate = 100\nconcurrency = 1\n",
+        ),
+        true,
+    )
+    .await;
+    let origin = c.origin.origin.clone();
+    let pages = products(10);
+    prewarm(&c, &pages).await;
+    // Shoppers want /p/9 most (in the satellite), then /p/4 (at the shield).
+    for _ in 0..6 {
+        get(c.varnish[1].http, "/p/9").await;
+    }
+    for _ in 0..4 {
+        get(c.varnish[0].http, "/p/4").await;
+    }
+    let mut top;
+    assert_eventually!(
+        20,
+        {
+            top = c
+                .coordinator
+                .call("GET", "/api/v1/warm/top?n=1", None)
+                .await
+                .json();
+            top["region-1"][0] == serde_json::json!(["http://shop.test/p/9", 6])
+                && top["region-0"][0] == serde_json::json!(["http://shop.test/p/4", 4])
+        },
+        "popular URLs: {top}"
+    );
+
+    let seq = purge_tags(c.coordinator.purge, &["cat_p"]).await;
+    let mut order: Vec<String> = Vec::new();
+    assert_eventually!(
+        30,
+        {
+            let mut new: Vec<&String> = pages
+                .iter()
+                .filter(|p| origin.renders(p) >= 2 && !order.contains(p))
+                .collect();
+            new.sort();
+            order.extend(new.into_iter().cloned());
+            order.len() == pages.len()
+        },
+        "not every page refreshed: {order:?}, {:?}",
+        progress(&c, seq).await
+    );
+    let mut first: Vec<&str> = order.iter().take(2).map(String::as_str).collect();
+    first.sort_unstable();
+    assert_eq!(
+        first,
+        ["/p/4", "/p/9"],
+        "the most requested first: {order:?}"
+    );
+    let view = refreshed(&c, seq, 20).await;
+    assert_eq!(view["pages"], 10, "{view}");
+    for p in &pages {
+        assert_eq!(origin.renders(p), 2, "{p}");
+    }
+}
