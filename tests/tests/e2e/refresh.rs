@@ -193,6 +193,27 @@ async fn metric_value(cluster: &Cluster, name: &str, edge: &str) -> Option<f64> 
         .and_then(|v| v.parse().ok())
 }
 
+/// `path` at `addr` is a miss answered with the origin's second render, after at least
+/// `render` (a wait for the origin) when given.
+async fn assert_fresh_miss(addr: SocketAddr, path: &str, render: Option<Duration>) {
+    let (r, took) = timed_get(addr, path).await;
+    assert_eq!(
+        (r.status, r.cache(), render_of(&r)),
+        (200, "MISS", 2),
+        "{path} at {addr}: {r:?}"
+    );
+    if let Some(render) = render {
+        assert!(
+            took >= render,
+            "{path} at {addr} answered in {took:?}: not a render"
+        );
+    }
+}
+
+/// `[monitoring]` against the origin and a `/health_check.php` check every 300 ms.
+const MONITORED: &str = "[monitoring]\norigin = \"{origin}\"\nfailures_to_down = 3\nsuccesses_to_up = 2\n\
+     [[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\ntimeout_ms = 1000\nslow_ms = 5000\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_bound_an_untouched_page_is_a_miss_that_waits_for_a_fresh_render() {
     let bound = 3;
@@ -208,48 +229,23 @@ async fn past_the_bound_an_untouched_page_is_a_miss_that_waits_for_a_fresh_rende
     tokio::time::sleep_until((applied + Duration::from_secs(bound + 1)).into()).await;
 
     // The shield: a miss that waits for the origin's fresh render.
-    let (r, took) = timed_get(c.varnish[0].http, "/p/3").await;
-    assert_eq!(
-        (r.status, r.cache(), render_of(&r)),
-        (200, "MISS", 2),
-        "{r:?}"
-    );
-    assert!(
-        took >= render,
-        "the shield answered in {took:?}: not a render"
-    );
+    assert_fresh_miss(c.varnish[0].http, "/p/3", Some(render)).await;
     // A satellite: a miss at both layers, waiting for the origin too.
-    let (r, took) = timed_get(c.varnish[1].http, "/p/2").await;
-    assert_eq!(
-        (r.status, r.cache(), render_of(&r)),
-        (200, "MISS", 2),
-        "{r:?}"
-    );
-    assert!(
-        took >= render,
-        "the satellite answered in {took:?}: not a render"
-    );
+    assert_fresh_miss(c.varnish[1].http, "/p/2", Some(render)).await;
     // A satellite whose shield was refreshed meanwhile: its own stale copy is past the
     // bound too, it takes the shield's fresh one.
-    let (r, _) = timed_get(c.varnish[1].http, "/p/3").await;
-    assert_eq!(
-        (r.status, r.cache(), render_of(&r)),
-        (200, "MISS", 2),
-        "{r:?}"
-    );
+    assert_fresh_miss(c.varnish[1].http, "/p/3", None).await;
     assert_eq!((origin.renders("/p/2"), origin.renders("/p/3")), (2, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_origin_down_shoppers_keep_the_stale_copy_past_the_bound_and_regions_say_why() {
     let bound = 3;
-    let extra = "[monitoring]\norigin = \"{origin}\"\nfailures_to_down = 3\nsuccesses_to_up = 2\n\
-         [[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\ntimeout_ms = 1000\nslow_ms = 5000\n";
     let c = Cluster::start_as(
         3,
         "xkey",
         CoordinatorOpts {
-            extra: extra.into(),
+            extra: MONITORED.into(),
             ..refresh(bound)
         },
         true,
@@ -915,13 +911,11 @@ async fn the_most_requested_pages_are_refreshed_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bug: with pages answering 503 and /health_check.php 200 every region stays up while every refresh fetch fails (errors 10 of 5 pages, no diagnosis)"]
 async fn a_refresh_against_an_origin_answering_503_keeps_the_stale_copies_and_regions_say_why() {
-    let extra = "[monitoring]\norigin = \"{origin}\"\nfailures_to_down = 3\nsuccesses_to_up = 2\n\
-         [[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\ntimeout_ms = 1000\nslow_ms = 5000\n";
     let c = Cluster::start_as(
         2,
         "xkey",
         CoordinatorOpts {
-            extra: extra.into(),
+            extra: MONITORED.into(),
             ..refresh_warm(30, "origin_budget_rps = 20\nsatellite_rate = 100\n")
         },
         true,
