@@ -723,8 +723,16 @@ async fn a_second_reindex_during_a_refresh_is_merged_not_doubled() {
     all_fresh(&c, &pages).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edge_killed_mid_refresh_is_dropped_with_the_reason_and_the_others_finish() {
+/// What dies in region-2 mid-refresh.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    Varnishd,
+    Agent,
+}
+
+/// Region-2's `kill` dies mid-refresh in a tiered cluster of three: the refresh ends with
+/// every page fresh in the others, region-2 dropped; returns why the job says it was.
+async fn killed_mid_refresh(kill: Kill) -> String {
     let mut c = Cluster::start_as(
         3,
         "xkey",
@@ -758,8 +766,10 @@ async fn an_edge_killed_mid_refresh_is_dropped_with_the_reason_and_the_others_fi
         job["regions"]["region-2"]["done"].as_u64() < Some(24),
         "region-2 finished before it could be killed: {job}"
     );
-    // Region-2's varnishd dies mid-refresh.
-    c.varnish[2].kill9().await;
+    match kill {
+        Kill::Varnishd => c.varnish[2].kill9().await,
+        Kill::Agent => c.agents[2].kill9().await,
+    }
     let killed = Instant::now();
     let view = refreshed(&c, seq, 40).await;
     let id = view["job_id"].as_u64().expect("job_id");
@@ -778,7 +788,7 @@ async fn an_edge_killed_mid_refresh_is_dropped_with_the_reason_and_the_others_fi
         assert_eq!(job["regions"][r]["done"], 24, "{job}");
     }
     eprintln!(
-        "figure: varnishd killed mid-refresh: refresh ended {:.1} s later; region-2: {why}",
+        "figure: {kill:?} killed mid-refresh: refresh ended {:.1} s later; region-2: {why}",
         killed.elapsed().as_secs_f64()
     );
     // The others have every page fresh, rendered once for both.
@@ -791,6 +801,19 @@ async fn an_edge_killed_mid_refresh_is_dropped_with_the_reason_and_the_others_fi
             assert_eq!((r.cache(), render_of(&r)), ("HIT", 2), "{p} in region-{i}");
         }
     }
+    why.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_varnishd_killed_mid_refresh_is_dropped_with_the_reason_and_the_others_finish() {
+    let why = killed_mid_refresh(Kill::Varnishd).await;
+    assert!(why.contains("failed every fetch"), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_refresh_is_dropped_with_the_reason_and_the_others_finish() {
+    let why = killed_mid_refresh(Kill::Agent).await;
+    assert!(why.contains("agent disconnected"), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
