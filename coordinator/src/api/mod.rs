@@ -884,6 +884,21 @@ async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
     let received = std::time::UNIX_EPOCH + std::time::Duration::from_micros(entry.received_at_us);
+    // Only a soft tag purge can have a refresh; only the leader runs them, a follower
+    // reads what it stored.
+    let refresh =
+        if !entry.soft || !matches!(entry.op, Some(Op::Tags(_))) || !s.state.warm.refreshes() {
+            None
+        } else if s.state.cluster.leads() {
+            s.state.warm.refresh_of(seq)
+        } else {
+            let warm = s.state.warm.clone();
+            match tokio::task::spawn_blocking(move || warm.stored_refresh_of(seq)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        };
     Json(PurgeView {
         seq,
         received_at: fmt_time(received),
@@ -891,7 +906,7 @@ async fn purge(State(s): State<ApiState>, Path(seq): Path<String>) -> Response {
         op: entry.op.as_ref().map(op_view),
         soft: entry.soft,
         edges: s.state.edges.progress(seq).into_iter().collect(),
-        refresh: s.state.warm.refresh_of(seq),
+        refresh,
     })
     .into_response()
 }

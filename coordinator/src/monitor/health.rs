@@ -48,6 +48,9 @@ pub enum Diagnosis {
     OriginUnreachable,
     /// The origin does not answer from any region.
     OriginDownEverywhere,
+    /// The region's varnish answers its checks (from its cache) but the origin fails one
+    /// straight from the region: shoppers get cached, perhaps stale, pages.
+    OriginDown,
     /// An edge reports it cannot apply its next purge.
     PurgeFailing,
     /// An edge's oldest unapplied purge waited past `monitoring.max_purge_lag_s`.
@@ -81,6 +84,7 @@ impl Diagnosis {
             Diagnosis::EdgeDown => "edge_down",
             Diagnosis::OriginUnreachable => "origin_unreachable",
             Diagnosis::OriginDownEverywhere => "origin_down_everywhere",
+            Diagnosis::OriginDown => "origin_down",
             Diagnosis::PurgeFailing => "purge_failing",
             Diagnosis::PurgeStalled => "purge_stalled",
             Diagnosis::VarnishUnreachable => "varnish_unreachable",
@@ -199,6 +203,8 @@ pub struct ProbeHealth {
     pub edge: Health,
     pub origin: Health,
     pub last_error: Option<String>,
+    /// The worst origin health over all the region's checks, and that check's error.
+    pub origin_worst: Option<(Health, String, Option<String>)>,
 }
 
 /// What the rule reads of the probes: per region its worst check and the worst origin
@@ -430,7 +436,9 @@ fn blindness(
 /// * `down`: `no_agents` (none ever connected), `agent_lost` (none connected now, or
 ///   silent: the session layer drops a silent one), or the probes' `edge_down`,
 ///   `origin_unreachable`, `origin_down_everywhere`;
-/// * `degraded`: `purge_failing` (an edge reports it cannot apply the next purge),
+/// * `degraded`: `origin_down` (the edge answers its checks, from its cache, but the
+///   origin fails one straight from the region), `purge_failing` (an edge reports it
+///   cannot apply the next purge),
 ///   `purge_stalled` (an edge's oldest unapplied purge waited past the bound),
 ///   `varnish_unreachable` (an agent cannot reach its varnishd's admin port),
 ///   `varnish_restarted` (`restart`: an edge's varnishd cache process restarted
@@ -478,6 +486,21 @@ pub(super) fn decide(
             _ => Diagnosis::EdgeDown,
         };
         return from_probe(p, Health::Down, diagnosis);
+    }
+    if let Some((_, check, error)) = probe
+        .as_ref()
+        .and_then(|p| p.origin_worst.as_ref())
+        .filter(|(h, _, _)| *h == Health::Down)
+    {
+        return RegionHealth {
+            health: Health::Degraded,
+            diagnosis: Some(Diagnosis::OriginDown),
+            check: Some(check.clone()),
+            last_error: Some(format!(
+                "the origin fails check {check:?} from this region ({}); shoppers get what varnish has cached",
+                error.as_deref().unwrap_or("no answer")
+            )),
+        };
     }
     if let Some(e) = connected.iter().find(|e| e.purge_failing) {
         let error = e.last_error.as_deref().unwrap_or("cannot apply purges");
@@ -661,6 +684,7 @@ mod tests {
             edge: Health::Down,
             origin: Health::Up,
             last_error: None,
+            origin_worst: None,
         };
         let h = decide(&[&failing], Some(probe.clone()), None, None, false, 30.0);
         assert_eq!(
@@ -669,6 +693,43 @@ mod tests {
         );
         let h = decide(&[&lost], Some(probe), None, None, false, 30.0);
         assert_eq!(h.diagnosis, Some(Diagnosis::AgentLost));
+    }
+
+    #[test]
+    fn a_region_answering_from_its_cache_while_the_origin_fails_says_origin_down() {
+        let ok = view("a-1", true);
+        let cached = ProbeHealth {
+            check: "home".into(),
+            edge: Health::Up,
+            origin: Health::Down,
+            last_error: None,
+            origin_worst: Some((Health::Down, "home".into(), Some("HTTP 503".into()))),
+        };
+        let h = decide(&[&ok], Some(cached.clone()), None, None, false, 30.0);
+        assert_eq!(
+            (h.health, h.diagnosis, h.check.as_deref()),
+            (Health::Degraded, Some(Diagnosis::OriginDown), Some("home"))
+        );
+        assert!(h.last_error.unwrap_or_default().contains("HTTP 503"));
+        // The edge failing too is worse: down, and the origin named.
+        let failing = ProbeHealth {
+            edge: Health::Down,
+            ..cached.clone()
+        };
+        let h = decide(&[&ok], Some(failing), None, None, true, 30.0);
+        assert_eq!(
+            (h.health, h.diagnosis),
+            (Health::Down, Some(Diagnosis::OriginDownEverywhere))
+        );
+        // A slow origin is not a down one.
+        let slow = ProbeHealth {
+            origin_worst: Some((Health::Degraded, "home".into(), None)),
+            ..cached
+        };
+        assert_eq!(
+            decide(&[&ok], Some(slow), None, None, false, 30.0).health,
+            Health::Up
+        );
     }
 
     #[test]

@@ -242,7 +242,18 @@ impl Probes {
         let checks = self.lock();
         let mut worst: BTreeMap<String, (&String, &RegionCheck)> = BTreeMap::new();
         let mut origin: BTreeMap<String, Health> = BTreeMap::new();
+        let mut origin_worst: BTreeMap<String, (Health, String, Option<String>)> = BTreeMap::new();
         for ((r, c), rc) in checks.iter() {
+            if rc.origin.health != Health::Unknown
+                && origin_worst
+                    .get(r)
+                    .is_none_or(|(h, _, _)| rc.origin.health > *h)
+            {
+                origin_worst.insert(
+                    r.clone(),
+                    (rc.origin.health, c.clone(), rc.origin.last_error()),
+                );
+            }
             match worst.get(r) {
                 Some((_, w)) if rc.edge.health <= w.edge.health => {}
                 _ => {
@@ -262,6 +273,7 @@ impl Probes {
                     edge: rc.edge.health,
                     origin: rc.origin.health,
                     last_error: rc.edge.last_error(),
+                    origin_worst: origin_worst.get(&r).cloned(),
                 };
                 (r, p)
             })

@@ -30,6 +30,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::job::{JobSource, JobSpec, JobState, JobView, RefreshInfo, RefreshProgress};
+use super::store::WarmStoreError;
 use super::tags::Profile;
 use super::Warm;
 
@@ -296,24 +297,32 @@ impl Warm {
         }
     }
 
-    /// The refresh covering purge `seq`, the newest first: from the jobs this
-    /// coordinator holds, else (a follower) from the store.
+    /// The refresh covering purge `seq` among the jobs this coordinator holds (the
+    /// leader's answer), the newest first.
     pub fn refresh_of(&self, seq: u64) -> Option<RefreshProgress> {
-        let covers = |v: &JobView| {
-            v.refresh
-                .as_ref()
-                .filter(|r| r.first_seq <= seq && seq <= r.last_seq && r.merged_into.is_none())
-                .cloned()
-        };
-        let held = self.list(200);
-        if let Some(r) = held.iter().find_map(covers) {
-            return Some(r);
-        }
-        if !self.store.is_shared() {
-            return None;
-        }
-        self.stored_list(200).ok()?.iter().find_map(covers)
+        self.list(REFRESH_LOOKUP)
+            .iter()
+            .find_map(|v| covering(v, seq))
     }
+
+    /// [`Self::refresh_of`] as the store holds it: a follower's answer. Blocking.
+    pub fn stored_refresh_of(&self, seq: u64) -> Result<Option<RefreshProgress>, WarmStoreError> {
+        Ok(self
+            .stored_list(REFRESH_LOOKUP)?
+            .iter()
+            .find_map(|v| covering(v, seq)))
+    }
+}
+
+/// The newest jobs a purge's refresh is looked up among.
+const REFRESH_LOOKUP: usize = 200;
+
+/// `v`'s refresh, if it covers purge `seq` and was not merged into a newer one.
+fn covering(v: &JobView, seq: u64) -> Option<RefreshProgress> {
+    v.refresh
+        .as_ref()
+        .filter(|r| r.first_seq <= seq && seq <= r.last_seq && r.merged_into.is_none())
+        .cloned()
 }
 
 /// Refreshed and evicted pages, counted as deadlines close (since coordinator start).

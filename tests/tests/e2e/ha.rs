@@ -34,10 +34,28 @@ async fn two_edges(
     origin: &OriginServer,
     coordinators: &[std::net::SocketAddr],
 ) -> (Vec<VarnishNode>, Vec<AgentProc>) {
+    two_edges_as(
+        dir,
+        origin,
+        coordinators,
+        "ban",
+        CoordinatorOpts::default().max_stale_s(),
+    )
+    .await
+}
+
+/// [`two_edges`] with agents in `mode` and varnishes serving stale for `max_stale_s`.
+async fn two_edges_as(
+    dir: &std::path::Path,
+    origin: &OriginServer,
+    coordinators: &[std::net::SocketAddr],
+    mode: &str,
+    max_stale_s: u64,
+) -> (Vec<VarnishNode>, Vec<AgentProc>) {
     let mut varnish = Vec::new();
     let mut agents = Vec::new();
     for i in 0..2 {
-        let v = VarnishNode::start(&dir.join(format!("v{i}")), origin.addr).await;
+        let v = VarnishNode::start_with(&dir.join(format!("v{i}")), origin.addr, max_stale_s).await;
         agents.push(AgentProc::start_with(
             &dir.join(format!("a{i}")),
             &format!("edge-{i}"),
@@ -45,7 +63,7 @@ async fn two_edges(
             coordinators,
             None,
             &v,
-            "ban",
+            mode,
         ));
         varnish.push(v);
     }
@@ -484,6 +502,127 @@ async fn a_new_leader_finishes_the_warm_job_in_flight() {
     for v in &varnish {
         assert_eq!(get(v.http, "/p/5").await.cache(), "HIT");
     }
+    drop(c1);
+    drop(etcd);
+}
+
+/// The `refresh` object of purge `seq` as `c` answers it.
+async fn refresh_of(c: &CoordinatorProc, seq: u64) -> Value {
+    c.call("GET", &format!("/api/v1/purges/{seq}"), None)
+        .await
+        .json()["refresh"]
+        .clone()
+}
+
+/// Refresh mode in a cluster: the leader runs the refresh of a reindex, the follower
+/// shows the same progress for the purge (from the store), and when the leader is killed
+/// -9 mid-refresh the next one finishes it: every purged page is re-rendered in both
+/// regions without a shopper asking, and none is evicted at the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_finishes_the_refresh_in_flight_and_both_show_its_progress() {
+    tests::require_varnish();
+    let dir = temp_dir();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
+    let origin = OriginServer::start().await;
+    let opts = |id: &str| CoordinatorOpts {
+        warm_extra: "origin_budget_rps = 20\nshard_urls = 10\n".into(),
+        refresh_tags: true,
+        refresh_max_stale_s: 90,
+        ..ha_opts(&etcd, &origin, id, "")
+    };
+    let mut c1 = CoordinatorProc::start(&dir.path().join("c1"), &opts("c1")).await;
+    let c2_dir = dir.path().join("c2");
+    std::fs::create_dir_all(&c2_dir).expect("c2 dir");
+    let c2_grpc = std::net::SocketAddr::from(([127, 0, 0, 1], tests::free_port()));
+    let (_varnish, _agents) =
+        two_edges_as(dir.path(), &origin, &[c1.grpc, c2_grpc], "xkey", 90).await;
+    assert_eventually!(
+        30,
+        tests::ha::local_edges(&c1).await.len() == 2,
+        "agents not on c1"
+    );
+    assert_eventually!(
+        15,
+        cluster_view(&c1).await["role"] == "leader",
+        "c1 does not lead"
+    );
+    let c2 = CoordinatorProc::start(
+        &c2_dir,
+        &CoordinatorOpts {
+            grpc: Some(c2_grpc),
+            ..opts("c2")
+        },
+    )
+    .await;
+    assert_eventually!(
+        15,
+        cluster_view(&c2).await["role"] == "follower",
+        "c2 not a follower"
+    );
+    // Warm 100 products (the tag index learns them), then reindex them all.
+    let urls: Vec<String> = (1..=100)
+        .map(|p| format!("http://{}/p/{p}", origin.addr))
+        .collect();
+    let id = c1
+        .start_warm_job(&serde_json::json!({"urls": urls, "host": "shop.test", "rate": 200}))
+        .await;
+    assert_eq!(c1.warm_finished(id, 60).await["state"], "done");
+    let renders = |o: &OriginServer| -> Vec<u64> {
+        (1..=100)
+            .map(|p| o.origin.renders(&format!("/p/{p}")))
+            .collect()
+    };
+    let before = renders(&origin);
+    assert!(
+        before.iter().all(|r| *r == 2),
+        "one render per region: {before:?}"
+    );
+    origin.origin.set_delay(Duration::from_millis(50));
+    let seq = tests::purge_tags(c1.purge, &["cat_p"]).await;
+    let mut seen;
+    assert_eventually!(
+        30,
+        {
+            seen = refresh_of(&c1, seq).await;
+            seen["refreshed"].as_u64().unwrap_or(0) >= 20
+        },
+        "the refresh did not start on the leader: {seen}"
+    );
+    assert_eq!(seen["pages"], 100, "{seen}");
+    let job = seen["job_id"].clone();
+    assert_eventually!(
+        10,
+        refresh_of(&c2, seq).await["job_id"] == job,
+        "the follower does not show the leader's refresh"
+    );
+    c1.child.kill9().await;
+    assert_eventually!(
+        15,
+        cluster_view(&c2).await["role"] == "leader",
+        "c2 did not take the lead"
+    );
+    assert_eventually!(
+        60,
+        {
+            seen = refresh_of(&c2, seq).await;
+            seen["refreshed"] == 100
+        },
+        "the next leader did not finish the refresh: {seen}"
+    );
+    assert_eq!(seen["stale"], 0, "{seen}");
+    assert_eq!(seen["evicted"], 0, "{seen}");
+    // Every page was rendered once more for each region, none of them asked for by a
+    // shopper; a shard in flight when the leader died may have been fetched twice.
+    let after = renders(&origin);
+    assert!(
+        after.iter().all(|r| *r >= 4),
+        "a page was not refreshed in both regions: {after:?}"
+    );
+    let extra: u64 = after.iter().map(|r| r - 4).sum();
+    assert!(
+        extra <= 40,
+        "{extra} renders beyond one per page and region: {after:?}"
+    );
     drop(c1);
     drop(etcd);
 }
