@@ -186,6 +186,8 @@ impl Coordinator {
             )?,
         };
         warm.set_traffic(traffic.clone());
+        let evidence = warm.clone();
+        monitor.set_origin_evidence(Arc::new(move |region| evidence.origin_failing(region)));
         let purge_counters = PurgeCounters::default();
         let geo = match &config.geo {
             Some(g) => Some(Arc::new(Geo::open(

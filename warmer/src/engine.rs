@@ -312,6 +312,8 @@ impl Summary {
     fn record(&mut self, url: &str, result: &Result<fetch::Fetched, FetchError>, spec: &FetchSpec) {
         let error = match result {
             Ok(f) if spec.only_stale && f.header("X-Cache-Stale") == Some("1") => {
+                // The origin failed it: it counts as an origin in trouble.
+                self.throttled += 1;
                 format!("{url}: still stale (the backend did not answer the refresh)")
             }
             Ok(f) if f.status < 500 && f.status != 429 => {

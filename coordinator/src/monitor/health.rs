@@ -231,7 +231,14 @@ pub struct HealthRule {
     traffic: Arc<Traffic>,
     /// Whether this coordinator reaches etcd (unset: always, embedded).
     store: OnceLock<StoreHealth>,
+    /// What warming saw of the origin from a region (see [`OriginEvidence`]).
+    origin_evidence: OnceLock<OriginEvidence>,
 }
+
+/// Per region, why warm or refresh fetches from the origin are failing now (`None`: they
+/// are not, or none ran): evidence the probes may not have (a check on
+/// `/health_check.php` passes while Magento answers every page 503).
+pub type OriginEvidence = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 impl HealthRule {
     pub fn new(
@@ -251,7 +258,13 @@ impl HealthRule {
             log,
             traffic,
             store: OnceLock::new(),
+            origin_evidence: OnceLock::new(),
         }
+    }
+
+    /// Where the rule reads warming's evidence about the origin; set once at start.
+    pub fn set_origin_evidence(&self, evidence: OriginEvidence) {
+        let _ = self.origin_evidence.set(evidence);
     }
 
     /// Whether this coordinator reaches etcd; set once at start.
@@ -282,7 +295,8 @@ impl HealthRule {
                     None => decide(
                         &mine,
                         probes.worst.get(&name).cloned(),
-                        self.rule_breach(&name, now_ms()),
+                        self.rule_breach(&name, now_ms())
+                            .or_else(|| self.origin_failing(&name)),
                         self.recent_restart(&name).as_ref(),
                         origin_everywhere_down,
                         self.max_purge_lag_s,
@@ -307,6 +321,15 @@ impl HealthRule {
     }
 
     /// The first `[[alerts.rules]]` rule `region` breaches at `now_ms`, with its words.
+    /// `origin_down` from warming's evidence, when the probes did not see it.
+    fn origin_failing(&self, region: &str) -> Option<(Diagnosis, String)> {
+        let why = (self.origin_evidence.get()?)(region)?;
+        Some((
+            Diagnosis::OriginDown,
+            format!("warm and refresh fetches from the origin fail ({why}); shoppers get what varnish has cached"),
+        ))
+    }
+
     fn rule_breach(&self, region: &str, now_ms: u64) -> Option<(Diagnosis, String)> {
         let rules: Vec<&AlertRule> = self
             .rules

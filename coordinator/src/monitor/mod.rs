@@ -186,6 +186,11 @@ impl Monitor {
 
     /// Whether this coordinator reaches etcd (`[store] backend = "etcd"`); set once at
     /// start. Without it the store counts as always reachable.
+    /// What warming sees of the origin, for `origin_down`; set once at start.
+    pub fn set_origin_evidence(&self, evidence: health::OriginEvidence) {
+        self.rule.set_origin_evidence(evidence);
+    }
+
     pub fn set_store_health(&self, store: StoreHealth) {
         self.rule.set_store_health(store.clone());
         self.alerts.set_store_health(store);

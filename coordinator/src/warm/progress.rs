@@ -30,7 +30,14 @@ pub(super) struct Progress {
     pub(super) activity: HashMap<(u64, String), (Instant, u32)>,
     /// Fetch results per region (since coordinator start).
     pub(super) totals: BTreeMap<String, FetchTotals>,
+    /// Per origin-bound region (`*`: a tiered job's shield, which every region depends
+    /// on), when a shard last failed every fetch with the origin's 5xx (or a copy still
+    /// stale), and its error; a shard fetched without one clears it.
+    pub(super) origin_failing: HashMap<String, (Instant, String)>,
 }
+
+/// How long a failing shard says the origin is in trouble, without a newer success.
+const ORIGIN_FAILING_FOR: Duration = Duration::from_secs(60);
 
 impl Progress {
     /// Notes that `edge` did something for job `id` now.
@@ -86,6 +93,24 @@ impl Held<'_> {
 }
 
 impl Warm {
+    /// Why warm fetches from the origin fail from `region` now (or from the shield every
+    /// region depends on), if they do.
+    pub fn origin_failing(&self, region: &str) -> Option<String> {
+        let progress = self.progress();
+        [region, "*"]
+            .iter()
+            .filter_map(|k| progress.origin_failing.get(*k))
+            .filter(|(at, _)| at.elapsed() < ORIGIN_FAILING_FOR)
+            .map(|(_, why)| {
+                if why.is_empty() {
+                    "no answer".to_owned()
+                } else {
+                    why.clone()
+                }
+            })
+            .next()
+    }
+
     /// An edge reported a shard.
     pub fn on_progress(&self, edge: &str, session: u64, p: WarmProgress) {
         let persist = {
@@ -134,6 +159,21 @@ impl Warm {
             let region = work.region.clone();
             held.progress.count(&region, &p);
             let origin_bound = job.shield.as_ref().is_none_or(|s| s == &region);
+            if origin_bound {
+                let key = if job.shield.is_some() {
+                    "*"
+                } else {
+                    region.as_str()
+                };
+                if p.fetched == 0 && p.throttled > 0 {
+                    held.progress.origin_failing.insert(
+                        key.to_owned(),
+                        (Instant::now(), p.first_error.chars().take(200).collect()),
+                    );
+                } else if p.fetched > 0 && p.throttled == 0 {
+                    held.progress.origin_failing.remove(key);
+                }
+            }
             if let Some(rate) = held.budget.rate_of(job.id) {
                 if origin_bound {
                     let slow_miss = p.misses > 0
