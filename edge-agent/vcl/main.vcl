@@ -197,9 +197,9 @@ sub vcl_backend_fetch {
 }
 
 sub vcl_backend_response {
-    # A fetch that wants a fresh copy (a background fetch, a satellite's or a refresh's
-    # through the shield) and failed keeps the stale copy being served: nothing, not even
-    # a hit-for-miss, replaces it.
+    # A cacheable fetch that failed (a background fetch, a miss, a satellite's or a
+    # refresh's through the shield) replaces nothing, not even with a hit-for-miss: the
+    # stale copy goes on being served (see vcl_synth). A pass keeps the origin's answer.
     if (beresp.status >= 500 && !bereq.uncacheable) {
         return (abandon);
     }
