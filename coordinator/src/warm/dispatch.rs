@@ -153,6 +153,17 @@ struct ShardSpec {
     want_tags: bool,
 }
 
+/// A refresh's fetches in flight on an edge at `rate`: as many as a second of renders at
+/// that rate, at least `[warm] concurrency`, at most 64.
+fn refresh_concurrency(rate: f64, configured: u32) -> u32 {
+    let per_second = if rate.is_finite() {
+        rate.ceil().clamp(1.0, 64.0) as u32
+    } else {
+        1
+    };
+    per_second.max(configured).min(64)
+}
+
 /// How far back shoppers' background fetches are counted against a refresh's budget.
 const BGFETCH_WINDOW_MS: u64 = 5_000;
 /// The least of its budget a refresh keeps however busy the background fetches are.
@@ -376,7 +387,15 @@ impl Warm {
         if !mine.is_empty() {
             let spec = Arc::new(ShardSpec {
                 rate,
-                concurrency: job.spec.concurrency.unwrap_or(self.config.concurrency),
+                concurrency: job.spec.concurrency.unwrap_or_else(|| {
+                    // A refresh races the bound: enough fetches in flight for its rate
+                    // with renders of up to a second (the rate still paces the starts).
+                    if job.source == JobSource::Refresh {
+                        refresh_concurrency(rate, self.config.concurrency)
+                    } else {
+                        self.config.concurrency
+                    }
+                }),
                 host: job.host.clone().unwrap_or_default(),
                 variations: job.variations.clone(),
                 refresh: job.spec.refresh,
@@ -463,5 +482,19 @@ impl Warm {
             .count()
             .max(1);
         rate / working as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refresh_concurrency;
+
+    #[test]
+    fn a_refresh_keeps_enough_fetches_in_flight_for_its_rate() {
+        // 60 renders/s of 300 ms need 18 in flight; four would cap it at 13/s.
+        assert_eq!(refresh_concurrency(60.0, 4), 60);
+        assert_eq!(refresh_concurrency(2.5, 4), 4);
+        assert_eq!(refresh_concurrency(500.0, 4), 64);
+        assert_eq!(refresh_concurrency(f64::NAN, 8), 8);
     }
 }

@@ -46,7 +46,7 @@
 //! a job that ends forgets its per-edge bookkeeping in dispatch, budget and progress.
 //!
 //! **Lock order.** `queue` → `dispatch` → `budget` → `progress` → `tags`; `popular` is
-//! taken alone. A call takes the locks it needs in that order (`Warm::hold` takes the
+//! taken alone, `origin_failing` alone or last (the monitor reads it). A call takes the locks it needs in that order (`Warm::hold` takes the
 //! first four), never holds one across an `.await`, and reads the store's shards only
 //! with none held.
 //!
@@ -95,6 +95,7 @@ pub struct Warm {
     tags: Mutex<TagIndex>,
     popular: Mutex<Popular>,
     refresh_totals: refresh::RefreshTotals,
+    origin_failing: Mutex<progress::OriginFailing>,
     /// The fleet's counters: shoppers' background fetches share a refresh's budget.
     traffic: std::sync::OnceLock<Arc<crate::traffic::Traffic>>,
     changed: watch::Sender<u64>,
@@ -197,6 +198,7 @@ impl Warm {
             progress: Mutex::default(),
             popular: Mutex::default(),
             refresh_totals: refresh::RefreshTotals::default(),
+            origin_failing: Mutex::default(),
             traffic: std::sync::OnceLock::new(),
             changed: watch::channel(0).0,
         };

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use daemon::sync::Recover;
 use proto::edge::WarmProgress;
 
 use super::job::{EdgeWork, Job, JobState};
@@ -30,11 +31,13 @@ pub(super) struct Progress {
     pub(super) activity: HashMap<(u64, String), (Instant, u32)>,
     /// Fetch results per region (since coordinator start).
     pub(super) totals: BTreeMap<String, FetchTotals>,
-    /// Per origin-bound region (`*`: a tiered job's shield, which every region depends
-    /// on), when a shard last failed every fetch with the origin's 5xx (or a copy still
-    /// stale), and its error; a shard fetched without one clears it.
-    pub(super) origin_failing: HashMap<String, (Instant, String)>,
 }
+
+/// Per origin-bound region (`*`: a tiered job's shield, which every region depends on),
+/// when a shard last failed every fetch with the origin's 5xx (or a copy still stale),
+/// and its error; a shard fetched without one clears it. Its own lock, a leaf taken alone
+/// or last: the monitor reads it and must never wait on a job's locks.
+pub(super) type OriginFailing = HashMap<String, (Instant, String)>;
 
 /// How long a failing shard says the origin is in trouble, without a newer success.
 const ORIGIN_FAILING_FOR: Duration = Duration::from_secs(60);
@@ -96,10 +99,10 @@ impl Warm {
     /// Why warm fetches from the origin fail from `region` now (or from the shield every
     /// region depends on), if they do.
     pub fn origin_failing(&self, region: &str) -> Option<String> {
-        let progress = self.progress();
+        let failing = self.origin_failing.locked();
         [region, "*"]
             .iter()
-            .filter_map(|k| progress.origin_failing.get(*k))
+            .filter_map(|k| failing.get(*k))
             .filter(|(at, _)| at.elapsed() < ORIGIN_FAILING_FOR)
             .map(|(_, why)| {
                 if why.is_empty() {
@@ -165,13 +168,12 @@ impl Warm {
                 } else {
                     region.as_str()
                 };
+                let mut failing = self.origin_failing.locked();
                 if p.fetched == 0 && p.throttled > 0 {
-                    held.progress.origin_failing.insert(
-                        key.to_owned(),
-                        (Instant::now(), p.first_error.chars().take(200).collect()),
-                    );
+                    let why = p.first_error.chars().take(200).collect();
+                    failing.insert(key.to_owned(), (Instant::now(), why));
                 } else if p.fetched > 0 && p.throttled == 0 {
-                    held.progress.origin_failing.remove(key);
+                    failing.remove(key);
                 }
             }
             if let Some(rate) = held.budget.rate_of(job.id) {

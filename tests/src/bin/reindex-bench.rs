@@ -186,7 +186,7 @@ async fn run(args: &Args, refresh: bool) -> Figures {
         refresh_tags: refresh,
         refresh_max_stale_s: 30,
         warm_extra: format!(
-            "origin_budget_rps = {}\nsatellite_rate = {}\nconcurrency = 16\nshard_urls = 20\n",
+            "origin_budget_rps = {}\nsatellite_rate = {}\n",
             args.budget, args.satellite_rate
         ),
         ..CoordinatorOpts::default()
