@@ -428,23 +428,26 @@ async fn a_new_leader_finishes_the_rollout_in_flight() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_leader_finishes_the_warm_job_in_flight() {
-    tests::require_varnish();
-    let dir = temp_dir();
-    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
-    let origin = OriginServer::start().await;
-    let opts = |id: &str| CoordinatorOpts {
-        warm_extra: "origin_budget_rps = 40\nshard_urls = 10\n".into(),
-        ..ha_opts(&etcd, &origin, id, "")
-    };
-    // c1 alone first, so both agents are on it and move when it dies.
-    let mut c1 = CoordinatorProc::start(&dir.path().join("c1"), &opts("c1")).await;
-    let c2_dir = dir.path().join("c2");
+/// c1 leading with both agents (`mode`, varnishes serving stale for `max_stale_s`) on it,
+/// which also list c2, then c2 following: the agents move to c2 when c1 dies.
+async fn leader_then_follower(
+    dir: &std::path::Path,
+    origin: &OriginServer,
+    opts: &dyn Fn(&str) -> CoordinatorOpts,
+    mode: &str,
+    max_stale_s: u64,
+) -> (
+    CoordinatorProc,
+    CoordinatorProc,
+    Vec<VarnishNode>,
+    Vec<AgentProc>,
+) {
+    let c1 = CoordinatorProc::start(&dir.join("c1"), &opts("c1")).await;
+    let c2_dir = dir.join("c2");
     std::fs::create_dir_all(&c2_dir).expect("c2 dir");
     // The agents list c2 before it runs.
     let c2_grpc = std::net::SocketAddr::from(([127, 0, 0, 1], tests::free_port()));
-    let (varnish, _agents) = two_edges(dir.path(), &origin, &[c1.grpc, c2_grpc]).await;
+    let (varnish, agents) = two_edges_as(dir, origin, &[c1.grpc, c2_grpc], mode, max_stale_s).await;
     assert_eventually!(
         30,
         tests::ha::local_edges(&c1).await.len() == 2,
@@ -465,6 +468,27 @@ async fn a_new_leader_finishes_the_warm_job_in_flight() {
         cluster_view(&c2).await["role"] == "follower",
         "c2 not a follower"
     );
+    (c1, c2, varnish, agents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_finishes_the_warm_job_in_flight() {
+    tests::require_varnish();
+    let dir = temp_dir();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3).await;
+    let origin = OriginServer::start().await;
+    let opts = |id: &str| CoordinatorOpts {
+        warm_extra: "origin_budget_rps = 40\nshard_urls = 10\n".into(),
+        ..ha_opts(&etcd, &origin, id, "")
+    };
+    let (mut c1, c2, varnish, _agents) = leader_then_follower(
+        dir.path(),
+        &origin,
+        &opts,
+        "ban",
+        coordinator::config::MAGENTO_STALE_S,
+    )
+    .await;
 
     let id = c1
         .start_warm_job(&serde_json::json!({
@@ -530,35 +554,8 @@ async fn a_new_leader_finishes_the_refresh_in_flight_and_both_show_its_progress(
         refresh_max_stale_s: 90,
         ..ha_opts(&etcd, &origin, id, "")
     };
-    let mut c1 = CoordinatorProc::start(&dir.path().join("c1"), &opts("c1")).await;
-    let c2_dir = dir.path().join("c2");
-    std::fs::create_dir_all(&c2_dir).expect("c2 dir");
-    let c2_grpc = std::net::SocketAddr::from(([127, 0, 0, 1], tests::free_port()));
-    let (_varnish, _agents) =
-        two_edges_as(dir.path(), &origin, &[c1.grpc, c2_grpc], "xkey", 90).await;
-    assert_eventually!(
-        30,
-        tests::ha::local_edges(&c1).await.len() == 2,
-        "agents not on c1"
-    );
-    assert_eventually!(
-        15,
-        cluster_view(&c1).await["role"] == "leader",
-        "c1 does not lead"
-    );
-    let c2 = CoordinatorProc::start(
-        &c2_dir,
-        &CoordinatorOpts {
-            grpc: Some(c2_grpc),
-            ..opts("c2")
-        },
-    )
-    .await;
-    assert_eventually!(
-        15,
-        cluster_view(&c2).await["role"] == "follower",
-        "c2 not a follower"
-    );
+    let (mut c1, c2, _varnish, _agents) =
+        leader_then_follower(dir.path(), &origin, &opts, "xkey", 90).await;
     // Warm 100 products (the tag index learns them), then reindex them all.
     let urls: Vec<String> = (1..=100)
         .map(|p| format!("http://{}/p/{p}", origin.addr))
