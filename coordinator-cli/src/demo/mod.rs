@@ -656,8 +656,8 @@ fn print_howto(
         "  curl -si -X PURGE -H 'X-Magento-Tags-Pattern: ((^|,)cat_p_42(,|$))' http://{purge}/"
     );
     if refresh {
-        daemon::say!("  curl -si {host} http://{first}/p/42 | grep -i -e cache-debug -e render   # HIT at once: the stale copy (refresh mode)");
-        daemon::say!("  curl -si {host} http://{second}/p/42 | grep -i -e cache-debug -e render  # a second later: the new render, everywhere");
+        daemon::say!("  curl -si {host} http://{first}/p/42 | grep -i -e cache-debug -e x-origin-render   # HIT at once: the stale copy (refresh mode)");
+        daemon::say!("  curl -si {host} http://{second}/p/42 | grep -i -e cache-debug -e x-origin-render  # a second later: the new render, everywhere");
         daemon::say!("  curl -s  http://{origin}/__origin/renders?url=/p/42          # rendered once more, for every region (once if tiered)");
     } else {
         daemon::say!(
