@@ -241,7 +241,7 @@ impl Probes {
     pub fn summary(&self) -> ProbeSummary {
         let checks = self.lock();
         let mut worst: BTreeMap<String, (&String, &RegionCheck)> = BTreeMap::new();
-        let mut origin: BTreeMap<String, Health> = BTreeMap::new();
+        // Per region its worst origin check: health, check name, error.
         let mut origin_worst: BTreeMap<String, (Health, String, Option<String>)> = BTreeMap::new();
         for ((r, c), rc) in checks.iter() {
             if rc.origin.health != Health::Unknown
@@ -260,11 +260,11 @@ impl Probes {
                     worst.insert(r.clone(), (c, rc));
                 }
             }
-            if rc.origin.health != Health::Unknown {
-                let h = origin.entry(r.clone()).or_default();
-                *h = (*h).max(rc.origin.health);
-            }
         }
+        let origin = origin_worst
+            .iter()
+            .map(|(r, (h, _, _))| (r.clone(), *h))
+            .collect();
         let worst = worst
             .into_iter()
             .map(|(r, (check, rc))| {

@@ -159,10 +159,7 @@ pub struct RefreshInfo {
     pub purged_ms: u64,
     /// `purged_ms` + `[purge] refresh_max_stale_s`: a page not refreshed by then is a miss.
     pub deadline_ms: u64,
-    /// Refresh jobs whose unfinished pages this one took over.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub merged: Vec<u64>,
-    /// Pages refreshed everywhere when the deadline passed (or the job ended before it).
+    /// Pages refreshed everywhere when the deadline passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refreshed_by_deadline: Option<u64>,
 }

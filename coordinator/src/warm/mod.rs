@@ -46,9 +46,9 @@
 //! a job that ends forgets its per-edge bookkeeping in dispatch, budget and progress.
 //!
 //! **Lock order.** `queue` → `dispatch` → `budget` → `progress` → `tags`; `popular` is
-//! taken alone, `origin_failing` alone or last (the monitor reads it). A call takes the locks it needs in that order (`Warm::hold` takes the
-//! first four), never holds one across an `.await`, and reads the store's shards only
-//! with none held.
+//! taken alone, `origin_failing` alone or last (the monitor reads it). A call takes the
+//! locks it needs in that order (`Warm::hold` takes the first four), never holds one
+//! across an `.await`, and reads the store's shards only with none held.
 //!
 //! Nothing here runs on the purge path: the listener never waits on warming.
 

@@ -29,7 +29,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::job::{JobSource, JobSpec, JobState, JobView, RefreshInfo, RefreshProgress};
+use super::job::{Job, JobSource, JobSpec, JobState, RefreshInfo, RefreshProgress};
 use super::store::WarmStoreError;
 use super::tags::Profile;
 use super::Warm;
@@ -66,43 +66,25 @@ impl Warm {
         let rank = self.popularity();
         let mut ids = Vec::new();
         for (profile, urls) in groups {
-            let variations: Vec<String> = profile
-                .variations
-                .iter()
-                .map(|v| warmer::engine::format_variation(v))
-                .collect();
-            let (older, mut urls, mut first) = match self.take_unfinished(&profile, &variations) {
-                Some((ids, left, first)) => {
-                    let mut all = urls;
-                    all.extend(left);
-                    (ids, all, first.min(first_seq))
-                }
-                None => (Vec::new(), urls, first_seq),
-            };
-            if first == 0 {
-                first = first_seq;
-            }
-            warmer::engine::dedup(&mut urls, |u| u);
-            // Most requested first; the rest keep their order.
-            urls.sort_by_key(|u| std::cmp::Reverse(rank.get(path_of(u)).copied().unwrap_or(0)));
-            let spec = JobSpec {
-                urls,
-                host: profile.host.clone(),
-                variations: Some(variations),
-                rewarm: Some(true),
+            let mut spec = JobSpec {
                 only_stale: true,
-                ..JobSpec::default()
+                ..profile_job(&profile, urls)
             };
+            let (older, left, first) = self.take_unfinished(&spec);
+            spec.urls.extend(left);
+            warmer::engine::dedup(&mut spec.urls, |u| u);
+            // Most requested first; the rest keep their order.
+            spec.urls
+                .sort_by_key(|u| std::cmp::Reverse(rank.get(path_of(u)).map_or(0, |r| r.1)));
             if let Err(e) = spec.validate(&self.regions) {
                 tracing::warn!(error = %e, "refresh skipped");
                 continue;
             }
             let info = RefreshInfo {
-                first_seq: first,
+                first_seq: first.min(first_seq),
                 last_seq,
                 purged_ms,
                 deadline_ms: purged_ms.saturating_add(max_stale_s.saturating_mul(1000)),
-                merged: older.clone(),
                 refreshed_by_deadline: None,
             };
             match self.create_after(spec, JobSource::Refresh, last_seq, Some(info)) {
@@ -127,17 +109,11 @@ impl Warm {
             .shield
             .clone()
             .or_else(|| self.regions.first().cloned())?;
-        let mut seen = HashSet::new();
-        let mut ranked: Vec<(String, u64)> = self
-            .top(&self.regions, RELEARN_PAGES)
-            .into_values()
-            .flatten()
-            .filter(|(u, _)| seen.insert(path_of(u).to_owned()))
-            .collect();
+        let mut ranked: Vec<(String, u64)> = self.popularity().into_values().collect();
         if ranked.is_empty() {
             return None;
         }
-        ranked.sort_by_key(|u| std::cmp::Reverse(u.1));
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         ranked.truncate(RELEARN_PAGES);
         let spec = JobSpec {
             urls: ranked.into_iter().map(|(u, _)| u).collect(),
@@ -159,24 +135,24 @@ impl Warm {
         }
     }
 
-    /// Shoppers' requests per path and query, summed over every region's popular URLs.
-    fn popularity(&self) -> HashMap<String, u64> {
-        let mut rank: HashMap<String, u64> = HashMap::new();
+    /// Per path and query, an absolute URL shoppers asked for and how often, summed over
+    /// every region's popular URLs.
+    fn popularity(&self) -> HashMap<String, (String, u64)> {
+        let mut rank: HashMap<String, (String, u64)> = HashMap::new();
         for list in self.top(&self.regions, usize::MAX).into_values() {
             for (url, count) in list {
-                *rank.entry(path_of(&url).to_owned()).or_default() += count;
+                rank.entry(path_of(&url).to_owned())
+                    .or_insert_with(|| (url.clone(), 0))
+                    .1 += count;
             }
         }
         rank
     }
 
-    /// Cancels the queued or running refreshes of `profile` and returns their ids, the
-    /// URLs they had not refreshed on every edge, and the first purge they covered.
-    fn take_unfinished(
-        &self,
-        profile: &Profile,
-        variations: &[String],
-    ) -> Option<(Vec<u64>, Vec<String>, u64)> {
+    /// Cancels the queued or running refreshes fetched like `spec` (host and variations)
+    /// and returns their ids, the URLs they had not refreshed on every edge, and the first
+    /// purge they covered (`u64::MAX`: none).
+    fn take_unfinished(&self, spec: &JobSpec) -> (Vec<u64>, Vec<String>, u64) {
         let unfinished: Vec<(u64, Vec<String>, Vec<u32>, u64)> = {
             let queue = self.queue();
             queue
@@ -186,8 +162,8 @@ impl Warm {
                     j.source == JobSource::Refresh
                         && j.refresh.is_some()
                         && matches!(j.state, JobState::Queued | JobState::Running)
-                        && j.spec.host == profile.host
-                        && j.spec.variations.as_deref() == Some(variations)
+                        && j.spec.host == spec.host
+                        && j.spec.variations == spec.variations
                 })
                 .map(|j| {
                     let open: Vec<u32> = (0..j.shards)
@@ -202,14 +178,11 @@ impl Warm {
                     } else {
                         Vec::new()
                     };
-                    let first = j.refresh.as_ref().map(|r| r.first_seq).unwrap_or(0);
+                    let first = j.refresh.as_ref().map_or(u64::MAX, |r| r.first_seq);
                     (j.id, queued, open, first)
                 })
                 .collect()
         };
-        if unfinished.is_empty() {
-            return None;
-        }
         let mut ids = Vec::new();
         let mut left = Vec::new();
         let mut first = u64::MAX;
@@ -227,12 +200,10 @@ impl Warm {
             if let Err(e) = self.cancel(id) {
                 tracing::warn!(job_id = id, error = %e, "cannot cancel a refresh to merge it");
             }
-            if f > 0 {
-                first = first.min(f);
-            }
+            first = first.min(f);
             ids.push(id);
         }
-        Some((ids, left, if first == u64::MAX { 0 } else { first }))
+        (ids, left, first)
     }
 
     /// Records on the merged refreshes which one took them over, durably.
@@ -261,23 +232,22 @@ impl Warm {
         {
             let mut queue = self.queue();
             for j in queue.jobs.values_mut() {
-                let refreshed = j.fetches_refreshed();
-                let pages = j.fetches_total();
-                let Some(info) = j.refresh.as_mut() else {
-                    continue;
-                };
-                if info.refreshed_by_deadline.is_some()
-                    || now_ms < info.deadline_ms
-                    || j.merged_into.is_some()
-                {
+                let due = j.merged_into.is_none()
+                    && j.refresh.as_ref().is_some_and(|r| {
+                        r.refreshed_by_deadline.is_none() && now_ms >= r.deadline_ms
+                    });
+                if !due {
                     continue;
                 }
+                let pages = j.fetches_total();
                 let refreshed = if j.state == JobState::Queued {
                     0
                 } else {
-                    refreshed.min(pages)
+                    j.fetches_refreshed().min(pages)
                 };
-                info.refreshed_by_deadline = Some(refreshed);
+                if let Some(info) = j.refresh.as_mut() {
+                    info.refreshed_by_deadline = Some(refreshed);
+                }
                 closed.push((j.clone(), refreshed, pages.saturating_sub(refreshed)));
             }
         }
@@ -300,29 +270,51 @@ impl Warm {
     /// The refresh covering purge `seq` among the jobs this coordinator holds (the
     /// leader's answer), the newest first.
     pub fn refresh_of(&self, seq: u64) -> Option<RefreshProgress> {
-        self.list(REFRESH_LOOKUP)
-            .iter()
-            .find_map(|v| covering(v, seq))
+        let now = crate::clock::now_ms();
+        self.queue()
+            .jobs
+            .values()
+            .rev()
+            .find_map(|j| covering(j, seq, now))
     }
 
     /// [`Self::refresh_of`] as the store holds it: a follower's answer. Blocking.
     pub fn stored_refresh_of(&self, seq: u64) -> Result<Option<RefreshProgress>, WarmStoreError> {
+        let now = crate::clock::now_ms();
         Ok(self
-            .stored_list(REFRESH_LOOKUP)?
+            .store
+            .jobs()?
             .iter()
-            .find_map(|v| covering(v, seq)))
+            .rev()
+            .find_map(|j| covering(j, seq, now)))
     }
 }
 
-/// The newest jobs a purge's refresh is looked up among.
-const REFRESH_LOOKUP: usize = 200;
+/// `job`'s refresh progress, if it covers purge `seq` and was not merged into a newer one.
+fn covering(job: &Job, seq: u64, now_ms: u64) -> Option<RefreshProgress> {
+    let info = job.refresh.as_ref()?;
+    if job.merged_into.is_some() || seq < info.first_seq || seq > info.last_seq {
+        return None;
+    }
+    job.refresh_progress(now_ms)
+}
 
-/// `v`'s refresh, if it covers purge `seq` and was not merged into a newer one.
-fn covering(v: &JobView, seq: u64) -> Option<RefreshProgress> {
-    v.refresh
-        .as_ref()
-        .filter(|r| r.first_seq <= seq && seq <= r.last_seq && r.merged_into.is_none())
-        .cloned()
+/// A job fetching `urls` as `profile` says (Host header and variations), learning their
+/// tags: a re-warm's and a refresh's.
+pub(super) fn profile_job(profile: &Profile, urls: Vec<String>) -> JobSpec {
+    JobSpec {
+        urls,
+        host: profile.host.clone(),
+        variations: Some(
+            profile
+                .variations
+                .iter()
+                .map(|v| warmer::engine::format_variation(v))
+                .collect(),
+        ),
+        rewarm: Some(true),
+        ..JobSpec::default()
+    }
 }
 
 /// Refreshed and evicted pages, counted as deadlines close (since coordinator start).

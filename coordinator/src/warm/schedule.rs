@@ -22,7 +22,7 @@ use proto::edge::purge_entry::Op;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ScheduleConfig;
-use super::job::{JobSource, JobSpec, JobState};
+use super::job::{JobSource, JobState};
 use super::refresh::PendingRefresh;
 use super::Warm;
 use crate::purge::log::PurgeLog;
@@ -202,19 +202,7 @@ impl Warm {
         let groups = self.tags().lookup(tags);
         let mut ids = Vec::new();
         for (profile, urls) in groups {
-            let spec = JobSpec {
-                urls,
-                host: profile.host.clone(),
-                variations: Some(
-                    profile
-                        .variations
-                        .iter()
-                        .map(|v| warmer::engine::format_variation(v))
-                        .collect(),
-                ),
-                rewarm: Some(true),
-                ..JobSpec::default()
-            };
+            let spec = super::refresh::profile_job(&profile, urls);
             if let Err(e) = spec.validate(&self.regions) {
                 tracing::warn!(error = %e, "re-warm skipped");
                 continue;
