@@ -38,9 +38,35 @@ impl EtcdCluster {
     }
 
     /// [`Self::start`] with more flags for every member (e.g. `--auth-token-ttl=2`).
+    ///
+    /// The ports come from [`free_port`], which closes its probe socket: another test's
+    /// outgoing connection can take one before etcd binds it, and that member exits with
+    /// "address already in use". A member that exits, or a cluster not serving in 20 s,
+    /// is started again on fresh ports and empty data dirs, up to three times.
     pub async fn start_with(dir: &Path, n: usize, flags: &[&str]) -> Self {
         require_etcd();
         std::fs::create_dir_all(dir).expect("etcd dir");
+        let mut why = String::new();
+        for attempt in 1..=3 {
+            let mut cluster = Self::spawn(dir, n, flags);
+            match cluster.wait_serving(Duration::from_secs(20)).await {
+                Ok(()) => return cluster,
+                Err(e) => {
+                    eprintln!("etcd attempt {attempt}: {e}; trying fresh ports");
+                    why = e;
+                    for m in &mut cluster.members {
+                        m.kill9().await;
+                    }
+                    for i in 0..n {
+                        let _ = std::fs::remove_dir_all(dir.join(format!("m{i}")));
+                    }
+                }
+            }
+        }
+        panic!("etcd did not serve after 3 attempts: {why}; logs in {}", dir.display());
+    }
+
+    fn spawn(dir: &Path, n: usize, flags: &[&str]) -> Self {
         let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let initial: Vec<String> = (0..n)
@@ -76,30 +102,41 @@ impl EtcdCluster {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect();
-        let cluster = EtcdCluster {
+        EtcdCluster {
             endpoints,
             members,
             commands,
-        };
-        // Serving once every member answers /health with a leader.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for p in &client {
+        }
+    }
+
+    /// Serving once every member answers /health with a leader; an error naming the
+    /// member that exited or is not healthy by `within`.
+    async fn wait_serving(&mut self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        for i in 0..self.members.len() {
+            let url = self.endpoints[i].clone();
+            let port: u16 = url
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("endpoint port");
             loop {
-                let up = get_json(lo(*p), "/health")
+                if let Some(status) = self.members[i].try_status() {
+                    return Err(format!("member {url} exited ({status})"));
+                }
+                let up = get_json(lo(port), "/health")
                     .await
                     .is_some_and(|h| h["health"] == "true");
                 if up {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "etcd member on {p} not healthy after 30 s; logs in {}",
-                    dir.display()
-                );
+                if Instant::now() >= deadline {
+                    return Err(format!("member {url} not healthy after {within:?}"));
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        cluster
+        Ok(())
     }
 }
 
