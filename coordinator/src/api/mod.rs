@@ -131,22 +131,23 @@ struct AuditQuery {
 /// coordinator's own (`partial`) while etcd does not answer.
 async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> Response {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let since_ms =
-        match q.since.as_deref().map(str::trim) {
-            None | Some("") => 0,
-            Some(t) => match t.parse::<u64>() {
-                Ok(ms) => ms,
-                Err(_) => match humantime::parse_duration(t) {
-                    Ok(ago) => crate::clock::now_ms().saturating_sub(ago.as_millis() as u64),
-                    Err(_) => return error(
+    let since_ms = match q.since.as_deref().map(str::trim) {
+        None | Some("") => 0,
+        Some(t) => match t.parse::<u64>() {
+            Ok(ms) => ms,
+            Err(_) => match humantime::parse_duration(t) {
+                Ok(ago) => crate::clock::now_ms().saturating_sub(ago.as_millis() as u64),
+                Err(_) => {
+                    return error(
                         StatusCode::BAD_REQUEST,
                         format!(
                             "since must be epoch milliseconds or a duration like 15m, not {t:?}"
                         ),
-                    ),
-                },
+                    )
+                }
             },
-        };
+        },
+    };
     Json(s.state.audit.list(limit, since_ms).await).into_response()
 }
 
