@@ -120,9 +120,7 @@ fn accepted(what: &str, expr: &str, answer: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_rules_run_against_a_real_prometheus_scraping_a_cluster() {
-    let extra = "[monitoring]\norigin = \"{origin}\"\nfailures_to_down = 3\nsuccesses_to_up = 2\n\
-         [[checks]]\nname = \"health\"\npath = \"/health_check.php\"\ninterval_ms = 300\ntimeout_ms = 1000\nslow_ms = 5000\n"
-        .to_owned();
+    let extra = crate::monitor::FAST_PROBES.to_owned();
     let mut cluster = Cluster::start(
         2,
         "ban",
