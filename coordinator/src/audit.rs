@@ -20,6 +20,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -346,6 +347,7 @@ impl Audit {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.0.file)?;
         let mut text = Vec::new();
         for e in batch {
@@ -420,7 +422,12 @@ fn write_file(path: &Path, entries: &[Entry]) -> std::io::Result<()> {
         serde_json::to_writer(&mut text, e)?;
         text.push(b'\n');
     }
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(&text)?;
     f.sync_data()?;
     std::fs::rename(&tmp, path)
@@ -555,6 +562,27 @@ mod tests {
         std::fs::write(&file, text).unwrap();
         let torn = Audit::open(dir.path(), "c1", bounds, None, None).unwrap();
         assert_eq!(torn.list(100, 0).await.entries.len(), 10);
+    }
+
+    #[tokio::test]
+    async fn the_files_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bounds = Bounds {
+            keep: 10,
+            keep_ms: 3_600_000,
+        };
+        let audit = Audit::open(dir.path(), "c1", bounds, None, None).unwrap();
+        audit.record(entry(&audit, "a"));
+        audit.flush().await;
+        write_file(&dir.path().join("other.jsonl"), &[]).unwrap();
+        for f in ["audit.jsonl", "other.jsonl"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{f} is {mode:o}");
+        }
     }
 
     #[test]
