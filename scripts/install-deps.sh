@@ -6,7 +6,9 @@
 # PowerDNS (pdns-server, pdns-backend-remote) and dig (bind9-dnsutils) only for the
 # tests (geo routing answers a real pdns, queried with dig); etcd (etcd-server) only for
 # the tests (the etcd client and the HA store run against a real 3-member cluster);
-# dpkg-dev (dpkg-shlibdeps) and adduser for scripts/package.sh and its test.
+# dpkg-dev (dpkg-shlibdeps) and adduser for scripts/package.sh and its test; prometheus
+# (promtool, and a real Prometheus) only for the tests (the shipped alert rules are
+# unit-tested with promtool, the dashboard's queries run against a real Prometheus).
 # No protoc is needed (protox compiles .proto).
 #
 #   scripts/install-deps.sh          everything the tests need (scripts/test.sh runs this)
@@ -30,6 +32,7 @@ if ! $demo; then
   command -v etcd >/dev/null 2>&1 || dns+=(etcd-server)
   command -v dpkg-shlibdeps >/dev/null 2>&1 || dns+=(dpkg-dev)
   command -v adduser >/dev/null 2>&1 || dns+=(adduser)
+  command -v promtool >/dev/null 2>&1 || dns+=(prometheus)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -49,5 +52,6 @@ if [ ${#dns[@]} -gt 0 ]; then
   # The packages may start a system pdns on :53 and an etcd on :2379; tests run their own.
   $SUDO systemctl disable --now pdns >/dev/null 2>&1 || true
   $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 varnishd -V 2>&1 | head -1

@@ -119,7 +119,7 @@ package() {
 # The coordinator: server, ops CLI (and its pki), warmer; the bundle `config push` reads.
 root=$work/varnish-coordinator
 install -d -m 0755 "$root/usr/bin" "$root/lib/systemd/system" "$root/usr/share/varnish-coordinator/vcl" \
-  "$root/usr/share/varnish-coordinator/grafana"
+  "$root/usr/share/varnish-coordinator/grafana" "$root/usr/share/varnish-coordinator/prometheus"
 install -m 0755 "$bin_dir/coordinator" "$bin_dir/warmer" "$root/usr/bin/"
 # Debug info stays in the build tree (the release profile keeps line tables for
 # backtraces): the packaged binaries are a fraction of the size.
@@ -129,6 +129,9 @@ install -d -m 0750 "$root/etc/coordinator"
 install -m 0640 deploy/config/coordinator.toml "$root/etc/coordinator/"
 install -m 0644 edge-agent/vcl/* "$root/usr/share/varnish-coordinator/vcl/"
 install -m 0644 grafana/*.json "$root/usr/share/varnish-coordinator/grafana/"
+# Prometheus alert rules, and their promtool unit tests (`promtool test rules alerts_test.yml`).
+install -m 0644 deploy/prometheus/alerts.yml deploy/prometheus/alerts_test.yml \
+  "$root/usr/share/varnish-coordinator/prometheus/"
 docs "$root" varnish-coordinator
 package varnish-coordinator "$(shlibs "$bin_dir/coordinator" "$bin_dir/warmer"), adduser" "" \
   "$(printf '%s\n' \

@@ -16,7 +16,7 @@ use std::fmt::Write;
 
 pub use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::encoding::{
-    EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
+    EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
 };
 use prometheus_client::metrics::MetricType;
 
@@ -93,6 +93,25 @@ pub fn counter<L: EncodeLabelSet>(
     name: &str,
     help: &str,
     samples: impl IntoIterator<Item = (L, u64)>,
+) -> std::fmt::Result {
+    counter_of(encoder, name, help, samples)
+}
+
+/// One counter family of float samples (sums of seconds); `name` ends in `_total`.
+pub fn counter_f64<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, f64)>,
+) -> std::fmt::Result {
+    counter_of(encoder, name, help, samples)
+}
+
+fn counter_of<L: EncodeLabelSet, V: EncodeCounterValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
 ) -> std::fmt::Result {
     let base = name.strip_suffix("_total").unwrap_or(name);
     let mut family = encoder.encode_descriptor(base, help, None, MetricType::Counter)?;

@@ -24,7 +24,8 @@ use proto::edge::VarnishStats;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{
-    collector, counter, edge_labels, gauge, histogram, DescriptorEncoder, Label, Registry,
+    collector, counter, counter_f64, edge_labels, gauge, histogram, DescriptorEncoder, Label,
+    Registry,
 };
 
 /// Samples older than this are dropped (the longest window).
@@ -290,6 +291,8 @@ pub struct ServedEdge {
     pub edge: String,
     pub region: String,
     pub histogram: crate::metrics::HistogramSample,
+    /// Σ (served time)², in s²: with the histogram's sum and count, the standard deviation.
+    pub time_sq_s2: f64,
     pub errors_5xx: u64,
 }
 
@@ -493,6 +496,7 @@ impl Traffic {
                     edge: id.clone(),
                     region: e.region.clone(),
                     histogram,
+                    time_sq_s2: e.total.served_time_sq_ms / 1e6,
                     errors_5xx: e.total.served_5xx,
                 }
             })
@@ -685,6 +689,14 @@ fn encode_metrics(source: &Arc<Traffic>, e: &mut DescriptorEncoder) -> std::fmt:
             .iter()
             .map(|s| (edge_labels(&s.region, &s.edge), s.histogram.clone())),
     )?;
+    counter_f64(
+        e,
+        "coordinator_shopper_response_seconds_squared_total",
+        "Σ of the squares of shoppers' served times (s²; the histogram's sum and count give the mean, this the standard deviation), since coordinator start.",
+        served
+            .iter()
+            .map(|s| (edge_labels(&s.region, &s.edge), s.time_sq_s2)),
+    )?;
     counter(
         e,
         "coordinator_shopper_responses_5xx_total",
@@ -859,6 +871,42 @@ mod tests {
         t.record("a", "eu", at(5_000, 0, 1, 9));
         assert!(!t.restarts_since("eu", 0)[0].panic);
         assert_eq!(t.own_edges(5_001)["a"].1.restarts, 2);
+    }
+
+    #[test]
+    fn served_time_squares_are_exported_in_seconds_squared() {
+        let served = |at: u64, n: u64, us: u64, sq_ms: f64| VarnishStats {
+            served_requests: n,
+            served_time_us: us,
+            served_time_sq_ms: sq_ms,
+            served_buckets: vec![0; proto::SERVED_BUCKETS_S.len()],
+            ..s(at, at / 1000, 0, 0)
+        };
+        let t = Arc::new(Traffic::default());
+        t.record("a", "eu", served(1_000, 0, 0, 0.0));
+        // Two requests of 100 ms and 300 ms: Σt = 0.4 s, Σt² = 10 000 + 90 000 ms².
+        t.record("a", "eu", served(3_000, 2, 400_000, 100_000.0));
+        let s = &t.served()[0];
+        assert!((s.time_sq_s2 - 0.1).abs() < 1e-9, "{}", s.time_sq_s2);
+        let mut registry = Registry::default();
+        t.register_metrics(&mut registry);
+        let text = crate::metrics::render(&registry, crate::metrics::Format::Prometheus);
+        assert!(
+            text.contains("# TYPE coordinator_shopper_response_seconds_squared_total counter\n"),
+            "{text}"
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("coordinator_shopper_response_seconds_squared_total{"))
+            .unwrap_or_default();
+        assert_eq!(
+            line.rsplit_once(' ').map(|(_, v)| v.parse::<f64>().ok()),
+            Some(Some(0.1)),
+            "{line}"
+        );
+        // std = sqrt(Σt²/n - mean²) = sqrt(0.05 - 0.04) = 0.1 s, as served_std_ms says.
+        let d = &t.regions(4_000)["eu"].last_minute;
+        assert!((d.served_std_ms().unwrap_or(0.0) - 100.0).abs() < 1e-6);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use super::{Phase, Rollouts};
-use crate::metrics::{collector, counter, edge_labels, gauge, DescriptorEncoder, Label, Registry};
+use crate::metrics::{
+    collector, counter, edge_labels, gauge, gauge_value, DescriptorEncoder, Label, Registry,
+};
 
 impl Rollouts {
     /// Registers the config families.
@@ -37,6 +39,12 @@ fn encode(source: &Arc<Rollouts>, e: &mut DescriptorEncoder) -> std::fmt::Result
         "coordinator_config_drift_events_total",
         "Times the edge was seen leaving its config version (since coordinator start).",
         view.edges.iter().map(|v| (labels(v), v.drift_events)),
+    )?;
+    gauge_value(
+        e,
+        "coordinator_config_rollout_id",
+        "The latest rollout's id (0: none yet); a change marks a rollout starting (the dashboard's annotations).",
+        view.rollout.as_ref().map_or(0, |r| r.id),
     )?;
     let phase = view.rollout.as_ref().map(|r| r.phase);
     gauge(

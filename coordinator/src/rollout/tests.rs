@@ -326,3 +326,29 @@ fn a_compile_error_quoting_the_warm_token_is_kept_without_it() {
         "{view}"
     );
 }
+
+#[test]
+fn the_rollout_id_metric_changes_with_each_rollout() {
+    let (_d, r) = setup(None, DriftPolicy::Enforce);
+    let id = |r: &Arc<Rollouts>| {
+        let mut registry = crate::metrics::Registry::default();
+        r.register_metrics(&mut registry);
+        let text = crate::metrics::render(&registry, crate::metrics::Format::Prometheus);
+        text.lines()
+            .find_map(|l| l.strip_prefix("coordinator_config_rollout_id "))
+            .map(str::to_owned)
+    };
+    assert_eq!(id(&r).as_deref(), Some("0"), "none yet");
+    r.push(&bundle("v1"), true, false).unwrap();
+    let first = id(&r);
+    r.push(&bundle("v2"), true, true).unwrap();
+    let second = id(&r);
+    assert!(
+        first.is_some() && first.as_deref() != Some("0"),
+        "{first:?}"
+    );
+    assert!(
+        second.is_some() && second != first,
+        "{first:?} -> {second:?}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The real programs a test starts, one file each: [`etcd`], [`pdns`] (PowerDNS and
 //! `dig`), [`varnish`], [`coordinator`] and [`agent`] (the workspace's binaries, their
-//! configs built from the real config structs), the [`demo`] and headless [`chromium`];
+//! configs built from the real config structs), the [`demo`], headless [`chromium`] and
+//! [`prometheus`] (with `promtool`);
 //! [`host`] is the machine they share (the built binaries, free ports, temp dirs, pids).
 //!
 //! Nothing here fakes a component: a program that is missing panics with the package to
@@ -13,6 +14,7 @@ pub mod demo;
 pub mod etcd;
 pub mod host;
 pub mod pdns;
+pub mod prometheus;
 pub mod varnish;
 
 pub use agent::{AgentOpts, AgentProc};
@@ -22,6 +24,7 @@ pub use demo::start_demo;
 pub use etcd::{require_etcd, EtcdCluster};
 pub use host::{bin_dir, free_port, pids_of, temp_dir};
 pub use pdns::{dig, dig_full, require_pdns, Pdns};
+pub use prometheus::{promtool, require_prometheus, Prometheus};
 pub use varnish::{require_varnish, VarnishNode};
 
 /// The environment that makes one of the workspace's binaries speak protocol `version`

@@ -5,6 +5,7 @@
 // The test harness starts real programs (varnishd, the binaries, chromium) by design.
 #![allow(clippy::disallowed_methods)]
 
+mod alert_rules;
 mod chaos;
 mod cluster_chaos;
 mod config;

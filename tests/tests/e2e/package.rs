@@ -271,6 +271,10 @@ fn the_packages_install_verify_and_purge_without_a_trace() {
             "root:root 644",
         ),
         (
+            "/usr/share/varnish-coordinator/prometheus/alerts.yml",
+            "root:root 644",
+        ),
+        (
             "/usr/share/doc/varnish-edge-agent/examples/varnish-edge.conf",
             "root:root 644",
         ),
