@@ -28,5 +28,6 @@ mod state;
 mod tidy;
 mod traffic;
 mod upgrade;
+mod vcl_hit_ratio;
 mod warm_jobs;
 mod warmer;
