@@ -811,7 +811,13 @@ mod tests {
 
     /// A sample from an agent that reads varnish's log: `served` shoppers' lines, of
     /// which `hits` hits and `misses` misses, among varnish's `requests`/`all_hits`.
-    fn logged(at: u64, uptime: u64, all_hits: u64, requests: u64, served: (u64, u64, u64)) -> VarnishStats {
+    fn logged(
+        at: u64,
+        uptime: u64,
+        all_hits: u64,
+        requests: u64,
+        served: (u64, u64, u64),
+    ) -> VarnishStats {
         VarnishStats {
             taken_at_ms: at,
             uptime_s: uptime,
@@ -832,30 +838,48 @@ mod tests {
         // so the agent knew no verdict from the responses (synthetic hits 0): only the
         // log tells them apart, and no shopper came.
         t.record("a", "eu", logged(1_000, 10, 0, 0, (0, 0, 0)));
-        t.record("a", "eu", VarnishStats {
-            synthetic_requests: 40,
-            ..logged(41_000, 50, 40, 40, (0, 0, 0))
-        });
+        t.record(
+            "a",
+            "eu",
+            VarnishStats {
+                synthetic_requests: 40,
+                ..logged(41_000, 50, 40, 40, (0, 0, 0))
+            },
+        );
         let eu = &t.regions(42_000)["eu"];
         assert_eq!(eu.hit_ratio["m1"], None, "no shopper: no ratio, not 100 %");
         assert_eq!(eu.requests_per_s, Some(0.0));
-        assert_eq!(eu.last_minute.hits, 40, "varnish's own count is still shown");
+        assert_eq!(
+            eu.last_minute.hits, 40,
+            "varnish's own count is still shown"
+        );
         // Then 1 miss and 10 hits from shoppers (varnish counts them with 5 more probes).
-        t.record("a", "eu", VarnishStats {
-            synthetic_requests: 45,
-            ..logged(51_000, 60, 55, 56, (11, 10, 1))
-        });
+        t.record(
+            "a",
+            "eu",
+            VarnishStats {
+                synthetic_requests: 45,
+                ..logged(51_000, 60, 55, 56, (11, 10, 1))
+            },
+        );
         let eu = &t.regions(52_000)["eu"];
         assert_eq!(eu.hit_ratio["m1"], Some(10.0 / 11.0));
-        assert_eq!((eu.last_minute.shopper_hits, eu.last_minute.shopper_misses), (10, 1));
+        assert_eq!(
+            (eu.last_minute.shopper_hits, eu.last_minute.shopper_misses),
+            (10, 1)
+        );
         assert!((eu.requests_per_s.unwrap_or(0.0) - 11.0 / 60.0).abs() < 1e-9);
         // An older agent in the same region: its counters less its own requests.
         t.record("b", "eu", s(1_000, 10, 0, 0));
-        t.record("b", "eu", VarnishStats {
-            synthetic_requests: 5,
-            synthetic_hits: 5,
-            ..s(51_000, 60, 15, 5)
-        });
+        t.record(
+            "b",
+            "eu",
+            VarnishStats {
+                synthetic_requests: 5,
+                synthetic_hits: 5,
+                ..s(51_000, 60, 15, 5)
+            },
+        );
         let eu = &t.regions(52_000)["eu"];
         assert_eq!(eu.hit_ratio["m1"], Some(20.0 / 26.0));
         let h = t.history("eu");

@@ -110,10 +110,20 @@ mod tests {
         assert!(a.is_own(&value));
         assert!(a.is_own(&a.header(Kind::Probe).1));
         assert!(!b.is_own(&value), "another agent's mark");
-        for forged in ["-", "", "probe", "probe:", "warm:00", &value.replace(':', "")] {
+        for forged in [
+            "-",
+            "",
+            "probe",
+            "probe:",
+            "warm:00",
+            &value.replace(':', ""),
+        ] {
             assert!(!a.is_own(forged), "{forged:?}");
         }
-        assert!(!format!("{a:?}").contains(&value[5..]), "Debug shows no secret");
+        assert!(
+            !format!("{a:?}").contains(&value[5..]),
+            "Debug shows no secret"
+        );
         assert!(own().is_own(&header(Kind::Purge).1));
     }
 }

@@ -252,7 +252,13 @@ fn start(
         args.push("-n".into());
         args.push(i.display().to_string());
     }
-    args.extend(["-c".into(), "-F".into(), FORMAT.into(), "-q".into(), QUERY.into()]);
+    args.extend([
+        "-c".into(),
+        "-F".into(),
+        FORMAT.into(),
+        "-q".into(),
+        QUERY.into(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     command::lines(varnishncsa, &args)
 }
@@ -294,8 +300,15 @@ mod tests {
         let source = |m: &str| parse_line(&line(m)).map(|l| l.source(&mark));
         assert_eq!(source(&own), Some(Source::Own));
         assert_eq!(source("-"), Some(Source::Shopper));
-        assert_eq!(source(&Mark::new().header(crate::mark::Kind::Warm).1), Some(Source::Marked));
-        assert_eq!(source("probe"), Some(Source::Marked), "a forged mark is not own");
+        assert_eq!(
+            source(&Mark::new().header(crate::mark::Kind::Warm).1),
+            Some(Source::Marked)
+        );
+        assert_eq!(
+            source("probe"),
+            Some(Source::Marked),
+            "a forged mark is not own"
+        );
         // Whatever the VCL answered (no cache-debug header at all), the log's handling
         // is the verdict.
         let l = parse_line("GET\t200\t90\tmiss\t-\tshop.test/\t-").expect("line");

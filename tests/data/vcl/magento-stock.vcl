@@ -2,9 +2,9 @@
 # Open Software License 3.0, as `bin/magento varnish:vcl:generate` writes it), for the
 # hit-ratio tests. This file is written for this project, not copied: it does what the
 # stock file does where it matters to an edge agent, in the stock file's template form
-# (`/* {{ host }} */`, `/* {{ port }} */`, `/* {{ ips }} */`, `/* {{ grace_period }} */`,
-# `/* {{ ssl_offloaded_header }} */`, `/* {{ design_exceptions_code }} */`), which the test
-# fills the way the generator does, so the real file can be put in its place unchanged:
+# (the placeholders host, port, ips, grace_period, ssl_offloaded_header and
+# design_exceptions_code, each in a C comment with double braces), which the test fills
+# the way the generator does, so the real file can be put in its place unchanged:
 #
 # * `X-Magento-Cache-Debug` only in developer mode (the backend's `X-Magento-Debug`), as
 #   Magento's VCL long did: in production no response says whether it was a hit;

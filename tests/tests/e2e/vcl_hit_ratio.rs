@@ -17,7 +17,9 @@ const CHECKS: &str = "[[checks]]\nname = \"health\"\npath = \"/health_check.php\
                       [[checks]]\nname = \"page\"\npath = \"/c/probe\"\nhost = \"shop.test\"\ninterval_ms = 200\ntimeout_ms = 1000\nslow_ms = 5000\n";
 
 fn fixture(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/vcl").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/vcl")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -25,8 +27,14 @@ fn fixture(name: &str) -> String {
 fn debian_default(backend: SocketAddr) -> String {
     let vcl = fixture("debian-default.vcl");
     assert!(vcl.contains(".host = \"127.0.0.1\";") && vcl.contains(".port = \"8080\";"));
-    vcl.replace(".host = \"127.0.0.1\";", &format!(".host = \"{}\";", backend.ip()))
-        .replace(".port = \"8080\";", &format!(".port = \"{}\";", backend.port()))
+    vcl.replace(
+        ".host = \"127.0.0.1\";",
+        &format!(".host = \"{}\";", backend.ip()),
+    )
+    .replace(
+        ".port = \"8080\";",
+        &format!(".port = \"{}\";", backend.port()),
+    )
 }
 
 /// Magento's stock VCL with its placeholders filled as `bin/magento varnish:vcl:generate`
@@ -36,14 +44,23 @@ fn magento_stock(backend: SocketAddr) -> String {
     let filled = [
         ("/* {{ host }} */", backend.ip().to_string()),
         ("/* {{ port }} */", backend.port().to_string()),
-        ("/* {{ ips }} */", "    \"127.0.0.1\";\n    \"localhost\";".to_owned()),
-        ("/* {{ ssl_offloaded_header }} */", "X-Forwarded-Proto".to_owned()),
+        (
+            "/* {{ ips }} */",
+            "    \"127.0.0.1\";\n    \"localhost\";".to_owned(),
+        ),
+        (
+            "/* {{ ssl_offloaded_header }} */",
+            "X-Forwarded-Proto".to_owned(),
+        ),
         ("/* {{ design_exceptions_code }} */", String::new()),
         ("/* {{ grace_period }} */", "300".to_owned()),
     ];
     let mut vcl = fixture("magento-stock.vcl");
     for (placeholder, value) in filled {
-        assert!(vcl.contains(placeholder), "{placeholder} not in the fixture");
+        assert!(
+            vcl.contains(placeholder),
+            "{placeholder} not in the fixture"
+        );
         vcl = vcl.replace(placeholder, &value);
     }
     vcl
@@ -75,7 +92,7 @@ async fn shoppers_ratio_only(cluster: &Cluster, vcl: &str) {
     let c = &cluster.coordinator;
     let v0 = cluster.varnish[0].http;
     // varnish counts the probes' hits: under this VCL they are cache lookups that hit.
-    let mut r = RegionView::default();
+    let mut r;
     assert_eventually!(
         30,
         {
@@ -102,7 +119,9 @@ async fn shoppers_ratio_only(cluster: &Cluster, vcl: &str) {
             no_ratio(&r)
                 && r.requests_per_s == Some(0.0)
                 && r.served.requests == 0
-                && r.last_minute.as_ref().is_some_and(|m| m.shopper_hits + m.shopper_misses == 0)
+                && r.last_minute
+                    .as_ref()
+                    .is_some_and(|m| m.shopper_hits + m.shopper_misses == 0)
         },
         "{vcl}: the agent's own requests counted as shoppers': {r:?}"
     );
@@ -113,7 +132,10 @@ async fn shoppers_ratio_only(cluster: &Cluster, vcl: &str) {
     );
     // The agent's own verdicts come from varnish's log, whatever the VCL answered.
     let own = r.synthetic_hit_ratio.and_then(|h| h.m5);
-    assert!(own.is_some_and(|o| o > 0.0), "{vcl}: own ratio {own:?}: {r:?}");
+    assert!(
+        own.is_some_and(|o| o > 0.0),
+        "{vcl}: own ratio {own:?}: {r:?}"
+    );
     let metrics = get(c.api, "/metrics").await.body;
     assert!(
         !metrics.contains("coordinator_region_hit_ratio{region=\"region-0\""),
