@@ -42,6 +42,8 @@ pub enum OpenError {
     Geo(#[from] DbError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error("warm token in etcd: {0}")]
     SharedToken(String),
     #[error("warm token {path}: {source}")]
@@ -74,6 +76,8 @@ pub struct Coordinator {
     pub geo: Option<Arc<Geo>>,
     /// Region names from coordinator.toml (edges may add others).
     pub regions: Arc<Vec<String>>,
+    /// Who asked the API for what ([`crate::audit`]).
+    pub audit: crate::audit::Audit,
     /// Every subsystem's metric families.
     pub metrics: Arc<Registry>,
     /// `--state-dir` (where a backup's scratch copy is made).
@@ -198,6 +202,17 @@ impl Coordinator {
             None => None,
         };
 
+        let audit = crate::audit::Audit::open(
+            state_dir,
+            cluster.id(),
+            crate::audit::Bounds {
+                keep: config.api.audit_keep,
+                keep_ms: config.api.audit_keep_days * 86_400_000,
+            },
+            etcd_kv.clone(),
+            etcd_kv.as_ref().map(|_| cluster.store_health().clone()),
+        )?;
+
         let mut registry = Registry::default();
         purge_counters.register(&log, &mut registry);
         let fanout = Arc::new(Fanout::default());
@@ -258,6 +273,7 @@ impl Coordinator {
             warm,
             geo,
             regions: Arc::new(config.region_names()),
+            audit,
             metrics: Arc::new(registry),
             state_dir: Arc::from(state_dir),
         })

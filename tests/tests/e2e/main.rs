@@ -25,6 +25,7 @@ mod refresh;
 mod robustness;
 mod security;
 mod state;
+mod team;
 mod tidy;
 mod traffic;
 mod upgrade;
