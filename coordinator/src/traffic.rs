@@ -809,23 +809,24 @@ mod tests {
         assert!((eu.requests_per_s.unwrap() - 80.0 / 60.0).abs() < 1e-9);
     }
 
-    /// A sample from an agent that reads varnish's log: `served` shoppers' lines, of
-    /// which `hits` hits and `misses` misses, among varnish's `requests`/`all_hits`.
+    /// A sample from an agent that reads varnish's log: varnish counted `(requests, hits)`
+    /// of which the agent sent `own`; its log showed `(served, hits, misses)` shoppers'.
     fn logged(
         at: u64,
         uptime: u64,
-        all_hits: u64,
-        requests: u64,
-        served: (u64, u64, u64),
+        counted: (u64, u64),
+        own: u64,
+        log: (u64, u64, u64),
     ) -> VarnishStats {
         VarnishStats {
             taken_at_ms: at,
             uptime_s: uptime,
-            requests,
-            hits: all_hits,
-            served_requests: served.0,
-            served_hits: served.1,
-            served_misses: served.2,
+            requests: counted.0,
+            hits: counted.1,
+            synthetic_requests: own,
+            served_requests: log.0,
+            served_hits: log.1,
+            served_misses: log.2,
             served_logged: true,
             ..Default::default()
         }
@@ -837,15 +838,8 @@ mod tests {
         // Probes and health checks hit the cache 40 times; the VCL set no debug header,
         // so the agent knew no verdict from the responses (synthetic hits 0): only the
         // log tells them apart, and no shopper came.
-        t.record("a", "eu", logged(1_000, 10, 0, 0, (0, 0, 0)));
-        t.record(
-            "a",
-            "eu",
-            VarnishStats {
-                synthetic_requests: 40,
-                ..logged(41_000, 50, 40, 40, (0, 0, 0))
-            },
-        );
+        t.record("a", "eu", logged(1_000, 10, (0, 0), 0, (0, 0, 0)));
+        t.record("a", "eu", logged(41_000, 50, (40, 40), 40, (0, 0, 0)));
         let eu = &t.regions(42_000)["eu"];
         assert_eq!(eu.hit_ratio["m1"], None, "no shopper: no ratio, not 100 %");
         assert_eq!(eu.requests_per_s, Some(0.0));
@@ -854,14 +848,7 @@ mod tests {
             "varnish's own count is still shown"
         );
         // Then 1 miss and 10 hits from shoppers (varnish counts them with 5 more probes).
-        t.record(
-            "a",
-            "eu",
-            VarnishStats {
-                synthetic_requests: 45,
-                ..logged(51_000, 60, 55, 56, (11, 10, 1))
-            },
-        );
+        t.record("a", "eu", logged(51_000, 60, (56, 55), 45, (11, 10, 1)));
         let eu = &t.regions(52_000)["eu"];
         assert_eq!(eu.hit_ratio["m1"], Some(10.0 / 11.0));
         assert_eq!(
