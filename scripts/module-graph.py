@@ -42,7 +42,7 @@ LAYERS = {
     ],
     "edge-agent": [
         # The one module that spawns programs, and plain helpers.
-        ["command", "synthetic", "served", "cursor", "why", "clients"],
+        ["command", "synthetic", "served", "cursor", "why", "clients", "mark"],
         ["config"],
         ["stats", "top", "plan"],
         ["varnish"],

@@ -7,8 +7,14 @@
 //! again: the new values are what happened since the restart. A gap longer than
 //! [`MAX_GAP`] (an agent that was away) only re-baselines, so nothing lands as a spike.
 //!
-//! A region's hit ratio is `Σhits / Σ(hits + misses)` over all its edges' deltas in the
-//! window — never the mean of per-edge ratios, which overweights idle edges.
+//! A region's hit ratio is the shoppers' `Σhits / Σ(hits + misses)` over all its edges'
+//! deltas in the window — never the mean of per-edge ratios, which overweights idle
+//! edges. Shoppers' hits and misses come from varnish's log where the agent reads it
+//! (`served_logged`: its own requests carry `X-Edge-Agent`, which the log shows whatever
+//! the VCL), so they never include the agent's probes, health checks or warm fetches;
+//! from an agent without the log (an older one), they are varnish's counters less the
+//! agent's own requests (`synthetic_*`), per sample. Requests per second are counted the
+//! same way.
 //!
 //! A restart of varnishd's cache process (its uptime going back, or `MGT.child_panic`
 //! rising) is also kept as a [`Restart`] per edge, with the purge sequence the edge had
@@ -64,10 +70,19 @@ pub struct Delta {
     pub served_time_us: u64,
     pub served_time_sq_ms: f64,
     pub served_5xx: u64,
+    /// Shoppers' hits, misses and requests: from varnish's log where the agent reads it
+    /// (the agent's own requests told apart by their `X-Edge-Agent` header, whatever the
+    /// VCL), else varnish's counters less the agent's own requests.
+    pub shopper_hits: u64,
+    pub shopper_misses: u64,
+    pub shopper_requests: u64,
 }
 
 impl Delta {
     fn add(&mut self, o: &Delta) {
+        self.shopper_hits += o.shopper_hits;
+        self.shopper_misses += o.shopper_misses;
+        self.shopper_requests += o.shopper_requests;
         self.served += o.served;
         self.served_time_us += o.served_time_us;
         self.served_time_sq_ms += o.served_time_sq_ms;
@@ -87,17 +102,9 @@ impl Delta {
         self.synthetic_misses += o.synthetic_misses;
     }
 
-    /// Shoppers' hits and misses: varnish's counts less the agent's own requests.
+    /// Shoppers' hits and misses.
     pub fn shopper_lookups(&self) -> (u64, u64) {
-        (
-            self.hits.saturating_sub(self.synthetic_hits),
-            self.misses.saturating_sub(self.synthetic_misses),
-        )
-    }
-
-    /// Shoppers' requests.
-    pub fn shopper_requests(&self) -> u64 {
-        self.requests.saturating_sub(self.synthetic_requests)
+        (self.shopper_hits, self.shopper_misses)
     }
 
     /// The shoppers' `hits / (hits + misses)`, or `None` without lookups.
@@ -178,11 +185,14 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
             next.served_time_sq_ms
         },
         served_5xx: since(next.served_5xx, prev.served_5xx),
+        shopper_hits: since(next.served_hits, prev.served_hits),
+        shopper_misses: since(next.served_misses, prev.served_misses),
         ..Delta::default()
     };
+    let logged = next.served_logged;
     if went_back {
         // varnishd restarted in between: everything it counted is new.
-        return Some(Delta { ..b }.with_synthetic(&synthetic));
+        return Some(Delta { ..b }.with_synthetic(&synthetic, logged));
     }
     Some(
         Delta {
@@ -198,13 +208,24 @@ pub fn delta(prev: &VarnishStats, next: &VarnishStats) -> Option<Delta> {
             bgfetches: b.bgfetches - a.bgfetches,
             ..Delta::default()
         }
-        .with_synthetic(&synthetic),
+        .with_synthetic(&synthetic, logged),
     )
 }
 
 impl Delta {
-    /// The agent-counted fields (its own requests, and what shoppers were served).
-    fn with_synthetic(mut self, s: &Delta) -> Delta {
+    /// The agent-counted fields (its own requests, and what shoppers were served), and
+    /// the shoppers' figures: from the log when `logged`, else the counters less the
+    /// agent's own requests.
+    fn with_synthetic(mut self, s: &Delta, logged: bool) -> Delta {
+        if logged {
+            self.shopper_hits = s.shopper_hits;
+            self.shopper_misses = s.shopper_misses;
+            self.shopper_requests = s.served;
+        } else {
+            self.shopper_hits = self.hits.saturating_sub(s.synthetic_hits);
+            self.shopper_misses = self.misses.saturating_sub(s.synthetic_misses);
+            self.shopper_requests = self.requests.saturating_sub(s.synthetic_requests);
+        }
         self.synthetic_requests = s.synthetic_requests;
         self.synthetic_hits = s.synthetic_hits;
         self.synthetic_misses = s.synthetic_misses;
@@ -264,8 +285,9 @@ pub struct Traffic {
 /// One region (or edge) over the windows.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Summary {
-    /// Shoppers' hit ratio per window (`m1`, `m5`, `h1`): the agents' own warm and
-    /// probe requests are not in it; null without lookups in it, or when stale.
+    /// Shoppers' hit ratio per window (`m1`, `m5`, `h1`): the agents' own warm, probe
+    /// and health-check requests are not in it, whatever the VCL; null without shoppers'
+    /// lookups in it, or when stale.
     pub hit_ratio: BTreeMap<&'static str, Option<f64>>,
     /// The hit ratio of the agents' own (warm, probe) requests per window.
     pub synthetic_hit_ratio: BTreeMap<&'static str, Option<f64>>,
@@ -519,7 +541,7 @@ impl Traffic {
             .map(|(m, d)| MinutePoint {
                 t: m / 1000,
                 hit_ratio: d.hit_ratio(),
-                requests_per_s: d.shopper_requests() as f64 / 60.0,
+                requests_per_s: d.shopper_requests as f64 / 60.0,
                 served_mean_ms: d.served_mean_ms(),
                 served_std_ms: d.served_std_ms(),
                 delta: d,
@@ -580,7 +602,7 @@ fn summarize(all: &[&EdgeTraffic], now_ms: u64) -> Summary {
     Summary {
         hit_ratio,
         synthetic_hit_ratio,
-        requests_per_s: (!stale).then(|| last_minute.shopper_requests() as f64 / 60.0),
+        requests_per_s: (!stale).then(|| last_minute.shopper_requests as f64 / 60.0),
         last_minute,
         objects: gauge(|s| s.objects),
         bans: gauge(|s| s.bans),
@@ -797,6 +819,70 @@ mod tests {
         assert_eq!(eu.hit_ratio["m1"], Some(0.75));
         assert_eq!(eu.synthetic_hit_ratio["m1"], Some(20.0 / 120.0));
         assert!((eu.requests_per_s.unwrap() - 80.0 / 60.0).abs() < 1e-9);
+    }
+
+    /// A sample from an agent that reads varnish's log: varnish counted `(requests, hits)`
+    /// of which the agent sent `own`; its log showed `(served, hits, misses)` shoppers'.
+    fn logged(
+        at: u64,
+        uptime: u64,
+        counted: (u64, u64),
+        own: u64,
+        log: (u64, u64, u64),
+    ) -> VarnishStats {
+        VarnishStats {
+            taken_at_ms: at,
+            uptime_s: uptime,
+            requests: counted.0,
+            hits: counted.1,
+            synthetic_requests: own,
+            served_requests: log.0,
+            served_hits: log.1,
+            served_misses: log.2,
+            served_logged: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn with_the_log_the_agents_own_hits_never_count_whatever_the_vcl() {
+        let t = Traffic::default();
+        // Probes and health checks hit the cache 40 times; the VCL set no debug header,
+        // so the agent knew no verdict from the responses (synthetic hits 0): only the
+        // log tells them apart, and no shopper came.
+        t.record("a", "eu", logged(1_000, 10, (0, 0), 0, (0, 0, 0)));
+        t.record("a", "eu", logged(41_000, 50, (40, 40), 40, (0, 0, 0)));
+        let eu = &t.regions(42_000)["eu"];
+        assert_eq!(eu.hit_ratio["m1"], None, "no shopper: no ratio, not 100 %");
+        assert_eq!(eu.requests_per_s, Some(0.0));
+        assert_eq!(
+            eu.last_minute.hits, 40,
+            "varnish's own count is still shown"
+        );
+        // Then 1 miss and 10 hits from shoppers (varnish counts them with 5 more probes).
+        t.record("a", "eu", logged(51_000, 60, (56, 55), 45, (11, 10, 1)));
+        let eu = &t.regions(52_000)["eu"];
+        assert_eq!(eu.hit_ratio["m1"], Some(10.0 / 11.0));
+        assert_eq!(
+            (eu.last_minute.shopper_hits, eu.last_minute.shopper_misses),
+            (10, 1)
+        );
+        assert!((eu.requests_per_s.unwrap_or(0.0) - 11.0 / 60.0).abs() < 1e-9);
+        // An older agent in the same region: its counters less its own requests.
+        t.record("b", "eu", s(1_000, 10, 0, 0));
+        t.record(
+            "b",
+            "eu",
+            VarnishStats {
+                synthetic_requests: 5,
+                synthetic_hits: 5,
+                ..s(51_000, 60, 15, 5)
+            },
+        );
+        let eu = &t.regions(52_000)["eu"];
+        assert_eq!(eu.hit_ratio["m1"], Some(20.0 / 26.0));
+        let h = t.history("eu");
+        assert_eq!(h.iter().map(|m| m.delta.shopper_hits).sum::<u64>(), 20);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! operations; [`varnish`] applies them (admin CLI protocol spoken directly, xkey over
 //! HTTP). [`cursor`] keeps the applied sequence on disk. [`vcl`] loads pushed config
 //! bundles in a task of its own and reports what varnishd runs. [`stats`] streams
-//! varnishstat counters; [`command`] is the only place another program is run.
+//! varnishstat counters; [`command`] is the only place another program is run; [`mark`]
+//! marks the agent's own requests so [`top`] tells them from shoppers' in varnish's log.
 //! [`config`] is the TOML file.
 
 pub mod clients;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod cursor;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mark;
 pub mod plan;
 pub mod probe;
 pub mod served;

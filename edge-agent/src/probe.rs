@@ -2,7 +2,8 @@
 //! [`ProbePlan`] is probed through the local varnish (`edge`) and straight at the origin
 //! (`origin`), and each result goes up as a [`ProbeResult`].
 //!
-//! A probe is one HTTP/1.1 GET on a fresh connection ([`warmer::fetch::get`]), timed to
+//! A probe is one HTTP/1.1 GET on a fresh connection ([`warmer::fetch::get`]), an edge
+//! probe marked as the agent's own ([`crate::mark`]), timed to
 //! the first byte and to the end of the body (bounded), under the check's timeout. It fails on a connection error,
 //! a timeout, an unexpected status or a missing body substring. A new plan replaces the
 //! old one (the task is restarted by the session).
@@ -83,7 +84,13 @@ pub async fn probe(check: &Check, target: &str, addr: SocketAddr) -> ProbeResult
     };
     let timeout = Duration::from_millis(u64::from(check.timeout_ms.max(1)));
     let started = Instant::now();
-    match warmer::fetch::get(addr, &check.path, &check.host, &[], timeout).await {
+    // Only requests through varnish are marked: the origin never sees the secret.
+    let mark: Vec<(String, String)> = if target == "edge" {
+        vec![crate::mark::header(crate::mark::Kind::Probe)]
+    } else {
+        Vec::new()
+    };
+    match warmer::fetch::get(addr, &check.path, &check.host, &mark, timeout).await {
         Err(e) => result.error = e.to_string(),
         Ok(f) => {
             result.status = u32::from(f.status);

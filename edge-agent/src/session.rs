@@ -476,6 +476,7 @@ impl Agent {
                 clients_every: Duration::from_secs(self.config.client_nets_interval_s),
             },
             self.served.clone(),
+            self.synthetic.clone(),
             out.clone(),
         )));
         // Synthetic probes: restarted whenever a new plan arrives.

@@ -126,6 +126,9 @@ pub async fn run(
                 stats.served_time_sq_ms = s.time_sq_ms;
                 stats.served_5xx = s.errors_5xx;
                 stats.served_buckets = s.buckets;
+                stats.served_hits = s.hits;
+                stats.served_misses = s.misses;
+                stats.served_logged = synthetic.logged();
                 stats.applied_seq = applied.load(std::sync::atomic::Ordering::Relaxed);
                 if let Some(panic) = last.as_ref().and_then(|p| restarted(p, &stats)) {
                     tracing::error!(

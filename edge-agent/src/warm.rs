@@ -119,7 +119,12 @@ async fn run_shard(
         })
         .collect();
     let urls = &shard.urls[..shard.urls.len().min(MAX_SHARD_URLS)];
-    let items = warmer::engine::items(urls, &variations);
+    let mut items = warmer::engine::items(urls, &variations);
+    // Every fetch is marked as the agent's own, so varnish's log tells it from shoppers'.
+    let mark = crate::mark::header(crate::mark::Kind::Warm);
+    for (_, headers) in &mut items {
+        headers.push(mark.clone());
+    }
     let spec = Arc::new(FetchSpec {
         via,
         host: Some(shard.host.clone()).filter(|h| !h.is_empty()),

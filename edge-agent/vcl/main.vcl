@@ -194,6 +194,9 @@ sub vcl_backend_fetch {
     unset bereq.http.X-Warm-Fresh;
     unset bereq.http.X-Fetched;
     unset bereq.http.X-Stale-If-Error;
+    # The agent's mark on its own requests (varnish's log reads it from the client
+    # request): the origin or a shield has no use for this agent's secret.
+    unset bereq.http.X-Edge-Agent;
 }
 
 sub vcl_backend_response {

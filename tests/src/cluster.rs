@@ -53,8 +53,28 @@ impl Cluster {
         opts: CoordinatorOpts,
         tiered: bool,
     ) -> Self {
+        Self::start_booted(regions, agent.into(), opts, tiered, None).await
+    }
+
+    /// [`Self::start`] with every varnishd booted with `vcl(backend)` (a whole VCL's
+    /// text, e.g. Debian's `default.vcl` pointed at the origin) instead of the project's.
+    pub async fn start_with_vcl(
+        regions: usize,
+        agent: impl Into<AgentOpts>,
+        opts: CoordinatorOpts,
+        vcl: &dyn Fn(SocketAddr) -> String,
+    ) -> Self {
+        Self::start_booted(regions, agent.into(), opts, false, Some(vcl)).await
+    }
+
+    async fn start_booted(
+        regions: usize,
+        agent: AgentOpts,
+        opts: CoordinatorOpts,
+        tiered: bool,
+        vcl: Option<&dyn Fn(SocketAddr) -> String>,
+    ) -> Self {
         require_varnish();
-        let agent = agent.into();
         let dir = temp_dir();
         let origin = OriginServer::start().await;
         let mut opts = opts;
@@ -71,14 +91,11 @@ impl Cluster {
                 _ => origin.addr,
             };
             opts.regions.push(region(&format!("region-{i}"), backend));
-            varnish.push(
-                VarnishNode::start_with(
-                    &dir.path().join(format!("r{i}")),
-                    backend,
-                    opts.max_stale_s(),
-                )
-                .await,
-            );
+            let vdir = dir.path().join(format!("r{i}"));
+            varnish.push(match vcl {
+                Some(vcl) => VarnishNode::start_with_vcl(&vdir, &vcl(backend)).await,
+                None => VarnishNode::start_with(&vdir, backend, opts.max_stale_s()).await,
+            });
         }
         let coordinator = CoordinatorProc::start(&dir.path().join("coordinator"), &opts).await;
         let mut agents = Vec::new();

@@ -105,11 +105,12 @@ impl Varnish {
         result
     }
 
-    /// `GET path` with `Host: host` through varnish; the response status and varnish's
-    /// cache verdict.
+    /// `GET path` with `Host: host` through varnish, marked as the agent's own
+    /// ([`crate::mark`]); the response status and varnish's cache verdict.
     pub async fn probe(&self, path: &str, host: &str) -> Result<(u16, String), ApplyError> {
         let addr = self.config.http;
-        warmer::fetch::get(addr, path, host, &[], self.timeout())
+        let mark = [crate::mark::header(crate::mark::Kind::Check)];
+        warmer::fetch::get(addr, path, host, &mark, self.timeout())
             .await
             .map(|f| (f.status, f.cache))
             .map_err(|e| ApplyError::Http {
@@ -150,7 +151,10 @@ impl Varnish {
         if header.chars().any(char::is_control) {
             return Err(fail("tag with a control character".into()));
         }
-        let mut headers = vec![("X-Xkey-Purge".to_owned(), header)];
+        let mut headers = vec![
+            ("X-Xkey-Purge".to_owned(), header),
+            crate::mark::header(crate::mark::Kind::Purge),
+        ];
         if soft {
             headers.push(("X-Magento-Purge-Soft".to_owned(), "1".to_owned()));
         }

@@ -1,5 +1,6 @@
 //! One real varnishd ([`VarnishNode`]) booted with the project's VCL rendered for a
-//! backend: its ports, admin CLI, `varnishstat` counters, SIGKILL and restart on the same
+//! backend (or with any VCL given, [`VarnishNode::start_with_vcl`]: Debian's or Magento's
+//! own): its ports, admin CLI, `varnishstat` counters, SIGKILL and restart on the same
 //! ports (an empty cache, the boot VCL).
 
 use std::net::SocketAddr;
@@ -47,8 +48,6 @@ impl VarnishNode {
     pub async fn start_with(dir: &Path, backend: SocketAddr, max_stale_s: u64) -> Self {
         require_varnish();
         std::fs::create_dir_all(dir).expect("varnish dir");
-        let secret = dir.join("secret");
-        process::write_secret(&secret).expect("secret");
         let vcl = coordinator_cli::demo::write_boot_vcl(
             &dir.join("boot-vcl"),
             "boot",
@@ -57,6 +56,23 @@ impl VarnishNode {
             max_stale_s,
         )
         .expect("boot vcl");
+        Self::boot(dir, vcl).await
+    }
+
+    /// A varnishd booted with `vcl` (the text of a whole VCL, its backend already
+    /// filled in) instead of the project's.
+    pub async fn start_with_vcl(dir: &Path, vcl: &str) -> Self {
+        require_varnish();
+        let vcl_dir = dir.join("boot-vcl");
+        std::fs::create_dir_all(&vcl_dir).expect("boot vcl dir");
+        let path = vcl_dir.join("boot.vcl");
+        std::fs::write(&path, vcl).expect("boot vcl");
+        Self::boot(dir, path).await
+    }
+
+    async fn boot(dir: &Path, vcl: PathBuf) -> Self {
+        let secret = dir.join("secret");
+        process::write_secret(&secret).expect("secret");
         let mut last_err = None;
         for _ in 0..3 {
             let spec = VarnishSpec {

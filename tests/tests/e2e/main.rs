@@ -30,5 +30,6 @@ mod team;
 mod tidy;
 mod traffic;
 mod upgrade;
+mod vcl_hit_ratio;
 mod warm_jobs;
 mod warmer;

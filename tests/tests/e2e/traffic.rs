@@ -1,8 +1,10 @@
 //! Hit ratios and traffic from real varnishstat counters, per region, through restarts,
 //! and `/metrics` as valid Prometheus text.
 
+use std::net::SocketAddr;
+
 use serde_json::Value;
-use tests::{assert_eventually, get, Cluster, CoordinatorOpts};
+use tests::{assert_eventually, get, raw, Cluster, CoordinatorOpts};
 
 async fn region(cluster: &Cluster, name: &str) -> Value {
     let r = cluster
@@ -13,6 +15,23 @@ async fn region(cluster: &Cluster, name: &str) -> Value {
         .as_array()
         .and_then(|a| a.iter().find(|r| r["name"] == name).cloned())
         .unwrap_or(Value::Null)
+}
+
+/// Waits until region `name`'s agent reads varnish's log (varnishncsa counts from when it
+/// attached, a moment after the session or a varnishd restart): POSTs to `varnish` until
+/// one is counted as served. A POST passes, so no hit or miss is added.
+async fn wait_for_the_log(cluster: &Cluster, varnish: SocketAddr, name: &str) {
+    let served = || async { region(cluster, name).await["served"]["requests"].as_u64() };
+    let before = served().await.unwrap_or(0);
+    let post = b"POST /__log HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    assert_eventually!(
+        20,
+        {
+            let _ = raw(varnish, post).await;
+            served().await > Some(before)
+        },
+        "{name}: varnish's log never counted a request"
+    );
 }
 
 /// A strict reading of the Prometheus text format: every sample belongs to a family with
@@ -110,8 +129,9 @@ async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
             "no varnishstat sample from {name}"
         );
     }
-    // 10 misses, then 90 hits, on region-0 only.
+    // 10 misses, then 90 hits, on region-0 only, once its agent reads varnish's log.
     let v0 = cluster.varnish[0].http;
+    wait_for_the_log(&cluster, v0, "region-0").await;
     for i in 0..10 {
         assert_eq!(get(v0, &format!("/p/{i}")).await.cache(), "MISS");
     }
@@ -122,12 +142,17 @@ async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
     }
     assert_eventually!(
         10,
-        region(&cluster, "region-0").await["last_minute"]["hits"] == 90,
+        {
+            let m = &region(&cluster, "region-0").await["last_minute"];
+            m["hits"] == 90 && m["shopper_hits"] == 90
+        },
         "hits not reported: {}",
         region(&cluster, "region-0").await
     );
     let r0 = region(&cluster, "region-0").await;
-    let ratio = r0["hit_ratio"]["m1"].as_f64().expect("m1 ratio");
+    let ratio = r0["hit_ratio"]["m1"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no m1 ratio: {r0}"));
     assert!(
         (ratio - 0.90).abs() <= 0.01,
         "region-0 hit ratio {ratio}: {r0}"
@@ -146,13 +171,17 @@ async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
     cluster.varnish[0].kill9_and_restart().await;
     // The restart helper's readiness request (`/__ready`) is a miss too.
     let ready = cluster.origin.origin.renders("/__ready") - ready_before;
+    wait_for_the_log(&cluster, v0, "region-0").await;
     for i in 0..10 {
         get(v0, &format!("/p/{i}")).await;
         get(v0, &format!("/p/{i}")).await;
     }
     assert_eventually!(
         15,
-        region(&cluster, "region-0").await["last_minute"]["hits"] == 100,
+        {
+            let m = &region(&cluster, "region-0").await["last_minute"];
+            m["hits"] == 100 && m["shopper_hits"] == 100
+        },
         "post-restart traffic not counted: {}",
         region(&cluster, "region-0").await
     );
@@ -165,8 +194,16 @@ async fn hit_ratio_per_region_from_real_traffic_survives_a_restart() {
         (20..=20 + ready).contains(&misses),
         "misses {misses}, ready {ready}: {r0}"
     );
+    // The shoppers' misses: ours, and the readiness requests varnish's log saw.
+    let shopper_misses = r0["last_minute"]["shopper_misses"]
+        .as_u64()
+        .expect("misses");
+    assert!(
+        (20..=misses).contains(&shopper_misses),
+        "shopper misses {shopper_misses}, misses {misses}: {r0}"
+    );
     let ratio = r0["hit_ratio"]["m1"].as_f64().expect("ratio");
-    let expected = 100.0 / (100 + misses) as f64;
+    let expected = 100.0 / (100 + shopper_misses) as f64;
     assert!((ratio - expected).abs() < 0.001, "{ratio} vs {expected}");
     let history = cluster
         .coordinator
