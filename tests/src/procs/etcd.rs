@@ -63,7 +63,10 @@ impl EtcdCluster {
                 }
             }
         }
-        panic!("etcd did not serve after 3 attempts: {why}; logs in {}", dir.display());
+        panic!(
+            "etcd did not serve after 3 attempts: {why}; logs in {}",
+            dir.display()
+        );
     }
 
     fn spawn(dir: &Path, n: usize, flags: &[&str]) -> Self {
