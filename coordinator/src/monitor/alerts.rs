@@ -14,9 +14,10 @@
 //! **Held changes.** A change of a drained region, or one a silence in force matches
 //! ([`crate::maintenance`]), is decided when it is due: it is kept in the history (and
 //! the ledger) marked `held`, and sent to no webhook. What the webhooks last heard of
-//! each region is kept (`told`): when a region is undrained and is not as they last
-//! heard (it went down during the maintenance and stayed down), one change from that to
-//! now goes out, once.
+//! each region is kept (`told`; a silenced change counts as heard: the operator knows):
+//! when a region is undrained and is not as they last heard (it went down during the
+//! maintenance and stayed down), one change from that to now goes out, once, and a
+//! change that only brings a region back to what they last heard is not sent.
 
 use daemon::sync::Recover;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -283,7 +284,7 @@ impl Alerts {
         let maintenance = self.maintenance.get();
         let changes: Vec<Change> = changes
             .into_iter()
-            .map(|mut c| {
+            .filter_map(|mut c| {
                 if let Some(m) = maintenance {
                     if m.drained(&c.region) {
                         c.held = Some(Held::Drained);
@@ -296,10 +297,19 @@ impl Alerts {
                         c.silence = Some(id);
                     }
                 }
-                if c.held.is_none() {
-                    state.told.insert(c.region.clone(), (c.state, c.diagnosis));
+                let now = (c.state, c.diagnosis);
+                match c.held {
+                    // What the webhooks believe already (a change formed during a
+                    // drain that ended before it was due) is no news to them.
+                    None if state.told.get(&c.region) == Some(&now) => return None,
+                    // A silence is the operator saying they know: as good as heard.
+                    None | Some(Held::Silenced) => {
+                        state.told.insert(c.region.clone(), now);
+                    }
+                    // Drained: the webhooks hear where it is on undrain.
+                    Some(Held::Drained) => {}
                 }
-                c
+                Some(c)
             })
             .collect();
         (!changes.is_empty()).then_some(changes)

@@ -331,8 +331,17 @@ fn a_drained_regions_changes_are_held_and_undraining_tells_once_where_it_is() {
         (1, Health::Up, None)
     );
     // Drained and undrained with nothing changed in between: nothing.
-    maint.drain("a", drain).unwrap();
+    maint.drain("a", drain.clone()).unwrap();
     m.evaluate();
+    maint.undrain("a").unwrap();
+    m.evaluate();
+    assert!(due(&m).is_empty());
+    // Down and up again while drained, undrained before the up was due: the webhooks,
+    // which heard nothing of the down, hear nothing of the up.
+    maint.drain("a", drain).unwrap();
+    set_a(&m, false);
+    assert_eq!(due(&m)[0].held, Some(Held::Drained));
+    set_a(&m, true);
     maint.undrain("a").unwrap();
     m.evaluate();
     assert!(due(&m).is_empty());
