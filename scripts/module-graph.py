@@ -31,8 +31,8 @@ LAYERS = {
         # Leaves: no domain knowledge.
         ["clock", "secret", "accept", "metrics", "pki", "leader", "http_head", "store_health",
          "schema", "snapshot"],
-        ["tls", "purge", "etcd_kv", "http_front"],
-        ["edges", "bundle", "traffic", "maintenance"],
+        ["tls", "purge", "etcd_kv", "http_front", "tokens"],
+        ["edges", "bundle", "traffic", "audit", "maintenance"],
         ["rollout", "monitor", "warm", "geo", "cluster", "fanout"],
         ["config"],
         ["state"],

@@ -90,6 +90,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Who asked the API for what: the newest audit entries first (needs a token).
+    Audit {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// How many entries, at most 1000.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only entries since this long ago (90s, 15m, 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the answer as JSON (what /api/v1/audit answers).
+        #[arg(long)]
+        json: bool,
+    },
     /// Warm every region's cache: start, follow and cancel warm jobs.
     Warm {
         #[command(flatten)]
@@ -184,7 +198,7 @@ pub struct ApiArgs {
     )]
     pub api: String,
     /// Bearer token for the write endpoints (config push/rollback, purge, warm start/cancel,
-    /// config show) and for every read when the API has `read_requires_token`.
+    /// config show), the audit log, and every read when the API has `read_requires_token`.
     #[arg(long, global = true, env = "COORDINATOR_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// File holding the token (used when --token is not given).

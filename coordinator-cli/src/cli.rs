@@ -50,7 +50,10 @@ pub fn api_error(status: u16, message: String, had_token: bool) -> CliError {
             "{message} (this needs the API token: give --token-file FILE, --token or $COORDINATOR_TOKEN)"
         ),
         (401, true) => format!(
-            "{message} (the token given was refused: is --token-file the coordinator's [api] token_file?)"
+            "{message} (the token given was refused: is --token-file one of the coordinator's [api] token_file or [[api.tokens]] files?)"
+        ),
+        (403, true) if message.contains("lacks the") => format!(
+            "{message} (give a token with that scope in --token-file, or add the scope to its [[api.tokens]] entry)"
         ),
         _ => message,
     };
@@ -275,6 +278,78 @@ pub async fn route(api: &ApiClient, ip: &str, json: bool) -> Result<(), CliError
         daemon::show!("{}", route_lines(&view));
     }
     Ok(())
+}
+
+/// `coordinator audit`: the newest entries, one line each.
+pub async fn audit(
+    api: &ApiClient,
+    limit: usize,
+    since: Option<&str>,
+    json: bool,
+) -> Result<(), CliError> {
+    let mut path = format!("/api/v1/audit?limit={}", limit.clamp(1, 1000));
+    if let Some(since) = since {
+        if since.is_empty() || !since.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(CliError::Usage(format!(
+                "--since {since:?} must be a duration like 15m, 2h or 7d"
+            )));
+        }
+        path.push_str(&format!("&since={since}"));
+    }
+    let listed: coordinator::audit::Listed = api.call("GET", &path, None::<&()>).await?;
+    if json {
+        let text =
+            serde_json::to_string_pretty(&listed).map_err(|e| CliError::Failed(e.to_string()))?;
+        daemon::say!("{text}");
+    } else {
+        daemon::show!("{}", audit_lines(&listed));
+    }
+    Ok(())
+}
+
+/// The text `audit` prints: when, token, source, action, status, what was asked.
+pub fn audit_lines(listed: &coordinator::audit::Listed) -> String {
+    let mut out = String::new();
+    if let Some(e) = &listed.error {
+        out.push_str(&format!("note: {e}\n"));
+    }
+    out.push_str(&format!(
+        "{:<24} {:<18} {:<16} {:<16} {:>6}  {}\n",
+        "WHEN", "TOKEN", "SOURCE", "ACTION", "STATUS", "ASKED / RESULT"
+    ));
+    for e in &listed.entries {
+        let when = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
+        let when = coordinator::edges::fmt_time(when);
+        let when = when.split('.').next().unwrap_or(&when).to_owned();
+        let detail = match (&e.asked, &e.result) {
+            (Some(a), Some(r)) if e.status >= 400 => {
+                format!("{a} -> {}", r["error"].as_str().unwrap_or_default())
+            }
+            (None, Some(r)) if e.status >= 400 => {
+                r["error"].as_str().unwrap_or_default().to_owned()
+            }
+            (Some(a), _) => a.to_string(),
+            (None, Some(r)) => r.to_string(),
+            (None, None) => String::new(),
+        };
+        let mut detail: String = detail.chars().take(160).collect();
+        if detail.is_empty() {
+            detail.push('-');
+        }
+        out.push_str(&format!(
+            "{:<24} {:<18} {:<16} {:<16} {:>6}  {}\n",
+            when,
+            e.token.as_deref().unwrap_or("-"),
+            e.source,
+            e.action,
+            e.status,
+            detail
+        ));
+    }
+    if listed.entries.is_empty() {
+        out.push_str("(no entries)\n");
+    }
+    out
 }
 
 /// The text `route` prints.

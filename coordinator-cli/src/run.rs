@@ -61,6 +61,15 @@ pub fn main(args: Cli) -> ExitCode {
                 Ok(c) => config(&c, command).await,
                 Err(code) => code,
             },
+            Command::Audit {
+                api,
+                limit,
+                since,
+                json,
+            } => match client(&api) {
+                Ok(c) => exit(cli::audit(&c, limit, since.as_deref(), json).await),
+                Err(code) => code,
+            },
             Command::Warm { api, command } => match client(&api) {
                 Ok(c) => warm(&c, command).await,
                 Err(code) => code,

@@ -81,9 +81,18 @@ pub struct ApiConfig {
     /// Bearer token for write endpoints; without it writes are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
-    /// Require the token on read endpoints too (`/healthz` stays open).
+    /// Require a token on read endpoints too (`/healthz` stays open).
     #[serde(default)]
     pub read_requires_token: bool,
+    /// Named tokens, each with its scopes (`[[api.tokens]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<crate::tokens::TokenConfig>,
+    /// Audit entries kept (newest first; older ones are dropped).
+    #[serde(default = "default_audit_keep")]
+    pub audit_keep: usize,
+    /// Days an audit entry is kept.
+    #[serde(default = "default_audit_keep_days")]
+    pub audit_keep_days: u64,
     /// Connections served at once; more wait in the kernel's backlog.
     #[serde(default = "default_api_max_connections")]
     pub max_connections: usize,
@@ -99,6 +108,12 @@ pub struct ApiConfig {
     pub body_timeout_s: u64,
 }
 
+pub fn default_audit_keep() -> usize {
+    10_000
+}
+pub fn default_audit_keep_days() -> u64 {
+    90
+}
 pub fn default_api_max_connections() -> usize {
     256
 }
@@ -119,6 +134,9 @@ impl ApiConfig {
             listen,
             token_file: None,
             read_requires_token: false,
+            tokens: Vec::new(),
+            audit_keep: default_audit_keep(),
+            audit_keep_days: default_audit_keep_days(),
             max_connections: default_api_max_connections(),
             header_timeout_s: default_api_header_timeout_s(),
             idle_timeout_s: default_api_idle_timeout_s(),
@@ -138,9 +156,21 @@ impl ApiConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.read_requires_token && self.token_file.is_none() {
+        if self.read_requires_token && self.token_file.is_none() && self.tokens.is_empty() {
             return Err(ConfigError::invalid(
-                "api.read_requires_token needs api.token_file",
+                "api.read_requires_token needs api.token_file or [[api.tokens]]",
+            ));
+        }
+        crate::tokens::validate(&self.tokens, self.token_file.as_deref())
+            .map_err(ConfigError::Invalid)?;
+        if !(10..=1_000_000).contains(&self.audit_keep) {
+            return Err(ConfigError::invalid(
+                "api.audit_keep must be between 10 and 1000000",
+            ));
+        }
+        if !(1..=3650).contains(&self.audit_keep_days) {
+            return Err(ConfigError::invalid(
+                "api.audit_keep_days must be between 1 and 3650",
             ));
         }
         if !(1..=100_000).contains(&self.max_connections) {
@@ -235,6 +265,20 @@ impl daemon::Validate for CoordinatorConfig {
         self.warm.validate(&names)?;
         RegionConfig::validate_all(&self.regions)?;
         self.api.validate()?;
+        let admin = self.api.token_file.is_some()
+            || self
+                .api
+                .tokens
+                .iter()
+                .any(|t| t.scopes.contains(&crate::tokens::Scope::Admin));
+        if self.store.backend == crate::cluster::config::Backend::Etcd
+            && !self.api.tokens.is_empty()
+            && !admin
+        {
+            return Err(ConfigError::invalid(
+                "[[api.tokens]] in a cluster needs a token with the admin scope (or [api] token_file): coordinators call each other with it",
+            ));
+        }
         if self.grpc.handshakes_per_source == 0 {
             return Err(ConfigError::invalid(
                 "grpc.handshakes_per_source must be at least 1",

@@ -65,7 +65,12 @@ pub struct FrontLimits {
 }
 
 /// Decides from a head alone: `Ok(max body bytes)` to go on, or the answer refusing it.
-pub type Gate = Arc<dyn Fn(&Head) -> Result<usize, Box<Response>> + Send + Sync>;
+/// It also sees the peer's address (the audit log records refusals with it).
+pub type Gate = Arc<dyn Fn(&Head, SocketAddr) -> Result<usize, Box<Response>> + Send + Sync>;
+
+/// The peer's address, in every request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
 
 /// Requests refused by the front, by listener and status, since the process started.
 static REFUSED: Mutex<Vec<(&'static str, u16, u64)>> = Mutex::new(Vec::new());
@@ -160,7 +165,7 @@ async fn serve_conn(
         };
         let is_head = head.method == "HEAD";
         let body_len = usize::try_from(head.content_length).unwrap_or(usize::MAX);
-        let max_body = match gate(&head) {
+        let max_body = match gate(&head, peer) {
             Ok(max) => max,
             Err(answer) => {
                 // The body stays unread, so it must not be taken for the next request.
@@ -213,7 +218,7 @@ async fn serve_conn(
             }
         };
         let keep = head.keep_alive;
-        let request = match to_request(head, body) {
+        let request = match to_request(head, body, peer) {
             Ok(r) => r,
             Err(reason) => {
                 count_refused(what, 400);
@@ -254,7 +259,7 @@ pub fn error_answer(status: u16, reason: &str) -> Response {
     answer
 }
 
-fn to_request(head: Head, body: Vec<u8>) -> Result<http::Request<Body>, String> {
+fn to_request(head: Head, body: Vec<u8>, peer: SocketAddr) -> Result<http::Request<Body>, String> {
     let method = http::Method::from_bytes(head.method.as_bytes())
         .map_err(|_| "invalid method".to_owned())?;
     let uri: http::Uri = head
@@ -276,7 +281,10 @@ fn to_request(head: Head, body: Vec<u8>) -> Result<http::Request<Body>, String> 
             .map_err(|_| format!("invalid value for header {name}"))?;
         builder = builder.header(name, value);
     }
-    builder.body(Body::from(body)).map_err(|e| e.to_string())
+    builder
+        .extension(Peer(peer))
+        .body(Body::from(body))
+        .map_err(|e| e.to_string())
 }
 
 /// Writes `answer` whole (its body collected, then sent with a `Content-Length`), or, for
@@ -432,7 +440,7 @@ mod tests {
             .route("/hi", get(|| async { "hi" }))
             .route("/stream", get(|| async { streamed(6, &["abc", "def"]) }))
             .route("/short", get(|| async { streamed(10, &["abc"]) }));
-        let gate: Gate = Arc::new(|head: &Head| {
+        let gate: Gate = Arc::new(|head: &Head, _| {
             if head.method == "GET" || head.method == "HEAD" {
                 return Ok(0);
             }

@@ -15,6 +15,7 @@
 
 pub mod accept;
 pub mod api;
+pub mod audit;
 pub mod backup;
 pub mod bundle;
 pub mod clock;
@@ -43,5 +44,6 @@ pub mod snapshot;
 pub mod state;
 pub mod store_health;
 pub mod tls;
+pub mod tokens;
 pub mod traffic;
 pub mod warm;

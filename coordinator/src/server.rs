@@ -7,7 +7,6 @@
 //! reconnect elsewhere or later and resume from their cursor), and waits at most
 //! [`GRACE`] for in-flight requests.
 
-use daemon::sync::RecoverRw;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,11 +59,8 @@ impl Listeners {
 pub enum ServeError {
     #[error(transparent)]
     Open(#[from] OpenError),
-    #[error("cannot read api.token_file {path}: {source}")]
-    Token {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("api tokens: {0}")]
+    Token(#[from] crate::tokens::TokenError),
     #[error("gRPC needs [grpc.tls] (ca, cert, key) for mutual TLS, or --insecure for plaintext")]
     NeedsInsecure,
     #[error(transparent)]
@@ -88,7 +84,14 @@ pub fn preflight(config: &CoordinatorConfig, insecure: bool) -> Result<(), Serve
             "{}={v}: speaking protocol {v} instead of {} (for tests only)",
             proto::version::ENV, proto::version::PROTOCOL_VERSION);
     }
-    read_token(config.api.token_file.as_deref()).map(|_| ())
+    load_tokens(config).map(|_| ())
+}
+
+fn load_tokens(config: &CoordinatorConfig) -> Result<crate::tokens::Tokens, ServeError> {
+    Ok(crate::tokens::Tokens::load(
+        config.api.token_file.as_deref(),
+        &config.api.tokens,
+    )?)
 }
 
 /// Opens the state ([`Coordinator::open`]); [`run`] serves it.
@@ -108,9 +111,7 @@ pub async fn run(
     if state.tls.is_none() && !insecure {
         return Err(ServeError::NeedsInsecure);
     }
-    let token = Arc::new(std::sync::RwLock::new(read_token(
-        config.api.token_file.as_deref(),
-    )?));
+    let tokens = load_tokens(&config)?;
     match &state.tls {
         Some(t) => {
             let e = t.expiry();
@@ -147,7 +148,7 @@ pub async fn run(
     };
     let cluster_task = tokio::spawn(state.cluster.clone().run(
         views,
-        token.clone(),
+        tokens.clone(),
         shutdown.clone(),
     ));
     tokio::spawn(state.rollouts.clone().follow_plan(shutdown.clone()));
@@ -219,7 +220,7 @@ pub async fn run(
                 tracing::info!(dns = %addr, "PowerDNS remote backend serving at /dns");
             }
             // pdns's queries: GETs, or small POSTs in its `post` mode; no token.
-            let gate: crate::http_front::Gate = Arc::new(|head: &crate::http_head::Head| {
+            let gate: crate::http_front::Gate = Arc::new(|head: &crate::http_head::Head, _| {
                 Ok(if matches!(head.method.as_str(), "GET" | "HEAD") {
                     0
                 } else {
@@ -240,20 +241,20 @@ pub async fn run(
     tokio::spawn(reload_on_sighup(
         state.geo.clone(),
         state.tls.clone(),
-        token.clone(),
-        config.api.token_file.clone(),
+        tokens.clone(),
         shutdown.clone(),
     ));
+    let audit_task = tokio::spawn(state.audit.clone().run(shutdown.clone()));
 
     let api_state = ApiState {
         state: state.clone(),
         read_requires_token: config.api.read_requires_token,
-        token,
+        tokens,
     };
     let app = api::router(api_state.clone());
     // The token and the body limit are decided from the head, before any body is read.
-    let gate: crate::http_front::Gate = Arc::new(move |head: &crate::http_head::Head| {
-        api::admit(&api_state, head).map_err(Box::new)
+    let gate: crate::http_front::Gate = Arc::new(move |head: &crate::http_head::Head, peer| {
+        api::admit(&api_state, head, peer).map_err(Box::new)
     });
     let api_task = tokio::spawn(crate::http_front::serve(
         listeners.api,
@@ -276,6 +277,7 @@ pub async fn run(
             monitor_task,
             warm_task,
             handoff_task,
+            audit_task,
             async {
                 if let Some(t) = geo_task {
                     let _ = t.await;
@@ -294,22 +296,12 @@ pub async fn run(
     Ok(())
 }
 
-fn read_token(path: Option<&Path>) -> Result<Option<Arc<str>>, ServeError> {
-    let Some(path) = path else { return Ok(None) };
-    let t = std::fs::read_to_string(path).map_err(|source| ServeError::Token {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(Some(Arc::<str>::from(t.trim())))
-}
-
 /// On every SIGHUP: reload the TLS files, the API token (rotation without a restart) and
 /// the GeoIP database. A reload that fails keeps what was loaded before.
 async fn reload_on_sighup(
     geo: Option<Arc<crate::geo::Geo>>,
     tls: Option<Arc<ServerTls>>,
-    token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
-    token_file: Option<std::path::PathBuf>,
+    tokens: crate::tokens::Tokens,
     shutdown: CancellationToken,
 ) {
     daemon::signal::on_hangup(shutdown, move || {
@@ -341,14 +333,13 @@ async fn reload_on_sighup(
                 }
             }
         }
-        match read_token(token_file.as_deref()) {
-            Ok(new) => {
-                *token.write_locked() = new;
-                tracing::info!("API token reloaded");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "API token reload failed; keeping the previous token")
-            }
+        let (reloaded, failed) = tokens.reload();
+        if !reloaded.is_empty() {
+            let names: Vec<&str> = reloaded.iter().map(|n| &**n).collect();
+            tracing::info!(tokens = %names.join(","), "API tokens reloaded");
+        }
+        for e in failed {
+            tracing::error!(error = %e, "API token reload failed; keeping its previous secret")
         }
     })
     .await

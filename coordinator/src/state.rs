@@ -45,6 +45,8 @@ pub enum OpenError {
     Cluster(#[from] ClusterError),
     #[error("drains and silences: {0}")]
     Maintenance(#[from] crate::maintenance::StoreError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error("warm token in etcd: {0}")]
     SharedToken(String),
     #[error("warm token {path}: {source}")]
@@ -79,6 +81,8 @@ pub struct Coordinator {
     pub maintenance: Arc<Maintenance>,
     /// Region names from coordinator.toml (edges may add others).
     pub regions: Arc<Vec<String>>,
+    /// Who asked the API for what ([`crate::audit`]).
+    pub audit: crate::audit::Audit,
     /// Every subsystem's metric families.
     pub metrics: Arc<Registry>,
     /// `--state-dir` (where a backup's scratch copy is made).
@@ -212,6 +216,17 @@ impl Coordinator {
             None => None,
         };
 
+        let audit = crate::audit::Audit::open(
+            state_dir,
+            cluster.id(),
+            crate::audit::Bounds {
+                keep: config.api.audit_keep,
+                keep_ms: config.api.audit_keep_days * 86_400_000,
+            },
+            etcd_kv.clone(),
+            etcd_kv.as_ref().map(|_| cluster.store_health().clone()),
+        )?;
+
         let mut registry = Registry::default();
         purge_counters.register(&log, &mut registry);
         let fanout = Arc::new(Fanout::default());
@@ -275,6 +290,7 @@ impl Coordinator {
             geo,
             maintenance,
             regions: Arc::new(config.region_names()),
+            audit,
             metrics: Arc::new(registry),
             state_dir: Arc::from(state_dir),
         })

@@ -1,24 +1,23 @@
 //! The maintenance endpoints: draining a region (`POST` / `DELETE
 //! /api/v1/regions/{name}/drain`) and alert silences (`GET` / `POST /api/v1/silences`,
-//! `DELETE /api/v1/silences/{id}`). Writes need the token and, in a cluster, go to the
-//! leader (a follower answers 409 naming it); each is stored
+//! `DELETE /api/v1/silences/{id}`). Writes need the `admin` scope (the API's guard
+//! checks it and audits them, `guard.rs`) and, in a cluster, go to the leader (a
+//! follower answers 409 naming it); each is stored
 //! ([`crate::maintenance`]) before it is answered, on a blocking thread, and refused at
 //! once with 503 while etcd is known unreachable. Reads answer from memory.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 
 use super::views::{DrainAnswer, SilenceList};
-use super::{authorize, error, json_body, leader_only, ApiState};
+use super::{error, json_body, leader_only, ApiState};
 use crate::clock::now_ms;
 use crate::etcd_kv::KvError;
 use crate::maintenance::{DrainRequest, SilenceRequest, StoreError};
 use crate::monitor::Diagnosis;
-
-/// Who a write is recorded as made by (the caller's token name; one token today).
-const CALLER: &str = "api";
+use crate::tokens::Caller;
 
 /// A configured region, or one the monitor knows (an edge announced it); else the 404.
 #[allow(clippy::result_large_err)]
@@ -42,11 +41,10 @@ fn store_error(e: StoreError) -> Response {
     error(status, e.to_string())
 }
 
-/// Checks leadership, the token and the region, in that order.
+/// Checks leadership, then the region (the guard checked the token).
 #[allow(clippy::result_large_err)]
-fn admit_write(s: &ApiState, headers: &HeaderMap, region: Option<&str>) -> Result<(), Response> {
+fn admit_write(s: &ApiState, region: Option<&str>) -> Result<(), Response> {
     leader_only(s)?;
-    authorize(s, headers)?;
     region.map_or(Ok(()), |r| known_region(s, r))
 }
 
@@ -65,10 +63,10 @@ async fn blocking<T: Send + 'static>(
 pub(super) async fn drain(
     State(s): State<ApiState>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = admit_write(&s, &headers, Some(&name)) {
+    if let Err(r) = admit_write(&s, Some(&name)) {
         return r;
     }
     let request: DrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -82,7 +80,7 @@ pub(super) async fn drain(
             Err(r) => return r,
         }
     };
-    let drain = match request.check(CALLER, now_ms()) {
+    let drain = match request.check(&caller.name, now_ms()) {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
@@ -104,9 +102,9 @@ pub(super) async fn drain(
 pub(super) async fn undrain(
     State(s): State<ApiState>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Response {
-    if let Err(r) = admit_write(&s, &headers, Some(&name)) {
+    if let Err(r) = admit_write(&s, Some(&name)) {
         return r;
     }
     let (m, region) = (s.state.maintenance.clone(), name.clone());
@@ -115,7 +113,7 @@ pub(super) async fn undrain(
         Err(r) => return r,
     };
     if ended.is_some() {
-        tracing::warn!(region = %name, by = CALLER, "region undrained: back in routing once healthy");
+        tracing::warn!(region = %name, by = %caller.name, "region undrained: back in routing once healthy");
     }
     Json(DrainAnswer {
         region: name,
@@ -136,10 +134,10 @@ pub(super) async fn silences(State(s): State<ApiState>) -> Response {
 /// `POST /api/v1/silences` (`{"region"?, "diagnosis"?, "for_s", "reason"?}`).
 pub(super) async fn silence(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = admit_write(&s, &headers, None) {
+    if let Err(r) = admit_write(&s, None) {
         return r;
     }
     let request: SilenceRequest = match json_body(
@@ -163,7 +161,7 @@ pub(super) async fn silence(
             );
         }
     }
-    let silence = match request.check(CALLER, now_ms()) {
+    let silence = match request.check(&caller.name, now_ms()) {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
@@ -183,15 +181,15 @@ pub(super) async fn silence(
 pub(super) async fn unsilence(
     State(s): State<ApiState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Response {
-    if let Err(r) = admit_write(&s, &headers, None) {
+    if let Err(r) = admit_write(&s, None) {
         return r;
     }
     let (m, key) = (s.state.maintenance.clone(), id.clone());
     match blocking(move || m.unsilence(&key)).await {
         Ok(Some(silence)) => {
-            tracing::info!(id = %id, by = CALLER, "alert silence removed");
+            tracing::info!(id = %id, by = %caller.name, "alert silence removed");
             Json(silence).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no silence {id:?} in force")),

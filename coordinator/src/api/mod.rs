@@ -11,9 +11,6 @@
 //! in [`crate::rollout`]. Stored bundle contents may hold credentials (basic auth in
 //! `waf.toml`), so reading them needs the token too.
 
-use daemon::sync::RecoverRw;
-use std::sync::Arc;
-
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,16 +30,19 @@ use views::{
     RegionHistory, RegionProblem, RegionView, ServedMinute, TlsMode, TlsView, WarmStarted,
 };
 
+mod guard;
 mod maintenance;
 pub mod views;
+
+pub use guard::admit;
 
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
     pub state: Coordinator,
     pub read_requires_token: bool,
-    /// The bearer token (`None`: writes disabled); replaced on SIGHUP.
-    pub token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
+    /// The tokens the API accepts; their secrets re-read on SIGHUP.
+    pub tokens: crate::tokens::Tokens,
 }
 
 /// Largest request body: a config bundle push (at most 2 MiB of text, JSON-escaped).
@@ -51,50 +51,6 @@ pub const MAX_BUNDLE_BODY: usize = 8 * 1024 * 1024;
 pub const MAX_WARM_PULL_BODY: usize = 1024 * 1024;
 /// Every other write: a purge, a warm job, a rollback, a cancel.
 pub const MAX_SMALL_BODY: usize = 64 * 1024;
-
-/// The API front's [`crate::http_front::Gate`]: decides from the head alone, before any
-/// body byte is read. Writes (every method but GET and HEAD) need the bearer token, and
-/// so do reads under `read_requires_token` (but `/healthz`, the dashboard page and its
-/// assets) and a bundle's files; a refusal is the same 401/403 the handlers give. The
-/// answer is the largest body the route takes: a bundle push the largest, other writes
-/// small, reads none.
-#[allow(clippy::result_large_err)] // the same shape as `authorize`
-pub fn admit(s: &ApiState, head: &crate::http_head::Head) -> Result<usize, Response> {
-    let rule = route_rule(&head.method, &head.path, s.read_requires_token);
-    if rule.needs_token {
-        let given = head
-            .single("authorization")
-            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
-        check_token(s, given)?;
-    }
-    Ok(rule.max_body)
-}
-
-/// What a request needs before its body is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RouteRule {
-    needs_token: bool,
-    max_body: usize,
-}
-
-fn route_rule(method: &str, target: &str, read_requires_token: bool) -> RouteRule {
-    let path = target.split('?').next().unwrap_or_default();
-    let read = matches!(method, "GET" | "HEAD");
-    // The page and its library hold no data; `/healthz` is for load balancers. (The
-    // router matches paths as sent, without resolving dot segments; refuse them anyway.)
-    let open =
-        matches!(path, "/healthz" | "/") || (path.starts_with("/assets/") && !path.contains(".."));
-    let bundle_files = path.starts_with("/api/v1/config/versions/");
-    RouteRule {
-        needs_token: !read || bundle_files || (read_requires_token && !open),
-        max_body: match (read, path) {
-            (true, _) => 0,
-            (false, "/api/v1/config") => MAX_BUNDLE_BODY,
-            (false, "/api/v1/cluster/warm") => MAX_WARM_PULL_BODY,
-            (false, _) => MAX_SMALL_BODY,
-        },
-    }
-}
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
@@ -118,6 +74,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/tls", get(tls_view))
         .route("/api/v1/regions", get(regions))
         .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/audit", get(audit))
         .route("/assets/uPlot.iife.min.js", get(asset_js))
         .route("/assets/uPlot.min.css", get(asset_css))
         .route("/api/v1/regions/:name/history", get(region_history))
@@ -146,7 +103,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            read_guard,
+            guard::guard,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE_BODY))
         .with_state(state)
@@ -174,24 +131,37 @@ async fn dashboard() -> Response {
         .into_response()
 }
 
-/// [`route_rule`] again behind the front's [`admit`], on the request axum routes: one
-/// rule decides which requests need the token, however the router is served.
-async fn read_guard(
-    State(s): State<ApiState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let target = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    if route_rule(request.method().as_str(), target, s.read_requires_token).needs_token {
-        if let Err(r) = authorize(&s, request.headers()) {
-            return r;
-        }
-    }
-    next.run(request).await
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<usize>,
+    /// Epoch milliseconds, or how long ago (`90s`, `15m`, `2h`, `7d`).
+    since: Option<String>,
+}
+
+/// `GET /api/v1/audit?limit=N&since=T` (a token with any scope): the newest audit
+/// entries first (`crate::audit`); in a cluster the same on every coordinator, this
+/// coordinator's own (`partial`) while etcd does not answer.
+async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let since_ms = match q.since.as_deref().map(str::trim) {
+        None | Some("") => 0,
+        Some(t) => match t.parse::<u64>() {
+            Ok(ms) => ms,
+            Err(_) => match humantime::parse_duration(t) {
+                Ok(ago) => crate::clock::now_ms().saturating_sub(ago.as_millis() as u64),
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "since must be epoch milliseconds or a duration like 15m, not {t:?}"
+                        ),
+                    )
+                }
+            },
+        },
+    };
+    Json(s.state.audit.list(limit, since_ms).await).into_response()
 }
 
 /// `GET /api/v1/alerts`: the newest grouped alerts (what changed, when, delivered). In
@@ -541,14 +511,7 @@ fn protobuf(msg: &impl prost::Message) -> Response {
 /// `POST /api/v1/cluster/warm` (bearer token; a protobuf `WarmPull`): a follower asks
 /// the leader for its agents' warm work (a protobuf `WarmRelayBatch`; see
 /// `cluster::warm_relay`). The work carries the warm token, hence the API token.
-async fn cluster_warm(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
+async fn cluster_warm(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
     if let Err(r) = leader_only(&s) {
         return r;
     }
@@ -605,8 +568,8 @@ async fn config_view(
 ) -> Response {
     let full = match q.detail.as_deref() {
         None | Some("public") => false,
-        Some("full") => match authorize(&s, &headers) {
-            Ok(()) => true,
+        Some("full") => match guard::authorize(&s, &headers, crate::tokens::Scope::Config) {
+            Ok(_) => true,
             Err(r) => return r,
         },
         Some(other) => {
@@ -641,18 +604,12 @@ struct PushQuery {
 async fn config_push(
     State(s): State<ApiState>,
     axum::extract::Query(q): axum::extract::Query<PushQuery>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = leader_only(&s) {
         return r;
     }
-    let bundle: Bundle = match authorized_json(
-        &s,
-        &headers,
-        &body,
-        "body must be {\"files\": {name: text}}",
-    ) {
+    let bundle: Bundle = match json_body(&body, "body must be {\"files\": {name: text}}") {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -668,15 +625,8 @@ struct RollbackBody {
     version: Option<String>,
 }
 
-async fn config_rollback(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+async fn config_rollback(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
     if let Err(r) = leader_only(&s) {
-        return r;
-    }
-    if let Err(r) = authorize(&s, &headers) {
         return r;
     }
     let body: RollbackBody = if body.is_empty() {
@@ -694,17 +644,11 @@ async fn config_rollback(
 /// Parses a JSON request body, or the 400 answer saying why not.
 #[allow(clippy::result_large_err)]
 /// `POST /api/v1/warm/jobs`: queue a job; answers `{"id": N}`.
-async fn warm_start(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+async fn warm_start(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
     if let Err(r) = leader_only(&s) {
         return r;
     }
-    let spec: crate::warm::job::JobSpec = match authorized_json(
-        &s,
-        &headers,
+    let spec: crate::warm::job::JobSpec = match json_body(
         &body,
         "body must be a warm job: {\"sitemap\": URL, \"regions\": [...], \"rate\": R, ...}",
     ) {
@@ -733,7 +677,7 @@ async fn warm_from_leader(s: &ApiState, path: &str) -> Option<Response> {
     if s.state.cluster.leads() {
         return None;
     }
-    let bearer = s.token.read_locked().clone();
+    let bearer = s.tokens.peer_secret();
     match s
         .state
         .cluster
@@ -789,15 +733,8 @@ async fn warm_job(State(s): State<ApiState>, Path(id): Path<u64>) -> Response {
 }
 
 /// `POST /api/v1/warm/jobs/{id}/cancel`.
-async fn warm_cancel(
-    State(s): State<ApiState>,
-    Path(id): Path<u64>,
-    headers: HeaderMap,
-) -> Response {
+async fn warm_cancel(State(s): State<ApiState>, Path(id): Path<u64>) -> Response {
     if let Err(r) = leader_only(&s) {
-        return r;
-    }
-    if let Err(r) = authorize(&s, &headers) {
         return r;
     }
     match s.state.warm.cancel(id) {
@@ -825,18 +762,6 @@ async fn warm_top(
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Response> {
     serde_json::from_slice(body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("{expected}: {e}")))
-}
-
-/// A write request's JSON body once the caller is authorized (401/403/400 otherwise).
-#[allow(clippy::result_large_err)]
-fn authorized_json<T: serde::de::DeserializeOwned>(
-    s: &ApiState,
-    headers: &HeaderMap,
-    body: &[u8],
-    expected: &str,
-) -> Result<T, Response> {
-    authorize(s, headers)?;
-    json_body(body, expected)
 }
 
 fn rollout_answer(
@@ -870,14 +795,7 @@ async fn config_versions(State(s): State<ApiState>) -> Response {
     }
 }
 
-async fn config_version(
-    State(s): State<ApiState>,
-    Path(version): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
+async fn config_version(State(s): State<ApiState>, Path(version): Path<String>) -> Response {
     match s.state.rollouts.store().get(&version) {
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown version {version}")),
@@ -956,12 +874,8 @@ fn op_view(op: &Op) -> PurgeOpView {
 
 /// `POST /api/v1/purges`: checked by the purge module's rules, logged like Magento's
 /// PURGEs and counted in the same metrics.
-async fn post_purge(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let body: PurgeBody = match authorized_json(&s, &headers, &body, "invalid body") {
+async fn post_purge(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
+    let body: PurgeBody = match json_body(&body, "invalid body") {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -994,10 +908,7 @@ async fn post_purge(
 
 /// `POST /api/v1/backup` (token): the embedded state as one consistent backup file,
 /// streamed (`crate::backup`).
-async fn backup(State(s): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
+async fn backup(State(s): State<ApiState>) -> Response {
     let state = s.state.clone();
     match tokio::task::spawn_blocking(move || crate::backup::take(&state)).await {
         Ok(Ok(snapshot)) => {
@@ -1017,94 +928,5 @@ async fn backup(State(s): State<ApiState>, headers: HeaderMap) -> Response {
         Ok(Err(e @ crate::backup::BackupError::Etcd)) => error(StatusCode::CONFLICT, e.to_string()),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
-}
-
-#[allow(clippy::result_large_err)]
-fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
-    check_token(
-        s,
-        headers
-            .get(header::AUTHORIZATION)
-            .map(axum::http::HeaderValue::as_bytes),
-    )
-}
-
-/// The `Authorization` value given (if any) against the current token.
-#[allow(clippy::result_large_err)]
-fn check_token(s: &ApiState, given: Option<&[u8]>) -> Result<(), Response> {
-    let current = s
-        .token
-        .read()
-        .map(|t| t.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
-    let Some(expected) = current else {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "write API disabled: no [api] token_file configured",
-        ));
-    };
-    let given = given
-        .and_then(|v| v.strip_prefix(b"Bearer "))
-        .unwrap_or_default();
-    if crate::secret::constant_time_eq(given, expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
-        ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn route_rules_decide_token_and_body_from_the_head() {
-        let rule = |m, p, strict| route_rule(m, p, strict);
-        let r = |needs_token, max_body| RouteRule {
-            needs_token,
-            max_body,
-        };
-        // Writes: always the token; a bundle the largest body, others small.
-        assert_eq!(
-            rule("POST", "/api/v1/config?canary=false", false),
-            r(true, MAX_BUNDLE_BODY)
-        );
-        assert_eq!(
-            rule("POST", "/api/v1/purges", false),
-            r(true, MAX_SMALL_BODY)
-        );
-        assert_eq!(
-            rule("POST", "/api/v1/warm/jobs", false),
-            r(true, MAX_SMALL_BODY)
-        );
-        assert_eq!(
-            rule("POST", "/api/v1/config/rollback", false),
-            r(true, MAX_SMALL_BODY)
-        );
-        assert_eq!(
-            rule("POST", "/api/v1/cluster/warm", false),
-            r(true, MAX_WARM_PULL_BODY)
-        );
-        assert_eq!(
-            rule("DELETE", "/api/v1/purges/1", false),
-            r(true, MAX_SMALL_BODY)
-        );
-        // Reads: no body; the token only for a bundle's files or when reads require it.
-        assert_eq!(rule("GET", "/api/v1/regions", false), r(false, 0));
-        assert_eq!(
-            rule("GET", "/api/v1/config/versions/abc", false),
-            r(true, 0)
-        );
-        assert_eq!(rule("GET", "/api/v1/edges?scope=local", true), r(true, 0));
-        assert_eq!(rule("HEAD", "/metrics", true), r(true, 0));
-        for open in ["/healthz", "/", "/?token=x", "/assets/uPlot.min.css"] {
-            assert_eq!(rule("GET", open, true), r(false, 0), "{open}");
-        }
-        assert_eq!(rule("GET", "/assets/../api/v1/edges", true), r(true, 0));
-        const { assert!(MAX_SMALL_BODY < MAX_WARM_PULL_BODY && MAX_WARM_PULL_BODY < MAX_BUNDLE_BODY) };
     }
 }

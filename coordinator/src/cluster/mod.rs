@@ -46,7 +46,7 @@ pub mod relay;
 pub mod store_alert;
 pub mod warm_relay;
 
-use daemon::sync::{Recover, RecoverRw};
+use daemon::sync::Recover;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -768,7 +768,7 @@ impl Cluster {
     pub async fn run(
         self: Arc<Self>,
         views: PeerViews,
-        token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
+        tokens: crate::tokens::Tokens,
         shutdown: CancellationToken,
     ) {
         let Some(etcd) = self.etcd.clone() else {
@@ -792,7 +792,7 @@ impl Cluster {
             // The peers are asked (the members last listed: blind to etcd, still asked)
             // while etcd is asked for the members: a silent etcd delays nothing.
             let known = self.members.locked().clone();
-            let bearer = token.read_locked().clone();
+            let bearer = tokens.peer_secret();
             let leader = self.role().1;
             let warm_pull = known
                 .iter()

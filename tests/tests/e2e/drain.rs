@@ -137,7 +137,7 @@ async fn a_drained_region_gets_no_shopper_over_json_or_dns_and_still_gets_purges
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(
-        out.starts_with("region-0 drained by api until undrained (kernel upgrade)"),
+        out.starts_with("region-0 drained by token_file until undrained (kernel upgrade)"),
         "{out}"
     );
     assert_eventually!(
@@ -164,7 +164,7 @@ async fn a_drained_region_gets_no_shopper_over_json_or_dns_and_still_gets_purges
         (&json!("up"), &json!(true)),
         "{r0}"
     );
-    assert_eq!(r0["drain"]["by"], "api");
+    assert_eq!(r0["drain"]["by"], "token_file");
     assert_eq!(r0["drain"]["reason"], "kernel upgrade");
     assert!(r0["drain"]["at_ms"].as_u64().is_some() && r0["drain"]["until_ms"].is_null());
     assert_eq!(row(c.api, "region-1").await["drain"], Value::Null);
@@ -192,7 +192,7 @@ async fn a_drained_region_gets_no_shopper_over_json_or_dns_and_still_gets_purges
         .unwrap_or("");
     assert!(line.contains("up") && line.contains("drained"), "{out}");
     assert!(
-        out.contains("region-0: drained by api: kernel upgrade"),
+        out.contains("region-0: drained by token_file: kernel upgrade"),
         "{out}"
     );
 
@@ -221,7 +221,7 @@ async fn a_drained_region_gets_no_shopper_over_json_or_dns_and_still_gets_purges
     let (code, out, err) = c.cli(&["region", "undrain", "region-0"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.starts_with("region-0 undrained (drained by api since "),
+        out.starts_with("region-0 undrained (drained by token_file since "),
         "{out}"
     );
     assert_eq!(route(c, LONDON).await.region, "region-1", "held down first");
@@ -399,7 +399,7 @@ async fn a_drain_for_a_while_survives_a_restart_and_ends_by_itself() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("region-0 drained by api until 20") && out.contains("(patch)"),
+        out.contains("region-0 drained by token_file until 20") && out.contains("(patch)"),
         "{out}"
     );
     let (code, _, err) = c.cli(&["region", "drain", "region-1"]);
@@ -510,7 +510,7 @@ async fn a_known_incident_pages_once_under_a_silence_and_the_next_change_after_i
     assert_eq!(out.lines().count(), 1, "{out}");
     let id = silence_id(&out);
     assert!(
-        out.contains("region region-1, diagnosis any, by api, until "),
+        out.contains("region region-1, diagnosis any, by token_file, until "),
         "{out}"
     );
     let (_, list, _) = cluster.coordinator.cli(&["silence", "list"]);

@@ -26,6 +26,7 @@ mod refresh;
 mod robustness;
 mod security;
 mod state;
+mod team;
 mod tidy;
 mod traffic;
 mod upgrade;
