@@ -6,8 +6,6 @@
 //! thread, and nothing on a request's path reads the store (see the facade).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -187,23 +185,8 @@ fn save_file(path: &Path, records: &Records) -> Result<(), StoreError> {
         records: records.clone(),
     })
     .map_err(|e| err(e.to_string()))?;
-    let tmp = path.with_extension("json.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(|e| err(e.to_string()))
+    daemon::files::replace_durably(path, &body, daemon::files::PRIVATE_FILE)
+        .map_err(|e| err(e.to_string()))
 }
 
 #[cfg(test)]

@@ -72,6 +72,15 @@ async fn listed(c: &CoordinatorProc, region: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Asserts each `(family, region, value)` sample of `c`'s `/metrics`.
+async fn assert_samples(c: &CoordinatorProc, want: &[(&str, &str, f64)]) {
+    let metrics = c.call("GET", "/metrics", None).await.body;
+    for (family, region, value) in want {
+        let name = format!("{family}{{region=\"{region}\"}}");
+        assert_eq!(sample(&metrics, &name), Some(*value), "{name}");
+    }
+}
+
 fn sample(metrics: &str, name: &str) -> Option<f64> {
     metrics.lines().find_map(|l| {
         let (n, v) = l.rsplit_once(' ')?;
@@ -168,22 +177,15 @@ async fn a_drained_region_gets_no_shopper_over_json_or_dns_and_still_gets_purges
     assert_eq!(r0["drain"]["reason"], "kernel upgrade");
     assert!(r0["drain"]["at_ms"].as_u64().is_some() && r0["drain"]["until_ms"].is_null());
     assert_eq!(row(c.api, "region-1").await["drain"], Value::Null);
-    let metrics = c.call("GET", "/metrics", None).await.body;
-    assert_eq!(
-        sample(&metrics, "coordinator_region_drained{region=\"region-0\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&metrics, "coordinator_region_drained{region=\"region-1\"}"),
-        Some(0.0)
-    );
-    assert_eq!(
-        sample(
-            &metrics,
-            "coordinator_geo_region_eligible{region=\"region-0\"}"
-        ),
-        Some(0.0)
-    );
+    assert_samples(
+        c,
+        &[
+            ("coordinator_region_drained", "region-0", 1.0),
+            ("coordinator_region_drained", "region-1", 0.0),
+            ("coordinator_geo_region_eligible", "region-0", 0.0),
+        ],
+    )
+    .await;
     let (code, out, _) = c.cli(&["status"]);
     assert_eq!(code, 0, "a drained region does not count: {out}");
     let line = out
@@ -426,19 +428,15 @@ async fn a_drain_for_a_while_survives_a_restart_and_ends_by_itself() {
     );
     let late = coordinator::clock::now_ms().saturating_sub(until);
     eprintln!("figure: a drain ended {late} ms after its until_ms, as seen by a poll every 50 ms");
-    let metrics = c.call("GET", "/metrics", None).await.body;
-    assert_eq!(
-        sample(&metrics, "coordinator_region_drained{region=\"region-0\"}"),
-        Some(0.0)
-    );
-    assert_eq!(
-        sample(&metrics, "coordinator_region_drained{region=\"region-1\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&metrics, "coordinator_region_silenced{region=\"region-1\"}"),
-        Some(1.0)
-    );
+    assert_samples(
+        &c,
+        &[
+            ("coordinator_region_drained", "region-0", 0.0),
+            ("coordinator_region_drained", "region-1", 1.0),
+            ("coordinator_region_silenced", "region-1", 1.0),
+        ],
+    )
+    .await;
     c.stop().await;
     c.restart().await;
     assert_eq!(
@@ -545,15 +543,14 @@ async fn a_known_incident_pages_once_under_a_silence_and_the_next_change_after_i
         "{:?}",
         pages(&got, "region-1")
     );
-    let metrics = cluster.coordinator.call("GET", "/metrics", None).await.body;
-    assert_eq!(
-        sample(&metrics, "coordinator_region_silenced{region=\"region-1\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&metrics, "coordinator_region_silenced{region=\"region-0\"}"),
-        Some(0.0)
-    );
+    assert_samples(
+        &cluster.coordinator,
+        &[
+            ("coordinator_region_silenced", "region-1", 1.0),
+            ("coordinator_region_silenced", "region-0", 0.0),
+        ],
+    )
+    .await;
 
     // Removed: the next change pages.
     let (code, _, err) = cluster.coordinator.cli(&["silence", "remove", &id]);
