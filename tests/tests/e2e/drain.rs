@@ -384,15 +384,63 @@ async fn a_varnishd_killed_while_drained_is_down_truthfully_pages_nobody_and_ret
 async fn a_drain_for_a_while_survives_a_restart_and_ends_by_itself() {
     let dir = temp_dir();
     let backend: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    // An operator's admin token and a dashboard's read-only one.
+    let (ops, reader) = (
+        "ops-secret-0123456789abcdef",
+        "dash-secret-0123456789abcdef",
+    );
+    let mut tokens = String::new();
+    for (name, secret, scopes) in [("ops", ops, "\"admin\""), ("dashboard", reader, "\"read\"")] {
+        let file = dir.path().join(name);
+        std::fs::write(&file, secret).expect("token file");
+        tokens.push_str(&format!(
+            "[[api.tokens]]\nname = \"{name}\"\nfile = \"{}\"\nscopes = [{scopes}]\n",
+            file.display()
+        ));
+    }
     let mut c = CoordinatorProc::start(
         &dir.path().join("coordinator"),
         &CoordinatorOpts {
             insecure: true,
             regions: regions(2, backend),
+            extra: tokens,
             ..CoordinatorOpts::default()
         },
     )
     .await;
+    // Draining takes the admin scope, and records who drained.
+    let drain_1 = "/api/v1/regions/region-1/drain";
+    let r = api_call(c.api, "POST", drain_1, Some(reader), None).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("admin"), "{}", r.body);
+    for path in ["/api/v1/silences", "/api/v1/silences/0123456789ab"] {
+        let method = if path.ends_with("silences") {
+            "POST"
+        } else {
+            "DELETE"
+        };
+        let r = api_call(
+            c.api,
+            method,
+            path,
+            Some(reader),
+            Some(&json!({"region": "region-1", "for_s": 60})),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+    }
+    let r = api_call(c.api, "POST", drain_1, Some(ops), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["drain"]["by"], "ops");
+    let audit = api_call(c.api, "GET", "/api/v1/audit", Some(reader), None)
+        .await
+        .json();
+    assert!(
+        audit["entries"].as_array().is_some_and(|e| e
+            .iter()
+            .any(|e| e["action"] == "region.drain" && e["token"] == "ops" && e["status"] == 200)),
+        "{audit}"
+    );
     let (code, _, err) = c.cli(&["region", "drain", "region-0", "--for", "2x"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not a duration"), "{err}");
@@ -404,8 +452,6 @@ async fn a_drain_for_a_while_survives_a_restart_and_ends_by_itself() {
         out.contains("region-0 drained by token_file until 20") && out.contains("(patch)"),
         "{out}"
     );
-    let (code, _, err) = c.cli(&["region", "drain", "region-1"]);
-    assert_eq!(code, 0, "{err}");
     let (code, out, err) = c.cli(&["silence", "add", "--region", "region-1", "--for", "1h"]);
     assert_eq!(code, 0, "{err}");
     let id = silence_id(&out);
