@@ -678,7 +678,7 @@ async fn a_drain_made_on_the_leader_holds_on_every_coordinator_and_through_a_quo
     assert_eq!(code, 0, "{err}");
     let started = Instant::now();
     assert_eventually!(
-        3,
+        4,
         row(ha.c[follower].api, "region-0").await["drain"]["reason"] == "rack move"
             && why_not(&route(&ha.c[follower], LONDON).await, "region-0")
                 .contains(&"drained".to_owned()),
@@ -687,6 +687,27 @@ async fn a_drain_made_on_the_leader_holds_on_every_coordinator_and_through_a_quo
     eprintln!(
         "figure: the follower routed by the leader's drain {} ms after it was acknowledged",
         started.elapsed().as_millis()
+    );
+    let r = ha.c[leader]
+        .call(
+            "POST",
+            "/api/v1/silences",
+            Some(&json!({"region": "region-1", "for_s": 600})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["id"].as_str().expect("silence id").to_owned();
+    let silenced = |api: SocketAddr| {
+        let id = id.clone();
+        async move {
+            get_json(api, "/api/v1/silences").await.unwrap_or_default()["silences"][0]["id"]
+                == id.as_str()
+        }
+    };
+    assert_eventually!(
+        3,
+        silenced(ha.c[follower].api).await,
+        "the follower does not list the silence"
     );
 
     // etcd loses its quorum: the drain stays in force everywhere, and routing answers
@@ -721,6 +742,9 @@ async fn a_drain_made_on_the_leader_holds_on_every_coordinator_and_through_a_quo
         "figure: slowest routing answer without quorum {} ms",
         slowest.as_millis()
     );
+    for c in &ha.c {
+        assert!(silenced(c.api).await, "{} lost the silence", c.api);
+    }
     // A write cannot be stored: refused at once, nothing changes.
     for c in &ha.c {
         let t = Instant::now();
