@@ -72,6 +72,14 @@ async fn listed(c: &CoordinatorProc, region: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Asserts that `POST path` with `body` is a 400 whose error says `says`.
+async fn refused_400(c: &CoordinatorProc, path: &str, body: &Value, says: &str) {
+    let r = c.call("POST", path, Some(body)).await;
+    assert_eq!(r.status, 400, "{body}: {}", r.body);
+    let error = r.json()["error"].as_str().unwrap_or("").to_owned();
+    assert!(error.contains(says), "{body}: {error}");
+}
+
 /// Asserts each `(family, region, value)` sample of `c`'s `/metrics`.
 async fn assert_samples(c: &CoordinatorProc, want: &[(&str, &str, f64)]) {
     let metrics = c.call("GET", "/metrics", None).await.body;
@@ -127,15 +135,7 @@ async fn a_drained_region_gets_no_shopper_over_json_or_dns_and_still_gets_purges
         (json!({"reason": "x", "until": 5}), "until"),
         (json!({"for_s": 0}), "at least 1 second"),
     ] {
-        let r = c
-            .call("POST", "/api/v1/regions/region-0/drain", Some(&body))
-            .await;
-        assert_eq!(r.status, 400, "{body}: {}", r.body);
-        assert!(
-            r.json()["error"].as_str().unwrap_or("").contains(says),
-            "{}",
-            r.body
-        );
+        refused_400(c, "/api/v1/regions/region-0/drain", &body, says).await;
     }
     let anonymous = api_call(c.api, "POST", "/api/v1/regions/region-0/drain", None, None).await;
     assert_eq!(anonymous.status, 401, "{}", anonymous.body);
@@ -529,16 +529,7 @@ async fn a_known_incident_pages_once_under_a_silence_and_the_next_change_after_i
         ),
         (json!({"region": "nowhere", "for_s": 60}), "nowhere"),
     ] {
-        let r = cluster
-            .coordinator
-            .call("POST", "/api/v1/silences", Some(&body))
-            .await;
-        assert_eq!(r.status, 400, "{body}: {}", r.body);
-        assert!(
-            r.json()["error"].as_str().unwrap_or("").contains(says),
-            "{}",
-            r.body
-        );
+        refused_400(&cluster.coordinator, "/api/v1/silences", &body, says).await;
     }
     let (code, out, err) = cluster.coordinator.cli(&[
         "silence",
