@@ -32,7 +32,7 @@ LAYERS = {
         ["clock", "secret", "accept", "metrics", "pki", "leader", "http_head", "store_health",
          "schema", "snapshot"],
         ["tls", "purge", "etcd_kv", "http_front", "tokens"],
-        ["edges", "bundle", "traffic", "audit"],
+        ["edges", "bundle", "traffic", "audit", "maintenance"],
         ["rollout", "monitor", "warm", "geo", "cluster", "fanout"],
         ["config"],
         ["state"],
@@ -57,7 +57,7 @@ LAYERS = {
         ["cli"],
     ],
     "coordinator-cli": [
-        ["args", "cli", "demo"],
+        ["args", "cli", "demo", "maintenance"],
         ["run"],
     ],
 }

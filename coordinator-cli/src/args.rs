@@ -81,7 +81,8 @@ pub enum Command {
     },
     /// Per-region health, hit ratios, traffic and purge lag. Exits 0 when every region
     /// is up, 1 when one is degraded, 2 when one is down, 3 when one cannot be seen
-    /// (unknown, none worse) or the API cannot be read (the Nagios convention).
+    /// (unknown, none worse) or the API cannot be read (the Nagios convention). A
+    /// drained region is shown as drained and does not count.
     Status {
         #[command(flatten)]
         api: ApiArgs,
@@ -140,6 +141,21 @@ pub enum Command {
         /// Replace the state in a non-empty DIR.
         #[arg(long)]
         force: bool,
+    },
+    /// Take a region out of routing and DNS for maintenance (its alerts held), or
+    /// bring it back.
+    Region {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: RegionCommand,
+    },
+    /// Alert silences: changes they match are listed but page nobody until they expire.
+    Silence {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: SilenceCommand,
     },
     /// Purge through the API (the same log Magento's PURGE requests go to).
     Purge {
@@ -267,6 +283,54 @@ pub enum ConfigCommand {
     },
     /// Desired version, rollout state and every edge's active version.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegionCommand {
+    /// Drain NAME: routing and DNS stop sending it shoppers and its alerts are held; it
+    /// is still probed, and purges and config still reach it.
+    Drain {
+        /// The region (as `coordinator status` lists it).
+        name: String,
+        /// End the drain by itself after this long: 90s, 30m, 2h, 1d (default: until
+        /// undrained).
+        #[arg(long = "for", value_name = "DURATION", value_parser = crate::maintenance::duration_s)]
+        for_s: Option<u64>,
+        /// Why (shown in the API, the dashboard and the logs).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Undrain NAME: back in routing once healthy (after the recover_s hold-down).
+    Undrain {
+        /// The region.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SilenceCommand {
+    /// Silence the alerts of a region, of a diagnosis, or of a diagnosis in a region.
+    Add {
+        /// The region whose changes it matches (default: any).
+        #[arg(long)]
+        region: Option<String>,
+        /// The diagnosis it matches, e.g. origin_down, edge_down (default: any).
+        #[arg(long)]
+        diagnosis: Option<String>,
+        /// How long: 90s, 30m, 2h, 1d (at most 7d).
+        #[arg(long = "for", value_name = "DURATION", value_parser = crate::maintenance::duration_s)]
+        for_s: u64,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The silences in force.
+    List,
+    /// End a silence before it expires.
+    Remove {
+        /// The id `silence add` or `silence list` printed.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

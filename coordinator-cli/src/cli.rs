@@ -675,9 +675,10 @@ pub async fn status(api: &ApiClient, json: bool) -> Result<u8, CliError> {
 }
 
 /// The Nagios-style code for a set of regions: 0 all up (OK), 1 any degraded
-/// (WARNING), 2 any down (CRITICAL), 3 any unknown and none worse (UNKNOWN).
+/// (WARNING), 2 any down (CRITICAL), 3 any unknown and none worse (UNKNOWN). A drained
+/// region does not count: it is in maintenance, its alerts are held.
 pub fn status_code(regions: &[RegionView]) -> u8 {
-    match fleet_status(regions.iter().map(|r| r.health)) {
+    match fleet_status(regions.iter().filter(|r| !r.drained).map(|r| r.health)) {
         FleetStatus::Ok => 0,
         FleetStatus::Degraded => 1,
         FleetStatus::Down => 2,
@@ -712,6 +713,11 @@ pub fn status_table(regions: &[RegionView]) -> String {
             (None, true) => "stats_stale",
             (None, false) => "",
         };
+        let why = if r.drained {
+            format!("drained {why}")
+        } else {
+            why.to_owned()
+        };
         out.push_str(
             format!(
                 "{:<16} {:<9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9}  {}",
@@ -729,11 +735,31 @@ pub fn status_table(regions: &[RegionView]) -> String {
             .trim_end(),
         );
         out.push('\n');
+        if let Some(d) = &r.drain {
+            notes.push_str(&format!(
+                "  {}: drained by {}{}{}\n",
+                r.name,
+                d.by,
+                d.until_ms
+                    .map(|u| format!(" until {}", fmt_ms(u)))
+                    .unwrap_or_default(),
+                d.reason
+                    .as_ref()
+                    .map(|x| format!(": {x}"))
+                    .unwrap_or_default(),
+            ));
+        }
         if let Some(e) = &r.health_error {
             notes.push_str(&format!("  {}: {e}\n", r.name));
         }
     }
     out + &notes
+}
+
+/// A time in ms since the epoch, to the second (`2026-12-07T14:00:00Z`).
+pub fn fmt_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(ms / 1000);
+    coordinator::edges::fmt_time(t).replace(".000000Z", "Z")
 }
 
 /// `purge --tag T... | --url U [--host H] | --all [--wait]`: with `wait`, polls until
@@ -1064,6 +1090,19 @@ mod tests {
         assert_eq!(status_code(&blind), 1);
         blind[0].health = Health::Down;
         assert_eq!(status_code(&blind), 2);
+        // A drained region shows as drained and does not count in the code.
+        let mut drained = regions.clone();
+        drained[1].drained = true;
+        drained[1].drain = Some(coordinator::api::views::Drain {
+            by: "api".into(),
+            reason: Some("kernel".into()),
+            at_ms: 0,
+            until_ms: None,
+        });
+        let t = status_table(&drained);
+        assert!(t.contains("drained agent_lost"), "{t}");
+        assert!(t.contains("us-east: drained by api: kernel"), "{t}");
+        assert_eq!(status_code(&drained), 0);
     }
 
     #[test]

@@ -9,4 +9,5 @@
 pub mod args;
 pub mod cli;
 pub mod demo;
+pub mod maintenance;
 pub mod run;

@@ -9,7 +9,9 @@ use coordinator::config::CoordinatorConfig;
 use coordinator::server;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{ApiArgs, Cli, Command, ConfigCommand, PkiCommand, WarmCommand};
+use crate::args::{
+    ApiArgs, Cli, Command, ConfigCommand, PkiCommand, RegionCommand, SilenceCommand, WarmCommand,
+};
 use crate::cli::{self, ApiClient};
 use crate::demo;
 
@@ -85,6 +87,40 @@ pub fn main(args: Cli) -> ExitCode {
                 state_dir,
                 force,
             } => exit(cli::restore(&file, &state_dir, force)),
+            Command::Region { api, command } => match client(&api) {
+                Ok(c) => exit(match command {
+                    RegionCommand::Drain {
+                        name,
+                        for_s,
+                        reason,
+                    } => crate::maintenance::drain(&c, &name, for_s, reason).await,
+                    RegionCommand::Undrain { name } => crate::maintenance::undrain(&c, &name).await,
+                }),
+                Err(code) => code,
+            },
+            Command::Silence { api, command } => match client(&api) {
+                Ok(c) => exit(match command {
+                    SilenceCommand::Add {
+                        region,
+                        diagnosis,
+                        for_s,
+                        reason,
+                    } => {
+                        let request = coordinator::api::views::SilenceRequest {
+                            region,
+                            diagnosis,
+                            for_s,
+                            reason,
+                        };
+                        crate::maintenance::silence_add(&c, &request).await
+                    }
+                    SilenceCommand::List => crate::maintenance::silence_list(&c).await,
+                    SilenceCommand::Remove { id } => {
+                        crate::maintenance::silence_remove(&c, &id).await
+                    }
+                }),
+                Err(code) => code,
+            },
             Command::Route { api, ip, json } => match client(&api) {
                 Ok(c) => exit(cli::route(&c, &ip, json).await),
                 Err(code) => code,

@@ -30,6 +30,7 @@ pub mod geo;
 pub mod http_front;
 pub mod http_head;
 pub mod leader;
+pub mod maintenance;
 pub mod metrics;
 pub mod monitor;
 pub mod pki;

@@ -152,6 +152,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     tokio::spawn(state.rollouts.clone().follow_plan(shutdown.clone()));
+    tokio::spawn(
+        state
+            .maintenance
+            .clone()
+            .run(state.cluster.leading(), shutdown.clone()),
+    );
     let driver = tokio::spawn(state.rollouts.clone().run(shutdown.clone()));
     let monitor_task = tokio::spawn(
         state

@@ -17,6 +17,7 @@ use crate::edges::EdgeRegistry;
 use crate::fanout::Fanout;
 use crate::geo::db::DbError;
 use crate::geo::Geo;
+use crate::maintenance::Maintenance;
 use crate::metrics::Registry;
 use crate::monitor::Monitor;
 use crate::purge::counters::PurgeCounters;
@@ -42,6 +43,8 @@ pub enum OpenError {
     Geo(#[from] DbError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error("drains and silences: {0}")]
+    Maintenance(#[from] crate::maintenance::StoreError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
     #[error("warm token in etcd: {0}")]
@@ -74,6 +77,8 @@ pub struct Coordinator {
     pub warm: Arc<Warm>,
     /// Present when `[geo]` is configured.
     pub geo: Option<Arc<Geo>>,
+    /// Drained regions and alert silences.
+    pub maintenance: Arc<Maintenance>,
     /// Region names from coordinator.toml (edges may add others).
     pub regions: Arc<Vec<String>>,
     /// Who asked the API for what ([`crate::audit`]).
@@ -167,6 +172,15 @@ impl Coordinator {
             monitor.set_ledger(crate::monitor::ledger::Ledger::new(kv.clone()));
         }
         monitor.set_store_health(cluster.store_health().clone());
+        let maintenance = match &etcd_kv {
+            None => Maintenance::open(state_dir, config.region_names())?,
+            Some(kv) => Maintenance::etcd(
+                kv.clone(),
+                config.region_names(),
+                cluster.store_health().clone(),
+            ),
+        };
+        monitor.set_maintenance(maintenance.clone());
         cluster.set_log(log.clone());
         let mut warm_config = config.warm.clone();
         warm_config.refresh_max_stale_s = config
@@ -227,8 +241,10 @@ impl Coordinator {
         monitor.register_metrics(&mut registry);
         warm.register_metrics(&mut registry);
         if let Some(geo) = &geo {
+            geo.set_maintenance(maintenance.clone());
             geo.register_metrics(&mut registry);
         }
+        maintenance.register_metrics(&mut registry);
         registry.register_collector(crate::metrics::collector((), |_, e| {
             crate::metrics::counter(
                 e,
@@ -272,6 +288,7 @@ impl Coordinator {
             monitor,
             warm,
             geo,
+            maintenance,
             regions: Arc::new(config.region_names()),
             audit,
             metrics: Arc::new(registry),

@@ -68,6 +68,29 @@ pub fn write_with_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()
     f.write_all(contents)
 }
 
+/// Replaces `path` with `contents` durably: written to `PATH.tmp` (with `mode` from the
+/// moment it exists), fsynced, renamed over `path`, and the directory fsynced, so a
+/// crash leaves the old file or the new one, never part of either.
+pub fn replace_durably(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// The gid of [`VARNISH_GROUP`], if the system has it.
 pub fn varnish_gid() -> Option<u32> {
     nix::unistd::Group::from_name(VARNISH_GROUP)

@@ -31,6 +31,7 @@ use views::{
 };
 
 mod guard;
+mod maintenance;
 pub mod views;
 
 pub use guard::admit;
@@ -88,6 +89,18 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/warm/top", get(warm_top))
         .route("/api/v1/backup", axum::routing::post(backup))
+        .route(
+            "/api/v1/regions/:name/drain",
+            axum::routing::post(maintenance::drain).delete(maintenance::undrain),
+        )
+        .route(
+            "/api/v1/silences",
+            get(maintenance::silences).post(maintenance::silence),
+        )
+        .route(
+            "/api/v1/silences/:id",
+            axum::routing::delete(maintenance::unsilence),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard::guard,
@@ -215,6 +228,7 @@ fn region_views(s: &Coordinator) -> Vec<RegionView> {
         .map(|(name, h)| {
             let mine: Vec<_> = edges.iter().filter(|e| e.region == name).collect();
             let t = traffic.get(&name);
+            let drain = s.maintenance.drain_of(&name, now);
             RegionView {
                 edges: mine.len(),
                 edges_connected: mine.iter().filter(|e| e.connected).count(),
@@ -239,6 +253,8 @@ fn region_views(s: &Coordinator) -> Vec<RegionView> {
                     .filter(|t| !t.stale)
                     .map(|t| ServedMinute::of(&t.last_minute))
                     .unwrap_or_default(),
+                drained: drain.is_some(),
+                drain,
                 name,
             }
         })
@@ -461,7 +477,7 @@ fn leader_only(s: &ApiState) -> Result<(), Response> {
     Err(error(
         StatusCode::CONFLICT,
         format!(
-            "coordinator {} is a follower: config pushes and warm jobs go to the leader ({leader}{api})",
+            "coordinator {} is a follower: writes (config pushes, warm jobs, drains, silences) go to the leader ({leader}{api})",
             view.id
         ),
     ))

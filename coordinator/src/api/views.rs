@@ -15,8 +15,9 @@ pub use crate::edges::{EdgeView, PurgeFailure, PurgeProgress};
 pub use crate::geo::db::DbInfo as GeoDatabaseView;
 pub use crate::geo::route::{Candidate, Reason as RouteReason, WhyNot};
 pub use crate::geo::{CountryView, GeoView, RegionRouting, RouteView};
+pub use crate::maintenance::{Drain, DrainRequest, Silence, SilenceRequest};
 pub use crate::monitor::{
-    AlertRecord, Change, Diagnosis, FleetStatus, Health, MinuteStats, ProbeView,
+    AlertRecord, Change, Diagnosis, FleetStatus, Health, Held, MinuteStats, ProbeView,
 };
 pub use crate::rollout::{BundleState, BundleView, EdgeBundleView, Phase, Rollout, Started};
 pub use crate::tls::CertExpiry;
@@ -85,6 +86,11 @@ pub struct RegionView {
     pub probes: Vec<ProbeView>,
     /// What shoppers were served in the last minute, from varnish's own log.
     pub served: ServedMinute,
+    /// An operator drained it: out of routing and DNS, its alerts held (its health
+    /// above is still the truth).
+    pub drained: bool,
+    /// Who drained it, why, since and until when (null unless drained).
+    pub drain: Option<Drain>,
 }
 
 /// Shoppers' requests in a window as varnish logged them (the agents' own excluded).
@@ -280,6 +286,21 @@ pub struct ApiError {
     pub file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<usize>,
+}
+
+/// `POST` and `DELETE /api/v1/regions/{name}/drain`: the region and its drain now
+/// (after a DELETE, `drain` is the one that ended, null if it was not drained).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainAnswer {
+    pub region: String,
+    pub drained: bool,
+    pub drain: Option<Drain>,
+}
+
+/// `GET /api/v1/silences`: the silences in force, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SilenceList {
+    pub silences: Vec<Silence>,
 }
 
 /// `GET /api/v1/alerts`.

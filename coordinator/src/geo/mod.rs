@@ -11,7 +11,9 @@
 //! snapshot. A lookup reads the snapshot and the database and calls the pure
 //! [`route::decide`]; it takes no lock that a slow task holds, and never waits on an
 //! edge. A region this coordinator cannot see (`unknown`: a silent peer holds its edges,
-//! or etcd cannot be read) keeps its shoppers: blindness is no reason to move them.
+//! or etcd cannot be read) keeps its shoppers: blindness is no reason to move them. A
+//! drained region ([`crate::maintenance`]) gets `drained` before the hold-down, whatever
+//! else is true of it.
 
 pub mod centroids;
 pub mod config;
@@ -24,7 +26,7 @@ use daemon::sync::{Recover, RecoverRw};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::DescriptorEncoder;
@@ -100,6 +102,8 @@ pub struct Geo {
     decisions: [AtomicU64; REASONS.len()],
     countries: countries::Countries,
     started: std::time::Instant,
+    /// Drained regions (unset: none).
+    maintenance: OnceLock<Arc<crate::maintenance::Maintenance>>,
 }
 
 impl std::fmt::Debug for Geo {
@@ -137,7 +141,13 @@ impl Geo {
             decisions: Default::default(),
             countries: countries::Countries::default(),
             started: std::time::Instant::now(),
+            maintenance: OnceLock::new(),
         })
+    }
+
+    /// Drains and silences; set once at start.
+    pub fn set_maintenance(&self, maintenance: Arc<crate::maintenance::Maintenance>) {
+        let _ = self.maintenance.set(maintenance);
     }
 
     pub fn dns_config(&self) -> Option<&DnsConfig> {
@@ -220,7 +230,10 @@ impl Geo {
             .regions
             .iter()
             .map(|r| {
-                let problems = problems(&self.config, regions.get(&r.name));
+                let mut problems = problems(&self.config, regions.get(&r.name));
+                if self.maintenance.get().is_some_and(|m| m.drained(&r.name)) {
+                    problems.insert(0, WhyNot::Drained);
+                }
                 state_of(r, recovery.observe(&r.name, problems, now_s))
             })
             .collect();

@@ -6,6 +6,9 @@
 //! than `[geo] max_purge_lag` entries or `max_purge_lag_s` seconds), and it is not
 //! recovering: [`Recovery`] holds a region that was ineligible out for `recover_s` after
 //! it became well again, so a flapping region does not pull shoppers back and forth.
+//! A drained region (an operator took it out, `drained`) is never eligible, passes
+//! through the same hold-down once undrained, and gets a shopper only when every region
+//! is drained.
 //! [`decide`] takes the nearest eligible region (great-circle distance, [`distance_km`]),
 //! else the nearest healthy one, else the nearest; a client the database does not place
 //! goes to the default region (or, when that is ineligible, the first eligible in config
@@ -44,6 +47,8 @@ pub enum WhyNot {
     Stale,
     /// Well again, but not yet for `recover_s`.
     Recovering,
+    /// An operator drained it (`POST /api/v1/regions/{name}/drain`).
+    Drained,
 }
 
 impl WhyNot {
@@ -136,6 +141,9 @@ pub fn decide(client: Option<(f64, f64)>, regions: &[RegionState], default: usiz
     }
     let eligible = |i: &usize| regions[*i].why_not.is_empty();
     let healthy = |i: &usize| regions[*i].why_not.iter().all(|w| w.healthy());
+    let in_service = |i: &usize| !regions[*i].why_not.contains(&WhyNot::Drained);
+    // Nothing eligible or healthy: the first not drained of `order` (or `or`).
+    let last_resort = |or: usize| order.iter().copied().find(in_service).unwrap_or(or);
     let (region, reason) = if client.is_some() {
         let nearest = order[0];
         match order.iter().copied().find(eligible) {
@@ -143,7 +151,7 @@ pub fn decide(client: Option<(f64, f64)>, regions: &[RegionState], default: usiz
             Some(i) => (i, Reason::NearestEligible),
             None => match order.iter().copied().find(healthy) {
                 Some(i) => (i, Reason::NearestHealthy),
-                None => (nearest, Reason::NoRegionEligible),
+                None => (last_resort(nearest), Reason::NoRegionEligible),
             },
         }
     } else if eligible(&default) {
@@ -153,7 +161,8 @@ pub fn decide(client: Option<(f64, f64)>, regions: &[RegionState], default: usiz
             Some(i) => (i, Reason::FirstEligible),
             None => match order.iter().copied().find(healthy) {
                 Some(i) => (i, Reason::NearestHealthy),
-                None => (default, Reason::NoRegionEligible),
+                None if in_service(&default) => (default, Reason::NoRegionEligible),
+                None => (last_resort(default), Reason::NoRegionEligible),
             },
         }
     };
@@ -326,6 +335,48 @@ mod tests {
         assert_eq!(r.observe("eu", vec![], 80.0), vec![]);
         // Regions are independent.
         assert_eq!(r.observe("us", vec![], 80.0), vec![]);
+    }
+
+    #[test]
+    fn a_drained_region_gets_nobody_while_another_can_serve() {
+        let d = decide(Some(LONDON), &regions([&[WhyNot::Drained], &[], &[]]), 0);
+        assert_eq!((d.region, d.reason), (1, Reason::NearestEligible));
+        assert_eq!(d.candidates[0].why_not, vec![WhyNot::Drained]);
+        // Healthy but drained is no fallback; a down region is preferred to it only
+        // when nothing else is left.
+        let d = decide(
+            Some(LONDON),
+            &regions([&[WhyNot::Drained], &[WhyNot::Down], &[WhyNot::Down]]),
+            0,
+        );
+        assert_eq!((d.region, d.reason), (1, Reason::NoRegionEligible));
+        let d = decide(
+            None,
+            &regions([&[WhyNot::Down], &[WhyNot::Drained], &[]]),
+            1,
+        );
+        assert_eq!((d.region, d.reason), (2, Reason::FirstEligible));
+        let d = decide(
+            None,
+            &regions([&[WhyNot::Down], &[WhyNot::Drained], &[WhyNot::Down]]),
+            1,
+        );
+        assert_eq!((d.region, d.reason), (0, Reason::NoRegionEligible));
+        let d = decide(Some(TOKYO), &regions([&[WhyNot::Drained]; 3]), 0);
+        assert_eq!(
+            (d.region, d.reason),
+            (2, Reason::NoRegionEligible),
+            "all drained"
+        );
+        // Undrained: held for recover_s like any returning region.
+        let mut r = Recovery::new(Duration::from_secs(30));
+        assert_eq!(r.observe("eu", vec![], 0.0), vec![]);
+        assert_eq!(
+            r.observe("eu", vec![WhyNot::Drained], 1.0),
+            vec![WhyNot::Drained]
+        );
+        assert_eq!(r.observe("eu", vec![], 2.0), vec![WhyNot::Recovering]);
+        assert_eq!(r.observe("eu", vec![], 32.0), vec![]);
     }
 
     #[test]

@@ -10,9 +10,17 @@
 //! cluster each alert goes through the etcd [`ledger`](super::ledger) so a new leader
 //! finishes what the last one left unsent ([`Alerts::take_over`]). One lock, over the
 //! announced states, the queue, the history and the delivery counts.
+//!
+//! **Held changes.** A change of a drained region, or one a silence in force matches
+//! ([`crate::maintenance`]), is decided when it is due: it is kept in the history (and
+//! the ledger) marked `held`, and sent to no webhook. What the webhooks last heard of
+//! each region is kept (`told`; a silenced change counts as heard: the operator knows):
+//! when a region is undrained and is not as they last heard (it went down during the
+//! maintenance and stayed down), one change from that to now goes out, once, and a
+//! change that only brings a region back to what they last heard is not sent.
 
 use daemon::sync::Recover;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -22,8 +30,9 @@ use tokio_util::sync::CancellationToken;
 use super::config::AlertsConfig;
 use super::health::{Diagnosis, Health, RegionHealth};
 use super::ledger::{self, Ledger, LedgerError};
-use super::{Change, Monitor};
+use super::{Change, Held, Monitor};
 use crate::clock::now_ms;
+use crate::maintenance::Maintenance;
 use crate::store_health::StoreHealth;
 
 /// Alerts kept for `GET /api/v1/alerts`.
@@ -72,6 +81,22 @@ struct State {
     last_change: u64,
     sent: u64,
     failed: u64,
+    /// Per region, the health and diagnosis the webhooks last heard of (or took as the
+    /// baseline without news).
+    told: BTreeMap<String, (Health, Option<Diagnosis>)>,
+    /// The regions drained at the last evaluation.
+    drained: BTreeSet<String>,
+}
+
+/// Whether going from `previous` (health, diagnosis; `None`: nothing known) to `now` is
+/// news: `unknown` never is, nor coming up from it; any other change of health or
+/// diagnosis is.
+fn news(previous: Option<(Health, Option<Diagnosis>)>, now: &RegionHealth) -> bool {
+    let (prev_health, prev_diagnosis) = previous.unwrap_or_default();
+    let coming_up = prev_health == Health::Unknown && now.health <= Health::Up;
+    !coming_up
+        && now.health != Health::Unknown
+        && (prev_health != now.health || now.diagnosis != prev_diagnosis)
 }
 
 /// What was announced, what waits to go out, and where it goes.
@@ -84,6 +109,8 @@ pub struct Alerts {
     ledger: OnceLock<Ledger>,
     /// Whether this coordinator reaches etcd (unset: always, embedded).
     store: OnceLock<StoreHealth>,
+    /// Drains and silences (unset: none).
+    maintenance: OnceLock<Arc<Maintenance>>,
     state: Mutex<State>,
 }
 
@@ -104,6 +131,7 @@ impl Alerts {
             started: Instant::now(),
             ledger: OnceLock::new(),
             store: OnceLock::new(),
+            maintenance: OnceLock::new(),
             state: Mutex::new(State {
                 announced: BTreeMap::new(),
                 history: VecDeque::new(),
@@ -112,6 +140,8 @@ impl Alerts {
                 last_change: 0,
                 sent: 0,
                 failed: 0,
+                told: BTreeMap::new(),
+                drained: BTreeSet::new(),
             }),
         }
     }
@@ -125,6 +155,11 @@ impl Alerts {
         let _ = self.ledger.set(ledger);
     }
 
+    /// Drains and silences; set once at start.
+    pub fn set_maintenance(&self, maintenance: Arc<Maintenance>) {
+        let _ = self.maintenance.set(maintenance);
+    }
+
     /// Whether this coordinator reaches etcd; set once at start.
     pub fn set_store_health(&self, store: StoreHealth) {
         let _ = self.store.set(store);
@@ -136,9 +171,37 @@ impl Alerts {
         let mut state = self.lock();
         let now = now_ms();
         let current = health();
+        let maintenance = self.maintenance.get();
         for (region, h) in current {
+            let drained = maintenance.is_some_and(|m| m.drained(&region));
             let previous = state.announced.get(&region).cloned();
-            let prev_health = previous.as_ref().map(|p| p.health).unwrap_or_default();
+            let change = |previous: Option<(Health, Option<Diagnosis>)>| Change {
+                region: region.clone(),
+                previous: previous.unwrap_or_default().0,
+                state: h.health,
+                diagnosis: h.diagnosis,
+                check: h.check.clone(),
+                last_error: h.last_error.clone(),
+                at_ms: now,
+                previous_diagnosis: previous.and_then(|p| p.1),
+                held: None,
+                silence: None,
+            };
+            // Undrained: the webhooks hear once where the region is now, if that is not
+            // what they last heard.
+            let mut caught_up = false;
+            if !drained && state.drained.remove(&region) {
+                let told = state.told.get(&region).copied();
+                if news(told, &h) {
+                    state.pending.push(change(told));
+                    state.pending_since.get_or_insert(now);
+                    state.last_change = now;
+                    caught_up = true;
+                }
+            }
+            if drained {
+                state.drained.insert(region.clone());
+            }
             let changed = previous.as_ref() != Some(&h);
             if !changed {
                 continue;
@@ -149,23 +212,16 @@ impl Alerts {
                 continue;
             }
             // Unknown -> up (a region coming online) is not news; the rest is.
-            let coming_up = prev_health == Health::Unknown && h.health <= Health::Up;
-            let newsworthy = !coming_up
-                && h.health != Health::Unknown
-                && (prev_health != h.health
-                    || h.diagnosis != previous.as_ref().and_then(|p| p.diagnosis));
-            if newsworthy {
-                state.pending.push(Change {
-                    region: region.clone(),
-                    previous: prev_health,
-                    state: h.health,
-                    diagnosis: h.diagnosis,
-                    check: h.check.clone(),
-                    last_error: h.last_error.clone(),
-                    at_ms: now,
-                });
-                state.pending_since.get_or_insert(now);
-                state.last_change = now;
+            let before = previous.as_ref().map(|p| (p.health, p.diagnosis));
+            if news(before, &h) {
+                if !caught_up {
+                    state.pending.push(change(before));
+                    state.pending_since.get_or_insert(now);
+                    state.last_change = now;
+                }
+            } else if !drained {
+                // Not news: the new baseline, as if the webhooks had heard it.
+                state.told.insert(region.clone(), (h.health, h.diagnosis));
             }
             state.announced.insert(region, h);
         }
@@ -205,8 +261,12 @@ impl Alerts {
         for c in state.pending.drain(..) {
             match latest.get_mut(&c.region) {
                 Some(first) => {
-                    let previous = first.previous;
-                    *first = Change { previous, ..c };
+                    let (previous, previous_diagnosis) = (first.previous, first.previous_diagnosis);
+                    *first = Change {
+                        previous,
+                        previous_diagnosis,
+                        ..c
+                    };
                 }
                 None => {
                     latest.insert(c.region.clone(), c);
@@ -218,6 +278,39 @@ impl Alerts {
             .into_values()
             .filter(|c| c.previous != c.state || c.diagnosis.is_some())
             .filter(|c| !Self::blind_now(&state, &c.region))
+            .collect();
+        // Held or not, decided now: a drain or silence made while the group settled
+        // counts.
+        let maintenance = self.maintenance.get();
+        let changes: Vec<Change> = changes
+            .into_iter()
+            .filter_map(|mut c| {
+                if let Some(m) = maintenance {
+                    if m.drained(&c.region) {
+                        c.held = Some(Held::Drained);
+                    } else if let Some(id) = m.silence_for(
+                        &c.region,
+                        c.diagnosis.map(Diagnosis::as_str),
+                        c.previous_diagnosis.map(Diagnosis::as_str),
+                    ) {
+                        c.held = Some(Held::Silenced);
+                        c.silence = Some(id);
+                    }
+                }
+                let now = (c.state, c.diagnosis);
+                match c.held {
+                    // What the webhooks believe already (a change formed during a
+                    // drain that ended before it was due) is no news to them.
+                    None if state.told.get(&c.region) == Some(&now) => return None,
+                    // A silence is the operator saying they know: as good as heard.
+                    None | Some(Held::Silenced) => {
+                        state.told.insert(c.region.clone(), now);
+                    }
+                    // Drained: the webhooks hear where it is on undrain.
+                    Some(Held::Drained) => {}
+                }
+                Some(c)
+            })
             .collect();
         (!changes.is_empty()).then_some(changes)
     }
@@ -340,7 +433,7 @@ impl Alerts {
                 .iter()
                 .filter(|r| r.at_ms >= from && r.delivered == 0 && r.failed == 0)
                 .flat_map(|r| r.changes.clone())
-                .filter(|c| Self::still_true(&state, c))
+                .filter(|c| c.held.is_none() && Self::still_true(&state, c))
                 .collect()
         };
         let changes = ledger::uncovered(own, &entries);
@@ -363,12 +456,28 @@ impl Alerts {
             failed: 0,
         };
         let ledger = self.ledger.get();
+        let paged: Vec<Change> = record
+            .changes
+            .iter()
+            .filter(|c| c.held.is_none())
+            .cloned()
+            .collect();
+        if paged.is_empty() {
+            // Every change held: listed (on every coordinator), sent nowhere.
+            if let Some(l) = ledger {
+                entry.sent = true;
+                if let Err(e) = l.put(&entry).and_then(|()| l.trim(&l.entries()?)) {
+                    tracing::warn!(id = %record.id, error = %e, "held alert not in the ledger");
+                }
+            }
+            return;
+        }
         if let Some(l) = ledger {
             if let Err(e) = l.put(&entry) {
                 tracing::warn!(id = %record.id, error = %e, "alert not in the ledger; sending it anyway");
             }
         }
-        let body = alert_body(&record.id, &record.changes);
+        let body = alert_body(&record.id, &paged);
         let (delivered, failed) = self.deliver_all(client, &body).await;
         record.delivered += delivered;
         record.failed += failed;
@@ -426,8 +535,15 @@ impl Monitor {
                 continue;
             };
             let mut record = AlertRecord::new(changes);
-            tracing::warn!(changes = record.changes.len(), id = %record.id,
-                text = %alert_body(&record.id, &record.changes)["text"], "alert");
+            let held = record.changes.iter().filter(|c| c.held.is_some()).count();
+            if held == record.changes.len() {
+                tracing::info!(changes = held, id = %record.id,
+                    text = %alert_body(&record.id, &record.changes)["text"],
+                    "alert held (drained region or silence): sent to no webhook");
+            } else {
+                tracing::warn!(changes = record.changes.len(), held, id = %record.id,
+                    text = %alert_body(&record.id, &record.changes)["text"], "alert");
+            }
             if leads {
                 alerts.send(&client, &mut record).await;
             } else {

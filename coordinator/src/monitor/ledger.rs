@@ -134,6 +134,9 @@ mod tests {
             check: None,
             last_error: None,
             at_ms,
+            previous_diagnosis: None,
+            held: None,
+            silence: None,
         }
     }
 

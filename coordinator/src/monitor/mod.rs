@@ -71,6 +71,26 @@ pub struct Change {
     pub check: Option<String>,
     pub last_error: Option<String>,
     pub at_ms: u64,
+    /// The diagnosis the region had before (a silence of a diagnosis covers the
+    /// recovery from it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_diagnosis: Option<Diagnosis>,
+    /// Why the change was not sent to the webhooks (absent: it was, or will be).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+    /// The silence that matched it (with `held: silenced`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silence: Option<String>,
+}
+
+/// Why a change was listed but paged nobody.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Held {
+    /// Its region is drained (`POST /api/v1/regions/{name}/drain`).
+    Drained,
+    /// A silence in force matched it (`POST /api/v1/silences`).
+    Silenced,
 }
 
 /// Probe results → health → alerts; share behind an `Arc`.
@@ -194,6 +214,11 @@ impl Monitor {
     pub fn set_store_health(&self, store: StoreHealth) {
         self.rule.set_store_health(store.clone());
         self.alerts.set_store_health(store);
+    }
+
+    /// Drains and silences (what holds alerts); set once at start.
+    pub fn set_maintenance(&self, maintenance: Arc<crate::maintenance::Maintenance>) {
+        self.alerts.set_maintenance(maintenance);
     }
 
     /// The cluster's alert ledger (`[store] backend = "etcd"`); set once at start.

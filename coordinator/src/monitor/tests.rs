@@ -271,3 +271,129 @@ fn a_lost_agent_is_told_apart() {
         (Health::Down, Some(Diagnosis::AgentLost))
     );
 }
+
+/// Region `a` down (3 failures) or up again (2 successes), evaluated.
+fn set_a(m: &Monitor, up: bool) {
+    for _ in 0..3 {
+        m.record("a", result("edge", up, 10));
+    }
+    m.evaluate();
+}
+
+fn due(m: &Monitor) -> Vec<Change> {
+    m.alerts.settle();
+    m.alerts.take_due().unwrap_or_default()
+}
+
+#[test]
+fn a_drained_regions_changes_are_held_and_undraining_tells_once_where_it_is() {
+    let (m, _) = monitor();
+    let dir = tempfile::tempdir().unwrap();
+    let maint = crate::maintenance::Maintenance::open(dir.path(), vec!["a".into()]).unwrap();
+    m.set_maintenance(maint.clone());
+    m.record("b", result("edge", true, 10));
+    set_a(&m, true);
+    assert!(due(&m).is_empty());
+    let drain = crate::maintenance::DrainRequest::default()
+        .check("api", now_ms())
+        .unwrap();
+    maint.drain("a", drain.clone()).unwrap();
+    // Down while drained: listed, held, told to nobody; health still says down.
+    set_a(&m, false);
+    assert_eq!(m.health()["a"].health, Health::Down);
+    let held = due(&m);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].held, Some(Held::Drained));
+    // Up and down again: held as well.
+    set_a(&m, true);
+    set_a(&m, false);
+    assert!(due(&m).iter().all(|c| c.held == Some(Held::Drained)));
+    // Undrained while down: one change from what the webhooks heard (up) to down.
+    maint.undrain("a").unwrap();
+    m.evaluate();
+    let told = due(&m);
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(
+        (told[0].previous, told[0].state, told[0].held),
+        (Health::Up, Health::Down, None)
+    );
+    m.evaluate();
+    assert!(due(&m).is_empty(), "once");
+    // Drained while down, repaired, undrained up: the webhooks hear it is up again.
+    maint.drain("a", drain.clone()).unwrap();
+    set_a(&m, true);
+    assert_eq!(due(&m)[0].held, Some(Held::Drained));
+    maint.undrain("a").unwrap();
+    m.evaluate();
+    let back = due(&m);
+    assert_eq!(
+        (back.len(), back[0].state, back[0].held),
+        (1, Health::Up, None)
+    );
+    // Drained and undrained with nothing changed in between: nothing.
+    maint.drain("a", drain.clone()).unwrap();
+    m.evaluate();
+    maint.undrain("a").unwrap();
+    m.evaluate();
+    assert!(due(&m).is_empty());
+    // Down and up again while drained, undrained before the up was due: the webhooks,
+    // which heard nothing of the down, hear nothing of the up.
+    maint.drain("a", drain).unwrap();
+    set_a(&m, false);
+    assert_eq!(due(&m)[0].held, Some(Held::Drained));
+    set_a(&m, true);
+    maint.undrain("a").unwrap();
+    m.evaluate();
+    assert!(due(&m).is_empty());
+}
+
+#[test]
+fn a_silence_holds_what_it_matches_until_it_is_removed() {
+    let (m, _) = monitor();
+    let dir = tempfile::tempdir().unwrap();
+    let maint = crate::maintenance::Maintenance::open(dir.path(), vec![]).unwrap();
+    m.set_maintenance(maint.clone());
+    m.record("b", result("edge", true, 10));
+    set_a(&m, true);
+    due(&m);
+    // The first down pages; then the operator silences the region.
+    set_a(&m, false);
+    let first = due(&m);
+    assert_eq!((first.len(), first[0].held), (1, None));
+    let silence = crate::maintenance::SilenceRequest {
+        region: Some("a".into()),
+        diagnosis: None,
+        for_s: 3600,
+        reason: Some("known".into()),
+    }
+    .check("api", now_ms())
+    .unwrap();
+    maint.silence(silence.clone()).unwrap().unwrap();
+    for up in [true, false, true] {
+        set_a(&m, up);
+        let c = due(&m);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(
+            (c[0].held, c[0].silence.as_deref()),
+            (Some(Held::Silenced), Some(silence.id.as_str()))
+        );
+    }
+    // A silence of another diagnosis does not match; removed, the next change pages.
+    maint.unsilence(&silence.id).unwrap();
+    let other = crate::maintenance::SilenceRequest {
+        region: None,
+        diagnosis: Some("origin_down".into()),
+        for_s: 60,
+        reason: None,
+    }
+    .check("api", now_ms())
+    .unwrap();
+    maint.silence(other).unwrap().unwrap();
+    set_a(&m, false);
+    let paged = due(&m);
+    assert_eq!(
+        (paged.len(), paged[0].state, paged[0].held),
+        (1, Health::Down, None)
+    );
+    assert_eq!(paged[0].previous_diagnosis, None);
+}

@@ -101,6 +101,25 @@ async fn dashboard_shows_every_region_without_console_errors() {
         "--wait",
     ]);
     assert_eq!(code, 0, "{out}{err}");
+    // A drained region is shown drained with its health; the silences are listed.
+    let c = &cluster.coordinator;
+    let (code, _, err) = c.cli(&["region", "drain", "region-2", "--reason", "rack move"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = c.cli(&[
+        "silence",
+        "add",
+        "--diagnosis",
+        "origin_down",
+        "--for",
+        "1h",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let silence = out
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("silence ")
+        .to_owned();
     let url = format!(
         "http://{}/?token={}",
         cluster.coordinator.api, cluster.coordinator.token
@@ -119,6 +138,21 @@ async fn dashboard_shows_every_region_without_console_errors() {
         );
     }
     assert!(dom.contains("3 regions · updated"), "status line:\n{dom}");
+    assert!(
+        dom.matches("data-drained=\"true\"").count() == 1
+            && dom.contains("region-2 (drained)")
+            && dom.contains("drained by token_file: rack move"),
+        "drained region:\n{dom}"
+    );
+    let silences = dom
+        .split("id=\"silences\"")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .unwrap_or("");
+    assert!(
+        silences.contains(&silence) && silences.contains("origin down"),
+        "silences ({silence}):\n{silences}"
+    );
     assert!(dom.contains("50.0%"), "hit ratios shown:\n{dom}");
     // uPlot charts (the vendored library, no network): hit ratio, req/s, served time,
     // 5xx, probe TTFB, purge lag; each with a legend naming the regions.

@@ -16,16 +16,16 @@ use tests::{
 };
 
 /// MaxMind's test databases, committed under tests/data/geoip (MIT/Apache-2.0).
-fn test_db(name: &str) -> PathBuf {
+pub(crate) fn test_db(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("data/geoip/{name}.mmdb"))
 }
 
-const LONDON: &str = "81.2.69.142";
-const MILTON_WA: &str = "216.160.83.56";
+pub(crate) const LONDON: &str = "81.2.69.142";
+pub(crate) const MILTON_WA: &str = "216.160.83.56";
 const CHANGCHUN: &str = "175.16.199.1";
 
 /// Dublin, Seattle, Tokyo, each with documentation addresses for DNS to hand out.
-fn region_keys() -> Vec<String> {
+pub(crate) fn region_keys() -> Vec<String> {
     vec![
         "lat = 53.35\nlon = -6.26\naddresses = [\"198.51.100.10\", \"2001:db8:100::10\"]".into(),
         "lat = 47.6\nlon = -122.3\naddresses = [\"198.51.100.20\"]".into(),
@@ -33,7 +33,7 @@ fn region_keys() -> Vec<String> {
     ]
 }
 
-fn geo_toml(db: &Path, extra_geo: &str) -> String {
+pub(crate) fn geo_toml(db: &Path, extra_geo: &str) -> String {
     format!(
         "[geo]\ndatabase = \"{}\"\ndefault_region = \"region-1\"\nmax_purge_lag = 3\nmax_purge_lag_s = 30\nrecover_s = 3\n{extra_geo}\n\
          [dns]\nlisten = \"{{dns}}\"\nzone = \"shop.test.\"\nnames = [\"www\", \"@\"]\nttl = 20\n",
@@ -41,13 +41,13 @@ fn geo_toml(db: &Path, extra_geo: &str) -> String {
     )
 }
 
-async fn route(c: &CoordinatorProc, ip: &str) -> RouteView {
+pub(crate) async fn route(c: &CoordinatorProc, ip: &str) -> RouteView {
     let r = c.call("GET", &format!("/api/v1/route?ip={ip}"), None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("route view: {e}: {}", r.body))
 }
 
-fn why_not(view: &RouteView, region: &str) -> Vec<String> {
+pub(crate) fn why_not(view: &RouteView, region: &str) -> Vec<String> {
     view.candidates
         .iter()
         .find(|c| c.region == region)
@@ -56,7 +56,7 @@ fn why_not(view: &RouteView, region: &str) -> Vec<String> {
 }
 
 /// What pdns answers `www.shop.test A` for a client in `subnet`.
-async fn dns_a(pdns: SocketAddr, subnet: Option<&str>) -> Vec<String> {
+pub(crate) async fn dns_a(pdns: SocketAddr, subnet: Option<&str>) -> Vec<String> {
     dig(pdns, "www.shop.test", "A", subnet).await
 }
 

@@ -12,6 +12,7 @@ mod config;
 mod dashboard;
 mod demo;
 mod deploy;
+mod drain;
 mod durability;
 mod etcd;
 mod failover;
