@@ -416,21 +416,12 @@ impl Audit {
 }
 
 fn write_file(path: &Path, entries: &[Entry]) -> std::io::Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
     let mut text = Vec::new();
     for e in entries {
         serde_json::to_writer(&mut text, e)?;
         text.push(b'\n');
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&text)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, path)
+    daemon::files::replace_durably(path, &text, 0o600)
 }
 
 fn key_of(e: &Entry) -> String {
