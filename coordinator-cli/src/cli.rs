@@ -74,14 +74,19 @@ impl ApiClient {
         }
         let token = match (token, token_file) {
             (Some(t), _) => Some(t),
-            (None, Some(f)) => Some(
-                std::fs::read_to_string(f)
-                    .map_err(|e| {
-                        CliError::Usage(format!("cannot read --token-file {}: {e}", f.display()))
-                    })?
-                    .trim()
-                    .to_owned(),
-            ),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f).map_err(|e| {
+                    CliError::Usage(format!("cannot read --token-file {}: {e}", f.display()))
+                })?;
+                let t = text.trim();
+                if t.is_empty() {
+                    return Err(CliError::Usage(format!(
+                        "--token-file {} is empty",
+                        f.display()
+                    )));
+                }
+                Some(t.to_owned())
+            }
             (None, None) => None,
         };
         Ok(ApiClient {
@@ -321,15 +326,14 @@ pub fn audit_lines(listed: &coordinator::audit::Listed) -> String {
         let when = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
         let when = coordinator::edges::fmt_time(when);
         let when = when.split('.').next().unwrap_or(&when).to_owned();
-        let detail = match (&e.asked, &e.result) {
-            (Some(a), Some(r)) if e.status >= 400 => {
-                format!("{a} -> {}", r["error"].as_str().unwrap_or_default())
-            }
-            (None, Some(r)) if e.status >= 400 => {
-                r["error"].as_str().unwrap_or_default().to_owned()
-            }
-            (Some(a), _) => a.to_string(),
-            (None, Some(r)) => r.to_string(),
+        let result = e.result.as_ref().map(|r| match r["error"].as_str() {
+            Some(error) if e.status >= 400 => error.to_owned(),
+            _ => scalars(r),
+        });
+        let detail = match (&e.asked, result.filter(|r| !r.is_empty())) {
+            (Some(a), Some(r)) => format!("{a} -> {r}"),
+            (Some(a), None) => a.to_string(),
+            (None, Some(r)) => r,
             (None, None) => String::new(),
         };
         let mut detail: String = detail.chars().take(160).collect();
@@ -350,6 +354,23 @@ pub fn audit_lines(listed: &coordinator::audit::Listed) -> String {
         out.push_str("(no entries)\n");
     }
     out
+}
+
+/// A JSON answer's top-level plain fields as `key=value` (`version=…`, `seq=…`): what a
+/// line has room for.
+fn scalars(v: &serde_json::Value) -> String {
+    match v.as_object() {
+        Some(map) => map
+            .iter()
+            .filter(|(_, v)| !v.is_object() && !v.is_array() && !v.is_null())
+            .map(|(k, v)| match v.as_str() {
+                Some(s) => format!("{k}={s}"),
+                None => format!("{k}={v}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => v.to_string(),
+    }
 }
 
 /// The text `route` prints.
@@ -453,10 +474,15 @@ fn report_started(started: &Started) {
     }
 }
 
-/// Polls `/api/v1/config` until rollout `id` is done or failed.
+/// How long `--wait` waits with no edge to roll out to before it says so and exits.
+const NO_EDGE_WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `/api/v1/config` until rollout `id` is done or failed, or until no edge it
+/// needs has been connected for [`NO_EDGE_WAIT`] (the rollout goes on without us).
 async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
     let started = Instant::now();
     let mut last = String::new();
+    let mut edgeless_since: Option<Instant> = None;
     loop {
         let view: BundleView = api.call("GET", api.config_path(), NO_BODY).await?;
         let Some(rollout) = view.rollout.as_ref().filter(|r| r.id == id) else {
@@ -474,6 +500,23 @@ async fn follow(api: &ApiClient, id: u64) -> Result<(), CliError> {
         }
         let version = &rollout.version;
         let edges = view.edges.len();
+        let no_edge = edges == 0
+            || view
+                .waiting
+                .as_deref()
+                .is_some_and(|w| w.starts_with("no connected edge"));
+        edgeless_since = if no_edge && !matches!(phase, Phase::Done | Phase::Failed) {
+            Some(edgeless_since.unwrap_or_else(Instant::now))
+        } else {
+            None
+        };
+        if edgeless_since.is_some_and(|t| t.elapsed() >= NO_EDGE_WAIT) {
+            return Err(CliError::Failed(format!(
+                "rollout {id}: {} for {}s: version {version} is the desired one and goes to each edge as it connects; the rollout stays in progress until then (another push meanwhile needs --force)",
+                if edges == 0 { "no edge is connected".to_owned() } else { view.waiting.clone().unwrap_or_default() },
+                NO_EDGE_WAIT.as_secs()
+            )));
+        }
         match phase {
             Phase::Done => {
                 daemon::say!(
@@ -994,6 +1037,37 @@ pub const NO_BODY: Option<&()> = None;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_audit_line_shows_what_was_asked_and_what_came_of_it() {
+        let listed: coordinator::audit::Listed = serde_json::from_value(serde_json::json!({
+            "partial": false,
+            "entries": [
+                {"id": "1-c-0", "at_ms": 1_765_000_000_000u64, "coordinator": "c", "token": "deploy-pipeline",
+                 "source": "10.0.0.5", "action": "config.push", "method": "POST", "path": "/api/v1/config",
+                 "asked": {"query": "canary=true"}, "status": 200,
+                 "result": {"version": "abc123", "new_version": true, "rollout": {"id": 7}}},
+                {"id": "2-c-1", "at_ms": 1_765_000_000_000u64, "coordinator": "c", "token": null,
+                 "source": "10.0.0.6", "action": "purge", "method": "POST", "path": "/api/v1/purges",
+                 "status": 401, "result": {"error": "missing bearer token"}}
+            ]
+        }))
+        .expect("listed");
+        let text = super::audit_lines(&listed);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[1].contains("deploy-pipeline") && lines[1].contains("config.push"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with(r#"{"query":"canary=true"} -> new_version=true version=abc123"#),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains(" -  ") && lines[2].ends_with("missing bearer token"),
+            "{text}"
+        );
+    }
+
     use super::*;
     use coordinator::monitor::Health;
     use serde_json::json;

@@ -336,7 +336,7 @@ async fn reload_on_sighup(
         let (reloaded, failed) = tokens.reload();
         if !reloaded.is_empty() {
             let names: Vec<&str> = reloaded.iter().map(|n| &**n).collect();
-            tracing::info!(tokens = %names.join(","), "API tokens reloaded");
+            tracing::info!(tokens = %names.join(","), failed = failed.len(), "API tokens reloaded");
         }
         for e in failed {
             tracing::error!(error = %e, "API token reload failed; keeping its previous secret")

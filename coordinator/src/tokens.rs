@@ -110,6 +110,23 @@ pub enum TokenError {
     },
     #[error("the token file of {name:?} ({path}) is empty")]
     Empty { name: String, path: String },
+    /// Two tokens with one secret: a caller could not be told apart, and one of them
+    /// would get the other's scopes.
+    #[error("tokens {first:?} and {second:?} have the same secret: give each its own")]
+    Shared { first: String, second: String },
+}
+
+/// The first two tokens sharing a secret, if any.
+fn shared(loaded: &[Loaded]) -> Option<TokenError> {
+    for (i, a) in loaded.iter().enumerate() {
+        if let Some(b) = loaded[i + 1..].iter().find(|b| b.secret == a.secret) {
+            return Some(TokenError::Shared {
+                first: a.name.to_string(),
+                second: b.name.to_string(),
+            });
+        }
+    }
+    None
 }
 
 /// Who called: the token's name and what it may do.
@@ -220,6 +237,9 @@ impl Tokens {
                 secret: read_secret(&t.name, &t.file)?,
             });
         }
+        if let Some(e) = shared(&loaded) {
+            return Err(e);
+        }
         Ok(Tokens {
             loaded: Arc::new(RwLock::new(loaded)),
         })
@@ -238,7 +258,8 @@ impl Tokens {
     }
 
     /// Re-reads every token's file; one that fails keeps its previous secret. The
-    /// names reloaded, and the errors of the others.
+    /// names reloaded, and the errors of the others. A reload that would give two
+    /// tokens one secret changes nothing.
     pub fn reload(&self) -> (Vec<Arc<str>>, Vec<TokenError>) {
         let mut current = self.loaded.read_locked().clone();
         let (mut ok, mut failed) = (Vec::new(), Vec::new());
@@ -253,6 +274,9 @@ impl Tokens {
                 }
                 Err(e) => failed.push(e),
             }
+        }
+        if let Some(e) = shared(&current) {
+            return (Vec::new(), vec![e]);
         }
         *self.loaded.write_locked() = current;
         (ok, failed)

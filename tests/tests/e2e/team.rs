@@ -338,6 +338,42 @@ async fn scoped_tokens_do_what_their_scopes_say_and_every_attempt_is_audited_acr
     )
     .await;
     assert_eq!(r.status, 401, "{}", r.body);
+
+    // An empty token file is named as such by the CLI, not sent.
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").expect("file");
+    let (code, _, err) = cli(c.api, Some(&empty), &["audit"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is empty"), "{err}");
+
+    // The pipeline's `config push --wait` before any agent connected says so and exits,
+    // rather than waiting for ever.
+    let bundle_dir = dir.path().join("bundle");
+    std::fs::create_dir_all(&bundle_dir).expect("dir");
+    for (name, text) in coordinator_cli::demo::sample_bundle().files {
+        let text = if name == "main.vcl" {
+            format!("{text}\n# pipeline build 2\n")
+        } else {
+            text
+        };
+        std::fs::write(bundle_dir.join(name), text).expect("bundle file");
+    }
+    let bundle_arg = bundle_dir.display().to_string();
+    let waited = Instant::now();
+    let (code, out, err) = cli(
+        c.api,
+        Some(&tokens_dir.join("deploy-pipeline")),
+        &["config", "push", &bundle_arg, "--force", "--wait"],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("no edge is connected") && err.contains("goes to each edge as it connects"),
+        "{out}{err}"
+    );
+    eprintln!(
+        "config push --wait with no edge gave up after {:?}",
+        waited.elapsed()
+    );
 }
 
 fn crate_now_ms() -> u64 {
