@@ -255,13 +255,16 @@ pub(super) async fn guard(
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    let (answer, result) = if json {
+    // A read's answer is what was read (a stored bundle: its files, credentials and
+    // all): only an error of it is kept. A write's answer is kept, credentials blanked.
+    let keep = json && (!matches!(method.as_str(), "GET" | "HEAD") || status >= 400);
+    let (answer, result) = if keep {
         let (parts, body) = answer.into_parts();
         let bytes = axum::body::to_bytes(body, usize::MAX)
             .await
             .unwrap_or_default();
         let result = if bytes.len() <= ANSWER_KEPT {
-            serde_json::from_slice(&bytes).ok()
+            crate::audit::redacted(&bytes)
         } else {
             Some(serde_json::json!({ "bytes": bytes.len() }))
         };

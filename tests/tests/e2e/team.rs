@@ -13,6 +13,7 @@ use tests::{api_call, assert_eventually, temp_dir, CoordinatorOpts, CoordinatorP
 const DEPLOY: &str = "deploy-secret-0123456789";
 const DASHBOARD: &str = "dashboard-secret-0123456789";
 const PURGER: &str = "purger-secret-0123456789";
+const WAF_PASSWORD: &str = "staging-pass-0123456789";
 
 /// Three token files in `dir` and the `[[api.tokens]]` naming them.
 fn team_tokens(dir: &Path) -> String {
@@ -94,7 +95,12 @@ async fn scoped_tokens_do_what_their_scopes_say_and_every_attempt_is_audited_acr
         },
     )
     .await;
-    let bundle = serde_json::to_value(coordinator_cli::demo::sample_bundle()).expect("json");
+    let mut sample = coordinator_cli::demo::sample_bundle();
+    let waf = sample.files.entry("waf.toml".into()).or_default();
+    waf.push_str(&format!(
+        "\n[[basic_auth]]\nprefix = \"/staging\"\nuser = \"staging\"\npassword = \"{WAF_PASSWORD}\"\n"
+    ));
+    let bundle = serde_json::to_value(sample).expect("json");
 
     // The pipeline pushes config and starts warm jobs; it may not purge.
     let r = api_call(c.api, "POST", "/api/v1/config", Some(DEPLOY), Some(&bundle)).await;
@@ -137,6 +143,17 @@ async fn scoped_tokens_do_what_their_scopes_say_and_every_attempt_is_audited_acr
         "a stored bundle may hold credentials: {}",
         r.body
     );
+    // The pipeline may read it back; the audit keeps that it did, not what it read.
+    let r = api_call(
+        c.api,
+        "GET",
+        &format!("/api/v1/config/versions/{version}"),
+        Some(DEPLOY),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains(WAF_PASSWORD), "the bundle as pushed");
     // Purges through the API need `purge`; the legacy token_file still has every scope.
     let r = api_call(
         c.api,
@@ -203,6 +220,7 @@ async fn scoped_tokens_do_what_their_scopes_say_and_every_attempt_is_audited_acr
         ("purge", "-", 401),
         ("purge", "token_file", 200),
         ("purge", "magento-ops", 200),
+        ("config.read", "deploy-pipeline", 200),
         ("config.read", "wall-dashboard", 403),
         ("backup", "wall-dashboard", 403),
         ("warm.start", "wall-dashboard", 403),
@@ -244,7 +262,7 @@ async fn scoped_tokens_do_what_their_scopes_say_and_every_attempt_is_audited_acr
     assert_eq!(purge["result"]["seq"], seq);
     let text = listed.to_string();
     let log = std::fs::read_to_string(c.child.log_path()).expect("log");
-    for secret in [DEPLOY, DASHBOARD, PURGER, c.token.as_str()] {
+    for secret in [DEPLOY, DASHBOARD, PURGER, WAF_PASSWORD, c.token.as_str()] {
         assert!(
             !text.contains(secret) && !log.contains(secret),
             "a secret leaked"
