@@ -294,12 +294,8 @@ pub async fn audit(
 ) -> Result<(), CliError> {
     let mut path = format!("/api/v1/audit?limit={}", limit.clamp(1, 1000));
     if let Some(since) = since {
-        if since.is_empty() || !since.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(CliError::Usage(format!(
-                "--since {since:?} must be a duration like 15m, 2h or 7d"
-            )));
-        }
-        path.push_str(&format!("&since={since}"));
+        let secs = crate::maintenance::duration_s(since).map_err(CliError::Usage)?;
+        path.push_str(&format!("&since={secs}s"));
     }
     let listed: coordinator::audit::Listed = api.call("GET", &path, None::<&()>).await?;
     if json {
@@ -322,8 +318,9 @@ pub fn audit_lines(listed: &coordinator::audit::Listed) -> String {
         "{:<24} {:<18} {:<16} {:<16} {:>6}  {}\n",
         "WHEN", "TOKEN", "SOURCE", "ACTION", "STATUS", "ASKED / RESULT"
     ));
-    for e in &listed.entries {
-        let when = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
+    for entry in &listed.entries {
+        let e = &entry.event;
+        let when = std::time::UNIX_EPOCH + Duration::from_millis(entry.at_ms);
         let when = coordinator::edges::fmt_time(when);
         let when = when.split('.').next().unwrap_or(&when).to_owned();
         let result = e.result.as_ref().map(|r| match r["error"].as_str() {

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd_kv::EtcdKv;
 use crate::store_health::StoreHealth;
 
-/// One audited request.
+/// One audited request as the log keeps it: [`Event`] stamped by [`Audit::record`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// Unique in the cluster: `<at_ms>-<coordinator>-<n>`.
@@ -43,6 +43,13 @@ pub struct Entry {
     pub at_ms: u64,
     /// The coordinator that served the request.
     pub coordinator: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What the API's guard knows of a request and its answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
     /// The token's name; `None` when none was sent or it was unknown.
     pub token: Option<String>,
     /// The peer's address.
@@ -172,29 +179,27 @@ impl Audit {
             store,
             lines: AtomicU64::new(lines),
         }));
-        audit.trim_recent(crate::clock::now_ms());
+        audit.trim(&mut audit.0.recent.locked(), crate::clock::now_ms());
         Ok(audit)
     }
 
-    /// A fresh entry's id and time.
-    pub fn stamp(&self) -> (String, u64) {
+    /// Stamps `event` (id, time, this coordinator), logs it, keeps it and has
+    /// [`Audit::run`] store it; never waits.
+    pub fn record(&self, event: Event) {
         let at_ms = crate::clock::now_ms();
         let n = self.0.n.fetch_add(1, Ordering::Relaxed);
-        (format!("{at_ms}-{}-{n}", self.0.me), at_ms)
-    }
-
-    /// This coordinator's id, as entries name it.
-    pub fn coordinator(&self) -> &str {
-        &self.0.me
-    }
-
-    /// Logs `entry`, keeps it and has [`Audit::run`] store it; never waits.
-    pub fn record(&self, entry: Entry) {
-        let asked = entry.asked.as_ref().map(Value::to_string);
-        let result = entry.result.as_ref().map(Value::to_string);
-        tracing::info!(target: "audit", id = %entry.id, token = entry.token.as_deref().unwrap_or("-"),
-            source = %entry.source, action = %entry.action, method = %entry.method,
-            path = %entry.path, status = entry.status, asked = asked.as_deref().unwrap_or("-"),
+        let entry = Entry {
+            id: format!("{at_ms}-{}-{n}", self.0.me),
+            at_ms,
+            coordinator: self.0.me.clone(),
+            event,
+        };
+        let e = &entry.event;
+        let asked = e.asked.as_ref().map(Value::to_string);
+        let result = e.result.as_ref().map(Value::to_string);
+        tracing::info!(target: "audit", id = %entry.id, token = e.token.as_deref().unwrap_or("-"),
+            source = %e.source, action = %e.action, method = %e.method,
+            path = %e.path, status = e.status, asked = asked.as_deref().unwrap_or("-"),
             result = result.as_deref().unwrap_or("-"), "audit");
         {
             let mut pending = self.0.pending.locked();
@@ -203,14 +208,17 @@ impl Audit {
                 pending.pop_front();
             }
         }
-        self.0.recent.locked().push_back(entry);
-        self.trim_recent(crate::clock::now_ms());
+        {
+            let mut recent = self.0.recent.locked();
+            recent.push_back(entry);
+            self.trim(&mut recent, at_ms);
+        }
         self.0.wake.notify_one();
     }
 
-    fn trim_recent(&self, now_ms: u64) {
+    /// Drops from `recent` what is past the bounds at `now_ms`.
+    fn trim(&self, recent: &mut VecDeque<Entry>, now_ms: u64) {
         let cutoff = now_ms.saturating_sub(self.0.bounds.keep_ms);
-        let mut recent = self.0.recent.locked();
         while recent.len() > self.0.bounds.keep || recent.front().is_some_and(|e| e.at_ms < cutoff)
         {
             recent.pop_front();
@@ -337,8 +345,8 @@ impl Audit {
     /// Appends to `audit.jsonl` (embedded), compacting it once it holds far more lines
     /// than are kept.
     fn append(&self, batch: &[Entry]) -> std::io::Result<()> {
-        let lines = self.0.lines.load(Ordering::Relaxed) + batch.len() as u64;
-        if lines > (self.0.bounds.keep as u64) * 2 + 100 {
+        let count = self.0.lines.load(Ordering::Relaxed) + batch.len() as u64;
+        if count > (self.0.bounds.keep as u64) * 2 + 100 {
             let kept: Vec<Entry> = self.0.recent.locked().iter().cloned().collect();
             write_file(&self.0.file, &kept)?;
             self.0.lines.store(kept.len() as u64, Ordering::Relaxed);
@@ -349,14 +357,9 @@ impl Audit {
             .append(true)
             .mode(0o600)
             .open(&self.0.file)?;
-        let mut text = Vec::new();
-        for e in batch {
-            serde_json::to_writer(&mut text, e)?;
-            text.push(b'\n');
-        }
-        f.write_all(&text)?;
+        f.write_all(&lines(batch)?)?;
         f.sync_data()?;
-        self.0.lines.store(lines, Ordering::Relaxed);
+        self.0.lines.store(count, Ordering::Relaxed);
         Ok(())
     }
 
@@ -415,13 +418,18 @@ impl Audit {
     }
 }
 
-fn write_file(path: &Path, entries: &[Entry]) -> std::io::Result<()> {
+/// `entries` as JSON lines.
+fn lines(entries: &[Entry]) -> std::io::Result<Vec<u8>> {
     let mut text = Vec::new();
     for e in entries {
         serde_json::to_writer(&mut text, e)?;
         text.push(b'\n');
     }
-    daemon::files::replace_durably(path, &text, 0o600)
+    Ok(text)
+}
+
+fn write_file(path: &Path, entries: &[Entry]) -> std::io::Result<()> {
+    daemon::files::replace_durably(path, &lines(entries)?, 0o600)
 }
 
 fn key_of(e: &Entry) -> String {
@@ -507,12 +515,8 @@ fn blank(v: &mut Value) {
 mod tests {
     use super::*;
 
-    fn entry(audit: &Audit, action: &str) -> Entry {
-        let (id, at_ms) = audit.stamp();
-        Entry {
-            id,
-            at_ms,
-            coordinator: audit.coordinator().into(),
+    fn event(action: &str) -> Event {
+        Event {
             token: Some("ops".into()),
             source: "127.0.0.1".into(),
             action: action.into(),
@@ -533,17 +537,21 @@ mod tests {
         };
         let audit = Audit::open(dir.path(), "c1", bounds, None, None).unwrap();
         for i in 0..25 {
-            audit.record(entry(&audit, &format!("a{i}")));
+            audit.record(event(&format!("a{i}")));
         }
         audit.flush().await;
         let listed = audit.list(100, 0).await;
         assert_eq!(listed.entries.len(), 10);
-        assert_eq!(listed.entries[0].action, "a24");
-        assert_eq!(listed.entries[9].action, "a15");
+        assert_eq!(listed.entries[0].event.action, "a24");
+        assert_eq!(listed.entries[9].event.action, "a15");
 
         let again = Audit::open(dir.path(), "c1", bounds, None, None).unwrap();
         let listed = again.list(3, 0).await;
-        let actions: Vec<_> = listed.entries.iter().map(|e| e.action.as_str()).collect();
+        let actions: Vec<_> = listed
+            .entries
+            .iter()
+            .map(|e| e.event.action.as_str())
+            .collect();
         assert_eq!(actions, ["a24", "a23", "a22"]);
         assert!(!listed.partial);
         // A torn last line (a crash mid-append) is skipped.
@@ -564,7 +572,7 @@ mod tests {
             keep_ms: 3_600_000,
         };
         let audit = Audit::open(dir.path(), "c1", bounds, None, None).unwrap();
-        audit.record(entry(&audit, "a"));
+        audit.record(event("a"));
         audit.flush().await;
         write_file(&dir.path().join("other.jsonl"), &[]).unwrap();
         for f in ["audit.jsonl", "other.jsonl"] {
@@ -590,14 +598,7 @@ mod tests {
             id: id.into(),
             at_ms,
             coordinator: "c".into(),
-            token: None,
-            source: String::new(),
-            action: String::new(),
-            method: String::new(),
-            path: String::new(),
-            asked: None,
-            status: 401,
-            result: None,
+            event: event("purge"),
         };
         assert!(key_of(&e("999-c-1", 999)) < key_of(&e("1000-c-0", 1000)));
         assert_eq!(key_of(&e("5-c-2", 5)), "audit/00000000000000000005-c-2");

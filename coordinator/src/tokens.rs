@@ -245,18 +245,6 @@ impl Tokens {
         })
     }
 
-    /// One token with every scope (tests, and callers that build the API by hand).
-    pub fn single(name: &str, secret: &str) -> Self {
-        Tokens {
-            loaded: Arc::new(RwLock::new(vec![Loaded {
-                name: Arc::from(name),
-                file: PathBuf::new(),
-                scopes: vec![Scope::Admin],
-                secret: Arc::from(secret),
-            }])),
-        }
-    }
-
     /// Re-reads every token's file; one that fails keeps its previous secret. The
     /// names reloaded, and the errors of the others. A reload that would give two
     /// tokens one secret changes nothing.
@@ -264,9 +252,6 @@ impl Tokens {
         let mut current = self.loaded.read_locked().clone();
         let (mut ok, mut failed) = (Vec::new(), Vec::new());
         for t in &mut current {
-            if t.file.as_os_str().is_empty() {
-                continue;
-            }
             match read_secret(&t.name, &t.file) {
                 Ok(secret) => {
                     t.secret = secret;

@@ -22,7 +22,7 @@ use daemon::sync::Recover;
 use serde_json::Value;
 
 use super::{error, ApiState, MAX_BUNDLE_BODY, MAX_SMALL_BODY, MAX_WARM_PULL_BODY};
-use crate::audit::Entry;
+use crate::audit::Event;
 use crate::http_front::Peer;
 use crate::tokens::{Caller, Refusal, Scope};
 
@@ -148,11 +148,7 @@ fn refused(
     if matches!(method, "GET" | "HEAD") && !first_refusal(peer.ip(), path) {
         return;
     }
-    let (id, at_ms) = s.state.audit.stamp();
-    s.state.audit.record(Entry {
-        id,
-        at_ms,
-        coordinator: s.state.audit.coordinator().to_owned(),
+    s.state.audit.record(Event {
         token: refusal.name().map(str::to_owned),
         source: peer.ip().to_string(),
         action: action.unwrap_or("read").to_owned(),
@@ -207,17 +203,15 @@ pub(super) async fn guard(
     let rule = route_rule(&method, &target, s.read_requires_token);
     let mut caller = None;
     if let Some(scope) = rule.scope {
-        match authorize(&s, request.headers(), scope) {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(axum::http::HeaderValue::as_bytes);
+        match s.tokens.check(given, scope) {
             Ok(c) => caller = Some(c),
-            Err(answer) => {
-                let given = request
-                    .headers()
-                    .get(header::AUTHORIZATION)
-                    .map(axum::http::HeaderValue::as_bytes);
-                if let Err(refusal) = s.tokens.check(given, scope) {
-                    refused(&s, &method, &target, peer, &refusal, rule.audit);
-                }
-                return answer;
+            Err(refusal) => {
+                refused(&s, &method, &target, peer, &refusal, rule.audit);
+                return refusal_answer(&refusal);
             }
         }
     }
@@ -275,11 +269,7 @@ pub(super) async fn guard(
     } else {
         (answer, None)
     };
-    let (id, at_ms) = s.state.audit.stamp();
-    s.state.audit.record(Entry {
-        id,
-        at_ms,
-        coordinator: s.state.audit.coordinator().to_owned(),
+    s.state.audit.record(Event {
         token: caller.map(|c| c.name.to_string()),
         source: peer.ip().to_string(),
         action: action.to_owned(),

@@ -228,15 +228,20 @@ impl Maintenance {
             }
             let generation = self.generation.load(Ordering::SeqCst);
             let me = self.clone();
-            let read = tokio::task::spawn_blocking(move || me.store.load()).await;
+            // The swap waits on a write in flight (which holds `writes` across its etcd
+            // call): on the blocking thread, with the read, never on the runtime's.
+            let read = tokio::task::spawn_blocking(move || {
+                let records = me.store.load()?;
+                let expired = records.clone().pruned(now_ms()) != records;
+                let _one_at_a_time = me.writes.locked();
+                if me.generation.load(Ordering::SeqCst) == generation {
+                    *me.records.write_locked() = Arc::new(records);
+                }
+                Ok::<_, store::StoreError>(expired)
+            })
+            .await;
             match read {
-                Ok(Ok(records)) => {
-                    let expired = records.clone().pruned(now_ms()) != records;
-                    let _one_at_a_time = self.writes.locked();
-                    if self.generation.load(Ordering::SeqCst) == generation {
-                        *self.records.write_locked() = Arc::new(records);
-                    }
-                    drop(_one_at_a_time);
+                Ok(Ok(expired)) => {
                     if expired && *leading.borrow() {
                         let me = self.clone();
                         let _ = tokio::task::spawn_blocking(move || me.apply(|_| ())).await;
