@@ -285,6 +285,34 @@ pub async fn route(api: &ApiClient, ip: &str, json: bool) -> Result<(), CliError
     Ok(())
 }
 
+/// `90s`, `30m`, `2h`, `1d` (or a bare number of seconds) as seconds.
+pub fn duration_s(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration: use e.g. 90s, 30m, 2h or 1d"
+            ))
+        }
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: use e.g. 90s, 30m, 2h or 1d"))?;
+    match n.checked_mul(scale) {
+        Some(0) => Err(format!("{text:?}: a duration must be more than zero")),
+        Some(s) => Ok(s),
+        None => Err(format!("{text:?} is too long")),
+    }
+}
+
 /// `coordinator audit`: the newest entries, one line each.
 pub async fn audit(
     api: &ApiClient,
@@ -294,7 +322,7 @@ pub async fn audit(
 ) -> Result<(), CliError> {
     let mut path = format!("/api/v1/audit?limit={}", limit.clamp(1, 1000));
     if let Some(since) = since {
-        let secs = crate::maintenance::duration_s(since).map_err(CliError::Usage)?;
+        let secs = duration_s(since).map_err(CliError::Usage)?;
         path.push_str(&format!("&since={secs}s"));
     }
     let listed: coordinator::audit::Listed = api.call("GET", &path, None::<&()>).await?;

@@ -6,33 +6,7 @@ use coordinator::api::views::{DrainAnswer, DrainRequest, Silence, SilenceList, S
 
 use crate::cli::{ApiClient, CliError, NO_BODY};
 
-/// `90s`, `30m`, `2h`, `1d` (or a bare number of seconds) as seconds.
-pub fn duration_s(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "{text:?} is not a duration: use e.g. 90s, 30m, 2h or 1d"
-            ))
-        }
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: use e.g. 90s, 30m, 2h or 1d"))?;
-    match n.checked_mul(scale) {
-        Some(0) => Err(format!("{text:?}: a duration must be more than zero")),
-        Some(s) => Ok(s),
-        None => Err(format!("{text:?} is too long")),
-    }
-}
+pub use crate::cli::duration_s;
 
 use crate::cli::fmt_ms as at;
 
