@@ -1,10 +1,13 @@
 //! Synchronous, fenced access to the cluster's keys in etcd, for the stores whose
-//! callers are synchronous (the config store under the rollout lock, the warm store
-//! under the warm lock; neither lock is ever held across an `.await`).
+//! callers are synchronous (the config store, under the rollout lock when a rollout
+//! starts; the warm store; neither lock is ever held across an `.await`).
 //!
 //! Each call runs to completion on the calling worker thread (`block_in_place`, so the
 //! runtime moves its other tasks elsewhere), bounded by [`ETCD_CALL`]; it needs the
-//! multi-threaded runtime `coordinator serve` runs on. Every write carries the leader's
+//! multi-threaded runtime `coordinator serve` runs on. The call's socket and timer are
+//! driven by the other workers, so a task that waits for a lock held across one must
+//! not block its worker: `daemon::sync`'s `locked()` waits in `block_in_place` too, and
+//! clippy.toml bans the raw lock calls. Every write carries the leader's
 //! fence ([`Leadership::fence`]): a coordinator that is not, or no longer, the leader
 //! cannot write, however late its write arrives.
 

@@ -50,6 +50,9 @@ impl Auth {
 
     /// Keeps `token` for every request from now on; false (and nothing kept) for a
     /// token that cannot go in metadata (not visible ASCII).
+    // A leaf lock held for a clone: its wait is never long (the client does not
+    // depend on `daemon`, whose `locked()` the workspace otherwise uses).
+    #[allow(clippy::disallowed_methods)]
     pub(crate) fn set(&self, token: &str) -> bool {
         let Ok(value) = MetadataValue::try_from(token) else {
             return false;
@@ -58,6 +61,7 @@ impl Auth {
         true
     }
 
+    #[allow(clippy::disallowed_methods)]
     fn get(&self) -> Option<MetadataValue<Ascii>> {
         self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use daemon::sync::Recover;
 use tokio::sync::Semaphore;
 
 use crate::error::WarmError;
@@ -290,10 +291,7 @@ pub async fn fetch_all(
                 .filter(|f| f.cache.to_ascii_uppercase().starts_with("MISS"))
                 .map(|f| f.ttfb);
             throttle.observe(status, miss_ttfb);
-            summary
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .record(&url, &result, &spec);
+            summary.locked().record(&url, &result, &spec);
             finished.fetch_add(1, Ordering::Relaxed);
         });
         progress(done.load(Ordering::Relaxed), total);
@@ -302,7 +300,7 @@ pub async fn fetch_all(
     while tasks.join_next().await.is_some() {
         progress(done.load(Ordering::Relaxed), total);
     }
-    let mut s = summary.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut s = summary.locked().clone();
     s.elapsed = start.elapsed();
     s
 }

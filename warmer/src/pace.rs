@@ -19,6 +19,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use daemon::sync::Recover;
+
 /// Shortest time between two multiplicative cuts.
 pub const CUT_COOLDOWN: Duration = Duration::from_secs(1);
 /// Fraction of the ceiling regained per second without overload.
@@ -104,7 +106,7 @@ impl Throttle {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Option<tokio::time::Instant>, Aimd)> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// Reserves the next slot and sleeps until it (the lock is not held while waiting).

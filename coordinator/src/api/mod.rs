@@ -641,8 +641,6 @@ async fn config_rollback(State(s): State<ApiState>, body: axum::body::Bytes) -> 
     rollout_answer(tokio::task::spawn_blocking(move || rollouts.rollback(body.version)).await)
 }
 
-/// Parses a JSON request body, or the 400 answer saying why not.
-#[allow(clippy::result_large_err)]
 /// `POST /api/v1/warm/jobs`: queue a job; answers `{"id": N}`.
 async fn warm_start(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
     if let Err(r) = leader_only(&s) {
@@ -758,6 +756,7 @@ async fn warm_top(
     Json(s.state.warm.top(&s.state.regions, n)).into_response()
 }
 
+/// Parses a JSON request body, or the 400 answer saying why not.
 #[allow(clippy::result_large_err)]
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Response> {
     serde_json::from_slice(body)

@@ -243,7 +243,7 @@ mod tests {
         for n in 0..(RING_ENTRIES + 10) as u32 {
             relay.offer("e1", "eu", &probe(n));
         }
-        let ring_len = relay.ring.lock().unwrap().entries.len();
+        let ring_len = relay.ring.locked().entries.len();
         assert_eq!(ring_len, RING_ENTRIES);
         let b = relay.read(start.instance, start.next);
         assert_eq!(b.missed, 10);
@@ -257,7 +257,7 @@ mod tests {
     fn a_coordinator_without_peers_keeps_nothing() {
         let relay = Relay::new(false);
         relay.offer("e1", "eu", &probe(0));
-        assert!(relay.ring.lock().unwrap().entries.is_empty());
+        assert!(relay.ring.locked().entries.is_empty());
     }
 
     #[test]
@@ -326,7 +326,7 @@ mod tests {
         for _ in 0..400 {
             relay.offer("e1", "eu", &big());
         }
-        let bytes = relay.ring.lock().unwrap().bytes;
+        let bytes = relay.ring.locked().bytes;
         assert!(bytes <= RING_BYTES, "{bytes}");
         let b = relay.read(start.instance, start.next);
         assert!(b.missed > 0, "the oldest dropped for the byte bound");

@@ -193,7 +193,7 @@ mod tests {
         assert!(reg.list(10).iter().all(|e| e.connected));
         assert_eq!(reg.applied_seq("eu-2"), Some(7));
         // c2 falls silent; eu-2's agent comes here.
-        reg.remote.lock().unwrap().get_mut("c2").unwrap().0 -= REMOTE_TTL * 2;
+        reg.remote.locked().get_mut("c2").unwrap().0 -= REMOTE_TTL * 2;
         let _h = reg.connect(hello("eu-2"), 9, &CancellationToken::new());
         let list = reg.list(10);
         let view = |id: &str| list.iter().find(|e| e.id == id).unwrap().clone();

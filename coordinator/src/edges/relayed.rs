@@ -192,7 +192,7 @@ mod tests {
         reg.set_remote("c3", vec![EdgeView::new("us-1", "us")]);
         reg.keep_peers(&["c1".into(), "c2".into(), "c3".into()]);
         assert!(reg.unseen_peers().is_empty(), "both report");
-        for (_, (at, _)) in reg.remote.lock().unwrap().iter_mut() {
+        for (_, (at, _)) in reg.remote.locked().iter_mut() {
             *at -= REMOTE_TTL * 2;
         }
         let mut unseen = reg.unseen_peers();

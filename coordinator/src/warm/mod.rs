@@ -152,11 +152,10 @@ impl Held<'_> {
     }
 
     /// Puts the stored jobs in; running ones resume with a fresh controller.
-    fn load(&mut self, store: &WarmStore, config: &WarmConfig) -> Result<(), WarmStoreError> {
-        for (id, budget) in self.queue.load(store)? {
+    fn load(&mut self, jobs: Vec<job::Job>, config: &WarmConfig) {
+        for (id, budget) in self.queue.load(jobs) {
             self.budget.start(id, budget, config);
         }
-        Ok(())
     }
 }
 
@@ -202,7 +201,8 @@ impl Warm {
             traffic: std::sync::OnceLock::new(),
             changed: watch::channel(0).0,
         };
-        warm.hold().load(&warm.store, &warm.config)?;
+        let jobs = warm.store.jobs()?;
+        warm.hold().load(jobs, &warm.config);
         Ok(Arc::new(warm))
     }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::job::{EdgeWork, Job, JobSource, JobSpec, JobState, JobView};
-use super::store::{WarmStore, WarmStoreError};
+use super::store::WarmStoreError;
 use super::{Warm, WarmError};
 
 /// Finished jobs kept in memory (and listed); older ones stay in the store only.
@@ -36,8 +36,7 @@ impl Queue {
 
     /// Puts the stored jobs in (the newest finished ones, every unfinished one); returns
     /// the running ones with their budgets: they resume.
-    pub(super) fn load(&mut self, store: &WarmStore) -> Result<Vec<(u64, f64)>, WarmStoreError> {
-        let all = store.jobs()?;
+    pub(super) fn load(&mut self, all: Vec<Job>) -> Vec<(u64, f64)> {
         self.next_id = all.iter().map(|j| j.id).max().unwrap_or(0) + 1;
         let finished: Vec<u64> = all
             .iter()
@@ -56,7 +55,7 @@ impl Queue {
             }
             self.jobs.insert(job.id, job);
         }
-        Ok(running)
+        running
     }
 
     /// Ends job `id` if every edge is done or dropped: `done`, or `failed` when every
@@ -102,9 +101,11 @@ impl Warm {
     /// cluster's leader takes over what the last one left); shards that were out on
     /// another coordinator's sessions are handed out again.
     pub fn reload(&self) -> Result<(), WarmStoreError> {
+        // Read with no lock held: a slow etcd holds up no reader of the queue.
+        let jobs = self.store.jobs()?;
         let mut held = self.hold();
         held.forget_all();
-        held.load(&self.store, &self.config)?;
+        held.load(jobs, &self.config);
         drop(held);
         self.bump();
         Ok(())
@@ -133,8 +134,14 @@ impl Warm {
             Some(r) if !r.iter().any(|r| r == "all") => r.clone(),
             _ => self.regions.clone(),
         };
-        let mut queue = self.queue();
-        let id = queue.next_id;
+        // The id is taken under the lock, the job stored without it (an etcd call that
+        // hangs must not hold up every reader of the queue), then made visible: durable
+        // before anything can see it. A job whose store fails leaves a gap in the ids.
+        let id = {
+            let mut queue = self.queue();
+            queue.next_id += 1;
+            queue.next_id - 1
+        };
         let job = Job {
             id,
             spec,
@@ -159,33 +166,39 @@ impl Warm {
             edges: BTreeMap::new(),
         };
         self.store.put_job(&job)?;
-        queue.next_id += 1;
         tracing::info!(job_id = id, source = ?job.source, "warm job queued");
-        queue.jobs.insert(id, job);
-        drop(queue);
+        self.queue().jobs.insert(id, job);
         self.bump();
         Ok(id)
     }
 
     /// Cancels a queued or running job.
     pub fn cancel(&self, id: u64) -> Result<JobView, WarmError> {
-        let mut held = self.hold();
-        let Some(job) = held.queue.jobs.get_mut(&id) else {
-            return Err(WarmError::NotFound(id));
+        let (view, cancelled) = {
+            let mut held = self.hold();
+            let Some(job) = held.queue.jobs.get_mut(&id) else {
+                return Err(WarmError::NotFound(id));
+            };
+            let cancelled = if job.state.is_final() {
+                None
+            } else {
+                job.state = JobState::Cancelled;
+                job.finished_ms = Some(crate::clock::now_ms());
+                let job = job.clone();
+                held.dispatch.retract_everywhere(id);
+                held.forget(id);
+                Some(job)
+            };
+            let view = JobView::of(&held.queue.jobs[&id], None, crate::clock::now_ms());
+            (view, cancelled)
         };
-        if !job.state.is_final() {
-            job.state = JobState::Cancelled;
-            job.finished_ms = Some(crate::clock::now_ms());
-            let job = job.clone();
+        self.bump();
+        // Stored with no lock held (see `create_after`).
+        if let Some(job) = cancelled {
             self.store.put_job(&job)?;
-            held.dispatch.retract_everywhere(id);
             tracing::info!(job_id = id, "warm job cancelled");
-            held.forget(id);
             let _ = self.store.drop_shards(id);
         }
-        let view = JobView::of(&held.queue.jobs[&id], None, crate::clock::now_ms());
-        drop(held);
-        self.bump();
         Ok(view)
     }
 

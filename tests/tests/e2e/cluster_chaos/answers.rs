@@ -436,3 +436,83 @@ async fn a_leader_killed_mid_rollout_warm_job_and_alert_leaves_one_history() {
     assert_eq!(listed.len(), 1, "the alert listed once: {alerts}");
     assert_eq!(listed[0]["delivered"], 1, "{alerts}");
 }
+
+/// A leader cut off from etcd in the middle of its writes (its connections stay open and
+/// silent) keeps answering. The warm job and the config push made just after the cut
+/// wait on an etcd call that gets no answer; they are answered 503 when it gives up
+/// (bounded at 5 s), and the reads made meanwhile, more of them than the coordinator
+/// has worker threads, are answered at once: a write's etcd call holds up no reader, and
+/// nothing that waits stalls the runtime that has to notice the timeout (before, the
+/// leader stopped answering anything, for good). Healed, the cluster has one leader
+/// again and a purge reaches every edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_mid_write_keeps_answering() {
+    let ha = HaCluster::start(HaOpts {
+        coordinators: 2,
+        regions: 2,
+        ..HaOpts::default()
+    })
+    .await;
+    let l = ha.leader(30).await;
+    let (api, token) = (ha.c[l].api, ha.c[l].token.clone());
+    let call = move |method: &'static str, path: &'static str, body: Option<Value>| {
+        let token = token.clone();
+        tokio::spawn(async move {
+            let at = std::time::Instant::now();
+            let r = tests::api_call(api, method, path, Some(&token), body.as_ref()).await;
+            (path, r.status, r.body, at.elapsed())
+        })
+    };
+    ha.cut_etcd(l);
+    let urls: Vec<String> = (1..=20)
+        .map(|p| format!("http://{}/p/{p}", ha.origin.addr))
+        .collect();
+    let bundle = serde_json::to_value(coordinator_cli::demo::sample_bundle()).expect("bundle");
+    let writes = [
+        call(
+            "POST",
+            "/api/v1/warm/jobs",
+            Some(serde_json::json!({"urls": urls, "host": "shop.test"})),
+        ),
+        call("POST", "/api/v1/config", Some(bundle)),
+    ];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reads: Vec<_> = [
+        "/api/v1/warm/jobs",
+        "/api/v1/config",
+        "/api/v1/warm/jobs",
+        "/api/v1/config",
+        "/api/v1/warm/jobs",
+        "/api/v1/edges",
+    ]
+    .into_iter()
+    .map(|p| call("GET", p, None))
+    .collect();
+    for read in reads {
+        let (path, status, body, took) = read.await.expect("read task");
+        eprintln!("GET {path} on the cut-off leader: {status} in {took:?}");
+        assert!(took < Duration::from_secs(3), "GET {path} took {took:?}");
+        assert!(
+            status == 200 || status == 503,
+            "GET {path}: {status} {body}"
+        );
+    }
+    for write in writes {
+        let (path, status, body, took) = write.await.expect("write task");
+        eprintln!("POST {path} on the cut-off leader: {status} in {took:?}: {body}");
+        assert!(took < Duration::from_secs(12), "POST {path} took {took:?}");
+        // Nothing was committed, so nothing may be reported done.
+        assert_ne!(status, 200, "POST {path} answered 200 without etcd: {body}");
+    }
+    ha.heal_etcd(l);
+    let leader = ha.leader(30).await;
+    let seq = purge_tags(ha.c[leader].purge, &["cut_p"]).await;
+    for c in &ha.c {
+        assert_eventually!(
+            30,
+            c.applied_everywhere(seq, 2).await,
+            "purge {seq} not applied everywhere as {} sees it",
+            c.api
+        );
+    }
+}
