@@ -664,7 +664,9 @@ fn warm_error(e: crate::warm::WarmError) -> Response {
     match e {
         WarmError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
         WarmError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
-        WarmError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        WarmError::Store(_) | WarmError::TakingOver => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
     }
 }
 

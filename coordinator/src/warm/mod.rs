@@ -114,6 +114,10 @@ pub enum WarmError {
     Invalid(String),
     #[error("no warm job {0}")]
     NotFound(u64),
+    /// This coordinator has just become the leader and is still reading the jobs the
+    /// last one left (or it follows): it cannot give out a job id yet.
+    #[error("this coordinator is taking over the warm jobs (it has just become the leader); try again in a moment")]
+    TakingOver,
     #[error(transparent)]
     Store(#[from] WarmStoreError),
 }

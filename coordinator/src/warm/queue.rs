@@ -21,6 +21,10 @@ const KEEP_FINISHED: usize = 200;
 pub(super) struct Queue {
     pub(super) jobs: BTreeMap<u64, Job>,
     next_id: u64,
+    /// Whether the jobs are held here (loaded from the store); a follower, and a new
+    /// leader until it has read them, holds none and hands out no id (its `next_id`
+    /// could be one the last leader gave a job already).
+    holds: bool,
 }
 
 impl Queue {
@@ -32,11 +36,22 @@ impl Queue {
     /// Drops every job (a follower holds none).
     pub(super) fn clear(&mut self) {
         self.jobs.clear();
+        self.holds = false;
+    }
+
+    /// [`WarmError::TakingOver`] unless the jobs are held here.
+    fn held(&self) -> Result<(), WarmError> {
+        if self.holds {
+            Ok(())
+        } else {
+            Err(WarmError::TakingOver)
+        }
     }
 
     /// Puts the stored jobs in (the newest finished ones, every unfinished one); returns
     /// the running ones with their budgets: they resume.
     pub(super) fn load(&mut self, all: Vec<Job>) -> Vec<(u64, f64)> {
+        self.holds = true;
         self.next_id = all.iter().map(|j| j.id).max().unwrap_or(0) + 1;
         let finished: Vec<u64> = all
             .iter()
@@ -139,6 +154,7 @@ impl Warm {
         // before anything can see it. A job whose store fails leaves a gap in the ids.
         let id = {
             let mut queue = self.queue();
+            queue.held()?;
             queue.next_id += 1;
             queue.next_id - 1
         };
@@ -176,6 +192,7 @@ impl Warm {
     pub fn cancel(&self, id: u64) -> Result<JobView, WarmError> {
         let (view, cancelled) = {
             let mut held = self.hold();
+            held.queue.held()?;
             let Some(job) = held.queue.jobs.get_mut(&id) else {
                 return Err(WarmError::NotFound(id));
             };

@@ -214,6 +214,28 @@ async fn tiered_satellites_wait_for_the_shield() {
     assert_eq!(f.warm.view(id).unwrap().state, JobState::Done);
 }
 
+/// A coordinator that holds no jobs (a follower, or a new leader that has not read them
+/// yet) gives out no job id: its own count may be behind the last leader's, and the job
+/// would overwrite one in the store. Once it has read them, ids go on after the newest.
+#[tokio::test]
+async fn no_job_id_is_given_out_before_the_jobs_are_taken_over() {
+    let f = fixture(config());
+    let spec = || JobSpec {
+        urls: urls(5),
+        ..JobSpec::default()
+    };
+    let first = f.warm.create(spec(), JobSource::Api).unwrap();
+    f.warm.forget_jobs().unwrap();
+    assert!(matches!(
+        f.warm.create(spec(), JobSource::Api),
+        Err(WarmError::TakingOver)
+    ));
+    assert!(matches!(f.warm.cancel(first), Err(WarmError::TakingOver)));
+    f.warm.reload().unwrap();
+    assert_eq!(f.warm.view(first).unwrap().state, JobState::Queued);
+    assert_eq!(f.warm.create(spec(), JobSource::Api).unwrap(), first + 1);
+}
+
 #[tokio::test]
 async fn a_reopened_coordinator_resumes_without_redoing_reported_shards() {
     let f = fixture(config());
