@@ -183,7 +183,15 @@ impl Warm {
         };
         self.store.put_job(&job)?;
         tracing::info!(job_id = id, source = ?job.source, "warm job queued");
-        self.queue().jobs.insert(id, job);
+        {
+            // Unless the jobs were let go meanwhile (this coordinator stopped leading:
+            // the next leader reads the job from the store), and past any reload.
+            let mut queue = self.queue();
+            if queue.holds {
+                queue.next_id = queue.next_id.max(id + 1);
+                queue.jobs.insert(id, job);
+            }
+        }
         self.bump();
         Ok(id)
     }
