@@ -6,8 +6,8 @@
 //! runtime moves its other tasks elsewhere), bounded by [`ETCD_CALL`]; it needs the
 //! multi-threaded runtime `coordinator serve` runs on. The call's socket and timer are
 //! driven by the other workers, so a task that waits for a lock held across one must
-//! not block its worker: `daemon::sync`'s `locked()` waits in `block_in_place` too, and
-//! clippy.toml bans the raw lock calls. Every write carries the leader's
+//! not block its worker: such a lock is a `daemon::sync::IoMutex` (the rollout lock, the
+//! warm locks, the maintenance writes), whose wait moves off the worker. Every write carries the leader's
 //! fence ([`Leadership::fence`]): a coordinator that is not, or no longer, the leader
 //! cannot write, however late its write arrives.
 

@@ -1,6 +1,6 @@
-//! What waiting on a lock without stalling a runtime worker costs: `Recover::locked()`
-//! (try, spin, then wait in `block_in_place`) against a plain `Mutex::lock()`, side by
-//! side in one run, on a two-worker runtime.
+//! What waiting on a lock without stalling a runtime worker costs: `IoMutex::lock()`
+//! (try, spin, yield, then wait in `block_in_place`) against a plain `Mutex::lock()`
+//! (what `Recover::locked()` does), side by side in one run, on a two-worker runtime.
 //!
 //! ```text
 //! cargo run --release -p daemon --example lock-bench -- [TASKS] [ROUNDS] [WORDS]
@@ -16,19 +16,19 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use daemon::sync::Recover;
+use daemon::sync::IoMutex;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Way {
     Plain,
-    Locked,
+    Io,
 }
 
 impl Way {
     fn name(self) -> &'static str {
         match self {
             Way::Plain => "Mutex::lock",
-            Way::Locked => "Recover::locked",
+            Way::Io => "IoMutex::lock",
         }
     }
 }
@@ -53,21 +53,22 @@ fn run(way: Way, tasks: usize, rounds: usize, words: usize) -> (f64, Vec<Duratio
         .enable_all()
         .build()
         .expect("runtime");
-    let shared = Arc::new(Mutex::new(vec![0u64; words]));
+    let plain = Arc::new(Mutex::new(vec![0u64; words]));
+    let io = Arc::new(IoMutex::new(vec![0u64; words]));
     let cpu0 = cpu_time();
     let start = Instant::now();
     let mut lat: Vec<Duration> = rt.block_on(async {
         let handles: Vec<_> = (0..tasks)
             .map(|t| {
-                let shared = shared.clone();
+                let (plain, io) = (plain.clone(), io.clone());
                 tokio::spawn(async move {
                     let mut lat = Vec::with_capacity(rounds);
                     for r in 0..rounds {
                         let at = Instant::now();
                         {
                             let mut g = match way {
-                                Way::Plain => shared.lock().unwrap_or_else(PoisonError::into_inner),
-                                Way::Locked => shared.locked(),
+                                Way::Plain => plain.lock().unwrap_or_else(PoisonError::into_inner),
+                                Way::Io => io.lock(),
                             };
                             for (i, v) in g.iter_mut().enumerate() {
                                 *v = v.wrapping_add((i ^ t ^ r) as u64);
@@ -111,7 +112,7 @@ fn main() {
         "way", "acquires/s", "p50", "p99", "p99.9", "max", "cpu/acq"
     );
     for _ in 0..3 {
-        for way in [Way::Plain, Way::Locked] {
+        for way in [Way::Plain, Way::Io] {
             let (rate, lat, cpu) = run(way, tasks, rounds, words);
             println!(
                 "{:<16} {:>12.0} {:>9.2?} {:>9.2?} {:>9.2?} {:>9.2?} {:>10.2?}",

@@ -19,11 +19,11 @@
 pub mod record;
 pub mod store;
 
-use daemon::sync::{Recover, RecoverRw};
+use daemon::sync::{IoMutex, RecoverRw};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::DescriptorEncoder;
@@ -45,7 +45,7 @@ pub struct Maintenance {
     regions: Vec<String>,
     records: RwLock<Arc<Records>>,
     /// Serializes writes (each is read, change, store, swap).
-    writes: Mutex<()>,
+    writes: IoMutex<()>,
     /// Bumped by every local write: a poll that started before one is dropped.
     generation: AtomicU64,
     /// etcd's reachability (a cluster only).
@@ -93,7 +93,7 @@ impl Maintenance {
             store,
             regions,
             records: RwLock::new(Arc::new(records)),
-            writes: Mutex::new(()),
+            writes: IoMutex::new(()),
             generation: AtomicU64::new(0),
             store_health,
         })
@@ -194,7 +194,7 @@ impl Maintenance {
         if self.store_health.as_ref().and_then(StoreHealth::reachable) == Some(false) {
             return Err(StoreError::Unreachable);
         }
-        let _one_at_a_time = self.writes.locked();
+        let _one_at_a_time = self.writes.lock();
         let old = self.snapshot();
         let mut new = (*old).clone().pruned(now_ms());
         let answer = match edit(&mut new) {
@@ -233,7 +233,7 @@ impl Maintenance {
             let read = tokio::task::spawn_blocking(move || {
                 let records = me.store.load()?;
                 let expired = records.clone().pruned(now_ms()) != records;
-                let _one_at_a_time = me.writes.locked();
+                let _one_at_a_time = me.writes.lock();
                 if me.generation.load(Ordering::SeqCst) == generation {
                     *me.records.write_locked() = Arc::new(records);
                 }

@@ -25,9 +25,9 @@
 //! cluster only the leader moves phases and writes the plan; the others take the plan
 //! the bundle store delivers ([`Rollouts::follow_plan`]).
 
-use daemon::sync::Recover;
+use daemon::sync::IoMutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use proto::edge::ApplyConfig;
@@ -86,7 +86,8 @@ pub struct Rollouts {
     store: Arc<BundleStore>,
     config: RolloutConfig,
     regions: BTreeMap<String, Vars>,
-    inner: Mutex<Inner>,
+    /// An `IoMutex`: a rollout's start holds it across its plan write to etcd.
+    inner: IoMutex<Inner>,
     changed: watch::Sender<u64>,
     /// `true` while this coordinator leads its cluster (always, embedded): only then do
     /// phases move and the plan get written. Followers take the leader's plan instead.
@@ -104,7 +105,7 @@ impl Rollouts {
             store,
             config,
             regions,
-            inner: Mutex::new(Inner {
+            inner: IoMutex::new(Inner {
                 plan,
                 edges: HashMap::new(),
                 rendered: HashMap::new(),
@@ -168,7 +169,7 @@ impl Rollouts {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.locked()
+        self.inner.lock()
     }
 
     fn bump(&self) {

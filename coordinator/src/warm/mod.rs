@@ -64,7 +64,7 @@ pub mod schedule;
 pub mod store;
 pub mod tags;
 
-use daemon::sync::Recover;
+use daemon::sync::IoMutex;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -88,12 +88,12 @@ pub struct Warm {
     regions: Vec<String>,
     store: WarmStore,
     edges: Arc<EdgeRegistry>,
-    queue: Mutex<Queue>,
-    dispatch: Mutex<Dispatch>,
-    budget: Mutex<Budget>,
-    progress: Mutex<Progress>,
-    tags: Mutex<TagIndex>,
-    popular: Mutex<Popular>,
+    queue: IoMutex<Queue>,
+    dispatch: IoMutex<Dispatch>,
+    budget: IoMutex<Budget>,
+    progress: IoMutex<Progress>,
+    tags: IoMutex<TagIndex>,
+    popular: IoMutex<Popular>,
     refresh_totals: refresh::RefreshTotals,
     origin_failing: Mutex<progress::OriginFailing>,
     /// The fleet's counters: shoppers' background fetches share a refresh's budget.
@@ -163,9 +163,11 @@ impl Held<'_> {
     }
 }
 
-/// Locks `m`; a panic elsewhere while it was held leaves plain data, still usable.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.locked()
+/// Locks `m` (the warm locks are `IoMutex`es: the job store is etcd in a cluster, and
+/// no wait on them may stall a runtime worker); a panic elsewhere while it was held
+/// leaves plain data, still usable.
+fn lock<T>(m: &IoMutex<T>) -> MutexGuard<'_, T> {
+    m.lock()
 }
 
 impl Warm {
@@ -189,17 +191,17 @@ impl Warm {
         edges: Arc<EdgeRegistry>,
     ) -> Result<Arc<Self>, WarmStoreError> {
         let warm = Warm {
-            tags: Mutex::new(TagIndex::new(config.tag_index_pairs)),
+            tags: IoMutex::new(TagIndex::new(config.tag_index_pairs)),
             config,
             token,
             regions,
             store,
             edges,
-            queue: Mutex::default(),
-            dispatch: Mutex::default(),
-            budget: Mutex::default(),
-            progress: Mutex::default(),
-            popular: Mutex::default(),
+            queue: IoMutex::default(),
+            dispatch: IoMutex::default(),
+            budget: IoMutex::default(),
+            progress: IoMutex::default(),
+            popular: IoMutex::default(),
             refresh_totals: refresh::RefreshTotals::default(),
             origin_failing: Mutex::default(),
             traffic: std::sync::OnceLock::new(),
