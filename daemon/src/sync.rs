@@ -18,7 +18,6 @@
 
 use std::sync::{
     Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,
-    TryLockResult,
 };
 
 /// Lock, recovering the guard of a poisoned lock (see the module docs).
@@ -62,49 +61,39 @@ impl<T> IoMutex<T> {
         IoMutex(Mutex::new(value))
     }
 
+    /// Tries before waiting: most waits end within microseconds, so a contended lock is
+    /// tried in a busy loop, then between yields of the thread, and only then waited for
+    /// in `block_in_place`, which hands the worker's tasks to another thread first. Off a
+    /// multi-threaded runtime (a blocking thread, a plain thread, a current-thread
+    /// runtime) it simply waits.
     #[allow(clippy::disallowed_methods)]
     pub fn lock(&self) -> MutexGuard<'_, T> {
-        acquire(|| self.0.try_lock(), || self.0.lock())
+        let mut started = None;
+        for spin in 0.. {
+            match self.0.try_lock() {
+                Ok(g) => return g,
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            if spin < SPINS {
+                std::hint::spin_loop();
+                continue;
+            }
+            let since = *started.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= YIELD_FOR {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let guard = if on_worker {
+            tokio::task::block_in_place(|| self.0.lock())
+        } else {
+            self.0.lock()
+        };
+        guard.unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// Tries before waiting: a lock held across a blocking call (the etcd-backed stores
-/// hold theirs across a `block_in_place` etcd call) must not be waited for on a runtime
-/// worker, or enough waiters stall every worker, nothing drives the sockets and timers
-/// the holder's call needs, and the process wedges for good. So a contended lock is
-/// tried a little longer (most locks are held for microseconds), then waited for in
-/// `block_in_place`, which hands the worker's tasks to another thread first. Off a
-/// multi-threaded runtime (a blocking thread, a plain thread, a current-thread test)
-/// it simply waits.
-fn acquire<G>(
-    try_now: impl Fn() -> TryLockResult<G>,
-    wait: impl FnOnce() -> Result<G, PoisonError<G>>,
-) -> G {
-    let mut started = None;
-    for spin in 0.. {
-        match try_now() {
-            Ok(g) => return g,
-            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-            Err(TryLockError::WouldBlock) => {}
-        }
-        if spin < SPINS {
-            std::hint::spin_loop();
-            continue;
-        }
-        let since = *started.get_or_insert_with(std::time::Instant::now);
-        if since.elapsed() >= YIELD_FOR {
-            break;
-        }
-        std::thread::yield_now();
-    }
-    let on_worker = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    let guard = if on_worker {
-        tokio::task::block_in_place(wait)
-    } else {
-        wait()
-    };
-    guard.unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How many times a contended lock is tried in a busy loop, then how long it is tried

@@ -163,13 +163,6 @@ impl Held<'_> {
     }
 }
 
-/// Locks `m` (the warm locks are `IoMutex`es: the job store is etcd in a cluster, and
-/// no wait on them may stall a runtime worker); a panic elsewhere while it was held
-/// leaves plain data, still usable.
-fn lock<T>(m: &IoMutex<T>) -> MutexGuard<'_, T> {
-    m.lock()
-}
-
 impl Warm {
     /// Loads stored jobs (running ones resume) from `state_dir`.
     pub fn open(
@@ -223,27 +216,27 @@ impl Warm {
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
-        lock(&self.queue)
+        self.queue.lock()
     }
 
     fn dispatch(&self) -> MutexGuard<'_, Dispatch> {
-        lock(&self.dispatch)
+        self.dispatch.lock()
     }
 
     fn budget(&self) -> MutexGuard<'_, Budget> {
-        lock(&self.budget)
+        self.budget.lock()
     }
 
     fn progress(&self) -> MutexGuard<'_, Progress> {
-        lock(&self.progress)
+        self.progress.lock()
     }
 
     fn tags(&self) -> MutexGuard<'_, TagIndex> {
-        lock(&self.tags)
+        self.tags.lock()
     }
 
     fn popular(&self) -> MutexGuard<'_, Popular> {
-        lock(&self.popular)
+        self.popular.lock()
     }
 
     /// Queue, dispatch, budget and progress, in the lock order.

@@ -4,14 +4,7 @@
 /// Runs Debian's headless chromium with the flags this machine needs (no sandbox as root,
 /// no background networking) and `args`; panics when chromium is missing.
 pub fn chromium(args: &[&str], profile: &std::path::Path) -> std::process::Output {
-    let found = std::process::Command::new("chromium")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "chromium is not installed: scripts/test.sh installs Debian's chromium"
-    );
+    super::host::require_program("chromium", "--version", "chromium");
     std::process::Command::new("chromium")
         .args([
             "--headless",

@@ -12,15 +12,7 @@ use crate::http::get_json;
 
 /// Panics unless etcd (Debian's etcd-server) is installed.
 pub fn require_etcd() {
-    let ok = std::process::Command::new("etcd")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "etcd is not installed: these tests need Debian's etcd-server (run scripts/test.sh, which installs it)"
-    );
+    super::host::require_program("etcd", "--version", "etcd-server");
 }
 
 /// A real etcd cluster of `n` members on loopback, each with its own data dir.

@@ -5,6 +5,19 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// Panics unless `program` runs and answers `flag` (`--version`, `-V`) with success:
+/// a test that needs it fails loudly, naming the Debian `packages` that provide it.
+pub fn require_program(program: &str, flag: &str, packages: &str) {
+    let ok = std::process::Command::new(program)
+        .arg(flag)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{program} is not installed: these tests need Debian's {packages} (run scripts/test.sh, which installs them)"
+    );
+}
+
 /// The `target/<profile>` directory holding the workspace binaries, (re)built once per
 /// test process so a test never runs a stale binary (`cargo test -p tests` alone does not
 /// rebuild other packages' binaries).

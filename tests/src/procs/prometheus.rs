@@ -13,15 +13,7 @@ use crate::http::raw;
 
 /// Panics unless `program` (`prometheus` or `promtool`) is installed.
 pub fn require_prometheus(program: &str) {
-    let ok = std::process::Command::new(program)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "{program} is not installed: these tests need Debian's prometheus package (run scripts/test.sh, which installs it)"
-    );
+    super::host::require_program(program, "--version", "prometheus package");
 }
 
 /// Runs `promtool args...` in `dir`: its exit status and output (stdout then stderr).

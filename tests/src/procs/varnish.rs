@@ -14,15 +14,7 @@ use super::WARM_TOKEN;
 
 /// Panics unless varnishd (with xkey) is installed.
 pub fn require_varnish() {
-    let ok = std::process::Command::new("varnishd")
-        .arg("-V")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "varnishd is not installed: these tests need Debian's varnish and varnish-modules (run scripts/test.sh, which installs them)"
-    );
+    super::host::require_program("varnishd", "-V", "varnish and varnish-modules");
 }
 
 /// One varnishd with the project's VCL.
